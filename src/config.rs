@@ -1,0 +1,600 @@
+//! The TOML configuration: parsing, validation with errors that name the key, the bad value and
+//! what is expected, and key files with ssh-like permission checks.
+
+use crate::datapath::{EncapSpec, PeerSpec};
+use crate::prefix::Prefix;
+use crate::sa::{Cipher, KeyMaterial};
+use serde::Deserialize;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+/// Default replay window in packets (Linux `ip xfrm` users commonly pick 32-4096; 1024 tolerates
+/// the reordering of multi-queue paths at high rates).
+pub const DEFAULT_REPLAY_WINDOW: u32 = 1024;
+/// Largest accepted replay window: the bitmap costs one bit per packet.
+pub const MAX_REPLAY_WINDOW: u32 = 1 << 20;
+/// Smallest tunnel MTU: IPv4 hosts must accept 576-byte datagrams (RFC 791).
+pub const MIN_MTU_V4: u16 = 576;
+/// Smallest tunnel MTU when the interface carries IPv6 (RFC 8200 section 5).
+pub const MIN_MTU_V6: u16 = 1280;
+
+/// A configuration error.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax or an unknown/mistyped key.
+    #[error("{path}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// toml's message (it names the line and key).
+        message: String,
+    },
+    /// A value is wrong.
+    #[error("{key} = {value}: {expected}")]
+    Invalid {
+        /// Where: `interface.mtu`, `peer "b".spi_out`, ...
+        key: String,
+        /// The value as given.
+        value: String,
+        /// What is expected instead.
+        expected: String,
+    },
+    /// A key file others can read.
+    #[error("{key}: key file {path} has mode {mode:04o}, readable by group or others; run `chmod 600 {path}` (and keep it owned by root)")]
+    KeyFilePermissions {
+        /// Which key.
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// Its mode bits.
+        mode: u32,
+    },
+}
+
+fn invalid(key: impl Into<String>, value: impl ToString, expected: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        value: value.to_string(),
+        expected: expected.into(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interface: RawInterface,
+    #[serde(default)]
+    peer: Vec<RawPeer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInterface {
+    name: String,
+    #[serde(default)]
+    address: Vec<String>,
+    mtu: Option<i64>,
+    local: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SpiValue {
+    Int(i64),
+    Str(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: String,
+    endpoint: String,
+    #[serde(default)]
+    allowed_ips: Vec<String>,
+    mode: String,
+    cipher: Option<String>,
+    spi_out: Option<SpiValue>,
+    spi_in: Option<SpiValue>,
+    key_out: Option<String>,
+    key_in: Option<String>,
+    key_out_file: Option<PathBuf>,
+    key_in_file: Option<PathBuf>,
+    replay_window: Option<i64>,
+    esn: Option<bool>,
+}
+
+/// An address on the TUN, with its prefix length (host bits kept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IfAddr {
+    /// The address.
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub len: u8,
+}
+
+impl std::fmt::Display for IfAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// The `[interface]` section, validated.
+#[derive(Debug, Clone)]
+pub struct Interface {
+    /// TUN device name.
+    pub name: String,
+    /// Addresses set on the TUN.
+    pub addresses: Vec<IfAddr>,
+    /// Tunnel MTU; `None`: derived from the path MTU to the endpoints.
+    pub mtu: Option<u16>,
+    /// Outer source address.
+    pub local: Option<IpAddr>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The interface.
+    pub interface: Interface,
+    /// The peers.
+    pub peers: Vec<PeerSpec>,
+    /// Things that are allowed but probably not meant (printed by `check`, logged by `run`).
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// Read and validate a configuration file. Relative key file paths are resolved against
+    /// the configuration file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base).map_err(|e| match e {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Validate configuration text; `base` resolves relative key file paths.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: PathBuf::from("<config>"),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let mut warnings = Vec::new();
+        let interface = interface(raw.interface)?;
+        if raw.peer.is_empty() {
+            return Err(invalid(
+                "peer",
+                "(none)",
+                "at least one [[peer]] section with name, endpoint, allowed_ips and mode",
+            ));
+        }
+        let mut peers: Vec<PeerSpec> = Vec::new();
+        for p in raw.peer {
+            let spec = peer(p, base, &mut warnings)?;
+            if peers.iter().any(|q| q.name == spec.name) {
+                return Err(invalid(
+                    format!("peer {:?}.name", spec.name),
+                    format!("{:?}", spec.name),
+                    "a name no other peer has",
+                ));
+            }
+            peers.push(spec);
+        }
+        if let Some(mtu) = interface.mtu {
+            if mtu < MIN_MTU_V6 && interface.addresses.iter().any(|a| a.addr.is_ipv6()) {
+                return Err(invalid(
+                    "interface.mtu",
+                    mtu,
+                    format!("at least {MIN_MTU_V6} when the interface has an IPv6 address (RFC 8200 minimum MTU)"),
+                ));
+            }
+        }
+        // Catch what `datapath::build` would refuse, with the same words, before any setup.
+        let tunnel = crate::datapath::TunnelSpec {
+            mtu: 1400,
+            icmp_src_v4: None,
+            icmp_src_v6: None,
+        };
+        crate::datapath::build(&peers, tunnel)
+            .map_err(|e| invalid("peer", "(several)", e.to_string()))?;
+        Ok(Config {
+            interface,
+            peers,
+            warnings,
+        })
+    }
+}
+
+fn interface(raw: RawInterface) -> Result<Interface, ConfigError> {
+    let name = raw.name;
+    if name.is_empty()
+        || name.len() > 15
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+        || name == "."
+        || name == ".."
+    {
+        return Err(invalid(
+            "interface.name",
+            format!("{name:?}"),
+            "a Linux interface name: 1 to 15 characters, no '/', ':' or spaces (e.g. \"espip0\")",
+        ));
+    }
+    let mut addresses = Vec::new();
+    for a in &raw.address {
+        let (addr, len) = a.split_once('/').ok_or_else(|| {
+            invalid(
+                "interface.address",
+                format!("{a:?}"),
+                "an address with its prefix length, e.g. \"10.4.2.99/24\"",
+            )
+        })?;
+        let addr: IpAddr = addr.trim().parse().map_err(|_| {
+            invalid(
+                "interface.address",
+                format!("{a:?}"),
+                "an IPv4 or IPv6 address with prefix length, e.g. \"10.4.2.99/24\"",
+            )
+        })?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len: u8 = len
+            .trim()
+            .parse()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| invalid("interface.address", format!("{a:?}"), format!("a prefix length from 0 to {max}")))?;
+        addresses.push(IfAddr { addr, len });
+    }
+    let mtu = match raw.mtu {
+        None => None,
+        Some(m) if (i64::from(MIN_MTU_V4)..=65535).contains(&m) => Some(m as u16),
+        Some(m) => {
+            return Err(invalid(
+                "interface.mtu",
+                m,
+                format!("a number from {MIN_MTU_V4} to 65535, or no mtu key to derive it from the path MTU"),
+            ))
+        }
+    };
+    let local = match raw.local {
+        None => None,
+        Some(l) => Some(l.trim().parse::<IpAddr>().map_err(|_| {
+            invalid("interface.local", format!("{l:?}"), "an IP address of this host, e.g. \"192.0.2.1\"")
+        })?),
+    };
+    if let Some(IpAddr::V6(_)) = local {
+        return Err(invalid(
+            "interface.local",
+            local.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            "an IPv4 address: the outer (underlay) side is IPv4 in this version",
+        ));
+    }
+    Ok(Interface {
+        name,
+        addresses,
+        mtu,
+        local,
+    })
+}
+
+fn spi(key: String, v: Option<SpiValue>) -> Result<u32, ConfigError> {
+    let expected = "an SPI from 0x100 to 0xffffffff, as \"0x...\" hex or a decimal number (0-255 are reserved, RFC 4303 section 2.1)";
+    let (n, shown) = match v {
+        None => return Err(invalid(key, "(missing)", expected)),
+        Some(SpiValue::Int(i)) => (u32::try_from(i).ok(), i.to_string()),
+        Some(SpiValue::Str(s)) => {
+            let t = s.trim();
+            let n = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                Some(h) => u32::from_str_radix(h, 16).ok(),
+                None => t.parse::<u32>().ok(),
+            };
+            (n, format!("{s:?}"))
+        }
+    };
+    match n {
+        Some(n) if n >= 256 => Ok(n),
+        _ => Err(invalid(key, shown, expected)),
+    }
+}
+
+fn key_material(
+    key: &str,
+    inline: Option<String>,
+    file: Option<PathBuf>,
+    base: &Path,
+    cipher: Cipher,
+) -> Result<KeyMaterial, ConfigError> {
+    let expected = format!(
+        "0x followed by {} hex digits: a {}-byte key and a 4-byte salt (`espip genkey --cipher {}` makes one)",
+        2 * (cipher.key_len() + 4),
+        cipher.key_len(),
+        cipher.name()
+    );
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(invalid(
+            key,
+            "(both inline and _file)",
+            format!("either {key} or {key}_file, not both"),
+        )),
+        (None, None) => Err(invalid(key, "(missing)", format!("{key} = \"{expected}\", or {key}_file = \"path\""))),
+        (Some(hex), None) => KeyMaterial::from_hex(cipher, &hex)
+            .map_err(|e| invalid(key, "\"<redacted>\"", format!("{e}; expected {expected}"))),
+        (None, Some(path)) => {
+            let path = if path.is_relative() { base.join(path) } else { path };
+            let fkey = format!("{key}_file");
+            let meta = std::fs::metadata(&path).map_err(|e| {
+                invalid(&fkey, path.display(), format!("a readable key file ({e})"))
+            })?;
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode & 0o077 != 0 {
+                return Err(ConfigError::KeyFilePermissions { key: fkey, path, mode });
+            }
+            let text = zeroize::Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
+                invalid(&fkey, path.display(), format!("a readable key file ({e})"))
+            })?);
+            KeyMaterial::from_hex(cipher, &text).map_err(|e| {
+                invalid(&fkey, path.display(), format!("a file holding {expected}: {e}"))
+            })
+        }
+    }
+}
+
+fn peer(p: RawPeer, base: &Path, warnings: &mut Vec<String>) -> Result<PeerSpec, ConfigError> {
+    let name = p.name.clone();
+    let k = |field: &str| format!("peer {name:?}.{field}");
+    if name.is_empty() {
+        return Err(invalid("peer.name", "\"\"", "a non-empty name"));
+    }
+    let endpoint: IpAddr = p.endpoint.trim().parse().map_err(|_| {
+        invalid(k("endpoint"), format!("{:?}", p.endpoint), "the peer's outer IPv4 address, e.g. \"192.0.2.2\"")
+    })?;
+    if endpoint.is_ipv6() {
+        return Err(invalid(
+            k("endpoint"),
+            endpoint,
+            "an IPv4 address: the outer (underlay) side is IPv4 in this version",
+        ));
+    }
+    if endpoint.is_unspecified() || endpoint.is_multicast() {
+        return Err(invalid(k("endpoint"), endpoint, "a unicast address"));
+    }
+    let mut allowed_ips = Vec::new();
+    for a in &p.allowed_ips {
+        let prefix: Prefix = a.parse().map_err(|e: crate::prefix::BadPrefix| {
+            invalid(k("allowed_ips"), format!("{a:?}"), e.to_string())
+        })?;
+        allowed_ips.push(prefix);
+    }
+    if allowed_ips.is_empty() {
+        warnings.push(format!(
+            "peer {name:?} has no allowed_ips: nothing will be routed to it or accepted from it"
+        ));
+    }
+    let encap = match p.mode.as_str() {
+        "ipip" => {
+            for (field, set) in [
+                ("cipher", p.cipher.is_some()),
+                ("spi_out", p.spi_out.is_some()),
+                ("spi_in", p.spi_in.is_some()),
+                ("key_out", p.key_out.is_some() || p.key_out_file.is_some()),
+                ("key_in", p.key_in.is_some() || p.key_in_file.is_some()),
+                ("esn", p.esn.is_some()),
+                ("replay_window", p.replay_window.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        k(field),
+                        "(set)",
+                        "nothing: mode = \"ipip\" carries packets unprotected; remove the key or use mode = \"esp\"",
+                    ));
+                }
+            }
+            warnings.push(format!(
+                "peer {name:?} uses ipip: packets cross the wire unencrypted and unauthenticated"
+            ));
+            EncapSpec::IpIp
+        }
+        "esp" => {
+            let cname = p.cipher.clone().unwrap_or_default();
+            let cipher = Cipher::from_name(&cname).ok_or_else(|| {
+                invalid(
+                    k("cipher"),
+                    if p.cipher.is_some() { format!("{cname:?}") } else { "(missing)".into() },
+                    "one of \"aes-128-gcm\", \"aes-256-gcm\", \"chacha20-poly1305\"",
+                )
+            })?;
+            let spi_out = spi(k("spi_out"), p.spi_out)?;
+            let spi_in = spi(k("spi_in"), p.spi_in)?;
+            let key_out = key_material(&k("key_out"), p.key_out, p.key_out_file, base, cipher)?;
+            let key_in = key_material(&k("key_in"), p.key_in, p.key_in_file, base, cipher)?;
+            let replay_window = match p.replay_window {
+                None => DEFAULT_REPLAY_WINDOW,
+                Some(w) if (0..=i64::from(MAX_REPLAY_WINDOW)).contains(&w) => w as u32,
+                Some(w) => {
+                    return Err(invalid(
+                        k("replay_window"),
+                        w,
+                        format!("a packet count from 0 (off) to {MAX_REPLAY_WINDOW}"),
+                    ))
+                }
+            };
+            let esn = p.esn.unwrap_or(false);
+            if replay_window == 0 {
+                if esn {
+                    return Err(invalid(
+                        k("replay_window"),
+                        0,
+                        "a window above 0 with esn = true: the receiver infers the high sequence bits from the window (RFC 4303 appendix A)",
+                    ));
+                }
+                warnings.push(format!(
+                    "peer {name:?}: replay_window = 0 turns anti-replay off; captured packets can be replayed"
+                ));
+            }
+            if key_in.to_hex() == key_out.to_hex() {
+                warnings.push(format!(
+                    "peer {name:?}: key_in equals key_out; use a different key each way so the two directions never share a nonce space"
+                ));
+            }
+            EncapSpec::Esp {
+                cipher,
+                spi_out,
+                key_out,
+                spi_in,
+                key_in,
+                replay_window,
+                esn,
+            }
+        }
+        other => {
+            return Err(invalid(k("mode"), format!("{other:?}"), "\"esp\" or \"ipip\""));
+        }
+    };
+    Ok(PeerSpec {
+        name,
+        endpoint,
+        allowed_ips,
+        encap,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY16: &str = "0x000102030405060708090a0b0c0d0e0f10111213";
+    const KEY16B: &str = "0x100102030405060708090a0b0c0d0e0f10111213";
+
+    fn base(extra: &str) -> String {
+        format!(
+            r#"
+[interface]
+name = "espip0"
+address = ["10.4.2.99/24"]
+local = "192.0.2.1"
+
+[[peer]]
+name = "b"
+endpoint = "192.0.2.2"
+allowed_ips = ["10.4.2.5/32"]
+mode = "esp"
+cipher = "aes-128-gcm"
+spi_out = "0x00001001"
+spi_in = 4098
+key_out = "{KEY16}"
+key_in = "{KEY16B}"
+{extra}
+"#
+        )
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new(".")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_issue_example_parses() {
+        let c = Config::parse(&base(""), Path::new(".")).unwrap();
+        assert_eq!(c.interface.name, "espip0");
+        assert_eq!(c.peers.len(), 1);
+        match &c.peers[0].encap {
+            EncapSpec::Esp { spi_out, spi_in, replay_window, esn, .. } => {
+                assert_eq!((*spi_out, *spi_in, *replay_window, *esn), (0x1001, 0x1002, 1024, false));
+            }
+            _ => panic!("esp expected"),
+        }
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn errors_name_key_value_and_expectation() {
+        let e = err(&base("").replace("\"aes-128-gcm\"", "\"aes-gcm\""));
+        assert!(e.contains("peer \"b\".cipher") && e.contains("aes-gcm") && e.contains("chacha20-poly1305"), "{e}");
+        let e = err(&base("").replace("spi_in = 4098", "spi_in = 7"));
+        assert!(e.contains("spi_in = 7") && e.contains("reserved"), "{e}");
+        let e = err(&base("").replace(KEY16B, "0x1234"));
+        assert!(e.contains("key_in") && e.contains("2 bytes") && e.contains("genkey"), "{e}");
+        assert!(!e.contains("1234"), "keys never echoed: {e}");
+        let e = err(&base("replay_window = 0\nesn = true"));
+        assert!(e.contains("replay_window"), "{e}");
+        let e = err(&base("colour = \"red\""));
+        assert!(e.contains("colour"), "{e}");
+        let e = err(&base("").replace("192.0.2.2", "192.0.2.300"));
+        assert!(e.contains("endpoint") && e.contains("192.0.2.300"), "{e}");
+        let e = err(&base("").replace("espip0", "a-name-that-is-too-long"));
+        assert!(e.contains("interface.name"), "{e}");
+        let e = err(&base("").replace("mode = \"esp\"", "mode = \"gre\""));
+        assert!(e.contains("\"esp\" or \"ipip\""), "{e}");
+    }
+
+    #[test]
+    fn ipip_refuses_keys_and_warns() {
+        let text = r#"
+[interface]
+name = "espip0"
+[[peer]]
+name = "b"
+endpoint = "192.0.2.2"
+allowed_ips = ["10.4.2.5/32"]
+mode = "ipip"
+"#;
+        let c = Config::parse(text, Path::new(".")).unwrap();
+        assert!(c.warnings[0].contains("unencrypted"));
+        let e = err(&format!("{text}cipher = \"aes-128-gcm\"\n"));
+        assert!(e.contains("cipher") && e.contains("ipip"), "{e}");
+    }
+
+    #[test]
+    fn key_file_permissions_are_enforced() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("espip-cfg-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("b.key");
+        std::fs::write(&f, format!("{KEY16B}\n")).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = base("").replace(&format!("key_in = \"{KEY16B}\""), "key_in_file = \"b.key\"");
+        let e = Config::parse(&text, &dir).unwrap_err();
+        assert!(matches!(e, ConfigError::KeyFilePermissions { mode: 0o644, .. }), "{e}");
+        assert!(e.to_string().contains("chmod 600"));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Config::parse(&text, &dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn duplicate_spi_and_prefix_are_refused() {
+        let second = format!(
+            r#"
+[[peer]]
+name = "c"
+endpoint = "192.0.2.3"
+allowed_ips = ["10.4.2.5/32"]
+mode = "esp"
+cipher = "aes-128-gcm"
+spi_out = 5000
+spi_in = 5001
+key_out = "{KEY16}"
+key_in = "{KEY16B}"
+"#
+        );
+        let e = err(&format!("{}{second}", base("")));
+        assert!(e.contains("10.4.2.5/32") && e.contains("\"b\"") && e.contains("\"c\""), "{e}");
+    }
+}

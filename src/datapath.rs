@@ -1,0 +1,567 @@
+//! The pure packet core: verdicts for packets, no I/O, time passed in.
+//!
+//! Outbound (TUN -> wire), one call per packet read from the TUN:
+//! 1. classify the inner packet (IPv4/IPv6 header, etherparse);
+//! 2. policy: longest-prefix match of the inner destination over every peer's `allowed_ips`;
+//! 3. MTU: a packet above the tunnel MTU with DF (or any IPv6 packet) becomes an ICMP "too big"
+//!    written back into the TUN;
+//! 4. encapsulation: ESP (sequence number, padding, seal) or nothing for IP-in-IP;
+//! 5. verdict: send to the peer's endpoint with IP protocol 50, 4 or 41.
+//!
+//! Inbound (wire -> TUN), one call per packet from a raw socket, outer header already removed:
+//! 1. ESP: SA by SPI (SAD), outer source must be the SA's peer; IP-in-IP: peer by outer source;
+//! 2. ESP: replay check, open, replay advance, trailer; next header 59 is discarded;
+//! 3. the inner packet must be the IP version the header announced, and its source must be in
+//!    the peer's `allowed_ips`;
+//! 4. verdict: write to the TUN.
+//!
+//! Each direction is its own struct so that the edge can run them on separate threads without a
+//! lock: only counters (relaxed atomics) are shared.
+
+use crate::buf::PacketBuf;
+use crate::prefix::{Prefix, PrefixTable};
+use crate::sa::{Cipher, EspError, InboundSa, KeyMaterial, OutboundSa};
+use crate::wire::esp::{NEXT_HEADER_DUMMY, NEXT_HEADER_IPV4, NEXT_HEADER_IPV6};
+use crate::wire::icmp;
+use crate::wire::ip::{InnerPacket, PROTO_ESP, PROTO_IPIP, PROTO_IPV6};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+/// Why a packet was dropped; each has its own counter (Linux: `LINUX_MIB_XFRM*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Inner destination matches no peer's `allowed_ips` (includes IPv6 router solicitations).
+    NoRoute,
+    /// Inner packet above the tunnel MTU; an ICMP error went back when allowed.
+    TooBig,
+    /// Unparseable packet: short, misaligned, bad IP header.
+    Malformed,
+    /// ESP with an SPI no inbound SA has (Linux: XfrmInNoStates).
+    UnknownSpi,
+    /// ESP for a known SPI, or IP-in-IP, from an outer source that is not that peer's endpoint.
+    WrongSource,
+    /// IP-in-IP from an address that is no peer's endpoint.
+    UnknownPeer,
+    /// Sequence number replayed or left of the window (Linux: XfrmInStateSeqError).
+    Replay,
+    /// ICV did not verify (Linux: XfrmInStateProtoError).
+    BadIcv,
+    /// ESP padding bytes are not 1, 2, 3, ...
+    BadPadding,
+    /// Next header neither 4 nor 41, or the inner packet's version differs from it.
+    BadNextHeader,
+    /// Inner source outside the peer's `allowed_ips`.
+    NotAllowed,
+    /// The outbound SA has used up its sequence numbers and stopped sending.
+    SeqExhausted,
+    /// A dummy packet (next header 59), discarded as RFC 4303 section 2.6 says.
+    Dummy,
+}
+
+impl DropReason {
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; 13] = [
+        DropReason::NoRoute,
+        DropReason::TooBig,
+        DropReason::Malformed,
+        DropReason::UnknownSpi,
+        DropReason::WrongSource,
+        DropReason::UnknownPeer,
+        DropReason::Replay,
+        DropReason::BadIcv,
+        DropReason::BadPadding,
+        DropReason::BadNextHeader,
+        DropReason::NotAllowed,
+        DropReason::SeqExhausted,
+        DropReason::Dummy,
+    ];
+
+    /// The counter name (snake case, stable: used in logs, `show` and metrics).
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::NoRoute => "no_route",
+            DropReason::TooBig => "too_big",
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownSpi => "unknown_spi",
+            DropReason::WrongSource => "wrong_source",
+            DropReason::UnknownPeer => "unknown_peer",
+            DropReason::Replay => "replay",
+            DropReason::BadIcv => "bad_icv",
+            DropReason::BadPadding => "bad_padding",
+            DropReason::BadNextHeader => "bad_next_header",
+            DropReason::NotAllowed => "not_allowed",
+            DropReason::SeqExhausted => "seq_exhausted",
+            DropReason::Dummy => "dummy",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Traffic counters of one peer.
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    /// Packets sent to the peer.
+    pub tx_packets: AtomicU64,
+    /// Inner bytes sent to the peer.
+    pub tx_bytes: AtomicU64,
+    /// Packets received from the peer and written to the TUN.
+    pub rx_packets: AtomicU64,
+    /// Inner bytes received from the peer.
+    pub rx_bytes: AtomicU64,
+    /// Time of the last packet from the peer (the caller's clock, nanoseconds; 0 = never).
+    pub last_rx: AtomicU64,
+    /// Time of the last packet to the peer.
+    pub last_tx: AtomicU64,
+}
+
+/// Counters shared by both directions and read by the control side.
+#[derive(Debug)]
+pub struct Stats {
+    drops: [AtomicU64; DropReason::ALL.len()],
+    /// Per-peer counters, indexed like the peers given to [`build`].
+    pub peers: Vec<PeerStats>,
+}
+
+impl Stats {
+    fn new(npeers: usize) -> Self {
+        Stats {
+            drops: Default::default(),
+            peers: (0..npeers).map(|_| PeerStats::default()).collect(),
+        }
+    }
+
+    /// Count one drop.
+    pub fn count_drop(&self, r: DropReason) {
+        self.drops[r.index()].fetch_add(1, Relaxed);
+    }
+
+    /// The current value of a drop counter.
+    pub fn drops(&self, r: DropReason) -> u64 {
+        self.drops[r.index()].load(Relaxed)
+    }
+
+    /// Every drop counter with its name.
+    pub fn drop_counts(&self) -> Vec<(&'static str, u64)> {
+        DropReason::ALL
+            .iter()
+            .map(|r| (r.name(), self.drops(*r)))
+            .collect()
+    }
+}
+
+/// How a peer's packets are wrapped.
+#[derive(Debug, Clone)]
+pub enum EncapSpec {
+    /// RFC 2003 / RFC 4213 IP-in-IP, no protection.
+    IpIp,
+    /// RFC 4303 ESP tunnel mode with one SA each way.
+    Esp {
+        /// Cipher of both SAs.
+        cipher: Cipher,
+        /// SPI we send with.
+        spi_out: u32,
+        /// Key || salt we send with.
+        key_out: KeyMaterial,
+        /// SPI we accept.
+        spi_in: u32,
+        /// Key || salt we accept.
+        key_in: KeyMaterial,
+        /// Replay window in packets (0 disables).
+        replay_window: u32,
+        /// 64-bit extended sequence numbers.
+        esn: bool,
+    },
+}
+
+/// One peer as the core needs it.
+#[derive(Debug, Clone)]
+pub struct PeerSpec {
+    /// Name for logs and status.
+    pub name: String,
+    /// Outer destination.
+    pub endpoint: IpAddr,
+    /// Inner prefixes routed to the peer and accepted from it.
+    pub allowed_ips: Vec<Prefix>,
+    /// Encapsulation.
+    pub encap: EncapSpec,
+}
+
+/// Tunnel-wide parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelSpec {
+    /// Largest inner packet sent through the tunnel.
+    pub mtu: u16,
+    /// Source of ICMP errors generated towards IPv4 senders (the TUN's address).
+    pub icmp_src_v4: Option<Ipv4Addr>,
+    /// Source of ICMPv6 errors.
+    pub icmp_src_v6: Option<Ipv6Addr>,
+}
+
+/// What the edge does with a packet after the core is done with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send the buffer to `endpoint` as IP protocol `protocol`.
+    Send {
+        /// Outer destination.
+        endpoint: IpAddr,
+        /// Outer IP protocol: 50 (ESP), 4 (IPv4 in IP), 41 (IPv6 in IP).
+        protocol: u8,
+    },
+    /// Write the buffer to the TUN (a decapsulated packet or a generated ICMP error).
+    ToTun,
+    /// Drop; already counted.
+    Drop(DropReason),
+}
+
+struct OutPeer {
+    endpoint: IpAddr,
+    sa: Option<OutboundSa>,
+}
+
+/// The TUN -> wire half.
+pub struct Outbound {
+    routes: PrefixTable<usize>,
+    peers: Vec<OutPeer>,
+    tunnel: TunnelSpec,
+    stats: Arc<Stats>,
+}
+
+struct InPeer {
+    endpoint: IpAddr,
+    sa: Option<InboundSa>,
+}
+
+/// The wire -> TUN half.
+pub struct Inbound {
+    /// Source policy: inner source -> peer index.
+    allowed: PrefixTable<usize>,
+    /// SAD: SPI -> peer index.
+    by_spi: HashMap<u32, usize>,
+    /// IP-in-IP peers by outer address.
+    by_endpoint: HashMap<IpAddr, usize>,
+    peers: Vec<InPeer>,
+    stats: Arc<Stats>,
+}
+
+/// Why a set of peers cannot form a data path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BuildError {
+    /// Two peers claim the same prefix.
+    #[error("allowed_ips {prefix} is claimed by both peer {first:?} and peer {second:?}; each prefix may belong to one peer")]
+    DuplicatePrefix {
+        /// The prefix.
+        prefix: Prefix,
+        /// First peer.
+        first: String,
+        /// Second peer.
+        second: String,
+    },
+    /// Two peers accept the same SPI.
+    #[error("spi_in {spi:#010x} is used by both peer {first:?} and peer {second:?}; inbound SPIs must be unique")]
+    DuplicateSpi {
+        /// The SPI.
+        spi: u32,
+        /// First peer.
+        first: String,
+        /// Second peer.
+        second: String,
+    },
+    /// Two IP-in-IP peers share an endpoint.
+    #[error("peers {first:?} and {second:?} both use ipip with endpoint {endpoint}; ipip tells peers apart by endpoint only")]
+    DuplicateIpIpEndpoint {
+        /// The endpoint.
+        endpoint: IpAddr,
+        /// First peer.
+        first: String,
+        /// Second peer.
+        second: String,
+    },
+}
+
+/// Build both halves of the data path and their shared counters.
+pub fn build(
+    peers: &[PeerSpec],
+    tunnel: TunnelSpec,
+) -> Result<(Outbound, Inbound, Arc<Stats>), BuildError> {
+    let stats = Arc::new(Stats::new(peers.len()));
+    let mut routes = PrefixTable::new();
+    let mut by_spi = HashMap::new();
+    let mut by_endpoint = HashMap::new();
+    let mut out = Vec::new();
+    let mut inp = Vec::new();
+    for (i, p) in peers.iter().enumerate() {
+        for prefix in &p.allowed_ips {
+            if let Some(j) = routes.insert(*prefix, i) {
+                return Err(BuildError::DuplicatePrefix {
+                    prefix: *prefix,
+                    first: peers[j].name.clone(),
+                    second: p.name.clone(),
+                });
+            }
+        }
+        match &p.encap {
+            EncapSpec::IpIp => {
+                if let Some(j) = by_endpoint.insert(p.endpoint, i) {
+                    return Err(BuildError::DuplicateIpIpEndpoint {
+                        endpoint: p.endpoint,
+                        first: peers[j].name.clone(),
+                        second: p.name.clone(),
+                    });
+                }
+                out.push(OutPeer {
+                    endpoint: p.endpoint,
+                    sa: None,
+                });
+                inp.push(InPeer {
+                    endpoint: p.endpoint,
+                    sa: None,
+                });
+            }
+            EncapSpec::Esp {
+                spi_out,
+                key_out,
+                spi_in,
+                key_in,
+                replay_window,
+                esn,
+                ..
+            } => {
+                if let Some(j) = by_spi.insert(*spi_in, i) {
+                    return Err(BuildError::DuplicateSpi {
+                        spi: *spi_in,
+                        first: peers[j].name.clone(),
+                        second: p.name.clone(),
+                    });
+                }
+                out.push(OutPeer {
+                    endpoint: p.endpoint,
+                    sa: Some(OutboundSa::new(*spi_out, key_out, *esn)),
+                });
+                inp.push(InPeer {
+                    endpoint: p.endpoint,
+                    sa: Some(InboundSa::new(*spi_in, key_in, *esn, *replay_window)),
+                });
+            }
+        }
+    }
+    let outbound = Outbound {
+        routes: routes.clone(),
+        peers: out,
+        tunnel,
+        stats: stats.clone(),
+    };
+    let inbound = Inbound {
+        allowed: routes,
+        by_spi,
+        by_endpoint,
+        peers: inp,
+        stats: stats.clone(),
+    };
+    Ok((outbound, inbound, stats))
+}
+
+impl Outbound {
+    /// Process one inner packet read from the TUN. On `Send` the buffer holds the ESP packet
+    /// (or the unchanged inner packet for IP-in-IP); on `ToTun` an ICMP error for the sender.
+    pub fn process(&mut self, buf: &mut PacketBuf, now: u64) -> Verdict {
+        let v = self.process_inner(buf, now);
+        if let Verdict::Drop(r) = v {
+            self.stats.count_drop(r);
+        }
+        v
+    }
+
+    fn process_inner(&mut self, buf: &mut PacketBuf, now: u64) -> Verdict {
+        let Ok(inner) = InnerPacket::parse(buf.as_slice()) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        buf.truncate(inner.total_len);
+        let Some(&idx) = self.routes.lookup(inner.dst) else {
+            return Verdict::Drop(DropReason::NoRoute);
+        };
+        if buf.len() > usize::from(self.tunnel.mtu) {
+            return self.too_big(buf, &inner);
+        }
+        let len = buf.len() as u64;
+        let peer = &mut self.peers[idx];
+        let protocol = match &mut peer.sa {
+            Some(sa) => {
+                let nh = if inner.is_ipv4() {
+                    NEXT_HEADER_IPV4
+                } else {
+                    NEXT_HEADER_IPV6
+                };
+                match sa.encapsulate(buf, nh) {
+                    Ok(_) => PROTO_ESP,
+                    Err(EspError::SeqExhausted) => {
+                        return Verdict::Drop(DropReason::SeqExhausted)
+                    }
+                    Err(_) => return Verdict::Drop(DropReason::Malformed),
+                }
+            }
+            None if inner.is_ipv4() => PROTO_IPIP,
+            None => PROTO_IPV6,
+        };
+        let s = &self.stats.peers[idx];
+        s.tx_packets.fetch_add(1, Relaxed);
+        s.tx_bytes.fetch_add(len, Relaxed);
+        s.last_tx.store(now, Relaxed);
+        Verdict::Send {
+            endpoint: peer.endpoint,
+            protocol,
+        }
+    }
+
+    fn too_big(&mut self, buf: &mut PacketBuf, inner: &InnerPacket) -> Verdict {
+        let mtu = self.tunnel.mtu;
+        let made = match inner.src {
+            IpAddr::V4(_) if !inner.dont_fragment => {
+                // The sender allowed fragmentation; the inner packet is larger than the tunnel
+                // MTU only when the TUN MTU was raised by hand. Refuse rather than fragment.
+                Err(icmp::NoIcmp::Forbidden)
+            }
+            IpAddr::V4(_) => icmp::frag_needed_v4(
+                buf,
+                self.tunnel
+                    .icmp_src_v4
+                    .or(match inner.dst {
+                        IpAddr::V4(d) => Some(d),
+                        _ => None,
+                    })
+                    .unwrap_or(Ipv4Addr::UNSPECIFIED),
+                mtu,
+            ),
+            IpAddr::V6(_) => icmp::packet_too_big_v6(
+                buf,
+                self.tunnel
+                    .icmp_src_v6
+                    .or(match inner.dst {
+                        IpAddr::V6(d) => Some(d),
+                        _ => None,
+                    })
+                    .unwrap_or(Ipv6Addr::UNSPECIFIED),
+                u32::from(mtu),
+            ),
+        };
+        match made {
+            Ok(()) => {
+                // The packet is dropped all the same: count it here, since `ToTun` is not
+                // counted by `process`.
+                self.stats.count_drop(DropReason::TooBig);
+                Verdict::ToTun
+            }
+            Err(_) => Verdict::Drop(DropReason::TooBig),
+        }
+    }
+
+    /// The outbound SA state of each peer: (SPI, next sequence number), `None` for IP-in-IP.
+    pub fn sa_state(&self) -> Vec<Option<(u32, u64)>> {
+        self.peers
+            .iter()
+            .map(|p| p.sa.as_ref().map(|s| (s.spi(), s.next_seq())))
+            .collect()
+    }
+
+    /// Continue peer `idx`'s outbound SA from sequence number `seq` (tests, restarts).
+    pub fn set_next_seq(&mut self, idx: usize, seq: u64) {
+        if let Some(sa) = self.peers.get_mut(idx).and_then(|p| p.sa.as_mut()) {
+            sa.set_next_seq(seq);
+        }
+    }
+}
+
+impl Inbound {
+    /// Process one packet from a raw socket. `buf` holds what follows the outer IP header;
+    /// `outer_src` and `protocol` come from that header. On `ToTun` the buffer holds the inner
+    /// packet.
+    pub fn process(
+        &mut self,
+        buf: &mut PacketBuf,
+        outer_src: IpAddr,
+        protocol: u8,
+        now: u64,
+    ) -> Verdict {
+        let v = self.process_inner(buf, outer_src, protocol, now);
+        if let Verdict::Drop(r) = v {
+            self.stats.count_drop(r);
+        }
+        v
+    }
+
+    fn process_inner(
+        &mut self,
+        buf: &mut PacketBuf,
+        outer_src: IpAddr,
+        protocol: u8,
+        now: u64,
+    ) -> Verdict {
+        let (idx, next_header) = match protocol {
+            PROTO_ESP => {
+                let Some(spi) = buf.as_slice().get(..4) else {
+                    return Verdict::Drop(DropReason::Malformed);
+                };
+                let spi = u32::from_be_bytes(spi.try_into().expect("4 bytes"));
+                let Some(&idx) = self.by_spi.get(&spi) else {
+                    return Verdict::Drop(DropReason::UnknownSpi);
+                };
+                let peer = &mut self.peers[idx];
+                if peer.endpoint != outer_src {
+                    return Verdict::Drop(DropReason::WrongSource);
+                }
+                let Some(sa) = peer.sa.as_mut() else {
+                    return Verdict::Drop(DropReason::UnknownSpi);
+                };
+                match sa.decapsulate(buf) {
+                    Ok(o) => (idx, o.next_header),
+                    Err(EspError::Malformed) => return Verdict::Drop(DropReason::Malformed),
+                    Err(EspError::Replay(_)) => return Verdict::Drop(DropReason::Replay),
+                    Err(EspError::BadIcv) => return Verdict::Drop(DropReason::BadIcv),
+                    Err(EspError::BadPadding) => return Verdict::Drop(DropReason::BadPadding),
+                    Err(EspError::SeqExhausted) => return Verdict::Drop(DropReason::Malformed),
+                }
+            }
+            PROTO_IPIP | PROTO_IPV6 => {
+                let Some(&idx) = self.by_endpoint.get(&outer_src) else {
+                    return Verdict::Drop(DropReason::UnknownPeer);
+                };
+                (idx, protocol)
+            }
+            _ => return Verdict::Drop(DropReason::Malformed),
+        };
+        let want_v4 = match next_header {
+            NEXT_HEADER_IPV4 => true,
+            NEXT_HEADER_IPV6 => false,
+            NEXT_HEADER_DUMMY => return Verdict::Drop(DropReason::Dummy),
+            _ => return Verdict::Drop(DropReason::BadNextHeader),
+        };
+        let Ok(inner) = InnerPacket::parse(buf.as_slice()) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        if inner.is_ipv4() != want_v4 {
+            return Verdict::Drop(DropReason::BadNextHeader);
+        }
+        // Bytes after the inner packet are TFC padding (RFC 4303 section 2.7).
+        buf.truncate(inner.total_len);
+        if self.allowed.lookup(inner.src) != Some(&idx) {
+            return Verdict::Drop(DropReason::NotAllowed);
+        }
+        let s = &self.stats.peers[idx];
+        s.rx_packets.fetch_add(1, Relaxed);
+        s.rx_bytes.fetch_add(buf.len() as u64, Relaxed);
+        s.last_rx.store(now, Relaxed);
+        Verdict::ToTun
+    }
+
+    /// The inbound SA state of each peer: (SPI, highest sequence number seen), `None` for IP-in-IP.
+    pub fn sa_state(&self) -> Vec<Option<(u32, u64)>> {
+        self.peers
+            .iter()
+            .map(|p| p.sa.as_ref().map(|s| (s.spi(), s.replay().top())))
+            .collect()
+    }
+}

@@ -1,0 +1,169 @@
+//! Inner IP packets: classification with etherparse, and the Internet checksum (RFC 1071).
+
+use super::Malformed;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// IANA protocol number of ICMP.
+pub const PROTO_ICMP: u8 = 1;
+/// IANA protocol number of IPv4-in-IPv4 (RFC 2003). etherparse's `IpNumber::IPIP` is 94, a
+/// different protocol; RFC 2003 is `IpNumber::IPV4`.
+pub const PROTO_IPIP: u8 = 4;
+/// IANA protocol number of IPv6 encapsulation (RFC 2473 / RFC 4213), used for IPv6 in IPv4.
+pub const PROTO_IPV6: u8 = 41;
+/// IANA protocol number of ESP (RFC 4303).
+pub const PROTO_ESP: u8 = 50;
+/// IANA next header number of ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// What the data path needs to know about an inner packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InnerPacket {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// Length the IP header claims for the whole packet (IPv6: 40 + payload length).
+    pub total_len: usize,
+    /// IPv4: the DF flag. IPv6: always true (routers never fragment IPv6).
+    pub dont_fragment: bool,
+    /// IPv4: fragment offset is non-zero (not the first fragment). IPv6: false.
+    pub later_fragment: bool,
+    /// The upper-layer protocol (IPv4 protocol, IPv6 first next header).
+    pub protocol: u8,
+    /// Offset of the upper-layer header.
+    pub l4_offset: usize,
+}
+
+impl InnerPacket {
+    /// Classify `bytes` as an IPv4 or IPv6 packet; the header must be valid and the claimed
+    /// length must fit in `bytes` (bytes beyond it, such as ESP TFC padding, are allowed).
+    pub fn parse(bytes: &[u8]) -> Result<Self, Malformed> {
+        match bytes.first().map(|b| b >> 4) {
+            Some(4) => {
+                let h = etherparse::Ipv4HeaderSlice::from_slice(bytes).map_err(|_| Malformed)?;
+                let total_len = usize::from(h.total_len());
+                let ihl = usize::from(h.ihl()) * 4;
+                if total_len < ihl || total_len > bytes.len() {
+                    return Err(Malformed);
+                }
+                Ok(InnerPacket {
+                    src: IpAddr::V4(h.source_addr()),
+                    dst: IpAddr::V4(h.destination_addr()),
+                    total_len,
+                    dont_fragment: h.dont_fragment(),
+                    later_fragment: h.fragments_offset().value() != 0,
+                    protocol: h.protocol().0,
+                    l4_offset: ihl,
+                })
+            }
+            Some(6) => {
+                let h = etherparse::Ipv6HeaderSlice::from_slice(bytes).map_err(|_| Malformed)?;
+                let total_len = 40 + usize::from(h.payload_length());
+                if total_len > bytes.len() {
+                    return Err(Malformed);
+                }
+                Ok(InnerPacket {
+                    src: IpAddr::V6(h.source_addr()),
+                    dst: IpAddr::V6(h.destination_addr()),
+                    total_len,
+                    dont_fragment: true,
+                    later_fragment: false,
+                    protocol: h.next_header().0,
+                    l4_offset: 40,
+                })
+            }
+            _ => Err(Malformed),
+        }
+    }
+
+    /// True for IPv4.
+    pub fn is_ipv4(&self) -> bool {
+        self.src.is_ipv4()
+    }
+}
+
+/// One's-complement sum of `data` as big-endian 16-bit words, folded later (RFC 1071).
+pub fn sum_words(mut acc: u32, data: &[u8]) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        acc = acc.wrapping_add(u32::from(u16::from_be_bytes([c[0], c[1]])));
+    }
+    if let [last] = chunks.remainder() {
+        acc = acc.wrapping_add(u32::from(*last) << 8);
+    }
+    acc
+}
+
+/// Fold a 32-bit one's-complement sum and complement it into a checksum (RFC 1071).
+pub fn fold(mut acc: u32) -> u16 {
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+/// The Internet checksum of `data`.
+pub fn checksum(data: &[u8]) -> u16 {
+    fold(sum_words(0, data))
+}
+
+/// Sum of the IPv6 pseudo-header (RFC 8200 section 8.1) for an upper-layer checksum.
+pub fn pseudo_sum_v6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, len: u32) -> u32 {
+    let mut acc = sum_words(0, &src.octets());
+    acc = sum_words(acc, &dst.octets());
+    acc = sum_words(acc, &len.to_be_bytes());
+    sum_words(acc, &[0, 0, 0, next_header])
+}
+
+/// Write a 20-byte IPv4 header without options into `h` (header checksum included).
+pub fn emit_ipv4_header(h: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, total: u16) {
+    h[..20].fill(0);
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&total.to_be_bytes());
+    h[8] = 64;
+    h[9] = protocol;
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    let c = checksum(&h[..20]);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 1071 section 3 example: the sum of 00 01 f2 03 f4 f5 f6 f7 is ddf2 (checksum 220d).
+    #[test]
+    fn rfc1071_example() {
+        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(checksum(&data), !0xddf2);
+    }
+
+    #[test]
+    fn parse_ipv4_and_ipv6() {
+        let mut v4 = [0u8; 28];
+        emit_ipv4_header(
+            &mut v4,
+            Ipv4Addr::new(10, 4, 2, 99),
+            Ipv4Addr::new(10, 4, 2, 5),
+            17,
+            28,
+        );
+        let p = InnerPacket::parse(&v4).unwrap();
+        assert_eq!(p.dst, IpAddr::V4(Ipv4Addr::new(10, 4, 2, 5)));
+        assert_eq!((p.total_len, p.protocol, p.l4_offset), (28, 17, 20));
+        assert_eq!(checksum(&v4[..20]), 0);
+        assert!(InnerPacket::parse(&v4[..27]).is_err(), "claims more than it has");
+
+        let mut v6 = [0u8; 48];
+        v6[0] = 0x60;
+        v6[5] = 8;
+        v6[6] = 58;
+        v6[39] = 1;
+        v6[55 - 16] = 2;
+        let p = InnerPacket::parse(&v6).unwrap();
+        assert_eq!(p.total_len, 48);
+        assert!(InnerPacket::parse(&[0x50; 40]).is_err());
+        assert!(InnerPacket::parse(&[]).is_err());
+    }
+}
