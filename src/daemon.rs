@@ -1,1 +1,453 @@
-//! Daemon.
+//! `espip run`: set up the TUN, raw sockets and routes, run the data path, tear down on a
+//! signal.
+//!
+//! Threads (see docs/architecture.md for the measurements behind the choice):
+//! - the main thread runs a current-thread tokio runtime for the control side (rtnetlink,
+//!   signals);
+//! - a TX thread: TUN reads (drained up to a batch of 64) -> `Outbound::process` -> one
+//!   `sendmmsg` per raw socket and batch;
+//! - an RX thread: `recvmmsg` batches from the raw sockets -> `Inbound::process` -> TUN writes.
+//!
+//! Each thread owns its half of the data path, so the hot path takes no lock. A stop is an
+//! eventfd both threads poll.
+
+use crate::buf::{PacketBuf, MAX_PACKET};
+use crate::config::Config;
+use crate::datapath::{self, DropReason, EncapSpec, Inbound, Outbound, Stats, TunnelSpec, Verdict};
+use crate::sys::raw::{strip_ipv4_header, RawSocket};
+use crate::sys::tun::Tun;
+use crate::wire::ip::{PROTO_ESP, PROTO_IPIP, PROTO_IPV6};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// Packets per batch. Tuning constant: 64 amortises a syscall over enough packets that its
+/// cost disappears against AEAD, and keeps a batch in L2 cache (64 x 64 KiB buffers are
+/// allocated once per thread, but only the touched bytes are resident).
+pub const BATCH: usize = 64;
+
+/// Warnings of one kind are logged at most this often (quinn-udp's rule).
+const WARN_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// TUN creation.
+    #[error(transparent)]
+    Tun(#[from] crate::sys::tun::TunError),
+    /// Raw socket creation.
+    #[error("cannot open a raw IP socket for protocol {protocol}: {source} (run as root or with CAP_NET_RAW)")]
+    RawSocket {
+        /// IP protocol.
+        protocol: u8,
+        /// Why.
+        source: io::Error,
+    },
+    /// Interface configuration.
+    #[error("configuring the interface: {0}")]
+    Netlink(#[from] crate::sys::netlink::NetlinkError),
+    /// Path MTU lookup.
+    #[error("no route to peer {peer:?} endpoint {endpoint} ({source}); add a route to it or set interface.mtu")]
+    NoRouteToPeer {
+        /// Peer name.
+        peer: String,
+        /// Endpoint.
+        endpoint: IpAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// Data path build.
+    #[error(transparent)]
+    Build(#[from] datapath::BuildError),
+    /// Anything else of the OS.
+    #[error("{0}: {1}")]
+    Os(&'static str, io::Error),
+}
+
+/// Errors at the kernel edges, counted (never logged per packet).
+#[derive(Debug, Default)]
+pub struct EdgeStats {
+    /// Failed TUN reads.
+    pub tun_read_errors: AtomicU64,
+    /// Failed TUN writes.
+    pub tun_write_errors: AtomicU64,
+    /// Packets the raw socket refused to send.
+    pub send_errors: AtomicU64,
+    /// Datagrams from a raw socket with an invalid outer header.
+    pub bad_outer: AtomicU64,
+}
+
+struct RateLimit(Option<Instant>);
+
+impl RateLimit {
+    fn ready(&mut self) -> bool {
+        let now = Instant::now();
+        match self.0 {
+            Some(t) if now.duration_since(t) < WARN_INTERVAL => false,
+            _ => {
+                self.0 = Some(now);
+                true
+            }
+        }
+    }
+}
+
+/// The tunnel MTU: the configured one, or the smallest path MTU to any endpoint minus the
+/// encapsulation overhead.
+pub fn tunnel_mtu(cfg: &Config) -> Result<u16, DaemonError> {
+    if let Some(m) = cfg.interface.mtu {
+        return Ok(m);
+    }
+    let mut mtu = u16::MAX;
+    for p in &cfg.peers {
+        let path = crate::sys::path_mtu(p.endpoint, cfg.interface.local).map_err(|source| {
+            DaemonError::NoRouteToPeer {
+                peer: p.name.clone(),
+                endpoint: p.endpoint,
+                source,
+            }
+        })?;
+        let esp = matches!(p.encap, EncapSpec::Esp { .. });
+        mtu = mtu.min(datapath::inner_mtu(path, esp));
+    }
+    let floor = if cfg.interface.addresses.iter().any(|a| a.addr.is_ipv6()) {
+        crate::config::MIN_MTU_V6
+    } else {
+        crate::config::MIN_MTU_V4
+    };
+    Ok(mtu.max(floor))
+}
+
+/// Run the daemon in the foreground until SIGINT or SIGTERM.
+pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    for w in &cfg.warnings {
+        warn!("{w}");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| DaemonError::Os("tokio runtime", e))?;
+    let mtu = tunnel_mtu(&cfg)?;
+    let local_v4 = match cfg.interface.local {
+        Some(IpAddr::V4(a)) => Some(a),
+        _ => None,
+    };
+    // Sockets first: a missing privilege fails before any device exists.
+    let mut sockets = Vec::new();
+    let need_esp = cfg
+        .peers
+        .iter()
+        .any(|p| matches!(p.encap, EncapSpec::Esp { .. }));
+    let need_ipip = cfg.peers.iter().any(|p| matches!(p.encap, EncapSpec::IpIp));
+    let mut protocols = Vec::new();
+    if need_esp {
+        protocols.push(PROTO_ESP);
+    }
+    if need_ipip {
+        protocols.extend([PROTO_IPIP, PROTO_IPV6]);
+    }
+    for protocol in protocols {
+        let s = RawSocket::open(protocol, local_v4)
+            .map_err(|source| DaemonError::RawSocket { protocol, source })?;
+        sockets.push(s);
+    }
+    let tun = Tun::create(&cfg.interface.name)?;
+    let routes: Vec<_> = cfg
+        .peers
+        .iter()
+        .flat_map(|p| p.allowed_ips.iter().copied())
+        .collect();
+    let added = rt.block_on(crate::sys::netlink::configure(
+        tun.name(),
+        mtu,
+        &cfg.interface.addresses,
+        &routes,
+    ))?;
+    let tunnel = TunnelSpec {
+        mtu,
+        icmp_src_v4: cfg.interface.addresses.iter().find_map(|a| match a.addr {
+            IpAddr::V4(v) => Some(v),
+            _ => None,
+        }),
+        icmp_src_v6: cfg.interface.addresses.iter().find_map(|a| match a.addr {
+            IpAddr::V6(v) => Some(v),
+            _ => None,
+        }),
+    };
+    let (outbound, inbound, stats) = datapath::build(&cfg.peers, tunnel)?;
+    info!(
+        interface = tun.name(),
+        mtu,
+        addresses = ?cfg.interface.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        routes = ?added.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        "interface up"
+    );
+    for p in &cfg.peers {
+        match &p.encap {
+            EncapSpec::Esp {
+                cipher,
+                spi_out,
+                spi_in,
+                replay_window,
+                esn,
+                ..
+            } => info!(
+                peer = %p.name,
+                endpoint = %p.endpoint,
+                cipher = cipher.name(),
+                spi_out = format!("{spi_out:#010x}"),
+                spi_in = format!("{spi_in:#010x}"),
+                replay_window,
+                esn,
+                "SA pair installed"
+            ),
+            EncapSpec::IpIp => info!(peer = %p.name, endpoint = %p.endpoint, "ipip peer installed"),
+        }
+    }
+
+    let stop = Arc::new(
+        EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| DaemonError::Os("eventfd", e.into()))?,
+    );
+    let edge = Arc::new(EdgeStats::default());
+    let tun = Arc::new(tun);
+    let sockets = Arc::new(sockets);
+    let clock = Instant::now();
+    let tx = {
+        let (tun, sockets, stop, edge) = (tun.clone(), sockets.clone(), stop.clone(), edge.clone());
+        std::thread::Builder::new()
+            .name("espip-tx".into())
+            .spawn(move || tx_loop(outbound, &tun, &sockets, &stop, &edge, clock))
+            .map_err(|e| DaemonError::Os("spawn TX thread", e))?
+    };
+    let rx = {
+        let (tun, sockets, stop, edge) = (tun.clone(), sockets.clone(), stop.clone(), edge.clone());
+        std::thread::Builder::new()
+            .name("espip-rx".into())
+            .spawn(move || rx_loop(inbound, &tun, &sockets, &stop, &edge, clock))
+            .map_err(|e| DaemonError::Os("spawn RX thread", e))?
+    };
+    info!(interface = %cfg.interface.name, peers = cfg.peers.len(), "espip ready");
+
+    let signal = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => return Ok::<_, io::Error>("SIGTERM"),
+                _ = int.recv() => return Ok("SIGINT"),
+                _ = hup.recv() => warn!("SIGHUP: reloading is not supported; restart espip to apply a new configuration"),
+            }
+        }
+    });
+    let signal = signal.map_err(|e| DaemonError::Os("signal handler", e))?;
+    info!(signal, "stopping");
+    let _ = stop.write(1);
+    let _ = tx.join();
+    let _ = rx.join();
+    log_summary(&cfg, &stats, &edge);
+    drop(tun);
+    info!(interface = %cfg.interface.name, "stopped; TUN device and its routes removed");
+    Ok(())
+}
+
+fn log_summary(cfg: &Config, stats: &Stats, edge: &EdgeStats) {
+    for (p, s) in cfg.peers.iter().zip(&stats.peers) {
+        info!(
+            peer = %p.name,
+            tx_packets = s.tx_packets.load(Relaxed),
+            tx_bytes = s.tx_bytes.load(Relaxed),
+            rx_packets = s.rx_packets.load(Relaxed),
+            rx_bytes = s.rx_bytes.load(Relaxed),
+            "peer totals"
+        );
+    }
+    let drops: Vec<String> = stats
+        .drop_counts()
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    info!(
+        drops = %drops.join(" "),
+        tun_read_errors = edge.tun_read_errors.load(Relaxed),
+        tun_write_errors = edge.tun_write_errors.load(Relaxed),
+        send_errors = edge.send_errors.load(Relaxed),
+        bad_outer = edge.bad_outer.load(Relaxed),
+        "drop totals"
+    );
+}
+
+fn stopped(fds: &[PollFd]) -> bool {
+    fds[0]
+        .revents()
+        .is_some_and(|r| r.intersects(PollFlags::POLLIN))
+}
+
+fn tx_loop(
+    mut out: Outbound,
+    tun: &Tun,
+    sockets: &[RawSocket],
+    stop: &EventFd,
+    edge: &EdgeStats,
+    clock: Instant,
+) {
+    let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+    let mut verdicts = [Verdict::Drop(DropReason::Dummy); BATCH];
+    let mut warn_read = RateLimit(None);
+    let mut warn_send = RateLimit(None);
+    let mut warn_exhausted = RateLimit(None);
+    loop {
+        let mut fds = [
+            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+            PollFd::new(tun.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                warn!("poll on TUN failed: {e}; TX thread stops");
+                return;
+            }
+        }
+        if stopped(&fds) {
+            return;
+        }
+        let now = clock.elapsed().as_nanos() as u64;
+        let mut n = 0;
+        while n < BATCH {
+            bufs[n].reset();
+            match tun.recv(bufs[n].read_area()) {
+                Ok(len) => {
+                    bufs[n].set_len(len);
+                    n += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    edge.tun_read_errors.fetch_add(1, Relaxed);
+                    if warn_read.ready() {
+                        warn!("reading the TUN failed: {e}");
+                    }
+                    break;
+                }
+            }
+        }
+        for i in 0..n {
+            verdicts[i] = out.process(&mut bufs[i], now);
+            match verdicts[i] {
+                Verdict::ToTun => {
+                    if tun.send(bufs[i].as_slice()).is_err() {
+                        edge.tun_write_errors.fetch_add(1, Relaxed);
+                    }
+                }
+                Verdict::Drop(DropReason::SeqExhausted) if warn_exhausted.ready() => warn!(
+                    "an outbound SA has used every sequence number (2^32 without esn) and stopped sending; \
+                     install new keys and SPIs (or enable esn) and restart"
+                ),
+                _ => {}
+            }
+        }
+        for s in sockets {
+            let proto = s.protocol();
+            let pending = (0..n).filter_map(|i| match verdicts[i] {
+                Verdict::Send {
+                    endpoint: IpAddr::V4(dst),
+                    protocol,
+                } if protocol == proto => Some((bufs[i].as_slice(), dst)),
+                _ => None,
+            });
+            let want = (0..n)
+                .filter(|&i| matches!(verdicts[i], Verdict::Send { protocol, .. } if protocol == proto))
+                .count();
+            if want == 0 {
+                continue;
+            }
+            match s.send_batch(pending) {
+                Ok(sent) if sent == want => {}
+                Ok(sent) => {
+                    edge.send_errors.fetch_add((want - sent) as u64, Relaxed);
+                }
+                Err(e) => {
+                    edge.send_errors.fetch_add(want as u64, Relaxed);
+                    if warn_send.ready() {
+                        warn!("sending protocol {proto} packets failed: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn rx_loop(
+    mut inb: Inbound,
+    tun: &Tun,
+    sockets: &[RawSocket],
+    stop: &EventFd,
+    edge: &EdgeStats,
+    clock: Instant,
+) {
+    let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+    let mut warn_write = RateLimit(None);
+    loop {
+        // One small allocation per wakeup (not per packet): at most 4 descriptors.
+        let mut fds: Vec<PollFd> = Vec::with_capacity(4);
+        fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
+        fds.extend(sockets.iter().map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN)));
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                warn!("poll on raw sockets failed: {e}; RX thread stops");
+                return;
+            }
+        }
+        if stopped(&fds) {
+            return;
+        }
+        let mut ready = [false; 4];
+        for (r, f) in ready.iter_mut().zip(&fds[1..]) {
+            *r = f.revents().is_some_and(|r| r.intersects(PollFlags::POLLIN));
+        }
+        drop(fds);
+        let now = clock.elapsed().as_nanos() as u64;
+        for (s, _) in sockets.iter().zip(ready).filter(|(_, r)| *r) {
+            loop {
+                let n = match s.recv_batch(&mut bufs) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        debug!("recvmmsg: {e}");
+                        break;
+                    }
+                };
+                for b in &mut bufs[..n] {
+                    let Some((src, proto)) = strip_ipv4_header(b) else {
+                        edge.bad_outer.fetch_add(1, Relaxed);
+                        continue;
+                    };
+                    if let Verdict::ToTun = inb.process(b, src, proto, now) {
+                        if let Err(e) = tun.send(b.as_slice()) {
+                            edge.tun_write_errors.fetch_add(1, Relaxed);
+                            if warn_write.ready() {
+                                warn!("writing to the TUN failed: {e}");
+                            }
+                        }
+                    }
+                }
+                if n < bufs.len() {
+                    break;
+                }
+            }
+        }
+    }
+}

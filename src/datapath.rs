@@ -202,6 +202,26 @@ pub struct TunnelSpec {
     pub icmp_src_v6: Option<Ipv6Addr>,
 }
 
+/// Outer IPv4 header without options.
+pub const OUTER_IPV4_LEN: usize = 20;
+
+/// The largest inner packet that fits a path MTU of `path_mtu` with IPv4 outer headers:
+/// IP-in-IP adds 20 bytes; ESP adds 20 + 8 (SPI, sequence) + 8 (IV) + 16 (ICV) and a 2-byte
+/// trailer, with the ciphertext padded to 4 bytes (RFC 4303 section 2.4).
+pub fn inner_mtu(path_mtu: u32, esp: bool) -> u16 {
+    let path = path_mtu.min(65535) as usize;
+    let room = if esp {
+        let ct = path.saturating_sub(
+            OUTER_IPV4_LEN + crate::wire::esp::field::PAYLOAD + crate::wire::esp::ICV_LEN,
+        );
+        (ct / crate::wire::esp::ALIGN * crate::wire::esp::ALIGN)
+            .saturating_sub(crate::wire::esp::TRAILER_LEN)
+    } else {
+        path.saturating_sub(OUTER_IPV4_LEN)
+    };
+    room as u16
+}
+
 /// What the edge does with a packet after the core is done with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

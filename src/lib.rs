@@ -16,3 +16,4 @@ pub mod replay;
 pub mod sa;
 pub mod sys;
 pub mod wire;
+pub mod wireshark;

@@ -1,3 +1,232 @@
-fn main() {
-    println!("Hello, world!");
+//! The `espip` command line.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use espip::config::Config;
+use espip::datapath::EncapSpec;
+use espip::lab::p2p::{LabMode, P2pOptions};
+use espip::sa::{Cipher, KeyMaterial};
+use std::path::PathBuf;
+
+/// espip: an ESP (RFC 4303) or IP-in-IP (RFC 2003) tunnel between a TUN device and raw IP
+/// sockets.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the tunnel in the foreground until SIGINT or SIGTERM.
+    Run {
+        /// The TOML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration and explain what it sets up.
+    Check {
+        /// The TOML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print fresh random key material (hex of key || 4-byte salt, the `ip xfrm` layout).
+    Genkey {
+        /// aes-128-gcm, aes-256-gcm or chacha20-poly1305.
+        #[arg(long, default_value = "aes-128-gcm")]
+        cipher: String,
+    },
+    /// Build a scenario in network namespaces, run its checks, report, tear down.
+    Lab {
+        #[command(subcommand)]
+        scenario: LabCmd,
+    },
+    /// Helpers the labs run inside namespaces.
+    #[command(hide = true)]
+    LabTool {
+        #[command(subcommand)]
+        tool: ToolCmd,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Esp,
+    Ipip,
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Scenario 1: two hosts, one tunnel (A 192.0.2.1 / 10.4.2.99, B 192.0.2.2 / 10.4.2.5).
+    P2p {
+        /// esp or ipip.
+        #[arg(long, value_enum, default_value = "esp")]
+        mode: ModeArg,
+        /// ESP cipher.
+        #[arg(long, default_value = "aes-128-gcm")]
+        cipher: String,
+        /// Use 64-bit extended sequence numbers.
+        #[arg(long)]
+        esn: bool,
+        /// Size of the TCP transfer in MB.
+        #[arg(long, default_value_t = 50)]
+        megabytes: u64,
+        /// Leave the namespaces and daemons running to explore.
+        #[arg(long)]
+        keep: bool,
+        /// Keep the configs, logs, the capture (wire.pcap) and Wireshark's esp_sa file here.
+        #[arg(long)]
+        pcap: Option<PathBuf>,
+        /// Do not install missing Debian packages; fail instead.
+        #[arg(long)]
+        no_install: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ToolCmd {
+    /// Accept one TCP connection and print the bytes and SHA-256 received.
+    Sink {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+    /// Send a reproducible stream and print its bytes and SHA-256.
+    Source {
+        #[arg(long)]
+        connect: std::net::SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+    },
+}
+
+fn cipher_arg(name: &str) -> Result<Cipher> {
+    Cipher::from_name(name).with_context(|| {
+        format!("unknown cipher {name:?}; expected aes-128-gcm, aes-256-gcm or chacha20-poly1305")
+    })
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::env::var_os("NO_COLOR").is_none())
+        .init();
+}
+
+fn check(config: &PathBuf) -> Result<()> {
+    let cfg = Config::load(config)?;
+    let i = &cfg.interface;
+    println!("{}: OK", config.display());
+    println!(
+        "interface {}: addresses [{}], mtu {}, outer source {}",
+        i.name,
+        i.addresses
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        i.mtu
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| "derived at start from the path MTU".into()),
+        i.local
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| "chosen by routing".into())
+    );
+    for p in &cfg.peers {
+        let allowed = p
+            .allowed_ips
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        match &p.encap {
+            EncapSpec::Esp {
+                cipher,
+                spi_out,
+                spi_in,
+                replay_window,
+                esn,
+                ..
+            } => println!(
+                "peer {:?}: ESP tunnel to {} ({}, out SPI {spi_out:#010x}, in SPI {spi_in:#010x}, replay window {replay_window}, esn {esn}); routes and accepts [{allowed}]",
+                p.name, p.endpoint, cipher.name()
+            ),
+            EncapSpec::IpIp => println!(
+                "peer {:?}: IP-in-IP (protocol 4/41, unencrypted) to {}; routes and accepts [{allowed}]",
+                p.name, p.endpoint
+            ),
+        }
+    }
+    for w in &cfg.warnings {
+        println!("warning: {w}");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Run { config } => {
+            init_logging(&cli.log_level);
+            let cfg = Config::load(&config)?;
+            espip::daemon::run(cfg)?;
+        }
+        Cmd::Check { config } => check(&config)?,
+        Cmd::Genkey { cipher } => {
+            let k = KeyMaterial::generate(cipher_arg(&cipher)?)
+                .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
+            println!("{}", k.to_hex().as_str());
+        }
+        Cmd::Lab { scenario } => match scenario {
+            LabCmd::P2p {
+                mode,
+                cipher,
+                esn,
+                megabytes,
+                keep,
+                pcap,
+                no_install,
+            } => {
+                let mode = match mode {
+                    ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
+                    ModeArg::Ipip => {
+                        if esn {
+                            bail!("--esn applies to --mode esp only");
+                        }
+                        LabMode::IpIp
+                    }
+                };
+                if megabytes == 0 {
+                    bail!("--megabytes must be at least 1");
+                }
+                let opts = P2pOptions {
+                    mode,
+                    megabytes,
+                    keep,
+                    pcap_dir: pcap,
+                    install: !no_install,
+                    esn,
+                    exe: std::env::current_exe().context("locating the espip binary")?,
+                };
+                let report = espip::lab::p2p::run(&opts)?;
+                print!("{}", report.render());
+                if !report.passed() {
+                    std::process::exit(1);
+                }
+            }
+        },
+        Cmd::LabTool { tool } => match tool {
+            ToolCmd::Sink { listen } => println!("{}", espip::lab::transfer::sink(listen)?),
+            ToolCmd::Source { connect, bytes } => {
+                println!("{}", espip::lab::transfer::source(connect, bytes)?)
+            }
+        },
+    }
+    Ok(())
 }

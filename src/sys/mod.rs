@@ -1,1 +1,38 @@
-//! Kernel edges.
+//! The kernel edges: the TUN device, raw IP sockets, rtnetlink. Nothing in the pure core
+//! imports this module (`tests/layering.rs`).
+
+pub mod netlink;
+pub mod raw;
+pub mod tun;
+
+/// Path MTU towards `dst` as the kernel's routing sees it (the route's or the device's MTU),
+/// read with a connected UDP socket and `IP_MTU`; nothing is sent.
+pub fn path_mtu(dst: std::net::IpAddr, local: Option<std::net::IpAddr>) -> std::io::Result<u32> {
+    let sock = std::net::UdpSocket::bind(match (local, dst) {
+        (Some(l), _) => std::net::SocketAddr::new(l, 0),
+        (None, std::net::IpAddr::V4(_)) => "0.0.0.0:0".parse().expect("literal"),
+        (None, std::net::IpAddr::V6(_)) => "[::]:0".parse().expect("literal"),
+    })?;
+    sock.connect(std::net::SocketAddr::new(dst, 9))?;
+    let (level, name) = match dst {
+        std::net::IpAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_MTU),
+        std::net::IpAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_MTU),
+    };
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    use std::os::fd::AsRawFd;
+    // SAFETY: getsockopt writes at most `len` bytes into the live c_int `mtu`.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&mut mtu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(mtu as u32)
+}

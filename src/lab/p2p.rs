@@ -1,0 +1,386 @@
+//! Scenario 1 `p2p` (SCENARIOS.md): hosts A 192.0.2.1 and B 192.0.2.2 on one veth, tunnel
+//! addresses 10.4.2.99 (A) and 10.4.2.5 (B). Checks: ping both ways, a TCP transfer with equal
+//! SHA-256 on both ends, a capture of the veth that shows only ESP (or IP-in-IP) between A and
+//! B and, for ESP, no plaintext; clean daemon exits that leave no device behind.
+
+use super::netns::{self, Daemon, Netns};
+use super::{pcap, transfer, Report};
+use crate::sa::{Cipher, KeyMaterial};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// Host A's underlay address.
+pub const A_OUTER: &str = "192.0.2.1";
+/// Host B's underlay address.
+pub const B_OUTER: &str = "192.0.2.2";
+/// Host A's tunnel address.
+pub const A_INNER: &str = "10.4.2.99";
+/// Host B's tunnel address.
+pub const B_INNER: &str = "10.4.2.5";
+/// SPI of the SA from A to B.
+pub const SPI_A_TO_B: u32 = 0x1001;
+/// SPI of the SA from B to A.
+pub const SPI_B_TO_A: u32 = 0x1002;
+
+/// Encapsulation of a lab tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabMode {
+    /// ESP with a cipher.
+    Esp(Cipher),
+    /// IP-in-IP.
+    IpIp,
+}
+
+/// Options of `espip lab p2p`.
+#[derive(Debug, Clone)]
+pub struct P2pOptions {
+    /// Encapsulation.
+    pub mode: LabMode,
+    /// Size of the TCP transfer in MB (10^6 bytes).
+    pub megabytes: u64,
+    /// Leave the namespaces and daemons running.
+    pub keep: bool,
+    /// Keep configs, logs, the capture and the `esp_sa` file here.
+    pub pcap_dir: Option<PathBuf>,
+    /// Install missing Debian packages.
+    pub install: bool,
+    /// Use 64-bit extended sequence numbers.
+    pub esn: bool,
+    /// The espip binary to run inside the namespaces.
+    pub exe: PathBuf,
+}
+
+/// The keys of one lab run.
+pub struct LabKeys {
+    /// A -> B.
+    pub a_to_b: KeyMaterial,
+    /// B -> A.
+    pub b_to_a: KeyMaterial,
+}
+
+/// The configuration text of one host of the p2p lab.
+pub fn config_text(mode: LabMode, me_a: bool, keys: Option<&LabKeys>, esn: bool) -> String {
+    let (addr, local, peer, endpoint, allowed) = if me_a {
+        (A_INNER, A_OUTER, "b", B_OUTER, B_INNER)
+    } else {
+        (B_INNER, B_OUTER, "a", A_OUTER, A_INNER)
+    };
+    let mut s = format!(
+        "# espip lab p2p, host {}\n[interface]\nname = \"espip0\"\naddress = [\"{addr}/24\"]\nlocal = \"{local}\"\n\n[[peer]]\nname = \"{peer}\"\nendpoint = \"{endpoint}\"\nallowed_ips = [\"{allowed}/32\"]\n",
+        if me_a { "A" } else { "B" }
+    );
+    match (mode, keys) {
+        (LabMode::Esp(c), Some(k)) => {
+            let (spi_out, spi_in, key_out, key_in) = if me_a {
+                (SPI_A_TO_B, SPI_B_TO_A, &k.a_to_b, &k.b_to_a)
+            } else {
+                (SPI_B_TO_A, SPI_A_TO_B, &k.b_to_a, &k.a_to_b)
+            };
+            s.push_str(&format!(
+                "mode = \"esp\"\ncipher = \"{}\"\nspi_out = \"{spi_out:#010x}\"\nspi_in = \"{spi_in:#010x}\"\nkey_out = \"{}\"\nkey_in = \"{}\"\nesn = {esn}\n",
+                c.name(),
+                key_out.to_hex().as_str(),
+                key_in.to_hex().as_str()
+            ));
+        }
+        _ => s.push_str("mode = \"ipip\"\n"),
+    }
+    s
+}
+
+fn write_private(path: &Path, text: &str) -> io::Result<()> {
+    std::fs::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
+fn ping(ns: &Netns, to: &str) -> (bool, String) {
+    match netns::run(ns.command("ping").args(["-c", "3", "-i", "0.2", "-W", "2", to])) {
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            let summary = text
+                .lines()
+                .filter(|l| l.contains("packets transmitted") || l.starts_with("rtt"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            (o.status.success(), summary)
+        }
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+/// Extract `key=value` from the last log line containing `marker`.
+fn log_field(log: &str, marker: &str, key: &str) -> Option<String> {
+    let line = log.lines().rev().find(|l| l.contains(marker))?;
+    let start = line.find(&format!("{key}="))? + key.len() + 1;
+    let rest = &line[start..];
+    let end = rest.find(' ').unwrap_or(rest.len());
+    Some(rest[..end].trim_matches('"').to_string())
+}
+
+/// Run the p2p lab.
+pub fn run(opts: &P2pOptions) -> io::Result<Report> {
+    super::ensure_root()?;
+    super::ensure_tools(super::TOOLS, opts.install)?;
+    let stale = netns::remove_stale();
+    let mode_name = match opts.mode {
+        LabMode::Esp(c) => format!("esp {}", c.name()),
+        LabMode::IpIp => "ipip".into(),
+    };
+    let mut report = Report {
+        title: format!("espip lab p2p ({mode_name}{})", if opts.esn { ", esn" } else { "" }),
+        ..Default::default()
+    };
+    println!("{}", report.title);
+    if !stale.is_empty() {
+        report
+            .notes
+            .push(format!("removed stale namespaces: {}", stale.join(" ")));
+    }
+    let (work, keep_work) = match &opts.pcap_dir {
+        Some(d) => (d.clone(), true),
+        None => (
+            std::env::temp_dir().join(format!("espip-lab-{}", std::process::id())),
+            opts.keep,
+        ),
+    };
+    std::fs::create_dir_all(&work)?;
+    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
+
+    let a = Netns::new("lab", "a")?;
+    let b = Netns::new("lab", "b")?;
+    netns::veth(&a, &format!("{A_OUTER}/24"), &b, &format!("{B_OUTER}/24"), "veth0")?;
+
+    let keys = match opts.mode {
+        LabMode::Esp(c) => Some(LabKeys {
+            a_to_b: KeyMaterial::generate(c).map_err(|_| io::Error::other("no randomness"))?,
+            b_to_a: KeyMaterial::generate(c).map_err(|_| io::Error::other("no randomness"))?,
+        }),
+        LabMode::IpIp => None,
+    };
+    let cfg_a = work.join("a.toml");
+    let cfg_b = work.join("b.toml");
+    write_private(&cfg_a, &config_text(opts.mode, true, keys.as_ref(), opts.esn))?;
+    write_private(&cfg_b, &config_text(opts.mode, false, keys.as_ref(), opts.esn))?;
+    if let Some(k) = &keys {
+        let lines: Vec<String> = [
+            (A_OUTER, B_OUTER, SPI_A_TO_B, &k.a_to_b),
+            (B_OUTER, A_OUTER, SPI_B_TO_A, &k.b_to_a),
+        ]
+        .iter()
+        .filter_map(|(s, d, spi, key)| {
+            crate::wireshark::esp_sa_line(s.parse().ok()?, d.parse().ok()?, *spi, key)
+        })
+        .collect();
+        if !lines.is_empty() {
+            write_private(&work.join("esp_sa"), &(lines.join("\n") + "\n"))?;
+        }
+    }
+
+    let mut da = Daemon::start(&a, &opts.exe, &cfg_a, &work.join("a.log"))?;
+    let mut db = Daemon::start(&b, &opts.exe, &cfg_b, &work.join("b.log"))?;
+    report.check(
+        "daemons up",
+        a.has_link("espip0") && b.has_link("espip0"),
+        format!(
+            "espip0 in {} and {}, mtu {}",
+            a.name(),
+            b.name(),
+            log_field(&da.log(), "interface up", "mtu").unwrap_or_else(|| "?".into())
+        ),
+    );
+
+    let (ok, detail) = ping(&a, B_INNER);
+    report.check(format!("ping A -> B {B_INNER}"), ok, detail);
+    let (ok, detail) = ping(&b, A_INNER);
+    report.check(format!("ping B -> A {A_INNER}"), ok, detail);
+
+    // Capture the underlay while the transfer runs.
+    let wire = work.join("wire.pcap");
+    let cap_log = work.join("tcpdump.log");
+    let mut tcpdump = a
+        .command("tcpdump")
+        .args(["-i", "veth0", "-n", "-U", "-s", "0", "-w"])
+        .arg(&wire)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&cap_log)?)
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&cap_log)
+        .unwrap_or_default()
+        .contains("listening on")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let bytes = opts.megabytes * 1_000_000;
+    let sink = b
+        .command(&opts.exe)
+        .args(["lab-tool", "sink", "--listen", &format!("{B_INNER}:5001")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let started = Instant::now();
+    let src_out = netns::run(a.command(&opts.exe).args([
+        "lab-tool",
+        "source",
+        "--connect",
+        &format!("{B_INNER}:5001"),
+        "--bytes",
+        &bytes.to_string(),
+    ]))?;
+    let elapsed = started.elapsed();
+    let sink_out = sink.wait_with_output()?;
+    let sent: Result<transfer::Digest, _> = String::from_utf8_lossy(&src_out.stdout).trim().parse();
+    let got: Result<transfer::Digest, _> = String::from_utf8_lossy(&sink_out.stdout).trim().parse();
+    match (&sent, &got) {
+        (Ok(s), Ok(g)) => report.check(
+            format!("TCP transfer {} MB A -> B", opts.megabytes),
+            s == g && s.bytes == bytes,
+            format!(
+                "sent {} received {}; sha256 {} {} ({:.0} Mbit/s incl. setup)",
+                s.bytes,
+                g.bytes,
+                &s.sha256[..16],
+                if s == g { "==" } else { "!=" },
+                s.bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e6
+            ),
+        ),
+        _ => report.check(
+            format!("TCP transfer {} MB A -> B", opts.megabytes),
+            false,
+            format!(
+                "source: {} {}; sink: {} {}",
+                String::from_utf8_lossy(&src_out.stdout).trim(),
+                String::from_utf8_lossy(&src_out.stderr).trim(),
+                String::from_utf8_lossy(&sink_out.stdout).trim(),
+                String::from_utf8_lossy(&sink_out.stderr).trim()
+            ),
+        ),
+    }
+
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tcpdump.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = tcpdump.wait();
+    wire_check(&mut report, &wire, opts.mode, bytes)?;
+
+    if opts.keep {
+        report.notes.push("left running (--keep). Explore with:".into());
+        for ns in [&a, &b] {
+            report
+                .notes
+                .push(format!("  ip netns exec {} bash", ns.name()));
+        }
+        report.notes.push(format!(
+            "configs, logs and capture in {}; tear down with: ip netns del {}; ip netns del {}",
+            work.display(),
+            a.name(),
+            b.name()
+        ));
+        std::mem::forget(da);
+        std::mem::forget(db);
+        std::mem::forget(a);
+        std::mem::forget(b);
+        return Ok(report);
+    }
+
+    let clean_a = da.stop()?;
+    let clean_b = db.stop()?;
+    let gone = !a.has_link("espip0") && !b.has_link("espip0");
+    report.check(
+        "clean stop",
+        clean_a && clean_b && gone,
+        format!(
+            "SIGTERM: A exit {}, B exit {}; espip0 {}",
+            if clean_a { "0" } else { "non-zero" },
+            if clean_b { "0" } else { "non-zero" },
+            if gone { "removed in both" } else { "LEFT BEHIND" }
+        ),
+    );
+    for (host, d) in [("A", &da), ("B", &db)] {
+        let log = d.log();
+        let field = |k| log_field(&log, "peer totals", k).unwrap_or_else(|| "?".into());
+        report.notes.push(format!(
+            "{host}: tx {} packets / {} bytes, rx {} packets / {} bytes, drops [{}]",
+            field("tx_packets"),
+            field("tx_bytes"),
+            field("rx_packets"),
+            field("rx_bytes"),
+            log_field(&log, "drop totals", "drops").unwrap_or_default()
+        ));
+    }
+    if keep_work {
+        report.notes.push(format!(
+            "configs, logs, wire.pcap{} in {}",
+            if work.join("esp_sa").exists() { " and esp_sa" } else { "" },
+            work.display()
+        ));
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    drop(a);
+    drop(b);
+    Ok(report)
+}
+
+/// Check the capture: every IPv4 packet between A and B is ESP (or IP-in-IP), there are
+/// enough of them to have carried the transfer, and for ESP the canary never appears.
+fn wire_check(report: &mut Report, wire: &Path, mode: LabMode, bytes: u64) -> io::Result<()> {
+    let frames = pcap::read(wire)?;
+    let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
+        (A_OUTER.parse().expect("literal"), B_OUTER.parse().expect("literal"));
+    let mut by_proto = std::collections::BTreeMap::new();
+    let mut arp = 0;
+    let mut other = 0;
+    let mut canary = 0;
+    for f in &frames {
+        match f.ipv4() {
+            Some((s, d, p)) if (s == a && d == b) || (s == b && d == a) => {
+                *by_proto.entry(p).or_insert(0u64) += 1;
+            }
+            _ if f.ethertype == 0x0806 => arp += 1,
+            _ => other += 1,
+        }
+        if pcap::contains(&f.payload, transfer::CANARY) {
+            canary += 1;
+        }
+    }
+    let want = match mode {
+        LabMode::Esp(_) => 50u8,
+        LabMode::IpIp => 4u8,
+    };
+    let tunnel = by_proto.get(&want).copied().unwrap_or(0);
+    let stray: u64 = by_proto
+        .iter()
+        .filter(|(p, _)| **p != want)
+        .map(|(_, n)| n)
+        .sum();
+    let summary = by_proto
+        .iter()
+        .map(|(p, n)| format!("proto {p}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // A full-size segment carries under 1500 bytes, so the transfer alone needs this many.
+    let min_packets = bytes / 1500;
+    report.check(
+        format!("capture shows only protocol {want} between A and B"),
+        stray == 0 && tunnel >= min_packets && other == 0,
+        format!("{} frames: {summary}; arp {arp}; other {other}", frames.len()),
+    );
+    match mode {
+        LabMode::Esp(_) => report.check(
+            "no plaintext on the wire",
+            canary == 0,
+            format!("canary {:?} found in {canary} frames", String::from_utf8_lossy(transfer::CANARY)),
+        ),
+        LabMode::IpIp => report.notes.push(format!(
+            "ipip is plaintext by design: the canary is visible in {canary} frames"
+        )),
+    }
+    Ok(())
+}

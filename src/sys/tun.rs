@@ -1,0 +1,117 @@
+//! The TUN device (`/dev/net/tun`, `IFF_TUN | IFF_NO_PI`): one inner IP packet per read/write.
+//!
+//! The device is not persistent: it disappears, with its addresses and routes, when the last
+//! file descriptor closes, so a stopped or killed daemon leaves no interface behind.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+/// `_IOW('T', 202, int)` from `<linux/if_tun.h>`.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+/// Why the TUN device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum TunError {
+    /// `/dev/net/tun` missing or not openable.
+    #[error("cannot open /dev/net/tun ({0}); load the tun module (`modprobe tun`) and run as root or with CAP_NET_ADMIN")]
+    Open(io::Error),
+    /// The name is held by another process.
+    #[error("interface {0} is already in use by another process (is another espip running with this interface name? stop it or choose another [interface] name)")]
+    Busy(String),
+    /// A non-TUN interface has the name.
+    #[error("an interface named {0} already exists and is not a TUN device; choose another [interface] name or delete it (`ip link del {0}`)")]
+    Exists(String),
+    /// Not allowed.
+    #[error("not permitted to create TUN device {0}: run as root or with CAP_NET_ADMIN")]
+    Permission(String),
+    /// Anything else.
+    #[error("TUNSETIFF {0}: {1}")]
+    Other(String, io::Error),
+}
+
+/// An open TUN device.
+#[derive(Debug)]
+pub struct Tun {
+    file: File,
+    name: String,
+}
+
+impl Tun {
+    /// Create (or attach to) the TUN device `name`, non-blocking.
+    pub fn create(name: &str) -> Result<Tun, TunError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(TunError::Open)?;
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes().take(15)) {
+            *dst = src as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `ifr` is, and the fd is
+        // an open /dev/net/tun descriptor.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut ifr) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::EBUSY) => TunError::Busy(name.into()),
+                Some(libc::EINVAL) if interface_exists(name) => TunError::Exists(name.into()),
+                Some(libc::EPERM) => TunError::Permission(name.into()),
+                _ => TunError::Other(name.into(), e),
+            });
+        }
+        Ok(Tun {
+            file,
+            name: name.to_string(),
+        })
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Read one packet; `WouldBlock` when none is queued.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: buf is a valid writable region of buf.len() bytes.
+        let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Write one packet.
+    pub fn send(&self, pkt: &[u8]) -> io::Result<()> {
+        // SAFETY: pkt is a valid readable region of pkt.len() bytes.
+        let n = unsafe { libc::write(self.file.as_raw_fd(), pkt.as_ptr().cast(), pkt.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl AsRawFd for Tun {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl AsFd for Tun {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+/// True if a network interface called `name` exists in this namespace.
+pub fn interface_exists(name: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(name).exists()
+}
