@@ -59,7 +59,11 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(key: impl Into<String>, value: impl ToString, expected: impl Into<String>) -> ConfigError {
+fn invalid(
+    key: impl Into<String>,
+    value: impl ToString,
+    expected: impl Into<String>,
+) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         value: value.to_string(),
@@ -258,24 +262,34 @@ fn interface(raw: RawInterface) -> Result<Interface, ConfigError> {
             .parse()
             .ok()
             .filter(|l| *l <= max)
-            .ok_or_else(|| invalid("interface.address", format!("{a:?}"), format!("a prefix length from 0 to {max}")))?;
+            .ok_or_else(|| {
+                invalid(
+                    "interface.address",
+                    format!("{a:?}"),
+                    format!("a prefix length from 0 to {max}"),
+                )
+            })?;
         addresses.push(IfAddr { addr, len });
     }
     let mtu = match raw.mtu {
         None => None,
         Some(m) if (i64::from(MIN_MTU_V4)..=65535).contains(&m) => Some(m as u16),
-        Some(m) => {
-            return Err(invalid(
-                "interface.mtu",
-                m,
-                format!("a number from {MIN_MTU_V4} to 65535, or no mtu key to derive it from the path MTU"),
-            ))
-        }
+        Some(m) => return Err(invalid(
+            "interface.mtu",
+            m,
+            format!(
+                "a number from {MIN_MTU_V4} to 65535, or no mtu key to derive it from the path MTU"
+            ),
+        )),
     };
     let local = match raw.local {
         None => None,
         Some(l) => Some(l.trim().parse::<IpAddr>().map_err(|_| {
-            invalid("interface.local", format!("{l:?}"), "an IP address of this host, e.g. \"192.0.2.1\"")
+            invalid(
+                "interface.local",
+                format!("{l:?}"),
+                "an IP address of this host, e.g. \"192.0.2.1\"",
+            )
         })?),
     };
     if let Some(IpAddr::V6(_)) = local {
@@ -332,11 +346,19 @@ fn key_material(
             "(both inline and _file)",
             format!("either {key} or {key}_file, not both"),
         )),
-        (None, None) => Err(invalid(key, "(missing)", format!("{key} = \"{expected}\", or {key}_file = \"path\""))),
+        (None, None) => Err(invalid(
+            key,
+            "(missing)",
+            format!("{key} = \"{expected}\", or {key}_file = \"path\""),
+        )),
         (Some(hex), None) => KeyMaterial::from_hex(cipher, &hex)
             .map_err(|e| invalid(key, "\"<redacted>\"", format!("{e}; expected {expected}"))),
         (None, Some(path)) => {
-            let path = if path.is_relative() { base.join(path) } else { path };
+            let path = if path.is_relative() {
+                base.join(path)
+            } else {
+                path
+            };
             let fkey = format!("{key}_file");
             let meta = std::fs::metadata(&path).map_err(|e| {
                 invalid(&fkey, path.display(), format!("a readable key file ({e})"))
@@ -344,13 +366,21 @@ fn key_material(
             use std::os::unix::fs::PermissionsExt;
             let mode = meta.permissions().mode() & 0o7777;
             if mode & 0o077 != 0 {
-                return Err(ConfigError::KeyFilePermissions { key: fkey, path, mode });
+                return Err(ConfigError::KeyFilePermissions {
+                    key: fkey,
+                    path,
+                    mode,
+                });
             }
             let text = zeroize::Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
                 invalid(&fkey, path.display(), format!("a readable key file ({e})"))
             })?);
             KeyMaterial::from_hex(cipher, &text).map_err(|e| {
-                invalid(&fkey, path.display(), format!("a file holding {expected}: {e}"))
+                invalid(
+                    &fkey,
+                    path.display(),
+                    format!("a file holding {expected}: {e}"),
+                )
             })
         }
     }
@@ -363,7 +393,11 @@ fn peer(p: RawPeer, base: &Path, warnings: &mut Vec<String>) -> Result<PeerSpec,
         return Err(invalid("peer.name", "\"\"", "a non-empty name"));
     }
     let endpoint: IpAddr = p.endpoint.trim().parse().map_err(|_| {
-        invalid(k("endpoint"), format!("{:?}", p.endpoint), "the peer's outer IPv4 address, e.g. \"192.0.2.2\"")
+        invalid(
+            k("endpoint"),
+            format!("{:?}", p.endpoint),
+            "the peer's outer IPv4 address, e.g. \"192.0.2.2\"",
+        )
     })?;
     if endpoint.is_ipv6() {
         return Err(invalid(
@@ -416,7 +450,11 @@ fn peer(p: RawPeer, base: &Path, warnings: &mut Vec<String>) -> Result<PeerSpec,
             let cipher = Cipher::from_name(&cname).ok_or_else(|| {
                 invalid(
                     k("cipher"),
-                    if p.cipher.is_some() { format!("{cname:?}") } else { "(missing)".into() },
+                    if p.cipher.is_some() {
+                        format!("{cname:?}")
+                    } else {
+                        "(missing)".into()
+                    },
                     "one of \"aes-128-gcm\", \"aes-256-gcm\", \"chacha20-poly1305\"",
                 )
             })?;
@@ -464,7 +502,11 @@ fn peer(p: RawPeer, base: &Path, warnings: &mut Vec<String>) -> Result<PeerSpec,
             }
         }
         other => {
-            return Err(invalid(k("mode"), format!("{other:?}"), "\"esp\" or \"ipip\""));
+            return Err(invalid(
+                k("mode"),
+                format!("{other:?}"),
+                "\"esp\" or \"ipip\"",
+            ));
         }
     };
     Ok(PeerSpec {
@@ -515,8 +557,17 @@ key_in = "{KEY16B}"
         assert_eq!(c.interface.name, "espip0");
         assert_eq!(c.peers.len(), 1);
         match &c.peers[0].encap {
-            EncapSpec::Esp { spi_out, spi_in, replay_window, esn, .. } => {
-                assert_eq!((*spi_out, *spi_in, *replay_window, *esn), (0x1001, 0x1002, 1024, false));
+            EncapSpec::Esp {
+                spi_out,
+                spi_in,
+                replay_window,
+                esn,
+                ..
+            } => {
+                assert_eq!(
+                    (*spi_out, *spi_in, *replay_window, *esn),
+                    (0x1001, 0x1002, 1024, false)
+                );
             }
             _ => panic!("esp expected"),
         }
@@ -526,11 +577,19 @@ key_in = "{KEY16B}"
     #[test]
     fn errors_name_key_value_and_expectation() {
         let e = err(&base("").replace("\"aes-128-gcm\"", "\"aes-gcm\""));
-        assert!(e.contains("peer \"b\".cipher") && e.contains("aes-gcm") && e.contains("chacha20-poly1305"), "{e}");
+        assert!(
+            e.contains("peer \"b\".cipher")
+                && e.contains("aes-gcm")
+                && e.contains("chacha20-poly1305"),
+            "{e}"
+        );
         let e = err(&base("").replace("spi_in = 4098", "spi_in = 7"));
         assert!(e.contains("spi_in = 7") && e.contains("reserved"), "{e}");
         let e = err(&base("").replace(KEY16B, "0x1234"));
-        assert!(e.contains("key_in") && e.contains("2 bytes") && e.contains("genkey"), "{e}");
+        assert!(
+            e.contains("key_in") && e.contains("2 bytes") && e.contains("genkey"),
+            "{e}"
+        );
         assert!(!e.contains("1234"), "keys never echoed: {e}");
         let e = err(&base("replay_window = 0\nesn = true"));
         assert!(e.contains("replay_window"), "{e}");
@@ -571,7 +630,10 @@ mode = "ipip"
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
         let text = base("").replace(&format!("key_in = \"{KEY16B}\""), "key_in_file = \"b.key\"");
         let e = Config::parse(&text, &dir).unwrap_err();
-        assert!(matches!(e, ConfigError::KeyFilePermissions { mode: 0o644, .. }), "{e}");
+        assert!(
+            matches!(e, ConfigError::KeyFilePermissions { mode: 0o644, .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("chmod 600"));
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
         Config::parse(&text, &dir).unwrap();
@@ -595,6 +657,9 @@ key_in = "{KEY16B}"
 "#
         );
         let e = err(&format!("{}{second}", base("")));
-        assert!(e.contains("10.4.2.5/32") && e.contains("\"b\"") && e.contains("\"c\""), "{e}");
+        assert!(
+            e.contains("10.4.2.5/32") && e.contains("\"b\"") && e.contains("\"c\""),
+            "{e}"
+        );
     }
 }

@@ -366,7 +366,9 @@ fn tx_loop(
                 _ => None,
             });
             let want = (0..n)
-                .filter(|&i| matches!(verdicts[i], Verdict::Send { protocol, .. } if protocol == proto))
+                .filter(
+                    |&i| matches!(verdicts[i], Verdict::Send { protocol, .. } if protocol == proto),
+                )
                 .count();
             if want == 0 {
                 continue;
@@ -401,7 +403,11 @@ fn rx_loop(
         // One small allocation per wakeup (not per packet): at most 4 descriptors.
         let mut fds: Vec<PollFd> = Vec::with_capacity(4);
         fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
-        fds.extend(sockets.iter().map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN)));
+        fds.extend(
+            sockets
+                .iter()
+                .map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN)),
+        );
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,

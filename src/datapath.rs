@@ -418,9 +418,7 @@ impl Outbound {
                 };
                 match sa.encapsulate(buf, nh) {
                     Ok(_) => PROTO_ESP,
-                    Err(EspError::SeqExhausted) => {
-                        return Verdict::Drop(DropReason::SeqExhausted)
-                    }
+                    Err(EspError::SeqExhausted) => return Verdict::Drop(DropReason::SeqExhausted),
                     Err(_) => return Verdict::Drop(DropReason::Malformed),
                 }
             }

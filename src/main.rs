@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use espip::config::Config;
 use espip::datapath::EncapSpec;
 use espip::lab::p2p::{LabMode, P2pOptions};
-use espip::sa::{Cipher, KeyMaterial};
+use espip::sa::Cipher;
 use std::path::PathBuf;
 
 /// espip: an ESP (RFC 4303) or IP-in-IP (RFC 2003) tunnel between a TUN device and raw IP
@@ -179,8 +179,7 @@ fn main() -> Result<()> {
         }
         Cmd::Check { config } => check(&config)?,
         Cmd::Genkey { cipher } => {
-            let k = KeyMaterial::generate(cipher_arg(&cipher)?)
-                .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
+            let k = espip::sys::random_key(cipher_arg(&cipher)?)?;
             println!("{}", k.to_hex().as_str());
         }
         Cmd::Lab { scenario } => match scenario {

@@ -63,7 +63,11 @@ fn mask(addr: IpAddr, len: u8) -> IpAddr {
             IpAddr::V4((u32::from(a) & m).into())
         }
         IpAddr::V6(a) => {
-            let m = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
             IpAddr::V6((u128::from(a) & m).into())
         }
     }
@@ -179,14 +183,22 @@ impl<V> PrefixTable<V> {
             IpAddr::V4(a) => {
                 let a = u32::from(a);
                 self.v4.iter().find_map(|(l, m)| {
-                    let k = if *l == 0 { 0 } else { a & (u32::MAX << (32 - l)) };
+                    let k = if *l == 0 {
+                        0
+                    } else {
+                        a & (u32::MAX << (32 - l))
+                    };
                     m.get(&k)
                 })
             }
             IpAddr::V6(a) => {
                 let a = u128::from(a);
                 self.v6.iter().find_map(|(l, m)| {
-                    let k = if *l == 0 { 0 } else { a & (u128::MAX << (128 - l)) };
+                    let k = if *l == 0 {
+                        0
+                    } else {
+                        a & (u128::MAX << (128 - l))
+                    };
                     m.get(&k)
                 })
             }

@@ -203,10 +203,16 @@ mod tests {
         // Case A near the end of subspace 0: a wrapped low number is subspace 1.
         w.advance(u64::from(u32::MAX) - 5);
         assert_eq!(w.infer_esn(2, true), Some((1 << 32) | 2));
-        assert_eq!(w.infer_esn(u32::MAX - 10, true), Some(u64::from(u32::MAX) - 10));
+        assert_eq!(
+            w.infer_esn(u32::MAX - 10, true),
+            Some(u64::from(u32::MAX) - 10)
+        );
         // Case B just after the wrap: window straddles subspaces 0 and 1.
         w.advance((1 << 32) | 3);
-        assert_eq!(w.infer_esn(u32::MAX - 2, true), Some(u64::from(u32::MAX) - 2));
+        assert_eq!(
+            w.infer_esn(u32::MAX - 2, true),
+            Some(u64::from(u32::MAX) - 2)
+        );
         assert_eq!(w.infer_esn(4, true), Some((1 << 32) | 4));
         // Without ESN the low bits are the whole number.
         assert_eq!(w.infer_esn(7, false), Some(7));

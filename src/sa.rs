@@ -89,7 +89,9 @@ pub enum KeyError {
         expected: usize,
     },
     /// Wrong length.
-    #[error("{got} bytes, but {cipher} needs {expected} (a {key}-byte key followed by a 4-byte salt)")]
+    #[error(
+        "{got} bytes, but {cipher} needs {expected} (a {key}-byte key followed by a 4-byte salt)"
+    )]
     Length {
         /// Bytes found.
         got: usize,
@@ -148,17 +150,6 @@ impl KeyMaterial {
             raw.push(hi << 4 | lo);
         }
         KeyMaterial::new(cipher, &raw)
-    }
-
-    /// Fresh random key material from the system CSPRNG.
-    pub fn generate(cipher: Cipher) -> Result<Self, ring::error::Unspecified> {
-        use ring::rand::SecureRandom;
-        let mut raw = Zeroizing::new(vec![0u8; cipher.key_len() + SALT_LEN]);
-        ring::rand::SystemRandom::new().fill(&mut raw)?;
-        Ok(KeyMaterial {
-            cipher,
-            bytes: raw,
-        })
     }
 
     /// The cipher this key is for.
@@ -507,7 +498,13 @@ mod tests {
                     assert_eq!(b.len() % 4, 0);
                     assert_eq!(b.len(), 16 + len + esp::pad_len(len) + 2 + 16);
                     let opened = rx.decapsulate(&mut b).unwrap();
-                    assert_eq!(opened, Opened { seq, next_header: 4 });
+                    assert_eq!(
+                        opened,
+                        Opened {
+                            seq,
+                            next_header: 4
+                        }
+                    );
                     assert_eq!(b.as_slice(), &inner[..], "{c:?} esn={esn} len={len}");
                 }
             }
@@ -526,7 +523,11 @@ mod tests {
         tampered[20] ^= 1;
         let mut t = PacketBuf::from_slice(&tampered);
         assert_eq!(rx.decapsulate(&mut t), Err(EspError::BadIcv));
-        assert_eq!(rx.replay().top(), 0, "a forged packet must not move the window");
+        assert_eq!(
+            rx.replay().top(),
+            0,
+            "a forged packet must not move the window"
+        );
         let mut ok = PacketBuf::from_slice(&wire);
         rx.decapsulate(&mut ok).unwrap();
         let mut again = PacketBuf::from_slice(&wire);
@@ -566,7 +567,7 @@ mod tests {
             KeyMaterial::from_hex(Cipher::Aes128Gcm, "0xzz"),
             Err(KeyError::NotHex { expected: 40 })
         ));
-        let k = KeyMaterial::generate(Cipher::ChaCha20Poly1305).unwrap();
+        let k = KeyMaterial::new(Cipher::ChaCha20Poly1305, &[0x5a; 36]).unwrap();
         assert_eq!(k.to_hex().len(), 2 + 72);
         assert!(!format!("{k:?}").contains(&k.to_hex()[2..10]));
     }

@@ -31,7 +31,8 @@ mod tests {
 
     #[test]
     fn line_layout() {
-        let k = KeyMaterial::from_hex(Cipher::Aes128Gcm, &format!("0x{}", "ab".repeat(20))).unwrap();
+        let k =
+            KeyMaterial::from_hex(Cipher::Aes128Gcm, &format!("0x{}", "ab".repeat(20))).unwrap();
         let l = esp_sa_line(
             "192.0.2.1".parse().unwrap(),
             "192.0.2.2".parse().unwrap(),
@@ -43,7 +44,13 @@ mod tests {
             l,
             format!("\"IPv4\",\"192.0.2.1\",\"192.0.2.2\",\"0x00001001\",\"AES-GCM with 16 octet ICV [RFC4106]\",\"0x{}\",\"NULL\",\"\"", "ab".repeat(20))
         );
-        let c = KeyMaterial::generate(Cipher::ChaCha20Poly1305).unwrap();
-        assert!(esp_sa_line("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap(), 1, &c).is_none());
+        let c = KeyMaterial::new(Cipher::ChaCha20Poly1305, &[7; 36]).unwrap();
+        assert!(esp_sa_line(
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+            1,
+            &c
+        )
+        .is_none());
     }
 }

@@ -14,9 +14,9 @@ pub const PREFIX: &str = "espip-";
 
 /// Run a command, returning its output; an error names the command.
 pub fn run(cmd: &mut Command) -> io::Result<Output> {
-    let out = cmd.output().map_err(|e| {
-        io::Error::new(e.kind(), format!("{:?}: {e}", cmd.get_program()))
-    })?;
+    let out = cmd
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("{:?}: {e}", cmd.get_program())))?;
     Ok(out)
 }
 
@@ -70,7 +70,10 @@ impl Netns {
 
     /// Set a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> io::Result<()> {
-        run_ok(self.command("sysctl").args(["-qw", &format!("{key}={value}")]))?;
+        run_ok(
+            self.command("sysctl")
+                .args(["-qw", &format!("{key}={value}")]),
+        )?;
         Ok(())
     }
 
@@ -103,7 +106,17 @@ impl Drop for Netns {
 /// only the lab's own traffic.
 pub fn veth(a: &Netns, addr_a: &str, b: &Netns, addr_b: &str, dev: &str) -> io::Result<()> {
     run_ok(Command::new("ip").args([
-        "link", "add", dev, "netns", a.name(), "type", "veth", "peer", "name", dev, "netns",
+        "link",
+        "add",
+        dev,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        dev,
+        "netns",
         b.name(),
     ]))?;
     for (ns, addr) in [(a, addr_a), (b, addr_b)] {

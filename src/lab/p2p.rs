@@ -97,7 +97,10 @@ fn write_private(path: &Path, text: &str) -> io::Result<()> {
 }
 
 fn ping(ns: &Netns, to: &str) -> (bool, String) {
-    match netns::run(ns.command("ping").args(["-c", "3", "-i", "0.2", "-W", "2", to])) {
+    match netns::run(
+        ns.command("ping")
+            .args(["-c", "3", "-i", "0.2", "-W", "2", to]),
+    ) {
         Ok(o) => {
             let text = String::from_utf8_lossy(&o.stdout);
             let summary = text
@@ -130,7 +133,10 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
         LabMode::IpIp => "ipip".into(),
     };
     let mut report = Report {
-        title: format!("espip lab p2p ({mode_name}{})", if opts.esn { ", esn" } else { "" }),
+        title: format!(
+            "espip lab p2p ({mode_name}{})",
+            if opts.esn { ", esn" } else { "" }
+        ),
         ..Default::default()
     };
     println!("{}", report.title);
@@ -151,19 +157,31 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
 
     let a = Netns::new("lab", "a")?;
     let b = Netns::new("lab", "b")?;
-    netns::veth(&a, &format!("{A_OUTER}/24"), &b, &format!("{B_OUTER}/24"), "veth0")?;
+    netns::veth(
+        &a,
+        &format!("{A_OUTER}/24"),
+        &b,
+        &format!("{B_OUTER}/24"),
+        "veth0",
+    )?;
 
     let keys = match opts.mode {
         LabMode::Esp(c) => Some(LabKeys {
-            a_to_b: KeyMaterial::generate(c).map_err(|_| io::Error::other("no randomness"))?,
-            b_to_a: KeyMaterial::generate(c).map_err(|_| io::Error::other("no randomness"))?,
+            a_to_b: crate::sys::random_key(c)?,
+            b_to_a: crate::sys::random_key(c)?,
         }),
         LabMode::IpIp => None,
     };
     let cfg_a = work.join("a.toml");
     let cfg_b = work.join("b.toml");
-    write_private(&cfg_a, &config_text(opts.mode, true, keys.as_ref(), opts.esn))?;
-    write_private(&cfg_b, &config_text(opts.mode, false, keys.as_ref(), opts.esn))?;
+    write_private(
+        &cfg_a,
+        &config_text(opts.mode, true, keys.as_ref(), opts.esn),
+    )?;
+    write_private(
+        &cfg_b,
+        &config_text(opts.mode, false, keys.as_ref(), opts.esn),
+    )?;
     if let Some(k) = &keys {
         let lines: Vec<String> = [
             (A_OUTER, B_OUTER, SPI_A_TO_B, &k.a_to_b),
@@ -270,7 +288,9 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
     wire_check(&mut report, &wire, opts.mode, bytes)?;
 
     if opts.keep {
-        report.notes.push("left running (--keep). Explore with:".into());
+        report
+            .notes
+            .push("left running (--keep). Explore with:".into());
         for ns in [&a, &b] {
             report
                 .notes
@@ -299,7 +319,11 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
             "SIGTERM: A exit {}, B exit {}; espip0 {}",
             if clean_a { "0" } else { "non-zero" },
             if clean_b { "0" } else { "non-zero" },
-            if gone { "removed in both" } else { "LEFT BEHIND" }
+            if gone {
+                "removed in both"
+            } else {
+                "LEFT BEHIND"
+            }
         ),
     );
     for (host, d) in [("A", &da), ("B", &db)] {
@@ -317,7 +341,11 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
     if keep_work {
         report.notes.push(format!(
             "configs, logs, wire.pcap{} in {}",
-            if work.join("esp_sa").exists() { " and esp_sa" } else { "" },
+            if work.join("esp_sa").exists() {
+                " and esp_sa"
+            } else {
+                ""
+            },
             work.display()
         ));
     } else {
@@ -332,8 +360,10 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
 /// enough of them to have carried the transfer, and for ESP the canary never appears.
 fn wire_check(report: &mut Report, wire: &Path, mode: LabMode, bytes: u64) -> io::Result<()> {
     let frames = pcap::read(wire)?;
-    let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
-        (A_OUTER.parse().expect("literal"), B_OUTER.parse().expect("literal"));
+    let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) = (
+        A_OUTER.parse().expect("literal"),
+        B_OUTER.parse().expect("literal"),
+    );
     let mut by_proto = std::collections::BTreeMap::new();
     let mut arp = 0;
     let mut other = 0;
@@ -370,13 +400,19 @@ fn wire_check(report: &mut Report, wire: &Path, mode: LabMode, bytes: u64) -> io
     report.check(
         format!("capture shows only protocol {want} between A and B"),
         stray == 0 && tunnel >= min_packets && other == 0,
-        format!("{} frames: {summary}; arp {arp}; other {other}", frames.len()),
+        format!(
+            "{} frames: {summary}; arp {arp}; other {other}",
+            frames.len()
+        ),
     );
     match mode {
         LabMode::Esp(_) => report.check(
             "no plaintext on the wire",
             canary == 0,
-            format!("canary {:?} found in {canary} frames", String::from_utf8_lossy(transfer::CANARY)),
+            format!(
+                "canary {:?} found in {canary} frames",
+                String::from_utf8_lossy(transfer::CANARY)
+            ),
         ),
         LabMode::IpIp => report.notes.push(format!(
             "ipip is plaintext by design: the canary is visible in {canary} frames"

@@ -50,7 +50,11 @@ pub fn parse(data: &[u8]) -> Option<Vec<Frame>> {
     };
     let u32_at = |o: usize| -> Option<u32> {
         let b: [u8; 4] = data.get(o..o + 4)?.try_into().ok()?;
-        Some(if le { u32::from_le_bytes(b) } else { u32::from_be_bytes(b) })
+        Some(if le {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        })
     };
     let linktype = u32_at(20)?;
     let mut frames = Vec::new();

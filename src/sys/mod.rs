@@ -5,6 +5,18 @@ pub mod netlink;
 pub mod raw;
 pub mod tun;
 
+use crate::sa::{Cipher, KeyMaterial};
+
+/// Fresh random key material (key || salt) from the kernel's CSPRNG (getrandom, via ring).
+pub fn random_key(cipher: Cipher) -> std::io::Result<KeyMaterial> {
+    use ring::rand::SecureRandom;
+    let mut raw = zeroize::Zeroizing::new(vec![0u8; cipher.key_len() + crate::sa::SALT_LEN]);
+    ring::rand::SystemRandom::new()
+        .fill(&mut raw)
+        .map_err(|_| std::io::Error::other("the system random number generator failed"))?;
+    KeyMaterial::new(cipher, &raw).map_err(|e| std::io::Error::other(e.to_string()))
+}
+
 /// Path MTU towards `dst` as the kernel's routing sees it (the route's or the device's MTU),
 /// read with a connected UDP socket and `IP_MTU`; nothing is sent.
 pub fn path_mtu(dst: std::net::IpAddr, local: Option<std::net::IpAddr>) -> std::io::Result<u32> {

@@ -55,7 +55,11 @@ pub async fn configure(
     let index = link.header.index;
     handle
         .link()
-        .set(LinkUnspec::new_with_index(index).mtu(u32::from(mtu)).build())
+        .set(
+            LinkUnspec::new_with_index(index)
+                .mtu(u32::from(mtu))
+                .build(),
+        )
         .execute()
         .await
         .map_err(ctx(format!("set mtu {mtu} on {name}")))?;

@@ -37,7 +37,12 @@ impl RawSocket {
         force_buffer(&sock, libc::SO_SNDBUFFORCE);
         // Outer packets larger than the path are fragmented by the kernel instead of being
         // refused: a lowered path MTU costs fragmentation, not a black hole.
-        set_int(&sock, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DONT);
+        set_int(
+            &sock,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DONT,
+        );
         if let Some(l) = local {
             sock.bind(&SocketAddr::new(IpAddr::V4(l), 0).into())?;
         }
@@ -105,8 +110,7 @@ impl RawSocket {
                 len += 1;
             }
             let chunk = &chunk[..len];
-            let mut iovs: [MaybeUninit<libc::iovec>; MAX] =
-                [const { MaybeUninit::uninit() }; MAX];
+            let mut iovs: [MaybeUninit<libc::iovec>; MAX] = [const { MaybeUninit::uninit() }; MAX];
             // SAFETY: sockaddr_in and mmsghdr are plain old data; zero is valid.
             let mut addrs: [libc::sockaddr_in; MAX] = unsafe { std::mem::zeroed() };
             // SAFETY: as above.

@@ -130,7 +130,11 @@ mod tests {
         assert_eq!(&s[16..20], &[10, 4, 2, 99], "back to the sender");
         assert_eq!((s[20], s[21]), (3, 4));
         assert_eq!(u16::from_be_bytes([s[26], s[27]]), 1400);
-        assert_eq!(&s[28..32], &[0x45, 0, 0x05, 0xdc], "quotes the original header");
+        assert_eq!(
+            &s[28..32],
+            &[0x45, 0, 0x05, 0xdc],
+            "quotes the original header"
+        );
     }
 
     #[test]

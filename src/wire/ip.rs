@@ -153,7 +153,10 @@ mod tests {
         assert_eq!(p.dst, IpAddr::V4(Ipv4Addr::new(10, 4, 2, 5)));
         assert_eq!((p.total_len, p.protocol, p.l4_offset), (28, 17, 20));
         assert_eq!(checksum(&v4[..20]), 0);
-        assert!(InnerPacket::parse(&v4[..27]).is_err(), "claims more than it has");
+        assert!(
+            InnerPacket::parse(&v4[..27]).is_err(),
+            "claims more than it has"
+        );
 
         let mut v6 = [0u8; 48];
         v6[0] = 0x60;

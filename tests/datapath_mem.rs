@@ -1,0 +1,333 @@
+//! Two data paths talking to each other in memory, with time passed in: every verdict and
+//! drop counter of the core, without a kernel.
+
+use espip::buf::{PacketBuf, MAX_PACKET};
+use espip::datapath::{
+    self, DropReason, EncapSpec, Inbound, Outbound, PeerSpec, Stats, TunnelSpec, Verdict,
+};
+use espip::sa::{Cipher, KeyMaterial};
+use espip::wire::ip::{checksum, emit_ipv4_header, PROTO_ESP};
+use proptest::prelude::*;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+const A: &str = "192.0.2.1";
+const B: &str = "192.0.2.2";
+
+struct Host {
+    out: Outbound,
+    inb: Inbound,
+    stats: Arc<Stats>,
+}
+
+fn key(c: Cipher, fill: u8) -> KeyMaterial {
+    KeyMaterial::new(c, &vec![fill; c.key_len() + 4]).unwrap()
+}
+
+fn esp_pair(c: Cipher, esn: bool, window: u32) -> (Host, Host) {
+    let ab = key(c, 0x11);
+    let ba = key(c, 0x22);
+    let spec = |name: &str,
+                endpoint: &str,
+                allowed: &str,
+                out: &KeyMaterial,
+                inn: &KeyMaterial,
+                so,
+                si| PeerSpec {
+        name: name.into(),
+        endpoint: endpoint.parse().unwrap(),
+        allowed_ips: vec![allowed.parse().unwrap(), "fd00::5/128".parse().unwrap()]
+            .into_iter()
+            .filter(|p: &espip::prefix::Prefix| name == "b" || !p.addr().is_ipv6())
+            .collect(),
+        encap: EncapSpec::Esp {
+            cipher: c,
+            spi_out: so,
+            key_out: out.clone(),
+            spi_in: si,
+            key_in: inn.clone(),
+            replay_window: window,
+            esn,
+        },
+    };
+    let t = TunnelSpec {
+        mtu: 1400,
+        icmp_src_v4: Some(Ipv4Addr::new(10, 4, 2, 99)),
+        icmp_src_v6: Some("fd00::99".parse().unwrap()),
+    };
+    let (out, inb, stats) =
+        datapath::build(&[spec("b", B, "10.4.2.5/32", &ab, &ba, 0x1001, 0x1002)], t).unwrap();
+    let a = Host { out, inb, stats };
+    let (out, inb, stats) =
+        datapath::build(&[spec("a", A, "10.4.2.99/32", &ba, &ab, 0x1002, 0x1001)], t).unwrap();
+    (a, Host { out, inb, stats })
+}
+
+fn ipv4(src: [u8; 4], dst: [u8; 4], len: usize, df: bool) -> Vec<u8> {
+    let mut v = vec![0xabu8; len];
+    emit_ipv4_header(&mut v, src.into(), dst.into(), 17, len as u16);
+    if df {
+        v[6] = 0x40;
+        v[10..12].fill(0);
+        let c = checksum(&v[..20]);
+        v[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+    v
+}
+
+fn ipv6(src: &str, dst: &str, payload: usize) -> Vec<u8> {
+    let mut v = vec![0u8; 40 + payload];
+    v[0] = 0x60;
+    v[4..6].copy_from_slice(&(payload as u16).to_be_bytes());
+    v[6] = 17;
+    v[7] = 64;
+    v[8..24].copy_from_slice(&src.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    v[24..40].copy_from_slice(&dst.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    v
+}
+
+/// Send `inner` from `from` to `to`; returns the wire bytes and `to`'s verdict.
+fn send(
+    from: &mut Host,
+    to: &mut Host,
+    from_addr: &str,
+    inner: &[u8],
+    now: u64,
+) -> (Vec<u8>, Verdict, Vec<u8>) {
+    let mut b = PacketBuf::new(MAX_PACKET);
+    b.reset();
+    b.read_area()[..inner.len()].copy_from_slice(inner);
+    b.set_len(inner.len());
+    let v = from.out.process(&mut b, now);
+    let Verdict::Send { protocol, .. } = v else {
+        panic!("outbound verdict {v:?}");
+    };
+    let wire = b.as_slice().to_vec();
+    let mut r = PacketBuf::from_slice(&wire);
+    let v = to
+        .inb
+        .process(&mut r, from_addr.parse().unwrap(), protocol, now);
+    (wire, v, r.as_slice().to_vec())
+}
+
+#[test]
+fn both_directions_every_cipher_v4_and_v6() {
+    for c in Cipher::ALL {
+        for esn in [false, true] {
+            let (mut a, mut b) = esp_pair(c, esn, 1024);
+            for len in [20, 21, 100, 1400] {
+                let p = ipv4([10, 4, 2, 99], [10, 4, 2, 5], len, true);
+                let (wire, v, got) = send(&mut a, &mut b, A, &p, 1);
+                assert_eq!(v, Verdict::ToTun, "{c:?} {len}");
+                assert_eq!(got, p);
+                assert!(
+                    !wire.windows(8).any(|w| w == &p[12..20]),
+                    "addresses encrypted"
+                );
+                let q = ipv4([10, 4, 2, 5], [10, 4, 2, 99], len, false);
+                let (_, v, got) = send(&mut b, &mut a, B, &q, 2);
+                assert_eq!((v, got), (Verdict::ToTun, q));
+            }
+            let v6 = ipv6("fd00::99", "fd00::5", 64);
+            // fd00::5 is routed to b on A; B accepts fd00::99? Not allowed: only 10.4.2.99.
+            let (_, v, _) = send(&mut a, &mut b, A, &v6, 3);
+            assert_eq!(v, Verdict::Drop(DropReason::NotAllowed));
+            assert_eq!(b.stats.drops(DropReason::NotAllowed), 1);
+        }
+    }
+}
+
+#[test]
+fn replay_reorder_tamper_spi_source() {
+    let (mut a, mut b) = esp_pair(Cipher::Aes128Gcm, false, 64);
+    let p = ipv4([10, 4, 2, 99], [10, 4, 2, 5], 60, false);
+    let mut wires = Vec::new();
+    for _ in 0..100 {
+        let mut buf = PacketBuf::from_slice(&p);
+        assert!(matches!(
+            a.out.process(&mut buf, 0),
+            Verdict::Send {
+                protocol: PROTO_ESP,
+                ..
+            }
+        ));
+        wires.push(buf.as_slice().to_vec());
+    }
+    let src: IpAddr = A.parse().unwrap();
+    // Every verdict is tallied here; the counters must agree exactly at the end.
+    let mut tally = std::collections::HashMap::<DropReason, u64>::new();
+    let mut deliver_from = |b: &mut Host, w: &[u8], from: IpAddr| {
+        let v = b
+            .inb
+            .process(&mut PacketBuf::from_slice(w), from, PROTO_ESP, 0);
+        if let Verdict::Drop(r) = v {
+            *tally.entry(r).or_default() += 1;
+        }
+        v
+    };
+    let mut deliver = |b: &mut Host, w: &[u8]| deliver_from(b, w, src);
+    // Reordered inside the window: all accepted once.
+    for i in [5usize, 1, 3, 2, 4, 0, 60, 40, 59] {
+        assert_eq!(deliver(&mut b, &wires[i]), Verdict::ToTun, "seq {}", i + 1);
+    }
+    // Replayed.
+    assert_eq!(
+        deliver(&mut b, &wires[3]),
+        Verdict::Drop(DropReason::Replay)
+    );
+    // Beyond the window: once seq 100 arrived, seq 11 is more than 64 behind.
+    assert_eq!(deliver(&mut b, &wires[99]), Verdict::ToTun);
+    assert_eq!(
+        deliver(&mut b, &wires[10]),
+        Verdict::Drop(DropReason::Replay)
+    );
+    // Tampered ciphertext, ICV, sequence number.
+    for at in [20usize, wires[50].len() - 1, 6] {
+        let mut w = wires[50].clone();
+        w[at] ^= 0x80;
+        assert_eq!(
+            deliver(&mut b, &w),
+            Verdict::Drop(DropReason::BadIcv),
+            "byte {at}"
+        );
+    }
+    // The untampered one still goes through: a forgery never moves the window.
+    assert_eq!(deliver(&mut b, &wires[50]), Verdict::ToTun);
+    // Unknown SPI.
+    let mut w = wires[70].clone();
+    w[3] ^= 0xff;
+    assert_eq!(deliver(&mut b, &w), Verdict::Drop(DropReason::UnknownSpi));
+    // Truncated at every length: always dropped, never delivered.
+    for n in 0..wires[70].len() {
+        assert!(
+            matches!(deliver(&mut b, &wires[70][..n]), Verdict::Drop(_)),
+            "truncated to {n}"
+        );
+    }
+    assert_eq!(deliver(&mut b, &wires[70]), Verdict::ToTun);
+    // Right SPI, wrong outer source.
+    let v = deliver_from(&mut b, &wires[71], "192.0.2.66".parse().unwrap());
+    assert_eq!(v, Verdict::Drop(DropReason::WrongSource));
+    for r in DropReason::ALL {
+        assert_eq!(
+            b.stats.drops(r),
+            tally.get(&r).copied().unwrap_or(0),
+            "counter {}",
+            r.name()
+        );
+    }
+    assert_eq!(tally[&DropReason::Replay], 2);
+    assert_eq!(tally[&DropReason::UnknownSpi], 1);
+    assert_eq!(tally[&DropReason::WrongSource], 1);
+    assert!(tally[&DropReason::Malformed] > 0 && tally[&DropReason::BadIcv] >= 3);
+    let rx = b.stats.peers[0]
+        .rx_packets
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(rx, 12, "9 reordered + seq 100 + seq 51 + seq 71");
+}
+
+#[test]
+fn too_big_with_df_becomes_icmp_into_the_tun() {
+    let (mut a, _) = esp_pair(Cipher::Aes128Gcm, false, 64);
+    let mut b = PacketBuf::from_slice(&ipv4([10, 4, 2, 99], [10, 4, 2, 5], 1500, true));
+    assert_eq!(a.out.process(&mut b, 0), Verdict::ToTun);
+    let icmp = b.as_slice();
+    assert_eq!((icmp[9], icmp[20], icmp[21]), (1, 3, 4), "ICMP frag needed");
+    assert_eq!(u16::from_be_bytes([icmp[26], icmp[27]]), 1400);
+    assert_eq!(&icmp[16..20], &[10, 4, 2, 99]);
+    assert_eq!(a.stats.drops(DropReason::TooBig), 1);
+    // Without DF: dropped, counted, no ICMP.
+    let mut b = PacketBuf::from_slice(&ipv4([10, 4, 2, 99], [10, 4, 2, 5], 1500, false));
+    assert_eq!(a.out.process(&mut b, 0), Verdict::Drop(DropReason::TooBig));
+    assert_eq!(a.stats.drops(DropReason::TooBig), 2);
+    // IPv6: packet too big.
+    let mut b = PacketBuf::from_slice(&ipv6("fd00::99", "fd00::5", 1460));
+    assert_eq!(a.out.process(&mut b, 0), Verdict::ToTun);
+    assert_eq!(b.as_slice()[40], 2, "ICMPv6 packet too big");
+}
+
+#[test]
+fn no_route_dummy_and_exhaustion() {
+    let (mut a, mut b) = esp_pair(Cipher::ChaCha20Poly1305, false, 64);
+    let mut p = PacketBuf::from_slice(&ipv4([10, 4, 2, 99], [10, 9, 9, 9], 60, false));
+    assert_eq!(a.out.process(&mut p, 0), Verdict::Drop(DropReason::NoRoute));
+    // A dummy packet (next header 59) is authenticated and discarded.
+    let mut sa = espip::sa::OutboundSa::new(0x1001, &key(Cipher::ChaCha20Poly1305, 0x11), false);
+    let mut d = PacketBuf::from_slice(&[0u8; 16]);
+    sa.encapsulate(&mut d, 59).unwrap();
+    let v = b.inb.process(&mut d, A.parse().unwrap(), PROTO_ESP, 0);
+    assert_eq!(v, Verdict::Drop(DropReason::Dummy));
+    // Sequence exhaustion: the SA stops sending.
+    a.out.set_next_seq(0, u64::from(u32::MAX));
+    let q = ipv4([10, 4, 2, 99], [10, 4, 2, 5], 60, false);
+    assert!(matches!(
+        a.out.process(&mut PacketBuf::from_slice(&q), 0),
+        Verdict::Send { .. }
+    ));
+    assert_eq!(
+        a.out.process(&mut PacketBuf::from_slice(&q), 0),
+        Verdict::Drop(DropReason::SeqExhausted)
+    );
+    assert_eq!(a.stats.drops(DropReason::SeqExhausted), 1);
+}
+
+#[test]
+fn ipip_both_ways_and_unknown_peer() {
+    let spec = |endpoint: &str, allowed: &str| PeerSpec {
+        name: "p".into(),
+        endpoint: endpoint.parse().unwrap(),
+        allowed_ips: vec![allowed.parse().unwrap()],
+        encap: EncapSpec::IpIp,
+    };
+    let t = TunnelSpec {
+        mtu: 1480,
+        icmp_src_v4: None,
+        icmp_src_v6: None,
+    };
+    let (out, inb, stats) = datapath::build(&[spec(B, "10.4.2.5/32")], t).unwrap();
+    let mut a = Host { out, inb, stats };
+    let (out, inb, stats) = datapath::build(&[spec(A, "10.4.2.99/32")], t).unwrap();
+    let mut b = Host { out, inb, stats };
+    let p = ipv4([10, 4, 2, 99], [10, 4, 2, 5], 1480, true);
+    let (wire, v, got) = send(&mut a, &mut b, A, &p, 0);
+    assert_eq!(
+        wire, p,
+        "ipip sends the inner packet unchanged (the kernel adds the outer header)"
+    );
+    assert_eq!((v, got), (Verdict::ToTun, p.clone()));
+    let v = b.inb.process(
+        &mut PacketBuf::from_slice(&p),
+        "192.0.2.9".parse().unwrap(),
+        4,
+        0,
+    );
+    assert_eq!(v, Verdict::Drop(DropReason::UnknownPeer));
+    // Protocol 4 carrying an IPv6 packet is refused.
+    let v = b.inb.process(
+        &mut PacketBuf::from_slice(&ipv6("fd00::1", "fd00::2", 8)),
+        A.parse().unwrap(),
+        4,
+        0,
+    );
+    assert_eq!(v, Verdict::Drop(DropReason::BadNextHeader));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(
+        bytes in proptest::collection::vec(any::<u8>(), 0..200),
+        proto in prop_oneof![Just(50u8), Just(4u8), Just(41u8), any::<u8>()],
+        spi_known in any::<bool>(),
+    ) {
+        let (mut a, mut b) = esp_pair(Cipher::Aes128Gcm, true, 64);
+        let mut bytes = bytes;
+        if spi_known && bytes.len() >= 4 {
+            bytes[..4].copy_from_slice(&0x1001u32.to_be_bytes());
+        }
+        let v = b.inb.process(&mut PacketBuf::from_slice(&bytes), A.parse().unwrap(), proto, 0);
+        prop_assert!(matches!(v, Verdict::Drop(_)));
+        let _ = a.out.process(&mut PacketBuf::from_slice(&bytes), 0);
+    }
+}
