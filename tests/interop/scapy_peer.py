@@ -1,0 +1,73 @@
+#!/usr/bin/python3
+"""Play host B of the p2p lab with scapy's independent ESP implementation.
+
+Runs inside B's namespace against an espip daemon in A's namespace:
+1. encrypts ICMP echo requests 10.4.2.5 -> 10.4.2.99 with the B->A SA and sends them to A;
+2. replays one of them (espip must drop it: no second reply);
+3. sniffs what espip sends back and decrypts it with the A->B SA.
+Prints one JSON line; exits 0 when every request got exactly one decryptable echo reply.
+"""
+import argparse
+import json
+import sys
+import time
+
+from scapy.all import AsyncSniffer, ICMP, IP, Raw, conf, send
+from scapy.layers.ipsec import ESP, SecurityAssociation
+
+ALGO = {
+    "aes-128-gcm": "AES-GCM",
+    "aes-256-gcm": "AES-GCM",
+    "chacha20-poly1305": "CHACHA20-POLY1305",
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cipher", required=True)
+    ap.add_argument("--key-a-to-b", required=True)
+    ap.add_argument("--key-b-to-a", required=True)
+    ap.add_argument("--spi-a-to-b", type=lambda s: int(s, 0), required=True)
+    ap.add_argument("--spi-b-to-a", type=lambda s: int(s, 0), required=True)
+    ap.add_argument("--count", type=int, default=5)
+    a = ap.parse_args()
+    conf.verb = 0
+    algo = ALGO[a.cipher]
+    tx = SecurityAssociation(ESP, spi=a.spi_b_to_a, crypt_algo=algo,
+                             crypt_key=bytes.fromhex(a.key_b_to_a.removeprefix("0x")),
+                             tunnel_header=IP(src="192.0.2.2", dst="192.0.2.1"))
+    rx = SecurityAssociation(ESP, spi=a.spi_a_to_b, crypt_algo=algo,
+                             crypt_key=bytes.fromhex(a.key_a_to_b.removeprefix("0x")),
+                             tunnel_header=IP(src="192.0.2.1", dst="192.0.2.2"))
+    sniffer = AsyncSniffer(iface="veth0", filter="ip proto 50 and src host 192.0.2.1")
+    sniffer.start()
+    time.sleep(0.5)
+    sent = []
+    for seq in range(1, a.count + 1):
+        inner = IP(src="10.4.2.5", dst="10.4.2.99") / ICMP(type=8, id=0x77, seq=seq) / Raw(
+            b"scapy interop %d" % seq)
+        pkt = tx.encrypt(inner, seq_num=seq)
+        sent.append(pkt)
+        send(pkt)
+    # Replay request 2: espip must drop it.
+    send(sent[1])
+    time.sleep(1.5)
+    captured = sniffer.stop()
+    replies = []
+    errors = []
+    for p in captured:
+        try:
+            d = rx.decrypt(p[IP])
+        except Exception as e:  # noqa: BLE001 - report any decryption failure
+            errors.append(repr(e))
+            continue
+        if ICMP in d and d[ICMP].type == 0 and d[ICMP].id == 0x77:
+            replies.append(d[ICMP].seq)
+    ok = sorted(replies) == list(range(1, a.count + 1)) and not errors
+    print(json.dumps({"ok": ok, "esp_from_espip": len(captured), "replies": sorted(replies),
+                      "errors": errors}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+//! Real-kernel tests in network namespaces: TUN, raw sockets, routes, captures, independent ESP
+//! peers (scapy, tshark). They need root; without it they fail, unless ESPIP_SKIP_NETNS=1 says
+//! to skip them (for a developer's unprivileged `cargo test`). Namespaces are named
+//! `espip-<tag>-<pid>-<host>` and deleted when a test ends, also when it fails.
+
+use espip::lab::netns::{self, Daemon, Netns};
+use espip::lab::p2p::{self, LabKeys, LabMode, A_OUTER, B_OUTER, SPI_A_TO_B, SPI_B_TO_A};
+use espip::sa::Cipher;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+/// The heavy tests share two cores; one at a time keeps their timing honest.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_espip"))
+}
+
+fn privileged() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("ESPIP_SKIP_NETNS").is_some() {
+        eprintln!("skipped: not root and ESPIP_SKIP_NETNS is set");
+        return false;
+    }
+    panic!("namespace tests need root (or set ESPIP_SKIP_NETNS=1 to skip them)");
+}
+
+fn lab(args: &[&str]) -> String {
+    let out = Command::new(exe())
+        .args(["lab", "p2p", "--no-install"])
+        .args(args)
+        .output()
+        .expect("run espip lab");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "lab p2p {args:?} failed:\n{text}");
+    assert!(text.contains(" 0 failed"), "{text}");
+    text
+}
+
+#[test]
+fn p2p_esp_aes128_50mb() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let t = lab(&["--cipher", "aes-128-gcm", "--megabytes", "50"]);
+    assert!(t.contains("no plaintext on the wire"), "{t}");
+    assert!(t.contains("7 passed"), "{t}");
+}
+
+#[test]
+fn p2p_esp_aes256_esn_50mb() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    lab(&["--cipher", "aes-256-gcm", "--esn", "--megabytes", "50"]);
+}
+
+#[test]
+fn p2p_esp_chacha20_50mb() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    lab(&["--cipher", "chacha20-poly1305", "--megabytes", "50"]);
+}
+
+#[test]
+fn p2p_ipip_50mb() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let t = lab(&["--mode", "ipip", "--megabytes", "50"]);
+    assert!(t.contains("only protocol 4"), "{t}");
+}
+
+/// Two namespaces on a veth with espip running in A only, from the lab's own config.
+struct HalfLab {
+    a: Netns,
+    b: Netns,
+    daemon: Daemon,
+    keys: LabKeys,
+    dir: PathBuf,
+}
+
+impl Drop for HalfLab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn half_lab(tag: &str, cipher: Cipher) -> HalfLab {
+    let a = Netns::new(tag, "a").unwrap();
+    let b = Netns::new(tag, "b").unwrap();
+    netns::veth(&a, &format!("{A_OUTER}/24"), &b, &format!("{B_OUTER}/24"), "veth0").unwrap();
+    let keys = LabKeys {
+        a_to_b: espip::sys::random_key(cipher).unwrap(),
+        b_to_a: espip::sys::random_key(cipher).unwrap(),
+    };
+    let dir = std::env::temp_dir().join(format!("espip-test-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("a.toml");
+    std::fs::write(&cfg, p2p::config_text(LabMode::Esp(cipher), true, Some(&keys), false)).unwrap();
+    let daemon = Daemon::start(&a, &exe(), &cfg, &dir.join("a.log")).unwrap();
+    HalfLab { a, b, daemon, keys, dir }
+}
+
+fn scapy_interop(tag: &str, cipher: Cipher) {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut h = half_lab(tag, cipher);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/scapy_peer.py");
+    let out = netns::run(
+        h.b.command("/usr/bin/python3")
+            .arg(&script)
+            .args(["--cipher", cipher.name()])
+            .args(["--key-a-to-b", h.keys.a_to_b.to_hex().as_str()])
+            .args(["--key-b-to-a", h.keys.b_to_a.to_hex().as_str()])
+            .args(["--spi-a-to-b", &format!("{SPI_A_TO_B:#x}")])
+            .args(["--spi-b-to-a", &format!("{SPI_B_TO_A:#x}")]),
+    )
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "scapy peer failed ({cipher:?}): {stdout}\n{}\nespip log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.daemon.log()
+    );
+    assert!(stdout.contains("\"replies\": [1, 2, 3, 4, 5]"), "{stdout}");
+    assert!(h.daemon.stop().unwrap(), "clean stop");
+    let log = h.daemon.log();
+    assert!(log.contains("replay=1"), "the replayed request is counted: {log}");
+    assert!(!h.a.has_link("espip0"));
+}
+
+#[test]
+fn scapy_interop_aes128() {
+    scapy_interop("scapy128", Cipher::Aes128Gcm);
+}
+
+#[test]
+fn scapy_interop_aes256() {
+    scapy_interop("scapy256", Cipher::Aes256Gcm);
+}
+
+#[test]
+fn scapy_interop_chacha20() {
+    scapy_interop("scapycc", Cipher::ChaCha20Poly1305);
+}
+
+#[test]
+fn tshark_decrypts_a_lab_capture_with_the_exported_sas() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("espip-test-tshark-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    lab(&["--cipher", "aes-128-gcm", "--megabytes", "2", "--pcap", dir.to_str().unwrap()]);
+    // Wireshark reads its esp_sa table from the personal configuration directory.
+    let home = dir.join("home");
+    std::fs::create_dir_all(home.join(".config/wireshark")).unwrap();
+    std::fs::copy(dir.join("esp_sa"), home.join(".config/wireshark/esp_sa")).unwrap();
+    let tshark = |filter: &str| -> usize {
+        let out = Command::new("tshark")
+            .env("HOME", &home)
+            .args(["-n", "-r"])
+            .arg(dir.join("wire.pcap"))
+            .args(["-o", "esp.enable_encryption_decode:TRUE"])
+            .args(["-o", "esp.enable_authentication_check:TRUE"])
+            .args(["-Y", filter, "-T", "fields", "-e", "frame.number"])
+            .output()
+            .expect("tshark (apt-get install tshark)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    let esp = tshark("esp");
+    let good = tshark("esp.icv_good == 1");
+    let inner_tcp = tshark("esp && tcp");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(esp > 1000, "capture has {esp} ESP packets");
+    assert_eq!(good, esp, "tshark verified the ICV of every ESP packet");
+    assert_eq!(inner_tcp, esp, "tshark decrypted every packet to the inner TCP segment");
+}
+
+#[test]
+fn sigkill_leaves_nothing_and_restart_works() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut h = half_lab("kill", Cipher::Aes128Gcm);
+    assert!(h.a.has_link("espip0"));
+    assert!(!h.daemon.stop_with(nix::sys::signal::Signal::SIGKILL).unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(!h.a.has_link("espip0"), "the TUN (and its routes) vanish with the process");
+    let routes = h.a.ip(&["route", "show"]).unwrap();
+    assert!(!String::from_utf8_lossy(&routes.stdout).contains("10.4.2"), "no tunnel route left");
+    let mut again = Daemon::start(&h.a, &exe(), &h.dir.join("a.toml"), &h.dir.join("a2.log")).unwrap();
+    assert!(h.a.has_link("espip0"));
+    assert!(again.stop().unwrap());
+}
+
+#[test]
+fn a_second_daemon_on_the_same_interface_is_refused() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let h = half_lab("twice", Cipher::Aes128Gcm);
+    let err = Daemon::start(&h.a, &exe(), &h.dir.join("a.toml"), &h.dir.join("second.log"))
+        .err()
+        .expect("second daemon must not start");
+    let msg = err.to_string();
+    assert!(msg.contains("already in use by another process"), "{msg}");
+    assert!(h.a.has_link("espip0"), "the first daemon is unharmed");
+}
