@@ -274,13 +274,15 @@ fn interface(raw: RawInterface) -> Result<Interface, ConfigError> {
     let mtu = match raw.mtu {
         None => None,
         Some(m) if (i64::from(MIN_MTU_V4)..=65535).contains(&m) => Some(m as u16),
-        Some(m) => return Err(invalid(
-            "interface.mtu",
-            m,
-            format!(
+        Some(m) => {
+            return Err(invalid(
+                "interface.mtu",
+                m,
+                format!(
                 "a number from {MIN_MTU_V4} to 65535, or no mtu key to derive it from the path MTU"
             ),
-        )),
+            ))
+        }
     };
     let local = match raw.local {
         None => None,

@@ -344,10 +344,8 @@ fn tx_loop(
         for i in 0..n {
             verdicts[i] = out.process(&mut bufs[i], now);
             match verdicts[i] {
-                Verdict::ToTun => {
-                    if tun.send(bufs[i].as_slice()).is_err() {
-                        edge.tun_write_errors.fetch_add(1, Relaxed);
-                    }
+                Verdict::ToTun if tun.send(bufs[i].as_slice()).is_err() => {
+                    edge.tun_write_errors.fetch_add(1, Relaxed);
                 }
                 Verdict::Drop(DropReason::SeqExhausted) if warn_exhausted.ready() => warn!(
                     "an outbound SA has used every sequence number (2^32 without esn) and stopped sending; \

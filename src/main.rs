@@ -119,7 +119,7 @@ fn init_logging(level: &str) {
         .init();
 }
 
-fn check(config: &PathBuf) -> Result<()> {
+fn check(config: &std::path::Path) -> Result<()> {
     let cfg = Config::load(config)?;
     let i = &cfg.interface;
     println!("{}: OK", config.display());

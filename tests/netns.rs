@@ -101,7 +101,14 @@ impl Drop for HalfLab {
 fn half_lab(tag: &str, cipher: Cipher) -> HalfLab {
     let a = Netns::new(tag, "a").unwrap();
     let b = Netns::new(tag, "b").unwrap();
-    netns::veth(&a, &format!("{A_OUTER}/24"), &b, &format!("{B_OUTER}/24"), "veth0").unwrap();
+    netns::veth(
+        &a,
+        &format!("{A_OUTER}/24"),
+        &b,
+        &format!("{B_OUTER}/24"),
+        "veth0",
+    )
+    .unwrap();
     let keys = LabKeys {
         a_to_b: espip::sys::random_key(cipher).unwrap(),
         b_to_a: espip::sys::random_key(cipher).unwrap(),
@@ -109,9 +116,19 @@ fn half_lab(tag: &str, cipher: Cipher) -> HalfLab {
     let dir = std::env::temp_dir().join(format!("espip-test-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("a.toml");
-    std::fs::write(&cfg, p2p::config_text(LabMode::Esp(cipher), true, Some(&keys), false)).unwrap();
+    std::fs::write(
+        &cfg,
+        p2p::config_text(LabMode::Esp(cipher), true, Some(&keys), false),
+    )
+    .unwrap();
     let daemon = Daemon::start(&a, &exe(), &cfg, &dir.join("a.log")).unwrap();
-    HalfLab { a, b, daemon, keys, dir }
+    HalfLab {
+        a,
+        b,
+        daemon,
+        keys,
+        dir,
+    }
 }
 
 fn scapy_interop(tag: &str, cipher: Cipher) {
@@ -141,7 +158,10 @@ fn scapy_interop(tag: &str, cipher: Cipher) {
     assert!(stdout.contains("\"replies\": [1, 2, 3, 4, 5]"), "{stdout}");
     assert!(h.daemon.stop().unwrap(), "clean stop");
     let log = h.daemon.log();
-    assert!(log.contains("replay=1"), "the replayed request is counted: {log}");
+    assert!(
+        log.contains("replay=1"),
+        "the replayed request is counted: {log}"
+    );
     assert!(!h.a.has_link("espip0"));
 }
 
@@ -168,7 +188,14 @@ fn tshark_decrypts_a_lab_capture_with_the_exported_sas() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = std::env::temp_dir().join(format!("espip-test-tshark-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    lab(&["--cipher", "aes-128-gcm", "--megabytes", "2", "--pcap", dir.to_str().unwrap()]);
+    lab(&[
+        "--cipher",
+        "aes-128-gcm",
+        "--megabytes",
+        "2",
+        "--pcap",
+        dir.to_str().unwrap(),
+    ]);
     // Wireshark reads its esp_sa table from the personal configuration directory.
     let home = dir.join("home");
     std::fs::create_dir_all(home.join(".config/wireshark")).unwrap();
@@ -183,7 +210,11 @@ fn tshark_decrypts_a_lab_capture_with_the_exported_sas() {
             .args(["-Y", filter, "-T", "fields", "-e", "frame.number"])
             .output()
             .expect("tshark (apt-get install tshark)");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).lines().count()
     };
     let esp = tshark("esp");
@@ -192,7 +223,10 @@ fn tshark_decrypts_a_lab_capture_with_the_exported_sas() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(esp > 1000, "capture has {esp} ESP packets");
     assert_eq!(good, esp, "tshark verified the ICV of every ESP packet");
-    assert_eq!(inner_tcp, esp, "tshark decrypted every packet to the inner TCP segment");
+    assert_eq!(
+        inner_tcp, esp,
+        "tshark decrypted every packet to the inner TCP segment"
+    );
 }
 
 #[test]
@@ -203,12 +237,22 @@ fn sigkill_leaves_nothing_and_restart_works() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut h = half_lab("kill", Cipher::Aes128Gcm);
     assert!(h.a.has_link("espip0"));
-    assert!(!h.daemon.stop_with(nix::sys::signal::Signal::SIGKILL).unwrap());
+    assert!(!h
+        .daemon
+        .stop_with(nix::sys::signal::Signal::SIGKILL)
+        .unwrap());
     std::thread::sleep(std::time::Duration::from_millis(200));
-    assert!(!h.a.has_link("espip0"), "the TUN (and its routes) vanish with the process");
+    assert!(
+        !h.a.has_link("espip0"),
+        "the TUN (and its routes) vanish with the process"
+    );
     let routes = h.a.ip(&["route", "show"]).unwrap();
-    assert!(!String::from_utf8_lossy(&routes.stdout).contains("10.4.2"), "no tunnel route left");
-    let mut again = Daemon::start(&h.a, &exe(), &h.dir.join("a.toml"), &h.dir.join("a2.log")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&routes.stdout).contains("10.4.2"),
+        "no tunnel route left"
+    );
+    let mut again =
+        Daemon::start(&h.a, &exe(), &h.dir.join("a.toml"), &h.dir.join("a2.log")).unwrap();
     assert!(h.a.has_link("espip0"));
     assert!(again.stop().unwrap());
 }
@@ -220,9 +264,14 @@ fn a_second_daemon_on_the_same_interface_is_refused() {
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let h = half_lab("twice", Cipher::Aes128Gcm);
-    let err = Daemon::start(&h.a, &exe(), &h.dir.join("a.toml"), &h.dir.join("second.log"))
-        .err()
-        .expect("second daemon must not start");
+    let err = Daemon::start(
+        &h.a,
+        &exe(),
+        &h.dir.join("a.toml"),
+        &h.dir.join("second.log"),
+    )
+    .err()
+    .expect("second daemon must not start");
     let msg = err.to_string();
     assert!(msg.contains("already in use by another process"), "{msg}");
     assert!(h.a.has_link("espip0"), "the first daemon is unharmed");

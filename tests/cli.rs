@@ -1,0 +1,102 @@
+//! The command line without privileges: check, genkey, and the errors a user meets first.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+fn espip(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_espip"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn tempdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("espip-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn genkey_prints_key_and_salt() {
+    for (cipher, hex_len) in [
+        ("aes-128-gcm", 40),
+        ("aes-256-gcm", 72),
+        ("chacha20-poly1305", 72),
+    ] {
+        let (ok, a, _) = espip(&["genkey", "--cipher", cipher]);
+        let (_, b, _) = espip(&["genkey", "--cipher", cipher]);
+        assert!(ok);
+        let a = a.trim();
+        assert!(a.starts_with("0x") && a.len() == 2 + hex_len, "{a}");
+        assert!(a[2..].bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b.trim(), "fresh randomness each time");
+    }
+    let (ok, _, err) = espip(&["genkey", "--cipher", "des"]);
+    assert!(
+        !ok && err.contains("aes-128-gcm, aes-256-gcm or chacha20-poly1305"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_explains_a_good_config_and_names_bad_keys() {
+    let d = tempdir("check");
+    let key = |c: &str| espip(&["genkey", "--cipher", c]).1.trim().to_string();
+    let good = format!(
+        "[interface]\nname = \"espip0\"\naddress = [\"10.4.2.99/24\"]\n\n[[peer]]\nname = \"b\"\nendpoint = \"192.0.2.2\"\nallowed_ips = [\"10.4.2.5/32\"]\nmode = \"esp\"\ncipher = \"aes-128-gcm\"\nspi_out = \"0x1001\"\nspi_in = \"0x1002\"\nkey_out = \"{}\"\nkey_in_file = \"in.key\"\n",
+        key("aes-128-gcm")
+    );
+    let cfg = d.join("a.toml");
+    std::fs::write(&cfg, &good).unwrap();
+    std::fs::write(d.join("in.key"), key("aes-128-gcm")).unwrap();
+    std::fs::set_permissions(d.join("in.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, _, err) = espip(&["check", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("chmod 600") && err.contains("in.key"),
+        "{err}"
+    );
+    std::fs::set_permissions(d.join("in.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (ok, out, err) = espip(&["check", "--config", cfg.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("OK") && out.contains("ESP tunnel to 192.0.2.2") && out.contains("0x00001001"),
+        "{out}"
+    );
+    assert!(
+        !out.contains(&good[good.find("0x").unwrap()..][..12]),
+        "keys are never printed"
+    );
+
+    std::fs::write(
+        &cfg,
+        good.replace("mtu", "")
+            .replace("\"10.4.2.5/32\"", "\"10.4.2.500/32\""),
+    )
+    .unwrap();
+    let (ok, _, err) = espip(&["check", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("allowed_ips") && err.contains("10.4.2.500"),
+        "{err}"
+    );
+
+    let (ok, _, err) = espip(&["run", "--config", d.join("missing.toml").to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("cannot read") && err.contains("missing.toml"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn unknown_arguments_are_refused_with_usage() {
+    let (ok, _, err) = espip(&["frobnicate"]);
+    assert!(!ok && err.contains("Usage"), "{err}");
+    let (ok, _, err) = espip(&["lab", "p2p", "--mode", "gre"]);
+    assert!(!ok && err.contains("esp") && err.contains("ipip"), "{err}");
+}

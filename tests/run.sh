@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Run every espip test on a Debian machine, as root:
+#   formatting, clippy, unit and vector tests, and the namespace tests (real TUN, raw sockets,
+#   tcpdump captures, scapy and tshark as independent ESP implementations).
+# Installs the Debian packages the tests use; stops with a message naming anything else missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "tests/run.sh: run as root (sudo): the namespace tests create namespaces, TUN devices and raw sockets" >&2
+  exit 1
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "tests/run.sh: cargo is missing; install Rust with rustup (https://rustup.rs), then rerun" >&2
+  exit 1
+fi
+
+# Debian packages: program -> package.
+need=()
+for pair in ip:iproute2 ping:iputils-ping tcpdump:tcpdump tshark:tshark sysctl:procps; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+done
+/usr/bin/python3 -c 'import scapy.layers.ipsec' >/dev/null 2>&1 || need+=(python3-scapy)
+if [ "${#need[@]}" -gt 0 ]; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "tests/run.sh: missing Debian packages and no apt-get: ${need[*]}" >&2
+    exit 1
+  fi
+  echo "== installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# Namespaces left by an earlier run that was killed.
+for ns in $(ip netns list | awk '{print $1}' | grep '^espip-' || true); do
+  pid=$(echo "$ns" | grep -oE -- '-[0-9]+-' | tr -d '-' | head -n1)
+  if [ -n "$pid" ] && [ ! -d "/proc/$pid" ]; then ip netns del "$ns" || true; fi
+done
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --all-targets 2>&1 | tee /tmp/espip-test.log
+if grep -q '^test result: FAILED' /tmp/espip-test.log; then exit 1; fi
+
+left=$(ip netns list | awk '{print $1}' | grep '^espip-' || true)
+if [ -n "$left" ]; then
+  echo "tests left namespaces behind: $left" >&2
+  exit 1
+fi
+echo "== all tests passed"
