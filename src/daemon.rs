@@ -286,8 +286,20 @@ fn log_summary(cfg: &Config, stats: &Stats, edge: &EdgeStats) {
     );
 }
 
-fn stopped(fds: &[PollFd]) -> bool {
-    fds[0]
+/// Wait until one of `fds` is readable. `fds[0]` is the stop eventfd. Returns false when the
+/// thread must stop (stop requested, or poll failed, which is logged).
+fn wait(fds: &mut [PollFd], what: &str) -> bool {
+    loop {
+        match poll(fds, PollTimeout::NONE) {
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                warn!("poll on {what} failed: {e}; the thread stops");
+                return false;
+            }
+        }
+    }
+    !fds[0]
         .revents()
         .is_some_and(|r| r.intersects(PollFlags::POLLIN))
 }
@@ -310,15 +322,7 @@ fn tx_loop(
             PollFd::new(stop.as_fd(), PollFlags::POLLIN),
             PollFd::new(tun.as_fd(), PollFlags::POLLIN),
         ];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                warn!("poll on TUN failed: {e}; TX thread stops");
-                return;
-            }
-        }
-        if stopped(&fds) {
+        if !wait(&mut fds, "the TUN") {
             return;
         }
         let now = clock.elapsed().as_nanos() as u64;
@@ -406,15 +410,7 @@ fn rx_loop(
                 .iter()
                 .map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN)),
         );
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                warn!("poll on raw sockets failed: {e}; RX thread stops");
-                return;
-            }
-        }
-        if stopped(&fds) {
+        if !wait(&mut fds, "the raw sockets") {
             return;
         }
         let mut ready = [false; 4];

@@ -4,7 +4,7 @@
 //! `espip-<tag>-<pid>-<host>` and deleted when a test ends, also when it fails.
 
 use espip::lab::netns::{self, Daemon, Netns};
-use espip::lab::p2p::{self, LabKeys, LabMode, A_OUTER, B_OUTER, SPI_A_TO_B, SPI_B_TO_A};
+use espip::lab::p2p::{self, LabKeys, LabMode, SPI_A_TO_B, SPI_B_TO_A};
 use espip::sa::Cipher;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -99,20 +99,8 @@ impl Drop for HalfLab {
 }
 
 fn half_lab(tag: &str, cipher: Cipher) -> HalfLab {
-    let a = Netns::new(tag, "a").unwrap();
-    let b = Netns::new(tag, "b").unwrap();
-    netns::veth(
-        &a,
-        &format!("{A_OUTER}/24"),
-        &b,
-        &format!("{B_OUTER}/24"),
-        "veth0",
-    )
-    .unwrap();
-    let keys = LabKeys {
-        a_to_b: espip::sys::random_key(cipher).unwrap(),
-        b_to_a: espip::sys::random_key(cipher).unwrap(),
-    };
+    let (a, b) = p2p::topology(tag).unwrap();
+    let keys = LabKeys::generate(cipher).unwrap();
     let dir = std::env::temp_dir().join(format!("espip-test-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("a.toml");

@@ -87,18 +87,23 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        if let Ok(out) = run(Command::new("ip").args(["netns", "pids", &self.name])) {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                if let Ok(pid) = pid.parse::<i32>() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
+        delete(&self.name);
+    }
+}
+
+/// Kill every process in namespace `name`, then delete it.
+fn delete(name: &str) {
+    if let Ok(out) = run(Command::new("ip").args(["netns", "pids", name])) {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
-        let _ = run(Command::new("ip").args(["netns", "del", &self.name]));
     }
+    let _ = run(Command::new("ip").args(["netns", "del", name]));
 }
 
 /// Join two namespaces with a veth pair; each end is named `dev` inside its namespace, gets
@@ -142,17 +147,7 @@ pub fn remove_stale() -> Vec<String> {
         let pid = rest.split('-').find_map(|p| p.parse::<u32>().ok());
         if let Some(pid) = pid {
             if !Path::new(&format!("/proc/{pid}")).exists() {
-                if let Ok(o) = run(Command::new("ip").args(["netns", "pids", name])) {
-                    for p in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                        if let Ok(p) = p.parse::<i32>() {
-                            let _ = nix::sys::signal::kill(
-                                nix::unistd::Pid::from_raw(p),
-                                nix::sys::signal::Signal::SIGKILL,
-                            );
-                        }
-                    }
-                }
-                let _ = run(Command::new("ip").args(["netns", "del", name]));
+                delete(name);
                 removed.push(name.to_string());
             }
         }

@@ -61,6 +61,31 @@ pub struct LabKeys {
     pub b_to_a: KeyMaterial,
 }
 
+impl LabKeys {
+    /// Fresh random keys for both directions.
+    pub fn generate(c: Cipher) -> io::Result<LabKeys> {
+        Ok(LabKeys {
+            a_to_b: crate::sys::random_key(c)?,
+            b_to_a: crate::sys::random_key(c)?,
+        })
+    }
+}
+
+/// Hosts A and B of scenario 1: two namespaces `espip-<tag>-<pid>-{a,b}` joined by `veth0`
+/// with the underlay addresses.
+pub fn topology(tag: &str) -> io::Result<(Netns, Netns)> {
+    let a = Netns::new(tag, "a")?;
+    let b = Netns::new(tag, "b")?;
+    netns::veth(
+        &a,
+        &format!("{A_OUTER}/24"),
+        &b,
+        &format!("{B_OUTER}/24"),
+        "veth0",
+    )?;
+    Ok((a, b))
+}
+
 /// The configuration text of one host of the p2p lab.
 pub fn config_text(mode: LabMode, me_a: bool, keys: Option<&LabKeys>, esn: bool) -> String {
     let (addr, local, peer, endpoint, allowed) = if me_a {
@@ -155,21 +180,9 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
     std::fs::create_dir_all(&work)?;
     std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
 
-    let a = Netns::new("lab", "a")?;
-    let b = Netns::new("lab", "b")?;
-    netns::veth(
-        &a,
-        &format!("{A_OUTER}/24"),
-        &b,
-        &format!("{B_OUTER}/24"),
-        "veth0",
-    )?;
-
+    let (a, b) = topology("lab")?;
     let keys = match opts.mode {
-        LabMode::Esp(c) => Some(LabKeys {
-            a_to_b: crate::sys::random_key(c)?,
-            b_to_a: crate::sys::random_key(c)?,
-        }),
+        LabMode::Esp(c) => Some(LabKeys::generate(c)?),
         LabMode::IpIp => None,
     };
     let cfg_a = work.join("a.toml");
