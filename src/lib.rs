@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod lab;
+pub mod nat;
 pub mod prefix;
 pub mod replay;
 pub mod sa;

@@ -8,6 +8,7 @@ const CORE: &[&str] = &[
     "src/replay.rs",
     "src/sa.rs",
     "src/wireshark.rs",
+    "src/nat.rs",
     "src/wire/mod.rs",
     "src/wire/esp.rs",
     "src/wire/ip.rs",
