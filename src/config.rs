@@ -77,6 +77,42 @@ struct RawConfig {
     interface: RawInterface,
     #[serde(default)]
     peer: Vec<RawPeer>,
+    nat: Option<RawNat>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNat {
+    rules: Option<String>,
+    #[serde(default)]
+    map: Vec<RawMap>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMap {
+    real: String,
+    alias: String,
+}
+
+/// What the daemon does with the netfilter rules of the NAT helper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RulesMode {
+    /// Install on start (after removing stale ones), remove on stop.
+    Apply,
+    /// Only print them at start; the user installs them.
+    Print,
+    /// Neither.
+    Off,
+}
+
+/// The `[nat]` section, validated.
+#[derive(Debug, Clone)]
+pub struct Nat {
+    /// The real <-> alias mappings.
+    pub maps: Vec<crate::nat::NatMap>,
+    /// What happens to the rules.
+    pub rules: RulesMode,
 }
 
 #[derive(Deserialize)]
@@ -150,6 +186,8 @@ pub struct Config {
     pub interface: Interface,
     /// The peers.
     pub peers: Vec<PeerSpec>,
+    /// The NAT helper.
+    pub nat: Nat,
     /// Things that are allowed but probably not meant (printed by `check`, logged by `run`).
     pub warnings: Vec<String>,
 }
@@ -208,20 +246,152 @@ impl Config {
                 ));
             }
         }
+        let nat = nat(raw.nat)?;
         // Catch what `datapath::build` would refuse, with the same words, before any setup.
         let tunnel = crate::datapath::TunnelSpec {
             mtu: 1400,
             icmp_src_v4: None,
             icmp_src_v6: None,
         };
-        crate::datapath::build(&peers, tunnel)
+        crate::datapath::build(&peers, tunnel, crate::nat::NatTable::default())
             .map_err(|e| invalid("peer", "(several)", e.to_string()))?;
-        Ok(Config {
+        let cfg = Config {
             interface,
             peers,
+            nat,
             warnings,
-        })
+        };
+        cfg.check_routes()?;
+        Ok(cfg)
     }
+
+    /// The NAT table of the data path.
+    pub fn nat_table(&self) -> crate::nat::NatTable {
+        crate::nat::NatTable::new(self.nat.maps.clone())
+    }
+
+    /// The prefixes routed into the TUN: every `allowed_ips` prefix except those inside a NAT
+    /// `real` prefix (they are on-link; a local DNAT moves traffic for them into the alias),
+    /// and every NAT `alias` prefix.
+    pub fn routes(&self) -> Vec<Prefix> {
+        let inside_real = |p: &Prefix| {
+            self.nat
+                .maps
+                .iter()
+                .any(|m| m.real.contains(p.addr()) && p.len() >= m.real.len())
+        };
+        let mut out: Vec<Prefix> = self
+            .peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().copied())
+            .filter(|p| !inside_real(p))
+            .collect();
+        out.extend(self.nat.maps.iter().map(|m| m.alias));
+        out
+    }
+
+    fn check_routes(&self) -> Result<(), ConfigError> {
+        for r in self.routes() {
+            for p in &self.peers {
+                if r.contains(p.endpoint) {
+                    return Err(invalid(
+                        format!("peer {:?}.allowed_ips", p.name),
+                        r,
+                        format!(
+                            "prefixes that do not contain a peer endpoint ({} is inside it, so the tunnel's own packets would be routed into the tunnel); for a peer on the same LAN, add a [[nat.map]] whose real prefix covers it",
+                            p.endpoint
+                        ),
+                    ));
+                }
+            }
+        }
+        for m in &self.nat.maps {
+            for p in &self.peers {
+                for a in &p.allowed_ips {
+                    if m.alias.contains(a.addr()) || a.contains(m.alias.addr()) {
+                        return Err(invalid(
+                            format!("peer {:?}.allowed_ips", p.name),
+                            a,
+                            format!("a prefix outside the NAT alias prefix {}: list the peer's real addresses; espip maps them to the alias itself", m.alias),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn nat(raw: Option<RawNat>) -> Result<Nat, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(Nat {
+            maps: Vec::new(),
+            rules: RulesMode::Off,
+        });
+    };
+    let mut maps: Vec<crate::nat::NatMap> = Vec::new();
+    for m in raw.map {
+        let parse = |key: &str, v: &str| -> Result<Prefix, ConfigError> {
+            let p: Prefix = v.parse().map_err(|e: crate::prefix::BadPrefix| {
+                invalid(format!("nat.map.{key}"), format!("{v:?}"), e.to_string())
+            })?;
+            if !p.addr().is_ipv4() {
+                return Err(invalid(
+                    format!("nat.map.{key}"),
+                    format!("{v:?}"),
+                    "an IPv4 prefix: the NAT helper rewrites IPv4 only",
+                ));
+            }
+            Ok(p)
+        };
+        let real = parse("real", &m.real)?;
+        let alias = parse("alias", &m.alias)?;
+        if real.len() != alias.len() {
+            return Err(invalid(
+                "nat.map.alias",
+                format!("{:?}", m.alias),
+                format!("a prefix of the same size as real = {real} (/{}): a host keeps its host part in the alias", real.len()),
+            ));
+        }
+        let overlap = |a: &Prefix, b: &Prefix| a.contains(b.addr()) || b.contains(a.addr());
+        if overlap(&real, &alias) {
+            return Err(invalid(
+                "nat.map.alias",
+                format!("{:?}", m.alias),
+                format!("a prefix that does not overlap real = {real}"),
+            ));
+        }
+        for o in &maps {
+            for (x, y) in [
+                (real, o.real),
+                (real, o.alias),
+                (alias, o.real),
+                (alias, o.alias),
+            ] {
+                if overlap(&x, &y) {
+                    return Err(invalid(
+                        "nat.map",
+                        format!("{real} -> {alias}"),
+                        format!(
+                            "prefixes that do not overlap another map ({} -> {})",
+                            o.real, o.alias
+                        ),
+                    ));
+                }
+            }
+        }
+        maps.push(crate::nat::NatMap { real, alias });
+    }
+    let rules = match raw.rules.as_deref() {
+        None if maps.is_empty() => RulesMode::Off,
+        None | Some("apply") => RulesMode::Apply,
+        Some("print") => RulesMode::Print,
+        Some("off") => RulesMode::Off,
+        Some(other) => {
+            return Err(invalid("nat.rules", format!("{other:?}"), "\"apply\" (install on start, remove on stop), \"print\" (only show them) or \"off\""));
+        }
+    };
+    Ok(Nat { maps, rules })
 }
 
 fn interface(raw: RawInterface) -> Result<Interface, ConfigError> {

@@ -62,6 +62,19 @@ pub enum DaemonError {
         /// Why.
         source: io::Error,
     },
+    /// An alias prefix is on-link.
+    #[error(
+        "nat.map alias {alias} is on-link ({found}); choose an alias prefix no interface uses"
+    )]
+    AliasOnLink {
+        /// The alias prefix.
+        alias: crate::prefix::Prefix,
+        /// The overlapping local networks.
+        found: String,
+    },
+    /// Rules.
+    #[error(transparent)]
+    Rules(#[from] crate::sys::iptables::RulesError),
     /// Data path build.
     #[error(transparent)]
     Build(#[from] datapath::BuildError),
@@ -157,12 +170,17 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             .map_err(|source| DaemonError::RawSocket { protocol, source })?;
         sockets.push(s);
     }
+    for m in &cfg.nat.maps {
+        let found = crate::sys::iptables::on_link_overlaps(m.alias, &cfg.interface.name);
+        if !found.is_empty() {
+            return Err(DaemonError::AliasOnLink {
+                alias: m.alias,
+                found: found.join(", "),
+            });
+        }
+    }
     let tun = Tun::create(&cfg.interface.name)?;
-    let routes: Vec<_> = cfg
-        .peers
-        .iter()
-        .flat_map(|p| p.allowed_ips.iter().copied())
-        .collect();
+    let routes = cfg.routes();
     let added = rt.block_on(crate::sys::netlink::configure(
         tun.name(),
         mtu,
@@ -180,7 +198,24 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             _ => None,
         }),
     };
-    let (outbound, inbound, stats) = datapath::build(&cfg.peers, tunnel)?;
+    let (outbound, inbound, stats) = datapath::build(&cfg.peers, tunnel, cfg.nat_table())?;
+    // Rules last: a failure above leaves nothing in netfilter. Stale rules of a killed daemon
+    // are removed first (the apply list starts with the removal).
+    let _rules = if crate::rules::daemon_applies(&cfg) {
+        let guard = RulesGuard(cfg.interface.name.clone());
+        // On failure the guard's drop removes whatever part was installed.
+        let n = crate::sys::iptables::run(&crate::rules::apply(&cfg))?;
+        info!(chain = %crate::rules::nat_chain(&cfg.interface.name), commands = n, "netfilter rules applied");
+        Some(guard)
+    } else {
+        if cfg.nat.rules == crate::config::RulesMode::Print && !cfg.nat.maps.is_empty() {
+            info!(
+                "[nat] rules = \"print\": install these rules yourself:\n{}",
+                crate::rules::script(&cfg, false)
+            );
+        }
+        None
+    };
     info!(
         interface = tun.name(),
         mtu,
@@ -254,9 +289,22 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let _ = tx.join();
     let _ = rx.join();
     log_summary(&cfg, &stats, &edge);
+    drop(_rules);
     drop(tun);
     info!(interface = %cfg.interface.name, "stopped; TUN device and its routes removed");
     Ok(())
+}
+
+/// Removes espip's rules when dropped (stop, or an error after they were applied).
+struct RulesGuard(String);
+
+impl Drop for RulesGuard {
+    fn drop(&mut self) {
+        match crate::sys::iptables::run(&crate::rules::remove(&self.0)) {
+            Ok(_) => info!(chain = %crate::rules::nat_chain(&self.0), "netfilter rules removed"),
+            Err(e) => warn!("removing netfilter rules: {e}"),
+        }
+    }
 }
 
 fn log_summary(cfg: &Config, stats: &Stats, edge: &EdgeStats) {

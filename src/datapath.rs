@@ -19,6 +19,7 @@
 //! lock: only counters (relaxed atomics) are shared.
 
 use crate::buf::PacketBuf;
+use crate::nat::NatTable;
 use crate::prefix::{Prefix, PrefixTable};
 use crate::sa::{Cipher, EspError, InboundSa, KeyMaterial, OutboundSa};
 use crate::wire::esp::{NEXT_HEADER_DUMMY, NEXT_HEADER_IPV4, NEXT_HEADER_IPV6};
@@ -246,6 +247,7 @@ struct OutPeer {
 /// The TUN -> wire half.
 pub struct Outbound {
     routes: PrefixTable<usize>,
+    nat: NatTable,
     peers: Vec<OutPeer>,
     tunnel: TunnelSpec,
     stats: Arc<Stats>,
@@ -258,6 +260,7 @@ struct InPeer {
 
 /// The wire -> TUN half.
 pub struct Inbound {
+    nat: NatTable,
     /// Source policy: inner source -> peer index.
     allowed: PrefixTable<usize>,
     /// SAD: SPI -> peer index.
@@ -307,6 +310,7 @@ pub enum BuildError {
 pub fn build(
     peers: &[PeerSpec],
     tunnel: TunnelSpec,
+    nat: NatTable,
 ) -> Result<(Outbound, Inbound, Arc<Stats>), BuildError> {
     let stats = Arc::new(Stats::new(peers.len()));
     let mut routes = PrefixTable::new();
@@ -370,12 +374,14 @@ pub fn build(
         }
     }
     let outbound = Outbound {
+        nat: nat.clone(),
         routes: routes.clone(),
         peers: out,
         tunnel,
         stats: stats.clone(),
     };
     let inbound = Inbound {
+        nat,
         allowed: routes,
         by_spi,
         by_endpoint,
@@ -401,11 +407,17 @@ impl Outbound {
             return Verdict::Drop(DropReason::Malformed);
         };
         buf.truncate(inner.total_len);
-        let Some(&idx) = self.routes.lookup(inner.dst) else {
+        // The policy sees the real destination; a local DNAT may have moved it into an alias.
+        let dst = self.nat.to_real(inner.dst).unwrap_or(inner.dst);
+        let Some(&idx) = self.routes.lookup(dst) else {
             return Verdict::Drop(DropReason::NoRoute);
         };
         if buf.len() > usize::from(self.tunnel.mtu) {
+            // Quote the packet as the local stack sent it, so its conntrack recognises it.
             return self.too_big(buf, &inner);
+        }
+        if self.nat.egress(buf.as_mut_slice()).is_err() {
+            return Verdict::Drop(DropReason::Malformed);
         }
         let len = buf.len() as u64;
         let peer = &mut self.peers[idx];
@@ -567,6 +579,10 @@ impl Inbound {
         buf.truncate(inner.total_len);
         if self.allowed.lookup(inner.src) != Some(&idx) {
             return Verdict::Drop(DropReason::NotAllowed);
+        }
+        // Checked against the real source above; the local stack sees the alias.
+        if self.nat.ingress(buf.as_mut_slice()).is_err() {
+            return Verdict::Drop(DropReason::Malformed);
         }
         let s = &self.stats.peers[idx];
         s.rx_packets.fetch_add(1, Relaxed);

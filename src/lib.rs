@@ -14,6 +14,7 @@ pub mod lab;
 pub mod nat;
 pub mod prefix;
 pub mod replay;
+pub mod rules;
 pub mod sa;
 pub mod sys;
 pub mod wire;

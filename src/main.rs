@@ -34,6 +34,15 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print the netfilter rules the NAT helper installs, as a shell script.
+    Rules {
+        /// The TOML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the removal script instead.
+        #[arg(long)]
+        remove: bool,
+    },
     /// Print fresh random key material (hex of key || 4-byte salt, the `ip xfrm` layout).
     Genkey {
         /// aes-128-gcm, aes-256-gcm or chacha20-poly1305.
@@ -85,6 +94,25 @@ enum LabCmd {
         #[arg(long)]
         no_install: bool,
     },
+    /// Scenario 3: an encrypted pair on one LAN with the NAT helpers (A 10.0.0.161, B 10.0.0.160,
+    /// alias 10.0.1.0/24).
+    SameLan {
+        /// ESP cipher.
+        #[arg(long, default_value = "aes-128-gcm")]
+        cipher: String,
+        /// Size of the TCP transfer in MB.
+        #[arg(long, default_value_t = 50)]
+        megabytes: u64,
+        /// Leave the namespaces and daemons running to explore.
+        #[arg(long)]
+        keep: bool,
+        /// Keep the configs, logs and the LAN capture (lan.pcap) here.
+        #[arg(long)]
+        pcap: Option<PathBuf>,
+        /// Do not install missing Debian packages; fail instead.
+        #[arg(long)]
+        no_install: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -93,6 +121,13 @@ enum ToolCmd {
     Sink {
         #[arg(long)]
         listen: std::net::SocketAddr,
+    },
+    /// Serve a one-line HTTP page, logging each client address.
+    HttpServe {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        name: String,
     },
     /// Send a reproducible stream and print its bytes and SHA-256.
     Source {
@@ -178,6 +213,10 @@ fn main() -> Result<()> {
             espip::daemon::run(cfg)?;
         }
         Cmd::Check { config } => check(&config)?,
+        Cmd::Rules { config, remove } => {
+            let cfg = Config::load(&config)?;
+            print!("{}", espip::rules::script(&cfg, remove));
+        }
         Cmd::Genkey { cipher } => {
             let k = espip::sys::random_key(cipher_arg(&cipher)?)?;
             println!("{}", k.to_hex().as_str());
@@ -219,9 +258,34 @@ fn main() -> Result<()> {
                     std::process::exit(1);
                 }
             }
+            LabCmd::SameLan {
+                cipher,
+                megabytes,
+                keep,
+                pcap,
+                no_install,
+            } => {
+                if megabytes == 0 {
+                    bail!("--megabytes must be at least 1");
+                }
+                let opts = espip::lab::same_lan::SameLanOptions {
+                    cipher: cipher_arg(&cipher)?,
+                    megabytes,
+                    keep,
+                    pcap_dir: pcap,
+                    install: !no_install,
+                    exe: std::env::current_exe().context("locating the espip binary")?,
+                };
+                let report = espip::lab::same_lan::run(&opts)?;
+                print!("{}", report.render());
+                if !report.passed() {
+                    std::process::exit(1);
+                }
+            }
         },
         Cmd::LabTool { tool } => match tool {
             ToolCmd::Sink { listen } => println!("{}", espip::lab::transfer::sink(listen)?),
+            ToolCmd::HttpServe { listen, name } => espip::lab::transfer::http_serve(listen, &name)?,
             ToolCmd::Source { connect, bytes } => {
                 println!("{}", espip::lab::transfer::source(connect, bytes)?)
             }

@@ -55,11 +55,19 @@ fn esp_pair(c: Cipher, esn: bool, window: u32) -> (Host, Host) {
         icmp_src_v4: Some(Ipv4Addr::new(10, 4, 2, 99)),
         icmp_src_v6: Some("fd00::99".parse().unwrap()),
     };
-    let (out, inb, stats) =
-        datapath::build(&[spec("b", B, "10.4.2.5/32", &ab, &ba, 0x1001, 0x1002)], t).unwrap();
+    let (out, inb, stats) = datapath::build(
+        &[spec("b", B, "10.4.2.5/32", &ab, &ba, 0x1001, 0x1002)],
+        t,
+        Default::default(),
+    )
+    .unwrap();
     let a = Host { out, inb, stats };
-    let (out, inb, stats) =
-        datapath::build(&[spec("a", A, "10.4.2.99/32", &ba, &ab, 0x1002, 0x1001)], t).unwrap();
+    let (out, inb, stats) = datapath::build(
+        &[spec("a", A, "10.4.2.99/32", &ba, &ab, 0x1002, 0x1001)],
+        t,
+        Default::default(),
+    )
+    .unwrap();
     (a, Host { out, inb, stats })
 }
 
@@ -284,9 +292,11 @@ fn ipip_both_ways_and_unknown_peer() {
         icmp_src_v4: None,
         icmp_src_v6: None,
     };
-    let (out, inb, stats) = datapath::build(&[spec(B, "10.4.2.5/32")], t).unwrap();
+    let (out, inb, stats) =
+        datapath::build(&[spec(B, "10.4.2.5/32")], t, Default::default()).unwrap();
     let mut a = Host { out, inb, stats };
-    let (out, inb, stats) = datapath::build(&[spec(A, "10.4.2.99/32")], t).unwrap();
+    let (out, inb, stats) =
+        datapath::build(&[spec(A, "10.4.2.99/32")], t, Default::default()).unwrap();
     let mut b = Host { out, inb, stats };
     let p = ipv4([10, 4, 2, 99], [10, 4, 2, 5], 1480, true);
     let (wire, v, got) = send(&mut a, &mut b, A, &p, 0);

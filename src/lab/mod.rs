@@ -4,6 +4,7 @@
 pub mod netns;
 pub mod p2p;
 pub mod pcap;
+pub mod same_lan;
 pub mod transfer;
 
 use std::io;

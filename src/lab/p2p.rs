@@ -116,12 +116,12 @@ pub fn config_text(mode: LabMode, me_a: bool, keys: Option<&LabKeys>, esn: bool)
     s
 }
 
-fn write_private(path: &Path, text: &str) -> io::Result<()> {
+pub(crate) fn write_private(path: &Path, text: &str) -> io::Result<()> {
     std::fs::write(path, text)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
-fn ping(ns: &Netns, to: &str) -> (bool, String) {
+pub(crate) fn ping(ns: &Netns, to: &str) -> (bool, String) {
     match netns::run(
         ns.command("ping")
             .args(["-c", "3", "-i", "0.2", "-W", "2", to]),
@@ -140,7 +140,7 @@ fn ping(ns: &Netns, to: &str) -> (bool, String) {
 }
 
 /// Extract `key=value` from the last log line containing `marker`.
-fn log_field(log: &str, marker: &str, key: &str) -> Option<String> {
+pub(crate) fn log_field(log: &str, marker: &str, key: &str) -> Option<String> {
     let line = log.lines().rev().find(|l| l.contains(marker))?;
     let start = line.find(&format!("{key}="))? + key.len() + 1;
     let rest = &line[start..];

@@ -1,6 +1,7 @@
 //! The kernel edges: the TUN device, raw IP sockets, rtnetlink. Nothing in the pure core
 //! imports this module (`tests/layering.rs`).
 
+pub mod iptables;
 pub mod netlink;
 pub mod raw;
 pub mod tun;

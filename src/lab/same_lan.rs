@@ -1,0 +1,351 @@
+//! Scenario 3 `same-lan` (SCENARIOS.md, seed 001 "场景2"): A 10.0.0.161 and B 10.0.0.160 on one
+//! LAN segment, their traffic to each other encrypted although routing never sends on-link
+//! traffic to a TUN. Each host's espip installs the article's OUTPUT DNAT (peer real -> peer
+//! alias in 10.0.1.0/24, routed to the TUN), restores the real destination on egress and moves
+//! the source into the alias prefix on ingress so conntrack un-NATs the replies.
+
+use super::netns::{self, Daemon, Netns};
+use super::p2p::{log_field, ping, write_private, LabKeys};
+use super::{pcap, transfer, Report};
+use crate::sa::Cipher;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// Host A's LAN address.
+pub const A: &str = "10.0.0.161";
+/// Host B's LAN address.
+pub const B: &str = "10.0.0.160";
+
+/// Options of `espip lab same-lan`.
+#[derive(Debug, Clone)]
+pub struct SameLanOptions {
+    /// ESP cipher.
+    pub cipher: Cipher,
+    /// Size of the TCP transfer in MB.
+    pub megabytes: u64,
+    /// Leave everything running.
+    pub keep: bool,
+    /// Keep configs, logs and the capture here.
+    pub pcap_dir: Option<PathBuf>,
+    /// Install missing Debian packages.
+    pub install: bool,
+    /// The espip binary.
+    pub exe: PathBuf,
+}
+
+/// Programs this lab needs beyond the common ones.
+pub const TOOLS: &[(&str, &str)] = &[("iptables", "iptables"), ("curl", "curl")];
+
+/// The configuration of one host.
+pub fn config_text(me_a: bool, cipher: Cipher, keys: &LabKeys) -> String {
+    let (peer, endpoint, spi_out, spi_in, key_out, key_in) = if me_a {
+        ("b", B, 0x2001u32, 0x2002u32, &keys.a_to_b, &keys.b_to_a)
+    } else {
+        ("a", A, 0x2002, 0x2001, &keys.b_to_a, &keys.a_to_b)
+    };
+    format!(
+        "# espip lab same-lan, host {}\n[interface]\nname = \"espip0\"\n\n[nat]\nrules = \"apply\"\n\n[[nat.map]]\nreal = \"10.0.0.0/24\"\nalias = \"10.0.1.0/24\"\n\n[[peer]]\nname = \"{peer}\"\nendpoint = \"{endpoint}\"\nallowed_ips = [\"{endpoint}/32\"]\nmode = \"esp\"\ncipher = \"{}\"\nspi_out = \"{spi_out:#010x}\"\nspi_in = \"{spi_in:#010x}\"\nkey_out = \"{}\"\nkey_in = \"{}\"\n",
+        if me_a { "A" } else { "B" },
+        cipher.name(),
+        key_out.to_hex().as_str(),
+        key_in.to_hex().as_str()
+    )
+}
+
+fn rules_of(ns: &Netns) -> String {
+    netns::run(&mut ns.command("iptables-save"))
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn curl(ns: &Netns, url: &str) -> (bool, String) {
+    match netns::run(ns.command("curl").args(["-sS", "--max-time", "5", url])) {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout).trim(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+/// Run the same-lan lab.
+pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
+    super::ensure_root()?;
+    super::ensure_tools(super::TOOLS, opts.install)?;
+    super::ensure_tools(TOOLS, opts.install)?;
+    let stale = netns::remove_stale();
+    let mut report = Report {
+        title: format!("espip lab same-lan (esp {})", opts.cipher.name()),
+        ..Default::default()
+    };
+    println!("{}", report.title);
+    if !stale.is_empty() {
+        report
+            .notes
+            .push(format!("removed stale namespaces: {}", stale.join(" ")));
+    }
+    let (work, keep_work) = match &opts.pcap_dir {
+        Some(d) => (d.clone(), true),
+        None => (
+            std::env::temp_dir().join(format!("espip-lab-same-lan-{}", std::process::id())),
+            opts.keep,
+        ),
+    };
+    std::fs::create_dir_all(&work)?;
+    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
+
+    let a = Netns::new("lan", "a")?;
+    let b = Netns::new("lan", "b")?;
+    netns::veth(&a, &format!("{A}/24"), &b, &format!("{B}/24"), "lan0")?;
+    // Strict reverse-path filtering, as many distributions set it: the alias routes on the TUN
+    // must satisfy it.
+    for ns in [&a, &b] {
+        ns.sysctl("net.ipv4.conf.all.rp_filter", "1")?;
+        ns.sysctl("net.ipv4.conf.default.rp_filter", "1")?;
+    }
+    let keys = LabKeys::generate(opts.cipher)?;
+    let cfg_a = work.join("a.toml");
+    let cfg_b = work.join("b.toml");
+    write_private(&cfg_a, &config_text(true, opts.cipher, &keys))?;
+    write_private(&cfg_b, &config_text(false, opts.cipher, &keys))?;
+
+    // The capture covers everything after the daemons start.
+    let wire = work.join("lan.pcap");
+    let cap_log = work.join("tcpdump.log");
+    let mut tcpdump = a
+        .command("tcpdump")
+        .args(["-i", "lan0", "-n", "-U", "-s", "0", "-w"])
+        .arg(&wire)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&cap_log)?)
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&cap_log)
+        .unwrap_or_default()
+        .contains("listening on")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let mut da = Daemon::start(&a, &opts.exe, &cfg_a, &work.join("a.log"))?;
+    let mut db = Daemon::start(&b, &opts.exe, &cfg_b, &work.join("b.log"))?;
+    let (ra, rb) = (rules_of(&a), rules_of(&b));
+    report.check(
+        "daemons up, rules installed",
+        ra.contains("-A ESPIP-espip0 -d 10.0.0.160/32 -j DNAT --to-destination 10.0.1.160")
+            && rb.contains("-A ESPIP-espip0 -d 10.0.0.161/32 -j DNAT --to-destination 10.0.1.161")
+            && ra.contains("--clamp-mss-to-pmtu"),
+        format!(
+            "A: {} espip rule lines, B: {}; alias route: {}",
+            ra.lines().filter(|l| l.contains("ESPIP")).count(),
+            rb.lines().filter(|l| l.contains("ESPIP")).count(),
+            String::from_utf8_lossy(&a.ip(&["route", "show", "10.0.1.0/24"])?.stdout).trim()
+        ),
+    );
+
+    let (ok, d) = ping(&a, B);
+    report.check(format!("ping A -> B {B}"), ok, d);
+    let (ok, d) = ping(&b, A);
+    report.check(format!("ping B -> A {A}"), ok, d);
+
+    let servers: Vec<_> = [(&a, A, "A"), (&b, B, "B")]
+        .into_iter()
+        .map(|(ns, addr, name)| {
+            ns.command(&opts.exe)
+                .args([
+                    "lab-tool",
+                    "http-serve",
+                    "--listen",
+                    &format!("{addr}:80"),
+                    "--name",
+                    name,
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+        })
+        .collect::<Result<_, _>>()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, body) = curl(&a, &format!("http://{B}/"));
+    report.check(
+        format!("HTTP A -> http://{B}/"),
+        ok && body.contains("host B"),
+        body,
+    );
+    let (ok, body) = curl(&b, &format!("http://{A}/"));
+    report.check(
+        format!("HTTP B -> http://{A}/"),
+        ok && body.contains("host A"),
+        body,
+    );
+    for mut s in servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+
+    let bytes = opts.megabytes * 1_000_000;
+    let sink = b
+        .command(&opts.exe)
+        .args(["lab-tool", "sink", "--listen", &format!("{B}:5001")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let started = Instant::now();
+    let src_out = netns::run(a.command(&opts.exe).args([
+        "lab-tool",
+        "source",
+        "--connect",
+        &format!("{B}:5001"),
+        "--bytes",
+        &bytes.to_string(),
+    ]))?;
+    let elapsed = started.elapsed();
+    let sink_out = sink.wait_with_output()?;
+    let sent: Result<transfer::Digest, _> = String::from_utf8_lossy(&src_out.stdout).trim().parse();
+    let got: Result<transfer::Digest, _> = String::from_utf8_lossy(&sink_out.stdout).trim().parse();
+    match (&sent, &got) {
+        (Ok(s), Ok(g)) => report.check(
+            format!("TCP transfer {} MB A -> {B}", opts.megabytes),
+            s == g && s.bytes == bytes,
+            format!(
+                "sent {} received {}; sha256 {} {} ({:.0} Mbit/s)",
+                s.bytes,
+                g.bytes,
+                &s.sha256[..16],
+                if s == g { "==" } else { "!=" },
+                s.bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e6
+            ),
+        ),
+        _ => report.check(
+            format!("TCP transfer {} MB A -> {B}", opts.megabytes),
+            false,
+            format!(
+                "source: {}; sink: {}",
+                String::from_utf8_lossy(&src_out.stderr).trim(),
+                String::from_utf8_lossy(&sink_out.stderr).trim()
+            ),
+        ),
+    }
+
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tcpdump.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = tcpdump.wait();
+    lan_check(&mut report, &wire, bytes)?;
+
+    if opts.keep {
+        report
+            .notes
+            .push("left running (--keep). Explore with:".into());
+        for ns in [&a, &b] {
+            report
+                .notes
+                .push(format!("  ip netns exec {} bash", ns.name()));
+        }
+        report.notes.push(format!(
+            "files in {}; tear down with: ip netns del {}; ip netns del {}",
+            work.display(),
+            a.name(),
+            b.name()
+        ));
+        std::mem::forget(da);
+        std::mem::forget(db);
+        std::mem::forget(a);
+        std::mem::forget(b);
+        return Ok(report);
+    }
+
+    let clean = da.stop()? & db.stop()?;
+    let left: Vec<String> = [(&a, "A"), (&b, "B")]
+        .iter()
+        .flat_map(|(ns, h)| {
+            let mut l = Vec::new();
+            if rules_of(ns).to_lowercase().contains("espip") {
+                l.push(format!("{h}: iptables rules"));
+            }
+            if ns.has_link("espip0") {
+                l.push(format!("{h}: espip0"));
+            }
+            if let Ok(o) = ns.ip(&["route", "show"]) {
+                if String::from_utf8_lossy(&o.stdout).contains("10.0.1.") {
+                    l.push(format!("{h}: alias route"));
+                }
+            }
+            l
+        })
+        .collect();
+    report.check(
+        "clean stop",
+        clean && left.is_empty(),
+        if left.is_empty() {
+            "SIGTERM: both exit 0; no espip rule, route or device left".to_string()
+        } else {
+            format!("left behind: {}", left.join(", "))
+        },
+    );
+    for (host, d) in [("A", &da), ("B", &db)] {
+        let log = d.log();
+        let f = |k| log_field(&log, "peer totals", k).unwrap_or_else(|| "?".into());
+        report.notes.push(format!(
+            "{host}: tx {} packets, rx {} packets, drops [{}]",
+            f("tx_packets"),
+            f("rx_packets"),
+            log_field(&log, "drop totals", "drops").unwrap_or_default()
+        ));
+    }
+    if keep_work {
+        report
+            .notes
+            .push(format!("configs, logs and lan.pcap in {}", work.display()));
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    Ok(report)
+}
+
+/// The LAN capture must show no TCP, UDP or ICMP between A and B: only ESP (and ARP).
+fn lan_check(report: &mut Report, wire: &Path, bytes: u64) -> io::Result<()> {
+    let frames = pcap::read(wire)?;
+    let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
+        (A.parse().expect("literal"), B.parse().expect("literal"));
+    let mut esp = 0u64;
+    let mut clear = std::collections::BTreeMap::new();
+    let mut arp = 0;
+    let mut other = 0;
+    let mut canary = 0;
+    for f in &frames {
+        match f.ipv4() {
+            Some((s, d, p)) if (s == a && d == b) || (s == b && d == a) => {
+                if p == 50 {
+                    esp += 1;
+                } else {
+                    *clear.entry(p).or_insert(0u64) += 1;
+                }
+            }
+            _ if f.ethertype == 0x0806 => arp += 1,
+            _ => other += 1,
+        }
+        if pcap::contains(&f.payload, transfer::CANARY) {
+            canary += 1;
+        }
+    }
+    report.check(
+        "LAN capture: only ESP and ARP between A and B",
+        clear.is_empty() && other == 0 && esp >= bytes / 1500 && canary == 0,
+        format!(
+            "{} frames: esp {esp}, arp {arp}, in clear {:?}, other {other}; plaintext canary in {canary}",
+            frames.len(),
+            clear
+        ),
+    );
+    Ok(())
+}

@@ -1,0 +1,285 @@
+//! The netfilter rules of the NAT helper, from one source: the daemon executes these commands
+//! (`RulesMode::Apply`) and `espip rules` prints them as the shell scripts shipped in
+//! `iptables/`. Nothing else writes rules.
+//!
+//! All rules live in espip's own chains, `ESPIP-<interface>` (nat) and `ESPIP-<interface>-MSS`
+//! (mangle), reached by one jump each from OUTPUT / POSTROUTING tagged with the comment
+//! `espip:<interface>`. Removal deletes only those jumps and chains, never a user's rules.
+
+use crate::config::{Config, RulesMode};
+use crate::datapath::EncapSpec;
+use std::net::IpAddr;
+
+/// One `iptables` invocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IptCmd {
+    /// Arguments after `iptables`.
+    pub args: Vec<String>,
+    /// Removal steps may find nothing to remove.
+    pub may_fail: bool,
+}
+
+fn cmd(may_fail: bool, args: &[&str]) -> IptCmd {
+    IptCmd {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        may_fail,
+    }
+}
+
+/// The nat chain of an interface.
+pub fn nat_chain(iface: &str) -> String {
+    format!("ESPIP-{iface}")
+}
+
+/// The mangle chain of an interface.
+pub fn mss_chain(iface: &str) -> String {
+    format!("ESPIP-{iface}-MSS")
+}
+
+/// The comment that tags espip's jump rules.
+pub fn tag(iface: &str) -> String {
+    format!("espip:{iface}")
+}
+
+/// Commands that remove every rule espip installs for `iface` (each may find nothing).
+pub fn remove(iface: &str) -> Vec<IptCmd> {
+    let (nat, mss, tag) = (nat_chain(iface), mss_chain(iface), tag(iface));
+    vec![
+        cmd(
+            true,
+            &[
+                "-t",
+                "nat",
+                "-D",
+                "OUTPUT",
+                "-m",
+                "comment",
+                "--comment",
+                &tag,
+                "-j",
+                &nat,
+            ],
+        ),
+        cmd(true, &["-t", "nat", "-F", &nat]),
+        cmd(true, &["-t", "nat", "-X", &nat]),
+        cmd(
+            true,
+            &[
+                "-t",
+                "mangle",
+                "-D",
+                "POSTROUTING",
+                "-m",
+                "comment",
+                "--comment",
+                &tag,
+                "-j",
+                &mss,
+            ],
+        ),
+        cmd(true, &["-t", "mangle", "-F", &mss]),
+        cmd(true, &["-t", "mangle", "-X", &mss]),
+    ]
+}
+
+/// Commands that install the rules of `cfg` (after removing stale ones). Empty when the
+/// configuration has no NAT map.
+pub fn apply(cfg: &Config) -> Vec<IptCmd> {
+    if cfg.nat.maps.is_empty() {
+        return Vec::new();
+    }
+    let iface = &cfg.interface.name;
+    let (nat, mss, tag) = (nat_chain(iface), mss_chain(iface), tag(iface));
+    let mut out = remove(iface);
+    out.push(cmd(false, &["-t", "nat", "-N", &nat]));
+    // The tunnel's own packets to a peer's real address must not be moved into the alias.
+    let mut protos = Vec::new();
+    for p in &cfg.peers {
+        match p.encap {
+            EncapSpec::Esp { .. } => protos.push("esp"),
+            EncapSpec::IpIp => protos.extend(["4", "41"]),
+        }
+    }
+    protos.dedup();
+    for proto in &protos {
+        out.push(cmd(
+            false,
+            &["-t", "nat", "-A", &nat, "-p", proto, "-j", "RETURN"],
+        ));
+    }
+    for p in &cfg.peers {
+        for a in &p.allowed_ips {
+            let inside = cfg
+                .nat
+                .maps
+                .iter()
+                .any(|m| m.real.contains(a.addr()) && a.len() >= m.real.len());
+            let (true, Some(IpAddr::V4(alias))) = (inside, cfg.nat_table().to_alias(a.addr()))
+            else {
+                continue;
+            };
+            let dst = a.to_string();
+            if a.len() == 32 {
+                out.push(cmd(
+                    false,
+                    &[
+                        "-t",
+                        "nat",
+                        "-A",
+                        &nat,
+                        "-d",
+                        &dst,
+                        "-j",
+                        "DNAT",
+                        "--to-destination",
+                        &alias.to_string(),
+                    ],
+                ));
+            } else {
+                let to = format!("{alias}/{}", a.len());
+                out.push(cmd(
+                    false,
+                    &[
+                        "-t", "nat", "-A", &nat, "-d", &dst, "-j", "NETMAP", "--to", &to,
+                    ],
+                ));
+            }
+        }
+    }
+    out.push(cmd(
+        false,
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-m",
+            "comment",
+            "--comment",
+            &tag,
+            "-j",
+            &nat,
+        ],
+    ));
+    // Sockets chose their MSS for the LAN's MTU before the DNAT moved them into the tunnel.
+    out.push(cmd(false, &["-t", "mangle", "-N", &mss]));
+    out.push(cmd(
+        false,
+        &[
+            "-t",
+            "mangle",
+            "-A",
+            &mss,
+            "-o",
+            iface,
+            "-p",
+            "tcp",
+            "--tcp-flags",
+            "SYN,RST",
+            "SYN",
+            "-j",
+            "TCPMSS",
+            "--clamp-mss-to-pmtu",
+        ],
+    ));
+    out.push(cmd(
+        false,
+        &[
+            "-t",
+            "mangle",
+            "-A",
+            "POSTROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            &tag,
+            "-j",
+            &mss,
+        ],
+    ));
+    out
+}
+
+fn render(cmds: &[IptCmd]) -> String {
+    let mut s = String::new();
+    for c in cmds {
+        s.push_str("iptables");
+        for a in &c.args {
+            if a.starts_with('!') || a.contains(' ') {
+                s.push_str(&format!(" '{a}'"));
+            } else {
+                s.push_str(&format!(" {a}"));
+            }
+        }
+        if c.may_fail {
+            s.push_str(" 2>/dev/null || true");
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// The shell script that installs (or, with `removing`, removes) the rules of `cfg`, as
+/// `espip rules` prints it and `iptables/` ships it.
+pub fn script(cfg: &Config, removing: bool) -> String {
+    let iface = &cfg.interface.name;
+    let maps: Vec<String> = cfg
+        .nat
+        .maps
+        .iter()
+        .map(|m| format!("{} <-> {}", m.real, m.alias))
+        .collect();
+    let mut s = String::from("#!/bin/sh\n");
+    s.push_str(&format!(
+        "# espip NAT helper rules for interface {iface} (maps: {}).\n",
+        if maps.is_empty() {
+            "none".to_string()
+        } else {
+            maps.join(", ")
+        }
+    ));
+    s.push_str("# Generated by `espip rules`; the daemon runs exactly these commands when [nat] rules = \"apply\".\n");
+    s.push_str(&format!("# Everything lives in chains {} (nat) and {} (mangle), reached by jumps tagged\n# with the comment {}; nothing else is touched. Safe to run twice.\nset -e\n", nat_chain(iface), mss_chain(iface), tag(iface)));
+    if removing {
+        s.push_str("\n# Remove the jumps, then empty and delete espip's chains.\n");
+        s.push_str(&render(&remove(iface)));
+        return s;
+    }
+    if cfg.nat.maps.is_empty() {
+        s.push_str("\n# No [[nat.map]]: nothing to install.\n");
+        return s;
+    }
+    let cmds = apply(cfg);
+    let n_remove = remove(iface).len();
+    s.push_str("\n# 1. Remove what an earlier run left (idempotence).\n");
+    s.push_str(&render(&cmds[..n_remove]));
+    s.push_str("\n# 2. Locally generated packets to a peer's real address are moved into its alias\n#    (DNAT), which is routed to the TUN; the tunnel's own packets are left alone.\n");
+    let nat_end = cmds
+        .iter()
+        .position(|c| {
+            c.args.get(1).map(String::as_str) == Some("mangle")
+                && c.args.get(2).map(String::as_str) == Some("-N")
+        })
+        .unwrap_or(cmds.len());
+    s.push_str(&render(&cmds[n_remove..nat_end]));
+    s.push_str("\n# 3. Clamp the TCP MSS of SYNs leaving through the tunnel to its MTU.\n");
+    s.push_str(&render(&cmds[nat_end..]));
+    s.push_str(&format!(
+        "\n# The daemon also routes {} to {iface} (over netlink) while it runs:\n",
+        cfg.nat
+            .maps
+            .iter()
+            .map(|m| m.alias.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    for m in &cfg.nat.maps {
+        s.push_str(&format!("#   ip route replace {} dev {iface}\n", m.alias));
+    }
+    s
+}
+
+/// True when the daemon installs rules for this configuration.
+pub fn daemon_applies(cfg: &Config) -> bool {
+    cfg.nat.rules == RulesMode::Apply && !cfg.nat.maps.is_empty()
+}
