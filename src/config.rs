@@ -834,4 +834,34 @@ key_in = "{KEY16B}"
             "{e}"
         );
     }
+
+    #[test]
+    fn nat_maps_are_validated() {
+        let lan = |nat: &str| {
+            format!(
+                "[interface]\nname = \"espip0\"\n{nat}\n[[peer]]\nname = \"b\"\nendpoint = \"10.0.0.160\"\nallowed_ips = [\"10.0.0.160/32\"]\nmode = \"ipip\"\n"
+            )
+        };
+        let ok = lan("[[nat.map]]\nreal = \"10.0.0.0/24\"\nalias = \"10.0.1.0/24\"\n");
+        let c = Config::parse(&ok, Path::new(".")).unwrap();
+        assert_eq!(c.nat.rules, RulesMode::Apply, "maps default to apply");
+        assert_eq!(
+            c.routes(),
+            vec!["10.0.1.0/24".parse().unwrap()],
+            "the on-link peer is not routed; the alias is"
+        );
+        let e = err(&lan(
+            "[[nat.map]]\nreal = \"10.0.0.0/24\"\nalias = \"10.0.1.0/25\"\n",
+        ));
+        assert!(e.contains("same size") && e.contains("10.0.1.0/25"), "{e}");
+        let e = err(&lan(
+            "[[nat.map]]\nreal = \"10.0.0.0/16\"\nalias = \"10.0.1.0/16\"\n",
+        ));
+        assert!(e.contains("does not overlap"), "{e}");
+        let e = err(&lan("[nat]\nrules = \"sometimes\"\n[[nat.map]]\nreal = \"10.0.0.0/24\"\nalias = \"10.0.1.0/24\"\n"));
+        assert!(e.contains("nat.rules") && e.contains("print"), "{e}");
+        // Without a map, an on-link peer's address would be routed into the tunnel: a loop.
+        let e = err(&lan(""));
+        assert!(e.contains("nat.map") && e.contains("10.0.0.160"), "{e}");
+    }
 }

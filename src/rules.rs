@@ -283,3 +283,51 @@ pub fn script(cfg: &Config, removing: bool) -> String {
 pub fn daemon_applies(cfg: &Config) -> bool {
     cfg.nat.rules == RulesMode::Apply && !cfg.nat.maps.is_empty()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sa::{Cipher, KeyMaterial};
+
+    /// The configuration of host A of the same-lan lab, with fixed keys.
+    pub(crate) fn lab_a() -> Config {
+        let keys = crate::lab::p2p::LabKeys {
+            a_to_b: KeyMaterial::new(Cipher::Aes128Gcm, &[1; 20]).unwrap(),
+            b_to_a: KeyMaterial::new(Cipher::Aes128Gcm, &[2; 20]).unwrap(),
+        };
+        let text = crate::lab::same_lan::config_text(true, Cipher::Aes128Gcm, &keys);
+        Config::parse(&text, std::path::Path::new(".")).unwrap()
+    }
+
+    /// The scripts in iptables/ are exactly what `espip rules` prints for the lab's host A, so
+    /// the shipped scripts and the daemon cannot drift apart.
+    #[test]
+    fn shipped_scripts_match_the_generator() {
+        let cfg = lab_a();
+        assert_eq!(script(&cfg, false), include_str!("../iptables/same-lan.sh"));
+        assert_eq!(
+            script(&cfg, true),
+            include_str!("../iptables/same-lan-remove.sh")
+        );
+    }
+
+    #[test]
+    fn apply_starts_with_removal_and_tags_every_jump() {
+        let cfg = lab_a();
+        let cmds = apply(&cfg);
+        assert_eq!(&cmds[..6], &remove("espip0")[..]);
+        let jumps: Vec<_> = cmds
+            .iter()
+            .filter(|c| c.args[2] == "-A" && (c.args[3] == "OUTPUT" || c.args[3] == "POSTROUTING"))
+            .collect();
+        assert_eq!(jumps.len(), 2);
+        assert!(jumps
+            .iter()
+            .all(|c| c.args.contains(&"espip:espip0".to_string())));
+        assert!(cmds.iter().any(|c| c.args.join(" ")
+            == "-t nat -A ESPIP-espip0 -d 10.0.0.160/32 -j DNAT --to-destination 10.0.1.160"));
+        assert!(cmds
+            .iter()
+            .any(|c| c.args.join(" ") == "-t nat -A ESPIP-espip0 -p esp -j RETURN"));
+    }
+}
