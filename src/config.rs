@@ -123,6 +123,7 @@ struct RawInterface {
     address: Vec<String>,
     mtu: Option<i64>,
     local: Option<String>,
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -177,7 +178,12 @@ pub struct Interface {
     pub mtu: Option<u16>,
     /// Outer source address.
     pub local: Option<IpAddr>,
+    /// Where sequence number reservations are kept.
+    pub state_dir: PathBuf,
 }
+
+/// Default `interface.state_dir`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/espip";
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -217,7 +223,7 @@ impl Config {
             message: e.to_string().trim_end().to_string(),
         })?;
         let mut warnings = Vec::new();
-        let interface = interface(raw.interface)?;
+        let interface = interface(raw.interface, base)?;
         if raw.peer.is_empty() {
             return Err(invalid(
                 "peer",
@@ -394,7 +400,7 @@ fn nat(raw: Option<RawNat>) -> Result<Nat, ConfigError> {
     Ok(Nat { maps, rules })
 }
 
-fn interface(raw: RawInterface) -> Result<Interface, ConfigError> {
+fn interface(raw: RawInterface, base: &Path) -> Result<Interface, ConfigError> {
     let name = raw.name;
     if name.is_empty()
         || name.len() > 15
@@ -471,11 +477,24 @@ fn interface(raw: RawInterface) -> Result<Interface, ConfigError> {
             "an IPv4 address: the outer (underlay) side is IPv4 in this version",
         ));
     }
+    let state_dir = match raw.state_dir {
+        None => PathBuf::from(DEFAULT_STATE_DIR),
+        Some(d) if d.as_os_str().is_empty() => {
+            return Err(invalid(
+                "interface.state_dir",
+                "\"\"",
+                "a directory for sequence number state, e.g. \"/var/lib/espip\"",
+            ))
+        }
+        Some(d) if d.is_relative() => base.join(d),
+        Some(d) => d,
+    };
     Ok(Interface {
         name,
         addresses,
         mtu,
         local,
+        state_dir,
     })
 }
 

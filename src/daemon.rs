@@ -15,6 +15,7 @@ use crate::buf::{PacketBuf, MAX_PACKET};
 use crate::config::Config;
 use crate::datapath::{self, DropReason, EncapSpec, Inbound, Outbound, Stats, TunnelSpec, Verdict};
 use crate::sys::raw::{strip_ipv4_header, RawSocket};
+use crate::sys::seqstore::{SeqStore, RESERVE};
 use crate::sys::tun::Tun;
 use crate::wire::ip::{PROTO_ESP, PROTO_IPIP, PROTO_IPV6};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -78,6 +79,11 @@ pub enum DaemonError {
     /// Data path build.
     #[error(transparent)]
     Build(#[from] datapath::BuildError),
+    /// The sequence state directory.
+    #[error(
+        "sequence number state in {0}: {1}; set interface.state_dir to a directory root can write"
+    )]
+    State(std::path::PathBuf, io::Error),
     /// Anything else of the OS.
     #[error("{0}: {1}")]
     Os(&'static str, io::Error),
@@ -198,7 +204,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             _ => None,
         }),
     };
-    let (outbound, inbound, stats) = datapath::build(&cfg.peers, tunnel, cfg.nat_table())?;
+    let (mut outbound, inbound, stats) = datapath::build(&cfg.peers, tunnel, cfg.nat_table())?;
+    let store = SeqStore::open(&cfg.interface.state_dir, &cfg.interface.name)
+        .map_err(|e| DaemonError::State(cfg.interface.state_dir.clone(), e))?;
+    reserve_initial(&mut outbound, &store)
+        .map_err(|e| DaemonError::State(cfg.interface.state_dir.clone(), e))?;
     // Rules last: a failure above leaves nothing in netfilter. Stale rules of a killed daemon
     // are removed first (the apply list starts with the removal).
     let _rules = if crate::rules::daemon_applies(&cfg) {
@@ -258,7 +268,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         let (tun, sockets, stop, edge) = (tun.clone(), sockets.clone(), stop.clone(), edge.clone());
         std::thread::Builder::new()
             .name("espip-tx".into())
-            .spawn(move || tx_loop(outbound, &tun, &sockets, &stop, &edge, clock))
+            .spawn(move || tx_loop(outbound, &tun, &sockets, &stop, &edge, clock, &store))
             .map_err(|e| DaemonError::Os("spawn TX thread", e))?
     };
     let rx = {
@@ -286,13 +296,72 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let signal = signal.map_err(|e| DaemonError::Os("signal handler", e))?;
     info!(signal, "stopping");
     let _ = stop.write(1);
-    let _ = tx.join();
+    if let Ok((out, store)) = tx.join() {
+        record_final(&out, &store);
+    }
     let _ = rx.join();
     log_summary(&cfg, &stats, &edge);
     drop(_rules);
     drop(tun);
     info!(interface = %cfg.interface.name, "stopped; TUN device and its routes removed");
     Ok(())
+}
+
+/// Resume every outbound SA after its saved reservation (1 for a new key) and reserve the
+/// first block before anything is sent.
+fn reserve_initial(out: &mut Outbound, store: &SeqStore) -> io::Result<()> {
+    for idx in 0..out.peer_count() {
+        let Some((spi, fp, _, _)) = out.sa_reservation(idx) else {
+            continue;
+        };
+        let fp = fp.to_string();
+        let start = store.load(spi, &fp)?.map_or(1, |r| r.saturating_add(1));
+        let limit = start.saturating_add(RESERVE - 1);
+        store.save(spi, &fp, limit)?;
+        out.set_next_seq(idx, start);
+        out.set_limit(idx, limit);
+        if start > 1 {
+            info!(
+                spi = format!("{spi:#010x}"),
+                start, "outbound SA resumes after its saved sequence number"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Extend reservations that are half used. A failed write leaves the limit where it is, so the
+/// SA stops at the end of what is on disk (`seq_unreserved`) rather than risk a repeat.
+fn extend_reservations(out: &mut Outbound, store: &SeqStore, warn_state: &mut RateLimit) {
+    for idx in 0..out.peer_count() {
+        let Some((spi, fp, next, limit)) = out.sa_reservation(idx) else {
+            continue;
+        };
+        if next.saturating_add(RESERVE / 2) <= limit {
+            continue;
+        }
+        let fp = fp.to_string();
+        let new = limit.saturating_add(RESERVE);
+        match store.save(spi, &fp, new) {
+            Ok(()) => out.set_limit(idx, new),
+            Err(e) if warn_state.ready() => warn!(
+                spi = format!("{spi:#010x}"),
+                "cannot extend the sequence number reservation: {e}; the SA stops at {limit}"
+            ),
+            Err(_) => {}
+        }
+    }
+}
+
+/// On a clean stop, record the last sequence number actually sent.
+fn record_final(out: &Outbound, store: &SeqStore) {
+    for idx in 0..out.peer_count() {
+        if let Some((spi, fp, next, _)) = out.sa_reservation(idx) {
+            if let Err(e) = store.save(spi, fp, next.saturating_sub(1)) {
+                warn!("recording the last sequence number of SA {spi:#010x}: {e}");
+            }
+        }
+    }
 }
 
 /// Removes espip's rules when dropped (stop, or an error after they were applied).
@@ -359,7 +428,9 @@ fn tx_loop(
     stop: &EventFd,
     edge: &EdgeStats,
     clock: Instant,
-) {
+    store: &SeqStore,
+) -> (Outbound, SeqStore) {
+    let mut warn_state = RateLimit(None);
     let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new(MAX_PACKET)).collect();
     let mut verdicts = [Verdict::Drop(DropReason::Dummy); BATCH];
     let mut warn_read = RateLimit(None);
@@ -371,7 +442,7 @@ fn tx_loop(
             PollFd::new(tun.as_fd(), PollFlags::POLLIN),
         ];
         if !wait(&mut fds, "the TUN") {
-            return;
+            return (out, store.clone());
         }
         let now = clock.elapsed().as_nanos() as u64;
         let mut n = 0;
@@ -399,12 +470,19 @@ fn tx_loop(
                 Verdict::ToTun if tun.send(bufs[i].as_slice()).is_err() => {
                     edge.tun_write_errors.fetch_add(1, Relaxed);
                 }
+                Verdict::Drop(DropReason::SeqUnreserved) if warn_exhausted.ready() => warn!(
+                    "an outbound SA reached the end of its persisted sequence reservation; \
+                     packets are dropped until the state directory can be written"
+                ),
                 Verdict::Drop(DropReason::SeqExhausted) if warn_exhausted.ready() => warn!(
                     "an outbound SA has used every sequence number (2^32 without esn) and stopped sending; \
                      install new keys and SPIs (or enable esn) and restart"
                 ),
                 _ => {}
             }
+        }
+        if n > 0 {
+            extend_reservations(&mut out, store, &mut warn_state);
         }
         for s in sockets {
             let proto = s.protocol();

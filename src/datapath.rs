@@ -59,11 +59,14 @@ pub enum DropReason {
     SeqExhausted,
     /// A dummy packet (next header 59), discarded as RFC 4303 section 2.6 says.
     Dummy,
+    /// The outbound SA reached the end of its persisted sequence reservation (the state
+    /// directory cannot be written); nothing is sent that a restart could repeat.
+    SeqUnreserved,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::NoRoute,
         DropReason::TooBig,
         DropReason::Malformed,
@@ -77,6 +80,7 @@ impl DropReason {
         DropReason::NotAllowed,
         DropReason::SeqExhausted,
         DropReason::Dummy,
+        DropReason::SeqUnreserved,
     ];
 
     /// The counter name (snake case, stable: used in logs, `show` and metrics).
@@ -95,6 +99,7 @@ impl DropReason {
             DropReason::NotAllowed => "not_allowed",
             DropReason::SeqExhausted => "seq_exhausted",
             DropReason::Dummy => "dummy",
+            DropReason::SeqUnreserved => "seq_unreserved",
         }
     }
 
@@ -431,6 +436,9 @@ impl Outbound {
                 match sa.encapsulate(buf, nh) {
                     Ok(_) => PROTO_ESP,
                     Err(EspError::SeqExhausted) => return Verdict::Drop(DropReason::SeqExhausted),
+                    Err(EspError::SeqUnreserved) => {
+                        return Verdict::Drop(DropReason::SeqUnreserved)
+                    }
                     Err(_) => return Verdict::Drop(DropReason::Malformed),
                 }
             }
@@ -497,6 +505,24 @@ impl Outbound {
             .collect()
     }
 
+    /// Peer `idx`'s outbound SA: (SPI, key fingerprint, next sequence number, limit).
+    pub fn sa_reservation(&self, idx: usize) -> Option<(u32, &str, u64, u64)> {
+        let sa = self.peers.get(idx)?.sa.as_ref()?;
+        Some((sa.spi(), sa.key_fingerprint(), sa.next_seq(), sa.limit()))
+    }
+
+    /// Number of peers.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Allow peer `idx`'s outbound SA to send up to sequence number `limit`.
+    pub fn set_limit(&mut self, idx: usize, limit: u64) {
+        if let Some(sa) = self.peers.get_mut(idx).and_then(|p| p.sa.as_mut()) {
+            sa.set_limit(limit);
+        }
+    }
+
     /// Continue peer `idx`'s outbound SA from sequence number `seq` (tests, restarts).
     pub fn set_next_seq(&mut self, idx: usize, seq: u64) {
         if let Some(sa) = self.peers.get_mut(idx).and_then(|p| p.sa.as_mut()) {
@@ -552,7 +578,9 @@ impl Inbound {
                     Err(EspError::Replay(_)) => return Verdict::Drop(DropReason::Replay),
                     Err(EspError::BadIcv) => return Verdict::Drop(DropReason::BadIcv),
                     Err(EspError::BadPadding) => return Verdict::Drop(DropReason::BadPadding),
-                    Err(EspError::SeqExhausted) => return Verdict::Drop(DropReason::Malformed),
+                    Err(EspError::SeqExhausted | EspError::SeqUnreserved) => {
+                        return Verdict::Drop(DropReason::Malformed)
+                    }
                 }
             }
             PROTO_IPIP | PROTO_IPV6 => {

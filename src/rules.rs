@@ -295,7 +295,12 @@ mod tests {
             a_to_b: KeyMaterial::new(Cipher::Aes128Gcm, &[1; 20]).unwrap(),
             b_to_a: KeyMaterial::new(Cipher::Aes128Gcm, &[2; 20]).unwrap(),
         };
-        let text = crate::lab::same_lan::config_text(true, Cipher::Aes128Gcm, &keys);
+        let text = crate::lab::same_lan::config_text(
+            true,
+            Cipher::Aes128Gcm,
+            &keys,
+            std::path::Path::new("/tmp"),
+        );
         Config::parse(&text, std::path::Path::new(".")).unwrap()
     }
 

@@ -167,6 +167,12 @@ impl KeyMaterial {
         s
     }
 
+    /// First 8 bytes of SHA-256(key || salt), hex: identifies a key without revealing it.
+    pub fn fingerprint(&self) -> String {
+        let d = ring::digest::digest(&ring::digest::SHA256, &self.bytes);
+        d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     fn split(&self) -> (&[u8], [u8; SALT_LEN]) {
         let k = self.cipher.key_len();
         let salt = self.bytes[k..].try_into().expect("length checked in new");
@@ -258,6 +264,9 @@ pub enum EspError {
     BadPadding,
     /// The sequence number space is used up; the SA must be replaced (RFC 4303 section 3.3.3).
     SeqExhausted,
+    /// The next sequence number is beyond the reservation the edge persisted; sending it could
+    /// repeat a nonce after a crash, so the packet waits for a new reservation (dropped).
+    SeqUnreserved,
 }
 
 /// An outbound SA (Linux: `xfrm_state` of direction out).
@@ -266,8 +275,11 @@ pub struct OutboundSa {
     aead: Aead,
     cipher: Cipher,
     esn: bool,
+    fingerprint: String,
     /// Next sequence number to send (64-bit; only the low 32 bits travel).
     next_seq: u64,
+    /// Highest sequence number the edge has reserved on stable storage.
+    limit: u64,
 }
 
 impl OutboundSa {
@@ -278,8 +290,27 @@ impl OutboundSa {
             aead: Aead::new(key),
             cipher: key.cipher(),
             esn,
+            fingerprint: key.fingerprint(),
             next_seq: 1,
+            limit: u64::MAX,
         }
+    }
+
+    /// The highest sequence number that may be sent (a reservation persisted by the edge so
+    /// that a restart never repeats a sequence number, and so a nonce, under this key).
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Allow sending up to `limit`.
+    pub fn set_limit(&mut self, limit: u64) {
+        self.limit = limit;
+    }
+
+    /// A short fingerprint of the key (first 8 bytes of SHA-256 over key || salt, hex): state
+    /// saved for one key is never applied to another.
+    pub fn key_fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// The SPI.
@@ -316,6 +347,9 @@ impl OutboundSa {
         };
         if seq > limit || seq == 0 {
             return Err(EspError::SeqExhausted);
+        }
+        if seq > self.limit {
+            return Err(EspError::SeqUnreserved);
         }
         self.next_seq = seq.wrapping_add(1);
         Ok(seq)
@@ -551,6 +585,33 @@ mod tests {
         esn.encapsulate(&mut PacketBuf::from_slice(&[0x45; 20]), 4)
             .unwrap();
         assert_eq!(esn.next_seq(), 1 << 32, "ESN carries into seq_hi");
+    }
+
+    #[test]
+    fn the_reservation_limit_stops_sending() {
+        let c = Cipher::Aes128Gcm;
+        let mut tx = OutboundSa::new(7, &key(c), false);
+        tx.set_limit(2);
+        for want in [
+            Ok(1),
+            Ok(2),
+            Err(EspError::SeqUnreserved),
+            Err(EspError::SeqUnreserved),
+        ] {
+            let mut b = PacketBuf::from_slice(&[0x45; 20]);
+            assert_eq!(tx.encapsulate(&mut b, 4), want);
+        }
+        tx.set_limit(3);
+        assert_eq!(
+            tx.encapsulate(&mut PacketBuf::from_slice(&[0x45; 20]), 4),
+            Ok(3),
+            "no number skipped or reused"
+        );
+        assert_eq!(tx.key_fingerprint().len(), 16);
+        assert_ne!(
+            tx.key_fingerprint(),
+            OutboundSa::new(7, &KeyMaterial::new(c, &[9; 20]).unwrap(), false).key_fingerprint()
+        );
     }
 
     #[test]

@@ -106,7 +106,13 @@ fn half_lab(tag: &str, cipher: Cipher) -> HalfLab {
     let cfg = dir.join("a.toml");
     std::fs::write(
         &cfg,
-        p2p::config_text(LabMode::Esp(cipher), true, Some(&keys), false),
+        p2p::config_text(
+            LabMode::Esp(cipher),
+            true,
+            Some(&keys),
+            false,
+            &dir.join("state"),
+        ),
     )
     .unwrap();
     let daemon = Daemon::start(&a, &exe(), &cfg, &dir.join("a.log")).unwrap();
@@ -302,7 +308,7 @@ fn same_lan_host(tag: &str) -> (Netns, Netns, PathBuf) {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("a.toml"),
-        espip::lab::same_lan::config_text(true, Cipher::Aes128Gcm, &keys),
+        espip::lab::same_lan::config_text(true, Cipher::Aes128Gcm, &keys, &dir.join("state")),
     )
     .unwrap();
     (a, b, dir)
@@ -407,4 +413,80 @@ fn wrong_same_lan_setups_get_clear_errors() {
     assert!(!a.has_link("espip0"));
     assert!(espip_rules(&a).is_empty());
     let _ = (log, std::fs::remove_dir_all(&dir));
+}
+
+/// A restarted sender with the same keys must continue after every sequence number it may have
+/// used (no nonce reuse), so its peer's replay window accepts it at once.
+#[test]
+fn restart_with_the_same_keys_resumes_without_reusing_sequence_numbers() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (a, b) = p2p::topology("restart").unwrap();
+    let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
+    let dir = std::env::temp_dir().join(format!("espip-test-restart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mode = LabMode::Esp(Cipher::Aes128Gcm);
+    let (cfg_a, cfg_b) = (dir.join("a.toml"), dir.join("b.toml"));
+    let state_a = dir.join("state-a");
+    std::fs::write(
+        &cfg_a,
+        p2p::config_text(mode, true, Some(&keys), false, &state_a),
+    )
+    .unwrap();
+    std::fs::write(
+        &cfg_b,
+        p2p::config_text(mode, false, Some(&keys), false, &dir.join("state-b")),
+    )
+    .unwrap();
+    let ping = |ns: &Netns| {
+        netns::run(
+            ns.command("ping")
+                .args(["-c", "3", "-i", "0.2", "-W", "2", "10.4.2.5"]),
+        )
+        .unwrap()
+        .status
+        .success()
+    };
+    let saved = || -> u64 {
+        let t = std::fs::read_to_string(state_a.join("espip0-00001001.seq")).unwrap();
+        t.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    let mut db = Daemon::start(&b, &exe(), &cfg_b, &dir.join("b.log")).unwrap();
+    let mut da = Daemon::start(&a, &exe(), &cfg_a, &dir.join("a1.log")).unwrap();
+    assert!(ping(&a));
+    assert_eq!(
+        saved(),
+        espip::sys::seqstore::RESERVE,
+        "a block is reserved before sending"
+    );
+    // Crash: the restart resumes after the whole reserved block.
+    da.stop_with(nix::sys::signal::Signal::SIGKILL).unwrap();
+    let mut da = Daemon::start(&a, &exe(), &cfg_a, &dir.join("a2.log")).unwrap();
+    assert!(
+        da.log().contains("resumes after its saved sequence number"),
+        "{}",
+        da.log()
+    );
+    let t = std::time::Instant::now();
+    assert!(ping(&a), "traffic resumes after a crash with the same keys");
+    assert!(t.elapsed() < std::time::Duration::from_secs(2));
+    // Clean stop records the last number actually sent; the next start continues right after.
+    assert!(da.stop().unwrap());
+    let last = saved();
+    assert!(
+        last > espip::sys::seqstore::RESERVE && last < espip::sys::seqstore::RESERVE + 100,
+        "{last}"
+    );
+    let mut da = Daemon::start(&a, &exe(), &cfg_a, &dir.join("a3.log")).unwrap();
+    assert!(ping(&a));
+    assert!(da.stop().unwrap());
+    assert!(db.stop().unwrap());
+    let log_b = db.log();
+    assert!(
+        log_b.contains("drops=no_route=1") || !log_b.contains("replay="),
+        "B never saw a replayed number: {log_b}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

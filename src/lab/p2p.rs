@@ -87,15 +87,22 @@ pub fn topology(tag: &str) -> io::Result<(Netns, Netns)> {
 }
 
 /// The configuration text of one host of the p2p lab.
-pub fn config_text(mode: LabMode, me_a: bool, keys: Option<&LabKeys>, esn: bool) -> String {
+pub fn config_text(
+    mode: LabMode,
+    me_a: bool,
+    keys: Option<&LabKeys>,
+    esn: bool,
+    state_dir: &Path,
+) -> String {
     let (addr, local, peer, endpoint, allowed) = if me_a {
         (A_INNER, A_OUTER, "b", B_OUTER, B_INNER)
     } else {
         (B_INNER, B_OUTER, "a", A_OUTER, A_INNER)
     };
     let mut s = format!(
-        "# espip lab p2p, host {}\n[interface]\nname = \"espip0\"\naddress = [\"{addr}/24\"]\nlocal = \"{local}\"\n\n[[peer]]\nname = \"{peer}\"\nendpoint = \"{endpoint}\"\nallowed_ips = [\"{allowed}/32\"]\n",
-        if me_a { "A" } else { "B" }
+        "# espip lab p2p, host {}\n[interface]\nname = \"espip0\"\naddress = [\"{addr}/24\"]\nlocal = \"{local}\"\nstate_dir = \"{}\"\n\n[[peer]]\nname = \"{peer}\"\nendpoint = \"{endpoint}\"\nallowed_ips = [\"{allowed}/32\"]\n",
+        if me_a { "A" } else { "B" },
+        state_dir.display()
     );
     match (mode, keys) {
         (LabMode::Esp(c), Some(k)) => {
@@ -189,11 +196,23 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
     let cfg_b = work.join("b.toml");
     write_private(
         &cfg_a,
-        &config_text(opts.mode, true, keys.as_ref(), opts.esn),
+        &config_text(
+            opts.mode,
+            true,
+            keys.as_ref(),
+            opts.esn,
+            &work.join("state-a"),
+        ),
     )?;
     write_private(
         &cfg_b,
-        &config_text(opts.mode, false, keys.as_ref(), opts.esn),
+        &config_text(
+            opts.mode,
+            false,
+            keys.as_ref(),
+            opts.esn,
+            &work.join("state-b"),
+        ),
     )?;
     if let Some(k) = &keys {
         let lines: Vec<String> = [

@@ -40,15 +40,16 @@ pub struct SameLanOptions {
 pub const TOOLS: &[(&str, &str)] = &[("iptables", "iptables"), ("curl", "curl")];
 
 /// The configuration of one host.
-pub fn config_text(me_a: bool, cipher: Cipher, keys: &LabKeys) -> String {
+pub fn config_text(me_a: bool, cipher: Cipher, keys: &LabKeys, state_dir: &Path) -> String {
     let (peer, endpoint, spi_out, spi_in, key_out, key_in) = if me_a {
         ("b", B, 0x2001u32, 0x2002u32, &keys.a_to_b, &keys.b_to_a)
     } else {
         ("a", A, 0x2002, 0x2001, &keys.b_to_a, &keys.a_to_b)
     };
     format!(
-        "# espip lab same-lan, host {}\n[interface]\nname = \"espip0\"\n\n[nat]\nrules = \"apply\"\n\n[[nat.map]]\nreal = \"10.0.0.0/24\"\nalias = \"10.0.1.0/24\"\n\n[[peer]]\nname = \"{peer}\"\nendpoint = \"{endpoint}\"\nallowed_ips = [\"{endpoint}/32\"]\nmode = \"esp\"\ncipher = \"{}\"\nspi_out = \"{spi_out:#010x}\"\nspi_in = \"{spi_in:#010x}\"\nkey_out = \"{}\"\nkey_in = \"{}\"\n",
+        "# espip lab same-lan, host {}\n[interface]\nname = \"espip0\"\nstate_dir = \"{}\"\n\n[nat]\nrules = \"apply\"\n\n[[nat.map]]\nreal = \"10.0.0.0/24\"\nalias = \"10.0.1.0/24\"\n\n[[peer]]\nname = \"{peer}\"\nendpoint = \"{endpoint}\"\nallowed_ips = [\"{endpoint}/32\"]\nmode = \"esp\"\ncipher = \"{}\"\nspi_out = \"{spi_out:#010x}\"\nspi_in = \"{spi_in:#010x}\"\nkey_out = \"{}\"\nkey_in = \"{}\"\n",
         if me_a { "A" } else { "B" },
+        state_dir.display(),
         cipher.name(),
         key_out.to_hex().as_str(),
         key_in.to_hex().as_str()
@@ -113,8 +114,14 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
     let keys = LabKeys::generate(opts.cipher)?;
     let cfg_a = work.join("a.toml");
     let cfg_b = work.join("b.toml");
-    write_private(&cfg_a, &config_text(true, opts.cipher, &keys))?;
-    write_private(&cfg_b, &config_text(false, opts.cipher, &keys))?;
+    write_private(
+        &cfg_a,
+        &config_text(true, opts.cipher, &keys, &work.join("state-a")),
+    )?;
+    write_private(
+        &cfg_b,
+        &config_text(false, opts.cipher, &keys, &work.join("state-b")),
+    )?;
 
     // The capture covers everything after the daemons start.
     let wire = work.join("lan.pcap");

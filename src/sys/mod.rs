@@ -4,6 +4,7 @@
 pub mod iptables;
 pub mod netlink;
 pub mod raw;
+pub mod seqstore;
 pub mod tun;
 
 use crate::sa::{Cipher, KeyMaterial};
