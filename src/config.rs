@@ -124,6 +124,8 @@ struct RawInterface {
     mtu: Option<i64>,
     local: Option<String>,
     state_dir: Option<PathBuf>,
+    forward: Option<bool>,
+    rp_filter: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -150,6 +152,7 @@ struct RawPeer {
     key_in_file: Option<PathBuf>,
     replay_window: Option<i64>,
     esn: Option<bool>,
+    route: Option<bool>,
 }
 
 /// An address on the TUN, with its prefix length (host bits kept).
@@ -180,6 +183,32 @@ pub struct Interface {
     pub local: Option<IpAddr>,
     /// Where sequence number reservations are kept.
     pub state_dir: PathBuf,
+    /// Turn on IPv4 forwarding (`net.ipv4.ip_forward`) while running; restored on stop.
+    pub forward: bool,
+    /// Reverse-path filter for the TUN while running; restored on stop.
+    pub rp_filter: Option<RpFilter>,
+}
+
+/// Reverse-path filtering modes (`net.ipv4.conf.*.rp_filter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpFilter {
+    /// 0: no check.
+    Off,
+    /// 1: the source must be routed back through the receiving interface.
+    Strict,
+    /// 2: the source must be routable through any interface.
+    Loose,
+}
+
+impl RpFilter {
+    /// The sysctl value.
+    pub fn value(self) -> u8 {
+        match self {
+            RpFilter::Off => 0,
+            RpFilter::Strict => 1,
+            RpFilter::Loose => 2,
+        }
+    }
 }
 
 /// Default `interface.state_dir`.
@@ -292,6 +321,13 @@ impl Config {
             .flat_map(|p| p.allowed_ips.iter().copied())
             .filter(|p| !inside_real(p))
             .collect();
+        let accept_only: Vec<Prefix> = self
+            .peers
+            .iter()
+            .filter(|p| !p.route)
+            .flat_map(|p| p.allowed_ips.iter().copied())
+            .collect();
+        out.retain(|p| !accept_only.contains(p));
         out.extend(self.nat.maps.iter().map(|m| m.alias));
         out
     }
@@ -489,12 +525,27 @@ fn interface(raw: RawInterface, base: &Path) -> Result<Interface, ConfigError> {
         Some(d) if d.is_relative() => base.join(d),
         Some(d) => d,
     };
+    let rp_filter = match raw.rp_filter.as_deref() {
+        None => None,
+        Some("off") => Some(RpFilter::Off),
+        Some("strict") => Some(RpFilter::Strict),
+        Some("loose") => Some(RpFilter::Loose),
+        Some(other) => {
+            return Err(invalid(
+                "interface.rp_filter",
+                format!("{other:?}"),
+                "\"loose\" (a relay receiving sources routed elsewhere), \"strict\" or \"off\"; leave it out to keep the system setting",
+            ))
+        }
+    };
     Ok(Interface {
         name,
         addresses,
         mtu,
         local,
         state_dir,
+        forward: raw.forward.unwrap_or(false),
+        rp_filter,
     })
 }
 
@@ -705,6 +756,7 @@ fn peer(p: RawPeer, base: &Path, warnings: &mut Vec<String>) -> Result<PeerSpec,
         endpoint,
         allowed_ips,
         encap,
+        route: p.route.unwrap_or(true),
     })
 }
 

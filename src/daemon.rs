@@ -185,6 +185,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             });
         }
     }
+    let stale = crate::sys::sysctl::restore_stale(&cfg.interface.state_dir, &cfg.interface.name);
+    if !stale.is_empty() {
+        info!(restored = %stale.join(" "), "restored kernel settings a previous run left changed");
+    }
     let tun = Tun::create(&cfg.interface.name)?;
     let routes = cfg.routes();
     let added = rt.block_on(crate::sys::netlink::configure(
@@ -193,6 +197,38 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         &cfg.interface.addresses,
         &routes,
     ))?;
+    let mut settings = Vec::new();
+    if cfg.interface.forward {
+        settings.push(("net.ipv4.ip_forward".to_string(), "1".to_string()));
+    }
+    if let Some(rp) = cfg.interface.rp_filter {
+        let v = rp.value();
+        // The effective value is the larger of "all" and the interface's own: a looser mode on
+        // the TUN needs "all" lowered as well (restored on stop).
+        let all: u8 = crate::sys::sysctl::value("net.ipv4.conf.all.rp_filter")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if all > v || (v == 2 && all == 1) {
+            settings.push(("net.ipv4.conf.all.rp_filter".to_string(), v.to_string()));
+        }
+        settings.push((
+            format!("net.ipv4.conf.{}.rp_filter", tun.name()),
+            v.to_string(),
+        ));
+    }
+    let _sysctls = if settings.is_empty() {
+        None
+    } else {
+        std::fs::create_dir_all(&cfg.interface.state_dir)
+            .map_err(|e| DaemonError::State(cfg.interface.state_dir.clone(), e))?;
+        let g = crate::sys::sysctl::apply(&cfg.interface.state_dir, tun.name(), &settings)
+            .map_err(|e| DaemonError::Os("changing kernel settings", e))?;
+        info!(
+            set = %settings.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
+            "kernel settings changed (restored on stop)"
+        );
+        Some(g)
+    };
     let tunnel = TunnelSpec {
         mtu,
         icmp_src_v4: cfg.interface.addresses.iter().find_map(|a| match a.addr {
@@ -302,6 +338,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let _ = rx.join();
     log_summary(&cfg, &stats, &edge);
     drop(_rules);
+    drop(_sysctls);
     drop(tun);
     info!(interface = %cfg.interface.name, "stopped; TUN device and its routes removed");
     Ok(())

@@ -195,6 +195,9 @@ pub struct PeerSpec {
     pub allowed_ips: Vec<Prefix>,
     /// Encapsulation.
     pub encap: EncapSpec,
+    /// Whether kernel routes for `allowed_ips` are installed (false: accept-only, as for a relay
+    /// that receives a client's upstream traffic but never sends it anything).
+    pub route: bool,
 }
 
 /// Tunnel-wide parameters.

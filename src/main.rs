@@ -94,6 +94,23 @@ enum LabCmd {
         #[arg(long)]
         no_install: bool,
     },
+    /// Scenario 2: the SEED VPN lab (U 192.168.56.9, server 192.168.56.10 / 192.168.50.1,
+    /// V 192.168.50.11); U reaches V through the server.
+    Gateway {
+        /// ESP cipher.
+        #[arg(long, default_value = "aes-128-gcm")]
+        cipher: String,
+        /// Leave the namespaces and daemons running to explore.
+        #[arg(long)]
+        keep: bool,
+        /// Do not install missing Debian packages; fail instead.
+        #[arg(long)]
+        no_install: bool,
+        /// Leave forwarding off on the server, as the article's author did (the lab fails and
+        /// says why).
+        #[arg(long)]
+        without_forward: bool,
+    },
     /// Scenario 3: an encrypted pair on one LAN with the NAT helpers (A 10.0.0.161, B 10.0.0.160,
     /// alias 10.0.1.0/24).
     SameLan {
@@ -253,6 +270,25 @@ fn main() -> Result<()> {
                     exe: std::env::current_exe().context("locating the espip binary")?,
                 };
                 let report = espip::lab::p2p::run(&opts)?;
+                print!("{}", report.render());
+                if !report.passed() {
+                    std::process::exit(1);
+                }
+            }
+            LabCmd::Gateway {
+                cipher,
+                keep,
+                no_install,
+                without_forward,
+            } => {
+                let opts = espip::lab::gateway::GatewayOptions {
+                    cipher: cipher_arg(&cipher)?,
+                    keep,
+                    install: !no_install,
+                    exe: std::env::current_exe().context("locating the espip binary")?,
+                    without_forward,
+                };
+                let report = espip::lab::gateway::run(&opts)?;
                 print!("{}", report.render());
                 if !report.passed() {
                     std::process::exit(1);

@@ -49,6 +49,7 @@ fn esp_pair(c: Cipher, esn: bool, window: u32) -> (Host, Host) {
             replay_window: window,
             esn,
         },
+        route: true,
     };
     let t = TunnelSpec {
         mtu: 1400,
@@ -286,6 +287,7 @@ fn ipip_both_ways_and_unknown_peer() {
         endpoint: endpoint.parse().unwrap(),
         allowed_ips: vec![allowed.parse().unwrap()],
         encap: EncapSpec::IpIp,
+        route: true,
     };
     let t = TunnelSpec {
         mtu: 1480,

@@ -490,3 +490,34 @@ fn restart_with_the_same_keys_resumes_without_reusing_sequence_numbers() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn gateway_lab_and_its_diagnosis() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let run = |extra: &[&str]| {
+        let out = Command::new(exe())
+            .args(["lab", "gateway", "--no-install"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, text) = run(&[]);
+    assert!(ok && text.contains("6 passed, 0 failed"), "{text}");
+    assert!(text.contains("V's access log: 10.4.2.99"), "{text}");
+    // The article's author's setup: no forwarding on the server. The lab fails and says why.
+    let (ok, text) = run(&["--without-forward"]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(
+            "the server does not forward: net.ipv4.ip_forward=0 (set interface.forward = true)"
+        ),
+        "{text}"
+    );
+}

@@ -1,6 +1,7 @@
 //! `espip lab`: the scenarios of SCENARIOS.md built from network namespaces on one machine,
 //! with their checks and a report. The labs are also the integration tests' harness.
 
+pub mod gateway;
 pub mod netns;
 pub mod p2p;
 pub mod pcap;
@@ -55,6 +56,18 @@ pub fn ensure_tools(tools: &[(&str, &str)], install: bool) -> io::Result<()> {
         "missing programs; install the Debian packages: apt-get install {}",
         missing.join(" ")
     )))
+}
+
+/// Stop a tcpdump started by a lab so that its file holds every packet captured: tcpdump
+/// reads the kernel's ring in blocks that are handed over when full or after a timeout (about
+/// one second), and a block still open at SIGINT would be lost.
+pub fn stop_capture(mut tcpdump: std::process::Child) {
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tcpdump.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = tcpdump.wait();
 }
 
 /// Fail unless running as root (namespaces, TUN and raw sockets need it).

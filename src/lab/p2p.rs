@@ -250,9 +250,9 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
     // Capture the underlay while the transfer runs.
     let wire = work.join("wire.pcap");
     let cap_log = work.join("tcpdump.log");
-    let mut tcpdump = a
+    let tcpdump = a
         .command("tcpdump")
-        .args(["-i", "veth0", "-n", "-U", "-s", "0", "-w"])
+        .args(["-i", "veth0", "-n", "-U", "-B", "65536", "-s", "0", "-w"])
         .arg(&wire)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&cap_log)?)
@@ -312,11 +312,7 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
         ),
     }
 
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(tcpdump.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    );
-    let _ = tcpdump.wait();
+    super::stop_capture(tcpdump);
     wire_check(&mut report, &wire, opts.mode, bytes)?;
 
     if opts.keep {

@@ -56,13 +56,13 @@ pub fn config_text(me_a: bool, cipher: Cipher, keys: &LabKeys, state_dir: &Path)
     )
 }
 
-fn rules_of(ns: &Netns) -> String {
+pub(crate) fn rules_of(ns: &Netns) -> String {
     netns::run(&mut ns.command("iptables-save"))
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default()
 }
 
-fn curl(ns: &Netns, url: &str) -> (bool, String) {
+pub(crate) fn curl(ns: &Netns, url: &str) -> (bool, String) {
     match netns::run(ns.command("curl").args(["-sS", "--max-time", "5", url])) {
         Ok(o) => (
             o.status.success(),
@@ -126,9 +126,9 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
     // The capture covers everything after the daemons start.
     let wire = work.join("lan.pcap");
     let cap_log = work.join("tcpdump.log");
-    let mut tcpdump = a
+    let tcpdump = a
         .command("tcpdump")
-        .args(["-i", "lan0", "-n", "-U", "-s", "0", "-w"])
+        .args(["-i", "lan0", "-n", "-U", "-B", "65536", "-s", "0", "-w"])
         .arg(&wire)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&cap_log)?)
@@ -242,11 +242,7 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
         ),
     }
 
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(tcpdump.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    );
-    let _ = tcpdump.wait();
+    super::stop_capture(tcpdump);
     lan_check(&mut report, &wire, bytes)?;
 
     if opts.keep {

@@ -5,6 +5,7 @@ pub mod iptables;
 pub mod netlink;
 pub mod raw;
 pub mod seqstore;
+pub mod sysctl;
 pub mod tun;
 
 use crate::sa::{Cipher, KeyMaterial};
