@@ -272,6 +272,17 @@ impl Config {
             }
             peers.push(spec);
         }
+        if matches!(
+            interface.rp_filter,
+            Some(RpFilter::Loose | RpFilter::Strict)
+        ) && !interface.addresses.iter().any(|a| a.addr.is_ipv4())
+        {
+            warnings.push(format!(
+                "interface.rp_filter = {:?} on an interface without an IPv4 address: Linux then drops every packet whose source is routed elsewhere; use \"off\" or give {} an address",
+                if interface.rp_filter == Some(RpFilter::Loose) { "loose" } else { "strict" },
+                interface.name
+            ));
+        }
         if let Some(mtu) = interface.mtu {
             if mtu < MIN_MTU_V6 && interface.addresses.iter().any(|a| a.addr.is_ipv6()) {
                 return Err(invalid(

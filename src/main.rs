@@ -111,6 +111,16 @@ enum LabCmd {
         #[arg(long)]
         without_forward: bool,
     },
+    /// Scenario 4: asymmetric upstream-only IP-in-IP relays through a censoring firewall
+    /// (C 10.0.2.244, RA 10.0.2.201, F 10.0.2.1/10.0.3.1, RB 10.0.3.29, S 10.0.3.26).
+    Upstream {
+        /// Leave the namespaces and daemons running to explore.
+        #[arg(long)]
+        keep: bool,
+        /// Do not install missing Debian packages; fail instead.
+        #[arg(long)]
+        no_install: bool,
+    },
     /// Scenario 3: an encrypted pair on one LAN with the NAT helpers (A 10.0.0.161, B 10.0.0.160,
     /// alias 10.0.1.0/24).
     SameLan {
@@ -289,6 +299,18 @@ fn main() -> Result<()> {
                     without_forward,
                 };
                 let report = espip::lab::gateway::run(&opts)?;
+                print!("{}", report.render());
+                if !report.passed() {
+                    std::process::exit(1);
+                }
+            }
+            LabCmd::Upstream { keep, no_install } => {
+                let opts = espip::lab::upstream::UpstreamOptions {
+                    keep,
+                    install: !no_install,
+                    exe: std::env::current_exe().context("locating the espip binary")?,
+                };
+                let report = espip::lab::upstream::run(&opts)?;
                 print!("{}", report.render());
                 if !report.passed() {
                     std::process::exit(1);

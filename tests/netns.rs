@@ -521,3 +521,27 @@ fn gateway_lab_and_its_diagnosis() {
         "{text}"
     );
 }
+
+#[test]
+fn upstream_lab() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new(exe())
+        .args(["lab", "upstream", "--no-install"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("5 passed, 0 failed"), "{text}");
+    assert!(
+        text.contains("S's log: 10.0.2.244 \"GET / HTTP/1.1\""),
+        "{text}"
+    );
+    assert!(text.contains("received 0; RB received"), "{text}");
+}

@@ -7,6 +7,7 @@ pub mod p2p;
 pub mod pcap;
 pub mod same_lan;
 pub mod transfer;
+pub mod upstream;
 
 use std::io;
 use std::process::Command;

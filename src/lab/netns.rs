@@ -251,3 +251,44 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// Create bridge `bridge` (a switch: no address) in `ns`, up. Keep switches in namespaces of
+/// their own: with br_netfilter loaded, bridged frames traverse the iptables FORWARD chain of
+/// the namespace holding the bridge.
+pub fn bridge(ns: &Netns, bridge: &str) -> io::Result<()> {
+    ns.ip(&["link", "add", bridge, "type", "bridge"])?;
+    ns.ip(&["link", "set", bridge, "up"])?;
+    Ok(())
+}
+
+/// Plug `host` into `bridge` of namespace `sw` with a veth: `dev` with `addr` in the host,
+/// `port` (unique in `sw`) on the bridge.
+pub fn plug(
+    host: &Netns,
+    dev: &str,
+    addr: &str,
+    sw: &Netns,
+    bridge: &str,
+    port: &str,
+) -> io::Result<()> {
+    run_ok(Command::new("ip").args([
+        "link",
+        "add",
+        dev,
+        "netns",
+        host.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        port,
+        "netns",
+        sw.name(),
+    ]))?;
+    host.sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "1")?;
+    host.ip(&["addr", "add", addr, "dev", dev])?;
+    host.ip(&["link", "set", dev, "up"])?;
+    sw.ip(&["link", "set", port, "master", bridge])?;
+    sw.ip(&["link", "set", port, "up"])?;
+    Ok(())
+}

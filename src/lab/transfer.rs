@@ -124,28 +124,33 @@ pub fn sink(on: SocketAddr) -> io::Result<Digest> {
 /// client address the server saw.
 pub fn http_serve(on: SocketAddr, name: &str) -> io::Result<()> {
     let l = TcpListener::bind(on)?;
+    let name = name.to_string();
     for conn in l.incoming() {
         let Ok(mut s) = conn else { continue };
-        let peer = s
-            .peer_addr()
-            .map(|a| a.ip().to_string())
-            .unwrap_or_default();
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let mut req = [0u8; 2048];
-        let n = s.read(&mut req).unwrap_or(0);
-        let line = String::from_utf8_lossy(&req[..n])
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_string();
-        let body = format!("espip lab: host {name}; you are {peer}\n");
-        let _ = write!(
-            s,
-            "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        println!("{peer} \"{line}\"");
-        let _ = io::stdout().flush();
+        let name = name.clone();
+        // One thread per connection: a client stalled by a firewall must not hold up the next.
+        std::thread::spawn(move || {
+            let peer = s
+                .peer_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default();
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut req = [0u8; 2048];
+            let n = s.read(&mut req).unwrap_or(0);
+            let line = String::from_utf8_lossy(&req[..n])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string();
+            let body = format!("espip lab: host {name}; you are {peer}\n");
+            let _ = write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            println!("{peer} \"{line}\"");
+            let _ = io::stdout().flush();
+        });
     }
     Ok(())
 }

@@ -1,0 +1,194 @@
+//! Scenario 4 `upstream` (seed 004): an asymmetric, upstream-only tunnel through a censoring
+//! firewall. Inside net 10.0.2.0/24: client C .244, relay RA .201, firewall F .1. Outside net
+//! 10.0.3.0/24: F .1, relay RB .29, server S .26 (HTTP). F forwards between the nets and drops
+//! upstream HTTP requests (`-m string --string "GET "`). C routes S via RA; RA sends C's packets
+//! in IP-in-IP (protocol 4, unencrypted as in the article) to RB; RB decapsulates and forwards
+//! them to S with C's own source address; S's replies go straight back through F.
+
+use super::netns::{self, Daemon, Netns};
+use super::p2p::{log_field, write_private};
+use super::same_lan::curl;
+use super::Report;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+/// Options of `espip lab upstream`.
+#[derive(Debug, Clone)]
+pub struct UpstreamOptions {
+    /// Leave everything running.
+    pub keep: bool,
+    /// Install missing Debian packages.
+    pub install: bool,
+    /// The espip binary.
+    pub exe: PathBuf,
+}
+
+/// The relays' configurations (RA, RB).
+pub fn configs(work: &Path) -> (String, String) {
+    let ra = format!(
+        "# espip lab upstream, relay RA: takes C's packets for S and sends them to RB\n[interface]\nname = \"espip0\"\nlocal = \"10.0.2.201\"\nforward = true\nstate_dir = \"{}\"\n\n[[peer]]\nname = \"rb\"\nendpoint = \"10.0.3.29\"\nallowed_ips = [\"10.0.3.26/32\"]\nmode = \"ipip\"\n",
+        work.join("state-ra").display()
+    );
+    // rp_filter "off", not "loose": RB's TUN has no IPv4 address, and Linux's reverse-path
+    // check refuses every source on an interface without one unless the filter is off
+    // (`__fib_validate_source`, "last_resort").
+    let rb = format!(
+        "# espip lab upstream, relay RB: forwards C's packets to S with C's own source\n[interface]\nname = \"espip0\"\nlocal = \"10.0.3.29\"\nforward = true\nrp_filter = \"off\"\nstate_dir = \"{}\"\n\n[[peer]]\nname = \"ra\"\nendpoint = \"10.0.2.201\"\nallowed_ips = [\"10.0.2.0/24\"]\nroute = false\nmode = \"ipip\"\n",
+        work.join("state-rb").display()
+    );
+    (ra, rb)
+}
+
+fn sysctl(ns: &Netns, k: &str) -> String {
+    netns::run(ns.command("sysctl").args(["-n", k]))
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Run the upstream lab.
+pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
+    super::ensure_root()?;
+    super::ensure_tools(super::TOOLS, opts.install)?;
+    super::ensure_tools(&[("curl", "curl"), ("iptables", "iptables")], opts.install)?;
+    netns::remove_stale();
+    let mut report = Report {
+        title: "espip lab upstream (ipip relays RA -> RB, censoring firewall F)".into(),
+        ..Default::default()
+    };
+    println!("{}", report.title);
+    let work = std::env::temp_dir().join(format!("espip-lab-upstream-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
+
+    let f = Netns::new("up", "f")?;
+    let c = Netns::new("up", "c")?;
+    let ra = Netns::new("up", "ra")?;
+    let rb = Netns::new("up", "rb")?;
+    let s = Netns::new("up", "s")?;
+    // Two switches (bridges in namespaces of their own) and F routing between them.
+    let sw_in = Netns::new("up", "swin")?;
+    let sw_out = Netns::new("up", "swout")?;
+    netns::bridge(&sw_in, "br0")?;
+    netns::bridge(&sw_out, "br0")?;
+    f.sysctl("net.ipv4.ip_forward", "1")?;
+    netns::plug(&f, "in0", "10.0.2.1/24", &sw_in, "br0", "p-f")?;
+    netns::plug(&f, "out0", "10.0.3.1/24", &sw_out, "br0", "p-f")?;
+    netns::plug(&c, "eth0", "10.0.2.244/24", &sw_in, "br0", "p-c")?;
+    netns::plug(&ra, "eth0", "10.0.2.201/24", &sw_in, "br0", "p-ra")?;
+    netns::plug(&rb, "eth0", "10.0.3.29/24", &sw_out, "br0", "p-rb")?;
+    netns::plug(&s, "eth0", "10.0.3.26/24", &sw_out, "br0", "p-s")?;
+    for (ns, gw) in [
+        (&c, "10.0.2.1"),
+        (&ra, "10.0.2.1"),
+        (&rb, "10.0.3.1"),
+        (&s, "10.0.3.1"),
+    ] {
+        ns.ip(&["route", "add", "default", "via", gw])?;
+    }
+    netns::run_ok(f.command("iptables").args([
+        "-A", "FORWARD", "-p", "tcp", "--dport", "80", "-m", "string", "--algo", "bm", "--string",
+        "GET ", "-j", "DROP",
+    ]))?;
+    let mut server = s
+        .command(&opts.exe)
+        .args([
+            "lab-tool",
+            "http-serve",
+            "--listen",
+            "10.0.3.26:80",
+            "--name",
+            "S",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (ok, body) = curl(&c, "http://10.0.3.26/");
+    report.check(
+        "without the tunnel the firewall blocks C's GET",
+        !ok,
+        format!(
+            "curl via F: {}",
+            if ok {
+                body
+            } else {
+                body.lines().next().unwrap_or("").to_string()
+            }
+        ),
+    );
+
+    let (cra, crb) = configs(&work);
+    write_private(&work.join("ra.toml"), &cra)?;
+    write_private(&work.join("rb.toml"), &crb)?;
+    let before_rb = (
+        sysctl(&rb, "net.ipv4.ip_forward"),
+        sysctl(&rb, "net.ipv4.conf.all.rp_filter"),
+    );
+    let mut drb = Daemon::start(&rb, &opts.exe, &work.join("rb.toml"), &work.join("rb.log"))?;
+    let mut dra = Daemon::start(&ra, &opts.exe, &work.join("ra.toml"), &work.join("ra.log"))?;
+    c.ip(&["route", "add", "10.0.3.26/32", "via", "10.0.2.201"])?;
+
+    let (ok, body) = curl(&c, "http://10.0.3.26/");
+    report.check(
+        "with the tunnel C's GET reaches S",
+        ok && body.contains("host S"),
+        body.clone(),
+    );
+    let _ = server.kill();
+    let served = server.wait_with_output()?;
+    let log = String::from_utf8_lossy(&served.stdout).to_string();
+    report.check(
+        "S's access log shows C's own address",
+        log.contains("10.0.2.244 \"GET / HTTP"),
+        format!("S's log: {}", log.trim().replace('\n', " | ")),
+    );
+
+    if opts.keep {
+        report.notes.push("left running (--keep):".into());
+        for ns in [&f, &c, &ra, &rb, &s] {
+            report
+                .notes
+                .push(format!("  ip netns exec {} bash", ns.name()));
+        }
+        for d in [dra, drb] {
+            std::mem::forget(d);
+        }
+        for ns in [f, c, ra, rb, s, sw_in, sw_out] {
+            std::mem::forget(ns);
+        }
+        return Ok(report);
+    }
+    let clean = dra.stop()? & drb.stop()?;
+    let field = |d: &Daemon, k: &str| -> u64 {
+        log_field(&d.log(), "peer totals", k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    let (ra_tx, ra_rx) = (field(&dra, "tx_packets"), field(&dra, "rx_packets"));
+    let (rb_tx, rb_rx) = (field(&drb, "tx_packets"), field(&drb, "rx_packets"));
+    report.check(
+        "the relays carried upstream packets only",
+        ra_tx > 0 && ra_rx == 0 && rb_rx == ra_tx && rb_tx == 0,
+        format!("RA sent {ra_tx}, received {ra_rx}; RB received {rb_rx}, sent {rb_tx}"),
+    );
+    let after_rb = (
+        sysctl(&rb, "net.ipv4.ip_forward"),
+        sysctl(&rb, "net.ipv4.conf.all.rp_filter"),
+    );
+    report.check(
+        "clean stop restores the relays' settings",
+        clean && after_rb == before_rb && sysctl(&ra, "net.ipv4.ip_forward") == "0",
+        format!(
+            "RB ip_forward/rp_filter back to {}/{}; RA ip_forward {}",
+            after_rb.0,
+            after_rb.1,
+            sysctl(&ra, "net.ipv4.ip_forward")
+        ),
+    );
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(report)
+}
