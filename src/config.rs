@@ -86,6 +86,8 @@ struct RawNat {
     rules: Option<String>,
     #[serde(default)]
     map: Vec<RawMap>,
+    #[serde(default)]
+    masquerade: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -111,6 +113,9 @@ pub enum RulesMode {
 pub struct Nat {
     /// The real <-> alias mappings.
     pub maps: Vec<crate::nat::NatMap>,
+    /// Inner source prefixes whose traffic leaving through another interface is masqueraded
+    /// (a hub giving its clients a way out).
+    pub masquerade: Vec<Prefix>,
     /// What happens to the rules.
     pub rules: RulesMode,
 }
@@ -295,6 +300,7 @@ impl Config {
         let nat = nat(raw.nat)?;
         // Catch what `datapath::build` would refuse, with the same words, before any setup.
         let tunnel = crate::datapath::TunnelSpec {
+            relay: false,
             mtu: 1400,
             icmp_src_v4: None,
             icmp_src_v6: None,
@@ -379,6 +385,7 @@ fn nat(raw: Option<RawNat>) -> Result<Nat, ConfigError> {
     let Some(raw) = raw else {
         return Ok(Nat {
             maps: Vec::new(),
+            masquerade: Vec::new(),
             rules: RulesMode::Off,
         });
     };
@@ -435,8 +442,22 @@ fn nat(raw: Option<RawNat>) -> Result<Nat, ConfigError> {
         }
         maps.push(crate::nat::NatMap { real, alias });
     }
+    let mut masquerade = Vec::new();
+    for m in &raw.masquerade {
+        let p: Prefix = m.parse().map_err(|e: crate::prefix::BadPrefix| {
+            invalid("nat.masquerade", format!("{m:?}"), e.to_string())
+        })?;
+        if !p.addr().is_ipv4() {
+            return Err(invalid(
+                "nat.masquerade",
+                format!("{m:?}"),
+                "an IPv4 source prefix (iptables MASQUERADE is IPv4)",
+            ));
+        }
+        masquerade.push(p);
+    }
     let rules = match raw.rules.as_deref() {
-        None if maps.is_empty() => RulesMode::Off,
+        None if maps.is_empty() && masquerade.is_empty() => RulesMode::Off,
         None | Some("apply") => RulesMode::Apply,
         Some("print") => RulesMode::Print,
         Some("off") => RulesMode::Off,
@@ -444,7 +465,11 @@ fn nat(raw: Option<RawNat>) -> Result<Nat, ConfigError> {
             return Err(invalid("nat.rules", format!("{other:?}"), "\"apply\" (install on start, remove on stop), \"print\" (only show them) or \"off\""));
         }
     };
-    Ok(Nat { maps, rules })
+    Ok(Nat {
+        maps,
+        masquerade,
+        rules,
+    })
 }
 
 fn interface(raw: RawInterface, base: &Path) -> Result<Interface, ConfigError> {

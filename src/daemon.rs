@@ -24,7 +24,7 @@ use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
@@ -230,6 +230,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         Some(g)
     };
     let tunnel = TunnelSpec {
+        relay: cfg.interface.forward,
         mtu,
         icmp_src_v4: cfg.interface.addresses.iter().find_map(|a| match a.addr {
             IpAddr::V4(v) => Some(v),
@@ -299,19 +300,24 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let edge = Arc::new(EdgeStats::default());
     let tun = Arc::new(tun);
     let sockets = Arc::new(sockets);
+    // The TX thread takes the lock once per batch; the RX thread only when a batch holds
+    // packets to relay between peers (a hub). Uncontended otherwise.
+    let outbound = Arc::new(Mutex::new(outbound));
     let clock = Instant::now();
     let tx = {
         let (tun, sockets, stop, edge) = (tun.clone(), sockets.clone(), stop.clone(), edge.clone());
+        let outbound = outbound.clone();
         std::thread::Builder::new()
             .name("espip-tx".into())
-            .spawn(move || tx_loop(outbound, &tun, &sockets, &stop, &edge, clock, &store))
+            .spawn(move || tx_loop(&outbound, &tun, &sockets, &stop, &edge, clock, &store))
             .map_err(|e| DaemonError::Os("spawn TX thread", e))?
     };
     let rx = {
         let (tun, sockets, stop, edge) = (tun.clone(), sockets.clone(), stop.clone(), edge.clone());
+        let out = outbound.clone();
         std::thread::Builder::new()
             .name("espip-rx".into())
-            .spawn(move || rx_loop(inbound, &tun, &sockets, &stop, &edge, clock))
+            .spawn(move || rx_loop(inbound, &out, &tun, &sockets, &stop, &edge, clock))
             .map_err(|e| DaemonError::Os("spawn RX thread", e))?
     };
     info!(interface = %cfg.interface.name, peers = cfg.peers.len(), "espip ready");
@@ -332,8 +338,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let signal = signal.map_err(|e| DaemonError::Os("signal handler", e))?;
     info!(signal, "stopping");
     let _ = stop.write(1);
-    if let Ok((out, store)) = tx.join() {
-        record_final(&out, &store);
+    if let Ok(store) = tx.join() {
+        record_final(&outbound.lock().unwrap_or_else(|e| e.into_inner()), &store);
     }
     let _ = rx.join();
     log_summary(&cfg, &stats, &edge);
@@ -342,6 +348,69 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     drop(tun);
     info!(interface = %cfg.interface.name, "stopped; TUN device and its routes removed");
     Ok(())
+}
+
+/// Wrap the packets of a batch that are for another peer (hub relaying) and send them.
+fn relay_batch(
+    shared_out: &Mutex<Outbound>,
+    bufs: &mut [PacketBuf],
+    relay: &[bool],
+    sockets: &[RawSocket],
+    tun: &Tun,
+    edge: &EdgeStats,
+    now: u64,
+) {
+    let mut verdicts = [Verdict::Drop(DropReason::Dummy); BATCH];
+    {
+        let mut out = shared_out.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, b) in bufs.iter_mut().enumerate() {
+            if relay[i] {
+                verdicts[i] = out.process(b, now);
+            }
+        }
+    }
+    for (i, b) in bufs.iter().enumerate() {
+        if verdicts[i] == Verdict::ToTun && tun.send(b.as_slice()).is_err() {
+            edge.tun_write_errors.fetch_add(1, Relaxed);
+        }
+    }
+    send_verdicts(bufs, &verdicts[..bufs.len()], sockets, edge);
+}
+
+/// Send every `Send` verdict of a batch, one `sendmmsg` per raw socket.
+fn send_verdicts(
+    bufs: &[PacketBuf],
+    verdicts: &[Verdict],
+    sockets: &[RawSocket],
+    edge: &EdgeStats,
+) -> Option<io::Error> {
+    let mut last_err = None;
+    for s in sockets {
+        let proto = s.protocol();
+        let is_ours = |v: &Verdict| matches!(v, Verdict::Send { protocol, endpoint: IpAddr::V4(_) } if *protocol == proto);
+        let want = verdicts.iter().filter(|v| is_ours(v)).count();
+        if want == 0 {
+            continue;
+        }
+        let pending = bufs.iter().zip(verdicts).filter_map(|(b, v)| match v {
+            Verdict::Send {
+                endpoint: IpAddr::V4(dst),
+                protocol,
+            } if *protocol == proto => Some((b.as_slice(), *dst)),
+            _ => None,
+        });
+        match s.send_batch(pending) {
+            Ok(sent) => {
+                edge.send_errors
+                    .fetch_add((want - sent.min(want)) as u64, Relaxed);
+            }
+            Err(e) => {
+                edge.send_errors.fetch_add(want as u64, Relaxed);
+                last_err = Some(e);
+            }
+        }
+    }
+    last_err
 }
 
 /// Resume every outbound SA after its saved reservation (1 for a new key) and reserve the
@@ -436,6 +505,7 @@ fn log_summary(cfg: &Config, stats: &Stats, edge: &EdgeStats) {
         tun_write_errors = edge.tun_write_errors.load(Relaxed),
         send_errors = edge.send_errors.load(Relaxed),
         bad_outer = edge.bad_outer.load(Relaxed),
+        relayed = stats.relayed.load(Relaxed),
         "drop totals"
     );
 }
@@ -459,14 +529,14 @@ fn wait(fds: &mut [PollFd], what: &str) -> bool {
 }
 
 fn tx_loop(
-    mut out: Outbound,
+    shared: &Mutex<Outbound>,
     tun: &Tun,
     sockets: &[RawSocket],
     stop: &EventFd,
     edge: &EdgeStats,
     clock: Instant,
     store: &SeqStore,
-) -> (Outbound, SeqStore) {
+) -> SeqStore {
     let mut warn_state = RateLimit(None);
     let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new(MAX_PACKET)).collect();
     let mut verdicts = [Verdict::Drop(DropReason::Dummy); BATCH];
@@ -479,7 +549,7 @@ fn tx_loop(
             PollFd::new(tun.as_fd(), PollFlags::POLLIN),
         ];
         if !wait(&mut fds, "the TUN") {
-            return (out, store.clone());
+            return store.clone();
         }
         let now = clock.elapsed().as_nanos() as u64;
         let mut n = 0;
@@ -501,6 +571,7 @@ fn tx_loop(
                 }
             }
         }
+        let mut out = shared.lock().unwrap_or_else(|e| e.into_inner());
         for i in 0..n {
             verdicts[i] = out.process(&mut bufs[i], now);
             match verdicts[i] {
@@ -521,34 +592,10 @@ fn tx_loop(
         if n > 0 {
             extend_reservations(&mut out, store, &mut warn_state);
         }
-        for s in sockets {
-            let proto = s.protocol();
-            let pending = (0..n).filter_map(|i| match verdicts[i] {
-                Verdict::Send {
-                    endpoint: IpAddr::V4(dst),
-                    protocol,
-                } if protocol == proto => Some((bufs[i].as_slice(), dst)),
-                _ => None,
-            });
-            let want = (0..n)
-                .filter(
-                    |&i| matches!(verdicts[i], Verdict::Send { protocol, .. } if protocol == proto),
-                )
-                .count();
-            if want == 0 {
-                continue;
-            }
-            match s.send_batch(pending) {
-                Ok(sent) if sent == want => {}
-                Ok(sent) => {
-                    edge.send_errors.fetch_add((want - sent) as u64, Relaxed);
-                }
-                Err(e) => {
-                    edge.send_errors.fetch_add(want as u64, Relaxed);
-                    if warn_send.ready() {
-                        warn!("sending protocol {proto} packets failed: {e}");
-                    }
-                }
+        drop(out);
+        if let Some(e) = send_verdicts(&bufs[..n], &verdicts[..n], sockets, edge) {
+            if warn_send.ready() {
+                warn!("sending packets failed: {e}");
             }
         }
     }
@@ -556,6 +603,7 @@ fn tx_loop(
 
 fn rx_loop(
     mut inb: Inbound,
+    shared_out: &Mutex<Outbound>,
     tun: &Tun,
     sockets: &[RawSocket],
     stop: &EventFd,
@@ -593,19 +641,31 @@ fn rx_loop(
                         break;
                     }
                 };
-                for b in &mut bufs[..n] {
+                let mut relay = [false; BATCH];
+                let mut any_relay = false;
+                for (i, b) in bufs[..n].iter_mut().enumerate() {
                     let Some((src, proto)) = strip_ipv4_header(b) else {
                         edge.bad_outer.fetch_add(1, Relaxed);
                         continue;
                     };
-                    if let Verdict::ToTun = inb.process(b, src, proto, now) {
-                        if let Err(e) = tun.send(b.as_slice()) {
-                            edge.tun_write_errors.fetch_add(1, Relaxed);
-                            if warn_write.ready() {
-                                warn!("writing to the TUN failed: {e}");
+                    match inb.process(b, src, proto, now) {
+                        Verdict::ToTun => {
+                            if let Err(e) = tun.send(b.as_slice()) {
+                                edge.tun_write_errors.fetch_add(1, Relaxed);
+                                if warn_write.ready() {
+                                    warn!("writing to the TUN failed: {e}");
+                                }
                             }
                         }
+                        Verdict::Relay => {
+                            relay[i] = true;
+                            any_relay = true;
+                        }
+                        _ => {}
                     }
+                }
+                if any_relay {
+                    relay_batch(shared_out, &mut bufs[..n], &relay, sockets, tun, edge, now);
                 }
                 if n < bufs.len() {
                     break;

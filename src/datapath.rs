@@ -131,6 +131,8 @@ pub struct Stats {
     drops: [AtomicU64; DropReason::ALL.len()],
     /// Per-peer counters, indexed like the peers given to [`build`].
     pub peers: Vec<PeerStats>,
+    /// Packets relayed from one peer to another inside the daemon.
+    pub relayed: AtomicU64,
 }
 
 impl Stats {
@@ -138,6 +140,7 @@ impl Stats {
         Stats {
             drops: Default::default(),
             peers: (0..npeers).map(|_| PeerStats::default()).collect(),
+            relayed: AtomicU64::new(0),
         }
     }
 
@@ -203,6 +206,8 @@ pub struct PeerSpec {
 /// Tunnel-wide parameters.
 #[derive(Debug, Clone, Copy)]
 pub struct TunnelSpec {
+    /// Relay packets from one peer to another inside the daemon (set with `forward`).
+    pub relay: bool,
     /// Largest inner packet sent through the tunnel.
     pub mtu: u16,
     /// Source of ICMP errors generated towards IPv4 senders (the TUN's address).
@@ -243,6 +248,9 @@ pub enum Verdict {
     },
     /// Write the buffer to the TUN (a decapsulated packet or a generated ICMP error).
     ToTun,
+    /// The decapsulated packet is for another peer (a hub relaying between clients): hand the
+    /// buffer to [`Outbound::process`], which wraps it for that peer, without the local stack.
+    Relay,
     /// Drop; already counted.
     Drop(DropReason),
 }
@@ -269,6 +277,7 @@ struct InPeer {
 /// The wire -> TUN half.
 pub struct Inbound {
     nat: NatTable,
+    relay: bool,
     /// Source policy: inner source -> peer index.
     allowed: PrefixTable<usize>,
     /// SAD: SPI -> peer index.
@@ -390,6 +399,7 @@ pub fn build(
     };
     let inbound = Inbound {
         nat,
+        relay: tunnel.relay,
         allowed: routes,
         by_spi,
         by_endpoint,
@@ -619,6 +629,13 @@ impl Inbound {
         s.rx_packets.fetch_add(1, Relaxed);
         s.rx_bytes.fetch_add(buf.len() as u64, Relaxed);
         s.last_rx.store(now, Relaxed);
+        if self.relay {
+            let dst = self.nat.to_real(inner.dst).unwrap_or(inner.dst);
+            if matches!(self.allowed.lookup(dst), Some(&to) if to != idx) {
+                self.stats.relayed.fetch_add(1, Relaxed);
+                return Verdict::Relay;
+            }
+        }
         Verdict::ToTun
     }
 

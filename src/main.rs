@@ -121,6 +121,19 @@ enum LabCmd {
         #[arg(long)]
         no_install: bool,
     },
+    /// Scenario 5: a hub relaying between three clients on 192.168.0.0/24, with MASQUERADE to
+    /// an internet host.
+    Hub {
+        /// ESP cipher.
+        #[arg(long, default_value = "aes-128-gcm")]
+        cipher: String,
+        /// Leave the namespaces and daemons running to explore.
+        #[arg(long)]
+        keep: bool,
+        /// Do not install missing Debian packages; fail instead.
+        #[arg(long)]
+        no_install: bool,
+    },
     /// Scenario 3: an encrypted pair on one LAN with the NAT helpers (A 10.0.0.161, B 10.0.0.160,
     /// alias 10.0.1.0/24).
     SameLan {
@@ -311,6 +324,23 @@ fn main() -> Result<()> {
                     exe: std::env::current_exe().context("locating the espip binary")?,
                 };
                 let report = espip::lab::upstream::run(&opts)?;
+                print!("{}", report.render());
+                if !report.passed() {
+                    std::process::exit(1);
+                }
+            }
+            LabCmd::Hub {
+                cipher,
+                keep,
+                no_install,
+            } => {
+                let opts = espip::lab::hub::HubOptions {
+                    cipher: cipher_arg(&cipher)?,
+                    keep,
+                    install: !no_install,
+                    exe: std::env::current_exe().context("locating the espip binary")?,
+                };
+                let report = espip::lab::hub::run(&opts)?;
                 print!("{}", report.render());
                 if !report.passed() {
                     std::process::exit(1);

@@ -36,6 +36,11 @@ pub fn mss_chain(iface: &str) -> String {
     format!("ESPIP-{iface}-MSS")
 }
 
+/// The nat POSTROUTING chain of an interface (MASQUERADE).
+pub fn post_chain(iface: &str) -> String {
+    format!("ESPIP-{iface}-POST")
+}
+
 /// The comment that tags espip's jump rules.
 pub fn tag(iface: &str) -> String {
     format!("espip:{iface}")
@@ -43,14 +48,112 @@ pub fn tag(iface: &str) -> String {
 
 /// Commands that remove every rule espip installs for `iface` (each may find nothing).
 pub fn remove(iface: &str) -> Vec<IptCmd> {
-    let (nat, mss, tag) = (nat_chain(iface), mss_chain(iface), tag(iface));
-    vec![
-        cmd(
+    let (nat, mss, post, tag) = (
+        nat_chain(iface),
+        mss_chain(iface),
+        post_chain(iface),
+        tag(iface),
+    );
+    let mut out = Vec::new();
+    for (table, hook, chain) in [
+        ("nat", "OUTPUT", &nat),
+        ("mangle", "POSTROUTING", &mss),
+        ("nat", "POSTROUTING", &post),
+    ] {
+        out.push(cmd(
             true,
             &[
                 "-t",
-                "nat",
+                table,
                 "-D",
+                hook,
+                "-m",
+                "comment",
+                "--comment",
+                &tag,
+                "-j",
+                chain,
+            ],
+        ));
+        out.push(cmd(true, &["-t", table, "-F", chain]));
+        out.push(cmd(true, &["-t", table, "-X", chain]));
+    }
+    out
+}
+
+/// The rules of `cfg` in commented sections (without the leading removal).
+fn sections(cfg: &Config) -> Vec<(&'static str, Vec<IptCmd>)> {
+    let iface = &cfg.interface.name;
+    let (nat, mss, post, tag) = (
+        nat_chain(iface),
+        mss_chain(iface),
+        post_chain(iface),
+        tag(iface),
+    );
+    let mut out = Vec::new();
+    if !cfg.nat.maps.is_empty() {
+        let mut dnat = vec![cmd(false, &["-t", "nat", "-N", &nat])];
+        // The tunnel's own packets to a peer's real address must not be moved into the alias.
+        let mut protos = Vec::new();
+        for p in &cfg.peers {
+            match p.encap {
+                EncapSpec::Esp { .. } => protos.push("esp"),
+                EncapSpec::IpIp => protos.extend(["4", "41"]),
+            }
+        }
+        protos.sort();
+        protos.dedup();
+        for proto in &protos {
+            dnat.push(cmd(
+                false,
+                &["-t", "nat", "-A", &nat, "-p", proto, "-j", "RETURN"],
+            ));
+        }
+        for p in &cfg.peers {
+            for a in &p.allowed_ips {
+                let inside = cfg
+                    .nat
+                    .maps
+                    .iter()
+                    .any(|m| m.real.contains(a.addr()) && a.len() >= m.real.len());
+                let (true, Some(IpAddr::V4(alias))) = (inside, cfg.nat_table().to_alias(a.addr()))
+                else {
+                    continue;
+                };
+                let dst = a.to_string();
+                if a.len() == 32 {
+                    dnat.push(cmd(
+                        false,
+                        &[
+                            "-t",
+                            "nat",
+                            "-A",
+                            &nat,
+                            "-d",
+                            &dst,
+                            "-j",
+                            "DNAT",
+                            "--to-destination",
+                            &alias.to_string(),
+                        ],
+                    ));
+                } else {
+                    let to = format!("{alias}/{}", a.len());
+                    dnat.push(cmd(
+                        false,
+                        &[
+                            "-t", "nat", "-A", &nat, "-d", &dst, "-j", "NETMAP", "--to", &to,
+                        ],
+                    ));
+                }
+            }
+        }
+        dnat.push(cmd(
+            false,
+            &[
+                "-t",
+                "nat",
+                "-A",
                 "OUTPUT",
                 "-m",
                 "comment",
@@ -59,144 +162,107 @@ pub fn remove(iface: &str) -> Vec<IptCmd> {
                 "-j",
                 &nat,
             ],
-        ),
-        cmd(true, &["-t", "nat", "-F", &nat]),
-        cmd(true, &["-t", "nat", "-X", &nat]),
-        cmd(
-            true,
+        ));
+        out.push((
+            "Locally generated packets to a peer's real address are moved into its alias\n#    (DNAT), which is routed to the TUN; the tunnel's own packets are left alone.",
+            dnat,
+        ));
+        // Sockets chose their MSS for the LAN's MTU before the DNAT moved them into the tunnel.
+        out.push((
+            "Clamp the TCP MSS of SYNs leaving through the tunnel to its MTU.",
+            vec![
+                cmd(false, &["-t", "mangle", "-N", &mss]),
+                cmd(
+                    false,
+                    &[
+                        "-t",
+                        "mangle",
+                        "-A",
+                        &mss,
+                        "-o",
+                        iface,
+                        "-p",
+                        "tcp",
+                        "--tcp-flags",
+                        "SYN,RST",
+                        "SYN",
+                        "-j",
+                        "TCPMSS",
+                        "--clamp-mss-to-pmtu",
+                    ],
+                ),
+                cmd(
+                    false,
+                    &[
+                        "-t",
+                        "mangle",
+                        "-A",
+                        "POSTROUTING",
+                        "-m",
+                        "comment",
+                        "--comment",
+                        &tag,
+                        "-j",
+                        &mss,
+                    ],
+                ),
+            ],
+        ));
+    }
+    if !cfg.nat.masquerade.is_empty() {
+        let mut m = vec![cmd(false, &["-t", "nat", "-N", &post])];
+        for p in &cfg.nat.masquerade {
+            m.push(cmd(
+                false,
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    &post,
+                    "-s",
+                    &p.to_string(),
+                    "!",
+                    "-o",
+                    iface,
+                    "-j",
+                    "MASQUERADE",
+                ],
+            ));
+        }
+        m.push(cmd(
+            false,
             &[
                 "-t",
-                "mangle",
-                "-D",
+                "nat",
+                "-A",
                 "POSTROUTING",
                 "-m",
                 "comment",
                 "--comment",
                 &tag,
                 "-j",
-                &mss,
+                &post,
             ],
-        ),
-        cmd(true, &["-t", "mangle", "-F", &mss]),
-        cmd(true, &["-t", "mangle", "-X", &mss]),
-    ]
+        ));
+        out.push((
+            "Tunnel clients leaving through another interface take this host's address\n#    (MASQUERADE), so the hosts they reach can answer.",
+            m,
+        ));
+    }
+    out
 }
 
 /// Commands that install the rules of `cfg` (after removing stale ones). Empty when the
-/// configuration has no NAT map.
+/// configuration needs no rules.
 pub fn apply(cfg: &Config) -> Vec<IptCmd> {
-    if cfg.nat.maps.is_empty() {
+    let secs = sections(cfg);
+    if secs.is_empty() {
         return Vec::new();
     }
-    let iface = &cfg.interface.name;
-    let (nat, mss, tag) = (nat_chain(iface), mss_chain(iface), tag(iface));
-    let mut out = remove(iface);
-    out.push(cmd(false, &["-t", "nat", "-N", &nat]));
-    // The tunnel's own packets to a peer's real address must not be moved into the alias.
-    let mut protos = Vec::new();
-    for p in &cfg.peers {
-        match p.encap {
-            EncapSpec::Esp { .. } => protos.push("esp"),
-            EncapSpec::IpIp => protos.extend(["4", "41"]),
-        }
+    let mut out = remove(&cfg.interface.name);
+    for (_, cmds) in secs {
+        out.extend(cmds);
     }
-    protos.dedup();
-    for proto in &protos {
-        out.push(cmd(
-            false,
-            &["-t", "nat", "-A", &nat, "-p", proto, "-j", "RETURN"],
-        ));
-    }
-    for p in &cfg.peers {
-        for a in &p.allowed_ips {
-            let inside = cfg
-                .nat
-                .maps
-                .iter()
-                .any(|m| m.real.contains(a.addr()) && a.len() >= m.real.len());
-            let (true, Some(IpAddr::V4(alias))) = (inside, cfg.nat_table().to_alias(a.addr()))
-            else {
-                continue;
-            };
-            let dst = a.to_string();
-            if a.len() == 32 {
-                out.push(cmd(
-                    false,
-                    &[
-                        "-t",
-                        "nat",
-                        "-A",
-                        &nat,
-                        "-d",
-                        &dst,
-                        "-j",
-                        "DNAT",
-                        "--to-destination",
-                        &alias.to_string(),
-                    ],
-                ));
-            } else {
-                let to = format!("{alias}/{}", a.len());
-                out.push(cmd(
-                    false,
-                    &[
-                        "-t", "nat", "-A", &nat, "-d", &dst, "-j", "NETMAP", "--to", &to,
-                    ],
-                ));
-            }
-        }
-    }
-    out.push(cmd(
-        false,
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-m",
-            "comment",
-            "--comment",
-            &tag,
-            "-j",
-            &nat,
-        ],
-    ));
-    // Sockets chose their MSS for the LAN's MTU before the DNAT moved them into the tunnel.
-    out.push(cmd(false, &["-t", "mangle", "-N", &mss]));
-    out.push(cmd(
-        false,
-        &[
-            "-t",
-            "mangle",
-            "-A",
-            &mss,
-            "-o",
-            iface,
-            "-p",
-            "tcp",
-            "--tcp-flags",
-            "SYN,RST",
-            "SYN",
-            "-j",
-            "TCPMSS",
-            "--clamp-mss-to-pmtu",
-        ],
-    ));
-    out.push(cmd(
-        false,
-        &[
-            "-t",
-            "mangle",
-            "-A",
-            "POSTROUTING",
-            "-m",
-            "comment",
-            "--comment",
-            &tag,
-            "-j",
-            &mss,
-        ],
-    ));
     out
 }
 
@@ -228,60 +294,61 @@ pub fn script(cfg: &Config, removing: bool) -> String {
         .maps
         .iter()
         .map(|m| format!("{} <-> {}", m.real, m.alias))
+        .chain(cfg.nat.masquerade.iter().map(|p| format!("masquerade {p}")))
         .collect();
     let mut s = String::from("#!/bin/sh\n");
     s.push_str(&format!(
-        "# espip NAT helper rules for interface {iface} (maps: {}).\n",
+        "# espip NAT helper rules for interface {iface} ({}).\n",
         if maps.is_empty() {
-            "none".to_string()
+            "nothing configured".to_string()
         } else {
             maps.join(", ")
         }
     ));
     s.push_str("# Generated by `espip rules`; the daemon runs exactly these commands when [nat] rules = \"apply\".\n");
-    s.push_str(&format!("# Everything lives in chains {} (nat) and {} (mangle), reached by jumps tagged\n# with the comment {}; nothing else is touched. Safe to run twice.\nset -e\n", nat_chain(iface), mss_chain(iface), tag(iface)));
+    s.push_str(&format!(
+        "# Everything lives in chains {}, {} (nat) and {} (mangle), reached by jumps\n# tagged with the comment {}; nothing else is touched. Safe to run twice.\nset -e\n",
+        nat_chain(iface),
+        post_chain(iface),
+        mss_chain(iface),
+        tag(iface)
+    ));
     if removing {
         s.push_str("\n# Remove the jumps, then empty and delete espip's chains.\n");
         s.push_str(&render(&remove(iface)));
         return s;
     }
-    if cfg.nat.maps.is_empty() {
-        s.push_str("\n# No [[nat.map]]: nothing to install.\n");
+    let secs = sections(cfg);
+    if secs.is_empty() {
+        s.push_str("\n# No [[nat.map]] and no masquerade: nothing to install.\n");
         return s;
     }
-    let cmds = apply(cfg);
-    let n_remove = remove(iface).len();
     s.push_str("\n# 1. Remove what an earlier run left (idempotence).\n");
-    s.push_str(&render(&cmds[..n_remove]));
-    s.push_str("\n# 2. Locally generated packets to a peer's real address are moved into its alias\n#    (DNAT), which is routed to the TUN; the tunnel's own packets are left alone.\n");
-    let nat_end = cmds
-        .iter()
-        .position(|c| {
-            c.args.get(1).map(String::as_str) == Some("mangle")
-                && c.args.get(2).map(String::as_str) == Some("-N")
-        })
-        .unwrap_or(cmds.len());
-    s.push_str(&render(&cmds[n_remove..nat_end]));
-    s.push_str("\n# 3. Clamp the TCP MSS of SYNs leaving through the tunnel to its MTU.\n");
-    s.push_str(&render(&cmds[nat_end..]));
-    s.push_str(&format!(
-        "\n# The daemon also routes {} to {iface} (over netlink) while it runs:\n",
-        cfg.nat
-            .maps
-            .iter()
-            .map(|m| m.alias.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
-    for m in &cfg.nat.maps {
-        s.push_str(&format!("#   ip route replace {} dev {iface}\n", m.alias));
+    s.push_str(&render(&remove(iface)));
+    for (i, (comment, cmds)) in secs.iter().enumerate() {
+        s.push_str(&format!("\n# {}. {comment}\n", i + 2));
+        s.push_str(&render(cmds));
+    }
+    if !cfg.nat.maps.is_empty() {
+        s.push_str(&format!(
+            "\n# The daemon also routes {} to {iface} (over netlink) while it runs:\n",
+            cfg.nat
+                .maps
+                .iter()
+                .map(|m| m.alias.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        for m in &cfg.nat.maps {
+            s.push_str(&format!("#   ip route replace {} dev {iface}\n", m.alias));
+        }
     }
     s
 }
 
 /// True when the daemon installs rules for this configuration.
 pub fn daemon_applies(cfg: &Config) -> bool {
-    cfg.nat.rules == RulesMode::Apply && !cfg.nat.maps.is_empty()
+    cfg.nat.rules == RulesMode::Apply && !sections(cfg).is_empty()
 }
 
 #[cfg(test)]
@@ -320,7 +387,7 @@ mod tests {
     fn apply_starts_with_removal_and_tags_every_jump() {
         let cfg = lab_a();
         let cmds = apply(&cfg);
-        assert_eq!(&cmds[..6], &remove("espip0")[..]);
+        assert_eq!(&cmds[..9], &remove("espip0")[..]);
         let jumps: Vec<_> = cmds
             .iter()
             .filter(|c| c.args[2] == "-A" && (c.args[3] == "OUTPUT" || c.args[3] == "POSTROUTING"))

@@ -52,6 +52,7 @@ fn esp_pair(c: Cipher, esn: bool, window: u32) -> (Host, Host) {
         route: true,
     };
     let t = TunnelSpec {
+        relay: false,
         mtu: 1400,
         icmp_src_v4: Some(Ipv4Addr::new(10, 4, 2, 99)),
         icmp_src_v6: Some("fd00::99".parse().unwrap()),
@@ -290,6 +291,7 @@ fn ipip_both_ways_and_unknown_peer() {
         route: true,
     };
     let t = TunnelSpec {
+        relay: false,
         mtu: 1480,
         icmp_src_v4: None,
         icmp_src_v6: None,
@@ -341,5 +343,63 @@ proptest! {
         let v = b.inb.process(&mut PacketBuf::from_slice(&bytes), A.parse().unwrap(), proto, 0);
         prop_assert!(matches!(v, Verdict::Drop(_)));
         let _ = a.out.process(&mut PacketBuf::from_slice(&bytes), 0);
+    }
+}
+
+#[test]
+fn a_hub_relays_between_peers_only_when_forwarding() {
+    let k = |b| key(Cipher::Aes128Gcm, b);
+    let peer = |n: u8| PeerSpec {
+        name: format!("c{n}"),
+        endpoint: IpAddr::V4(Ipv4Addr::new(172, 16, 0, n)),
+        allowed_ips: vec![format!("192.168.0.{n}/32").parse().unwrap()],
+        encap: EncapSpec::Esp {
+            cipher: Cipher::Aes128Gcm,
+            spi_out: 0x5000 + u32::from(n),
+            key_out: k(n),
+            spi_in: 0x6000 + u32::from(n),
+            key_in: k(n + 100),
+            replay_window: 64,
+            esn: false,
+        },
+        route: true,
+    };
+    for relay in [true, false] {
+        let t = TunnelSpec {
+            relay,
+            mtu: 1400,
+            icmp_src_v4: None,
+            icmp_src_v6: None,
+        };
+        let (mut out, mut inb, stats) =
+            datapath::build(&[peer(11), peer(12)], t, Default::default()).unwrap();
+        // c11 -> c12, sealed with c11's key towards the hub.
+        let mut c11 = espip::sa::OutboundSa::new(0x6000 + 11, &k(111), false);
+        let inner = ipv4([192, 168, 0, 11], [192, 168, 0, 12], 60, false);
+        let mut b = PacketBuf::from_slice(&inner);
+        c11.encapsulate(&mut b, 4).unwrap();
+        let v = inb.process(&mut b, "172.16.0.11".parse().unwrap(), PROTO_ESP, 0);
+        if !relay {
+            assert_eq!(v, Verdict::ToTun);
+            continue;
+        }
+        assert_eq!(v, Verdict::Relay);
+        assert_eq!(b.as_slice(), &inner[..]);
+        let v = out.process(&mut b, 0);
+        assert_eq!(
+            v,
+            Verdict::Send {
+                endpoint: "172.16.0.12".parse().unwrap(),
+                protocol: PROTO_ESP
+            }
+        );
+        assert_eq!(stats.relayed.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // To the hub's own address (no peer's prefix): delivered locally.
+        let mut c11b = PacketBuf::from_slice(&ipv4([192, 168, 0, 11], [192, 168, 0, 1], 60, false));
+        c11.encapsulate(&mut c11b, 4).unwrap();
+        assert_eq!(
+            inb.process(&mut c11b, "172.16.0.11".parse().unwrap(), PROTO_ESP, 0),
+            Verdict::ToTun
+        );
     }
 }

@@ -545,3 +545,23 @@ fn upstream_lab() {
     );
     assert!(text.contains("received 0; RB received"), "{text}");
 }
+
+#[test]
+fn hub_lab() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new(exe())
+        .args(["lab", "hub", "--no-install"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("6 passed, 0 failed"), "{text}");
+    assert!(text.contains("H's kernel forwarded 0 datagrams"), "{text}");
+}

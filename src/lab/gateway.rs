@@ -33,7 +33,7 @@ pub struct GatewayOptions {
     pub without_forward: bool,
 }
 
-fn esp_peer(
+pub(crate) fn esp_peer(
     name: &str,
     endpoint: &str,
     allowed: &[&str],

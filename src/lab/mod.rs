@@ -2,6 +2,7 @@
 //! with their checks and a report. The labs are also the integration tests' harness.
 
 pub mod gateway;
+pub mod hub;
 pub mod netns;
 pub mod p2p;
 pub mod pcap;
