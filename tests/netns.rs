@@ -540,7 +540,9 @@ fn upstream_lab() {
     );
     assert!(text.contains("5 passed, 0 failed"), "{text}");
     assert!(
-        text.contains("S's log: 10.0.2.244 \"GET / HTTP/1.1\""),
+        text.contains("10.0.2.244 \"GET / HTTP/1.1\"")
+            && text.contains("rule dropped")
+            && !text.contains("rule dropped 0 packets"),
         "{text}"
     );
     assert!(text.contains("received 0; RB received"), "{text}");
