@@ -538,7 +538,7 @@ fn upstream_lab() {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("5 passed, 0 failed"), "{text}");
+    assert!(text.contains("6 passed, 0 failed"), "{text}");
     assert!(
         text.contains("10.0.2.244 \"GET / HTTP/1.1\"")
             && text.contains("rule dropped")

@@ -143,12 +143,49 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
     let mut drb = Daemon::start(&rb, &opts.exe, &work.join("rb.toml"), &work.join("rb.log"))?;
     let mut dra = Daemon::start(&ra, &opts.exe, &work.join("ra.toml"), &work.join("ra.log"))?;
     c.ip(&["route", "add", "10.0.3.26/32", "via", "10.0.2.201"])?;
+    let wire = work.join("ra.pcap");
+    let cap_log = work.join("tcpdump.log");
+    let tcpdump = ra
+        .command("tcpdump")
+        .args(["-i", "eth0", "-n", "-U", "-B", "65536", "-s", "0", "-w"])
+        .arg(&wire)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&cap_log)?)
+        .spawn()?;
+    for _ in 0..100 {
+        if std::fs::read_to_string(&cap_log)
+            .unwrap_or_default()
+            .contains("listening on")
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     let (ok, body) = curl(&c, "http://10.0.3.26/");
     report.check(
         "with the tunnel C's GET reaches S",
         ok && body.contains("host S"),
         body.clone(),
+    );
+    super::stop_capture(tcpdump);
+    let (mut up, mut down, mut replies) = (0, 0, 0);
+    for fr in super::pcap::read(&wire)? {
+        match fr.ipv4() {
+            Some((s_, d, 4)) if s_.octets() == [10, 0, 2, 201] && d.octets() == [10, 0, 3, 29] => {
+                up += 1
+            }
+            Some((s_, _, 4)) if s_.octets() == [10, 0, 3, 29] => down += 1,
+            Some((s_, d, _)) if s_.octets() == [10, 0, 3, 26] && d.octets() == [10, 0, 2, 244] => {
+                replies += 1
+            }
+            _ => {}
+        }
+    }
+    report.check(
+        "capture on RA's link: tunnel upstream only, replies bypass RA",
+        up > 0 && down == 0 && replies == 0,
+        format!("IP-in-IP RA->RB {up}, RB->RA {down}; S->C packets seen by RA {replies}"),
     );
     let _ = server.kill();
     let served = server.wait_with_output()?;
