@@ -244,6 +244,14 @@ fn check(config: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// Print the end of a lab report; a failed check makes the exit status 1.
+fn finish(report: espip::lab::Report) {
+    print!("{}", report.render());
+    if !report.passed() {
+        std::process::exit(1);
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -292,11 +300,7 @@ fn main() -> Result<()> {
                     esn,
                     exe: std::env::current_exe().context("locating the espip binary")?,
                 };
-                let report = espip::lab::p2p::run(&opts)?;
-                print!("{}", report.render());
-                if !report.passed() {
-                    std::process::exit(1);
-                }
+                finish(espip::lab::p2p::run(&opts)?);
             }
             LabCmd::Gateway {
                 cipher,
@@ -311,11 +315,7 @@ fn main() -> Result<()> {
                     exe: std::env::current_exe().context("locating the espip binary")?,
                     without_forward,
                 };
-                let report = espip::lab::gateway::run(&opts)?;
-                print!("{}", report.render());
-                if !report.passed() {
-                    std::process::exit(1);
-                }
+                finish(espip::lab::gateway::run(&opts)?);
             }
             LabCmd::Upstream { keep, no_install } => {
                 let opts = espip::lab::upstream::UpstreamOptions {
@@ -323,11 +323,7 @@ fn main() -> Result<()> {
                     install: !no_install,
                     exe: std::env::current_exe().context("locating the espip binary")?,
                 };
-                let report = espip::lab::upstream::run(&opts)?;
-                print!("{}", report.render());
-                if !report.passed() {
-                    std::process::exit(1);
-                }
+                finish(espip::lab::upstream::run(&opts)?);
             }
             LabCmd::Hub {
                 cipher,
@@ -340,11 +336,7 @@ fn main() -> Result<()> {
                     install: !no_install,
                     exe: std::env::current_exe().context("locating the espip binary")?,
                 };
-                let report = espip::lab::hub::run(&opts)?;
-                print!("{}", report.render());
-                if !report.passed() {
-                    std::process::exit(1);
-                }
+                finish(espip::lab::hub::run(&opts)?);
             }
             LabCmd::SameLan {
                 cipher,
@@ -364,11 +356,7 @@ fn main() -> Result<()> {
                     install: !no_install,
                     exe: std::env::current_exe().context("locating the espip binary")?,
                 };
-                let report = espip::lab::same_lan::run(&opts)?;
-                print!("{}", report.render());
-                if !report.passed() {
-                    std::process::exit(1);
-                }
+                finish(espip::lab::same_lan::run(&opts)?);
             }
         },
         Cmd::LabTool { tool } => match tool {

@@ -146,23 +146,7 @@ pub fn run(opts: &GatewayOptions) -> io::Result<Report> {
     write_private(&work.join("server.toml"), &cs)?;
 
     let wire = work.join("outside.pcap");
-    let cap_log = work.join("tcpdump.log");
-    let tcpdump = u
-        .command("tcpdump")
-        .args(["-i", "out0", "-n", "-U", "-B", "65536", "-s", "0", "-w"])
-        .arg(&wire)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&cap_log)?)
-        .spawn()?;
-    for _ in 0..100 {
-        if std::fs::read_to_string(&cap_log)
-            .unwrap_or_default()
-            .contains("listening on")
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let tcpdump = super::start_capture(&u, "out0", &wire)?;
     let mut ds = Daemon::start(
         &s,
         &opts.exe,

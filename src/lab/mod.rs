@@ -60,6 +60,92 @@ pub fn ensure_tools(tools: &[(&str, &str)], install: bool) -> io::Result<()> {
     )))
 }
 
+/// Start `tcpdump` on `dev` in `ns`, writing every full frame to `file` (a 64 MiB kernel buffer
+/// so that a fast transfer is not dropped), and wait until it listens.
+pub fn start_capture(
+    ns: &netns::Netns,
+    dev: &str,
+    file: &std::path::Path,
+) -> io::Result<std::process::Child> {
+    let log = file.with_extension("tcpdump.log");
+    let child = ns
+        .command("tcpdump")
+        .args(["-i", dev, "-n", "-U", "-B", "65536", "-s", "0", "-w"])
+        .arg(file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    for _ in 0..100 {
+        if std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("listening on")
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(child)
+}
+
+/// Move `bytes` over TCP from `from` to `to_addr` (a sink in `to`, port 5001) with the lab's
+/// transfer tool and record whether both ends hashed the same bytes.
+pub fn transfer_check(
+    report: &mut Report,
+    name: String,
+    exe: &std::path::Path,
+    (from, to): (&netns::Netns, &netns::Netns),
+    to_addr: &str,
+    bytes: u64,
+) -> io::Result<()> {
+    let target = format!("{to_addr}:5001");
+    let sink = to
+        .command(exe)
+        .args(["lab-tool", "sink", "--listen", &target])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let started = std::time::Instant::now();
+    let src_out = netns::run(from.command(exe).args([
+        "lab-tool",
+        "source",
+        "--connect",
+        &target,
+        "--bytes",
+        &bytes.to_string(),
+    ]))?;
+    let elapsed = started.elapsed();
+    let sink_out = sink.wait_with_output()?;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
+    let sent: Result<transfer::Digest, _> = text(&src_out.stdout).parse();
+    let got: Result<transfer::Digest, _> = text(&sink_out.stdout).parse();
+    match (&sent, &got) {
+        (Ok(s), Ok(g)) => report.check(
+            name,
+            s == g && s.bytes == bytes,
+            format!(
+                "sent {} received {}; sha256 {} {} ({:.0} Mbit/s incl. setup)",
+                s.bytes,
+                g.bytes,
+                &s.sha256[..16],
+                if s == g { "==" } else { "!=" },
+                s.bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e6
+            ),
+        ),
+        _ => report.check(
+            name,
+            false,
+            format!(
+                "source: {} {}; sink: {} {}",
+                text(&src_out.stdout),
+                text(&src_out.stderr),
+                text(&sink_out.stdout),
+                text(&sink_out.stderr)
+            ),
+        ),
+    }
+    Ok(())
+}
+
 /// Stop a tcpdump started by a lab so that its file holds every packet captured: tcpdump
 /// reads the kernel's ring in blocks that are handed over when full or after a timeout (about
 /// one second), and a block still open at SIGINT would be lost.

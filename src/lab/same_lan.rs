@@ -12,7 +12,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Host A's LAN address.
 pub const A: &str = "10.0.0.161";
@@ -125,22 +125,7 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
 
     // The capture covers everything after the daemons start.
     let wire = work.join("lan.pcap");
-    let cap_log = work.join("tcpdump.log");
-    let tcpdump = a
-        .command("tcpdump")
-        .args(["-i", "lan0", "-n", "-U", "-B", "65536", "-s", "0", "-w"])
-        .arg(&wire)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&cap_log)?)
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !std::fs::read_to_string(&cap_log)
-        .unwrap_or_default()
-        .contains("listening on")
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let tcpdump = super::start_capture(&a, "lan0", &wire)?;
 
     let mut da = Daemon::start(&a, &opts.exe, &cfg_a, &work.join("a.log"))?;
     let mut db = Daemon::start(&b, &opts.exe, &cfg_b, &work.join("b.log"))?;
@@ -199,48 +184,14 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
     }
 
     let bytes = opts.megabytes * 1_000_000;
-    let sink = b
-        .command(&opts.exe)
-        .args(["lab-tool", "sink", "--listen", &format!("{B}:5001")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let started = Instant::now();
-    let src_out = netns::run(a.command(&opts.exe).args([
-        "lab-tool",
-        "source",
-        "--connect",
-        &format!("{B}:5001"),
-        "--bytes",
-        &bytes.to_string(),
-    ]))?;
-    let elapsed = started.elapsed();
-    let sink_out = sink.wait_with_output()?;
-    let sent: Result<transfer::Digest, _> = String::from_utf8_lossy(&src_out.stdout).trim().parse();
-    let got: Result<transfer::Digest, _> = String::from_utf8_lossy(&sink_out.stdout).trim().parse();
-    match (&sent, &got) {
-        (Ok(s), Ok(g)) => report.check(
-            format!("TCP transfer {} MB A -> {B}", opts.megabytes),
-            s == g && s.bytes == bytes,
-            format!(
-                "sent {} received {}; sha256 {} {} ({:.0} Mbit/s)",
-                s.bytes,
-                g.bytes,
-                &s.sha256[..16],
-                if s == g { "==" } else { "!=" },
-                s.bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e6
-            ),
-        ),
-        _ => report.check(
-            format!("TCP transfer {} MB A -> {B}", opts.megabytes),
-            false,
-            format!(
-                "source: {}; sink: {}",
-                String::from_utf8_lossy(&src_out.stderr).trim(),
-                String::from_utf8_lossy(&sink_out.stderr).trim()
-            ),
-        ),
-    }
+    super::transfer_check(
+        &mut report,
+        format!("TCP transfer {} MB A -> {B}", opts.megabytes),
+        &opts.exe,
+        (&a, &b),
+        B,
+        bytes,
+    )?;
 
     super::stop_capture(tcpdump);
     lan_check(&mut report, &wire, bytes)?;

@@ -144,23 +144,7 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
     let mut dra = Daemon::start(&ra, &opts.exe, &work.join("ra.toml"), &work.join("ra.log"))?;
     c.ip(&["route", "add", "10.0.3.26/32", "via", "10.0.2.201"])?;
     let wire = work.join("ra.pcap");
-    let cap_log = work.join("tcpdump.log");
-    let tcpdump = ra
-        .command("tcpdump")
-        .args(["-i", "eth0", "-n", "-U", "-B", "65536", "-s", "0", "-w"])
-        .arg(&wire)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&cap_log)?)
-        .spawn()?;
-    for _ in 0..100 {
-        if std::fs::read_to_string(&cap_log)
-            .unwrap_or_default()
-            .contains("listening on")
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let tcpdump = super::start_capture(&ra, "eth0", &wire)?;
 
     let (ok, body) = curl(&c, "http://10.0.3.26/");
     report.check(
