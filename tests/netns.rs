@@ -28,6 +28,23 @@ fn privileged() -> bool {
     panic!("namespace tests need root (or set ESPIP_SKIP_NETNS=1 to skip them)");
 }
 
+/// Run `espip lab ARGS --no-install`, require it to succeed, and return its report.
+fn lab_scenario(args: &[&str]) -> String {
+    let out = Command::new(exe())
+        .arg("lab")
+        .args(args)
+        .arg("--no-install")
+        .output()
+        .expect("run espip lab");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "lab {args:?} failed:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 fn lab(args: &[&str]) -> String {
     let out = Command::new(exe())
         .args(["lab", "p2p", "--no-install"])
@@ -277,16 +294,7 @@ fn same_lan_lab_50mb() {
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let out = Command::new(exe())
-        .args(["lab", "same-lan", "--no-install", "--megabytes", "50"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = lab_scenario(&["same-lan", "--megabytes", "50"]);
     for check in [
         "[PASS] HTTP A -> http://10.0.0.160/",
         "[PASS] HTTP B -> http://10.0.0.161/",
@@ -528,16 +536,7 @@ fn upstream_lab() {
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let out = Command::new(exe())
-        .args(["lab", "upstream", "--no-install"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = lab_scenario(&["upstream"]);
     assert!(text.contains("6 passed, 0 failed"), "{text}");
     assert!(
         text.contains("10.0.2.244 \"GET / HTTP/1.1\"")
@@ -554,16 +553,7 @@ fn hub_lab() {
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let out = Command::new(exe())
-        .args(["lab", "hub", "--no-install"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = lab_scenario(&["hub"]);
     assert!(text.contains("6 passed, 0 failed"), "{text}");
     assert!(text.contains("H's kernel forwarded 0 datagrams"), "{text}");
 }

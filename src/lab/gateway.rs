@@ -227,12 +227,7 @@ pub fn run(opts: &GatewayOptions) -> io::Result<Report> {
     );
 
     if opts.keep {
-        report.notes.push("left running (--keep):".into());
-        for ns in [&u, &s, &v] {
-            report
-                .notes
-                .push(format!("  ip netns exec {} bash", ns.name()));
-        }
+        report.kept(&[&u, &s, &v], None);
         std::mem::forget(du);
         std::mem::forget(ds);
         std::mem::forget(u);

@@ -216,12 +216,10 @@ pub fn run(opts: &HubOptions) -> io::Result<Report> {
     );
 
     if opts.keep {
-        report.notes.push("left running (--keep):".into());
-        for ns in clients.iter().chain([&h, &i]) {
-            report
-                .notes
-                .push(format!("  ip netns exec {} bash", ns.name()));
-        }
+        report.kept(
+            &clients.iter().chain([&h, &i, &sw]).collect::<Vec<_>>(),
+            None,
+        );
         std::mem::forget(dh);
         std::mem::forget(dcs);
         std::mem::forget(clients);

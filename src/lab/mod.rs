@@ -208,6 +208,27 @@ impl Report {
         self.checks.push(c);
     }
 
+    /// Note that the lab was left running (`--keep`), with the commands to enter each namespace
+    /// and to tear everything down.
+    pub fn kept(&mut self, namespaces: &[&netns::Netns], work: Option<&std::path::Path>) {
+        self.notes
+            .push("left running (--keep). Explore with:".into());
+        for ns in namespaces {
+            self.notes
+                .push(format!("  ip netns exec {} bash", ns.name()));
+        }
+        if let Some(w) = work {
+            self.notes
+                .push(format!("configs, logs and captures in {}", w.display()));
+        }
+        let del: Vec<String> = namespaces
+            .iter()
+            .map(|n| format!("ip netns del {}", n.name()))
+            .collect();
+        self.notes
+            .push(format!("tear down with: {}", del.join("; ")));
+    }
+
     /// True if every check passed (and there was at least one).
     pub fn passed(&self) -> bool {
         !self.checks.is_empty() && self.checks.iter().all(|c| c.ok)

@@ -263,20 +263,7 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
     wire_check(&mut report, &wire, opts.mode, bytes)?;
 
     if opts.keep {
-        report
-            .notes
-            .push("left running (--keep). Explore with:".into());
-        for ns in [&a, &b] {
-            report
-                .notes
-                .push(format!("  ip netns exec {} bash", ns.name()));
-        }
-        report.notes.push(format!(
-            "configs, logs and capture in {}; tear down with: ip netns del {}; ip netns del {}",
-            work.display(),
-            a.name(),
-            b.name()
-        ));
+        report.kept(&[&a, &b], Some(&work));
         std::mem::forget(da);
         std::mem::forget(db);
         std::mem::forget(a);

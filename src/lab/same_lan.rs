@@ -197,20 +197,7 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
     lan_check(&mut report, &wire, bytes)?;
 
     if opts.keep {
-        report
-            .notes
-            .push("left running (--keep). Explore with:".into());
-        for ns in [&a, &b] {
-            report
-                .notes
-                .push(format!("  ip netns exec {} bash", ns.name()));
-        }
-        report.notes.push(format!(
-            "files in {}; tear down with: ip netns del {}; ip netns del {}",
-            work.display(),
-            a.name(),
-            b.name()
-        ));
+        report.kept(&[&a, &b], Some(&work));
         std::mem::forget(da);
         std::mem::forget(db);
         std::mem::forget(a);

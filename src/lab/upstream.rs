@@ -181,12 +181,7 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
     );
 
     if opts.keep {
-        report.notes.push("left running (--keep):".into());
-        for ns in [&f, &c, &ra, &rb, &s] {
-            report
-                .notes
-                .push(format!("  ip netns exec {} bash", ns.name()));
-        }
+        report.kept(&[&f, &c, &ra, &rb, &s, &sw_in, &sw_out], None);
         for d in [dra, drb] {
             std::mem::forget(d);
         }
