@@ -78,7 +78,50 @@ struct RawConfig {
     #[serde(default)]
     peer: Vec<RawPeer>,
     nat: Option<RawNat>,
+    capture: Option<RawCapture>,
+    metrics: Option<RawMetrics>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCapture {
+    dir: Option<PathBuf>,
+    inner: Option<bool>,
+    outer: Option<bool>,
+    max_file_mb: Option<i64>,
+    files: Option<i64>,
+    snaplen: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+}
+
+/// The `[capture]` section, validated: pcap taps on the TUN side and the wire side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture {
+    /// Where `<interface>-inner.pcap` and `<interface>-outer.pcap` are written.
+    pub dir: PathBuf,
+    /// Tap the inner packets (as read from / written to the TUN).
+    pub inner: bool,
+    /// Tap the outer packets (as sent / received on the raw sockets).
+    pub outer: bool,
+    /// A file is rotated when it would grow past this many bytes.
+    pub max_file_bytes: u64,
+    /// Files kept per tap, the current one included (`x.pcap`, `x.pcap.1`, ...).
+    pub files: u32,
+    /// Bytes kept of each packet.
+    pub snaplen: u32,
+}
+
+/// Default `capture.max_file_mb`.
+pub const DEFAULT_CAPTURE_FILE_MB: u64 = 64;
+/// Default `capture.files`.
+pub const DEFAULT_CAPTURE_FILES: u32 = 4;
+/// Default directory of the control sockets.
+pub const DEFAULT_CONTROL_DIR: &str = "/run/espip";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -131,6 +174,7 @@ struct RawInterface {
     state_dir: Option<PathBuf>,
     forward: Option<bool>,
     rp_filter: Option<String>,
+    control: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -192,6 +236,8 @@ pub struct Interface {
     pub forward: bool,
     /// Reverse-path filter for the TUN while running; restored on stop.
     pub rp_filter: Option<RpFilter>,
+    /// The control socket `espip show` and `espip sa` talk to (root only).
+    pub control: PathBuf,
 }
 
 /// Reverse-path filtering modes (`net.ipv4.conf.*.rp_filter`).
@@ -228,6 +274,10 @@ pub struct Config {
     pub peers: Vec<PeerSpec>,
     /// The NAT helper.
     pub nat: Nat,
+    /// Capture taps, if configured.
+    pub capture: Option<Capture>,
+    /// Where the Prometheus metrics are served, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
     /// Things that are allowed but probably not meant (printed by `check`, logged by `run`).
     pub warnings: Vec<String>,
 }
@@ -298,6 +348,8 @@ impl Config {
             }
         }
         let nat = nat(raw.nat)?;
+        let capture = capture(raw.capture, base, &interface.name)?;
+        let metrics = metrics(raw.metrics)?;
         // Catch what `datapath::build` would refuse, with the same words, before any setup.
         let tunnel = crate::datapath::TunnelSpec {
             relay: false,
@@ -311,6 +363,8 @@ impl Config {
             interface,
             peers,
             nat,
+            capture,
+            metrics,
             warnings,
         };
         cfg.check_routes()?;
@@ -574,7 +628,20 @@ fn interface(raw: RawInterface, base: &Path) -> Result<Interface, ConfigError> {
             ))
         }
     };
+    let control = match raw.control {
+        None => Path::new(DEFAULT_CONTROL_DIR).join(format!("{name}.sock")),
+        Some(c) if c.as_os_str().is_empty() || c.file_name().is_none() => {
+            return Err(invalid(
+                "interface.control",
+                format!("{:?}", c.display().to_string()),
+                format!("a socket path, e.g. \"{DEFAULT_CONTROL_DIR}/{name}.sock\""),
+            ))
+        }
+        Some(c) if c.is_relative() => base.join(c),
+        Some(c) => c,
+    };
     Ok(Interface {
+        control,
         name,
         addresses,
         mtu,
@@ -582,6 +649,83 @@ fn interface(raw: RawInterface, base: &Path) -> Result<Interface, ConfigError> {
         state_dir,
         forward: raw.forward.unwrap_or(false),
         rp_filter,
+    })
+}
+
+fn capture(
+    raw: Option<RawCapture>,
+    base: &Path,
+    ifname: &str,
+) -> Result<Option<Capture>, ConfigError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let dir = match raw.dir {
+        Some(d) if !d.as_os_str().is_empty() => {
+            if d.is_relative() {
+                base.join(d)
+            } else {
+                d
+            }
+        }
+        _ => {
+            return Err(invalid(
+                "capture.dir",
+                "(missing)",
+                format!("a directory for {ifname}-inner.pcap and {ifname}-outer.pcap, e.g. \"/var/log/espip\"; remove [capture] to capture nothing"),
+            ))
+        }
+    };
+    let (inner, outer) = (raw.inner.unwrap_or(true), raw.outer.unwrap_or(true));
+    if !inner && !outer {
+        return Err(invalid(
+            "capture.inner/outer",
+            "false/false",
+            "at least one tap switched on, or no [capture] section",
+        ));
+    }
+    let max_mb = raw.max_file_mb.unwrap_or(DEFAULT_CAPTURE_FILE_MB as i64);
+    if !(1..=1 << 20).contains(&max_mb) {
+        return Err(invalid(
+            "capture.max_file_mb",
+            max_mb,
+            "a file size in MB from 1 to 1048576",
+        ));
+    }
+    let files = raw.files.unwrap_or(DEFAULT_CAPTURE_FILES as i64);
+    if !(1..=1000).contains(&files) {
+        return Err(invalid(
+            "capture.files",
+            files,
+            "the number of files kept per tap, from 1 to 1000 (older ones are deleted)",
+        ));
+    }
+    let snaplen = raw.snaplen.unwrap_or(65535);
+    if !(64..=65535).contains(&snaplen) {
+        return Err(invalid(
+            "capture.snaplen",
+            snaplen,
+            "bytes kept of each packet, from 64 to 65535",
+        ));
+    }
+    Ok(Some(Capture {
+        dir,
+        inner,
+        outer,
+        max_file_bytes: max_mb as u64 * 1_000_000,
+        files: files as u32,
+        snaplen: snaplen as u32,
+    }))
+}
+
+fn metrics(raw: Option<RawMetrics>) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    let Some(listen) = raw.and_then(|r| r.listen) else {
+        return Ok(None);
+    };
+    listen.trim().parse().map(Some).map_err(|_| {
+        invalid(
+            "metrics.listen",
+            format!("{listen:?}"),
+            "an address and port of this host, e.g. \"127.0.0.1:9587\" (IPv6: \"[::1]:9587\")",
+        )
     })
 }
 

@@ -14,6 +14,8 @@
 use crate::buf::{PacketBuf, MAX_PACKET};
 use crate::config::Config;
 use crate::datapath::{self, DropReason, EncapSpec, Inbound, Outbound, Stats, TunnelSpec, Verdict};
+use crate::control::{ControlSocket, Live};
+use crate::sys::capture::{Recorder, Tap, Taps};
 use crate::sys::raw::{strip_ipv4_header, RawSocket};
 use crate::sys::seqstore::{SeqStore, RESERVE};
 use crate::sys::tun::Tun;
@@ -21,11 +23,11 @@ use crate::wire::ip::{PROTO_ESP, PROTO_IPIP, PROTO_IPV6};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tracing::{debug, info, warn};
 
 /// Packets per batch. Tuning constant: 64 amortises a syscall over enough packets that its
@@ -39,6 +41,63 @@ const _: () = assert!(RESERVATION_CHECK * BATCH as u64 <= RESERVE / 2);
 
 /// Warnings of one kind are logged at most this often (quinn-udp's rule).
 const WARN_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How often the control side looks for silent peers.
+const SILENCE_CHECK: Duration = Duration::from_secs(5);
+/// A peer is reported silent when packets have gone to it for this long with nothing coming
+/// back (WireGuard gives up a handshake after 5 s of no answer and retries; a tunnel without
+/// handshakes needs a longer view to tell silence from one-way bursts).
+const SILENT_AFTER: Duration = Duration::from_secs(30);
+
+/// Tracks, per peer, whether packets go out unanswered, and logs each change once.
+struct Silence {
+    last: Vec<(u64, u64)>,
+    unanswered_since: Vec<Option<u64>>,
+    silent: Vec<bool>,
+}
+
+impl Silence {
+    fn new(n: usize) -> Silence {
+        Silence {
+            last: vec![(0, 0); n],
+            unanswered_since: vec![None; n],
+            silent: vec![false; n],
+        }
+    }
+
+    fn check(&mut self, cfg: &Config, stats: &Stats, now: u64) {
+        for (i, p) in cfg.peers.iter().enumerate() {
+            let s = &stats.peers[i];
+            let (tx, rx) = (s.tx_packets.load(Relaxed), s.rx_packets.load(Relaxed));
+            let (last_tx, last_rx) = std::mem::replace(&mut self.last[i], (tx, rx));
+            if rx > last_rx {
+                self.unanswered_since[i] = None;
+                if std::mem::replace(&mut self.silent[i], false) {
+                    info!(peer = %p.name, endpoint = %p.endpoint, "peer heard again");
+                }
+            } else if tx > last_tx {
+                let since = *self.unanswered_since[i].get_or_insert(now);
+                if !self.silent[i]
+                    && now.saturating_sub(since) >= SILENT_AFTER.as_nanos() as u64
+                {
+                    self.silent[i] = true;
+                    let proto = match p.encap {
+                        EncapSpec::Esp { .. } => "ESP (protocol 50)",
+                        EncapSpec::IpIp => "IP-in-IP (protocols 4 and 41)",
+                    };
+                    warn!(
+                        peer = %p.name,
+                        endpoint = %p.endpoint,
+                        "peer silent: packets sent for {} s, none received; check that its daemon runs, that keys and SPIs match, and that {proto} passes the firewalls between (expected on a one-way tunnel)",
+                        SILENT_AFTER.as_secs()
+                    );
+                }
+            } else {
+                self.unanswered_since[i] = None;
+            }
+        }
+    }
+}
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +147,15 @@ pub enum DaemonError {
         "sequence number state in {0}: {1}; set interface.state_dir to a directory root can write"
     )]
     State(std::path::PathBuf, io::Error),
+    /// The control socket.
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    /// The capture directory.
+    #[error("capture.dir {0}: {1}; choose a directory root can write")]
+    Capture(std::path::PathBuf, io::Error),
+    /// The metrics address.
+    #[error("metrics.listen {0}: {1}; choose a free port on an address of this host")]
+    Metrics(std::net::SocketAddr, io::Error),
     /// Anything else of the OS.
     #[error("{0}: {1}")]
     Os(&'static str, io::Error),
@@ -180,6 +248,18 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             .map_err(|source| DaemonError::RawSocket { protocol, source })?;
         sockets.push(s);
     }
+    // The control socket second: it is also the lock against a second daemon for the same
+    // interface (a socket left by a killed daemon does not answer and is replaced).
+    let mut control = ControlSocket::bind(&cfg.interface.control, &cfg.interface.name)?;
+    let metrics = match cfg.metrics {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr).map_err(|e| DaemonError::Metrics(addr, e))?;
+            l.set_nonblocking(true)
+                .map_err(|e| DaemonError::Metrics(addr, e))?;
+            Some(l)
+        }
+        None => None,
+    };
     for m in &cfg.nat.maps {
         let found = crate::sys::iptables::on_link_overlaps(m.alias, &cfg.interface.name);
         if !found.is_empty() {
@@ -246,6 +326,21 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         }),
     };
     let (mut outbound, inbound, stats) = datapath::build(&cfg.peers, tunnel, cfg.nat_table())?;
+    // The outer source of each peer's packets (for the outer tap and the Wireshark SA lines).
+    let sources: Vec<IpAddr> = cfg
+        .peers
+        .iter()
+        .map(|p| {
+            crate::sys::source_for(p.endpoint, cfg.interface.local)
+                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        })
+        .collect();
+    let taps = match &cfg.capture {
+        Some(c) => {
+            Some(Taps::start(c, &cfg.interface.name).map_err(|e| DaemonError::Capture(c.dir.clone(), e))?)
+        }
+        None => None,
+    };
     let store = SeqStore::open(&cfg.interface.state_dir, &cfg.interface.name)
         .map_err(|e| DaemonError::State(cfg.interface.state_dir.clone(), e))?;
     reserve_initial(&mut outbound, &store)
@@ -308,34 +403,96 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // packets to relay between peers (a hub). Uncontended otherwise.
     let outbound = Arc::new(Mutex::new(outbound));
     let clock = Instant::now();
+    let started = SystemTime::now();
+    let recorder = || taps.as_ref().map_or_else(Recorder::off, Taps::recorder);
+    let sent_from: Arc<Vec<(Ipv4Addr, Ipv4Addr)>> = Arc::new(
+        cfg.peers
+            .iter()
+            .zip(&sources)
+            .filter_map(|(p, s)| match (p.endpoint, s) {
+                (IpAddr::V4(e), IpAddr::V4(s)) => Some((e, *s)),
+                _ => None,
+            })
+            .collect(),
+    );
     let tx = {
         let (tun, sockets, stop, edge) = (tun.clone(), sockets.clone(), stop.clone(), edge.clone());
         let outbound = outbound.clone();
+        let mut rec = recorder();
+        let sent_from = sent_from.clone();
         std::thread::Builder::new()
             .name("espip-tx".into())
-            .spawn(move || tx_loop(&outbound, &tun, &sockets, &stop, &edge, clock, &store))
+            .spawn(move || {
+                let edges = Edges {
+                    tun: &tun,
+                    sockets: &sockets,
+                    stop: &stop,
+                    edge: &edge,
+                    sent_from: &sent_from,
+                };
+                tx_loop(&outbound, &edges, &mut rec, clock, &store)
+            })
             .map_err(|e| DaemonError::Os("spawn TX thread", e))?
     };
     let rx = {
         let (tun, sockets, stop, edge) = (tun.clone(), sockets.clone(), stop.clone(), edge.clone());
         let out = outbound.clone();
+        let mut rec = recorder();
+        let sent_from = sent_from.clone();
         std::thread::Builder::new()
             .name("espip-rx".into())
-            .spawn(move || rx_loop(inbound, &out, &tun, &sockets, &stop, &edge, clock))
+            .spawn(move || {
+                let edges = Edges {
+                    tun: &tun,
+                    sockets: &sockets,
+                    stop: &stop,
+                    edge: &edge,
+                    sent_from: &sent_from,
+                };
+                rx_loop(inbound, &out, &edges, &mut rec, clock)
+            })
             .map_err(|e| DaemonError::Os("spawn RX thread", e))?
     };
-    info!(interface = %cfg.interface.name, peers = cfg.peers.len(), "espip ready");
+    let cfg = Arc::new(cfg);
+    let live = Arc::new(Live {
+        cfg: cfg.clone(),
+        mtu,
+        stats: stats.clone(),
+        edge: edge.clone(),
+        outbound: outbound.clone(),
+        capture: taps.as_ref().map(|t| (t.stats(), t.paths().to_vec())),
+        sources,
+        clock,
+        started,
+    });
+    if let Some(t) = &taps {
+        info!(files = %t.paths().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" "), "capture taps on");
+    }
+    info!(interface = %cfg.interface.name, peers = cfg.peers.len(), control = %control.path().display(), "espip ready");
 
     let signal = rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(l) = control.take() {
+            tasks.spawn(crate::control::serve_control(l, live.clone()));
+        }
+        if let Some(l) = metrics {
+            if let Ok(addr) = l.local_addr() {
+                info!(%addr, "metrics served at http://{addr}/metrics");
+            }
+            tasks.spawn(crate::control::serve_metrics(l, live.clone()));
+        }
+        let mut tick = tokio::time::interval(SILENCE_CHECK);
+        let mut silence = Silence::new(cfg.peers.len());
         loop {
             tokio::select! {
                 _ = term.recv() => return Ok::<_, io::Error>("SIGTERM"),
                 _ = int.recv() => return Ok("SIGINT"),
                 _ = hup.recv() => warn!("SIGHUP: reloading is not supported; restart espip to apply a new configuration"),
+                _ = tick.tick() => silence.check(&cfg, &stats, clock.elapsed().as_nanos() as u64),
             }
         }
     });
@@ -346,12 +503,26 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         record_final(&outbound.lock().unwrap_or_else(|e| e.into_inner()), &store);
     }
     let _ = rx.join();
+    if let Some(t) = taps {
+        t.finish();
+    }
     log_summary(&cfg, &stats, &edge);
     drop(_rules);
     drop(_sysctls);
     drop(tun);
+    drop(control);
     info!(interface = %cfg.interface.name, "stopped; TUN device and its routes removed");
     Ok(())
+}
+
+/// The kernel objects and shared counters a data-path thread works with.
+struct Edges<'a> {
+    tun: &'a Tun,
+    sockets: &'a [RawSocket],
+    stop: &'a EventFd,
+    edge: &'a EdgeStats,
+    /// (endpoint, source) of every IPv4 peer, for the outer tap's synthesised headers.
+    sent_from: &'a [(Ipv4Addr, Ipv4Addr)],
 }
 
 /// Wrap the packets of a batch that are for another peer (hub relaying) and send them.
@@ -359,9 +530,8 @@ fn relay_batch(
     shared_out: &Mutex<Outbound>,
     bufs: &mut [PacketBuf],
     relay: &[bool],
-    sockets: &[RawSocket],
-    tun: &Tun,
-    edge: &EdgeStats,
+    e: &Edges,
+    rec: &mut Recorder,
     now: u64,
 ) {
     let mut verdicts = [Verdict::Drop(DropReason::Dummy); BATCH];
@@ -374,22 +544,41 @@ fn relay_batch(
         }
     }
     for (i, b) in bufs.iter().enumerate() {
-        if verdicts[i] == Verdict::ToTun && tun.send(b.as_slice()).is_err() {
-            edge.tun_write_errors.fetch_add(1, Relaxed);
+        if verdicts[i] == Verdict::ToTun {
+            rec.record(Tap::Inner, b.as_slice());
+            if e.tun.send(b.as_slice()).is_err() {
+                e.edge.tun_write_errors.fetch_add(1, Relaxed);
+            }
         }
     }
-    send_verdicts(bufs, &verdicts[..bufs.len()], sockets, edge);
+    send_verdicts(bufs, &verdicts[..bufs.len()], e, rec);
 }
 
 /// Send every `Send` verdict of a batch, one `sendmmsg` per raw socket.
 fn send_verdicts(
     bufs: &[PacketBuf],
     verdicts: &[Verdict],
-    sockets: &[RawSocket],
-    edge: &EdgeStats,
+    e: &Edges,
+    rec: &mut Recorder,
 ) -> Option<io::Error> {
+    if rec.wants(Tap::Outer) {
+        for (b, v) in bufs.iter().zip(verdicts) {
+            if let Verdict::Send {
+                endpoint: IpAddr::V4(dst),
+                protocol,
+            } = v
+            {
+                let src = e
+                    .sent_from
+                    .iter()
+                    .find(|(ep, _)| ep == dst)
+                    .map_or(Ipv4Addr::UNSPECIFIED, |(_, s)| *s);
+                rec.record_sent(src, *dst, *protocol, b.as_slice());
+            }
+        }
+    }
     let mut last_err = None;
-    for s in sockets {
+    for s in e.sockets {
         let proto = s.protocol();
         let is_ours = |v: &Verdict| matches!(v, Verdict::Send { protocol, endpoint: IpAddr::V4(_) } if *protocol == proto);
         let want = verdicts.iter().filter(|v| is_ours(v)).count();
@@ -405,12 +594,13 @@ fn send_verdicts(
         });
         match s.send_batch(pending) {
             Ok(sent) => {
-                edge.send_errors
+                e.edge
+                    .send_errors
                     .fetch_add((want - sent.min(want)) as u64, Relaxed);
             }
-            Err(e) => {
-                edge.send_errors.fetch_add(want as u64, Relaxed);
-                last_err = Some(e);
+            Err(err) => {
+                e.edge.send_errors.fetch_add(want as u64, Relaxed);
+                last_err = Some(err);
             }
         }
     }
@@ -534,10 +724,8 @@ fn wait(fds: &mut [PollFd], what: &str) -> bool {
 
 fn tx_loop(
     shared: &Mutex<Outbound>,
-    tun: &Tun,
-    sockets: &[RawSocket],
-    stop: &EventFd,
-    edge: &EdgeStats,
+    e: &Edges,
+    rec: &mut Recorder,
     clock: Instant,
     store: &SeqStore,
 ) -> SeqStore {
@@ -550,27 +738,29 @@ fn tx_loop(
     let mut warn_exhausted = RateLimit(None);
     loop {
         let mut fds = [
-            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
-            PollFd::new(tun.as_fd(), PollFlags::POLLIN),
+            PollFd::new(e.stop.as_fd(), PollFlags::POLLIN),
+            PollFd::new(e.tun.as_fd(), PollFlags::POLLIN),
         ];
         if !wait(&mut fds, "the TUN") {
             return store.clone();
         }
         let now = clock.elapsed().as_nanos() as u64;
+        rec.begin_batch();
         let mut n = 0;
         while n < BATCH {
             bufs[n].reset();
-            match tun.recv(bufs[n].read_area()) {
+            match e.tun.recv(bufs[n].read_area()) {
                 Ok(len) => {
                     bufs[n].set_len(len);
+                    rec.record(Tap::Inner, bufs[n].as_slice());
                     n += 1;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    edge.tun_read_errors.fetch_add(1, Relaxed);
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    e.edge.tun_read_errors.fetch_add(1, Relaxed);
                     if warn_read.ready() {
-                        warn!("reading the TUN failed: {e}");
+                        warn!("reading the TUN failed: {err}");
                     }
                     break;
                 }
@@ -580,8 +770,11 @@ fn tx_loop(
         for i in 0..n {
             verdicts[i] = out.process(&mut bufs[i], now);
             match verdicts[i] {
-                Verdict::ToTun if tun.send(bufs[i].as_slice()).is_err() => {
-                    edge.tun_write_errors.fetch_add(1, Relaxed);
+                Verdict::ToTun => {
+                    rec.record(Tap::Inner, bufs[i].as_slice());
+                    if e.tun.send(bufs[i].as_slice()).is_err() {
+                        e.edge.tun_write_errors.fetch_add(1, Relaxed);
+                    }
                 }
                 Verdict::Drop(DropReason::SeqUnreserved) if warn_exhausted.ready() => warn!(
                     "an outbound SA reached the end of its persisted sequence reservation; \
@@ -604,21 +797,20 @@ fn tx_loop(
             }
         }
         drop(out);
-        if let Some(e) = send_verdicts(&bufs[..n], &verdicts[..n], sockets, edge) {
+        if let Some(err) = send_verdicts(&bufs[..n], &verdicts[..n], e, rec) {
             if warn_send.ready() {
-                warn!("sending packets failed: {e}");
+                warn!("sending packets failed: {err}");
             }
         }
+        rec.flush();
     }
 }
 
 fn rx_loop(
     mut inb: Inbound,
     shared_out: &Mutex<Outbound>,
-    tun: &Tun,
-    sockets: &[RawSocket],
-    stop: &EventFd,
-    edge: &EdgeStats,
+    e: &Edges,
+    rec: &mut Recorder,
     clock: Instant,
 ) {
     let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new(MAX_PACKET)).collect();
@@ -626,9 +818,9 @@ fn rx_loop(
     loop {
         // One small allocation per wakeup (not per packet): at most 4 descriptors.
         let mut fds: Vec<PollFd> = Vec::with_capacity(4);
-        fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
+        fds.push(PollFd::new(e.stop.as_fd(), PollFlags::POLLIN));
         fds.extend(
-            sockets
+            e.sockets
                 .iter()
                 .map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN)),
         );
@@ -641,30 +833,33 @@ fn rx_loop(
         }
         drop(fds);
         let now = clock.elapsed().as_nanos() as u64;
-        for (s, _) in sockets.iter().zip(ready).filter(|(_, r)| *r) {
+        for (s, _) in e.sockets.iter().zip(ready).filter(|(_, r)| *r) {
             loop {
                 let n = match s.recv_batch(&mut bufs) {
                     Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        debug!("recvmmsg: {e}");
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(err) => {
+                        debug!("recvmmsg: {err}");
                         break;
                     }
                 };
+                rec.begin_batch();
                 let mut relay = [false; BATCH];
                 let mut any_relay = false;
                 for (i, b) in bufs[..n].iter_mut().enumerate() {
+                    rec.record(Tap::Outer, b.as_slice());
                     let Some((src, proto)) = strip_ipv4_header(b) else {
-                        edge.bad_outer.fetch_add(1, Relaxed);
+                        e.edge.bad_outer.fetch_add(1, Relaxed);
                         continue;
                     };
                     match inb.process(b, src, proto, now) {
                         Verdict::ToTun => {
-                            if let Err(e) = tun.send(b.as_slice()) {
-                                edge.tun_write_errors.fetch_add(1, Relaxed);
+                            rec.record(Tap::Inner, b.as_slice());
+                            if let Err(err) = e.tun.send(b.as_slice()) {
+                                e.edge.tun_write_errors.fetch_add(1, Relaxed);
                                 if warn_write.ready() {
-                                    warn!("writing to the TUN failed: {e}");
+                                    warn!("writing to the TUN failed: {err}");
                                 }
                             }
                         }
@@ -676,8 +871,9 @@ fn rx_loop(
                     }
                 }
                 if any_relay {
-                    relay_batch(shared_out, &mut bufs[..n], &relay, sockets, tun, edge, now);
+                    relay_batch(shared_out, &mut bufs[..n], &relay, e, rec, now);
                 }
+                rec.flush();
                 if n < bufs.len() {
                     break;
                 }

@@ -123,6 +123,8 @@ pub struct PeerStats {
     pub last_rx: AtomicU64,
     /// Time of the last packet to the peer.
     pub last_tx: AtomicU64,
+    /// The inbound SA's highest authenticated sequence number (the replay window's top).
+    pub replay_top: AtomicU64,
 }
 
 /// Counters shared by both directions and read by the control side.
@@ -586,7 +588,12 @@ impl Inbound {
                     return Verdict::Drop(DropReason::UnknownSpi);
                 };
                 match sa.decapsulate(buf) {
-                    Ok(o) => (idx, o.next_header),
+                    Ok(o) => {
+                        self.stats.peers[idx]
+                            .replay_top
+                            .store(sa.replay().top(), Relaxed);
+                        (idx, o.next_header)
+                    }
                     Err(EspError::Malformed) => return Verdict::Drop(DropReason::Malformed),
                     Err(EspError::Replay(_)) => return Verdict::Drop(DropReason::Replay),
                     Err(EspError::BadIcv) => return Verdict::Drop(DropReason::BadIcv),

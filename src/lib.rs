@@ -8,6 +8,7 @@
 
 pub mod buf;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod lab;
@@ -16,6 +17,7 @@ pub mod prefix;
 pub mod replay;
 pub mod rules;
 pub mod sa;
+pub mod status;
 pub mod sys;
 pub mod wire;
 pub mod wireshark;

@@ -43,6 +43,26 @@ enum Cmd {
         #[arg(long)]
         remove: bool,
     },
+    /// Show the running daemons: interface, peers, SAs, traffic, drops (like `wg show`).
+    Show {
+        #[command(flatten)]
+        target: Target,
+        /// Print the snapshot as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the ESP SAs of a running daemon; with --wireshark, as Wireshark esp_sa lines
+    /// (these contain the keys).
+    Sa {
+        #[command(flatten)]
+        target: Target,
+        /// Print the SAs as Wireshark `esp_sa` UAT lines and a ready tshark command.
+        #[arg(long)]
+        wireshark: bool,
+        /// Also write the lines to this file (mode 0600), e.g. ~/.config/wireshark/esp_sa.
+        #[arg(long, requires = "wireshark")]
+        write: Option<PathBuf>,
+    },
     /// Print fresh random key material (hex of key || 4-byte salt, the `ip xfrm` layout).
     Genkey {
         /// aes-128-gcm, aes-256-gcm or chacha20-poly1305.
@@ -60,6 +80,155 @@ enum Cmd {
         #[command(subcommand)]
         tool: ToolCmd,
     },
+}
+
+/// Which daemon to ask.
+#[derive(clap::Args)]
+struct Target {
+    /// The daemon's interface name (its socket is /run/espip/NAME.sock).
+    #[arg(long, short, conflicts_with_all = ["socket", "config"])]
+    interface: Option<String>,
+    /// The daemon's control socket (interface.control).
+    #[arg(long, conflicts_with = "config")]
+    socket: Option<PathBuf>,
+    /// The daemon's configuration (its interface.control is used).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl Target {
+    /// The sockets to ask: the one named, or every daemon's in the default directory.
+    fn sockets(&self) -> Result<Vec<PathBuf>> {
+        let dir = std::path::Path::new(espip::config::DEFAULT_CONTROL_DIR);
+        if let Some(s) = &self.socket {
+            return Ok(vec![s.clone()]);
+        }
+        if let Some(c) = &self.config {
+            return Ok(vec![Config::load(c)?.interface.control]);
+        }
+        if let Some(i) = &self.interface {
+            return Ok(vec![dir.join(format!("{i}.sock"))]);
+        }
+        let found = espip::control::running_sockets(dir);
+        if found.is_empty() {
+            bail!(
+                "no espip daemon found: {} holds no control socket; start one with `espip run -c FILE`, or name one with --socket PATH or --config FILE",
+                dir.display()
+            );
+        }
+        Ok(found)
+    }
+}
+
+fn show(target: &Target, json: bool) -> Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let mut all = Vec::new();
+    for (i, sock) in target.sockets()?.iter().enumerate() {
+        let raw = espip::control::request(sock, "status")?;
+        let st: espip::status::Status = serde_json::from_slice(&raw)
+            .with_context(|| format!("the daemon at {} sent an unreadable answer", sock.display()))?;
+        if json {
+            all.push(st);
+        } else {
+            if i > 0 {
+                println!();
+            }
+            print!("{}", st.to_text(now));
+        }
+    }
+    if json {
+        // One daemon: its object; several: an array.
+        let out = if all.len() == 1 {
+            serde_json::to_string_pretty(&all[0])?
+        } else {
+            serde_json::to_string_pretty(&all)?
+        };
+        println!("{out}");
+    }
+    Ok(())
+}
+
+fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Result<()> {
+    let mut lines = Vec::new();
+    let mut notes = Vec::new();
+    for sock in target.sockets()? {
+        let req = if wireshark { "sa-keys" } else { "sa" };
+        let raw = zeroize::Zeroizing::new(espip::control::request(&sock, req)?);
+        let sas: Vec<espip::status::SaExport> = serde_json::from_slice(&raw)
+            .with_context(|| format!("the daemon at {} sent an unreadable answer", sock.display()))?;
+        for sa in sas {
+            if !wireshark {
+                println!(
+                    "{} {:>3} spi {:#010x} {} -> {} {}",
+                    sa.peer, sa.direction, sa.spi, sa.src, sa.dst, sa.cipher
+                );
+                continue;
+            }
+            match sa.wireshark {
+                Some(l) => lines.push(zeroize::Zeroizing::new(l)),
+                None => notes.push(format!(
+                    "# SA {:#010x} ({} -> {}, {}): Wireshark's ESP dissector has no {} (RFC 7634) decryption{}; its packets stay encrypted in Wireshark",
+                    sa.spi, sa.src, sa.dst, sa.cipher, sa.cipher, tshark_version().map(|v| format!(" (installed: {v})")).unwrap_or_default()
+                )),
+            }
+        }
+    }
+    if !wireshark {
+        eprintln!("(add --wireshark for Wireshark esp_sa lines with the keys)");
+        return Ok(());
+    }
+    for n in &notes {
+        println!("{n}");
+    }
+    if lines.is_empty() {
+        return Ok(());
+    }
+    println!("# Wireshark esp_sa (Preferences > Protocols > ESP > ESP SAs, or ~/.config/wireshark/esp_sa):");
+    for l in &lines {
+        println!("{}", l.as_str());
+    }
+    let opts: Vec<String> = lines
+        .iter()
+        .map(|l| format!("-o 'uat:esp_sa:{}'", l.as_str()))
+        .collect();
+    println!("# tshark, reading a capture (replace FILE):");
+    println!(
+        "tshark -o esp.enable_encryption_decode:TRUE -o esp.enable_authentication_check:TRUE {} -r FILE",
+        opts.join(" ")
+    );
+    if let Some(path) = write {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        let mut text = zeroize::Zeroizing::new(String::new());
+        for l in &lines {
+            text.push_str(l);
+            text.push('\n');
+        }
+        f.write_all(text.as_bytes())?;
+        eprintln!("wrote {} SA(s) to {} (mode 0600)", lines.len(), path.display());
+    }
+    Ok(())
+}
+
+/// `tshark --version`'s first line, if tshark is installed.
+fn tshark_version() -> Option<String> {
+    let out = std::process::Command::new("tshark")
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.lines().next()?;
+    Some(first.split(" (").next().unwrap_or(first).trim().to_string())
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -261,6 +430,12 @@ fn main() -> Result<()> {
             espip::daemon::run(cfg)?;
         }
         Cmd::Check { config } => check(&config)?,
+        Cmd::Show { target, json } => show(&target, json)?,
+        Cmd::Sa {
+            target,
+            wireshark,
+            write,
+        } => sa(&target, wireshark, write.as_deref())?,
         Cmd::Rules { config, remove } => {
             let cfg = Config::load(&config)?;
             print!("{}", espip::rules::script(&cfg, remove));

@@ -54,13 +54,13 @@ pub(crate) fn esp_peer(
 /// U's and the server's configurations.
 pub fn configs(cipher: Cipher, keys: &LabKeys, work: &std::path::Path) -> (String, String) {
     let u = format!(
-        "# espip lab gateway, host U\n[interface]\nname = \"espip0\"\naddress = [\"10.4.2.99/24\"]\nlocal = \"192.168.56.9\"\nstate_dir = \"{}\"\n{}",
-        work.join("state-u").display(),
+        "# espip lab gateway, host U\n[interface]\nname = \"espip0\"\naddress = [\"10.4.2.99/24\"]\nlocal = \"192.168.56.9\"\n{}{}",
+        super::state_lines(&work.join("state-u")),
         esp_peer("server", "192.168.56.10", &["10.4.2.5/32", "192.168.50.0/24"], cipher, 0x3001, 0x3002, (&keys.a_to_b, &keys.b_to_a))
     );
     let s = format!(
-        "# espip lab gateway, the VPN server\n[interface]\nname = \"espip0\"\naddress = [\"10.4.2.5/24\"]\nlocal = \"192.168.56.10\"\nforward = true\nstate_dir = \"{}\"\n{}",
-        work.join("state-s").display(),
+        "# espip lab gateway, the VPN server\n[interface]\nname = \"espip0\"\naddress = [\"10.4.2.5/24\"]\nlocal = \"192.168.56.10\"\nforward = true\n{}{}",
+        super::state_lines(&work.join("state-s")),
         esp_peer("u", "192.168.56.9", &["10.4.2.99/32"], cipher, 0x3002, 0x3001, (&keys.b_to_a, &keys.a_to_b))
     );
     (u, s)

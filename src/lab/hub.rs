@@ -35,8 +35,8 @@ pub const CLIENTS: u8 = 3;
 /// The hub's and each client's configuration.
 pub fn configs(cipher: Cipher, keys: &[LabKeys], work: &Path) -> (String, Vec<String>) {
     let mut hub = format!(
-        "# espip lab hub, the hub H\n[interface]\nname = \"espip0\"\naddress = [\"192.168.0.1/24\"]\nlocal = \"172.16.0.1\"\nforward = true\nstate_dir = \"{}\"\n\n[nat]\nmasquerade = [\"192.168.0.0/24\"]\n",
-        work.join("state-h").display()
+        "# espip lab hub, the hub H\n[interface]\nname = \"espip0\"\naddress = [\"192.168.0.1/24\"]\nlocal = \"172.16.0.1\"\nforward = true\n{}\n[nat]\nmasquerade = [\"192.168.0.0/24\"]\n",
+        super::state_lines(&work.join("state-h"))
     );
     let mut clients = Vec::new();
     for (i, k) in keys.iter().enumerate() {
@@ -52,9 +52,9 @@ pub fn configs(cipher: Cipher, keys: &[LabKeys], work: &Path) -> (String, Vec<St
             (&k.a_to_b, &k.b_to_a),
         ));
         clients.push(format!(
-            "# espip lab hub, client c{}\n[interface]\nname = \"espip0\"\naddress = [\"192.168.0.{n}/24\"]\nlocal = \"172.16.0.{n}\"\nstate_dir = \"{}\"\n{}",
+            "# espip lab hub, client c{}\n[interface]\nname = \"espip0\"\naddress = [\"192.168.0.{n}/24\"]\nlocal = \"172.16.0.{n}\"\n{}{}",
             i + 1,
-            work.join(format!("state-c{}", i + 1)).display(),
+            super::state_lines(&work.join(format!("state-c{}", i + 1))),
             esp_peer("hub", "172.16.0.1", &["192.168.0.0/24", "198.51.100.0/24"], cipher, to_hub, to_client, (&k.b_to_a, &k.a_to_b))
         ));
     }

@@ -11,6 +11,7 @@ pub mod transfer;
 pub mod upstream;
 
 use std::io;
+use std::path::Path;
 use std::process::Command;
 
 /// Programs a lab runs, with the Debian package that provides each.
@@ -248,4 +249,15 @@ impl Report {
         ));
         s
     }
+}
+
+/// The `state_dir` and `control` lines of a lab host's `[interface]`: each daemon keeps its
+/// sequence state and its control socket in its own directory, so several daemons with the
+/// same interface name (in different namespaces) do not meet.
+pub(crate) fn state_lines(state_dir: &Path) -> String {
+    format!(
+        "state_dir = \"{}\"\ncontrol = \"{}\"\n",
+        state_dir.display(),
+        state_dir.join("control.sock").display()
+    )
 }

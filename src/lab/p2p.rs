@@ -98,9 +98,9 @@ pub fn config_text(
         (B_INNER, B_OUTER, "a", A_OUTER, A_INNER)
     };
     let mut s = format!(
-        "# espip lab p2p, host {}\n[interface]\nname = \"espip0\"\naddress = [\"{addr}/24\"]\nlocal = \"{local}\"\nstate_dir = \"{}\"\n\n[[peer]]\nname = \"{peer}\"\nendpoint = \"{endpoint}\"\nallowed_ips = [\"{allowed}/32\"]\n",
+        "# espip lab p2p, host {}\n[interface]\nname = \"espip0\"\naddress = [\"{addr}/24\"]\nlocal = \"{local}\"\n{}\n[[peer]]\nname = \"{peer}\"\nendpoint = \"{endpoint}\"\nallowed_ips = [\"{allowed}/32\"]\n",
         if me_a { "A" } else { "B" },
-        state_dir.display()
+        super::state_lines(state_dir)
     );
     match (mode, keys) {
         (LabMode::Esp(c), Some(k)) => {

@@ -47,9 +47,9 @@ pub fn config_text(me_a: bool, cipher: Cipher, keys: &LabKeys, state_dir: &Path)
         ("a", A, 0x2002, 0x2001, &keys.b_to_a, &keys.a_to_b)
     };
     format!(
-        "# espip lab same-lan, host {}\n[interface]\nname = \"espip0\"\nstate_dir = \"{}\"\n\n[nat]\nrules = \"apply\"\n\n[[nat.map]]\nreal = \"10.0.0.0/24\"\nalias = \"10.0.1.0/24\"\n\n[[peer]]\nname = \"{peer}\"\nendpoint = \"{endpoint}\"\nallowed_ips = [\"{endpoint}/32\"]\nmode = \"esp\"\ncipher = \"{}\"\nspi_out = \"{spi_out:#010x}\"\nspi_in = \"{spi_in:#010x}\"\nkey_out = \"{}\"\nkey_in = \"{}\"\n",
+        "# espip lab same-lan, host {}\n[interface]\nname = \"espip0\"\n{}\n[nat]\nrules = \"apply\"\n\n[[nat.map]]\nreal = \"10.0.0.0/24\"\nalias = \"10.0.1.0/24\"\n\n[[peer]]\nname = \"{peer}\"\nendpoint = \"{endpoint}\"\nallowed_ips = [\"{endpoint}/32\"]\nmode = \"esp\"\ncipher = \"{}\"\nspi_out = \"{spi_out:#010x}\"\nspi_in = \"{spi_in:#010x}\"\nkey_out = \"{}\"\nkey_in = \"{}\"\n",
         if me_a { "A" } else { "B" },
-        state_dir.display(),
+        super::state_lines(state_dir),
         cipher.name(),
         key_out.to_hex().as_str(),
         key_in.to_hex().as_str()

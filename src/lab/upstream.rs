@@ -29,15 +29,15 @@ pub struct UpstreamOptions {
 /// The relays' configurations (RA, RB).
 pub fn configs(work: &Path) -> (String, String) {
     let ra = format!(
-        "# espip lab upstream, relay RA: takes C's packets for S and sends them to RB\n[interface]\nname = \"espip0\"\nlocal = \"10.0.2.201\"\nforward = true\nstate_dir = \"{}\"\n\n[[peer]]\nname = \"rb\"\nendpoint = \"10.0.3.29\"\nallowed_ips = [\"10.0.3.26/32\"]\nmode = \"ipip\"\n",
-        work.join("state-ra").display()
+        "# espip lab upstream, relay RA: takes C's packets for S and sends them to RB\n[interface]\nname = \"espip0\"\nlocal = \"10.0.2.201\"\nforward = true\n{}\n[[peer]]\nname = \"rb\"\nendpoint = \"10.0.3.29\"\nallowed_ips = [\"10.0.3.26/32\"]\nmode = \"ipip\"\n",
+        super::state_lines(&work.join("state-ra"))
     );
     // rp_filter "off", not "loose": RB's TUN has no IPv4 address, and Linux's reverse-path
     // check refuses every source on an interface without one unless the filter is off
     // (`__fib_validate_source`, "last_resort").
     let rb = format!(
-        "# espip lab upstream, relay RB: forwards C's packets to S with C's own source\n[interface]\nname = \"espip0\"\nlocal = \"10.0.3.29\"\nforward = true\nrp_filter = \"off\"\nstate_dir = \"{}\"\n\n[[peer]]\nname = \"ra\"\nendpoint = \"10.0.2.201\"\nallowed_ips = [\"10.0.2.0/24\"]\nroute = false\nmode = \"ipip\"\n",
-        work.join("state-rb").display()
+        "# espip lab upstream, relay RB: forwards C's packets to S with C's own source\n[interface]\nname = \"espip0\"\nlocal = \"10.0.3.29\"\nforward = true\nrp_filter = \"off\"\n{}\n[[peer]]\nname = \"ra\"\nendpoint = \"10.0.2.201\"\nallowed_ips = [\"10.0.2.0/24\"]\nroute = false\nmode = \"ipip\"\n",
+        super::state_lines(&work.join("state-rb"))
     );
     (ra, rb)
 }

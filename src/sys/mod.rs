@@ -1,6 +1,7 @@
 //! The kernel edges: the TUN device, raw IP sockets, rtnetlink. Nothing in the pure core
 //! imports this module (`tests/layering.rs`).
 
+pub mod capture;
 pub mod iptables;
 pub mod netlink;
 pub mod raw;
@@ -18,6 +19,23 @@ pub fn random_key(cipher: Cipher) -> std::io::Result<KeyMaterial> {
         .fill(&mut raw)
         .map_err(|_| std::io::Error::other("the system random number generator failed"))?;
     KeyMaterial::new(cipher, &raw).map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+/// The source address the kernel picks for packets to `dst` (a connected UDP socket's local
+/// address; nothing is sent), or `local` when one is configured.
+pub fn source_for(
+    dst: std::net::IpAddr,
+    local: Option<std::net::IpAddr>,
+) -> std::io::Result<std::net::IpAddr> {
+    if let Some(l) = local {
+        return Ok(l);
+    }
+    let sock = std::net::UdpSocket::bind(match dst {
+        std::net::IpAddr::V4(_) => "0.0.0.0:0",
+        std::net::IpAddr::V6(_) => "[::]:0",
+    })?;
+    sock.connect(std::net::SocketAddr::new(dst, 9))?;
+    Ok(sock.local_addr()?.ip())
 }
 
 /// Path MTU towards `dst` as the kernel's routing sees it (the route's or the device's MTU),

@@ -1,0 +1,422 @@
+//! The control side of a running daemon: the Unix control socket (`espip show`, `espip sa`),
+//! the Prometheus metrics endpoint, and the snapshot both serve.
+//!
+//! Control protocol: the client connects, writes one request line (`status`, `sa`, or
+//! `sa-keys` for the Wireshark lines with keys),
+//! and reads one JSON document until the daemon closes the connection. The socket is created
+//! with mode 0600 (root, or the daemon's user, only): `sa-keys` answers with key material.
+
+use crate::config::Config;
+use crate::daemon::EdgeStats;
+use crate::datapath::{DropReason, EncapSpec, Outbound, Stats};
+use crate::status::{CaptureStatus, InterfaceStatus, PeerStatus, SaExport, SaIn, SaOut, Status};
+use crate::sys::capture::CaptureStats;
+use std::io::{self, Read, Write};
+use std::net::IpAddr;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{debug, warn};
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 64;
+/// A client that sends nothing for this long is disconnected.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why the control socket could not be set up or reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Another daemon answers on the socket.
+    #[error("another espip is running for interface {iface}: its control socket {path} answers; stop it first (or give this one another interface.name)")]
+    InUse {
+        /// Interface name.
+        iface: String,
+        /// Socket path.
+        path: PathBuf,
+    },
+    /// Something that is not a socket is in the way.
+    #[error("{0} exists and is not a socket; remove it or set interface.control to another path")]
+    NotASocket(PathBuf),
+    /// The OS refused.
+    #[error("control socket {0}: {1}")]
+    Io(PathBuf, io::Error),
+    /// Nothing listens there.
+    #[error("no espip daemon answers on {0} ({1}); is it running, and are you root?")]
+    NotRunning(PathBuf, io::Error),
+}
+
+/// The bound control socket; the file is removed on drop.
+pub struct ControlSocket {
+    listener: Option<UnixListener>,
+    path: PathBuf,
+    ino: u64,
+}
+
+impl ControlSocket {
+    /// Bind `path` with mode 0600. A socket left by a killed daemon (nobody answers) is
+    /// replaced; one that answers means another daemon runs for this interface.
+    pub fn bind(path: &Path, iface: &str) -> Result<ControlSocket, ControlError> {
+        let io_err = |e| ControlError::Io(path.to_path_buf(), e);
+        if let Some(dir) = path.parent() {
+            if !dir.exists() {
+                std::fs::create_dir_all(dir).map_err(io_err)?;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(io_err)?;
+            }
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if !m.file_type().is_socket() => {
+                return Err(ControlError::NotASocket(path.to_path_buf()))
+            }
+            Ok(_) => {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(ControlError::InUse {
+                        iface: iface.to_string(),
+                        path: path.to_path_buf(),
+                    });
+                }
+                std::fs::remove_file(path).map_err(io_err)?;
+            }
+            Err(_) => {}
+        }
+        // The socket is born 0600: no window in which another user could connect.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+        let bound = UnixListener::bind(path);
+        nix::sys::stat::umask(old);
+        let listener = bound.map_err(io_err)?;
+        listener.set_nonblocking(true).map_err(io_err)?;
+        let ino = std::fs::metadata(path).map_err(io_err)?.ino();
+        Ok(ControlSocket {
+            listener: Some(listener),
+            path: path.to_path_buf(),
+            ino,
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Take the listener (for the server task); the file stays until `self` drops.
+    pub fn take(&mut self) -> Option<UnixListener> {
+        self.listener.take()
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        // Only remove the file if it is still ours.
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Everything a snapshot reads: shared with the data-path threads, read without stopping them
+/// (the outbound lock is taken for a few microseconds).
+pub struct Live {
+    /// The configuration.
+    pub cfg: Arc<Config>,
+    /// Tunnel MTU.
+    pub mtu: u16,
+    /// Data-path counters.
+    pub stats: Arc<Stats>,
+    /// Edge errors.
+    pub edge: Arc<EdgeStats>,
+    /// The outbound half (sequence numbers).
+    pub outbound: Arc<Mutex<Outbound>>,
+    /// Capture counters and files.
+    pub capture: Option<(Arc<CaptureStats>, Vec<PathBuf>)>,
+    /// Outer source address per peer (configured or routed).
+    pub sources: Vec<IpAddr>,
+    /// The data path's clock origin (its `now` is nanoseconds since this).
+    pub clock: Instant,
+    /// Wall-clock time at `clock`.
+    pub started: SystemTime,
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+}
+
+impl Live {
+    fn wall(&self, ns: u64) -> Option<f64> {
+        (ns != 0).then(|| unix(self.started) + ns as f64 / 1e9)
+    }
+
+    /// Take a snapshot.
+    pub fn status(&self) -> Status {
+        let out_state: Vec<Option<(u64, u64)>> = {
+            let out = self.outbound.lock().unwrap_or_else(|e| e.into_inner());
+            (0..out.peer_count())
+                .map(|i| out.sa_reservation(i).map(|(_, _, next, limit)| (next, limit)))
+                .collect()
+        };
+        let peers = self
+            .cfg
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let s = &self.stats.peers[i];
+                let (mode, sa_out, sa_in) = match &p.encap {
+                    EncapSpec::IpIp => ("ipip", None, None),
+                    EncapSpec::Esp {
+                        cipher,
+                        spi_out,
+                        spi_in,
+                        replay_window,
+                        esn,
+                        ..
+                    } => {
+                        let (next, limit) = out_state.get(i).copied().flatten().unwrap_or((0, 0));
+                        (
+                            "esp",
+                            Some(SaOut {
+                                spi: *spi_out,
+                                cipher: cipher.name().into(),
+                                esn: *esn,
+                                next_seq: next,
+                                reserved_to: limit,
+                            }),
+                            Some(SaIn {
+                                spi: *spi_in,
+                                cipher: cipher.name().into(),
+                                esn: *esn,
+                                highest_seq: s.replay_top.load(Relaxed),
+                                replay_window: *replay_window,
+                            }),
+                        )
+                    }
+                };
+                PeerStatus {
+                    name: p.name.clone(),
+                    endpoint: p.endpoint.to_string(),
+                    mode: mode.into(),
+                    allowed_ips: p.allowed_ips.iter().map(|a| a.to_string()).collect(),
+                    sa_out,
+                    sa_in,
+                    tx_packets: s.tx_packets.load(Relaxed),
+                    tx_bytes: s.tx_bytes.load(Relaxed),
+                    rx_packets: s.rx_packets.load(Relaxed),
+                    rx_bytes: s.rx_bytes.load(Relaxed),
+                    last_tx_unix: self.wall(s.last_tx.load(Relaxed)),
+                    last_rx_unix: self.wall(s.last_rx.load(Relaxed)),
+                }
+            })
+            .collect();
+        let drops = DropReason::ALL
+            .iter()
+            .filter(|r| **r != DropReason::Dummy)
+            .map(|r| (r.name().to_string(), self.stats.drops(*r)))
+            .collect();
+        let e = &self.edge;
+        let errors = [
+            ("tun_read", &e.tun_read_errors),
+            ("tun_write", &e.tun_write_errors),
+            ("send", &e.send_errors),
+            ("bad_outer", &e.bad_outer),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.load(Relaxed)))
+        .collect();
+        let i = &self.cfg.interface;
+        Status {
+            interface: InterfaceStatus {
+                name: i.name.clone(),
+                mtu: self.mtu,
+                addresses: i.addresses.iter().map(|a| a.to_string()).collect(),
+                local: i.local.map(|l| l.to_string()),
+                started_unix: unix(self.started),
+                uptime_seconds: self.clock.elapsed().as_secs_f64(),
+                version: env!("CARGO_PKG_VERSION").into(),
+            },
+            peers,
+            drops,
+            errors,
+            relayed: self.stats.relayed.load(Relaxed),
+            capture: self.capture.as_ref().map(|(c, files)| CaptureStatus {
+                files: files.iter().map(|f| f.display().to_string()).collect(),
+                written: c.written.load(Relaxed),
+                dropped: c.dropped.load(Relaxed),
+                write_errors: c.write_errors.load(Relaxed),
+                rotations: c.rotations.load(Relaxed),
+            }),
+        }
+    }
+
+    /// Every ESP SA, with its Wireshark `esp_sa` line (which holds the key) if `keys`.
+    pub fn sa_export(&self, keys: bool) -> Vec<SaExport> {
+        let mut v = Vec::new();
+        for (p, &local) in self.cfg.peers.iter().zip(&self.sources) {
+            let EncapSpec::Esp {
+                cipher,
+                spi_out,
+                key_out,
+                spi_in,
+                key_in,
+                ..
+            } = &p.encap
+            else {
+                continue;
+            };
+            for (dir, src, dst, spi, key) in [
+                ("out", local, p.endpoint, *spi_out, key_out),
+                ("in", p.endpoint, local, *spi_in, key_in),
+            ] {
+                v.push(SaExport {
+                    peer: p.name.clone(),
+                    direction: dir.into(),
+                    src: src.to_string(),
+                    dst: dst.to_string(),
+                    spi,
+                    cipher: cipher.name().into(),
+                    wireshark: if keys {
+                        crate::wireshark::esp_sa_line(src, dst, spi, key)
+                    } else {
+                        None
+                    },
+                });
+            }
+        }
+        v
+    }
+
+    fn answer(&self, request: &str) -> zeroize::Zeroizing<Vec<u8>> {
+        let body = match request {
+            "status" => serde_json::to_vec(&self.status()),
+            "sa" => serde_json::to_vec(&self.sa_export(false)),
+            "sa-keys" => serde_json::to_vec(&self.sa_export(true)),
+            other => serde_json::to_vec(&serde_json::json!({
+                "error": format!("unknown request {other:?}; expected \"status\", \"sa\" or \"sa-keys\"")
+            })),
+        };
+        zeroize::Zeroizing::new(body.unwrap_or_default())
+    }
+}
+
+/// Serve the control socket until the task is dropped.
+pub async fn serve_control(listener: UnixListener, live: Arc<Live>) {
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("control socket: {e}; `espip show` will not answer");
+            return;
+        }
+    };
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let live = live.clone();
+        tokio::spawn(async move {
+            let mut req = Vec::with_capacity(MAX_REQUEST);
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                while req.len() < MAX_REQUEST {
+                    match conn.read(&mut byte).await {
+                        Ok(1) if byte[0] != b'\n' => req.push(byte[0]),
+                        _ => break,
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                debug!("control client sent no request in time");
+                return;
+            }
+            let request = String::from_utf8_lossy(&req).trim().to_string();
+            let body = live.answer(&request);
+            let _ = conn.write_all(&body).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+/// Serve `GET /metrics` (Prometheus text format) on `listener` until the task is dropped.
+pub async fn serve_metrics(listener: std::net::TcpListener, live: Arc<Live>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("metrics listener: {e}");
+            return;
+        }
+    };
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let live = live.clone();
+        tokio::spawn(async move {
+            let mut head = Vec::with_capacity(1024);
+            let mut chunk = [0u8; 1024];
+            let got = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                while head.len() < 8192 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(got, Ok(true)) {
+                return;
+            }
+            let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+            let line = String::from_utf8_lossy(line);
+            let mut parts = line.split_whitespace();
+            let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, ctype, body) = if method != "GET" {
+                ("405 Method Not Allowed", "text/plain", "GET only\n".to_string())
+            } else if target == "/metrics" || target.starts_with("/metrics?") {
+                (
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    live.status().to_prometheus(),
+                )
+            } else {
+                ("404 Not Found", "text/plain", "try /metrics\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+/// Send `request` to the daemon at `path` and return its JSON answer.
+pub fn request(path: &Path, request: &str) -> Result<Vec<u8>, ControlError> {
+    let mut s =
+        UnixStream::connect(path).map_err(|e| ControlError::NotRunning(path.to_path_buf(), e))?;
+    let io_err = |e| ControlError::Io(path.to_path_buf(), e);
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io_err)?;
+    s.write_all(format!("{request}\n").as_bytes())
+        .map_err(io_err)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).map_err(io_err)?;
+    Ok(out)
+}
+
+/// The control sockets of the daemons running with the default directory.
+pub fn running_sockets(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_socket()))
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    v
+}

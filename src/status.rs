@@ -1,0 +1,553 @@
+//! What `espip show` prints and the metrics endpoint serves: one snapshot type, rendered as
+//! text (like `wg show`), JSON (the control socket's wire format) or the Prometheus text
+//! exposition format (version 0.0.4).
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// A snapshot of a running daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The interface.
+    pub interface: InterfaceStatus,
+    /// Each peer, in configuration order.
+    pub peers: Vec<PeerStatus>,
+    /// Every drop reason with its count (zeros included), named as in docs/configuration.md.
+    pub drops: BTreeMap<String, u64>,
+    /// Errors at the kernel edges: `tun_read`, `tun_write`, `send`, `bad_outer`.
+    pub errors: BTreeMap<String, u64>,
+    /// Packets relayed from one peer to another (hub).
+    pub relayed: u64,
+    /// The capture taps, when configured.
+    pub capture: Option<CaptureStatus>,
+}
+
+/// The TUN interface.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    /// Device name.
+    pub name: String,
+    /// Tunnel MTU.
+    pub mtu: u16,
+    /// Addresses on the TUN.
+    pub addresses: Vec<String>,
+    /// Configured outer source address, if any.
+    pub local: Option<String>,
+    /// Start time, seconds since the Unix epoch.
+    pub started_unix: f64,
+    /// Seconds since the start.
+    pub uptime_seconds: f64,
+    /// espip's version.
+    pub version: String,
+}
+
+/// One peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// Configured name.
+    pub name: String,
+    /// Outer address.
+    pub endpoint: String,
+    /// `esp` or `ipip`.
+    pub mode: String,
+    /// Inner prefixes routed to / accepted from the peer.
+    pub allowed_ips: Vec<String>,
+    /// Outbound SA (ESP only).
+    pub sa_out: Option<SaOut>,
+    /// Inbound SA (ESP only).
+    pub sa_in: Option<SaIn>,
+    /// Packets sent to the peer.
+    pub tx_packets: u64,
+    /// Inner bytes sent to the peer.
+    pub tx_bytes: u64,
+    /// Packets received from the peer and delivered.
+    pub rx_packets: u64,
+    /// Inner bytes received from the peer.
+    pub rx_bytes: u64,
+    /// Time of the last packet sent (Unix seconds), `None` before the first.
+    pub last_tx_unix: Option<f64>,
+    /// Time of the last packet received and delivered.
+    pub last_rx_unix: Option<f64>,
+}
+
+/// An outbound SA (Linux: `ip xfrm state` with `dir out`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaOut {
+    /// SPI.
+    pub spi: u32,
+    /// Cipher name.
+    pub cipher: String,
+    /// 64-bit extended sequence numbers.
+    pub esn: bool,
+    /// Sequence number the next packet gets (`oseq` + 1 in xfrm terms).
+    pub next_seq: u64,
+    /// Sequence numbers are reserved on disk up to this one (see docs/security.md).
+    pub reserved_to: u64,
+}
+
+/// An inbound SA.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaIn {
+    /// SPI.
+    pub spi: u32,
+    /// Cipher name.
+    pub cipher: String,
+    /// 64-bit extended sequence numbers.
+    pub esn: bool,
+    /// Highest authenticated sequence number (the replay window's right edge), 0 before the
+    /// first packet.
+    pub highest_seq: u64,
+    /// Replay window size in packets.
+    pub replay_window: u32,
+}
+
+/// The capture taps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaptureStatus {
+    /// Current files.
+    pub files: Vec<String>,
+    /// Records written.
+    pub written: u64,
+    /// Records dropped because the writer was behind.
+    pub dropped: u64,
+    /// Records lost to failed writes.
+    pub write_errors: u64,
+    /// Files rotated.
+    pub rotations: u64,
+}
+
+/// One SA as `espip sa` prints it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaExport {
+    /// Peer name.
+    pub peer: String,
+    /// `out` or `in`.
+    pub direction: String,
+    /// Outer source of the SA's packets.
+    pub src: String,
+    /// Outer destination.
+    pub dst: String,
+    /// SPI.
+    pub spi: u32,
+    /// Cipher name.
+    pub cipher: String,
+    /// The Wireshark `esp_sa` line, or `None` when Wireshark cannot decrypt the cipher.
+    pub wireshark: Option<String>,
+}
+
+fn ago(now: f64, t: Option<f64>) -> String {
+    match t {
+        None => "never".into(),
+        Some(t) => format!("{:.1} s ago", (now - t).max(0.0)),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+impl Status {
+    /// Human-readable form (`espip show`), with ages relative to `now_unix`.
+    pub fn to_text(&self, now_unix: f64) -> String {
+        let mut s = String::new();
+        let i = &self.interface;
+        let _ = writeln!(s, "interface: {}", i.name);
+        let _ = writeln!(
+            s,
+            "  mtu: {}  addresses: {}  local: {}  up: {:.0} s  (espip {})",
+            i.mtu,
+            if i.addresses.is_empty() {
+                "none".into()
+            } else {
+                i.addresses.join(", ")
+            },
+            i.local.as_deref().unwrap_or("routed"),
+            i.uptime_seconds,
+            i.version
+        );
+        for p in &self.peers {
+            let _ = writeln!(s, "\npeer: {}", p.name);
+            let _ = writeln!(s, "  endpoint: {}  mode: {}", p.endpoint, p.mode);
+            let _ = writeln!(s, "  allowed ips: {}", p.allowed_ips.join(", "));
+            if let Some(o) = &p.sa_out {
+                let _ = writeln!(
+                    s,
+                    "  sa out: spi {:#010x}  {}{}  next seq {}  reserved to {}",
+                    o.spi,
+                    o.cipher,
+                    if o.esn { " esn" } else { "" },
+                    o.next_seq,
+                    o.reserved_to
+                );
+            }
+            if let Some(n) = &p.sa_in {
+                let _ = writeln!(
+                    s,
+                    "  sa in:  spi {:#010x}  {}{}  highest seq {}  replay window {}",
+                    n.spi,
+                    n.cipher,
+                    if n.esn { " esn" } else { "" },
+                    n.highest_seq,
+                    n.replay_window
+                );
+            }
+            let _ = writeln!(
+                s,
+                "  transfer: {} received ({} packets), {} sent ({} packets)",
+                bytes(p.rx_bytes),
+                p.rx_packets,
+                bytes(p.tx_bytes),
+                p.tx_packets
+            );
+            let _ = writeln!(
+                s,
+                "  latest packet: received {}, sent {}",
+                ago(now_unix, p.last_rx_unix),
+                ago(now_unix, p.last_tx_unix)
+            );
+        }
+        let nonzero: Vec<String> = self
+            .drops
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "\ndrops: {}",
+            if nonzero.is_empty() {
+                "none".into()
+            } else {
+                nonzero.join(", ")
+            }
+        );
+        let errs: Vec<String> = self
+            .errors
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        if !errs.is_empty() {
+            let _ = writeln!(s, "errors: {}", errs.join(", "));
+        }
+        if self.relayed > 0 {
+            let _ = writeln!(s, "relayed between peers: {} packets", self.relayed);
+        }
+        if let Some(c) = &self.capture {
+            let _ = writeln!(
+                s,
+                "capture: {}  ({} records written, {} dropped while the writer was behind, {} lost to write errors)",
+                c.files.join(", "),
+                c.written,
+                c.dropped,
+                c.write_errors
+            );
+        }
+        s
+    }
+
+    /// The Prometheus text exposition format. Counters end in `_total`; the interface and peer
+    /// are labels; times are Unix seconds.
+    pub fn to_prometheus(&self) -> String {
+        let mut m = Metrics::default();
+        let ifl = [("interface", self.interface.name.as_str())];
+        m.family("espip_info", "gauge", "Always 1; labels carry the version.");
+        m.sample(
+            "espip_info",
+            &[
+                ("interface", self.interface.name.as_str()),
+                ("version", self.interface.version.as_str()),
+            ],
+            1.0,
+        );
+        m.family(
+            "espip_start_time_seconds",
+            "gauge",
+            "Start time of the daemon, seconds since the Unix epoch.",
+        );
+        m.sample(
+            "espip_start_time_seconds",
+            &ifl,
+            self.interface.started_unix,
+        );
+        m.family("espip_mtu_bytes", "gauge", "Tunnel MTU.");
+        m.sample("espip_mtu_bytes", &ifl, f64::from(self.interface.mtu));
+        type Field = fn(&PeerStatus) -> u64;
+        let per_peer: [(&str, &str, &str, Field); 4] = [
+            (
+                "espip_peer_packets_total",
+                "tx",
+                "Packets sent to (tx) or received from (rx) the peer.",
+                |p| p.tx_packets,
+            ),
+            ("espip_peer_packets_total", "rx", "", |p| p.rx_packets),
+            (
+                "espip_peer_bytes_total",
+                "tx",
+                "Inner bytes sent to (tx) or received from (rx) the peer.",
+                |p| p.tx_bytes,
+            ),
+            ("espip_peer_bytes_total", "rx", "", |p| p.rx_bytes),
+        ];
+        for (name, dir, help, f) in per_peer {
+            if !help.is_empty() {
+                m.family(name, "counter", help);
+            }
+            for p in &self.peers {
+                m.sample(
+                    name,
+                    &[
+                        ("interface", &self.interface.name),
+                        ("peer", &p.name),
+                        ("direction", dir),
+                    ],
+                    f(p) as f64,
+                );
+            }
+        }
+        m.family(
+            "espip_peer_last_packet_timestamp_seconds",
+            "gauge",
+            "Time of the last packet sent (tx) or received (rx), Unix seconds; absent before the first.",
+        );
+        for p in &self.peers {
+            for (dir, t) in [("tx", p.last_tx_unix), ("rx", p.last_rx_unix)] {
+                if let Some(t) = t {
+                    m.sample(
+                        "espip_peer_last_packet_timestamp_seconds",
+                        &[
+                            ("interface", &self.interface.name),
+                            ("peer", &p.name),
+                            ("direction", dir),
+                        ],
+                        t,
+                    );
+                }
+            }
+        }
+        m.family(
+            "espip_sa_sequence_number",
+            "gauge",
+            "Outbound SA (direction out): last sequence number sent; inbound (in): highest authenticated.",
+        );
+        for p in &self.peers {
+            if let Some(o) = &p.sa_out {
+                let spi = format!("{:#010x}", o.spi);
+                m.sample(
+                    "espip_sa_sequence_number",
+                    &[
+                        ("interface", &self.interface.name),
+                        ("peer", &p.name),
+                        ("spi", &spi),
+                        ("direction", "out"),
+                    ],
+                    o.next_seq.saturating_sub(1) as f64,
+                );
+            }
+            if let Some(n) = &p.sa_in {
+                let spi = format!("{:#010x}", n.spi);
+                m.sample(
+                    "espip_sa_sequence_number",
+                    &[
+                        ("interface", &self.interface.name),
+                        ("peer", &p.name),
+                        ("spi", &spi),
+                        ("direction", "in"),
+                    ],
+                    n.highest_seq as f64,
+                );
+            }
+        }
+        m.family(
+            "espip_drops_total",
+            "counter",
+            "Packets dropped by the data path, by reason.",
+        );
+        for (reason, n) in &self.drops {
+            m.sample(
+                "espip_drops_total",
+                &[("interface", &self.interface.name), ("reason", reason)],
+                *n as f64,
+            );
+        }
+        m.family(
+            "espip_errors_total",
+            "counter",
+            "Failed kernel operations at the edges, by kind.",
+        );
+        for (kind, n) in &self.errors {
+            m.sample(
+                "espip_errors_total",
+                &[("interface", &self.interface.name), ("kind", kind)],
+                *n as f64,
+            );
+        }
+        m.family(
+            "espip_relayed_packets_total",
+            "counter",
+            "Packets relayed from one peer to another inside the daemon.",
+        );
+        m.sample("espip_relayed_packets_total", &ifl, self.relayed as f64);
+        if let Some(c) = &self.capture {
+            m.family(
+                "espip_capture_records_total",
+                "counter",
+                "Capture records by outcome: written, dropped (writer behind), write_error.",
+            );
+            for (result, n) in [
+                ("written", c.written),
+                ("dropped", c.dropped),
+                ("write_error", c.write_errors),
+            ] {
+                m.sample(
+                    "espip_capture_records_total",
+                    &[("interface", &self.interface.name), ("result", result)],
+                    n as f64,
+                );
+            }
+        }
+        m.0
+    }
+}
+
+#[derive(Default)]
+struct Metrics(String);
+
+impl Metrics {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: f64) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, val)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let _ = write!(self.0, "{k}=\"");
+                for c in val.chars() {
+                    match c {
+                        '\\' => self.0.push_str("\\\\"),
+                        '"' => self.0.push_str("\\\""),
+                        '\n' => self.0.push_str("\\n"),
+                        c => self.0.push(c),
+                    }
+                }
+                self.0.push('"');
+            }
+            self.0.push('}');
+        }
+        if v.fract() == 0.0 && v.abs() < 9e15 {
+            let _ = writeln!(self.0, " {}", v as i64);
+        } else {
+            let _ = writeln!(self.0, " {v}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Status {
+        Status {
+            interface: InterfaceStatus {
+                name: "espip0".into(),
+                mtu: 1446,
+                addresses: vec!["10.4.2.99/24".into()],
+                local: Some("192.0.2.1".into()),
+                started_unix: 1_700_000_000.5,
+                uptime_seconds: 12.0,
+                version: "0.1.0".into(),
+            },
+            peers: vec![PeerStatus {
+                name: "b \"quoted\"".into(),
+                endpoint: "192.0.2.2".into(),
+                mode: "esp".into(),
+                allowed_ips: vec!["10.4.2.5/32".into()],
+                sa_out: Some(SaOut {
+                    spi: 0x1001,
+                    cipher: "aes-128-gcm".into(),
+                    esn: false,
+                    next_seq: 11,
+                    reserved_to: 4_194_304,
+                }),
+                sa_in: Some(SaIn {
+                    spi: 0x1002,
+                    cipher: "aes-128-gcm".into(),
+                    esn: false,
+                    highest_seq: 7,
+                    replay_window: 1024,
+                }),
+                tx_packets: 10,
+                tx_bytes: 840,
+                rx_packets: 7,
+                rx_bytes: 588,
+                last_tx_unix: Some(1_700_000_010.0),
+                last_rx_unix: None,
+            }],
+            drops: [("bad_icv".to_string(), 2), ("replay".to_string(), 0)]
+                .into_iter()
+                .collect(),
+            errors: [("send".to_string(), 0)].into_iter().collect(),
+            relayed: 0,
+            capture: None,
+        }
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let s = sample();
+        let j = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<Status>(&j).unwrap(), s);
+    }
+
+    #[test]
+    fn text_names_sas_counts_and_drops() {
+        let t = sample().to_text(1_700_000_012.0);
+        assert!(
+            t.contains("sa out: spi 0x00001001  aes-128-gcm  next seq 11"),
+            "{t}"
+        );
+        assert!(t.contains("highest seq 7  replay window 1024"), "{t}");
+        assert!(t.contains("588 B received (7 packets), 840 B sent (10 packets)"));
+        assert!(t.contains("received never, sent 2.0 s ago"), "{t}");
+        assert!(t.contains("drops: bad_icv 2\n"), "{t}");
+    }
+
+    #[test]
+    fn prometheus_lines_are_well_formed() {
+        let p = sample().to_prometheus();
+        assert!(p.contains(
+            "espip_peer_packets_total{interface=\"espip0\",peer=\"b \\\"quoted\\\"\",direction=\"rx\"} 7\n"
+        ), "{p}");
+        assert!(p.contains("espip_drops_total{interface=\"espip0\",reason=\"bad_icv\"} 2\n"));
+        assert!(p.contains("espip_start_time_seconds{interface=\"espip0\"} 1700000000.5\n"));
+        assert!(p.contains("direction=\"out\"} 10\n"), "last sent = next - 1");
+        // Every sample's family has exactly one TYPE line, before its samples.
+        let mut typed = std::collections::HashSet::new();
+        for line in p.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                assert!(typed.insert(rest.split(' ').next().unwrap().to_string()));
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert!(typed.contains(name), "{line}");
+            }
+        }
+    }
+}
