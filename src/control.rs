@@ -141,7 +141,9 @@ pub struct Live {
 }
 
 fn unix(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 impl Live {
@@ -154,7 +156,10 @@ impl Live {
         let out_state: Vec<Option<(u64, u64)>> = {
             let out = self.outbound.lock().unwrap_or_else(|e| e.into_inner());
             (0..out.peer_count())
-                .map(|i| out.sa_reservation(i).map(|(_, _, next, limit)| (next, limit)))
+                .map(|i| {
+                    out.sa_reservation(i)
+                        .map(|(_, _, next, limit)| (next, limit))
+                })
                 .collect()
         };
         let peers = self
@@ -373,7 +378,11 @@ pub async fn serve_metrics(listener: std::net::TcpListener, live: Arc<Live>) {
             let mut parts = line.split_whitespace();
             let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let (status, ctype, body) = if method != "GET" {
-                ("405 Method Not Allowed", "text/plain", "GET only\n".to_string())
+                (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "GET only\n".to_string(),
+                )
             } else if target == "/metrics" || target.starts_with("/metrics?") {
                 (
                     "200 OK",

@@ -13,8 +13,8 @@
 
 use crate::buf::{PacketBuf, MAX_PACKET};
 use crate::config::Config;
-use crate::datapath::{self, DropReason, EncapSpec, Inbound, Outbound, Stats, TunnelSpec, Verdict};
 use crate::control::{ControlSocket, Live};
+use crate::datapath::{self, DropReason, EncapSpec, Inbound, Outbound, Stats, TunnelSpec, Verdict};
 use crate::sys::capture::{Recorder, Tap, Taps};
 use crate::sys::raw::{strip_ipv4_header, RawSocket};
 use crate::sys::seqstore::{SeqStore, RESERVE};
@@ -77,9 +77,7 @@ impl Silence {
                 }
             } else if tx > last_tx {
                 let since = *self.unanswered_since[i].get_or_insert(now);
-                if !self.silent[i]
-                    && now.saturating_sub(since) >= SILENT_AFTER.as_nanos() as u64
-                {
+                if !self.silent[i] && now.saturating_sub(since) >= SILENT_AFTER.as_nanos() as u64 {
                     self.silent[i] = true;
                     let proto = match p.encap {
                         EncapSpec::Esp { .. } => "ESP (protocol 50)",
@@ -336,9 +334,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         })
         .collect();
     let taps = match &cfg.capture {
-        Some(c) => {
-            Some(Taps::start(c, &cfg.interface.name).map_err(|e| DaemonError::Capture(c.dir.clone(), e))?)
-        }
+        Some(c) => Some(
+            Taps::start(c, &cfg.interface.name)
+                .map_err(|e| DaemonError::Capture(c.dir.clone(), e))?,
+        ),
         None => None,
     };
     let store = SeqStore::open(&cfg.interface.state_dir, &cfg.interface.name)

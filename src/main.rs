@@ -128,8 +128,9 @@ fn show(target: &Target, json: bool) -> Result<()> {
     let mut all = Vec::new();
     for (i, sock) in target.sockets()?.iter().enumerate() {
         let raw = espip::control::request(sock, "status")?;
-        let st: espip::status::Status = serde_json::from_slice(&raw)
-            .with_context(|| format!("the daemon at {} sent an unreadable answer", sock.display()))?;
+        let st: espip::status::Status = serde_json::from_slice(&raw).with_context(|| {
+            format!("the daemon at {} sent an unreadable answer", sock.display())
+        })?;
         if json {
             all.push(st);
         } else {
@@ -157,8 +158,10 @@ fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Resu
     for sock in target.sockets()? {
         let req = if wireshark { "sa-keys" } else { "sa" };
         let raw = zeroize::Zeroizing::new(espip::control::request(&sock, req)?);
-        let sas: Vec<espip::status::SaExport> = serde_json::from_slice(&raw)
-            .with_context(|| format!("the daemon at {} sent an unreadable answer", sock.display()))?;
+        let sas: Vec<espip::status::SaExport> =
+            serde_json::from_slice(&raw).with_context(|| {
+                format!("the daemon at {} sent an unreadable answer", sock.display())
+            })?;
         for sa in sas {
             if !wireshark {
                 println!(
@@ -215,7 +218,11 @@ fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Resu
             text.push('\n');
         }
         f.write_all(text.as_bytes())?;
-        eprintln!("wrote {} SA(s) to {} (mode 0600)", lines.len(), path.display());
+        eprintln!(
+            "wrote {} SA(s) to {} (mode 0600)",
+            lines.len(),
+            path.display()
+        );
     }
     Ok(())
 }
@@ -256,7 +263,8 @@ enum LabCmd {
         /// Leave the namespaces and daemons running to explore.
         #[arg(long)]
         keep: bool,
-        /// Keep the configs, logs, the capture (wire.pcap) and Wireshark's esp_sa file here.
+        /// Keep configs, logs, a capture of each link, the daemons' inner/outer taps and
+        /// Wireshark's esp_sa file here (see docs/captures.md).
         #[arg(long)]
         pcap: Option<PathBuf>,
         /// Do not install missing Debian packages; fail instead.
@@ -279,6 +287,10 @@ enum LabCmd {
         /// says why).
         #[arg(long)]
         without_forward: bool,
+        /// Keep configs, logs, a capture of each link, the daemons' inner/outer taps and
+        /// Wireshark's esp_sa file here (see docs/captures.md).
+        #[arg(long)]
+        pcap: Option<PathBuf>,
     },
     /// Scenario 4: asymmetric upstream-only IP-in-IP relays through a censoring firewall
     /// (C 10.0.2.244, RA 10.0.2.201, F 10.0.2.1/10.0.3.1, RB 10.0.3.29, S 10.0.3.26).
@@ -286,6 +298,10 @@ enum LabCmd {
         /// Leave the namespaces and daemons running to explore.
         #[arg(long)]
         keep: bool,
+        /// Keep configs, logs, a capture of each link, the daemons' inner/outer taps and
+        /// Wireshark's esp_sa file here (see docs/captures.md).
+        #[arg(long)]
+        pcap: Option<PathBuf>,
         /// Do not install missing Debian packages; fail instead.
         #[arg(long)]
         no_install: bool,
@@ -299,6 +315,10 @@ enum LabCmd {
         /// Leave the namespaces and daemons running to explore.
         #[arg(long)]
         keep: bool,
+        /// Keep configs, logs, a capture of each link, the daemons' inner/outer taps and
+        /// Wireshark's esp_sa file here (see docs/captures.md).
+        #[arg(long)]
+        pcap: Option<PathBuf>,
         /// Do not install missing Debian packages; fail instead.
         #[arg(long)]
         no_install: bool,
@@ -315,7 +335,8 @@ enum LabCmd {
         /// Leave the namespaces and daemons running to explore.
         #[arg(long)]
         keep: bool,
-        /// Keep the configs, logs and the LAN capture (lan.pcap) here.
+        /// Keep configs, logs, a capture of each link, the daemons' inner/outer taps and
+        /// Wireshark's esp_sa file here (see docs/captures.md).
         #[arg(long)]
         pcap: Option<PathBuf>,
         /// Do not install missing Debian packages; fail instead.
@@ -482,6 +503,7 @@ fn main() -> Result<()> {
                 keep,
                 no_install,
                 without_forward,
+                pcap,
             } => {
                 let opts = espip::lab::gateway::GatewayOptions {
                     cipher: cipher_arg(&cipher)?,
@@ -489,12 +511,18 @@ fn main() -> Result<()> {
                     install: !no_install,
                     exe: std::env::current_exe().context("locating the espip binary")?,
                     without_forward,
+                    pcap_dir: pcap,
                 };
                 finish(espip::lab::gateway::run(&opts)?);
             }
-            LabCmd::Upstream { keep, no_install } => {
+            LabCmd::Upstream {
+                keep,
+                no_install,
+                pcap,
+            } => {
                 let opts = espip::lab::upstream::UpstreamOptions {
                     keep,
+                    pcap_dir: pcap,
                     install: !no_install,
                     exe: std::env::current_exe().context("locating the espip binary")?,
                 };
@@ -504,10 +532,12 @@ fn main() -> Result<()> {
                 cipher,
                 keep,
                 no_install,
+                pcap,
             } => {
                 let opts = espip::lab::hub::HubOptions {
                     cipher: cipher_arg(&cipher)?,
                     keep,
+                    pcap_dir: pcap,
                     install: !no_install,
                     exe: std::env::current_exe().context("locating the espip binary")?,
                 };

@@ -538,7 +538,10 @@ mod tests {
         ), "{p}");
         assert!(p.contains("espip_drops_total{interface=\"espip0\",reason=\"bad_icv\"} 2\n"));
         assert!(p.contains("espip_start_time_seconds{interface=\"espip0\"} 1700000000.5\n"));
-        assert!(p.contains("direction=\"out\"} 10\n"), "last sent = next - 1");
+        assert!(
+            p.contains("direction=\"out\"} 10\n"),
+            "last sent = next - 1"
+        );
         // Every sample's family has exactly one TYPE line, before its samples.
         let mut typed = std::collections::HashSet::new();
         for line in p.lines() {

@@ -116,6 +116,11 @@ impl Drop for HalfLab {
 }
 
 fn half_lab(tag: &str, cipher: Cipher) -> HalfLab {
+    half_lab_with(tag, cipher, "")
+}
+
+/// `half_lab` with `extra` appended to A's configuration.
+fn half_lab_with(tag: &str, cipher: Cipher, extra: &str) -> HalfLab {
     let (a, b) = p2p::topology(tag).unwrap();
     let keys = LabKeys::generate(cipher).unwrap();
     let dir = std::env::temp_dir().join(format!("espip-test-{tag}-{}", std::process::id()));
@@ -129,7 +134,7 @@ fn half_lab(tag: &str, cipher: Cipher) -> HalfLab {
             Some(&keys),
             false,
             &dir.join("state"),
-        ),
+        ) + extra,
     )
     .unwrap();
     let daemon = Daemon::start(&a, &exe(), &cfg, &dir.join("a.log")).unwrap();
@@ -156,7 +161,8 @@ fn scapy_interop(tag: &str, cipher: Cipher) {
             .args(["--key-a-to-b", h.keys.a_to_b.to_hex().as_str()])
             .args(["--key-b-to-a", h.keys.b_to_a.to_hex().as_str()])
             .args(["--spi-a-to-b", &format!("{SPI_A_TO_B:#x}")])
-            .args(["--spi-b-to-a", &format!("{SPI_B_TO_A:#x}")]),
+            .args(["--spi-b-to-a", &format!("{SPI_B_TO_A:#x}")])
+            .arg("--hostile"),
     )
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -167,6 +173,39 @@ fn scapy_interop(tag: &str, cipher: Cipher) {
         h.daemon.log()
     );
     assert!(stdout.contains("\"replies\": [1, 2, 3, 4, 5]"), "{stdout}");
+    // `espip show --json` counts exactly what scapy sent.
+    let show = Command::new(exe())
+        .args(["show", "--json", "--socket"])
+        .arg(h.dir.join("state/control.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        show.status.success(),
+        "{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    let st: espip::status::Status = serde_json::from_slice(&show.stdout).unwrap();
+    let p = &st.peers[0];
+    assert_eq!((p.rx_packets, p.tx_packets), (5, 5), "{p:?}");
+    assert_eq!(p.sa_in.as_ref().unwrap().highest_seq, 5, "{p:?}");
+    assert_eq!(p.sa_out.as_ref().unwrap().next_seq, 6, "{p:?}");
+    assert!(p.last_rx_unix.is_some() && p.last_tx_unix.is_some());
+    for (reason, n) in [
+        ("replay", 1),
+        ("bad_icv", 1),
+        ("unknown_spi", 1),
+        ("malformed", 1),
+    ] {
+        assert_eq!(st.drops[reason], n, "{reason}: {:?}", st.drops);
+    }
+    for reason in [
+        "wrong_source",
+        "bad_padding",
+        "not_allowed",
+        "bad_next_header",
+    ] {
+        assert_eq!(st.drops[reason], 0, "{reason}: {:?}", st.drops);
+    }
     assert!(h.daemon.stop().unwrap(), "clean stop");
     let log = h.daemon.log();
     assert!(
@@ -211,32 +250,65 @@ fn tshark_decrypts_a_lab_capture_with_the_exported_sas() {
     let home = dir.join("home");
     std::fs::create_dir_all(home.join(".config/wireshark")).unwrap();
     std::fs::copy(dir.join("esp_sa"), home.join(".config/wireshark/esp_sa")).unwrap();
-    let tshark = |filter: &str| -> usize {
-        let out = Command::new("tshark")
-            .env("HOME", &home)
+    // Lines of `fields` of the frames of `file` matching `filter`; for decrypted ESP the last
+    // occurrence of a field is the inner packet's.
+    let tshark = |file: &str, filter: &str, fields: &[&str]| -> Vec<String> {
+        let mut cmd = Command::new("tshark");
+        cmd.env("HOME", &home)
             .args(["-n", "-r"])
-            .arg(dir.join("wire.pcap"))
+            .arg(dir.join(file))
             .args(["-o", "esp.enable_encryption_decode:TRUE"])
             .args(["-o", "esp.enable_authentication_check:TRUE"])
-            .args(["-Y", filter, "-T", "fields", "-e", "frame.number"])
-            .output()
-            .expect("tshark (apt-get install tshark)");
+            .args(["-Y", filter, "-T", "fields", "-E", "occurrence=l"]);
+        for f in fields {
+            cmd.args(["-e", f]);
+        }
+        let out = cmd.output().expect("tshark (apt-get install tshark)");
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8_lossy(&out.stdout).lines().count()
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
     };
-    let esp = tshark("esp");
-    let good = tshark("esp.icv_good == 1");
-    let inner_tcp = tshark("esp && tcp");
+    let count = |file: &str, filter: &str| tshark(file, filter, &["frame.number"]).len();
+    // The link capture (tcpdump on A's veth).
+    let esp = count("wire.pcap", "esp");
+    let good = count("wire.pcap", "esp.icv_good == 1");
+    let inner_tcp = count("wire.pcap", "esp && tcp");
+    // The daemon's own taps on A: the outer tap decrypts to exactly the IPv4 packets of the
+    // inner tap (same source, destination, IP ID, length and TCP sequence number).
+    let outer_tap = "host-a/espip0-outer.pcap";
+    let inner_tap = "host-a/espip0-inner.pcap";
+    let tap_esp = count(outer_tap, "esp");
+    let tap_good = count(outer_tap, "esp.icv_good == 1");
+    let fields = ["ip.src", "ip.dst", "ip.id", "ip.len", "tcp.seq_raw"];
+    let mut decrypted = tshark(outer_tap, "esp && ip", &fields);
+    let mut plain = tshark(inner_tap, "ip", &fields);
+    decrypted.sort();
+    plain.sort();
     let _ = std::fs::remove_dir_all(&dir);
     assert!(esp > 1000, "capture has {esp} ESP packets");
     assert_eq!(good, esp, "tshark verified the ICV of every ESP packet");
     assert_eq!(
         inner_tcp, esp,
         "tshark decrypted every packet to the inner TCP segment"
+    );
+    assert!(tap_esp > 1000, "outer tap has {tap_esp} ESP packets");
+    assert_eq!(tap_good, tap_esp, "every ICV in the outer tap verifies");
+    assert_eq!(
+        decrypted.len(),
+        tap_esp,
+        "every outer packet decrypts to IPv4"
+    );
+    assert!(
+        decrypted == plain,
+        "outer tap (decrypted) and inner tap differ: {} vs {} packets",
+        decrypted.len(),
+        plain.len()
     );
 }
 
@@ -284,7 +356,10 @@ fn a_second_daemon_on_the_same_interface_is_refused() {
     .err()
     .expect("second daemon must not start");
     let msg = err.to_string();
-    assert!(msg.contains("already in use by another process"), "{msg}");
+    assert!(
+        msg.contains("another espip is running for interface espip0"),
+        "{msg}"
+    );
     assert!(h.a.has_link("espip0"), "the first daemon is unharmed");
 }
 
@@ -556,4 +631,87 @@ fn hub_lab() {
     let text = lab_scenario(&["hub"]);
     assert!(text.contains("6 passed, 0 failed"), "{text}");
     assert!(text.contains("H's kernel forwarded 0 datagrams"), "{text}");
+}
+
+#[test]
+fn metrics_and_control_socket() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let h = half_lab_with(
+        "metrics",
+        Cipher::Aes128Gcm,
+        "\n[metrics]\nlisten = \"127.0.0.1:9587\"\n",
+    );
+    // Root-only control socket.
+    use std::os::unix::fs::PermissionsExt;
+    let sock = h.dir.join("state/control.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
+    let show = Command::new(exe())
+        .args(["show", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        text.contains("peer: b") && text.contains("sa out: spi 0x00001001"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(h.keys.a_to_b.to_hex().as_str()),
+        "no key in show"
+    );
+    // The metrics, parsed by the Prometheus project's own Python parser.
+    let get = |path: &str| {
+        let out = netns::run(h.a.command("curl").args([
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://127.0.0.1:9587{path}"),
+        ]))
+        .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let body = get("/metrics");
+    assert!(body.ends_with("\n200"), "{body}");
+    assert!(get("/other").ends_with("404"));
+    let parse = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import sys\nfrom prometheus_client.parser import text_string_to_metric_families as f\nfor fam in f(sys.stdin.read()):\n  for s in fam.samples:\n    print(fam.type, s.name, s.labels.get('reason', ''), s.value)",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    parse
+        .stdin
+        .as_ref()
+        .unwrap()
+        .write_all(body.trim_end_matches("200").as_bytes())
+        .unwrap();
+    let out = parse.wait_with_output().unwrap();
+    let parsed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "prometheus_client refused the metrics: {}\n{body}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "counter espip_peer_packets_total  0.0",
+        "counter espip_drops_total bad_icv 0.0",
+        "counter espip_drops_total replay 0.0",
+        "gauge espip_mtu_bytes  1446.0",
+    ] {
+        assert!(parsed.contains(line), "{line:?} missing in:\n{parsed}");
+    }
+    assert!(
+        !body.contains(h.keys.a_to_b.to_hex().as_str()),
+        "no key in metrics"
+    );
+    drop(h);
 }

@@ -21,6 +21,7 @@ for pair in ip:iproute2 ping:iputils-ping tcpdump:tcpdump tshark:tshark sysctl:p
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 /usr/bin/python3 -c 'import scapy.layers.ipsec' >/dev/null 2>&1 || need+=(python3-scapy)
+/usr/bin/python3 -c 'import prometheus_client.parser' >/dev/null 2>&1 || need+=(python3-prometheus-client)
 if [ "${#need[@]}" -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
     echo "tests/run.sh: missing Debian packages and no apt-get: ${need[*]}" >&2

@@ -12,7 +12,6 @@ use super::same_lan::curl;
 use super::{pcap, Report};
 use crate::sa::Cipher;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -31,6 +30,8 @@ pub struct GatewayOptions {
     /// Reproduce the article author's mistake: the server does not forward (the lab must then
     /// fail and say so).
     pub without_forward: bool,
+    /// Keep configs, logs, a capture of each link, the daemons' taps and `esp_sa` here.
+    pub pcap_dir: Option<PathBuf>,
 }
 
 pub(crate) fn esp_peer(
@@ -125,9 +126,8 @@ pub fn run(opts: &GatewayOptions) -> io::Result<Report> {
         ..Default::default()
     };
     println!("{}", report.title);
-    let work = std::env::temp_dir().join(format!("espip-lab-gateway-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
-    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
+    let (work, keep_work) = super::work_dir("gateway", opts.pcap_dir.as_deref(), opts.keep)?;
+    let taps = opts.pcap_dir.as_deref();
     let u = Netns::new("gw", "u")?;
     let s = Netns::new("gw", "server")?;
     let v = Netns::new("gw", "v")?;
@@ -138,7 +138,9 @@ pub fn run(opts: &GatewayOptions) -> io::Result<Report> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())?;
 
     let keys = LabKeys::generate(opts.cipher)?;
-    let (cu, mut cs) = configs(opts.cipher, &keys, &work);
+    let (mut cu, mut cs) = configs(opts.cipher, &keys, &work);
+    cu.push_str(&super::capture_lines(taps, "u"));
+    cs.push_str(&super::capture_lines(taps, "server"));
     if opts.without_forward {
         cs = cs.replace("forward = true\n", "");
     }
@@ -147,6 +149,9 @@ pub fn run(opts: &GatewayOptions) -> io::Result<Report> {
 
     let wire = work.join("outside.pcap");
     let tcpdump = super::start_capture(&u, "out0", &wire)?;
+    let inside = taps
+        .map(|_| super::start_capture(&v, "in0", &work.join("inside.pcap")))
+        .transpose()?;
     let mut ds = Daemon::start(
         &s,
         &opts.exe,
@@ -154,6 +159,9 @@ pub fn run(opts: &GatewayOptions) -> io::Result<Report> {
         &work.join("server.log"),
     )?;
     let mut du = Daemon::start(&u, &opts.exe, &work.join("u.toml"), &work.join("u.log"))?;
+    if taps.is_some() {
+        super::export_esp_sa(&work.join("state-u/control.sock"), &work.join("esp_sa"))?;
+    }
     let fwd = netns::run(s.command("sysctl").args(["-n", "net.ipv4.ip_forward"]))
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())?;
     report.check(
@@ -208,6 +216,9 @@ pub fn run(opts: &GatewayOptions) -> io::Result<Report> {
     );
 
     super::stop_capture(tcpdump);
+    if let Some(c) = inside {
+        super::stop_capture(c);
+    }
     let frames = pcap::read(&wire)?;
     let mut esp = 0;
     let mut clear = 0;
@@ -227,7 +238,7 @@ pub fn run(opts: &GatewayOptions) -> io::Result<Report> {
     );
 
     if opts.keep {
-        report.kept(&[&u, &s, &v], None);
+        report.kept(&[&u, &s, &v], Some(&work));
         std::mem::forget(du);
         std::mem::forget(ds);
         std::mem::forget(u);
@@ -255,6 +266,13 @@ pub fn run(opts: &GatewayOptions) -> io::Result<Report> {
             log_field(&l, "drop totals", "drops").unwrap_or_default()
         ));
     }
-    let _ = std::fs::remove_dir_all(&work);
+    if keep_work {
+        report.notes.push(format!(
+            "configs, logs, outside.pcap (U-server), inside.pcap (server-V), host-u/ and host-server/ (the daemons' inner and outer taps), esp_sa (see docs/captures.md) in {}",
+            work.display()
+        ));
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
     Ok(report)
 }

@@ -11,7 +11,6 @@ use super::same_lan::{curl, rules_of};
 use super::Report;
 use crate::sa::Cipher;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -23,6 +22,8 @@ pub struct HubOptions {
     pub cipher: Cipher,
     /// Leave everything running.
     pub keep: bool,
+    /// Keep configs, logs, a capture of each link, the daemons' taps and `esp_sa` here.
+    pub pcap_dir: Option<PathBuf>,
     /// Install missing Debian packages.
     pub install: bool,
     /// The espip binary.
@@ -94,9 +95,8 @@ pub fn run(opts: &HubOptions) -> io::Result<Report> {
         ..Default::default()
     };
     println!("{}", report.title);
-    let work = std::env::temp_dir().join(format!("espip-lab-hub-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
-    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
+    let (work, keep_work) = super::work_dir("hub", opts.pcap_dir.as_deref(), opts.keep)?;
+    let taps = opts.pcap_dir.as_deref();
 
     let sw = Netns::new("hub", "sw")?;
     netns::bridge(&sw, "br0")?;
@@ -120,7 +120,23 @@ pub fn run(opts: &HubOptions) -> io::Result<Report> {
     let keys: Vec<LabKeys> = (0..CLIENTS)
         .map(|_| LabKeys::generate(opts.cipher))
         .collect::<Result<_, _>>()?;
-    let (hub_cfg, client_cfgs) = configs(opts.cipher, &keys, &work);
+    let (mut hub_cfg, mut client_cfgs) = configs(opts.cipher, &keys, &work);
+    hub_cfg.push_str(&super::capture_lines(taps, "h"));
+    for (k, c) in client_cfgs.iter_mut().enumerate() {
+        c.push_str(&super::capture_lines(taps, &format!("c{}", k + 1)));
+    }
+    let mut links = Vec::new();
+    if taps.is_some() {
+        links.push(super::start_capture(&h, "eth0", &work.join("h.pcap"))?);
+        links.push(super::start_capture(&h, "wan0", &work.join("wan.pcap"))?);
+        for (k, c) in clients.iter().enumerate() {
+            links.push(super::start_capture(
+                c,
+                "eth0",
+                &work.join(format!("c{}.pcap", k + 1)),
+            )?);
+        }
+    }
     write_private(&work.join("h.toml"), &hub_cfg)?;
     let mut dh = Daemon::start(&h, &opts.exe, &work.join("h.toml"), &work.join("h.log"))?;
     let mut dcs = Vec::new();
@@ -133,6 +149,9 @@ pub fn run(opts: &HubOptions) -> io::Result<Report> {
             &path,
             &work.join(format!("c{}.log", k + 1)),
         )?));
+    }
+    if taps.is_some() {
+        super::export_esp_sa(&work.join("state-h/control.sock"), &work.join("esp_sa"))?;
     }
     report.check(
         "hub up with MASQUERADE installed",
@@ -215,10 +234,13 @@ pub fn run(opts: &HubOptions) -> io::Result<Report> {
         ),
     );
 
+    for l in links {
+        super::stop_capture(l);
+    }
     if opts.keep {
         report.kept(
             &clients.iter().chain([&h, &i, &sw]).collect::<Vec<_>>(),
-            None,
+            Some(&work),
         );
         std::mem::forget(dh);
         std::mem::forget(dcs);
@@ -249,6 +271,13 @@ pub fn run(opts: &HubOptions) -> io::Result<Report> {
         "H: drops [{}]",
         log_field(&dh.log(), "drop totals", "drops").unwrap_or_default()
     ));
-    let _ = std::fs::remove_dir_all(&work);
+    if keep_work {
+        report.notes.push(format!(
+            "configs, logs, h.pcap (hub link), wan.pcap, c1-c3.pcap (client links), host-*/ (the daemons' inner and outer taps), esp_sa (see docs/captures.md) in {}",
+            work.display()
+        ));
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
     Ok(report)
 }

@@ -261,3 +261,57 @@ pub(crate) fn state_lines(state_dir: &Path) -> String {
         state_dir.join("control.sock").display()
     )
 }
+
+/// The `[capture]` section of a lab host when the lab runs with `--pcap DIR`: the daemon's own
+/// taps write `DIR/<host>/espip0-inner.pcap` and `-outer.pcap`.
+pub(crate) fn capture_lines(pcap_dir: Option<&Path>, host: &str) -> String {
+    match pcap_dir {
+        Some(d) => format!(
+            "\n[capture]\ndir = \"{}\"\ninner = true\nouter = true\n",
+            d.join(format!("host-{host}")).display()
+        ),
+        None => String::new(),
+    }
+}
+
+/// Write Wireshark's `esp_sa` file from a running daemon's SAs, exactly as
+/// `espip sa --wireshark --write FILE` does. Returns the number of SA lines.
+pub(crate) fn export_esp_sa(control: &Path, to: &Path) -> io::Result<usize> {
+    let raw = zeroize::Zeroizing::new(
+        crate::control::request(control, "sa-keys").map_err(io::Error::other)?,
+    );
+    let sas: Vec<crate::status::SaExport> =
+        serde_json::from_slice(&raw).map_err(io::Error::other)?;
+    let mut text = zeroize::Zeroizing::new(String::new());
+    let mut n = 0;
+    for line in sas.iter().filter_map(|s| s.wireshark.as_deref()) {
+        text.push_str(line);
+        text.push('\n');
+        n += 1;
+    }
+    if n > 0 {
+        p2p::write_private(to, &text)?;
+    }
+    Ok(n)
+}
+
+/// The lab's working directory (configs, logs, state, captures): `pcap_dir` when the user gave
+/// one (kept afterwards), else a fresh temporary directory (kept only with `--keep`).
+/// Returns the directory and whether to keep it.
+pub(crate) fn work_dir(
+    lab: &str,
+    pcap_dir: Option<&Path>,
+    keep: bool,
+) -> io::Result<(std::path::PathBuf, bool)> {
+    use std::os::unix::fs::PermissionsExt;
+    let (work, kept) = match pcap_dir {
+        Some(d) => (d.to_path_buf(), true),
+        None => (
+            std::env::temp_dir().join(format!("espip-lab-{lab}-{}", std::process::id())),
+            keep,
+        ),
+    };
+    std::fs::create_dir_all(&work)?;
+    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
+    Ok((work, kept))
+}

@@ -175,15 +175,7 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
             .notes
             .push(format!("removed stale namespaces: {}", stale.join(" ")));
     }
-    let (work, keep_work) = match &opts.pcap_dir {
-        Some(d) => (d.clone(), true),
-        None => (
-            std::env::temp_dir().join(format!("espip-lab-{}", std::process::id())),
-            opts.keep,
-        ),
-    };
-    std::fs::create_dir_all(&work)?;
-    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
+    let (work, keep_work) = super::work_dir("p2p", opts.pcap_dir.as_deref(), opts.keep)?;
 
     let (a, b) = topology("lab")?;
     let keys = match opts.mode {
@@ -192,43 +184,37 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
     };
     let cfg_a = work.join("a.toml");
     let cfg_b = work.join("b.toml");
+    let taps = opts.pcap_dir.as_deref();
     write_private(
         &cfg_a,
-        &config_text(
+        &(config_text(
             opts.mode,
             true,
             keys.as_ref(),
             opts.esn,
             &work.join("state-a"),
-        ),
+        ) + &super::capture_lines(taps, "a")),
     )?;
     write_private(
         &cfg_b,
-        &config_text(
+        &(config_text(
             opts.mode,
             false,
             keys.as_ref(),
             opts.esn,
             &work.join("state-b"),
-        ),
+        ) + &super::capture_lines(taps, "b")),
     )?;
-    if let Some(k) = &keys {
-        let lines: Vec<String> = [
-            (A_OUTER, B_OUTER, SPI_A_TO_B, &k.a_to_b),
-            (B_OUTER, A_OUTER, SPI_B_TO_A, &k.b_to_a),
-        ]
-        .iter()
-        .filter_map(|(s, d, spi, key)| {
-            crate::wireshark::esp_sa_line(s.parse().ok()?, d.parse().ok()?, *spi, key)
-        })
-        .collect();
-        if !lines.is_empty() {
-            write_private(&work.join("esp_sa"), &(lines.join("\n") + "\n"))?;
-        }
-    }
 
     let mut da = Daemon::start(&a, &opts.exe, &cfg_a, &work.join("a.log"))?;
     let mut db = Daemon::start(&b, &opts.exe, &cfg_b, &work.join("b.log"))?;
+    if keys.is_some() {
+        // The same export as `espip sa --wireshark --write`, from the running daemon.
+        super::export_esp_sa(
+            &work.join("state-a").join("control.sock"),
+            &work.join("esp_sa"),
+        )?;
+    }
     report.check(
         "daemons up",
         a.has_link("espip0") && b.has_link("espip0"),
@@ -302,9 +288,14 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
     }
     if keep_work {
         report.notes.push(format!(
-            "configs, logs, wire.pcap{} in {}",
+            "configs, logs, wire.pcap (the A-B link){}{} in {}",
+            if taps.is_some() {
+                ", host-a/ and host-b/ (each daemon's inner and outer taps)"
+            } else {
+                ""
+            },
             if work.join("esp_sa").exists() {
-                " and esp_sa"
+                " and esp_sa (open any capture with it: see docs/captures.md)"
             } else {
                 ""
             },

@@ -9,7 +9,6 @@ use super::p2p::{log_field, ping, write_private, LabKeys};
 use super::{pcap, transfer, Report};
 use crate::sa::Cipher;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -92,15 +91,7 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
             .notes
             .push(format!("removed stale namespaces: {}", stale.join(" ")));
     }
-    let (work, keep_work) = match &opts.pcap_dir {
-        Some(d) => (d.clone(), true),
-        None => (
-            std::env::temp_dir().join(format!("espip-lab-same-lan-{}", std::process::id())),
-            opts.keep,
-        ),
-    };
-    std::fs::create_dir_all(&work)?;
-    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
+    let (work, keep_work) = super::work_dir("same-lan", opts.pcap_dir.as_deref(), opts.keep)?;
 
     let a = Netns::new("lan", "a")?;
     let b = Netns::new("lan", "b")?;
@@ -114,13 +105,16 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
     let keys = LabKeys::generate(opts.cipher)?;
     let cfg_a = work.join("a.toml");
     let cfg_b = work.join("b.toml");
+    let taps = opts.pcap_dir.as_deref();
     write_private(
         &cfg_a,
-        &config_text(true, opts.cipher, &keys, &work.join("state-a")),
+        &(config_text(true, opts.cipher, &keys, &work.join("state-a"))
+            + &super::capture_lines(taps, "a")),
     )?;
     write_private(
         &cfg_b,
-        &config_text(false, opts.cipher, &keys, &work.join("state-b")),
+        &(config_text(false, opts.cipher, &keys, &work.join("state-b"))
+            + &super::capture_lines(taps, "b")),
     )?;
 
     // The capture covers everything after the daemons start.
@@ -129,6 +123,12 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
 
     let mut da = Daemon::start(&a, &opts.exe, &cfg_a, &work.join("a.log"))?;
     let mut db = Daemon::start(&b, &opts.exe, &cfg_b, &work.join("b.log"))?;
+    if taps.is_some() {
+        super::export_esp_sa(
+            &work.join("state-a").join("control.sock"),
+            &work.join("esp_sa"),
+        )?;
+    }
     let (ra, rb) = (rules_of(&a), rules_of(&b));
     report.check(
         "daemons up, rules installed",
@@ -246,7 +246,15 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
     if keep_work {
         report
             .notes
-            .push(format!("configs, logs and lan.pcap in {}", work.display()));
+            .push(format!(
+                "configs, logs and lan.pcap (the LAN){} in {}",
+                if taps.is_some() {
+                    ", host-a/ and host-b/ (each daemon's inner and outer taps), esp_sa (see docs/captures.md)"
+                } else {
+                    ""
+                },
+                work.display()
+            ));
     } else {
         let _ = std::fs::remove_dir_all(&work);
     }

@@ -10,7 +10,6 @@ use super::p2p::{log_field, write_private};
 use super::same_lan::curl;
 use super::Report;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -20,6 +19,8 @@ use std::time::Duration;
 pub struct UpstreamOptions {
     /// Leave everything running.
     pub keep: bool,
+    /// Keep configs, logs, a capture of each host's link and the relays' taps here.
+    pub pcap_dir: Option<PathBuf>,
     /// Install missing Debian packages.
     pub install: bool,
     /// The espip binary.
@@ -59,9 +60,8 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
         ..Default::default()
     };
     println!("{}", report.title);
-    let work = std::env::temp_dir().join(format!("espip-lab-upstream-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
-    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
+    let (work, keep_work) = super::work_dir("upstream", opts.pcap_dir.as_deref(), opts.keep)?;
+    let taps = opts.pcap_dir.as_deref();
 
     let f = Netns::new("up", "f")?;
     let c = Netns::new("up", "c")?;
@@ -133,7 +133,9 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
         ),
     );
 
-    let (cra, crb) = configs(&work);
+    let (mut cra, mut crb) = configs(&work);
+    cra.push_str(&super::capture_lines(taps, "ra"));
+    crb.push_str(&super::capture_lines(taps, "rb"));
     write_private(&work.join("ra.toml"), &cra)?;
     write_private(&work.join("rb.toml"), &crb)?;
     let before_rb = (
@@ -145,6 +147,12 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
     c.ip(&["route", "add", "10.0.3.26/32", "via", "10.0.2.201"])?;
     let wire = work.join("ra.pcap");
     let tcpdump = super::start_capture(&ra, "eth0", &wire)?;
+    let mut others = Vec::new();
+    if taps.is_some() {
+        for (ns, file) in [(&c, "c.pcap"), (&rb, "rb.pcap"), (&s, "s.pcap")] {
+            others.push(super::start_capture(ns, "eth0", &work.join(file))?);
+        }
+    }
 
     let (ok, body) = curl(&c, "http://10.0.3.26/");
     report.check(
@@ -153,6 +161,9 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
         body.clone(),
     );
     super::stop_capture(tcpdump);
+    for o in others {
+        super::stop_capture(o);
+    }
     let (mut up, mut down, mut replies) = (0, 0, 0);
     for fr in super::pcap::read(&wire)? {
         match fr.ipv4() {
@@ -181,7 +192,7 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
     );
 
     if opts.keep {
-        report.kept(&[&f, &c, &ra, &rb, &s, &sw_in, &sw_out], None);
+        report.kept(&[&f, &c, &ra, &rb, &s, &sw_in, &sw_out], Some(&work));
         for d in [dra, drb] {
             std::mem::forget(d);
         }
@@ -217,6 +228,14 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
             sysctl(&ra, "net.ipv4.ip_forward")
         ),
     );
-    let _ = std::fs::remove_dir_all(&work);
+    if keep_work {
+        report.notes.push(format!(
+            "configs, logs, ra.pcap{} and host-ra/, host-rb/ (the relays' inner and outer taps) in {}",
+            if taps.is_some() { ", c.pcap, rb.pcap, s.pcap (each host's link)" } else { "" },
+            work.display()
+        ));
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
     Ok(report)
 }

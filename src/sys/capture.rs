@@ -377,7 +377,9 @@ impl TapFile {
     }
 
     fn write(&mut self, bytes: &[u8], stats: &CaptureStats) -> io::Result<()> {
-        if self.file.is_some() && self.size + bytes.len() as u64 > self.max && self.size > FILE_HEADER
+        if self.file.is_some()
+            && self.size + bytes.len() as u64 > self.max
+            && self.size > FILE_HEADER
         {
             self.rotate()?;
             stats.rotations.fetch_add(1, Relaxed);
@@ -422,7 +424,7 @@ fn writer_loop(rx: Receiver<Chunk>, files: &mut [TapFile; 2], shared: &Shared) {
             }
             Err(e) => {
                 shared.stats.write_errors.fetch_add(c.records, Relaxed);
-                if last_warn.is_none_or(|t| t.elapsed() >= WARN_INTERVAL) {
+                if !last_warn.is_some_and(|t| t.elapsed() < WARN_INTERVAL) {
                     last_warn = Some(Instant::now());
                     warn!(
                         file = %f.path.display(),
@@ -481,7 +483,11 @@ mod tests {
         assert_eq!(stats.written.load(Relaxed), 3);
         let inner = std::fs::read(d.join("t0-inner.pcap")).unwrap();
         assert_eq!(&inner[..4], &PCAP_MAGIC.to_ne_bytes());
-        assert_eq!(inner.len(), 24 + 16 + 60 + 16 + 100, "second packet cut at snaplen");
+        assert_eq!(
+            inner.len(),
+            24 + 16 + 60 + 16 + 100,
+            "second packet cut at snaplen"
+        );
         assert_eq!(&inner[24 + 8..24 + 12], &60u32.to_ne_bytes());
         assert_eq!(&inner[40..100], &pkt[..]);
         let rec2 = 24 + 16 + 60;
@@ -494,7 +500,11 @@ mod tests {
         assert_eq!(ip[9], 50);
         assert_eq!(&ip[12..20], &[192, 0, 2, 1, 192, 0, 2, 2]);
         assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 60);
-        assert_eq!(crate::wire::ip::checksum(&ip[..20]), 0, "valid header checksum");
+        assert_eq!(
+            crate::wire::ip::checksum(&ip[..20]),
+            0,
+            "valid header checksum"
+        );
         let mode = std::fs::metadata(d.join("t0-inner.pcap"))
             .unwrap()
             .permissions()
@@ -532,7 +542,10 @@ mod tests {
             v.sort();
             v
         };
-        assert_eq!(names, ["t1-inner.pcap", "t1-inner.pcap.1", "t1-inner.pcap.2"]);
+        assert_eq!(
+            names,
+            ["t1-inner.pcap", "t1-inner.pcap.1", "t1-inner.pcap.2"]
+        );
         for n in &names {
             let len = std::fs::metadata(d.join(n)).unwrap().len();
             assert_eq!(len, 24 + 1160, "{n}");
@@ -561,7 +574,10 @@ mod tests {
             r.record(Tap::Inner, &[0x45; 100]);
             r.flush();
         }
-        assert!(t.elapsed() < Duration::from_secs(1), "recording never waits");
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "recording never waits"
+        );
         let stats = cap.stats();
         assert!(stats.dropped.load(Relaxed) >= 9, "{:?}", stats);
         drop(guard);

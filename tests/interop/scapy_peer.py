@@ -4,6 +4,8 @@
 Runs inside B's namespace against an espip daemon in A's namespace:
 1. encrypts ICMP echo requests 10.4.2.5 -> 10.4.2.99 with the B->A SA and sends them to A;
 2. replays one of them (espip must drop it: no second reply);
+   with --hostile also sends one packet each with a broken ICV, an unknown SPI, and too short
+   to be ESP (each must be dropped and counted: bad_icv, unknown_spi, malformed);
 3. sniffs what espip sends back and decrypts it with the A->B SA.
 Prints one JSON line; exits 0 when every request got exactly one decryptable echo reply.
 """
@@ -30,6 +32,7 @@ def main():
     ap.add_argument("--spi-a-to-b", type=lambda s: int(s, 0), required=True)
     ap.add_argument("--spi-b-to-a", type=lambda s: int(s, 0), required=True)
     ap.add_argument("--count", type=int, default=5)
+    ap.add_argument("--hostile", action="store_true")
     a = ap.parse_args()
     conf.verb = 0
     algo = ALGO[a.cipher]
@@ -51,6 +54,19 @@ def main():
         send(pkt)
     # Replay request 2: espip must drop it.
     send(sent[1])
+    if a.hostile:
+        nxt = a.count + 1
+        inner = IP(src="10.4.2.5", dst="10.4.2.99") / ICMP(type=8, id=0x77, seq=nxt)
+        good = bytes(tx.encrypt(inner, seq_num=nxt))
+        # Last byte of the ICV flipped: a fresh sequence number, so only the ICV is wrong.
+        tampered = good[:-1] + bytes([good[-1] ^ 0x01])
+        send(IP(tampered))
+        # An SPI nobody installed.
+        send(IP(src="192.0.2.2", dst="192.0.2.1", proto=50) / Raw(
+            (0xdead).to_bytes(4, "big") + (1).to_bytes(4, "big") + bytes(40)))
+        # The right SPI but only 8 bytes: no room for IV, payload or ICV.
+        send(IP(src="192.0.2.2", dst="192.0.2.1", proto=50) / Raw(
+            a.spi_b_to_a.to_bytes(4, "big") + (nxt + 1).to_bytes(4, "big")))
     time.sleep(1.5)
     captured = sniffer.stop()
     replies = []
