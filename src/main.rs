@@ -234,8 +234,13 @@ fn tshark_version() -> Option<String> {
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let first = text.lines().next()?;
-    Some(first.split(" (").next().unwrap_or(first).trim().to_string())
+    // "TShark (Wireshark) 4.0.17 (Git v4.0.17 packaged as 4.0.17-0+deb12u1)."
+    let version = text
+        .lines()
+        .next()?
+        .split_whitespace()
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))?;
+    Some(format!("tshark {version}"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -442,7 +447,25 @@ fn finish(report: espip::lab::Report) {
     }
 }
 
-fn main() -> Result<()> {
+fn main() {
+    // Errors are printed as one chain of causes ("error: a: b"), never as a backtrace, even
+    // when RUST_BACKTRACE is set: they are messages for the user, not crashes.
+    if let Err(e) = real_main() {
+        // Our error types name their cause in their own message; add a cause only when it
+        // is not already there.
+        let mut msg = e.to_string();
+        for cause in e.chain().skip(1) {
+            let c = cause.to_string();
+            if !msg.contains(&c) {
+                msg = format!("{msg}: {c}");
+            }
+        }
+        eprintln!("error: {msg}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Run { config } => {
