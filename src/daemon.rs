@@ -880,3 +880,47 @@ fn rx_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_is_silent_after_30_s_of_unanswered_packets_and_heard_again_on_reply() {
+        let cfg = Config::parse(
+            "[interface]\nname = \"t0\"\n[[peer]]\nname = \"b\"\nendpoint = \"192.0.2.2\"\nallowed_ips = [\"10.0.0.2/32\"]\nmode = \"ipip\"\n",
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let tunnel = TunnelSpec {
+            relay: false,
+            mtu: 1400,
+            icmp_src_v4: None,
+            icmp_src_v6: None,
+        };
+        let (_, _, stats) =
+            datapath::build(&cfg.peers, tunnel, crate::nat::NatTable::default()).unwrap();
+        let s = Duration::from_secs(1).as_nanos() as u64;
+        let mut silence = Silence::new(1);
+        let tx = |n| stats.peers[0].tx_packets.fetch_add(n, Relaxed);
+        // Sending every 5 s without an answer: silent once 30 s have passed since the first
+        // unanswered check, not before.
+        for t in (0..=25).step_by(5) {
+            tx(10);
+            silence.check(&cfg, &stats, t * s);
+            assert!(!silence.silent[0], "at {t} s");
+        }
+        tx(10);
+        silence.check(&cfg, &stats, 30 * s);
+        assert!(silence.silent[0]);
+        // An answer clears it.
+        stats.peers[0].rx_packets.fetch_add(1, Relaxed);
+        silence.check(&cfg, &stats, 35 * s);
+        assert!(!silence.silent[0]);
+        // Idle (nothing sent) is not silence.
+        for t in 8..20 {
+            silence.check(&cfg, &stats, t * 5 * s);
+            assert!(!silence.silent[0]);
+        }
+    }
+}
