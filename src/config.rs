@@ -175,6 +175,7 @@ struct RawInterface {
     forward: Option<bool>,
     rp_filter: Option<String>,
     control: Option<PathBuf>,
+    user: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -238,7 +239,13 @@ pub struct Interface {
     pub rp_filter: Option<RpFilter>,
     /// The control socket `espip show` and `espip sa` talk to (root only).
     pub control: PathBuf,
+    /// The user the daemon becomes after setup (keeping `CAP_NET_ADMIN` and `CAP_NET_RAW`);
+    /// `None`: it stays root.
+    pub user: Option<String>,
 }
+
+/// Default `interface.user`.
+pub const DEFAULT_USER: &str = "nobody";
 
 /// Reverse-path filtering modes (`net.ipv4.conf.*.rp_filter`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -640,7 +647,20 @@ fn interface(raw: RawInterface, base: &Path) -> Result<Interface, ConfigError> {
         Some(c) if c.is_relative() => base.join(c),
         Some(c) => c,
     };
+    let user = match raw.user.as_deref().map(str::trim) {
+        None => Some(DEFAULT_USER.to_string()),
+        Some("root") => None,
+        Some("") => {
+            return Err(invalid(
+                "interface.user",
+                "\"\"",
+                "a user name (the daemon runs as it after setup), or \"root\" to keep root",
+            ))
+        }
+        Some(u) => Some(u.to_string()),
+    };
     Ok(Interface {
+        user,
         control,
         name,
         addresses,

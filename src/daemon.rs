@@ -25,6 +25,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -154,6 +155,9 @@ pub enum DaemonError {
     /// The metrics address.
     #[error("metrics.listen {0}: {1}; choose a free port on an address of this host")]
     Metrics(std::net::SocketAddr, io::Error),
+    /// Becoming the configured user.
+    #[error("interface.user {0:?}: {1}; create the user (useradd --system --no-create-home espip) or set user = \"root\"")]
+    User(String, io::Error),
     /// Anything else of the OS.
     #[error("{0}: {1}")]
     Os(&'static str, io::Error),
@@ -249,6 +253,13 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // The control socket second: it is also the lock against a second daemon for the same
     // interface (a socket left by a killed daemon does not answer and is replaced).
     let mut control = ControlSocket::bind(&cfg.interface.control, &cfg.interface.name)?;
+    // The user to become after setup: an unknown one fails now, before anything exists.
+    let run_as = match &cfg.interface.user {
+        Some(u) => {
+            Some(crate::sys::privdrop::lookup(u).map_err(|e| DaemonError::User(u.clone(), e))?)
+        }
+        None => None,
+    };
     let metrics = match cfg.metrics {
         Some(addr) => {
             let l = std::net::TcpListener::bind(addr).map_err(|e| DaemonError::Metrics(addr, e))?;
@@ -333,13 +344,6 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
         })
         .collect();
-    let taps = match &cfg.capture {
-        Some(c) => Some(
-            Taps::start(c, &cfg.interface.name)
-                .map_err(|e| DaemonError::Capture(c.dir.clone(), e))?,
-        ),
-        None => None,
-    };
     let store = SeqStore::open(&cfg.interface.state_dir, &cfg.interface.name)
         .map_err(|e| DaemonError::State(cfg.interface.state_dir.clone(), e))?;
     reserve_initial(&mut outbound, &store)
@@ -360,6 +364,58 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             );
         }
         None
+    };
+    if let Some(c) = &cfg.capture {
+        if !c.dir.exists() {
+            std::fs::create_dir_all(&c.dir).map_err(|e| DaemonError::Capture(c.dir.clone(), e))?;
+            std::fs::set_permissions(&c.dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| DaemonError::Capture(c.dir.clone(), e))?;
+        }
+    }
+    // Setup is done: become the configured user, keeping CAP_NET_ADMIN and CAP_NET_RAW for the
+    // cleanup on stop (rules, sysctls). Before any thread is spawned: capabilities are per
+    // thread. The directories the daemon still writes are handed over first.
+    if let Some(t) = &run_as {
+        use crate::sys::privdrop::give;
+        let name = &cfg.interface.name;
+        let handover = || -> io::Result<()> {
+            give(&cfg.interface.state_dir, name, t)?;
+            if let Some(dir) = cfg.interface.control.parent() {
+                give(dir, name, t)?;
+            }
+            if let Some(c) = &cfg.capture {
+                give(&c.dir, name, t)?;
+            }
+            crate::sys::privdrop::drop_to(t)?;
+            // The user must be able to write where the daemon still writes (a parent
+            // directory it cannot search would stop the sequence reservations mid-run).
+            let mut dirs = vec![cfg.interface.state_dir.as_path()];
+            dirs.extend(cfg.interface.control.parent());
+            for dir in dirs {
+                let probe = dir.join(format!("{name}.probe"));
+                std::fs::File::create(&probe)
+                    .and_then(|_| std::fs::remove_file(&probe))
+                    .map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!(
+                                "after dropping privileges it cannot write {}: {e} (are all parent directories searchable by it?)",
+                                dir.display()
+                            ),
+                        )
+                    })?;
+            }
+            Ok(())
+        };
+        handover().map_err(|e| DaemonError::User(t.name.clone(), e))?;
+        info!(user = %t.name, now = %crate::sys::privdrop::current(), "privileges dropped (kept CAP_NET_ADMIN, CAP_NET_RAW)");
+    }
+    let taps = match &cfg.capture {
+        Some(c) => Some(
+            Taps::start(c, &cfg.interface.name)
+                .map_err(|e| DaemonError::Capture(c.dir.clone(), e))?,
+        ),
+        None => None,
     };
     info!(
         interface = tun.name(),

@@ -312,6 +312,8 @@ pub(crate) fn work_dir(
         ),
     };
     std::fs::create_dir_all(&work)?;
-    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
+    // 0711: the daemons, which drop to `nobody` after setup, must reach their state and
+    // capture directories inside; nobody can list or read what is here (configs are 0600).
+    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o711))?;
     Ok((work, kept))
 }

@@ -4,6 +4,7 @@
 pub mod capture;
 pub mod iptables;
 pub mod netlink;
+pub mod privdrop;
 pub mod raw;
 pub mod seqstore;
 pub mod sysctl;

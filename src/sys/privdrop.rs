@@ -1,0 +1,194 @@
+//! Dropping root after setup (boringtun's `--disable-drop-privileges` default, done with
+//! capabilities so that the stop can still clean up).
+//!
+//! After setup the daemon needs:
+//! - nothing for the data path (the TUN and raw socket descriptors are already open);
+//! - `CAP_NET_ADMIN` to remove its netfilter rules and restore the `net.*` sysctls on stop
+//!   (Linux lets a process with `CAP_NET_ADMIN` in the network namespace write its `net.*`
+//!   sysctls as root could: `net_ctl_permissions`), and to run `iptables`, which inherits it
+//!   as an ambient capability;
+//! - `CAP_NET_RAW` for `iptables` (it opens raw netlink sockets);
+//! - write access to its state directory, control socket directory and capture directory,
+//!   which are handed to the user before the switch.
+//!
+//! Order (Linux capabilities(7)): `PR_SET_KEEPCAPS`, drop every other capability from the
+//! bounding set (needs `CAP_SETPCAP`, so first), `setgroups([])`, `setgid`, `setuid`, then
+//! `capset` the two capabilities as permitted, effective and inheritable, raise them as ambient,
+//! and set `PR_SET_NO_NEW_PRIVS`. Must run before any other thread exists: capabilities are
+//! per thread.
+
+use std::io;
+use std::path::Path;
+
+/// `CAP_NET_ADMIN` (linux/capability.h).
+const CAP_NET_ADMIN: u32 = 12;
+/// `CAP_NET_RAW`.
+const CAP_NET_RAW: u32 = 13;
+/// Highest capability number the bounding-set loop tries (the kernel refuses unknown ones).
+const CAP_LAST_TRY: u32 = 63;
+/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets in two 32-bit words.
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// The user to become, resolved before anything is set up.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Name as configured.
+    pub name: String,
+    /// uid.
+    pub uid: u32,
+    /// Primary gid.
+    pub gid: u32,
+}
+
+/// Look a user up in the passwd database.
+pub fn lookup(name: &str) -> io::Result<Target> {
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => Ok(Target {
+            name: name.to_string(),
+            uid: u.uid.as_raw(),
+            gid: u.gid.as_raw(),
+        }),
+        Ok(None) => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no user {name:?} in the passwd database"),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Hand the directory `dir` and those of its files that are espip's (names starting with
+/// `prefix`) to the user; other files in it are left alone.
+pub fn give(dir: &Path, prefix: &str, t: &Target) -> io::Result<()> {
+    let chown = |p: &Path| {
+        nix::unistd::chown(
+            p,
+            Some(nix::unistd::Uid::from_raw(t.uid)),
+            Some(nix::unistd::Gid::from_raw(t.gid)),
+        )
+        .map_err(|e| io::Error::other(format!("chown {}: {e}", p.display())))
+    };
+    chown(dir)?;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_name().to_string_lossy().starts_with(prefix) {
+            chown(&e.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Threads of this process (capabilities are per thread: the drop must happen while there is
+/// one).
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+fn check(rc: libc::c_int, what: &str) -> io::Result<()> {
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("{what}: {e}")));
+    }
+    Ok(())
+}
+
+/// Become `t`, keeping `CAP_NET_ADMIN` and `CAP_NET_RAW` (permitted, effective, inheritable,
+/// ambient) and nothing else. Call from the only thread of the process.
+pub fn drop_to(t: &Target) -> io::Result<()> {
+    let n = thread_count();
+    if n != 1 {
+        return Err(io::Error::other(format!(
+            "{n} threads exist; privileges must be dropped while the process has one"
+        )));
+    }
+    // SAFETY: prctl with integer arguments only.
+    check(
+        unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) },
+        "PR_SET_KEEPCAPS",
+    )?;
+    for cap in 0..=CAP_LAST_TRY {
+        if cap == CAP_NET_ADMIN || cap == CAP_NET_RAW {
+            continue;
+        }
+        // SAFETY: as above. EINVAL past the last capability the kernel knows is expected.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            check(rc, "PR_CAPBSET_DROP")?;
+        }
+    }
+    nix::unistd::setgroups(&[]).map_err(|e| io::Error::other(format!("setgroups: {e}")))?;
+    nix::unistd::setgid(nix::unistd::Gid::from_raw(t.gid))
+        .map_err(|e| io::Error::other(format!("setgid: {e}")))?;
+    nix::unistd::setuid(nix::unistd::Uid::from_raw(t.uid))
+        .map_err(|e| io::Error::other(format!("setuid: {e}")))?;
+    let keep = (1u32 << CAP_NET_ADMIN) | (1u32 << CAP_NET_RAW);
+    let mut hdr = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    let data = [
+        CapData {
+            effective: keep,
+            permitted: keep,
+            inheritable: keep,
+        },
+        CapData::default(),
+    ];
+    // SAFETY: capset reads one header and two data structs of the v3 layout.
+    check(
+        unsafe {
+            libc::syscall(libc::SYS_capset, &mut hdr as *mut CapHeader, data.as_ptr())
+                as libc::c_int
+        },
+        "capset",
+    )?;
+    for cap in [CAP_NET_ADMIN, CAP_NET_RAW] {
+        // SAFETY: prctl with integer arguments only.
+        check(
+            unsafe {
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                    cap as libc::c_ulong,
+                    0,
+                    0,
+                )
+            },
+            "PR_CAP_AMBIENT_RAISE",
+        )?;
+    }
+    // SAFETY: prctl with integer arguments only.
+    check(
+        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
+        "PR_SET_NO_NEW_PRIVS",
+    )?;
+    Ok(())
+}
+
+/// The effective capability set of this thread and its uid (for logs and tests): from
+/// `/proc/thread-self/status`.
+pub fn current() -> String {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("?")
+            .to_string()
+    };
+    format!("uid {} CapEff {}", field("Uid:"), field("CapEff:"))
+}
