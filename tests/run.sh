@@ -47,6 +47,28 @@ echo "== cargo test"
 cargo test --all-targets 2>&1 | tee /tmp/espip-test.log
 if grep -q '^test result: FAILED' /tmp/espip-test.log; then exit 1; fi
 
+# Fuzzing: each target for FUZZ_SECONDS (default 60) from the seed corpus; new inputs go to a
+# scratch directory, a crash fails the run and leaves its input in tests/fuzz/artifacts/.
+FUZZ_SECONDS=${FUZZ_SECONDS:-60}
+if [ "$FUZZ_SECONDS" -gt 0 ]; then
+  if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "== installing cargo-fuzz"
+    cargo install cargo-fuzz --locked --quiet
+  fi
+  scratch=$(mktemp -d /tmp/espip-fuzz-XXXXXX)
+  for t in inbound_esp inbound_ipip outbound nat config; do
+    echo "== fuzz $t (${FUZZ_SECONDS} s)"
+    mkdir -p "$scratch/$t"
+    RUSTC_BOOTSTRAP=1 cargo fuzz run "$t" --fuzz-dir tests/fuzz "$scratch/$t" "tests/fuzz/corpus/$t" \
+      -- -max_total_time="$FUZZ_SECONDS" -print_final_stats=1 2>&1 | tee "$scratch/$t.log" | grep -E '^(Done|#[0-9]+.*DONE)|stat::number_of_executed_units|panicked|ERROR' || true
+    if grep -qE 'ERROR: libFuzzer|panicked' "$scratch/$t.log"; then
+      echo "fuzz target $t found a crash: see $scratch/$t.log and tests/fuzz/artifacts/$t/" >&2
+      exit 1
+    fi
+  done
+  rm -rf "$scratch"
+fi
+
 left=$(ip netns list | awk '{print $1}' | grep '^espip-' || true)
 if [ -n "$left" ]; then
   echo "tests left namespaces behind: $left" >&2

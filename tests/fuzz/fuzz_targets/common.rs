@@ -1,0 +1,76 @@
+//! Shared fixtures of the fuzz targets: one ESP peer and one IP-in-IP peer with fixed keys.
+
+#![allow(dead_code)]
+
+use espip::datapath::{self, EncapSpec, Inbound, Outbound, PeerSpec, TunnelSpec};
+use espip::nat::NatTable;
+use espip::sa::{Cipher, KeyMaterial};
+use std::net::IpAddr;
+
+pub const ESP_PEER: &str = "192.0.2.2";
+pub const IPIP_PEER: &str = "192.0.2.3";
+pub const SPI_OUT: u32 = 0x1001;
+pub const SPI_IN: u32 = 0x1002;
+pub const KEY_OUT: [u8; 20] = [0x11; 20];
+pub const KEY_IN: [u8; 20] = [0x22; 20];
+
+pub fn key(bytes: &[u8]) -> KeyMaterial {
+    KeyMaterial::new(Cipher::Aes128Gcm, bytes).expect("20 bytes")
+}
+
+pub fn peers(esn: bool) -> Vec<PeerSpec> {
+    vec![
+        PeerSpec {
+            name: "esp".into(),
+            endpoint: ESP_PEER.parse().unwrap(),
+            allowed_ips: vec!["10.4.2.0/24".parse().unwrap(), "fd00::/64".parse().unwrap()],
+            encap: EncapSpec::Esp {
+                cipher: Cipher::Aes128Gcm,
+                spi_out: SPI_OUT,
+                key_out: key(&KEY_OUT),
+                spi_in: SPI_IN,
+                key_in: key(&KEY_IN),
+                replay_window: 64,
+                esn,
+            },
+            route: true,
+        },
+        PeerSpec {
+            name: "ipip".into(),
+            endpoint: IPIP_PEER.parse().unwrap(),
+            allowed_ips: vec!["10.5.0.0/16".parse().unwrap()],
+            encap: EncapSpec::IpIp,
+            route: true,
+        },
+    ]
+}
+
+pub fn build(esn: bool) -> (Outbound, Inbound) {
+    let tunnel = TunnelSpec {
+        relay: false,
+        mtu: 1400,
+        icmp_src_v4: Some("10.4.2.99".parse().unwrap()),
+        icmp_src_v6: Some("fd00::99".parse().unwrap()),
+    };
+    let (mut out, inb, _) = datapath::build(&peers(esn), tunnel, NatTable::default()).unwrap();
+    out.set_limit(0, u64::MAX);
+    (out, inb)
+}
+
+/// The inner source of a delivered packet.
+pub fn inner_src(p: &[u8]) -> Option<IpAddr> {
+    espip::wire::ip::InnerPacket::parse(p).ok().map(|i| i.src)
+}
+
+/// Split fuzz input into records: [tag u8][len u16 LE][len bytes], the rest ignored.
+pub fn records(mut data: &[u8]) -> Vec<(u8, &[u8])> {
+    let mut v = Vec::new();
+    while data.len() >= 3 && v.len() < 64 {
+        let tag = data[0];
+        let len = u16::from_le_bytes([data[1], data[2]]) as usize;
+        let end = (3 + len).min(data.len());
+        v.push((tag, &data[3..end]));
+        data = &data[end..];
+    }
+    v
+}

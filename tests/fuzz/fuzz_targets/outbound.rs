@@ -1,0 +1,40 @@
+//! The TUN -> wire path: inner parse, routing, MTU / ICMP errors, ESP encapsulation. Whatever
+//! leaves as ESP must decrypt, with the peer's key, to exactly the packet read from the TUN.
+#![no_main]
+
+#[path = "common.rs"]
+mod common;
+
+use common::*;
+use espip::buf::PacketBuf;
+use espip::datapath::Verdict;
+use espip::sa::InboundSa;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let (mut out, _) = build(false);
+    let mut peer = InboundSa::new(SPI_OUT, &key(&KEY_OUT), false, 64);
+    for (_, bytes) in records(data) {
+        let mut buf = PacketBuf::from_slice(bytes);
+        match out.process(&mut buf, 0) {
+            Verdict::Send { protocol: 50, .. } => {
+                let opened = peer.decapsulate(&mut buf).expect("our ESP decrypts");
+                assert!(opened.next_header == 4 || opened.next_header == 41);
+                assert!(
+                    bytes.starts_with(buf.as_slice()),
+                    "plaintext differs from the TUN packet"
+                );
+            }
+            Verdict::Send { protocol, .. } => {
+                assert!(protocol == 4 || protocol == 41);
+                // Unchanged, cut to the inner packet's own length (bytes after it are dropped).
+                assert!(bytes.starts_with(buf.as_slice()), "ipip changed the packet");
+            }
+            Verdict::ToTun => {
+                // An ICMP error about the packet, from the tunnel's own address.
+                assert!(inner_src(buf.as_slice()).is_some());
+            }
+            _ => {}
+        }
+    }
+});
