@@ -203,6 +203,9 @@ struct RawPeer {
     replay_window: Option<i64>,
     esn: Option<bool>,
     route: Option<bool>,
+    lifetime_packets: Option<i64>,
+    lifetime_bytes: Option<i64>,
+    lifetime_seconds: Option<i64>,
 }
 
 /// An address on the TUN, with its prefix length (host bits kept).
@@ -873,6 +876,9 @@ fn peer(p: RawPeer, base: &Path, warnings: &mut Vec<String>) -> Result<PeerSpec,
                 ("key_in", p.key_in.is_some() || p.key_in_file.is_some()),
                 ("esn", p.esn.is_some()),
                 ("replay_window", p.replay_window.is_some()),
+                ("lifetime_packets", p.lifetime_packets.is_some()),
+                ("lifetime_bytes", p.lifetime_bytes.is_some()),
+                ("lifetime_seconds", p.lifetime_seconds.is_some()),
             ] {
                 if set {
                     return Err(invalid(
@@ -933,6 +939,22 @@ fn peer(p: RawPeer, base: &Path, warnings: &mut Vec<String>) -> Result<PeerSpec,
                     "peer {name:?}: key_in equals key_out; use a different key each way so the two directions never share a nonce space"
                 ));
             }
+            let limit = |field: &str, v: Option<i64>| -> Result<Option<u64>, ConfigError> {
+                match v {
+                    None => Ok(None),
+                    Some(n) if n > 0 => Ok(Some(n as u64)),
+                    Some(n) => Err(invalid(
+                        k(field),
+                        n,
+                        "a positive number (the SA stops when it is reached), or no key for no limit",
+                    )),
+                }
+            };
+            let lifetime = crate::datapath::Lifetime {
+                packets: limit("lifetime_packets", p.lifetime_packets)?,
+                bytes: limit("lifetime_bytes", p.lifetime_bytes)?,
+                seconds: limit("lifetime_seconds", p.lifetime_seconds)?,
+            };
             EncapSpec::Esp {
                 cipher,
                 spi_out,
@@ -941,6 +963,7 @@ fn peer(p: RawPeer, base: &Path, warnings: &mut Vec<String>) -> Result<PeerSpec,
                 key_in,
                 replay_window,
                 esn,
+                lifetime,
             }
         }
         other => {

@@ -98,6 +98,55 @@ impl Silence {
     }
 }
 
+/// Warns once per SA pair when 90% of a hard lifetime is used (strongSwan's soft lifetime;
+/// without a key exchange the operator must install new keys), and once when it expires.
+struct LifetimeWatch {
+    warned: Vec<u8>,
+}
+
+impl LifetimeWatch {
+    fn check(&mut self, cfg: &Config, stats: &Stats, now: u64) {
+        self.warned.resize(cfg.peers.len(), 0);
+        for (i, p) in cfg.peers.iter().enumerate() {
+            let EncapSpec::Esp { lifetime, .. } = &p.encap else {
+                continue;
+            };
+            let s = &stats.peers[i];
+            let used = [
+                (
+                    "packets",
+                    lifetime.packets,
+                    s.tx_packets.load(Relaxed).max(s.rx_packets.load(Relaxed)),
+                ),
+                (
+                    "bytes",
+                    lifetime.bytes,
+                    s.tx_bytes.load(Relaxed).max(s.rx_bytes.load(Relaxed)),
+                ),
+                ("seconds", lifetime.seconds, now / 1_000_000_000),
+            ];
+            for (what, limit, n) in used {
+                let Some(limit) = limit else { continue };
+                let level = if n >= limit {
+                    2
+                } else if n.saturating_mul(10) >= limit.saturating_mul(9) {
+                    1
+                } else {
+                    0
+                };
+                if level > self.warned[i] {
+                    self.warned[i] = level;
+                    if level == 2 {
+                        warn!(peer = %p.name, "SA pair reached its lifetime ({what}: {n} of {limit}): it no longer sends or accepts; install new keys and SPIs and restart");
+                    } else {
+                        warn!(peer = %p.name, "SA pair has used 90% of its lifetime ({what}: {n} of {limit}); install new keys and SPIs before it stops");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -542,12 +591,17 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         }
         let mut tick = tokio::time::interval(SILENCE_CHECK);
         let mut silence = Silence::new(cfg.peers.len());
+        let mut lifetimes = LifetimeWatch { warned: Vec::new() };
         loop {
             tokio::select! {
                 _ = term.recv() => return Ok::<_, io::Error>("SIGTERM"),
                 _ = int.recv() => return Ok("SIGINT"),
                 _ = hup.recv() => warn!("SIGHUP: reloading is not supported; restart espip to apply a new configuration"),
-                _ = tick.tick() => silence.check(&cfg, &stats, clock.elapsed().as_nanos() as u64),
+                _ = tick.tick() => {
+                    let now = clock.elapsed().as_nanos() as u64;
+                    silence.check(&cfg, &stats, now);
+                    lifetimes.check(&cfg, &stats, now);
+                }
             }
         }
     });

@@ -62,11 +62,14 @@ pub enum DropReason {
     /// The outbound SA reached the end of its persisted sequence reservation (the state
     /// directory cannot be written); nothing is sent that a restart could repeat.
     SeqUnreserved,
+    /// The SA reached a hard lifetime (packets, bytes or seconds; Linux: XfrmOutStateExpired /
+    /// XfrmInStateExpired): it neither sends nor accepts until new keys are installed.
+    LifetimeExpired,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::NoRoute,
         DropReason::TooBig,
         DropReason::Malformed,
@@ -81,6 +84,7 @@ impl DropReason {
         DropReason::SeqExhausted,
         DropReason::Dummy,
         DropReason::SeqUnreserved,
+        DropReason::LifetimeExpired,
     ];
 
     /// The counter name (snake case, stable: used in logs, `show` and metrics).
@@ -100,6 +104,7 @@ impl DropReason {
             DropReason::SeqExhausted => "seq_exhausted",
             DropReason::Dummy => "dummy",
             DropReason::SeqUnreserved => "seq_unreserved",
+            DropReason::LifetimeExpired => "lifetime_expired",
         }
     }
 
@@ -186,7 +191,41 @@ pub enum EncapSpec {
         replay_window: u32,
         /// 64-bit extended sequence numbers.
         esn: bool,
+        /// Hard limits of each SA (Linux: `limit packet-hard / byte-hard / time-hard`).
+        lifetime: Lifetime,
     },
+}
+
+/// Hard lifetime of an SA: when one limit is reached the SA stops (there is no key exchange
+/// to rekey; the operator installs new keys and SPIs). `None`: no limit of that kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lifetime {
+    /// Packets through the SA.
+    pub packets: Option<u64>,
+    /// Inner bytes through the SA.
+    pub bytes: Option<u64>,
+    /// Seconds since the SA was installed (the data path's clock origin).
+    pub seconds: Option<u64>,
+}
+
+/// What an SA has used of its lifetime.
+#[derive(Debug, Clone, Copy, Default)]
+struct Used {
+    packets: u64,
+    bytes: u64,
+}
+
+impl Lifetime {
+    /// Would one more packet of `len` bytes at `now` (nanoseconds) exceed the lifetime?
+    fn allows(&self, used: &Used, len: u64, now: u64) -> bool {
+        self.packets.map_or(true, |max| used.packets < max)
+            && self
+                .bytes
+                .map_or(true, |max| used.bytes.saturating_add(len) <= max)
+            && self
+                .seconds
+                .map_or(true, |max| now < max.saturating_mul(1_000_000_000))
+    }
 }
 
 /// One peer as the core needs it.
@@ -260,6 +299,8 @@ pub enum Verdict {
 struct OutPeer {
     endpoint: IpAddr,
     sa: Option<OutboundSa>,
+    lifetime: Lifetime,
+    used: Used,
 }
 
 /// The TUN -> wire half.
@@ -274,6 +315,8 @@ pub struct Outbound {
 struct InPeer {
     endpoint: IpAddr,
     sa: Option<InboundSa>,
+    lifetime: Lifetime,
+    used: Used,
 }
 
 /// The wire -> TUN half.
@@ -359,10 +402,14 @@ pub fn build(
                 out.push(OutPeer {
                     endpoint: p.endpoint,
                     sa: None,
+                    lifetime: Lifetime::default(),
+                    used: Used::default(),
                 });
                 inp.push(InPeer {
                     endpoint: p.endpoint,
                     sa: None,
+                    lifetime: Lifetime::default(),
+                    used: Used::default(),
                 });
             }
             EncapSpec::Esp {
@@ -372,6 +419,7 @@ pub fn build(
                 key_in,
                 replay_window,
                 esn,
+                lifetime,
                 ..
             } => {
                 if let Some(j) = by_spi.insert(*spi_in, i) {
@@ -384,10 +432,14 @@ pub fn build(
                 out.push(OutPeer {
                     endpoint: p.endpoint,
                     sa: Some(OutboundSa::new(*spi_out, key_out, *esn)),
+                    lifetime: *lifetime,
+                    used: Used::default(),
                 });
                 inp.push(InPeer {
                     endpoint: p.endpoint,
                     sa: Some(InboundSa::new(*spi_in, key_in, *esn, *replay_window)),
+                    lifetime: *lifetime,
+                    used: Used::default(),
                 });
             }
         }
@@ -443,6 +495,11 @@ impl Outbound {
         let peer = &mut self.peers[idx];
         let protocol = match &mut peer.sa {
             Some(sa) => {
+                if !peer.lifetime.allows(&peer.used, len, now) {
+                    return Verdict::Drop(DropReason::LifetimeExpired);
+                }
+                peer.used.packets += 1;
+                peer.used.bytes += len;
                 let nh = if inner.is_ipv4() {
                     NEXT_HEADER_IPV4
                 } else {
@@ -587,8 +644,15 @@ impl Inbound {
                 let Some(sa) = peer.sa.as_mut() else {
                     return Verdict::Drop(DropReason::UnknownSpi);
                 };
+                // Checked before decryption against what was used so far (the inner length is
+                // known only after it); counted with the inner length once it verified.
+                if !peer.lifetime.allows(&peer.used, 0, now) {
+                    return Verdict::Drop(DropReason::LifetimeExpired);
+                }
                 match sa.decapsulate(buf) {
                     Ok(o) => {
+                        peer.used.packets += 1;
+                        peer.used.bytes += buf.len() as u64;
                         self.stats.peers[idx]
                             .replay_top
                             .store(sa.replay().top(), Relaxed);

@@ -3,7 +3,7 @@
 
 use espip::buf::{PacketBuf, MAX_PACKET};
 use espip::datapath::{
-    self, DropReason, EncapSpec, Inbound, Outbound, PeerSpec, Stats, TunnelSpec, Verdict,
+    self, DropReason, EncapSpec, Inbound, Lifetime, Outbound, PeerSpec, Stats, TunnelSpec, Verdict,
 };
 use espip::sa::{Cipher, KeyMaterial};
 use espip::wire::ip::{checksum, emit_ipv4_header, PROTO_ESP};
@@ -25,6 +25,10 @@ fn key(c: Cipher, fill: u8) -> KeyMaterial {
 }
 
 fn esp_pair(c: Cipher, esn: bool, window: u32) -> (Host, Host) {
+    esp_pair_with(c, esn, window, Lifetime::default())
+}
+
+fn esp_pair_with(c: Cipher, esn: bool, window: u32, lifetime: Lifetime) -> (Host, Host) {
     let ab = key(c, 0x11);
     let ba = key(c, 0x22);
     let spec = |name: &str,
@@ -48,6 +52,7 @@ fn esp_pair(c: Cipher, esn: bool, window: u32) -> (Host, Host) {
             key_in: inn.clone(),
             replay_window: window,
             esn,
+            lifetime,
         },
         route: true,
     };
@@ -361,6 +366,7 @@ fn a_hub_relays_between_peers_only_when_forwarding() {
             key_in: k(n + 100),
             replay_window: 64,
             esn: false,
+            lifetime: Default::default(),
         },
         route: true,
     };
@@ -402,4 +408,62 @@ fn a_hub_relays_between_peers_only_when_forwarding() {
             Verdict::ToTun
         );
     }
+}
+
+#[test]
+fn lifetimes_stop_the_sas_in_both_directions() {
+    let c = Cipher::Aes128Gcm;
+    let p = ipv4([10, 4, 2, 99], [10, 4, 2, 5], 100, true);
+    let expired = |h: &Host| h.stats.drops(DropReason::LifetimeExpired);
+    let sec = 1_000_000_000;
+
+    // Packets: three go, the fourth is refused by the sender; a receiver whose SA is used up
+    // refuses before decrypting (even a packet it has not seen).
+    let lt = Lifetime {
+        packets: Some(3),
+        ..Default::default()
+    };
+    let (mut a, mut b) = esp_pair_with(c, false, 64, lt);
+    for _ in 0..3 {
+        assert_eq!(send(&mut a, &mut b, A, &p, 0).1, Verdict::ToTun);
+    }
+    let mut buf = PacketBuf::from_slice(&p);
+    assert_eq!(
+        a.out.process(&mut buf, 0),
+        Verdict::Drop(DropReason::LifetimeExpired)
+    );
+    assert_eq!(expired(&a), 1);
+    let (mut fresh, _) = esp_pair(c, false, 64);
+    fresh.out.set_next_seq(0, 10);
+    let (_, v, _) = send(&mut fresh, &mut b, A, &p, 0);
+    assert_eq!(v, Verdict::Drop(DropReason::LifetimeExpired));
+    assert_eq!(expired(&b), 1);
+
+    // Bytes: 100-byte packets under a 250-byte limit: two go.
+    let lt = Lifetime {
+        bytes: Some(250),
+        ..Default::default()
+    };
+    let (mut a, mut b) = esp_pair_with(c, false, 64, lt);
+    for _ in 0..2 {
+        assert_eq!(send(&mut a, &mut b, A, &p, 0).1, Verdict::ToTun);
+    }
+    let mut buf = PacketBuf::from_slice(&p);
+    assert_eq!(
+        a.out.process(&mut buf, 0),
+        Verdict::Drop(DropReason::LifetimeExpired)
+    );
+
+    // Seconds, on the data path's clock.
+    let lt = Lifetime {
+        seconds: Some(2),
+        ..Default::default()
+    };
+    let (mut a, mut b) = esp_pair_with(c, false, 64, lt);
+    assert_eq!(send(&mut a, &mut b, A, &p, 2 * sec - 1).1, Verdict::ToTun);
+    let mut buf = PacketBuf::from_slice(&p);
+    assert_eq!(
+        a.out.process(&mut buf, 2 * sec),
+        Verdict::Drop(DropReason::LifetimeExpired)
+    );
 }

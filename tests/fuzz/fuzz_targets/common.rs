@@ -32,6 +32,7 @@ pub fn peers(esn: bool) -> Vec<PeerSpec> {
                 key_in: key(&KEY_IN),
                 replay_window: 64,
                 esn,
+                lifetime: Default::default(),
             },
             route: true,
         },
