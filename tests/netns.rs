@@ -715,3 +715,78 @@ fn metrics_and_control_socket() {
     );
     drop(h);
 }
+
+/// The `espip show --json` snapshot of a half lab's daemon.
+fn status(h: &HalfLab) -> espip::status::Status {
+    let show = Command::new(exe())
+        .args(["show", "--json", "--socket"])
+        .arg(h.dir.join("state/control.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        show.status.success(),
+        "{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    serde_json::from_slice(&show.stdout).unwrap()
+}
+
+#[test]
+fn hostile_packets_are_dropped_with_the_right_counter_and_never_answered() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cipher = Cipher::Aes128Gcm;
+    let mut h = half_lab("hostile", cipher);
+    let before = status(&h);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/hostile.py");
+    let out = netns::run(
+        h.b.command("/usr/bin/python3")
+            .arg(&script)
+            .args(["--cipher", cipher.name()])
+            .args(["--key-a-to-b", h.keys.a_to_b.to_hex().as_str()])
+            .args(["--key-b-to-a", h.keys.b_to_a.to_hex().as_str()])
+            .args(["--spi-a-to-b", &format!("{SPI_A_TO_B:#x}")])
+            .args(["--spi-b-to-a", &format!("{SPI_B_TO_A:#x}")])
+            .args(["--window", &espip::config::DEFAULT_REPLAY_WINDOW.to_string()]),
+    )
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "hostile.py failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    eprintln!("hostile.py: {stdout}");
+    let after = status(&h);
+    // Every valid echo request (reordered, after the window moved, with outer options, as
+    // outer fragments, at the end) got exactly one reply; nothing else came back.
+    assert_eq!(r["replies"], r["valid"], "{stdout}");
+    assert_eq!(r["other"], serde_json::json!([]), "espip answered: {stdout}");
+    let delivered = r["expected"]["delivered"].as_u64().unwrap();
+    assert_eq!(
+        after.peers[0].rx_packets - before.peers[0].rx_packets,
+        delivered,
+        "delivered to the TUN: {stdout}"
+    );
+    for reason in [
+        "replay",
+        "bad_icv",
+        "unknown_spi",
+        "malformed",
+        "wrong_source",
+        "not_allowed",
+        "bad_padding",
+        "bad_next_header",
+        "unknown_peer",
+        "lifetime_expired",
+    ] {
+        let want = r["expected"]["drops"][reason].as_u64().unwrap_or(0);
+        let got = after.drops[reason] - before.drops[reason];
+        assert_eq!(got, want, "{reason}: {:?}\n{stdout}", after.drops);
+    }
+    assert_eq!(after.errors["bad_outer"], 0);
+    assert!(h.daemon.stop().unwrap(), "clean stop after the hostile packets");
+}
