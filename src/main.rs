@@ -364,6 +364,16 @@ enum ToolCmd {
         #[arg(long)]
         name: String,
     },
+    /// Send garbage ESP and IP-in-IP at a daemon for the flood test; prints what was sent.
+    Flood {
+        #[arg(long)]
+        dst: std::net::Ipv4Addr,
+        /// The daemon's inbound SPI (the costly garbage uses it).
+        #[arg(long, value_parser = parse_spi)]
+        spi: u32,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
     /// Send a reproducible stream and print its bytes and SHA-256.
     Source {
         #[arg(long)]
@@ -371,6 +381,14 @@ enum ToolCmd {
         #[arg(long)]
         bytes: u64,
     },
+}
+
+fn parse_spi(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("{s:?}: {e}"))
 }
 
 fn cipher_arg(name: &str) -> Result<Cipher> {
@@ -590,6 +608,12 @@ fn real_main() -> Result<()> {
         Cmd::LabTool { tool } => match tool {
             ToolCmd::Sink { listen } => println!("{}", espip::lab::transfer::sink(listen)?),
             ToolCmd::HttpServe { listen, name } => espip::lab::transfer::http_serve(listen, &name)?,
+            ToolCmd::Flood { dst, spi, seconds } => {
+                let [a, b, c, d] = espip::lab::flood::flood(dst, spi, seconds)?;
+                println!(
+                    "{{\"esp_known_spi\": {a}, \"esp_unknown_spi\": {b}, \"ipip\": {c}, \"short\": {d}}}"
+                );
+            }
             ToolCmd::Source { connect, bytes } => {
                 println!("{}", espip::lab::transfer::source(connect, bytes)?)
             }

@@ -1,6 +1,7 @@
 //! `espip lab`: the scenarios of SCENARIOS.md built from network namespaces on one machine,
 //! with their checks and a report. The labs are also the integration tests' harness.
 
+pub mod flood;
 pub mod gateway;
 pub mod hub;
 pub mod netns;
@@ -88,16 +89,37 @@ pub fn start_capture(
     Ok(child)
 }
 
-/// Move `bytes` over TCP from `from` to `to_addr` (a sink in `to`, port 5001) with the lab's
-/// transfer tool and record whether both ends hashed the same bytes.
-pub fn transfer_check(
-    report: &mut Report,
-    name: String,
+/// What one transfer through a lab moved.
+#[derive(Debug, Clone)]
+pub struct TransferResult {
+    /// Digest printed by the source.
+    pub sent: Result<transfer::Digest, String>,
+    /// Digest printed by the sink.
+    pub got: Result<transfer::Digest, String>,
+    /// From the sink's start to the source's end.
+    pub elapsed: std::time::Duration,
+}
+
+impl TransferResult {
+    /// Both ends saw the same `bytes` bytes with the same hash.
+    pub fn ok(&self, bytes: u64) -> bool {
+        matches!((&self.sent, &self.got), (Ok(s), Ok(g)) if s == g && s.bytes == bytes)
+    }
+
+    /// Goodput in Mbit/s (setup included).
+    pub fn mbit_s(&self) -> f64 {
+        let bytes = self.got.as_ref().map_or(0, |g| g.bytes);
+        bytes as f64 * 8.0 / self.elapsed.as_secs_f64() / 1e6
+    }
+}
+
+/// Move `bytes` over TCP from `from` to `to_addr:5001` (a sink in `to`), hashing both ends.
+pub fn transfer(
     exe: &std::path::Path,
     (from, to): (&netns::Netns, &netns::Netns),
     to_addr: &str,
     bytes: u64,
-) -> io::Result<()> {
+) -> io::Result<TransferResult> {
     let target = format!("{to_addr}:5001");
     let sink = to
         .command(exe)
@@ -117,32 +139,42 @@ pub fn transfer_check(
     let elapsed = started.elapsed();
     let sink_out = sink.wait_with_output()?;
     let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
-    let sent: Result<transfer::Digest, _> = text(&src_out.stdout).parse();
-    let got: Result<transfer::Digest, _> = text(&sink_out.stdout).parse();
-    match (&sent, &got) {
+    let parse = |o: &std::process::Output| {
+        text(&o.stdout)
+            .parse::<transfer::Digest>()
+            .map_err(|_| format!("{} {}", text(&o.stdout), text(&o.stderr)))
+    };
+    Ok(TransferResult {
+        sent: parse(&src_out),
+        got: parse(&sink_out),
+        elapsed,
+    })
+}
+
+/// Run [`transfer`] and record it as a check: both ends must hold the same bytes.
+pub fn transfer_check(
+    report: &mut Report,
+    name: String,
+    exe: &std::path::Path,
+    ends: (&netns::Netns, &netns::Netns),
+    to_addr: &str,
+    bytes: u64,
+) -> io::Result<()> {
+    let r = transfer(exe, ends, to_addr, bytes)?;
+    match (&r.sent, &r.got) {
         (Ok(s), Ok(g)) => report.check(
             name,
-            s == g && s.bytes == bytes,
+            r.ok(bytes),
             format!(
                 "sent {} received {}; sha256 {} {} ({:.0} Mbit/s incl. setup)",
                 s.bytes,
                 g.bytes,
                 &s.sha256[..16],
                 if s == g { "==" } else { "!=" },
-                s.bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e6
+                r.mbit_s()
             ),
         ),
-        _ => report.check(
-            name,
-            false,
-            format!(
-                "source: {} {}; sink: {} {}",
-                text(&src_out.stdout),
-                text(&src_out.stderr),
-                text(&sink_out.stdout),
-                text(&sink_out.stderr)
-            ),
-        ),
+        (s, g) => report.check(name, false, format!("source: {s:?}; sink: {g:?}")),
     }
     Ok(())
 }

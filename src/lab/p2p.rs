@@ -126,7 +126,8 @@ pub(crate) fn write_private(path: &Path, text: &str) -> io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
-pub(crate) fn ping(ns: &Netns, to: &str) -> (bool, String) {
+/// Three pings from `ns` to `to`: (all answered, summary).
+pub fn ping(ns: &Netns, to: &str) -> (bool, String) {
     match netns::run(
         ns.command("ping")
             .args(["-c", "3", "-i", "0.2", "-W", "2", to]),
