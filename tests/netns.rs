@@ -843,7 +843,7 @@ fn a_30_second_garbage_flood_does_not_stop_a_transfer() {
     assert!(base.ok(BYTES), "baseline transfer: {base:?}");
     let rss_before = rss_kb(a_pid);
     let flood = b
-        .command(&exe())
+        .command(exe())
         .args(["lab-tool", "flood", "--dst", p2p::A_OUTER])
         .args(["--spi", &format!("{SPI_B_TO_A:#x}")])
         .args(["--seconds", &FLOOD_SECONDS.to_string()])
