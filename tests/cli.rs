@@ -100,3 +100,40 @@ fn unknown_arguments_are_refused_with_usage() {
     let (ok, _, err) = espip(&["lab", "p2p", "--mode", "gre"]);
     assert!(!ok && err.contains("esp") && err.contains("ipip"), "{err}");
 }
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    // The unit names /usr/local/bin/espip; verify a copy pointing at the built binary (the
+    // instance name does not matter to the check). Skipped where systemd is not installed.
+    let Ok(v) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        eprintln!("systemd-analyze not installed; skipped");
+        return;
+    };
+    assert!(v.status.success());
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/systemd/espip@.service"),
+    )
+    .unwrap();
+    let dir = tempdir("unit");
+    let path = dir.join("espip@t.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/espip", env!("CARGO_BIN_EXE_espip")),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "systemd-analyze verify: {text}"
+    );
+}
