@@ -176,6 +176,7 @@ struct RawInterface {
     rp_filter: Option<String>,
     control: Option<PathBuf>,
     user: Option<String>,
+    offload: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -245,6 +246,8 @@ pub struct Interface {
     /// The user the daemon becomes after setup (keeping `CAP_NET_ADMIN` and `CAP_NET_RAW`);
     /// `None`: it stays root.
     pub user: Option<String>,
+    /// TUN offloads: TSO/checksum offload on the TUN, segmented by espip.
+    pub offload: bool,
 }
 
 /// Default `interface.user`.
@@ -663,6 +666,7 @@ fn interface(raw: RawInterface, base: &Path) -> Result<Interface, ConfigError> {
         Some(u) => Some(u.to_string()),
     };
     Ok(Interface {
+        offload: raw.offload.unwrap_or(true),
         user,
         control,
         name,

@@ -226,6 +226,7 @@ impl Live {
             ("tun_write", &e.tun_write_errors),
             ("send", &e.send_errors),
             ("bad_outer", &e.bad_outer),
+            ("offload", &e.offload_errors),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.load(Relaxed)))

@@ -36,6 +36,9 @@ use tracing::{debug, info, warn};
 /// allocated once per thread, but only the touched bytes are resident).
 pub const BATCH: usize = 64;
 
+/// TX buffers: a batch plus the segments of one more TSO packet (65535 / 536-byte MSS = 123).
+const TX_BUFS: usize = BATCH + 128;
+
 /// Batches between two checks of the sequence reservations (see `tx_loop`).
 const RESERVATION_CHECK: u64 = 256;
 const _: () = assert!(RESERVATION_CHECK * BATCH as u64 <= RESERVE / 2);
@@ -223,6 +226,8 @@ pub struct EdgeStats {
     pub send_errors: AtomicU64,
     /// Datagrams from a raw socket with an invalid outer header.
     pub bad_outer: AtomicU64,
+    /// TUN packets whose offload header or TSO layout espip could not handle (dropped).
+    pub offload_errors: AtomicU64,
 }
 
 struct RateLimit(Option<Instant>);
@@ -331,7 +336,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     if !stale.is_empty() {
         info!(restored = %stale.join(" "), "restored kernel settings a previous run left changed");
     }
-    let tun = Tun::create(&cfg.interface.name)?;
+    let tun = Tun::create(&cfg.interface.name, cfg.interface.offload)?;
     let routes = cfg.routes();
     let added = rt.block_on(crate::sys::netlink::configure(
         tun.name(),
@@ -652,10 +657,10 @@ fn relay_batch(
             }
         }
     }
-    for (i, b) in bufs.iter().enumerate() {
+    for (i, b) in bufs.iter_mut().enumerate() {
         if verdicts[i] == Verdict::ToTun {
             rec.record(Tap::Inner, b.as_slice());
-            if e.tun.send(b.as_slice()).is_err() {
+            if e.tun.write_packet(b, 0).is_err() {
                 e.edge.tun_write_errors.fetch_add(1, Relaxed);
             }
         }
@@ -840,8 +845,9 @@ fn tx_loop(
 ) -> SeqStore {
     let mut warn_state = RateLimit(None);
     let mut batches: u64 = 0;
-    let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new(MAX_PACKET)).collect();
-    let mut verdicts = [Verdict::Drop(DropReason::Dummy); BATCH];
+    // Room for a full batch plus the segments of one more TSO packet (64 KB at an MSS of 536).
+    let mut bufs: Vec<PacketBuf> = (0..TX_BUFS).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+    let mut verdicts = [Verdict::Drop(DropReason::Dummy); TX_BUFS];
     let mut warn_read = RateLimit(None);
     let mut warn_send = RateLimit(None);
     let mut warn_exhausted = RateLimit(None);
@@ -861,8 +867,15 @@ fn tx_loop(
             match e.tun.recv(bufs[n].read_area()) {
                 Ok(len) => {
                     bufs[n].set_len(len);
-                    rec.record(Tap::Inner, bufs[n].as_slice());
-                    n += 1;
+                    let got = if e.tun.vnet() {
+                        offload_in(&mut bufs[n..], e.edge)
+                    } else {
+                        1
+                    };
+                    for b in &bufs[n..n + got] {
+                        rec.record(Tap::Inner, b.as_slice());
+                    }
+                    n += got;
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
@@ -881,7 +894,7 @@ fn tx_loop(
             match verdicts[i] {
                 Verdict::ToTun => {
                     rec.record(Tap::Inner, bufs[i].as_slice());
-                    if e.tun.send(bufs[i].as_slice()).is_err() {
+                    if e.tun.write_packet(&mut bufs[i], 0).is_err() {
                         e.edge.tun_write_errors.fetch_add(1, Relaxed);
                     }
                 }
@@ -913,6 +926,116 @@ fn tx_loop(
         }
         rec.flush();
     }
+}
+
+/// Turn the TUN packet in `bufs[0]` (with its `virtio_net_hdr`) into plain packets at the
+/// front of `bufs`: itself with a completed checksum, or its TSO segments. Returns how many.
+fn offload_in(bufs: &mut [PacketBuf], edge: &EdgeStats) -> usize {
+    use crate::gso::{self, VnetHdr};
+    let Some(h) = VnetHdr::parse(bufs[0].as_slice()) else {
+        edge.offload_errors.fetch_add(1, Relaxed);
+        return 0;
+    };
+    let _ = bufs[0].pull_front(gso::VNET_HDR_LEN);
+    let result = match h.gso_type & !gso::GSO_ECN {
+        gso::GSO_NONE if h.flags & gso::F_NEEDS_CSUM != 0 => gso::complete_checksum(
+            bufs[0].as_mut_slice(),
+            usize::from(h.csum_start),
+            usize::from(h.csum_offset),
+        )
+        .map(|()| 1),
+        gso::GSO_NONE => Ok(1),
+        gso::GSO_TCPV4 | gso::GSO_TCPV6 => {
+            let (src, rest) = bufs.split_at_mut(1);
+            let r = gso::segment_tcp(src[0].as_slice(), usize::from(h.gso_size), rest);
+            if let Ok(k) = r {
+                // The segments replace the large packet.
+                bufs[..=k].rotate_left(1);
+            }
+            r
+        }
+        _ => Err(gso::GsoError::Unsupported),
+    };
+    match result {
+        Ok(k) => k,
+        Err(_) => {
+            edge.offload_errors.fetch_add(1, Relaxed);
+            0
+        }
+    }
+}
+
+/// Write the packets `bufs[i]` for `i` in `deliver` to the TUN, in order. With TUN offloads,
+/// consecutive TCP segments of one flow go as one large packet (GRO, `crate::gro`): the new
+/// headers and each segment's payload in one `writev`, no copy.
+fn write_coalesced(
+    tun: &Tun,
+    bufs: &mut [PacketBuf],
+    deliver: &[usize],
+    edge: &EdgeStats,
+) -> io::Result<()> {
+    use crate::gro;
+    let mut last_err = Ok(());
+    let mut fail = |r: io::Result<()>| {
+        if let Err(e) = r {
+            edge.tun_write_errors.fetch_add(1, Relaxed);
+            last_err = Err(e);
+        }
+    };
+    if !tun.vnet() {
+        for &i in deliver {
+            fail(tun.write_packet(&mut bufs[i], 0));
+        }
+        return last_err;
+    }
+    let mut k = 0;
+    while k < deliver.len() {
+        let first = deliver[k];
+        let mut end = k + 1;
+        let mut group = None;
+        if let Some(fs) = gro::segment(bufs[first].as_slice()) {
+            let (mut last, mut ls, mut total) = (first, fs, bufs[first].len());
+            while let Some(&nx) = deliver.get(end) {
+                let Some(ns) = gro::segment(bufs[nx].as_slice()) else {
+                    break;
+                };
+                if !gro::can_merge(
+                    bufs[first].as_slice(),
+                    &fs,
+                    bufs[last].as_slice(),
+                    &ls,
+                    total,
+                    bufs[nx].as_slice(),
+                    &ns,
+                ) {
+                    break;
+                }
+                total += ns.payload;
+                (last, ls) = (nx, ns);
+                end += 1;
+            }
+            group = Some((fs, last, total));
+        }
+        match group {
+            Some((fs, last, total)) if end - k > 1 => {
+                let psh = bufs[last].as_slice()[fs.ip_len + 13] & 0x08 != 0;
+                let mut hdr = [0u8; gro::MAX_HEADERS];
+                let v = gro::merged_headers(bufs[first].as_slice(), &fs, total, psh, &mut hdr);
+                let mut vh = [0u8; crate::gso::VNET_HDR_LEN];
+                v.emit(&mut vh);
+                let mut parts: [io::IoSlice<'_>; BATCH + 2] = [io::IoSlice::new(&[]); BATCH + 2];
+                parts[0] = io::IoSlice::new(&vh);
+                parts[1] = io::IoSlice::new(&hdr[..fs.hdr_len]);
+                for (slot, &i) in parts[2..].iter_mut().zip(&deliver[k..end]) {
+                    *slot = io::IoSlice::new(&bufs[i].as_slice()[fs.hdr_len..]);
+                }
+                fail(tun.send_vectored(&parts[..2 + end - k]));
+            }
+            _ => fail(tun.write_packet(&mut bufs[first], 0)),
+        }
+        k = end;
+    }
+    last_err
 }
 
 fn rx_loop(
@@ -956,6 +1079,8 @@ fn rx_loop(
                 rec.begin_batch();
                 let mut relay = [false; BATCH];
                 let mut any_relay = false;
+                let mut deliver = [0usize; BATCH];
+                let mut dn = 0;
                 for (i, b) in bufs[..n].iter_mut().enumerate() {
                     rec.record(Tap::Outer, b.as_slice());
                     let Some((src, proto)) = strip_ipv4_header(b) else {
@@ -965,18 +1090,19 @@ fn rx_loop(
                     match inb.process(b, src, proto, now) {
                         Verdict::ToTun => {
                             rec.record(Tap::Inner, b.as_slice());
-                            if let Err(err) = e.tun.send(b.as_slice()) {
-                                e.edge.tun_write_errors.fetch_add(1, Relaxed);
-                                if warn_write.ready() {
-                                    warn!("writing to the TUN failed: {err}");
-                                }
-                            }
+                            deliver[dn] = i;
+                            dn += 1;
                         }
                         Verdict::Relay => {
                             relay[i] = true;
                             any_relay = true;
                         }
                         _ => {}
+                    }
+                }
+                if let Err(err) = write_coalesced(e.tun, &mut bufs, &deliver[..dn], e.edge) {
+                    if warn_write.ready() {
+                        warn!("writing to the TUN failed: {err}");
                     }
                 }
                 if any_relay {

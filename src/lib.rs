@@ -11,6 +11,8 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod gro;
+pub mod gso;
 pub mod lab;
 pub mod nat;
 pub mod prefix;

@@ -10,6 +10,15 @@ use std::os::unix::fs::OpenOptionsExt;
 
 /// `_IOW('T', 202, int)` from `<linux/if_tun.h>`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `_IOW('T', 208, unsigned int)`.
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+/// `_IOW('T', 216, int)`.
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+/// `IFF_VNET_HDR`: every packet is prefixed by a `struct virtio_net_hdr`.
+const IFF_VNET_HDR: libc::c_int = 0x4000;
+/// `TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6`: the kernel may hand over TCP packets of up to 64 KB
+/// with a partial checksum (espip segments them, `crate::gso`).
+const TUN_OFFLOADS: libc::c_uint = 0x01 | 0x02 | 0x04;
 
 /// Why the TUN device could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -36,11 +45,13 @@ pub enum TunError {
 pub struct Tun {
     file: File,
     name: String,
+    vnet: bool,
 }
 
 impl Tun {
-    /// Create (or attach to) the TUN device `name`, non-blocking.
-    pub fn create(name: &str) -> Result<Tun, TunError> {
+    /// Create (or attach to) the TUN device `name`, non-blocking; with `offload`, with
+    /// `IFF_VNET_HDR` and TSO/checksum offload (see [`Tun::vnet`]).
+    pub fn create(name: &str, offload: bool) -> Result<Tun, TunError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -52,7 +63,11 @@ impl Tun {
         for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes().take(15)) {
             *dst = src as libc::c_char;
         }
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+        if offload {
+            flags |= IFF_VNET_HDR;
+        }
+        ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `ifr` is, and the fd is
         // an open /dev/net/tun descriptor.
         let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut ifr) };
@@ -65,10 +80,54 @@ impl Tun {
                 _ => TunError::Other(name.into(), e),
             });
         }
+        if offload {
+            let size: libc::c_int = crate::gso::VNET_HDR_LEN as libc::c_int;
+            // SAFETY: TUNSETVNETHDRSZ reads one int; TUNSETOFFLOAD takes the flags by value.
+            let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ as _, &size) };
+            if rc < 0 {
+                return Err(TunError::Other(name.into(), io::Error::last_os_error()));
+            }
+            // SAFETY: as above.
+            let rc = unsafe {
+                libc::ioctl(
+                    file.as_raw_fd(),
+                    TUNSETOFFLOAD as _,
+                    TUN_OFFLOADS as libc::c_ulong,
+                )
+            };
+            if rc < 0 {
+                return Err(TunError::Other(name.into(), io::Error::last_os_error()));
+            }
+        }
         Ok(Tun {
             file,
             name: name.to_string(),
+            vnet: offload,
         })
+    }
+
+    /// Whether packets carry a `virtio_net_hdr` (read: may be TSO packets; write: must have one).
+    pub fn vnet(&self) -> bool {
+        self.vnet
+    }
+
+    /// Write the packet in `buf`, behind a `virtio_net_hdr` (no GSO, `flags`) put in its
+    /// headroom when the device has them.
+    pub fn write_packet(&self, buf: &mut crate::buf::PacketBuf, flags: u8) -> io::Result<()> {
+        if !self.vnet {
+            return self.send(buf.as_slice());
+        }
+        let Some(h) = buf.push_front(crate::gso::VNET_HDR_LEN) else {
+            return Err(io::Error::other("no headroom for the virtio_net_hdr"));
+        };
+        crate::gso::VnetHdr {
+            flags,
+            ..Default::default()
+        }
+        .emit(h);
+        let r = self.send(buf.as_slice());
+        let _ = buf.pull_front(crate::gso::VNET_HDR_LEN);
+        r
     }
 
     /// The interface name.
@@ -84,6 +143,24 @@ impl Tun {
             Err(io::Error::last_os_error())
         } else {
             Ok(n as usize)
+        }
+    }
+
+    /// Write one packet gathered from `parts` (with `IFF_VNET_HDR`, the first part starts with
+    /// the `virtio_net_hdr`).
+    pub fn send_vectored(&self, parts: &[io::IoSlice<'_>]) -> io::Result<()> {
+        // SAFETY: IoSlice is ABI-compatible with struct iovec; each points at live memory.
+        let n = unsafe {
+            libc::writev(
+                self.file.as_raw_fd(),
+                parts.as_ptr().cast(),
+                parts.len() as libc::c_int,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
         }
     }
 

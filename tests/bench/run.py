@@ -438,6 +438,8 @@ def main():
             f"{args.seconds} s per run, median of {args.repeat}")
     results = []
     work = tempfile.mkdtemp(prefix="espip-bench-")
+    # espip drops to `nobody` after setup and must reach its state directory in here.
+    os.chmod(work, 0o711)
     try:
         with Lab() as lab:
             for name, setup in chosen:

@@ -1,0 +1,306 @@
+//! Receive coalescing for TUN writes (GRO), in the pure core: consecutive TCP segments of one
+//! flow, in order, become one large packet that the kernel's TCP stack takes in one go (the
+//! reverse of [`crate::gso::segment_tcp`]; Linux's `tcp_gro_receive` rules, kept strict).
+//!
+//! The caller lists the packets it is about to write; [`can_merge`] says whether a packet
+//! continues the group before it, and [`merged_headers`] makes the group's headers and its
+//! `virtio_net_hdr`. The payloads are not copied: the edge hands the kernel the new headers
+//! followed by each segment's payload in one `writev`.
+
+use crate::gso::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6};
+use crate::wire::ip::{fold, sum_words};
+
+/// Largest merged packet (the IPv4 total length field; also the TUN's limit).
+pub const MAX_MERGED: usize = 65535;
+/// Longest IP + TCP header merged (IPv4 without options or IPv6 without extension headers,
+/// TCP with up to 40 bytes of options).
+pub const MAX_HEADERS: usize = 40 + 60;
+
+const TCP_ACK: u8 = 0x10;
+const TCP_PSH: u8 = 0x08;
+
+/// Where the parts of a mergeable TCP segment are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// IP header length (20 or 40).
+    pub ip_len: usize,
+    /// IP + TCP header length.
+    pub hdr_len: usize,
+    /// Payload length.
+    pub payload: usize,
+    /// TCP sequence number.
+    pub seq: u32,
+}
+
+/// `p` as a segment that may take part in coalescing: IPv4 without options and not a
+/// fragment, or IPv6 without extension headers; TCP with only ACK (and PSH) set and a payload.
+pub fn segment(p: &[u8]) -> Option<Segment> {
+    let ip_len = match p.first()? >> 4 {
+        4 => {
+            if p.len() < 20 || p[0] != 0x45 || p[9] != 6 {
+                return None;
+            }
+            let frag = u16::from_be_bytes([p[6], p[7]]);
+            if frag & 0x3fff != 0 || usize::from(u16::from_be_bytes([p[2], p[3]])) != p.len() {
+                return None;
+            }
+            20
+        }
+        6 => {
+            if p.len() < 40
+                || p[6] != 6
+                || usize::from(u16::from_be_bytes([p[4], p[5]])) + 40 != p.len()
+            {
+                return None;
+            }
+            40
+        }
+        _ => return None,
+    };
+    let t = p.get(ip_len..ip_len + 20)?;
+    let tcp_len = usize::from(t[12] >> 4) * 4;
+    let hdr_len = ip_len + tcp_len;
+    if tcp_len < 20 || hdr_len > MAX_HEADERS || p.len() <= hdr_len {
+        return None;
+    }
+    // Only ACK, optionally PSH: no SYN, FIN, RST, URG, ECE, CWR.
+    if t[13] & !(TCP_PSH) != TCP_ACK {
+        return None;
+    }
+    Some(Segment {
+        ip_len,
+        hdr_len,
+        payload: p.len() - hdr_len,
+        seq: u32::from_be_bytes(t[4..8].try_into().expect("4 bytes")),
+    })
+}
+
+/// Does `next` continue the group that starts with `first` and ends with `last`, which
+/// together hold `group_len` bytes? Same flow, same header bytes (but the fields that differ
+/// per segment), in sequence, the previous segments full-sized, and no PSH before the end.
+pub fn can_merge(
+    first: &[u8],
+    fs: &Segment,
+    last: &[u8],
+    ls: &Segment,
+    group_len: usize,
+    next: &[u8],
+    ns: &Segment,
+) -> bool {
+    if ns.hdr_len != fs.hdr_len
+        || ns.ip_len != fs.ip_len
+        || ls.payload != fs.payload
+        || ns.payload > fs.payload
+        || group_len + ns.payload > MAX_MERGED
+        || last[fs.ip_len + 13] & TCP_PSH != 0
+        || ns.seq != ls.seq.wrapping_add(ls.payload as u32)
+    {
+        return false;
+    }
+    let (ip, h) = (fs.ip_len, fs.hdr_len);
+    let same = |a: std::ops::Range<usize>| first[a.clone()] == next[a];
+    let ip_same = if ip == 20 {
+        // Version/IHL/TOS, flags (DF), TTL/protocol, addresses. Not: total length, ID,
+        // header checksum.
+        same(0..2) && same(6..10) && same(12..20)
+    } else {
+        // Version/class/flow label, next header/hop limit, addresses. Not: payload length.
+        same(0..4) && same(6..40)
+    };
+    // Ports; acknowledgement, data offset and window; urgent pointer and options. Not:
+    // sequence number, flags (PSH), checksum.
+    ip_same
+        && same(ip..ip + 4)
+        && same(ip + 8..ip + 13)
+        && same(ip + 14..ip + 16)
+        && same(ip + 18..h)
+}
+
+/// The headers of a group of `count` segments starting with `first`, holding `total` bytes
+/// (headers included), `psh` if its last segment has PSH, written into `out`; and the
+/// `virtio_net_hdr` that tells the kernel it is a GSO packet with a partial checksum.
+pub fn merged_headers(
+    first: &[u8],
+    fs: &Segment,
+    total: usize,
+    psh: bool,
+    out: &mut [u8; MAX_HEADERS],
+) -> VnetHdr {
+    let (ip, h) = (fs.ip_len, fs.hdr_len);
+    out[..h].copy_from_slice(&first[..h]);
+    let tcp_total = (total - ip) as u32;
+    let addr_sum = if ip == 20 {
+        out[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        out[10..12].fill(0);
+        let c = fold(sum_words(0, &out[..20]));
+        out[10..12].copy_from_slice(&c.to_be_bytes());
+        sum_words(0, &out[12..20])
+    } else {
+        out[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+        sum_words(0, &out[8..40])
+    };
+    if psh {
+        out[ip + 13] |= TCP_PSH;
+    }
+    // NEEDS_CSUM: the field holds the folded pseudo-header sum, not complemented.
+    let partial = !fold(addr_sum + 6 + tcp_total);
+    out[ip + 16..ip + 18].copy_from_slice(&partial.to_be_bytes());
+    VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: if ip == 20 { GSO_TCPV4 } else { GSO_TCPV6 },
+        hdr_len: h as u16,
+        gso_size: fs.payload as u16,
+        csum_start: ip as u16,
+        csum_offset: 16,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buf::{PacketBuf, MAX_PACKET};
+    use crate::gso::segment_tcp;
+
+    fn big(v4: bool, payload: usize, flags: u8) -> Vec<u8> {
+        let ip = if v4 { 20 } else { 40 };
+        let mut p = vec![0u8; ip + 32 + payload];
+        if v4 {
+            p[0] = 0x45;
+            p[2..4].copy_from_slice(&((ip + 32 + payload) as u16).to_be_bytes());
+            p[6] = 0x40;
+            p[8] = 64;
+            p[9] = 6;
+            p[12..16].copy_from_slice(&[10, 4, 2, 5]);
+            p[16..20].copy_from_slice(&[10, 4, 2, 99]);
+        } else {
+            p[0] = 0x60;
+            p[4..6].copy_from_slice(&((32 + payload) as u16).to_be_bytes());
+            p[6] = 6;
+            p[7] = 64;
+            p[8] = 0xfd;
+            p[39] = 0x99;
+        }
+        p[ip..ip + 4].copy_from_slice(&[0x13, 0x89, 0x9c, 0x40]);
+        p[ip + 4..ip + 8].copy_from_slice(&0xffff_ff00u32.to_be_bytes());
+        p[ip + 12] = 8 << 4;
+        p[ip + 13] = flags;
+        p[ip + 14] = 0x10;
+        p[ip + 20..ip + 32].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 7, 0, 0, 0, 9]);
+        for (i, b) in p[ip + 32..].iter_mut().enumerate() {
+            *b = (i * 7 % 253) as u8;
+        }
+        p
+    }
+
+    /// Segment a large packet (as the sender's TSO would), then merge the segments back: the
+    /// result is the original packet, with the checksum partial as the kernel expects.
+    #[test]
+    fn gro_undoes_gso() {
+        for v4 in [true, false] {
+            let orig = big(v4, 5000, TCP_ACK | TCP_PSH);
+            let mut segs: Vec<PacketBuf> = (0..8).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+            let n = segment_tcp(&orig, 1400, &mut segs).unwrap();
+            assert_eq!(n, 4);
+            let pk: Vec<&[u8]> = segs[..n].iter().map(|b| b.as_slice()).collect();
+            let ss: Vec<Segment> = pk.iter().map(|p| segment(p).unwrap()).collect();
+            let mut total = pk[0].len();
+            for i in 1..n {
+                assert!(can_merge(
+                    pk[0],
+                    &ss[0],
+                    pk[i - 1],
+                    &ss[i - 1],
+                    total,
+                    pk[i],
+                    &ss[i]
+                ));
+                total += ss[i].payload;
+            }
+            assert_eq!(total, orig.len());
+            let mut hdr = [0u8; MAX_HEADERS];
+            let psh = pk[n - 1][ss[0].ip_len + 13] & TCP_PSH != 0;
+            let v = merged_headers(pk[0], &ss[0], total, psh, &mut hdr);
+            let h = ss[0].hdr_len;
+            let mut merged = hdr[..h].to_vec();
+            for (p, s) in pk.iter().zip(&ss) {
+                merged.extend_from_slice(&p[s.hdr_len..]);
+            }
+            assert_eq!(v.gso_size, 1400);
+            assert_eq!(v.hdr_len as usize, h);
+            assert_eq!(v.gso_type, if v4 { GSO_TCPV4 } else { GSO_TCPV6 });
+            // Completing the partial checksum gives a packet equal to the original with a
+            // valid checksum.
+            crate::gso::complete_checksum(&mut merged, v.csum_start.into(), 16).unwrap();
+            let ip = ss[0].ip_len;
+            let mut want = orig.clone();
+            let sum = if v4 {
+                sum_words(0, &want[12..20])
+            } else {
+                sum_words(0, &want[8..40])
+            };
+            want[ip + 16..ip + 18].fill(0);
+            let c = fold(sum_words(sum + 6 + (want.len() - ip) as u32, &want[ip..]));
+            want[ip + 16..ip + 18].copy_from_slice(&c.to_be_bytes());
+            if v4 {
+                // IDs differ per segment; the merged packet carries the first one.
+                assert_eq!(crate::wire::ip::checksum(&merged[..20]), 0);
+                merged[4..6].copy_from_slice(&want[4..6]);
+                merged[10..12].copy_from_slice(&want[10..12]);
+            }
+            assert_eq!(merged, want);
+        }
+    }
+
+    #[test]
+    fn only_in_order_segments_of_one_flow_merge() {
+        let orig = big(true, 4200, TCP_ACK);
+        let mut segs: Vec<PacketBuf> = (0..4).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+        segment_tcp(&orig, 1400, &mut segs).unwrap();
+        let a = segs[0].as_slice().to_vec();
+        let b = segs[1].as_slice().to_vec();
+        let c = segs[2].as_slice().to_vec();
+        let (sa, sb, sc) = (
+            segment(&a).unwrap(),
+            segment(&b).unwrap(),
+            segment(&c).unwrap(),
+        );
+        assert!(can_merge(&a, &sa, &a, &sa, a.len(), &b, &sb));
+        assert!(!can_merge(&a, &sa, &a, &sa, a.len(), &c, &sc), "a gap");
+        let mut other_port = b.clone();
+        other_port[21] ^= 1;
+        let so = segment(&other_port).unwrap();
+        assert!(!can_merge(&a, &sa, &a, &sa, a.len(), &other_port, &so));
+        let mut other_ack = b.clone();
+        other_ack[28] ^= 1;
+        assert!(!can_merge(
+            &a,
+            &sa,
+            &a,
+            &sa,
+            a.len(),
+            &other_ack,
+            &segment(&other_ack).unwrap()
+        ));
+        // PSH ends a group; SYN/FIN/RST never join one; short segments end a group.
+        let mut psh = a.clone();
+        psh[33] |= TCP_PSH;
+        assert!(!can_merge(&psh, &sa, &psh, &sa, a.len(), &b, &sb));
+        let mut fin = b.clone();
+        fin[33] |= 0x01;
+        assert!(segment(&fin).is_none());
+        let short = &b[..b.len() - 100];
+        assert!(segment(short).is_none(), "total length disagrees");
+        // Too big in all.
+        assert!(!can_merge(&a, &sa, &a, &sa, 65000, &b, &sb));
+        // Non-TCP, options, fragments: not segments.
+        let mut udp = a.clone();
+        udp[9] = 17;
+        assert!(segment(&udp).is_none());
+        let mut frag = a.clone();
+        frag[6] = 0x20;
+        assert!(segment(&frag).is_none());
+        for cut in 0..53 {
+            assert!(segment(&a[..cut]).is_none());
+        }
+    }
+}

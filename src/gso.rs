@@ -1,0 +1,352 @@
+//! TUN offloads in the pure core: the `virtio_net_hdr` that prefixes every packet on a TUN
+//! opened with `IFF_VNET_HDR`, TCP segmentation of the large packets the kernel hands over
+//! when TSO is on (`TUNSETOFFLOAD`), and completion of checksums the kernel left partial.
+//!
+//! 1. The kernel's TCP stack, seeing a device that "does TSO", sends up to 64 KB per packet:
+//!    one IP header, one TCP header, many MSS of payload, `gso_type` TCPV4/TCPV6, `gso_size`
+//!    = MSS, the TCP checksum partial (pseudo-header only, `NEEDS_CSUM`).
+//! 2. [`segment_tcp`] cuts it into MSS-sized segments with their own headers (IPv4 total
+//!    length, ID and header checksum; IPv6 payload length; TCP sequence number, flags and full
+//!    checksum), exactly what the kernel would have sent one by one.
+//! 3. Each segment then goes through the data path like any packet.
+//!
+//! Layouts: `include/uapi/linux/virtio_net.h` (legacy header, 10 bytes, native byte order,
+//! which is little-endian on the machines espip runs on).
+
+use crate::buf::PacketBuf;
+use crate::wire::ip::{fold, sum_words};
+
+/// Size of `struct virtio_net_hdr` (without `num_buffers`).
+pub const VNET_HDR_LEN: usize = 10;
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: checksum from `csum_start`, stored at `+csum_offset`.
+pub const F_NEEDS_CSUM: u8 = 1;
+/// `VIRTIO_NET_HDR_F_DATA_VALID`: the checksum is known good (the receiver may skip it).
+pub const F_DATA_VALID: u8 = 2;
+/// `VIRTIO_NET_HDR_GSO_NONE`.
+pub const GSO_NONE: u8 = 0;
+/// `VIRTIO_NET_HDR_GSO_TCPV4`.
+pub const GSO_TCPV4: u8 = 1;
+/// `VIRTIO_NET_HDR_GSO_TCPV6`.
+pub const GSO_TCPV6: u8 = 4;
+/// `VIRTIO_NET_HDR_GSO_ECN` flag bit of `gso_type`.
+pub const GSO_ECN: u8 = 0x80;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_PSH: u8 = 0x08;
+const TCP_CWR: u8 = 0x80;
+
+/// The `virtio_net_hdr` of one TUN packet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VnetHdr {
+    /// `F_NEEDS_CSUM`, `F_DATA_VALID`.
+    pub flags: u8,
+    /// `GSO_*`, possibly with `GSO_ECN`.
+    pub gso_type: u8,
+    /// Length of the headers (IP + transport) of a GSO packet.
+    pub hdr_len: u16,
+    /// Payload bytes per segment (the MSS).
+    pub gso_size: u16,
+    /// Where checksumming starts (the transport header).
+    pub csum_start: u16,
+    /// Where the checksum goes, from `csum_start`.
+    pub csum_offset: u16,
+}
+
+impl VnetHdr {
+    /// Read the header at the front of `b`.
+    pub fn parse(b: &[u8]) -> Option<VnetHdr> {
+        let b: &[u8; VNET_HDR_LEN] = b.get(..VNET_HDR_LEN)?.try_into().ok()?;
+        let u = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        Some(VnetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u(2),
+            gso_size: u(4),
+            csum_start: u(6),
+            csum_offset: u(8),
+        })
+    }
+
+    /// Write the header into `b[..VNET_HDR_LEN]`.
+    pub fn emit(&self, b: &mut [u8]) {
+        b[0] = self.flags;
+        b[1] = self.gso_type;
+        b[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
+        b[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
+        b[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
+        b[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
+    }
+}
+
+/// Why a TUN packet could not be segmented or completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GsoError {
+    /// Headers inconsistent with the packet or the `virtio_net_hdr`.
+    #[error("malformed offload packet")]
+    Malformed,
+    /// A GSO type or header layout espip does not segment (UDP, IPv6 extension headers).
+    #[error("unsupported offload packet")]
+    Unsupported,
+    /// More segments than output buffers.
+    #[error("too many segments for the batch")]
+    TooManySegments,
+}
+
+/// Complete a checksum the kernel left partial (`F_NEEDS_CSUM` on a packet without GSO): the
+/// field holds the pseudo-header sum; the checksum covers everything from `start`.
+pub fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> Result<(), GsoError> {
+    let at = start.checked_add(offset).ok_or(GsoError::Malformed)?;
+    if at + 2 > pkt.len() || start > pkt.len() {
+        return Err(GsoError::Malformed);
+    }
+    let c = fold(sum_words(0, &pkt[start..]));
+    pkt[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    Ok(())
+}
+
+/// The segments a TCP GSO packet becomes: (IP header length, TCP header length, payload
+/// length, segments).
+fn tcp_layout(pkt: &[u8], gso_size: usize) -> Result<(usize, usize, usize, usize), GsoError> {
+    let ip_len = match pkt.first().map(|b| b >> 4) {
+        Some(4) => {
+            let ihl = usize::from(pkt[0] & 0x0f) * 4;
+            if ihl < 20 || pkt.len() < ihl || pkt[9] != 6 {
+                return Err(if pkt.len() >= 20 && pkt[9] != 6 {
+                    GsoError::Unsupported
+                } else {
+                    GsoError::Malformed
+                });
+            }
+            ihl
+        }
+        Some(6) => {
+            if pkt.len() < 40 {
+                return Err(GsoError::Malformed);
+            }
+            if pkt[6] != 6 {
+                return Err(GsoError::Unsupported);
+            }
+            40
+        }
+        _ => return Err(GsoError::Malformed),
+    };
+    let tcp = pkt.get(ip_len..ip_len + 20).ok_or(GsoError::Malformed)?;
+    let tcp_len = usize::from(tcp[12] >> 4) * 4;
+    if tcp_len < 20 || pkt.len() < ip_len + tcp_len || gso_size == 0 {
+        return Err(GsoError::Malformed);
+    }
+    let payload = pkt.len() - ip_len - tcp_len;
+    Ok((ip_len, tcp_len, payload, payload.div_ceil(gso_size).max(1)))
+}
+
+/// Cut a TCP GSO packet (as read from the TUN, after its `virtio_net_hdr`) into segments of at
+/// most `gso_size` payload bytes, one per buffer of `out` (each reset, headroom kept). Returns
+/// the number of segments.
+pub fn segment_tcp(pkt: &[u8], gso_size: usize, out: &mut [PacketBuf]) -> Result<usize, GsoError> {
+    let (ip_len, tcp_len, payload, n) = tcp_layout(pkt, gso_size)?;
+    if n > out.len() {
+        return Err(GsoError::TooManySegments);
+    }
+    let hdr = ip_len + tcp_len;
+    let v4 = pkt[0] >> 4 == 4;
+    let seq0 = u32::from_be_bytes(pkt[ip_len + 4..ip_len + 8].try_into().expect("4 bytes"));
+    let id0 = u16::from_be_bytes([pkt[4], pkt[5]]);
+    let flags0 = pkt[ip_len + 13];
+    // Pseudo-header addresses (RFC 793 / RFC 8200 8.1), summed once.
+    let addr_sum = if v4 {
+        sum_words(0, &pkt[12..20])
+    } else {
+        sum_words(0, &pkt[8..40])
+    };
+    for (i, b) in out[..n].iter_mut().enumerate() {
+        let start = hdr + i * gso_size;
+        let len = gso_size.min(payload - (i * gso_size).min(payload));
+        let total = hdr + len;
+        b.reset();
+        let area = b.read_area();
+        if area.len() < total {
+            return Err(GsoError::Malformed);
+        }
+        area[..hdr].copy_from_slice(&pkt[..hdr]);
+        area[hdr..total].copy_from_slice(&pkt[start..start + len]);
+        b.set_len(total);
+        let s = b.as_mut_slice();
+        if v4 {
+            s[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            s[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
+            s[10..12].fill(0);
+            let c = fold(sum_words(0, &s[..ip_len]));
+            s[10..12].copy_from_slice(&c.to_be_bytes());
+        } else {
+            s[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+        }
+        let t = ip_len;
+        s[t + 4..t + 8].copy_from_slice(&seq0.wrapping_add((i * gso_size) as u32).to_be_bytes());
+        let mut flags = flags0;
+        if i + 1 < n {
+            flags &= !(TCP_FIN | TCP_PSH);
+        }
+        if i > 0 {
+            flags &= !TCP_CWR;
+        }
+        s[t + 13] = flags;
+        s[t + 16..t + 18].fill(0);
+        let seg_len = (total - ip_len) as u32;
+        let pseudo = addr_sum + 6 + seg_len;
+        let c = fold(sum_words(pseudo, &s[t..total]));
+        s[t + 16..t + 18].copy_from_slice(&c.to_be_bytes());
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buf::MAX_PACKET;
+    use crate::wire::ip::checksum;
+
+    /// A TCP "super packet" as the kernel hands it over with TSO: headers + `payload` bytes.
+    fn super_packet(v4: bool, payload: usize, flags: u8) -> Vec<u8> {
+        let ip = if v4 { 20 } else { 40 };
+        let mut p = vec![0u8; ip + 32 + payload];
+        if v4 {
+            p[0] = 0x45;
+            p[2..4].copy_from_slice(&((ip + 32 + payload).min(65535) as u16).to_be_bytes());
+            p[4..6].copy_from_slice(&0xfff0u16.to_be_bytes());
+            p[6] = 0x40;
+            p[8] = 64;
+            p[9] = 6;
+            p[12..16].copy_from_slice(&[10, 4, 2, 99]);
+            p[16..20].copy_from_slice(&[10, 4, 2, 5]);
+        } else {
+            p[0] = 0x60;
+            p[4..6].copy_from_slice(&((32 + payload) as u16).to_be_bytes());
+            p[6] = 6;
+            p[7] = 64;
+            p[8] = 0xfd;
+            p[23] = 0x99;
+            p[24] = 0xfd;
+            p[39] = 0x05;
+        }
+        p[ip..ip + 2].copy_from_slice(&5001u16.to_be_bytes());
+        p[ip + 2..ip + 4].copy_from_slice(&40000u16.to_be_bytes());
+        p[ip + 4..ip + 8].copy_from_slice(&0xffff_fff0u32.to_be_bytes());
+        p[ip + 12] = 8 << 4; // 32-byte header: timestamps
+        p[ip + 13] = flags;
+        p[ip + 20..ip + 32].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+        for (i, b) in p[ip + 32..].iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        p
+    }
+
+    fn tcp_checksum_ok(s: &[u8]) -> bool {
+        let (ip, sum) = if s[0] >> 4 == 4 {
+            (20, sum_words(0, &s[12..20]))
+        } else {
+            (40, sum_words(0, &s[8..40]))
+        };
+        fold(sum_words(sum + 6 + (s.len() - ip) as u32, &s[ip..])) == 0
+    }
+
+    #[test]
+    fn tso_segments_are_what_the_kernel_would_have_sent() {
+        for v4 in [true, false] {
+            let mss = 1000;
+            let p = super_packet(v4, 2500, 0x18 | 0x01 | 0x80); // ACK PSH FIN CWR
+            let mut out: Vec<PacketBuf> = (0..4).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+            let n = segment_tcp(&p, mss, &mut out).unwrap();
+            assert_eq!(n, 3);
+            let ip = if v4 { 20 } else { 40 };
+            let mut joined = Vec::new();
+            for (i, b) in out[..n].iter().enumerate() {
+                let s = b.as_slice();
+                let len = if i < 2 { 1000 } else { 500 };
+                assert_eq!(s.len(), ip + 32 + len);
+                if v4 {
+                    assert_eq!(u16::from_be_bytes([s[2], s[3]]) as usize, s.len());
+                    assert_eq!(
+                        u16::from_be_bytes([s[4], s[5]]),
+                        0xfff0u16.wrapping_add(i as u16)
+                    );
+                    assert_eq!(checksum(&s[..20]), 0, "IPv4 header checksum");
+                } else {
+                    assert_eq!(u16::from_be_bytes([s[4], s[5]]) as usize, s.len() - 40);
+                }
+                let seq = u32::from_be_bytes(s[ip + 4..ip + 8].try_into().unwrap());
+                assert_eq!(
+                    seq,
+                    0xffff_fff0u32.wrapping_add((i * mss) as u32),
+                    "seq wraps"
+                );
+                let f = s[ip + 13];
+                assert_eq!(f & 0x10, 0x10, "ACK everywhere");
+                assert_eq!(f & (TCP_FIN | TCP_PSH) != 0, i == 2, "FIN/PSH only last");
+                assert_eq!(f & TCP_CWR != 0, i == 0, "CWR only first");
+                assert_eq!(&s[ip + 20..ip + 32], &p[ip + 20..ip + 32], "options kept");
+                assert!(tcp_checksum_ok(s), "TCP checksum of segment {i}");
+                joined.extend_from_slice(&s[ip + 32..]);
+            }
+            assert_eq!(joined, &p[ip + 32..], "payload in order, nothing lost");
+        }
+    }
+
+    #[test]
+    fn a_packet_smaller_than_one_segment_is_one_segment_and_errors_are_errors() {
+        let p = super_packet(true, 100, 0x18);
+        let mut out: Vec<PacketBuf> = (0..2).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+        assert_eq!(segment_tcp(&p, 1400, &mut out), Ok(1));
+        assert!(tcp_checksum_ok(out[0].as_slice()));
+        let big = super_packet(true, 5000, 0x18);
+        assert_eq!(
+            segment_tcp(&big, 1000, &mut out),
+            Err(GsoError::TooManySegments)
+        );
+        let mut udp = p.clone();
+        udp[9] = 17;
+        assert_eq!(
+            segment_tcp(&udp, 1000, &mut out),
+            Err(GsoError::Unsupported)
+        );
+        for cut in 0..52 {
+            assert!(segment_tcp(&p[..cut], 1000, &mut out).is_err(), "cut {cut}");
+        }
+        assert_eq!(segment_tcp(&p, 0, &mut out), Err(GsoError::Malformed));
+    }
+
+    #[test]
+    fn partial_checksums_are_completed() {
+        // A UDP packet whose checksum field holds the pseudo-header sum, as the kernel leaves
+        // it with NEEDS_CSUM.
+        let mut p = vec![0u8; 28 + 11];
+        p[0] = 0x45;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&[10, 4, 2, 99]);
+        p[16..20].copy_from_slice(&[10, 4, 2, 5]);
+        p[24..26].copy_from_slice(&19u16.to_be_bytes());
+        p[28..].copy_from_slice(b"hello world");
+        // The kernel stores the folded, uncomplemented pseudo-header sum.
+        let pseudo = !fold(sum_words(0, &p[12..20]) + 17 + 19);
+        p[26..28].copy_from_slice(&pseudo.to_be_bytes());
+        complete_checksum(&mut p, 20, 6).unwrap();
+        let full = fold(sum_words(sum_words(0, &p[12..20]) + 17 + 19, &p[20..]));
+        assert_eq!(full, 0, "UDP checksum verifies");
+        assert_eq!(complete_checksum(&mut p, 38, 6), Err(GsoError::Malformed));
+    }
+
+    #[test]
+    fn vnet_header_round_trip() {
+        let h = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 52,
+            gso_size: 1394,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        let mut b = [0u8; VNET_HDR_LEN];
+        h.emit(&mut b);
+        assert_eq!(VnetHdr::parse(&b), Some(h));
+        assert_eq!(VnetHdr::parse(&b[..9]), None);
+    }
+}
