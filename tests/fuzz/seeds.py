@@ -53,6 +53,7 @@ def main():
             pad = pt[-2]
             packet, nh = pt[: -(2 + pad)], pt[-1]
             inner.append((v["name"], packet, nh))
+    # (offload seeds: TCP packets for segmentation, written by hand in corpus/offload.)
     for name, packet, nh in inner:
         # A packet sealed with the peer's key at sequence 1, then the same again (a replay),
         # then at sequence 100 (a window move).

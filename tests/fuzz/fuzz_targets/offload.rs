@@ -1,0 +1,59 @@
+//! TUN offloads: TSO segmentation of whatever the TUN might hand over, and GRO of the
+//! segments. Every segment must carry a valid TCP checksum; merging the segments back must
+//! give the original payload, in order.
+#![no_main]
+
+use espip::buf::{PacketBuf, MAX_PACKET};
+use espip::gro;
+use espip::gso::segment_tcp;
+use espip::wire::ip::{fold, sum_words};
+use libfuzzer_sys::fuzz_target;
+
+fn tcp_ok(s: &[u8], ip: usize) -> bool {
+    let sum = if s[0] >> 4 == 4 {
+        sum_words(0, &s[12..20])
+    } else {
+        sum_words(0, &s[8..40])
+    };
+    fold(sum_words(sum + 6 + (s.len() - ip) as u32, &s[ip..])) == 0
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((size, pkt)) = data.split_first_chunk::<2>() else {
+        return;
+    };
+    let gso_size = usize::from(u16::from_le_bytes(*size) % 4096);
+    let mut out: Vec<PacketBuf> = (0..16).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+    let Ok(n) = segment_tcp(pkt, gso_size, &mut out) else {
+        return;
+    };
+    let ip = if pkt[0] >> 4 == 4 { usize::from(pkt[0] & 0x0f) * 4 } else { 40 };
+    for b in &out[..n] {
+        assert!(tcp_ok(b.as_slice(), ip), "segment with a bad TCP checksum");
+    }
+    // Merge back what GRO accepts, in order.
+    let segs: Vec<&[u8]> = out[..n].iter().map(|b| b.as_slice()).collect();
+    let Some(fs) = gro::segment(segs[0]) else {
+        return;
+    };
+    let (mut last, mut ls, mut total, mut k) = (segs[0], fs, segs[0].len(), 1);
+    while k < n {
+        let Some(ns) = gro::segment(segs[k]) else { break };
+        if !gro::can_merge(segs[0], &fs, last, &ls, total, segs[k], &ns) {
+            break;
+        }
+        total += ns.payload;
+        (last, ls) = (segs[k], ns);
+        k += 1;
+    }
+    let mut hdr = [0u8; gro::MAX_HEADERS];
+    let v = gro::merged_headers(segs[0], &fs, total, false, &mut hdr);
+    assert_eq!(usize::from(v.hdr_len), fs.hdr_len);
+    let mut merged = hdr[..fs.hdr_len].to_vec();
+    for s in &segs[..k] {
+        merged.extend_from_slice(&s[fs.hdr_len..]);
+    }
+    assert_eq!(merged.len(), total);
+    let h = fs.hdr_len;
+    assert_eq!(&merged[h..], &pkt[h..h + (total - h)], "payload order");
+});
