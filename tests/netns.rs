@@ -644,6 +644,24 @@ fn metrics_and_control_socket() {
         Cipher::Aes128Gcm,
         "\n[metrics]\nlisten = \"127.0.0.1:9587\"\n",
     );
+    // After setup the daemon is `nobody` with CAP_NET_ADMIN and CAP_NET_RAW only, on every
+    // thread, and cannot regain privileges.
+    let pid = h.daemon.pid().unwrap();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(k))
+                .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+                .unwrap_or_default()
+        };
+        assert_eq!(field("Uid:"), "65534 65534 65534 65534", "{status}");
+        for caps in ["CapEff:", "CapPrm:", "CapAmb:", "CapBnd:"] {
+            assert_eq!(field(caps), "0000000000003000", "{caps} {status}");
+        }
+        assert_eq!(field("NoNewPrivs:"), "1");
+    }
     // Root-only control socket.
     use std::os::unix::fs::PermissionsExt;
     let sock = h.dir.join("state/control.sock");
@@ -905,4 +923,39 @@ fn a_30_second_garbage_flood_does_not_stop_a_transfer() {
         assert!(d.stop().unwrap(), "clean stop after the flood");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_unknown_user_is_refused_before_anything_is_set_up() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (a, _b) = p2p::topology("nouser").unwrap();
+    let dir = std::env::temp_dir().join(format!("espip-test-nouser-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
+    let text = p2p::config_text(
+        LabMode::Esp(Cipher::Aes128Gcm),
+        true,
+        Some(&keys),
+        false,
+        &dir.join("state"),
+    )
+    .replace(
+        "[interface]\n",
+        "[interface]\nuser = \"no-such-user-espip\"\n",
+    );
+    let cfg = dir.join("a.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let err = Daemon::start(&a, &exe(), &cfg, &dir.join("a.log"))
+        .err()
+        .expect("must not start");
+    let log = std::fs::read_to_string(dir.join("a.log")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        log.contains("interface.user \"no-such-user-espip\"") && log.contains("useradd"),
+        "{err}: {log}"
+    );
+    assert!(!a.has_link("espip0"), "nothing set up");
 }
