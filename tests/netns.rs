@@ -959,3 +959,78 @@ fn an_unknown_user_is_refused_before_anything_is_set_up() {
     );
     assert!(!a.has_link("espip0"), "nothing set up");
 }
+
+#[test]
+fn a_full_capture_disk_drops_capture_records_not_packets() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // A 1 MB tmpfs as the capture directory: full after a few hundred packets.
+    let disk = std::env::temp_dir().join(format!("espip-test-fulldisk-{}", std::process::id()));
+    std::fs::create_dir_all(&disk).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _unmount = Unmount(disk.clone());
+    let mut h = half_lab_with(
+        "fulldisk",
+        Cipher::Aes128Gcm,
+        &format!(
+            "\n[capture]\ndir = \"{}\"\nmax_file_mb = 100\nfiles = 1\n",
+            disk.display()
+        ),
+    );
+    // 1000 x 1400-byte UDP datagrams towards B (no daemon there: sent, not answered):
+    // 1000 inner + 1000 outer records of ~1.5 KB, three times what the disk holds.
+    let out = netns::run(h.a.command("/usr/bin/python3").args([
+        "-c",
+        "import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor i in range(1000):\n    s.sendto(bytes(1400), ('10.4.2.5', 9))\n    time.sleep(0.0005)\nprint('sent 1000')",
+    ]))
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("sent 1000"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let st = status(&h);
+    let c = st.capture.clone().unwrap();
+    assert_eq!(
+        st.peers[0].tx_packets, 1000,
+        "every packet went out: {st:?}"
+    );
+    // Every record is accounted for: written, or lost to the full disk (most of them).
+    assert!(
+        c.written > 0 && c.written + c.write_errors + c.dropped >= 2000,
+        "{c:?}"
+    );
+    assert!(c.write_errors > 1000, "the full disk lost records: {c:?}");
+    // What was written before the disk filled is still there (a reopen appends).
+    let on_disk: u64 = ["espip0-inner.pcap", "espip0-outer.pcap"]
+        .iter()
+        .map(|f| std::fs::metadata(disk.join(f)).map_or(0, |m| m.len()))
+        .sum();
+    assert!(
+        on_disk > 900_000,
+        "the capture files fill the disk: {on_disk} bytes"
+    );
+    assert!(
+        h.daemon.log().contains("writing the capture failed"),
+        "warned"
+    );
+    assert!(
+        h.daemon.stop().unwrap(),
+        "clean stop with a full capture disk"
+    );
+}

@@ -319,6 +319,8 @@ struct TapFile {
     max: u64,
     files: u32,
     snaplen: u32,
+    /// The current file was created (with its header) by this run.
+    started: bool,
 }
 
 impl TapFile {
@@ -330,6 +332,7 @@ impl TapFile {
             max: cfg.max_file_bytes,
             files: cfg.files,
             snaplen: cfg.snaplen,
+            started: false,
         }
     }
 
@@ -342,6 +345,7 @@ impl TapFile {
     /// Shift `x.pcap` -> `x.pcap.1` -> ... keeping `files` in all.
     fn rotate(&mut self) -> io::Result<()> {
         self.file = None;
+        self.started = false;
         if self.files <= 1 {
             return remove_if_exists(&self.path);
         }
@@ -356,6 +360,15 @@ impl TapFile {
     }
 
     fn open(&mut self) -> io::Result<()> {
+        if self.started {
+            // Reopening after a failed write (a full disk): keep what the file holds.
+            let f = std::fs::OpenOptions::new().append(true).open(&self.path)?;
+            self.size = f.metadata()?.len();
+            if self.size >= FILE_HEADER {
+                self.file = Some(f);
+                return Ok(());
+            }
+        }
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -373,6 +386,7 @@ impl TapFile {
         f.write_all(&h)?;
         self.file = Some(f);
         self.size = FILE_HEADER;
+        self.started = true;
         Ok(())
     }
 
