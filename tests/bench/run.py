@@ -36,6 +36,8 @@ A_OUT, B_OUT = "192.0.2.1", "192.0.2.2"
 PKGS = {"iperf3": "iperf3", "socat": "socat", "wireguard-go": "wireguard-go", "wg": "wireguard-tools",
         "openvpn": "openvpn", "openssl": "openssl", "ip": "iproute2", "ping": "iputils-ping"}
 REFERENCES = ["socat", "wireguard-go", "openvpn"]
+ESPIP_EXE = [os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "target/release/espip")]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -135,7 +137,7 @@ def espip_config(me_a, mode, cipher, keys, work):
 
 def setup_espip(mode, cipher=None):
     def setup(lab, work):
-        exe = os.path.join(ROOT, "target/release/espip")
+        exe = ESPIP_EXE[0]
         keys = None
         if mode == "esp":
             keys = [sh(exe, "genkey", "--cipher", cipher).stdout.strip() for _ in range(2)]
@@ -421,13 +423,16 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated tunnel names")
     ap.add_argument("--out", default=os.path.join(ROOT, "target/bench-latest.md"))
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--exe", help="the espip binary to measure (default: target/release/espip, built first)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: run as root (namespaces, TUN devices, raw sockets)")
     if args.repeat < 1 or args.seconds < 1:
         sys.exit("bench: --repeat and --seconds must be at least 1")
     ensure_packages()
-    if not args.no_build:
+    if args.exe:
+        ESPIP_EXE[0] = os.path.abspath(args.exe)
+    elif not args.no_build:
         subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     chosen = [t for t in TUNNELS if not args.only or t[0] in args.only.split(",")]
     cpu = re.search(r"model name\s*: (.*)", open("/proc/cpuinfo").read())
