@@ -1034,3 +1034,42 @@ fn a_full_capture_disk_drops_capture_records_not_packets() {
         "clean stop with a full capture disk"
     );
 }
+
+#[test]
+fn offload_on_one_side_and_off_on_the_other_interoperate() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (a, b) = p2p::topology("offl").unwrap();
+    let cipher = Cipher::Aes128Gcm;
+    let keys = LabKeys::generate(cipher).unwrap();
+    let dir = std::env::temp_dir().join(format!("espip-test-offl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut daemons = Vec::new();
+    for (me_a, ns, host) in [(true, &a, "a"), (false, &b, "b")] {
+        let cfg = dir.join(format!("{host}.toml"));
+        let mut text = p2p::config_text(
+            LabMode::Esp(cipher),
+            me_a,
+            Some(&keys),
+            false,
+            &dir.join(format!("state-{host}")),
+        );
+        if !me_a {
+            text = text.replace("[interface]\n", "[interface]\noffload = false\n");
+        }
+        std::fs::write(&cfg, text).unwrap();
+        daemons.push(Daemon::start(ns, &exe(), &cfg, &dir.join(format!("{host}.log"))).unwrap());
+    }
+    // Both directions: A segments its TSO packets, B (no offload) reads packet by packet; B's
+    // TCP segments reach A, which coalesces them.
+    for (from, to, addr) in [(&a, &b, p2p::B_INNER), (&b, &a, p2p::A_INNER)] {
+        let r = espip::lab::transfer(&exe(), (from, to), addr, 20_000_000).unwrap();
+        assert!(r.ok(20_000_000), "{r:?}");
+    }
+    for d in &mut daemons {
+        assert!(d.stop().unwrap());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
