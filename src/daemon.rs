@@ -524,42 +524,29 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             })
             .collect(),
     );
+    let handles = EdgeHandles {
+        tun: tun.clone(),
+        sockets: sockets.clone(),
+        stop: stop.clone(),
+        edge: edge.clone(),
+        sent_from,
+    };
     let tx = {
-        let (tun, sockets, stop, edge) = (tun.clone(), sockets.clone(), stop.clone(), edge.clone());
+        let h = handles.clone();
         let outbound = outbound.clone();
         let mut rec = recorder();
-        let sent_from = sent_from.clone();
         std::thread::Builder::new()
             .name("espip-tx".into())
-            .spawn(move || {
-                let edges = Edges {
-                    tun: &tun,
-                    sockets: &sockets,
-                    stop: &stop,
-                    edge: &edge,
-                    sent_from: &sent_from,
-                };
-                tx_loop(&outbound, &edges, &mut rec, clock, &store)
-            })
+            .spawn(move || tx_loop(&outbound, &h.edges(), &mut rec, clock, &store))
             .map_err(|e| DaemonError::Os("spawn TX thread", e))?
     };
     let rx = {
-        let (tun, sockets, stop, edge) = (tun.clone(), sockets.clone(), stop.clone(), edge.clone());
+        let h = handles;
         let out = outbound.clone();
         let mut rec = recorder();
-        let sent_from = sent_from.clone();
         std::thread::Builder::new()
             .name("espip-rx".into())
-            .spawn(move || {
-                let edges = Edges {
-                    tun: &tun,
-                    sockets: &sockets,
-                    stop: &stop,
-                    edge: &edge,
-                    sent_from: &sent_from,
-                };
-                rx_loop(inbound, &out, &edges, &mut rec, clock)
-            })
+            .spawn(move || rx_loop(inbound, &out, &h.edges(), &mut rec, clock))
             .map_err(|e| DaemonError::Os("spawn RX thread", e))?
     };
     let cfg = Arc::new(cfg);
@@ -627,6 +614,28 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     drop(control);
     info!(interface = %cfg.interface.name, "stopped; TUN device and its routes removed");
     Ok(())
+}
+
+/// What each data-path thread owns a share of; [`EdgeHandles::edges`] lends it out.
+#[derive(Clone)]
+struct EdgeHandles {
+    tun: Arc<Tun>,
+    sockets: Arc<Vec<RawSocket>>,
+    stop: Arc<EventFd>,
+    edge: Arc<EdgeStats>,
+    sent_from: Arc<Vec<(Ipv4Addr, Ipv4Addr)>>,
+}
+
+impl EdgeHandles {
+    fn edges(&self) -> Edges<'_> {
+        Edges {
+            tun: &self.tun,
+            sockets: &self.sockets,
+            stop: &self.stop,
+            edge: &self.edge,
+            sent_from: &self.sent_from,
+        }
+    }
 }
 
 /// The kernel objects and shared counters a data-path thread works with.

@@ -160,37 +160,7 @@ mod tests {
     use super::*;
     use crate::buf::{PacketBuf, MAX_PACKET};
     use crate::gso::segment_tcp;
-
-    fn big(v4: bool, payload: usize, flags: u8) -> Vec<u8> {
-        let ip = if v4 { 20 } else { 40 };
-        let mut p = vec![0u8; ip + 32 + payload];
-        if v4 {
-            p[0] = 0x45;
-            p[2..4].copy_from_slice(&((ip + 32 + payload) as u16).to_be_bytes());
-            p[6] = 0x40;
-            p[8] = 64;
-            p[9] = 6;
-            p[12..16].copy_from_slice(&[10, 4, 2, 5]);
-            p[16..20].copy_from_slice(&[10, 4, 2, 99]);
-        } else {
-            p[0] = 0x60;
-            p[4..6].copy_from_slice(&((32 + payload) as u16).to_be_bytes());
-            p[6] = 6;
-            p[7] = 64;
-            p[8] = 0xfd;
-            p[39] = 0x99;
-        }
-        p[ip..ip + 4].copy_from_slice(&[0x13, 0x89, 0x9c, 0x40]);
-        p[ip + 4..ip + 8].copy_from_slice(&0xffff_ff00u32.to_be_bytes());
-        p[ip + 12] = 8 << 4;
-        p[ip + 13] = flags;
-        p[ip + 14] = 0x10;
-        p[ip + 20..ip + 32].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 7, 0, 0, 0, 9]);
-        for (i, b) in p[ip + 32..].iter_mut().enumerate() {
-            *b = (i * 7 % 253) as u8;
-        }
-        p
-    }
+    use crate::gso::tests::super_packet as big;
 
     /// Segment a large packet (as the sender's TSO would), then merge the segments back: the
     /// result is the original packet, with the checksum partial as the kernel expects.

@@ -200,13 +200,14 @@ pub fn segment_tcp(pkt: &[u8], gso_size: usize, out: &mut [PacketBuf]) -> Result
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::buf::MAX_PACKET;
     use crate::wire::ip::checksum;
 
-    /// A TCP "super packet" as the kernel hands it over with TSO: headers + `payload` bytes.
-    fn super_packet(v4: bool, payload: usize, flags: u8) -> Vec<u8> {
+    /// A TCP "super packet" as the kernel hands it over with TSO: headers (TCP with a
+    /// timestamp option, 32 bytes) + `payload` bytes; the sequence number wraps inside.
+    pub(crate) fn super_packet(v4: bool, payload: usize, flags: u8) -> Vec<u8> {
         let ip = if v4 { 20 } else { 40 };
         let mut p = vec![0u8; ip + 32 + payload];
         if v4 {

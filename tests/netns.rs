@@ -174,17 +174,7 @@ fn scapy_interop(tag: &str, cipher: Cipher) {
     );
     assert!(stdout.contains("\"replies\": [1, 2, 3, 4, 5]"), "{stdout}");
     // `espip show --json` counts exactly what scapy sent.
-    let show = Command::new(exe())
-        .args(["show", "--json", "--socket"])
-        .arg(h.dir.join("state/control.sock"))
-        .output()
-        .unwrap();
-    assert!(
-        show.status.success(),
-        "{}",
-        String::from_utf8_lossy(&show.stderr)
-    );
-    let st: espip::status::Status = serde_json::from_slice(&show.stdout).unwrap();
+    let st = status_at(&h.dir.join("state/control.sock"));
     let p = &st.peers[0];
     assert_eq!((p.rx_packets, p.tx_packets), (5, 5), "{p:?}");
     assert_eq!(p.sa_in.as_ref().unwrap().highest_seq, 5, "{p:?}");
@@ -736,9 +726,14 @@ fn metrics_and_control_socket() {
 
 /// The `espip show --json` snapshot of a half lab's daemon.
 fn status(h: &HalfLab) -> espip::status::Status {
+    status_at(&h.dir.join("state/control.sock"))
+}
+
+/// The `espip show --json` snapshot of the daemon at `socket`.
+fn status_at(socket: &Path) -> espip::status::Status {
     let show = Command::new(exe())
         .args(["show", "--json", "--socket"])
-        .arg(h.dir.join("state/control.sock"))
+        .arg(socket)
         .output()
         .unwrap();
     assert!(
@@ -819,6 +814,45 @@ fn hostile_packets_are_dropped_with_the_right_counter_and_never_answered() {
     );
 }
 
+/// Both hosts of the p2p lab with a daemon each (esp), from the lab's own configs;
+/// `b_interface` is added to B's `[interface]`.
+struct FullPair {
+    a: Netns,
+    b: Netns,
+    daemons: Vec<Daemon>,
+    dir: PathBuf,
+}
+
+impl Drop for FullPair {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn full_pair(tag: &str, cipher: Cipher, b_interface: &str) -> FullPair {
+    let (a, b) = p2p::topology(tag).unwrap();
+    let keys = LabKeys::generate(cipher).unwrap();
+    let dir = std::env::temp_dir().join(format!("espip-test-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut daemons = Vec::new();
+    for (me_a, ns, host) in [(true, &a, "a"), (false, &b, "b")] {
+        let cfg = dir.join(format!("{host}.toml"));
+        let mut text = p2p::config_text(
+            LabMode::Esp(cipher),
+            me_a,
+            Some(&keys),
+            false,
+            &dir.join(format!("state-{host}")),
+        );
+        if !me_a {
+            text = text.replace("[interface]\n", &format!("[interface]\n{b_interface}"));
+        }
+        std::fs::write(&cfg, text).unwrap();
+        daemons.push(Daemon::start(ns, &exe(), &cfg, &dir.join(format!("{host}.log"))).unwrap());
+    }
+    FullPair { a, b, daemons, dir }
+}
+
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -836,26 +870,10 @@ fn a_30_second_garbage_flood_does_not_stop_a_transfer() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     const BYTES: u64 = 20_000_000;
     const FLOOD_SECONDS: u64 = 30;
-    let (a, b) = p2p::topology("flood").unwrap();
-    let cipher = Cipher::Aes128Gcm;
-    let keys = LabKeys::generate(cipher).unwrap();
-    let dir = std::env::temp_dir().join(format!("espip-test-flood-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut daemons = Vec::new();
-    for (me_a, ns, host) in [(true, &a, "a"), (false, &b, "b")] {
-        let cfg = dir.join(format!("{host}.toml"));
-        let text = p2p::config_text(
-            LabMode::Esp(cipher),
-            me_a,
-            Some(&keys),
-            false,
-            &dir.join(format!("state-{host}")),
-        );
-        std::fs::write(&cfg, text).unwrap();
-        daemons.push(Daemon::start(ns, &exe(), &cfg, &dir.join(format!("{host}.log"))).unwrap());
-    }
-    let a_pid = daemons[0].pid().unwrap();
-    let transfer = || espip::lab::transfer(&exe(), (&b, &a), p2p::A_INNER, BYTES).unwrap();
+    let mut pair = full_pair("flood", Cipher::Aes128Gcm, "");
+    let (a, b, dir) = (&pair.a, &pair.b, pair.dir.clone());
+    let a_pid = pair.daemons[0].pid().unwrap();
+    let transfer = || espip::lab::transfer(&exe(), (b, a), p2p::A_INNER, BYTES).unwrap();
     // Baseline: B -> A, so that A's receive path carries the data and meets the flood.
     let base = transfer();
     assert!(base.ok(BYTES), "baseline transfer: {base:?}");
@@ -879,15 +897,13 @@ fn a_30_second_garbage_flood_does_not_stop_a_transfer() {
     }
     let sent = flood.wait_with_output().unwrap();
     let sent = String::from_utf8_lossy(&sent.stdout).to_string();
-    assert!(daemons[0].pid().is_some_and(|p| rss_kb(p) > 0), "A is up");
-    let (ok, _) = p2p::ping(&a, p2p::B_INNER);
+    assert!(
+        pair.daemons[0].pid().is_some_and(|p| rss_kb(p) > 0),
+        "A is up"
+    );
+    let (ok, _) = p2p::ping(a, p2p::B_INNER);
     assert!(ok, "the tunnel works after the flood");
-    let show = Command::new(exe())
-        .args(["show", "--json", "--socket"])
-        .arg(dir.join("state-a/control.sock"))
-        .output()
-        .unwrap();
-    let st: espip::status::Status = serde_json::from_slice(&show.stdout).unwrap();
+    let st = status_at(&dir.join("state-a/control.sock"));
     rates.sort_by(|x, y| x.partial_cmp(y).unwrap());
     let median = rates[rates.len() / 2];
     let (lo, hi) = (
@@ -919,10 +935,9 @@ fn a_30_second_garbage_flood_does_not_stop_a_transfer() {
         hi - lo.min(rss_before) < 2048,
         "RSS flat: {rss_before} kB, {rss:?}"
     );
-    for d in &mut daemons {
+    for d in &mut pair.daemons {
         assert!(d.stop().unwrap(), "clean stop after the flood");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -1041,35 +1056,15 @@ fn offload_on_one_side_and_off_on_the_other_interoperate() {
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (a, b) = p2p::topology("offl").unwrap();
-    let cipher = Cipher::Aes128Gcm;
-    let keys = LabKeys::generate(cipher).unwrap();
-    let dir = std::env::temp_dir().join(format!("espip-test-offl-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut daemons = Vec::new();
-    for (me_a, ns, host) in [(true, &a, "a"), (false, &b, "b")] {
-        let cfg = dir.join(format!("{host}.toml"));
-        let mut text = p2p::config_text(
-            LabMode::Esp(cipher),
-            me_a,
-            Some(&keys),
-            false,
-            &dir.join(format!("state-{host}")),
-        );
-        if !me_a {
-            text = text.replace("[interface]\n", "[interface]\noffload = false\n");
-        }
-        std::fs::write(&cfg, text).unwrap();
-        daemons.push(Daemon::start(ns, &exe(), &cfg, &dir.join(format!("{host}.log"))).unwrap());
-    }
+    let mut pair = full_pair("offl", Cipher::Aes128Gcm, "offload = false\n");
+    let (a, b) = (&pair.a, &pair.b);
     // Both directions: A segments its TSO packets, B (no offload) reads packet by packet; B's
     // TCP segments reach A, which coalesces them.
-    for (from, to, addr) in [(&a, &b, p2p::B_INNER), (&b, &a, p2p::A_INNER)] {
+    for (from, to, addr) in [(a, b, p2p::B_INNER), (b, a, p2p::A_INNER)] {
         let r = espip::lab::transfer(&exe(), (from, to), addr, 20_000_000).unwrap();
         assert!(r.ok(20_000_000), "{r:?}");
     }
-    for d in &mut daemons {
+    for d in &mut pair.daemons {
         assert!(d.stop().unwrap());
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
