@@ -246,6 +246,14 @@ impl Live {
             drops,
             errors,
             relayed: self.stats.relayed.load(Relaxed),
+            offload: [
+                ("tso_in", &e.tso_packets),
+                ("uso_in", &e.uso_packets),
+                ("gro_out", &e.gro_packets),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.load(Relaxed)))
+            .collect(),
             capture: self.capture.as_ref().map(|(c, files)| CaptureStatus {
                 files: files.iter().map(|f| f.display().to_string()).collect(),
                 written: c.written.load(Relaxed),

@@ -228,6 +228,12 @@ pub struct EdgeStats {
     pub bad_outer: AtomicU64,
     /// TUN packets whose offload header or TSO layout espip could not handle (dropped).
     pub offload_errors: AtomicU64,
+    /// Large TCP packets (TSO) read from the TUN and segmented.
+    pub tso_packets: AtomicU64,
+    /// Large UDP packets (USO) read from the TUN and segmented.
+    pub uso_packets: AtomicU64,
+    /// Coalesced (GRO) packets written to the TUN.
+    pub gro_packets: AtomicU64,
 }
 
 struct RateLimit(Option<Instant>);
@@ -960,6 +966,16 @@ fn offload_in(bufs: &mut [PacketBuf], edge: &EdgeStats) -> usize {
             if let Ok(k) = r {
                 // The segments replace the large packet.
                 bufs[..=k].rotate_left(1);
+                edge.tso_packets.fetch_add(1, Relaxed);
+            }
+            r
+        }
+        gso::GSO_UDP_L4 => {
+            let (src, rest) = bufs.split_at_mut(1);
+            let r = gso::segment_udp(src[0].as_slice(), usize::from(h.gso_size), rest);
+            if let Ok(k) = r {
+                bufs[..=k].rotate_left(1);
+                edge.uso_packets.fetch_add(1, Relaxed);
             }
             r
         }
@@ -1039,6 +1055,7 @@ fn write_coalesced(
                     *slot = io::IoSlice::new(&bufs[i].as_slice()[fs.hdr_len..]);
                 }
                 fail(tun.send_vectored(&parts[..2 + end - k]));
+                edge.gro_packets.fetch_add(1, Relaxed);
             }
             _ => fail(tun.write_packet(&mut bufs[first], 0)),
         }

@@ -28,6 +28,8 @@ pub const GSO_NONE: u8 = 0;
 pub const GSO_TCPV4: u8 = 1;
 /// `VIRTIO_NET_HDR_GSO_TCPV6`.
 pub const GSO_TCPV6: u8 = 4;
+/// `VIRTIO_NET_HDR_GSO_UDP_L4`: UDP segmentation (USO), IPv4 or IPv6.
+pub const GSO_UDP_L4: u8 = 5;
 /// `VIRTIO_NET_HDR_GSO_ECN` flag bit of `gso_type`.
 pub const GSO_ECN: u8 = 0x80;
 
@@ -199,6 +201,81 @@ pub fn segment_tcp(pkt: &[u8], gso_size: usize, out: &mut [PacketBuf]) -> Result
     Ok(n)
 }
 
+/// Cut a UDP GSO packet (USO: an application sent with `UDP_SEGMENT`) into datagrams of
+/// `gso_size` payload bytes, each with its own IP header (IPv4 total length, ID, header
+/// checksum; IPv6 payload length), UDP length and full UDP checksum. Returns the count.
+pub fn segment_udp(pkt: &[u8], gso_size: usize, out: &mut [PacketBuf]) -> Result<usize, GsoError> {
+    let ip_len = match pkt.first().map(|b| b >> 4) {
+        Some(4) if pkt.len() >= 20 => {
+            let ihl = usize::from(pkt[0] & 0x0f) * 4;
+            if pkt[9] != 17 {
+                return Err(GsoError::Unsupported);
+            }
+            if ihl < 20 {
+                return Err(GsoError::Malformed);
+            }
+            ihl
+        }
+        Some(6) if pkt.len() >= 40 => {
+            if pkt[6] != 17 {
+                return Err(GsoError::Unsupported);
+            }
+            40
+        }
+        _ => return Err(GsoError::Malformed),
+    };
+    let hdr = ip_len + 8;
+    if pkt.len() < hdr || gso_size == 0 {
+        return Err(GsoError::Malformed);
+    }
+    let payload = pkt.len() - hdr;
+    let n = payload.div_ceil(gso_size).max(1);
+    if n > out.len() {
+        return Err(GsoError::TooManySegments);
+    }
+    let v4 = ip_len != 40;
+    let id0 = u16::from_be_bytes([pkt[4], pkt[5]]);
+    let addr_sum = if v4 {
+        sum_words(0, &pkt[12..20])
+    } else {
+        sum_words(0, &pkt[8..40])
+    };
+    for (i, b) in out[..n].iter_mut().enumerate() {
+        let start = hdr + i * gso_size;
+        let len = gso_size.min(payload - (i * gso_size).min(payload));
+        let total = hdr + len;
+        b.reset();
+        let area = b.read_area();
+        if area.len() < total {
+            return Err(GsoError::Malformed);
+        }
+        area[..hdr].copy_from_slice(&pkt[..hdr]);
+        area[hdr..total].copy_from_slice(&pkt[start..start + len]);
+        b.set_len(total);
+        let s = b.as_mut_slice();
+        if v4 {
+            s[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            s[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
+            s[10..12].fill(0);
+            let c = fold(sum_words(0, &s[..ip_len]));
+            s[10..12].copy_from_slice(&c.to_be_bytes());
+        } else {
+            s[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+        }
+        let u = ip_len;
+        let udp_len = (total - ip_len) as u16;
+        s[u + 4..u + 6].copy_from_slice(&udp_len.to_be_bytes());
+        s[u + 6..u + 8].fill(0);
+        let mut c = fold(sum_words(addr_sum + 17 + u32::from(udp_len), &s[u..total]));
+        if c == 0 {
+            // RFC 768: a computed zero is sent as all ones (zero means "no checksum").
+            c = 0xffff;
+        }
+        s[u + 6..u + 8].copy_from_slice(&c.to_be_bytes());
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -313,6 +390,47 @@ pub(crate) mod tests {
             assert!(segment_tcp(&p[..cut], 1000, &mut out).is_err(), "cut {cut}");
         }
         assert_eq!(segment_tcp(&p, 0, &mut out), Err(GsoError::Malformed));
+    }
+
+    #[test]
+    fn uso_datagrams_have_their_own_lengths_and_checksums() {
+        for v4 in [true, false] {
+            let ip = if v4 { 20 } else { 40 };
+            let mut p = super_packet(v4, 0, 0);
+            p.truncate(ip);
+            p.extend_from_slice(&[0x1f, 0x90, 0x00, 0x35, 0, 0, 0, 0]);
+            p.extend((0..3000u32).map(|i| (i % 253) as u8));
+            if v4 {
+                p[9] = 17;
+            } else {
+                p[6] = 17;
+            }
+            let mut out: Vec<PacketBuf> = (0..4).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+            let n = segment_udp(&p, 1200, &mut out).unwrap();
+            assert_eq!(n, 3);
+            let mut joined = Vec::new();
+            for (i, b) in out[..n].iter().enumerate() {
+                let s = b.as_slice();
+                let len = if i < 2 { 1200 } else { 600 };
+                assert_eq!(s.len(), ip + 8 + len);
+                assert_eq!(
+                    usize::from(u16::from_be_bytes([s[ip + 4], s[ip + 5]])),
+                    8 + len
+                );
+                if v4 {
+                    assert_eq!(checksum(&s[..20]), 0);
+                }
+                let sum = if v4 {
+                    sum_words(0, &s[12..20])
+                } else {
+                    sum_words(0, &s[8..40])
+                };
+                assert_eq!(fold(sum_words(sum + 17 + (8 + len) as u32, &s[ip..])), 0);
+                assert_eq!(&s[ip..ip + 4], &[0x1f, 0x90, 0x00, 0x35], "ports kept");
+                joined.extend_from_slice(&s[ip + 8..]);
+            }
+            assert_eq!(joined, &p[ip + 8..]);
+        }
     }
 
     #[test]

@@ -21,6 +21,10 @@ pub struct Status {
     pub relayed: u64,
     /// The capture taps, when configured.
     pub capture: Option<CaptureStatus>,
+    /// TUN offload work: `tso_in`, `uso_in` (large packets read and segmented), `gro_out`
+    /// (coalesced packets written).
+    #[serde(default)]
+    pub offload: BTreeMap<String, u64>,
 }
 
 /// The TUN interface.
@@ -245,6 +249,16 @@ impl Status {
         if self.relayed > 0 {
             let _ = writeln!(s, "relayed between peers: {} packets", self.relayed);
         }
+        if self.offload.values().any(|n| *n > 0) {
+            let get = |k: &str| self.offload.get(k).copied().unwrap_or(0);
+            let _ = writeln!(
+                s,
+                "offload: {} TSO and {} USO packets segmented, {} coalesced writes",
+                get("tso_in"),
+                get("uso_in"),
+                get("gro_out")
+            );
+        }
         if let Some(c) = &self.capture {
             let _ = writeln!(
                 s,
@@ -395,6 +409,18 @@ impl Status {
             );
         }
         m.family(
+            "espip_offload_packets_total",
+            "counter",
+            "TUN offload work: tso_in / uso_in (large packets segmented), gro_out (coalesced writes).",
+        );
+        for (kind, n) in &self.offload {
+            m.sample(
+                "espip_offload_packets_total",
+                &[("interface", &self.interface.name), ("kind", kind)],
+                *n as f64,
+            );
+        }
+        m.family(
             "espip_relayed_packets_total",
             "counter",
             "Packets relayed from one peer to another inside the daemon.",
@@ -507,6 +533,7 @@ mod tests {
             errors: [("send".to_string(), 0)].into_iter().collect(),
             relayed: 0,
             capture: None,
+            offload: Default::default(),
         }
     }
 

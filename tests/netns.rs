@@ -1068,3 +1068,59 @@ fn offload_on_one_side_and_off_on_the_other_interoperate() {
         assert!(d.stop().unwrap());
     }
 }
+
+#[test]
+fn tso_and_uso_packets_from_the_tun_are_segmented_and_gro_coalesces() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pair = full_pair("uso", Cipher::Aes128Gcm, "");
+    // B counts the datagrams it receives; A sends 5 x 12000 bytes with UDP_SEGMENT = 1200, so
+    // its kernel hands the TUN five 12 KB UDP packets (USO) that espip must cut into 50.
+    let recv = pair
+        .b
+        .command("/usr/bin/python3")
+        .args([
+            "-c",
+            "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('10.4.2.5', 5555))\ns.settimeout(3)\nsizes = []\ntry:\n    while len(sizes) < 50:\n        sizes.append(len(s.recv(65535)))\nexcept socket.timeout:\n    pass\nprint(len(sizes), sorted(set(sizes)))",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sent = netns::run(pair.a.command("/usr/bin/python3").args([
+        "-c",
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.setsockopt(17, 103, 1200)\nfor i in range(5):\n    s.sendto(bytes(12000), ('10.4.2.5', 5555))\nprint('sent')",
+    ]))
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&sent.stdout).contains("sent"),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let got = recv.wait_with_output().unwrap();
+    let got = String::from_utf8_lossy(&got.stdout).trim().to_string();
+    assert_eq!(got, "50 [1200]", "B received every 1200-byte datagram");
+    // A TCP transfer: A's kernel hands over TSO packets, B coalesces the segments it writes.
+    let r = espip::lab::transfer(&exe(), (&pair.a, &pair.b), p2p::B_INNER, 5_000_000).unwrap();
+    assert!(r.ok(5_000_000), "{r:?}");
+    let a = status_at(&pair.dir.join("state-a/control.sock"));
+    let b = status_at(&pair.dir.join("state-b/control.sock"));
+    assert!(
+        a.offload["uso_in"] >= 5,
+        "USO packets segmented: {:?}",
+        a.offload
+    );
+    assert!(
+        a.offload["tso_in"] > 0,
+        "TSO packets segmented: {:?}",
+        a.offload
+    );
+    assert!(
+        b.offload["gro_out"] > 0,
+        "coalesced writes: {:?}",
+        b.offload
+    );
+    assert_eq!(a.errors["offload"], 0);
+}

@@ -19,6 +19,8 @@ const IFF_VNET_HDR: libc::c_int = 0x4000;
 /// `TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6`: the kernel may hand over TCP packets of up to 64 KB
 /// with a partial checksum (espip segments them, `crate::gso`).
 const TUN_OFFLOADS: libc::c_uint = 0x01 | 0x02 | 0x04;
+/// `TUN_F_USO4 | TUN_F_USO6` (Linux 6.2+, only together): UDP GSO packets as well.
+const TUN_USO: libc::c_uint = 0x20 | 0x40;
 
 /// Why the TUN device could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -87,13 +89,15 @@ impl Tun {
             if rc < 0 {
                 return Err(TunError::Other(name.into(), io::Error::last_os_error()));
             }
-            // SAFETY: as above.
-            let rc = unsafe {
-                libc::ioctl(
-                    file.as_raw_fd(),
-                    TUNSETOFFLOAD as _,
-                    TUN_OFFLOADS as libc::c_ulong,
-                )
+            // SAFETY: as above. USO first; a kernel without it (before 6.2) refuses the flags
+            // with EINVAL and gets TSO and checksum offload only.
+            let set = |flags: libc::c_uint| unsafe {
+                libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD as _, flags as libc::c_ulong)
+            };
+            let rc = if set(TUN_OFFLOADS | TUN_USO) < 0 {
+                set(TUN_OFFLOADS)
+            } else {
+                0
             };
             if rc < 0 {
                 return Err(TunError::Other(name.into(), io::Error::last_os_error()));
