@@ -233,7 +233,7 @@ pub fn segment_udp(pkt: &[u8], gso_size: usize, out: &mut [PacketBuf]) -> Result
     if n > out.len() {
         return Err(GsoError::TooManySegments);
     }
-    let v4 = ip_len != 40;
+    let v4 = pkt[0] >> 4 == 4;
     let id0 = u16::from_be_bytes([pkt[4], pkt[5]]);
     let addr_sum = if v4 {
         sum_words(0, &pkt[12..20])
@@ -431,6 +431,33 @@ pub(crate) mod tests {
             }
             assert_eq!(joined, &p[ip + 8..]);
         }
+    }
+
+    /// Regression (found by the `offload` fuzz target): an IPv4 header of exactly 40 bytes
+    /// (20 bytes of options) was taken for IPv6.
+    #[test]
+    fn uso_with_a_40_byte_ipv4_header_stays_ipv4() {
+        let mut p = vec![0u8; 40 + 8 + 10];
+        p[0] = 0x4a;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&[10, 4, 2, 99]);
+        p[16..20].copy_from_slice(&[10, 4, 2, 5]);
+        p[20..40].fill(1); // options: NOPs
+        let mut out: Vec<PacketBuf> = (0..2).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+        assert_eq!(segment_udp(&p, 1000, &mut out), Ok(1));
+        let s = out[0].as_slice();
+        assert_eq!(
+            u16::from_be_bytes([s[2], s[3]]) as usize,
+            s.len(),
+            "IPv4 total length"
+        );
+        assert_eq!(
+            checksum(&s[..40]),
+            0,
+            "IPv4 header checksum over the options"
+        );
+        let sum = sum_words(0, &s[12..20]);
+        assert_eq!(fold(sum_words(sum + 17 + 18, &s[40..])), 0, "UDP checksum");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use espip::buf::{PacketBuf, MAX_PACKET};
 use espip::gro;
-use espip::gso::segment_tcp;
+use espip::gso::{segment_tcp, segment_udp};
 use espip::wire::ip::{fold, sum_words};
 use libfuzzer_sys::fuzz_target;
 
@@ -24,10 +24,33 @@ fuzz_target!(|data: &[u8]| {
     };
     let gso_size = usize::from(u16::from_le_bytes(*size) % 4096);
     let mut out: Vec<PacketBuf> = (0..16).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+    // USO: every datagram carries a valid UDP checksum and its own length.
+    if let Ok(n) = segment_udp(pkt, gso_size, &mut out) {
+        for b in &out[..n] {
+            let s = b.as_slice();
+            let (ip, sum) = if s[0] >> 4 == 4 {
+                (usize::from(s[0] & 0x0f) * 4, sum_words(0, &s[12..20]))
+            } else {
+                (40, sum_words(0, &s[8..40]))
+            };
+            assert_eq!(
+                usize::from(u16::from_be_bytes([s[ip + 4], s[ip + 5]])),
+                s.len() - ip
+            );
+            assert_eq!(
+                fold(sum_words(sum + 17 + (s.len() - ip) as u32, &s[ip..])),
+                0
+            );
+        }
+    }
     let Ok(n) = segment_tcp(pkt, gso_size, &mut out) else {
         return;
     };
-    let ip = if pkt[0] >> 4 == 4 { usize::from(pkt[0] & 0x0f) * 4 } else { 40 };
+    let ip = if pkt[0] >> 4 == 4 {
+        usize::from(pkt[0] & 0x0f) * 4
+    } else {
+        40
+    };
     for b in &out[..n] {
         assert!(tcp_ok(b.as_slice(), ip), "segment with a bad TCP checksum");
     }
@@ -38,7 +61,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let (mut last, mut ls, mut total, mut k) = (segs[0], fs, segs[0].len(), 1);
     while k < n {
-        let Some(ns) = gro::segment(segs[k]) else { break };
+        let Some(ns) = gro::segment(segs[k]) else {
+            break;
+        };
         if !gro::can_merge(segs[0], &fs, last, &ls, total, segs[k], &ns) {
             break;
         }
