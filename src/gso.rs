@@ -141,18 +141,54 @@ fn tcp_layout(pkt: &[u8], gso_size: usize) -> Result<(usize, usize, usize, usize
     Ok((ip_len, tcp_len, payload, payload.div_ceil(gso_size).max(1)))
 }
 
+/// Segment `i` of a GSO packet into `b`: the headers (`hdr` bytes, the IP header `ip_len` of
+/// them) and the segment's payload, with the IP header made right for it (IPv4 total length,
+/// ID + `i`, header checksum; IPv6 payload length). The transport header is the caller's.
+fn ip_segment<'a>(
+    pkt: &[u8],
+    ip_len: usize,
+    hdr: usize,
+    gso_size: usize,
+    i: usize,
+    b: &'a mut PacketBuf,
+) -> Result<&'a mut [u8], GsoError> {
+    let payload = pkt.len() - hdr;
+    let start = hdr + i * gso_size;
+    let len = gso_size.min(payload - (i * gso_size).min(payload));
+    let total = hdr + len;
+    b.reset();
+    let area = b.read_area();
+    if area.len() < total {
+        return Err(GsoError::Malformed);
+    }
+    area[..hdr].copy_from_slice(&pkt[..hdr]);
+    area[hdr..total].copy_from_slice(&pkt[start..start + len]);
+    b.set_len(total);
+    let s = b.as_mut_slice();
+    if pkt[0] >> 4 == 4 {
+        let id = u16::from_be_bytes([pkt[4], pkt[5]]).wrapping_add(i as u16);
+        s[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        s[4..6].copy_from_slice(&id.to_be_bytes());
+        s[10..12].fill(0);
+        let c = fold(sum_words(0, &s[..ip_len]));
+        s[10..12].copy_from_slice(&c.to_be_bytes());
+    } else {
+        s[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+    }
+    Ok(s)
+}
+
 /// Cut a TCP GSO packet (as read from the TUN, after its `virtio_net_hdr`) into segments of at
 /// most `gso_size` payload bytes, one per buffer of `out` (each reset, headroom kept). Returns
 /// the number of segments.
 pub fn segment_tcp(pkt: &[u8], gso_size: usize, out: &mut [PacketBuf]) -> Result<usize, GsoError> {
-    let (ip_len, tcp_len, payload, n) = tcp_layout(pkt, gso_size)?;
+    let (ip_len, tcp_len, _, n) = tcp_layout(pkt, gso_size)?;
     if n > out.len() {
         return Err(GsoError::TooManySegments);
     }
     let hdr = ip_len + tcp_len;
     let v4 = pkt[0] >> 4 == 4;
     let seq0 = u32::from_be_bytes(pkt[ip_len + 4..ip_len + 8].try_into().expect("4 bytes"));
-    let id0 = u16::from_be_bytes([pkt[4], pkt[5]]);
     let flags0 = pkt[ip_len + 13];
     // Pseudo-header addresses (RFC 793 / RFC 8200 8.1), summed once.
     let addr_sum = if v4 {
@@ -161,27 +197,8 @@ pub fn segment_tcp(pkt: &[u8], gso_size: usize, out: &mut [PacketBuf]) -> Result
         sum_words(0, &pkt[8..40])
     };
     for (i, b) in out[..n].iter_mut().enumerate() {
-        let start = hdr + i * gso_size;
-        let len = gso_size.min(payload - (i * gso_size).min(payload));
-        let total = hdr + len;
-        b.reset();
-        let area = b.read_area();
-        if area.len() < total {
-            return Err(GsoError::Malformed);
-        }
-        area[..hdr].copy_from_slice(&pkt[..hdr]);
-        area[hdr..total].copy_from_slice(&pkt[start..start + len]);
-        b.set_len(total);
-        let s = b.as_mut_slice();
-        if v4 {
-            s[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-            s[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
-            s[10..12].fill(0);
-            let c = fold(sum_words(0, &s[..ip_len]));
-            s[10..12].copy_from_slice(&c.to_be_bytes());
-        } else {
-            s[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
-        }
+        let s = ip_segment(pkt, ip_len, hdr, gso_size, i, b)?;
+        let total = s.len();
         let t = ip_len;
         s[t + 4..t + 8].copy_from_slice(&seq0.wrapping_add((i * gso_size) as u32).to_be_bytes());
         let mut flags = flags0;
@@ -234,34 +251,14 @@ pub fn segment_udp(pkt: &[u8], gso_size: usize, out: &mut [PacketBuf]) -> Result
         return Err(GsoError::TooManySegments);
     }
     let v4 = pkt[0] >> 4 == 4;
-    let id0 = u16::from_be_bytes([pkt[4], pkt[5]]);
     let addr_sum = if v4 {
         sum_words(0, &pkt[12..20])
     } else {
         sum_words(0, &pkt[8..40])
     };
     for (i, b) in out[..n].iter_mut().enumerate() {
-        let start = hdr + i * gso_size;
-        let len = gso_size.min(payload - (i * gso_size).min(payload));
-        let total = hdr + len;
-        b.reset();
-        let area = b.read_area();
-        if area.len() < total {
-            return Err(GsoError::Malformed);
-        }
-        area[..hdr].copy_from_slice(&pkt[..hdr]);
-        area[hdr..total].copy_from_slice(&pkt[start..start + len]);
-        b.set_len(total);
-        let s = b.as_mut_slice();
-        if v4 {
-            s[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-            s[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
-            s[10..12].fill(0);
-            let c = fold(sum_words(0, &s[..ip_len]));
-            s[10..12].copy_from_slice(&c.to_be_bytes());
-        } else {
-            s[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
-        }
+        let s = ip_segment(pkt, ip_len, hdr, gso_size, i, b)?;
+        let total = s.len();
         let u = ip_len;
         let udp_len = (total - ip_len) as u16;
         s[u + 4..u + 6].copy_from_slice(&udp_len.to_be_bytes());
