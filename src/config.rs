@@ -177,6 +177,7 @@ struct RawInterface {
     control: Option<PathBuf>,
     user: Option<String>,
     offload: Option<bool>,
+    listen_port: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -248,6 +249,8 @@ pub struct Interface {
     pub user: Option<String>,
     /// TUN offloads: TSO/checksum offload on the TUN, segmented by espip.
     pub offload: bool,
+    /// The local UDP port ESP-in-UDP peers (`mode = "esp-udp"`) send to.
+    pub listen_port: u16,
 }
 
 /// Default `interface.user`.
@@ -665,8 +668,20 @@ fn interface(raw: RawInterface, base: &Path) -> Result<Interface, ConfigError> {
         }
         Some(u) => Some(u.to_string()),
     };
+    let listen_port = match raw.listen_port {
+        None => crate::wire::ip::IPSEC_NAT_T_PORT,
+        Some(p) if (1..=65535).contains(&p) => p as u16,
+        Some(p) => {
+            return Err(invalid(
+                "interface.listen_port",
+                p,
+                "a UDP port from 1 to 65535 (4500, the IPsec NAT-T port, by default)",
+            ))
+        }
+    };
     Ok(Interface {
         offload: raw.offload.unwrap_or(true),
+        listen_port,
         user,
         control,
         name,
@@ -841,13 +856,34 @@ fn peer(p: RawPeer, base: &Path, warnings: &mut Vec<String>) -> Result<PeerSpec,
     if name.is_empty() {
         return Err(invalid("peer.name", "\"\"", "a non-empty name"));
     }
-    let endpoint: IpAddr = p.endpoint.trim().parse().map_err(|_| {
-        invalid(
+    let (endpoint, port): (IpAddr, Option<u16>) =
+        match p.endpoint.trim().parse::<std::net::SocketAddr>() {
+            Ok(sa) => (sa.ip(), Some(sa.port())),
+            Err(_) => (
+                p.endpoint.trim().parse().map_err(|_| {
+                    invalid(
+                        k("endpoint"),
+                        format!("{:?}", p.endpoint),
+                        "the peer's outer IPv4 address, e.g. \"192.0.2.2\" (with mode = \"esp-udp\" optionally a port: \"192.0.2.2:4500\")",
+                    )
+                })?,
+                None,
+            ),
+        };
+    if port.is_some() && p.mode != "esp-udp" {
+        return Err(invalid(
             k("endpoint"),
             format!("{:?}", p.endpoint),
-            "the peer's outer IPv4 address, e.g. \"192.0.2.2\"",
-        )
-    })?;
+            "an address without a port: only mode = \"esp-udp\" (ESP in UDP) sends to a port",
+        ));
+    }
+    if port == Some(0) {
+        return Err(invalid(
+            k("endpoint"),
+            format!("{:?}", p.endpoint),
+            "a UDP port from 1 to 65535 (4500 if left out)",
+        ));
+    }
     if endpoint.is_ipv6() {
         return Err(invalid(
             k("endpoint"),
@@ -897,7 +933,7 @@ fn peer(p: RawPeer, base: &Path, warnings: &mut Vec<String>) -> Result<PeerSpec,
             ));
             EncapSpec::IpIp
         }
-        "esp" => {
+        "esp" | "esp-udp" => {
             let cname = p.cipher.clone().unwrap_or_default();
             let cipher = Cipher::from_name(&cname).ok_or_else(|| {
                 invalid(
@@ -968,13 +1004,15 @@ fn peer(p: RawPeer, base: &Path, warnings: &mut Vec<String>) -> Result<PeerSpec,
                 replay_window,
                 esn,
                 lifetime,
+                udp_port: (p.mode == "esp-udp")
+                    .then(|| port.unwrap_or(crate::wire::ip::IPSEC_NAT_T_PORT)),
             }
         }
         other => {
             return Err(invalid(
                 k("mode"),
                 format!("{other:?}"),
-                "\"esp\" or \"ipip\"",
+                "\"esp\", \"esp-udp\" (ESP in UDP, RFC 3948) or \"ipip\"",
             ));
         }
     };
@@ -1070,7 +1108,45 @@ key_in = "{KEY16B}"
         let e = err(&base("").replace("espip0", "a-name-that-is-too-long"));
         assert!(e.contains("interface.name"), "{e}");
         let e = err(&base("").replace("mode = \"esp\"", "mode = \"gre\""));
-        assert!(e.contains("\"esp\" or \"ipip\""), "{e}");
+        assert!(e.contains("\"esp-udp\""), "{e}");
+    }
+
+    #[test]
+    fn esp_udp_takes_a_port_and_the_others_refuse_one() {
+        let udp = base("").replace("mode = \"esp\"", "mode = \"esp-udp\"");
+        let c = Config::parse(&udp, Path::new(".")).unwrap();
+        assert_eq!(c.interface.listen_port, 4500);
+        assert!(matches!(
+            c.peers[0].encap,
+            EncapSpec::Esp {
+                udp_port: Some(4500),
+                ..
+            }
+        ));
+        let c = Config::parse(
+            &udp.replace("\"192.0.2.2\"", "\"192.0.2.2:14500\"")
+                .replace("[interface]", "[interface]\nlisten_port = 14501"),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(c.interface.listen_port, 14501);
+        assert_eq!(c.peers[0].endpoint.to_string(), "192.0.2.2");
+        assert!(matches!(
+            c.peers[0].encap,
+            EncapSpec::Esp {
+                udp_port: Some(14500),
+                ..
+            }
+        ));
+        let e = err(&base("").replace("\"192.0.2.2\"", "\"192.0.2.2:4500\""));
+        assert!(e.contains("endpoint") && e.contains("esp-udp"), "{e}");
+        let e = err(&udp.replace("\"192.0.2.2\"", "\"192.0.2.2:0\""));
+        assert!(e.contains("endpoint") && e.contains("1 to 65535"), "{e}");
+        let e = err(&udp.replace("[interface]", "[interface]\nlisten_port = 70000"));
+        assert!(
+            e.contains("interface.listen_port") && e.contains("70000"),
+            "{e}"
+        );
     }
 
     #[test]

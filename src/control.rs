@@ -177,11 +177,12 @@ impl Live {
                         spi_in,
                         replay_window,
                         esn,
+                        udp_port,
                         ..
                     } => {
                         let (next, limit) = out_state.get(i).copied().flatten().unwrap_or((0, 0));
                         (
-                            "esp",
+                            if udp_port.is_some() { "esp-udp" } else { "esp" },
                             Some(SaOut {
                                 spi: *spi_out,
                                 cipher: cipher.name().into(),
@@ -201,7 +202,13 @@ impl Live {
                 };
                 PeerStatus {
                     name: p.name.clone(),
-                    endpoint: p.endpoint.to_string(),
+                    endpoint: match &p.encap {
+                        EncapSpec::Esp {
+                            udp_port: Some(port),
+                            ..
+                        } => std::net::SocketAddr::new(p.endpoint, *port).to_string(),
+                        _ => p.endpoint.to_string(),
+                    },
                     mode: mode.into(),
                     allowed_ips: p.allowed_ips.iter().map(|a| a.to_string()).collect(),
                     sa_out,
@@ -250,6 +257,8 @@ impl Live {
                 ("tso_in", &e.tso_packets),
                 ("uso_in", &e.uso_packets),
                 ("gro_out", &e.gro_packets),
+                ("udp_gso_out", &e.udp_gso_sends),
+                ("udp_gro_in", &e.udp_gro_receives),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.load(Relaxed)))

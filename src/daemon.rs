@@ -19,11 +19,12 @@ use crate::sys::capture::{Recorder, Tap, Taps};
 use crate::sys::raw::{strip_ipv4_header, RawSocket};
 use crate::sys::seqstore::{SeqStore, RESERVE};
 use crate::sys::tun::Tun;
-use crate::wire::ip::{PROTO_ESP, PROTO_IPIP, PROTO_IPV6};
+use crate::sys::udp::UdpEncapSocket;
+use crate::wire::ip::{PROTO_ESP, PROTO_IPIP, PROTO_IPV6, PROTO_UDP};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -84,8 +85,15 @@ impl Silence {
                 if !self.silent[i] && now.saturating_sub(since) >= SILENT_AFTER.as_nanos() as u64 {
                     self.silent[i] = true;
                     let proto = match p.encap {
-                        EncapSpec::Esp { .. } => "ESP (protocol 50)",
-                        EncapSpec::IpIp => "IP-in-IP (protocols 4 and 41)",
+                        EncapSpec::Esp {
+                            udp_port: Some(port),
+                            ..
+                        } => format!(
+                            "ESP in UDP (port {port} there, {} here)",
+                            cfg.interface.listen_port
+                        ),
+                        EncapSpec::Esp { .. } => "ESP (protocol 50)".into(),
+                        EncapSpec::IpIp => "IP-in-IP (protocols 4 and 41)".into(),
                     };
                     warn!(
                         peer = %p.name,
@@ -164,6 +172,14 @@ pub enum DaemonError {
         /// Why.
         source: io::Error,
     },
+    /// The ESP-in-UDP socket.
+    #[error("cannot open UDP port {port} for ESP in UDP: {source}; another program (an IKE daemon such as strongSwan's charon, or a second espip) may hold it: stop it or set interface.listen_port")]
+    UdpSocket {
+        /// The port.
+        port: u16,
+        /// Why.
+        source: io::Error,
+    },
     /// Interface configuration.
     #[error("configuring the interface: {0}")]
     Netlink(#[from] crate::sys::netlink::NetlinkError),
@@ -234,6 +250,10 @@ pub struct EdgeStats {
     pub uso_packets: AtomicU64,
     /// Coalesced (GRO) packets written to the TUN.
     pub gro_packets: AtomicU64,
+    /// ESP-in-UDP messages sent with UDP segmentation offload (several datagrams each).
+    pub udp_gso_sends: AtomicU64,
+    /// ESP-in-UDP messages received coalesced by UDP GRO (several datagrams each).
+    pub udp_gro_receives: AtomicU64,
 }
 
 struct RateLimit(Option<Instant>);
@@ -266,8 +286,7 @@ pub fn tunnel_mtu(cfg: &Config) -> Result<u16, DaemonError> {
                 source,
             }
         })?;
-        let esp = matches!(p.encap, EncapSpec::Esp { .. });
-        mtu = mtu.min(datapath::inner_mtu(path, esp));
+        mtu = mtu.min(datapath::inner_mtu(path, &p.encap));
     }
     let floor = if cfg.interface.addresses.iter().any(|a| a.addr.is_ipv6()) {
         crate::config::MIN_MTU_V6
@@ -296,7 +315,16 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let need_esp = cfg
         .peers
         .iter()
-        .any(|p| matches!(p.encap, EncapSpec::Esp { .. }));
+        .any(|p| matches!(p.encap, EncapSpec::Esp { udp_port: None, .. }));
+    let need_udp = cfg.peers.iter().any(|p| {
+        matches!(
+            p.encap,
+            EncapSpec::Esp {
+                udp_port: Some(_),
+                ..
+            }
+        )
+    });
     let need_ipip = cfg.peers.iter().any(|p| matches!(p.encap, EncapSpec::IpIp));
     let mut protocols = Vec::new();
     if need_esp {
@@ -310,6 +338,15 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             .map_err(|source| DaemonError::RawSocket { protocol, source })?;
         sockets.push(s);
     }
+    let udp = if need_udp {
+        let port = cfg.interface.listen_port;
+        Some(
+            UdpEncapSocket::open(local_v4, port)
+                .map_err(|source| DaemonError::UdpSocket { port, source })?,
+        )
+    } else {
+        None
+    };
     // The control socket second: it is also the lock against a second daemon for the same
     // interface (a socket left by a killed daemon does not answer and is replaced).
     let mut control = ControlSocket::bind(&cfg.interface.control, &cfg.interface.name)?;
@@ -492,10 +529,15 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 spi_in,
                 replay_window,
                 esn,
+                udp_port,
                 ..
             } => info!(
                 peer = %p.name,
                 endpoint = %p.endpoint,
+                transport = match udp_port {
+                    Some(port) => format!("ESP in UDP to port {port} (from port {})", cfg.interface.listen_port),
+                    None => "ESP (protocol 50)".to_string(),
+                },
                 cipher = cipher.name(),
                 spi_out = format!("{spi_out:#010x}"),
                 spi_in = format!("{spi_in:#010x}"),
@@ -514,6 +556,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let edge = Arc::new(EdgeStats::default());
     let tun = Arc::new(tun);
     let sockets = Arc::new(sockets);
+    let udp = Arc::new(udp);
     // The TX thread takes the lock once per batch; the RX thread only when a batch holds
     // packets to relay between peers (a hub). Uncontended otherwise.
     let outbound = Arc::new(Mutex::new(outbound));
@@ -533,6 +576,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let handles = EdgeHandles {
         tun: tun.clone(),
         sockets: sockets.clone(),
+        udp: udp.clone(),
         stop: stop.clone(),
         edge: edge.clone(),
         sent_from,
@@ -627,6 +671,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
 struct EdgeHandles {
     tun: Arc<Tun>,
     sockets: Arc<Vec<RawSocket>>,
+    udp: Arc<Option<UdpEncapSocket>>,
     stop: Arc<EventFd>,
     edge: Arc<EdgeStats>,
     sent_from: Arc<Vec<(Ipv4Addr, Ipv4Addr)>>,
@@ -637,6 +682,7 @@ impl EdgeHandles {
         Edges {
             tun: &self.tun,
             sockets: &self.sockets,
+            udp: self.udp.as_ref().as_ref(),
             stop: &self.stop,
             edge: &self.edge,
             sent_from: &self.sent_from,
@@ -648,6 +694,7 @@ impl EdgeHandles {
 struct Edges<'a> {
     tun: &'a Tun,
     sockets: &'a [RawSocket],
+    udp: Option<&'a UdpEncapSocket>,
     stop: &'a EventFd,
     edge: &'a EdgeStats,
     /// (endpoint, source) of every IPv4 peer, for the outer tap's synthesised headers.
@@ -683,33 +730,44 @@ fn relay_batch(
     send_verdicts(bufs, &verdicts[..bufs.len()], e, rec);
 }
 
-/// Send every `Send` verdict of a batch, one `sendmmsg` per raw socket.
+/// Send every `Send` verdict of a batch: one `sendmmsg` per raw socket, and the ESP-in-UDP
+/// datagrams through the UDP socket (trains of one size as single GSO messages).
 fn send_verdicts(
     bufs: &[PacketBuf],
     verdicts: &[Verdict],
     e: &Edges,
     rec: &mut Recorder,
 ) -> Option<io::Error> {
+    let source = |dst: &Ipv4Addr| {
+        e.sent_from
+            .iter()
+            .find(|(ep, _)| ep == dst)
+            .map_or(Ipv4Addr::UNSPECIFIED, |(_, s)| *s)
+    };
     if rec.wants(Tap::Outer) {
         for (b, v) in bufs.iter().zip(verdicts) {
-            if let Verdict::Send {
-                endpoint: IpAddr::V4(dst),
-                protocol,
-            } = v
-            {
-                let src = e
-                    .sent_from
-                    .iter()
-                    .find(|(ep, _)| ep == dst)
-                    .map_or(Ipv4Addr::UNSPECIFIED, |(_, s)| *s);
-                rec.record_sent(src, *dst, *protocol, b.as_slice());
+            match v {
+                Verdict::Send {
+                    endpoint: IpAddr::V4(dst),
+                    protocol: PROTO_UDP,
+                    port,
+                } => {
+                    let from = SocketAddrV4::new(source(dst), e.udp.map_or(0, |u| u.port()));
+                    rec.record_udp(from, SocketAddrV4::new(*dst, *port), b.as_slice());
+                }
+                Verdict::Send {
+                    endpoint: IpAddr::V4(dst),
+                    protocol,
+                    ..
+                } => rec.record_sent(source(dst), *dst, *protocol, b.as_slice()),
+                _ => {}
             }
         }
     }
     let mut last_err = None;
     for s in e.sockets {
         let proto = s.protocol();
-        let is_ours = |v: &Verdict| matches!(v, Verdict::Send { protocol, endpoint: IpAddr::V4(_) } if *protocol == proto);
+        let is_ours = |v: &Verdict| matches!(v, Verdict::Send { protocol, endpoint: IpAddr::V4(_), .. } if *protocol == proto);
         let want = verdicts.iter().filter(|v| is_ours(v)).count();
         if want == 0 {
             continue;
@@ -718,6 +776,7 @@ fn send_verdicts(
             Verdict::Send {
                 endpoint: IpAddr::V4(dst),
                 protocol,
+                ..
             } if *protocol == proto => Some((b.as_slice(), *dst)),
             _ => None,
         });
@@ -730,6 +789,31 @@ fn send_verdicts(
             Err(err) => {
                 e.edge.send_errors.fetch_add(want as u64, Relaxed);
                 last_err = Some(err);
+            }
+        }
+    }
+    if let Some(u) = e.udp {
+        let mut items = [(&[][..], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); TX_BUFS];
+        let mut want = 0;
+        for (b, v) in bufs.iter().zip(verdicts) {
+            if let Verdict::Send {
+                endpoint: IpAddr::V4(dst),
+                protocol: PROTO_UDP,
+                port,
+            } = v
+            {
+                items[want] = (b.as_slice(), SocketAddrV4::new(*dst, *port));
+                want += 1;
+            }
+        }
+        if want > 0 {
+            let sent = u.send_datagrams(&items[..want]);
+            e.edge
+                .send_errors
+                .fetch_add((want - sent.datagrams.min(want)) as u64, Relaxed);
+            e.edge.udp_gso_sends.fetch_add(sent.trains as u64, Relaxed);
+            if sent.error.is_some() {
+                last_err = sent.error;
             }
         }
     }
@@ -1064,6 +1148,13 @@ fn write_coalesced(
     last_err
 }
 
+/// Messages per `recvmmsg` on the ESP-in-UDP socket; each may carry a coalesced train of up
+/// to 64 KB, split into [`BATCH`]-sized batches for the core.
+const UDP_MSGS: usize = 8;
+
+/// The outer source and protocol of a received packet (`None`: its outer header was bad).
+type Origin = Option<(IpAddr, u8)>;
+
 fn rx_loop(
     mut inb: Inbound,
     shared_out: &Mutex<Outbound>,
@@ -1072,20 +1163,35 @@ fn rx_loop(
     clock: Instant,
 ) {
     let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new(MAX_PACKET)).collect();
-    let mut warn_write = RateLimit(None);
+    let mut origin: [Origin; BATCH] = [None; BATCH];
+    let mut wire: Vec<PacketBuf> = match e.udp {
+        Some(_) => (0..UDP_MSGS).map(|_| PacketBuf::new(MAX_PACKET)).collect(),
+        None => Vec::new(),
+    };
+    let mut meta = [crate::sys::udp::Received {
+        from: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+        segment: 0,
+    }; UDP_MSGS];
+    let mut rx = RxState {
+        inb: &mut inb,
+        shared_out,
+        e,
+        warn_write: RateLimit(None),
+    };
     loop {
-        // One small allocation per wakeup (not per packet): at most 4 descriptors.
-        let mut fds: Vec<PollFd> = Vec::with_capacity(4);
+        // One small allocation per wakeup (not per packet): at most 5 descriptors.
+        let mut fds: Vec<PollFd> = Vec::with_capacity(5);
         fds.push(PollFd::new(e.stop.as_fd(), PollFlags::POLLIN));
         fds.extend(
             e.sockets
                 .iter()
                 .map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN)),
         );
-        if !wait(&mut fds, "the raw sockets") {
+        fds.extend(e.udp.map(|u| PollFd::new(u.as_fd(), PollFlags::POLLIN)));
+        if !wait(&mut fds, "the sockets") {
             return;
         }
-        let mut ready = [false; 4];
+        let mut ready = [false; 5];
         for (r, f) in ready.iter_mut().zip(&fds[1..]) {
             *r = f.revents().is_some_and(|r| r.intersects(PollFlags::POLLIN));
         }
@@ -1103,42 +1209,116 @@ fn rx_loop(
                     }
                 };
                 rec.begin_batch();
-                let mut relay = [false; BATCH];
-                let mut any_relay = false;
-                let mut deliver = [0usize; BATCH];
-                let mut dn = 0;
-                for (i, b) in bufs[..n].iter_mut().enumerate() {
+                for (b, o) in bufs[..n].iter_mut().zip(origin.iter_mut()) {
                     rec.record(Tap::Outer, b.as_slice());
-                    let Some((src, proto)) = strip_ipv4_header(b) else {
+                    *o = strip_ipv4_header(b);
+                    if o.is_none() {
                         e.edge.bad_outer.fetch_add(1, Relaxed);
-                        continue;
-                    };
-                    match inb.process(b, src, proto, now) {
-                        Verdict::ToTun => {
-                            rec.record(Tap::Inner, b.as_slice());
-                            deliver[dn] = i;
-                            dn += 1;
-                        }
-                        Verdict::Relay => {
-                            relay[i] = true;
-                            any_relay = true;
-                        }
-                        _ => {}
                     }
                 }
-                if let Err(err) = write_coalesced(e.tun, &mut bufs, &deliver[..dn], e.edge) {
-                    if warn_write.ready() {
-                        warn!("writing to the TUN failed: {err}");
-                    }
-                }
-                if any_relay {
-                    relay_batch(shared_out, &mut bufs[..n], &relay, e, rec, now);
-                }
+                rx.batch(&mut bufs[..n], &origin[..n], rec, now);
                 rec.flush();
                 if n < bufs.len() {
                     break;
                 }
             }
+        }
+        if let (Some(u), true) = (e.udp, ready[e.sockets.len()]) {
+            loop {
+                let m = match u.recv_batch(&mut wire, &mut meta) {
+                    Ok(m) => m,
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(err) => {
+                        debug!("recvmmsg (UDP): {err}");
+                        break;
+                    }
+                };
+                rec.begin_batch();
+                let mut n = 0;
+                for (w, r) in wire[..m].iter().zip(&meta[..m]) {
+                    if w.is_empty() {
+                        e.edge.bad_outer.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                    if r.segment < w.len() {
+                        e.edge.udp_gro_receives.fetch_add(1, Relaxed);
+                    }
+                    let here = SocketAddrV4::new(
+                        e.sent_from
+                            .iter()
+                            .find(|(ep, _)| ep == r.from.ip())
+                            .map_or(Ipv4Addr::UNSPECIFIED, |(_, s)| *s),
+                        u.port(),
+                    );
+                    // A coalesced train: each datagram becomes its own packet for the core.
+                    for d in w.as_slice().chunks(r.segment.max(1)) {
+                        rec.record_udp(r.from, here, d);
+                        let b = &mut bufs[n];
+                        b.reset();
+                        b.read_area()[..d.len()].copy_from_slice(d);
+                        b.set_len(d.len());
+                        origin[n] = Some((IpAddr::V4(*r.from.ip()), PROTO_UDP));
+                        n += 1;
+                        if n == BATCH {
+                            rx.batch(&mut bufs[..n], &origin[..n], rec, now);
+                            n = 0;
+                        }
+                    }
+                }
+                if n > 0 {
+                    rx.batch(&mut bufs[..n], &origin[..n], rec, now);
+                }
+                rec.flush();
+                if m < wire.len() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// What the RX thread keeps between batches.
+struct RxState<'a, 'e> {
+    inb: &'a mut Inbound,
+    shared_out: &'a Mutex<Outbound>,
+    e: &'a Edges<'e>,
+    warn_write: RateLimit,
+}
+
+impl RxState<'_, '_> {
+    /// Run a batch of received packets (outer headers removed) through the core and deliver
+    /// them: to the TUN (coalesced where possible) or, on a hub, on to another peer.
+    fn batch(&mut self, bufs: &mut [PacketBuf], origin: &[Origin], rec: &mut Recorder, now: u64) {
+        let e = self.e;
+        let mut relay = [false; BATCH];
+        let mut any_relay = false;
+        let mut deliver = [0usize; BATCH];
+        let mut dn = 0;
+        for (i, (b, o)) in bufs.iter_mut().zip(origin).enumerate() {
+            let Some((src, proto)) = *o else {
+                continue;
+            };
+            match self.inb.process(b, src, proto, now) {
+                Verdict::ToTun => {
+                    rec.record(Tap::Inner, b.as_slice());
+                    deliver[dn] = i;
+                    dn += 1;
+                }
+                Verdict::Relay => {
+                    relay[i] = true;
+                    any_relay = true;
+                }
+                _ => {}
+            }
+        }
+        if let Err(err) = write_coalesced(e.tun, bufs, &deliver[..dn], e.edge) {
+            if self.warn_write.ready() {
+                warn!("writing to the TUN failed: {err}");
+            }
+        }
+        if any_relay {
+            relay_batch(self.shared_out, bufs, &relay[..bufs.len()], e, rec, now);
         }
     }
 }

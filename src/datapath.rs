@@ -6,10 +6,13 @@
 //! 3. MTU: a packet above the tunnel MTU with DF (or any IPv6 packet) becomes an ICMP "too big"
 //!    written back into the TUN;
 //! 4. encapsulation: ESP (sequence number, padding, seal) or nothing for IP-in-IP;
-//! 5. verdict: send to the peer's endpoint with IP protocol 50, 4 or 41.
+//! 5. verdict: send to the peer's endpoint with IP protocol 50, 4 or 41, or in UDP (RFC 3948).
 //!
-//! Inbound (wire -> TUN), one call per packet from a raw socket, outer header already removed:
-//! 1. ESP: SA by SPI (SAD), outer source must be the SA's peer; IP-in-IP: peer by outer source;
+//! Inbound (wire -> TUN), one call per packet from a raw socket, outer header already removed
+//! (or per UDP datagram's payload):
+//! 0. UDP: a NAT-keepalive (0xFF) or a non-ESP marker (IKE, 4 zero bytes) is discarded;
+//! 1. ESP: SA by SPI (SAD), outer source (and transport, UDP or protocol 50) must be the SA's
+//!    peer's; IP-in-IP: peer by outer source;
 //! 2. ESP: replay check, open, replay advance, trailer; next header 59 is discarded;
 //! 3. the inner packet must be the IP version the header announced, and its source must be in
 //!    the peer's `allowed_ips`;
@@ -24,7 +27,7 @@ use crate::prefix::{Prefix, PrefixTable};
 use crate::sa::{Cipher, EspError, InboundSa, KeyMaterial, OutboundSa};
 use crate::wire::esp::{NEXT_HEADER_DUMMY, NEXT_HEADER_IPV4, NEXT_HEADER_IPV6};
 use crate::wire::icmp;
-use crate::wire::ip::{InnerPacket, PROTO_ESP, PROTO_IPIP, PROTO_IPV6};
+use crate::wire::ip::{InnerPacket, PROTO_ESP, PROTO_IPIP, PROTO_IPV6, PROTO_UDP};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -41,7 +44,8 @@ pub enum DropReason {
     Malformed,
     /// ESP with an SPI no inbound SA has (Linux: XfrmInNoStates).
     UnknownSpi,
-    /// ESP for a known SPI, or IP-in-IP, from an outer source that is not that peer's endpoint.
+    /// ESP for a known SPI, or IP-in-IP, from an outer source that is not that peer's endpoint
+    /// (or ESP in UDP for a peer configured for protocol 50, and the reverse).
     WrongSource,
     /// IP-in-IP from an address that is no peer's endpoint.
     UnknownPeer,
@@ -65,11 +69,16 @@ pub enum DropReason {
     /// The SA reached a hard lifetime (packets, bytes or seconds; Linux: XfrmOutStateExpired /
     /// XfrmInStateExpired): it neither sends nor accepts until new keys are installed.
     LifetimeExpired,
+    /// A UDP NAT-keepalive (one byte 0xFF, RFC 3948 section 2.3) on the ESP-in-UDP port.
+    NatKeepalive,
+    /// A UDP datagram with the non-ESP marker (4 zero bytes: IKE, RFC 3948 section 2.2), which
+    /// espip does not speak.
+    NonEsp,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::NoRoute,
         DropReason::TooBig,
         DropReason::Malformed,
@@ -85,6 +94,8 @@ impl DropReason {
         DropReason::Dummy,
         DropReason::SeqUnreserved,
         DropReason::LifetimeExpired,
+        DropReason::NatKeepalive,
+        DropReason::NonEsp,
     ];
 
     /// The counter name (snake case, stable: used in logs, `show` and metrics).
@@ -105,6 +116,8 @@ impl DropReason {
             DropReason::Dummy => "dummy",
             DropReason::SeqUnreserved => "seq_unreserved",
             DropReason::LifetimeExpired => "lifetime_expired",
+            DropReason::NatKeepalive => "nat_keepalive",
+            DropReason::NonEsp => "non_esp",
         }
     }
 
@@ -193,7 +206,23 @@ pub enum EncapSpec {
         esn: bool,
         /// Hard limits of each SA (Linux: `limit packet-hard / byte-hard / time-hard`).
         lifetime: Lifetime,
+        /// UDP encapsulation (RFC 3948): the ESP packets travel in UDP datagrams to this port
+        /// of the endpoint. `None`: bare IP protocol 50.
+        udp_port: Option<u16>,
     },
+}
+
+impl EncapSpec {
+    /// Bytes added in front of the inner packet besides ESP's own: the outer IPv4 header and,
+    /// for ESP in UDP, the UDP header.
+    fn outer_len(&self) -> usize {
+        match self {
+            EncapSpec::Esp {
+                udp_port: Some(_), ..
+            } => OUTER_IPV4_LEN + OUTER_UDP_LEN,
+            _ => OUTER_IPV4_LEN,
+        }
+    }
 }
 
 /// Hard lifetime of an SA: when one limit is reached the SA stops (there is no key exchange
@@ -259,20 +288,24 @@ pub struct TunnelSpec {
 
 /// Outer IPv4 header without options.
 pub const OUTER_IPV4_LEN: usize = 20;
+/// UDP header in front of UDP-encapsulated ESP.
+pub const OUTER_UDP_LEN: usize = 8;
 
 /// The largest inner packet that fits a path MTU of `path_mtu` with IPv4 outer headers:
-/// IP-in-IP adds 20 bytes; ESP adds 20 + 8 (SPI, sequence) + 8 (IV) + 16 (ICV) and a 2-byte
-/// trailer, with the ciphertext padded to 4 bytes (RFC 4303 section 2.4).
-pub fn inner_mtu(path_mtu: u32, esp: bool) -> u16 {
+/// IP-in-IP adds 20 bytes; ESP adds 20 (+ 8 of UDP when encapsulated) + 8 (SPI, sequence) +
+/// 8 (IV) + 16 (ICV) and a 2-byte trailer, with the ciphertext padded to 4 bytes (RFC 4303
+/// section 2.4).
+pub fn inner_mtu(path_mtu: u32, encap: &EncapSpec) -> u16 {
     let path = path_mtu.min(65535) as usize;
-    let room = if esp {
-        let ct = path.saturating_sub(
-            OUTER_IPV4_LEN + crate::wire::esp::field::PAYLOAD + crate::wire::esp::ICV_LEN,
-        );
-        (ct / crate::wire::esp::ALIGN * crate::wire::esp::ALIGN)
-            .saturating_sub(crate::wire::esp::TRAILER_LEN)
-    } else {
-        path.saturating_sub(OUTER_IPV4_LEN)
+    let room = match encap {
+        EncapSpec::Esp { .. } => {
+            let ct = path.saturating_sub(
+                encap.outer_len() + crate::wire::esp::field::PAYLOAD + crate::wire::esp::ICV_LEN,
+            );
+            (ct / crate::wire::esp::ALIGN * crate::wire::esp::ALIGN)
+                .saturating_sub(crate::wire::esp::TRAILER_LEN)
+        }
+        EncapSpec::IpIp => path.saturating_sub(encap.outer_len()),
     };
     room as u16
 }
@@ -284,8 +317,11 @@ pub enum Verdict {
     Send {
         /// Outer destination.
         endpoint: IpAddr,
-        /// Outer IP protocol: 50 (ESP), 4 (IPv4 in IP), 41 (IPv6 in IP).
+        /// Outer IP protocol: 50 (ESP), 4 (IPv4 in IP), 41 (IPv6 in IP), or 17: the buffer
+        /// is the payload of a UDP datagram to `port` (ESP in UDP, RFC 3948).
         protocol: u8,
+        /// Destination UDP port when `protocol` is 17, else 0.
+        port: u16,
     },
     /// Write the buffer to the TUN (a decapsulated packet or a generated ICMP error).
     ToTun,
@@ -298,6 +334,8 @@ pub enum Verdict {
 
 struct OutPeer {
     endpoint: IpAddr,
+    /// UDP destination port of ESP in UDP; 0 for IP protocols 50, 4 and 41.
+    port: u16,
     sa: Option<OutboundSa>,
     lifetime: Lifetime,
     used: Used,
@@ -314,6 +352,8 @@ pub struct Outbound {
 
 struct InPeer {
     endpoint: IpAddr,
+    /// The peer's ESP arrives in UDP (RFC 3948), not as protocol 50.
+    udp: bool,
     sa: Option<InboundSa>,
     lifetime: Lifetime,
     used: Used,
@@ -401,12 +441,14 @@ pub fn build(
                 }
                 out.push(OutPeer {
                     endpoint: p.endpoint,
+                    port: 0,
                     sa: None,
                     lifetime: Lifetime::default(),
                     used: Used::default(),
                 });
                 inp.push(InPeer {
                     endpoint: p.endpoint,
+                    udp: false,
                     sa: None,
                     lifetime: Lifetime::default(),
                     used: Used::default(),
@@ -420,6 +462,7 @@ pub fn build(
                 replay_window,
                 esn,
                 lifetime,
+                udp_port,
                 ..
             } => {
                 if let Some(j) = by_spi.insert(*spi_in, i) {
@@ -431,12 +474,14 @@ pub fn build(
                 }
                 out.push(OutPeer {
                     endpoint: p.endpoint,
+                    port: udp_port.unwrap_or(0),
                     sa: Some(OutboundSa::new(*spi_out, key_out, *esn)),
                     lifetime: *lifetime,
                     used: Used::default(),
                 });
                 inp.push(InPeer {
                     endpoint: p.endpoint,
+                    udp: udp_port.is_some(),
                     sa: Some(InboundSa::new(*spi_in, key_in, *esn, *replay_window)),
                     lifetime: *lifetime,
                     used: Used::default(),
@@ -506,6 +551,7 @@ impl Outbound {
                     NEXT_HEADER_IPV6
                 };
                 match sa.encapsulate(buf, nh) {
+                    Ok(_) if peer.port != 0 => PROTO_UDP,
                     Ok(_) => PROTO_ESP,
                     Err(EspError::SeqExhausted) => return Verdict::Drop(DropReason::SeqExhausted),
                     Err(EspError::SeqUnreserved) => {
@@ -524,6 +570,7 @@ impl Outbound {
         Verdict::Send {
             endpoint: peer.endpoint,
             protocol,
+            port: peer.port,
         }
     }
 
@@ -604,9 +651,10 @@ impl Outbound {
 }
 
 impl Inbound {
-    /// Process one packet from a raw socket. `buf` holds what follows the outer IP header;
-    /// `outer_src` and `protocol` come from that header. On `ToTun` the buffer holds the inner
-    /// packet.
+    /// Process one packet from a raw socket (`buf` holds what follows the outer IP header;
+    /// `outer_src` and `protocol` come from that header) or one datagram from the ESP-in-UDP
+    /// socket (`buf` holds the UDP payload, `protocol` is 17). On `ToTun` the buffer holds the
+    /// inner packet.
     pub fn process(
         &mut self,
         buf: &mut PacketBuf,
@@ -628,8 +676,16 @@ impl Inbound {
         protocol: u8,
         now: u64,
     ) -> Verdict {
+        if protocol == PROTO_UDP {
+            // RFC 3948 section 2: what is on the port besides ESP.
+            match buf.as_slice() {
+                [0xff] => return Verdict::Drop(DropReason::NatKeepalive),
+                [0, 0, 0, 0, ..] => return Verdict::Drop(DropReason::NonEsp),
+                _ => {}
+            }
+        }
         let (idx, next_header) = match protocol {
-            PROTO_ESP => {
+            PROTO_ESP | PROTO_UDP => {
                 let Some(spi) = buf.as_slice().get(..4) else {
                     return Verdict::Drop(DropReason::Malformed);
                 };
@@ -638,7 +694,7 @@ impl Inbound {
                     return Verdict::Drop(DropReason::UnknownSpi);
                 };
                 let peer = &mut self.peers[idx];
-                if peer.endpoint != outer_src {
+                if peer.endpoint != outer_src || peer.udp != (protocol == PROTO_UDP) {
                     return Verdict::Drop(DropReason::WrongSource);
                 }
                 let Some(sa) = peer.sa.as_mut() else {

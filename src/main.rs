@@ -440,10 +440,19 @@ fn check(config: &std::path::Path) -> Result<()> {
                 spi_in,
                 replay_window,
                 esn,
+                udp_port,
                 ..
             } => println!(
                 "peer {:?}: ESP tunnel to {} ({}, out SPI {spi_out:#010x}, in SPI {spi_in:#010x}, replay window {replay_window}, esn {esn}); routes and accepts [{allowed}]",
-                p.name, p.endpoint, cipher.name()
+                p.name,
+                match udp_port {
+                    Some(port) => format!(
+                        "{}:{port} in UDP (RFC 3948, from local port {})",
+                        p.endpoint, i.listen_port
+                    ),
+                    None => p.endpoint.to_string(),
+                },
+                cipher.name()
             ),
             EncapSpec::IpIp => println!(
                 "peer {:?}: IP-in-IP (protocol 4/41, unencrypted) to {}; routes and accepts [{allowed}]",

@@ -94,20 +94,32 @@ fn sections(cfg: &Config) -> Vec<(&'static str, Vec<IptCmd>)> {
     if !cfg.nat.maps.is_empty() {
         let mut dnat = vec![cmd(false, &["-t", "nat", "-N", &nat])];
         // The tunnel's own packets to a peer's real address must not be moved into the alias.
-        let mut protos = Vec::new();
+        let mut protos: Vec<Vec<String>> = Vec::new();
         for p in &cfg.peers {
             match p.encap {
-                EncapSpec::Esp { .. } => protos.push("esp"),
-                EncapSpec::IpIp => protos.extend(["4", "41"]),
+                EncapSpec::Esp {
+                    udp_port: Some(port),
+                    ..
+                } => protos.push(vec![
+                    "-p".into(),
+                    "udp".into(),
+                    "--dport".into(),
+                    port.to_string(),
+                ]),
+                EncapSpec::Esp { .. } => protos.push(vec!["-p".into(), "esp".into()]),
+                EncapSpec::IpIp => {
+                    protos.push(vec!["-p".into(), "4".into()]);
+                    protos.push(vec!["-p".into(), "41".into()]);
+                }
             }
         }
         protos.sort();
         protos.dedup();
-        for proto in &protos {
-            dnat.push(cmd(
-                false,
-                &["-t", "nat", "-A", &nat, "-p", proto, "-j", "RETURN"],
-            ));
+        for m in &protos {
+            let mut args = vec!["-t", "nat", "-A", &nat];
+            args.extend(m.iter().map(String::as_str));
+            args.extend(["-j", "RETURN"]);
+            dnat.push(cmd(false, &args));
         }
         for p in &cfg.peers {
             for a in &p.allowed_ips {

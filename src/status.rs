@@ -21,7 +21,8 @@ pub struct Status {
     pub relayed: u64,
     /// The capture taps, when configured.
     pub capture: Option<CaptureStatus>,
-    /// TUN offload work: `tso_in`, `uso_in` (large packets read and segmented), `gro_out`
+    /// Offload work: `tso_in`, `uso_in` (large packets read and segmented), `udp_gso_out`,
+    /// `udp_gro_in` (ESP-in-UDP trains sent / received as one message), `gro_out`
     /// (coalesced packets written).
     #[serde(default)]
     pub offload: BTreeMap<String, u64>,
@@ -258,6 +259,14 @@ impl Status {
                 get("uso_in"),
                 get("gro_out")
             );
+            if get("udp_gso_out") + get("udp_gro_in") > 0 {
+                let _ = writeln!(
+                    s,
+                    "ESP in UDP: {} segmented sends (UDP GSO), {} coalesced receives (UDP GRO)",
+                    get("udp_gso_out"),
+                    get("udp_gro_in")
+                );
+            }
         }
         if let Some(c) = &self.capture {
             let _ = writeln!(
@@ -411,7 +420,7 @@ impl Status {
         m.family(
             "espip_offload_packets_total",
             "counter",
-            "TUN offload work: tso_in / uso_in (large packets segmented), gro_out (coalesced writes).",
+            "Offload work: tso_in / uso_in (large TUN packets segmented), gro_out (coalesced TUN writes), udp_gso_out / udp_gro_in (ESP-in-UDP trains sent / received as one).",
         );
         for (kind, n) in &self.offload {
             m.sample(

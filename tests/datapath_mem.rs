@@ -6,7 +6,7 @@ use espip::datapath::{
     self, DropReason, EncapSpec, Inbound, Lifetime, Outbound, PeerSpec, Stats, TunnelSpec, Verdict,
 };
 use espip::sa::{Cipher, KeyMaterial};
-use espip::wire::ip::{checksum, emit_ipv4_header, PROTO_ESP};
+use espip::wire::ip::{checksum, emit_ipv4_header, PROTO_ESP, PROTO_UDP};
 use proptest::prelude::*;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -29,6 +29,17 @@ fn esp_pair(c: Cipher, esn: bool, window: u32) -> (Host, Host) {
 }
 
 fn esp_pair_with(c: Cipher, esn: bool, window: u32, lifetime: Lifetime) -> (Host, Host) {
+    esp_pair_over(c, esn, window, lifetime, None)
+}
+
+/// A pair whose ESP travels in UDP to `udp_port` (RFC 3948) when it is `Some`.
+fn esp_pair_over(
+    c: Cipher,
+    esn: bool,
+    window: u32,
+    lifetime: Lifetime,
+    udp_port: Option<u16>,
+) -> (Host, Host) {
     let ab = key(c, 0x11);
     let ba = key(c, 0x22);
     let spec = |name: &str,
@@ -53,6 +64,7 @@ fn esp_pair_with(c: Cipher, esn: bool, window: u32, lifetime: Lifetime) -> (Host
             replay_window: window,
             esn,
             lifetime,
+            udp_port,
         },
         route: true,
     };
@@ -337,7 +349,7 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(
         bytes in proptest::collection::vec(any::<u8>(), 0..200),
-        proto in prop_oneof![Just(50u8), Just(4u8), Just(41u8), any::<u8>()],
+        proto in prop_oneof![Just(50u8), Just(17u8), Just(4u8), Just(41u8), any::<u8>()],
         spi_known in any::<bool>(),
     ) {
         let (mut a, mut b) = esp_pair(Cipher::Aes128Gcm, true, 64);
@@ -367,6 +379,7 @@ fn a_hub_relays_between_peers_only_when_forwarding() {
             replay_window: 64,
             esn: false,
             lifetime: Default::default(),
+            udp_port: None,
         },
         route: true,
     };
@@ -396,7 +409,8 @@ fn a_hub_relays_between_peers_only_when_forwarding() {
             v,
             Verdict::Send {
                 endpoint: "172.16.0.12".parse().unwrap(),
-                protocol: PROTO_ESP
+                protocol: PROTO_ESP,
+                port: 0,
             }
         );
         assert_eq!(stats.relayed.load(std::sync::atomic::Ordering::Relaxed), 1);
@@ -466,4 +480,96 @@ fn lifetimes_stop_the_sas_in_both_directions() {
         a.out.process(&mut buf, 2 * sec),
         Verdict::Drop(DropReason::LifetimeExpired)
     );
+}
+
+/// ESP in UDP (RFC 3948): the same ESP packet, sent to the peer's port; the receiver takes it
+/// only as UDP from that peer, and discards NAT-keepalives and non-ESP (IKE) datagrams with
+/// their own counters.
+#[test]
+fn esp_in_udp_round_trip_keepalive_and_non_esp_marker() {
+    for c in Cipher::ALL {
+        let (mut a, mut b) = esp_pair_over(c, true, 64, Lifetime::default(), Some(4600));
+        let p = ipv4([10, 4, 2, 99], [10, 4, 2, 5], 300, true);
+        let mut buf = PacketBuf::from_slice(&p);
+        let v = a.out.process(&mut buf, 0);
+        assert_eq!(
+            v,
+            Verdict::Send {
+                endpoint: B.parse().unwrap(),
+                protocol: PROTO_UDP,
+                port: 4600,
+            }
+        );
+        // The UDP payload is the ESP packet itself: SPI first (never 0), then sequence 1.
+        let wire = buf.as_slice().to_vec();
+        assert_eq!(&wire[..8], &[0, 0, 0x10, 0x01, 0, 0, 0, 1]);
+        let from: IpAddr = A.parse().unwrap();
+        let mut r = PacketBuf::from_slice(&wire);
+        assert_eq!(b.inb.process(&mut r, from, PROTO_UDP, 0), Verdict::ToTun);
+        assert_eq!(r.as_slice(), &p[..]);
+        // The same SA's packet as bare protocol 50: not how this peer sends.
+        let mut buf = PacketBuf::from_slice(&p);
+        a.out.process(&mut buf, 0);
+        let mut r = PacketBuf::from_slice(buf.as_slice());
+        assert_eq!(
+            b.inb.process(&mut r, from, PROTO_ESP, 0),
+            Verdict::Drop(DropReason::WrongSource)
+        );
+        let mut r = PacketBuf::from_slice(&[0xff]);
+        assert_eq!(
+            b.inb.process(&mut r, from, PROTO_UDP, 0),
+            Verdict::Drop(DropReason::NatKeepalive)
+        );
+        // An IKE message behind the non-ESP marker.
+        let mut ike = vec![0u8; 4];
+        ike.extend_from_slice(&[0x11; 28]);
+        let mut r = PacketBuf::from_slice(&ike);
+        assert_eq!(
+            b.inb.process(&mut r, from, PROTO_UDP, 0),
+            Verdict::Drop(DropReason::NonEsp)
+        );
+        // Three bytes are neither a keepalive nor a marker nor ESP.
+        let mut r = PacketBuf::from_slice(&[1, 2, 3]);
+        assert_eq!(
+            b.inb.process(&mut r, from, PROTO_UDP, 0),
+            Verdict::Drop(DropReason::Malformed)
+        );
+        for (reason, n) in [
+            (DropReason::WrongSource, 1),
+            (DropReason::NatKeepalive, 1),
+            (DropReason::NonEsp, 1),
+            (DropReason::Malformed, 1),
+        ] {
+            assert_eq!(b.stats.drops(reason), n, "{c:?} {reason:?}");
+        }
+        // A protocol-50 peer does not take UDP.
+        let (mut a, mut b) = esp_pair(c, false, 64);
+        let mut buf = PacketBuf::from_slice(&p);
+        a.out.process(&mut buf, 0);
+        let mut r = PacketBuf::from_slice(buf.as_slice());
+        assert_eq!(
+            b.inb.process(&mut r, from, PROTO_UDP, 0),
+            Verdict::Drop(DropReason::WrongSource)
+        );
+    }
+}
+
+#[test]
+fn esp_in_udp_costs_eight_bytes_of_mtu() {
+    let esp = |udp_port| EncapSpec::Esp {
+        cipher: Cipher::Aes128Gcm,
+        spi_out: 1,
+        key_out: key(Cipher::Aes128Gcm, 1),
+        spi_in: 2,
+        key_in: key(Cipher::Aes128Gcm, 2),
+        replay_window: 64,
+        esn: false,
+        lifetime: Lifetime::default(),
+        udp_port,
+    };
+    // 1500 - 20 - 8 (SPI, seq) - 8 (IV) - 16 (ICV) = 1448, 4-aligned, minus the 2-byte trailer.
+    assert_eq!(datapath::inner_mtu(1500, &esp(None)), 1446);
+    // 8 bytes of UDP: 1440 - 2.
+    assert_eq!(datapath::inner_mtu(1500, &esp(Some(4500))), 1438);
+    assert_eq!(datapath::inner_mtu(1500, &EncapSpec::IpIp), 1480);
 }

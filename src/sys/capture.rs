@@ -17,7 +17,7 @@
 use crate::config::Capture as CaptureConfig;
 use std::fs::File;
 use std::io::{self, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -238,6 +238,25 @@ impl Recorder {
         let mut h = [0u8; 20];
         let total = (payload.len() + 20).min(usize::from(u16::MAX)) as u16;
         crate::wire::ip::emit_ipv4_header(&mut h, src, dst, protocol, total);
+        self.append(Tap::Outer, &h, payload);
+    }
+
+    /// Record an ESP-in-UDP datagram (sent, or received: the UDP socket gives only the
+    /// payload) with the IPv4 and UDP headers it has on the wire reconstructed.
+    pub fn record_udp(&mut self, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) {
+        if !self.wants(Tap::Outer) {
+            return;
+        }
+        let mut h = [0u8; 28];
+        let total = (payload.len() + 28).min(usize::from(u16::MAX)) as u16;
+        crate::wire::ip::emit_ipv4_header(
+            &mut h,
+            *src.ip(),
+            *dst.ip(),
+            crate::wire::ip::PROTO_UDP,
+            total,
+        );
+        crate::wire::ip::emit_udp_header(&mut h[20..], src.port(), dst.port(), payload.len());
         self.append(Tap::Outer, &h, payload);
     }
 

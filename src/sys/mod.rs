@@ -9,6 +9,7 @@ pub mod raw;
 pub mod seqstore;
 pub mod sysctl;
 pub mod tun;
+pub mod udp;
 
 use crate::sa::{Cipher, KeyMaterial};
 

@@ -10,8 +10,12 @@ pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_IPIP: u8 = 4;
 /// IANA protocol number of IPv6 encapsulation (RFC 2473 / RFC 4213), used for IPv6 in IPv4.
 pub const PROTO_IPV6: u8 = 41;
+/// IANA protocol number of UDP, the carrier of UDP-encapsulated ESP (RFC 3948).
+pub const PROTO_UDP: u8 = 17;
 /// IANA protocol number of ESP (RFC 4303).
 pub const PROTO_ESP: u8 = 50;
+/// The UDP port IKE and UDP-encapsulated ESP use (RFC 3948 section 2.1).
+pub const IPSEC_NAT_T_PORT: u16 = 4500;
 /// IANA next header number of ICMPv6.
 pub const PROTO_ICMPV6: u8 = 58;
 
@@ -126,6 +130,16 @@ pub fn emit_ipv4_header(h: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, protocol: u8
     h[16..20].copy_from_slice(&dst.octets());
     let c = checksum(&h[..20]);
     h[10..12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Write an 8-byte UDP header for `payload_len` bytes of payload into `h`. The checksum is
+/// left 0 ("not computed", allowed over IPv4; RFC 3948 section 3.1.1 sends ESP-in-UDP so).
+pub fn emit_udp_header(h: &mut [u8], src_port: u16, dst_port: u16, payload_len: usize) {
+    h[..8].fill(0);
+    h[0..2].copy_from_slice(&src_port.to_be_bytes());
+    h[2..4].copy_from_slice(&dst_port.to_be_bytes());
+    let len = (payload_len + 8).min(usize::from(u16::MAX)) as u16;
+    h[4..6].copy_from_slice(&len.to_be_bytes());
 }
 
 #[cfg(test)]

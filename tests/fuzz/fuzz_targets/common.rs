@@ -33,6 +33,7 @@ pub fn peers(esn: bool) -> Vec<PeerSpec> {
                 replay_window: 64,
                 esn,
                 lifetime: Default::default(),
+                udp_port: None,
             },
             route: true,
         },

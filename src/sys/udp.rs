@@ -1,0 +1,447 @@
+//! The UDP socket of ESP in UDP (RFC 3948), with the kernel's UDP segmentation offload both
+//! ways.
+//!
+//! Sending: consecutive datagrams of one size to one destination (the ESP packets made of one
+//! TSO read from the TUN, or a run of equal small packets) go as ONE `sendmsg` with a
+//! `UDP_SEGMENT` control message (Linux 4.18): the kernel builds one large socket buffer, routes
+//! and filters it once, and splits it only where it must (in the NIC, or in software on the way
+//! out; a veth passes it whole). Receiving: with `UDP_GRO` (Linux 5.0) the kernel hands over such
+//! a train of datagrams as one buffer and tells the segment size in a control message.
+//!
+//! Raw protocol-50 sockets have no equivalent: each ESP packet there is its own trip through
+//! the stack, which is what limits [`crate::sys::raw`] at high rates.
+
+use crate::buf::PacketBuf;
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+
+/// Socket buffer size requested with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` (as for raw sockets).
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Most segments in one UDP GSO send (the kernel's `UDP_MAX_SEGMENTS` is 64 before Linux 6.9
+/// and 128 after; the smaller one works everywhere).
+pub const MAX_SEGMENTS: usize = 64;
+
+/// Most payload bytes in one UDP GSO send: an IPv4 datagram's 65535 minus the IPv4 and UDP
+/// headers.
+pub const MAX_GSO_BYTES: usize = 65535 - 20 - 8;
+
+/// Most messages per `sendmmsg` / `recvmmsg` call.
+const MAX_MSGS: usize = 64;
+
+/// Most datagrams per [`UdpEncapSocket::send_datagrams`] call.
+pub const MAX_DATAGRAMS: usize = 256;
+
+/// A run of consecutive datagrams sent as one message: `count` datagrams from `start`, each
+/// `segment` bytes long except a shorter last one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Run {
+    /// Index of the first datagram.
+    pub start: usize,
+    /// Number of datagrams.
+    pub count: usize,
+    /// Size of every datagram but the last.
+    pub segment: usize,
+}
+
+/// Group datagrams `(length, destination)` into runs the kernel's UDP GSO accepts: one
+/// destination, every datagram `segment` bytes except a shorter last one, at most
+/// [`MAX_SEGMENTS`] datagrams and [`MAX_GSO_BYTES`] bytes. Returns the number of runs written
+/// into `runs` (which must be as long as `items`).
+pub fn plan_runs(items: &[(usize, SocketAddrV4)], runs: &mut [Run]) -> usize {
+    let mut n = 0;
+    let mut i = 0;
+    while i < items.len() {
+        let (seg, dst) = items[i];
+        let mut total = seg;
+        let mut j = i + 1;
+        while j < items.len() && j - i < MAX_SEGMENTS && seg > 0 {
+            let (len, d) = items[j];
+            if d != dst || len > seg || len == 0 || total + len > MAX_GSO_BYTES {
+                break;
+            }
+            total += len;
+            j += 1;
+            if len < seg {
+                // A shorter datagram can only end a run.
+                break;
+            }
+        }
+        runs[n] = Run {
+            start: i,
+            count: j - i,
+            segment: seg,
+        };
+        n += 1;
+        i = j;
+    }
+    n
+}
+
+/// What [`UdpEncapSocket::send_datagrams`] did.
+#[derive(Debug)]
+pub struct Sent {
+    /// Datagrams the kernel took.
+    pub datagrams: usize,
+    /// Of the messages sent, those carrying several datagrams (UDP GSO).
+    pub trains: usize,
+    /// The last error, if any.
+    pub error: Option<io::Error>,
+}
+
+/// What [`UdpEncapSocket::recv_batch`] learned about one received message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// The sender.
+    pub from: SocketAddrV4,
+    /// The size of each datagram the kernel coalesced into this message (the last may be
+    /// shorter); the whole length when it is one datagram.
+    pub segment: usize,
+}
+
+/// The ESP-in-UDP socket.
+pub struct UdpEncapSocket {
+    sock: Socket,
+    port: u16,
+    gso: bool,
+}
+
+impl UdpEncapSocket {
+    /// Open a non-blocking UDP socket bound to `local:port` (any address when `None`), with
+    /// `UDP_GRO` on and `UDP_SEGMENT` probed.
+    pub fn open(local: Option<Ipv4Addr>, port: u16) -> io::Result<UdpEncapSocket> {
+        let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        sock.set_nonblocking(true)?;
+        sock.set_cloexec(true)?;
+        for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+            // Best effort: without CAP_NET_ADMIN the kernel default stays.
+            let _ = set_int(&sock, libc::SOL_SOCKET, opt, SOCKET_BUFFER as libc::c_int);
+        }
+        // As for raw sockets: a lowered path MTU costs fragmentation, not a black hole.
+        let _ = set_int(
+            &sock,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DONT,
+        );
+        // Receive trains of datagrams as one buffer; a kernel without it delivers them singly.
+        let _ = set_int(&sock, libc::SOL_UDP, libc::UDP_GRO, 1);
+        // Probe segmentation offload with a socket-wide setting of 0 (off): the option exists
+        // exactly when per-message segment sizes are understood.
+        let gso = set_int(&sock, libc::SOL_UDP, libc::UDP_SEGMENT, 0).is_ok();
+        sock.bind(
+            &SocketAddr::V4(SocketAddrV4::new(
+                local.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                port,
+            ))
+            .into(),
+        )?;
+        Ok(UdpEncapSocket { sock, port, gso })
+    }
+
+    /// The local UDP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Whether sends use UDP segmentation offload.
+    pub fn gso(&self) -> bool {
+        self.gso
+    }
+
+    /// Receive up to `bufs.len()` messages in one `recvmmsg` call, each into a buffer from its
+    /// headroom, with its sender and segment size in `meta`. Returns how many were filled
+    /// (`WouldBlock` if none). A message the kernel truncated is returned empty.
+    pub fn recv_batch(&self, bufs: &mut [PacketBuf], meta: &mut [Received]) -> io::Result<usize> {
+        let n = bufs.len().min(meta.len()).min(MAX_MSGS);
+        let mut iovs: [MaybeUninit<libc::iovec>; MAX_MSGS] =
+            [const { MaybeUninit::uninit() }; MAX_MSGS];
+        // SAFETY: sockaddr_in, mmsghdr and the control buffers are plain old data.
+        let mut names: [libc::sockaddr_in; MAX_MSGS] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut hdrs: [libc::mmsghdr; MAX_MSGS] = unsafe { std::mem::zeroed() };
+        let mut ctrl = [CmsgBuf([0; CMSG_BUF]); MAX_MSGS];
+        for i in 0..n {
+            bufs[i].reset();
+            let area = bufs[i].read_area();
+            iovs[i].write(libc::iovec {
+                iov_base: area.as_mut_ptr().cast(),
+                iov_len: area.len(),
+            });
+            let h = &mut hdrs[i].msg_hdr;
+            h.msg_iov = iovs[i].as_mut_ptr();
+            h.msg_iovlen = 1;
+            h.msg_name = (&mut names[i] as *mut libc::sockaddr_in).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            h.msg_control = ctrl[i].0.as_mut_ptr().cast();
+            h.msg_controllen = CMSG_BUF as _;
+        }
+        // SAFETY: hdrs[..n] point at initialised iovecs over live, exclusively borrowed buffer
+        // areas, at sockaddr_in values and at control buffers of the lengths given.
+        let rc = unsafe {
+            libc::recvmmsg(
+                self.sock.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                n as u32,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let got = rc as usize;
+        for i in 0..got {
+            let h = &hdrs[i].msg_hdr;
+            let len = if h.msg_flags & libc::MSG_TRUNC != 0 {
+                0
+            } else {
+                hdrs[i].msg_len as usize
+            };
+            bufs[i].set_len(len);
+            let from = SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(names[i].sin_addr.s_addr)),
+                u16::from_be(names[i].sin_port),
+            );
+            meta[i] = Received {
+                from,
+                segment: gro_segment(h).filter(|&s| s > 0).unwrap_or(len),
+            };
+        }
+        Ok(got)
+    }
+
+    /// Send datagrams `(payload, destination)` in order: runs of one size to one destination
+    /// as one GSO message each, all messages with as few `sendmmsg` calls as the kernel allows.
+    /// At most [`MAX_DATAGRAMS`] per call.
+    pub fn send_datagrams(&self, items: &[(&[u8], SocketAddrV4)]) -> Sent {
+        let items = &items[..items.len().min(MAX_DATAGRAMS)];
+        let mut shape = [(0usize, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); MAX_DATAGRAMS];
+        for (s, (p, d)) in shape.iter_mut().zip(items) {
+            *s = (p.len(), *d);
+        }
+        let mut runs = [Run::default(); MAX_DATAGRAMS];
+        let nruns = if self.gso {
+            plan_runs(&shape[..items.len()], &mut runs)
+        } else {
+            for (i, r) in runs.iter_mut().enumerate().take(items.len()) {
+                *r = Run {
+                    start: i,
+                    count: 1,
+                    segment: items[i].0.len(),
+                };
+            }
+            items.len()
+        };
+        let mut sent = 0;
+        let mut trains = 0;
+        let mut last_err = None;
+        let mut k = 0;
+        while k < nruns {
+            let end = (k + MAX_MSGS).min(nruns);
+            match self.send_runs(items, &runs[k..end]) {
+                Ok(m) if m > 0 => {
+                    for r in &runs[k..k + m] {
+                        sent += r.count;
+                        trains += usize::from(r.count > 1);
+                    }
+                    k += m;
+                }
+                Ok(_) => k += 1,
+                Err(err) => {
+                    let r = runs[k];
+                    if r.count > 1 && matches!(err.raw_os_error(), Some(libc::EINVAL | libc::EIO)) {
+                        // The kernel refused to segment (a segment above the route's MTU, a
+                        // device without checksum offload): send this run's datagrams singly.
+                        let single: [Run; MAX_SEGMENTS] = std::array::from_fn(|j| Run {
+                            start: r.start + j,
+                            count: 1,
+                            segment: items.get(r.start + j).map_or(0, |x| x.0.len()),
+                        });
+                        match self.send_runs(items, &single[..r.count]) {
+                            Ok(m) => sent += m,
+                            Err(e) => last_err = Some(e),
+                        }
+                    } else {
+                        last_err = Some(err);
+                    }
+                    k += 1;
+                }
+            }
+        }
+        Sent {
+            datagrams: sent,
+            trains,
+            error: last_err,
+        }
+    }
+
+    /// One `sendmmsg` of `runs` (at most [`MAX_MSGS`]); returns how many messages went.
+    fn send_runs(&self, items: &[(&[u8], SocketAddrV4)], runs: &[Run]) -> io::Result<usize> {
+        let mut iovs: [MaybeUninit<libc::iovec>; MAX_DATAGRAMS] =
+            [const { MaybeUninit::uninit() }; MAX_DATAGRAMS];
+        // SAFETY: sockaddr_in and mmsghdr are plain old data; zero is valid.
+        let mut names: [libc::sockaddr_in; MAX_MSGS] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut hdrs: [libc::mmsghdr; MAX_MSGS] = unsafe { std::mem::zeroed() };
+        let mut ctrl = [CmsgBuf([0; CMSG_BUF]); MAX_MSGS];
+        let mut iov_at = 0;
+        for (m, r) in runs.iter().enumerate() {
+            for (slot, (p, _)) in iovs[iov_at..]
+                .iter_mut()
+                .zip(&items[r.start..r.start + r.count])
+            {
+                slot.write(libc::iovec {
+                    iov_base: p.as_ptr() as *mut libc::c_void,
+                    iov_len: p.len(),
+                });
+            }
+            let dst = items[r.start].1;
+            names[m].sin_family = libc::AF_INET as libc::sa_family_t;
+            names[m].sin_port = dst.port().to_be();
+            names[m].sin_addr.s_addr = u32::from_ne_bytes(dst.ip().octets());
+            let h = &mut hdrs[m].msg_hdr;
+            h.msg_iov = iovs[iov_at..].as_mut_ptr().cast();
+            h.msg_iovlen = r.count as _;
+            h.msg_name = (&mut names[m] as *mut libc::sockaddr_in).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            if r.count > 1 {
+                // SAFETY: the control buffer is CMSG_BUF bytes, 8-aligned, enough for one
+                // cmsghdr with a u16 (CMSG_SPACE(2) = 24 on 64-bit Linux).
+                unsafe {
+                    h.msg_control = ctrl[m].0.as_mut_ptr().cast();
+                    h.msg_controllen = libc::CMSG_SPACE(2) as _;
+                    let c = libc::CMSG_FIRSTHDR(h);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = libc::UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), r.segment as u16);
+                }
+            }
+            iov_at += r.count;
+        }
+        // SAFETY: hdrs[..runs.len()] point at initialised iovecs over live payload slices (only
+        // read by the kernel), at initialised sockaddr_in values and control messages.
+        let rc = unsafe {
+            libc::sendmmsg(
+                self.sock.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                runs.len() as u32,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(rc as usize)
+    }
+}
+
+/// Control buffer of one message, aligned for `cmsghdr`.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct CmsgBuf([u8; CMSG_BUF]);
+const CMSG_BUF: usize = 32;
+
+/// The `UDP_GRO` segment size in a received message's control data.
+fn gro_segment(h: &libc::msghdr) -> Option<usize> {
+    // SAFETY: the kernel filled msg_control up to msg_controllen; CMSG_FIRSTHDR/NXTHDR stay
+    // inside it and the data of a UDP_GRO message is one int.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                return usize::try_from(v).ok();
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    None
+}
+
+impl AsRawFd for UdpEncapSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
+impl AsFd for UdpEncapSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+}
+
+fn set_int(
+    sock: &Socket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: setsockopt reads sizeof(int) bytes from a live c_int.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn to(port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), port)
+    }
+
+    fn plan(items: &[(usize, SocketAddrV4)]) -> Vec<(usize, usize, usize)> {
+        let mut runs = vec![Run::default(); items.len()];
+        let n = plan_runs(items, &mut runs);
+        runs[..n]
+            .iter()
+            .map(|r| (r.start, r.count, r.segment))
+            .collect()
+    }
+
+    #[test]
+    fn equal_datagrams_to_one_peer_form_one_run_ended_by_a_shorter_one() {
+        let mut items = vec![(1436, to(4500)); 10];
+        items.push((700, to(4500)));
+        items.push((1436, to(4500)));
+        assert_eq!(plan(&items), vec![(0, 11, 1436), (11, 1, 1436)]);
+    }
+
+    #[test]
+    fn a_larger_datagram_or_another_destination_starts_a_new_run() {
+        let items = [
+            (100, to(4500)),
+            (100, to(4500)),
+            (200, to(4500)),
+            (200, to(4501)),
+            (200, to(4501)),
+        ];
+        assert_eq!(plan(&items), vec![(0, 2, 100), (2, 1, 200), (3, 2, 200)]);
+    }
+
+    #[test]
+    fn runs_respect_the_kernel_limits() {
+        let items = vec![(64, to(4500)); MAX_SEGMENTS * 2 + 1];
+        assert_eq!(plan(&items), vec![(0, 64, 64), (64, 64, 64), (128, 1, 64)]);
+        // 46 x 1436 = 66056 > 65507: 45 fit.
+        let items = vec![(1436, to(4500)); 46];
+        assert_eq!(plan(&items), vec![(0, 45, 1436), (45, 1, 1436)]);
+        assert_eq!(plan(&[]), vec![]);
+    }
+}
