@@ -1171,6 +1171,7 @@ fn rx_loop(
     let mut meta = [crate::sys::udp::Received {
         from: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
         segment: 0,
+        truncated: false,
     }; UDP_MSGS];
     let mut rx = RxState {
         inb: &mut inb,
@@ -1237,7 +1238,7 @@ fn rx_loop(
                 rec.begin_batch();
                 let mut n = 0;
                 for (w, r) in wire[..m].iter().zip(&meta[..m]) {
-                    if w.is_empty() {
+                    if r.truncated {
                         e.edge.bad_outer.fetch_add(1, Relaxed);
                         continue;
                     }
@@ -1251,8 +1252,11 @@ fn rx_loop(
                             .map_or(Ipv4Addr::UNSPECIFIED, |(_, s)| *s),
                         u.port(),
                     );
-                    // A coalesced train: each datagram becomes its own packet for the core.
-                    for d in w.as_slice().chunks(r.segment.max(1)) {
+                    // A coalesced train: each datagram becomes its own packet for the core (an
+                    // empty datagram too: the core counts it malformed).
+                    let whole = w.as_slice();
+                    let datagrams = whole.chunks(r.segment.max(1));
+                    for d in datagrams.chain(whole.is_empty().then_some(whole)) {
                         rec.record_udp(r.from, here, d);
                         let b = &mut bufs[n];
                         b.reset();

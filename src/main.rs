@@ -246,6 +246,7 @@ fn tshark_version() -> Option<String> {
 #[derive(Clone, Copy, ValueEnum)]
 enum ModeArg {
     Esp,
+    EspUdp,
     Ipip,
 }
 
@@ -253,7 +254,7 @@ enum ModeArg {
 enum LabCmd {
     /// Scenario 1: two hosts, one tunnel (A 192.0.2.1 / 10.4.2.99, B 192.0.2.2 / 10.4.2.5).
     P2p {
-        /// esp or ipip.
+        /// esp (IP protocol 50), esp-udp (ESP in UDP port 4500, RFC 3948) or ipip.
         #[arg(long, value_enum, default_value = "esp")]
         mode: ModeArg,
         /// ESP cipher.
@@ -527,6 +528,7 @@ fn real_main() -> Result<()> {
             } => {
                 let mode = match mode {
                     ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
+                    ModeArg::EspUdp => LabMode::EspUdp(cipher_arg(&cipher)?),
                     ModeArg::Ipip => {
                         if esn {
                             bail!("--esn applies to --mode esp only");

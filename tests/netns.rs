@@ -121,6 +121,10 @@ fn half_lab(tag: &str, cipher: Cipher) -> HalfLab {
 
 /// `half_lab` with `extra` appended to A's configuration.
 fn half_lab_with(tag: &str, cipher: Cipher, extra: &str) -> HalfLab {
+    half_lab_mode(tag, LabMode::Esp(cipher), cipher, extra)
+}
+
+fn half_lab_mode(tag: &str, mode: LabMode, cipher: Cipher, extra: &str) -> HalfLab {
     let (a, b) = p2p::topology(tag).unwrap();
     let keys = LabKeys::generate(cipher).unwrap();
     let dir = std::env::temp_dir().join(format!("espip-test-{tag}-{}", std::process::id()));
@@ -128,13 +132,7 @@ fn half_lab_with(tag: &str, cipher: Cipher, extra: &str) -> HalfLab {
     let cfg = dir.join("a.toml");
     std::fs::write(
         &cfg,
-        p2p::config_text(
-            LabMode::Esp(cipher),
-            true,
-            Some(&keys),
-            false,
-            &dir.join("state"),
-        ) + extra,
+        p2p::config_text(mode, true, Some(&keys), false, &dir.join("state")) + extra,
     )
     .unwrap();
     let daemon = Daemon::start(&a, &exe(), &cfg, &dir.join("a.log")).unwrap();
@@ -147,12 +145,17 @@ fn half_lab_with(tag: &str, cipher: Cipher, extra: &str) -> HalfLab {
     }
 }
 
-fn scapy_interop(tag: &str, cipher: Cipher) {
+fn scapy_interop(tag: &str, cipher: Cipher, udp: bool) {
     if !privileged() {
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut h = half_lab(tag, cipher);
+    let mode = if udp {
+        LabMode::EspUdp(cipher)
+    } else {
+        LabMode::Esp(cipher)
+    };
+    let mut h = half_lab_mode(tag, mode, cipher, "");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/scapy_peer.py");
     let out = netns::run(
         h.b.command("/usr/bin/python3")
@@ -162,20 +165,23 @@ fn scapy_interop(tag: &str, cipher: Cipher) {
             .args(["--key-b-to-a", h.keys.b_to_a.to_hex().as_str()])
             .args(["--spi-a-to-b", &format!("{SPI_A_TO_B:#x}")])
             .args(["--spi-b-to-a", &format!("{SPI_B_TO_A:#x}")])
-            .arg("--hostile"),
+            .arg("--hostile")
+            .args(udp.then_some("--udp")),
     )
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
-        "scapy peer failed ({cipher:?}): {stdout}\n{}\nespip log:\n{}",
+        "scapy peer failed ({cipher:?}): {stdout}\n{}\nespip status: {}\nespip log:\n{}",
         String::from_utf8_lossy(&out.stderr),
+        status_at(&h.dir.join("state/control.sock")).to_text(0.0),
         h.daemon.log()
     );
     assert!(stdout.contains("\"replies\": [1, 2, 3, 4, 5]"), "{stdout}");
     // `espip show --json` counts exactly what scapy sent.
     let st = status_at(&h.dir.join("state/control.sock"));
     let p = &st.peers[0];
+    assert_eq!(p.mode, if udp { "esp-udp" } else { "esp" });
     assert_eq!((p.rx_packets, p.tx_packets), (5, 5), "{p:?}");
     assert_eq!(p.sa_in.as_ref().unwrap().highest_seq, 5, "{p:?}");
     assert_eq!(p.sa_out.as_ref().unwrap().next_seq, 6, "{p:?}");
@@ -185,6 +191,8 @@ fn scapy_interop(tag: &str, cipher: Cipher) {
         ("bad_icv", 1),
         ("unknown_spi", 1),
         ("malformed", 1),
+        ("nat_keepalive", u64::from(udp)),
+        ("non_esp", u64::from(udp)),
     ] {
         assert_eq!(st.drops[reason], n, "{reason}: {:?}", st.drops);
     }
@@ -207,17 +215,24 @@ fn scapy_interop(tag: &str, cipher: Cipher) {
 
 #[test]
 fn scapy_interop_aes128() {
-    scapy_interop("scapy128", Cipher::Aes128Gcm);
+    scapy_interop("scapy128", Cipher::Aes128Gcm, false);
 }
 
 #[test]
 fn scapy_interop_aes256() {
-    scapy_interop("scapy256", Cipher::Aes256Gcm);
+    scapy_interop("scapy256", Cipher::Aes256Gcm, false);
 }
 
 #[test]
 fn scapy_interop_chacha20() {
-    scapy_interop("scapycc", Cipher::ChaCha20Poly1305);
+    scapy_interop("scapycc", Cipher::ChaCha20Poly1305, false);
+}
+
+/// scapy's NAT-T encapsulation (ESP in UDP 4500) against a daemon with mode = "esp-udp".
+#[test]
+fn scapy_interop_esp_in_udp_aes128_and_chacha20() {
+    scapy_interop("scapyu128", Cipher::Aes128Gcm, true);
+    scapy_interop("scapyucc", Cipher::ChaCha20Poly1305, true);
 }
 
 #[test]

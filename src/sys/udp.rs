@@ -100,6 +100,8 @@ pub struct Received {
     /// The size of each datagram the kernel coalesced into this message (the last may be
     /// shorter); the whole length when it is one datagram.
     pub segment: usize,
+    /// The kernel cut the message to the buffer (it is returned empty).
+    pub truncated: bool,
 }
 
 /// The ESP-in-UDP socket.
@@ -154,7 +156,7 @@ impl UdpEncapSocket {
 
     /// Receive up to `bufs.len()` messages in one `recvmmsg` call, each into a buffer from its
     /// headroom, with its sender and segment size in `meta`. Returns how many were filled
-    /// (`WouldBlock` if none). A message the kernel truncated is returned empty.
+    /// (`WouldBlock` if none). A message the kernel truncated is returned empty and marked.
     pub fn recv_batch(&self, bufs: &mut [PacketBuf], meta: &mut [Received]) -> io::Result<usize> {
         let n = bufs.len().min(meta.len()).min(MAX_MSGS);
         let mut iovs: [MaybeUninit<libc::iovec>; MAX_MSGS] =
@@ -196,7 +198,8 @@ impl UdpEncapSocket {
         let got = rc as usize;
         for i in 0..got {
             let h = &hdrs[i].msg_hdr;
-            let len = if h.msg_flags & libc::MSG_TRUNC != 0 {
+            let truncated = h.msg_flags & libc::MSG_TRUNC != 0;
+            let len = if truncated {
                 0
             } else {
                 hdrs[i].msg_len as usize
@@ -209,6 +212,7 @@ impl UdpEncapSocket {
             meta[i] = Received {
                 from,
                 segment: gro_segment(h).filter(|&s| s > 0).unwrap_or(len),
+                truncated,
             };
         }
         Ok(got)

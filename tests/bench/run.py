@@ -131,7 +131,7 @@ def espip_config(me_a, mode, cipher, keys, work):
         return s + 'mode = "ipip"\n'
     out, inn = (keys[0], keys[1]) if me_a else (keys[1], keys[0])
     spi_out, spi_in = ("0x1001", "0x1002") if me_a else ("0x1002", "0x1001")
-    return s + (f'mode = "esp"\ncipher = "{cipher}"\nspi_out = "{spi_out}"\nspi_in = "{spi_in}"\n'
+    return s + (f'mode = "{mode}"\ncipher = "{cipher}"\nspi_out = "{spi_out}"\nspi_in = "{spi_in}"\n'
                 f'key_out = "{out}"\nkey_in = "{inn}"\n')
 
 
@@ -139,7 +139,7 @@ def setup_espip(mode, cipher=None):
     def setup(lab, work):
         exe = ESPIP_EXE[0]
         keys = None
-        if mode == "esp":
+        if mode != "ipip":
             keys = [sh(exe, "genkey", "--cipher", cipher).stdout.strip() for _ in range(2)]
         pids = []
         for me_a, ns in ((True, lab.a), (False, lab.b)):
@@ -227,6 +227,8 @@ TUNNELS = [
     ("espip-esp-aes128gcm", setup_espip("esp", "aes-128-gcm")),
     ("espip-esp-aes256gcm", setup_espip("esp", "aes-256-gcm")),
     ("espip-esp-chacha20", setup_espip("esp", "chacha20-poly1305")),
+    ("espip-espudp-aes128gcm", setup_espip("esp-udp", "aes-128-gcm")),
+    ("espip-espudp-chacha20", setup_espip("esp-udp", "chacha20-poly1305")),
     ("socat", setup_socat),
     ("wireguard-go", setup_wireguard),
     ("openvpn", setup_openvpn),

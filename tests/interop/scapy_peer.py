@@ -7,6 +7,8 @@ Runs inside B's namespace against an espip daemon in A's namespace:
    with --hostile also sends one packet each with a broken ICV, an unknown SPI, and too short
    to be ESP (each must be dropped and counted: bad_icv, unknown_spi, malformed);
 3. sniffs what espip sends back and decrypts it with the A->B SA.
+With --udp everything travels as ESP in UDP between ports 4500 (RFC 3948, scapy's NAT-T
+encapsulation), and --hostile adds a NAT-keepalive and an IKE datagram (non-ESP marker).
 Prints one JSON line; exits 0 when every request got exactly one decryptable echo reply.
 """
 import argparse
@@ -14,7 +16,7 @@ import json
 import sys
 import time
 
-from scapy.all import AsyncSniffer, ICMP, IP, Raw, conf, send
+from scapy.all import UDP, AsyncSniffer, ICMP, IP, Raw, conf, send
 from scapy.layers.ipsec import ESP, SecurityAssociation
 
 ALGO = {
@@ -22,6 +24,16 @@ ALGO = {
     "aes-256-gcm": "AES-GCM",
     "chacha20-poly1305": "CHACHA20-POLY1305",
 }
+
+
+def fix_udp_length(pkt):
+    """scapy 2.5's NAT-T encryption leaves the UDP length at 8 (the header alone), so the
+    receiving kernel would cut the ESP payload off; let scapy compute it (and the IP checksum)."""
+    if UDP in pkt:
+        del pkt[UDP].len
+        del pkt[IP].chksum
+        return IP(bytes(pkt))
+    return pkt
 
 
 def main():
@@ -33,23 +45,35 @@ def main():
     ap.add_argument("--spi-b-to-a", type=lambda s: int(s, 0), required=True)
     ap.add_argument("--count", type=int, default=5)
     ap.add_argument("--hostile", action="store_true")
+    ap.add_argument("--udp", action="store_true")
     a = ap.parse_args()
     conf.verb = 0
     algo = ALGO[a.cipher]
+    nat_t = UDP(sport=4500, dport=4500) if a.udp else None
     tx = SecurityAssociation(ESP, spi=a.spi_b_to_a, crypt_algo=algo,
                              crypt_key=bytes.fromhex(a.key_b_to_a.removeprefix("0x")),
-                             tunnel_header=IP(src="192.0.2.2", dst="192.0.2.1"))
+                             tunnel_header=IP(src="192.0.2.2", dst="192.0.2.1"),
+                             nat_t_header=nat_t)
     rx = SecurityAssociation(ESP, spi=a.spi_a_to_b, crypt_algo=algo,
                              crypt_key=bytes.fromhex(a.key_a_to_b.removeprefix("0x")),
-                             tunnel_header=IP(src="192.0.2.1", dst="192.0.2.2"))
-    sniffer = AsyncSniffer(iface="veth0", filter="ip proto 50 and src host 192.0.2.1")
+                             tunnel_header=IP(src="192.0.2.1", dst="192.0.2.2"),
+                             nat_t_header=nat_t)
+
+    def outer(payload):
+        """A hand-made datagram to A: bare protocol 50, or in UDP with --udp."""
+        if a.udp:
+            return IP(src="192.0.2.2", dst="192.0.2.1") / UDP(sport=4500, dport=4500) / Raw(payload)
+        return IP(src="192.0.2.2", dst="192.0.2.1", proto=50) / Raw(payload)
+
+    sniffer = AsyncSniffer(iface="veth0", filter=("udp port 4500" if a.udp else "ip proto 50")
+                           + " and src host 192.0.2.1")
     sniffer.start()
     time.sleep(0.5)
     sent = []
     for seq in range(1, a.count + 1):
         inner = IP(src="10.4.2.5", dst="10.4.2.99") / ICMP(type=8, id=0x77, seq=seq) / Raw(
             b"scapy interop %d" % seq)
-        pkt = tx.encrypt(inner, seq_num=seq)
+        pkt = fix_udp_length(tx.encrypt(inner, seq_num=seq))
         sent.append(pkt)
         send(pkt)
     # Replay request 2: espip must drop it.
@@ -57,23 +81,39 @@ def main():
     if a.hostile:
         nxt = a.count + 1
         inner = IP(src="10.4.2.5", dst="10.4.2.99") / ICMP(type=8, id=0x77, seq=nxt)
-        good = bytes(tx.encrypt(inner, seq_num=nxt))
+        good = bytes(fix_udp_length(tx.encrypt(inner, seq_num=nxt)))
         # Last byte of the ICV flipped: a fresh sequence number, so only the ICV is wrong.
         tampered = good[:-1] + bytes([good[-1] ^ 0x01])
         send(IP(tampered))
         # An SPI nobody installed.
-        send(IP(src="192.0.2.2", dst="192.0.2.1", proto=50) / Raw(
-            (0xdead).to_bytes(4, "big") + (1).to_bytes(4, "big") + bytes(40)))
+        send(outer((0xdead).to_bytes(4, "big") + (1).to_bytes(4, "big") + bytes(40)))
         # The right SPI but only 8 bytes: no room for IV, payload or ICV.
-        send(IP(src="192.0.2.2", dst="192.0.2.1", proto=50) / Raw(
-            a.spi_b_to_a.to_bytes(4, "big") + (nxt + 1).to_bytes(4, "big")))
+        send(outer(a.spi_b_to_a.to_bytes(4, "big") + (nxt + 1).to_bytes(4, "big")))
+        if a.udp:
+            # RFC 3948: a NAT-keepalive, and an IKE message behind the non-ESP marker.
+            send(outer(b"\xff"))
+            send(outer(bytes(4) + bytes(range(28))))
     time.sleep(1.5)
     captured = sniffer.stop()
     replies = []
     errors = []
+    # An echo reply is as long as its request, so its ESP packet is as long as ours: a train of
+    # replies the kernel sent as one UDP GSO frame splits at that length.
+    esp_len = len(sent[0][ESP])
+    packets = []
     for p in captured:
+        if not a.udp:
+            packets.append(p[IP])
+            continue
+        data = bytes(p[UDP].payload)
+        n = len(data) // esp_len if len(data) % esp_len == 0 else 1
+        size = len(data) // n
+        for i in range(n):
+            packets.append(IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=4500, dport=4500)
+                           / ESP(data[i * size:(i + 1) * size]))
+    for p in packets:
         try:
-            d = rx.decrypt(p[IP])
+            d = rx.decrypt(p)
         except Exception as e:  # noqa: BLE001 - report any decryption failure
             errors.append(repr(e))
             continue
