@@ -9,6 +9,9 @@ use std::net::IpAddr;
 
 pub const ESP_PEER: &str = "192.0.2.2";
 pub const IPIP_PEER: &str = "192.0.2.3";
+/// A peer whose ESP travels in UDP (RFC 3948).
+pub const UDP_PEER: &str = "192.0.2.4";
+pub const SPI_IN_UDP: u32 = 0x2002;
 pub const SPI_OUT: u32 = 0x1001;
 pub const SPI_IN: u32 = 0x1002;
 pub const KEY_OUT: [u8; 20] = [0x11; 20];
@@ -34,6 +37,23 @@ pub fn peers(esn: bool) -> Vec<PeerSpec> {
                 esn,
                 lifetime: Default::default(),
                 udp_port: None,
+            },
+            route: true,
+        },
+        PeerSpec {
+            name: "esp-udp".into(),
+            endpoint: UDP_PEER.parse().unwrap(),
+            allowed_ips: vec!["10.6.0.0/16".parse().unwrap()],
+            encap: EncapSpec::Esp {
+                cipher: Cipher::Aes128Gcm,
+                spi_out: 0x2001,
+                key_out: key(&KEY_OUT),
+                spi_in: SPI_IN_UDP,
+                key_in: key(&KEY_IN),
+                replay_window: 64,
+                esn,
+                lifetime: Default::default(),
+                udp_port: Some(4500),
             },
             route: true,
         },

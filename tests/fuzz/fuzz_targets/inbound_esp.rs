@@ -1,7 +1,9 @@
 //! The wire -> TUN ESP path: replay window, ICV, trailer, next header, inner parse, policy.
 //! Records are either raw ESP bytes (anything an attacker can send) or plaintexts sealed with
 //! the peer's real key (so the fuzzer also reaches everything after the ICV check), at a
-//! sequence number the record chooses (to move the replay window around).
+//! sequence number the record chooses (to move the replay window around). Records go as bare
+//! protocol 50 or as ESP in UDP (to the protocol-50 peer's SA or the UDP peer's), from the
+//! peer's address or another one.
 #![no_main]
 
 #[path = "common.rs"]
@@ -18,6 +20,9 @@ fuzz_target!(|data: &[u8]| {
     let (_, mut inb) = build(esn);
     let mut twin = OutboundSa::new(SPI_IN, &key(&KEY_IN), esn);
     twin.set_limit(u64::MAX);
+    let mut twin_udp = OutboundSa::new(SPI_IN_UDP, &key(&KEY_IN), esn);
+    twin_udp.set_limit(u64::MAX);
+    let udp_peer: std::net::IpAddr = UDP_PEER.parse().unwrap();
     let esp_peer = ESP_PEER.parse().unwrap();
     for (i, (tag, bytes)) in records(data.get(1..).unwrap_or_default())
         .into_iter()
@@ -31,32 +36,39 @@ fuzz_target!(|data: &[u8]| {
                 continue;
             }
             let seq = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as u64;
-            twin.set_next_seq(seq.max(1));
+            let t = if tag & 8 == 0 { &mut twin } else { &mut twin_udp };
+            t.set_next_seq(seq.max(1));
             let mut p = PacketBuf::from_slice(&bytes[5..]);
-            if twin.encapsulate(&mut p, bytes[4]).is_err() {
+            if t.encapsulate(&mut p, bytes[4]).is_err() {
                 continue;
             }
             p
         };
-        // Mostly from the peer's address, sometimes from another.
-        let src = if tag & 2 == 0 {
-            esp_peer
-        } else {
-            IPIP_PEER.parse().unwrap()
+        // Bare ESP or ESP in UDP; mostly from the matching peer's address, sometimes not.
+        let proto = if tag & 4 == 0 { 50 } else { 17 };
+        let src = match (tag & 2 == 0, proto) {
+            (true, 50) => esp_peer,
+            (true, _) => udp_peer,
+            (false, _) => IPIP_PEER.parse().unwrap(),
         };
-        let v = inb.process(&mut buf, src, 50, i as u64 * 1_000_000);
+        let v = inb.process(&mut buf, src, proto, i as u64 * 1_000_000);
         if v == Verdict::ToTun {
             // Policy: only the peer's allowed_ips get through, and only as a parsable packet.
             let s = inner_src(buf.as_slice()).expect("delivered packets parse");
-            assert!(
-                (matches!(s, std::net::IpAddr::V4(a) if a.octets()[..3] == [10, 4, 2]))
-                    || (matches!(s, std::net::IpAddr::V6(a) if a.segments()[..4] == [0xfd00, 0, 0, 0])),
-                "delivered a packet from {s}"
-            );
-            assert_eq!(
-                src, esp_peer,
-                "delivered a packet from the wrong outer source"
-            );
+            if proto == 50 {
+                assert!(
+                    (matches!(s, std::net::IpAddr::V4(a) if a.octets()[..3] == [10, 4, 2]))
+                        || (matches!(s, std::net::IpAddr::V6(a) if a.segments()[..4] == [0xfd00, 0, 0, 0])),
+                    "delivered a packet from {s}"
+                );
+                assert_eq!(src, esp_peer, "delivered a packet from the wrong outer source");
+            } else {
+                assert!(
+                    matches!(s, std::net::IpAddr::V4(a) if a.octets()[..2] == [10, 6]),
+                    "delivered a packet from {s} in UDP"
+                );
+                assert_eq!(src, udp_peer, "delivered UDP from the wrong outer source");
+            }
         }
     }
 });

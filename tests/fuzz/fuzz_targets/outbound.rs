@@ -14,10 +14,14 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let (mut out, _) = build(false);
     let mut peer = InboundSa::new(SPI_OUT, &key(&KEY_OUT), false, 64);
+    let mut peer_udp = InboundSa::new(0x2001, &key(&KEY_OUT), false, 64);
     for (_, bytes) in records(data) {
         let mut buf = PacketBuf::from_slice(bytes);
         match out.process(&mut buf, 0) {
-            Verdict::Send { protocol: 50, .. } => {
+            Verdict::Send {
+                protocol: 50, port, ..
+            } => {
+                assert_eq!(port, 0);
                 let opened = peer.decapsulate(&mut buf).expect("our ESP decrypts");
                 assert!(opened.next_header == 4 || opened.next_header == 41);
                 assert!(
@@ -25,8 +29,20 @@ fuzz_target!(|data: &[u8]| {
                     "plaintext differs from the TUN packet"
                 );
             }
-            Verdict::Send { protocol, .. } => {
+            Verdict::Send {
+                protocol: 17,
+                port,
+                endpoint,
+            } => {
+                // ESP in UDP: the UDP peer's own SA, to its port.
+                assert_eq!((port, endpoint.to_string().as_str()), (4500, UDP_PEER));
+                let opened = peer_udp.decapsulate(&mut buf).expect("our ESP in UDP decrypts");
+                assert!(opened.next_header == 4 || opened.next_header == 41);
+                assert!(bytes.starts_with(buf.as_slice()), "plaintext differs");
+            }
+            Verdict::Send { protocol, port, .. } => {
                 assert!(protocol == 4 || protocol == 41);
+                assert_eq!(port, 0);
                 // Unchanged, cut to the inner packet's own length (bytes after it are dropped).
                 assert!(bytes.starts_with(buf.as_slice()), "ipip changed the packet");
             }
