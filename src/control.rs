@@ -206,7 +206,12 @@ impl Live {
                         EncapSpec::Esp {
                             udp_port: Some(port),
                             ..
-                        } => std::net::SocketAddr::new(p.endpoint, *port).to_string(),
+                        } => {
+                            // The port the peer's last authenticated datagram came from wins.
+                            let seen = s.udp_port_seen.load(Relaxed) as u16;
+                            let port = if seen != 0 { seen } else { *port };
+                            std::net::SocketAddr::new(p.endpoint, port).to_string()
+                        }
                         _ => p.endpoint.to_string(),
                     },
                     mode: mode.into(),

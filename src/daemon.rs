@@ -24,7 +24,7 @@ use crate::wire::ip::{PROTO_ESP, PROTO_IPIP, PROTO_IPV6, PROTO_UDP};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -1164,6 +1164,8 @@ fn rx_loop(
 ) {
     let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new(MAX_PACKET)).collect();
     let mut origin: [Origin; BATCH] = [None; BATCH];
+    // The UDP source port of each packet of a batch from the ESP-in-UDP socket.
+    let mut ports = [0u16; BATCH];
     let mut wire: Vec<PacketBuf> = match e.udp {
         Some(_) => (0..UDP_MSGS).map(|_| PacketBuf::new(MAX_PACKET)).collect(),
         None => Vec::new(),
@@ -1217,7 +1219,7 @@ fn rx_loop(
                         e.edge.bad_outer.fetch_add(1, Relaxed);
                     }
                 }
-                rx.batch(&mut bufs[..n], &origin[..n], rec, now);
+                rx.batch(&mut bufs[..n], &origin[..n], &[], rec, now);
                 rec.flush();
                 if n < bufs.len() {
                     break;
@@ -1263,15 +1265,16 @@ fn rx_loop(
                         b.read_area()[..d.len()].copy_from_slice(d);
                         b.set_len(d.len());
                         origin[n] = Some((IpAddr::V4(*r.from.ip()), PROTO_UDP));
+                        ports[n] = r.from.port();
                         n += 1;
                         if n == BATCH {
-                            rx.batch(&mut bufs[..n], &origin[..n], rec, now);
+                            rx.batch(&mut bufs[..n], &origin[..n], &ports[..n], rec, now);
                             n = 0;
                         }
                     }
                 }
                 if n > 0 {
-                    rx.batch(&mut bufs[..n], &origin[..n], rec, now);
+                    rx.batch(&mut bufs[..n], &origin[..n], &ports[..n], rec, now);
                 }
                 rec.flush();
                 if m < wire.len() {
@@ -1292,8 +1295,16 @@ struct RxState<'a, 'e> {
 
 impl RxState<'_, '_> {
     /// Run a batch of received packets (outer headers removed) through the core and deliver
-    /// them: to the TUN (coalesced where possible) or, on a hub, on to another peer.
-    fn batch(&mut self, bufs: &mut [PacketBuf], origin: &[Origin], rec: &mut Recorder, now: u64) {
+    /// them: to the TUN (coalesced where possible) or, on a hub, on to another peer. `ports`:
+    /// the UDP source ports of a batch from the ESP-in-UDP socket (empty for raw sockets).
+    fn batch(
+        &mut self,
+        bufs: &mut [PacketBuf],
+        origin: &[Origin],
+        ports: &[u16],
+        rec: &mut Recorder,
+        now: u64,
+    ) {
         let e = self.e;
         let mut relay = [false; BATCH];
         let mut any_relay = false;
@@ -1303,7 +1314,11 @@ impl RxState<'_, '_> {
             let Some((src, proto)) = *o else {
                 continue;
             };
-            match self.inb.process(b, src, proto, now) {
+            let v = match ports.get(i) {
+                Some(&port) => self.inb.process_udp(b, SocketAddr::new(src, port), now),
+                None => self.inb.process(b, src, proto, now),
+            };
+            match v {
                 Verdict::ToTun => {
                     rec.record(Tap::Inner, b.as_slice());
                     deliver[dn] = i;

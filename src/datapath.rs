@@ -29,8 +29,8 @@ use crate::wire::esp::{NEXT_HEADER_DUMMY, NEXT_HEADER_IPV4, NEXT_HEADER_IPV6};
 use crate::wire::icmp;
 use crate::wire::ip::{InnerPacket, PROTO_ESP, PROTO_IPIP, PROTO_IPV6, PROTO_UDP};
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// Why a packet was dropped; each has its own counter (Linux: `LINUX_MIB_XFRM*`).
@@ -143,6 +143,11 @@ pub struct PeerStats {
     pub last_tx: AtomicU64,
     /// The inbound SA's highest authenticated sequence number (the replay window's top).
     pub replay_top: AtomicU64,
+    /// ESP in UDP: the source port of the peer's last authenticated datagram (0: none yet).
+    /// The outbound half sends to it instead of the configured port, so a NAT between the
+    /// peers that maps the peer's port elsewhere is followed (RFC 3948 NAT traversal; the
+    /// address must still be the configured endpoint).
+    pub udp_port_seen: AtomicU32,
 }
 
 /// Counters shared by both directions and read by the control side.
@@ -567,10 +572,14 @@ impl Outbound {
         s.tx_packets.fetch_add(1, Relaxed);
         s.tx_bytes.fetch_add(len, Relaxed);
         s.last_tx.store(now, Relaxed);
+        let port = match s.udp_port_seen.load(Relaxed) {
+            0 => peer.port,
+            seen => seen as u16,
+        };
         Verdict::Send {
             endpoint: peer.endpoint,
             protocol,
-            port: peer.port,
+            port: if peer.port == 0 { 0 } else { port },
         }
     }
 
@@ -662,7 +671,17 @@ impl Inbound {
         protocol: u8,
         now: u64,
     ) -> Verdict {
-        let v = self.process_inner(buf, outer_src, protocol, now);
+        let v = self.process_inner(buf, outer_src, protocol, 0, now);
+        if let Verdict::Drop(r) = v {
+            self.stats.count_drop(r);
+        }
+        v
+    }
+
+    /// Process the payload of one UDP datagram from `from` (ESP in UDP, RFC 3948). Once it
+    /// authenticates, its source port becomes the one the peer's packets go to.
+    pub fn process_udp(&mut self, buf: &mut PacketBuf, from: SocketAddr, now: u64) -> Verdict {
+        let v = self.process_inner(buf, from.ip(), PROTO_UDP, from.port(), now);
         if let Verdict::Drop(r) = v {
             self.stats.count_drop(r);
         }
@@ -674,6 +693,7 @@ impl Inbound {
         buf: &mut PacketBuf,
         outer_src: IpAddr,
         protocol: u8,
+        src_port: u16,
         now: u64,
     ) -> Verdict {
         if protocol == PROTO_UDP {
@@ -707,6 +727,13 @@ impl Inbound {
                 }
                 match sa.decapsulate(buf) {
                     Ok(o) => {
+                        if protocol == PROTO_UDP && src_port != 0 {
+                            // Authenticated and new (replay checked): the peer's current port.
+                            let seen = &self.stats.peers[idx].udp_port_seen;
+                            if seen.load(Relaxed) != u32::from(src_port) {
+                                seen.store(u32::from(src_port), Relaxed);
+                            }
+                        }
                         peer.used.packets += 1;
                         peer.used.bytes += buf.len() as u64;
                         self.stats.peers[idx]

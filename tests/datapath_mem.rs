@@ -573,3 +573,56 @@ fn esp_in_udp_costs_eight_bytes_of_mtu() {
     assert_eq!(datapath::inner_mtu(1500, &esp(Some(4500))), 1438);
     assert_eq!(datapath::inner_mtu(1500, &EncapSpec::IpIp), 1480);
 }
+
+/// NAT traversal: after an authenticated datagram from another source port, the peer's packets
+/// go to that port; an unauthenticated one (bad ICV) moves nothing.
+#[test]
+fn esp_in_udp_follows_the_peer_port_of_authenticated_datagrams_only() {
+    let (mut a, mut b) = esp_pair_over(
+        Cipher::Aes128Gcm,
+        false,
+        64,
+        Lifetime::default(),
+        Some(4500),
+    );
+    let to_a = ipv4([10, 4, 2, 5], [10, 4, 2, 99], 100, true);
+    let to_b = ipv4([10, 4, 2, 99], [10, 4, 2, 5], 100, true);
+    let from_b = |port| std::net::SocketAddr::new(B.parse().unwrap(), port);
+    let port_of = |v: Verdict| match v {
+        Verdict::Send { port, .. } => port,
+        v => panic!("{v:?}"),
+    };
+    assert_eq!(
+        port_of(a.out.process(&mut PacketBuf::from_slice(&to_b), 0)),
+        4500
+    );
+    // B's packet arrives from port 31000 (a NAT mapped B's 4500 there).
+    let mut w = PacketBuf::from_slice(&to_a);
+    b.out.process(&mut w, 0);
+    let sealed = w.as_slice().to_vec();
+    let mut r = PacketBuf::from_slice(&sealed);
+    assert_eq!(a.inb.process_udp(&mut r, from_b(31000), 0), Verdict::ToTun);
+    assert_eq!(
+        port_of(a.out.process(&mut PacketBuf::from_slice(&to_b), 0)),
+        31000
+    );
+    // A forged datagram from port 666: its ICV fails, the port stays.
+    let mut forged = sealed.clone();
+    forged[8] ^= 1;
+    forged[4..8].copy_from_slice(&[0, 0, 0, 9]);
+    let mut r = PacketBuf::from_slice(&forged);
+    assert_eq!(
+        a.inb.process_udp(&mut r, from_b(666), 0),
+        Verdict::Drop(DropReason::BadIcv)
+    );
+    // A replay of the genuine datagram from port 777: refused before it can move the port.
+    let mut r = PacketBuf::from_slice(&sealed);
+    assert_eq!(
+        a.inb.process_udp(&mut r, from_b(777), 0),
+        Verdict::Drop(DropReason::Replay)
+    );
+    assert_eq!(
+        port_of(a.out.process(&mut PacketBuf::from_slice(&to_b), 0)),
+        31000
+    );
+}

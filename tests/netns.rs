@@ -166,7 +166,12 @@ fn scapy_interop(tag: &str, cipher: Cipher, udp: bool) {
             .args(["--spi-a-to-b", &format!("{SPI_A_TO_B:#x}")])
             .args(["--spi-b-to-a", &format!("{SPI_B_TO_A:#x}")])
             .arg("--hostile")
-            .args(udp.then_some("--udp")),
+            // As if a NAT had mapped B's port 4500 to 4501: espip must answer there.
+            .args(if udp {
+                &["--udp", "--sport", "4501"][..]
+            } else {
+                &[]
+            }),
     )
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -182,6 +187,12 @@ fn scapy_interop(tag: &str, cipher: Cipher, udp: bool) {
     let st = status_at(&h.dir.join("state/control.sock"));
     let p = &st.peers[0];
     assert_eq!(p.mode, if udp { "esp-udp" } else { "esp" });
+    if udp {
+        assert_eq!(
+            p.endpoint, "192.0.2.2:4501",
+            "the port B's datagrams came from"
+        );
+    }
     assert_eq!((p.rx_packets, p.tx_packets), (5, 5), "{p:?}");
     assert_eq!(p.sa_in.as_ref().unwrap().highest_seq, 5, "{p:?}");
     assert_eq!(p.sa_out.as_ref().unwrap().next_seq, 6, "{p:?}");

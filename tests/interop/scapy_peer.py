@@ -46,10 +46,12 @@ def main():
     ap.add_argument("--count", type=int, default=5)
     ap.add_argument("--hostile", action="store_true")
     ap.add_argument("--udp", action="store_true")
+    ap.add_argument("--sport", type=int, default=4500,
+                    help="our UDP source port with --udp (as a NAT would have mapped it)")
     a = ap.parse_args()
     conf.verb = 0
     algo = ALGO[a.cipher]
-    nat_t = UDP(sport=4500, dport=4500) if a.udp else None
+    nat_t = UDP(sport=a.sport, dport=4500) if a.udp else None
     tx = SecurityAssociation(ESP, spi=a.spi_b_to_a, crypt_algo=algo,
                              crypt_key=bytes.fromhex(a.key_b_to_a.removeprefix("0x")),
                              tunnel_header=IP(src="192.0.2.2", dst="192.0.2.1"),
@@ -57,15 +59,15 @@ def main():
     rx = SecurityAssociation(ESP, spi=a.spi_a_to_b, crypt_algo=algo,
                              crypt_key=bytes.fromhex(a.key_a_to_b.removeprefix("0x")),
                              tunnel_header=IP(src="192.0.2.1", dst="192.0.2.2"),
-                             nat_t_header=nat_t)
+                             nat_t_header=UDP(sport=4500, dport=a.sport) if a.udp else None)
 
     def outer(payload):
         """A hand-made datagram to A: bare protocol 50, or in UDP with --udp."""
         if a.udp:
-            return IP(src="192.0.2.2", dst="192.0.2.1") / UDP(sport=4500, dport=4500) / Raw(payload)
+            return IP(src="192.0.2.2", dst="192.0.2.1") / UDP(sport=a.sport, dport=4500) / Raw(payload)
         return IP(src="192.0.2.2", dst="192.0.2.1", proto=50) / Raw(payload)
 
-    sniffer = AsyncSniffer(iface="veth0", filter=("udp port 4500" if a.udp else "ip proto 50")
+    sniffer = AsyncSniffer(iface="veth0", filter=("udp" if a.udp else "ip proto 50")
                            + " and src host 192.0.2.1")
     sniffer.start()
     time.sleep(0.5)
@@ -101,15 +103,18 @@ def main():
     # replies the kernel sent as one UDP GSO frame splits at that length.
     esp_len = len(sent[0][ESP])
     packets = []
+    wrong_port = 0
     for p in captured:
         if not a.udp:
             packets.append(p[IP])
             continue
+        # espip must answer the port our datagrams came from.
+        wrong_port += p[UDP].sport != 4500 or p[UDP].dport != a.sport
         data = bytes(p[UDP].payload)
         n = len(data) // esp_len if len(data) % esp_len == 0 else 1
         size = len(data) // n
         for i in range(n):
-            packets.append(IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=4500, dport=4500)
+            packets.append(IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=4500, dport=a.sport)
                            / ESP(data[i * size:(i + 1) * size]))
     for p in packets:
         try:
@@ -119,9 +124,9 @@ def main():
             continue
         if ICMP in d and d[ICMP].type == 0 and d[ICMP].id == 0x77:
             replies.append(d[ICMP].seq)
-    ok = sorted(replies) == list(range(1, a.count + 1)) and not errors
+    ok = sorted(replies) == list(range(1, a.count + 1)) and not errors and not wrong_port
     print(json.dumps({"ok": ok, "esp_from_espip": len(captured), "replies": sorted(replies),
-                      "errors": errors}))
+                      "wrong_port": wrong_port, "errors": errors}))
     return 0 if ok else 1
 
 
