@@ -6,7 +6,8 @@ Usage (as root, on Debian; installs what is missing):
                                [--only veth,espip-ipip,...] [--soak 60]
 
 Two network namespaces joined by a veth pair (192.0.2.1/24 - 192.0.2.2/24). For each tunnel in
-turn (set up, measured, torn down): plain veth, espip ipip, espip esp with each cipher, socat
+turn (set up, measured, torn down): plain veth, espip ipip, espip esp with each cipher, espip
+esp-udp (ESP in UDP, RFC 3948) with aes-128-gcm and chacha20-poly1305, socat
 TUN/UDP, wireguard-go with wg, OpenVPN UDP (TLS, AES-256-GCM, userspace, no DCO). For each:
   - single-stream TCP Gbit/s (iperf3, --seconds each),
   - 4-stream TCP Gbit/s (iperf3 -P 4),
