@@ -13,9 +13,7 @@ use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
-/// Socket buffer size requested with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE`. Tuning constant: a
-/// 4 MiB queue absorbs about 3000 full-size packets, a few milliseconds at 10 Gbit/s.
-const SOCKET_BUFFER: usize = 4 << 20;
+use super::{set_int, SOCKET_BUFFER};
 
 /// A raw IPv4 socket of one protocol.
 pub struct RawSocket {
@@ -37,7 +35,7 @@ impl RawSocket {
         force_buffer(&sock, libc::SO_SNDBUFFORCE);
         // Outer packets larger than the path are fragmented by the kernel instead of being
         // refused: a lowered path MTU costs fragmentation, not a black hole.
-        set_int(
+        let _ = set_int(
             &sock,
             libc::IPPROTO_IP,
             libc::IP_MTU_DISCOVER,
@@ -160,22 +158,9 @@ impl AsFd for RawSocket {
     }
 }
 
-fn set_int(sock: &Socket, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
-    // SAFETY: setsockopt reads sizeof(int) bytes from a live c_int.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-}
-
 fn force_buffer(sock: &Socket, opt: libc::c_int) {
     // Best effort: without CAP_NET_ADMIN the FORCE variants fail; the kernel default stays.
-    set_int(sock, libc::SOL_SOCKET, opt, SOCKET_BUFFER as libc::c_int);
+    let _ = set_int(sock, libc::SOL_SOCKET, opt, SOCKET_BUFFER as libc::c_int);
 }
 
 /// Validate and remove the outer IPv4 header of a datagram from a raw socket; returns the outer

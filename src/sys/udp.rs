@@ -18,8 +18,7 @@ use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
-/// Socket buffer size requested with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` (as for raw sockets).
-const SOCKET_BUFFER: usize = 4 << 20;
+use super::{set_int, SOCKET_BUFFER};
 
 /// Most segments in one UDP GSO send (the kernel's `UDP_MAX_SEGMENTS` is 64 before Linux 6.9
 /// and 128 after; the smaller one works everywhere).
@@ -376,29 +375,6 @@ impl AsRawFd for UdpEncapSocket {
 impl AsFd for UdpEncapSocket {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.sock.as_fd()
-    }
-}
-
-fn set_int(
-    sock: &Socket,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: setsockopt reads sizeof(int) bytes from a live c_int.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
     }
 }
 
