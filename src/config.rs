@@ -47,6 +47,16 @@ pub enum ConfigError {
         /// What is expected instead.
         expected: String,
     },
+    /// A key file owned by someone other than root (or the user running espip).
+    #[error("{key}: key file {path} belongs to uid {uid}; a key file must belong to root (or to the user running espip): `chown root: {path}`, after checking who wrote it")]
+    KeyFileOwner {
+        /// Which key.
+        key: String,
+        /// The file (links resolved).
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+    },
     /// A key file others can read.
     #[error("{key}: key file {path} has mode {mode:04o}, readable by group or others; run `chmod 600 {path}` (and keep it owned by root)")]
     KeyFilePermissions {
@@ -198,8 +208,8 @@ struct RawPeer {
     cipher: Option<String>,
     spi_out: Option<SpiValue>,
     spi_in: Option<SpiValue>,
-    key_out: Option<String>,
-    key_in: Option<String>,
+    key_out: Option<zeroize::Zeroizing<String>>,
+    key_in: Option<zeroize::Zeroizing<String>>,
     key_out_file: Option<PathBuf>,
     key_in_file: Option<PathBuf>,
     replay_window: Option<i64>,
@@ -254,7 +264,7 @@ pub struct Interface {
 }
 
 /// Default `interface.user`.
-pub const DEFAULT_USER: &str = "nobody";
+pub const DEFAULT_USER: &str = "espip";
 
 /// Reverse-path filtering modes (`net.ipv4.conf.*.rp_filter`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,10 +312,13 @@ impl Config {
     /// Read and validate a configuration file. Relative key file paths are resolved against
     /// the configuration file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        // The text may hold inline keys: wiped when dropped.
+        let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+            ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?);
         let base = path.parent().unwrap_or(Path::new("."));
         Config::parse(&text, base).map_err(|e| match e {
             ConfigError::Syntax { message, .. } => ConfigError::Syntax {
@@ -320,7 +333,7 @@ impl Config {
     pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: PathBuf::from("<config>"),
-            message: e.to_string().trim_end().to_string(),
+            message: explain_toml(text, &e),
         })?;
         let mut warnings = Vec::new();
         let interface = interface(raw.interface, base)?;
@@ -339,6 +352,13 @@ impl Config {
                     format!("peer {:?}.name", spec.name),
                     format!("{:?}", spec.name),
                     "a name no other peer has",
+                ));
+            }
+            if Some(spec.endpoint) == interface.local {
+                return Err(invalid(
+                    format!("peer {:?}.endpoint", spec.name),
+                    spec.endpoint,
+                    "the peer's address, not this host's own interface.local",
                 ));
             }
             peers.push(spec);
@@ -793,7 +813,7 @@ fn spi(key: String, v: Option<SpiValue>) -> Result<u32, ConfigError> {
 
 fn key_material(
     key: &str,
-    inline: Option<String>,
+    inline: Option<zeroize::Zeroizing<String>>,
     file: Option<PathBuf>,
     base: &Path,
     cipher: Cipher,
@@ -824,21 +844,7 @@ fn key_material(
                 path
             };
             let fkey = format!("{key}_file");
-            let meta = std::fs::metadata(&path).map_err(|e| {
-                invalid(&fkey, path.display(), format!("a readable key file ({e})"))
-            })?;
-            use std::os::unix::fs::PermissionsExt;
-            let mode = meta.permissions().mode() & 0o7777;
-            if mode & 0o077 != 0 {
-                return Err(ConfigError::KeyFilePermissions {
-                    key: fkey,
-                    path,
-                    mode,
-                });
-            }
-            let text = zeroize::Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
-                invalid(&fkey, path.display(), format!("a readable key file ({e})"))
-            })?);
+            let text = read_key_file(&fkey, &path)?;
             KeyMaterial::from_hex(cipher, &text).map_err(|e| {
                 invalid(
                     &fkey,
@@ -847,6 +853,115 @@ fn key_material(
                 )
             })
         }
+    }
+}
+
+/// Largest key file read: a key is at most 2 + 2 x 36 hex digits and a newline.
+const KEY_FILE_MAX: u64 = 4096;
+
+/// Read a key file as ssh reads a private key: a regular file (a link is followed, but its
+/// target must be one), owned by root or the user running espip, not readable by others, of a
+/// sane size. Opened with `O_NONBLOCK`, so a FIFO is refused instead of hanging.
+fn read_key_file(fkey: &str, path: &Path) -> Result<zeroize::Zeroizing<String>, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    let unreadable =
+        |e: std::io::Error| invalid(fkey, path.display(), format!("a readable key file ({e})"));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(unreadable)?;
+    let meta = f.metadata().map_err(unreadable)?;
+    // Messages name the file itself, not a link to it (`chmod` on a link to /dev/zero would
+    // change /dev/zero).
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if !meta.is_file() {
+        let kind = if meta.is_dir() {
+            "a directory"
+        } else if meta.file_type().is_char_device() || meta.file_type().is_block_device() {
+            "a device"
+        } else if meta.file_type().is_fifo() {
+            "a FIFO"
+        } else {
+            "not a regular file"
+        };
+        return Err(invalid(
+            fkey,
+            path.display(),
+            format!(
+                "a regular file holding the key; {} is {kind}",
+                real.display()
+            ),
+        ));
+    }
+    let uid = meta.uid();
+    if uid != 0 && uid != nix::unistd::geteuid().as_raw() {
+        return Err(ConfigError::KeyFileOwner {
+            key: fkey.to_string(),
+            path: real,
+            uid,
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::KeyFilePermissions {
+            key: fkey.to_string(),
+            path: real,
+            mode,
+        });
+    }
+    let mut text = zeroize::Zeroizing::new(String::with_capacity(KEY_FILE_MAX as usize + 1));
+    f.take(KEY_FILE_MAX + 1)
+        .read_to_string(&mut text)
+        .map_err(unreadable)?;
+    if text.len() as u64 > KEY_FILE_MAX {
+        return Err(invalid(
+            fkey,
+            path.display(),
+            format!("a key file of a few dozen bytes; this one is over {KEY_FILE_MAX}"),
+        ));
+    }
+    Ok(text)
+}
+
+/// toml's message for a mistyped value names the line but not the key (`invalid type: string
+/// "1400", expected i64`): prefix the dotted key and say what to write.
+fn explain_toml(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.to_string().trim_end().to_string();
+    let Some(span) = e.span() else { return msg };
+    let before = &text[..span.start.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = &text[line_start..];
+    let line = line.split('\n').next().unwrap_or("");
+    let Some((key, _)) = line.split_once('=') else {
+        return msg;
+    };
+    let key = key.trim();
+    let section = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let full = match section {
+        Some(sec) => format!("{sec}.{key}"),
+        None => key.to_string(),
+    };
+    let hint = if msg.contains("expected i64") || msg.contains("expected u") {
+        Some("a whole number, without quotes (e.g. `mtu = 1400`)")
+    } else if msg.contains("expected a boolean") {
+        Some("true or false, without quotes")
+    } else if msg.contains("expected a string") {
+        Some("a quoted string")
+    } else if msg.contains("expected a sequence") {
+        Some("a list in brackets, e.g. [\"10.4.2.5/32\"]")
+    } else {
+        None
+    };
+    match hint {
+        Some(h) => format!("{full}: {h}\n{msg}"),
+        None => format!("{full}: {msg}"),
     }
 }
 

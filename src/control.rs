@@ -3,17 +3,26 @@
 //!
 //! Control protocol: the client connects, writes one request line (`status`, `sa`, or
 //! `sa-keys` for the Wireshark lines with keys),
-//! and reads one JSON document until the daemon closes the connection. The socket is created
-//! with mode 0600 (root, or the daemon's user, only): `sa-keys` answers with key material.
+//! and reads one JSON document until the daemon closes the connection.
+//!
+//! Who may ask (docs/security.md): the socket is bound by root, before the privilege drop, in
+//! a directory only root can write ([`PrivateDir`]), with mode 0600; the daemon answers only
+//! callers whose kernel-checked credentials (`SO_PEERCRED`) are root's. The client checks the
+//! other way round: the socket and its directory belong to root, and the process that listens
+//! on it was root when it called `listen` (the daemon binds before it drops root; a socket
+//! another user bound shows that user's uid). Answers are capped in size and what is printed
+//! from them is stripped of control characters.
 
 use crate::config::Config;
+use crate::config::DEFAULT_CONTROL_DIR;
 use crate::daemon::EdgeStats;
 use crate::datapath::{DropReason, EncapSpec, Outbound, Stats};
 use crate::status::{CaptureStatus, InterfaceStatus, PeerStatus, SaExport, SaIn, SaOut, Status};
 use crate::sys::capture::CaptureStats;
+use crate::sys::safefs::PrivateDir;
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
@@ -24,8 +33,17 @@ use tracing::{debug, warn};
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64;
-/// A client that sends nothing for this long is disconnected.
+/// A client that sends nothing (or reads nothing) for this long is disconnected.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections served at once on each listener; more wait in the kernel's backlog, costing
+/// the daemon no descriptor. Tuning constant: far above what `espip show` and a Prometheus
+/// scraper need, far below the descriptor limit.
+const MAX_CLIENTS: usize = 16;
+/// Back-off after `accept` fails for want of descriptors or memory (EMFILE, ENFILE,
+/// ENOBUFS, ENOMEM): the pending connection stays queued, so retrying at once would spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Largest answer the client reads (a status of a thousand peers is under 1 MiB).
+pub const MAX_REPLY: usize = 4 << 20;
 
 /// Why the control socket could not be set up or reached.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +65,12 @@ pub enum ControlError {
     /// Nothing listens there.
     #[error("no espip daemon answers on {0} ({1}); is it running, and are you root?")]
     NotRunning(PathBuf, io::Error),
+    /// The socket or the process behind it is not the root daemon's.
+    #[error("{0}: {1}; refusing to talk to it (an espip daemon's socket is root's, in a directory only root can write)")]
+    NotTrusted(PathBuf, String),
+    /// The daemon refused the request.
+    #[error("the daemon at {0} refused: {1}")]
+    Refused(PathBuf, String),
 }
 
 /// The bound control socket; the file is removed on drop.
@@ -61,13 +85,20 @@ impl ControlSocket {
     /// replaced; one that answers means another daemon runs for this interface.
     pub fn bind(path: &Path, iface: &str) -> Result<ControlSocket, ControlError> {
         let io_err = |e| ControlError::Io(path.to_path_buf(), e);
-        if let Some(dir) = path.parent() {
-            if !dir.exists() {
-                std::fs::create_dir_all(dir).map_err(io_err)?;
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                    .map_err(io_err)?;
-            }
-        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| io_err(io::Error::other("not a file name")))?;
+        // Root's own directory: no other user can replace the socket or plant one.
+        let dir = PrivateDir::open(dir).map_err(|e| {
+            ControlError::Io(
+                path.to_path_buf(),
+                io::Error::other(format!(
+                    "{e} (interface.control must be in a directory of root's, e.g. {DEFAULT_CONTROL_DIR})"
+                )),
+            )
+        })?;
         match std::fs::symlink_metadata(path) {
             Ok(m) if !m.file_type().is_socket() => {
                 return Err(ControlError::NotASocket(path.to_path_buf()))
@@ -79,7 +110,7 @@ impl ControlSocket {
                         path: path.to_path_buf(),
                     });
                 }
-                std::fs::remove_file(path).map_err(io_err)?;
+                dir.remove(name).map_err(io_err)?;
             }
             Err(_) => {}
         }
@@ -110,7 +141,9 @@ impl ControlSocket {
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        // Only remove the file if it is still ours.
+        // Only remove the file if it is still ours. After the privilege drop the directory is
+        // not writable any more and the inert socket stays until the next start replaces it
+        // (clients skip a socket nobody answers on).
         if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -316,33 +349,103 @@ impl Live {
     }
 
     fn answer(&self, request: &str) -> zeroize::Zeroizing<Vec<u8>> {
-        let body = match request {
-            "status" => serde_json::to_vec(&self.status()),
-            "sa" => serde_json::to_vec(&self.sa_export(false)),
-            "sa-keys" => serde_json::to_vec(&self.sa_export(true)),
-            other => serde_json::to_vec(&serde_json::json!({
-                "error": format!("unknown request {other:?}; expected \"status\", \"sa\" or \"sa-keys\"")
-            })),
+        // Serialized into a buffer allocated once (growth would leave copies of the keys in
+        // freed memory) that is wiped when dropped.
+        let mut body = zeroize::Zeroizing::new(Vec::with_capacity(MAX_REPLY));
+        let done = match request {
+            "status" => serde_json::to_writer(&mut *body, &self.status()),
+            "sa" => serde_json::to_writer(&mut *body, &self.sa_export(false)),
+            "sa-keys" => serde_json::to_writer(&mut *body, &self.sa_export(true)),
+            other => serde_json::to_writer(
+                &mut *body,
+                &serde_json::json!({
+                    "error": format!("unknown request {other:?}; expected \"status\", \"sa\" or \"sa-keys\"")
+                }),
+            ),
         };
-        zeroize::Zeroizing::new(body.unwrap_or_default())
+        if done.is_err() {
+            body.clear();
+        }
+        body
+    }
+}
+
+/// Accept connections on `listener` one permit at a time, backing off when descriptors run
+/// out, and hand each to `serve`.
+async fn accept_loop<L, C, F, Fut>(what: &'static str, mut accept: L, serve: F)
+where
+    L: FnMut() -> C,
+    C: std::future::Future<Output = io::Result<Fut>>,
+    F: Fn(Fut) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+{
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    let mut warned: Option<Instant> = None;
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        match accept().await {
+            Ok(conn) => {
+                let fut = serve(conn);
+                tokio::spawn(async move {
+                    fut.await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                let starved = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                );
+                if !warned.is_some_and(|t| t.elapsed() <= Duration::from_secs(60)) {
+                    warn!("{what}: accept failed: {e}; backing off");
+                    warned = Some(Instant::now());
+                }
+                tokio::time::sleep(if starved {
+                    ACCEPT_BACKOFF
+                } else {
+                    ACCEPT_BACKOFF / 10
+                })
+                .await;
+            }
+        }
+    }
+}
+
+/// Whether a caller with these credentials may make `request`: root only, for every request
+/// (keys and status alike; docs/security.md).
+pub fn authorized(uid: u32, request: &str) -> Result<(), String> {
+    if uid == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "uid {uid} may not make request {:?}: espip answers root only (run espip show/sa as root)",
+            request.escape_debug().to_string()
+        ))
     }
 }
 
 /// Serve the control socket until the task is dropped.
 pub async fn serve_control(listener: UnixListener, live: Arc<Live>) {
     let listener = match tokio::net::UnixListener::from_std(listener) {
-        Ok(l) => l,
+        Ok(l) => Arc::new(l),
         Err(e) => {
             warn!("control socket: {e}; `espip show` will not answer");
             return;
         }
     };
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
+    let accept = || {
+        let l = listener.clone();
+        async move { l.accept().await.map(|(c, _)| c) }
+    };
+    let serve = move |mut conn: tokio::net::UnixStream| {
         let live = live.clone();
-        tokio::spawn(async move {
+        Box::pin(async move {
+            // SO_PEERCRED: the kernel's record of who connected.
+            let uid = match conn.peer_cred() {
+                Ok(c) => c.uid(),
+                Err(_) => return,
+            };
             let mut req = Vec::with_capacity(MAX_REQUEST);
             let mut byte = [0u8; 1];
             let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
@@ -359,28 +462,42 @@ pub async fn serve_control(listener: UnixListener, live: Arc<Live>) {
                 return;
             }
             let request = String::from_utf8_lossy(&req).trim().to_string();
-            let body = live.answer(&request);
-            let _ = conn.write_all(&body).await;
-            let _ = conn.shutdown().await;
-        });
-    }
+            let body = match authorized(uid, &request) {
+                Ok(()) => live.answer(&request),
+                Err(why) => {
+                    debug!(uid, "control request refused");
+                    zeroize::Zeroizing::new(
+                        serde_json::to_vec(&serde_json::json!({ "error": why }))
+                            .unwrap_or_default(),
+                    )
+                }
+            };
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                let _ = conn.write_all(&body).await;
+                let _ = conn.shutdown().await;
+            })
+            .await;
+        }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+    };
+    accept_loop("control socket", accept, serve).await;
 }
 
 /// Serve `GET /metrics` (Prometheus text format) on `listener` until the task is dropped.
 pub async fn serve_metrics(listener: std::net::TcpListener, live: Arc<Live>) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
+        Ok(l) => Arc::new(l),
         Err(e) => {
             warn!("metrics listener: {e}");
             return;
         }
     };
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
+    let accept = || {
+        let l = listener.clone();
+        async move { l.accept().await.map(|(c, _)| c) }
+    };
+    let serve = move |mut conn: tokio::net::TcpStream| {
         let live = live.clone();
-        tokio::spawn(async move {
+        Box::pin(async move {
             let mut head = Vec::with_capacity(1024);
             let mut chunk = [0u8; 1024];
             let got = tokio::time::timeout(REQUEST_TIMEOUT, async {
@@ -419,24 +536,121 @@ pub async fn serve_metrics(listener: std::net::TcpListener, live: Arc<Live>) {
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = conn.write_all(resp.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
-    }
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                let _ = conn.write_all(resp.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            })
+            .await;
+        }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+    };
+    accept_loop("metrics listener", accept, serve).await;
 }
 
-/// Send `request` to the daemon at `path` and return its JSON answer.
-pub fn request(path: &Path, request: &str) -> Result<Vec<u8>, ControlError> {
+/// Whether `path` (not followed) is a socket of root's (or of this user's) in a directory
+/// only root (or this user) can write.
+fn trusted_socket(path: &Path) -> Result<(), String> {
+    let me = nix::unistd::geteuid().as_raw();
+    let m = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    if !m.file_type().is_socket() {
+        return Err("not a socket".into());
+    }
+    if m.uid() != 0 && m.uid() != me {
+        return Err(format!("the socket belongs to uid {}", m.uid()));
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let d = std::fs::metadata(if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    })
+    .map_err(|e| e.to_string())?;
+    if d.uid() != 0 && d.uid() != me {
+        return Err(format!(
+            "its directory {} belongs to uid {}, who could have replaced it",
+            dir.display(),
+            d.uid()
+        ));
+    }
+    if d.mode() & 0o022 != 0 {
+        return Err(format!(
+            "its directory {} is writable by others (mode {:04o})",
+            dir.display(),
+            d.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// Send `request` to the daemon at `path` and return its JSON answer (at most [`MAX_REPLY`]
+/// bytes, in a buffer wiped when dropped). The socket, its directory and the listening process
+/// must be root's (see the module documentation).
+pub fn request(path: &Path, request: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, ControlError> {
+    let untrusted = |why: String| ControlError::NotTrusted(path.to_path_buf(), why);
+    if let Err(why) = trusted_socket(path) {
+        if std::fs::symlink_metadata(path).is_err() {
+            return Err(ControlError::NotRunning(
+                path.to_path_buf(),
+                io::Error::new(io::ErrorKind::NotFound, why),
+            ));
+        }
+        return Err(untrusted(why));
+    }
     let mut s =
         UnixStream::connect(path).map_err(|e| ControlError::NotRunning(path.to_path_buf(), e))?;
+    let cred = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| untrusted(format!("SO_PEERCRED: {e}")))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if cred.uid() != 0 && cred.uid() != me {
+        return Err(untrusted(format!(
+            "the process listening on it (pid {}) is uid {}, not root",
+            cred.pid(),
+            cred.uid()
+        )));
+    }
     let io_err = |e| ControlError::Io(path.to_path_buf(), e);
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(io_err)?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))
+        .map_err(io_err)?;
     s.write_all(format!("{request}\n").as_bytes())
         .map_err(io_err)?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).map_err(io_err)?;
+    // Allocated once, never grown: no copy of a key is left in a freed reallocation.
+    let mut out = zeroize::Zeroizing::new(vec![0u8; MAX_REPLY + 1]);
+    let mut n = 0;
+    while n < out.len() {
+        match s.read(&mut out[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err(e)),
+        }
+    }
+    if n > MAX_REPLY {
+        return Err(untrusted(format!(
+            "its answer is larger than {MAX_REPLY} bytes"
+        )));
+    }
+    out.truncate(n);
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out) {
+        if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+            return Err(ControlError::Refused(path.to_path_buf(), clean(e)));
+        }
+    }
     Ok(out)
+}
+
+/// `text` with every control character (escape sequences, carriage returns) replaced by
+/// `?`, keeping newlines and tabs: for printing what a daemon sent to a terminal.
+pub fn clean(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 /// The control sockets of the daemons running with the default directory.

@@ -17,7 +17,8 @@ use crate::control::{ControlSocket, Live};
 use crate::datapath::{self, DropReason, EncapSpec, Inbound, Outbound, Stats, TunnelSpec, Verdict};
 use crate::sys::capture::{Recorder, Tap, Taps};
 use crate::sys::raw::{strip_ipv4_header, RawSocket};
-use crate::sys::seqstore::{SeqStore, RESERVE};
+use crate::sys::safefs::PrivateDir;
+use crate::sys::seqstore::{SeqError, SeqStore, RESERVE};
 use crate::sys::tun::Tun;
 use crate::sys::udp::UdpEncapSocket;
 use crate::wire::ip::{PROTO_ESP, PROTO_IPIP, PROTO_IPV6, PROTO_UDP};
@@ -26,7 +27,6 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
-use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -209,11 +209,12 @@ pub enum DaemonError {
     /// Data path build.
     #[error(transparent)]
     Build(#[from] datapath::BuildError),
-    /// The sequence state directory.
-    #[error(
-        "sequence number state in {0}: {1}; set interface.state_dir to a directory root can write"
-    )]
+    /// The state directory (root's own).
+    #[error("interface.state_dir: {1}")]
     State(std::path::PathBuf, io::Error),
+    /// The sequence number state of a key.
+    #[error(transparent)]
+    Seq(#[from] SeqError),
     /// The control socket.
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
@@ -224,8 +225,14 @@ pub enum DaemonError {
     #[error("metrics.listen {0}: {1}; choose a free port on an address of this host")]
     Metrics(std::net::SocketAddr, io::Error),
     /// Becoming the configured user.
-    #[error("interface.user {0:?}: {1}; create the user (useradd --system --no-create-home espip) or set user = \"root\"")]
+    #[error("interface.user {0:?}: {1}; create the user (useradd --system --no-create-home {0}), leave user out to use espip's own, or set user = \"root\"")]
     User(String, io::Error),
+    /// Dropping privileges failed.
+    #[error("dropping privileges to {0:?}: {1}")]
+    Drop(String, io::Error),
+    /// `interface.local` is not an address of this host.
+    #[error("{}", crate::sys::not_local_message(*.0))]
+    NotLocal(IpAddr),
     /// Anything else of the OS.
     #[error("{0}: {1}")]
     Os(&'static str, io::Error),
@@ -296,11 +303,31 @@ pub fn tunnel_mtu(cfg: &Config) -> Result<u16, DaemonError> {
     Ok(mtu.max(floor))
 }
 
+/// Raise the soft descriptor limit to the hard one (systemd's default soft limit is 1024): a
+/// burst of control or metrics clients must not starve the daemon (the data path itself never
+/// opens a descriptor after setup).
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                debug!("raising RLIMIT_NOFILE from {soft} to {hard}: {e}");
+            }
+        }
+    }
+}
+
 /// Run the daemon in the foreground until SIGINT or SIGTERM.
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
     for w in &cfg.warnings {
         warn!("{w}");
     }
+    if let Some(l) = cfg.interface.local {
+        if !crate::sys::is_local_address(l) {
+            return Err(DaemonError::NotLocal(l));
+        }
+    }
+    raise_fd_limit();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -352,11 +379,15 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let mut control = ControlSocket::bind(&cfg.interface.control, &cfg.interface.name)?;
     // The user to become after setup: an unknown one fails now, before anything exists.
     let run_as = match &cfg.interface.user {
-        Some(u) => {
-            Some(crate::sys::privdrop::lookup(u).map_err(|e| DaemonError::User(u.clone(), e))?)
-        }
+        Some(u) => Some(
+            crate::sys::privdrop::lookup_or_create(u)
+                .map_err(|e| DaemonError::User(u.clone(), e))?,
+        ),
         None => None,
     };
+    // Root's own state (sysctls saved, sequence numbers): a directory no other user can write.
+    let state = PrivateDir::open(&cfg.interface.state_dir)
+        .map_err(|e| DaemonError::State(cfg.interface.state_dir.clone(), e))?;
     let metrics = match cfg.metrics {
         Some(addr) => {
             let l = std::net::TcpListener::bind(addr).map_err(|e| DaemonError::Metrics(addr, e))?;
@@ -375,9 +406,12 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             });
         }
     }
-    let stale = crate::sys::sysctl::restore_stale(&cfg.interface.state_dir, &cfg.interface.name);
-    if !stale.is_empty() {
-        info!(restored = %stale.join(" "), "restored kernel settings a previous run left changed");
+    let stale = crate::sys::sysctl::restore_stale(&state, &cfg.interface.name);
+    if !stale.done.is_empty() {
+        info!(restored = %stale.done.join(" "), "restored kernel settings a previous run left changed");
+    }
+    for r in &stale.refused {
+        warn!(line = %r.escape_debug(), "state file asked for a kernel setting espip never changes; not written");
     }
     let tun = Tun::create(&cfg.interface.name, cfg.interface.offload)?;
     let routes = cfg.routes();
@@ -409,9 +443,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let _sysctls = if settings.is_empty() {
         None
     } else {
-        std::fs::create_dir_all(&cfg.interface.state_dir)
-            .map_err(|e| DaemonError::State(cfg.interface.state_dir.clone(), e))?;
-        let g = crate::sys::sysctl::apply(&cfg.interface.state_dir, tun.name(), &settings)
+        let g = crate::sys::sysctl::apply(&state, tun.name(), &settings)
             .map_err(|e| DaemonError::Os("changing kernel settings", e))?;
         info!(
             set = %settings.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
@@ -441,10 +473,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
         })
         .collect();
-    let store = SeqStore::open(&cfg.interface.state_dir, &cfg.interface.name)
+    let mut store = SeqStore::open(&cfg.interface.state_dir, &cfg.interface.name)
         .map_err(|e| DaemonError::State(cfg.interface.state_dir.clone(), e))?;
-    reserve_initial(&mut outbound, &store)
-        .map_err(|e| DaemonError::State(cfg.interface.state_dir.clone(), e))?;
+    reserve_initial(&mut outbound, &mut store)?;
+    drop(state);
     // Rules last: a failure above leaves nothing in netfilter. Stale rules of a killed daemon
     // are removed first (the apply list starts with the removal).
     let _rules = if crate::rules::daemon_applies(&cfg) {
@@ -462,49 +494,46 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         }
         None
     };
+    // The capture directory is the only one the unprivileged daemon writes: espip creates it
+    // for that user, or uses it if it already is that user's; it never takes one over.
     if let Some(c) = &cfg.capture {
-        if !c.dir.exists() {
-            std::fs::create_dir_all(&c.dir).map_err(|e| DaemonError::Capture(c.dir.clone(), e))?;
-            std::fs::set_permissions(&c.dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(|e| DaemonError::Capture(c.dir.clone(), e))?;
+        match &run_as {
+            Some(t) => crate::sys::privdrop::own_dir(&c.dir, t),
+            None => crate::sys::privdrop::own_dir(
+                &c.dir,
+                &crate::sys::privdrop::Target {
+                    name: "root".into(),
+                    uid: nix::unistd::geteuid().as_raw(),
+                    gid: nix::unistd::getegid().as_raw(),
+                },
+            ),
         }
+        .map_err(|e| DaemonError::Capture(c.dir.clone(), e))?;
     }
     // Setup is done: become the configured user, keeping CAP_NET_ADMIN and CAP_NET_RAW for the
     // cleanup on stop (rules, sysctls). Before any thread is spawned: capabilities are per
     // thread. The directories the daemon still writes are handed over first.
     if let Some(t) = &run_as {
-        use crate::sys::privdrop::give;
-        let name = &cfg.interface.name;
-        let handover = || -> io::Result<()> {
-            give(&cfg.interface.state_dir, name, t)?;
-            if let Some(dir) = cfg.interface.control.parent() {
-                give(dir, name, t)?;
-            }
-            if let Some(c) = &cfg.capture {
-                give(&c.dir, name, t)?;
-            }
-            crate::sys::privdrop::drop_to(t)?;
-            // The user must be able to write where the daemon still writes (a parent
-            // directory it cannot search would stop the sequence reservations mid-run).
-            let mut dirs = vec![cfg.interface.state_dir.as_path()];
-            dirs.extend(cfg.interface.control.parent());
-            for dir in dirs {
-                let probe = dir.join(format!("{name}.probe"));
-                std::fs::File::create(&probe)
-                    .and_then(|_| std::fs::remove_file(&probe))
-                    .map_err(|e| {
+        crate::sys::privdrop::drop_to(t).map_err(|e| DaemonError::Drop(t.name.clone(), e))?;
+        // The user must be able to write the capture directory (a parent directory it cannot
+        // search would stop the captures at the first rotation).
+        if let Some(c) = &cfg.capture {
+            let probe = c.dir.join(format!(".{}.probe", cfg.interface.name));
+            std::fs::File::create(&probe)
+                .and_then(|_| std::fs::remove_file(&probe))
+                .map_err(|e| {
+                    DaemonError::Capture(
+                        c.dir.clone(),
                         io::Error::new(
                             e.kind(),
                             format!(
-                                "after dropping privileges it cannot write {}: {e} (are all parent directories searchable by it?)",
-                                dir.display()
+                                "after dropping privileges to {} it cannot write there: {e} (are all parent directories searchable by it?)",
+                                t.name
                             ),
-                        )
-                    })?;
-            }
-            Ok(())
-        };
-        handover().map_err(|e| DaemonError::User(t.name.clone(), e))?;
+                        ),
+                    )
+                })?;
+        }
         info!(user = %t.name, now = %crate::sys::privdrop::current(), "privileges dropped (kept CAP_NET_ADMIN, CAP_NET_RAW)");
     }
     let taps = match &cfg.capture {
@@ -587,7 +616,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         let mut rec = recorder();
         std::thread::Builder::new()
             .name("espip-tx".into())
-            .spawn(move || tx_loop(&outbound, &h.edges(), &mut rec, clock, &store))
+            .spawn(move || tx_loop(&outbound, &h.edges(), &mut rec, clock, store))
             .map_err(|e| DaemonError::Os("spawn TX thread", e))?
     };
     let rx = {
@@ -650,8 +679,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let signal = signal.map_err(|e| DaemonError::Os("signal handler", e))?;
     info!(signal, "stopping");
     let _ = stop.write(1);
-    if let Ok(store) = tx.join() {
-        record_final(&outbound.lock().unwrap_or_else(|e| e.into_inner()), &store);
+    if let Ok(mut store) = tx.join() {
+        record_final(
+            &outbound.lock().unwrap_or_else(|e| e.into_inner()),
+            &mut store,
+        );
     }
     let _ = rx.join();
     if let Some(t) = taps {
@@ -822,7 +854,7 @@ fn send_verdicts(
 
 /// Resume every outbound SA after its saved reservation (1 for a new key) and reserve the
 /// first block before anything is sent.
-fn reserve_initial(out: &mut Outbound, store: &SeqStore) -> io::Result<()> {
+fn reserve_initial(out: &mut Outbound, store: &mut SeqStore) -> Result<(), SeqError> {
     for idx in 0..out.peer_count() {
         let Some((spi, fp, _, _)) = out.sa_reservation(idx) else {
             continue;
@@ -830,7 +862,7 @@ fn reserve_initial(out: &mut Outbound, store: &SeqStore) -> io::Result<()> {
         let fp = fp.to_string();
         let start = store.load(spi, &fp)?.map_or(1, |r| r.saturating_add(1));
         let limit = start.saturating_add(RESERVE - 1);
-        store.save(spi, &fp, limit)?;
+        store.save(&fp, limit)?;
         out.set_next_seq(idx, start);
         out.set_limit(idx, limit);
         if start > 1 {
@@ -845,7 +877,7 @@ fn reserve_initial(out: &mut Outbound, store: &SeqStore) -> io::Result<()> {
 
 /// Extend reservations that are half used. A failed write leaves the limit where it is, so the
 /// SA stops at the end of what is on disk (`seq_unreserved`) rather than risk a repeat.
-fn extend_reservations(out: &mut Outbound, store: &SeqStore, warn_state: &mut RateLimit) {
+fn extend_reservations(out: &mut Outbound, store: &mut SeqStore, warn_state: &mut RateLimit) {
     for idx in 0..out.peer_count() {
         let Some((spi, fp, next, limit)) = out.sa_reservation(idx) else {
             continue;
@@ -855,7 +887,7 @@ fn extend_reservations(out: &mut Outbound, store: &SeqStore, warn_state: &mut Ra
         }
         let fp = fp.to_string();
         let new = limit.saturating_add(RESERVE);
-        match store.save(spi, &fp, new) {
+        match store.save(&fp, new) {
             Ok(()) => out.set_limit(idx, new),
             Err(e) if warn_state.ready() => warn!(
                 spi = format!("{spi:#010x}"),
@@ -867,10 +899,10 @@ fn extend_reservations(out: &mut Outbound, store: &SeqStore, warn_state: &mut Ra
 }
 
 /// On a clean stop, record the last sequence number actually sent.
-fn record_final(out: &Outbound, store: &SeqStore) {
+fn record_final(out: &Outbound, store: &mut SeqStore) {
     for idx in 0..out.peer_count() {
         if let Some((spi, fp, next, _)) = out.sa_reservation(idx) {
-            if let Err(e) = store.save(spi, fp, next.saturating_sub(1)) {
+            if let Err(e) = store.save(fp, next.saturating_sub(1)) {
                 warn!("recording the last sequence number of SA {spi:#010x}: {e}");
             }
         }
@@ -940,7 +972,7 @@ fn tx_loop(
     e: &Edges,
     rec: &mut Recorder,
     clock: Instant,
-    store: &SeqStore,
+    mut store: SeqStore,
 ) -> SeqStore {
     let mut warn_state = RateLimit(None);
     let mut batches: u64 = 0;
@@ -956,7 +988,7 @@ fn tx_loop(
             PollFd::new(e.tun.as_fd(), PollFlags::POLLIN),
         ];
         if !wait(&mut fds, "the TUN") {
-            return store.clone();
+            return store;
         }
         let now = clock.elapsed().as_nanos() as u64;
         rec.begin_batch();
@@ -1014,7 +1046,7 @@ fn tx_loop(
         if n > 0 {
             batches = batches.wrapping_add(1);
             if batches % RESERVATION_CHECK == 0 {
-                extend_reservations(&mut out, store, &mut warn_state);
+                extend_reservations(&mut out, &mut store, &mut warn_state);
             }
         }
         drop(out);

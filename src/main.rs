@@ -97,6 +97,11 @@ struct Target {
 }
 
 impl Target {
+    /// Whether no daemon was named (every socket of the default directory is asked).
+    fn is_listing(&self) -> bool {
+        self.socket.is_none() && self.config.is_none() && self.interface.is_none()
+    }
+
     /// The sockets to ask: the one named, or every daemon's in the default directory.
     fn sockets(&self) -> Result<Vec<PathBuf>> {
         let dir = std::path::Path::new(espip::config::DEFAULT_CONTROL_DIR);
@@ -126,22 +131,44 @@ fn show(target: &Target, json: bool) -> Result<()> {
         .unwrap_or_default()
         .as_secs_f64();
     let mut all = Vec::new();
-    for (i, sock) in target.sockets()?.iter().enumerate() {
-        let raw = espip::control::request(sock, "status")?;
+    let sockets = target.sockets()?;
+    let listing = target.is_listing();
+    let mut printed = 0;
+    for sock in &sockets {
+        let raw = match espip::control::request(sock, "status") {
+            Ok(r) => r,
+            // Listing the default directory: a socket left by a stopped daemon is skipped.
+            Err(espip::control::ControlError::NotRunning(..)) if listing => {
+                eprintln!(
+                    "{}: no daemon answers (left by a stopped one)",
+                    sock.display()
+                );
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let st: espip::status::Status = serde_json::from_slice(&raw).with_context(|| {
             format!("the daemon at {} sent an unreadable answer", sock.display())
         })?;
         if json {
             all.push(st);
         } else {
-            if i > 0 {
+            if printed > 0 {
                 println!();
             }
-            print!("{}", st.to_text(now));
+            // Names and addresses come from the daemon: no escape sequences reach the terminal.
+            print!("{}", espip::control::clean(&st.to_text(now)));
+            printed += 1;
         }
     }
+    if listing && all.is_empty() && printed == 0 {
+        bail!(
+            "no espip daemon is running (the sockets in {} are left by stopped ones)",
+            espip::config::DEFAULT_CONTROL_DIR
+        );
+    }
     if json {
-        // One daemon: its object; several: an array.
+        // One daemon: its object; several: an array. JSON escapes control characters.
         let out = if all.len() == 1 {
             serde_json::to_string_pretty(&all[0])?
         } else {
@@ -153,11 +180,16 @@ fn show(target: &Target, json: bool) -> Result<()> {
 }
 
 fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Result<()> {
+    use espip::control::clean;
     let mut lines = Vec::new();
     let mut notes = Vec::new();
     for sock in target.sockets()? {
         let req = if wireshark { "sa-keys" } else { "sa" };
-        let raw = zeroize::Zeroizing::new(espip::control::request(&sock, req)?);
+        let raw = match espip::control::request(&sock, req) {
+            Ok(r) => r,
+            Err(espip::control::ControlError::NotRunning(..)) if target.is_listing() => continue,
+            Err(e) => return Err(e.into()),
+        };
         let sas: Vec<espip::status::SaExport> =
             serde_json::from_slice(&raw).with_context(|| {
                 format!("the daemon at {} sent an unreadable answer", sock.display())
@@ -166,16 +198,29 @@ fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Resu
             if !wireshark {
                 println!(
                     "{} {:>3} spi {:#010x} {} -> {} {}",
-                    sa.peer, sa.direction, sa.spi, sa.src, sa.dst, sa.cipher
+                    clean(&sa.peer),
+                    clean(&sa.direction),
+                    sa.spi,
+                    clean(&sa.src),
+                    clean(&sa.dst),
+                    clean(&sa.cipher)
                 );
                 continue;
             }
             match sa.wireshark {
-                Some(l) => lines.push(zeroize::Zeroizing::new(l)),
-                None => notes.push(format!(
+                Some(l) => {
+                    if let Err(why) = espip::wireshark::check_line(&l) {
+                        bail!(
+                            "the daemon at {} sent an SA line espip does not write ({why}); refusing to print or store it",
+                            sock.display()
+                        );
+                    }
+                    lines.push(l)
+                }
+                None => notes.push(clean(&format!(
                     "# SA {:#010x} ({} -> {}, {}): Wireshark's ESP dissector has no {} (RFC 7634) decryption{}; its packets stay encrypted in Wireshark",
                     sa.spi, sa.src, sa.dst, sa.cipher, sa.cipher, tshark_version().map(|v| format!(" (installed: {v})")).unwrap_or_default()
-                )),
+                ))),
             }
         }
     }
@@ -187,6 +232,9 @@ fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Resu
         println!("{n}");
     }
     if lines.is_empty() {
+        if write.is_some() {
+            eprintln!("nothing written: no SA has a cipher Wireshark can decrypt (see above)");
+        }
         return Ok(());
     }
     println!("# Wireshark esp_sa (Preferences > Protocols > ESP > ESP SAs, or ~/.config/wireshark/esp_sa):");
@@ -195,7 +243,12 @@ fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Resu
     }
     let opts: Vec<String> = lines
         .iter()
-        .map(|l| format!("-o 'uat:esp_sa:{}'", l.as_str()))
+        .map(|l| {
+            format!(
+                "-o {}",
+                espip::rules::shell_word(&format!("uat:esp_sa:{}", l.as_str()))
+            )
+        })
         .collect();
     println!("# tshark, reading a capture (replace FILE):");
     println!(
@@ -203,23 +256,15 @@ fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Resu
         opts.join(" ")
     );
     if let Some(path) = write {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .with_context(|| format!("writing {}", path.display()))?;
         let mut text = zeroize::Zeroizing::new(String::new());
         for l in &lines {
             text.push_str(l);
             text.push('\n');
         }
-        f.write_all(text.as_bytes())?;
+        let mode = espip::sys::safefs::write_private(path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
         eprintln!(
-            "wrote {} SA(s) to {} (mode 0600)",
+            "wrote {} SA(s) to {} (mode {mode:04o})",
             lines.len(),
             path.display()
         );
@@ -411,6 +456,11 @@ fn init_logging(level: &str) {
 fn check(config: &std::path::Path) -> Result<()> {
     let cfg = Config::load(config)?;
     let i = &cfg.interface;
+    if let Some(l) = i.local {
+        if !espip::sys::is_local_address(l) {
+            bail!("{}: {}", config.display(), espip::sys::not_local_message(l));
+        }
+    }
     println!("{}: OK", config.display());
     println!(
         "interface {}: addresses [{}], mtu {}, outer source {}",

@@ -278,16 +278,27 @@ pub fn apply(cfg: &Config) -> Vec<IptCmd> {
     out
 }
 
+/// `a` as one POSIX shell word: as is when every character is one no shell treats specially,
+/// else in single quotes (a quote inside becomes `'\''`). Every argument of a printed script
+/// goes through this, so no configured name can add shell syntax.
+pub fn shell_word(a: &str) -> String {
+    let plain = !a.is_empty()
+        && a.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-./:,=@%+".contains(&b));
+    if plain {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', "'\\''"))
+    }
+}
+
 fn render(cmds: &[IptCmd]) -> String {
     let mut s = String::new();
     for c in cmds {
         s.push_str("iptables");
         for a in &c.args {
-            if a.starts_with('!') || a.contains(' ') {
-                s.push_str(&format!(" '{a}'"));
-            } else {
-                s.push_str(&format!(" {a}"));
-            }
+            s.push(' ');
+            s.push_str(&shell_word(a));
         }
         if c.may_fail {
             s.push_str(" 2>/dev/null || true");
@@ -365,6 +376,19 @@ pub fn daemon_applies(cfg: &Config) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_unsafe_argument_is_one_quoted_word() {
+        use super::shell_word;
+        assert_eq!(shell_word("ESPIP-espip0"), "ESPIP-espip0");
+        assert_eq!(shell_word("10.0.1.0/24"), "10.0.1.0/24");
+        assert_eq!(shell_word("!"), "'!'");
+        assert_eq!(shell_word("a b"), "'a b'");
+        assert_eq!(shell_word("x;id"), "'x;id'");
+        assert_eq!(shell_word("$(id)"), "'$(id)'");
+        assert_eq!(shell_word("it's"), "'it'\\''s'");
+        assert_eq!(shell_word(""), "''");
+    }
+
     use super::*;
     use crate::sa::{Cipher, KeyMaterial};
 

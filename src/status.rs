@@ -138,7 +138,7 @@ pub struct SaExport {
     /// Cipher name.
     pub cipher: String,
     /// The Wireshark `esp_sa` line, or `None` when Wireshark cannot decrypt the cipher.
-    pub wireshark: Option<String>,
+    pub wireshark: Option<zeroize::Zeroizing<String>>,
 }
 
 fn ago(now: f64, t: Option<f64>) -> String {

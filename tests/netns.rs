@@ -570,9 +570,11 @@ fn restart_with_the_same_keys_resumes_without_reusing_sequence_numbers() {
         .status
         .success()
     };
+    // The reservation as the daemon will read it back (the file's newest valid slot).
     let saved = || -> u64 {
-        let t = std::fs::read_to_string(state_a.join("espip0-00001001.seq")).unwrap();
-        t.split_whitespace().nth(2).unwrap().parse().unwrap()
+        espip::sys::seqstore::peek(&state_a, &keys.a_to_b.fingerprint())
+            .unwrap()
+            .unwrap()
     };
     let mut db = Daemon::start(&b, &exe(), &cfg_b, &dir.join("b.log")).unwrap();
     let mut da = Daemon::start(&a, &exe(), &cfg_a, &dir.join("a1.log")).unwrap();
@@ -682,8 +684,14 @@ fn metrics_and_control_socket() {
         Cipher::Aes128Gcm,
         "\n[metrics]\nlisten = \"127.0.0.1:9587\"\n",
     );
-    // After setup the daemon is `nobody` with CAP_NET_ADMIN and CAP_NET_RAW only, on every
-    // thread, and cannot regain privileges.
+    // After setup the daemon is its own system user `espip` (created on demand; not the shared
+    // `nobody`) with CAP_NET_ADMIN and CAP_NET_RAW only, on every thread, and cannot regain
+    // privileges.
+    let espip_uid = nix::unistd::User::from_name("espip")
+        .unwrap()
+        .expect("the daemon created its user")
+        .uid
+        .as_raw();
     let pid = h.daemon.pid().unwrap();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
@@ -694,7 +702,11 @@ fn metrics_and_control_socket() {
                 .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
                 .unwrap_or_default()
         };
-        assert_eq!(field("Uid:"), "65534 65534 65534 65534", "{status}");
+        assert_eq!(
+            field("Uid:"),
+            format!("{espip_uid} {espip_uid} {espip_uid} {espip_uid}"),
+            "{status}"
+        );
         for caps in ["CapEff:", "CapPrm:", "CapAmb:", "CapBnd:"] {
             assert_eq!(field(caps), "0000000000003000", "{caps} {status}");
         }
@@ -1043,10 +1055,19 @@ fn a_full_capture_disk_drops_capture_records_not_packets() {
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // A 1 MB tmpfs as the capture directory: full after a few hundred packets.
-    let disk = std::env::temp_dir().join(format!("espip-test-fulldisk-{}", std::process::id()));
+    let disk =
+        std::env::temp_dir().join(format!("espip-test-fulldisk-tmpfs-{}", std::process::id()));
     std::fs::create_dir_all(&disk).unwrap();
+    // The daemon writes captures as its user after setup and never takes over a directory it
+    // did not create: the disk is mounted for that user, as an admin would.
+    let user = espip::sys::privdrop::lookup_or_create("espip").unwrap();
     let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs"])
+        .args(["-t", "tmpfs", "-o"])
+        .arg(format!(
+            "size=1m,mode=0700,uid={},gid={}",
+            user.uid, user.gid
+        ))
+        .arg("tmpfs")
         .arg(&disk)
         .status()
         .unwrap();

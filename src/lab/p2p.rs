@@ -7,7 +7,6 @@ use super::netns::{self, Daemon, Netns};
 use super::{pcap, transfer, Report};
 use crate::sa::{Cipher, KeyMaterial};
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// Host A's underlay address.
@@ -129,8 +128,7 @@ pub fn config_text(
 }
 
 pub(crate) fn write_private(path: &Path, text: &str) -> io::Result<()> {
-    std::fs::write(path, text)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    crate::sys::safefs::write_private(path, text.as_bytes()).map(|_| ())
 }
 
 /// Three pings from `ns` to `to`: (all answered, summary).

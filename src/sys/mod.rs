@@ -6,6 +6,7 @@ pub mod iptables;
 pub mod netlink;
 pub mod privdrop;
 pub mod raw;
+pub mod safefs;
 pub mod seqstore;
 pub mod sysctl;
 pub mod tun;
@@ -51,6 +52,21 @@ pub fn random_key(cipher: Cipher) -> std::io::Result<KeyMaterial> {
         .fill(&mut raw)
         .map_err(|_| std::io::Error::other("the system random number generator failed"))?;
     KeyMaterial::new(cipher, &raw).map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+/// Whether `ip` is an address of this host (in this network namespace): a UDP socket can be
+/// bound to it. `interface.local` must be one; otherwise every send would fail later with a
+/// misleading error.
+pub fn is_local_address(ip: std::net::IpAddr) -> bool {
+    match std::net::UdpSocket::bind(std::net::SocketAddr::new(ip, 0)) {
+        Ok(_) => true,
+        Err(e) => e.raw_os_error() != Some(libc::EADDRNOTAVAIL),
+    }
+}
+
+/// The error for an `interface.local` that is not an address of this host.
+pub fn not_local_message(ip: std::net::IpAddr) -> String {
+    format!("interface.local {ip} is not an address of this host (in this network namespace); use an address `ip addr` lists, or leave local out to let routing choose")
 }
 
 /// The source address the kernel picks for packets to `dst` (a connected UDP socket's local

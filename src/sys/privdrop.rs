@@ -8,8 +8,9 @@
 //!   sysctls as root could: `net_ctl_permissions`), and to run `iptables`, which inherits it
 //!   as an ambient capability;
 //! - `CAP_NET_RAW` for `iptables` (it opens raw netlink sockets);
-//! - write access to its state directory, control socket directory and capture directory,
-//!   which are handed to the user before the switch.
+//! - write access to its capture directory only (created for the user, never taken over);
+//!   its sequence-number and sysctl state files stay root's and are written through
+//!   descriptors opened before the switch, and the control socket is bound before it.
 //!
 //! Order (Linux capabilities(7)): `PR_SET_KEEPCAPS`, drop every other capability from the
 //! bounding set (needs `CAP_SETPCAP`, so first), `setgroups([])`, `setgid`, `setuid`, then
@@ -18,7 +19,6 @@
 //! per thread.
 
 use std::io;
-use std::path::Path;
 
 /// `CAP_NET_ADMIN` (linux/capability.h).
 const CAP_NET_ADMIN: u32 = 12;
@@ -70,25 +70,97 @@ pub fn lookup(name: &str) -> io::Result<Target> {
     }
 }
 
-/// Hand the directory `dir` and those of its files that are espip's (names starting with
-/// `prefix`) to the user; other files in it are left alone.
-pub fn give(dir: &Path, prefix: &str, t: &Target) -> io::Result<()> {
-    let chown = |p: &Path| {
-        nix::unistd::chown(
-            p,
-            Some(nix::unistd::Uid::from_raw(t.uid)),
-            Some(nix::unistd::Gid::from_raw(t.gid)),
-        )
-        .map_err(|e| io::Error::other(format!("chown {}: {e}", p.display())))
-    };
-    chown(dir)?;
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        if e.file_name().to_string_lossy().starts_with(prefix) {
-            chown(&e.path())?;
+/// Look the user up, creating it first when it is espip's own default user and missing
+/// (`useradd --system`, no home, no shell, its own group). Any other missing user is an error:
+/// espip never creates accounts it was not built to own.
+pub fn lookup_or_create(name: &str) -> io::Result<Target> {
+    match lookup(name) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && name == crate::config::DEFAULT_USER => {
+            let out = std::process::Command::new("useradd")
+                .args([
+                    "--system",
+                    "--no-create-home",
+                    "--home-dir",
+                    "/nonexistent",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    "--user-group",
+                    "--comment",
+                    "espip tunnel daemon",
+                    name,
+                ])
+                .output()
+                .map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("creating the system user {name:?} with useradd: {e} (install the passwd package, or create the user yourself)"),
+                    )
+                })?;
+            // Exit 9: another start created it meanwhile.
+            if !out.status.success() && out.status.code() != Some(9) {
+                return Err(io::Error::other(format!(
+                    "useradd {name} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            tracing::info!(user = name, "created the system user espip runs as");
+            lookup(name)
         }
+        other => other,
     }
-    Ok(())
+}
+
+/// Create the directory `path` (mode 0700, missing parents 0700) owned by `t`, unless it
+/// exists: then it must already be a directory of `t`'s (as espip left it), never anything it
+/// would have to take over. Only a directory espip creates is ever handed to the user; the
+/// owner is set on the open descriptor (`fchown`), never through a path.
+pub fn own_dir(path: &std::path::Path, t: &Target) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(io::Error::other(format!(
+            "{} is a symbolic link; give the directory itself",
+            path.display()
+        ))),
+        Ok(m) if !m.is_dir() => Err(io::Error::other(format!(
+            "{} exists and is not a directory",
+            path.display()
+        ))),
+        Ok(m) if m.uid() != t.uid => Err(io::Error::other(format!(
+            "{} belongs to uid {}, but the daemon writes it as {} (uid {}) after setup, and espip never takes over a directory it did not create; name a directory that does not exist yet (espip creates it for {}) or `chown {} {}`",
+            path.display(),
+            m.uid(),
+            t.name,
+            t.uid,
+            t.name,
+            t.name,
+            path.display()
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = path.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(parent)?;
+            }
+            std::fs::DirBuilder::new().mode(0o700).create(path)?;
+            let dir = nix::fcntl::open(
+                path,
+                nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_NOFOLLOW
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(io::Error::from)?;
+            nix::unistd::fchown(
+                &dir,
+                Some(nix::unistd::Uid::from_raw(t.uid)),
+                Some(nix::unistd::Gid::from_raw(t.gid)),
+            )
+            .map_err(io::Error::from)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Threads of this process (capabilities are per thread: the drop must happen while there is

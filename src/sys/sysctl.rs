@@ -1,21 +1,40 @@
 //! Kernel settings espip changes while it runs (`forward`, `rp_filter`), restored on stop.
 //!
-//! Before a value changes, the old one is written to `<state_dir>/<interface>.sysctl`; a clean
-//! stop restores it and deletes the file; after a SIGKILL the next start restores the values
-//! from the file first, so nothing stays changed.
+//! Before a value changes, the old one is written to `<state_dir>/<interface>.sysctl` (a file
+//! of root's in root's own directory, [`PrivateDir`]); the descriptor stays open, so a clean
+//! stop, by then unprivileged, restores the values and empties the file through it. After a
+//! SIGKILL the next start restores the values from the file first, so nothing stays changed.
+//!
+//! What is read back is checked against an allow-list: only the keys espip itself changes
+//! ([`RESTORABLE`]) with the values such a key can hold. Anything else in the file is refused
+//! and named in the log, never written (issue 16: a key like `/tmp/x` or
+//! `kernel.core_pattern` once made root write wherever the file said).
 
-use std::io;
-use std::path::{Path, PathBuf};
+use super::safefs::PrivateDir;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+/// Keys whose old value espip saves, with the values they may be restored to. The TUN's own
+/// `net.ipv4.conf.<if>.rp_filter` is not saved: it vanishes with the device.
+pub const RESTORABLE: &[(&str, &[&str])] = &[
+    ("net.ipv4.ip_forward", &["0", "1"]),
+    ("net.ipv4.conf.all.rp_filter", &["0", "1", "2"]),
+];
+
+/// Largest state file read back (two short lines are ever written).
+const STATE_MAX: u64 = 4096;
 
 /// Settings changed by one daemon, restored when dropped.
 #[derive(Debug)]
 pub struct Sysctls {
-    file: PathBuf,
+    file: File,
+    path: PathBuf,
     saved: Vec<(String, String)>,
 }
 
 fn proc_path(key: &str) -> PathBuf {
-    Path::new("/proc/sys").join(key.replace('.', "/"))
+    std::path::Path::new("/proc/sys").join(key.replace('.', "/"))
 }
 
 fn read(key: &str) -> io::Result<String> {
@@ -27,42 +46,86 @@ fn write(key: &str, value: &str) -> io::Result<()> {
         .map_err(|e| io::Error::new(e.kind(), format!("sysctl {key}={value}: {e}")))
 }
 
-fn state_file(dir: &Path, iface: &str) -> PathBuf {
-    dir.join(format!("{iface}.sysctl"))
+fn state_name(iface: &str) -> String {
+    format!("{iface}.sysctl")
 }
 
-/// Restore what a killed predecessor changed; returns the settings restored.
-pub fn restore_stale(dir: &Path, iface: &str) -> Vec<String> {
-    let file = state_file(dir, iface);
-    let Ok(text) = std::fs::read_to_string(&file) else {
-        return Vec::new();
-    };
-    let mut done = Vec::new();
-    for line in text.lines() {
-        if let Some((k, v)) = line.split_once('=') {
-            if write(k, v).is_ok() {
-                done.push(format!("{k}={v}"));
-            }
+/// Whether `key=value` is one espip could have saved.
+pub fn restorable(key: &str, value: &str) -> bool {
+    RESTORABLE
+        .iter()
+        .any(|(k, vs)| *k == key && vs.contains(&value))
+}
+
+/// What a predecessor's state file asks for: the allowed settings, and the lines refused.
+pub fn parse_state(text: &str) -> (Vec<(String, String)>, Vec<String>) {
+    let mut ok = Vec::new();
+    let mut refused = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        match line.split_once('=') {
+            Some((k, v)) if restorable(k, v) => ok.push((k.to_string(), v.to_string())),
+            _ => refused.push(line.chars().take(80).collect()),
         }
     }
-    let _ = std::fs::remove_file(&file);
-    done
+    (ok, refused)
 }
 
-/// Apply `settings` (sysctl key, value), recording the old values first. Keys under
-/// `net.ipv4.conf.<iface>.` belong to the TUN and vanish with it, so they are not recorded.
-pub fn apply(dir: &Path, iface: &str, settings: &[(String, String)]) -> io::Result<Sysctls> {
-    let own = format!("net.ipv4.conf.{iface}.");
+/// What `restore_stale` did.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// `key=value` settings written.
+    pub done: Vec<String>,
+    /// Lines not on the allow-list (never written), or why the file was not read.
+    pub refused: Vec<String>,
+}
+
+/// Restore what a killed predecessor changed, from root's own state file.
+pub fn restore_stale(dir: &PrivateDir, iface: &str) -> Restored {
+    let name = state_name(iface);
+    let mut r = Restored::default();
+    let text = match dir.read(&name, STATE_MAX) {
+        Ok(Some(t)) => t,
+        Ok(None) => return r,
+        Err(e) => {
+            r.refused.push(e.to_string());
+            return r;
+        }
+    };
+    let (ok, refused) = parse_state(&String::from_utf8_lossy(&text));
+    r.refused = refused;
+    for (k, v) in ok {
+        if write(&k, &v).is_ok() {
+            r.done.push(format!("{k}={v}"));
+        }
+    }
+    let _ = dir.remove(&name);
+    r
+}
+
+/// Apply `settings` (sysctl key, value), recording the old values of the [`RESTORABLE`] keys
+/// first. Keys under `net.ipv4.conf.<iface>.` belong to the TUN and vanish with it.
+pub fn apply(dir: &PrivateDir, iface: &str, settings: &[(String, String)]) -> io::Result<Sysctls> {
     let mut saved = Vec::new();
     for (k, _) in settings {
-        if !k.starts_with(&own) {
-            saved.push((k.clone(), read(k)?));
+        if RESTORABLE.iter().any(|(r, _)| r == k) {
+            let old = read(k)?;
+            if !restorable(k, &old) {
+                return Err(io::Error::other(format!(
+                    "sysctl {k} is {old:?}, a value espip could not restore; set it to one of {:?} first",
+                    RESTORABLE.iter().find(|(r, _)| r == k).map(|(_, v)| *v).unwrap_or_default()
+                )));
+            }
+            saved.push((k.clone(), old));
         }
     }
-    let file = state_file(dir, iface);
+    let name = state_name(iface);
     let text: String = saved.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
-    std::fs::write(&file, text)?;
-    let guard = Sysctls { file, saved };
+    let file = dir.create(&name, text.as_bytes(), 0o600)?;
+    let guard = Sysctls {
+        file,
+        path: dir.join(&name),
+        saved,
+    };
     for (k, v) in settings {
         write(k, v)?;
     }
@@ -78,14 +141,55 @@ impl Sysctls {
 
 impl Drop for Sysctls {
     fn drop(&mut self) {
+        let mut done = Vec::new();
         for (k, v) in &self.saved {
-            let _ = write(k, v);
+            match write(k, v) {
+                Ok(()) => done.push(format!("{k}={v}")),
+                Err(e) => tracing::warn!("restoring {k}={v}: {e}"),
+            }
         }
-        let _ = std::fs::remove_file(&self.file);
+        // Emptied through the descriptor (the directory is root's; the daemon may not be):
+        // the next start finds nothing to restore.
+        let emptied = self
+            .file
+            .set_len(0)
+            .and_then(|_| self.file.flush())
+            .and_then(|_| self.file.sync_all());
+        if let Err(e) = emptied {
+            tracing::warn!("emptying {}: {e}", self.path.display());
+        }
+        if !done.is_empty() {
+            tracing::info!(restored = %done.join(" "), "kernel settings restored");
+        }
     }
 }
 
 /// The current value of a sysctl (for diagnostics).
 pub fn value(key: &str) -> Option<String> {
     read(key).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_allow_listed_keys_and_values_are_restored() {
+        let (ok, refused) = parse_state(
+            "net.ipv4.ip_forward=0\n\
+             /tmp/pwned=written-as-root\n\
+             kernel.core_pattern=|/tmp/x\n\
+             net.ipv4.conf.all.rp_filter=2\n\
+             net.ipv4.ip_forward=1; id\n\
+             net.ipv4.conf.all.rp_filter=../../x\n",
+        );
+        assert_eq!(
+            ok,
+            vec![
+                ("net.ipv4.ip_forward".to_string(), "0".to_string()),
+                ("net.ipv4.conf.all.rp_filter".to_string(), "2".to_string())
+            ]
+        );
+        assert_eq!(refused.len(), 4, "{refused:?}");
+    }
 }
