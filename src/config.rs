@@ -390,8 +390,6 @@ impl Config {
         let tunnel = crate::datapath::TunnelSpec {
             relay: false,
             mtu: 1400,
-            icmp_src_v4: None,
-            icmp_src_v6: None,
         };
         crate::datapath::build(&peers, tunnel, crate::nat::NatTable::default())
             .map_err(|e| invalid("peer", "(several)", e.to_string()))?;

@@ -171,6 +171,8 @@ pub struct Live {
     pub clock: Instant,
     /// Wall-clock time at `clock`.
     pub started: SystemTime,
+    /// Inodes of the raw and UDP sockets (for their kernel drop counters).
+    pub socket_inodes: Vec<u64>,
 }
 
 fn unix(t: SystemTime) -> f64 {
@@ -301,6 +303,17 @@ impl Live {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.load(Relaxed)))
             .collect(),
+            kernel_drops: {
+                let k = crate::sys::kstats::read(&i.name, &self.socket_inodes).unwrap_or_default();
+                [
+                    ("tun_tx_queue", k.tun_tx_queue),
+                    ("tun_rx", k.tun_rx),
+                    ("socket_rcvbuf", k.socket_rcvbuf),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect()
+            },
             capture: self.capture.as_ref().map(|(c, files)| CaptureStatus {
                 files: files.iter().map(|f| f.display().to_string()).collect(),
                 written: c.written.load(Relaxed),

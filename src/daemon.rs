@@ -47,8 +47,9 @@ const _: () = assert!(RESERVATION_CHECK * BATCH as u64 <= RESERVE / 2);
 /// Warnings of one kind are logged at most this often (quinn-udp's rule).
 const WARN_INTERVAL: Duration = Duration::from_secs(60);
 
-/// How often the control side looks for silent peers.
-const SILENCE_CHECK: Duration = Duration::from_secs(5);
+/// How often the control side looks for silent peers and SA lifetimes: a lifetime warning
+/// comes at most this late.
+const SILENCE_CHECK: Duration = Duration::from_secs(1);
 /// A peer is reported silent when packets have gone to it for this long with nothing coming
 /// back (WireGuard gives up a handshake after 5 s of no answer and retries; a tunnel without
 /// handshakes needs a longer view to tell silence from one-way bursts).
@@ -146,6 +147,11 @@ impl LifetimeWatch {
                     0
                 };
                 if level > self.warned[i] {
+                    // A lifetime shorter than one check interval passes 90% and 100% between
+                    // two checks: both are said, in order.
+                    if level == 2 && self.warned[i] == 0 {
+                        warn!(peer = %p.name, "SA pair has used 90% of its lifetime ({what}: limit {limit}), and its whole lifetime since the last check");
+                    }
                     self.warned[i] = level;
                     if level == 2 {
                         warn!(peer = %p.name, "SA pair reached its lifetime ({what}: {n} of {limit}): it no longer sends or accepts; install new keys and SPIs and restart");
@@ -454,14 +460,6 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let tunnel = TunnelSpec {
         relay: cfg.interface.forward,
         mtu,
-        icmp_src_v4: cfg.interface.addresses.iter().find_map(|a| match a.addr {
-            IpAddr::V4(v) => Some(v),
-            _ => None,
-        }),
-        icmp_src_v6: cfg.interface.addresses.iter().find_map(|a| match a.addr {
-            IpAddr::V6(v) => Some(v),
-            _ => None,
-        }),
     };
     let (mut outbound, inbound, stats) = datapath::build(&cfg.peers, tunnel, cfg.nat_table())?;
     // The outer source of each peer's packets (for the outer tap and the Wireshark SA lines).
@@ -583,6 +581,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             .map_err(|e| DaemonError::Os("eventfd", e.into()))?,
     );
     let edge = Arc::new(EdgeStats::default());
+    let socket_inodes: Vec<u64> = sockets
+        .iter()
+        .filter_map(crate::sys::kstats::inode)
+        .chain(udp.as_ref().and_then(crate::sys::kstats::inode))
+        .collect();
     let tun = Arc::new(tun);
     let sockets = Arc::new(sockets);
     let udp = Arc::new(udp);
@@ -639,6 +642,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         sources,
         clock,
         started,
+        socket_inodes,
     });
     if let Some(t) = &taps {
         info!(files = %t.paths().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" "), "capture taps on");
@@ -1388,8 +1392,6 @@ mod tests {
         let tunnel = TunnelSpec {
             relay: false,
             mtu: 1400,
-            icmp_src_v4: None,
-            icmp_src_v6: None,
         };
         let (_, _, stats) =
             datapath::build(&cfg.peers, tunnel, crate::nat::NatTable::default()).unwrap();

@@ -29,7 +29,7 @@ use crate::wire::esp::{NEXT_HEADER_DUMMY, NEXT_HEADER_IPV4, NEXT_HEADER_IPV6};
 use crate::wire::icmp;
 use crate::wire::ip::{InnerPacket, PROTO_ESP, PROTO_IPIP, PROTO_IPV6, PROTO_UDP};
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -285,10 +285,6 @@ pub struct TunnelSpec {
     pub relay: bool,
     /// Largest inner packet sent through the tunnel.
     pub mtu: u16,
-    /// Source of ICMP errors generated towards IPv4 senders (the TUN's address).
-    pub icmp_src_v4: Option<Ipv4Addr>,
-    /// Source of ICMPv6 errors.
-    pub icmp_src_v6: Option<Ipv6Addr>,
 }
 
 /// Outer IPv4 header without options.
@@ -591,28 +587,19 @@ impl Outbound {
                 // MTU only when the TUN MTU was raised by hand. Refuse rather than fragment.
                 Err(icmp::NoIcmp::Forbidden)
             }
-            IpAddr::V4(_) => icmp::frag_needed_v4(
-                buf,
-                self.tunnel
-                    .icmp_src_v4
-                    .or(match inner.dst {
-                        IpAddr::V4(d) => Some(d),
-                        _ => None,
-                    })
-                    .unwrap_or(Ipv4Addr::UNSPECIFIED),
-                mtu,
-            ),
-            IpAddr::V6(_) => icmp::packet_too_big_v6(
-                buf,
-                self.tunnel
-                    .icmp_src_v6
-                    .or(match inner.dst {
-                        IpAddr::V6(d) => Some(d),
-                        _ => None,
-                    })
-                    .unwrap_or(Ipv6Addr::UNSPECIFIED),
-                u32::from(mtu),
-            ),
+            // The source is the packet's own destination, as if the tunnel's far end were the
+            // router that could not forward it. The TUN's own address would be a local source
+            // arriving from outside, which Linux discards as a martian (so a local sender
+            // would never learn the path MTU); the destination is routed through the TUN, so
+            // the reverse-path filter accepts it.
+            IpAddr::V4(_) => match inner.dst {
+                IpAddr::V4(d) => icmp::frag_needed_v4(buf, d, mtu),
+                IpAddr::V6(_) => Err(icmp::NoIcmp::Malformed),
+            },
+            IpAddr::V6(_) => match inner.dst {
+                IpAddr::V6(d) => icmp::packet_too_big_v6(buf, d, u32::from(mtu)),
+                IpAddr::V4(_) => Err(icmp::NoIcmp::Malformed),
+            },
         };
         match made {
             Ok(()) => {

@@ -297,6 +297,12 @@ enum ModeArg {
 
 #[derive(Subcommand)]
 enum LabCmd {
+    /// Tear down a lab left running with --keep: stop its daemons (SIGTERM, so they remove
+    /// their rules), kill what else runs there, delete its namespaces.
+    Down {
+        /// The lab's name as --keep printed it (espip-lab-PID).
+        name: String,
+    },
     /// Scenario 1: two hosts, one tunnel (A 192.0.2.1 / 10.4.2.99, B 192.0.2.2 / 10.4.2.5).
     P2p {
         /// esp (IP protocol 50), esp-udp (ESP in UDP port 4500, RFC 3948) or ipip.
@@ -449,7 +455,11 @@ fn init_logging(level: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::env::var_os("NO_COLOR").is_none())
+        // Colour only on a terminal: a file or the journal gets plain text.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .init();
 }
 
@@ -567,6 +577,13 @@ fn real_main() -> Result<()> {
             println!("{}", k.to_hex().as_str());
         }
         Cmd::Lab { scenario } => match scenario {
+            LabCmd::Down { name } => {
+                let gone = espip::lab::netns::down(&name)?;
+                if gone.is_empty() {
+                    bail!("no namespace of lab {name} exists (`ip netns list` shows what does)");
+                }
+                println!("stopped and deleted: {}", gone.join(" "));
+            }
             LabCmd::P2p {
                 mode,
                 cipher,

@@ -26,6 +26,12 @@ pub struct Status {
     /// (coalesced packets written).
     #[serde(default)]
     pub offload: BTreeMap<String, u64>,
+    /// Packets the kernel dropped before espip saw them: `tun_tx_queue` (routed into the TUN
+    /// and found its queue full: espip reads slower than the senders write), `tun_rx` (writes
+    /// to the TUN the kernel refused), `socket_rcvbuf` (a raw or UDP socket's receive buffer
+    /// was full).
+    #[serde(default)]
+    pub kernel_drops: BTreeMap<String, u64>,
 }
 
 /// The TUN interface.
@@ -247,6 +253,15 @@ impl Status {
         if !errs.is_empty() {
             let _ = writeln!(s, "errors: {}", errs.join(", "));
         }
+        let kd: Vec<String> = self
+            .kernel_drops
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        if !kd.is_empty() {
+            let _ = writeln!(s, "dropped by the kernel: {}", kd.join(", "));
+        }
         if self.relayed > 0 {
             let _ = writeln!(s, "relayed between peers: {} packets", self.relayed);
         }
@@ -418,6 +433,18 @@ impl Status {
             );
         }
         m.family(
+            "espip_kernel_drops_total",
+            "counter",
+            "Packets the kernel dropped before espip saw them: tun_tx_queue (the TUN's queue was full), tun_rx (TUN writes refused), socket_rcvbuf (a socket's receive buffer was full).",
+        );
+        for (kind, n) in &self.kernel_drops {
+            m.sample(
+                "espip_kernel_drops_total",
+                &[("interface", &self.interface.name), ("kind", kind)],
+                *n as f64,
+            );
+        }
+        m.family(
             "espip_offload_packets_total",
             "counter",
             "Offload work: tso_in / uso_in (large TUN packets segmented), gro_out (coalesced TUN writes), udp_gso_out / udp_gro_in (ESP-in-UDP trains sent / received as one).",
@@ -543,6 +570,9 @@ mod tests {
             relayed: 0,
             capture: None,
             offload: Default::default(),
+            kernel_drops: [("tun_tx_queue".to_string(), 808_426)]
+                .into_iter()
+                .collect(),
         }
     }
 

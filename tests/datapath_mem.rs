@@ -71,8 +71,6 @@ fn esp_pair_over(
     let t = TunnelSpec {
         relay: false,
         mtu: 1400,
-        icmp_src_v4: Some(Ipv4Addr::new(10, 4, 2, 99)),
-        icmp_src_v6: Some("fd00::99".parse().unwrap()),
     };
     let (out, inb, stats) = datapath::build(
         &[spec("b", B, "10.4.2.5/32", &ab, &ba, 0x1001, 0x1002)],
@@ -261,7 +259,11 @@ fn too_big_with_df_becomes_icmp_into_the_tun() {
     let icmp = b.as_slice();
     assert_eq!((icmp[9], icmp[20], icmp[21]), (1, 3, 4), "ICMP frag needed");
     assert_eq!(u16::from_be_bytes([icmp[26], icmp[27]]), 1400);
-    assert_eq!(&icmp[16..20], &[10, 4, 2, 99]);
+    assert_eq!(
+        &icmp[12..20],
+        &[10, 4, 2, 5, 10, 4, 2, 99],
+        "from the unreachable destination (never a local address) to the sender"
+    );
     assert_eq!(a.stats.drops(DropReason::TooBig), 1);
     // Without DF: dropped, counted, no ICMP.
     let mut b = PacketBuf::from_slice(&ipv4([10, 4, 2, 99], [10, 4, 2, 5], 1500, false));
@@ -310,8 +312,6 @@ fn ipip_both_ways_and_unknown_peer() {
     let t = TunnelSpec {
         relay: false,
         mtu: 1480,
-        icmp_src_v4: None,
-        icmp_src_v6: None,
     };
     let (out, inb, stats) =
         datapath::build(&[spec(B, "10.4.2.5/32")], t, Default::default()).unwrap();
@@ -384,12 +384,7 @@ fn a_hub_relays_between_peers_only_when_forwarding() {
         route: true,
     };
     for relay in [true, false] {
-        let t = TunnelSpec {
-            relay,
-            mtu: 1400,
-            icmp_src_v4: None,
-            icmp_src_v6: None,
-        };
+        let t = TunnelSpec { relay, mtu: 1400 };
         let (mut out, mut inb, stats) =
             datapath::build(&[peer(11), peer(12)], t, Default::default()).unwrap();
         // c11 -> c12, sealed with c11's key towards the hub.

@@ -179,6 +179,26 @@ pub fn transfer_check(
     Ok(())
 }
 
+/// Wait (at most 5 s) until the daemon at `control` has sent and received nothing for half a
+/// second, so that a capture stopped afterwards holds every packet its counters count.
+pub fn settle(control: &std::path::Path) {
+    let totals = || -> Option<u64> {
+        let raw = crate::control::request(control, "status").ok()?;
+        let st: crate::status::Status = serde_json::from_slice(&raw).ok()?;
+        Some(st.peers.iter().map(|p| p.tx_packets + p.rx_packets).sum())
+    };
+    let start = std::time::Instant::now();
+    let mut last = totals();
+    while start.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let now = totals();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
 /// Stop a tcpdump started by a lab so that its file holds every packet captured: tcpdump
 /// reads the kernel's ring in blocks that are handed over when full or after a timeout (about
 /// one second), and a block still open at SIGINT would be lost.
@@ -254,12 +274,16 @@ impl Report {
             self.notes
                 .push(format!("configs, logs and captures in {}", w.display()));
         }
-        let del: Vec<String> = namespaces
-            .iter()
-            .map(|n| format!("ip netns del {}", n.name()))
-            .collect();
-        self.notes
-            .push(format!("tear down with: {}", del.join("; ")));
+        // `ip netns del` alone would leave the daemons running: `lab down` stops them first.
+        let pid = format!("-{}-", std::process::id());
+        if let Some(lab) = namespaces
+            .first()
+            .and_then(|n| n.name().find(&pid).map(|i| &n.name()[..i + pid.len() - 1]))
+        {
+            self.notes.push(format!(
+                "tear down (stops the daemons, deletes the namespaces) with: espip lab down {lab}"
+            ));
+        }
     }
 
     /// True if every check passed (and there was at least one).

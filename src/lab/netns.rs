@@ -91,6 +91,55 @@ impl Drop for Netns {
     }
 }
 
+/// Tear down a lab left running with `--keep`: every namespace named `<lab>-<host>`; their
+/// processes get SIGTERM (espip daemons remove their rules and restore their settings), then
+/// SIGKILL after 5 s if still there, then the namespaces are deleted. Returns their names.
+pub fn down(lab: &str) -> io::Result<Vec<String>> {
+    let valid = lab.starts_with(PREFIX)
+        && lab.len() > PREFIX.len()
+        && lab
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        return Err(io::Error::other(format!(
+            "{lab:?} is not a lab name: expected {PREFIX}<lab>-<pid> as `--keep` printed it"
+        )));
+    }
+    let out = run_ok(Command::new("ip").args(["netns", "list"]))?;
+    let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.strip_prefix(lab).is_some_and(|h| h.starts_with('-')))
+        .map(str::to_string)
+        .collect();
+    let pids = |name: &str| -> Vec<i32> {
+        run(Command::new("ip").args(["netns", "pids", name]))
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for n in &names {
+        for pid in pids(n) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while names.iter().any(|n| !pids(n).is_empty()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for n in &names {
+        delete(n);
+    }
+    Ok(names)
+}
+
 /// Kill every process in namespace `name`, then delete it.
 fn delete(name: &str) {
     if let Ok(out) = run(Command::new("ip").args(["netns", "pids", name])) {

@@ -160,6 +160,9 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
         ok && body.contains("host S"),
         body.clone(),
     );
+    // TCP's last segments (C's final ACK) leave after curl returns: wait until RA has sent
+    // its last packet, so the capture holds everything its counters will report.
+    super::settle(&work.join("state-ra/control.sock"));
     super::stop_capture(tcpdump);
     for o in others {
         super::stop_capture(o);
@@ -211,8 +214,10 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
     let (rb_tx, rb_rx) = (field(&drb, "tx_packets"), field(&drb, "rx_packets"));
     report.check(
         "the relays carried upstream packets only",
-        ra_tx > 0 && ra_rx == 0 && rb_rx == ra_tx && rb_tx == 0,
-        format!("RA sent {ra_tx}, received {ra_rx}; RB received {rb_rx}, sent {rb_tx}"),
+        ra_tx > 0 && ra_rx == 0 && rb_rx == ra_tx && rb_tx == 0 && up == ra_tx,
+        format!(
+            "RA sent {ra_tx} (captured {up}), received {ra_rx}; RB received {rb_rx}, sent {rb_tx}"
+        ),
     );
     let after_rb = (
         sysctl(&rb, "net.ipv4.ip_forward"),

@@ -3,6 +3,7 @@
 
 pub mod capture;
 pub mod iptables;
+pub mod kstats;
 pub mod netlink;
 pub mod privdrop;
 pub mod raw;

@@ -71,8 +71,6 @@ pub fn build(esn: bool) -> (Outbound, Inbound) {
     let tunnel = TunnelSpec {
         relay: false,
         mtu: 1400,
-        icmp_src_v4: Some("10.4.2.99".parse().unwrap()),
-        icmp_src_v6: Some("fd00::99".parse().unwrap()),
     };
     let (mut out, inb, _) = datapath::build(&peers(esn), tunnel, NatTable::default()).unwrap();
     out.set_limit(0, u64::MAX);
