@@ -380,6 +380,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     } else {
         None
     };
+    // Root's own state (sysctls saved, sequence numbers): a directory no other user can write.
+    let state = PrivateDir::open(&cfg.interface.state_dir)
+        .map_err(|e| DaemonError::State(cfg.interface.state_dir.clone(), e))?;
     // The control socket second: it is also the lock against a second daemon for the same
     // interface (a socket left by a killed daemon does not answer and is replaced).
     let mut control = ControlSocket::bind(&cfg.interface.control, &cfg.interface.name)?;
@@ -391,9 +394,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         ),
         None => None,
     };
-    // Root's own state (sysctls saved, sequence numbers): a directory no other user can write.
-    let state = PrivateDir::open(&cfg.interface.state_dir)
-        .map_err(|e| DaemonError::State(cfg.interface.state_dir.clone(), e))?;
+
     let metrics = match cfg.metrics {
         Some(addr) => {
             let l = std::net::TcpListener::bind(addr).map_err(|e| DaemonError::Metrics(addr, e))?;

@@ -137,3 +137,95 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         "systemd-analyze verify: {text}"
     );
 }
+
+/// Issue 16 item 4: each of these once passed `check` or got a misleading message.
+#[test]
+fn hostile_and_mistaken_configs_get_errors_that_name_the_problem() {
+    let d = tempdir("mistakes");
+    let key = espip(&["genkey", "--cipher", "aes-128-gcm"])
+        .1
+        .trim()
+        .to_string();
+    let base = format!(
+        "[interface]\nname = \"espip0\"\naddress = [\"10.4.2.99/24\"]\n\n[[peer]]\nname = \"b\"\nendpoint = \"192.0.2.2\"\nallowed_ips = [\"10.4.2.5/32\"]\nmode = \"esp\"\ncipher = \"aes-128-gcm\"\nspi_out = \"0x1001\"\nspi_in = \"0x1002\"\nkey_out = \"{key}\"\nkey_in_file = \"in.key\"\n"
+    );
+    let cfg = d.join("a.toml");
+    let check = |text: &str| {
+        std::fs::write(&cfg, text).unwrap();
+        espip(&["check", "--config", cfg.to_str().unwrap()])
+    };
+    let in_key = d.join("in.key");
+
+    // A link to /dev/zero: refused as a device, and the message names /dev/zero, not
+    // "chmod 600 in.key" (which would chmod the device).
+    std::os::unix::fs::symlink("/dev/zero", &in_key).unwrap();
+    let (ok, _, err) = check(&base);
+    assert!(
+        !ok && err.contains("is a device") && err.contains("/dev/zero"),
+        "{err}"
+    );
+    assert!(!err.contains("chmod"), "{err}");
+    std::fs::remove_file(&in_key).unwrap();
+
+    // A FIFO: refused at once instead of hanging `check` forever.
+    nix::unistd::mkfifo(&in_key, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let t = std::time::Instant::now();
+    let (ok, _, err) = check(&base);
+    assert!(!ok && err.contains("a FIFO"), "{err}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    std::fs::remove_file(&in_key).unwrap();
+
+    // A key file of another user (when run as root): refused with the fix.
+    std::fs::write(&in_key, &key).unwrap();
+    std::fs::set_permissions(&in_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if nix::unistd::geteuid().is_root() {
+        nix::unistd::chown(&in_key, Some(nix::unistd::Uid::from_raw(4242)), None).unwrap();
+        let (ok, _, err) = check(&base);
+        assert!(
+            !ok && err.contains("belongs to uid 4242") && err.contains("chown root"),
+            "{err}"
+        );
+        nix::unistd::chown(&in_key, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+    }
+    let (ok, _, err) = check(&base);
+    assert!(ok, "{err}");
+
+    // The endpoint is this host's own local address.
+    let (ok, _, err) = check(&base.replace(
+        "address = [\"10.4.2.99/24\"]\n",
+        "address = [\"10.4.2.99/24\"]\nlocal = \"192.0.2.2\"\n",
+    ));
+    assert!(
+        !ok && err.contains("endpoint") && err.contains("interface.local"),
+        "{err}"
+    );
+
+    // A local address this host does not have: named as such by `check`.
+    let (ok, _, err) = check(&base.replace(
+        "address = [\"10.4.2.99/24\"]\n",
+        "address = [\"10.4.2.99/24\"]\nlocal = \"192.0.2.9\"\n",
+    ));
+    assert!(
+        !ok && err.contains("interface.local 192.0.2.9 is not an address of this host"),
+        "{err}"
+    );
+
+    // A number in quotes: the key is named, and what to write instead.
+    let (ok, _, err) = check(&base.replace(
+        "address = [\"10.4.2.99/24\"]\n",
+        "address = [\"10.4.2.99/24\"]\nmtu = \"1400\"\n",
+    ));
+    assert!(
+        !ok && err.contains("interface.mtu") && err.contains("without quotes"),
+        "{err}"
+    );
+    let (ok, _, err) = check(&base.replace(
+        "spi_out = \"0x1001\"",
+        "esn = \"yes\"\nspi_out = \"0x1001\"",
+    ));
+    assert!(
+        !ok && err.contains("peer.esn") && err.contains("true or false"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
