@@ -368,8 +368,9 @@ pub(crate) fn work_dir(
         ),
     };
     std::fs::create_dir_all(&work)?;
-    // 0711: the daemons, which drop to `nobody` after setup, must reach their state and
-    // capture directories inside; nobody can list or read what is here (configs are 0600).
+    // 0711: the daemons, which drop to their user `espip` after setup, must reach the capture
+    // directories espip creates for them in here; no one else can list or read what is here
+    // (configs are 0600, the state directories root's 0700).
     std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o711))?;
     Ok((work, kept))
 }

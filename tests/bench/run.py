@@ -446,8 +446,9 @@ def main():
             f"{args.seconds} s per run, median of {args.repeat}")
     results = []
     work = tempfile.mkdtemp(prefix="espip-bench-")
-    # espip drops to `nobody` after setup and must reach its state directory in here.
-    os.chmod(work, 0o711)
+    # Root's own directory: espip keeps its state (root's) in here and refuses parents others
+    # can write.
+    os.chmod(work, 0o700)
     try:
         with Lab() as lab:
             for name, setup in chosen:
