@@ -312,13 +312,31 @@ impl Config {
     /// Read and validate a configuration file. Relative key file paths are resolved against
     /// the configuration file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        // The text may hold inline keys: wiped when dropped.
-        let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
-            ConfigError::Read {
+        use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
+        let read_err = |source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut f = std::fs::File::open(path).map_err(read_err)?;
+        let meta = f.metadata().map_err(read_err)?;
+        // Root takes this file as its instructions (paths it writes, commands it runs): one
+        // another user could have written is refused, like a key file.
+        let me = nix::unistd::geteuid().as_raw();
+        if (meta.uid() != 0 && meta.uid() != me) || meta.mode() & 0o022 != 0 {
+            return Err(ConfigError::Read {
                 path: path.to_path_buf(),
-                source,
-            }
-        })?);
+                source: std::io::Error::other(format!(
+                    "it belongs to uid {} with mode {:04o}; a configuration must belong to root (or the user running espip) and not be writable by group or others: `chown root: {p} && chmod 600 {p}`",
+                    meta.uid(),
+                    meta.mode() & 0o7777,
+                    p = path.display()
+                )),
+            });
+        }
+        // The text may hold inline keys: wiped when dropped.
+        let mut text = zeroize::Zeroizing::new(String::new());
+        f.read_to_string(&mut text).map_err(read_err)?;
         let base = path.parent().unwrap_or(Path::new("."));
         Config::parse(&text, base).map_err(|e| match e {
             ConfigError::Syntax { message, .. } => ConfigError::Syntax {

@@ -227,5 +227,13 @@ fn hostile_and_mistaken_configs_get_errors_that_name_the_problem() {
         !ok && err.contains("peer.esn") && err.contains("true or false"),
         "{err}"
     );
+    // A configuration others can write is not root's instructions.
+    std::fs::write(&cfg, &base).unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (ok, _, err) = espip(&["check", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("not be writable by group or others"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&d).unwrap();
 }
