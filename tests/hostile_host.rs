@@ -20,8 +20,12 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// A local user with no account and no relation to espip.
 const STRANGER: u32 = 4242;
 
+/// The binary under test; `ESPIP_TEST_EXE` points these tests at another build (to show
+/// that they fail on a version with the defects).
 fn exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_espip"))
+    std::env::var_os("ESPIP_TEST_EXE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_espip")))
 }
 
 fn privileged() -> bool {
