@@ -772,6 +772,14 @@ fn keep_tear_down_lifetime_warnings_and_plain_logs() {
         .find(|l| l.contains("tear down"))
         .unwrap_or_else(|| panic!("{text}"));
     let name = line.split_whitespace().last().unwrap().to_string();
+    // Whatever happens below, the kept lab goes (with the daemons in it).
+    struct Down(String);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = netns::down(&self.0);
+        }
+    }
+    let _down = Down(name.clone());
     let work = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("configs, logs and captures in "))
