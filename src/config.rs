@@ -681,7 +681,7 @@ fn interface(raw: RawInterface, base: &Path) -> Result<Interface, ConfigError> {
         }
     };
     let control = match raw.control {
-        None => Path::new(DEFAULT_CONTROL_DIR).join(format!("{name}.sock")),
+        None => crate::control::default_dir().join(format!("{name}.sock")),
         Some(c) if c.as_os_str().is_empty() || c.file_name().is_none() => {
             return Err(invalid(
                 "interface.control",

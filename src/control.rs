@@ -15,11 +15,11 @@
 
 use crate::config::Config;
 use crate::config::DEFAULT_CONTROL_DIR;
-use crate::daemon::EdgeStats;
 use crate::datapath::{DropReason, EncapSpec, Outbound, Stats};
 use crate::status::{CaptureStatus, InterfaceStatus, PeerStatus, SaExport, SaIn, SaOut, Status};
 use crate::sys::capture::CaptureStats;
 use crate::sys::safefs::PrivateDir;
+use crate::telemetry::EdgeStats;
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -664,6 +664,23 @@ pub fn clean(text: &str) -> String {
             }
         })
         .collect()
+}
+
+/// The directory of the default control sockets for this network namespace: `/run/espip` in
+/// the host's (init) namespace, `/run/espip/netns-<inode>` in any other, so daemons with the
+/// same interface name in two namespaces (labs, containers) do not meet, and `espip show` run
+/// inside a namespace finds that namespace's daemons. The namespace is named by the inode of
+/// `/proc/self/ns/net` (what `ip netns identify` compares); the init namespace's is the
+/// kernel's constant `PROC_NET_INIT_INO` (include/linux/proc_ns.h), since `/proc/1/ns/net`
+/// is not readable from inside another namespace.
+pub fn default_dir() -> PathBuf {
+    /// `PROC_NET_INIT_INO`: 0xF0000000 - 7.
+    const INIT_NET_INO: u64 = 0xEFFF_FFF9;
+    let base = Path::new(DEFAULT_CONTROL_DIR);
+    match std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()) {
+        Ok(ino) if ino != INIT_NET_INO => base.join(format!("netns-{ino}")),
+        _ => base.to_path_buf(),
+    }
 }
 
 /// The control sockets of the daemons running with the default directory.

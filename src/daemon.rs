@@ -21,13 +21,14 @@ use crate::sys::safefs::PrivateDir;
 use crate::sys::seqstore::{SeqError, SeqStore, RESERVE};
 use crate::sys::tun::Tun;
 use crate::sys::udp::UdpEncapSocket;
+use crate::telemetry::{EdgeStats, RateLimit};
 use crate::wire::ip::{PROTO_ESP, PROTO_IPIP, PROTO_IPV6, PROTO_UDP};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tracing::{debug, info, warn};
@@ -43,9 +44,6 @@ const TX_BUFS: usize = BATCH + 128;
 /// Batches between two checks of the sequence reservations (see `tx_loop`).
 const RESERVATION_CHECK: u64 = 256;
 const _: () = assert!(RESERVATION_CHECK * BATCH as u64 <= RESERVE / 2);
-
-/// Warnings of one kind are logged at most this often (quinn-udp's rule).
-const WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How often the control side looks for silent peers and SA lifetimes: a lifetime warning
 /// comes at most this late.
@@ -242,46 +240,6 @@ pub enum DaemonError {
     /// Anything else of the OS.
     #[error("{0}: {1}")]
     Os(&'static str, io::Error),
-}
-
-/// Errors at the kernel edges, counted (never logged per packet).
-#[derive(Debug, Default)]
-pub struct EdgeStats {
-    /// Failed TUN reads.
-    pub tun_read_errors: AtomicU64,
-    /// Failed TUN writes.
-    pub tun_write_errors: AtomicU64,
-    /// Packets the raw socket refused to send.
-    pub send_errors: AtomicU64,
-    /// Datagrams from a raw socket with an invalid outer header.
-    pub bad_outer: AtomicU64,
-    /// TUN packets whose offload header or TSO layout espip could not handle (dropped).
-    pub offload_errors: AtomicU64,
-    /// Large TCP packets (TSO) read from the TUN and segmented.
-    pub tso_packets: AtomicU64,
-    /// Large UDP packets (USO) read from the TUN and segmented.
-    pub uso_packets: AtomicU64,
-    /// Coalesced (GRO) packets written to the TUN.
-    pub gro_packets: AtomicU64,
-    /// ESP-in-UDP messages sent with UDP segmentation offload (several datagrams each).
-    pub udp_gso_sends: AtomicU64,
-    /// ESP-in-UDP messages received coalesced by UDP GRO (several datagrams each).
-    pub udp_gro_receives: AtomicU64,
-}
-
-struct RateLimit(Option<Instant>);
-
-impl RateLimit {
-    fn ready(&mut self) -> bool {
-        let now = Instant::now();
-        match self.0 {
-            Some(t) if now.duration_since(t) < WARN_INTERVAL => false,
-            _ => {
-                self.0 = Some(now);
-                true
-            }
-        }
-    }
 }
 
 /// The tunnel MTU: the configured one, or the smallest path MTU to any endpoint minus the
@@ -979,14 +937,14 @@ fn tx_loop(
     clock: Instant,
     mut store: SeqStore,
 ) -> SeqStore {
-    let mut warn_state = RateLimit(None);
+    let mut warn_state = RateLimit::default();
     let mut batches: u64 = 0;
     // Room for a full batch plus the segments of one more TSO packet (64 KB at an MSS of 536).
     let mut bufs: Vec<PacketBuf> = (0..TX_BUFS).map(|_| PacketBuf::new(MAX_PACKET)).collect();
     let mut verdicts = [Verdict::Drop(DropReason::Dummy); TX_BUFS];
-    let mut warn_read = RateLimit(None);
-    let mut warn_send = RateLimit(None);
-    let mut warn_exhausted = RateLimit(None);
+    let mut warn_read = RateLimit::default();
+    let mut warn_send = RateLimit::default();
+    let mut warn_exhausted = RateLimit::default();
     loop {
         let mut fds = [
             PollFd::new(e.stop.as_fd(), PollFlags::POLLIN),
@@ -1216,7 +1174,7 @@ fn rx_loop(
         inb: &mut inb,
         shared_out,
         e,
-        warn_write: RateLimit(None),
+        warn_write: RateLimit::default(),
     };
     loop {
         // One small allocation per wakeup (not per packet): at most 5 descriptors.

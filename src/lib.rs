@@ -21,5 +21,6 @@ pub mod rules;
 pub mod sa;
 pub mod status;
 pub mod sys;
+pub mod telemetry;
 pub mod wire;
 pub mod wireshark;

@@ -85,7 +85,8 @@ enum Cmd {
 /// Which daemon to ask.
 #[derive(clap::Args)]
 struct Target {
-    /// The daemon's interface name (its socket is /run/espip/NAME.sock).
+    /// The daemon's interface name (its socket is /run/espip/NAME.sock; in another network
+    /// namespace /run/espip/netns-INODE/NAME.sock).
     #[arg(long, short, conflicts_with_all = ["socket", "config"])]
     interface: Option<String>,
     /// The daemon's control socket (interface.control).
@@ -104,7 +105,7 @@ impl Target {
 
     /// The sockets to ask: the one named, or every daemon's in the default directory.
     fn sockets(&self) -> Result<Vec<PathBuf>> {
-        let dir = std::path::Path::new(espip::config::DEFAULT_CONTROL_DIR);
+        let dir = &espip::control::default_dir();
         if let Some(s) = &self.socket {
             return Ok(vec![s.clone()]);
         }
@@ -164,7 +165,7 @@ fn show(target: &Target, json: bool) -> Result<()> {
     if listing && all.is_empty() && printed == 0 {
         bail!(
             "no espip daemon is running (the sockets in {} are left by stopped ones)",
-            espip::config::DEFAULT_CONTROL_DIR
+            espip::control::default_dir().display()
         );
     }
     if json {

@@ -401,6 +401,76 @@ fn a_second_daemon_on_the_same_interface_is_refused() {
     assert!(h.a.has_link("espip0"), "the first daemon is unharmed");
 }
 
+/// Issue 12 item 9: the default control socket belongs to the network namespace, so two
+/// daemons with the same interface name in two namespaces both start, and `espip show` inside
+/// each finds its own.
+#[test]
+fn default_control_sockets_are_per_network_namespace() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (a, b) = p2p::topology("nsctl").unwrap();
+    let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
+    let dir = std::env::temp_dir().join(format!("espip-test-nsctl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut daemons = Vec::new();
+    for (ns, me_a, host) in [(&a, true, "a"), (&b, false, "b")] {
+        let state = dir.join(format!("state-{host}"));
+        let text = p2p::config_text(
+            LabMode::Esp(Cipher::Aes128Gcm),
+            me_a,
+            Some(&keys),
+            false,
+            &state,
+        )
+        .replace(
+            &format!("control = \"{}\"\n", state.join("control.sock").display()),
+            "",
+        );
+        let cfg = dir.join(format!("{host}.toml"));
+        std::fs::write(&cfg, text).unwrap();
+        daemons.push(Daemon::start(ns, &exe(), &cfg, &dir.join(format!("{host}.log"))).unwrap());
+    }
+    let mut sockets = Vec::new();
+    for (ns, addr) in [(&a, "10.4.2.99/24"), (&b, "10.4.2.5/24")] {
+        let out = netns::run(ns.command(exe()).args(["show", "--json"])).unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let st: espip::status::Status = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(st.interface.addresses, vec![addr.to_string()]);
+        let log = daemons[sockets.len()].log();
+        let sock = log
+            .split("control=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap()
+            .to_string();
+        assert!(sock.contains("/run/espip/netns-"), "{sock}");
+        sockets.push(sock);
+    }
+    assert_ne!(sockets[0], sockets[1]);
+    let ping = netns::run(
+        a.command("ping")
+            .args(["-c", "2", "-i", "0.2", "-W", "2", "10.4.2.5"]),
+    )
+    .unwrap();
+    assert!(ping.status.success());
+    for d in &mut daemons {
+        assert!(d.stop().unwrap());
+    }
+    // The stopped (unprivileged) daemons could not remove their sockets from root's directory.
+    for s in &sockets {
+        if let Some(p) = Path::new(s).parent() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn same_lan_lab_50mb() {
     if !privileged() {
