@@ -1,5 +1,5 @@
-//! The kernel edges: the TUN device, raw IP sockets, rtnetlink. Nothing in the pure core
-//! imports this module (`tests/layering.rs`).
+//! The kernel edges: the TUN device, raw IP sockets, rtnetlink, files. The pure core
+//! (`espip-core`) cannot import this module: it is another crate, below this one.
 
 pub mod capture;
 pub mod iptables;
