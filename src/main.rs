@@ -3,7 +3,6 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use espip::config::Config;
-use espip::datapath::EncapSpec;
 use espip::lab::p2p::{LabMode, P2pOptions};
 use espip::sa::Cipher;
 use std::path::PathBuf;
@@ -495,32 +494,11 @@ fn check(config: &std::path::Path) -> Result<()> {
             .map(|a| a.to_string())
             .collect::<Vec<_>>()
             .join(", ");
-        match &p.encap {
-            EncapSpec::Esp {
-                cipher,
-                spi_out,
-                spi_in,
-                replay_window,
-                esn,
-                udp_port,
-                ..
-            } => println!(
-                "peer {:?}: ESP tunnel to {} ({}, out SPI {spi_out:#010x}, in SPI {spi_in:#010x}, replay window {replay_window}, esn {esn}); routes and accepts [{allowed}]",
-                p.name,
-                match udp_port {
-                    Some(port) => format!(
-                        "{}:{port} in UDP (RFC 3948, from local port {})",
-                        p.endpoint, i.listen_port
-                    ),
-                    None => p.endpoint.to_string(),
-                },
-                cipher.name()
-            ),
-            EncapSpec::IpIp => println!(
-                "peer {:?}: IP-in-IP (protocol 4/41, unencrypted) to {}; routes and accepts [{allowed}]",
-                p.name, p.endpoint
-            ),
-        }
+        println!(
+            "peer {:?}: {}; routes and accepts [{allowed}]",
+            p.name,
+            p.describe(i.listen_port)
+        );
     }
     for w in &cfg.warnings {
         println!("warning: {w}");

@@ -378,6 +378,71 @@ fn sigkill_leaves_nothing_and_restart_works() {
     assert!(again.stop().unwrap());
 }
 
+/// Issue 12: a data-path thread that dies (here: a debug-build hook makes it panic at its
+/// first packet) stops the daemon cleanly, non-zero, with the reason; nothing is left.
+#[test]
+fn a_dead_data_path_thread_stops_the_daemon_with_the_reason() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for thread in ["tx", "rx"] {
+        let (a, b) = p2p::topology(&format!("dead{thread}")).unwrap();
+        let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
+        let dir =
+            std::env::temp_dir().join(format!("espip-test-dead{thread}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mode = LabMode::Esp(Cipher::Aes128Gcm);
+        let cfg_a = dir.join("a.toml");
+        std::fs::write(
+            &cfg_a,
+            p2p::config_text(mode, true, Some(&keys), false, &dir.join("state-a"))
+                .replace("[interface]\n", "[interface]\nforward = true\n"),
+        )
+        .unwrap();
+        let cfg_b = dir.join("b.toml");
+        std::fs::write(
+            &cfg_b,
+            p2p::config_text(mode, false, Some(&keys), false, &dir.join("state-b")),
+        )
+        .unwrap();
+        // The hook is in A; B answers so that the RX thread gets a packet too.
+        let _db = Daemon::start(&b, &exe(), &cfg_b, &dir.join("b.log")).unwrap();
+        let mut da = Daemon::start_with_env(
+            &a,
+            &exe(),
+            &cfg_a,
+            &dir.join("a.log"),
+            &[("ESPIP_DEBUG_PANIC", thread)],
+        )
+        .unwrap();
+        let _ = netns::run(
+            a.command("ping")
+                .args(["-c", "2", "-i", "0.2", "-W", "1", "10.4.2.5"]),
+        );
+        let status = da.wait_exit(std::time::Duration::from_secs(5)).unwrap();
+        let log = da.log();
+        let status = status.unwrap_or_else(|| panic!("still running: {log}"));
+        assert!(!status.success(), "{log}");
+        assert!(
+            log.contains(&format!("data-path thread espip-{thread} stopped: espip-{thread} panicked: ESPIP_DEBUG_PANIC={thread}")),
+            "{log}"
+        );
+        assert!(
+            log.contains("stopped; TUN device and its routes removed"),
+            "{log}"
+        );
+        assert!(!a.has_link("espip0"), "TUN left behind");
+        let fwd = netns::run(a.command("sysctl").args(["-n", "net.ipv4.ip_forward"])).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&fwd.stdout).trim(),
+            "0",
+            "forwarding restored"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 #[test]
 fn a_second_daemon_on_the_same_interface_is_refused() {
     if !privileged() {

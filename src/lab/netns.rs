@@ -214,6 +214,17 @@ impl Daemon {
     /// Start `exe run --config CONFIG` in `ns`, logging to `log`, and wait until it reports
     /// ready (or fails).
     pub fn start(ns: &Netns, exe: &Path, config: &Path, log: &Path) -> io::Result<Daemon> {
+        Daemon::start_with_env(ns, exe, config, log, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    pub fn start_with_env(
+        ns: &Netns,
+        exe: &Path,
+        config: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> io::Result<Daemon> {
         let file = std::fs::File::create(log)?;
         let child = ns
             .command(exe)
@@ -221,6 +232,7 @@ impl Daemon {
             .arg(config)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
@@ -284,6 +296,22 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Wait up to `timeout` for the daemon to exit on its own; its exit status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> io::Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        while let Some(c) = self.child.as_mut() {
+            if let Some(status) = c.try_wait()? {
+                self.child = None;
+                return Ok(Some(status));
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(None)
     }
 
     /// Stop with SIGTERM; true if it exited cleanly.

@@ -278,6 +278,39 @@ pub struct PeerSpec {
     pub route: bool,
 }
 
+impl PeerSpec {
+    /// One line saying what the peer is (for `espip check` and the start log; never a key):
+    /// `ESP tunnel to 192.0.2.2 (aes-128-gcm, out SPI 0x00001001, ...)` or `IP-in-IP ... to`.
+    /// `listen_port`: the local ESP-in-UDP port.
+    pub fn describe(&self, listen_port: u16) -> String {
+        match &self.encap {
+            EncapSpec::Esp {
+                cipher,
+                spi_out,
+                spi_in,
+                replay_window,
+                esn,
+                udp_port,
+                ..
+            } => format!(
+                "ESP tunnel to {} ({}, out SPI {spi_out:#010x}, in SPI {spi_in:#010x}, replay window {replay_window}, esn {esn})",
+                match udp_port {
+                    Some(port) => format!(
+                        "{}:{port} in UDP (RFC 3948, from local port {listen_port})",
+                        self.endpoint
+                    ),
+                    None => self.endpoint.to_string(),
+                },
+                cipher.name()
+            ),
+            EncapSpec::IpIp => format!(
+                "IP-in-IP (protocol 4/41, unencrypted) to {}",
+                self.endpoint
+            ),
+        }
+    }
+}
+
 /// Tunnel-wide parameters.
 #[derive(Debug, Clone, Copy)]
 pub struct TunnelSpec {

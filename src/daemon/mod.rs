@@ -1,0 +1,285 @@
+//! `espip run`: set up the TUN, raw sockets and routes, run the data path, tear down on a
+//! signal, in three phases:
+//!
+//! 1. **acquire** ([`setup`]): every resource is a field of one struct whose declaration order
+//!    is the teardown order; a failure releases what was acquired;
+//! 2. **spawn** ([`workers`]): the TX and RX threads, each reporting when it ends (return or
+//!    panic);
+//! 3. **serve** ([`serve`]): signals, the control socket, metrics, once-a-second checks, until
+//!    a signal or a data-path thread ends; then the threads are stopped and joined, the last
+//!    sequence numbers recorded, and the resources dropped in order. A thread that ended on
+//!    its own makes the daemon exit non-zero with the thread's name and why.
+//!
+//! Threads (see docs/architecture.md for the measurements behind the choice):
+//! - the main thread runs a current-thread tokio runtime for the control side (rtnetlink,
+//!   signals, control socket, metrics);
+//! - a TX thread ([`tx`]): TUN reads (drained up to a batch of 64) -> `Outbound::process` ->
+//!   one `sendmmsg` per raw socket and batch;
+//! - an RX thread ([`rx`]): `recvmmsg` batches from the raw sockets -> `Inbound::process` ->
+//!   TUN writes.
+//!
+//! A stop is an eventfd both threads poll.
+
+mod rx;
+mod send;
+mod seq;
+mod serve;
+mod setup;
+mod tx;
+mod workers;
+
+use crate::config::Config;
+use crate::control::Live;
+use crate::datapath;
+use crate::sys::capture::{Recorder, Taps};
+use crate::sys::seqstore::SeqError;
+use crate::telemetry::EdgeStats;
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use serve::Stop;
+use setup::Resources;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+use tracing::{debug, info, warn};
+use workers::{EdgeHandles, Workers};
+
+/// Packets per batch. Tuning constant: 64 amortises a syscall over enough packets that its
+/// cost disappears against AEAD, and keeps a batch in L2 cache (64 x 64 KiB buffers are
+/// allocated once per thread, but only the touched bytes are resident).
+pub const BATCH: usize = 64;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// TUN creation.
+    #[error(transparent)]
+    Tun(#[from] crate::sys::tun::TunError),
+    /// Raw socket creation.
+    #[error("cannot open a raw IP socket for protocol {protocol}: {source} (run as root or with CAP_NET_RAW)")]
+    RawSocket {
+        /// IP protocol.
+        protocol: u8,
+        /// Why.
+        source: io::Error,
+    },
+    /// The ESP-in-UDP socket.
+    #[error("cannot open UDP port {port} for ESP in UDP: {source}; another program (an IKE daemon such as strongSwan's charon, or a second espip) may hold it: stop it or set interface.listen_port")]
+    UdpSocket {
+        /// The port.
+        port: u16,
+        /// Why.
+        source: io::Error,
+    },
+    /// Interface configuration.
+    #[error("configuring the interface: {0}")]
+    Netlink(#[from] crate::sys::netlink::NetlinkError),
+    /// Path MTU lookup.
+    #[error("no route to peer {peer:?} endpoint {endpoint} ({source}); add a route to it or set interface.mtu")]
+    NoRouteToPeer {
+        /// Peer name.
+        peer: String,
+        /// Endpoint.
+        endpoint: IpAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// An alias prefix is on-link.
+    #[error(
+        "nat.map alias {alias} is on-link ({found}); choose an alias prefix no interface uses"
+    )]
+    AliasOnLink {
+        /// The alias prefix.
+        alias: crate::prefix::Prefix,
+        /// The overlapping local networks.
+        found: String,
+    },
+    /// Rules.
+    #[error(transparent)]
+    Rules(#[from] crate::sys::iptables::RulesError),
+    /// Data path build.
+    #[error(transparent)]
+    Build(#[from] datapath::BuildError),
+    /// The state directory (root's own).
+    #[error("interface.state_dir: {1}")]
+    State(std::path::PathBuf, io::Error),
+    /// The sequence number state of a key.
+    #[error(transparent)]
+    Seq(#[from] SeqError),
+    /// The control socket.
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    /// The capture directory.
+    #[error("capture.dir {0}: {1}; choose a directory root can write")]
+    Capture(std::path::PathBuf, io::Error),
+    /// The metrics address.
+    #[error("metrics.listen {0}: {1}; choose a free port on an address of this host")]
+    Metrics(std::net::SocketAddr, io::Error),
+    /// Becoming the configured user.
+    #[error("interface.user {0:?}: {1}; create the user (useradd --system --no-create-home {0}), leave user out to use espip's own, or set user = \"root\"")]
+    User(String, io::Error),
+    /// Dropping privileges failed.
+    #[error("dropping privileges to {0:?}: {1}")]
+    Drop(String, io::Error),
+    /// `interface.local` is not an address of this host.
+    #[error("{}", crate::sys::not_local_message(*.0))]
+    NotLocal(IpAddr),
+    /// A data-path thread ended while the daemon ran.
+    #[error("data-path thread {0} stopped: {1}; the daemon stopped cleanly (nothing left behind); please report this with the log")]
+    Worker(&'static str, String),
+    /// Anything else of the OS.
+    #[error("{0}: {1}")]
+    Os(&'static str, io::Error),
+}
+
+/// The tunnel MTU: the configured one, or the smallest path MTU to any endpoint minus the
+/// encapsulation overhead.
+pub fn tunnel_mtu(cfg: &Config) -> Result<u16, DaemonError> {
+    if let Some(m) = cfg.interface.mtu {
+        return Ok(m);
+    }
+    let mut mtu = u16::MAX;
+    for p in &cfg.peers {
+        let path = crate::sys::path_mtu(p.endpoint, cfg.interface.local).map_err(|source| {
+            DaemonError::NoRouteToPeer {
+                peer: p.name.clone(),
+                endpoint: p.endpoint,
+                source,
+            }
+        })?;
+        mtu = mtu.min(datapath::inner_mtu(path, &p.encap));
+    }
+    let floor = if cfg.interface.addresses.iter().any(|a| a.addr.is_ipv6()) {
+        crate::config::MIN_MTU_V6
+    } else {
+        crate::config::MIN_MTU_V4
+    };
+    Ok(mtu.max(floor))
+}
+
+/// Raise the soft descriptor limit to the hard one (systemd's default soft limit is 1024): a
+/// burst of control or metrics clients must not starve the daemon (the data path itself never
+/// opens a descriptor after setup).
+pub(super) fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                debug!("raising RLIMIT_NOFILE from {soft} to {hard}: {e}");
+            }
+        }
+    }
+}
+
+/// Run the daemon in the foreground until SIGINT or SIGTERM (or until a data-path thread
+/// ends, which is an error).
+pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    for w in &cfg.warnings {
+        warn!("{w}");
+    }
+    if let Some(l) = cfg.interface.local {
+        if !crate::sys::is_local_address(l) {
+            return Err(DaemonError::NotLocal(l));
+        }
+    }
+    raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| DaemonError::Os("tokio runtime", e))?;
+
+    // 1. Acquire.
+    let mut res = Resources::acquire(&cfg, &rt)?;
+
+    // 2. Spawn.
+    let stop = Arc::new(
+        EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| DaemonError::Os("eventfd", e.into()))?,
+    );
+    let edge = Arc::new(EdgeStats::default());
+    let outbound = Arc::new(Mutex::new(res.outbound.take().expect("acquired")));
+    let clock = Instant::now();
+    let started = SystemTime::now();
+    let handles = EdgeHandles {
+        tun: res.tun.clone(),
+        sockets: res.sockets.clone(),
+        udp: res.udp.clone(),
+        stop,
+        edge: edge.clone(),
+        sent_from: Arc::new(sent_from(&cfg, &res.sources)),
+    };
+    let recorder = || res.taps.as_ref().map_or_else(Recorder::off, Taps::recorder);
+    let (workers, mut ended) = Workers::spawn(
+        handles,
+        outbound.clone(),
+        res.inbound.take().expect("acquired"),
+        res.store.take().expect("acquired"),
+        (recorder(), recorder()),
+        clock,
+    )
+    .map_err(|e| DaemonError::Os("spawn the data-path threads", e))?;
+    let cfg = Arc::new(cfg);
+    let live = Arc::new(Live {
+        cfg: cfg.clone(),
+        mtu: res.mtu,
+        stats: res.stats.clone(),
+        edge: edge.clone(),
+        outbound: outbound.clone(),
+        capture: res.taps.as_ref().map(|t| (t.stats(), t.paths().to_vec())),
+        sources: res.sources.clone(),
+        clock,
+        started,
+        socket_inodes: res.socket_inodes(),
+    });
+    if let Some(t) = &res.taps {
+        info!(files = %t.paths().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" "), "capture taps on");
+    }
+    info!(interface = %cfg.interface.name, peers = cfg.peers.len(), control = %res.control.path().display(), "espip ready");
+
+    // 3. Serve.
+    let control = res.control.take();
+    let stopped = serve::serve(&rt, &live, control, res.metrics.take(), &mut ended, clock);
+    match &stopped {
+        Ok(Stop::Signal(s)) => info!(signal = s, "stopping"),
+        Ok(Stop::Worker(w)) => warn!(thread = w.0, "a data-path thread ended; stopping"),
+        Err(e) => warn!("signal handling failed: {e}; stopping"),
+    }
+    let (store, failed) = workers.finish();
+    if let Some(mut store) = store {
+        seq::record_final(
+            &outbound.lock().unwrap_or_else(|e| e.into_inner()),
+            &mut store,
+        );
+    }
+    if let Some(t) = res.taps.take() {
+        t.finish();
+    }
+    serve::log_summary(&cfg, &res.stats, &edge);
+    drop(res);
+    info!(interface = %cfg.interface.name, "stopped; TUN device and its routes removed");
+    match stopped {
+        Ok(Stop::Signal(_)) if failed.is_empty() => Ok(()),
+        Ok(Stop::Worker(w)) => Err(DaemonError::Worker(
+            w.0,
+            if failed.is_empty() {
+                "it returned (an error it could not recover from; see the log above)".into()
+            } else {
+                failed.join("; ")
+            },
+        )),
+        Ok(Stop::Signal(_)) => Err(DaemonError::Worker("data path", failed.join("; "))),
+        Err(e) => Err(DaemonError::Os("signal handler", e)),
+    }
+}
+
+/// (endpoint, source) of every IPv4 peer, for the outer tap's synthesised headers.
+fn sent_from(cfg: &Config, sources: &[IpAddr]) -> Vec<(Ipv4Addr, Ipv4Addr)> {
+    cfg.peers
+        .iter()
+        .zip(sources)
+        .filter_map(|(p, s)| match (p.endpoint, s) {
+            (IpAddr::V4(e), IpAddr::V4(s)) => Some((e, *s)),
+            _ => None,
+        })
+        .collect()
+}

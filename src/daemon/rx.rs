@@ -1,0 +1,343 @@
+//! The RX thread: the peers towards the TUN.
+//!
+//! 1. wait for the raw sockets, the UDP socket (or the stop eventfd);
+//! 2. `recvmmsg` a batch; strip the outer IPv4 header (raw) or split UDP GRO trains (UDP);
+//! 3. `Inbound::process` each packet: SA lookup, replay check, decryption, replay advance,
+//!    inner checks, NAT;
+//! 4. write what is for this host to the TUN, consecutive TCP segments of a flow coalesced
+//!    into one GSO write (`gro`); on a hub, relay what is for another peer.
+//!
+//! One RX thread runs per daemon.
+
+use super::send::relay_batch;
+use super::tx::wait;
+use super::workers::Edges;
+use super::BATCH;
+use crate::buf::{PacketBuf, MAX_PACKET};
+use crate::datapath::{Inbound, Outbound, Verdict};
+use crate::sys::capture::{Recorder, Tap};
+use crate::sys::raw::{strip_ipv4_header, RawSocket};
+use crate::sys::tun::Tun;
+use crate::sys::udp::UdpEncapSocket;
+use crate::telemetry::{EdgeStats, RateLimit};
+use crate::wire::ip::PROTO_UDP;
+use nix::poll::{PollFd, PollFlags};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Mutex;
+use std::time::Instant;
+use tracing::{debug, warn};
+
+/// Messages per `recvmmsg` on the ESP-in-UDP socket; each may carry a coalesced train of up
+/// to 64 KB, split into [`BATCH`]-sized batches for the core.
+pub(super) const UDP_MSGS: usize = 8;
+
+/// The outer source and protocol of a received packet (`None`: its outer header was bad).
+pub(super) type Origin = Option<(IpAddr, u8)>;
+
+/// The RX thread's buffers, allocated once.
+struct RxBufs {
+    /// A batch for the core.
+    bufs: Vec<PacketBuf>,
+    /// Outer source and protocol of each packet of the batch.
+    origin: [Origin; BATCH],
+    /// The UDP source port of each packet of a batch from the ESP-in-UDP socket.
+    ports: [u16; BATCH],
+    /// Messages of one `recvmmsg` on the UDP socket (each may be a GRO train).
+    wire: Vec<PacketBuf>,
+    /// Their source and segment size.
+    meta: [crate::sys::udp::Received; UDP_MSGS],
+}
+
+impl RxBufs {
+    fn new(udp: bool) -> RxBufs {
+        RxBufs {
+            bufs: (0..BATCH).map(|_| PacketBuf::new(MAX_PACKET)).collect(),
+            origin: [None; BATCH],
+            ports: [0; BATCH],
+            wire: if udp {
+                (0..UDP_MSGS).map(|_| PacketBuf::new(MAX_PACKET)).collect()
+            } else {
+                Vec::new()
+            },
+            meta: [crate::sys::udp::Received {
+                from: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+                segment: 0,
+                truncated: false,
+            }; UDP_MSGS],
+        }
+    }
+}
+
+pub(super) fn rx_loop(
+    mut inb: Inbound,
+    shared_out: &Mutex<Outbound>,
+    e: &Edges,
+    rec: &mut Recorder,
+    clock: Instant,
+) {
+    let mut b = RxBufs::new(e.udp.is_some());
+    let mut rx = RxState {
+        inb: &mut inb,
+        shared_out,
+        e,
+        warn_write: RateLimit::default(),
+    };
+    let panic_hook = super::workers::debug_panic_requested("rx");
+    loop {
+        // The stop eventfd, up to three raw sockets and the UDP socket, on the stack (no
+        // allocation per wake-up); unused slots repeat the eventfd and are not polled.
+        let pollin = |fd| PollFd::new(fd, PollFlags::POLLIN);
+        let mut fds: [PollFd; 5] = std::array::from_fn(|_| pollin(e.stop.as_fd()));
+        let mut count = 1;
+        for fd in e
+            .sockets
+            .iter()
+            .map(|s| s.as_fd())
+            .chain(e.udp.map(|u| u.as_fd()))
+            .take(4)
+        {
+            fds[count] = pollin(fd);
+            count += 1;
+        }
+        let fds = &mut fds[..count];
+        if !wait(fds, "the sockets") {
+            return;
+        }
+        if panic_hook {
+            panic!("ESPIP_DEBUG_PANIC=rx (the supervision test's hook)");
+        }
+        let mut ready = [false; 5];
+        for (r, f) in ready.iter_mut().zip(&fds[1..]) {
+            *r = f.revents().is_some_and(|r| r.intersects(PollFlags::POLLIN));
+        }
+        let now = clock.elapsed().as_nanos() as u64;
+        for (s, _) in e.sockets.iter().zip(ready).filter(|(_, r)| *r) {
+            drain_raw(s, &mut b, &mut rx, rec, now);
+        }
+        if let (Some(u), true) = (e.udp, ready[e.sockets.len()]) {
+            drain_udp(u, &mut b, &mut rx, rec, now);
+        }
+    }
+}
+
+/// Receive from a raw socket until it is empty, a batch at a time.
+fn drain_raw(s: &RawSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recorder, now: u64) {
+    loop {
+        let n = match s.recv_batch(&mut b.bufs) {
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => {
+                debug!("recvmmsg: {err}");
+                break;
+            }
+        };
+        rec.begin_batch();
+        for (buf, o) in b.bufs[..n].iter_mut().zip(b.origin.iter_mut()) {
+            rec.record(Tap::Outer, buf.as_slice());
+            *o = strip_ipv4_header(buf);
+            if o.is_none() {
+                rx.e.edge.bad_outer.fetch_add(1, Relaxed);
+            }
+        }
+        rx.batch(&mut b.bufs[..n], &b.origin[..n], &[], rec, now);
+        rec.flush();
+        if n < b.bufs.len() {
+            break;
+        }
+    }
+}
+
+/// Receive from the ESP-in-UDP socket until it is empty; each GRO train is split into its
+/// datagrams, which go to the core in batches.
+fn drain_udp(u: &UdpEncapSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recorder, now: u64) {
+    let e = rx.e;
+    loop {
+        let m = match u.recv_batch(&mut b.wire, &mut b.meta) {
+            Ok(m) => m,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => {
+                debug!("recvmmsg (UDP): {err}");
+                break;
+            }
+        };
+        rec.begin_batch();
+        let mut n = 0;
+        for (w, r) in b.wire[..m].iter().zip(&b.meta[..m]) {
+            if r.truncated {
+                e.edge.bad_outer.fetch_add(1, Relaxed);
+                continue;
+            }
+            if r.segment < w.len() {
+                e.edge.udp_gro_receives.fetch_add(1, Relaxed);
+            }
+            let here = SocketAddrV4::new(
+                e.sent_from
+                    .iter()
+                    .find(|(ep, _)| ep == r.from.ip())
+                    .map_or(Ipv4Addr::UNSPECIFIED, |(_, s)| *s),
+                u.port(),
+            );
+            // A coalesced train: each datagram becomes its own packet for the core (an empty
+            // datagram too: the core counts it malformed).
+            let whole = w.as_slice();
+            let datagrams = whole.chunks(r.segment.max(1));
+            for d in datagrams.chain(whole.is_empty().then_some(whole)) {
+                rec.record_udp(r.from, here, d);
+                let buf = &mut b.bufs[n];
+                buf.reset();
+                buf.read_area()[..d.len()].copy_from_slice(d);
+                buf.set_len(d.len());
+                b.origin[n] = Some((IpAddr::V4(*r.from.ip()), PROTO_UDP));
+                b.ports[n] = r.from.port();
+                n += 1;
+                if n == BATCH {
+                    rx.batch(&mut b.bufs[..n], &b.origin[..n], &b.ports[..n], rec, now);
+                    n = 0;
+                }
+            }
+        }
+        if n > 0 {
+            rx.batch(&mut b.bufs[..n], &b.origin[..n], &b.ports[..n], rec, now);
+        }
+        rec.flush();
+        if m < b.wire.len() {
+            break;
+        }
+    }
+}
+
+/// Write the packets `bufs[i]` for `i` in `deliver` to the TUN, in order. With TUN offloads,
+/// consecutive TCP segments of one flow go as one large packet (GRO, `crate::gro`): the new
+/// headers and each segment's payload in one `writev`, no copy.
+pub(super) fn write_coalesced(
+    tun: &Tun,
+    bufs: &mut [PacketBuf],
+    deliver: &[usize],
+    edge: &EdgeStats,
+) -> io::Result<()> {
+    use crate::gro;
+    let mut last_err = Ok(());
+    let mut fail = |r: io::Result<()>| {
+        if let Err(e) = r {
+            edge.tun_write_errors.fetch_add(1, Relaxed);
+            last_err = Err(e);
+        }
+    };
+    if !tun.vnet() {
+        for &i in deliver {
+            fail(tun.write_packet(&mut bufs[i], 0));
+        }
+        return last_err;
+    }
+    let mut k = 0;
+    while k < deliver.len() {
+        let first = deliver[k];
+        let mut end = k + 1;
+        let mut group = None;
+        if let Some(fs) = gro::segment(bufs[first].as_slice()) {
+            let (mut last, mut ls, mut total) = (first, fs, bufs[first].len());
+            while let Some(&nx) = deliver.get(end) {
+                let Some(ns) = gro::segment(bufs[nx].as_slice()) else {
+                    break;
+                };
+                if !gro::can_merge(
+                    bufs[first].as_slice(),
+                    &fs,
+                    bufs[last].as_slice(),
+                    &ls,
+                    total,
+                    bufs[nx].as_slice(),
+                    &ns,
+                ) {
+                    break;
+                }
+                total += ns.payload;
+                (last, ls) = (nx, ns);
+                end += 1;
+            }
+            group = Some((fs, last, total));
+        }
+        match group {
+            Some((fs, last, total)) if end - k > 1 => {
+                let psh = bufs[last].as_slice()[fs.ip_len + 13] & 0x08 != 0;
+                let mut hdr = [0u8; gro::MAX_HEADERS];
+                let v = gro::merged_headers(bufs[first].as_slice(), &fs, total, psh, &mut hdr);
+                let mut vh = [0u8; crate::gso::VNET_HDR_LEN];
+                v.emit(&mut vh);
+                let mut parts: [io::IoSlice<'_>; BATCH + 2] = [io::IoSlice::new(&[]); BATCH + 2];
+                parts[0] = io::IoSlice::new(&vh);
+                parts[1] = io::IoSlice::new(&hdr[..fs.hdr_len]);
+                for (slot, &i) in parts[2..].iter_mut().zip(&deliver[k..end]) {
+                    *slot = io::IoSlice::new(&bufs[i].as_slice()[fs.hdr_len..]);
+                }
+                fail(tun.send_vectored(&parts[..2 + end - k]));
+                edge.gro_packets.fetch_add(1, Relaxed);
+            }
+            _ => fail(tun.write_packet(&mut bufs[first], 0)),
+        }
+        k = end;
+    }
+    last_err
+}
+
+/// What the RX thread keeps between batches.
+pub(super) struct RxState<'a, 'e> {
+    inb: &'a mut Inbound,
+    shared_out: &'a Mutex<Outbound>,
+    e: &'a Edges<'e>,
+    warn_write: RateLimit,
+}
+
+impl RxState<'_, '_> {
+    /// Run a batch of received packets (outer headers removed) through the core and deliver
+    /// them: to the TUN (coalesced where possible) or, on a hub, on to another peer. `ports`:
+    /// the UDP source ports of a batch from the ESP-in-UDP socket (empty for raw sockets).
+    fn batch(
+        &mut self,
+        bufs: &mut [PacketBuf],
+        origin: &[Origin],
+        ports: &[u16],
+        rec: &mut Recorder,
+        now: u64,
+    ) {
+        let e = self.e;
+        let mut relay = [false; BATCH];
+        let mut any_relay = false;
+        let mut deliver = [0usize; BATCH];
+        let mut dn = 0;
+        for (i, (b, o)) in bufs.iter_mut().zip(origin).enumerate() {
+            let Some((src, proto)) = *o else {
+                continue;
+            };
+            let v = match ports.get(i) {
+                Some(&port) => self.inb.process_udp(b, SocketAddr::new(src, port), now),
+                None => self.inb.process(b, src, proto, now),
+            };
+            match v {
+                Verdict::ToTun => {
+                    rec.record(Tap::Inner, b.as_slice());
+                    deliver[dn] = i;
+                    dn += 1;
+                }
+                Verdict::Relay => {
+                    relay[i] = true;
+                    any_relay = true;
+                }
+                _ => {}
+            }
+        }
+        if let Err(err) = write_coalesced(e.tun, bufs, &deliver[..dn], e.edge) {
+            if self.warn_write.ready() {
+                warn!("writing to the TUN failed: {err}");
+            }
+        }
+        if any_relay {
+            relay_batch(self.shared_out, bufs, &relay[..bufs.len()], e, rec, now);
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! Phase 1: acquire. Every resource the daemon holds is a field of [`Resources`], declared in
+//! teardown order (Rust drops fields in declaration order): the netfilter rules go first, then
+//! the kernel settings are restored, then the TUN (with its addresses and routes) closes, then
+//! the control socket; sockets and the rest after. A failure half-way drops what was acquired
+//! so far, in the same order, so a failed start leaves nothing behind.
+//!
+//! Order of acquisition: what needs privileges and can fail without side effects first (raw
+//! and UDP sockets, root's state directory, the control socket as the lock against a second
+//! daemon, the user to become, the metrics listener), then the TUN and its routes, kernel
+//! settings, the data path and its sequence reservations, netfilter rules last; then the
+//! capture directory and the privilege drop, while the process has one thread.
+
+use super::seq::reserve_initial;
+use super::DaemonError;
+use crate::config::Config;
+use crate::control::ControlSocket;
+use crate::datapath::{self, EncapSpec, Inbound, Outbound, Stats, TunnelSpec};
+use crate::sys::capture::Taps;
+use crate::sys::privdrop::Target;
+use crate::sys::raw::RawSocket;
+use crate::sys::safefs::PrivateDir;
+use crate::sys::seqstore::SeqStore;
+use crate::sys::sysctl::Sysctls;
+use crate::sys::tun::Tun;
+use crate::sys::udp::UdpEncapSocket;
+use crate::wire::ip::{PROTO_ESP, PROTO_IPIP, PROTO_IPV6};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use tracing::{info, warn};
+
+/// What a running daemon holds, in teardown order.
+pub(super) struct Resources {
+    /// The NAT helper's netfilter rules (removed first). Held only to be dropped, as is the
+    /// next field.
+    pub _rules: Option<RulesGuard>,
+    /// Kernel settings changed, restored second.
+    pub _sysctls: Option<Sysctls>,
+    /// The TUN device; closing it removes its addresses and routes.
+    pub tun: Arc<Tun>,
+    /// The control socket (the lock against a second daemon).
+    pub control: ControlSocket,
+    /// Raw IP sockets, one per protocol in use.
+    pub sockets: Arc<Vec<RawSocket>>,
+    /// The ESP-in-UDP socket, if any peer uses it.
+    pub udp: Arc<Option<UdpEncapSocket>>,
+    /// The metrics listener, until the serving phase takes it.
+    pub metrics: Option<std::net::TcpListener>,
+    /// Capture taps.
+    pub taps: Option<Taps>,
+    /// The data path's halves (taken by the threads) and its counters.
+    pub outbound: Option<Outbound>,
+    /// Inbound half.
+    pub inbound: Option<Inbound>,
+    /// Data-path counters.
+    pub stats: Arc<Stats>,
+    /// Sequence reservations (taken by the TX thread).
+    pub store: Option<SeqStore>,
+    /// The tunnel MTU.
+    pub mtu: u16,
+    /// The outer source address of each peer.
+    pub sources: Vec<IpAddr>,
+}
+
+impl Resources {
+    /// Acquire everything, or nothing (what was acquired is released on error).
+    pub(super) fn acquire(
+        cfg: &Config,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<Resources, DaemonError> {
+        let mtu = super::tunnel_mtu(cfg)?;
+        // Sockets first: a missing privilege fails before any device exists.
+        let (sockets, udp) = open_sockets(cfg)?;
+        // Root's own state (sysctls saved, sequence numbers): a directory no other user can write.
+        let state = PrivateDir::open(&cfg.interface.state_dir)
+            .map_err(|e| DaemonError::State(cfg.interface.state_dir.clone(), e))?;
+        // The control socket second: it is also the lock against a second daemon for the same
+        // interface (a socket left by a killed daemon does not answer and is replaced).
+        let control = ControlSocket::bind(&cfg.interface.control, &cfg.interface.name)?;
+        // The user to become after setup: an unknown one fails now, before anything exists.
+        let run_as = match &cfg.interface.user {
+            Some(u) => Some(
+                crate::sys::privdrop::lookup_or_create(u)
+                    .map_err(|e| DaemonError::User(u.clone(), e))?,
+            ),
+            None => None,
+        };
+        let metrics = bind_metrics(cfg)?;
+        check_aliases(cfg)?;
+        restore_stale(&state, cfg);
+        let tun = Tun::create(&cfg.interface.name, cfg.interface.offload)?;
+        let added = rt.block_on(crate::sys::netlink::configure(
+            tun.name(),
+            mtu,
+            &cfg.interface.addresses,
+            &cfg.routes(),
+        ))?;
+        let sysctls = kernel_settings(cfg, &state, &tun)?;
+        let tunnel = TunnelSpec {
+            relay: cfg.interface.forward,
+            mtu,
+        };
+        let (mut outbound, inbound, stats) = datapath::build(&cfg.peers, tunnel, cfg.nat_table())?;
+        let mut store = SeqStore::open(&cfg.interface.state_dir, &cfg.interface.name)
+            .map_err(|e| DaemonError::State(cfg.interface.state_dir.clone(), e))?;
+        reserve_initial(&mut outbound, &mut store)?;
+        drop(state);
+        // Rules last: a failure above leaves nothing in netfilter.
+        let rules = apply_rules(cfg)?;
+        let mut res = Resources {
+            _rules: rules,
+            _sysctls: sysctls,
+            tun: Arc::new(tun),
+            control,
+            sockets: Arc::new(sockets),
+            udp: Arc::new(udp),
+            metrics,
+            taps: None,
+            outbound: Some(outbound),
+            inbound: Some(inbound),
+            stats,
+            store: Some(store),
+            mtu,
+            sources: outer_sources(cfg),
+        };
+        prepare_capture(cfg, run_as.as_ref())?;
+        // Setup is done: become the configured user, keeping CAP_NET_ADMIN and CAP_NET_RAW for
+        // the cleanup on stop (rules, sysctls). Before any thread is spawned: capabilities are
+        // per thread.
+        if let Some(t) = &run_as {
+            drop_privileges(cfg, t)?;
+        }
+        res.taps = match &cfg.capture {
+            Some(c) => Some(
+                Taps::start(c, &cfg.interface.name)
+                    .map_err(|e| DaemonError::Capture(c.dir.clone(), e))?,
+            ),
+            None => None,
+        };
+        log_installed(cfg, &res.tun, mtu, &added);
+        Ok(res)
+    }
+
+    /// Inodes of the raw and UDP sockets (for their kernel drop counters).
+    pub(super) fn socket_inodes(&self) -> Vec<u64> {
+        self.sockets
+            .iter()
+            .filter_map(crate::sys::kstats::inode)
+            .chain(
+                self.udp
+                    .as_ref()
+                    .as_ref()
+                    .and_then(crate::sys::kstats::inode),
+            )
+            .collect()
+    }
+}
+
+/// The raw sockets for the protocols the peers use, and the ESP-in-UDP socket if needed.
+fn open_sockets(cfg: &Config) -> Result<(Vec<RawSocket>, Option<UdpEncapSocket>), DaemonError> {
+    let local_v4 = match cfg.interface.local {
+        Some(IpAddr::V4(a)) => Some(a),
+        _ => None,
+    };
+    let uses = |f: fn(&EncapSpec) -> bool| cfg.peers.iter().any(|p| f(&p.encap));
+    let mut protocols = Vec::new();
+    if uses(|e| matches!(e, EncapSpec::Esp { udp_port: None, .. })) {
+        protocols.push(PROTO_ESP);
+    }
+    if uses(|e| matches!(e, EncapSpec::IpIp)) {
+        protocols.extend([PROTO_IPIP, PROTO_IPV6]);
+    }
+    let mut sockets = Vec::new();
+    for protocol in protocols {
+        let s = RawSocket::open(protocol, local_v4)
+            .map_err(|source| DaemonError::RawSocket { protocol, source })?;
+        sockets.push(s);
+    }
+    let udp = if uses(|e| {
+        matches!(
+            e,
+            EncapSpec::Esp {
+                udp_port: Some(_),
+                ..
+            }
+        )
+    }) {
+        let port = cfg.interface.listen_port;
+        Some(
+            UdpEncapSocket::open(local_v4, port)
+                .map_err(|source| DaemonError::UdpSocket { port, source })?,
+        )
+    } else {
+        None
+    };
+    Ok((sockets, udp))
+}
+
+fn bind_metrics(cfg: &Config) -> Result<Option<std::net::TcpListener>, DaemonError> {
+    let Some(addr) = cfg.metrics else {
+        return Ok(None);
+    };
+    let l = std::net::TcpListener::bind(addr).map_err(|e| DaemonError::Metrics(addr, e))?;
+    l.set_nonblocking(true)
+        .map_err(|e| DaemonError::Metrics(addr, e))?;
+    Ok(Some(l))
+}
+
+/// An alias prefix that is on-link somewhere would capture real traffic: refuse.
+fn check_aliases(cfg: &Config) -> Result<(), DaemonError> {
+    for m in &cfg.nat.maps {
+        let found = crate::sys::iptables::on_link_overlaps(m.alias, &cfg.interface.name);
+        if !found.is_empty() {
+            return Err(DaemonError::AliasOnLink {
+                alias: m.alias,
+                found: found.join(", "),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Restore what a killed predecessor changed (through the allow-list).
+fn restore_stale(state: &PrivateDir, cfg: &Config) {
+    let stale = crate::sys::sysctl::restore_stale(state, &cfg.interface.name);
+    if !stale.done.is_empty() {
+        info!(restored = %stale.done.join(" "), "restored kernel settings a previous run left changed");
+    }
+    for r in &stale.refused {
+        warn!(line = %r.escape_debug(), "state file asked for a kernel setting espip never changes; not written");
+    }
+}
+
+/// `forward` and `rp_filter`, with the old values saved for the stop.
+fn kernel_settings(
+    cfg: &Config,
+    state: &PrivateDir,
+    tun: &Tun,
+) -> Result<Option<Sysctls>, DaemonError> {
+    let mut settings = Vec::new();
+    if cfg.interface.forward {
+        settings.push(("net.ipv4.ip_forward".to_string(), "1".to_string()));
+    }
+    if let Some(rp) = cfg.interface.rp_filter {
+        let v = rp.value();
+        // The effective value is the larger of "all" and the interface's own: a looser mode on
+        // the TUN needs "all" lowered as well (restored on stop).
+        let all: u8 = crate::sys::sysctl::value("net.ipv4.conf.all.rp_filter")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if all > v || (v == 2 && all == 1) {
+            settings.push(("net.ipv4.conf.all.rp_filter".to_string(), v.to_string()));
+        }
+        settings.push((
+            format!("net.ipv4.conf.{}.rp_filter", tun.name()),
+            v.to_string(),
+        ));
+    }
+    if settings.is_empty() {
+        return Ok(None);
+    }
+    let g = crate::sys::sysctl::apply(state, tun.name(), &settings)
+        .map_err(|e| DaemonError::Os("changing kernel settings", e))?;
+    info!(
+        set = %settings.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
+        "kernel settings changed (restored on stop)"
+    );
+    Ok(Some(g))
+}
+
+/// The outer source of each peer's packets (for the outer tap and the Wireshark SA lines).
+fn outer_sources(cfg: &Config) -> Vec<IpAddr> {
+    cfg.peers
+        .iter()
+        .map(|p| {
+            crate::sys::source_for(p.endpoint, cfg.interface.local)
+                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        })
+        .collect()
+}
+
+/// The NAT helper's rules. Stale rules of a killed daemon are removed first (the apply list
+/// starts with the removal); on failure the guard removes whatever part was installed.
+fn apply_rules(cfg: &Config) -> Result<Option<RulesGuard>, DaemonError> {
+    if crate::rules::daemon_applies(cfg) {
+        let guard = RulesGuard(cfg.interface.name.clone());
+        let n = crate::sys::iptables::run(&crate::rules::apply(cfg))?;
+        info!(chain = %crate::rules::nat_chain(&cfg.interface.name), commands = n, "netfilter rules applied");
+        return Ok(Some(guard));
+    }
+    if cfg.nat.rules == crate::config::RulesMode::Print && !cfg.nat.maps.is_empty() {
+        info!(
+            "[nat] rules = \"print\": install these rules yourself:\n{}",
+            crate::rules::script(cfg, false)
+        );
+    }
+    Ok(None)
+}
+
+/// The capture directory is the only one the unprivileged daemon writes: espip creates it
+/// for that user, or uses it if it already is that user's; it never takes one over.
+fn prepare_capture(cfg: &Config, run_as: Option<&Target>) -> Result<(), DaemonError> {
+    let Some(c) = &cfg.capture else {
+        return Ok(());
+    };
+    let root = Target {
+        name: "root".into(),
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
+    };
+    crate::sys::privdrop::own_dir(&c.dir, run_as.unwrap_or(&root))
+        .map_err(|e| DaemonError::Capture(c.dir.clone(), e))
+}
+
+/// Become `t`, then check it can write the capture directory (a parent directory it cannot
+/// search would stop the captures at the first rotation).
+fn drop_privileges(cfg: &Config, t: &Target) -> Result<(), DaemonError> {
+    crate::sys::privdrop::drop_to(t).map_err(|e| DaemonError::Drop(t.name.clone(), e))?;
+    if let Some(c) = &cfg.capture {
+        let probe = c.dir.join(format!(".{}.probe", cfg.interface.name));
+        std::fs::File::create(&probe)
+            .and_then(|_| std::fs::remove_file(&probe))
+            .map_err(|e| {
+                DaemonError::Capture(
+                    c.dir.clone(),
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "after dropping privileges to {} it cannot write there: {e} (are all parent directories searchable by it?)",
+                            t.name
+                        ),
+                    ),
+                )
+            })?;
+    }
+    info!(user = %t.name, now = %crate::sys::privdrop::current(), "privileges dropped (kept CAP_NET_ADMIN, CAP_NET_RAW)");
+    Ok(())
+}
+
+/// The "interface up" and per-peer lines of the start log.
+fn log_installed(cfg: &Config, tun: &Tun, mtu: u16, added: &[crate::prefix::Prefix]) {
+    info!(
+        interface = tun.name(),
+        mtu,
+        addresses = ?cfg.interface.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        routes = ?added.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        "interface up"
+    );
+    for p in &cfg.peers {
+        info!(peer = %p.name, "peer installed: {}", p.describe(cfg.interface.listen_port));
+    }
+}
+
+/// Removes espip's rules when dropped (stop, or an error after they were applied).
+pub(super) struct RulesGuard(String);
+
+impl Drop for RulesGuard {
+    fn drop(&mut self) {
+        match crate::sys::iptables::run(&crate::rules::remove(&self.0)) {
+            Ok(_) => info!(chain = %crate::rules::nat_chain(&self.0), "netfilter rules removed"),
+            Err(e) => warn!("removing netfilter rules: {e}"),
+        }
+    }
+}

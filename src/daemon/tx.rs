@@ -1,0 +1,196 @@
+//! The TX thread: the TUN towards the peers.
+//!
+//! 1. wait for the TUN (or the stop eventfd);
+//! 2. drain up to [`BATCH`] packets, segmenting TSO/USO packets (`gso`) as they come;
+//! 3. `Outbound::process` each one under the outbound lock (one lock per batch): route, NAT,
+//!    sequence number, encryption, or an ICMP "too big" back to the TUN;
+//! 4. every [`RESERVATION_CHECK`] batches, extend the persisted sequence reservations;
+//! 5. send the batch: one `sendmmsg` per raw socket, UDP GSO trains for ESP in UDP.
+//!
+//! One TX thread runs per daemon.
+
+use super::send::send_verdicts;
+use super::seq::extend_reservations;
+use super::workers::Edges;
+use super::BATCH;
+use crate::buf::{PacketBuf, MAX_PACKET};
+use crate::datapath::{DropReason, Outbound, Verdict};
+use crate::sys::capture::{Recorder, Tap};
+use crate::sys::seqstore::{SeqStore, RESERVE};
+use crate::telemetry::{EdgeStats, RateLimit};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Mutex;
+use std::time::Instant;
+use tracing::warn;
+
+/// TX buffers: a batch plus the segments of one more TSO packet (65535 / 536-byte MSS = 123).
+pub(super) const TX_BUFS: usize = BATCH + 128;
+
+/// Batches between two checks of the sequence reservations (see `tx_loop`).
+pub(super) const RESERVATION_CHECK: u64 = 256;
+
+const _: () = assert!(RESERVATION_CHECK * BATCH as u64 <= RESERVE / 2);
+
+/// Wait until one of `fds` is readable. `fds[0]` is the stop eventfd. Returns false when the
+/// thread must stop (stop requested, or poll failed, which is logged).
+pub(super) fn wait(fds: &mut [PollFd], what: &str) -> bool {
+    loop {
+        match poll(fds, PollTimeout::NONE) {
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                warn!("poll on {what} failed: {e}; the thread stops");
+                return false;
+            }
+        }
+    }
+    !fds[0]
+        .revents()
+        .is_some_and(|r| r.intersects(PollFlags::POLLIN))
+}
+
+pub(super) fn tx_loop(
+    shared: &Mutex<Outbound>,
+    e: &Edges,
+    rec: &mut Recorder,
+    clock: Instant,
+    mut store: SeqStore,
+) -> SeqStore {
+    let mut warn_state = RateLimit::default();
+    let mut batches: u64 = 0;
+    // Room for a full batch plus the segments of one more TSO packet (64 KB at an MSS of 536).
+    let mut bufs: Vec<PacketBuf> = (0..TX_BUFS).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+    let mut verdicts = [Verdict::Drop(DropReason::Dummy); TX_BUFS];
+    let mut warn_read = RateLimit::default();
+    let mut warn_send = RateLimit::default();
+    let mut warn_exhausted = RateLimit::default();
+    let panic_hook = super::workers::debug_panic_requested("tx");
+    loop {
+        let mut fds = [
+            PollFd::new(e.stop.as_fd(), PollFlags::POLLIN),
+            PollFd::new(e.tun.as_fd(), PollFlags::POLLIN),
+        ];
+        if !wait(&mut fds, "the TUN") {
+            return store;
+        }
+        let now = clock.elapsed().as_nanos() as u64;
+        if panic_hook {
+            panic!("ESPIP_DEBUG_PANIC=tx (the supervision test's hook)");
+        }
+        rec.begin_batch();
+        let mut n = 0;
+        while n < BATCH {
+            bufs[n].reset();
+            match e.tun.recv(bufs[n].read_area()) {
+                Ok(len) => {
+                    bufs[n].set_len(len);
+                    let got = if e.tun.vnet() {
+                        offload_in(&mut bufs[n..], e.edge)
+                    } else {
+                        1
+                    };
+                    for b in &bufs[n..n + got] {
+                        rec.record(Tap::Inner, b.as_slice());
+                    }
+                    n += got;
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    e.edge.tun_read_errors.fetch_add(1, Relaxed);
+                    if warn_read.ready() {
+                        warn!("reading the TUN failed: {err}");
+                    }
+                    break;
+                }
+            }
+        }
+        let mut out = shared.lock().unwrap_or_else(|e| e.into_inner());
+        for i in 0..n {
+            verdicts[i] = out.process(&mut bufs[i], now);
+            match verdicts[i] {
+                Verdict::ToTun => {
+                    rec.record(Tap::Inner, bufs[i].as_slice());
+                    if e.tun.write_packet(&mut bufs[i], 0).is_err() {
+                        e.edge.tun_write_errors.fetch_add(1, Relaxed);
+                    }
+                }
+                Verdict::Drop(DropReason::SeqUnreserved) if warn_exhausted.ready() => warn!(
+                    "an outbound SA reached the end of its persisted sequence reservation; \
+                     packets are dropped until the state directory can be written"
+                ),
+                Verdict::Drop(DropReason::SeqExhausted) if warn_exhausted.ready() => warn!(
+                    "an outbound SA has used every sequence number (2^32 without esn) and stopped sending; \
+                     install new keys and SPIs (or enable esn) and restart"
+                ),
+                _ => {}
+            }
+        }
+        // A batch sends at most BATCH packets per SA, so checking every RESERVATION_CHECK
+        // batches consumes at most 16384 numbers between checks, far inside the half block
+        // (2^21) of margin, and keeps the per-peer loop off most batches.
+        if n > 0 {
+            batches = batches.wrapping_add(1);
+            if batches % RESERVATION_CHECK == 0 {
+                extend_reservations(&mut out, &mut store, &mut warn_state);
+            }
+        }
+        drop(out);
+        if let Some(err) = send_verdicts(&bufs[..n], &verdicts[..n], e, rec) {
+            if warn_send.ready() {
+                warn!("sending packets failed: {err}");
+            }
+        }
+        rec.flush();
+    }
+}
+
+/// Turn the TUN packet in `bufs[0]` (with its `virtio_net_hdr`) into plain packets at the
+/// front of `bufs`: itself with a completed checksum, or its TSO segments. Returns how many.
+pub(super) fn offload_in(bufs: &mut [PacketBuf], edge: &EdgeStats) -> usize {
+    use crate::gso::{self, VnetHdr};
+    let Some(h) = VnetHdr::parse(bufs[0].as_slice()) else {
+        edge.offload_errors.fetch_add(1, Relaxed);
+        return 0;
+    };
+    let _ = bufs[0].pull_front(gso::VNET_HDR_LEN);
+    let result = match h.gso_type & !gso::GSO_ECN {
+        gso::GSO_NONE if h.flags & gso::F_NEEDS_CSUM != 0 => gso::complete_checksum(
+            bufs[0].as_mut_slice(),
+            usize::from(h.csum_start),
+            usize::from(h.csum_offset),
+        )
+        .map(|()| 1),
+        gso::GSO_NONE => Ok(1),
+        gso::GSO_TCPV4 | gso::GSO_TCPV6 => {
+            let (src, rest) = bufs.split_at_mut(1);
+            let r = gso::segment_tcp(src[0].as_slice(), usize::from(h.gso_size), rest);
+            if let Ok(k) = r {
+                // The segments replace the large packet.
+                bufs[..=k].rotate_left(1);
+                edge.tso_packets.fetch_add(1, Relaxed);
+            }
+            r
+        }
+        gso::GSO_UDP_L4 => {
+            let (src, rest) = bufs.split_at_mut(1);
+            let r = gso::segment_udp(src[0].as_slice(), usize::from(h.gso_size), rest);
+            if let Ok(k) = r {
+                bufs[..=k].rotate_left(1);
+                edge.uso_packets.fetch_add(1, Relaxed);
+            }
+            r
+        }
+        _ => Err(gso::GsoError::Unsupported),
+    };
+    match result {
+        Ok(k) => k,
+        Err(_) => {
+            edge.offload_errors.fetch_add(1, Relaxed);
+            0
+        }
+    }
+}
