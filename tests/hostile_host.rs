@@ -5,39 +5,13 @@
 //! follows nor serves them. Namespaces are `espip-<tag>-<pid>-<host>`, deleted when a test
 //! ends, also when it fails; files live in `/tmp/espip-hostile-<tag>-<pid>`.
 
-use espip::lab::netns::{self, Daemon, Netns};
-use espip::lab::p2p::{self, LabKeys, LabMode};
-use espip::sa::Cipher;
+mod common;
+use common::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-/// One at a time: they share two cores and the `espip` system user.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 /// A local user with no account and no relation to espip.
 const STRANGER: u32 = 4242;
-
-/// The binary under test; `ESPIP_TEST_EXE` points these tests at another build (to show
-/// that they fail on a version with the defects).
-fn exe() -> PathBuf {
-    std::env::var_os("ESPIP_TEST_EXE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_espip")))
-}
-
-fn privileged() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("ESPIP_SKIP_NETNS").is_some() {
-        eprintln!("skipped: not root and ESPIP_SKIP_NETNS is set");
-        return false;
-    }
-    panic!("namespace tests need root (or set ESPIP_SKIP_NETNS=1 to skip them)");
-}
 
 /// The daemon's own user (created by the daemon on first start; created here if no daemon
 /// ran yet).

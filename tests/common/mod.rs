@@ -1,0 +1,195 @@
+//! The shared harness of the namespace tests (real TUN, raw sockets, routes, captures,
+//! independent ESP peers: scapy, tshark), one file per thing they prove (labs, interop,
+//! lifecycle, rules, control, hostile, hostile_host, offload). They need root; without it they fail, unless ESPIP_SKIP_NETNS=1 says
+//! to skip them (for a developer's unprivileged `cargo test`). Namespaces are named
+//! `espip-<tag>-<pid>-<host>` and deleted when a test ends, also when it fails.
+
+// Each test file uses a part of the harness.
+#![allow(dead_code, unused_imports)]
+pub use espip::lab::netns::{self, Daemon, Netns};
+pub use espip::lab::p2p::{self, LabKeys, LabMode, SPI_A_TO_B, SPI_B_TO_A};
+pub use espip::sa::Cipher;
+pub use std::path::{Path, PathBuf};
+pub use std::process::Command;
+pub use std::sync::Mutex;
+
+/// The heavy tests share two cores; one at a time keeps their timing honest.
+pub static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The binary under test; `ESPIP_TEST_EXE` points the tests at another build (to show that
+/// a test fails on a version with the defect it guards against).
+pub fn exe() -> PathBuf {
+    std::env::var_os("ESPIP_TEST_EXE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_espip")))
+}
+
+pub fn privileged() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("ESPIP_SKIP_NETNS").is_some() {
+        eprintln!("skipped: not root and ESPIP_SKIP_NETNS is set");
+        return false;
+    }
+    panic!("namespace tests need root (or set ESPIP_SKIP_NETNS=1 to skip them)");
+}
+
+/// Run `espip lab ARGS --no-install`, require it to succeed, and return its report.
+pub fn lab_scenario(args: &[&str]) -> String {
+    let out = Command::new(exe())
+        .arg("lab")
+        .args(args)
+        .arg("--no-install")
+        .output()
+        .expect("run espip lab");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "lab {args:?} failed:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+pub fn lab(args: &[&str]) -> String {
+    let out = Command::new(exe())
+        .args(["lab", "p2p", "--no-install"])
+        .args(args)
+        .output()
+        .expect("run espip lab");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "lab p2p {args:?} failed:\n{text}");
+    assert!(text.contains(" 0 failed"), "{text}");
+    text
+}
+
+/// Two namespaces on a veth with espip running in A only, from the lab's own config.
+pub struct HalfLab {
+    pub a: Netns,
+    pub b: Netns,
+    pub daemon: Daemon,
+    pub keys: LabKeys,
+    pub dir: PathBuf,
+}
+
+impl Drop for HalfLab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn half_lab(tag: &str, cipher: Cipher) -> HalfLab {
+    half_lab_with(tag, cipher, "")
+}
+
+/// `half_lab` with `extra` appended to A's configuration.
+pub fn half_lab_with(tag: &str, cipher: Cipher, extra: &str) -> HalfLab {
+    half_lab_mode(tag, LabMode::Esp(cipher), cipher, extra)
+}
+
+pub fn half_lab_mode(tag: &str, mode: LabMode, cipher: Cipher, extra: &str) -> HalfLab {
+    let (a, b) = p2p::topology(tag).unwrap();
+    let keys = LabKeys::generate(cipher).unwrap();
+    let dir = std::env::temp_dir().join(format!("espip-test-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("a.toml");
+    std::fs::write(
+        &cfg,
+        p2p::config_text(mode, true, Some(&keys), false, &dir.join("state")) + extra,
+    )
+    .unwrap();
+    let daemon = Daemon::start(&a, &exe(), &cfg, &dir.join("a.log")).unwrap();
+    HalfLab {
+        a,
+        b,
+        daemon,
+        keys,
+        dir,
+    }
+}
+
+/// The `espip show --json` snapshot of a half lab's daemon.
+pub fn status(h: &HalfLab) -> espip::status::Status {
+    status_at(&h.dir.join("state/control.sock"))
+}
+
+/// The `espip show --json` snapshot of the daemon at `socket`.
+pub fn status_at(socket: &Path) -> espip::status::Status {
+    let show = Command::new(exe())
+        .args(["show", "--json", "--socket"])
+        .arg(socket)
+        .output()
+        .unwrap();
+    assert!(
+        show.status.success(),
+        "{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    serde_json::from_slice(&show.stdout).unwrap()
+}
+
+/// Both hosts of the p2p lab with a daemon each (esp), from the lab's own configs;
+/// `b_interface` is added to B's `[interface]`.
+pub struct FullPair {
+    pub a: Netns,
+    pub b: Netns,
+    pub daemons: Vec<Daemon>,
+    pub dir: PathBuf,
+}
+
+impl Drop for FullPair {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn full_pair(tag: &str, cipher: Cipher, b_interface: &str) -> FullPair {
+    full_pair_edit(tag, LabMode::Esp(cipher), cipher, |me_a, t| {
+        if me_a {
+            t
+        } else {
+            t.replace("[interface]\n", &format!("[interface]\n{b_interface}"))
+        }
+    })
+}
+
+/// Both hosts of the p2p lab in `mode`, each configuration text passed through `edit(me_a, text)`.
+pub fn full_pair_edit(
+    tag: &str,
+    mode: LabMode,
+    cipher: Cipher,
+    edit: impl Fn(bool, String) -> String,
+) -> FullPair {
+    let (a, b) = p2p::topology(tag).unwrap();
+    let keys = LabKeys::generate(cipher).unwrap();
+    let dir = std::env::temp_dir().join(format!("espip-test-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut daemons = Vec::new();
+    for (me_a, ns, host) in [(true, &a, "a"), (false, &b, "b")] {
+        let cfg = dir.join(format!("{host}.toml"));
+        let text = p2p::config_text(
+            mode,
+            me_a,
+            Some(&keys),
+            false,
+            &dir.join(format!("state-{host}")),
+        );
+        std::fs::write(&cfg, edit(me_a, text)).unwrap();
+        daemons.push(Daemon::start(ns, &exe(), &cfg, &dir.join(format!("{host}.log"))).unwrap());
+    }
+    FullPair { a, b, daemons, dir }
+}
+
+pub fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,390 @@
+//! Namespace tests: Start, stop and restart: SIGKILL leaves nothing, a second daemon is refused, a dead data-path thread stops the daemon, per-namespace control sockets, sequence numbers across restarts, an unknown user, a full capture disk.
+//! Shared harness in `common/`; see its documentation for the rules (root, namespace
+//! names, cleanup).
+
+mod common;
+#[allow(unused_imports)]
+use common::*;
+
+#[test]
+fn sigkill_leaves_nothing_and_restart_works() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut h = half_lab("kill", Cipher::Aes128Gcm);
+    assert!(h.a.has_link("espip0"));
+    assert!(!h
+        .daemon
+        .stop_with(nix::sys::signal::Signal::SIGKILL)
+        .unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        !h.a.has_link("espip0"),
+        "the TUN (and its routes) vanish with the process"
+    );
+    let routes = h.a.ip(&["route", "show"]).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&routes.stdout).contains("10.4.2"),
+        "no tunnel route left"
+    );
+    let mut again =
+        Daemon::start(&h.a, &exe(), &h.dir.join("a.toml"), &h.dir.join("a2.log")).unwrap();
+    assert!(h.a.has_link("espip0"));
+    assert!(again.stop().unwrap());
+}
+
+/// Issue 12: a data-path thread that dies (here: a debug-build hook makes it panic at its
+/// first packet) stops the daemon cleanly, non-zero, with the reason; nothing is left.
+#[test]
+fn a_dead_data_path_thread_stops_the_daemon_with_the_reason() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for thread in ["tx", "rx"] {
+        let (a, b) = p2p::topology(&format!("dead{thread}")).unwrap();
+        let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
+        let dir =
+            std::env::temp_dir().join(format!("espip-test-dead{thread}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mode = LabMode::Esp(Cipher::Aes128Gcm);
+        let cfg_a = dir.join("a.toml");
+        std::fs::write(
+            &cfg_a,
+            p2p::config_text(mode, true, Some(&keys), false, &dir.join("state-a"))
+                .replace("[interface]\n", "[interface]\nforward = true\n"),
+        )
+        .unwrap();
+        let cfg_b = dir.join("b.toml");
+        std::fs::write(
+            &cfg_b,
+            p2p::config_text(mode, false, Some(&keys), false, &dir.join("state-b")),
+        )
+        .unwrap();
+        // The hook is in A; B answers so that the RX thread gets a packet too.
+        let _db = Daemon::start(&b, &exe(), &cfg_b, &dir.join("b.log")).unwrap();
+        let mut da = Daemon::start_with_env(
+            &a,
+            &exe(),
+            &cfg_a,
+            &dir.join("a.log"),
+            &[("ESPIP_DEBUG_PANIC", thread)],
+        )
+        .unwrap();
+        let _ = netns::run(
+            a.command("ping")
+                .args(["-c", "2", "-i", "0.2", "-W", "1", "10.4.2.5"]),
+        );
+        let status = da.wait_exit(std::time::Duration::from_secs(5)).unwrap();
+        let log = da.log();
+        let status = status.unwrap_or_else(|| panic!("still running: {log}"));
+        assert!(!status.success(), "{log}");
+        assert!(
+            log.contains(&format!("data-path thread espip-{thread} stopped: espip-{thread} panicked: ESPIP_DEBUG_PANIC={thread}")),
+            "{log}"
+        );
+        assert!(
+            log.contains("stopped; TUN device and its routes removed"),
+            "{log}"
+        );
+        assert!(!a.has_link("espip0"), "TUN left behind");
+        let fwd = netns::run(a.command("sysctl").args(["-n", "net.ipv4.ip_forward"])).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&fwd.stdout).trim(),
+            "0",
+            "forwarding restored"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn a_second_daemon_on_the_same_interface_is_refused() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let h = half_lab("twice", Cipher::Aes128Gcm);
+    let err = Daemon::start(
+        &h.a,
+        &exe(),
+        &h.dir.join("a.toml"),
+        &h.dir.join("second.log"),
+    )
+    .err()
+    .expect("second daemon must not start");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("another espip is running for interface espip0"),
+        "{msg}"
+    );
+    assert!(h.a.has_link("espip0"), "the first daemon is unharmed");
+}
+
+/// Issue 12 item 9: the default control socket belongs to the network namespace, so two
+/// daemons with the same interface name in two namespaces both start, and `espip show` inside
+/// each finds its own.
+#[test]
+fn default_control_sockets_are_per_network_namespace() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (a, b) = p2p::topology("nsctl").unwrap();
+    let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
+    let dir = std::env::temp_dir().join(format!("espip-test-nsctl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut daemons = Vec::new();
+    for (ns, me_a, host) in [(&a, true, "a"), (&b, false, "b")] {
+        let state = dir.join(format!("state-{host}"));
+        let text = p2p::config_text(
+            LabMode::Esp(Cipher::Aes128Gcm),
+            me_a,
+            Some(&keys),
+            false,
+            &state,
+        )
+        .replace(
+            &format!("control = \"{}\"\n", state.join("control.sock").display()),
+            "",
+        );
+        let cfg = dir.join(format!("{host}.toml"));
+        std::fs::write(&cfg, text).unwrap();
+        daemons.push(Daemon::start(ns, &exe(), &cfg, &dir.join(format!("{host}.log"))).unwrap());
+    }
+    let mut sockets = Vec::new();
+    for (ns, addr) in [(&a, "10.4.2.99/24"), (&b, "10.4.2.5/24")] {
+        let out = netns::run(ns.command(exe()).args(["show", "--json"])).unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let st: espip::status::Status = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(st.interface.addresses, vec![addr.to_string()]);
+        let log = daemons[sockets.len()].log();
+        let sock = log
+            .split("control=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap()
+            .to_string();
+        assert!(sock.contains("/run/espip/netns-"), "{sock}");
+        sockets.push(sock);
+    }
+    assert_ne!(sockets[0], sockets[1]);
+    let ping = netns::run(
+        a.command("ping")
+            .args(["-c", "2", "-i", "0.2", "-W", "2", "10.4.2.5"]),
+    )
+    .unwrap();
+    assert!(ping.status.success());
+    for d in &mut daemons {
+        assert!(d.stop().unwrap());
+    }
+    // The stopped (unprivileged) daemons could not remove their sockets from root's directory.
+    for s in &sockets {
+        if let Some(p) = Path::new(s).parent() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A restarted sender with the same keys must continue after every sequence number it may have
+/// used (no nonce reuse), so its peer's replay window accepts it at once.
+#[test]
+fn restart_with_the_same_keys_resumes_without_reusing_sequence_numbers() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (a, b) = p2p::topology("restart").unwrap();
+    let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
+    let dir = std::env::temp_dir().join(format!("espip-test-restart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mode = LabMode::Esp(Cipher::Aes128Gcm);
+    let (cfg_a, cfg_b) = (dir.join("a.toml"), dir.join("b.toml"));
+    let state_a = dir.join("state-a");
+    std::fs::write(
+        &cfg_a,
+        p2p::config_text(mode, true, Some(&keys), false, &state_a),
+    )
+    .unwrap();
+    std::fs::write(
+        &cfg_b,
+        p2p::config_text(mode, false, Some(&keys), false, &dir.join("state-b")),
+    )
+    .unwrap();
+    let ping = |ns: &Netns| {
+        netns::run(
+            ns.command("ping")
+                .args(["-c", "3", "-i", "0.2", "-W", "2", "10.4.2.5"]),
+        )
+        .unwrap()
+        .status
+        .success()
+    };
+    // The reservation as the daemon will read it back (the file's newest valid slot).
+    let saved = || -> u64 {
+        espip::sys::seqstore::peek(&state_a, &keys.a_to_b.fingerprint())
+            .unwrap()
+            .unwrap()
+    };
+    let mut db = Daemon::start(&b, &exe(), &cfg_b, &dir.join("b.log")).unwrap();
+    let mut da = Daemon::start(&a, &exe(), &cfg_a, &dir.join("a1.log")).unwrap();
+    assert!(ping(&a));
+    assert_eq!(
+        saved(),
+        espip::sys::seqstore::RESERVE,
+        "a block is reserved before sending"
+    );
+    // Crash: the restart resumes after the whole reserved block.
+    da.stop_with(nix::sys::signal::Signal::SIGKILL).unwrap();
+    let mut da = Daemon::start(&a, &exe(), &cfg_a, &dir.join("a2.log")).unwrap();
+    assert!(
+        da.log().contains("resumes after its saved sequence number"),
+        "{}",
+        da.log()
+    );
+    let t = std::time::Instant::now();
+    assert!(ping(&a), "traffic resumes after a crash with the same keys");
+    assert!(t.elapsed() < std::time::Duration::from_secs(2));
+    // Clean stop records the last number actually sent; the next start continues right after.
+    assert!(da.stop().unwrap());
+    let last = saved();
+    assert!(
+        last > espip::sys::seqstore::RESERVE && last < espip::sys::seqstore::RESERVE + 100,
+        "{last}"
+    );
+    let mut da = Daemon::start(&a, &exe(), &cfg_a, &dir.join("a3.log")).unwrap();
+    assert!(ping(&a));
+    assert!(da.stop().unwrap());
+    assert!(db.stop().unwrap());
+    let log_b = db.log();
+    assert!(
+        log_b.contains("drops=no_route=1") || !log_b.contains("replay="),
+        "B never saw a replayed number: {log_b}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_unknown_user_is_refused_before_anything_is_set_up() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (a, _b) = p2p::topology("nouser").unwrap();
+    let dir = std::env::temp_dir().join(format!("espip-test-nouser-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
+    let text = p2p::config_text(
+        LabMode::Esp(Cipher::Aes128Gcm),
+        true,
+        Some(&keys),
+        false,
+        &dir.join("state"),
+    )
+    .replace(
+        "[interface]\n",
+        "[interface]\nuser = \"no-such-user-espip\"\n",
+    );
+    let cfg = dir.join("a.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let err = Daemon::start(&a, &exe(), &cfg, &dir.join("a.log"))
+        .err()
+        .expect("must not start");
+    let log = std::fs::read_to_string(dir.join("a.log")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        log.contains("interface.user \"no-such-user-espip\"") && log.contains("useradd"),
+        "{err}: {log}"
+    );
+    assert!(!a.has_link("espip0"), "nothing set up");
+}
+
+#[test]
+fn a_full_capture_disk_drops_capture_records_not_packets() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // A 1 MB tmpfs as the capture directory: full after a few hundred packets.
+    let disk =
+        std::env::temp_dir().join(format!("espip-test-fulldisk-tmpfs-{}", std::process::id()));
+    std::fs::create_dir_all(&disk).unwrap();
+    // The daemon writes captures as its user after setup and never takes over a directory it
+    // did not create: the disk is mounted for that user, as an admin would.
+    let user = espip::sys::privdrop::lookup_or_create("espip").unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o"])
+        .arg(format!(
+            "size=1m,mode=0700,uid={},gid={}",
+            user.uid, user.gid
+        ))
+        .arg("tmpfs")
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _unmount = Unmount(disk.clone());
+    let mut h = half_lab_with(
+        "fulldisk",
+        Cipher::Aes128Gcm,
+        &format!(
+            "\n[capture]\ndir = \"{}\"\nmax_file_mb = 100\nfiles = 1\n",
+            disk.display()
+        ),
+    );
+    // 1000 x 1400-byte UDP datagrams towards B (no daemon there: sent, not answered):
+    // 1000 inner + 1000 outer records of ~1.5 KB, three times what the disk holds.
+    let out = netns::run(h.a.command("/usr/bin/python3").args([
+        "-c",
+        "import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor i in range(1000):\n    s.sendto(bytes(1400), ('10.4.2.5', 9))\n    time.sleep(0.0005)\nprint('sent 1000')",
+    ]))
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("sent 1000"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let st = status(&h);
+    let c = st.capture.clone().unwrap();
+    assert_eq!(
+        st.peers[0].tx_packets, 1000,
+        "every packet went out: {st:?}"
+    );
+    // Every record is accounted for: written, or lost to the full disk (most of them).
+    assert!(
+        c.written > 0 && c.written + c.write_errors + c.dropped >= 2000,
+        "{c:?}"
+    );
+    assert!(c.write_errors > 1000, "the full disk lost records: {c:?}");
+    // What was written before the disk filled is still there (a reopen appends).
+    let on_disk: u64 = ["espip0-inner.pcap", "espip0-outer.pcap"]
+        .iter()
+        .map(|f| std::fs::metadata(disk.join(f)).map_or(0, |m| m.len()))
+        .sum();
+    assert!(
+        on_disk > 900_000,
+        "the capture files fill the disk: {on_disk} bytes"
+    );
+    assert!(
+        h.daemon.log().contains("writing the capture failed"),
+        "warned"
+    );
+    assert!(
+        h.daemon.stop().unwrap(),
+        "clean stop with a full capture disk"
+    );
+}

@@ -1,0 +1,138 @@
+//! Namespace tests: TUN offloads and UDP GSO/GRO: mixed offload settings interoperate, TSO/USO packets are segmented and GRO coalesces, ESP-in-UDP trains move both ways.
+//! Shared harness in `common/`; see its documentation for the rules (root, namespace
+//! names, cleanup).
+
+mod common;
+#[allow(unused_imports)]
+use common::*;
+
+#[test]
+fn offload_on_one_side_and_off_on_the_other_interoperate() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut pair = full_pair("offl", Cipher::Aes128Gcm, "offload = false\n");
+    let (a, b) = (&pair.a, &pair.b);
+    // Both directions: A segments its TSO packets, B (no offload) reads packet by packet; B's
+    // TCP segments reach A, which coalesces them.
+    for (from, to, addr) in [(a, b, p2p::B_INNER), (b, a, p2p::A_INNER)] {
+        let r = espip::lab::transfer(&exe(), (from, to), addr, 20_000_000).unwrap();
+        assert!(r.ok(20_000_000), "{r:?}");
+    }
+    for d in &mut pair.daemons {
+        assert!(d.stop().unwrap());
+    }
+}
+
+#[test]
+fn tso_and_uso_packets_from_the_tun_are_segmented_and_gro_coalesces() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pair = full_pair("uso", Cipher::Aes128Gcm, "");
+    // B counts the datagrams it receives; A sends 5 x 12000 bytes with UDP_SEGMENT = 1200, so
+    // its kernel hands the TUN five 12 KB UDP packets (USO) that espip must cut into 50.
+    let recv = pair
+        .b
+        .command("/usr/bin/python3")
+        .args([
+            "-c",
+            "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('10.4.2.5', 5555))\ns.settimeout(3)\nsizes = []\ntry:\n    while len(sizes) < 50:\n        sizes.append(len(s.recv(65535)))\nexcept socket.timeout:\n    pass\nprint(len(sizes), sorted(set(sizes)))",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sent = netns::run(pair.a.command("/usr/bin/python3").args([
+        "-c",
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.setsockopt(17, 103, 1200)\nfor i in range(5):\n    s.sendto(bytes(12000), ('10.4.2.5', 5555))\nprint('sent')",
+    ]))
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&sent.stdout).contains("sent"),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let got = recv.wait_with_output().unwrap();
+    let got = String::from_utf8_lossy(&got.stdout).trim().to_string();
+    assert_eq!(got, "50 [1200]", "B received every 1200-byte datagram");
+    // A TCP transfer: A's kernel hands over TSO packets, B coalesces the segments it writes.
+    let r = espip::lab::transfer(&exe(), (&pair.a, &pair.b), p2p::B_INNER, 5_000_000).unwrap();
+    assert!(r.ok(5_000_000), "{r:?}");
+    let a = status_at(&pair.dir.join("state-a/control.sock"));
+    let b = status_at(&pair.dir.join("state-b/control.sock"));
+    assert!(
+        a.offload["uso_in"] >= 5,
+        "USO packets segmented: {:?}",
+        a.offload
+    );
+    assert!(
+        a.offload["tso_in"] > 0,
+        "TSO packets segmented: {:?}",
+        a.offload
+    );
+    assert!(
+        b.offload["gro_out"] > 0,
+        "coalesced writes: {:?}",
+        b.offload
+    );
+    assert_eq!(a.errors["offload"], 0);
+}
+
+/// ESP in UDP on other ports than 4500 (B listens on 14500): 20 MB each way arrive intact, the
+/// senders' TSO reads leave as UDP GSO trains and the receivers take them coalesced (UDP GRO).
+#[test]
+fn esp_in_udp_moves_trains_of_datagrams_both_ways() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mode = LabMode::EspUdp(Cipher::Aes128Gcm);
+    let mut pair = full_pair_edit("udpgso", mode, Cipher::Aes128Gcm, |me_a, t| {
+        if me_a {
+            t.replace(
+                &format!("endpoint = \"{}\"", p2p::B_OUTER),
+                &format!("endpoint = \"{}:14500\"", p2p::B_OUTER),
+            )
+        } else {
+            t.replace("[interface]\n", "[interface]\nlisten_port = 14500\n")
+        }
+    });
+    for (from, to, addr) in [
+        (&pair.a, &pair.b, p2p::B_INNER),
+        (&pair.b, &pair.a, p2p::A_INNER),
+    ] {
+        let r = espip::lab::transfer(&exe(), (from, to), addr, 20_000_000).unwrap();
+        assert!(r.ok(20_000_000), "{r:?}");
+    }
+    let a = status_at(&pair.dir.join("state-a/control.sock"));
+    let b = status_at(&pair.dir.join("state-b/control.sock"));
+    assert_eq!(a.peers[0].endpoint, format!("{}:14500", p2p::B_OUTER));
+    assert_eq!(b.peers[0].endpoint, format!("{}:4500", p2p::A_OUTER));
+    for (st, host) in [(&a, "A"), (&b, "B")] {
+        assert_eq!(st.peers[0].mode, "esp-udp");
+        assert!(
+            st.offload["udp_gso_out"] > 0,
+            "{host} sent trains: {:?}",
+            st.offload
+        );
+        assert!(
+            st.offload["udp_gro_in"] > 0,
+            "{host} received trains: {:?}",
+            st.offload
+        );
+        assert!(st.peers[0].rx_packets > 10_000, "{host}: {:?}", st.peers[0]);
+        assert_eq!(st.errors["send"], 0, "{host}: {:?}", st.errors);
+        assert_eq!(st.errors["bad_outer"], 0, "{host}: {:?}", st.errors);
+        for (reason, n) in &st.drops {
+            if reason != "no_route" {
+                assert_eq!(*n, 0, "{host} dropped {reason}: {:?}", st.drops);
+            }
+        }
+    }
+    for d in &mut pair.daemons {
+        assert!(d.stop().unwrap());
+    }
+}
