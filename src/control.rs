@@ -26,7 +26,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, warn};
@@ -151,7 +151,7 @@ impl Drop for ControlSocket {
 }
 
 /// Everything a snapshot reads: shared with the data-path threads, read without stopping them
-/// (the outbound lock is taken for a few microseconds).
+/// or taking a lock (atomics only).
 pub struct Live {
     /// The configuration.
     pub cfg: Arc<Config>,
@@ -161,8 +161,8 @@ pub struct Live {
     pub stats: Arc<Stats>,
     /// Edge errors.
     pub edge: Arc<EdgeStats>,
-    /// The outbound half (sequence numbers).
-    pub outbound: Arc<Mutex<Outbound>>,
+    /// The outbound half (sequence numbers and reservations, read atomically).
+    pub outbound: Arc<Outbound>,
     /// Capture counters and files.
     pub capture: Option<(Arc<CaptureStats>, Vec<PathBuf>)>,
     /// Outer source address per peer (configured or routed).
@@ -188,15 +188,13 @@ impl Live {
 
     /// Take a snapshot.
     pub fn status(&self) -> Status {
-        let out_state: Vec<Option<(u64, u64)>> = {
-            let out = self.outbound.lock().unwrap_or_else(|e| e.into_inner());
-            (0..out.peer_count())
-                .map(|i| {
-                    out.sa_reservation(i)
-                        .map(|(_, _, next, limit)| (next, limit))
-                })
-                .collect()
-        };
+        let out = &self.outbound;
+        let out_state: Vec<Option<(u64, u64)>> = (0..out.peer_count())
+            .map(|i| {
+                out.sa_reservation(i)
+                    .map(|(_, _, next, limit)| (next, limit))
+            })
+            .collect();
         let peers = self
             .cfg
             .peers

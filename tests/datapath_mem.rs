@@ -164,7 +164,7 @@ fn both_directions_every_cipher_v4_and_v6() {
 
 #[test]
 fn replay_reorder_tamper_spi_source() {
-    let (mut a, mut b) = esp_pair(Cipher::Aes128Gcm, false, 64);
+    let (a, mut b) = esp_pair(Cipher::Aes128Gcm, false, 64);
     let p = ipv4([10, 4, 2, 99], [10, 4, 2, 5], 60, false);
     let mut wires = Vec::new();
     for _ in 0..100 {
@@ -253,7 +253,7 @@ fn replay_reorder_tamper_spi_source() {
 
 #[test]
 fn too_big_with_df_becomes_icmp_into_the_tun() {
-    let (mut a, _) = esp_pair(Cipher::Aes128Gcm, false, 64);
+    let (a, _) = esp_pair(Cipher::Aes128Gcm, false, 64);
     let mut b = PacketBuf::from_slice(&ipv4([10, 4, 2, 99], [10, 4, 2, 5], 1500, true));
     assert_eq!(a.out.process(&mut b, 0), Verdict::ToTun);
     let icmp = b.as_slice();
@@ -277,11 +277,11 @@ fn too_big_with_df_becomes_icmp_into_the_tun() {
 
 #[test]
 fn no_route_dummy_and_exhaustion() {
-    let (mut a, mut b) = esp_pair(Cipher::ChaCha20Poly1305, false, 64);
+    let (a, mut b) = esp_pair(Cipher::ChaCha20Poly1305, false, 64);
     let mut p = PacketBuf::from_slice(&ipv4([10, 4, 2, 99], [10, 9, 9, 9], 60, false));
     assert_eq!(a.out.process(&mut p, 0), Verdict::Drop(DropReason::NoRoute));
     // A dummy packet (next header 59) is authenticated and discarded.
-    let mut sa = espip::sa::OutboundSa::new(0x1001, &key(Cipher::ChaCha20Poly1305, 0x11), false);
+    let sa = espip::sa::OutboundSa::new(0x1001, &key(Cipher::ChaCha20Poly1305, 0x11), false);
     let mut d = PacketBuf::from_slice(&[0u8; 16]);
     sa.encapsulate(&mut d, 59).unwrap();
     let v = b.inb.process(&mut d, A.parse().unwrap(), PROTO_ESP, 0);
@@ -352,7 +352,7 @@ proptest! {
         proto in prop_oneof![Just(50u8), Just(17u8), Just(4u8), Just(41u8), any::<u8>()],
         spi_known in any::<bool>(),
     ) {
-        let (mut a, mut b) = esp_pair(Cipher::Aes128Gcm, true, 64);
+        let (a, mut b) = esp_pair(Cipher::Aes128Gcm, true, 64);
         let mut bytes = bytes;
         if spi_known && bytes.len() >= 4 {
             bytes[..4].copy_from_slice(&0x1001u32.to_be_bytes());
@@ -385,10 +385,10 @@ fn a_hub_relays_between_peers_only_when_forwarding() {
     };
     for relay in [true, false] {
         let t = TunnelSpec { relay, mtu: 1400 };
-        let (mut out, mut inb, stats) =
+        let (out, mut inb, stats) =
             datapath::build(&[peer(11), peer(12)], t, Default::default()).unwrap();
         // c11 -> c12, sealed with c11's key towards the hub.
-        let mut c11 = espip::sa::OutboundSa::new(0x6000 + 11, &k(111), false);
+        let c11 = espip::sa::OutboundSa::new(0x6000 + 11, &k(111), false);
         let inner = ipv4([192, 168, 0, 11], [192, 168, 0, 12], 60, false);
         let mut b = PacketBuf::from_slice(&inner);
         c11.encapsulate(&mut b, 4).unwrap();
@@ -483,7 +483,7 @@ fn lifetimes_stop_the_sas_in_both_directions() {
 #[test]
 fn esp_in_udp_round_trip_keepalive_and_non_esp_marker() {
     for c in Cipher::ALL {
-        let (mut a, mut b) = esp_pair_over(c, true, 64, Lifetime::default(), Some(4600));
+        let (a, mut b) = esp_pair_over(c, true, 64, Lifetime::default(), Some(4600));
         let p = ipv4([10, 4, 2, 99], [10, 4, 2, 5], 300, true);
         let mut buf = PacketBuf::from_slice(&p);
         let v = a.out.process(&mut buf, 0);
@@ -538,7 +538,7 @@ fn esp_in_udp_round_trip_keepalive_and_non_esp_marker() {
             assert_eq!(b.stats.drops(reason), n, "{c:?} {reason:?}");
         }
         // A protocol-50 peer does not take UDP.
-        let (mut a, mut b) = esp_pair(c, false, 64);
+        let (a, mut b) = esp_pair(c, false, 64);
         let mut buf = PacketBuf::from_slice(&p);
         a.out.process(&mut buf, 0);
         let mut r = PacketBuf::from_slice(buf.as_slice());
@@ -573,7 +573,7 @@ fn esp_in_udp_costs_eight_bytes_of_mtu() {
 /// go to that port; an unauthenticated one (bad ICV) moves nothing.
 #[test]
 fn esp_in_udp_follows_the_peer_port_of_authenticated_datagrams_only() {
-    let (mut a, mut b) = esp_pair_over(
+    let (mut a, b) = esp_pair_over(
         Cipher::Aes128Gcm,
         false,
         64,

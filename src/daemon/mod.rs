@@ -39,7 +39,7 @@ use serve::Stop;
 use setup::Resources;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tracing::{debug, info, warn};
 use workers::{EdgeHandles, Workers};
@@ -197,7 +197,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             .map_err(|e| DaemonError::Os("eventfd", e.into()))?,
     );
     let edge = Arc::new(EdgeStats::default());
-    let outbound = Arc::new(Mutex::new(res.outbound.take().expect("acquired")));
+    let outbound = Arc::new(res.outbound.take().expect("acquired"));
     let clock = Instant::now();
     let started = SystemTime::now();
     let handles = EdgeHandles {
@@ -213,7 +213,6 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         handles,
         outbound.clone(),
         res.inbound.take().expect("acquired"),
-        res.store.take().expect("acquired"),
         (recorder(), recorder()),
         clock,
     )
@@ -238,19 +237,24 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
 
     // 3. Serve.
     let control = res.control.take();
-    let stopped = serve::serve(&rt, &live, control, res.metrics.take(), &mut ended, clock);
+    let mut store = res.store.take().expect("acquired");
+    let stopped = serve::serve(
+        &rt,
+        &live,
+        serve::Listeners {
+            control,
+            metrics: res.metrics.take(),
+        },
+        &mut store,
+        &mut ended,
+    );
     match &stopped {
         Ok(Stop::Signal(s)) => info!(signal = s, "stopping"),
         Ok(Stop::Worker(w)) => warn!(thread = w.0, "a data-path thread ended; stopping"),
         Err(e) => warn!("signal handling failed: {e}; stopping"),
     }
-    let (store, failed) = workers.finish();
-    if let Some(mut store) = store {
-        seq::record_final(
-            &outbound.lock().unwrap_or_else(|e| e.into_inner()),
-            &mut store,
-        );
-    }
+    let failed = workers.finish();
+    seq::record_final(&outbound, &mut store);
     if let Some(t) = res.taps.take() {
         t.finish();
     }

@@ -26,7 +26,6 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Mutex;
 use std::time::Instant;
 use tracing::{debug, warn};
 
@@ -73,7 +72,7 @@ impl RxBufs {
 
 pub(super) fn rx_loop(
     mut inb: Inbound,
-    shared_out: &Mutex<Outbound>,
+    shared_out: &Outbound,
     e: &Edges,
     rec: &mut Recorder,
     clock: Instant,
@@ -288,7 +287,7 @@ pub(super) fn write_coalesced(
 /// What the RX thread keeps between batches.
 pub(super) struct RxState<'a, 'e> {
     inb: &'a mut Inbound,
-    shared_out: &'a Mutex<Outbound>,
+    shared_out: &'a Outbound,
     e: &'a Edges<'e>,
     warn_write: RateLimit,
 }

@@ -10,11 +10,10 @@ use crate::wire::ip::PROTO_UDP;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Mutex;
 
 /// Wrap the packets of a batch that are for another peer (hub relaying) and send them.
 pub(super) fn relay_batch(
-    shared_out: &Mutex<Outbound>,
+    out: &Outbound,
     bufs: &mut [PacketBuf],
     relay: &[bool],
     e: &Edges,
@@ -22,12 +21,9 @@ pub(super) fn relay_batch(
     now: u64,
 ) {
     let mut verdicts = [Verdict::Drop(DropReason::Dummy); BATCH];
-    {
-        let mut out = shared_out.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, b) in bufs.iter_mut().enumerate() {
-            if relay[i] {
-                verdicts[i] = out.process(b, now);
-            }
+    for (i, b) in bufs.iter_mut().enumerate() {
+        if relay[i] {
+            verdicts[i] = out.process(b, now);
         }
     }
     for (i, b) in bufs.iter_mut().enumerate() {

@@ -2,15 +2,18 @@
 //! metrics endpoint answer from atomics; once a second the peers' silence and the SA
 //! lifetimes are checked.
 
+use super::seq::{extend_reservations, RESERVATION_TICK};
 use super::workers::Ended;
 use crate::config::Config;
 use crate::control::Live;
 use crate::datapath::{EncapSpec, Stats};
+use crate::sys::seqstore::SeqStore;
 use crate::telemetry::EdgeStats;
+use crate::telemetry::RateLimit;
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{info, warn};
 
@@ -23,17 +26,27 @@ pub(super) enum Stop {
     Worker(Ended),
 }
 
-/// Serve `live` until a stop signal, or until a data-path thread reports on `ended`.
+/// What the control side listens on.
+pub(super) struct Listeners {
+    /// The control socket.
+    pub control: Option<std::os::unix::net::UnixListener>,
+    /// The metrics endpoint.
+    pub metrics: Option<std::net::TcpListener>,
+}
+
+/// Serve `live` until a stop signal, or until a data-path thread reports on `ended`; keep the
+/// sequence reservations in `store` ahead of the SAs.
 pub(super) fn serve(
     rt: &tokio::runtime::Runtime,
     live: &Arc<Live>,
-    control: Option<std::os::unix::net::UnixListener>,
-    metrics: Option<std::net::TcpListener>,
+    listeners: Listeners,
+    store: &mut SeqStore,
     ended: &mut UnboundedReceiver<Ended>,
-    clock: Instant,
 ) -> io::Result<Stop> {
     let cfg = live.cfg.clone();
     let stats = live.stats.clone();
+    let clock = live.clock;
+    let Listeners { control, metrics } = listeners;
     rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
@@ -50,6 +63,8 @@ pub(super) fn serve(
             tasks.spawn(crate::control::serve_metrics(l, live.clone()));
         }
         let mut tick = tokio::time::interval(SILENCE_CHECK);
+        let mut reserve = tokio::time::interval(RESERVATION_TICK);
+        let mut warn_state = RateLimit::default();
         let mut silence = Silence::new(cfg.peers.len());
         let mut lifetimes = LifetimeWatch { warned: Vec::new() };
         loop {
@@ -58,6 +73,7 @@ pub(super) fn serve(
                 _ = int.recv() => return Ok(Stop::Signal("SIGINT")),
                 Some(e) = ended.recv() => return Ok(Stop::Worker(e)),
                 _ = hup.recv() => warn!("SIGHUP: reloading is not supported; restart espip to apply a new configuration"),
+                _ = reserve.tick() => extend_reservations(&live.outbound, store, &mut warn_state),
                 _ = tick.tick() => {
                     let now = clock.elapsed().as_nanos() as u64;
                     silence.check(&cfg, &stats, now);

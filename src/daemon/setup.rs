@@ -100,10 +100,10 @@ impl Resources {
             relay: cfg.interface.forward,
             mtu,
         };
-        let (mut outbound, inbound, stats) = datapath::build(&cfg.peers, tunnel, cfg.nat_table())?;
+        let (outbound, inbound, stats) = datapath::build(&cfg.peers, tunnel, cfg.nat_table())?;
         let mut store = SeqStore::open(&cfg.interface.state_dir, &cfg.interface.name)
             .map_err(|e| DaemonError::State(cfg.interface.state_dir.clone(), e))?;
-        reserve_initial(&mut outbound, &mut store)?;
+        reserve_initial(&outbound, &mut store)?;
         drop(state);
         // Rules last: a failure above leaves nothing in netfilter.
         let rules = apply_rules(cfg)?;

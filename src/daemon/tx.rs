@@ -2,37 +2,32 @@
 //!
 //! 1. wait for the TUN (or the stop eventfd);
 //! 2. drain up to [`BATCH`] packets, segmenting TSO/USO packets (`gso`) as they come;
-//! 3. `Outbound::process` each one under the outbound lock (one lock per batch): route, NAT,
-//!    sequence number, encryption, or an ICMP "too big" back to the TUN;
-//! 4. every [`RESERVATION_CHECK`] batches, extend the persisted sequence reservations;
-//! 5. send the batch: one `sendmmsg` per raw socket, UDP GSO trains for ESP in UDP.
+//! 3. `Outbound::process` each one (no lock: the sequence number is one atomic
+//!    compare-and-swap): route, NAT, sequence number, encryption, or an ICMP "too big" back
+//!    to the TUN;
+//! 4. send the batch: one `sendmmsg` per raw socket, UDP GSO trains for ESP in UDP.
+//!
+//! No disk I/O and no lock: the control side extends the persisted sequence reservations
+//! ahead of need and publishes each new limit atomically (`seq.rs`).
 //!
 //! One TX thread runs per daemon.
 
 use super::send::send_verdicts;
-use super::seq::extend_reservations;
 use super::workers::Edges;
 use super::BATCH;
 use crate::buf::{PacketBuf, MAX_PACKET};
 use crate::datapath::{DropReason, Outbound, Verdict};
 use crate::sys::capture::{Recorder, Tap};
-use crate::sys::seqstore::{SeqStore, RESERVE};
 use crate::telemetry::{EdgeStats, RateLimit};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::io;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Mutex;
 use std::time::Instant;
 use tracing::warn;
 
 /// TX buffers: a batch plus the segments of one more TSO packet (65535 / 536-byte MSS = 123).
 pub(super) const TX_BUFS: usize = BATCH + 128;
-
-/// Batches between two checks of the sequence reservations (see `tx_loop`).
-pub(super) const RESERVATION_CHECK: u64 = 256;
-
-const _: () = assert!(RESERVATION_CHECK * BATCH as u64 <= RESERVE / 2);
 
 /// Wait until one of `fds` is readable. `fds[0]` is the stop eventfd. Returns false when the
 /// thread must stop (stop requested, or poll failed, which is logged).
@@ -52,15 +47,7 @@ pub(super) fn wait(fds: &mut [PollFd], what: &str) -> bool {
         .is_some_and(|r| r.intersects(PollFlags::POLLIN))
 }
 
-pub(super) fn tx_loop(
-    shared: &Mutex<Outbound>,
-    e: &Edges,
-    rec: &mut Recorder,
-    clock: Instant,
-    mut store: SeqStore,
-) -> SeqStore {
-    let mut warn_state = RateLimit::default();
-    let mut batches: u64 = 0;
+pub(super) fn tx_loop(out: &Outbound, e: &Edges, rec: &mut Recorder, clock: Instant) {
     // Room for a full batch plus the segments of one more TSO packet (64 KB at an MSS of 536).
     let mut bufs: Vec<PacketBuf> = (0..TX_BUFS).map(|_| PacketBuf::new(MAX_PACKET)).collect();
     let mut verdicts = [Verdict::Drop(DropReason::Dummy); TX_BUFS];
@@ -74,7 +61,7 @@ pub(super) fn tx_loop(
             PollFd::new(e.tun.as_fd(), PollFlags::POLLIN),
         ];
         if !wait(&mut fds, "the TUN") {
-            return store;
+            return;
         }
         let now = clock.elapsed().as_nanos() as u64;
         if panic_hook {
@@ -108,7 +95,6 @@ pub(super) fn tx_loop(
                 }
             }
         }
-        let mut out = shared.lock().unwrap_or_else(|e| e.into_inner());
         for i in 0..n {
             verdicts[i] = out.process(&mut bufs[i], now);
             match verdicts[i] {
@@ -129,16 +115,6 @@ pub(super) fn tx_loop(
                 _ => {}
             }
         }
-        // A batch sends at most BATCH packets per SA, so checking every RESERVATION_CHECK
-        // batches consumes at most 16384 numbers between checks, far inside the half block
-        // (2^21) of margin, and keeps the per-peer loop off most batches.
-        if n > 0 {
-            batches = batches.wrapping_add(1);
-            if batches % RESERVATION_CHECK == 0 {
-                extend_reservations(&mut out, &mut store, &mut warn_state);
-            }
-        }
-        drop(out);
         if let Some(err) = send_verdicts(&bufs[..n], &verdicts[..n], e, rec) {
             if warn_send.ready() {
                 warn!("sending packets failed: {err}");

@@ -7,13 +7,12 @@ use super::{rx, tx};
 use crate::datapath::{Inbound, Outbound};
 use crate::sys::capture::Recorder;
 use crate::sys::raw::RawSocket;
-use crate::sys::seqstore::SeqStore;
 use crate::sys::tun::Tun;
 use crate::sys::udp::UdpEncapSocket;
 use crate::telemetry::EdgeStats;
 use nix::sys::eventfd::EventFd;
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -33,7 +32,7 @@ impl Drop for Report {
 
 /// The running data-path threads.
 pub(super) struct Workers {
-    tx: Option<JoinHandle<SeqStore>>,
+    tx: Option<JoinHandle<()>>,
     rx: Option<JoinHandle<()>>,
     stop: Arc<EventFd>,
 }
@@ -51,9 +50,8 @@ impl Workers {
     /// Start the TX and RX threads; `ended` receives each thread's name when it ends.
     pub(super) fn spawn(
         handles: EdgeHandles,
-        outbound: Arc<Mutex<Outbound>>,
+        outbound: Arc<Outbound>,
         inbound: Inbound,
-        store: SeqStore,
         recorders: (Recorder, Recorder),
         clock: Instant,
     ) -> std::io::Result<(Workers, UnboundedReceiver<Ended>)> {
@@ -68,7 +66,7 @@ impl Workers {
                 .name("espip-tx".into())
                 .spawn(move || {
                     let _guard = guard;
-                    tx::tx_loop(&out, &h.edges(), &mut rec_tx, clock, store)
+                    tx::tx_loop(&out, &h.edges(), &mut rec_tx, clock)
                 })?
         };
         let rx = {
@@ -90,12 +88,9 @@ impl Workers {
         ))
     }
 
-    /// Tell both threads to stop and wait for them. Returns the TX thread's sequence store
-    /// (for the final record) if it ended normally, and why each thread that did not end
-    /// normally ended.
-    pub(super) fn finish(mut self) -> (Option<SeqStore>, Vec<String>) {
+    /// Tell both threads to stop and wait for them; why each thread that panicked did.
+    pub(super) fn finish(mut self) -> Vec<String> {
         let _ = self.stop.write(1);
-        let mut failed = Vec::new();
         let why = |name: &str, e: Box<dyn std::any::Any + Send>| {
             let msg = e
                 .downcast_ref::<&str>()
@@ -104,18 +99,14 @@ impl Workers {
                 .unwrap_or_else(|| "a panic without a message".into());
             format!("{name} panicked: {msg}")
         };
-        let store = match self.tx.take().map(JoinHandle::join) {
-            Some(Ok(s)) => Some(s),
-            Some(Err(e)) => {
-                failed.push(why("espip-tx", e));
-                None
-            }
-            None => None,
-        };
+        let mut failed = Vec::new();
+        if let Some(Err(e)) = self.tx.take().map(JoinHandle::join) {
+            failed.push(why("espip-tx", e));
+        }
         if let Some(Err(e)) = self.rx.take().map(JoinHandle::join) {
             failed.push(why("espip-rx", e));
         }
-        (store, failed)
+        failed
     }
 }
 

@@ -249,16 +249,39 @@ struct Used {
     bytes: u64,
 }
 
+/// What an outbound SA has used of its lifetime, shared by the threads that send on it.
+#[derive(Debug, Default)]
+struct SharedUsed {
+    packets: AtomicU64,
+    bytes: AtomicU64,
+}
+
 impl Lifetime {
     /// Would one more packet of `len` bytes at `now` (nanoseconds) exceed the lifetime?
     fn allows(&self, used: &Used, len: u64, now: u64) -> bool {
-        self.packets.map_or(true, |max| used.packets < max)
+        self.allows_counts(used.packets, used.bytes, len, now)
+    }
+
+    fn allows_counts(&self, packets: u64, bytes: u64, len: u64, now: u64) -> bool {
+        self.packets.map_or(true, |max| packets < max)
             && self
                 .bytes
-                .map_or(true, |max| used.bytes.saturating_add(len) <= max)
+                .map_or(true, |max| bytes.saturating_add(len) <= max)
             && self
                 .seconds
                 .map_or(true, |max| now < max.saturating_mul(1_000_000_000))
+    }
+
+    /// Count one packet of `len` bytes against `used` and say whether it was within the
+    /// lifetime: the counts are taken atomically, so two threads never both send the last
+    /// allowed packet. A refused packet stays counted (the SA is at its end anyway).
+    fn take(&self, used: &SharedUsed, len: u64, now: u64) -> bool {
+        if self.packets.is_none() && self.bytes.is_none() && self.seconds.is_none() {
+            return true;
+        }
+        let packets = used.packets.fetch_add(1, Relaxed);
+        let bytes = used.bytes.fetch_add(len, Relaxed);
+        self.allows_counts(packets, bytes, len, now)
     }
 }
 
@@ -372,10 +395,12 @@ struct OutPeer {
     port: u16,
     sa: Option<OutboundSa>,
     lifetime: Lifetime,
-    used: Used,
+    used: SharedUsed,
 }
 
-/// The TUN -> wire half.
+/// The TUN -> wire half. Shared by reference (`&self`): every per-packet change is an atomic
+/// (sequence numbers, lifetime counts, counters), so the TX thread, a hub's relay and the
+/// status snapshot use it without a lock.
 pub struct Outbound {
     routes: PrefixTable<usize>,
     nat: NatTable,
@@ -478,7 +503,7 @@ pub fn build(
                     port: 0,
                     sa: None,
                     lifetime: Lifetime::default(),
-                    used: Used::default(),
+                    used: SharedUsed::default(),
                 });
                 inp.push(InPeer {
                     endpoint: p.endpoint,
@@ -511,7 +536,7 @@ pub fn build(
                     port: udp_port.unwrap_or(0),
                     sa: Some(OutboundSa::new(*spi_out, key_out, *esn)),
                     lifetime: *lifetime,
-                    used: Used::default(),
+                    used: SharedUsed::default(),
                 });
                 inp.push(InPeer {
                     endpoint: p.endpoint,
@@ -545,7 +570,7 @@ pub fn build(
 impl Outbound {
     /// Process one inner packet read from the TUN. On `Send` the buffer holds the ESP packet
     /// (or the unchanged inner packet for IP-in-IP); on `ToTun` an ICMP error for the sender.
-    pub fn process(&mut self, buf: &mut PacketBuf, now: u64) -> Verdict {
+    pub fn process(&self, buf: &mut PacketBuf, now: u64) -> Verdict {
         let v = self.process_inner(buf, now);
         if let Verdict::Drop(r) = v {
             self.stats.count_drop(r);
@@ -553,7 +578,7 @@ impl Outbound {
         v
     }
 
-    fn process_inner(&mut self, buf: &mut PacketBuf, now: u64) -> Verdict {
+    fn process_inner(&self, buf: &mut PacketBuf, now: u64) -> Verdict {
         let Ok(inner) = InnerPacket::parse(buf.as_slice()) else {
             return Verdict::Drop(DropReason::Malformed);
         };
@@ -571,14 +596,12 @@ impl Outbound {
             return Verdict::Drop(DropReason::Malformed);
         }
         let len = buf.len() as u64;
-        let peer = &mut self.peers[idx];
-        let protocol = match &mut peer.sa {
+        let peer = &self.peers[idx];
+        let protocol = match &peer.sa {
             Some(sa) => {
-                if !peer.lifetime.allows(&peer.used, len, now) {
+                if !peer.lifetime.take(&peer.used, len, now) {
                     return Verdict::Drop(DropReason::LifetimeExpired);
                 }
-                peer.used.packets += 1;
-                peer.used.bytes += len;
                 let nh = if inner.is_ipv4() {
                     NEXT_HEADER_IPV4
                 } else {
@@ -612,7 +635,7 @@ impl Outbound {
         }
     }
 
-    fn too_big(&mut self, buf: &mut PacketBuf, inner: &InnerPacket) -> Verdict {
+    fn too_big(&self, buf: &mut PacketBuf, inner: &InnerPacket) -> Verdict {
         let mtu = self.tunnel.mtu;
         let made = match inner.src {
             IpAddr::V4(_) if !inner.dont_fragment => {
@@ -665,15 +688,15 @@ impl Outbound {
     }
 
     /// Allow peer `idx`'s outbound SA to send up to sequence number `limit`.
-    pub fn set_limit(&mut self, idx: usize, limit: u64) {
-        if let Some(sa) = self.peers.get_mut(idx).and_then(|p| p.sa.as_mut()) {
+    pub fn set_limit(&self, idx: usize, limit: u64) {
+        if let Some(sa) = self.peers.get(idx).and_then(|p| p.sa.as_ref()) {
             sa.set_limit(limit);
         }
     }
 
     /// Continue peer `idx`'s outbound SA from sequence number `seq` (tests, restarts).
-    pub fn set_next_seq(&mut self, idx: usize, seq: u64) {
-        if let Some(sa) = self.peers.get_mut(idx).and_then(|p| p.sa.as_mut()) {
+    pub fn set_next_seq(&self, idx: usize, seq: u64) {
+        if let Some(sa) = self.peers.get(idx).and_then(|p| p.sa.as_ref()) {
             sa.set_next_seq(seq);
         }
     }

@@ -16,6 +16,7 @@ use crate::buf::PacketBuf;
 use crate::replay::{ReplayError, ReplayWindow};
 use crate::wire::esp::{self, EspPacket, EspRepr};
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use std::sync::atomic::{AtomicU64, Ordering};
 use zeroize::Zeroizing;
 
 /// Salt length appended to the key in the `ip xfrm` layout (RFC 4106 section 8.1, RFC 7634 section 2).
@@ -276,10 +277,14 @@ pub struct OutboundSa {
     cipher: Cipher,
     esn: bool,
     fingerprint: String,
-    /// Next sequence number to send (64-bit; only the low 32 bits travel).
-    next_seq: u64,
-    /// Highest sequence number the edge has reserved on stable storage.
-    limit: u64,
+    /// Next sequence number to send (64-bit; only the low 32 bits travel). Taken with one
+    /// atomic compare-and-swap per packet (wireguard-go's send nonce is one atomic add), so
+    /// the TX thread, a hub's relay on the RX thread and `espip show` share the SA without a
+    /// lock.
+    next_seq: AtomicU64,
+    /// Highest sequence number the edge has reserved on stable storage; published by the
+    /// control side after the reservation is durable.
+    limit: AtomicU64,
 }
 
 impl OutboundSa {
@@ -291,20 +296,20 @@ impl OutboundSa {
             cipher: key.cipher(),
             esn,
             fingerprint: key.fingerprint(),
-            next_seq: 1,
-            limit: u64::MAX,
+            next_seq: AtomicU64::new(1),
+            limit: AtomicU64::new(u64::MAX),
         }
     }
 
     /// The highest sequence number that may be sent (a reservation persisted by the edge so
     /// that a restart never repeats a sequence number, and so a nonce, under this key).
     pub fn limit(&self) -> u64 {
-        self.limit
+        self.limit.load(Ordering::Acquire)
     }
 
-    /// Allow sending up to `limit`.
-    pub fn set_limit(&mut self, limit: u64) {
-        self.limit = limit;
+    /// Allow sending up to `limit` (after the reservation is on stable storage).
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Release);
     }
 
     /// A short fingerprint of the key (first 8 bytes of SHA-256 over key || salt, hex): state
@@ -330,33 +335,41 @@ impl OutboundSa {
 
     /// The next sequence number that will be sent.
     pub fn next_seq(&self) -> u64 {
-        self.next_seq
+        self.next_seq.load(Ordering::Relaxed)
     }
 
     /// Continue from `seq` (for a restarted sender that persisted its high-water mark; tests).
-    pub fn set_next_seq(&mut self, seq: u64) {
-        self.next_seq = seq.max(1);
+    pub fn set_next_seq(&self, seq: u64) {
+        self.next_seq.store(seq.max(1), Ordering::Relaxed);
     }
 
-    fn take_seq(&mut self) -> Result<u64, EspError> {
-        let seq = self.next_seq;
-        let limit = if self.esn {
+    /// Take the next sequence number: one compare-and-swap, never past the end of the space
+    /// (2^32 - 1 without ESN) or the persisted reservation. A refused number is not consumed.
+    fn take_seq(&self) -> Result<u64, EspError> {
+        let end = if self.esn {
             u64::MAX
         } else {
             u64::from(u32::MAX)
         };
-        if seq > limit || seq == 0 {
-            return Err(EspError::SeqExhausted);
-        }
-        if seq > self.limit {
-            return Err(EspError::SeqUnreserved);
-        }
-        self.next_seq = seq.wrapping_add(1);
-        Ok(seq)
+        let reserved = self.limit.load(Ordering::Acquire);
+        let mut why = EspError::SeqExhausted;
+        self.next_seq
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |seq| {
+                if seq > end || seq == 0 {
+                    why = EspError::SeqExhausted;
+                    None
+                } else if seq > reserved {
+                    why = EspError::SeqUnreserved;
+                    None
+                } else {
+                    Some(seq.wrapping_add(1))
+                }
+            })
+            .map_err(|_| why)
     }
 
     /// Wrap the inner packet in `buf` in ESP, in place. `next_header` is 4 (IPv4) or 41 (IPv6).
-    pub fn encapsulate(&mut self, buf: &mut PacketBuf, next_header: u8) -> Result<u64, EspError> {
+    pub fn encapsulate(&self, buf: &mut PacketBuf, next_header: u8) -> Result<u64, EspError> {
         if buf.headroom() < esp::field::PAYLOAD
             || buf.tailroom() < esp::ALIGN - 1 + esp::TRAILER_LEN + esp::ICV_LEN
         {
@@ -523,7 +536,7 @@ mod tests {
     fn round_trip_every_cipher_and_length() {
         for c in Cipher::ALL {
             for esn in [false, true] {
-                let mut tx = OutboundSa::new(0x1001, &key(c), esn);
+                let tx = OutboundSa::new(0x1001, &key(c), esn);
                 let mut rx = InboundSa::new(0x1001, &key(c), esn, 64);
                 for len in [0usize, 1, 2, 3, 4, 5, 20, 1400] {
                     let inner: Vec<u8> = (0..len).map(|i| i as u8).collect();
@@ -548,7 +561,7 @@ mod tests {
     #[test]
     fn replay_and_tamper_are_refused_and_do_not_advance() {
         let c = Cipher::Aes128Gcm;
-        let mut tx = OutboundSa::new(7, &key(c), false);
+        let tx = OutboundSa::new(7, &key(c), false);
         let mut rx = InboundSa::new(7, &key(c), false, 32);
         let mut b = PacketBuf::from_slice(&[0x45; 40]);
         tx.encapsulate(&mut b, 4).unwrap();
@@ -574,13 +587,13 @@ mod tests {
     #[test]
     fn sequence_exhaustion_without_esn() {
         let c = Cipher::Aes128Gcm;
-        let mut tx = OutboundSa::new(7, &key(c), false);
+        let tx = OutboundSa::new(7, &key(c), false);
         tx.set_next_seq(u64::from(u32::MAX));
         let mut b = PacketBuf::from_slice(&[0x45; 20]);
         assert_eq!(tx.encapsulate(&mut b, 4), Ok(u64::from(u32::MAX)));
         let mut b = PacketBuf::from_slice(&[0x45; 20]);
         assert_eq!(tx.encapsulate(&mut b, 4), Err(EspError::SeqExhausted));
-        let mut esn = OutboundSa::new(7, &key(c), true);
+        let esn = OutboundSa::new(7, &key(c), true);
         esn.set_next_seq(u64::from(u32::MAX));
         esn.encapsulate(&mut PacketBuf::from_slice(&[0x45; 20]), 4)
             .unwrap();
@@ -590,7 +603,7 @@ mod tests {
     #[test]
     fn the_reservation_limit_stops_sending() {
         let c = Cipher::Aes128Gcm;
-        let mut tx = OutboundSa::new(7, &key(c), false);
+        let tx = OutboundSa::new(7, &key(c), false);
         tx.set_limit(2);
         for want in [
             Ok(1),

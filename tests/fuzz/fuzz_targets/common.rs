@@ -72,7 +72,7 @@ pub fn build(esn: bool) -> (Outbound, Inbound) {
         relay: false,
         mtu: 1400,
     };
-    let (mut out, inb, _) = datapath::build(&peers(esn), tunnel, NatTable::default()).unwrap();
+    let (out, inb, _) = datapath::build(&peers(esn), tunnel, NatTable::default()).unwrap();
     out.set_limit(0, u64::MAX);
     (out, inb)
 }

@@ -12,7 +12,7 @@ use espip::sa::InboundSa;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let (mut out, _) = build(false);
+    let (out, _) = build(false);
     let mut peer = InboundSa::new(SPI_OUT, &key(&KEY_OUT), false, 64);
     let mut peer_udp = InboundSa::new(0x2001, &key(&KEY_OUT), false, 64);
     for (_, bytes) in records(data) {
