@@ -1,0 +1,680 @@
+//! The TOML configuration: parsing, validation with errors that name the key, the bad value and
+//! what is expected, and key files with ssh-like permission checks.
+//!
+//! One module per section: [`raw`] is the file as serde reads it; `interface`, `peer`, `nat`
+//! and `capture` validate their section into the types below, each error naming the key, the
+//! value found and what to write instead.
+
+mod capture;
+mod interface;
+mod nat;
+mod peer;
+mod raw;
+
+use crate::datapath::PeerSpec;
+use crate::prefix::Prefix;
+pub use peer::Mode;
+use raw::{RawConfig, RawMetrics};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+/// Default replay window in packets (Linux `ip xfrm` users commonly pick 32-4096; 1024 tolerates
+/// the reordering of multi-queue paths at high rates).
+pub const DEFAULT_REPLAY_WINDOW: u32 = 1024;
+
+/// Largest accepted replay window: the bitmap costs one bit per packet.
+pub const MAX_REPLAY_WINDOW: u32 = 1 << 20;
+
+/// Smallest tunnel MTU: IPv4 hosts must accept 576-byte datagrams (RFC 791).
+pub const MIN_MTU_V4: u16 = 576;
+
+/// Smallest tunnel MTU when the interface carries IPv6 (RFC 8200 section 5).
+pub const MIN_MTU_V6: u16 = 1280;
+
+/// A configuration error.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax or an unknown/mistyped key.
+    #[error("{path}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// toml's message (it names the line and key).
+        message: String,
+    },
+    /// A value is wrong.
+    #[error("{key} = {value}: {expected}")]
+    Invalid {
+        /// Where: `interface.mtu`, `peer "b".spi_out`, ...
+        key: String,
+        /// The value as given.
+        value: String,
+        /// What is expected instead.
+        expected: String,
+    },
+    /// A key file owned by someone other than root (or the user running espip).
+    #[error("{key}: key file {path} belongs to uid {uid}; a key file must belong to root (or to the user running espip): `chown root: {path}`, after checking who wrote it")]
+    KeyFileOwner {
+        /// Which key.
+        key: String,
+        /// The file (links resolved).
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+    },
+    /// A key file others can read.
+    #[error("{key}: key file {path} has mode {mode:04o}, readable by group or others; run `chmod 600 {path}` (and keep it owned by root)")]
+    KeyFilePermissions {
+        /// Which key.
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// Its mode bits.
+        mode: u32,
+    },
+}
+
+fn invalid(
+    key: impl Into<String>,
+    value: impl ToString,
+    expected: impl Into<String>,
+) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        value: value.to_string(),
+        expected: expected.into(),
+    }
+}
+
+/// The `[capture]` section, validated: pcap taps on the TUN side and the wire side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture {
+    /// Where `<interface>-inner.pcap` and `<interface>-outer.pcap` are written.
+    pub dir: PathBuf,
+    /// Tap the inner packets (as read from / written to the TUN).
+    pub inner: bool,
+    /// Tap the outer packets (as sent / received on the raw sockets).
+    pub outer: bool,
+    /// A file is rotated when it would grow past this many bytes.
+    pub max_file_bytes: u64,
+    /// Files kept per tap, the current one included (`x.pcap`, `x.pcap.1`, ...).
+    pub files: u32,
+    /// Bytes kept of each packet.
+    pub snaplen: u32,
+}
+
+/// Default `capture.max_file_mb`.
+pub const DEFAULT_CAPTURE_FILE_MB: u64 = 64;
+
+/// Default `capture.files`.
+pub const DEFAULT_CAPTURE_FILES: u32 = 4;
+
+/// Default directory of the control sockets.
+pub const DEFAULT_CONTROL_DIR: &str = "/run/espip";
+
+/// What the daemon does with the netfilter rules of the NAT helper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RulesMode {
+    /// Install on start (after removing stale ones), remove on stop.
+    Apply,
+    /// Only print them at start; the user installs them.
+    Print,
+    /// Neither.
+    Off,
+}
+
+/// The `[nat]` section, validated.
+#[derive(Debug, Clone)]
+pub struct Nat {
+    /// The real <-> alias mappings.
+    pub maps: Vec<crate::nat::NatMap>,
+    /// Inner source prefixes whose traffic leaving through another interface is masqueraded
+    /// (a hub giving its clients a way out).
+    pub masquerade: Vec<Prefix>,
+    /// What happens to the rules.
+    pub rules: RulesMode,
+}
+
+/// An address on the TUN, with its prefix length (host bits kept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IfAddr {
+    /// The address.
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub len: u8,
+}
+
+impl std::fmt::Display for IfAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// The `[interface]` section, validated.
+#[derive(Debug, Clone)]
+pub struct Interface {
+    /// TUN device name.
+    pub name: String,
+    /// Addresses set on the TUN.
+    pub addresses: Vec<IfAddr>,
+    /// Tunnel MTU; `None`: derived from the path MTU to the endpoints.
+    pub mtu: Option<u16>,
+    /// Outer source address.
+    pub local: Option<IpAddr>,
+    /// Where sequence number reservations are kept.
+    pub state_dir: PathBuf,
+    /// Turn on IPv4 forwarding (`net.ipv4.ip_forward`) while running; restored on stop.
+    pub forward: bool,
+    /// Reverse-path filter for the TUN while running; restored on stop.
+    pub rp_filter: Option<RpFilter>,
+    /// The control socket `espip show` and `espip sa` talk to (root only).
+    pub control: PathBuf,
+    /// The user the daemon becomes after setup (keeping `CAP_NET_ADMIN` and `CAP_NET_RAW`);
+    /// `None`: it stays root.
+    pub user: Option<String>,
+    /// TUN offloads: TSO/checksum offload on the TUN, segmented by espip.
+    pub offload: bool,
+    /// The local UDP port ESP-in-UDP peers (`mode = "esp-udp"`) send to.
+    pub listen_port: u16,
+}
+
+/// Default `interface.user`.
+pub const DEFAULT_USER: &str = "espip";
+
+/// Reverse-path filtering modes (`net.ipv4.conf.*.rp_filter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpFilter {
+    /// 0: no check.
+    Off,
+    /// 1: the source must be routed back through the receiving interface.
+    Strict,
+    /// 2: the source must be routable through any interface.
+    Loose,
+}
+
+impl RpFilter {
+    /// The sysctl value.
+    pub fn value(self) -> u8 {
+        match self {
+            RpFilter::Off => 0,
+            RpFilter::Strict => 1,
+            RpFilter::Loose => 2,
+        }
+    }
+}
+
+/// Default `interface.state_dir`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/espip";
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The interface.
+    pub interface: Interface,
+    /// The peers.
+    pub peers: Vec<PeerSpec>,
+    /// The NAT helper.
+    pub nat: Nat,
+    /// Capture taps, if configured.
+    pub capture: Option<Capture>,
+    /// Where the Prometheus metrics are served, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Things that are allowed but probably not meant (printed by `check`, logged by `run`).
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// Read and validate a configuration file. Relative key file paths are resolved against
+    /// the configuration file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
+        let read_err = |source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut f = std::fs::File::open(path).map_err(read_err)?;
+        let meta = f.metadata().map_err(read_err)?;
+        // Root takes this file as its instructions (paths it writes, commands it runs): one
+        // another user could have written is refused, like a key file.
+        let me = nix::unistd::geteuid().as_raw();
+        if (meta.uid() != 0 && meta.uid() != me) || meta.mode() & 0o022 != 0 {
+            return Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "it belongs to uid {} with mode {:04o}; a configuration must belong to root (or the user running espip) and not be writable by group or others: `chown root: {p} && chmod 600 {p}`",
+                    meta.uid(),
+                    meta.mode() & 0o7777,
+                    p = path.display()
+                )),
+            });
+        }
+        // The text may hold inline keys: wiped when dropped.
+        let mut text = zeroize::Zeroizing::new(String::new());
+        f.read_to_string(&mut text).map_err(read_err)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base).map_err(|e| match e {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Validate configuration text; `base` resolves relative key file paths.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: PathBuf::from("<config>"),
+            message: explain_toml(text, &e),
+        })?;
+        let mut warnings = Vec::new();
+        let interface = interface::interface(raw.interface, base)?;
+        if raw.peer.is_empty() {
+            return Err(invalid(
+                "peer",
+                "(none)",
+                "at least one [[peer]] section with name, endpoint, allowed_ips and mode",
+            ));
+        }
+        let mut peers: Vec<PeerSpec> = Vec::new();
+        for p in raw.peer {
+            let spec = peer::peer(p, base, &mut warnings)?;
+            if peers.iter().any(|q| q.name == spec.name) {
+                return Err(invalid(
+                    format!("peer {:?}.name", spec.name),
+                    format!("{:?}", spec.name),
+                    "a name no other peer has",
+                ));
+            }
+            if Some(spec.endpoint) == interface.local {
+                return Err(invalid(
+                    format!("peer {:?}.endpoint", spec.name),
+                    spec.endpoint,
+                    "the peer's address, not this host's own interface.local",
+                ));
+            }
+            peers.push(spec);
+        }
+        if matches!(
+            interface.rp_filter,
+            Some(RpFilter::Loose | RpFilter::Strict)
+        ) && !interface.addresses.iter().any(|a| a.addr.is_ipv4())
+        {
+            warnings.push(format!(
+                "interface.rp_filter = {:?} on an interface without an IPv4 address: Linux then drops every packet whose source is routed elsewhere; use \"off\" or give {} an address",
+                if interface.rp_filter == Some(RpFilter::Loose) { "loose" } else { "strict" },
+                interface.name
+            ));
+        }
+        if let Some(mtu) = interface.mtu {
+            if mtu < MIN_MTU_V6 && interface.addresses.iter().any(|a| a.addr.is_ipv6()) {
+                return Err(invalid(
+                    "interface.mtu",
+                    mtu,
+                    format!("at least {MIN_MTU_V6} when the interface has an IPv6 address (RFC 8200 minimum MTU)"),
+                ));
+            }
+        }
+        let nat = nat::nat(raw.nat)?;
+        let capture = capture::capture(raw.capture, base, &interface.name)?;
+        let metrics = metrics(raw.metrics)?;
+        // Catch what `datapath::build` would refuse, with the same words, before any setup.
+        let tunnel = crate::datapath::TunnelSpec {
+            relay: false,
+            mtu: 1400,
+        };
+        crate::datapath::build(&peers, tunnel, crate::nat::NatTable::default())
+            .map_err(|e| invalid("peer", "(several)", e.to_string()))?;
+        let cfg = Config {
+            interface,
+            peers,
+            nat,
+            capture,
+            metrics,
+            warnings,
+        };
+        cfg.check_routes()?;
+        Ok(cfg)
+    }
+
+    /// The NAT table of the data path.
+    pub fn nat_table(&self) -> crate::nat::NatTable {
+        crate::nat::NatTable::new(self.nat.maps.clone())
+    }
+
+    /// The prefixes routed into the TUN: every `allowed_ips` prefix except those inside a NAT
+    /// `real` prefix (they are on-link; a local DNAT moves traffic for them into the alias),
+    /// and every NAT `alias` prefix.
+    pub fn routes(&self) -> Vec<Prefix> {
+        let inside_real = |p: &Prefix| {
+            self.nat
+                .maps
+                .iter()
+                .any(|m| m.real.contains(p.addr()) && p.len() >= m.real.len())
+        };
+        let mut out: Vec<Prefix> = self
+            .peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().copied())
+            .filter(|p| !inside_real(p))
+            .collect();
+        let accept_only: Vec<Prefix> = self
+            .peers
+            .iter()
+            .filter(|p| !p.route)
+            .flat_map(|p| p.allowed_ips.iter().copied())
+            .collect();
+        out.retain(|p| !accept_only.contains(p));
+        out.extend(self.nat.maps.iter().map(|m| m.alias));
+        out
+    }
+
+    fn check_routes(&self) -> Result<(), ConfigError> {
+        for r in self.routes() {
+            for p in &self.peers {
+                if r.contains(p.endpoint) {
+                    return Err(invalid(
+                        format!("peer {:?}.allowed_ips", p.name),
+                        r,
+                        format!(
+                            "prefixes that do not contain a peer endpoint ({} is inside it, so the tunnel's own packets would be routed into the tunnel); for a peer on the same LAN, add a [[nat.map]] whose real prefix covers it",
+                            p.endpoint
+                        ),
+                    ));
+                }
+            }
+        }
+        for m in &self.nat.maps {
+            for p in &self.peers {
+                for a in &p.allowed_ips {
+                    if m.alias.contains(a.addr()) || a.contains(m.alias.addr()) {
+                        return Err(invalid(
+                            format!("peer {:?}.allowed_ips", p.name),
+                            a,
+                            format!("a prefix that does not overlap the NAT alias prefix {} (this one does): list the peer's real addresses; espip maps them to the alias itself", m.alias),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn metrics(raw: Option<RawMetrics>) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    let Some(listen) = raw.and_then(|r| r.listen) else {
+        return Ok(None);
+    };
+    listen.trim().parse().map(Some).map_err(|_| {
+        invalid(
+            "metrics.listen",
+            format!("{listen:?}"),
+            "an address and port of this host, e.g. \"127.0.0.1:9587\" (IPv6: \"[::1]:9587\")",
+        )
+    })
+}
+
+/// toml's message for a mistyped value names the line but not the key (`invalid type: string
+/// "1400", expected i64`): prefix the dotted key and say what to write.
+fn explain_toml(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.to_string().trim_end().to_string();
+    let Some(span) = e.span() else { return msg };
+    let before = &text[..span.start.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = &text[line_start..];
+    let line = line.split('\n').next().unwrap_or("");
+    let Some((key, _)) = line.split_once('=') else {
+        return msg;
+    };
+    let key = key.trim();
+    let section = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let full = match section {
+        Some(sec) => format!("{sec}.{key}"),
+        None => key.to_string(),
+    };
+    let hint = if msg.contains("expected i64") || msg.contains("expected u") {
+        Some("a whole number, without quotes (e.g. `mtu = 1400`)")
+    } else if msg.contains("expected a boolean") {
+        Some("true or false, without quotes")
+    } else if msg.contains("expected a string") {
+        Some("a quoted string")
+    } else if msg.contains("expected a sequence") {
+        Some("a list in brackets, e.g. [\"10.4.2.5/32\"]")
+    } else {
+        None
+    };
+    match hint {
+        Some(h) => format!("{full}: {h}\n{msg}"),
+        None => format!("{full}: {msg}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::EncapSpec;
+
+    const KEY16: &str = "0x000102030405060708090a0b0c0d0e0f10111213";
+    const KEY16B: &str = "0x100102030405060708090a0b0c0d0e0f10111213";
+
+    fn base(extra: &str) -> String {
+        format!(
+            r#"
+[interface]
+name = "espip0"
+address = ["10.4.2.99/24"]
+local = "192.0.2.1"
+
+[[peer]]
+name = "b"
+endpoint = "192.0.2.2"
+allowed_ips = ["10.4.2.5/32"]
+mode = "esp"
+cipher = "aes-128-gcm"
+spi_out = "0x00001001"
+spi_in = 4098
+key_out = "{KEY16}"
+key_in = "{KEY16B}"
+{extra}
+"#
+        )
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new(".")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_issue_example_parses() {
+        let c = Config::parse(&base(""), Path::new(".")).unwrap();
+        assert_eq!(c.interface.name, "espip0");
+        assert_eq!(c.peers.len(), 1);
+        match &c.peers[0].encap {
+            EncapSpec::Esp {
+                spi_out,
+                spi_in,
+                replay_window,
+                esn,
+                ..
+            } => {
+                assert_eq!(
+                    (*spi_out, *spi_in, *replay_window, *esn),
+                    (0x1001, 0x1002, 1024, false)
+                );
+            }
+            _ => panic!("esp expected"),
+        }
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn errors_name_key_value_and_expectation() {
+        let e = err(&base("").replace("\"aes-128-gcm\"", "\"aes-gcm\""));
+        assert!(
+            e.contains("peer \"b\".cipher")
+                && e.contains("aes-gcm")
+                && e.contains("chacha20-poly1305"),
+            "{e}"
+        );
+        let e = err(&base("").replace("spi_in = 4098", "spi_in = 7"));
+        assert!(e.contains("spi_in = 7") && e.contains("reserved"), "{e}");
+        let e = err(&base("").replace(KEY16B, "0x1234"));
+        assert!(
+            e.contains("key_in") && e.contains("2 bytes") && e.contains("genkey"),
+            "{e}"
+        );
+        assert!(!e.contains("1234"), "keys never echoed: {e}");
+        let e = err(&base("replay_window = 0\nesn = true"));
+        assert!(e.contains("replay_window"), "{e}");
+        let e = err(&base("colour = \"red\""));
+        assert!(e.contains("colour"), "{e}");
+        let e = err(&base("").replace("192.0.2.2", "192.0.2.300"));
+        assert!(e.contains("endpoint") && e.contains("192.0.2.300"), "{e}");
+        let e = err(&base("").replace("espip0", "a-name-that-is-too-long"));
+        assert!(e.contains("interface.name"), "{e}");
+        let e = err(&base("").replace("mode = \"esp\"", "mode = \"gre\""));
+        assert!(e.contains("\"esp-udp\""), "{e}");
+    }
+
+    #[test]
+    fn esp_udp_takes_a_port_and_the_others_refuse_one() {
+        let udp = base("").replace("mode = \"esp\"", "mode = \"esp-udp\"");
+        let c = Config::parse(&udp, Path::new(".")).unwrap();
+        assert_eq!(c.interface.listen_port, 4500);
+        assert!(matches!(
+            c.peers[0].encap,
+            EncapSpec::Esp {
+                udp_port: Some(4500),
+                ..
+            }
+        ));
+        let c = Config::parse(
+            &udp.replace("\"192.0.2.2\"", "\"192.0.2.2:14500\"")
+                .replace("[interface]", "[interface]\nlisten_port = 14501"),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(c.interface.listen_port, 14501);
+        assert_eq!(c.peers[0].endpoint.to_string(), "192.0.2.2");
+        assert!(matches!(
+            c.peers[0].encap,
+            EncapSpec::Esp {
+                udp_port: Some(14500),
+                ..
+            }
+        ));
+        let e = err(&base("").replace("\"192.0.2.2\"", "\"192.0.2.2:4500\""));
+        assert!(e.contains("endpoint") && e.contains("esp-udp"), "{e}");
+        let e = err(&udp.replace("\"192.0.2.2\"", "\"192.0.2.2:0\""));
+        assert!(e.contains("endpoint") && e.contains("1 to 65535"), "{e}");
+        let e = err(&udp.replace("[interface]", "[interface]\nlisten_port = 70000"));
+        assert!(
+            e.contains("interface.listen_port") && e.contains("70000"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ipip_refuses_keys_and_warns() {
+        let text = r#"
+[interface]
+name = "espip0"
+[[peer]]
+name = "b"
+endpoint = "192.0.2.2"
+allowed_ips = ["10.4.2.5/32"]
+mode = "ipip"
+"#;
+        let c = Config::parse(text, Path::new(".")).unwrap();
+        assert!(c.warnings[0].contains("unencrypted"));
+        let e = err(&format!("{text}cipher = \"aes-128-gcm\"\n"));
+        assert!(e.contains("cipher") && e.contains("ipip"), "{e}");
+    }
+
+    #[test]
+    fn key_file_permissions_are_enforced() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("espip-cfg-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("b.key");
+        std::fs::write(&f, format!("{KEY16B}\n")).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = base("").replace(&format!("key_in = \"{KEY16B}\""), "key_in_file = \"b.key\"");
+        let e = Config::parse(&text, &dir).unwrap_err();
+        assert!(
+            matches!(e, ConfigError::KeyFilePermissions { mode: 0o644, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("chmod 600"));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Config::parse(&text, &dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn duplicate_spi_and_prefix_are_refused() {
+        let second = format!(
+            r#"
+[[peer]]
+name = "c"
+endpoint = "192.0.2.3"
+allowed_ips = ["10.4.2.5/32"]
+mode = "esp"
+cipher = "aes-128-gcm"
+spi_out = 5000
+spi_in = 5001
+key_out = "{KEY16}"
+key_in = "{KEY16B}"
+"#
+        );
+        let e = err(&format!("{}{second}", base("")));
+        assert!(
+            e.contains("10.4.2.5/32") && e.contains("\"b\"") && e.contains("\"c\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn nat_maps_are_validated() {
+        let lan = |nat: &str| {
+            format!(
+                "[interface]\nname = \"espip0\"\n{nat}\n[[peer]]\nname = \"b\"\nendpoint = \"10.0.0.160\"\nallowed_ips = [\"10.0.0.160/32\"]\nmode = \"ipip\"\n"
+            )
+        };
+        let ok = lan("[[nat.map]]\nreal = \"10.0.0.0/24\"\nalias = \"10.0.1.0/24\"\n");
+        let c = Config::parse(&ok, Path::new(".")).unwrap();
+        assert_eq!(c.nat.rules, RulesMode::Apply, "maps default to apply");
+        assert_eq!(
+            c.routes(),
+            vec!["10.0.1.0/24".parse().unwrap()],
+            "the on-link peer is not routed; the alias is"
+        );
+        let e = err(&lan(
+            "[[nat.map]]\nreal = \"10.0.0.0/24\"\nalias = \"10.0.1.0/25\"\n",
+        ));
+        assert!(e.contains("same size") && e.contains("10.0.1.0/25"), "{e}");
+        let e = err(&lan(
+            "[[nat.map]]\nreal = \"10.0.0.0/16\"\nalias = \"10.0.1.0/16\"\n",
+        ));
+        assert!(e.contains("does not overlap"), "{e}");
+        let e = err(&lan("[nat]\nrules = \"sometimes\"\n[[nat.map]]\nreal = \"10.0.0.0/24\"\nalias = \"10.0.1.0/24\"\n"));
+        assert!(e.contains("nat.rules") && e.contains("print"), "{e}");
+        // Without a map, an on-link peer's address would be routed into the tunnel: a loop.
+        let e = err(&lan(""));
+        assert!(e.contains("nat.map") && e.contains("10.0.0.160"), "{e}");
+    }
+}

@@ -1,0 +1,97 @@
+//! The TOML file as serde reads it: every key optional or typed loosely, so that validation
+//! (in the section modules) can name the key, the value found and what to write instead.
+
+use serde::Deserialize;
+use std::path::PathBuf;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub(super) interface: RawInterface,
+    #[serde(default)]
+    pub(super) peer: Vec<RawPeer>,
+    pub(super) nat: Option<RawNat>,
+    pub(super) capture: Option<RawCapture>,
+    pub(super) metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCapture {
+    pub(super) dir: Option<PathBuf>,
+    pub(super) inner: Option<bool>,
+    pub(super) outer: Option<bool>,
+    pub(super) max_file_mb: Option<i64>,
+    pub(super) files: Option<i64>,
+    pub(super) snaplen: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMetrics {
+    pub(super) listen: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNat {
+    pub(super) rules: Option<String>,
+    #[serde(default)]
+    pub(super) map: Vec<RawMap>,
+    #[serde(default)]
+    pub(super) masquerade: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMap {
+    pub(super) real: String,
+    pub(super) alias: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawInterface {
+    pub(super) name: String,
+    #[serde(default)]
+    pub(super) address: Vec<String>,
+    pub(super) mtu: Option<i64>,
+    pub(super) local: Option<String>,
+    pub(super) state_dir: Option<PathBuf>,
+    pub(super) forward: Option<bool>,
+    pub(super) rp_filter: Option<String>,
+    pub(super) control: Option<PathBuf>,
+    pub(super) user: Option<String>,
+    pub(super) offload: Option<bool>,
+    pub(super) listen_port: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum SpiValue {
+    Int(i64),
+    Str(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPeer {
+    pub(super) name: String,
+    pub(super) endpoint: String,
+    #[serde(default)]
+    pub(super) allowed_ips: Vec<String>,
+    pub(super) mode: String,
+    pub(super) cipher: Option<String>,
+    pub(super) spi_out: Option<SpiValue>,
+    pub(super) spi_in: Option<SpiValue>,
+    pub(super) key_out: Option<zeroize::Zeroizing<String>>,
+    pub(super) key_in: Option<zeroize::Zeroizing<String>>,
+    pub(super) key_out_file: Option<PathBuf>,
+    pub(super) key_in_file: Option<PathBuf>,
+    pub(super) replay_window: Option<i64>,
+    pub(super) esn: Option<bool>,
+    pub(super) route: Option<bool>,
+    pub(super) lifetime_packets: Option<i64>,
+    pub(super) lifetime_bytes: Option<i64>,
+    pub(super) lifetime_seconds: Option<i64>,
+}
