@@ -8,10 +8,7 @@ use common::*;
 
 #[test]
 fn metrics_and_control_socket() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let h = half_lab_with(
         "metrics",
         Cipher::Aes128Gcm,

@@ -8,10 +8,7 @@ use common::*;
 
 #[test]
 fn hostile_packets_are_dropped_with_the_right_counter_and_never_answered() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let cipher = Cipher::Aes128Gcm;
     let mut h = half_lab("hostile", cipher);
     let before = status(&h);
@@ -78,10 +75,7 @@ fn hostile_packets_are_dropped_with_the_right_counter_and_never_answered() {
 
 #[test]
 fn a_30_second_garbage_flood_does_not_stop_a_transfer() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     const BYTES: u64 = 20_000_000;
     const FLOOD_SECONDS: u64 = 30;
     let mut pair = full_pair("flood", Cipher::Aes128Gcm, "");

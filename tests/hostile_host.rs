@@ -98,10 +98,7 @@ fn start(ns: &Netns, cfg: &Path, log: &Path) -> Result<Daemon, String> {
 /// next root start; nothing espip did not create changes owner.
 #[test]
 fn what_the_daemon_user_writes_is_never_obeyed_by_the_next_root_start() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let u = daemon_user();
     let s = Scratch::new("state");
     let d = &s.0;
@@ -281,10 +278,7 @@ fn what_the_daemon_user_writes_is_never_obeyed_by_the_next_root_start() {
 /// replay.
 #[test]
 fn sequence_numbers_never_restart_under_the_same_key() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let s = Scratch::new("seq");
     let d = &s.0;
     let (a, b) = p2p::topology("hseq").unwrap();
@@ -340,12 +334,7 @@ fn sequence_numbers_never_restart_under_the_same_key() {
             .args(["-c", "5", "-i", "0.2", "-W", "1", "10.4.2.5"]),
     );
     assert!(da.stop().unwrap());
-    let b_status = || -> espip::status::Status {
-        serde_json::from_slice(
-            &espip::control::request(&d.join("state-b/control.sock"), "status").unwrap(),
-        )
-        .unwrap()
-    };
+    let b_status = || status_at(&d.join("state-b/control.sock"));
     // B checks the window before the ICV (RFC 4303 3.4.3): ChaCha20's numbers 1.. that B has
     // seen under the AES key count as replays, the rest as bad ICVs. The count so far:
     let replays_before = b_status().drops["replay"];
@@ -416,10 +405,7 @@ fn sequence_numbers_never_restart_under_the_same_key() {
 /// nothing a daemon could turn into a command; `--write` leaves the keys 0600.
 #[test]
 fn only_root_is_answered_and_the_client_trusts_only_root() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let s = Scratch::new("ctl");
     let d = &s.0;
     let (a, _b) = p2p::topology("hctl").unwrap();
@@ -561,10 +547,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 /// daemon's descriptors nor make it spin; root's `espip show` still answers.
 #[test]
 fn a_connection_flood_on_the_metrics_port_starves_nothing() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let s = Scratch::new("flood");
     let d = &s.0;
     let (a, _b) = p2p::topology("hfd").unwrap();
@@ -630,10 +613,7 @@ fn a_connection_flood_on_the_metrics_port_starves_nothing() {
 /// own counter.
 #[test]
 fn kernel_drops_on_the_tun_queue_are_reported() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let s = Scratch::new("kdrop");
     let d = &s.0;
     let (a, _b) = p2p::topology("hkd").unwrap();
@@ -652,10 +632,7 @@ fn kernel_drops_on_the_tun_queue_are_reported() {
     let link = a.ip(&["-s", "-j", "link", "show", "espip0"]).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&link.stdout).unwrap();
     let dev_dropped = v[0]["stats64"]["tx"]["dropped"].as_u64().unwrap();
-    let st: espip::status::Status = serde_json::from_slice(
-        &espip::control::request(&d.join("state/control.sock"), "status").unwrap(),
-    )
-    .unwrap();
+    let st = status_at(&d.join("state/control.sock"));
     assert!(dev_dropped > 0, "the flood overran the queue");
     assert_eq!(st.kernel_drops["tun_tx_queue"], dev_dropped, "{st:?}");
     assert!(
@@ -671,10 +648,7 @@ fn kernel_drops_on_the_tun_queue_are_reported() {
 /// from espip's ICMP and its next packets fit.
 #[test]
 fn a_local_sender_learns_the_tunnel_mtu_from_espips_icmp() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let s = Scratch::new("pmtu");
     let d = &s.0;
     let (a, b) = p2p::topology("hpmtu").unwrap();
@@ -720,10 +694,7 @@ fn a_local_sender_learns_the_tunnel_mtu_from_espips_icmp() {
     // What fits the learned MTU crosses.
     let (ok, fits) = ping("1418");
     assert!(ok, "{fits}");
-    let st: espip::status::Status = serde_json::from_slice(
-        &espip::control::request(&d.join("state/control.sock"), "status").unwrap(),
-    )
-    .unwrap();
+    let st = status_at(&d.join("state/control.sock"));
     assert!(st.drops["too_big"] >= 1, "{st:?}");
     drop(da);
 }
@@ -732,10 +703,7 @@ fn a_local_sender_learns_the_tunnel_mtu_from_espips_icmp() {
 /// lifetime gets both warnings within a second; a log written to a file has no colour codes.
 #[test]
 fn keep_tear_down_lifetime_warnings_and_plain_logs() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let out = Command::new(exe())
         .args(["lab", "p2p", "--no-install", "--megabytes", "1", "--keep"])
         .output()

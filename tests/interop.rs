@@ -7,10 +7,7 @@ mod common;
 use common::*;
 
 fn scapy_interop(tag: &str, cipher: Cipher, udp: bool) {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let mode = if udp {
         LabMode::EspUdp(cipher)
     } else {
@@ -121,10 +118,7 @@ fn tshark_decrypts_the_esp_in_udp_outer_tap() {
 }
 
 fn tshark_check(mode: &str) {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let dir = std::env::temp_dir().join(format!("espip-test-tshark-{mode}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     lab(&[

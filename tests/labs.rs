@@ -8,10 +8,7 @@ use common::*;
 
 #[test]
 fn p2p_esp_aes128_50mb() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let t = lab(&["--cipher", "aes-128-gcm", "--megabytes", "50"]);
     assert!(t.contains("no plaintext on the wire"), "{t}");
     assert!(t.contains("7 passed"), "{t}");
@@ -19,38 +16,26 @@ fn p2p_esp_aes128_50mb() {
 
 #[test]
 fn p2p_esp_aes256_esn_50mb() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     lab(&["--cipher", "aes-256-gcm", "--esn", "--megabytes", "50"]);
 }
 
 #[test]
 fn p2p_esp_chacha20_50mb() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     lab(&["--cipher", "chacha20-poly1305", "--megabytes", "50"]);
 }
 
 #[test]
 fn p2p_ipip_50mb() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let t = lab(&["--mode", "ipip", "--megabytes", "50"]);
     assert!(t.contains("only protocol 4"), "{t}");
 }
 
 #[test]
 fn same_lan_lab_50mb() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let text = lab_scenario(&["same-lan", "--megabytes", "50"]);
     for check in [
         "[PASS] HTTP A -> http://10.0.0.160/",
@@ -66,10 +51,7 @@ fn same_lan_lab_50mb() {
 
 #[test]
 fn gateway_lab_and_its_diagnosis() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let run = |extra: &[&str]| {
         let out = Command::new(exe())
             .args(["lab", "gateway", "--no-install"])
@@ -97,10 +79,7 @@ fn gateway_lab_and_its_diagnosis() {
 
 #[test]
 fn upstream_lab() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let text = lab_scenario(&["upstream"]);
     assert!(text.contains("6 passed, 0 failed"), "{text}");
     assert!(
@@ -114,10 +93,7 @@ fn upstream_lab() {
 
 #[test]
 fn hub_lab() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let text = lab_scenario(&["hub"]);
     assert!(text.contains("6 passed, 0 failed"), "{text}");
     assert!(text.contains("H's kernel forwarded 0 datagrams"), "{text}");

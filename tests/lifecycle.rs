@@ -8,10 +8,7 @@ use common::*;
 
 #[test]
 fn sigkill_leaves_nothing_and_restart_works() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let mut h = half_lab("kill", Cipher::Aes128Gcm);
     assert!(h.a.has_link("espip0"));
     assert!(!h
@@ -38,10 +35,7 @@ fn sigkill_leaves_nothing_and_restart_works() {
 /// first packet) stops the daemon cleanly, non-zero, with the reason; nothing is left.
 #[test]
 fn a_dead_data_path_thread_stops_the_daemon_with_the_reason() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     for thread in ["tx", "rx"] {
         let (a, b) = p2p::topology(&format!("dead{thread}")).unwrap();
         let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
@@ -101,10 +95,7 @@ fn a_dead_data_path_thread_stops_the_daemon_with_the_reason() {
 
 #[test]
 fn a_second_daemon_on_the_same_interface_is_refused() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let h = half_lab("twice", Cipher::Aes128Gcm);
     let err = Daemon::start(
         &h.a,
@@ -127,10 +118,7 @@ fn a_second_daemon_on_the_same_interface_is_refused() {
 /// each finds its own.
 #[test]
 fn default_control_sockets_are_per_network_namespace() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let (a, b) = p2p::topology("nsctl").unwrap();
     let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
     let dir = std::env::temp_dir().join(format!("espip-test-nsctl-{}", std::process::id()));
@@ -196,10 +184,7 @@ fn default_control_sockets_are_per_network_namespace() {
 /// used (no nonce reuse), so its peer's replay window accepts it at once.
 #[test]
 fn restart_with_the_same_keys_resumes_without_reusing_sequence_numbers() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let (a, b) = p2p::topology("restart").unwrap();
     let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
     let dir = std::env::temp_dir().join(format!("espip-test-restart-{}", std::process::id()));
@@ -272,10 +257,7 @@ fn restart_with_the_same_keys_resumes_without_reusing_sequence_numbers() {
 
 #[test]
 fn an_unknown_user_is_refused_before_anything_is_set_up() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let (a, _b) = p2p::topology("nouser").unwrap();
     let dir = std::env::temp_dir().join(format!("espip-test-nouser-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -307,10 +289,7 @@ fn an_unknown_user_is_refused_before_anything_is_set_up() {
 
 #[test]
 fn a_full_capture_disk_drops_capture_records_not_packets() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     // A 1 MB tmpfs as the capture directory: full after a few hundred packets.
     let disk =
         std::env::temp_dir().join(format!("espip-test-fulldisk-tmpfs-{}", std::process::id()));

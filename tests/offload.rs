@@ -8,10 +8,7 @@ use common::*;
 
 #[test]
 fn offload_on_one_side_and_off_on_the_other_interoperate() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let mut pair = full_pair("offl", Cipher::Aes128Gcm, "offload = false\n");
     let (a, b) = (&pair.a, &pair.b);
     // Both directions: A segments its TSO packets, B (no offload) reads packet by packet; B's
@@ -27,10 +24,7 @@ fn offload_on_one_side_and_off_on_the_other_interoperate() {
 
 #[test]
 fn tso_and_uso_packets_from_the_tun_are_segmented_and_gro_coalesces() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let pair = full_pair("uso", Cipher::Aes128Gcm, "");
     // B counts the datagrams it receives; A sends 5 x 12000 bytes with UDP_SEGMENT = 1200, so
     // its kernel hands the TUN five 12 KB UDP packets (USO) that espip must cut into 50.
@@ -85,10 +79,7 @@ fn tso_and_uso_packets_from_the_tun_are_segmented_and_gro_coalesces() {
 /// senders' TSO reads leave as UDP GSO trains and the receivers take them coalesced (UDP GRO).
 #[test]
 fn esp_in_udp_moves_trains_of_datagrams_both_ways() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let mode = LabMode::EspUdp(Cipher::Aes128Gcm);
     let mut pair = full_pair_edit("udpgso", mode, Cipher::Aes128Gcm, |me_a, t| {
         if me_a {

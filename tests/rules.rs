@@ -32,10 +32,7 @@ fn espip_rules(ns: &Netns) -> Vec<String> {
 
 #[test]
 fn rules_survive_sigkill_until_restart_and_user_rules_are_untouched() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let (a, _b, dir) = same_lan_host("rules");
     let user_rule = [
         "-t",
@@ -83,10 +80,7 @@ fn rules_survive_sigkill_until_restart_and_user_rules_are_untouched() {
 
 #[test]
 fn wrong_same_lan_setups_get_clear_errors() {
-    if !privileged() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_g) = serial() else { return };
     let (a, _b, dir) = same_lan_host("wrong");
     let cfg = dir.join("a.toml");
     // The alias prefix is on-link.

@@ -20,13 +20,15 @@ pub(super) fn interface(raw: RawInterface, base: &Path) -> Result<Interface, Con
     let mtu = match raw.mtu {
         None => None,
         Some(m) if (i64::from(MIN_MTU_V4)..=65535).contains(&m) => Some(m as u16),
-        Some(m) => return Err(invalid(
-            "interface.mtu",
-            m,
-            format!(
+        Some(m) => {
+            return Err(invalid(
+                "interface.mtu",
+                m,
+                format!(
                 "a number from {MIN_MTU_V4} to 65535, or no mtu key to derive it from the path MTU"
             ),
-        )),
+            ))
+        }
     };
     let local = local(raw.local)?;
     let rp_filter = rp_filter(raw.rp_filter.as_deref())?;

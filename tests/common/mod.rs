@@ -35,6 +35,12 @@ pub fn privileged() -> bool {
     panic!("namespace tests need root (or set ESPIP_SKIP_NETNS=1 to skip them)");
 }
 
+/// The prologue of every namespace test: `None` (skip) without root when ESPIP_SKIP_NETNS is
+/// set, otherwise the guard that runs the heavy tests one at a time.
+pub fn serial() -> Option<std::sync::MutexGuard<'static, ()>> {
+    privileged().then(|| SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 /// Run `espip lab ARGS --no-install`, require it to succeed, and return its report.
 pub fn lab_scenario(args: &[&str]) -> String {
     let out = Command::new(exe())
