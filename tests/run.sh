@@ -44,7 +44,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
-cargo test --workspace --all-targets 2>&1 | tee /tmp/espip-test.log
+cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee /tmp/espip-test.log
 if grep -q '^test result: FAILED' /tmp/espip-test.log; then exit 1; fi
 
 # Fuzzing: each target for FUZZ_SECONDS (default 60) from the seed corpus; new inputs go to a

@@ -160,9 +160,23 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
         ok && body.contains("host S"),
         body.clone(),
     );
-    // TCP's last segments (C's final ACK) leave after curl returns: wait until RA has sent
-    // its last packet, so the capture holds everything its counters will report.
-    super::settle(&work.join("state-ra/control.sock"));
+    let _ = server.kill();
+    let served = server.wait_with_output()?;
+    let log = String::from_utf8_lossy(&served.stdout).to_string();
+    report.check(
+        "S's access log shows C's own address",
+        log.contains("10.0.2.244 \"GET / HTTP"),
+        format!("S's log: {}", log.trim().replace('\n', " | ")),
+    );
+    // TCP's last segments (and C's retransmissions to a stopped S) leave after curl returns:
+    // the relays stop before the capture does, so the capture holds every packet their
+    // counters count. Kept relays keep running: wait until RA has been quiet instead.
+    let stopped = if opts.keep {
+        super::settle(&work.join("state-ra/control.sock"));
+        None
+    } else {
+        Some(dra.stop()? & drb.stop()?)
+    };
     super::stop_capture(tcpdump);
     for o in others {
         super::stop_capture(o);
@@ -185,16 +199,7 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
         up > 0 && down == 0 && replies == 0,
         format!("IP-in-IP RA->RB {up}, RB->RA {down}; S->C packets seen by RA {replies}"),
     );
-    let _ = server.kill();
-    let served = server.wait_with_output()?;
-    let log = String::from_utf8_lossy(&served.stdout).to_string();
-    report.check(
-        "S's access log shows C's own address",
-        log.contains("10.0.2.244 \"GET / HTTP"),
-        format!("S's log: {}", log.trim().replace('\n', " | ")),
-    );
-
-    if opts.keep {
+    let Some(clean) = stopped else {
         report.kept(&[&f, &c, &ra, &rb, &s, &sw_in, &sw_out], Some(&work));
         for d in [dra, drb] {
             std::mem::forget(d);
@@ -203,8 +208,7 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
             std::mem::forget(ns);
         }
         return Ok(report);
-    }
-    let clean = dra.stop()? & drb.stop()?;
+    };
     let field = |d: &Daemon, k: &str| -> u64 {
         log_field(&d.log(), "peer totals", k)
             .and_then(|v| v.parse().ok())
