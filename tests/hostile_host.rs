@@ -587,6 +587,9 @@ fn a_connection_flood_on_the_metrics_port_starves_nothing() {
     let answered = t.elapsed();
     let _ = child.kill();
     let _ = child.wait();
+    eprintln!(
+        "under 1500 connections: {fds} descriptors, {spent} CPU ticks in 2 s, show answered in {answered:?}"
+    );
     assert!(ok && out.contains("peer: b"), "{out}");
     assert!(answered < Duration::from_secs(2), "show took {answered:?}");
     assert!(
