@@ -262,7 +262,6 @@ impl Live {
             .collect();
         let drops = DropReason::ALL
             .iter()
-            .filter(|r| **r != DropReason::Dummy)
             .map(|r| (r.name().to_string(), self.stats.drops(*r)))
             .collect();
         let e = &self.edge;

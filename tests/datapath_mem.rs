@@ -4,6 +4,7 @@
 use espip::buf::{PacketBuf, MAX_PACKET};
 use espip::datapath::{
     self, DropReason, EncapSpec, Inbound, Lifetime, Outbound, PeerSpec, Stats, TunnelSpec, Verdict,
+    Wire,
 };
 use espip::sa::{Cipher, KeyMaterial};
 use espip::wire::ip::{checksum, emit_ipv4_header, PROTO_ESP, PROTO_UDP};
@@ -124,9 +125,10 @@ fn send(
     b.read_area()[..inner.len()].copy_from_slice(inner);
     b.set_len(inner.len());
     let v = from.out.process(&mut b, now);
-    let Verdict::Send { protocol, .. } = v else {
+    let Verdict::Send(w) = v else {
         panic!("outbound verdict {v:?}");
     };
+    let protocol = w.protocol();
     let wire = b.as_slice().to_vec();
     let mut r = PacketBuf::from_slice(&wire);
     let v = to
@@ -171,10 +173,7 @@ fn replay_reorder_tamper_spi_source() {
         let mut buf = PacketBuf::from_slice(&p);
         assert!(matches!(
             a.out.process(&mut buf, 0),
-            Verdict::Send {
-                protocol: PROTO_ESP,
-                ..
-            }
+            Verdict::Send(Wire::Esp { .. })
         ));
         wires.push(buf.as_slice().to_vec());
     }
@@ -291,7 +290,7 @@ fn no_route_dummy_and_exhaustion() {
     let q = ipv4([10, 4, 2, 99], [10, 4, 2, 5], 60, false);
     assert!(matches!(
         a.out.process(&mut PacketBuf::from_slice(&q), 0),
-        Verdict::Send { .. }
+        Verdict::Send(_)
     ));
     assert_eq!(
         a.out.process(&mut PacketBuf::from_slice(&q), 0),
@@ -402,11 +401,9 @@ fn a_hub_relays_between_peers_only_when_forwarding() {
         let v = out.process(&mut b, 0);
         assert_eq!(
             v,
-            Verdict::Send {
-                endpoint: "172.16.0.12".parse().unwrap(),
-                protocol: PROTO_ESP,
-                port: 0,
-            }
+            Verdict::Send(Wire::Esp {
+                dst: "172.16.0.12".parse().unwrap()
+            })
         );
         assert_eq!(stats.relayed.load(std::sync::atomic::Ordering::Relaxed), 1);
         // To the hub's own address (no peer's prefix): delivered locally.
@@ -489,11 +486,9 @@ fn esp_in_udp_round_trip_keepalive_and_non_esp_marker() {
         let v = a.out.process(&mut buf, 0);
         assert_eq!(
             v,
-            Verdict::Send {
-                endpoint: B.parse().unwrap(),
-                protocol: PROTO_UDP,
-                port: 4600,
-            }
+            Verdict::Send(Wire::EspInUdp {
+                dst: std::net::SocketAddr::new(B.parse().unwrap(), 4600)
+            })
         );
         // The UDP payload is the ESP packet itself: SPI first (never 0), then sequence 1.
         let wire = buf.as_slice().to_vec();
@@ -584,7 +579,7 @@ fn esp_in_udp_follows_the_peer_port_of_authenticated_datagrams_only() {
     let to_b = ipv4([10, 4, 2, 99], [10, 4, 2, 5], 100, true);
     let from_b = |port| std::net::SocketAddr::new(B.parse().unwrap(), port);
     let port_of = |v: Verdict| match v {
-        Verdict::Send { port, .. } => port,
+        Verdict::Send(Wire::EspInUdp { dst }) => dst.port(),
         v => panic!("{v:?}"),
     };
     assert_eq!(

@@ -4,11 +4,10 @@ use super::tx::TX_BUFS;
 use super::workers::Edges;
 use super::BATCH;
 use crate::buf::PacketBuf;
-use crate::datapath::{DropReason, Outbound, Verdict};
+use crate::datapath::{Outbound, Verdict, Wire};
 use crate::sys::capture::{Recorder, Tap};
-use crate::wire::ip::PROTO_UDP;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Wrap the packets of a batch that are for another peer (hub relaying) and send them.
@@ -20,14 +19,15 @@ pub(super) fn relay_batch(
     rec: &mut Recorder,
     now: u64,
 ) {
-    let mut verdicts = [Verdict::Drop(DropReason::Dummy); BATCH];
+    // `None`: not relayed (delivered or dropped before).
+    let mut verdicts: [Option<Verdict>; BATCH] = [None; BATCH];
     for (i, b) in bufs.iter_mut().enumerate() {
         if relay[i] {
-            verdicts[i] = out.process(b, now);
+            verdicts[i] = Some(out.process(b, now));
         }
     }
     for (i, b) in bufs.iter_mut().enumerate() {
-        if verdicts[i] == Verdict::ToTun {
+        if verdicts[i] == Some(Verdict::ToTun) {
             rec.record(Tap::Inner, b.as_slice());
             if e.tun.write_packet(b, 0).is_err() {
                 e.edge.tun_write_errors.fetch_add(1, Relaxed);
@@ -41,7 +41,7 @@ pub(super) fn relay_batch(
 /// datagrams through the UDP socket (trains of one size as single GSO messages).
 pub(super) fn send_verdicts(
     bufs: &[PacketBuf],
-    verdicts: &[Verdict],
+    verdicts: &[Option<Verdict>],
     e: &Edges,
     rec: &mut Recorder,
 ) -> Option<io::Error> {
@@ -51,22 +51,28 @@ pub(super) fn send_verdicts(
             .find(|(ep, _)| ep == dst)
             .map_or(Ipv4Addr::UNSPECIFIED, |(_, s)| *s)
     };
+    let wires = || {
+        bufs.iter().zip(verdicts).filter_map(|(b, v)| match v {
+            Some(Verdict::Send(w)) => Some((b, *w)),
+            _ => None,
+        })
+    };
     if rec.wants(Tap::Outer) {
-        for (b, v) in bufs.iter().zip(verdicts) {
-            match v {
-                Verdict::Send {
-                    endpoint: IpAddr::V4(dst),
-                    protocol: PROTO_UDP,
-                    port,
-                } => {
-                    let from = SocketAddrV4::new(source(dst), e.udp.map_or(0, |u| u.port()));
-                    rec.record_udp(from, SocketAddrV4::new(*dst, *port), b.as_slice());
+        for (b, w) in wires() {
+            match (w, w.dst_ip()) {
+                (
+                    Wire::EspInUdp {
+                        dst: SocketAddr::V4(dst),
+                    },
+                    _,
+                ) => {
+                    let from = SocketAddrV4::new(source(dst.ip()), e.udp.map_or(0, |u| u.port()));
+                    rec.record_udp(from, dst, b.as_slice());
                 }
-                Verdict::Send {
-                    endpoint: IpAddr::V4(dst),
-                    protocol,
-                    ..
-                } => rec.record_sent(source(dst), *dst, *protocol, b.as_slice()),
+                (Wire::EspInUdp { .. }, _) => {}
+                (w, IpAddr::V4(dst)) => {
+                    rec.record_sent(source(&dst), dst, w.protocol(), b.as_slice())
+                }
                 _ => {}
             }
         }
@@ -74,20 +80,18 @@ pub(super) fn send_verdicts(
     let mut last_err = None;
     for s in e.sockets {
         let proto = s.protocol();
-        let is_ours = |v: &Verdict| matches!(v, Verdict::Send { protocol, endpoint: IpAddr::V4(_), .. } if *protocol == proto);
-        let want = verdicts.iter().filter(|v| is_ours(v)).count();
+        // A raw socket carries one protocol (50, 4 or 41; never 17) over IPv4.
+        let pending = || {
+            wires().filter_map(move |(b, w)| match w.dst_ip() {
+                IpAddr::V4(dst) if w.protocol() == proto => Some((b.as_slice(), dst)),
+                _ => None,
+            })
+        };
+        let want = pending().count();
         if want == 0 {
             continue;
         }
-        let pending = bufs.iter().zip(verdicts).filter_map(|(b, v)| match v {
-            Verdict::Send {
-                endpoint: IpAddr::V4(dst),
-                protocol,
-                ..
-            } if *protocol == proto => Some((b.as_slice(), *dst)),
-            _ => None,
-        });
-        match s.send_batch(pending) {
+        match s.send_batch(pending()) {
             Ok(sent) => {
                 e.edge
                     .send_errors
@@ -102,14 +106,12 @@ pub(super) fn send_verdicts(
     if let Some(u) = e.udp {
         let mut items = [(&[][..], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); TX_BUFS];
         let mut want = 0;
-        for (b, v) in bufs.iter().zip(verdicts) {
-            if let Verdict::Send {
-                endpoint: IpAddr::V4(dst),
-                protocol: PROTO_UDP,
-                port,
-            } = v
+        for (b, w) in wires() {
+            if let Wire::EspInUdp {
+                dst: SocketAddr::V4(dst),
+            } = w
             {
-                items[want] = (b.as_slice(), SocketAddrV4::new(*dst, *port));
+                items[want] = (b.as_slice(), dst);
                 want += 1;
             }
         }

@@ -50,7 +50,8 @@ pub(super) fn wait(fds: &mut [PollFd], what: &str) -> bool {
 pub(super) fn tx_loop(out: &Outbound, e: &Edges, rec: &mut Recorder, clock: Instant) {
     // Room for a full batch plus the segments of one more TSO packet (64 KB at an MSS of 536).
     let mut bufs: Vec<PacketBuf> = (0..TX_BUFS).map(|_| PacketBuf::new(MAX_PACKET)).collect();
-    let mut verdicts = [Verdict::Drop(DropReason::Dummy); TX_BUFS];
+    // `None`: not (yet) processed in this batch.
+    let mut verdicts: [Option<Verdict>; TX_BUFS] = [None; TX_BUFS];
     let mut warn_read = RateLimit::default();
     let mut warn_send = RateLimit::default();
     let mut warn_exhausted = RateLimit::default();
@@ -96,8 +97,9 @@ pub(super) fn tx_loop(out: &Outbound, e: &Edges, rec: &mut Recorder, clock: Inst
             }
         }
         for i in 0..n {
-            verdicts[i] = out.process(&mut bufs[i], now);
-            match verdicts[i] {
+            let v = out.process(&mut bufs[i], now);
+            verdicts[i] = Some(v);
+            match v {
                 Verdict::ToTun => {
                     rec.record(Tap::Inner, bufs[i].as_slice());
                     if e.tun.write_packet(&mut bufs[i], 0).is_err() {

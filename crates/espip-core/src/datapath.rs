@@ -370,16 +370,8 @@ pub fn inner_mtu(path_mtu: u32, encap: &EncapSpec) -> u16 {
 /// What the edge does with a packet after the core is done with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// Send the buffer to `endpoint` as IP protocol `protocol`.
-    Send {
-        /// Outer destination.
-        endpoint: IpAddr,
-        /// Outer IP protocol: 50 (ESP), 4 (IPv4 in IP), 41 (IPv6 in IP), or 17: the buffer
-        /// is the payload of a UDP datagram to `port` (ESP in UDP, RFC 3948).
-        protocol: u8,
-        /// Destination UDP port when `protocol` is 17, else 0.
-        port: u16,
-    },
+    /// Send the buffer the way `Wire` says.
+    Send(Wire),
     /// Write the buffer to the TUN (a decapsulated packet or a generated ICMP error).
     ToTun,
     /// The decapsulated packet is for another peer (a hub relaying between clients): hand the
@@ -387,6 +379,52 @@ pub enum Verdict {
     Relay,
     /// Drop; already counted.
     Drop(DropReason),
+}
+
+/// How and where an outer packet goes: what each transport needs, and nothing it does not
+/// (the destination is an `IpAddr`, so an IPv6 outer needs no new variant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// The buffer is an ESP packet for IP protocol 50 (RFC 4303) to `dst`.
+    Esp {
+        /// Outer destination.
+        dst: IpAddr,
+    },
+    /// The buffer is the payload of a UDP datagram to `dst` (ESP in UDP, RFC 3948).
+    EspInUdp {
+        /// Outer destination address and UDP port.
+        dst: SocketAddr,
+    },
+    /// The buffer is the inner packet itself, for IP protocol 4 (IPv4 inside, RFC 2003) or 41
+    /// (IPv6 inside, RFC 4213) to `dst`.
+    IpIp {
+        /// Outer destination.
+        dst: IpAddr,
+        /// The inner packet is IPv6 (protocol 41), else IPv4 (protocol 4).
+        inner_v6: bool,
+    },
+}
+
+impl Wire {
+    /// The outer IP protocol number: 50, 17, 4 or 41.
+    pub fn protocol(self) -> u8 {
+        match self {
+            Wire::Esp { .. } => PROTO_ESP,
+            Wire::EspInUdp { .. } => PROTO_UDP,
+            Wire::IpIp {
+                inner_v6: false, ..
+            } => PROTO_IPIP,
+            Wire::IpIp { inner_v6: true, .. } => PROTO_IPV6,
+        }
+    }
+
+    /// The outer destination address.
+    pub fn dst_ip(self) -> IpAddr {
+        match self {
+            Wire::Esp { dst } | Wire::IpIp { dst, .. } => dst,
+            Wire::EspInUdp { dst } => dst.ip(),
+        }
+    }
 }
 
 struct OutPeer {
@@ -597,7 +635,8 @@ impl Outbound {
         }
         let len = buf.len() as u64;
         let peer = &self.peers[idx];
-        let protocol = match &peer.sa {
+        let s = &self.stats.peers[idx];
+        let wire = match &peer.sa {
             Some(sa) => {
                 if !peer.lifetime.take(&peer.used, len, now) {
                     return Verdict::Drop(DropReason::LifetimeExpired);
@@ -608,8 +647,17 @@ impl Outbound {
                     NEXT_HEADER_IPV6
                 };
                 match sa.encapsulate(buf, nh) {
-                    Ok(_) if peer.port != 0 => PROTO_UDP,
-                    Ok(_) => PROTO_ESP,
+                    Ok(_) if peer.port != 0 => {
+                        // The port the peer's last authenticated datagram came from wins.
+                        let port = match s.udp_port_seen.load(Relaxed) {
+                            0 => peer.port,
+                            seen => seen as u16,
+                        };
+                        Wire::EspInUdp {
+                            dst: SocketAddr::new(peer.endpoint, port),
+                        }
+                    }
+                    Ok(_) => Wire::Esp { dst: peer.endpoint },
                     Err(EspError::SeqExhausted) => return Verdict::Drop(DropReason::SeqExhausted),
                     Err(EspError::SeqUnreserved) => {
                         return Verdict::Drop(DropReason::SeqUnreserved)
@@ -617,22 +665,15 @@ impl Outbound {
                     Err(_) => return Verdict::Drop(DropReason::Malformed),
                 }
             }
-            None if inner.is_ipv4() => PROTO_IPIP,
-            None => PROTO_IPV6,
+            None => Wire::IpIp {
+                dst: peer.endpoint,
+                inner_v6: !inner.is_ipv4(),
+            },
         };
-        let s = &self.stats.peers[idx];
         s.tx_packets.fetch_add(1, Relaxed);
         s.tx_bytes.fetch_add(len, Relaxed);
         s.last_tx.store(now, Relaxed);
-        let port = match s.udp_port_seen.load(Relaxed) {
-            0 => peer.port,
-            seen => seen as u16,
-        };
-        Verdict::Send {
-            endpoint: peer.endpoint,
-            protocol,
-            port: if peer.port == 0 { 0 } else { port },
-        }
+        Verdict::Send(wire)
     }
 
     fn too_big(&self, buf: &mut PacketBuf, inner: &InnerPacket) -> Verdict {

@@ -4,7 +4,7 @@
 //! Only allocations of the measuring thread are counted (the test harness has its own).
 
 use espip_core::buf::{PacketBuf, MAX_PACKET};
-use espip_core::datapath::{self, EncapSpec, Lifetime, PeerSpec, TunnelSpec, Verdict};
+use espip_core::datapath::{self, EncapSpec, Lifetime, PeerSpec, TunnelSpec, Verdict, Wire};
 use espip_core::sa::{Cipher, KeyMaterial};
 use espip_core::wire::ip::emit_ipv4_header;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -118,13 +118,14 @@ fn exchange(enc_a: EncapSpec, enc_b: EncapSpec, n: usize) -> u64 {
                 buf.read_area()[..len].copy_from_slice(&pkt[..len]);
                 buf.set_len(len);
                 let v = out.process(&mut buf, *now);
-                let Verdict::Send { protocol, port, .. } = v else {
+                let Verdict::Send(wire) = v else {
                     panic!("outbound: {v:?}");
                 };
-                let v = if port != 0 {
-                    inb.process_udp(&mut buf, SocketAddr::new(from, 4500), *now)
-                } else {
-                    inb.process(&mut buf, from, protocol, *now)
+                let v = match wire {
+                    Wire::EspInUdp { .. } => {
+                        inb.process_udp(&mut buf, SocketAddr::new(from, 4500), *now)
+                    }
+                    w => inb.process(&mut buf, from, w.protocol(), *now),
                 };
                 assert_eq!(v, Verdict::ToTun, "inbound");
             }

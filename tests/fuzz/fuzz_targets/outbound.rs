@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use espip::buf::PacketBuf;
-use espip::datapath::Verdict;
+use espip::datapath::{Verdict, Wire};
 use espip::sa::InboundSa;
 use libfuzzer_sys::fuzz_target;
 
@@ -18,10 +18,7 @@ fuzz_target!(|data: &[u8]| {
     for (_, bytes) in records(data) {
         let mut buf = PacketBuf::from_slice(bytes);
         match out.process(&mut buf, 0) {
-            Verdict::Send {
-                protocol: 50, port, ..
-            } => {
-                assert_eq!(port, 0);
+            Verdict::Send(Wire::Esp { .. }) => {
                 let opened = peer.decapsulate(&mut buf).expect("our ESP decrypts");
                 assert!(opened.next_header == 4 || opened.next_header == 41);
                 assert!(
@@ -29,20 +26,18 @@ fuzz_target!(|data: &[u8]| {
                     "plaintext differs from the TUN packet"
                 );
             }
-            Verdict::Send {
-                protocol: 17,
-                port,
-                endpoint,
-            } => {
+            Verdict::Send(Wire::EspInUdp { dst }) => {
                 // ESP in UDP: the UDP peer's own SA, to its port.
-                assert_eq!((port, endpoint.to_string().as_str()), (4500, UDP_PEER));
+                assert_eq!(
+                    (dst.port(), dst.ip().to_string().as_str()),
+                    (4500, UDP_PEER)
+                );
                 let opened = peer_udp.decapsulate(&mut buf).expect("our ESP in UDP decrypts");
                 assert!(opened.next_header == 4 || opened.next_header == 41);
                 assert!(bytes.starts_with(buf.as_slice()), "plaintext differs");
             }
-            Verdict::Send { protocol, port, .. } => {
-                assert!(protocol == 4 || protocol == 41);
-                assert_eq!(port, 0);
+            Verdict::Send(w @ Wire::IpIp { .. }) => {
+                assert!(w.protocol() == 4 || w.protocol() == 41);
                 // Unchanged, cut to the inner packet's own length (bytes after it are dropped).
                 assert!(bytes.starts_with(buf.as_slice()), "ipip changed the packet");
             }
