@@ -94,6 +94,32 @@ fn start(ns: &Netns, cfg: &Path, log: &Path) -> Result<Daemon, String> {
     Daemon::start(ns, &exe(), cfg, log).map_err(|e| e.to_string())
 }
 
+/// A running daemon in A (state in a scratch directory, `tail` appended to its configuration)
+/// and an idle B: the setup several tests share.
+struct RunningA {
+    /// The scratch directory (dropped last: the daemon and namespaces go first).
+    s: Scratch,
+    a: Netns,
+    _b: Netns,
+    keys: LabKeys,
+    daemon: Daemon,
+}
+
+fn running_a(tag: &str, tail: &str) -> RunningA {
+    let s = Scratch::new(tag);
+    let (a, b) = p2p::topology(&format!("h{tag}")).unwrap();
+    let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
+    let cfg = config_a(&s.0, &keys, "", tail);
+    let daemon = start(&a, &cfg, &s.0.join("a.log")).unwrap();
+    RunningA {
+        s,
+        a,
+        _b: b,
+        keys,
+        daemon,
+    }
+}
+
 /// Items 0, 0b, 1: state the daemon's user wrote or planted is never obeyed or followed by the
 /// next root start; nothing espip did not create changes owner.
 #[test]
@@ -406,12 +432,14 @@ fn sequence_numbers_never_restart_under_the_same_key() {
 #[test]
 fn only_root_is_answered_and_the_client_trusts_only_root() {
     let Some(_g) = serial() else { return };
-    let s = Scratch::new("ctl");
+    let RunningA {
+        s,
+        a: _a,
+        keys,
+        mut daemon,
+        ..
+    } = running_a("ctl", "");
     let d = &s.0;
-    let (a, _b) = p2p::topology("hctl").unwrap();
-    let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
-    let cfg = config_a(d, &keys, "", "");
-    let mut daemon = start(&a, &cfg, &d.join("a.log")).unwrap();
     let sock = d.join("state/control.sock");
     let key_hex = keys.a_to_b.to_hex().as_str().to_string();
     let sa = |uid: u32| {
@@ -548,12 +576,9 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[test]
 fn a_connection_flood_on_the_metrics_port_starves_nothing() {
     let Some(_g) = serial() else { return };
-    let s = Scratch::new("flood");
+    let RunningA { s, a, daemon, .. } =
+        running_a("flood", "\n[metrics]\nlisten = \"127.0.0.1:9587\"\n");
     let d = &s.0;
-    let (a, _b) = p2p::topology("hfd").unwrap();
-    let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
-    let cfg = config_a(d, &keys, "", "\n[metrics]\nlisten = \"127.0.0.1:9587\"\n");
-    let daemon = start(&a, &cfg, &d.join("a.log")).unwrap();
     let pid = daemon.pid().unwrap();
     let script = "import socket, resource, time\nresource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],)*2)\nss = []\nfor i in range(1500):\n    s = socket.socket(); s.setblocking(False)\n    try: s.connect(('127.0.0.1', 9587))\n    except BlockingIOError: pass\n    ss.append(s)\nprint('open', len(ss), flush=True)\ntime.sleep(6)\n";
     let mut flood = a.command("setpriv");
@@ -617,12 +642,8 @@ fn a_connection_flood_on_the_metrics_port_starves_nothing() {
 #[test]
 fn kernel_drops_on_the_tun_queue_are_reported() {
     let Some(_g) = serial() else { return };
-    let s = Scratch::new("kdrop");
+    let RunningA { s, a, daemon, .. } = running_a("kdrop", "");
     let d = &s.0;
-    let (a, _b) = p2p::topology("hkd").unwrap();
-    let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
-    let cfg = config_a(d, &keys, "", "");
-    let daemon = start(&a, &cfg, &d.join("a.log")).unwrap();
     // A short queue and a UDP flood through the tunnel: the kernel drops what espip has not
     // read yet.
     a.ip(&["link", "set", "espip0", "txqueuelen", "8"]).unwrap();
