@@ -90,6 +90,23 @@ fn config_a(dir: &Path, keys: &LabKeys, extra: &str, tail: &str) -> PathBuf {
     cfg
 }
 
+/// B's configuration in `dir` (state in `dir/state-b`), the peer of [`config_a`].
+fn config_b(dir: &Path, keys: &LabKeys) -> PathBuf {
+    let cfg = dir.join("b.toml");
+    std::fs::write(
+        &cfg,
+        p2p::config_text(
+            LabMode::Esp(Cipher::Aes128Gcm),
+            false,
+            Some(keys),
+            false,
+            &dir.join("state-b"),
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 fn start(ns: &Netns, cfg: &Path, log: &Path) -> Result<Daemon, String> {
     Daemon::start(ns, &exe(), cfg, log).map_err(|e| e.to_string())
 }
@@ -311,18 +328,7 @@ fn sequence_numbers_never_restart_under_the_same_key() {
     let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
     let cfg_a = config_a(d, &keys, "", "");
     let aes_text = std::fs::read_to_string(&cfg_a).unwrap();
-    let cfg_b = d.join("b.toml");
-    std::fs::write(
-        &cfg_b,
-        p2p::config_text(
-            LabMode::Esp(Cipher::Aes128Gcm),
-            false,
-            Some(&keys),
-            false,
-            &d.join("state-b"),
-        ),
-    )
-    .unwrap();
+    let cfg_b = config_b(d, &keys);
     let ping = || {
         netns::run(
             a.command("ping")
@@ -678,18 +684,7 @@ fn a_local_sender_learns_the_tunnel_mtu_from_espips_icmp() {
     let (a, b) = p2p::topology("hpmtu").unwrap();
     let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
     let cfg = config_a(d, &keys, "", "");
-    let cfg_b = d.join("b.toml");
-    std::fs::write(
-        &cfg_b,
-        p2p::config_text(
-            LabMode::Esp(Cipher::Aes128Gcm),
-            false,
-            Some(&keys),
-            false,
-            &d.join("state-b"),
-        ),
-    )
-    .unwrap();
+    let cfg_b = config_b(d, &keys);
     let _db = start(&b, &cfg_b, &d.join("b.log")).unwrap();
     let da = start(&a, &cfg, &d.join("a.log")).unwrap();
     a.ip(&["link", "set", "espip0", "mtu", "1500"]).unwrap();
