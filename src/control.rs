@@ -2,8 +2,10 @@
 //! the Prometheus metrics endpoint, and the snapshot both serve.
 //!
 //! Control protocol: the client connects, writes one request line (`status`, `sa`, or
-//! `sa-keys` for the Wireshark lines with keys),
-//! and reads one JSON document until the daemon closes the connection.
+//! `sa-keys` for the Wireshark lines with keys, or `reload` followed by a JSON document up
+//! to the end of its stream: the configuration, the key files it names, and the state files
+//! of its keys as descriptors passed with `SCM_RIGHTS`), and reads one JSON document until
+//! the daemon closes the connection.
 //!
 //! Who may ask (docs/security.md): the socket is bound by root, before the privilege drop, in
 //! a directory only root can write ([`PrivateDir`]), with mode 0600; the daemon answers only
@@ -13,15 +15,14 @@
 //! another user bound shows that user's uid). Answers are capped in size and what is printed
 //! from them is stripped of control characters.
 
-use crate::config::Config;
 use crate::config::DEFAULT_CONTROL_DIR;
-use crate::datapath::{DropReason, EncapSpec, Outbound, Stats};
+use crate::config::{Config, KeyFiles};
+use crate::datapath::{DropReason, EncapSpec, Stats};
 use crate::status::{CaptureStatus, InterfaceStatus, PeerStatus, SaExport, SaIn, SaOut, Status};
 use crate::sys::capture::CaptureStats;
 use crate::sys::safefs::PrivateDir;
 use crate::telemetry::EdgeStats;
 use std::io::{self, Read, Write};
-use std::net::IpAddr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -33,6 +34,13 @@ use tracing::{debug, warn};
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64;
+/// Largest reload document accepted (a configuration of a thousand peers is far below).
+const MAX_RELOAD: usize = 1 << 20;
+/// Most descriptors a reload may pass (one state file per key; the kernel passes at most
+/// 253 in one message).
+const MAX_FDS: usize = 250;
+/// How long a reload may take in the daemon (netlink, fsyncs) before the client is told.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client that sends nothing (or reads nothing) for this long is disconnected.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections served at once on each listener; more wait in the kernel's backlog, costing
@@ -150,23 +158,46 @@ impl Drop for ControlSocket {
     }
 }
 
+/// A reload asked for on the control socket, for the serving loop.
+pub struct ReloadRequest {
+    /// The configuration, parsed and validated with the key files the client sent.
+    pub cfg: Config,
+    /// State files of the configuration's keys, opened by root in the client: (fingerprint,
+    /// file).
+    pub key_files: Vec<(String, std::fs::File)>,
+    /// The answer: a summary of what changed, or why nothing did.
+    pub reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+}
+
+/// What `espip reload` sends after its request line.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct ReloadDocument {
+    /// The configuration text.
+    pub config: zeroize::Zeroizing<String>,
+    /// Its directory (relative key file paths are resolved against it).
+    pub base: PathBuf,
+    /// The key files it names, as read (with the checks of a start) by root.
+    pub files: Vec<(PathBuf, zeroize::Zeroizing<String>)>,
+    /// Key fingerprints of the descriptors passed with the request, in order.
+    pub keys: Vec<String>,
+}
+
 /// Everything a snapshot reads: shared with the data-path threads, read without stopping them
 /// or taking a lock (atomics only).
 pub struct Live {
-    /// The configuration.
-    pub cfg: Arc<Config>,
+    /// The current generation: configuration, outbound half (sequence numbers and
+    /// reservations, read atomically), per-peer counters, sources.
+    pub current: Arc<crate::telemetry::Current>,
     /// Tunnel MTU.
     pub mtu: u16,
-    /// Data-path counters.
+    /// Data-path counters (drops, relayed: they outlive reloads).
     pub stats: Arc<Stats>,
+    /// Where reload requests go (the serving loop); `None`: reloads are refused.
+    pub reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
     /// Edge errors.
     pub edge: Arc<EdgeStats>,
-    /// The outbound half (sequence numbers and reservations, read atomically).
-    pub outbound: Arc<Outbound>,
     /// Capture counters and files.
     pub capture: Option<(Arc<CaptureStats>, Vec<PathBuf>)>,
-    /// Outer source address per peer (configured or routed).
-    pub sources: Vec<IpAddr>,
     /// The data path's clock origin (its `now` is nanoseconds since this).
     pub clock: Instant,
     /// Wall-clock time at `clock`.
@@ -188,20 +219,21 @@ impl Live {
 
     /// Take a snapshot.
     pub fn status(&self) -> Status {
-        let out = &self.outbound;
+        let g = self.current.load();
+        let out = &g.outbound;
         let out_state: Vec<Option<(u64, u64)>> = (0..out.peer_count())
             .map(|i| {
                 out.sa_reservation(i)
                     .map(|(_, _, next, limit)| (next, limit))
             })
             .collect();
-        let peers = self
+        let peers = g
             .cfg
             .peers
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let s = &self.stats.peers[i];
+                let s = out.peer_stats(i);
                 let (mode, sa_out, sa_in) = match &p.encap {
                     EncapSpec::IpIp => ("ipip", None, None),
                     EncapSpec::Esp {
@@ -275,7 +307,7 @@ impl Live {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.load(Relaxed)))
         .collect();
-        let i = &self.cfg.interface;
+        let i = &g.cfg.interface;
         Status {
             interface: InterfaceStatus {
                 name: i.name.clone(),
@@ -324,7 +356,8 @@ impl Live {
     /// Every ESP SA, with its Wireshark `esp_sa` line (which holds the key) if `keys`.
     pub fn sa_export(&self, keys: bool) -> Vec<SaExport> {
         let mut v = Vec::new();
-        for (p, &local) in self.cfg.peers.iter().zip(&self.sources) {
+        let g = self.current.load();
+        for (p, &local) in g.cfg.peers.iter().zip(&g.sources) {
             let EncapSpec::Esp {
                 cipher,
                 spi_out,
@@ -358,6 +391,65 @@ impl Live {
         v
     }
 
+    /// Apply a reload document: parse the configuration with the key files it carries (as
+    /// root read them), and hand it to the serving loop with the passed state files.
+    async fn reload(
+        &self,
+        doc: &[u8],
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> zeroize::Zeroizing<Vec<u8>> {
+        let result = self.reload_inner(doc, fds).await;
+        let v = match result {
+            Ok(summary) => serde_json::json!({ "reloaded": summary }),
+            Err(e) => serde_json::json!({ "error": e }),
+        };
+        zeroize::Zeroizing::new(serde_json::to_vec(&v).unwrap_or_default())
+    }
+
+    async fn reload_inner(
+        &self,
+        doc: &[u8],
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<String, String> {
+        let Some(tx) = &self.reload else {
+            return Err("this daemon does not take reloads".into());
+        };
+        let d: ReloadDocument = serde_json::from_slice(doc)
+            .map_err(|e| format!("a reload document espip did not write: {e}"))?;
+        if d.keys.len() != fds.len() {
+            return Err(format!(
+                "the reload names {} key state files but passed {} descriptors",
+                d.keys.len(),
+                fds.len()
+            ));
+        }
+        let files = d.files.into_iter().collect();
+        let cfg = Config::parse_with(&d.config, &d.base, &KeyFiles::given(files))
+            .map_err(|e| e.to_string())?;
+        let key_files = d
+            .keys
+            .into_iter()
+            .zip(fds)
+            .map(|(k, f)| (k, std::fs::File::from(f)))
+            .collect();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send(ReloadRequest {
+            cfg,
+            key_files,
+            reply,
+        })
+        .await
+        .map_err(|_| "the daemon is stopping".to_string())?;
+        match tokio::time::timeout(RELOAD_TIMEOUT, answer).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("the daemon is stopping".into()),
+            Err(_) => Err(format!(
+                "no answer within {} s; see the daemon's log",
+                RELOAD_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
     fn answer(&self, request: &str) -> zeroize::Zeroizing<Vec<u8>> {
         // Serialized into a buffer allocated once (growth would leave copies of the keys in
         // freed memory) that is wiped when dropped.
@@ -369,7 +461,7 @@ impl Live {
             other => serde_json::to_writer(
                 &mut *body,
                 &serde_json::json!({
-                    "error": format!("unknown request {other:?}; expected \"status\", \"sa\" or \"sa-keys\"")
+                    "error": format!("unknown request {other:?}; expected \"status\", \"sa\", \"sa-keys\" or \"reload\"")
                 }),
             ),
         };
@@ -456,23 +548,14 @@ pub async fn serve_control(listener: UnixListener, live: Arc<Live>) {
                 Ok(c) => c.uid(),
                 Err(_) => return,
             };
-            let mut req = Vec::with_capacity(MAX_REQUEST);
-            let mut byte = [0u8; 1];
-            let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
-                while req.len() < MAX_REQUEST {
-                    match conn.read(&mut byte).await {
-                        Ok(1) if byte[0] != b'\n' => req.push(byte[0]),
-                        _ => break,
-                    }
-                }
-            })
-            .await;
-            if read.is_err() {
-                debug!("control client sent no request in time");
+            let read = tokio::time::timeout(REQUEST_TIMEOUT, read_request(&conn, uid == 0)).await;
+            let Ok(Ok((req, doc, fds))) = read else {
+                debug!("control client sent no complete request in time");
                 return;
-            }
+            };
             let request = String::from_utf8_lossy(&req).trim().to_string();
             let body = match authorized(uid, &request) {
+                Ok(()) if request == "reload" => live.reload(&doc, fds).await,
                 Ok(()) => live.answer(&request),
                 Err(why) => {
                     debug!(uid, "control request refused");
@@ -490,6 +573,98 @@ pub async fn serve_control(listener: UnixListener, live: Arc<Live>) {
         }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
     };
     accept_loop("control socket", accept, serve).await;
+}
+
+/// Read a request: its line, and for `reload` (only from root: `may_reload`) the document
+/// after it up to the end of the stream, with the descriptors passed along (`SCM_RIGHTS`).
+async fn read_request(
+    conn: &tokio::net::UnixStream,
+    may_reload: bool,
+) -> io::Result<(
+    Vec<u8>,
+    zeroize::Zeroizing<Vec<u8>>,
+    Vec<std::os::fd::OwnedFd>,
+)> {
+    use std::os::fd::AsRawFd;
+    let mut line = Vec::with_capacity(MAX_REQUEST);
+    let mut doc = zeroize::Zeroizing::new(Vec::new());
+    let mut fds = Vec::new();
+    let mut chunk = zeroize::Zeroizing::new(vec![0u8; 4096]);
+    loop {
+        conn.readable().await?;
+        let n = match conn.try_io(tokio::io::Interest::READABLE, || {
+            recv_with_fds(conn.as_raw_fd(), &mut chunk, &mut fds)
+        }) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if fds.len() > MAX_FDS {
+            return Err(io::Error::other("too many descriptors"));
+        }
+        let mut got = &chunk[..n];
+        if doc.capacity() == 0 {
+            // Still in the request line.
+            match got.iter().position(|b| *b == b'\n') {
+                Some(i) => {
+                    line.extend_from_slice(&got[..i]);
+                    got = &got[i + 1..];
+                    if line != b"reload" || !may_reload {
+                        return Ok((line, doc, fds));
+                    }
+                    // Allocated once, never grown: no copy of a key in a freed reallocation.
+                    doc = zeroize::Zeroizing::new(Vec::with_capacity(MAX_RELOAD));
+                }
+                None => {
+                    line.extend_from_slice(got);
+                    if n == 0 || line.len() > MAX_REQUEST {
+                        return Ok((line, doc, fds));
+                    }
+                    continue;
+                }
+            }
+        }
+        if got.len() > MAX_RELOAD - doc.len() {
+            return Err(io::Error::other("reload document too large"));
+        }
+        doc.extend_from_slice(got);
+        if n == 0 {
+            return Ok((line, doc, fds));
+        }
+    }
+}
+
+/// One `recvmsg` on a control connection: bytes into `buf`, passed descriptors onto `fds`.
+fn recv_with_fds(
+    fd: std::os::fd::RawFd,
+    buf: &mut [u8],
+    fds: &mut Vec<std::os::fd::OwnedFd>,
+) -> io::Result<usize> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::FromRawFd;
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS]);
+    let msg = recvmsg::<()>(
+        fd,
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)?;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(v) = c {
+            // SAFETY: the kernel just installed these descriptors in this process for us;
+            // nothing else owns them.
+            fds.extend(
+                v.into_iter()
+                    .map(|f| unsafe { std::os::fd::OwnedFd::from_raw_fd(f) }),
+            );
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::other("descriptors truncated"));
+    }
+    Ok(msg.bytes)
 }
 
 /// Serve `GET /metrics` (Prometheus text format) on `listener` until the task is dropped.
@@ -595,6 +770,30 @@ fn trusted_socket(path: &Path) -> Result<(), String> {
 /// bytes, in a buffer wiped when dropped). The socket, its directory and the listening process
 /// must be root's (see the module documentation).
 pub fn request(path: &Path, request: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, ControlError> {
+    exchange(path, format!("{request}\n").as_bytes(), &[])
+}
+
+/// Send `espip reload`'s document (configuration text, the key files it names, and the state
+/// files of its keys as descriptors) to the daemon at `path`; its answer.
+pub fn request_reload(
+    path: &Path,
+    doc: &ReloadDocument,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<zeroize::Zeroizing<Vec<u8>>, ControlError> {
+    let mut msg = zeroize::Zeroizing::new(b"reload\n".to_vec());
+    serde_json::to_writer(&mut *msg, doc)
+        .map_err(|e| ControlError::Io(path.to_path_buf(), io::Error::other(e)))?;
+    exchange(path, &msg, fds)
+}
+
+/// Connect to the daemon at `path` (trusted as [`request`] says), send `msg` with `fds`
+/// (`SCM_RIGHTS`) and read the JSON answer.
+fn exchange(
+    path: &Path,
+    msg: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<zeroize::Zeroizing<Vec<u8>>, ControlError> {
+    use std::os::fd::AsRawFd;
     let untrusted = |why: String| ControlError::NotTrusted(path.to_path_buf(), why);
     if let Err(why) = trusted_socket(path) {
         if std::fs::symlink_metadata(path).is_err() {
@@ -622,8 +821,25 @@ pub fn request(path: &Path, request: &str) -> Result<zeroize::Zeroizing<Vec<u8>>
         .map_err(io_err)?;
     s.set_write_timeout(Some(Duration::from_secs(5)))
         .map_err(io_err)?;
-    s.write_all(format!("{request}\n").as_bytes())
-        .map_err(io_err)?;
+    if fds.is_empty() {
+        s.write_all(msg).map_err(io_err)?;
+    } else {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        // The descriptors travel with the first bytes; the rest follows as a stream.
+        let first = &msg[..msg.len().min(1)];
+        sendmsg::<()>(
+            s.as_raw_fd(),
+            &[io::IoSlice::new(first)],
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        )
+        .map_err(|e| io_err(e.into()))?;
+        s.write_all(&msg[first.len()..]).map_err(io_err)?;
+    }
+    // The end of the request (a reload document is read to the end of the stream).
+    s.shutdown(std::net::Shutdown::Write).map_err(io_err)?;
     // Allocated once, never grown: no copy of a key is left in a freed reallocation.
     let mut out = zeroize::Zeroizing::new(vec![0u8; MAX_REPLY + 1]);
     let mut n = 0;

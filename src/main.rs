@@ -27,6 +27,15 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Apply a changed configuration to the running daemon without stopping it: peers added,
+    /// removed or changed (endpoints, allowed_ips, keys and SPIs). Reads the file and its key
+    /// files as root and sends them over the control socket; a configuration that does not
+    /// validate, or changes what only a restart can, is refused and the old one keeps running.
+    Reload {
+        /// The TOML configuration (its interface.control names the daemon).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Validate a configuration and explain what it sets up.
     Check {
         /// The TOML configuration.
@@ -123,6 +132,53 @@ impl Target {
         }
         Ok(found)
     }
+}
+
+/// `espip reload`: read and validate the configuration and its key files as root, open the
+/// state files of its keys (root's directory, which the daemon may no longer open), and send
+/// it all to the daemon.
+fn reload(path: &std::path::Path) -> Result<()> {
+    use espip::config::KeyFiles;
+    use espip::datapath::EncapSpec;
+    use std::os::fd::AsFd;
+    let text = Config::read_text(path)?;
+    let base = path
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf();
+    let keys = KeyFiles::disk();
+    let cfg = Config::parse_with(&text, &base, &keys)?;
+    let store = espip::sys::seqstore::SeqStore::open(&cfg.interface.state_dir, &cfg.interface.name)
+        .with_context(|| format!("interface.state_dir {}", cfg.interface.state_dir.display()))?;
+    let mut fps = Vec::new();
+    let mut files = Vec::new();
+    for p in &cfg.peers {
+        if let EncapSpec::Esp {
+            spi_out, key_out, ..
+        } = &p.encap
+        {
+            let fp = key_out.fingerprint();
+            let (file, _) = store.open_key(*spi_out, &fp)?;
+            fps.push(fp);
+            files.push(file);
+        }
+    }
+    let doc = espip::control::ReloadDocument {
+        config: text,
+        base,
+        files: keys.into_read(),
+        keys: fps,
+    };
+    let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+    let answer = espip::control::request_reload(&cfg.interface.control, &doc, &fds)?;
+    let v: serde_json::Value = serde_json::from_slice(&answer)?;
+    let summary = v.get("reloaded").and_then(|s| s.as_str()).unwrap_or("");
+    println!(
+        "{}: reloaded: {}",
+        cfg.interface.name,
+        espip::control::clean(summary)
+    );
+    Ok(())
 }
 
 fn show(target: &Target, json: bool) -> Result<()> {
@@ -538,8 +594,9 @@ fn real_main() -> Result<()> {
         Cmd::Run { config } => {
             init_logging(&cli.log_level);
             let cfg = Config::load(&config)?;
-            espip::daemon::run(cfg)?;
+            espip::daemon::run(cfg, Some(&config))?;
         }
+        Cmd::Reload { config } => reload(&config)?,
         Cmd::Check { config } => check(&config)?,
         Cmd::Show { target, json } => show(&target, json)?,
         Cmd::Sa {

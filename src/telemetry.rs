@@ -50,3 +50,65 @@ impl RateLimit {
         }
     }
 }
+
+/// One generation of the running configuration: what the data path sends with and what the
+/// control side reports. A reload builds the next one and swaps it in whole ([`Current`]); a
+/// data-path thread loads it once per batch, so a batch sees one generation from start to end
+/// (readers never wait, the writer never waits for readers).
+pub struct Generation {
+    /// The configuration this generation was built from.
+    pub cfg: std::sync::Arc<crate::config::Config>,
+    /// The TUN -> wire half of the data path (continuing SAs are shared with the previous
+    /// generation).
+    pub outbound: crate::datapath::Outbound,
+    /// The outer source address of each peer (configured or routed), in peer order.
+    pub sources: Vec<std::net::IpAddr>,
+    /// (endpoint, source) of every IPv4 peer, for the outer tap's synthesised headers.
+    pub sent_from: Vec<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
+    /// 1 at start, one more per reload.
+    pub number: u64,
+}
+
+impl Generation {
+    /// The source address the outer tap shows for packets to (or from) `endpoint`.
+    pub fn source_for(&self, endpoint: &std::net::Ipv4Addr) -> std::net::Ipv4Addr {
+        self.sent_from
+            .iter()
+            .find(|(ep, _)| ep == endpoint)
+            .map_or(std::net::Ipv4Addr::UNSPECIFIED, |(_, s)| *s)
+    }
+}
+
+/// The current generation, swapped atomically by a reload.
+pub type Current = arc_swap::ArcSwap<Generation>;
+
+/// Hands the RX thread the inbound half of a new generation. The thread owns its `Inbound`
+/// (`&mut`: replay windows); at a reload the control side leaves the new one here, and the
+/// thread takes it before its next batch and lets it adopt the continuing SAs' state. The
+/// flag is one relaxed load per wake-up; the mutex is touched only at a reload.
+#[derive(Default)]
+pub struct InboundHandoff {
+    pending: std::sync::atomic::AtomicBool,
+    slot: std::sync::Mutex<Option<crate::datapath::Inbound>>,
+}
+
+impl InboundHandoff {
+    /// Leave `inbound` for the RX thread (replacing one it has not taken yet).
+    pub fn offer(&self, inbound: crate::datapath::Inbound) {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = Some(inbound);
+        self.pending
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The new inbound half, if one is waiting.
+    pub fn take(&self) -> Option<crate::datapath::Inbound> {
+        if !self.pending.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        self.pending
+            .store(false, std::sync::atomic::Ordering::Release);
+        slot.take()
+    }
+}

@@ -244,7 +244,9 @@ fn replay_reorder_tamper_spi_source() {
     assert_eq!(tally[&DropReason::UnknownSpi], 1);
     assert_eq!(tally[&DropReason::WrongSource], 1);
     assert!(tally[&DropReason::Malformed] > 0 && tally[&DropReason::BadIcv] >= 3);
-    let rx = b.stats.peers[0]
+    let rx = b
+        .out
+        .peer_stats(0)
         .rx_packets
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(rx, 12, "9 reordered + seq 100 + seq 51 + seq 71");
@@ -614,5 +616,119 @@ fn esp_in_udp_follows_the_peer_port_of_authenticated_datagrams_only() {
     assert_eq!(
         port_of(a.out.process(&mut PacketBuf::from_slice(&to_b), 0)),
         31000
+    );
+}
+
+/// A reload: the next generation built from the old one keeps an unchanged SA (its sequence
+/// numbers continue, its replay window is taken over, so an old packet stays a replay), makes
+/// a new SA for new keys, and drops a removed peer's routes.
+#[test]
+fn a_reload_keeps_unchanged_sas_and_replaces_changed_ones() {
+    let (mut a, mut b) = esp_pair(Cipher::Aes128Gcm, true, 64);
+    let pkt = ipv4([10, 4, 2, 99], [10, 4, 2, 5], 100, false);
+    let mut sent = Vec::new();
+    for t in 0..3 {
+        let (wire, v, _) = send(&mut a, &mut b, A, &pkt, t);
+        assert_eq!(v, Verdict::ToTun);
+        sent.push(wire);
+    }
+    // B reloads with its peer unchanged plus a second peer.
+    let t = TunnelSpec {
+        relay: false,
+        mtu: 1400,
+    };
+    let spec_a = |key_in: KeyMaterial, spi_in| PeerSpec {
+        name: "a".into(),
+        endpoint: A.parse().unwrap(),
+        allowed_ips: vec!["10.4.2.99/32".parse().unwrap()],
+        encap: EncapSpec::Esp {
+            cipher: Cipher::Aes128Gcm,
+            spi_out: 0x1002,
+            key_out: key(Cipher::Aes128Gcm, 0x22),
+            spi_in,
+            key_in,
+            replay_window: 64,
+            esn: true,
+            lifetime: Lifetime::default(),
+            udp_port: None,
+        },
+        route: true,
+    };
+    let c = PeerSpec {
+        name: "c".into(),
+        endpoint: "192.0.2.3".parse().unwrap(),
+        allowed_ips: vec!["10.4.2.3/32".parse().unwrap()],
+        encap: EncapSpec::IpIp,
+        route: true,
+    };
+    let next_seq_before = b.out.sa_state()[0].unwrap().1;
+    let (out, mut inb) = datapath::rebuild(
+        &[spec_a(key(Cipher::Aes128Gcm, 0x11), 0x1001), c.clone()],
+        t,
+        Default::default(),
+        &b.out,
+    )
+    .unwrap();
+    assert!(out.sa_continues(0, &b.out), "unchanged SA is shared");
+    assert_eq!(out.sa_state()[0].unwrap().1, next_seq_before);
+    // Before adoption the new inbound SA knows nothing; after, the old window is its.
+    inb.adopt(&mut b.inb);
+    let old_stats = b.stats.clone();
+    b.out = out;
+    b.inb = inb;
+    assert!(
+        Arc::ptr_eq(b.out.stats(), &old_stats),
+        "global counters outlive the reload"
+    );
+    assert_eq!(
+        b.out
+            .peer_stats(0)
+            .rx_packets
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    let mut r = PacketBuf::from_slice(&sent[1]);
+    assert_eq!(
+        b.inb.process(&mut r, A.parse().unwrap(), PROTO_ESP, 10),
+        Verdict::Drop(DropReason::Replay),
+        "a packet received before the reload is still a replay after it"
+    );
+    let (_, v, _) = send(&mut a, &mut b, A, &pkt, 11);
+    assert_eq!(v, Verdict::ToTun, "traffic continues across the reload");
+
+    // New inbound keys (and SPI) for peer a: a new SA, the old SPI is unknown from now on.
+    let (out, mut inb) = datapath::rebuild(
+        &[spec_a(key(Cipher::Aes128Gcm, 0x33), 0x2001)],
+        t,
+        Default::default(),
+        &b.out,
+    )
+    .unwrap();
+    assert!(
+        out.sa_continues(0, &b.out),
+        "outbound keys unchanged: same SA"
+    );
+    inb.adopt(&mut b.inb);
+    b.out = out;
+    b.inb = inb;
+    let (_, v, _) = send(&mut a, &mut b, A, &pkt, 12);
+    assert_eq!(v, Verdict::Drop(DropReason::UnknownSpi));
+    // Peer c is gone: its prefix has no route.
+    let mut q = PacketBuf::from_slice(&ipv4([10, 4, 2, 5], [10, 4, 2, 3], 60, false));
+    assert_eq!(
+        b.out.process(&mut q, 13),
+        Verdict::Drop(DropReason::NoRoute)
+    );
+    // Changed outbound keys make a new SA that does not continue.
+    let mut changed = spec_a(key(Cipher::Aes128Gcm, 0x33), 0x2001);
+    if let EncapSpec::Esp { key_out, .. } = &mut changed.encap {
+        *key_out = key(Cipher::Aes128Gcm, 0x44);
+    }
+    let (out, _) = datapath::rebuild(&[changed], t, Default::default(), &b.out).unwrap();
+    assert!(!out.sa_continues(0, &b.out));
+    assert_eq!(
+        out.sa_state()[0].unwrap().1,
+        1,
+        "a new SA starts at 1 (the edge reserves)"
     );
 }

@@ -472,6 +472,16 @@ fn only_root_is_answered_and_the_client_trusts_only_root() {
     c.args(["show", "--socket"]).arg(&sock);
     let (ok, out) = output(c);
     assert!(!ok && out.contains("answers root only"), "{out}");
+    // A reload (which would carry keys and descriptors) from another user: refused by the
+    // daemon before it reads the document.
+    let script = format!(
+        "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({:?})\ns.sendall(b'reload\\n{{\"config\": \"\"}}')\ns.shutdown(socket.SHUT_WR)\nprint(s.recv(4096).decode())\n",
+        sock.display().to_string()
+    );
+    let mut c = as_user(STRANGER, STRANGER, "/usr/bin/python3");
+    c.args(["-c", &script]);
+    let (ok, out) = output(c);
+    assert!(ok && out.contains("answers root only"), "{out}");
     std::fs::set_permissions(d.join("state"), std::fs::Permissions::from_mode(0o700)).unwrap();
     // Root is answered.
     let mut c = Command::new(exe());

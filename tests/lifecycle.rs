@@ -367,3 +367,135 @@ fn a_full_capture_disk_drops_capture_records_not_packets() {
         "clean stop with a full capture disk"
     );
 }
+
+/// `espip reload` while a transfer to peer b runs: a peer c is added (its route appears),
+/// changed (new keys, new prefix), a change only a restart can make is refused, and c is
+/// removed again (its route goes) - for as long as the transfer lasts. The daemon has dropped
+/// to its own user, so the reload goes the way systemd's ExecReload takes it: root reads the
+/// files and passes them, with the key state files, over the control socket. The transfer's
+/// hash is equal and neither end counts a drop of b's traffic; b's SA is never restarted.
+#[test]
+fn reload_adds_changes_and_removes_a_peer_while_a_transfer_runs() {
+    let Some(_g) = serial() else { return };
+    const BYTES: u64 = 300_000_000;
+    let pair = full_pair("reload", Cipher::Aes128Gcm, "");
+    let (a, b, dir) = (&pair.a, &pair.b, pair.dir.clone());
+    let cfg = dir.join("a.toml");
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    let key = || {
+        espip::sys::random_key(Cipher::Aes128Gcm)
+            .unwrap()
+            .to_hex()
+            .to_string()
+    };
+    let peer_c = |prefix: &str, spi: u32| {
+        format!(
+            "\n[[peer]]\nname = \"c\"\nendpoint = \"192.0.2.77\"\nallowed_ips = [\"{prefix}\"]\nmode = \"esp\"\ncipher = \"aes-128-gcm\"\nspi_out = \"{spi:#010x}\"\nspi_in = \"{:#010x}\"\nkey_out = \"{}\"\nkey_in = \"{}\"\n",
+            spi + 1,
+            key(),
+            key()
+        )
+    };
+    let reload = |text: &str| {
+        std::fs::write(&cfg, text).unwrap();
+        let o = a
+            .command(exe())
+            .args(["reload", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    let routes = || String::from_utf8_lossy(&a.ip(&["route", "show"]).unwrap().stdout).to_string();
+    let sock_a = dir.join("state-a/control.sock");
+    let sock_b = dir.join("state-b/control.sock");
+    let mut cycles = 0;
+    let result = std::thread::scope(|s| {
+        let t = s.spawn(|| espip::lab::transfer(&exe(), (a, b), p2p::B_INNER, BYTES).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let seq_before = status_at(&sock_a).peers[0]
+            .sa_out
+            .as_ref()
+            .unwrap()
+            .next_seq;
+        assert!(seq_before > 1, "the transfer is under way");
+        while !t.is_finished() || cycles == 0 {
+            let (ok, out) = reload(&(base.clone() + &peer_c("10.4.9.0/24", 0x3001)));
+            assert!(ok, "add c: {out}");
+            assert!(out.contains("added [\"c\"]"), "{out}");
+            assert!(routes().contains("10.4.9.0/24 dev espip0"), "{}", routes());
+            assert_eq!(status_at(&sock_a).peers.len(), 2);
+
+            let (ok, out) = reload(&(base.clone() + &peer_c("10.4.10.0/24", 0x3101)));
+            assert!(ok, "change c: {out}");
+            assert!(out.contains("changed [\"c\"]"), "{out}");
+            let r = routes();
+            assert!(
+                !r.contains("10.4.9.0/24") && r.contains("10.4.10.0/24"),
+                "{r}"
+            );
+
+            let mtu = base.replace("[interface]\n", "[interface]\nmtu = 1300\n");
+            let (ok, out) = reload(&mtu);
+            assert!(!ok, "an [interface] change needs a restart: {out}");
+            assert!(
+                out.contains("[interface] changed") && out.contains("restart"),
+                "{out}"
+            );
+            assert_eq!(status_at(&sock_a).peers.len(), 2, "refused: c still there");
+
+            let (ok, out) = reload(&base);
+            assert!(ok, "remove c: {out}");
+            assert!(out.contains("removed [\"c\"]"), "{out}");
+            assert!(!routes().contains("10.4.10.0/24"), "{}", routes());
+            cycles += 1;
+            if cycles == 1 {
+                assert!(
+                    !t.is_finished(),
+                    "the transfer outlasts a whole add/change/refuse/remove cycle (make it longer)"
+                );
+            }
+        }
+        let r = t.join().unwrap();
+        let after = status_at(&sock_a);
+        assert!(
+            after.peers[0].sa_out.as_ref().unwrap().next_seq > seq_before,
+            "b's outbound SA continued (never restarted at 1)"
+        );
+        r
+    });
+    assert!(
+        result.ok(BYTES),
+        "transfer across {cycles} reload cycles: {result:?}"
+    );
+    let (sa, sb) = (status_at(&sock_a), status_at(&sock_b));
+    for (who, st) in [("A", &sa), ("B", &sb)] {
+        for r in [
+            "replay",
+            "unknown_spi",
+            "bad_icv",
+            "wrong_source",
+            "malformed",
+            "seq_unreserved",
+            "lifetime_expired",
+        ] {
+            assert_eq!(st.drops[r], 0, "{who} dropped {r}: {:?}", st.drops);
+        }
+        assert_eq!(st.errors["send"], 0, "{who} send errors");
+    }
+    eprintln!(
+        "reload: {cycles} cycles of 4 reloads during a {BYTES}-byte transfer at {:.0} Mbit/s; drops A {:?} B {:?}",
+        result.mbit_s(),
+        sa.drops.iter().filter(|(_, n)| **n > 0).collect::<Vec<_>>(),
+        sb.drops.iter().filter(|(_, n)| **n > 0).collect::<Vec<_>>()
+    );
+    let log = std::fs::read_to_string(dir.join("a.log")).unwrap();
+    assert!(log.contains("configuration reloaded"), "{log}");
+}

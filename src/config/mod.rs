@@ -7,12 +7,14 @@
 
 mod capture;
 mod interface;
+mod keys;
 mod nat;
 mod peer;
 mod raw;
 
 use crate::datapath::PeerSpec;
 use crate::prefix::Prefix;
+pub use keys::KeyFiles;
 pub use peer::Mode;
 use raw::{RawConfig, RawMetrics};
 use std::net::IpAddr;
@@ -132,7 +134,7 @@ pub enum RulesMode {
 }
 
 /// The `[nat]` section, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Nat {
     /// The real <-> alias mappings.
     pub maps: Vec<crate::nat::NatMap>,
@@ -159,7 +161,7 @@ impl std::fmt::Display for IfAddr {
 }
 
 /// The `[interface]` section, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Interface {
     /// TUN device name.
     pub name: String,
@@ -235,6 +237,19 @@ impl Config {
     /// Read and validate a configuration file. Relative key file paths are resolved against
     /// the configuration file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = Config::read_text(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse_with(&text, base, &KeyFiles::disk()).map_err(|e| match e {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// The text of a configuration file, refused if another user could have written it.
+    pub fn read_text(path: &Path) -> Result<zeroize::Zeroizing<String>, ConfigError> {
         use std::io::Read;
         use std::os::unix::fs::MetadataExt;
         let read_err = |source| ConfigError::Read {
@@ -260,18 +275,16 @@ impl Config {
         // The text may hold inline keys: wiped when dropped.
         let mut text = zeroize::Zeroizing::new(String::new());
         f.read_to_string(&mut text).map_err(read_err)?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Config::parse(&text, base).map_err(|e| match e {
-            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
-                path: path.to_path_buf(),
-                message,
-            },
-            other => other,
-        })
+        Ok(text)
     }
 
     /// Validate configuration text; `base` resolves relative key file paths.
     pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        Config::parse_with(text, base, &KeyFiles::disk())
+    }
+
+    /// Validate configuration text, reading key files through `keys`.
+    pub fn parse_with(text: &str, base: &Path, keys: &KeyFiles) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: PathBuf::from("<config>"),
             message: explain_toml(text, &e),
@@ -287,7 +300,7 @@ impl Config {
         }
         let mut peers: Vec<PeerSpec> = Vec::new();
         for p in raw.peer {
-            let spec = peer::peer(p, base, &mut warnings)?;
+            let spec = peer::peer(p, base, keys, &mut warnings)?;
             if peers.iter().any(|q| q.name == spec.name) {
                 return Err(invalid(
                     format!("peer {:?}.name", spec.name),

@@ -49,6 +49,7 @@ impl Mode {
 pub(super) fn peer(
     p: RawPeer,
     base: &Path,
+    keys: &super::KeyFiles,
     warnings: &mut Vec<String>,
 ) -> Result<PeerSpec, ConfigError> {
     let name = p.name.clone();
@@ -82,7 +83,7 @@ pub(super) fn peer(
         Mode::Esp | Mode::EspUdp => {
             let udp_port =
                 (mode == Mode::EspUdp).then(|| port.unwrap_or(crate::wire::ip::IPSEC_NAT_T_PORT));
-            esp(p, base, udp_port, &k, warnings)?
+            esp(p, base, keys, udp_port, &k, warnings)?
         }
     };
     Ok(PeerSpec {
@@ -171,6 +172,7 @@ fn refuse_sa_keys(p: &RawPeer, k: &dyn Fn(&str) -> String) -> Result<(), ConfigE
 fn esp(
     p: RawPeer,
     base: &Path,
+    keys: &super::KeyFiles,
     udp_port: Option<u16>,
     k: &dyn Fn(&str) -> String,
     warnings: &mut Vec<String>,
@@ -190,8 +192,8 @@ fn esp(
     })?;
     let spi_out = spi(k("spi_out"), p.spi_out)?;
     let spi_in = spi(k("spi_in"), p.spi_in)?;
-    let key_out = key_material(&k("key_out"), p.key_out, p.key_out_file, base, cipher)?;
-    let key_in = key_material(&k("key_in"), p.key_in, p.key_in_file, base, cipher)?;
+    let key_out = key_material(&k("key_out"), p.key_out, p.key_out_file, base, keys, cipher)?;
+    let key_in = key_material(&k("key_in"), p.key_in, p.key_in_file, base, keys, cipher)?;
     let replay_window = match p.replay_window {
         None => DEFAULT_REPLAY_WINDOW,
         Some(w) if (0..=i64::from(MAX_REPLAY_WINDOW)).contains(&w) => w as u32,
@@ -275,6 +277,7 @@ fn key_material(
     inline: Option<zeroize::Zeroizing<String>>,
     file: Option<PathBuf>,
     base: &Path,
+    keys: &super::KeyFiles,
     cipher: Cipher,
 ) -> Result<KeyMaterial, ConfigError> {
     let expected = format!(
@@ -303,7 +306,7 @@ fn key_material(
                 path
             };
             let fkey = format!("{key}_file");
-            let text = read_key_file(&fkey, &path)?;
+            let text = keys.read(&fkey, &path)?;
             KeyMaterial::from_hex(cipher, &text).map_err(|e| {
                 invalid(
                     &fkey,
@@ -321,7 +324,10 @@ const KEY_FILE_MAX: u64 = 4096;
 /// Read a key file as ssh reads a private key: a regular file (a link is followed, but its
 /// target must be one), owned by root or the user running espip, not readable by others, of a
 /// sane size. Opened with `O_NONBLOCK`, so a FIFO is refused instead of hanging.
-fn read_key_file(fkey: &str, path: &Path) -> Result<zeroize::Zeroizing<String>, ConfigError> {
+pub(super) fn read_key_file(
+    fkey: &str,
+    path: &Path,
+) -> Result<zeroize::Zeroizing<String>, ConfigError> {
     use std::io::Read;
     use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
     let unreadable =

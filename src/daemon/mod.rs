@@ -20,6 +20,7 @@
 //!
 //! A stop is an eventfd both threads poll.
 
+mod reload;
 mod rx;
 mod send;
 mod seq;
@@ -33,7 +34,7 @@ use crate::control::Live;
 use crate::datapath;
 use crate::sys::capture::{Recorder, Taps};
 use crate::sys::seqstore::SeqError;
-use crate::telemetry::EdgeStats;
+use crate::telemetry::{EdgeStats, Generation, InboundHandoff};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use serve::Stop;
 use setup::Resources;
@@ -172,8 +173,8 @@ pub(super) fn raise_fd_limit() {
 }
 
 /// Run the daemon in the foreground until SIGINT or SIGTERM (or until a data-path thread
-/// ends, which is an error).
-pub fn run(cfg: Config) -> Result<(), DaemonError> {
+/// ends, which is an error). `path`: where `cfg` came from, re-read on SIGHUP.
+pub fn run(cfg: Config, path: Option<&std::path::Path>) -> Result<(), DaemonError> {
     for w in &cfg.warnings {
         warn!("{w}");
     }
@@ -197,35 +198,42 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             .map_err(|e| DaemonError::Os("eventfd", e.into()))?,
     );
     let edge = Arc::new(EdgeStats::default());
-    let outbound = Arc::new(res.outbound.take().expect("acquired"));
     let clock = Instant::now();
     let started = SystemTime::now();
+    let cfg = Arc::new(cfg);
+    let current = Arc::new(arc_swap::ArcSwap::from_pointee(Generation {
+        cfg: cfg.clone(),
+        outbound: res.outbound.take().expect("acquired"),
+        sent_from: sent_from(&cfg, &res.sources),
+        sources: res.sources.clone(),
+        number: 1,
+    }));
+    let handoff = Arc::new(InboundHandoff::default());
     let handles = EdgeHandles {
         tun: res.tun.clone(),
         sockets: res.sockets.clone(),
         udp: res.udp.clone(),
         stop,
         edge: edge.clone(),
-        sent_from: Arc::new(sent_from(&cfg, &res.sources)),
+        current: current.clone(),
+        handoff: handoff.clone(),
     };
     let recorder = || res.taps.as_ref().map_or_else(Recorder::off, Taps::recorder);
     let (workers, mut ended) = Workers::spawn(
         handles,
-        outbound.clone(),
         res.inbound.take().expect("acquired"),
         (recorder(), recorder()),
         clock,
     )
     .map_err(|e| DaemonError::Os("spawn the data-path threads", e))?;
-    let cfg = Arc::new(cfg);
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(1);
     let live = Arc::new(Live {
-        cfg: cfg.clone(),
+        current,
         mtu: res.mtu,
         stats: res.stats.clone(),
         edge: edge.clone(),
-        outbound: outbound.clone(),
         capture: res.taps.as_ref().map(|t| (t.stats(), t.paths().to_vec())),
-        sources: res.sources.clone(),
+        reload: Some(reload_tx),
         clock,
         started,
         socket_inodes: res.socket_inodes(),
@@ -238,14 +246,23 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // 3. Serve.
     let control = res.control.take();
     let mut store = res.store.take().expect("acquired");
+    let transports = res.transports();
     let stopped = serve::serve(
         &rt,
         &live,
         serve::Listeners {
             control,
             metrics: res.metrics.take(),
+            reload: &mut reload_rx,
         },
-        &mut store,
+        reload::Reloader {
+            live: &live,
+            store: &mut store,
+            handoff: &handoff,
+            routes: &mut res.routes,
+            transports,
+        },
+        path,
         &mut ended,
     );
     match &stopped {
@@ -254,11 +271,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         Err(e) => warn!("signal handling failed: {e}; stopping"),
     }
     let failed = workers.finish();
-    seq::record_final(&outbound, &mut store);
+    seq::record_final(&live.current.load().outbound, &mut store);
     if let Some(t) = res.taps.take() {
         t.finish();
     }
-    serve::log_summary(&cfg, &res.stats, &edge);
+    serve::log_summary(&live.current.load(), &res.stats, &edge);
     drop(res);
     info!(interface = %cfg.interface.name, "stopped; TUN device and its routes removed");
     match stopped {

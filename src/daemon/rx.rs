@@ -14,12 +14,12 @@ use super::tx::wait;
 use super::workers::Edges;
 use super::BATCH;
 use crate::buf::{PacketBuf, MAX_PACKET};
-use crate::datapath::{Inbound, Outbound, Verdict};
+use crate::datapath::{Inbound, Verdict};
 use crate::sys::capture::{Recorder, Tap};
 use crate::sys::raw::{strip_ipv4_header, RawSocket};
 use crate::sys::tun::Tun;
 use crate::sys::udp::UdpEncapSocket;
-use crate::telemetry::{EdgeStats, RateLimit};
+use crate::telemetry::{EdgeStats, Generation, RateLimit};
 use crate::wire::ip::PROTO_UDP;
 use nix::poll::{PollFd, PollFlags};
 use std::io;
@@ -70,17 +70,11 @@ impl RxBufs {
     }
 }
 
-pub(super) fn rx_loop(
-    mut inb: Inbound,
-    shared_out: &Outbound,
-    e: &Edges,
-    rec: &mut Recorder,
-    clock: Instant,
-) {
+pub(super) fn rx_loop(mut inb: Inbound, e: &Edges, rec: &mut Recorder, clock: Instant) {
     let mut b = RxBufs::new(e.udp.is_some());
     let mut rx = RxState {
         inb: &mut inb,
-        shared_out,
+        gen: e.current.load_full(),
         e,
         warn_write: RateLimit::default(),
     };
@@ -108,6 +102,13 @@ pub(super) fn rx_loop(
         if panic_hook {
             panic!("ESPIP_DEBUG_PANIC=rx (the supervision test's hook)");
         }
+        // A reload: the new inbound half takes over the continuing SAs' replay windows
+        // before it sees a packet; the generation (relay, tap sources) is refreshed.
+        if let Some(mut next) = e.handoff.take() {
+            next.adopt(rx.inb);
+            *rx.inb = next;
+        }
+        rx.gen = e.current.load_full();
         let mut ready = [false; 5];
         for (r, f) in ready.iter_mut().zip(&fds[1..]) {
             *r = f.revents().is_some_and(|r| r.intersects(PollFlags::POLLIN));
@@ -174,13 +175,7 @@ fn drain_udp(u: &UdpEncapSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Rec
             if r.segment < w.len() {
                 e.edge.udp_gro_receives.fetch_add(1, Relaxed);
             }
-            let here = SocketAddrV4::new(
-                e.sent_from
-                    .iter()
-                    .find(|(ep, _)| ep == r.from.ip())
-                    .map_or(Ipv4Addr::UNSPECIFIED, |(_, s)| *s),
-                u.port(),
-            );
+            let here = SocketAddrV4::new(rx.gen.source_for(r.from.ip()), u.port());
             // A coalesced train: each datagram becomes its own packet for the core (an empty
             // datagram too: the core counts it malformed).
             let whole = w.as_slice();
@@ -287,7 +282,8 @@ pub(super) fn write_coalesced(
 /// What the RX thread keeps between batches.
 pub(super) struct RxState<'a, 'e> {
     inb: &'a mut Inbound,
-    shared_out: &'a Outbound,
+    /// The generation of this wake-up (relaying, tap sources).
+    gen: std::sync::Arc<Generation>,
     e: &'a Edges<'e>,
     warn_write: RateLimit,
 }
@@ -336,7 +332,7 @@ impl RxState<'_, '_> {
             }
         }
         if any_relay {
-            relay_batch(self.shared_out, bufs, &relay[..bufs.len()], e, rec, now);
+            relay_batch(&self.gen, bufs, &relay[..bufs.len()], e, rec, now);
         }
     }
 }

@@ -4,15 +4,16 @@ use super::tx::TX_BUFS;
 use super::workers::Edges;
 use super::BATCH;
 use crate::buf::PacketBuf;
-use crate::datapath::{Outbound, Verdict, Wire};
+use crate::datapath::{Verdict, Wire};
 use crate::sys::capture::{Recorder, Tap};
+use crate::telemetry::Generation;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Wrap the packets of a batch that are for another peer (hub relaying) and send them.
 pub(super) fn relay_batch(
-    out: &Outbound,
+    g: &Generation,
     bufs: &mut [PacketBuf],
     relay: &[bool],
     e: &Edges,
@@ -23,7 +24,7 @@ pub(super) fn relay_batch(
     let mut verdicts: [Option<Verdict>; BATCH] = [None; BATCH];
     for (i, b) in bufs.iter_mut().enumerate() {
         if relay[i] {
-            verdicts[i] = Some(out.process(b, now));
+            verdicts[i] = Some(g.outbound.process(b, now));
         }
     }
     for (i, b) in bufs.iter_mut().enumerate() {
@@ -34,7 +35,7 @@ pub(super) fn relay_batch(
             }
         }
     }
-    send_verdicts(bufs, &verdicts[..bufs.len()], e, rec);
+    send_verdicts(bufs, &verdicts[..bufs.len()], e, g, rec);
 }
 
 /// Send every `Send` verdict of a batch: one `sendmmsg` per raw socket, and the ESP-in-UDP
@@ -43,14 +44,10 @@ pub(super) fn send_verdicts(
     bufs: &[PacketBuf],
     verdicts: &[Option<Verdict>],
     e: &Edges,
+    g: &Generation,
     rec: &mut Recorder,
 ) -> Option<io::Error> {
-    let source = |dst: &Ipv4Addr| {
-        e.sent_from
-            .iter()
-            .find(|(ep, _)| ep == dst)
-            .map_or(Ipv4Addr::UNSPECIFIED, |(_, s)| *s)
-    };
+    let source = |dst: &Ipv4Addr| g.source_for(dst);
     let wires = || {
         bufs.iter().zip(verdicts).filter_map(|(b, v)| match v {
             Some(Verdict::Send(w)) => Some((b, *w)),

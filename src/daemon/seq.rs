@@ -23,17 +23,73 @@ pub(super) fn reserve_initial(out: &Outbound, store: &mut SeqStore) -> Result<()
             continue;
         };
         let fp = fp.to_string();
-        let start = store.load(spi, &fp)?.map_or(1, |r| r.saturating_add(1));
-        let limit = start.saturating_add(RESERVE - 1);
-        store.save(&fp, limit)?;
-        out.set_next_seq(idx, start);
-        out.set_limit(idx, limit);
-        if start > 1 {
+        let saved = store.load(spi, &fp)?;
+        reserve_from(out, idx, &fp, saved, store)?;
+    }
+    Ok(())
+}
+
+/// Start peer `idx`'s SA after `saved` (the key's last reservation; `None`: a new key) and
+/// make its first block durable before publishing it.
+fn reserve_from(
+    out: &Outbound,
+    idx: usize,
+    fp: &str,
+    saved: Option<u64>,
+    store: &mut SeqStore,
+) -> Result<(), SeqError> {
+    let start = saved.map_or(1, |r| r.saturating_add(1));
+    let limit = start.saturating_add(RESERVE - 1);
+    store.save(fp, limit)?;
+    out.set_next_seq(idx, start);
+    out.set_limit(idx, limit);
+    if start > 1 {
+        if let Some((spi, ..)) = out.sa_reservation(idx) {
             info!(
                 spi = format!("{spi:#010x}"),
                 start, "outbound SA resumes after its saved sequence number"
             );
         }
+    }
+    Ok(())
+}
+
+/// At a reload: reserve sequence numbers for the SAs of `next` that are new (not continued
+/// from `prev`). A key the daemon holds already (an SA being replaced by one with the same
+/// key) continues after its reservation; a new key's file comes from `key_files` (opened by
+/// root in `espip reload`) or is opened here (a daemon still running as root). Two SAs of
+/// one generation under one key are refused: they would share nonces.
+pub(super) fn reserve_new(
+    next: &Outbound,
+    prev: &Outbound,
+    store: &mut SeqStore,
+    mut key_files: Vec<(String, std::fs::File)>,
+) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for idx in 0..next.peer_count() {
+        let Some((spi, fp, _, _)) = next.sa_reservation(idx) else {
+            continue;
+        };
+        let fp = fp.to_string();
+        if !seen.insert(fp.clone()) {
+            return Err(format!(
+                "two outbound SAs would use key {fp}: they would reuse nonces; give each SA its own key"
+            ));
+        }
+        if next.sa_continues(idx, prev) {
+            continue;
+        }
+        let saved = if let Some(r) = store.reserved(&fp) {
+            Some(r)
+        } else if let Some(i) = key_files.iter().position(|(f, _)| *f == fp) {
+            let (_, file) = key_files.swap_remove(i);
+            store.adopt(&fp, file).map_err(|e| e.to_string())?
+        } else {
+            store.load(spi, &fp).map_err(|e| {
+                format!("{e} (a daemon that dropped its privileges cannot open root's state directory: use `espip reload`, which opens it as root)")
+            })?
+        };
+        reserve_from(next, idx, &fp, saved, store).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

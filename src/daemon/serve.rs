@@ -2,15 +2,16 @@
 //! metrics endpoint answer from atomics; once a second the peers' silence and the SA
 //! lifetimes are checked.
 
+use super::reload::Reloader;
 use super::seq::{extend_reservations, RESERVATION_TICK};
 use super::workers::Ended;
 use crate::config::Config;
-use crate::control::Live;
+use crate::control::{Live, ReloadRequest};
 use crate::datapath::{EncapSpec, Stats};
-use crate::sys::seqstore::SeqStore;
-use crate::telemetry::EdgeStats;
-use crate::telemetry::RateLimit;
+use crate::telemetry::{EdgeStats, Generation, RateLimit};
+use std::collections::HashMap;
 use std::io;
+use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,26 +28,32 @@ pub(super) enum Stop {
 }
 
 /// What the control side listens on.
-pub(super) struct Listeners {
+pub(super) struct Listeners<'a> {
     /// The control socket.
     pub control: Option<std::os::unix::net::UnixListener>,
     /// The metrics endpoint.
     pub metrics: Option<std::net::TcpListener>,
+    /// Reload requests the control socket received (`espip reload`).
+    pub reload: &'a mut tokio::sync::mpsc::Receiver<ReloadRequest>,
 }
 
 /// Serve `live` until a stop signal, or until a data-path thread reports on `ended`; keep the
-/// sequence reservations in `store` ahead of the SAs.
+/// sequence reservations ahead of the SAs; reload on SIGHUP (re-reading `path`) or on a
+/// request.
 pub(super) fn serve(
     rt: &tokio::runtime::Runtime,
     live: &Arc<Live>,
     listeners: Listeners,
-    store: &mut SeqStore,
+    mut reloader: Reloader,
+    path: Option<&Path>,
     ended: &mut UnboundedReceiver<Ended>,
 ) -> io::Result<Stop> {
-    let cfg = live.cfg.clone();
-    let stats = live.stats.clone();
     let clock = live.clock;
-    let Listeners { control, metrics } = listeners;
+    let Listeners {
+        control,
+        metrics,
+        reload,
+    } = listeners;
     rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
@@ -65,23 +72,54 @@ pub(super) fn serve(
         let mut tick = tokio::time::interval(SILENCE_CHECK);
         let mut reserve = tokio::time::interval(RESERVATION_TICK);
         let mut warn_state = RateLimit::default();
-        let mut silence = Silence::new(cfg.peers.len());
-        let mut lifetimes = LifetimeWatch { warned: Vec::new() };
+        let mut silence = Silence::default();
+        let mut lifetimes = LifetimeWatch::default();
         loop {
             tokio::select! {
                 _ = term.recv() => return Ok(Stop::Signal("SIGTERM")),
                 _ = int.recv() => return Ok(Stop::Signal("SIGINT")),
                 Some(e) = ended.recv() => return Ok(Stop::Worker(e)),
-                _ = hup.recv() => warn!("SIGHUP: reloading is not supported; restart espip to apply a new configuration"),
-                _ = reserve.tick() => extend_reservations(&live.outbound, store, &mut warn_state),
+                _ = hup.recv() => reload_from_file(&mut reloader, path).await,
+                Some(r) = reload.recv() => {
+                    let result = reloader.apply(r.cfg, r.key_files).await;
+                    if let Err(e) = &result {
+                        warn!("reload refused, the running configuration is unchanged: {e}");
+                    }
+                    let _ = r.reply.send(result);
+                }
+                _ = reserve.tick() => extend_reservations(&reloader.live.current.load().outbound, reloader.store, &mut warn_state),
                 _ = tick.tick() => {
                     let now = clock.elapsed().as_nanos() as u64;
-                    silence.check(&cfg, &stats, now);
-                    lifetimes.check(&cfg, &stats, now);
+                    let g = live.current.load();
+                    silence.check(&g, now);
+                    lifetimes.check(&g, now);
                 }
             }
         }
     })
+}
+
+/// SIGHUP: re-read the configuration file and apply it. A daemon that dropped its privileges
+/// usually cannot read root's configuration and key files: the message names `espip reload`,
+/// which reads them as root.
+async fn reload_from_file(reloader: &mut Reloader<'_>, path: Option<&Path>) {
+    let Some(path) = path else {
+        warn!("SIGHUP: this daemon was not started from a configuration file; nothing to re-read");
+        return;
+    };
+    info!(config = %path.display(), "SIGHUP: reloading");
+    match Config::load(path) {
+        Ok(cfg) => {
+            if let Err(e) = reloader.apply(cfg, Vec::new()).await {
+                warn!("reload refused, the running configuration is unchanged: {e}");
+            }
+        }
+        Err(e) => warn!(
+            "reload refused, the running configuration is unchanged: {e} (as user {}, after the privilege drop; `espip reload -c {}` reads it as root and sends it)",
+            crate::sys::privdrop::current(),
+            path.display()
+        ),
+    }
 }
 
 /// How often the control side looks for silent peers and SA lifetimes: a lifetime warning
@@ -93,36 +131,39 @@ pub(super) const SILENCE_CHECK: Duration = Duration::from_secs(1);
 /// handshakes needs a longer view to tell silence from one-way bursts).
 pub(super) const SILENT_AFTER: Duration = Duration::from_secs(30);
 
-/// Tracks, per peer, whether packets go out unanswered, and logs each change once.
+/// Tracks, per peer (by name: reloads add and remove peers), whether packets go out
+/// unanswered, and logs each change once.
+#[derive(Default)]
 pub(super) struct Silence {
-    last: Vec<(u64, u64)>,
-    unanswered_since: Vec<Option<u64>>,
-    silent: Vec<bool>,
+    peers: HashMap<String, SilenceState>,
+}
+
+#[derive(Default)]
+struct SilenceState {
+    last: (u64, u64),
+    unanswered_since: Option<u64>,
+    silent: bool,
 }
 
 impl Silence {
-    fn new(n: usize) -> Silence {
-        Silence {
-            last: vec![(0, 0); n],
-            unanswered_since: vec![None; n],
-            silent: vec![false; n],
-        }
-    }
-
-    fn check(&mut self, cfg: &Config, stats: &Stats, now: u64) {
+    fn check(&mut self, g: &Generation, now: u64) {
+        let cfg = &g.cfg;
+        self.peers
+            .retain(|name, _| cfg.peers.iter().any(|p| &p.name == name));
         for (i, p) in cfg.peers.iter().enumerate() {
-            let s = &stats.peers[i];
+            let st = self.peers.entry(p.name.clone()).or_default();
+            let s = g.outbound.peer_stats(i);
             let (tx, rx) = (s.tx_packets.load(Relaxed), s.rx_packets.load(Relaxed));
-            let (last_tx, last_rx) = std::mem::replace(&mut self.last[i], (tx, rx));
+            let (last_tx, last_rx) = std::mem::replace(&mut st.last, (tx, rx));
             if rx > last_rx {
-                self.unanswered_since[i] = None;
-                if std::mem::replace(&mut self.silent[i], false) {
+                st.unanswered_since = None;
+                if std::mem::replace(&mut st.silent, false) {
                     info!(peer = %p.name, endpoint = %p.endpoint, "peer heard again");
                 }
             } else if tx > last_tx {
-                let since = *self.unanswered_since[i].get_or_insert(now);
-                if !self.silent[i] && now.saturating_sub(since) >= SILENT_AFTER.as_nanos() as u64 {
-                    self.silent[i] = true;
+                let since = *st.unanswered_since.get_or_insert(now);
+                if !st.silent && now.saturating_sub(since) >= SILENT_AFTER.as_nanos() as u64 {
+                    st.silent = true;
                     let proto = match p.encap {
                         EncapSpec::Esp {
                             udp_port: Some(port),
@@ -142,7 +183,7 @@ impl Silence {
                     );
                 }
             } else {
-                self.unanswered_since[i] = None;
+                st.unanswered_since = None;
             }
         }
     }
@@ -150,18 +191,23 @@ impl Silence {
 
 /// Warns once per SA pair when 90% of a hard lifetime is used (strongSwan's soft lifetime;
 /// without a key exchange the operator must install new keys), and once when it expires.
+/// Keyed by the SA pair's outbound SPI and key, so new keys at a reload start over.
+#[derive(Default)]
 pub(super) struct LifetimeWatch {
-    warned: Vec<u8>,
+    warned: HashMap<(String, u32), u8>,
 }
 
 impl LifetimeWatch {
-    fn check(&mut self, cfg: &Config, stats: &Stats, now: u64) {
-        self.warned.resize(cfg.peers.len(), 0);
-        for (i, p) in cfg.peers.iter().enumerate() {
-            let EncapSpec::Esp { lifetime, .. } = &p.encap else {
+    fn check(&mut self, g: &Generation, now: u64) {
+        for (i, p) in g.cfg.peers.iter().enumerate() {
+            let EncapSpec::Esp {
+                lifetime, spi_out, ..
+            } = &p.encap
+            else {
                 continue;
             };
-            let s = &stats.peers[i];
+            let s = g.outbound.peer_stats(i);
+            let warned = self.warned.entry((p.name.clone(), *spi_out)).or_default();
             let used = [
                 (
                     "packets",
@@ -184,17 +230,17 @@ impl LifetimeWatch {
                 } else {
                     0
                 };
-                if level > self.warned[i] {
+                if level > *warned {
                     // A lifetime shorter than one check interval passes 90% and 100% between
                     // two checks: both are said, in order.
-                    if level == 2 && self.warned[i] == 0 {
+                    if level == 2 && *warned == 0 {
                         warn!(peer = %p.name, "SA pair has used 90% of its lifetime ({what}: limit {limit}), and its whole lifetime since the last check");
                     }
-                    self.warned[i] = level;
+                    *warned = level;
                     if level == 2 {
-                        warn!(peer = %p.name, "SA pair reached its lifetime ({what}: {n} of {limit}): it no longer sends or accepts; install new keys and SPIs and restart");
+                        warn!(peer = %p.name, "SA pair reached its lifetime ({what}: {n} of {limit}): it no longer sends or accepts; install new keys and SPIs and reload");
                     } else {
-                        warn!(peer = %p.name, "SA pair has used 90% of its lifetime ({what}: {n} of {limit}); install new keys and SPIs before it stops");
+                        warn!(peer = %p.name, "SA pair has used 90% of its lifetime ({what}: {n} of {limit}); install new keys and SPIs (espip reload) before it stops");
                     }
                 }
             }
@@ -202,8 +248,9 @@ impl LifetimeWatch {
     }
 }
 
-pub(super) fn log_summary(cfg: &Config, stats: &Stats, edge: &EdgeStats) {
-    for (p, s) in cfg.peers.iter().zip(&stats.peers) {
+pub(super) fn log_summary(g: &Generation, stats: &Stats, edge: &EdgeStats) {
+    for (i, p) in g.cfg.peers.iter().enumerate() {
+        let s = g.outbound.peer_stats(i);
         info!(
             peer = %p.name,
             tx_packets = s.tx_packets.load(Relaxed),
@@ -246,29 +293,38 @@ mod tests {
             relay: false,
             mtu: 1400,
         };
-        let (_, _, stats) =
+        let (outbound, _, _) =
             datapath::build(&cfg.peers, tunnel, crate::nat::NatTable::default()).unwrap();
+        let g = Generation {
+            cfg: Arc::new(cfg),
+            outbound,
+            sources: Vec::new(),
+            sent_from: Vec::new(),
+            number: 1,
+        };
         let s = Duration::from_secs(1).as_nanos() as u64;
-        let mut silence = Silence::new(1);
-        let tx = |n| stats.peers[0].tx_packets.fetch_add(n, Relaxed);
+        let mut silence = Silence::default();
+        let stats = g.outbound.peer_stats(0);
+        let tx = |n| stats.tx_packets.fetch_add(n, Relaxed);
+        let silent = |s: &Silence| s.peers["b"].silent;
         // Sending every 5 s without an answer: silent once 30 s have passed since the first
         // unanswered check, not before.
         for t in (0..=25).step_by(5) {
             tx(10);
-            silence.check(&cfg, &stats, t * s);
-            assert!(!silence.silent[0], "at {t} s");
+            silence.check(&g, t * s);
+            assert!(!silent(&silence), "at {t} s");
         }
         tx(10);
-        silence.check(&cfg, &stats, 30 * s);
-        assert!(silence.silent[0]);
+        silence.check(&g, 30 * s);
+        assert!(silent(&silence));
         // An answer clears it.
-        stats.peers[0].rx_packets.fetch_add(1, Relaxed);
-        silence.check(&cfg, &stats, 35 * s);
-        assert!(!silence.silent[0]);
+        stats.rx_packets.fetch_add(1, Relaxed);
+        silence.check(&g, 35 * s);
+        assert!(!silent(&silence));
         // Idle (nothing sent) is not silence.
         for t in 8..20 {
-            silence.check(&cfg, &stats, t * 5 * s);
-            assert!(!silence.silent[0]);
+            silence.check(&g, t * 5 * s);
+            assert!(!silent(&silence));
         }
     }
 }

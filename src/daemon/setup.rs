@@ -60,6 +60,8 @@ pub(super) struct Resources {
     pub mtu: u16,
     /// The outer source address of each peer.
     pub sources: Vec<IpAddr>,
+    /// The routes espip added to the TUN (a reload removes only these).
+    pub routes: Vec<crate::prefix::Prefix>,
 }
 
 impl Resources {
@@ -122,6 +124,7 @@ impl Resources {
             store: Some(store),
             mtu,
             sources: outer_sources(cfg),
+            routes: added,
         };
         prepare_capture(cfg, run_as.as_ref())?;
         // Setup is done: become the configured user, keeping CAP_NET_ADMIN and CAP_NET_RAW for
@@ -137,8 +140,14 @@ impl Resources {
             ),
             None => None,
         };
-        log_installed(cfg, &res.tun, mtu, &added);
+        log_installed(cfg, &res.tun, mtu, &res.routes);
         Ok(res)
+    }
+
+    /// The transports with a socket: (ESP as protocol 50, IP-in-IP, ESP in UDP).
+    pub(super) fn transports(&self) -> (bool, bool, bool) {
+        let has = |p| self.sockets.iter().any(|s| s.protocol() == p);
+        (has(PROTO_ESP), has(PROTO_IPIP), self.udp.is_some())
     }
 
     /// Inodes of the raw and UDP sockets (for their kernel drop counters).
@@ -269,7 +278,7 @@ fn kernel_settings(
 }
 
 /// The outer source of each peer's packets (for the outer tap and the Wireshark SA lines).
-fn outer_sources(cfg: &Config) -> Vec<IpAddr> {
+pub(super) fn outer_sources(cfg: &Config) -> Vec<IpAddr> {
     cfg.peers
         .iter()
         .map(|p| {

@@ -2,9 +2,10 @@
 //!
 //! 1. wait for the TUN (or the stop eventfd);
 //! 2. drain up to [`BATCH`] packets, segmenting TSO/USO packets (`gso`) as they come;
-//! 3. `Outbound::process` each one (no lock: the sequence number is one atomic
-//!    compare-and-swap): route, NAT, sequence number, encryption, or an ICMP "too big" back
-//!    to the TUN;
+//! 3. `Outbound::process` each one with the current generation, loaded once per batch (no
+//!    lock: the sequence number is one atomic compare-and-swap; a reload swaps the
+//!    generation between batches): route, NAT, sequence number, encryption, or an ICMP "too
+//!    big" back to the TUN;
 //! 4. send the batch: one `sendmmsg` per raw socket, UDP GSO trains for ESP in UDP.
 //!
 //! No disk I/O and no lock: the control side extends the persisted sequence reservations
@@ -16,7 +17,7 @@ use super::send::send_verdicts;
 use super::workers::Edges;
 use super::BATCH;
 use crate::buf::{PacketBuf, MAX_PACKET};
-use crate::datapath::{DropReason, Outbound, Verdict};
+use crate::datapath::{DropReason, Verdict};
 use crate::sys::capture::{Recorder, Tap};
 use crate::telemetry::{EdgeStats, RateLimit};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -47,7 +48,7 @@ pub(super) fn wait(fds: &mut [PollFd], what: &str) -> bool {
         .is_some_and(|r| r.intersects(PollFlags::POLLIN))
 }
 
-pub(super) fn tx_loop(out: &Outbound, e: &Edges, rec: &mut Recorder, clock: Instant) {
+pub(super) fn tx_loop(e: &Edges, rec: &mut Recorder, clock: Instant) {
     // Room for a full batch plus the segments of one more TSO packet (64 KB at an MSS of 536).
     let mut bufs: Vec<PacketBuf> = (0..TX_BUFS).map(|_| PacketBuf::new(MAX_PACKET)).collect();
     // `None`: not (yet) processed in this batch.
@@ -96,8 +97,10 @@ pub(super) fn tx_loop(out: &Outbound, e: &Edges, rec: &mut Recorder, clock: Inst
                 }
             }
         }
+        // One generation for the whole batch (a reload swaps it between two batches).
+        let g = e.current.load();
         for i in 0..n {
-            let v = out.process(&mut bufs[i], now);
+            let v = g.outbound.process(&mut bufs[i], now);
             verdicts[i] = Some(v);
             match v {
                 Verdict::ToTun => {
@@ -117,7 +120,7 @@ pub(super) fn tx_loop(out: &Outbound, e: &Edges, rec: &mut Recorder, clock: Inst
                 _ => {}
             }
         }
-        if let Some(err) = send_verdicts(&bufs[..n], &verdicts[..n], e, rec) {
+        if let Some(err) = send_verdicts(&bufs[..n], &verdicts[..n], e, &g, rec) {
             if warn_send.ready() {
                 warn!("sending packets failed: {err}");
             }

@@ -4,14 +4,13 @@
 //! thread's name and why it ended.
 
 use super::{rx, tx};
-use crate::datapath::{Inbound, Outbound};
+use crate::datapath::Inbound;
 use crate::sys::capture::Recorder;
 use crate::sys::raw::RawSocket;
 use crate::sys::tun::Tun;
 use crate::sys::udp::UdpEncapSocket;
-use crate::telemetry::EdgeStats;
+use crate::telemetry::{Current, EdgeStats, InboundHandoff};
 use nix::sys::eventfd::EventFd;
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -50,7 +49,6 @@ impl Workers {
     /// Start the TX and RX threads; `ended` receives each thread's name when it ends.
     pub(super) fn spawn(
         handles: EdgeHandles,
-        outbound: Arc<Outbound>,
         inbound: Inbound,
         recorders: (Recorder, Recorder),
         clock: Instant,
@@ -60,13 +58,12 @@ impl Workers {
         let (mut rec_tx, mut rec_rx) = recorders;
         let tx = {
             let h = handles.clone();
-            let out = outbound.clone();
             let guard = Report("espip-tx", report.clone());
             std::thread::Builder::new()
                 .name("espip-tx".into())
                 .spawn(move || {
                     let _guard = guard;
-                    tx::tx_loop(&out, &h.edges(), &mut rec_tx, clock)
+                    tx::tx_loop(&h.edges(), &mut rec_tx, clock)
                 })?
         };
         let rx = {
@@ -75,7 +72,7 @@ impl Workers {
                 .name("espip-rx".into())
                 .spawn(move || {
                     let _guard = guard;
-                    rx::rx_loop(inbound, &outbound, &handles.edges(), &mut rec_rx, clock)
+                    rx::rx_loop(inbound, &handles.edges(), &mut rec_rx, clock)
                 })?
         };
         Ok((
@@ -118,7 +115,8 @@ pub(super) struct EdgeHandles {
     pub(super) udp: Arc<Option<UdpEncapSocket>>,
     pub(super) stop: Arc<EventFd>,
     pub(super) edge: Arc<EdgeStats>,
-    pub(super) sent_from: Arc<Vec<(Ipv4Addr, Ipv4Addr)>>,
+    pub(super) current: Arc<Current>,
+    pub(super) handoff: Arc<InboundHandoff>,
 }
 
 impl EdgeHandles {
@@ -129,7 +127,8 @@ impl EdgeHandles {
             udp: self.udp.as_ref().as_ref(),
             stop: &self.stop,
             edge: &self.edge,
-            sent_from: &self.sent_from,
+            current: &self.current,
+            handoff: &self.handoff,
         }
     }
 }
@@ -141,6 +140,8 @@ pub(super) struct Edges<'a> {
     pub(super) udp: Option<&'a UdpEncapSocket>,
     pub(super) stop: &'a EventFd,
     pub(super) edge: &'a EdgeStats,
-    /// (endpoint, source) of every IPv4 peer, for the outer tap's synthesised headers.
-    pub(super) sent_from: &'a [(Ipv4Addr, Ipv4Addr)],
+    /// The current generation (peers, SAs, configuration), loaded once per batch.
+    pub(super) current: &'a Current,
+    /// A new inbound half for the RX thread after a reload.
+    pub(super) handoff: &'a InboundHandoff,
 }

@@ -40,19 +40,7 @@ pub async fn configure(
         why: e.to_string(),
     })?;
     let task = tokio::spawn(conn);
-    let link = handle
-        .link()
-        .get()
-        .match_name(name.to_string())
-        .execute()
-        .try_next()
-        .await
-        .map_err(ctx(format!("find interface {name}")))?
-        .ok_or_else(|| NetlinkError {
-            what: format!("find interface {name}"),
-            why: "no such interface".into(),
-        })?;
-    let index = link.header.index;
+    let index = link_index(&handle, name).await?;
     handle
         .link()
         .set(
@@ -76,23 +64,81 @@ pub async fn configure(
         .execute()
         .await
         .map_err(ctx(format!("set {name} up")))?;
+    let added = add_routes(&handle, name, index, routes).await?;
+    task.abort();
+    Ok(added)
+}
+
+fn route_message(
+    p: &Prefix,
+    index: u32,
+) -> Result<rtnetlink::packet_route::route::RouteMessage, NetlinkError> {
+    Ok(RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(p.addr(), p.len())
+        .map_err(|e| NetlinkError {
+            what: format!("route {p}"),
+            why: e.to_string(),
+        })?
+        .output_interface(index)
+        .build())
+}
+
+async fn add_routes(
+    handle: &rtnetlink::Handle,
+    name: &str,
+    index: u32,
+    routes: &[Prefix],
+) -> Result<Vec<Prefix>, NetlinkError> {
     let mut added = Vec::new();
     for p in routes {
-        let msg = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(p.addr(), p.len())
-            .map_err(|e| NetlinkError {
-                what: format!("route {p}"),
-                why: e.to_string(),
-            })?
-            .output_interface(index)
-            .build();
-        match handle.route().add(msg).execute().await {
+        match handle.route().add(route_message(p, index)?).execute().await {
             Ok(()) => added.push(*p),
             // The connected route of an interface address already covers it.
             Err(e) if is_exists(&e) => {}
             Err(e) => return Err(ctx(format!("add route {p} dev {name}"))(e)),
         }
     }
-    task.abort();
     Ok(added)
+}
+
+/// A reload's route changes on the TUN `name`: remove `remove` (routes espip added before;
+/// one already gone is fine), then add `add`. Returns the routes actually added.
+pub async fn update_routes(
+    name: &str,
+    add: &[Prefix],
+    remove: &[Prefix],
+) -> Result<Vec<Prefix>, NetlinkError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| NetlinkError {
+        what: "open netlink socket".into(),
+        why: e.to_string(),
+    })?;
+    let task = tokio::spawn(conn);
+    let index = link_index(&handle, name).await?;
+    for p in remove {
+        match handle.route().del(route_message(p, index)?).execute().await {
+            Ok(()) => {}
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ESRCH => {}
+            Err(e) => return Err(ctx(format!("remove route {p} dev {name}"))(e)),
+        }
+    }
+    let added = add_routes(&handle, name, index, add).await;
+    task.abort();
+    added
+}
+
+async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<u32, NetlinkError> {
+    Ok(handle
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+        .map_err(ctx(format!("find interface {name}")))?
+        .ok_or_else(|| NetlinkError {
+            what: format!("find interface {name}"),
+            why: "no such interface".into(),
+        })?
+        .header
+        .index)
 }

@@ -138,6 +138,8 @@ struct KeyFile {
     /// Locked (`flock`) while this daemon runs: unlocked by the kernel when it exits.
     file: Flock<File>,
     generation: u64,
+    /// The reservation last saved.
+    reserved: u64,
 }
 
 /// The key files of one daemon, opened as root and kept open.
@@ -166,6 +168,15 @@ impl SeqStore {
     /// if any. `spi` is only used to find a legacy file. Refuses corrupt, foreign or locked
     /// state (see the module documentation).
     pub fn load(&mut self, spi: u32, fp: &str) -> Result<Option<u64>, SeqError> {
+        let (file, saved) = self.open_key(spi, fp)?;
+        self.adopt(fp, file)?;
+        Ok(saved)
+    }
+
+    /// Open (or create) the file of key `fp` without locking it, and return the reservation
+    /// saved in it (or in a legacy file), if any. `espip reload` does this as root and hands
+    /// the descriptor to the daemon, which [`SeqStore::adopt`]s it.
+    pub fn open_key(&self, spi: u32, fp: &str) -> Result<(File, Option<u64>), SeqError> {
         let name = Self::name(fp);
         let path = self.dir.join(&name).display().to_string();
         let fpb = fp_bytes(fp).ok_or_else(|| SeqError::Corrupt {
@@ -174,31 +185,12 @@ impl SeqStore {
             why: "not a key fingerprint".into(),
         })?;
         let legacy = self.legacy(spi, fp)?;
-        let (file, saved, generation) = match self.dir.open_existing(&name, FILE_LEN) {
-            Ok(Some(f)) => {
-                let mut bytes = vec![0u8; FILE_LEN as usize];
-                let n = f.read_at(&mut bytes, 0).map_err(|e| SeqError::Corrupt {
-                    path: path.clone(),
-                    fp: fp.into(),
-                    why: format!("unreadable: {e}"),
-                })?;
-                bytes.truncate(n);
-                match newest(&bytes, fpb) {
-                    Some((g, r)) => (f, Some(r), g),
-                    None => {
-                        return Err(SeqError::Corrupt {
-                            path,
-                            fp: fp.into(),
-                            why: "no valid slot".into(),
-                        })
-                    }
-                }
-            }
+        let file = match self.dir.open_existing(&name, FILE_LEN) {
+            Ok(Some(f)) => f,
             Ok(None) => {
                 let mut init = vec![0u8; FILE_LEN as usize];
                 init[..SLOT_LEN].copy_from_slice(&encode(fpb, 0, 0));
-                let f = self.dir.create(&name, &init, 0o600)?;
-                (f, None, 0)
+                self.dir.create(&name, &init, 0o600)?
             }
             Err(e) => {
                 return Err(SeqError::Corrupt {
@@ -208,6 +200,39 @@ impl SeqStore {
                 })
             }
         };
+        let (_, saved) = Self::read_state(&file, fp, &path)?;
+        let saved = match (saved, legacy) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        Ok((file, saved.filter(|&r| r > 0)))
+    }
+
+    /// The newest valid slot of an open key file: (generation, reserved).
+    fn read_state(file: &File, fp: &str, path: &str) -> Result<(u64, Option<u64>), SeqError> {
+        let corrupt = |why: String| SeqError::Corrupt {
+            path: path.to_string(),
+            fp: fp.into(),
+            why,
+        };
+        let fpb = fp_bytes(fp).ok_or_else(|| corrupt("not a key fingerprint".into()))?;
+        let mut bytes = vec![0u8; FILE_LEN as usize];
+        let n = file
+            .read_at(&mut bytes, 0)
+            .map_err(|e| corrupt(format!("unreadable: {e}")))?;
+        bytes.truncate(n);
+        match newest(&bytes, fpb) {
+            Some((g, r)) => Ok((g, Some(r))),
+            None => Err(corrupt("no valid slot".into())),
+        }
+    }
+
+    /// Lock the key file `file` of key `fp` (opened by [`SeqStore::open_key`], here or by
+    /// root in `espip reload`) and keep it for saves. Its slots are read again here: the
+    /// generation continues from the file itself.
+    pub fn adopt(&mut self, fp: &str, file: File) -> Result<Option<u64>, SeqError> {
+        let path = self.path(fp).display().to_string();
+        let (generation, saved) = Self::read_state(&file, fp, &path)?;
         let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(f) => f,
             Err(_) => {
@@ -217,13 +242,31 @@ impl SeqStore {
                 })
             }
         };
-        self.open
-            .insert(fp.to_string(), KeyFile { file, generation });
-        let saved = match (saved, legacy) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
+        self.open.insert(
+            fp.to_string(),
+            KeyFile {
+                file,
+                generation,
+                reserved: saved.unwrap_or(0),
+            },
+        );
         Ok(saved.filter(|&r| r > 0))
+    }
+
+    /// Whether the file of key `fp` is open (and locked) here.
+    pub fn holds(&self, fp: &str) -> bool {
+        self.open.contains_key(fp)
+    }
+
+    /// The reservation last saved for key `fp` here.
+    pub fn reserved(&self, fp: &str) -> Option<u64> {
+        self.open.get(fp).map(|k| k.reserved)
+    }
+
+    /// Close (and unlock) the files of keys `keep` rejects: keys no SA uses any more. What
+    /// they hold stays: a key used again later resumes after it.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.open.retain(|fp, _| keep(fp));
     }
 
     /// A pre-0.2 file of this interface and SPI, as a lower bound (see the module docs).
@@ -292,6 +335,7 @@ impl SeqStore {
         k.file.write_all_at(&slot, (g % 2) * SLOT_STRIDE)?;
         k.file.sync_data()?;
         k.generation = g;
+        k.reserved = reserved;
         Ok(())
     }
 

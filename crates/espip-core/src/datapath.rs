@@ -150,25 +150,36 @@ pub struct PeerStats {
     pub udp_port_seen: AtomicU32,
 }
 
-/// Counters shared by both directions and read by the control side.
-#[derive(Debug)]
+impl PeerStats {
+    /// Fresh counters for a peer whose SA pair or endpoint changed at a reload: the traffic
+    /// totals continue, what belonged to the old SAs (replay top, NAT-mapped port) starts over.
+    fn continued_from(old: &PeerStats) -> PeerStats {
+        let s = PeerStats::default();
+        for (new, old) in [
+            (&s.tx_packets, &old.tx_packets),
+            (&s.tx_bytes, &old.tx_bytes),
+            (&s.rx_packets, &old.rx_packets),
+            (&s.rx_bytes, &old.rx_bytes),
+            (&s.last_rx, &old.last_rx),
+            (&s.last_tx, &old.last_tx),
+        ] {
+            new.store(old.load(Relaxed), Relaxed);
+        }
+        s
+    }
+}
+
+/// Counters of the whole data path, shared by both directions and every generation of it
+/// (they outlive reloads), read by the control side. Per-peer counters live with the peers
+/// ([`Outbound::peer_stats`]).
+#[derive(Debug, Default)]
 pub struct Stats {
     drops: [AtomicU64; DropReason::ALL.len()],
-    /// Per-peer counters, indexed like the peers given to [`build`].
-    pub peers: Vec<PeerStats>,
     /// Packets relayed from one peer to another inside the daemon.
     pub relayed: AtomicU64,
 }
 
 impl Stats {
-    fn new(npeers: usize) -> Self {
-        Stats {
-            drops: Default::default(),
-            peers: (0..npeers).map(|_| PeerStats::default()).collect(),
-            relayed: AtomicU64::new(0),
-        }
-    }
-
     /// Count one drop.
     pub fn count_drop(&self, r: DropReason) {
         self.drops[r.index()].fetch_add(1, Relaxed);
@@ -427,18 +438,36 @@ impl Wire {
     }
 }
 
+/// What makes an SA the same SA across a reload: the key (by fingerprint) under the same SPI,
+/// cipher and sequence-number width. An SA that stays the same keeps its state (next
+/// sequence number, replay window, lifetime used); any other change makes a new SA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SaId {
+    cipher: Cipher,
+    spi: u32,
+    key: String,
+    esn: bool,
+}
+
 struct OutPeer {
+    name: String,
     endpoint: IpAddr,
     /// UDP destination port of ESP in UDP; 0 for IP protocols 50, 4 and 41.
     port: u16,
-    sa: Option<OutboundSa>,
+    /// The SA and its identity; shared with the previous generation when it continues.
+    sa: Option<(SaId, Arc<OutboundSa>)>,
     lifetime: Lifetime,
-    used: SharedUsed,
+    used: Arc<SharedUsed>,
+    stats: Arc<PeerStats>,
 }
 
 /// The TUN -> wire half. Shared by reference (`&self`): every per-packet change is an atomic
 /// (sequence numbers, lifetime counts, counters), so the TX thread, a hub's relay and the
 /// status snapshot use it without a lock.
+///
+/// A reload builds a new `Outbound` with [`rebuild`] from the old one: peers whose SA did not
+/// change share it (one sequence counter for both generations), so the edge can swap the
+/// whole half atomically while packets flow.
 pub struct Outbound {
     routes: PrefixTable<usize>,
     nat: NatTable,
@@ -451,12 +480,15 @@ struct InPeer {
     endpoint: IpAddr,
     /// The peer's ESP arrives in UDP (RFC 3948), not as protocol 50.
     udp: bool,
-    sa: Option<InboundSa>,
+    sa: Option<(SaId, InboundSa)>,
     lifetime: Lifetime,
     used: Used,
+    stats: Arc<PeerStats>,
 }
 
-/// The wire -> TUN half.
+/// The wire -> TUN half. Owned by one thread (`&mut self`: the replay windows); a reload hands
+/// that thread a new `Inbound`, which takes over the state of the SAs that continue with
+/// [`Inbound::adopt`].
 pub struct Inbound {
     nat: NatTable,
     relay: bool,
@@ -511,7 +543,60 @@ pub fn build(
     tunnel: TunnelSpec,
     nat: NatTable,
 ) -> Result<(Outbound, Inbound, Arc<Stats>), BuildError> {
-    let stats = Arc::new(Stats::new(peers.len()));
+    let stats = Arc::new(Stats::default());
+    let (out, inb) = build_with(peers, tunnel, nat, stats.clone(), None)?;
+    Ok((out, inb, stats))
+}
+
+/// Build the next generation of the data path from `peers` (a reload). A peer of `prev` with
+/// the same name keeps its counters; an SA whose SPI, key, cipher and ESN are unchanged is
+/// the same SA (shared: its sequence numbers continue; the inbound side takes its replay
+/// window over in [`Inbound::adopt`]). Changed and new SAs start fresh: the edge must reserve
+/// their sequence numbers before the new generation sends.
+pub fn rebuild(
+    peers: &[PeerSpec],
+    tunnel: TunnelSpec,
+    nat: NatTable,
+    prev: &Outbound,
+) -> Result<(Outbound, Inbound), BuildError> {
+    build_with(peers, tunnel, nat, prev.stats.clone(), Some(prev))
+}
+
+fn sa_ids(encap: &EncapSpec) -> Option<(SaId, SaId)> {
+    match encap {
+        EncapSpec::IpIp => None,
+        EncapSpec::Esp {
+            cipher,
+            spi_out,
+            key_out,
+            spi_in,
+            key_in,
+            esn,
+            ..
+        } => Some((
+            SaId {
+                cipher: *cipher,
+                spi: *spi_out,
+                key: key_out.fingerprint(),
+                esn: *esn,
+            },
+            SaId {
+                cipher: *cipher,
+                spi: *spi_in,
+                key: key_in.fingerprint(),
+                esn: *esn,
+            },
+        )),
+    }
+}
+
+fn build_with(
+    peers: &[PeerSpec],
+    tunnel: TunnelSpec,
+    nat: NatTable,
+    stats: Arc<Stats>,
+    prev: Option<&Outbound>,
+) -> Result<(Outbound, Inbound), BuildError> {
     let mut routes = PrefixTable::new();
     let mut by_spi = HashMap::new();
     let mut by_endpoint = HashMap::new();
@@ -527,6 +612,22 @@ pub fn build(
                 });
             }
         }
+        let ids = sa_ids(&p.encap);
+        let old = prev.and_then(|o| o.peers.iter().find(|q| q.name == p.name));
+        // The same outbound SA continues (its sequence counter and lifetime use with it).
+        let kept = old.and_then(|q| match (&q.sa, &ids) {
+            (Some((id, sa)), Some((out_id, _))) if id == out_id => {
+                Some((id.clone(), sa.clone(), q.used.clone()))
+            }
+            _ => None,
+        });
+        let peer_stats = match old {
+            Some(q) if q.endpoint == p.endpoint && (kept.is_some() || ids.is_none()) => {
+                q.stats.clone()
+            }
+            Some(q) => Arc::new(PeerStats::continued_from(&q.stats)),
+            None => Arc::new(PeerStats::default()),
+        };
         match &p.encap {
             EncapSpec::IpIp => {
                 if let Some(j) = by_endpoint.insert(p.endpoint, i) {
@@ -537,11 +638,13 @@ pub fn build(
                     });
                 }
                 out.push(OutPeer {
+                    name: p.name.clone(),
                     endpoint: p.endpoint,
                     port: 0,
                     sa: None,
                     lifetime: Lifetime::default(),
-                    used: SharedUsed::default(),
+                    used: Arc::default(),
+                    stats: peer_stats.clone(),
                 });
                 inp.push(InPeer {
                     endpoint: p.endpoint,
@@ -549,6 +652,7 @@ pub fn build(
                     sa: None,
                     lifetime: Lifetime::default(),
                     used: Used::default(),
+                    stats: peer_stats,
                 });
             }
             EncapSpec::Esp {
@@ -569,19 +673,30 @@ pub fn build(
                         second: p.name.clone(),
                     });
                 }
+                let (out_id, in_id) = ids.expect("ESP has SA ids");
+                let (sa, used) = match kept {
+                    Some((id, sa, used)) => (Some((id, sa)), used),
+                    None => (
+                        Some((out_id, Arc::new(OutboundSa::new(*spi_out, key_out, *esn)))),
+                        Arc::default(),
+                    ),
+                };
                 out.push(OutPeer {
+                    name: p.name.clone(),
                     endpoint: p.endpoint,
                     port: udp_port.unwrap_or(0),
-                    sa: Some(OutboundSa::new(*spi_out, key_out, *esn)),
+                    sa,
                     lifetime: *lifetime,
-                    used: SharedUsed::default(),
+                    used,
+                    stats: peer_stats.clone(),
                 });
                 inp.push(InPeer {
                     endpoint: p.endpoint,
                     udp: udp_port.is_some(),
-                    sa: Some(InboundSa::new(*spi_in, key_in, *esn, *replay_window)),
+                    sa: Some((in_id, InboundSa::new(*spi_in, key_in, *esn, *replay_window))),
                     lifetime: *lifetime,
                     used: Used::default(),
+                    stats: peer_stats,
                 });
             }
         }
@@ -600,9 +715,9 @@ pub fn build(
         by_spi,
         by_endpoint,
         peers: inp,
-        stats: stats.clone(),
+        stats,
     };
-    Ok((outbound, inbound, stats))
+    Ok((outbound, inbound))
 }
 
 impl Outbound {
@@ -635,9 +750,9 @@ impl Outbound {
         }
         let len = buf.len() as u64;
         let peer = &self.peers[idx];
-        let s = &self.stats.peers[idx];
+        let s = &*peer.stats;
         let wire = match &peer.sa {
-            Some(sa) => {
+            Some((_, sa)) => {
                 if !peer.lifetime.take(&peer.used, len, now) {
                     return Verdict::Drop(DropReason::LifetimeExpired);
                 }
@@ -713,14 +828,35 @@ impl Outbound {
     pub fn sa_state(&self) -> Vec<Option<(u32, u64)>> {
         self.peers
             .iter()
-            .map(|p| p.sa.as_ref().map(|s| (s.spi(), s.next_seq())))
+            .map(|p| p.sa.as_ref().map(|(_, s)| (s.spi(), s.next_seq())))
             .collect()
     }
 
     /// Peer `idx`'s outbound SA: (SPI, key fingerprint, next sequence number, limit).
     pub fn sa_reservation(&self, idx: usize) -> Option<(u32, &str, u64, u64)> {
-        let sa = self.peers.get(idx)?.sa.as_ref()?;
+        let (_, sa) = self.peers.get(idx)?.sa.as_ref()?;
         Some((sa.spi(), sa.key_fingerprint(), sa.next_seq(), sa.limit()))
+    }
+
+    /// Whether peer `idx`'s outbound SA is the very SA of `prev` (continued by a reload,
+    /// its sequence numbers already reserved) rather than a new one.
+    pub fn sa_continues(&self, idx: usize, prev: &Outbound) -> bool {
+        let Some((_, sa)) = self.peers.get(idx).and_then(|p| p.sa.as_ref()) else {
+            return false;
+        };
+        prev.peers
+            .iter()
+            .any(|q| q.sa.as_ref().is_some_and(|(_, o)| Arc::ptr_eq(o, sa)))
+    }
+
+    /// Peer `idx`'s counters (peers are indexed as given to [`build`] or [`rebuild`]).
+    pub fn peer_stats(&self, idx: usize) -> &PeerStats {
+        &self.peers[idx].stats
+    }
+
+    /// The counters of the whole data path.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
     }
 
     /// Number of peers.
@@ -730,14 +866,14 @@ impl Outbound {
 
     /// Allow peer `idx`'s outbound SA to send up to sequence number `limit`.
     pub fn set_limit(&self, idx: usize, limit: u64) {
-        if let Some(sa) = self.peers.get(idx).and_then(|p| p.sa.as_ref()) {
+        if let Some((_, sa)) = self.peers.get(idx).and_then(|p| p.sa.as_ref()) {
             sa.set_limit(limit);
         }
     }
 
     /// Continue peer `idx`'s outbound SA from sequence number `seq` (tests, restarts).
     pub fn set_next_seq(&self, idx: usize, seq: u64) {
-        if let Some(sa) = self.peers.get(idx).and_then(|p| p.sa.as_ref()) {
+        if let Some((_, sa)) = self.peers.get(idx).and_then(|p| p.sa.as_ref()) {
             sa.set_next_seq(seq);
         }
     }
@@ -801,7 +937,7 @@ impl Inbound {
                 if peer.endpoint != outer_src || peer.udp != (protocol == PROTO_UDP) {
                     return Verdict::Drop(DropReason::WrongSource);
                 }
-                let Some(sa) = peer.sa.as_mut() else {
+                let Some((_, sa)) = peer.sa.as_mut() else {
                     return Verdict::Drop(DropReason::UnknownSpi);
                 };
                 // Checked before decryption against what was used so far (the inner length is
@@ -813,16 +949,14 @@ impl Inbound {
                     Ok(o) => {
                         if protocol == PROTO_UDP && src_port != 0 {
                             // Authenticated and new (replay checked): the peer's current port.
-                            let seen = &self.stats.peers[idx].udp_port_seen;
+                            let seen = &peer.stats.udp_port_seen;
                             if seen.load(Relaxed) != u32::from(src_port) {
                                 seen.store(u32::from(src_port), Relaxed);
                             }
                         }
                         peer.used.packets += 1;
                         peer.used.bytes += buf.len() as u64;
-                        self.stats.peers[idx]
-                            .replay_top
-                            .store(sa.replay().top(), Relaxed);
+                        peer.stats.replay_top.store(sa.replay().top(), Relaxed);
                         (idx, o.next_header)
                     }
                     Err(EspError::Malformed) => return Verdict::Drop(DropReason::Malformed),
@@ -863,7 +997,7 @@ impl Inbound {
         if self.nat.ingress(buf.as_mut_slice()).is_err() {
             return Verdict::Drop(DropReason::Malformed);
         }
-        let s = &self.stats.peers[idx];
+        let s = &self.peers[idx].stats;
         s.rx_packets.fetch_add(1, Relaxed);
         s.rx_bytes.fetch_add(buf.len() as u64, Relaxed);
         s.last_rx.store(now, Relaxed);
@@ -881,7 +1015,30 @@ impl Inbound {
     pub fn sa_state(&self) -> Vec<Option<(u32, u64)>> {
         self.peers
             .iter()
-            .map(|p| p.sa.as_ref().map(|s| (s.spi(), s.replay().top())))
+            .map(|p| p.sa.as_ref().map(|(_, s)| (s.spi(), s.replay().top())))
             .collect()
+    }
+
+    /// Take over the state of `old`'s inbound SAs that continue in `self` (same SPI, key,
+    /// cipher and ESN): their replay windows and lifetime use, so a reload neither re-opens
+    /// the window to replays nor forgets what was received. Called by the thread that owns
+    /// both, between two batches; `old` is left with fresh state and is dropped after.
+    pub fn adopt(&mut self, old: &mut Inbound) {
+        for peer in &mut self.peers {
+            let Some((id, sa)) = peer.sa.as_mut() else {
+                continue;
+            };
+            let Some(&j) = old.by_spi.get(&id.spi) else {
+                continue;
+            };
+            let prev = &mut old.peers[j];
+            if let Some((old_id, old_sa)) = prev.sa.as_mut() {
+                if old_id == id {
+                    std::mem::swap(sa, old_sa);
+                    std::mem::swap(&mut peer.used, &mut prev.used);
+                    peer.stats.replay_top.store(sa.replay().top(), Relaxed);
+                }
+            }
+        }
     }
 }
