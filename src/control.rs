@@ -317,6 +317,7 @@ impl Live {
                 started_unix: unix(self.started),
                 uptime_seconds: self.clock.elapsed().as_secs_f64(),
                 version: env!("CARGO_PKG_VERSION").into(),
+                generation: g.number,
             },
             peers,
             drops,

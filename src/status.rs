@@ -51,6 +51,9 @@ pub struct InterfaceStatus {
     pub uptime_seconds: f64,
     /// espip's version.
     pub version: String,
+    /// The configuration's generation: 1 at start, one more per applied reload.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// One peer.
@@ -177,7 +180,7 @@ impl Status {
         let _ = writeln!(s, "interface: {}", i.name);
         let _ = writeln!(
             s,
-            "  mtu: {}  addresses: {}  local: {}  up: {:.0} s  (espip {})",
+            "  mtu: {}  addresses: {}  local: {}  up: {:.0} s  configuration: generation {}  (espip {})",
             i.mtu,
             if i.addresses.is_empty() {
                 "none".into()
@@ -186,6 +189,7 @@ impl Status {
             },
             i.local.as_deref().unwrap_or("routed"),
             i.uptime_seconds,
+            i.generation,
             i.version
         );
         for p in &self.peers {
@@ -309,6 +313,16 @@ impl Status {
                 ("version", self.interface.version.as_str()),
             ],
             1.0,
+        );
+        m.family(
+            "espip_config_generation",
+            "gauge",
+            "The configuration's generation: 1 at start, one more per applied reload.",
+        );
+        m.sample(
+            "espip_config_generation",
+            &ifl,
+            self.interface.generation as f64,
         );
         m.family(
             "espip_start_time_seconds",
@@ -536,6 +550,7 @@ mod tests {
                 started_unix: 1_700_000_000.5,
                 uptime_seconds: 12.0,
                 version: "0.1.0".into(),
+                generation: 1,
             },
             peers: vec![PeerStatus {
                 name: "b \"quoted\"".into(),

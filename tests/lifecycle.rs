@@ -469,6 +469,11 @@ fn reload_adds_changes_and_removes_a_peer_while_a_transfer_runs() {
             after.peers[0].sa_out.as_ref().unwrap().next_seq > seq_before,
             "b's outbound SA continued (never restarted at 1)"
         );
+        assert_eq!(
+            after.interface.generation,
+            1 + 3 * cycles,
+            "three applied reloads per cycle, the refused one not counted"
+        );
         r
     });
     assert!(
