@@ -351,6 +351,32 @@ enum ModeArg {
     Ipip,
 }
 
+/// What every lab scenario takes.
+#[derive(clap::Args)]
+struct LabArgs {
+    /// Leave the namespaces and daemons running to explore (`espip lab down NAME` ends them).
+    #[arg(long)]
+    keep: bool,
+    /// Keep configs, logs, a capture of each link, the daemons' inner/outer taps and
+    /// Wireshark's esp_sa file here (see docs/captures.md).
+    #[arg(long)]
+    pcap: Option<PathBuf>,
+    /// Do not install missing Debian packages; fail instead.
+    #[arg(long)]
+    no_install: bool,
+}
+
+impl LabArgs {
+    fn run(self) -> Result<espip::lab::LabRun> {
+        Ok(espip::lab::LabRun {
+            keep: self.keep,
+            pcap_dir: self.pcap,
+            install: !self.no_install,
+            exe: std::env::current_exe().context("locating the espip binary")?,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum LabCmd {
     /// Tear down a lab left running with --keep: stop its daemons (SIGTERM, so they remove
@@ -361,6 +387,8 @@ enum LabCmd {
     },
     /// Scenario 1: two hosts, one tunnel (A 192.0.2.1 / 10.4.2.99, B 192.0.2.2 / 10.4.2.5).
     P2p {
+        #[command(flatten)]
+        common: LabArgs,
         /// esp (IP protocol 50), esp-udp (ESP in UDP port 4500, RFC 3948) or ipip.
         #[arg(long, value_enum, default_value = "esp")]
         mode: ModeArg,
@@ -373,88 +401,46 @@ enum LabCmd {
         /// Size of the TCP transfer in MB.
         #[arg(long, default_value_t = 50)]
         megabytes: u64,
-        /// Leave the namespaces and daemons running to explore.
-        #[arg(long)]
-        keep: bool,
-        /// Keep configs, logs, a capture of each link, the daemons' inner/outer taps and
-        /// Wireshark's esp_sa file here (see docs/captures.md).
-        #[arg(long)]
-        pcap: Option<PathBuf>,
-        /// Do not install missing Debian packages; fail instead.
-        #[arg(long)]
-        no_install: bool,
     },
     /// Scenario 2: the SEED VPN lab (U 192.168.56.9, server 192.168.56.10 / 192.168.50.1,
     /// V 192.168.50.11); U reaches V through the server.
     Gateway {
+        #[command(flatten)]
+        common: LabArgs,
         /// ESP cipher.
         #[arg(long, default_value = "aes-128-gcm")]
         cipher: String,
-        /// Leave the namespaces and daemons running to explore.
-        #[arg(long)]
-        keep: bool,
-        /// Do not install missing Debian packages; fail instead.
-        #[arg(long)]
-        no_install: bool,
         /// Leave forwarding off on the server, as the article's author did (the lab fails and
         /// says why).
         #[arg(long)]
         without_forward: bool,
-        /// Keep configs, logs, a capture of each link, the daemons' inner/outer taps and
-        /// Wireshark's esp_sa file here (see docs/captures.md).
-        #[arg(long)]
-        pcap: Option<PathBuf>,
     },
     /// Scenario 4: asymmetric upstream-only IP-in-IP relays through a censoring firewall
     /// (C 10.0.2.244, RA 10.0.2.201, F 10.0.2.1/10.0.3.1, RB 10.0.3.29, S 10.0.3.26).
     Upstream {
-        /// Leave the namespaces and daemons running to explore.
-        #[arg(long)]
-        keep: bool,
-        /// Keep configs, logs, a capture of each link, the daemons' inner/outer taps and
-        /// Wireshark's esp_sa file here (see docs/captures.md).
-        #[arg(long)]
-        pcap: Option<PathBuf>,
-        /// Do not install missing Debian packages; fail instead.
-        #[arg(long)]
-        no_install: bool,
+        #[command(flatten)]
+        common: LabArgs,
     },
     /// Scenario 5: a hub relaying between three clients on 192.168.0.0/24, with MASQUERADE to
     /// an internet host.
     Hub {
+        #[command(flatten)]
+        common: LabArgs,
         /// ESP cipher.
         #[arg(long, default_value = "aes-128-gcm")]
         cipher: String,
-        /// Leave the namespaces and daemons running to explore.
-        #[arg(long)]
-        keep: bool,
-        /// Keep configs, logs, a capture of each link, the daemons' inner/outer taps and
-        /// Wireshark's esp_sa file here (see docs/captures.md).
-        #[arg(long)]
-        pcap: Option<PathBuf>,
-        /// Do not install missing Debian packages; fail instead.
-        #[arg(long)]
-        no_install: bool,
     },
     /// Scenario 3: an encrypted pair on one LAN with the NAT helpers (A 10.0.0.161, B 10.0.0.160,
     /// alias 10.0.1.0/24).
     SameLan {
+        #[command(flatten)]
+        common: LabArgs,
         /// ESP cipher.
         #[arg(long, default_value = "aes-128-gcm")]
         cipher: String,
         /// Size of the TCP transfer in MB.
         #[arg(long, default_value_t = 50)]
         megabytes: u64,
-        /// Leave the namespaces and daemons running to explore.
-        #[arg(long)]
-        keep: bool,
-        /// Keep configs, logs, a capture of each link, the daemons' inner/outer taps and
-        /// Wireshark's esp_sa file here (see docs/captures.md).
-        #[arg(long)]
-        pcap: Option<PathBuf>,
-        /// Do not install missing Debian packages; fail instead.
-        #[arg(long)]
-        no_install: bool,
     },
 }
 
@@ -588,6 +574,13 @@ fn main() {
     }
 }
 
+fn megabytes_arg(megabytes: u64) -> Result<u64> {
+    if megabytes == 0 {
+        bail!("--megabytes must be at least 1");
+    }
+    Ok(megabytes)
+}
+
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -621,13 +614,11 @@ fn real_main() -> Result<()> {
                 println!("stopped and deleted: {}", gone.join(" "));
             }
             LabCmd::P2p {
+                common,
                 mode,
                 cipher,
                 esn,
                 megabytes,
-                keep,
-                pcap,
-                no_install,
             } => {
                 let mode = match mode {
                     ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
@@ -639,82 +630,46 @@ fn real_main() -> Result<()> {
                         LabMode::IpIp
                     }
                 };
-                if megabytes == 0 {
-                    bail!("--megabytes must be at least 1");
-                }
                 let opts = P2pOptions {
                     mode,
-                    megabytes,
-                    keep,
-                    pcap_dir: pcap,
-                    install: !no_install,
+                    megabytes: megabytes_arg(megabytes)?,
                     esn,
-                    exe: std::env::current_exe().context("locating the espip binary")?,
+                    run: common.run()?,
                 };
                 finish(espip::lab::p2p::run(&opts)?);
             }
             LabCmd::Gateway {
+                common,
                 cipher,
-                keep,
-                no_install,
                 without_forward,
-                pcap,
             } => {
                 let opts = espip::lab::gateway::GatewayOptions {
                     cipher: cipher_arg(&cipher)?,
-                    keep,
-                    install: !no_install,
-                    exe: std::env::current_exe().context("locating the espip binary")?,
                     without_forward,
-                    pcap_dir: pcap,
+                    run: common.run()?,
                 };
                 finish(espip::lab::gateway::run(&opts)?);
             }
-            LabCmd::Upstream {
-                keep,
-                no_install,
-                pcap,
-            } => {
-                let opts = espip::lab::upstream::UpstreamOptions {
-                    keep,
-                    pcap_dir: pcap,
-                    install: !no_install,
-                    exe: std::env::current_exe().context("locating the espip binary")?,
-                };
+            LabCmd::Upstream { common } => {
+                let opts = espip::lab::upstream::UpstreamOptions { run: common.run()? };
                 finish(espip::lab::upstream::run(&opts)?);
             }
-            LabCmd::Hub {
-                cipher,
-                keep,
-                no_install,
-                pcap,
-            } => {
+            LabCmd::Hub { common, cipher } => {
                 let opts = espip::lab::hub::HubOptions {
                     cipher: cipher_arg(&cipher)?,
-                    keep,
-                    pcap_dir: pcap,
-                    install: !no_install,
-                    exe: std::env::current_exe().context("locating the espip binary")?,
+                    run: common.run()?,
                 };
                 finish(espip::lab::hub::run(&opts)?);
             }
             LabCmd::SameLan {
+                common,
                 cipher,
                 megabytes,
-                keep,
-                pcap,
-                no_install,
             } => {
-                if megabytes == 0 {
-                    bail!("--megabytes must be at least 1");
-                }
                 let opts = espip::lab::same_lan::SameLanOptions {
                     cipher: cipher_arg(&cipher)?,
-                    megabytes,
-                    keep,
-                    pcap_dir: pcap,
-                    install: !no_install,
-                    exe: std::env::current_exe().context("locating the espip binary")?,
+                    megabytes: megabytes_arg(megabytes)?,
+                    run: common.run()?,
                 };
                 finish(espip::lab::same_lan::run(&opts)?);
             }

@@ -12,7 +12,6 @@ use super::same_lan::curl;
 use super::{pcap, Report};
 use crate::sa::Cipher;
 use std::io;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -21,17 +20,11 @@ use std::time::Duration;
 pub struct GatewayOptions {
     /// ESP cipher.
     pub cipher: Cipher,
-    /// Leave everything running.
-    pub keep: bool,
-    /// Install missing Debian packages.
-    pub install: bool,
-    /// The espip binary.
-    pub exe: PathBuf,
     /// Reproduce the article author's mistake: the server does not forward (the lab must then
     /// fail and say so).
     pub without_forward: bool,
-    /// Keep configs, logs, a capture of each link, the daemons' taps and `esp_sa` here.
-    pub pcap_dir: Option<PathBuf>,
+    /// What every lab takes: --keep, --pcap, installing, the binary.
+    pub run: super::LabRun,
 }
 
 pub(crate) fn esp_peer(
@@ -117,17 +110,12 @@ fn diagnose(u: &Netns, s: &Netns, v: &Netns) -> String {
 
 /// Run the gateway lab.
 pub fn run(opts: &GatewayOptions) -> io::Result<Report> {
-    super::ensure_root()?;
-    super::ensure_tools(super::TOOLS, opts.install)?;
-    super::ensure_tools(&[("curl", "curl")], opts.install)?;
-    netns::remove_stale();
-    let mut report = Report {
-        title: format!("espip lab gateway (esp {})", opts.cipher.name()),
-        ..Default::default()
-    };
-    println!("{}", report.title);
-    let (work, keep_work) = super::work_dir("gateway", opts.pcap_dir.as_deref(), opts.keep)?;
-    let taps = opts.pcap_dir.as_deref();
+    let (mut report, work, keep_work) = opts.run.begin(
+        "gateway",
+        format!("espip lab gateway (esp {})", opts.cipher.name()),
+        &[("curl", "curl")],
+    )?;
+    let taps = opts.run.pcap_dir.as_deref();
     let u = Netns::new("gw", "u")?;
     let s = Netns::new("gw", "server")?;
     let v = Netns::new("gw", "v")?;
@@ -154,11 +142,11 @@ pub fn run(opts: &GatewayOptions) -> io::Result<Report> {
         .transpose()?;
     let mut ds = Daemon::start(
         &s,
-        &opts.exe,
+        &opts.run.exe,
         &work.join("server.toml"),
         &work.join("server.log"),
     )?;
-    let mut du = Daemon::start(&u, &opts.exe, &work.join("u.toml"), &work.join("u.log"))?;
+    let mut du = Daemon::start(&u, &opts.run.exe, &work.join("u.toml"), &work.join("u.log"))?;
     if taps.is_some() {
         super::export_esp_sa(&work.join("state-u/control.sock"), &work.join("esp_sa"))?;
     }
@@ -183,7 +171,7 @@ pub fn run(opts: &GatewayOptions) -> io::Result<Report> {
     report.check("U pings V 192.168.50.11 through the tunnel", ok, d);
 
     let mut server = v
-        .command(&opts.exe)
+        .command(&opts.run.exe)
         .args([
             "lab-tool",
             "http-serve",
@@ -237,7 +225,7 @@ pub fn run(opts: &GatewayOptions) -> io::Result<Report> {
         format!("{esp} ESP, {clear} other IPv4 packets"),
     );
 
-    if opts.keep {
+    if opts.run.keep {
         report.kept(&[&u, &s, &v], Some(&work));
         std::mem::forget(du);
         std::mem::forget(ds);

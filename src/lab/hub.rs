@@ -11,7 +11,7 @@ use super::same_lan::{curl, rules_of};
 use super::Report;
 use crate::sa::Cipher;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -20,14 +20,8 @@ use std::time::Duration;
 pub struct HubOptions {
     /// ESP cipher.
     pub cipher: Cipher,
-    /// Leave everything running.
-    pub keep: bool,
-    /// Keep configs, logs, a capture of each link, the daemons' taps and `esp_sa` here.
-    pub pcap_dir: Option<PathBuf>,
-    /// Install missing Debian packages.
-    pub install: bool,
-    /// The espip binary.
-    pub exe: PathBuf,
+    /// What every lab takes: --keep, --pcap, installing, the binary.
+    pub run: super::LabRun,
 }
 
 /// Number of clients.
@@ -76,27 +70,19 @@ fn nstat(ns: &Netns, key: &str) -> u64 {
 
 /// Run the hub lab.
 pub fn run(opts: &HubOptions) -> io::Result<Report> {
-    super::ensure_root()?;
-    super::ensure_tools(super::TOOLS, opts.install)?;
-    super::ensure_tools(
+    let (mut report, work, keep_work) = opts.run.begin(
+        "hub",
+        format!(
+            "espip lab hub (esp {}, {CLIENTS} clients)",
+            opts.cipher.name()
+        ),
         &[
             ("curl", "curl"),
             ("iptables", "iptables"),
             ("nstat", "iproute2"),
         ],
-        opts.install,
     )?;
-    netns::remove_stale();
-    let mut report = Report {
-        title: format!(
-            "espip lab hub (esp {}, {CLIENTS} clients)",
-            opts.cipher.name()
-        ),
-        ..Default::default()
-    };
-    println!("{}", report.title);
-    let (work, keep_work) = super::work_dir("hub", opts.pcap_dir.as_deref(), opts.keep)?;
-    let taps = opts.pcap_dir.as_deref();
+    let taps = opts.run.pcap_dir.as_deref();
 
     let sw = Netns::new("hub", "sw")?;
     netns::bridge(&sw, "br0")?;
@@ -138,14 +124,14 @@ pub fn run(opts: &HubOptions) -> io::Result<Report> {
         }
     }
     write_private(&work.join("h.toml"), &hub_cfg)?;
-    let mut dh = Daemon::start(&h, &opts.exe, &work.join("h.toml"), &work.join("h.log"))?;
+    let mut dh = Daemon::start(&h, &opts.run.exe, &work.join("h.toml"), &work.join("h.log"))?;
     let mut dcs = Vec::new();
     for (k, (c, text)) in clients.iter().zip(&client_cfgs).enumerate() {
         let path = work.join(format!("c{}.toml", k + 1));
         write_private(&path, text)?;
         dcs.push(Some(Daemon::start(
             c,
-            &opts.exe,
+            &opts.run.exe,
             &path,
             &work.join(format!("c{}.log", k + 1)),
         )?));
@@ -192,7 +178,7 @@ pub fn run(opts: &HubOptions) -> io::Result<Report> {
     );
 
     let mut server = i
-        .command(&opts.exe)
+        .command(&opts.run.exe)
         .args([
             "lab-tool",
             "http-serve",
@@ -237,7 +223,7 @@ pub fn run(opts: &HubOptions) -> io::Result<Report> {
     for l in links {
         super::stop_capture(l);
     }
-    if opts.keep {
+    if opts.run.keep {
         report.kept(
             &clients.iter().chain([&h, &i, &sw]).collect::<Vec<_>>(),
             Some(&work),

@@ -31,6 +31,48 @@ fn have(program: &str) -> bool {
 
 /// Make sure the lab's programs are installed: install the missing Debian packages with apt-get
 /// when running as root and `install` is true, otherwise fail naming them.
+/// What every `espip lab` scenario takes besides its own options.
+#[derive(Debug, Clone)]
+pub struct LabRun {
+    /// Leave the namespaces and daemons running afterwards (`espip lab down NAME` ends them).
+    pub keep: bool,
+    /// Keep configs, logs, captures and the `esp_sa` file here.
+    pub pcap_dir: Option<std::path::PathBuf>,
+    /// Install missing Debian packages.
+    pub install: bool,
+    /// The espip binary the lab's daemons run.
+    pub exe: std::path::PathBuf,
+}
+
+impl LabRun {
+    /// The start every scenario shares: root, the programs (`TOOLS` and `extra`), namespaces
+    /// a killed lab left removed (and noted), the title printed, the working directory made.
+    /// Returns the report to fill, the working directory and whether to keep it.
+    pub fn begin(
+        &self,
+        lab: &str,
+        title: String,
+        extra: &[(&str, &str)],
+    ) -> io::Result<(Report, std::path::PathBuf, bool)> {
+        ensure_root()?;
+        ensure_tools(TOOLS, self.install)?;
+        ensure_tools(extra, self.install)?;
+        let stale = netns::remove_stale();
+        let mut report = Report {
+            title,
+            ..Default::default()
+        };
+        println!("{}", report.title);
+        if !stale.is_empty() {
+            report
+                .notes
+                .push(format!("removed stale namespaces: {}", stale.join(" ")));
+        }
+        let (work, keep) = work_dir(lab, self.pcap_dir.as_deref(), self.keep)?;
+        Ok((report, work, keep))
+    }
+}
+
 pub fn ensure_tools(tools: &[(&str, &str)], install: bool) -> io::Result<()> {
     let missing: Vec<&str> = tools
         .iter()

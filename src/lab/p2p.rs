@@ -7,7 +7,7 @@ use super::netns::{self, Daemon, Netns};
 use super::{pcap, transfer, Report};
 use crate::sa::{Cipher, KeyMaterial};
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Host A's underlay address.
 pub const A_OUTER: &str = "192.0.2.1";
@@ -40,16 +40,10 @@ pub struct P2pOptions {
     pub mode: LabMode,
     /// Size of the TCP transfer in MB (10^6 bytes).
     pub megabytes: u64,
-    /// Leave the namespaces and daemons running.
-    pub keep: bool,
-    /// Keep configs, logs, the capture and the `esp_sa` file here.
-    pub pcap_dir: Option<PathBuf>,
-    /// Install missing Debian packages.
-    pub install: bool,
     /// Use 64-bit extended sequence numbers.
     pub esn: bool,
-    /// The espip binary to run inside the namespaces.
-    pub exe: PathBuf,
+    /// What every lab takes: --keep, --pcap, installing, the binary.
+    pub run: super::LabRun,
 }
 
 /// The keys of one lab run.
@@ -161,28 +155,19 @@ pub(crate) fn log_field(log: &str, marker: &str, key: &str) -> Option<String> {
 
 /// Run the p2p lab.
 pub fn run(opts: &P2pOptions) -> io::Result<Report> {
-    super::ensure_root()?;
-    super::ensure_tools(super::TOOLS, opts.install)?;
-    let stale = netns::remove_stale();
     let mode_name = match opts.mode {
         LabMode::Esp(c) => format!("esp {}", c.name()),
         LabMode::EspUdp(c) => format!("esp-udp {}", c.name()),
         LabMode::IpIp => "ipip".into(),
     };
-    let mut report = Report {
-        title: format!(
+    let (mut report, work, keep_work) = opts.run.begin(
+        "p2p",
+        format!(
             "espip lab p2p ({mode_name}{})",
             if opts.esn { ", esn" } else { "" }
         ),
-        ..Default::default()
-    };
-    println!("{}", report.title);
-    if !stale.is_empty() {
-        report
-            .notes
-            .push(format!("removed stale namespaces: {}", stale.join(" ")));
-    }
-    let (work, keep_work) = super::work_dir("p2p", opts.pcap_dir.as_deref(), opts.keep)?;
+        &[],
+    )?;
 
     let (a, b) = topology("lab")?;
     let keys = match opts.mode {
@@ -191,7 +176,7 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
     };
     let cfg_a = work.join("a.toml");
     let cfg_b = work.join("b.toml");
-    let taps = opts.pcap_dir.as_deref();
+    let taps = opts.run.pcap_dir.as_deref();
     write_private(
         &cfg_a,
         &(config_text(
@@ -213,8 +198,8 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
         ) + &super::capture_lines(taps, "b")),
     )?;
 
-    let mut da = Daemon::start(&a, &opts.exe, &cfg_a, &work.join("a.log"))?;
-    let mut db = Daemon::start(&b, &opts.exe, &cfg_b, &work.join("b.log"))?;
+    let mut da = Daemon::start(&a, &opts.run.exe, &cfg_a, &work.join("a.log"))?;
+    let mut db = Daemon::start(&b, &opts.run.exe, &cfg_b, &work.join("b.log"))?;
     if keys.is_some() {
         // The same export as `espip sa --wireshark --write`, from the running daemon.
         super::export_esp_sa(
@@ -246,7 +231,7 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
     super::transfer_check(
         &mut report,
         format!("TCP transfer {} MB A -> B", opts.megabytes),
-        &opts.exe,
+        &opts.run.exe,
         (&a, &b),
         B_INNER,
         bytes,
@@ -255,7 +240,7 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
     super::stop_capture(tcpdump);
     wire_check(&mut report, &wire, opts.mode, bytes)?;
 
-    if opts.keep {
+    if opts.run.keep {
         report.kept(&[&a, &b], Some(&work));
         std::mem::forget(da);
         std::mem::forget(db);

@@ -9,7 +9,7 @@ use super::p2p::{log_field, ping, write_private, LabKeys};
 use super::{pcap, transfer, Report};
 use crate::sa::Cipher;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -25,14 +25,8 @@ pub struct SameLanOptions {
     pub cipher: Cipher,
     /// Size of the TCP transfer in MB.
     pub megabytes: u64,
-    /// Leave everything running.
-    pub keep: bool,
-    /// Keep configs, logs and the capture here.
-    pub pcap_dir: Option<PathBuf>,
-    /// Install missing Debian packages.
-    pub install: bool,
-    /// The espip binary.
-    pub exe: PathBuf,
+    /// What every lab takes: --keep, --pcap, installing, the binary.
+    pub run: super::LabRun,
 }
 
 /// Programs this lab needs beyond the common ones.
@@ -77,21 +71,11 @@ pub(crate) fn curl(ns: &Netns, url: &str) -> (bool, String) {
 
 /// Run the same-lan lab.
 pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
-    super::ensure_root()?;
-    super::ensure_tools(super::TOOLS, opts.install)?;
-    super::ensure_tools(TOOLS, opts.install)?;
-    let stale = netns::remove_stale();
-    let mut report = Report {
-        title: format!("espip lab same-lan (esp {})", opts.cipher.name()),
-        ..Default::default()
-    };
-    println!("{}", report.title);
-    if !stale.is_empty() {
-        report
-            .notes
-            .push(format!("removed stale namespaces: {}", stale.join(" ")));
-    }
-    let (work, keep_work) = super::work_dir("same-lan", opts.pcap_dir.as_deref(), opts.keep)?;
+    let (mut report, work, keep_work) = opts.run.begin(
+        "same-lan",
+        format!("espip lab same-lan (esp {})", opts.cipher.name()),
+        TOOLS,
+    )?;
 
     let a = Netns::new("lan", "a")?;
     let b = Netns::new("lan", "b")?;
@@ -105,7 +89,7 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
     let keys = LabKeys::generate(opts.cipher)?;
     let cfg_a = work.join("a.toml");
     let cfg_b = work.join("b.toml");
-    let taps = opts.pcap_dir.as_deref();
+    let taps = opts.run.pcap_dir.as_deref();
     write_private(
         &cfg_a,
         &(config_text(true, opts.cipher, &keys, &work.join("state-a"))
@@ -121,8 +105,8 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
     let wire = work.join("lan.pcap");
     let tcpdump = super::start_capture(&a, "lan0", &wire)?;
 
-    let mut da = Daemon::start(&a, &opts.exe, &cfg_a, &work.join("a.log"))?;
-    let mut db = Daemon::start(&b, &opts.exe, &cfg_b, &work.join("b.log"))?;
+    let mut da = Daemon::start(&a, &opts.run.exe, &cfg_a, &work.join("a.log"))?;
+    let mut db = Daemon::start(&b, &opts.run.exe, &cfg_b, &work.join("b.log"))?;
     if taps.is_some() {
         super::export_esp_sa(
             &work.join("state-a").join("control.sock"),
@@ -151,7 +135,7 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
     let servers: Vec<_> = [(&a, A, "A"), (&b, B, "B")]
         .into_iter()
         .map(|(ns, addr, name)| {
-            ns.command(&opts.exe)
+            ns.command(&opts.run.exe)
                 .args([
                     "lab-tool",
                     "http-serve",
@@ -187,7 +171,7 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
     super::transfer_check(
         &mut report,
         format!("TCP transfer {} MB A -> {B}", opts.megabytes),
-        &opts.exe,
+        &opts.run.exe,
         (&a, &b),
         B,
         bytes,
@@ -196,7 +180,7 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
     super::stop_capture(tcpdump);
     lan_check(&mut report, &wire, bytes)?;
 
-    if opts.keep {
+    if opts.run.keep {
         report.kept(&[&a, &b], Some(&work));
         std::mem::forget(da);
         std::mem::forget(db);

@@ -10,21 +10,15 @@ use super::p2p::{log_field, write_private};
 use super::same_lan::curl;
 use super::Report;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 /// Options of `espip lab upstream`.
 #[derive(Debug, Clone)]
 pub struct UpstreamOptions {
-    /// Leave everything running.
-    pub keep: bool,
-    /// Keep configs, logs, a capture of each host's link and the relays' taps here.
-    pub pcap_dir: Option<PathBuf>,
-    /// Install missing Debian packages.
-    pub install: bool,
-    /// The espip binary.
-    pub exe: PathBuf,
+    /// What every lab takes: --keep, --pcap, installing, the binary.
+    pub run: super::LabRun,
 }
 
 /// The relays' configurations (RA, RB).
@@ -51,17 +45,12 @@ fn sysctl(ns: &Netns, k: &str) -> String {
 
 /// Run the upstream lab.
 pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
-    super::ensure_root()?;
-    super::ensure_tools(super::TOOLS, opts.install)?;
-    super::ensure_tools(&[("curl", "curl"), ("iptables", "iptables")], opts.install)?;
-    netns::remove_stale();
-    let mut report = Report {
-        title: "espip lab upstream (ipip relays RA -> RB, censoring firewall F)".into(),
-        ..Default::default()
-    };
-    println!("{}", report.title);
-    let (work, keep_work) = super::work_dir("upstream", opts.pcap_dir.as_deref(), opts.keep)?;
-    let taps = opts.pcap_dir.as_deref();
+    let (mut report, work, keep_work) = opts.run.begin(
+        "upstream",
+        "espip lab upstream (ipip relays RA -> RB, censoring firewall F)".into(),
+        &[("curl", "curl"), ("iptables", "iptables")],
+    )?;
+    let taps = opts.run.pcap_dir.as_deref();
 
     let f = Netns::new("up", "f")?;
     let c = Netns::new("up", "c")?;
@@ -93,7 +82,7 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
         "GET ", "-j", "DROP",
     ]))?;
     let mut server = s
-        .command(&opts.exe)
+        .command(&opts.run.exe)
         .args([
             "lab-tool",
             "http-serve",
@@ -142,8 +131,18 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
         sysctl(&rb, "net.ipv4.ip_forward"),
         sysctl(&rb, "net.ipv4.conf.all.rp_filter"),
     );
-    let mut drb = Daemon::start(&rb, &opts.exe, &work.join("rb.toml"), &work.join("rb.log"))?;
-    let mut dra = Daemon::start(&ra, &opts.exe, &work.join("ra.toml"), &work.join("ra.log"))?;
+    let mut drb = Daemon::start(
+        &rb,
+        &opts.run.exe,
+        &work.join("rb.toml"),
+        &work.join("rb.log"),
+    )?;
+    let mut dra = Daemon::start(
+        &ra,
+        &opts.run.exe,
+        &work.join("ra.toml"),
+        &work.join("ra.log"),
+    )?;
     c.ip(&["route", "add", "10.0.3.26/32", "via", "10.0.2.201"])?;
     let wire = work.join("ra.pcap");
     let tcpdump = super::start_capture(&ra, "eth0", &wire)?;
@@ -171,7 +170,7 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
     // TCP's last segments (and C's retransmissions to a stopped S) leave after curl returns:
     // the relays stop before the capture does, so the capture holds every packet their
     // counters count. Kept relays keep running: wait until RA has been quiet instead.
-    let stopped = if opts.keep {
+    let stopped = if opts.run.keep {
         super::settle(&work.join("state-ra/control.sock"));
         None
     } else {

@@ -4,6 +4,7 @@
 pub mod capture;
 pub mod iptables;
 pub mod kstats;
+mod mmsg;
 pub mod netlink;
 pub mod privdrop;
 pub mod raw;

@@ -35,11 +35,7 @@ pub async fn configure(
     addresses: &[IfAddr],
     routes: &[Prefix],
 ) -> Result<Vec<Prefix>, NetlinkError> {
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| NetlinkError {
-        what: "open netlink socket".into(),
-        why: e.to_string(),
-    })?;
-    let task = tokio::spawn(conn);
+    let (handle, task) = connect()?;
     let index = link_index(&handle, name).await?;
     handle
         .link()
@@ -108,11 +104,7 @@ pub async fn update_routes(
     add: &[Prefix],
     remove: &[Prefix],
 ) -> Result<Vec<Prefix>, NetlinkError> {
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| NetlinkError {
-        what: "open netlink socket".into(),
-        why: e.to_string(),
-    })?;
-    let task = tokio::spawn(conn);
+    let (handle, task) = connect()?;
     let index = link_index(&handle, name).await?;
     for p in remove {
         match handle.route().del(route_message(p, index)?).execute().await {
@@ -141,4 +133,13 @@ async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<u32, Netli
         })?
         .header
         .index)
+}
+
+/// A netlink connection, served by a task the caller aborts when done.
+fn connect() -> Result<(rtnetlink::Handle, tokio::task::JoinHandle<()>), NetlinkError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| NetlinkError {
+        what: "open netlink socket".into(),
+        why: e.to_string(),
+    })?;
+    Ok((handle, tokio::spawn(conn)))
 }

@@ -56,35 +56,13 @@ impl RawSocket {
     /// filled from its headroom; returns how many were filled (`WouldBlock` if none).
     pub fn recv_batch(&self, bufs: &mut [PacketBuf]) -> io::Result<usize> {
         const MAX: usize = 64;
-        let n = bufs.len().min(MAX);
         let mut iovs: [MaybeUninit<libc::iovec>; MAX] = [const { MaybeUninit::uninit() }; MAX];
         // SAFETY: mmsghdr is plain old data; zero is a valid value for every field.
         let mut hdrs: [libc::mmsghdr; MAX] = unsafe { std::mem::zeroed() };
-        for i in 0..n {
-            bufs[i].reset();
-            let area = bufs[i].read_area();
-            iovs[i].write(libc::iovec {
-                iov_base: area.as_mut_ptr().cast(),
-                iov_len: area.len(),
-            });
-            hdrs[i].msg_hdr.msg_iov = iovs[i].as_mut_ptr();
-            hdrs[i].msg_hdr.msg_iovlen = 1;
-        }
+        let n = super::mmsg::point_at_read_areas(bufs, &mut iovs, &mut hdrs);
         // SAFETY: hdrs[..n] point at n initialised iovecs, each covering a live, exclusively
         // borrowed buffer area; the kernel writes at most iov_len bytes into each.
-        let rc = unsafe {
-            libc::recvmmsg(
-                self.sock.as_raw_fd(),
-                hdrs.as_mut_ptr(),
-                n as u32,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let got = rc as usize;
+        let got = unsafe { super::mmsg::recvmmsg(self.sock.as_raw_fd(), &mut hdrs[..n])? };
         for i in 0..got {
             bufs[i].set_len(hdrs[i].msg_len as usize);
         }

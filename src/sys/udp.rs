@@ -157,7 +157,6 @@ impl UdpEncapSocket {
     /// headroom, with its sender and segment size in `meta`. Returns how many were filled
     /// (`WouldBlock` if none). A message the kernel truncated is returned empty and marked.
     pub fn recv_batch(&self, bufs: &mut [PacketBuf], meta: &mut [Received]) -> io::Result<usize> {
-        let n = bufs.len().min(meta.len()).min(MAX_MSGS);
         let mut iovs: [MaybeUninit<libc::iovec>; MAX_MSGS] =
             [const { MaybeUninit::uninit() }; MAX_MSGS];
         // SAFETY: sockaddr_in, mmsghdr and the control buffers are plain old data.
@@ -165,16 +164,10 @@ impl UdpEncapSocket {
         // SAFETY: as above.
         let mut hdrs: [libc::mmsghdr; MAX_MSGS] = unsafe { std::mem::zeroed() };
         let mut ctrl = [CmsgBuf([0; CMSG_BUF]); MAX_MSGS];
+        let m = meta.len().min(MAX_MSGS);
+        let n = super::mmsg::point_at_read_areas(bufs, &mut iovs[..m], &mut hdrs);
         for i in 0..n {
-            bufs[i].reset();
-            let area = bufs[i].read_area();
-            iovs[i].write(libc::iovec {
-                iov_base: area.as_mut_ptr().cast(),
-                iov_len: area.len(),
-            });
             let h = &mut hdrs[i].msg_hdr;
-            h.msg_iov = iovs[i].as_mut_ptr();
-            h.msg_iovlen = 1;
             h.msg_name = (&mut names[i] as *mut libc::sockaddr_in).cast();
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
             h.msg_control = ctrl[i].0.as_mut_ptr().cast();
@@ -182,19 +175,7 @@ impl UdpEncapSocket {
         }
         // SAFETY: hdrs[..n] point at initialised iovecs over live, exclusively borrowed buffer
         // areas, at sockaddr_in values and at control buffers of the lengths given.
-        let rc = unsafe {
-            libc::recvmmsg(
-                self.sock.as_raw_fd(),
-                hdrs.as_mut_ptr(),
-                n as u32,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let got = rc as usize;
+        let got = unsafe { super::mmsg::recvmmsg(self.sock.as_raw_fd(), &mut hdrs[..n])? };
         for i in 0..got {
             let h = &hdrs[i].msg_hdr;
             let truncated = h.msg_flags & libc::MSG_TRUNC != 0;
