@@ -234,7 +234,7 @@ pub(super) fn write_coalesced(
         let mut end = k + 1;
         let mut group = None;
         if let Some(fs) = gro::segment(bufs[first].as_slice()) {
-            let (mut last, mut ls, mut total) = (first, fs, bufs[first].len());
+            let (mut ls, mut total) = (fs, bufs[first].len());
             while let Some(&nx) = deliver.get(end) {
                 let Some(ns) = gro::segment(bufs[nx].as_slice()) else {
                     break;
@@ -242,7 +242,6 @@ pub(super) fn write_coalesced(
                 if !gro::can_merge(
                     bufs[first].as_slice(),
                     &fs,
-                    bufs[last].as_slice(),
                     &ls,
                     total,
                     bufs[nx].as_slice(),
@@ -251,16 +250,15 @@ pub(super) fn write_coalesced(
                     break;
                 }
                 total += ns.payload;
-                (last, ls) = (nx, ns);
+                ls = ns;
                 end += 1;
             }
-            group = Some((fs, last, total));
+            group = Some((fs, ls, total));
         }
         match group {
-            Some((fs, last, total)) if end - k > 1 => {
-                let psh = bufs[last].as_slice()[fs.ip_len + 13] & 0x08 != 0;
+            Some((fs, ls, total)) if end - k > 1 => {
                 let mut hdr = [0u8; gro::MAX_HEADERS];
-                let v = gro::merged_headers(bufs[first].as_slice(), &fs, total, psh, &mut hdr);
+                let v = gro::merged_headers(bufs[first].as_slice(), &fs, total, ls.psh, &mut hdr);
                 let mut vh = [0u8; crate::gso::VNET_HDR_LEN];
                 v.emit(&mut vh);
                 let mut parts: [io::IoSlice<'_>; BATCH + 2] = [io::IoSlice::new(&[]); BATCH + 2];

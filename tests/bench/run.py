@@ -8,7 +8,10 @@ Usage (as root, on Debian; installs what is missing):
 Two network namespaces joined by a veth pair (192.0.2.1/24 - 192.0.2.2/24). For each tunnel in
 turn (set up, measured, torn down): plain veth, espip ipip, espip esp with each cipher, espip
 esp-udp (ESP in UDP, RFC 3948) with aes-128-gcm and chacha20-poly1305, socat
-TUN/UDP, wireguard-go with wg, OpenVPN UDP (TLS, AES-256-GCM, userspace, no DCO). For each:
+TUN/UDP, the current upstream wireguard-go (with its TUN TSO/GRO and UDP GSO/GRO offloads: the
+static build in ../shared/anchors/, or --wireguard-go-upstream PATH), Debian's wireguard-go,
+gotatun (Mullvad's Rust WireGuard; `cargo install gotatun-cli` into target/bench-tools when
+missing), OpenVPN UDP (TLS, AES-256-GCM, userspace, no DCO). For each:
   - single-stream TCP Gbit/s (iperf3, --seconds each),
   - 4-stream TCP Gbit/s (iperf3 -P 4),
   - UDP 64-byte datagrams per second delivered (iperf3 -u -l 64 -b 0),
@@ -20,7 +23,8 @@ Each throughput figure is the median of --repeat runs. Then a --soak run (esp ae
 single stream, RSS sampled every 5 s) checks that memory stays flat.
 
 Prints a table with each result and its ratio to plain veth and to the best reference tunnel
-(the best of socat, wireguard-go and OpenVPN for that column), and writes it (Markdown) to --out.
+(the best of every reference tunnel that ran, for that column), and writes it (Markdown) to --out.
+A reference that cannot be set up is a row saying why, never silently left out.
 """
 import argparse
 import json
@@ -36,10 +40,13 @@ import time
 A_OUT, B_OUT = "192.0.2.1", "192.0.2.2"
 PKGS = {"iperf3": "iperf3", "socat": "socat", "wireguard-go": "wireguard-go", "wg": "wireguard-tools",
         "openvpn": "openvpn", "openssl": "openssl", "ip": "iproute2", "ping": "iputils-ping"}
-REFERENCES = ["socat", "wireguard-go", "openvpn"]
+GOTATUN_VERSION = "0.10.2"
+WG_UPSTREAM_VERSION = "0.0.20250522"
 ESPIP_EXE = [os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                           "target/release/espip")]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Filled in main(): binaries of the references that do not come from Debian.
+TOOLS = {"wireguard-go-upstream": None, "gotatun": None}
 
 
 def sh(*args, check=True, **kw):
@@ -171,7 +178,29 @@ def setup_socat(lab, work):
     return "10.9.0.2", []
 
 
-def setup_wireguard(lab, work):
+def setup_wg_userspace(start):
+    """A userspace WireGuard configured with `wg`: `start(lab, ns, ifname)` runs it."""
+    def setup(lab, work):
+        return _setup_wg(lab, work, start)
+    return setup
+
+
+def start_wireguard_go(exe):
+    def start(lab, ns, ifname):
+        if exe is None:
+            raise OSError("binary not found")
+        lab.spawn(ns, "env", "LOG_LEVEL=error", exe, "-f", ifname)
+    return start
+
+
+def start_gotatun(lab, ns, ifname):
+    if TOOLS["gotatun"] is None:
+        raise OSError(f"gotatun not available (cargo install gotatun-cli --version {GOTATUN_VERSION} failed)")
+    lab.spawn(ns, "env", "WG_SUDO=1", TOOLS["gotatun"], ifname, "--foreground",
+              "--disable-drop-privileges")
+
+
+def _setup_wg(lab, work, start):
     keys = {}
     for h in ("a", "b"):
         priv = sh("wg", "genkey").stdout.strip()
@@ -184,7 +213,7 @@ def setup_wireguard(lab, work):
         keys[h] = (path, pub)
     for h, ns, inner, peer_h, peer_out in (("a", lab.a, "10.9.0.1", "b", B_OUT),
                                            ("b", lab.b, "10.9.0.2", "a", A_OUT)):
-        lab.spawn(ns, "env", "LOG_LEVEL=error", "wireguard-go", "-f", f"wg-{h}")
+        start(lab, ns, f"wg-{h}")
         for _ in range(50):
             if lab.ns(ns, "ip", "link", "show", f"wg-{h}", check=False).returncode == 0:
                 break
@@ -231,9 +260,51 @@ TUNNELS = [
     ("espip-espudp-aes128gcm", setup_espip("esp-udp", "aes-128-gcm")),
     ("espip-espudp-chacha20", setup_espip("esp-udp", "chacha20-poly1305")),
     ("socat", setup_socat),
-    ("wireguard-go", setup_wireguard),
+    ("wireguard-go-upstream", setup_wg_userspace(
+        lambda lab, ns, ifname: start_wireguard_go(TOOLS["wireguard-go-upstream"])(lab, ns, ifname))),
+    ("wireguard-go-debian", setup_wg_userspace(start_wireguard_go("wireguard-go"))),
+    ("gotatun", setup_wg_userspace(start_gotatun)),
     ("openvpn", setup_openvpn),
 ]
+# Every tunnel that is not espip's and not the plain veth.
+REFERENCES = ["socat", "wireguard-go-upstream", "wireguard-go-debian", "gotatun", "openvpn"]
+
+
+def find_tools(args):
+    """The upstream wireguard-go and gotatun binaries (installing gotatun with cargo if
+    missing), with the versions the table names."""
+    up = args.wireguard_go_upstream or os.path.join(
+        os.path.dirname(ROOT), "shared", "anchors", f"wireguard-go-{WG_UPSTREAM_VERSION}")
+    if os.access(up, os.X_OK):
+        TOOLS["wireguard-go-upstream"] = up
+    else:
+        print(f"bench: no upstream wireguard-go at {up} (--wireguard-go-upstream PATH); its row will say so",
+              flush=True)
+    gt = shutil.which("gotatun") or os.path.join(ROOT, "target", "bench-tools", "bin", "gotatun")
+    if not os.access(gt, os.X_OK) and shutil.which("cargo"):
+        print(f"bench: installing gotatun-cli {GOTATUN_VERSION} with cargo (a few minutes)", flush=True)
+        subprocess.run(["cargo", "install", "--quiet", "gotatun-cli", "--version", GOTATUN_VERSION,
+                        "--root", os.path.join(ROOT, "target", "bench-tools")], check=False)
+    if os.access(gt, os.X_OK):
+        TOOLS["gotatun"] = gt
+
+
+def versions():
+    """What each reference row measured, for the table."""
+    def line_with(word, *cmd):
+        r = sh(*cmd, check=False)
+        found = [l.strip() for l in (r.stdout + r.stderr).splitlines() if word in l]
+        return found[0] if found else f"{cmd[0]} (version unknown)"
+    deb = sh("dpkg-query", "-W", "-f", "${Version}", "wireguard-go", check=False).stdout.strip() or "?"
+    up = TOOLS["wireguard-go-upstream"]
+    return {
+        "wireguard-go-debian": f"wireguard-go {deb} (Debian package)",
+        "wireguard-go-upstream": (f"wireguard-go {WG_UPSTREAM_VERSION} (upstream, TUN TSO/GRO and UDP "
+                                  f"GSO/GRO on) from {up}" if up else "upstream wireguard-go: not found"),
+        "gotatun": f"gotatun-cli {GOTATUN_VERSION} from {TOOLS['gotatun'] or '(not installed)'}",
+        "socat": line_with("socat version", "socat", "-V").split(" on ")[0],
+        "openvpn": line_with("OpenVPN", "openvpn", "--version").split(" [")[0],
+    }
 
 
 # --- measurements ----------------------------------------------------------------------------
@@ -411,8 +482,14 @@ def table(results, meta):
         cells.append(fmt(r.get("rss_peak_mb")))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Ratios: `x veth` = this / plain veth; `x ref` = this / the best of socat, wireguard-go "
-                 "and OpenVPN in that column (for RTT and CPU lower is better, so a ratio below 1 is better).")
+    best_name = {}
+    for key, _, higher in COLUMNS:
+        cands = [(by[n][key], n) for n in REFERENCES if n in by and by[n].get(key)]
+        if cands:
+            best_name[key] = (max(cands) if higher else min(cands))[1]
+    lines.append("Ratios: `x veth` = this / plain veth; `x ref` = this / the best reference tunnel in that "
+                 "column (for RTT and CPU lower is better, so a ratio below 1 is better). Best reference per "
+                 "column: " + "; ".join(f"{title}: {best_name[k]}" for k, title, _ in COLUMNS if k in best_name) + ".")
     lines.append("Single-stream runs (Gbit/s): " + "; ".join(
         f"{r['name']} {', '.join(f'{g:.2f}' for g in r.get('tcp1_runs', []))}" for r in results if "error" not in r))
     return "\n".join(lines)
@@ -427,6 +504,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "target/bench-latest.md"))
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--exe", help="the espip binary to measure (default: target/release/espip, built first)")
+    ap.add_argument("--wireguard-go-upstream", help="upstream wireguard-go binary (default: "
+                    f"../shared/anchors/wireguard-go-{WG_UPSTREAM_VERSION} next to the repository)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: run as root (namespaces, TUN devices, raw sockets)")
@@ -438,6 +517,8 @@ def main():
     elif not args.no_build:
         subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     chosen = [t for t in TUNNELS if not args.only or t[0] in args.only.split(",")]
+    if any(n in ("wireguard-go-upstream", "gotatun") for n, _ in chosen):
+        find_tools(args)
     cpu = re.search(r"model name\s*: (.*)", open("/proc/cpuinfo").read())
     commit = sh("git", "-C", ROOT, "rev-parse", "--short", "HEAD", check=False).stdout.strip()
     dirty = sh("git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", check=False).stdout.strip()
@@ -457,6 +538,9 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = table(results, meta)
+    vs = versions()
+    text += "\n\nReferences measured: " + "; ".join(
+        vs[n] for n in REFERENCES if n in vs and any(r["name"] == n for r in results)) + "."
     if soaked:
         s = soaked["samples_mb"]
         text += (f"\n\nRSS soak ({args.soak} s, esp aes-128-gcm, single TCP stream): VmRSS every 5 s "

@@ -8,16 +8,17 @@
 //! followed by each segment's payload in one `writev`.
 
 use crate::gso::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6};
-use crate::wire::ip::{fold, sum_words};
+use crate::wire::ip::fold;
+use crate::wire::ipv4::{self, Ipv4Packet};
+use crate::wire::ipv6::{self, Ipv6Packet};
+use crate::wire::tcp::{self, TcpPacket};
+use std::ops::Range;
 
 /// Largest merged packet (the IPv4 total length field; also the TUN's limit).
 pub const MAX_MERGED: usize = 65535;
 /// Longest IP + TCP header merged (IPv4 without options or IPv6 without extension headers,
 /// TCP with up to 40 bytes of options).
-pub const MAX_HEADERS: usize = 40 + 60;
-
-const TCP_ACK: u8 = 0x10;
-const TCP_PSH: u8 = 0x08;
+pub const MAX_HEADERS: usize = ipv6::HEADER_LEN + 60;
 
 /// Where the parts of a mergeable TCP segment are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +31,8 @@ pub struct Segment {
     pub payload: usize,
     /// TCP sequence number.
     pub seq: u32,
+    /// PSH is set (the sender pushes: the group ends here).
+    pub psh: bool,
 }
 
 /// `p` as a segment that may take part in coalescing: IPv4 without options and not a
@@ -37,51 +40,56 @@ pub struct Segment {
 pub fn segment(p: &[u8]) -> Option<Segment> {
     let ip_len = match p.first()? >> 4 {
         4 => {
-            if p.len() < 20 || p[0] != 0x45 || p[9] != 6 {
-                return None;
-            }
-            let frag = u16::from_be_bytes([p[6], p[7]]);
-            if frag & 0x3fff != 0 || usize::from(u16::from_be_bytes([p[2], p[3]])) != p.len() {
-                return None;
-            }
-            20
-        }
-        6 => {
-            if p.len() < 40
-                || p[6] != 6
-                || usize::from(u16::from_be_bytes([p[4], p[5]])) + 40 != p.len()
+            let ip = Ipv4Packet::new_checked(p).ok()?;
+            if ip.header_len() != ipv4::MIN_HEADER_LEN
+                || ip.protocol() != PROTO_TCP
+                || ip.is_fragment()
+                || ip.total_len() != p.len()
             {
                 return None;
             }
-            40
+            ipv4::MIN_HEADER_LEN
+        }
+        6 => {
+            let ip = Ipv6Packet::new_checked(p).ok()?;
+            if ip.next_header() != PROTO_TCP || ip.payload_len() + ipv6::HEADER_LEN != p.len() {
+                return None;
+            }
+            ipv6::HEADER_LEN
         }
         _ => return None,
     };
-    let t = p.get(ip_len..ip_len + 20)?;
-    let tcp_len = usize::from(t[12] >> 4) * 4;
-    let hdr_len = ip_len + tcp_len;
-    if tcp_len < 20 || hdr_len > MAX_HEADERS || p.len() <= hdr_len {
+    let t = TcpPacket::new_checked(&p[ip_len..]).ok()?;
+    let hdr_len = ip_len + t.header_len();
+    if hdr_len > MAX_HEADERS || p.len() <= hdr_len {
         return None;
     }
     // Only ACK, optionally PSH: no SYN, FIN, RST, URG, ECE, CWR.
-    if t[13] & !(TCP_PSH) != TCP_ACK {
+    if t.flags() & !tcp::PSH != tcp::ACK {
         return None;
     }
     Some(Segment {
         ip_len,
         hdr_len,
         payload: p.len() - hdr_len,
-        seq: u32::from_be_bytes(t[4..8].try_into().expect("4 bytes")),
+        seq: t.seq(),
+        psh: t.flags() & tcp::PSH != 0,
     })
 }
 
-/// Does `next` continue the group that starts with `first` and ends with `last`, which
+const PROTO_TCP: u8 = 6;
+
+/// `r` moved by `by` bytes (a TCP field range at the TCP header's offset).
+fn at(by: usize, r: Range<usize>) -> Range<usize> {
+    r.start + by..r.end + by
+}
+
+/// Does `next` continue the group that starts with `first` and ends with `ls`, which
 /// together hold `group_len` bytes? Same flow, same header bytes (but the fields that differ
 /// per segment), in sequence, the previous segments full-sized, and no PSH before the end.
 pub fn can_merge(
     first: &[u8],
     fs: &Segment,
-    last: &[u8],
     ls: &Segment,
     group_len: usize,
     next: &[u8],
@@ -92,31 +100,36 @@ pub fn can_merge(
         || ls.payload != fs.payload
         || ns.payload > fs.payload
         || group_len + ns.payload > MAX_MERGED
-        || last[fs.ip_len + 13] & TCP_PSH != 0
+        || ls.psh
         || ns.seq != ls.seq.wrapping_add(ls.payload as u32)
     {
         return false;
     }
     let (ip, h) = (fs.ip_len, fs.hdr_len);
-    let same = |a: std::ops::Range<usize>| first[a.clone()] == next[a];
-    let ip_same = if ip == 20 {
+    let same = |a: Range<usize>| first[a.clone()] == next[a];
+    let ip_same = if ip == ipv4::MIN_HEADER_LEN {
+        use ipv4::field as f;
         // Version/IHL/TOS, flags (DF), TTL/protocol, addresses. Not: total length, ID,
         // header checksum.
-        same(0..2) && same(6..10) && same(12..20)
+        same(0..f::LENGTH.start)
+            && same(f::FLG_OFF.start..f::CHECKSUM.start)
+            && same(f::SRC.start..f::DST.end)
     } else {
+        use ipv6::field as f;
         // Version/class/flow label, next header/hop limit, addresses. Not: payload length.
-        same(0..4) && same(6..40)
+        same(f::VER_TC_FLOW) && same(f::NEXT_HEADER..f::DST.end)
     };
+    use tcp::field as t;
     // Ports; acknowledgement, data offset and window; urgent pointer and options. Not:
     // sequence number, flags (PSH), checksum.
     ip_same
-        && same(ip..ip + 4)
-        && same(ip + 8..ip + 13)
-        && same(ip + 14..ip + 16)
-        && same(ip + 18..h)
+        && same(at(ip, t::PORTS))
+        && same(at(ip, t::ACK.start..t::FLAGS))
+        && same(at(ip, t::WINDOW))
+        && same(ip + t::URGENT.start..h)
 }
 
-/// The headers of a group of `count` segments starting with `first`, holding `total` bytes
+/// The headers of a group of segments starting with `first`, holding `total` bytes
 /// (headers included), `psh` if its last segment has PSH, written into `out`; and the
 /// `virtio_net_hdr` that tells the kernel it is a GSO packet with a partial checksum.
 pub fn merged_headers(
@@ -129,29 +142,30 @@ pub fn merged_headers(
     let (ip, h) = (fs.ip_len, fs.hdr_len);
     out[..h].copy_from_slice(&first[..h]);
     let tcp_total = (total - ip) as u32;
-    let addr_sum = if ip == 20 {
-        out[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        out[10..12].fill(0);
-        let c = fold(sum_words(0, &out[..20]));
-        out[10..12].copy_from_slice(&c.to_be_bytes());
-        sum_words(0, &out[12..20])
+    let v4 = ip == ipv4::MIN_HEADER_LEN;
+    let addr_sum = if v4 {
+        let mut p = Ipv4Packet::new_checked(&mut out[..h]).expect("checked by segment");
+        p.set_total_len(total as u16);
+        p.fill_checksum();
+        p.addr_sum()
     } else {
-        out[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
-        sum_words(0, &out[8..40])
+        let mut p = Ipv6Packet::new_checked(&mut out[..h]).expect("checked by segment");
+        p.set_payload_len((total - ipv6::HEADER_LEN) as u16);
+        p.addr_sum()
     };
+    let mut t = TcpPacket::new_checked(&mut out[ip..h]).expect("checked by segment");
     if psh {
-        out[ip + 13] |= TCP_PSH;
+        t.set_flags(t.flags() | tcp::PSH);
     }
     // NEEDS_CSUM: the field holds the folded pseudo-header sum, not complemented.
-    let partial = !fold(addr_sum + 6 + tcp_total);
-    out[ip + 16..ip + 18].copy_from_slice(&partial.to_be_bytes());
+    t.set_checksum(!fold(addr_sum + u32::from(PROTO_TCP) + tcp_total));
     VnetHdr {
         flags: F_NEEDS_CSUM,
-        gso_type: if ip == 20 { GSO_TCPV4 } else { GSO_TCPV6 },
+        gso_type: if v4 { GSO_TCPV4 } else { GSO_TCPV6 },
         hdr_len: h as u16,
         gso_size: fs.payload as u16,
         csum_start: ip as u16,
-        csum_offset: 16,
+        csum_offset: tcp::field::CHECKSUM.start as u16,
     }
 }
 
@@ -161,13 +175,14 @@ mod tests {
     use crate::buf::{PacketBuf, MAX_PACKET};
     use crate::gso::segment_tcp;
     use crate::gso::tests::super_packet as big;
+    use crate::wire::ip::sum_words;
 
     /// Segment a large packet (as the sender's TSO would), then merge the segments back: the
     /// result is the original packet, with the checksum partial as the kernel expects.
     #[test]
     fn gro_undoes_gso() {
         for v4 in [true, false] {
-            let orig = big(v4, 5000, TCP_ACK | TCP_PSH);
+            let orig = big(v4, 5000, tcp::ACK | tcp::PSH);
             let mut segs: Vec<PacketBuf> = (0..8).map(|_| PacketBuf::new(MAX_PACKET)).collect();
             let n = segment_tcp(&orig, 1400, &mut segs).unwrap();
             assert_eq!(n, 4);
@@ -175,20 +190,12 @@ mod tests {
             let ss: Vec<Segment> = pk.iter().map(|p| segment(p).unwrap()).collect();
             let mut total = pk[0].len();
             for i in 1..n {
-                assert!(can_merge(
-                    pk[0],
-                    &ss[0],
-                    pk[i - 1],
-                    &ss[i - 1],
-                    total,
-                    pk[i],
-                    &ss[i]
-                ));
+                assert!(can_merge(pk[0], &ss[0], &ss[i - 1], total, pk[i], &ss[i]));
                 total += ss[i].payload;
             }
             assert_eq!(total, orig.len());
             let mut hdr = [0u8; MAX_HEADERS];
-            let psh = pk[n - 1][ss[0].ip_len + 13] & TCP_PSH != 0;
+            let psh = ss[n - 1].psh;
             let v = merged_headers(pk[0], &ss[0], total, psh, &mut hdr);
             let h = ss[0].hdr_len;
             let mut merged = hdr[..h].to_vec();
@@ -223,7 +230,7 @@ mod tests {
 
     #[test]
     fn only_in_order_segments_of_one_flow_merge() {
-        let orig = big(true, 4200, TCP_ACK);
+        let orig = big(true, 4200, tcp::ACK);
         let mut segs: Vec<PacketBuf> = (0..4).map(|_| PacketBuf::new(MAX_PACKET)).collect();
         segment_tcp(&orig, 1400, &mut segs).unwrap();
         let a = segs[0].as_slice().to_vec();
@@ -234,18 +241,17 @@ mod tests {
             segment(&b).unwrap(),
             segment(&c).unwrap(),
         );
-        assert!(can_merge(&a, &sa, &a, &sa, a.len(), &b, &sb));
-        assert!(!can_merge(&a, &sa, &a, &sa, a.len(), &c, &sc), "a gap");
+        assert!(can_merge(&a, &sa, &sa, a.len(), &b, &sb));
+        assert!(!can_merge(&a, &sa, &sa, a.len(), &c, &sc), "a gap");
         let mut other_port = b.clone();
         other_port[21] ^= 1;
         let so = segment(&other_port).unwrap();
-        assert!(!can_merge(&a, &sa, &a, &sa, a.len(), &other_port, &so));
+        assert!(!can_merge(&a, &sa, &sa, a.len(), &other_port, &so));
         let mut other_ack = b.clone();
         other_ack[28] ^= 1;
         assert!(!can_merge(
             &a,
             &sa,
-            &a,
             &sa,
             a.len(),
             &other_ack,
@@ -253,15 +259,17 @@ mod tests {
         ));
         // PSH ends a group; SYN/FIN/RST never join one; short segments end a group.
         let mut psh = a.clone();
-        psh[33] |= TCP_PSH;
-        assert!(!can_merge(&psh, &sa, &psh, &sa, a.len(), &b, &sb));
+        psh[33] |= tcp::PSH;
+        let spsh = segment(&psh).unwrap();
+        assert!(spsh.psh);
+        assert!(!can_merge(&psh, &spsh, &spsh, a.len(), &b, &sb));
         let mut fin = b.clone();
         fin[33] |= 0x01;
         assert!(segment(&fin).is_none());
         let short = &b[..b.len() - 100];
         assert!(segment(short).is_none(), "total length disagrees");
         // Too big in all.
-        assert!(!can_merge(&a, &sa, &a, &sa, 65000, &b, &sb));
+        assert!(!can_merge(&a, &sa, &sa, 65000, &b, &sb));
         // Non-TCP, options, fragments: not segments.
         let mut udp = a.clone();
         udp[9] = 17;

@@ -13,11 +13,13 @@
 //! carries the L4 header; later fragments get their IP header fixed and nothing else.
 
 use crate::prefix::Prefix;
-use crate::wire::ip::PROTO_ICMP;
+use crate::wire::icmp;
+use crate::wire::ip::{PROTO_ICMP, PROTO_UDP};
+use crate::wire::ipv4::{self, Ipv4Packet};
+use crate::wire::{tcp, udp, Field};
 use std::net::{IpAddr, Ipv4Addr};
 
 const PROTO_TCP: u8 = 6;
-const PROTO_UDP: u8 = 17;
 
 /// One real <-> alias mapping; a host keeps its host part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,10 +72,19 @@ enum Which {
 }
 
 impl Which {
-    fn offset(self) -> usize {
+    /// The header field of this address.
+    fn field(self) -> Field {
         match self {
-            Which::Src => 12,
-            Which::Dst => 16,
+            Which::Src => ipv4::field::SRC,
+            Which::Dst => ipv4::field::DST,
+        }
+    }
+
+    /// The address of `p` this names.
+    fn get<T: AsRef<[u8]>>(self, p: &Ipv4Packet<T>) -> Ipv4Addr {
+        match self {
+            Which::Src => p.src(),
+            Which::Dst => p.dst(),
         }
     }
     fn other(self) -> Which {
@@ -98,35 +109,19 @@ pub fn csum_adjust(hc: u16, old: &[u8], new: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-fn read16(p: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([p[at], p[at + 1]])
+fn read16(p: &[u8], f: Field) -> u16 {
+    u16::from_be_bytes([p[f.start], p[f.start + 1]])
 }
 
-fn write16(p: &mut [u8], at: usize, v: u16) {
-    p[at..at + 2].copy_from_slice(&v.to_be_bytes());
+/// Adjust the 16-bit checksum in field `f` of `p` for a change of `old` to `new`.
+fn fix(p: &mut [u8], f: Field, old: &[u8], new: &[u8]) {
+    let c = csum_adjust(read16(p, f.clone()), old, new);
+    p[f].copy_from_slice(&c.to_be_bytes());
 }
 
-/// Adjust the checksum at `at` for a change of `old` to `new`.
-fn fix(p: &mut [u8], at: usize, old: &[u8], new: &[u8]) {
-    let c = csum_adjust(read16(p, at), old, new);
-    write16(p, at, c);
-}
-
-/// Validated layout of an IPv4 header within `p`: header length, fragment offset, protocol.
-fn ipv4_layout(p: &[u8]) -> Option<(usize, bool, u8)> {
-    if p.len() < 20 || p[0] >> 4 != 4 {
-        return None;
-    }
-    let ihl = usize::from(p[0] & 0x0f) * 4;
-    if ihl < 20 || ihl > p.len() {
-        return None;
-    }
-    let later_fragment = read16(p, 6) & 0x1fff != 0;
-    Some((ihl, later_fragment, p[9]))
-}
-
-fn is_icmp_error(ty: u8) -> bool {
-    matches!(ty, 3 | 4 | 5 | 11 | 12)
+/// Field `f` of a transport header that starts at `at`.
+fn at(at: usize, f: Field) -> Field {
+    f.start + at..f.end + at
 }
 
 /// Bytes a rewrite changed, for the checksum of an enclosing message.
@@ -141,12 +136,18 @@ struct Change {
 /// as was quoted) to `new`, fixing the header checksum and, when present, the TCP/UDP checksum.
 /// Returns what changed: the address, the header checksum, the L4 checksum (len 0 if none).
 fn set_addr(p: &mut [u8], which: Which, new: Ipv4Addr) -> Option<[Change; 3]> {
-    let (ihl, later_fragment, proto) = ipv4_layout(p)?;
-    let at = which.offset();
-    let old: [u8; 4] = p[at..at + 4].try_into().ok()?;
+    let mut ip = Ipv4Packet::new_checked(&mut *p).ok()?;
+    let (ihl, later_fragment, proto) = (ip.header_len(), ip.is_later_fragment(), ip.protocol());
+    let old = which.get(&ip).octets();
     let newb = new.octets();
     let mut changes = [Change::default(); 3];
-    p[at..at + 4].copy_from_slice(&newb);
+    let csum_old = ip.checksum().to_be_bytes();
+    match which {
+        Which::Src => ip.set_src(new),
+        Which::Dst => ip.set_dst(new),
+    }
+    ip.set_checksum(csum_adjust(ip.checksum(), &old, &newb));
+    let csum_new = ip.checksum().to_be_bytes();
     changes[0] = Change {
         len: 4,
         old,
@@ -154,26 +155,24 @@ fn set_addr(p: &mut [u8], which: Which, new: Ipv4Addr) -> Option<[Change; 3]> {
     };
     changes[1] = Change {
         len: 2,
-        old: [p[10], p[11], 0, 0],
-        ..Default::default()
+        old: [csum_old[0], csum_old[1], 0, 0],
+        new: [csum_new[0], csum_new[1], 0, 0],
     };
-    fix(p, 10, &old, &newb);
-    changes[1].new = [p[10], p[11], 0, 0];
     if !later_fragment {
         let csum_at = match proto {
-            PROTO_TCP => Some(ihl + 16),
-            PROTO_UDP => Some(ihl + 6),
+            PROTO_TCP => Some(at(ihl, tcp::field::CHECKSUM)),
+            PROTO_UDP => Some(at(ihl, udp::field::CHECKSUM)),
             _ => None,
         };
-        if let Some(c) = csum_at.filter(|c| c + 2 <= p.len()) {
-            let before = read16(p, c);
+        if let Some(c) = csum_at.filter(|c| c.end <= p.len()) {
+            let before = read16(p, c.clone());
             // A zero UDP checksum means "none" (RFC 768) and stays zero.
             if !(proto == PROTO_UDP && before == 0) {
                 let mut after = csum_adjust(before, &old, &newb);
                 if proto == PROTO_UDP && after == 0 {
                     after = 0xffff;
                 }
-                write16(p, c, after);
+                p[c].copy_from_slice(&after.to_be_bytes());
                 let (b, a) = (before.to_be_bytes(), after.to_be_bytes());
                 changes[2] = Change {
                     len: 2,
@@ -243,9 +242,9 @@ impl NatTable {
         if self.maps.is_empty() || p.first().map(|b| b >> 4) != Some(4) {
             return Ok(false);
         }
-        let (ihl, later_fragment, proto) = ipv4_layout(p).ok_or(NatError)?;
-        let at = which.offset();
-        let addr = Ipv4Addr::new(p[at], p[at + 1], p[at + 2], p[at + 3]);
+        let ip = Ipv4Packet::new_checked(&*p).map_err(|_| NatError)?;
+        let (ihl, later_fragment, proto) = (ip.header_len(), ip.is_later_fragment(), ip.protocol());
+        let addr = which.get(&ip);
         let mut changed = false;
         if let Some(new) = map(addr) {
             set_addr(p, which, new).ok_or(NatError)?;
@@ -254,25 +253,26 @@ impl NatTable {
         // An ICMP error quotes a packet that went the other way: its other address is ours.
         if proto == PROTO_ICMP
             && !later_fragment
-            && p.len() >= ihl + 8 + 20
-            && is_icmp_error(p[ihl])
+            && p.len() >= ihl + icmp::HEADER_LEN + ipv4::MIN_HEADER_LEN
+            && icmp::is_icmpv4_error(p[ihl + icmp::field::TYPE])
         {
-            let (head, quoted) = p.split_at_mut(ihl + 8);
-            let qat = which.other().offset();
-            if quoted[0] >> 4 == 4 && quoted.len() >= 20 {
-                let qaddr = Ipv4Addr::new(
-                    quoted[qat],
-                    quoted[qat + 1],
-                    quoted[qat + 2],
-                    quoted[qat + 3],
-                );
-                if let Some(new) = map(qaddr) {
+            let (head, quoted) = p.split_at_mut(ihl + icmp::HEADER_LEN);
+            if quoted[0] >> 4 == 4 && quoted.len() >= ipv4::MIN_HEADER_LEN {
+                // Read before the quoted header is checked: an unmapped address leaves even a
+                // garbled quote alone; a mapped one in a garbled quote is an error.
+                let qaddr: [u8; 4] = quoted[which.other().field()].try_into().expect("4 bytes");
+                if let Some(new) = map(Ipv4Addr::from(qaddr)) {
                     // Every changed quoted byte is covered by the ICMP checksum (offset 2 of the
                     // ICMP header); the ICMP header is 8 bytes, so the changed fields stay
                     // 16-bit aligned relative to it.
                     for c in set_addr(quoted, which.other(), new).ok_or(NatError)? {
                         if c.len > 0 {
-                            fix(head, ihl + 2, &c.old[..c.len], &c.new[..c.len]);
+                            fix(
+                                head,
+                                at(ihl, icmp::field::CHECKSUM),
+                                &c.old[..c.len],
+                                &c.new[..c.len],
+                            );
                         }
                     }
                     changed = true;

@@ -6,7 +6,7 @@ use super::ip::{
     checksum, emit_ipv4_header, fold, pseudo_sum_v6, sum_words, InnerPacket, PROTO_ICMP,
     PROTO_ICMPV6,
 };
-use super::Malformed;
+use super::{Field, Malformed};
 use crate::buf::PacketBuf;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -30,7 +30,25 @@ impl From<Malformed> for NoIcmp {
     }
 }
 
-fn is_icmpv4_error(ty: u8) -> bool {
+/// Byte ranges of the ICMP and ICMPv6 header (RFC 792, RFC 4443 section 2.1).
+pub mod field {
+    use super::Field;
+    /// Type.
+    pub const TYPE: usize = 0;
+    /// Code.
+    pub const CODE: usize = 1;
+    /// Checksum.
+    pub const CHECKSUM: Field = 2..4;
+    /// Next-hop MTU of "fragmentation needed" (RFC 1191 section 4; the low half of the
+    /// 32-bit MTU of ICMPv6 "packet too big").
+    pub const NEXT_HOP_MTU: Field = 6..8;
+}
+
+/// Header length before the quoted packet (type, code, checksum, 4 bytes of the message).
+pub const HEADER_LEN: usize = 8;
+
+/// Whether an ICMP type is an error message (which quotes a packet, RFC 1812 section 4.3.2.7).
+pub fn is_icmpv4_error(ty: u8) -> bool {
     matches!(ty, 3 | 4 | 5 | 11 | 12)
 }
 

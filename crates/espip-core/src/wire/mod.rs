@@ -5,6 +5,10 @@
 pub mod esp;
 pub mod icmp;
 pub mod ip;
+pub mod ipv4;
+pub mod ipv6;
+pub mod tcp;
+pub mod udp;
 
 /// A byte range inside a header.
 pub type Field = std::ops::Range<usize>;
