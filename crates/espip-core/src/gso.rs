@@ -14,7 +14,11 @@
 //! which is little-endian on the machines espip runs on).
 
 use crate::buf::PacketBuf;
-use crate::wire::ip::{fold, sum_words};
+use crate::wire::ip::{fold, sum_words, PROTO_UDP};
+use crate::wire::ipv4::Ipv4Packet;
+use crate::wire::ipv6::{self, Ipv6Packet};
+use crate::wire::tcp::{self, TcpPacket};
+use crate::wire::udp::{self, UdpPacket};
 
 /// Size of `struct virtio_net_hdr` (without `num_buffers`).
 pub const VNET_HDR_LEN: usize = 10;
@@ -33,9 +37,7 @@ pub const GSO_UDP_L4: u8 = 5;
 /// `VIRTIO_NET_HDR_GSO_ECN` flag bit of `gso_type`.
 pub const GSO_ECN: u8 = 0x80;
 
-const TCP_FIN: u8 = 0x01;
-const TCP_PSH: u8 = 0x08;
-const TCP_CWR: u8 = 0x80;
+const PROTO_TCP: u8 = 6;
 
 /// The `virtio_net_hdr` of one TUN packet.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -106,39 +108,34 @@ pub fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> Result<
     Ok(())
 }
 
-/// The segments a TCP GSO packet becomes: (IP header length, TCP header length, payload
-/// length, segments).
-fn tcp_layout(pkt: &[u8], gso_size: usize) -> Result<(usize, usize, usize, usize), GsoError> {
-    let ip_len = match pkt.first().map(|b| b >> 4) {
+/// The IP header of a GSO packet whose transport must be `proto`: its length and the sum of
+/// its addresses (the pseudo-header's, RFC 9293 / RFC 8200 section 8.1, summed once).
+fn ip_layout(pkt: &[u8], proto: u8) -> Result<(usize, u32), GsoError> {
+    match pkt.first().map(|b| b >> 4) {
         Some(4) => {
-            let ihl = usize::from(pkt[0] & 0x0f) * 4;
-            if ihl < 20 || pkt.len() < ihl || pkt[9] != 6 {
-                return Err(if pkt.len() >= 20 && pkt[9] != 6 {
-                    GsoError::Unsupported
-                } else {
-                    GsoError::Malformed
-                });
-            }
-            ihl
-        }
-        Some(6) => {
-            if pkt.len() < 40 {
-                return Err(GsoError::Malformed);
-            }
-            if pkt[6] != 6 {
+            let ip = Ipv4Packet::new_checked(pkt).map_err(|_| GsoError::Malformed)?;
+            if ip.protocol() != proto {
                 return Err(GsoError::Unsupported);
             }
-            40
+            Ok((ip.header_len(), ip.addr_sum()))
         }
-        _ => return Err(GsoError::Malformed),
-    };
-    let tcp = pkt.get(ip_len..ip_len + 20).ok_or(GsoError::Malformed)?;
-    let tcp_len = usize::from(tcp[12] >> 4) * 4;
-    if tcp_len < 20 || pkt.len() < ip_len + tcp_len || gso_size == 0 {
+        Some(6) => {
+            let ip = Ipv6Packet::new_checked(pkt).map_err(|_| GsoError::Malformed)?;
+            if ip.next_header() != proto {
+                return Err(GsoError::Unsupported);
+            }
+            Ok((ipv6::HEADER_LEN, ip.addr_sum()))
+        }
+        _ => Err(GsoError::Malformed),
+    }
+}
+
+/// How many segments of `gso_size` payload bytes `payload` bytes make (at least one).
+fn count(payload: usize, gso_size: usize) -> Result<usize, GsoError> {
+    if gso_size == 0 {
         return Err(GsoError::Malformed);
     }
-    let payload = pkt.len() - ip_len - tcp_len;
-    Ok((ip_len, tcp_len, payload, payload.div_ceil(gso_size).max(1)))
+    Ok(payload.div_ceil(gso_size).max(1))
 }
 
 /// Segment `i` of a GSO packet into `b`: the headers (`hdr` bytes, the IP header `ip_len` of
@@ -165,15 +162,12 @@ fn ip_segment<'a>(
     area[hdr..total].copy_from_slice(&pkt[start..start + len]);
     b.set_len(total);
     let s = b.as_mut_slice();
-    if pkt[0] >> 4 == 4 {
-        let id = u16::from_be_bytes([pkt[4], pkt[5]]).wrapping_add(i as u16);
-        s[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        s[4..6].copy_from_slice(&id.to_be_bytes());
-        s[10..12].fill(0);
-        let c = fold(sum_words(0, &s[..ip_len]));
-        s[10..12].copy_from_slice(&c.to_be_bytes());
-    } else {
-        s[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+    if let Ok(mut ip) = Ipv4Packet::new_checked(&mut s[..ip_len]) {
+        ip.set_total_len(total as u16);
+        ip.set_ident(ip.ident().wrapping_add(i as u16));
+        ip.fill_checksum();
+    } else if let Ok(mut ip) = Ipv6Packet::new_checked(&mut s[..ip_len]) {
+        ip.set_payload_len((total - ipv6::HEADER_LEN) as u16);
     }
     Ok(s)
 }
@@ -182,38 +176,35 @@ fn ip_segment<'a>(
 /// most `gso_size` payload bytes, one per buffer of `out` (each reset, headroom kept). Returns
 /// the number of segments.
 pub fn segment_tcp(pkt: &[u8], gso_size: usize, out: &mut [PacketBuf]) -> Result<usize, GsoError> {
-    let (ip_len, tcp_len, _, n) = tcp_layout(pkt, gso_size)?;
+    let (ip_len, addr_sum) = ip_layout(pkt, PROTO_TCP)?;
+    let t0 = TcpPacket::new_checked(&pkt[ip_len..]).map_err(|_| GsoError::Malformed)?;
+    let hdr = ip_len + t0.header_len();
+    let n = count(pkt.len() - hdr, gso_size)?;
     if n > out.len() {
         return Err(GsoError::TooManySegments);
     }
-    let hdr = ip_len + tcp_len;
-    let v4 = pkt[0] >> 4 == 4;
-    let seq0 = u32::from_be_bytes(pkt[ip_len + 4..ip_len + 8].try_into().expect("4 bytes"));
-    let flags0 = pkt[ip_len + 13];
-    // Pseudo-header addresses (RFC 793 / RFC 8200 8.1), summed once.
-    let addr_sum = if v4 {
-        sum_words(0, &pkt[12..20])
-    } else {
-        sum_words(0, &pkt[8..40])
-    };
+    let (seq0, flags0) = (t0.seq(), t0.flags());
     for (i, b) in out[..n].iter_mut().enumerate() {
         let s = ip_segment(pkt, ip_len, hdr, gso_size, i, b)?;
-        let total = s.len();
-        let t = ip_len;
-        s[t + 4..t + 8].copy_from_slice(&seq0.wrapping_add((i * gso_size) as u32).to_be_bytes());
+        let seg_len = (s.len() - ip_len) as u32;
+        let mut t = TcpPacket::new_checked(&mut s[ip_len..]).map_err(|_| GsoError::Malformed)?;
+        t.set_seq(seq0.wrapping_add((i * gso_size) as u32));
         let mut flags = flags0;
         if i + 1 < n {
-            flags &= !(TCP_FIN | TCP_PSH);
+            flags &= !(tcp::FIN | tcp::PSH);
         }
         if i > 0 {
-            flags &= !TCP_CWR;
+            flags &= !tcp::CWR;
         }
-        s[t + 13] = flags;
-        s[t + 16..t + 18].fill(0);
-        let seg_len = (total - ip_len) as u32;
-        let pseudo = addr_sum + 6 + seg_len;
-        let c = fold(sum_words(pseudo, &s[t..total]));
-        s[t + 16..t + 18].copy_from_slice(&c.to_be_bytes());
+        t.set_flags(flags);
+        t.set_checksum(0);
+        let c = fold(sum_words(
+            addr_sum + u32::from(PROTO_TCP) + seg_len,
+            &s[ip_len..],
+        ));
+        TcpPacket::new_checked(&mut s[ip_len..])
+            .map_err(|_| GsoError::Malformed)?
+            .set_checksum(c);
     }
     Ok(n)
 }
@@ -222,53 +213,32 @@ pub fn segment_tcp(pkt: &[u8], gso_size: usize, out: &mut [PacketBuf]) -> Result
 /// `gso_size` payload bytes, each with its own IP header (IPv4 total length, ID, header
 /// checksum; IPv6 payload length), UDP length and full UDP checksum. Returns the count.
 pub fn segment_udp(pkt: &[u8], gso_size: usize, out: &mut [PacketBuf]) -> Result<usize, GsoError> {
-    let ip_len = match pkt.first().map(|b| b >> 4) {
-        Some(4) if pkt.len() >= 20 => {
-            let ihl = usize::from(pkt[0] & 0x0f) * 4;
-            if pkt[9] != 17 {
-                return Err(GsoError::Unsupported);
-            }
-            if ihl < 20 {
-                return Err(GsoError::Malformed);
-            }
-            ihl
-        }
-        Some(6) if pkt.len() >= 40 => {
-            if pkt[6] != 17 {
-                return Err(GsoError::Unsupported);
-            }
-            40
-        }
-        _ => return Err(GsoError::Malformed),
-    };
-    let hdr = ip_len + 8;
-    if pkt.len() < hdr || gso_size == 0 {
+    let (ip_len, addr_sum) = ip_layout(pkt, PROTO_UDP)?;
+    let hdr = ip_len + udp::HEADER_LEN;
+    if pkt.len() < hdr {
         return Err(GsoError::Malformed);
     }
-    let payload = pkt.len() - hdr;
-    let n = payload.div_ceil(gso_size).max(1);
+    let n = count(pkt.len() - hdr, gso_size)?;
     if n > out.len() {
         return Err(GsoError::TooManySegments);
     }
-    let v4 = pkt[0] >> 4 == 4;
-    let addr_sum = if v4 {
-        sum_words(0, &pkt[12..20])
-    } else {
-        sum_words(0, &pkt[8..40])
-    };
     for (i, b) in out[..n].iter_mut().enumerate() {
         let s = ip_segment(pkt, ip_len, hdr, gso_size, i, b)?;
-        let total = s.len();
-        let u = ip_len;
-        let udp_len = (total - ip_len) as u16;
-        s[u + 4..u + 6].copy_from_slice(&udp_len.to_be_bytes());
-        s[u + 6..u + 8].fill(0);
-        let mut c = fold(sum_words(addr_sum + 17 + u32::from(udp_len), &s[u..total]));
+        let udp_len = (s.len() - ip_len) as u16;
+        let mut u = UdpPacket::new_checked(&mut s[ip_len..]).map_err(|_| GsoError::Malformed)?;
+        u.set_len(udp_len);
+        u.set_checksum(0);
+        let mut c = fold(sum_words(
+            addr_sum + u32::from(PROTO_UDP) + u32::from(udp_len),
+            &s[ip_len..],
+        ));
         if c == 0 {
             // RFC 768: a computed zero is sent as all ones (zero means "no checksum").
             c = 0xffff;
         }
-        s[u + 6..u + 8].copy_from_slice(&c.to_be_bytes());
+        UdpPacket::new_checked(&mut s[ip_len..])
+            .map_err(|_| GsoError::Malformed)?
+            .set_checksum(c);
     }
     Ok(n)
 }
@@ -356,8 +326,8 @@ pub(crate) mod tests {
                 );
                 let f = s[ip + 13];
                 assert_eq!(f & 0x10, 0x10, "ACK everywhere");
-                assert_eq!(f & (TCP_FIN | TCP_PSH) != 0, i == 2, "FIN/PSH only last");
-                assert_eq!(f & TCP_CWR != 0, i == 0, "CWR only first");
+                assert_eq!(f & (tcp::FIN | tcp::PSH) != 0, i == 2, "FIN/PSH only last");
+                assert_eq!(f & tcp::CWR != 0, i == 0, "CWR only first");
                 assert_eq!(&s[ip + 20..ip + 32], &p[ip + 20..ip + 32], "options kept");
                 assert!(tcp_checksum_ok(s), "TCP checksum of segment {i}");
                 joined.extend_from_slice(&s[ip + 32..]);

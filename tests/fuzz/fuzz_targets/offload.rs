@@ -59,16 +59,16 @@ fuzz_target!(|data: &[u8]| {
     let Some(fs) = gro::segment(segs[0]) else {
         return;
     };
-    let (mut last, mut ls, mut total, mut k) = (segs[0], fs, segs[0].len(), 1);
+    let (mut ls, mut total, mut k) = (fs, segs[0].len(), 1);
     while k < n {
         let Some(ns) = gro::segment(segs[k]) else {
             break;
         };
-        if !gro::can_merge(segs[0], &fs, last, &ls, total, segs[k], &ns) {
+        if !gro::can_merge(segs[0], &fs, &ls, total, segs[k], &ns) {
             break;
         }
         total += ns.payload;
-        (last, ls) = (segs[k], ns);
+        ls = ns;
         k += 1;
     }
     let mut hdr = [0u8; gro::MAX_HEADERS];

@@ -6,7 +6,7 @@ use super::ip::{
     checksum, emit_ipv4_header, fold, pseudo_sum_v6, sum_words, InnerPacket, PROTO_ICMP,
     PROTO_ICMPV6,
 };
-use super::{Field, Malformed};
+use super::{ipv4, ipv6, Field, Malformed};
 use crate::buf::PacketBuf;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -47,6 +47,27 @@ pub mod field {
 /// Header length before the quoted packet (type, code, checksum, 4 bytes of the message).
 pub const HEADER_LEN: usize = 8;
 
+/// ICMP "destination unreachable" (RFC 792).
+pub const TYPE_DEST_UNREACHABLE: u8 = 3;
+/// Its code "fragmentation needed and DF set" (RFC 792, RFC 1191).
+pub const CODE_FRAG_NEEDED: u8 = 4;
+/// ICMPv6 "packet too big" (RFC 4443 section 3.2).
+pub const TYPE_V6_PACKET_TOO_BIG: u8 = 2;
+/// The 32-bit MTU of ICMPv6 "packet too big".
+const V6_MTU: Field = 4..8;
+
+/// Write an ICMP or ICMPv6 header of `ty` and `code` (the rest zero) into `h`.
+fn emit_header(h: &mut [u8], ty: u8, code: u8) {
+    h[..HEADER_LEN].fill(0);
+    h[field::TYPE] = ty;
+    h[field::CODE] = code;
+}
+
+/// Store `c` as the checksum of the ICMP message `m`.
+fn set_checksum(m: &mut [u8], c: u16) {
+    m[field::CHECKSUM].copy_from_slice(&c.to_be_bytes());
+}
+
 /// Whether an ICMP type is an error message (which quotes a packet, RFC 1812 section 4.3.2.7).
 pub fn is_icmpv4_error(ty: u8) -> bool {
     matches!(ty, 3 | 4 | 5 | 11 | 12)
@@ -63,7 +84,7 @@ pub fn frag_needed_v4(buf: &mut PacketBuf, src: Ipv4Addr, mtu: u16) -> Result<()
         || (p.protocol == PROTO_ICMP
             && buf
                 .as_slice()
-                .get(p.l4_offset)
+                .get(p.l4_offset + field::TYPE)
                 .is_some_and(|t| is_icmpv4_error(*t)))
         || orig_src.is_unspecified()
         || orig_src.is_multicast()
@@ -71,15 +92,16 @@ pub fn frag_needed_v4(buf: &mut PacketBuf, src: Ipv4Addr, mtu: u16) -> Result<()
     {
         return Err(NoIcmp::Forbidden);
     }
-    buf.truncate(ICMPV4_MAX_MESSAGE - 28);
-    let total = (buf.len() + 28) as u16;
-    let h = buf.push_front(28).ok_or(NoIcmp::Malformed)?;
-    emit_ipv4_header(&mut h[..20], src, orig_src, PROTO_ICMP, total);
-    let icmp = &mut h[20..28];
-    icmp.copy_from_slice(&[3, 4, 0, 0, 0, 0, 0, 0]);
-    icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
-    let c = checksum(&buf.as_slice()[20..]);
-    buf.as_mut_slice()[22..24].copy_from_slice(&c.to_be_bytes());
+    let head = ipv4::MIN_HEADER_LEN + HEADER_LEN;
+    buf.truncate(ICMPV4_MAX_MESSAGE - head);
+    let total = (buf.len() + head) as u16;
+    let h = buf.push_front(head).ok_or(NoIcmp::Malformed)?;
+    let (ip, icmp) = h.split_at_mut(ipv4::MIN_HEADER_LEN);
+    emit_ipv4_header(ip, src, orig_src, PROTO_ICMP, total);
+    emit_header(icmp, TYPE_DEST_UNREACHABLE, CODE_FRAG_NEEDED);
+    icmp[field::NEXT_HOP_MTU].copy_from_slice(&mtu.to_be_bytes());
+    let c = checksum(&buf.as_slice()[ipv4::MIN_HEADER_LEN..]);
+    set_checksum(&mut buf.as_mut_slice()[ipv4::MIN_HEADER_LEN..], c);
     Ok(())
 }
 
@@ -90,27 +112,29 @@ pub fn packet_too_big_v6(buf: &mut PacketBuf, src: Ipv6Addr, mtu: u32) -> Result
     let std::net::IpAddr::V6(orig_src) = p.src else {
         return Err(NoIcmp::Malformed);
     };
-    if (p.protocol == PROTO_ICMPV6 && buf.as_slice().get(40).is_some_and(|t| *t < 128))
+    // ICMPv6 types below 128 are errors (RFC 4443 section 2.1).
+    if (p.protocol == PROTO_ICMPV6
+        && buf
+            .as_slice()
+            .get(p.l4_offset + field::TYPE)
+            .is_some_and(|t| *t < 128))
         || orig_src.is_unspecified()
         || orig_src.is_multicast()
     {
         return Err(NoIcmp::Forbidden);
     }
-    buf.truncate(ICMPV6_MAX_MESSAGE - 48);
-    let payload_len = (buf.len() + 8) as u16;
-    let h = buf.push_front(48).ok_or(NoIcmp::Malformed)?;
-    h[..40].fill(0);
-    h[0] = 0x60;
-    h[4..6].copy_from_slice(&payload_len.to_be_bytes());
-    h[6] = PROTO_ICMPV6;
-    h[7] = 64;
-    h[8..24].copy_from_slice(&src.octets());
-    h[24..40].copy_from_slice(&orig_src.octets());
-    h[40..48].copy_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
-    h[44..48].copy_from_slice(&mtu.to_be_bytes());
+    buf.truncate(ICMPV6_MAX_MESSAGE - ipv6::HEADER_LEN - HEADER_LEN);
+    let payload_len = (buf.len() + HEADER_LEN) as u16;
+    let h = buf
+        .push_front(ipv6::HEADER_LEN + HEADER_LEN)
+        .ok_or(NoIcmp::Malformed)?;
+    let (ip, icmp) = h.split_at_mut(ipv6::HEADER_LEN);
+    ipv6::emit_header(ip, src, orig_src, PROTO_ICMPV6, payload_len);
+    emit_header(icmp, TYPE_V6_PACKET_TOO_BIG, 0);
+    icmp[V6_MTU].copy_from_slice(&mtu.to_be_bytes());
     let acc = pseudo_sum_v6(src, orig_src, PROTO_ICMPV6, u32::from(payload_len));
-    let c = fold(sum_words(acc, &buf.as_slice()[40..]));
-    buf.as_mut_slice()[42..44].copy_from_slice(&c.to_be_bytes());
+    let c = fold(sum_words(acc, &buf.as_slice()[ipv6::HEADER_LEN..]));
+    set_checksum(&mut buf.as_mut_slice()[ipv6::HEADER_LEN..], c);
     Ok(())
 }
 

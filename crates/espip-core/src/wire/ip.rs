@@ -1,7 +1,7 @@
 //! Inner IP packets: classification with etherparse, and the Internet checksum (RFC 1071).
 
 use super::Malformed;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr};
 
 /// IANA protocol number of ICMP.
 pub const PROTO_ICMP: u8 = 1;
@@ -119,32 +119,13 @@ pub fn pseudo_sum_v6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, len: u32) ->
     sum_words(acc, &[0, 0, 0, next_header])
 }
 
-/// Write a 20-byte IPv4 header without options into `h` (header checksum included).
-pub fn emit_ipv4_header(h: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, total: u16) {
-    h[..20].fill(0);
-    h[0] = 0x45;
-    h[2..4].copy_from_slice(&total.to_be_bytes());
-    h[8] = 64;
-    h[9] = protocol;
-    h[12..16].copy_from_slice(&src.octets());
-    h[16..20].copy_from_slice(&dst.octets());
-    let c = checksum(&h[..20]);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-}
-
-/// Write an 8-byte UDP header for `payload_len` bytes of payload into `h`. The checksum is
-/// left 0 ("not computed", allowed over IPv4; RFC 3948 section 3.1.1 sends ESP-in-UDP so).
-pub fn emit_udp_header(h: &mut [u8], src_port: u16, dst_port: u16, payload_len: usize) {
-    h[..8].fill(0);
-    h[0..2].copy_from_slice(&src_port.to_be_bytes());
-    h[2..4].copy_from_slice(&dst_port.to_be_bytes());
-    let len = (payload_len + 8).min(usize::from(u16::MAX)) as u16;
-    h[4..6].copy_from_slice(&len.to_be_bytes());
-}
+pub use super::ipv4::emit_header as emit_ipv4_header;
+pub use super::udp::emit_header as emit_udp_header;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     /// RFC 1071 section 3 example: the sum of 00 01 f2 03 f4 f5 f6 f7 is ddf2 (checksum 220d).
     #[test]

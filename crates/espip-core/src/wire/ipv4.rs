@@ -42,6 +42,19 @@ pub const DF: u16 = 0x4000;
 /// More Fragments.
 pub const MF: u16 = 0x2000;
 
+/// Write a 20-byte IPv4 header without options into `h` (TTL 64, header checksum included).
+pub fn emit_header(h: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, total: u16) {
+    h[..MIN_HEADER_LEN].fill(0);
+    h[field::VER_IHL] = 0x45;
+    h[field::TTL] = 64;
+    h[field::PROTOCOL] = protocol;
+    let mut p = Ipv4Packet::new_checked(&mut h[..MIN_HEADER_LEN]).expect("a header of 20 bytes");
+    p.set_total_len(total);
+    p.set_src(src);
+    p.set_dst(dst);
+    p.fill_checksum();
+}
+
 /// A view of an IPv4 packet.
 #[derive(Debug, Clone)]
 pub struct Ipv4Packet<T: AsRef<[u8]>> {
@@ -76,6 +89,11 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
     /// The total length field.
     pub fn total_len(&self) -> usize {
         usize::from(be16(self.buffer.as_ref(), field::LENGTH))
+    }
+
+    /// The identification field.
+    pub fn ident(&self) -> u16 {
+        be16(self.buffer.as_ref(), field::IDENT)
     }
 
     /// Flags and fragment offset (the raw 16 bits).

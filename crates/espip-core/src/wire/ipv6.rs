@@ -31,6 +31,19 @@ pub mod field {
 /// The fixed header's length.
 pub const HEADER_LEN: usize = 40;
 
+/// Write an IPv6 header (no traffic class or flow label, hop limit 64) into `h`.
+pub fn emit_header(h: &mut [u8], src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, payload_len: u16) {
+    h[..HEADER_LEN].fill(0);
+    h[0] = 0x60;
+    h[field::NEXT_HEADER] = next_header;
+    h[field::HOP_LIMIT] = 64;
+    h[field::SRC].copy_from_slice(&src.octets());
+    h[field::DST].copy_from_slice(&dst.octets());
+    Ipv6Packet::new_checked(&mut h[..HEADER_LEN])
+        .expect("a header of 40 bytes")
+        .set_payload_len(payload_len);
+}
+
 /// A view of an IPv6 packet.
 #[derive(Debug, Clone)]
 pub struct Ipv6Packet<T: AsRef<[u8]>> {

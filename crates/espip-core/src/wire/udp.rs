@@ -18,6 +18,18 @@ pub mod field {
 /// The header's length.
 pub const HEADER_LEN: usize = 8;
 
+/// Write a UDP header for `payload_len` bytes of payload into `h`. The checksum is left 0
+/// ("not computed", allowed over IPv4; RFC 3948 section 3.1.1 sends ESP-in-UDP so).
+pub fn emit_header(h: &mut [u8], src_port: u16, dst_port: u16, payload_len: usize) {
+    h[..HEADER_LEN].fill(0);
+    h[field::SRC_PORT].copy_from_slice(&src_port.to_be_bytes());
+    h[field::DST_PORT].copy_from_slice(&dst_port.to_be_bytes());
+    let len = (payload_len + HEADER_LEN).min(usize::from(u16::MAX)) as u16;
+    UdpPacket::new_checked(&mut h[..HEADER_LEN])
+        .expect("a header of 8 bytes")
+        .set_len(len);
+}
+
 /// A view of a UDP datagram.
 #[derive(Debug, Clone)]
 pub struct UdpPacket<T: AsRef<[u8]>> {
