@@ -1,7 +1,7 @@
 //! The pure packet core: verdicts for packets, no I/O, time passed in.
 //!
 //! Outbound (TUN -> wire), one call per packet read from the TUN:
-//! 1. classify the inner packet (IPv4/IPv6 header, etherparse);
+//! 1. classify the inner packet (its IPv4/IPv6 header, `wire::ip::InnerPacket`);
 //! 2. policy: longest-prefix match of the inner destination over every peer's `allowed_ips`;
 //! 3. MTU: a packet above the tunnel MTU with DF (or any IPv6 packet) becomes an ICMP "too big"
 //!    written back into the TUN;

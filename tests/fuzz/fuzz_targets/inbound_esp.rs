@@ -36,7 +36,11 @@ fuzz_target!(|data: &[u8]| {
                 continue;
             }
             let seq = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as u64;
-            let t = if tag & 8 == 0 { &mut twin } else { &mut twin_udp };
+            let t = if tag & 8 == 0 {
+                &mut twin
+            } else {
+                &mut twin_udp
+            };
             t.set_next_seq(seq.max(1));
             let mut p = PacketBuf::from_slice(&bytes[5..]);
             if t.encapsulate(&mut p, bytes[4]).is_err() {
@@ -61,7 +65,10 @@ fuzz_target!(|data: &[u8]| {
                         || (matches!(s, std::net::IpAddr::V6(a) if a.segments()[..4] == [0xfd00, 0, 0, 0])),
                     "delivered a packet from {s}"
                 );
-                assert_eq!(src, esp_peer, "delivered a packet from the wrong outer source");
+                assert_eq!(
+                    src, esp_peer,
+                    "delivered a packet from the wrong outer source"
+                );
             } else {
                 assert!(
                     matches!(s, std::net::IpAddr::V4(a) if a.octets()[..2] == [10, 6]),

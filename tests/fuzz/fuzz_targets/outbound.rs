@@ -32,7 +32,9 @@ fuzz_target!(|data: &[u8]| {
                     (dst.port(), dst.ip().to_string().as_str()),
                     (4500, UDP_PEER)
                 );
-                let opened = peer_udp.decapsulate(&mut buf).expect("our ESP in UDP decrypts");
+                let opened = peer_udp
+                    .decapsulate(&mut buf)
+                    .expect("our ESP in UDP decrypts");
                 assert!(opened.next_header == 4 || opened.next_header == 41);
                 assert!(bytes.starts_with(buf.as_slice()), "plaintext differs");
             }

@@ -1,12 +1,13 @@
-//! Inner IP packets: classification with etherparse, and the Internet checksum (RFC 1071).
+//! Inner IP packets: classification (through the IPv4 and IPv6 views), and the Internet
+//! checksum (RFC 1071).
 
 use super::Malformed;
 use std::net::{IpAddr, Ipv6Addr};
 
 /// IANA protocol number of ICMP.
 pub const PROTO_ICMP: u8 = 1;
-/// IANA protocol number of IPv4-in-IPv4 (RFC 2003). etherparse's `IpNumber::IPIP` is 94, a
-/// different protocol; RFC 2003 is `IpNumber::IPV4`.
+/// IANA protocol number of IPv4-in-IPv4 (RFC 2003). Not 94, "IP-within-IP", a different
+/// protocol that some libraries call IPIP.
 pub const PROTO_IPIP: u8 = 4;
 /// IANA protocol number of IPv6 encapsulation (RFC 2473 / RFC 4213), used for IPv6 in IPv4.
 pub const PROTO_IPV6: u8 = 41;
@@ -44,36 +45,36 @@ impl InnerPacket {
     pub fn parse(bytes: &[u8]) -> Result<Self, Malformed> {
         match bytes.first().map(|b| b >> 4) {
             Some(4) => {
-                let h = etherparse::Ipv4HeaderSlice::from_slice(bytes).map_err(|_| Malformed)?;
-                let total_len = usize::from(h.total_len());
-                let ihl = usize::from(h.ihl()) * 4;
+                let h = super::ipv4::Ipv4Packet::new_checked(bytes)?;
+                let total_len = h.total_len();
+                let ihl = h.header_len();
                 if total_len < ihl || total_len > bytes.len() {
                     return Err(Malformed);
                 }
                 Ok(InnerPacket {
-                    src: IpAddr::V4(h.source_addr()),
-                    dst: IpAddr::V4(h.destination_addr()),
+                    src: IpAddr::V4(h.src()),
+                    dst: IpAddr::V4(h.dst()),
                     total_len,
-                    dont_fragment: h.dont_fragment(),
-                    later_fragment: h.fragments_offset().value() != 0,
-                    protocol: h.protocol().0,
+                    dont_fragment: h.flags_offset() & super::ipv4::DF != 0,
+                    later_fragment: h.is_later_fragment(),
+                    protocol: h.protocol(),
                     l4_offset: ihl,
                 })
             }
             Some(6) => {
-                let h = etherparse::Ipv6HeaderSlice::from_slice(bytes).map_err(|_| Malformed)?;
-                let total_len = 40 + usize::from(h.payload_length());
+                let h = super::ipv6::Ipv6Packet::new_checked(bytes)?;
+                let total_len = super::ipv6::HEADER_LEN + h.payload_len();
                 if total_len > bytes.len() {
                     return Err(Malformed);
                 }
                 Ok(InnerPacket {
-                    src: IpAddr::V6(h.source_addr()),
-                    dst: IpAddr::V6(h.destination_addr()),
+                    src: IpAddr::V6(h.src()),
+                    dst: IpAddr::V6(h.dst()),
                     total_len,
                     dont_fragment: true,
                     later_fragment: false,
-                    protocol: h.next_header().0,
-                    l4_offset: 40,
+                    protocol: h.next_header(),
+                    l4_offset: super::ipv6::HEADER_LEN,
                 })
             }
             _ => Err(Malformed),
