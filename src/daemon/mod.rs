@@ -193,51 +193,14 @@ pub fn run(cfg: Config, path: Option<&std::path::Path>) -> Result<(), DaemonErro
     let mut res = Resources::acquire(&cfg, &rt)?;
 
     // 2. Spawn.
-    let stop = Arc::new(
-        EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-            .map_err(|e| DaemonError::Os("eventfd", e.into()))?,
-    );
-    let edge = Arc::new(EdgeStats::default());
-    let clock = Instant::now();
-    let started = SystemTime::now();
     let cfg = Arc::new(cfg);
-    let current = Arc::new(arc_swap::ArcSwap::from_pointee(Generation {
-        cfg: cfg.clone(),
-        outbound: res.outbound.take().expect("acquired"),
-        sent_from: sent_from(&cfg, &res.sources),
-        sources: res.sources.clone(),
-        number: 1,
-    }));
-    let handoff = Arc::new(InboundHandoff::default());
-    let handles = EdgeHandles {
-        tun: res.tun.clone(),
-        sockets: res.sockets.clone(),
-        udp: res.udp.clone(),
-        stop,
-        edge: edge.clone(),
-        current: current.clone(),
-        handoff: handoff.clone(),
-    };
-    let recorder = || res.taps.as_ref().map_or_else(Recorder::off, Taps::recorder);
-    let (workers, mut ended) = Workers::spawn(
-        handles,
-        res.inbound.take().expect("acquired"),
-        (recorder(), recorder()),
-        clock,
-    )
-    .map_err(|e| DaemonError::Os("spawn the data-path threads", e))?;
-    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(1);
-    let live = Arc::new(Live {
-        current,
-        mtu: res.mtu,
-        stats: res.stats.clone(),
-        edge: edge.clone(),
-        capture: res.taps.as_ref().map(|t| (t.stats(), t.paths().to_vec())),
-        reload: Some(reload_tx),
-        clock,
-        started,
-        socket_inodes: res.socket_inodes(),
-    });
+    let Running {
+        workers,
+        mut ended,
+        live,
+        handoff,
+        mut reload_rx,
+    } = spawn(&mut res, cfg.clone())?;
     if let Some(t) = &res.taps {
         info!(files = %t.paths().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" "), "capture taps on");
     }
@@ -275,9 +238,78 @@ pub fn run(cfg: Config, path: Option<&std::path::Path>) -> Result<(), DaemonErro
     if let Some(t) = res.taps.take() {
         t.finish();
     }
-    serve::log_summary(&live.current.load(), &res.stats, &edge);
+    serve::log_summary(&live.current.load(), &res.stats, &live.edge);
     drop(res);
     info!(interface = %cfg.interface.name, "stopped; TUN device and its routes removed");
+    outcome(stopped, failed)
+}
+
+/// What the spawn phase hands to the serving phase.
+struct Running {
+    workers: Workers,
+    ended: tokio::sync::mpsc::UnboundedReceiver<workers::Ended>,
+    live: Arc<Live>,
+    handoff: Arc<InboundHandoff>,
+    reload_rx: tokio::sync::mpsc::Receiver<crate::control::ReloadRequest>,
+}
+
+/// Phase 2: the first generation of the data path, its threads, and the control side's view.
+fn spawn(res: &mut Resources, cfg: Arc<Config>) -> Result<Running, DaemonError> {
+    let stop = Arc::new(
+        EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| DaemonError::Os("eventfd", e.into()))?,
+    );
+    let edge = Arc::new(EdgeStats::default());
+    let clock = Instant::now();
+    let started = SystemTime::now();
+    let current = Arc::new(arc_swap::ArcSwap::from_pointee(Generation {
+        sent_from: sent_from(&cfg, &res.sources),
+        sources: res.sources.clone(),
+        outbound: res.outbound.take().expect("acquired"),
+        cfg,
+        number: 1,
+    }));
+    let handoff = Arc::new(InboundHandoff::default());
+    let handles = EdgeHandles {
+        tun: res.tun.clone(),
+        sockets: res.sockets.clone(),
+        udp: res.udp.clone(),
+        stop,
+        edge: edge.clone(),
+        current: current.clone(),
+        handoff: handoff.clone(),
+    };
+    let recorder = || res.taps.as_ref().map_or_else(Recorder::off, Taps::recorder);
+    let (workers, ended) = Workers::spawn(
+        handles,
+        res.inbound.take().expect("acquired"),
+        (recorder(), recorder()),
+        clock,
+    )
+    .map_err(|e| DaemonError::Os("spawn the data-path threads", e))?;
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    let live = Arc::new(Live {
+        current,
+        mtu: res.mtu,
+        stats: res.stats.clone(),
+        edge,
+        capture: res.taps.as_ref().map(|t| (t.stats(), t.paths().to_vec())),
+        reload: Some(reload_tx),
+        clock,
+        started,
+        socket_inodes: res.socket_inodes(),
+    });
+    Ok(Running {
+        workers,
+        ended,
+        live,
+        handoff,
+        reload_rx,
+    })
+}
+
+/// The daemon's result from why serving stopped and which threads failed.
+fn outcome(stopped: io::Result<Stop>, failed: Vec<String>) -> Result<(), DaemonError> {
     match stopped {
         Ok(Stop::Signal(_)) if failed.is_empty() => Ok(()),
         Ok(Stop::Worker(w)) => Err(DaemonError::Worker(
