@@ -344,6 +344,12 @@ fn tshark_version() -> Option<String> {
     Some(format!("tshark {version}"))
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OuterArg {
+    Ipv4,
+    Ipv6,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum ModeArg {
     Esp,
@@ -398,6 +404,10 @@ enum LabCmd {
         /// Use 64-bit extended sequence numbers.
         #[arg(long)]
         esn: bool,
+        /// The underlay: ipv4 (192.0.2.1 - .2) or ipv6 (2001:db8:2::1 - ::2; ESP as next
+        /// header 50, ESP in UDP/IPv6, IPv4 in IPv6).
+        #[arg(long, value_enum, default_value = "ipv4")]
+        outer: OuterArg,
         /// Size of the TCP transfer in MB.
         #[arg(long, default_value_t = 50)]
         megabytes: u64,
@@ -619,6 +629,7 @@ fn real_main() -> Result<()> {
                 cipher,
                 esn,
                 megabytes,
+                outer,
             } => {
                 let mode = match mode {
                     ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
@@ -634,6 +645,7 @@ fn real_main() -> Result<()> {
                     mode,
                     megabytes: megabytes_arg(megabytes)?,
                     esn,
+                    outer_v6: outer == OuterArg::Ipv6,
                     run: common.run()?,
                 };
                 finish(espip::lab::p2p::run(&opts)?);

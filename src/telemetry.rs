@@ -63,19 +63,22 @@ pub struct Generation {
     pub outbound: crate::datapath::Outbound,
     /// The outer source address of each peer (configured or routed), in peer order.
     pub sources: Vec<std::net::IpAddr>,
-    /// (endpoint, source) of every IPv4 peer, for the outer tap's synthesised headers.
-    pub sent_from: Vec<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
+    /// (endpoint, source) of every peer, for the outer tap's synthesised headers.
+    pub sent_from: Vec<(std::net::IpAddr, std::net::IpAddr)>,
     /// 1 at start, one more per reload.
     pub number: u64,
 }
 
 impl Generation {
     /// The source address the outer tap shows for packets to (or from) `endpoint`.
-    pub fn source_for(&self, endpoint: &std::net::Ipv4Addr) -> std::net::Ipv4Addr {
-        self.sent_from
-            .iter()
-            .find(|(ep, _)| ep == endpoint)
-            .map_or(std::net::Ipv4Addr::UNSPECIFIED, |(_, s)| *s)
+    pub fn source_for(&self, endpoint: &std::net::IpAddr) -> std::net::IpAddr {
+        self.sent_from.iter().find(|(ep, _)| ep == endpoint).map_or(
+            match endpoint {
+                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            },
+            |(_, s)| *s,
+        )
     }
 }
 

@@ -560,10 +560,14 @@ fn esp_in_udp_costs_eight_bytes_of_mtu() {
         udp_port,
     };
     // 1500 - 20 - 8 (SPI, seq) - 8 (IV) - 16 (ICV) = 1448, 4-aligned, minus the 2-byte trailer.
-    assert_eq!(datapath::inner_mtu(1500, &esp(None)), 1446);
+    assert_eq!(datapath::inner_mtu(1500, &esp(None), false), 1446);
+    // An IPv6 outer header is 20 bytes longer.
+    assert_eq!(datapath::inner_mtu(1500, &esp(None), true), 1426);
+    assert_eq!(datapath::inner_mtu(1500, &esp(Some(4500)), true), 1418);
+    assert_eq!(datapath::inner_mtu(1500, &EncapSpec::IpIp, true), 1460);
     // 8 bytes of UDP: 1440 - 2.
-    assert_eq!(datapath::inner_mtu(1500, &esp(Some(4500))), 1438);
-    assert_eq!(datapath::inner_mtu(1500, &EncapSpec::IpIp), 1480);
+    assert_eq!(datapath::inner_mtu(1500, &esp(Some(4500)), false), 1438);
+    assert_eq!(datapath::inner_mtu(1500, &EncapSpec::IpIp, false), 1480);
 }
 
 /// NAT traversal: after an authenticated datagram from another source port, the peer's packets

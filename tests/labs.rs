@@ -26,6 +26,26 @@ fn p2p_esp_chacha20_50mb() {
     lab(&["--cipher", "chacha20-poly1305", "--megabytes", "50"]);
 }
 
+/// The IPv6 underlay, every mode: ESP as IPv6 next header 50, ESP in UDP over IPv6, IPv4 in
+/// IPv6 (next header 4); the lab's own checks (transfer hash, only the tunnel's protocol
+/// between the two IPv6 addresses on the wire, no plaintext, clean stop) and the tunnel MTU
+/// 20 bytes smaller than over IPv4.
+#[test]
+fn p2p_over_an_ipv6_underlay_every_mode() {
+    let Some(_g) = serial() else { return };
+    for (mode, want, mtu) in [
+        ("esp", "only protocol 50", "mtu 1426"),
+        ("esp-udp", "only UDP 4500 -> 4500", "mtu 1418"),
+        ("ipip", "only protocol 4", "mtu 1460"),
+    ] {
+        let t = lab(&["--mode", mode, "--outer", "ipv6", "--megabytes", "20"]);
+        assert!(
+            t.contains("over IPv6") && t.contains(want) && t.contains(mtu),
+            "{t}"
+        );
+    }
+}
+
 #[test]
 fn p2p_ipip_50mb() {
     let Some(_g) = serial() else { return };

@@ -122,21 +122,23 @@ fn address(a: &str) -> Result<IfAddr, ConfigError> {
     Ok(IfAddr { addr, len })
 }
 
-/// `local`: an IPv4 address (whether this host has it is checked by `check` and `run`).
+/// `local`: an IPv4 or IPv6 address (whether this host has it is checked by `check` and
+/// `run`). It is the source of the peers whose endpoint is of its family; peers of the other
+/// family get the source routing picks.
 fn local(raw: Option<String>) -> Result<Option<IpAddr>, ConfigError> {
     let Some(l) = raw else { return Ok(None) };
     let ip = l.trim().parse::<IpAddr>().map_err(|_| {
         invalid(
             "interface.local",
             format!("{l:?}"),
-            "an IP address of this host, e.g. \"192.0.2.1\"",
+            "an IP address of this host, e.g. \"192.0.2.1\" or \"2001:db8::1\"",
         )
     })?;
-    if ip.is_ipv6() {
+    if ip.is_unspecified() || ip.is_multicast() {
         return Err(invalid(
             "interface.local",
             ip,
-            "an IPv4 address: the outer (underlay) side is IPv4 in this version",
+            "a unicast address of this host (leave local out to let routing choose)",
         ));
     }
     Ok(Some(ip))

@@ -590,6 +590,21 @@ key_in = "{KEY16B}"
                 ..
             }
         ));
+        // IPv6 endpoints, with a port in brackets for esp-udp; the mapped form is refused.
+        let c = Config::parse(
+            &udp.replace("\"192.0.2.2\"", "\"[2001:db8::2]:14500\""),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(c.peers[0].endpoint.to_string(), "2001:db8::2");
+        let c = Config::parse(
+            &base("").replace("\"192.0.2.2\"", "\"2001:db8::2\""),
+            Path::new("."),
+        )
+        .unwrap();
+        assert!(c.peers[0].endpoint.is_ipv6());
+        let e = err(&base("").replace("\"192.0.2.2\"", "\"::ffff:192.0.2.2\""));
+        assert!(e.contains("IPv4 address itself"), "{e}");
         let e = err(&base("").replace("\"192.0.2.2\"", "\"192.0.2.2:4500\""));
         assert!(e.contains("endpoint") && e.contains("esp-udp"), "{e}");
         let e = err(&udp.replace("\"192.0.2.2\"", "\"192.0.2.2:0\""));

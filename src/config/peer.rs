@@ -95,7 +95,8 @@ pub(super) fn peer(
     })
 }
 
-/// `endpoint`: an IPv4 unicast address, with a port only for ESP in UDP.
+/// `endpoint`: an IPv4 or IPv6 unicast address, with a port only for ESP in UDP
+/// (`"[2001:db8::2]:4500"` for IPv6).
 fn endpoint(
     raw: &str,
     mode: Mode,
@@ -110,7 +111,7 @@ fn endpoint(
                 invalid(
                     k("endpoint"),
                     &shown,
-                    "the peer's outer IPv4 address, e.g. \"192.0.2.2\" (with mode = \"esp-udp\" optionally a port: \"192.0.2.2:4500\")",
+                    "the peer's outer IPv4 or IPv6 address, e.g. \"192.0.2.2\" or \"2001:db8::2\" (with mode = \"esp-udp\" optionally a port: \"192.0.2.2:4500\", \"[2001:db8::2]:4500\")",
                 )
             })?,
             None,
@@ -130,11 +131,12 @@ fn endpoint(
             "a UDP port from 1 to 65535 (4500 if left out)",
         ));
     }
-    if endpoint.is_ipv6() {
+    let mapped = matches!(endpoint, IpAddr::V6(a) if a.to_ipv4_mapped().is_some());
+    if mapped {
         return Err(invalid(
             k("endpoint"),
             endpoint,
-            "an IPv4 address: the outer (underlay) side is IPv4 in this version",
+            "the IPv4 address itself, not its IPv4-mapped IPv6 form",
         ));
     }
     if endpoint.is_unspecified() || endpoint.is_multicast() {

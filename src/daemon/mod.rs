@@ -39,7 +39,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use serve::Stop;
 use setup::Resources;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tracing::{debug, info, warn};
@@ -148,7 +148,7 @@ pub fn tunnel_mtu(cfg: &Config) -> Result<u16, DaemonError> {
                 source,
             }
         })?;
-        mtu = mtu.min(datapath::inner_mtu(path, &p.encap));
+        mtu = mtu.min(datapath::inner_mtu(path, &p.encap, p.endpoint.is_ipv6()));
     }
     let floor = if cfg.interface.addresses.iter().any(|a| a.addr.is_ipv6()) {
         crate::config::MIN_MTU_V6
@@ -325,14 +325,11 @@ fn outcome(stopped: io::Result<Stop>, failed: Vec<String>) -> Result<(), DaemonE
     }
 }
 
-/// (endpoint, source) of every IPv4 peer, for the outer tap's synthesised headers.
-fn sent_from(cfg: &Config, sources: &[IpAddr]) -> Vec<(Ipv4Addr, Ipv4Addr)> {
+/// (endpoint, source) of every peer, for the outer tap's synthesised headers.
+fn sent_from(cfg: &Config, sources: &[IpAddr]) -> Vec<(IpAddr, IpAddr)> {
     cfg.peers
         .iter()
         .zip(sources)
-        .filter_map(|(p, s)| match (p.endpoint, s) {
-            (IpAddr::V4(e), IpAddr::V4(s)) => Some((e, *s)),
-            _ => None,
-        })
+        .map(|(p, s)| (p.endpoint, *s))
         .collect()
 }

@@ -30,6 +30,7 @@ use crate::datapath::{self, EncapSpec, TunnelSpec};
 use crate::prefix::Prefix;
 use crate::sys::seqstore::SeqStore;
 use crate::telemetry::{Generation, InboundHandoff};
+use crate::wire::ip::{PROTO_ESP, PROTO_IPIP, PROTO_UDP};
 use std::collections::HashSet;
 use std::fs::File;
 use std::sync::Arc;
@@ -45,8 +46,8 @@ pub(super) struct Reloader<'a> {
     pub handoff: &'a InboundHandoff,
     /// Routes espip added to the TUN (only these are ever removed).
     pub routes: &'a mut Vec<Prefix>,
-    /// Transports with a socket: (ESP as protocol 50, IP-in-IP, ESP in UDP).
-    pub transports: (bool, bool, bool),
+    /// Transports with a socket: (IPv6, protocol 50, 4 or 17).
+    pub transports: Vec<(bool, u8)>,
 }
 
 impl Reloader<'_> {
@@ -149,19 +150,20 @@ impl Reloader<'_> {
         if old.metrics != new.metrics {
             return restart("[metrics]");
         }
-        let (esp, ipip, udp) = self.transports;
         for p in &new.peers {
-            let (needed, what) = match p.encap {
+            let (protocol, what) = match p.encap {
                 EncapSpec::Esp {
                     udp_port: Some(_), ..
-                } => (udp, "esp-udp (the ESP-in-UDP socket)"),
-                EncapSpec::Esp { .. } => (esp, "esp (a raw socket for protocol 50)"),
-                EncapSpec::IpIp => (ipip, "ipip (raw sockets for protocols 4 and 41)"),
+                } => (PROTO_UDP, "esp-udp (the ESP-in-UDP socket)"),
+                EncapSpec::Esp { .. } => (PROTO_ESP, "esp (a raw socket for protocol 50)"),
+                EncapSpec::IpIp => (PROTO_IPIP, "ipip (raw sockets for protocols 4 and 41)"),
             };
-            if !needed {
+            let v6 = p.endpoint.is_ipv6();
+            if !self.transports.contains(&(v6, protocol)) {
                 return Err(format!(
-                    "peer {:?} uses mode {what}, which no peer used at start: restart espip to open it",
-                    p.name
+                    "peer {:?} uses mode {what} over {}, which no peer used at start: restart espip to open it",
+                    p.name,
+                    if v6 { "IPv6" } else { "IPv4" }
                 ));
             }
         }

@@ -23,7 +23,7 @@ use crate::telemetry::{EdgeStats, Generation, RateLimit};
 use crate::wire::ip::PROTO_UDP;
 use nix::poll::{PollFd, PollFlags};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
@@ -32,6 +32,10 @@ use tracing::{debug, warn};
 /// Messages per `recvmmsg` on the ESP-in-UDP socket; each may carry a coalesced train of up
 /// to 64 KB, split into [`BATCH`]-sized batches for the core.
 pub(super) const UDP_MSGS: usize = 8;
+
+/// Descriptors polled: the stop eventfd, the raw sockets (50; 4 and 41; over IPv4 and IPv6:
+/// at most six) and a UDP socket per family.
+const POLL_SLOTS: usize = 9;
 
 /// The outer source and protocol of a received packet (`None`: its outer header was bad).
 pub(super) type Origin = Option<(IpAddr, u8)>;
@@ -42,6 +46,8 @@ struct RxBufs {
     bufs: Vec<PacketBuf>,
     /// Outer source and protocol of each packet of the batch.
     origin: [Origin; BATCH],
+    /// The sender of each packet from an IPv6 raw socket (from the message's address).
+    from: [Option<IpAddr>; BATCH],
     /// The UDP source port of each packet of a batch from the ESP-in-UDP socket.
     ports: [u16; BATCH],
     /// Messages of one `recvmmsg` on the UDP socket (each may be a GRO train).
@@ -55,6 +61,7 @@ impl RxBufs {
         RxBufs {
             bufs: (0..BATCH).map(|_| PacketBuf::new(MAX_PACKET)).collect(),
             origin: [None; BATCH],
+            from: [None; BATCH],
             ports: [0; BATCH],
             wire: if udp {
                 (0..UDP_MSGS).map(|_| PacketBuf::new(MAX_PACKET)).collect()
@@ -62,7 +69,7 @@ impl RxBufs {
                 Vec::new()
             },
             meta: [crate::sys::udp::Received {
-                from: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+                from: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
                 segment: 0,
                 truncated: false,
             }; UDP_MSGS],
@@ -71,7 +78,7 @@ impl RxBufs {
 }
 
 pub(super) fn rx_loop(mut inb: Inbound, e: &Edges, rec: &mut Recorder, clock: Instant) {
-    let mut b = RxBufs::new(e.udp.is_some());
+    let mut b = RxBufs::new(!e.udp.is_empty());
     let mut rx = RxState {
         inb: &mut inb,
         gen: e.current.load_full(),
@@ -80,17 +87,18 @@ pub(super) fn rx_loop(mut inb: Inbound, e: &Edges, rec: &mut Recorder, clock: In
     };
     let panic_hook = super::workers::debug_panic_requested("rx");
     loop {
-        // The stop eventfd, up to three raw sockets and the UDP socket, on the stack (no
-        // allocation per wake-up); unused slots repeat the eventfd and are not polled.
+        // The stop eventfd, up to three raw sockets and a UDP socket per address family, on
+        // the stack (no allocation per wake-up); unused slots repeat the eventfd and are not
+        // polled.
         let pollin = |fd| PollFd::new(fd, PollFlags::POLLIN);
-        let mut fds: [PollFd; 5] = std::array::from_fn(|_| pollin(e.stop.as_fd()));
+        let mut fds: [PollFd; POLL_SLOTS] = std::array::from_fn(|_| pollin(e.stop.as_fd()));
         let mut count = 1;
         for fd in e
             .sockets
             .iter()
             .map(|s| s.as_fd())
-            .chain(e.udp.map(|u| u.as_fd()))
-            .take(4)
+            .chain(e.udp.iter().map(|u| u.as_fd()))
+            .take(POLL_SLOTS - 1)
         {
             fds[count] = pollin(fd);
             count += 1;
@@ -109,7 +117,7 @@ pub(super) fn rx_loop(mut inb: Inbound, e: &Edges, rec: &mut Recorder, clock: In
             *rx.inb = next;
         }
         rx.gen = e.current.load_full();
-        let mut ready = [false; 5];
+        let mut ready = [false; POLL_SLOTS];
         for (r, f) in ready.iter_mut().zip(&fds[1..]) {
             *r = f.revents().is_some_and(|r| r.intersects(PollFlags::POLLIN));
         }
@@ -117,7 +125,12 @@ pub(super) fn rx_loop(mut inb: Inbound, e: &Edges, rec: &mut Recorder, clock: In
         for (s, _) in e.sockets.iter().zip(ready).filter(|(_, r)| *r) {
             drain_raw(s, &mut b, &mut rx, rec, now);
         }
-        if let (Some(u), true) = (e.udp, ready[e.sockets.len()]) {
+        for (u, _) in e
+            .udp
+            .iter()
+            .zip(&ready[e.sockets.len()..])
+            .filter(|(_, r)| **r)
+        {
             drain_udp(u, &mut b, &mut rx, rec, now);
         }
     }
@@ -126,7 +139,7 @@ pub(super) fn rx_loop(mut inb: Inbound, e: &Edges, rec: &mut Recorder, clock: In
 /// Receive from a raw socket until it is empty, a batch at a time.
 fn drain_raw(s: &RawSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recorder, now: u64) {
     loop {
-        let n = match s.recv_batch(&mut b.bufs) {
+        let n = match s.recv_batch(&mut b.bufs, &mut b.from) {
             Ok(n) => n,
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
             Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
@@ -136,9 +149,17 @@ fn drain_raw(s: &RawSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recorder
             }
         };
         rec.begin_batch();
-        for (buf, o) in b.bufs[..n].iter_mut().zip(b.origin.iter_mut()) {
-            rec.record(Tap::Outer, buf.as_slice());
-            *o = strip_ipv4_header(buf);
+        for ((buf, o), from) in b.bufs[..n].iter_mut().zip(b.origin.iter_mut()).zip(&b.from) {
+            *o = if s.is_v6() {
+                // The kernel removed the IPv6 header; the tap shows it rebuilt.
+                from.map(|src| {
+                    rec.record_outer(src, rx.gen.source_for(&src), s.protocol(), buf.as_slice());
+                    (src, s.protocol())
+                })
+            } else {
+                rec.record(Tap::Outer, buf.as_slice());
+                strip_ipv4_header(buf)
+            };
             if o.is_none() {
                 rx.e.edge.bad_outer.fetch_add(1, Relaxed);
             }
@@ -175,7 +196,7 @@ fn drain_udp(u: &UdpEncapSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Rec
             if r.segment < w.len() {
                 e.edge.udp_gro_receives.fetch_add(1, Relaxed);
             }
-            let here = SocketAddrV4::new(rx.gen.source_for(r.from.ip()), u.port());
+            let here = SocketAddr::new(rx.gen.source_for(&r.from.ip()), u.port());
             // A coalesced train: each datagram becomes its own packet for the core (an empty
             // datagram too: the core counts it malformed).
             let whole = w.as_slice();
@@ -186,7 +207,7 @@ fn drain_udp(u: &UdpEncapSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Rec
                 buf.reset();
                 buf.read_area()[..d.len()].copy_from_slice(d);
                 buf.set_len(d.len());
-                b.origin[n] = Some((IpAddr::V4(*r.from.ip()), PROTO_UDP));
+                b.origin[n] = Some((r.from.ip(), PROTO_UDP));
                 b.ports[n] = r.from.port();
                 n += 1;
                 if n == BATCH {

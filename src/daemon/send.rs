@@ -8,7 +8,7 @@ use crate::datapath::{Verdict, Wire};
 use crate::sys::capture::{Recorder, Tap};
 use crate::telemetry::Generation;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Wrap the packets of a batch that are for another peer (hub relaying) and send them.
@@ -47,7 +47,6 @@ pub(super) fn send_verdicts(
     g: &Generation,
     rec: &mut Recorder,
 ) -> Option<io::Error> {
-    let source = |dst: &Ipv4Addr| g.source_for(dst);
     let wires = || {
         bufs.iter().zip(verdicts).filter_map(|(b, v)| match v {
             Some(Verdict::Send(w)) => Some((b, *w)),
@@ -56,32 +55,29 @@ pub(super) fn send_verdicts(
     };
     if rec.wants(Tap::Outer) {
         for (b, w) in wires() {
-            match (w, w.dst_ip()) {
-                (
-                    Wire::EspInUdp {
-                        dst: SocketAddr::V4(dst),
-                    },
-                    _,
-                ) => {
-                    let from = SocketAddrV4::new(source(dst.ip()), e.udp.map_or(0, |u| u.port()));
+            let dst = w.dst_ip();
+            match w {
+                Wire::EspInUdp { dst } => {
+                    let port = e
+                        .udp
+                        .iter()
+                        .find(|u| u.is_v6() == dst.is_ipv6())
+                        .map_or(0, |u| u.port());
+                    let from = SocketAddr::new(g.source_for(&dst.ip()), port);
                     rec.record_udp(from, dst, b.as_slice());
                 }
-                (Wire::EspInUdp { .. }, _) => {}
-                (w, IpAddr::V4(dst)) => {
-                    rec.record_sent(source(&dst), dst, w.protocol(), b.as_slice())
-                }
-                _ => {}
+                w => rec.record_outer(g.source_for(&dst), dst, w.protocol(), b.as_slice()),
             }
         }
     }
     let mut last_err = None;
     for s in e.sockets {
-        let proto = s.protocol();
-        // A raw socket carries one protocol (50, 4 or 41; never 17) over IPv4.
+        let (proto, v6) = (s.protocol(), s.is_v6());
+        // A raw socket carries one protocol (50, 4 or 41; never 17) over one IP version.
         let pending = || {
-            wires().filter_map(move |(b, w)| match w.dst_ip() {
-                IpAddr::V4(dst) if w.protocol() == proto => Some((b.as_slice(), dst)),
-                _ => None,
+            wires().filter_map(move |(b, w)| {
+                let dst = w.dst_ip();
+                (w.protocol() == proto && dst.is_ipv6() == v6).then(|| (b.as_slice(), dst))
             })
         };
         let want = pending().count();
@@ -100,16 +96,15 @@ pub(super) fn send_verdicts(
             }
         }
     }
-    if let Some(u) = e.udp {
-        let mut items = [(&[][..], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); TX_BUFS];
+    for u in e.udp {
+        let mut items = [(&[][..], SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)); TX_BUFS];
         let mut want = 0;
         for (b, w) in wires() {
-            if let Wire::EspInUdp {
-                dst: SocketAddr::V4(dst),
-            } = w
-            {
-                items[want] = (b.as_slice(), dst);
-                want += 1;
+            if let Wire::EspInUdp { dst } = w {
+                if dst.is_ipv6() == u.is_v6() {
+                    items[want] = (b.as_slice(), dst);
+                    want += 1;
+                }
             }
         }
         if want > 0 {

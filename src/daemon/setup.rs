@@ -23,7 +23,7 @@ use crate::sys::seqstore::SeqStore;
 use crate::sys::sysctl::Sysctls;
 use crate::sys::tun::Tun;
 use crate::sys::udp::UdpEncapSocket;
-use crate::wire::ip::{PROTO_ESP, PROTO_IPIP, PROTO_IPV6};
+use crate::wire::ip::{PROTO_ESP, PROTO_IPIP, PROTO_IPV6, PROTO_UDP};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -42,8 +42,8 @@ pub(super) struct Resources {
     pub control: ControlSocket,
     /// Raw IP sockets, one per protocol in use.
     pub sockets: Arc<Vec<RawSocket>>,
-    /// The ESP-in-UDP socket, if any peer uses it.
-    pub udp: Arc<Option<UdpEncapSocket>>,
+    /// The ESP-in-UDP sockets (one per IP version the esp-udp peers use).
+    pub udp: Arc<Vec<UdpEncapSocket>>,
     /// The metrics listener, until the serving phase takes it.
     pub metrics: Option<std::net::TcpListener>,
     /// Capture taps.
@@ -144,10 +144,13 @@ impl Resources {
         Ok(res)
     }
 
-    /// The transports with a socket: (ESP as protocol 50, IP-in-IP, ESP in UDP).
-    pub(super) fn transports(&self) -> (bool, bool, bool) {
-        let has = |p| self.sockets.iter().any(|s| s.protocol() == p);
-        (has(PROTO_ESP), has(PROTO_IPIP), self.udp.is_some())
+    /// The transports with a socket: (IPv6, protocol 50, 4 or 17) pairs.
+    pub(super) fn transports(&self) -> Vec<(bool, u8)> {
+        self.sockets
+            .iter()
+            .map(|s| (s.is_v6(), s.protocol()))
+            .chain(self.udp.iter().map(|u| (u.is_v6(), PROTO_UDP)))
+            .collect()
     }
 
     /// Inodes of the raw and UDP sockets (for their kernel drop counters).
@@ -155,53 +158,49 @@ impl Resources {
         self.sockets
             .iter()
             .filter_map(crate::sys::kstats::inode)
-            .chain(
-                self.udp
-                    .as_ref()
-                    .as_ref()
-                    .and_then(crate::sys::kstats::inode),
-            )
+            .chain(self.udp.iter().filter_map(crate::sys::kstats::inode))
             .collect()
     }
 }
 
-/// The raw sockets for the protocols the peers use, and the ESP-in-UDP socket if needed.
-fn open_sockets(cfg: &Config) -> Result<(Vec<RawSocket>, Option<UdpEncapSocket>), DaemonError> {
-    let local_v4 = match cfg.interface.local {
-        Some(IpAddr::V4(a)) => Some(a),
-        _ => None,
-    };
-    let uses = |f: fn(&EncapSpec) -> bool| cfg.peers.iter().any(|p| f(&p.encap));
-    let mut protocols = Vec::new();
-    if uses(|e| matches!(e, EncapSpec::Esp { udp_port: None, .. })) {
-        protocols.push(PROTO_ESP);
-    }
-    if uses(|e| matches!(e, EncapSpec::IpIp)) {
-        protocols.extend([PROTO_IPIP, PROTO_IPV6]);
-    }
+/// The raw sockets for the protocols the peers use, over each IP version their endpoints
+/// have, and an ESP-in-UDP socket per IP version if needed. `interface.local` binds the
+/// sockets of its own family.
+fn open_sockets(cfg: &Config) -> Result<(Vec<RawSocket>, Vec<UdpEncapSocket>), DaemonError> {
     let mut sockets = Vec::new();
-    for protocol in protocols {
-        let s = RawSocket::open(protocol, local_v4)
-            .map_err(|source| DaemonError::RawSocket { protocol, source })?;
-        sockets.push(s);
+    let mut udp = Vec::new();
+    for v6 in [false, true] {
+        let peers = || cfg.peers.iter().filter(move |p| p.endpoint.is_ipv6() == v6);
+        let uses = |f: fn(&EncapSpec) -> bool| peers().any(|p| f(&p.encap));
+        let local = cfg.interface.local.filter(|l| l.is_ipv6() == v6);
+        let mut protocols = Vec::new();
+        if uses(|e| matches!(e, EncapSpec::Esp { udp_port: None, .. })) {
+            protocols.push(PROTO_ESP);
+        }
+        if uses(|e| matches!(e, EncapSpec::IpIp)) {
+            protocols.extend([PROTO_IPIP, PROTO_IPV6]);
+        }
+        for protocol in protocols {
+            let s = RawSocket::open(protocol, v6, local)
+                .map_err(|source| DaemonError::RawSocket { protocol, source })?;
+            sockets.push(s);
+        }
+        if uses(|e| {
+            matches!(
+                e,
+                EncapSpec::Esp {
+                    udp_port: Some(_),
+                    ..
+                }
+            )
+        }) {
+            let port = cfg.interface.listen_port;
+            udp.push(
+                UdpEncapSocket::open(v6, local, port)
+                    .map_err(|source| DaemonError::UdpSocket { port, source })?,
+            );
+        }
     }
-    let udp = if uses(|e| {
-        matches!(
-            e,
-            EncapSpec::Esp {
-                udp_port: Some(_),
-                ..
-            }
-        )
-    }) {
-        let port = cfg.interface.listen_port;
-        Some(
-            UdpEncapSocket::open(local_v4, port)
-                .map_err(|source| DaemonError::UdpSocket { port, source })?,
-        )
-    } else {
-        None
-    };
     Ok((sockets, udp))
 }
 

@@ -112,7 +112,7 @@ impl Workers {
 pub(super) struct EdgeHandles {
     pub(super) tun: Arc<Tun>,
     pub(super) sockets: Arc<Vec<RawSocket>>,
-    pub(super) udp: Arc<Option<UdpEncapSocket>>,
+    pub(super) udp: Arc<Vec<UdpEncapSocket>>,
     pub(super) stop: Arc<EventFd>,
     pub(super) edge: Arc<EdgeStats>,
     pub(super) current: Arc<Current>,
@@ -124,7 +124,7 @@ impl EdgeHandles {
         Edges {
             tun: &self.tun,
             sockets: &self.sockets,
-            udp: self.udp.as_ref().as_ref(),
+            udp: &self.udp,
             stop: &self.stop,
             edge: &self.edge,
             current: &self.current,
@@ -137,7 +137,7 @@ impl EdgeHandles {
 pub(super) struct Edges<'a> {
     pub(super) tun: &'a Tun,
     pub(super) sockets: &'a [RawSocket],
-    pub(super) udp: Option<&'a UdpEncapSocket>,
+    pub(super) udp: &'a [UdpEncapSocket],
     pub(super) stop: &'a EventFd,
     pub(super) edge: &'a EdgeStats,
     /// The current generation (peers, SAs, configuration), loaded once per batch.

@@ -13,6 +13,10 @@ use std::path::Path;
 pub const A_OUTER: &str = "192.0.2.1";
 /// Host B's underlay address.
 pub const B_OUTER: &str = "192.0.2.2";
+/// Host A's underlay address with `--outer ipv6` (RFC 3849 documentation prefix).
+pub const A_OUTER6: &str = "2001:db8:2::1";
+/// Host B's underlay address with `--outer ipv6`.
+pub const B_OUTER6: &str = "2001:db8:2::2";
 /// Host A's tunnel address.
 pub const A_INNER: &str = "10.4.2.99";
 /// Host B's tunnel address.
@@ -42,6 +46,8 @@ pub struct P2pOptions {
     pub megabytes: u64,
     /// Use 64-bit extended sequence numbers.
     pub esn: bool,
+    /// Carry the tunnel over IPv6 (ESP as next header 50, ESP in UDP/IPv6, IPv4 in IPv6).
+    pub outer_v6: bool,
     /// What every lab takes: --keep, --pcap, installing, the binary.
     pub run: super::LabRun,
 }
@@ -66,6 +72,25 @@ impl LabKeys {
 
 /// Hosts A and B of scenario 1: two namespaces `espip-<tag>-<pid>-{a,b}` joined by `veth0`
 /// with the underlay addresses.
+/// The p2p topology with IPv6 on the link as well (`--outer ipv6`): A 2001:db8:2::1, B ::2,
+/// without duplicate address detection (the addresses are usable at once).
+pub fn topology_v6(tag: &str) -> io::Result<(Netns, Netns)> {
+    let (a, b) = topology(tag)?;
+    for (ns, addr) in [(&a, A_OUTER6), (&b, B_OUTER6)] {
+        ns.sysctl("net.ipv6.conf.veth0.disable_ipv6", "0")?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            "veth0",
+            "nodad",
+        ])?;
+    }
+    Ok((a, b))
+}
+
 pub fn topology(tag: &str) -> io::Result<(Netns, Netns)> {
     let a = Netns::new(tag, "a")?;
     let b = Netns::new(tag, "b")?;
@@ -87,10 +112,27 @@ pub fn config_text(
     esn: bool,
     state_dir: &Path,
 ) -> String {
-    let (addr, local, peer, endpoint, allowed) = if me_a {
-        (A_INNER, A_OUTER, "b", B_OUTER, B_INNER)
+    config_text_over(mode, me_a, keys, esn, state_dir, false)
+}
+
+/// The configuration text of one host of the p2p lab, with an IPv6 underlay if `outer_v6`.
+pub fn config_text_over(
+    mode: LabMode,
+    me_a: bool,
+    keys: Option<&LabKeys>,
+    esn: bool,
+    state_dir: &Path,
+    outer_v6: bool,
+) -> String {
+    let (a_out, b_out) = if outer_v6 {
+        (A_OUTER6, B_OUTER6)
     } else {
-        (B_INNER, B_OUTER, "a", A_OUTER, A_INNER)
+        (A_OUTER, B_OUTER)
+    };
+    let (addr, local, peer, endpoint, allowed) = if me_a {
+        (A_INNER, a_out, "b", b_out, B_INNER)
+    } else {
+        (B_INNER, b_out, "a", a_out, A_INNER)
     };
     let mut s = format!(
         "# espip lab p2p, host {}\n[interface]\nname = \"espip0\"\naddress = [\"{addr}/24\"]\nlocal = \"{local}\"\n{}\n[[peer]]\nname = \"{peer}\"\nendpoint = \"{endpoint}\"\nallowed_ips = [\"{allowed}/32\"]\n",
@@ -163,13 +205,18 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
     let (mut report, work, keep_work) = opts.run.begin(
         "p2p",
         format!(
-            "espip lab p2p ({mode_name}{})",
-            if opts.esn { ", esn" } else { "" }
+            "espip lab p2p ({mode_name}{}{})",
+            if opts.esn { ", esn" } else { "" },
+            if opts.outer_v6 { ", over IPv6" } else { "" }
         ),
         &[],
     )?;
 
-    let (a, b) = topology("lab")?;
+    let (a, b) = if opts.outer_v6 {
+        topology_v6("lab")?
+    } else {
+        topology("lab")?
+    };
     let keys = match opts.mode {
         LabMode::Esp(c) | LabMode::EspUdp(c) => Some(LabKeys::generate(c)?),
         LabMode::IpIp => None,
@@ -179,22 +226,24 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
     let taps = opts.run.pcap_dir.as_deref();
     write_private(
         &cfg_a,
-        &(config_text(
+        &(config_text_over(
             opts.mode,
             true,
             keys.as_ref(),
             opts.esn,
             &work.join("state-a"),
+            opts.outer_v6,
         ) + &super::capture_lines(taps, "a")),
     )?;
     write_private(
         &cfg_b,
-        &(config_text(
+        &(config_text_over(
             opts.mode,
             false,
             keys.as_ref(),
             opts.esn,
             &work.join("state-b"),
+            opts.outer_v6,
         ) + &super::capture_lines(taps, "b")),
     )?;
 
@@ -238,7 +287,7 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
     )?;
 
     super::stop_capture(tcpdump);
-    wire_check(&mut report, &wire, opts.mode, bytes)?;
+    wire_check(&mut report, &wire, opts.mode, opts.outer_v6, bytes)?;
 
     if opts.run.keep {
         report.kept(&[&a, &b], Some(&work));
@@ -301,35 +350,52 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
     Ok(report)
 }
 
-/// Check the capture: every IPv4 packet between A and B is ESP (in UDP between the ports
-/// 4500 for esp-udp, or IP-in-IP), they add up to at least the transfer's bytes, and for ESP
-/// the canary never appears. (A UDP GSO train crosses the veth, and so the capture, as one
-/// frame: bytes are counted, not packets.)
-fn wire_check(report: &mut Report, wire: &Path, mode: LabMode, bytes: u64) -> io::Result<()> {
+/// Check the capture: every IP packet between A's and B's underlay addresses (IPv4, or IPv6
+/// with `outer_v6`) is ESP (in UDP between the ports 4500 for esp-udp, or IP-in-IP), they add
+/// up to at least the transfer's bytes, and for ESP the canary never appears. ARP and IPv6
+/// neighbour discovery are counted apart. (A UDP GSO train crosses the veth, and so the
+/// capture, as one frame: bytes are counted, not packets.)
+fn wire_check(
+    report: &mut Report,
+    wire: &Path,
+    mode: LabMode,
+    outer_v6: bool,
+    bytes: u64,
+) -> io::Result<()> {
     let frames = pcap::read(wire)?;
-    let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) = (
-        A_OUTER.parse().expect("literal"),
-        B_OUTER.parse().expect("literal"),
-    );
+    let (a, b): (std::net::IpAddr, std::net::IpAddr) = if outer_v6 {
+        (
+            A_OUTER6.parse().expect("literal"),
+            B_OUTER6.parse().expect("literal"),
+        )
+    } else {
+        (
+            A_OUTER.parse().expect("literal"),
+            B_OUTER.parse().expect("literal"),
+        )
+    };
     let mut by_proto = std::collections::BTreeMap::new();
     let mut bytes_of = std::collections::BTreeMap::new();
     let mut arp = 0;
     let mut other = 0;
     let mut canary = 0;
     for f in &frames {
-        match f.ipv4() {
-            Some((s, d, p)) if (s == a && d == b) || (s == b && d == a) => {
-                let ihl = usize::from(f.payload[0] & 0x0f) * 4;
+        match f.ip() {
+            Some((s, d, p, hl, total)) if (s == a && d == b) || (s == b && d == a) => {
                 let nat_t = [0x11, 0x94, 0x11, 0x94]; // ports 4500 -> 4500
-                let p = match f.payload.get(ihl..ihl + 4) {
+                let p = match f.payload.get(hl..hl + 4) {
                     Some(ports) if p == 17 && ports != nat_t => 0, // UDP on other ports: stray
                     _ => p,
                 };
                 *by_proto.entry(p).or_insert(0u64) += 1;
-                let total = u64::from(u16::from_be_bytes([f.payload[2], f.payload[3]]));
-                *bytes_of.entry(p).or_insert(0u64) += total;
+                *bytes_of.entry(p).or_insert(0u64) += total as u64;
             }
+            // ARP, and IPv6's link control: neighbour discovery (ICMPv6) and multicast listener
+            // reports (to ff02::/16, behind a hop-by-hop header).
             _ if f.ethertype == 0x0806 => arp += 1,
+            Some((_, d, p, _, _)) if f.ethertype == 0x86dd && (p == 58 || d.is_multicast()) => {
+                arp += 1
+            }
             _ => other += 1,
         }
         if pcap::contains(&f.payload, transfer::CANARY) {
@@ -364,7 +430,7 @@ fn wire_check(report: &mut Report, wire: &Path, mode: LabMode, bytes: u64) -> io
         },
         stray == 0 && tunnel_bytes >= bytes && other == 0,
         format!(
-            "{} frames: {summary}; arp {arp}; other {other}",
+            "{} frames: {summary}; arp / IPv6 link control {arp}; other {other}",
             frames.len()
         ),
     );

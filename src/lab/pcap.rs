@@ -2,7 +2,7 @@
 //! link: per-frame IPv4 source, destination, protocol, and a search for plaintext.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 /// LINKTYPE_ETHERNET.
@@ -31,6 +31,38 @@ impl Frame {
             Ipv4Addr::new(p[16], p[17], p[18], p[19]),
             p[9],
         ))
+    }
+
+    /// (source, destination, next header) of an IPv6 frame.
+    pub fn ipv6(&self) -> Option<(Ipv6Addr, Ipv6Addr, u8)> {
+        let p = &self.payload;
+        if self.ethertype != 0x86dd || p.len() < 40 || p[0] >> 4 != 6 {
+            return None;
+        }
+        let addr = |r: std::ops::Range<usize>| {
+            let b: [u8; 16] = p[r].try_into().expect("16 bytes");
+            Ipv6Addr::from(b)
+        };
+        Some((addr(8..24), addr(24..40), p[6]))
+    }
+
+    /// (source, destination, protocol, header length, total length) of an IPv4 or IPv6 frame
+    /// (IPv6 without extension headers).
+    pub fn ip(&self) -> Option<(IpAddr, IpAddr, u8, usize, usize)> {
+        let p = &self.payload;
+        if let Some((s, d, proto)) = self.ipv4() {
+            let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
+            return Some((
+                s.into(),
+                d.into(),
+                proto,
+                usize::from(p[0] & 0x0f) * 4,
+                total,
+            ));
+        }
+        let (s, d, nh) = self.ipv6()?;
+        let total = 40 + usize::from(u16::from_be_bytes([p[4], p[5]]));
+        Some((s.into(), d.into(), nh, 40, total))
     }
 }
 

@@ -17,7 +17,7 @@
 use crate::config::Capture as CaptureConfig;
 use std::fs::File;
 use std::io::{self, Write};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -230,34 +230,35 @@ impl Recorder {
         }
     }
 
-    /// Record an outbound outer packet whose IPv4 header the kernel will write.
-    pub fn record_sent(&mut self, src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, payload: &[u8]) {
+    /// Record an outer packet whose IP header the tap does not see (the kernel writes it on
+    /// send, and strips an IPv6 one on receive), with that header reconstructed: IPv4, or
+    /// IPv6 with `protocol` as its next header.
+    pub fn record_outer(&mut self, src: IpAddr, dst: IpAddr, protocol: u8, payload: &[u8]) {
         if !self.wants(Tap::Outer) {
             return;
         }
-        let mut h = [0u8; 20];
-        let total = (payload.len() + 20).min(usize::from(u16::MAX)) as u16;
-        crate::wire::ip::emit_ipv4_header(&mut h, src, dst, protocol, total);
-        self.append(Tap::Outer, &h, payload);
+        let mut h = [0u8; 48];
+        let n = ip_header(&mut h, src, dst, protocol, payload.len());
+        self.append(Tap::Outer, &h[..n], payload);
     }
 
     /// Record an ESP-in-UDP datagram (sent, or received: the UDP socket gives only the
-    /// payload) with the IPv4 and UDP headers it has on the wire reconstructed.
-    pub fn record_udp(&mut self, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) {
+    /// payload) with the IP and UDP headers it has on the wire reconstructed.
+    pub fn record_udp(&mut self, src: SocketAddr, dst: SocketAddr, payload: &[u8]) {
         if !self.wants(Tap::Outer) {
             return;
         }
-        let mut h = [0u8; 28];
-        let total = (payload.len() + 28).min(usize::from(u16::MAX)) as u16;
-        crate::wire::ip::emit_ipv4_header(
+        let mut h = [0u8; 48];
+        let udp_len = payload.len() + crate::wire::udp::HEADER_LEN;
+        let n = ip_header(
             &mut h,
-            *src.ip(),
-            *dst.ip(),
+            src.ip(),
+            dst.ip(),
             crate::wire::ip::PROTO_UDP,
-            total,
+            udp_len,
         );
-        crate::wire::ip::emit_udp_header(&mut h[20..], src.port(), dst.port(), payload.len());
-        self.append(Tap::Outer, &h, payload);
+        crate::wire::ip::emit_udp_header(&mut h[n..], src.port(), dst.port(), payload.len());
+        self.append(Tap::Outer, &h[..n + crate::wire::udp::HEADER_LEN], payload);
     }
 
     fn append(&mut self, tap: Tap, head: &[u8], body: &[u8]) {
@@ -437,6 +438,27 @@ impl TapFile {
     }
 }
 
+/// An IPv4 or IPv6 header for `len` bytes of `protocol` from `src` to `dst` (of one family)
+/// into `h`; returns its length.
+fn ip_header(h: &mut [u8; 48], src: IpAddr, dst: IpAddr, protocol: u8, len: usize) -> usize {
+    match (src, dst) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let plen = len.min(usize::from(u16::MAX)) as u16;
+            crate::wire::ipv6::emit_header(h, s, d, protocol, plen);
+            crate::wire::ipv6::HEADER_LEN
+        }
+        (s, d) => {
+            let v4 = |a: IpAddr| match a {
+                IpAddr::V4(a) => a,
+                IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
+            };
+            let total = (len + 20).min(usize::from(u16::MAX)) as u16;
+            crate::wire::ip::emit_ipv4_header(&mut h[..20], v4(s), v4(d), protocol, total);
+            20
+        }
+    }
+}
+
 fn remove_if_exists(p: &Path) -> io::Result<()> {
     match std::fs::remove_file(p) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
@@ -504,7 +526,7 @@ mod tests {
         let pkt: Vec<u8> = (0..60).map(|i| i as u8).collect();
         r.record(Tap::Inner, &pkt);
         r.record(Tap::Inner, &[0x45; 300]);
-        r.record_sent(
+        r.record_outer(
             "192.0.2.1".parse().unwrap(),
             "192.0.2.2".parse().unwrap(),
             50,

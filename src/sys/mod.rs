@@ -71,13 +71,21 @@ pub fn not_local_message(ip: std::net::IpAddr) -> String {
     format!("interface.local {ip} is not an address of this host (in this network namespace); use an address `ip addr` lists, or leave local out to let routing choose")
 }
 
+/// `interface.local` if it is of `dst`'s family (it is the source of those peers only).
+pub fn local_for(
+    dst: std::net::IpAddr,
+    local: Option<std::net::IpAddr>,
+) -> Option<std::net::IpAddr> {
+    local.filter(|l| l.is_ipv6() == dst.is_ipv6())
+}
+
 /// The source address the kernel picks for packets to `dst` (a connected UDP socket's local
-/// address; nothing is sent), or `local` when one is configured.
+/// address; nothing is sent), or `local` when one of `dst`'s family is configured.
 pub fn source_for(
     dst: std::net::IpAddr,
     local: Option<std::net::IpAddr>,
 ) -> std::io::Result<std::net::IpAddr> {
-    if let Some(l) = local {
+    if let Some(l) = local_for(dst, local) {
         return Ok(l);
     }
     let sock = std::net::UdpSocket::bind(match dst {
@@ -91,7 +99,7 @@ pub fn source_for(
 /// Path MTU towards `dst` as the kernel's routing sees it (the route's or the device's MTU),
 /// read with a connected UDP socket and `IP_MTU`; nothing is sent.
 pub fn path_mtu(dst: std::net::IpAddr, local: Option<std::net::IpAddr>) -> std::io::Result<u32> {
-    let sock = std::net::UdpSocket::bind(match (local, dst) {
+    let sock = std::net::UdpSocket::bind(match (local_for(dst, local), dst) {
         (Some(l), _) => std::net::SocketAddr::new(l, 0),
         (None, std::net::IpAddr::V4(_)) => "0.0.0.0:0".parse().expect("literal"),
         (None, std::net::IpAddr::V6(_)) => "[::]:0".parse().expect("literal"),

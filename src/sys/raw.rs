@@ -1,11 +1,13 @@
-//! Raw IPv4 sockets for one IP protocol (50 ESP, 4 IPv4-in-IP, 41 IPv6-in-IP), with batched
-//! `recvmmsg` / `sendmmsg`.
+//! Raw IP sockets for one IP protocol (50 ESP, 4 IPv4-in-IP, 41 IPv6-in-IP) over IPv4 or over
+//! IPv6, with batched `recvmmsg` / `sendmmsg`.
 //!
-//! The kernel builds the outer IPv4 header on send (no `IP_HDRINCL`); a received datagram
-//! starts with the outer IPv4 header, which [`strip_ipv4_header`] validates and removes. This
-//! kernel has no ESP/IPIP modules, so raw sockets see every such packet; on a kernel that has
-//! them, both would receive a copy.
+//! The kernel builds the outer header on send (no `IP_HDRINCL`). Received over IPv4, a
+//! datagram starts with the outer IPv4 header, which [`strip_ipv4_header`] validates and
+//! removes; over IPv6 the kernel hands over only what follows the IPv6 header, and the source
+//! comes from the message's address. This kernel has no ESP/IPIP modules, so raw sockets see
+//! every such packet; on a kernel that has them, both would receive a copy.
 
+use super::mmsg::{empty_slot, read_sockaddr, write_sockaddr, SockAddrSlot};
 use crate::buf::PacketBuf;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
@@ -15,17 +17,19 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 use super::{set_int, SOCKET_BUFFER};
 
-/// A raw IPv4 socket of one protocol.
+/// A raw socket of one protocol over IPv4 or IPv6.
 pub struct RawSocket {
     sock: Socket,
     protocol: u8,
+    v6: bool,
 }
 
 impl RawSocket {
-    /// Open a non-blocking raw socket for `protocol`, bound to `local` if given.
-    pub fn open(protocol: u8, local: Option<Ipv4Addr>) -> io::Result<RawSocket> {
+    /// Open a non-blocking raw socket for `protocol` over IPv6 (`v6`) or IPv4, bound to
+    /// `local` if given (it must be of that family).
+    pub fn open(protocol: u8, v6: bool, local: Option<IpAddr>) -> io::Result<RawSocket> {
         let sock = Socket::new(
-            Domain::IPV4,
+            if v6 { Domain::IPV6 } else { Domain::IPV4 },
             Type::RAW,
             Some(Protocol::from(i32::from(protocol))),
         )?;
@@ -33,18 +37,28 @@ impl RawSocket {
         sock.set_cloexec(true)?;
         force_buffer(&sock, libc::SO_RCVBUFFORCE);
         force_buffer(&sock, libc::SO_SNDBUFFORCE);
-        // Outer packets larger than the path are fragmented by the kernel instead of being
-        // refused: a lowered path MTU costs fragmentation, not a black hole.
-        let _ = set_int(
-            &sock,
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            libc::IP_PMTUDISC_DONT,
-        );
+        // Outer packets larger than the path are fragmented by the kernel (IPv6: by this host,
+        // as the sender) instead of being refused: a lowered path MTU costs fragmentation,
+        // not a black hole.
+        let _ = if v6 {
+            set_int(
+                &sock,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_DONT,
+            )
+        } else {
+            set_int(
+                &sock,
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                libc::IP_PMTUDISC_DONT,
+            )
+        };
         if let Some(l) = local {
-            sock.bind(&SocketAddr::new(IpAddr::V4(l), 0).into())?;
+            sock.bind(&SocketAddr::new(l, 0).into())?;
         }
-        Ok(RawSocket { sock, protocol })
+        Ok(RawSocket { sock, protocol, v6 })
     }
 
     /// The IP protocol.
@@ -52,59 +66,82 @@ impl RawSocket {
         self.protocol
     }
 
+    /// Whether this socket carries its protocol over IPv6.
+    pub fn is_v6(&self) -> bool {
+        self.v6
+    }
+
     /// Receive up to `bufs.len()` datagrams in one `recvmmsg` call. Each buffer is reset and
-    /// filled from its headroom; returns how many were filled (`WouldBlock` if none).
-    pub fn recv_batch(&self, bufs: &mut [PacketBuf]) -> io::Result<usize> {
+    /// filled from its headroom; returns how many were filled (`WouldBlock` if none). Over
+    /// IPv4 a buffer holds the whole packet (see [`strip_ipv4_header`]) and `from` is left
+    /// alone; over IPv6 it holds what follows the IPv6 header and `from[i]` is the sender.
+    pub fn recv_batch(
+        &self,
+        bufs: &mut [PacketBuf],
+        from: &mut [Option<IpAddr>],
+    ) -> io::Result<usize> {
         const MAX: usize = 64;
         let mut iovs: [MaybeUninit<libc::iovec>; MAX] = [const { MaybeUninit::uninit() }; MAX];
         // SAFETY: mmsghdr is plain old data; zero is a valid value for every field.
         let mut hdrs: [libc::mmsghdr; MAX] = unsafe { std::mem::zeroed() };
+        let mut names = [empty_slot(); MAX];
         let n = super::mmsg::point_at_read_areas(bufs, &mut iovs, &mut hdrs);
+        if self.v6 {
+            for (h, name) in hdrs[..n].iter_mut().zip(names.iter_mut()) {
+                h.msg_hdr.msg_name = (name as *mut SockAddrSlot).cast();
+                h.msg_hdr.msg_namelen = std::mem::size_of::<SockAddrSlot>() as u32;
+            }
+        }
         // SAFETY: hdrs[..n] point at n initialised iovecs, each covering a live, exclusively
-        // borrowed buffer area; the kernel writes at most iov_len bytes into each.
+        // borrowed buffer area, and (IPv6) at name slots of the length given; the kernel writes
+        // at most those lengths.
         let got = unsafe { super::mmsg::recvmmsg(self.sock.as_raw_fd(), &mut hdrs[..n])? };
         for i in 0..got {
             bufs[i].set_len(hdrs[i].msg_len as usize);
+            if self.v6 {
+                if let Some(f) = from.get_mut(i) {
+                    *f = read_sockaddr(&names[i]).map(|a| a.ip());
+                }
+            }
         }
         Ok(got)
     }
 
-    /// Send each `(packet, destination)` with one `sendmmsg` call per 64 packets. Returns how
-    /// many the kernel took; an error is returned only when none of a call's packets went out.
+    /// Send each `(packet, destination)` (of this socket's family) with one `sendmmsg` call per
+    /// 64 packets. Returns how many the kernel took; an error is returned only when none of a
+    /// call's packets went out.
     pub fn send_batch<'a>(
         &self,
-        pkts: impl IntoIterator<Item = (&'a [u8], Ipv4Addr)>,
+        pkts: impl IntoIterator<Item = (&'a [u8], IpAddr)>,
     ) -> io::Result<usize> {
         const MAX: usize = 64;
-        let mut it = pkts.into_iter().peekable();
+        let mut pkts = pkts.into_iter().peekable();
         let mut sent = 0;
-        while it.peek().is_some() {
-            let mut chunk: [(&[u8], Ipv4Addr); MAX] = [(&[][..], Ipv4Addr::UNSPECIFIED); MAX];
+        while pkts.peek().is_some() {
+            let mut chunk: [(&[u8], IpAddr); MAX] = [(&[], IpAddr::V4(Ipv4Addr::UNSPECIFIED)); MAX];
             let mut len = 0;
-            for p in it.by_ref().take(MAX) {
+            for p in pkts.by_ref().take(MAX) {
                 chunk[len] = p;
                 len += 1;
             }
             let chunk = &chunk[..len];
             let mut iovs: [MaybeUninit<libc::iovec>; MAX] = [const { MaybeUninit::uninit() }; MAX];
-            // SAFETY: sockaddr_in and mmsghdr are plain old data; zero is valid.
-            let mut addrs: [libc::sockaddr_in; MAX] = unsafe { std::mem::zeroed() };
-            // SAFETY: as above.
+            let mut addrs = [empty_slot(); MAX];
+            // SAFETY: mmsghdr is plain old data; zero is valid.
             let mut hdrs: [libc::mmsghdr; MAX] = unsafe { std::mem::zeroed() };
             for (i, (pkt, dst)) in chunk.iter().enumerate() {
                 iovs[i].write(libc::iovec {
                     iov_base: pkt.as_ptr() as *mut libc::c_void,
                     iov_len: pkt.len(),
                 });
-                addrs[i].sin_family = libc::AF_INET as libc::sa_family_t;
-                addrs[i].sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
+                let namelen = write_sockaddr(&mut addrs[i], SocketAddr::new(*dst, 0));
                 hdrs[i].msg_hdr.msg_iov = iovs[i].as_mut_ptr();
                 hdrs[i].msg_hdr.msg_iovlen = 1;
-                hdrs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
-                hdrs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+                hdrs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut SockAddrSlot).cast();
+                hdrs[i].msg_hdr.msg_namelen = namelen;
             }
             // SAFETY: hdrs[..chunk.len()] point at initialised iovecs over live packet slices
-            // (only read by the kernel) and at initialised sockaddr_in values.
+            // (only read by the kernel) and at initialised socket addresses.
             let rc = unsafe {
                 libc::sendmmsg(
                     self.sock.as_raw_fd(),

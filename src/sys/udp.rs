@@ -11,11 +11,12 @@
 //! Raw protocol-50 sockets have no equivalent: each ESP packet there is its own trip through
 //! the stack, which is what limits [`crate::sys::raw`] at high rates.
 
+use super::mmsg::{empty_slot, read_sockaddr, write_sockaddr, SockAddrSlot};
 use crate::buf::PacketBuf;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 use super::{set_int, SOCKET_BUFFER};
@@ -50,7 +51,7 @@ pub struct Run {
 /// destination, every datagram `segment` bytes except a shorter last one, at most
 /// [`MAX_SEGMENTS`] datagrams and [`MAX_GSO_BYTES`] bytes. Returns the number of runs written
 /// into `runs` (which must be as long as `items`).
-pub fn plan_runs(items: &[(usize, SocketAddrV4)], runs: &mut [Run]) -> usize {
+pub fn plan_runs(items: &[(usize, SocketAddr)], runs: &mut [Run]) -> usize {
     let mut n = 0;
     let mut i = 0;
     while i < items.len() {
@@ -95,7 +96,7 @@ pub struct Sent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Received {
     /// The sender.
-    pub from: SocketAddrV4,
+    pub from: SocketAddr,
     /// The size of each datagram the kernel coalesced into this message (the last may be
     /// shorter); the whole length when it is one datagram.
     pub segment: usize,
@@ -103,18 +104,29 @@ pub struct Received {
     pub truncated: bool,
 }
 
-/// The ESP-in-UDP socket.
+/// An ESP-in-UDP socket, over IPv4 or over IPv6 (one of each when peers of both families are
+/// configured).
 pub struct UdpEncapSocket {
     sock: Socket,
     port: u16,
     gso: bool,
+    v6: bool,
 }
 
 impl UdpEncapSocket {
-    /// Open a non-blocking UDP socket bound to `local:port` (any address when `None`), with
-    /// `UDP_GRO` on and `UDP_SEGMENT` probed.
-    pub fn open(local: Option<Ipv4Addr>, port: u16) -> io::Result<UdpEncapSocket> {
-        let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    /// Open a non-blocking UDP socket over IPv6 (`v6`, IPv6 only) or IPv4, bound to
+    /// `local:port` (any address of the family when `None`), with `UDP_GRO` on and
+    /// `UDP_SEGMENT` probed.
+    pub fn open(v6: bool, local: Option<IpAddr>, port: u16) -> io::Result<UdpEncapSocket> {
+        let sock = Socket::new(
+            if v6 { Domain::IPV6 } else { Domain::IPV4 },
+            Type::DGRAM,
+            Some(Protocol::UDP),
+        )?;
+        if v6 {
+            // The IPv4 peers have their own socket on the same port.
+            sock.set_only_v6(true)?;
+        }
         sock.set_nonblocking(true)?;
         sock.set_cloexec(true)?;
         for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
@@ -122,25 +134,43 @@ impl UdpEncapSocket {
             let _ = set_int(&sock, libc::SOL_SOCKET, opt, SOCKET_BUFFER as libc::c_int);
         }
         // As for raw sockets: a lowered path MTU costs fragmentation, not a black hole.
-        let _ = set_int(
-            &sock,
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            libc::IP_PMTUDISC_DONT,
-        );
+        let _ = if v6 {
+            set_int(
+                &sock,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_DONT,
+            )
+        } else {
+            set_int(
+                &sock,
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                libc::IP_PMTUDISC_DONT,
+            )
+        };
         // Receive trains of datagrams as one buffer; a kernel without it delivers them singly.
         let _ = set_int(&sock, libc::SOL_UDP, libc::UDP_GRO, 1);
         // Probe segmentation offload with a socket-wide setting of 0 (off): the option exists
         // exactly when per-message segment sizes are understood.
         let gso = set_int(&sock, libc::SOL_UDP, libc::UDP_SEGMENT, 0).is_ok();
-        sock.bind(
-            &SocketAddr::V4(SocketAddrV4::new(
-                local.unwrap_or(Ipv4Addr::UNSPECIFIED),
-                port,
-            ))
-            .into(),
-        )?;
-        Ok(UdpEncapSocket { sock, port, gso })
+        let any = if v6 {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        };
+        sock.bind(&SocketAddr::new(local.unwrap_or(any), port).into())?;
+        Ok(UdpEncapSocket {
+            sock,
+            port,
+            gso,
+            v6,
+        })
+    }
+
+    /// Whether this socket is the IPv6 one.
+    pub fn is_v6(&self) -> bool {
+        self.v6
     }
 
     /// The local UDP port.
@@ -159,22 +189,21 @@ impl UdpEncapSocket {
     pub fn recv_batch(&self, bufs: &mut [PacketBuf], meta: &mut [Received]) -> io::Result<usize> {
         let mut iovs: [MaybeUninit<libc::iovec>; MAX_MSGS] =
             [const { MaybeUninit::uninit() }; MAX_MSGS];
-        // SAFETY: sockaddr_in, mmsghdr and the control buffers are plain old data.
-        let mut names: [libc::sockaddr_in; MAX_MSGS] = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
+        let mut names = [empty_slot(); MAX_MSGS];
+        // SAFETY: mmsghdr is plain old data; zero is valid.
         let mut hdrs: [libc::mmsghdr; MAX_MSGS] = unsafe { std::mem::zeroed() };
         let mut ctrl = [CmsgBuf([0; CMSG_BUF]); MAX_MSGS];
         let m = meta.len().min(MAX_MSGS);
         let n = super::mmsg::point_at_read_areas(bufs, &mut iovs[..m], &mut hdrs);
         for i in 0..n {
             let h = &mut hdrs[i].msg_hdr;
-            h.msg_name = (&mut names[i] as *mut libc::sockaddr_in).cast();
-            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            h.msg_name = (&mut names[i] as *mut SockAddrSlot).cast();
+            h.msg_namelen = std::mem::size_of::<SockAddrSlot>() as u32;
             h.msg_control = ctrl[i].0.as_mut_ptr().cast();
             h.msg_controllen = CMSG_BUF as _;
         }
         // SAFETY: hdrs[..n] point at initialised iovecs over live, exclusively borrowed buffer
-        // areas, at sockaddr_in values and at control buffers of the lengths given.
+        // areas, at socket address slots and at control buffers of the lengths given.
         let got = unsafe { super::mmsg::recvmmsg(self.sock.as_raw_fd(), &mut hdrs[..n])? };
         for i in 0..got {
             let h = &hdrs[i].msg_hdr;
@@ -185,10 +214,8 @@ impl UdpEncapSocket {
                 hdrs[i].msg_len as usize
             };
             bufs[i].set_len(len);
-            let from = SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(names[i].sin_addr.s_addr)),
-                u16::from_be(names[i].sin_port),
-            );
+            let from = read_sockaddr(&names[i])
+                .unwrap_or_else(|| SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
             meta[i] = Received {
                 from,
                 segment: gro_segment(h).filter(|&s| s > 0).unwrap_or(len),
@@ -201,9 +228,9 @@ impl UdpEncapSocket {
     /// Send datagrams `(payload, destination)` in order: runs of one size to one destination
     /// as one GSO message each, all messages with as few `sendmmsg` calls as the kernel allows.
     /// At most [`MAX_DATAGRAMS`] per call.
-    pub fn send_datagrams(&self, items: &[(&[u8], SocketAddrV4)]) -> Sent {
+    pub fn send_datagrams(&self, items: &[(&[u8], SocketAddr)]) -> Sent {
         let items = &items[..items.len().min(MAX_DATAGRAMS)];
-        let mut shape = [(0usize, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); MAX_DATAGRAMS];
+        let mut shape = [(0usize, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)); MAX_DATAGRAMS];
         for (s, (p, d)) in shape.iter_mut().zip(items) {
             *s = (p.len(), *d);
         }
@@ -264,12 +291,11 @@ impl UdpEncapSocket {
     }
 
     /// One `sendmmsg` of `runs` (at most [`MAX_MSGS`]); returns how many messages went.
-    fn send_runs(&self, items: &[(&[u8], SocketAddrV4)], runs: &[Run]) -> io::Result<usize> {
+    fn send_runs(&self, items: &[(&[u8], SocketAddr)], runs: &[Run]) -> io::Result<usize> {
         let mut iovs: [MaybeUninit<libc::iovec>; MAX_DATAGRAMS] =
             [const { MaybeUninit::uninit() }; MAX_DATAGRAMS];
-        // SAFETY: sockaddr_in and mmsghdr are plain old data; zero is valid.
-        let mut names: [libc::sockaddr_in; MAX_MSGS] = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
+        let mut names = [empty_slot(); MAX_MSGS];
+        // SAFETY: mmsghdr is plain old data; zero is valid.
         let mut hdrs: [libc::mmsghdr; MAX_MSGS] = unsafe { std::mem::zeroed() };
         let mut ctrl = [CmsgBuf([0; CMSG_BUF]); MAX_MSGS];
         let mut iov_at = 0;
@@ -283,15 +309,12 @@ impl UdpEncapSocket {
                     iov_len: p.len(),
                 });
             }
-            let dst = items[r.start].1;
-            names[m].sin_family = libc::AF_INET as libc::sa_family_t;
-            names[m].sin_port = dst.port().to_be();
-            names[m].sin_addr.s_addr = u32::from_ne_bytes(dst.ip().octets());
+            let namelen = write_sockaddr(&mut names[m], items[r.start].1);
             let h = &mut hdrs[m].msg_hdr;
             h.msg_iov = iovs[iov_at..].as_mut_ptr().cast();
             h.msg_iovlen = r.count as _;
-            h.msg_name = (&mut names[m] as *mut libc::sockaddr_in).cast();
-            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            h.msg_name = (&mut names[m] as *mut SockAddrSlot).cast();
+            h.msg_namelen = namelen;
             if r.count > 1 {
                 // SAFETY: the control buffer is CMSG_BUF bytes, 8-aligned, enough for one
                 // cmsghdr with a u16 (CMSG_SPACE(2) = 24 on 64-bit Linux).
@@ -308,7 +331,7 @@ impl UdpEncapSocket {
             iov_at += r.count;
         }
         // SAFETY: hdrs[..runs.len()] point at initialised iovecs over live payload slices (only
-        // read by the kernel), at initialised sockaddr_in values and control messages.
+        // read by the kernel), at initialised socket addresses and control messages.
         let rc = unsafe {
             libc::sendmmsg(
                 self.sock.as_raw_fd(),
@@ -363,11 +386,11 @@ impl AsFd for UdpEncapSocket {
 mod tests {
     use super::*;
 
-    fn to(port: u16) -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), port)
+    fn to(port: u16) -> SocketAddr {
+        SocketAddr::new(Ipv4Addr::new(192, 0, 2, 2).into(), port)
     }
 
-    fn plan(items: &[(usize, SocketAddrV4)]) -> Vec<(usize, usize, usize)> {
+    fn plan(items: &[(usize, SocketAddr)]) -> Vec<(usize, usize, usize)> {
         let mut runs = vec![Run::default(); items.len()];
         let n = plan_runs(items, &mut runs);
         runs[..n]

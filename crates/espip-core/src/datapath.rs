@@ -229,14 +229,19 @@ pub enum EncapSpec {
 }
 
 impl EncapSpec {
-    /// Bytes added in front of the inner packet besides ESP's own: the outer IPv4 header and,
-    /// for ESP in UDP, the UDP header.
-    fn outer_len(&self) -> usize {
+    /// Bytes added in front of the inner packet besides ESP's own: the outer IP header (IPv4
+    /// without options, or IPv6 without extension headers) and, for ESP in UDP, the UDP header.
+    fn outer_len(&self, outer_v6: bool) -> usize {
+        let ip = if outer_v6 {
+            OUTER_IPV6_LEN
+        } else {
+            OUTER_IPV4_LEN
+        };
         match self {
             EncapSpec::Esp {
                 udp_port: Some(_), ..
-            } => OUTER_IPV4_LEN + OUTER_UDP_LEN,
-            _ => OUTER_IPV4_LEN,
+            } => ip + OUTER_UDP_LEN,
+            _ => ip,
         }
     }
 }
@@ -356,24 +361,28 @@ pub struct TunnelSpec {
 
 /// Outer IPv4 header without options.
 pub const OUTER_IPV4_LEN: usize = 20;
+/// Outer IPv6 header without extension headers.
+pub const OUTER_IPV6_LEN: usize = 40;
 /// UDP header in front of UDP-encapsulated ESP.
 pub const OUTER_UDP_LEN: usize = 8;
 
-/// The largest inner packet that fits a path MTU of `path_mtu` with IPv4 outer headers:
-/// IP-in-IP adds 20 bytes; ESP adds 20 (+ 8 of UDP when encapsulated) + 8 (SPI, sequence) +
-/// 8 (IV) + 16 (ICV) and a 2-byte trailer, with the ciphertext padded to 4 bytes (RFC 4303
-/// section 2.4).
-pub fn inner_mtu(path_mtu: u32, encap: &EncapSpec) -> u16 {
+/// The largest inner packet that fits a path MTU of `path_mtu` with IPv4 (or, `outer_v6`,
+/// IPv6) outer headers: IP-in-IP adds 20 (40) bytes; ESP adds 20 (40) (+ 8 of UDP when
+/// encapsulated) + 8 (SPI, sequence) + 8 (IV) + 16 (ICV) and a 2-byte trailer, with the
+/// ciphertext padded to 4 bytes (RFC 4303 section 2.4).
+pub fn inner_mtu(path_mtu: u32, encap: &EncapSpec, outer_v6: bool) -> u16 {
     let path = path_mtu.min(65535) as usize;
     let room = match encap {
         EncapSpec::Esp { .. } => {
             let ct = path.saturating_sub(
-                encap.outer_len() + crate::wire::esp::field::PAYLOAD + crate::wire::esp::ICV_LEN,
+                encap.outer_len(outer_v6)
+                    + crate::wire::esp::field::PAYLOAD
+                    + crate::wire::esp::ICV_LEN,
             );
             (ct / crate::wire::esp::ALIGN * crate::wire::esp::ALIGN)
                 .saturating_sub(crate::wire::esp::TRAILER_LEN)
         }
-        EncapSpec::IpIp => path.saturating_sub(encap.outer_len()),
+        EncapSpec::IpIp => path.saturating_sub(encap.outer_len(outer_v6)),
     };
     room as u16
 }
