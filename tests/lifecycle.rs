@@ -501,6 +501,13 @@ fn reload_adds_changes_and_removes_a_peer_while_a_transfer_runs() {
         sa.drops.iter().filter(|(_, n)| **n > 0).collect::<Vec<_>>(),
         sb.drops.iter().filter(|(_, n)| **n > 0).collect::<Vec<_>>()
     );
+    // A peer over IPv6 needs sockets the daemon did not open at start: refused, named.
+    let v6 = base.clone() + &peer_c("10.4.9.0/24", 0x3201).replace("192.0.2.77", "2001:db8::77");
+    let (ok, out) = reload(&v6);
+    assert!(
+        !ok && out.contains("over IPv6") && out.contains("restart"),
+        "{out}"
+    );
     let log = std::fs::read_to_string(dir.join("a.log")).unwrap();
     assert!(log.contains("configuration reloaded"), "{log}");
 }

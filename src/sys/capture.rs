@@ -258,6 +258,18 @@ impl Recorder {
             udp_len,
         );
         crate::wire::ip::emit_udp_header(&mut h[n..], src.port(), dst.port(), payload.len());
+        if let (IpAddr::V6(s6), IpAddr::V6(d6)) = (src.ip(), dst.ip()) {
+            // IPv6 has no "no checksum" (RFC 8200 section 8.1): the rebuilt header gets the
+            // one the kernel sent.
+            use crate::wire::ip::{fold, pseudo_sum_v6, sum_words, PROTO_UDP};
+            let udp = &h[n..n + crate::wire::udp::HEADER_LEN];
+            let sum = sum_words(pseudo_sum_v6(s6, d6, PROTO_UDP, udp_len as u32), udp);
+            let c = match fold(sum_words(sum, payload)) {
+                0 => 0xffff,
+                c => c,
+            };
+            h[n + 6..n + 8].copy_from_slice(&c.to_be_bytes());
+        }
         self.append(Tap::Outer, &h[..n + crate::wire::udp::HEADER_LEN], payload);
     }
 
