@@ -9,6 +9,10 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 /// Validate `[interface]`; `base` resolves relative paths.
+/// Most TX threads: each may put a batch (up to 192 packets of one TSO read) ahead of another
+/// thread's on the wire, and the peer's replay window must absorb that reordering.
+pub const MAX_TX_THREADS: u8 = 8;
+
 pub(super) fn interface(raw: RawInterface, base: &Path) -> Result<Interface, ConfigError> {
     let name = raw.name;
     check_name(&name)?;
@@ -56,7 +60,19 @@ pub(super) fn interface(raw: RawInterface, base: &Path) -> Result<Interface, Con
             ))
         }
     };
+    let tx_threads = match raw.tx_threads {
+        None => 1,
+        Some(n) if (1..=i64::from(MAX_TX_THREADS)).contains(&n) => n as u8,
+        Some(n) => {
+            return Err(invalid(
+                "interface.tx_threads",
+                n,
+                format!("a number of TX threads (TUN queues) from 1 to {MAX_TX_THREADS}"),
+            ))
+        }
+    };
     Ok(Interface {
+        tx_threads,
         offload: raw.offload.unwrap_or(true),
         listen_port,
         user,

@@ -186,7 +186,13 @@ pub struct Interface {
     pub offload: bool,
     /// The local UDP port ESP-in-UDP peers (`mode = "esp-udp"`) send to.
     pub listen_port: u16,
+    /// TX threads, one per TUN queue (`IFF_MULTI_QUEUE` when above 1).
+    pub tx_threads: u8,
 }
+
+/// How far one TX thread can put an SA's packets out of order: a batch plus the segments of
+/// one TSO read (`daemon::tx::TX_BUFS`).
+pub const REORDER_PER_THREAD: usize = 192;
 
 /// Default `interface.user`.
 pub const DEFAULT_USER: &str = "espip";
@@ -356,7 +362,29 @@ impl Config {
             warnings,
         };
         cfg.check_routes()?;
+        let mut cfg = cfg;
+        cfg.warn_reordering();
         Ok(cfg)
+    }
+
+    /// Several TX threads reorder an SA's packets by up to a batch each; a receiver whose
+    /// replay window is smaller drops them as replays.
+    fn warn_reordering(&mut self) {
+        let n = usize::from(self.interface.tx_threads);
+        if n <= 1 {
+            return;
+        }
+        let need = n * REORDER_PER_THREAD;
+        for p in &self.peers {
+            if let crate::datapath::EncapSpec::Esp { replay_window, .. } = p.encap {
+                if (replay_window as usize) < need {
+                    self.warnings.push(format!(
+                        "peer {:?}: with interface.tx_threads = {n} its packets may arrive up to {need} sequence numbers out of order; the replay window here is {replay_window}, and the peer's own must be at least {need} (strongSwan and Linux xfrm default to 32: use tx_threads = 1 with them)",
+                        p.name
+                    ));
+                }
+            }
+        }
     }
 
     /// The NAT table of the data path.

@@ -64,6 +64,7 @@ pub(super) struct RawInterface {
     pub(super) user: Option<String>,
     pub(super) offload: Option<bool>,
     pub(super) listen_port: Option<i64>,
+    pub(super) tx_threads: Option<i64>,
 }
 
 #[derive(Deserialize)]

@@ -283,7 +283,7 @@ fn spawn(res: &mut Resources, cfg: Arc<Config>) -> Result<Running, DaemonError> 
     let (workers, ended) = Workers::spawn(
         handles,
         res.inbound.take().expect("acquired"),
-        (recorder(), recorder()),
+        &recorder,
         clock,
     )
     .map_err(|e| DaemonError::Os("spawn the data-path threads", e))?;

@@ -230,7 +230,7 @@ fn drain_udp(u: &UdpEncapSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Rec
 /// consecutive TCP segments of one flow go as one large packet (GRO, `crate::gro`): the new
 /// headers and each segment's payload in one `writev`, no copy.
 pub(super) fn write_coalesced(
-    tun: &Tun,
+    queues: &[Tun],
     bufs: &mut [PacketBuf],
     deliver: &[usize],
     edge: &EdgeStats,
@@ -243,9 +243,19 @@ pub(super) fn write_coalesced(
             last_err = Err(e);
         }
     };
-    if !tun.vnet() {
+    // With several TUN queues, a flow's packets always go to the same one (the kernel then
+    // sends the flow's packets the other way to that queue's TX thread).
+    let tun = |b: &PacketBuf| match queues.len() {
+        1 => &queues[0],
+        n => {
+            let h = crate::wire::ip::flow_hash_symmetric(b.as_slice());
+            &queues[((u64::from(h) * n as u64) >> 32) as usize]
+        }
+    };
+    if !queues[0].vnet() {
         for &i in deliver {
-            fail(tun.write_packet(&mut bufs[i], 0));
+            let t = tun(&bufs[i]);
+            fail(t.write_packet(&mut bufs[i], 0));
         }
         return last_err;
     }
@@ -288,10 +298,13 @@ pub(super) fn write_coalesced(
                 for (slot, &i) in parts[2..].iter_mut().zip(&deliver[k..end]) {
                     *slot = io::IoSlice::new(&bufs[i].as_slice()[fs.hdr_len..]);
                 }
-                fail(tun.send_vectored(&parts[..2 + end - k]));
+                fail(tun(&bufs[first]).send_vectored(&parts[..2 + end - k]));
                 edge.gro_packets.fetch_add(1, Relaxed);
             }
-            _ => fail(tun.write_packet(&mut bufs[first], 0)),
+            _ => {
+                let t = tun(&bufs[first]);
+                fail(t.write_packet(&mut bufs[first], 0))
+            }
         }
         k = end;
     }
@@ -345,7 +358,7 @@ impl RxState<'_, '_> {
                 _ => {}
             }
         }
-        if let Err(err) = write_coalesced(e.tun, bufs, &deliver[..dn], e.edge) {
+        if let Err(err) = write_coalesced(e.queues, bufs, &deliver[..dn], e.edge) {
             if self.warn_write.ready() {
                 warn!("writing to the TUN failed: {err}");
             }

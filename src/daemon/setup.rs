@@ -36,8 +36,8 @@ pub(super) struct Resources {
     pub _rules: Option<RulesGuard>,
     /// Kernel settings changed, restored second.
     pub _sysctls: Option<Sysctls>,
-    /// The TUN device; closing it removes its addresses and routes.
-    pub tun: Arc<Tun>,
+    /// The TUN device, one `Tun` per queue; closing them removes its addresses and routes.
+    pub tun: Arc<Vec<Tun>>,
     /// The control socket (the lock against a second daemon).
     pub control: ControlSocket,
     /// Raw IP sockets, one per protocol in use.
@@ -90,14 +90,19 @@ impl Resources {
         let metrics = bind_metrics(cfg)?;
         check_aliases(cfg)?;
         restore_stale(&state, cfg);
-        let tun = Tun::create(&cfg.interface.name, cfg.interface.offload)?;
+        let tuns = Tun::create_queues(
+            &cfg.interface.name,
+            cfg.interface.offload,
+            usize::from(cfg.interface.tx_threads),
+        )?;
+        let tun = &tuns[0];
         let added = rt.block_on(crate::sys::netlink::configure(
             tun.name(),
             mtu,
             &cfg.interface.addresses,
             &cfg.routes(),
         ))?;
-        let sysctls = kernel_settings(cfg, &state, &tun)?;
+        let sysctls = kernel_settings(cfg, &state, tun)?;
         let tunnel = TunnelSpec {
             relay: cfg.interface.forward,
             mtu,
@@ -112,7 +117,7 @@ impl Resources {
         let mut res = Resources {
             _rules: rules,
             _sysctls: sysctls,
-            tun: Arc::new(tun),
+            tun: Arc::new(tuns),
             control,
             sockets: Arc::new(sockets),
             udp: Arc::new(udp),
@@ -140,7 +145,7 @@ impl Resources {
             ),
             None => None,
         };
-        log_installed(cfg, &res.tun, mtu, &res.routes);
+        log_installed(cfg, &res.tun[0], mtu, &res.routes);
         Ok(res)
     }
 

@@ -31,7 +31,7 @@ impl Drop for Report {
 
 /// The running data-path threads.
 pub(super) struct Workers {
-    tx: Option<JoinHandle<()>>,
+    tx: Vec<JoinHandle<()>>,
     rx: Option<JoinHandle<()>>,
     stop: Arc<EventFd>,
 }
@@ -50,34 +50,38 @@ impl Workers {
     pub(super) fn spawn(
         handles: EdgeHandles,
         inbound: Inbound,
-        recorders: (Recorder, Recorder),
+        recorder: &dyn Fn() -> Recorder,
         clock: Instant,
     ) -> std::io::Result<(Workers, UnboundedReceiver<Ended>)> {
         let (report, ended) = unbounded_channel();
         let stop = handles.stop.clone();
-        let (mut rec_tx, mut rec_rx) = recorders;
-        let tx = {
+        let mut tx = Vec::new();
+        for (queue, name) in TX_NAMES.iter().enumerate().take(handles.tun.len()) {
             let h = handles.clone();
-            let guard = Report("espip-tx", report.clone());
-            std::thread::Builder::new()
-                .name("espip-tx".into())
-                .spawn(move || {
-                    let _guard = guard;
-                    tx::tx_loop(&h.edges(), &mut rec_tx, clock)
-                })?
-        };
+            let guard = Report(name, report.clone());
+            let mut rec = recorder();
+            tx.push(
+                std::thread::Builder::new()
+                    .name((*name).into())
+                    .spawn(move || {
+                        let _guard = guard;
+                        tx::tx_loop(&h.edges(queue), &mut rec, clock)
+                    })?,
+            );
+        }
         let rx = {
             let guard = Report("espip-rx", report);
+            let mut rec = recorder();
             std::thread::Builder::new()
                 .name("espip-rx".into())
                 .spawn(move || {
                     let _guard = guard;
-                    rx::rx_loop(inbound, &handles.edges(), &mut rec_rx, clock)
+                    rx::rx_loop(inbound, &handles.edges(0), &mut rec, clock)
                 })?
         };
         Ok((
             Workers {
-                tx: Some(tx),
+                tx,
                 rx: Some(rx),
                 stop,
             },
@@ -85,7 +89,7 @@ impl Workers {
         ))
     }
 
-    /// Tell both threads to stop and wait for them; why each thread that panicked did.
+    /// Tell every thread to stop and wait for them; why each thread that panicked did.
     pub(super) fn finish(mut self) -> Vec<String> {
         let _ = self.stop.write(1);
         let why = |name: &str, e: Box<dyn std::any::Any + Send>| {
@@ -97,8 +101,10 @@ impl Workers {
             format!("{name} panicked: {msg}")
         };
         let mut failed = Vec::new();
-        if let Some(Err(e)) = self.tx.take().map(JoinHandle::join) {
-            failed.push(why("espip-tx", e));
+        for (t, name) in self.tx.drain(..).zip(TX_NAMES) {
+            if let Err(e) = t.join() {
+                failed.push(why(name, e));
+            }
         }
         if let Some(Err(e)) = self.rx.take().map(JoinHandle::join) {
             failed.push(why("espip-rx", e));
@@ -107,10 +113,22 @@ impl Workers {
     }
 }
 
+/// TX thread names, by TUN queue (at most `config::interface::MAX_TX_THREADS`).
+const TX_NAMES: [&str; 8] = [
+    "espip-tx",
+    "espip-tx1",
+    "espip-tx2",
+    "espip-tx3",
+    "espip-tx4",
+    "espip-tx5",
+    "espip-tx6",
+    "espip-tx7",
+];
+
 /// What each data-path thread owns a share of; [`EdgeHandles::edges`] lends it out.
 #[derive(Clone)]
 pub(super) struct EdgeHandles {
-    pub(super) tun: Arc<Tun>,
+    pub(super) tun: Arc<Vec<Tun>>,
     pub(super) sockets: Arc<Vec<RawSocket>>,
     pub(super) udp: Arc<Vec<UdpEncapSocket>>,
     pub(super) stop: Arc<EventFd>,
@@ -120,9 +138,11 @@ pub(super) struct EdgeHandles {
 }
 
 impl EdgeHandles {
-    pub(super) fn edges(&self) -> Edges<'_> {
+    /// What TX thread `queue` (or the RX thread, queue 0) works with.
+    pub(super) fn edges(&self, queue: usize) -> Edges<'_> {
         Edges {
-            tun: &self.tun,
+            tun: &self.tun[queue],
+            queues: &self.tun,
             sockets: &self.sockets,
             udp: &self.udp,
             stop: &self.stop,
@@ -135,7 +155,11 @@ impl EdgeHandles {
 
 /// The kernel objects and shared counters a data-path thread works with.
 pub(super) struct Edges<'a> {
+    /// This thread's TUN queue (TX: the one it reads; ICMP errors go back on it).
     pub(super) tun: &'a Tun,
+    /// Every queue of the TUN (the RX thread writes a flow to the queue its hash picks, so
+    /// the kernel sends that flow's packets to the same TX thread).
+    pub(super) queues: &'a [Tun],
     pub(super) sockets: &'a [RawSocket],
     pub(super) udp: &'a [UdpEncapSocket],
     pub(super) stop: &'a EventFd,

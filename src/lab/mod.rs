@@ -158,11 +158,22 @@ impl TransferResult {
 /// Move `bytes` over TCP from `from` to `to_addr:5001` (a sink in `to`), hashing both ends.
 pub fn transfer(
     exe: &std::path::Path,
-    (from, to): (&netns::Netns, &netns::Netns),
+    ends: (&netns::Netns, &netns::Netns),
     to_addr: &str,
     bytes: u64,
 ) -> io::Result<TransferResult> {
-    let target = format!("{to_addr}:5001");
+    transfer_on(exe, ends, to_addr, 5001, bytes)
+}
+
+/// [`transfer`] to TCP port `port` (several at once need a port each).
+pub fn transfer_on(
+    exe: &std::path::Path,
+    (from, to): (&netns::Netns, &netns::Netns),
+    to_addr: &str,
+    port: u16,
+    bytes: u64,
+) -> io::Result<TransferResult> {
+    let target = format!("{to_addr}:{port}");
     let sink = to
         .command(exe)
         .args(["lab-tool", "sink", "--listen", &target])

@@ -16,6 +16,10 @@ const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 /// `IFF_VNET_HDR`: every packet is prefixed by a `struct virtio_net_hdr`.
 const IFF_VNET_HDR: libc::c_int = 0x4000;
+/// `IFF_MULTI_QUEUE`: each open of the device is one of its queues.
+const IFF_MULTI_QUEUE: libc::c_int = 0x0100;
+/// `IFF_TUN_EXCL`: fail with `EBUSY` if the device exists (so the first queue is ours).
+const IFF_TUN_EXCL: libc::c_int = 0x8000;
 /// `TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6`: the kernel may hand over TCP packets of up to 64 KB
 /// with a partial checksum (espip segments them, `crate::gso`).
 const TUN_OFFLOADS: libc::c_uint = 0x01 | 0x02 | 0x04;
@@ -54,6 +58,29 @@ impl Tun {
     /// Create (or attach to) the TUN device `name`, non-blocking; with `offload`, with
     /// `IFF_VNET_HDR` and TSO/checksum offload (see [`Tun::vnet`]).
     pub fn create(name: &str, offload: bool) -> Result<Tun, TunError> {
+        Tun::open_queue(name, offload, 0)
+    }
+
+    /// Create the TUN device `name` with `queues` queues (`IFF_MULTI_QUEUE` when more than
+    /// one): the kernel spreads the packets it sends into the device over the queues by flow,
+    /// and sends a flow to the queue its packets last came back on. The first queue is
+    /// created exclusively (`IFF_TUN_EXCL`): an existing device is an error, never joined.
+    pub fn create_queues(name: &str, offload: bool, queues: usize) -> Result<Vec<Tun>, TunError> {
+        if queues <= 1 {
+            return Ok(vec![Tun::create(name, offload)?]);
+        }
+        let mut all = vec![Tun::open_queue(
+            name,
+            offload,
+            IFF_MULTI_QUEUE | IFF_TUN_EXCL,
+        )?];
+        for _ in 1..queues {
+            all.push(Tun::open_queue(name, offload, IFF_MULTI_QUEUE)?);
+        }
+        Ok(all)
+    }
+
+    fn open_queue(name: &str, offload: bool, extra: libc::c_int) -> Result<Tun, TunError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -65,7 +92,7 @@ impl Tun {
         for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes().take(15)) {
             *dst = src as libc::c_char;
         }
-        let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+        let mut flags = libc::IFF_TUN | libc::IFF_NO_PI | extra;
         if offload {
             flags |= IFF_VNET_HDR;
         }

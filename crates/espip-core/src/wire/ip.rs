@@ -123,10 +123,65 @@ pub fn pseudo_sum_v6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, len: u32) ->
 pub use super::ipv4::emit_header as emit_ipv4_header;
 pub use super::udp::emit_header as emit_udp_header;
 
+/// A hash of the packet's flow that is the same in both directions (addresses and, for TCP and
+/// UDP, ports combined with XOR): the RX thread writes every packet of a flow to one TUN queue
+/// by it, and the kernel then sends that flow's packets to the same queue's TX thread.
+/// Unparseable packets hash to 0.
+pub fn flow_hash_symmetric(p: &[u8]) -> u32 {
+    let words = |b: &[u8]| -> u32 {
+        b.chunks_exact(4).fold(0, |h, w| {
+            h ^ u32::from_be_bytes(w.try_into().expect("4 bytes"))
+        })
+    };
+    let (addrs, proto, l4) = if let Ok(ip) = super::ipv4::Ipv4Packet::new_checked(p) {
+        let f = super::ipv4::field::SRC.start..super::ipv4::field::DST.end;
+        let l4 = (!ip.is_fragment()).then(|| ip.header_len());
+        (
+            words(&p[f.start..f.start + 4]) ^ words(&p[f.start + 4..f.end]),
+            ip.protocol(),
+            l4,
+        )
+    } else if let Ok(ip) = super::ipv6::Ipv6Packet::new_checked(p) {
+        let (s, d) = (super::ipv6::field::SRC, super::ipv6::field::DST);
+        (
+            words(&p[s]) ^ words(&p[d]),
+            ip.next_header(),
+            Some(super::ipv6::HEADER_LEN),
+        )
+    } else {
+        return 0;
+    };
+    let ports = match (proto, l4) {
+        (6 | PROTO_UDP, Some(at)) => p.get(at..at + 4).map_or(0, |b| {
+            u32::from(u16::from_be_bytes([b[0], b[1]]) ^ u16::from_be_bytes([b[2], b[3]]))
+        }),
+        _ => 0,
+    };
+    // Fibonacci hashing spreads the combined bits over the whole word.
+    (addrs ^ (ports << 8) ^ u32::from(proto)).wrapping_mul(0x9E37_79B9)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn the_flow_hash_is_the_same_both_ways_and_differs_between_flows() {
+        let tcp = |src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16| {
+            let mut v = vec![0u8; 40];
+            emit_ipv4_header(&mut v, src.into(), dst.into(), 6, 40);
+            v[20..22].copy_from_slice(&sp.to_be_bytes());
+            v[22..24].copy_from_slice(&dp.to_be_bytes());
+            v
+        };
+        let a = tcp([10, 4, 2, 99], [10, 4, 2, 5], 40000, 5201);
+        let back = tcp([10, 4, 2, 5], [10, 4, 2, 99], 5201, 40000);
+        let other = tcp([10, 4, 2, 99], [10, 4, 2, 5], 40001, 5201);
+        assert_eq!(flow_hash_symmetric(&a), flow_hash_symmetric(&back));
+        assert_ne!(flow_hash_symmetric(&a), flow_hash_symmetric(&other));
+        assert_eq!(flow_hash_symmetric(&[0x45, 0]), 0);
+    }
 
     /// RFC 1071 section 3 example: the sum of 00 01 f2 03 f4 f5 f6 f7 is ddf2 (checksum 220d).
     #[test]
