@@ -645,6 +645,39 @@ key_in = "{KEY16B}"
     }
 
     #[test]
+    fn tx_threads_are_bounded_and_a_small_replay_window_is_warned_about() {
+        let two =
+            |extra: &str| base(extra).replace("[interface]\n", "[interface]\ntx_threads = 2\n");
+        let c = Config::parse(&two(""), Path::new(".")).unwrap();
+        assert_eq!(c.interface.tx_threads, 2);
+        assert!(
+            c.warnings.is_empty(),
+            "window 1024 >= 2 x 192: {:?}",
+            c.warnings
+        );
+        let c = Config::parse(&two("replay_window = 64"), Path::new(".")).unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("tx_threads = 2") && w.contains("384")),
+            "{:?}",
+            c.warnings
+        );
+        let e = err(&base("").replace("[interface]\n", "[interface]\ntx_threads = 9\n"));
+        assert!(
+            e.contains("interface.tx_threads") && e.contains("1 to 8"),
+            "{e}"
+        );
+        assert_eq!(
+            Config::parse(&base(""), Path::new("."))
+                .unwrap()
+                .interface
+                .tx_threads,
+            1
+        );
+    }
+
+    #[test]
     fn ipip_refuses_keys_and_warns() {
         let text = r#"
 [interface]
