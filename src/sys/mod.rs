@@ -23,6 +23,26 @@ use std::os::fd::AsRawFd;
 pub(crate) const SOCKET_BUFFER: usize = 4 << 20;
 
 /// `setsockopt` of one `int`.
+/// Path MTU discovery off on a socket of IPv6 (`v6`) or IPv4: an outer packet above the path
+/// MTU is fragmented (over IPv6 by this host, the sender) instead of refused. Best effort.
+pub(crate) fn fragment_rather_than_refuse(sock: &impl AsRawFd, v6: bool) {
+    let _ = if v6 {
+        set_int(
+            sock,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DONT,
+        )
+    } else {
+        set_int(
+            sock,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DONT,
+        )
+    };
+}
+
 pub(crate) fn set_int(
     sock: &impl AsRawFd,
     level: libc::c_int,

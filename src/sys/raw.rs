@@ -40,21 +40,7 @@ impl RawSocket {
         // Outer packets larger than the path are fragmented by the kernel (IPv6: by this host,
         // as the sender) instead of being refused: a lowered path MTU costs fragmentation,
         // not a black hole.
-        let _ = if v6 {
-            set_int(
-                &sock,
-                libc::IPPROTO_IPV6,
-                libc::IPV6_MTU_DISCOVER,
-                libc::IPV6_PMTUDISC_DONT,
-            )
-        } else {
-            set_int(
-                &sock,
-                libc::IPPROTO_IP,
-                libc::IP_MTU_DISCOVER,
-                libc::IP_PMTUDISC_DONT,
-            )
-        };
+        super::fragment_rather_than_refuse(&sock, v6);
         if let Some(l) = local {
             sock.bind(&SocketAddr::new(l, 0).into())?;
         }

@@ -134,21 +134,7 @@ impl UdpEncapSocket {
             let _ = set_int(&sock, libc::SOL_SOCKET, opt, SOCKET_BUFFER as libc::c_int);
         }
         // As for raw sockets: a lowered path MTU costs fragmentation, not a black hole.
-        let _ = if v6 {
-            set_int(
-                &sock,
-                libc::IPPROTO_IPV6,
-                libc::IPV6_MTU_DISCOVER,
-                libc::IPV6_PMTUDISC_DONT,
-            )
-        } else {
-            set_int(
-                &sock,
-                libc::IPPROTO_IP,
-                libc::IP_MTU_DISCOVER,
-                libc::IP_PMTUDISC_DONT,
-            )
-        };
+        super::fragment_rather_than_refuse(&sock, v6);
         // Receive trains of datagrams as one buffer; a kernel without it delivers them singly.
         let _ = set_int(&sock, libc::SOL_UDP, libc::UDP_GRO, 1);
         // Probe segmentation offload with a socket-wide setting of 0 (off): the option exists
