@@ -1,4 +1,4 @@
-//! Namespace tests: Independent ESP implementations against espip: scapy as the peer (ESP and ESP in UDP, every cipher), tshark decrypting espip's captures with the SAs `espip sa --wireshark` exports.
+//! Namespace tests: Independent ESP implementations against espip: scapy as the peer (ESP and ESP in UDP, every cipher, over IPv4 and IPv6), tshark decrypting espip's captures with the SAs `espip sa --wireshark` exports.
 //! Shared harness in `common/`; see its documentation for the rules (root, namespace
 //! names, cleanup).
 
@@ -7,13 +7,17 @@ mod common;
 use common::*;
 
 fn scapy_interop(tag: &str, cipher: Cipher, udp: bool) {
+    scapy_interop_over(tag, cipher, udp, false)
+}
+
+fn scapy_interop_over(tag: &str, cipher: Cipher, udp: bool, outer_v6: bool) {
     let Some(_g) = serial() else { return };
     let mode = if udp {
         LabMode::EspUdp(cipher)
     } else {
         LabMode::Esp(cipher)
     };
-    let mut h = half_lab_mode(tag, mode, cipher, "");
+    let mut h = half_lab_over(tag, mode, cipher, "", outer_v6);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/scapy_peer.py");
     let out = netns::run(
         h.b.command("/usr/bin/python3")
@@ -24,6 +28,7 @@ fn scapy_interop(tag: &str, cipher: Cipher, udp: bool) {
             .args(["--spi-a-to-b", &format!("{SPI_A_TO_B:#x}")])
             .args(["--spi-b-to-a", &format!("{SPI_B_TO_A:#x}")])
             .arg("--hostile")
+            .args(if outer_v6 { &["--outer6"][..] } else { &[] })
             // As if a NAT had mapped B's port 4500 to 4501: espip must answer there.
             .args(if udp {
                 &["--udp", "--sport", "4501"][..]
@@ -47,7 +52,12 @@ fn scapy_interop(tag: &str, cipher: Cipher, udp: bool) {
     assert_eq!(p.mode, if udp { "esp-udp" } else { "esp" });
     if udp {
         assert_eq!(
-            p.endpoint, "192.0.2.2:4501",
+            p.endpoint,
+            if outer_v6 {
+                "[2001:db8:2::2]:4501"
+            } else {
+                "192.0.2.2:4501"
+            },
             "the port B's datagrams came from"
         );
     }
@@ -80,6 +90,13 @@ fn scapy_interop(tag: &str, cipher: Cipher, udp: bool) {
         "the replayed request is counted: {log}"
     );
     assert!(!h.a.has_link("espip0"));
+}
+
+/// scapy's ESP over an IPv6 underlay: ESP as next header 50, and ESP in UDP/IPv6.
+#[test]
+fn scapy_interop_over_ipv6_esp_and_esp_in_udp() {
+    scapy_interop_over("scapy6", Cipher::Aes128Gcm, false, true);
+    scapy_interop_over("scapy6u", Cipher::Aes128Gcm, true, true);
 }
 
 #[test]

@@ -99,14 +99,29 @@ pub fn half_lab_with(tag: &str, cipher: Cipher, extra: &str) -> HalfLab {
 }
 
 pub fn half_lab_mode(tag: &str, mode: LabMode, cipher: Cipher, extra: &str) -> HalfLab {
-    let (a, b) = p2p::topology(tag).unwrap();
+    half_lab_over(tag, mode, cipher, extra, false)
+}
+
+/// `half_lab_mode` over an IPv6 underlay when `outer_v6` (A 2001:db8:2::1, B ::2).
+pub fn half_lab_over(
+    tag: &str,
+    mode: LabMode,
+    cipher: Cipher,
+    extra: &str,
+    outer_v6: bool,
+) -> HalfLab {
+    let (a, b) = if outer_v6 {
+        p2p::topology_v6(tag).unwrap()
+    } else {
+        p2p::topology(tag).unwrap()
+    };
     let keys = LabKeys::generate(cipher).unwrap();
     let dir = std::env::temp_dir().join(format!("espip-test-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("a.toml");
     std::fs::write(
         &cfg,
-        p2p::config_text(mode, true, Some(&keys), false, &dir.join("state")) + extra,
+        p2p::config_text_over(mode, true, Some(&keys), false, &dir.join("state"), outer_v6) + extra,
     )
     .unwrap();
     let daemon = Daemon::start(&a, &exe(), &cfg, &dir.join("a.log")).unwrap();

@@ -9,6 +9,7 @@ Runs inside B's namespace against an espip daemon in A's namespace:
 3. sniffs what espip sends back and decrypts it with the A->B SA.
 With --udp everything travels as ESP in UDP between ports 4500 (RFC 3948, scapy's NAT-T
 encapsulation), and --hostile adds a NAT-keepalive and an IKE datagram (non-ESP marker).
+With --outer6 the underlay is IPv6 (A 2001:db8:2::1, B 2001:db8:2::2; ESP as next header 50).
 Prints one JSON line; exits 0 when every request got exactly one decryptable echo reply.
 """
 import argparse
@@ -16,7 +17,7 @@ import json
 import sys
 import time
 
-from scapy.all import UDP, AsyncSniffer, ICMP, IP, Raw, conf, send
+from scapy.all import UDP, AsyncSniffer, ICMP, IP, IPv6, Raw, conf, send
 from scapy.layers.ipsec import ESP, SecurityAssociation
 
 ALGO = {
@@ -28,9 +29,14 @@ ALGO = {
 
 def fix_udp_length(pkt):
     """scapy 2.5's NAT-T encryption leaves the UDP length at 8 (the header alone), so the
-    receiving kernel would cut the ESP payload off; let scapy compute it (and the IP checksum)."""
+    receiving kernel would cut the ESP payload off; let scapy compute it (and the IP and, over
+    IPv6, where a UDP checksum is mandatory, the UDP checksum)."""
     if UDP in pkt:
         del pkt[UDP].len
+        if IPv6 in pkt:
+            del pkt[UDP].chksum
+            del pkt[IPv6].plen
+            return IPv6(bytes(pkt))
         del pkt[IP].chksum
         return IP(bytes(pkt))
     return pkt
@@ -46,29 +52,34 @@ def main():
     ap.add_argument("--count", type=int, default=5)
     ap.add_argument("--hostile", action="store_true")
     ap.add_argument("--udp", action="store_true")
+    ap.add_argument("--outer6", action="store_true", help="an IPv6 underlay")
     ap.add_argument("--sport", type=int, default=4500,
                     help="our UDP source port with --udp (as a NAT would have mapped it)")
     a = ap.parse_args()
     conf.verb = 0
     algo = ALGO[a.cipher]
+    A, B = ("2001:db8:2::1", "2001:db8:2::2") if a.outer6 else ("192.0.2.1", "192.0.2.2")
+    L3 = IPv6 if a.outer6 else IP
     nat_t = UDP(sport=a.sport, dport=4500) if a.udp else None
     tx = SecurityAssociation(ESP, spi=a.spi_b_to_a, crypt_algo=algo,
                              crypt_key=bytes.fromhex(a.key_b_to_a.removeprefix("0x")),
-                             tunnel_header=IP(src="192.0.2.2", dst="192.0.2.1"),
+                             tunnel_header=L3(src=B, dst=A),
                              nat_t_header=nat_t)
     rx = SecurityAssociation(ESP, spi=a.spi_a_to_b, crypt_algo=algo,
                              crypt_key=bytes.fromhex(a.key_a_to_b.removeprefix("0x")),
-                             tunnel_header=IP(src="192.0.2.1", dst="192.0.2.2"),
+                             tunnel_header=L3(src=A, dst=B),
                              nat_t_header=UDP(sport=4500, dport=a.sport) if a.udp else None)
 
     def outer(payload):
         """A hand-made datagram to A: bare protocol 50, or in UDP with --udp."""
         if a.udp:
-            return IP(src="192.0.2.2", dst="192.0.2.1") / UDP(sport=a.sport, dport=4500) / Raw(payload)
-        return IP(src="192.0.2.2", dst="192.0.2.1", proto=50) / Raw(payload)
+            return L3(src=B, dst=A) / UDP(sport=a.sport, dport=4500) / Raw(payload)
+        if a.outer6:
+            return IPv6(src=B, dst=A, nh=50) / Raw(payload)
+        return IP(src=B, dst=A, proto=50) / Raw(payload)
 
-    sniffer = AsyncSniffer(iface="veth0", filter=("udp" if a.udp else "ip proto 50")
-                           + " and src host 192.0.2.1")
+    proto_filter = "udp" if a.udp else ("ip6 proto 50" if a.outer6 else "ip proto 50")
+    sniffer = AsyncSniffer(iface="veth0", filter=f"{proto_filter} and src host {A}")
     sniffer.start()
     time.sleep(0.5)
     sent = []
@@ -86,7 +97,13 @@ def main():
         good = bytes(fix_udp_length(tx.encrypt(inner, seq_num=nxt)))
         # Last byte of the ICV flipped: a fresh sequence number, so only the ICV is wrong.
         tampered = good[:-1] + bytes([good[-1] ^ 0x01])
-        send(IP(tampered))
+        t = L3(tampered)
+        if a.outer6 and UDP in t:
+            # Over IPv6 the UDP checksum is checked by the kernel: make it right for the
+            # tampered bytes, so that only the ICV is wrong when the datagram reaches espip.
+            del t[UDP].chksum
+            t = IPv6(bytes(t))
+        send(t)
         # An SPI nobody installed.
         send(outer((0xdead).to_bytes(4, "big") + (1).to_bytes(4, "big") + bytes(40)))
         # The right SPI but only 8 bytes: no room for IV, payload or ICV.
@@ -106,7 +123,7 @@ def main():
     wrong_port = 0
     for p in captured:
         if not a.udp:
-            packets.append(p[IP])
+            packets.append(p[L3])
             continue
         # espip must answer the port our datagrams came from.
         wrong_port += p[UDP].sport != 4500 or p[UDP].dport != a.sport
@@ -114,7 +131,7 @@ def main():
         n = len(data) // esp_len if len(data) % esp_len == 0 else 1
         size = len(data) // n
         for i in range(n):
-            packets.append(IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=4500, dport=a.sport)
+            packets.append(L3(src=A, dst=B) / UDP(sport=4500, dport=a.sport)
                            / ESP(data[i * size:(i + 1) * size]))
     for p in packets:
         try:
