@@ -118,3 +118,117 @@ fn hub_lab() {
     assert!(text.contains("6 passed, 0 failed"), "{text}");
     assert!(text.contains("H's kernel forwarded 0 datagrams"), "{text}");
 }
+
+/// One daemon, peers over both underlays: A reaches B as peer "b4" over IPv4 (ESP, protocol
+/// 50) and as peer "b6" over IPv6 (ESP in UDP/IPv6), each with its own SAs and inner prefix.
+/// A transfer through each has an equal hash, the status shows both endpoints, and neither end
+/// counts a drop of the two peers' traffic.
+#[test]
+fn one_daemon_with_an_ipv4_peer_and_an_ipv6_peer() {
+    let Some(_g) = serial() else { return };
+    let (a, b) = p2p::topology_v6("mixed").unwrap();
+    let dir = std::env::temp_dir().join(format!("espip-test-mixed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = || {
+        espip::sys::random_key(Cipher::Aes128Gcm)
+            .unwrap()
+            .to_hex()
+            .to_string()
+    };
+    let (k4ab, k4ba, k6ab, k6ba) = (key(), key(), key(), key());
+    // (me, inner v4 address, inner v6-peer address, v4 endpoint, v6 endpoint, keys out/in)
+    let hosts = [
+        (
+            "a",
+            "10.4.2.99",
+            "10.4.3.99",
+            "192.0.2.2",
+            "[2001:db8:2::2]:4500",
+            (&k4ab, &k4ba),
+            (&k6ab, &k6ba),
+            (0x4001, 0x4002, 0x6001, 0x6002),
+        ),
+        (
+            "b",
+            "10.4.2.5",
+            "10.4.3.5",
+            "192.0.2.1",
+            "[2001:db8:2::1]:4500",
+            (&k4ba, &k4ab),
+            (&k6ba, &k6ab),
+            (0x4002, 0x4001, 0x6002, 0x6001),
+        ),
+    ];
+    let mut daemons = Vec::new();
+    for (i, (me, in4, in6, ep4, ep6, k4, k6, spi)) in hosts.iter().enumerate() {
+        let (other4, other6) = if i == 0 {
+            ("10.4.2.5", "10.4.3.5")
+        } else {
+            ("10.4.2.99", "10.4.3.99")
+        };
+        let state = dir.join(format!("state-{me}"));
+        let text = format!(
+            "[interface]\nname = \"espip0\"\naddress = [\"{in4}/24\", \"{in6}/24\"]\nstate_dir = \"{}\"\ncontrol = \"{}\"\n\n\
+             [[peer]]\nname = \"{}4\"\nendpoint = \"{ep4}\"\nallowed_ips = [\"{other4}/32\"]\nmode = \"esp\"\ncipher = \"aes-128-gcm\"\nspi_out = \"{:#x}\"\nspi_in = \"{:#x}\"\nkey_out = \"{}\"\nkey_in = \"{}\"\n\n\
+             [[peer]]\nname = \"{}6\"\nendpoint = \"{ep6}\"\nallowed_ips = [\"{other6}/32\"]\nmode = \"esp-udp\"\ncipher = \"aes-128-gcm\"\nspi_out = \"{:#x}\"\nspi_in = \"{:#x}\"\nkey_out = \"{}\"\nkey_in = \"{}\"\n",
+            state.display(),
+            state.join("control.sock").display(),
+            if i == 0 { "b" } else { "a" },
+            spi.0,
+            spi.1,
+            k4.0,
+            k4.1,
+            if i == 0 { "b" } else { "a" },
+            spi.2,
+            spi.3,
+            k6.0,
+            k6.1,
+        );
+        let cfg = dir.join(format!("{me}.toml"));
+        std::fs::write(&cfg, text).unwrap();
+        let ns = if i == 0 { &a } else { &b };
+        daemons.push(Daemon::start(ns, &exe(), &cfg, &dir.join(format!("{me}.log"))).unwrap());
+    }
+    // The route to B's second address takes A's second address as its source (espip's routes
+    // carry no preferred source; the kernel would pick the TUN's first address, which B
+    // accepts only from peer a4).
+    a.ip(&[
+        "route",
+        "replace",
+        "10.4.3.5/32",
+        "dev",
+        "espip0",
+        "src",
+        "10.4.3.99",
+    ])
+    .unwrap();
+    for to in ["10.4.2.5", "10.4.3.5"] {
+        let r = espip::lab::transfer(&exe(), (&a, &b), to, 10_000_000).unwrap();
+        assert!(r.ok(10_000_000), "to {to}: {r:?}");
+    }
+    let (sa, sb) = (
+        status_at(&dir.join("state-a/control.sock")),
+        status_at(&dir.join("state-b/control.sock")),
+    );
+    let endpoints: Vec<_> = sa.peers.iter().map(|p| p.endpoint.clone()).collect();
+    assert_eq!(endpoints, ["192.0.2.2", "[2001:db8:2::2]:4500"]);
+    for p in &sa.peers {
+        assert!(p.tx_packets > 1000 && p.rx_packets > 100, "{p:?}");
+    }
+    for (who, st) in [("A", &sa), ("B", &sb)] {
+        for r in [
+            "replay",
+            "bad_icv",
+            "unknown_spi",
+            "wrong_source",
+            "not_allowed",
+            "malformed",
+        ] {
+            assert_eq!(st.drops[r], 0, "{who} dropped {r}: {:?}", st.drops);
+        }
+    }
+    for d in &mut daemons {
+        assert!(d.stop().unwrap(), "clean stop");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -190,6 +190,15 @@ pub fn transfer_on(
         &bytes.to_string(),
     ]))?;
     let elapsed = started.elapsed();
+    // The sink ends when the source closes; one that never got a connection (the source gave
+    // up: no path through the tunnel) is stopped, so a broken tunnel fails the transfer
+    // instead of hanging it.
+    let mut sink = sink;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while sink.try_wait()?.is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = sink.kill();
     let sink_out = sink.wait_with_output()?;
     let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
     let parse = |o: &std::process::Output| {
