@@ -1,0 +1,1209 @@
+//! Multipath: one peer reached over several paths (links) at once, with one SA pair.
+//!
+//! Seed 000's idea: carry the IP packets of a connection over several links and let the inner
+//! TCP put them back in order; nothing new on the wire but the choice of link per packet. The
+//! ESP sequence number is one order for the whole peer (one outbound SA), so the receiver can
+//! reorder by it and a copy sent on two paths is the same packet twice.
+//!
+//! - **Paths** ([`PathSpec`]): an outer destination (and UDP port) each; the kernel's routing
+//!   picks the link and source for each destination.
+//! - **Liveness and RTT**: every `probe_interval` each path carries an authenticated probe, an
+//!   ESP dummy packet (RFC 4303 section 2.6, next header 59: a plain RFC 4303 peer discards it)
+//!   whose payload is [`Probe`]. The peer answers on the path the probe came from with an echo
+//!   carrying the probe's timestamp and how many bytes it received on that path. A path is
+//!   down after `dead_after` intervals without an echo and up again at the next one. A forged
+//!   probe fails the ICV; a replayed one is refused by the replay window: neither reaches
+//!   this module.
+//! - **Scheduler** ([`Scheduler`]): `spread` sends each packet on one path, in proportion to
+//!   what each path is measured to deliver ([`Controller`]); `failover` sends on the first live
+//!   path in the configured order; `redundant` sends every packet on every live path.
+//! - **Reordering** ([`Reorder`]): the receiver holds packets that arrive ahead of a gap for at
+//!   most a bounded time, so paths of different delays do not look like loss to TCP.
+//!
+//! The data path reads the schedule with relaxed atomics (a 64-slot table and a mask); the
+//! control side rebuilds them at each probe tick from the paths' state.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::Mutex;
+
+/// How a multipath peer's packets are spread over its live paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduler {
+    /// Each packet on one path, in proportion to what each path delivers.
+    Spread,
+    /// One path at a time: the first live one in the configured order.
+    Failover,
+    /// Every packet on every live path; the receiver keeps the first copy.
+    Redundant,
+}
+
+impl Scheduler {
+    /// Every scheduler.
+    pub const ALL: [Scheduler; 3] = [Scheduler::Spread, Scheduler::Failover, Scheduler::Redundant];
+
+    /// The configuration's word for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheduler::Spread => "spread",
+            Scheduler::Failover => "failover",
+            Scheduler::Redundant => "redundant",
+        }
+    }
+
+    /// The scheduler named `s`.
+    pub fn from_name(s: &str) -> Option<Scheduler> {
+        Scheduler::ALL.into_iter().find(|x| x.name() == s)
+    }
+}
+
+/// One path of a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathSpec {
+    /// Name for logs and status (unique within the peer).
+    pub name: String,
+    /// The peer's outer address on this path.
+    pub endpoint: IpAddr,
+    /// UDP destination port (ESP in UDP); 0 for IP protocols 50, 4 and 41.
+    pub port: u16,
+    /// Static weight: the starting share of `spread` before anything is measured.
+    pub weight: u32,
+}
+
+/// A multipath peer's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MultipathSpec {
+    /// The scheduler.
+    pub scheduler: Scheduler,
+    /// Time between two probes on each path, in milliseconds.
+    pub probe_interval_ms: u32,
+    /// A path is down after this many probe intervals without an echo.
+    pub dead_after: u32,
+    /// Longest time a packet waits in the reorder stage for the gap ahead of it, in
+    /// milliseconds (0: no reordering). The wait actually used follows the paths' measured
+    /// delay difference, up to this bound.
+    pub reorder_ms: u32,
+    /// Most packets held by the reorder stage.
+    pub reorder_packets: u32,
+    /// Most bytes held by the reorder stage.
+    pub reorder_bytes: u32,
+}
+
+impl Default for MultipathSpec {
+    fn default() -> Self {
+        MultipathSpec {
+            scheduler: Scheduler::Spread,
+            probe_interval_ms: 100,
+            dead_after: 3,
+            reorder_ms: 100,
+            reorder_packets: 4096,
+            reorder_bytes: 8 << 20,
+        }
+    }
+}
+
+/// Slots of the spread schedule: shares are in 64ths.
+pub const SLOTS: usize = 64;
+
+/// Most paths per peer (the redundant mask is a `u32`, slots hold a `u8`).
+pub const MAX_PATHS: usize = 8;
+
+/// A path's liveness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathState {
+    /// No echo yet, still within the first detection time: used.
+    Unknown = 0,
+    /// Echoes arrive.
+    Up = 1,
+    /// No echo for `dead_after` probe intervals: not used until an echo arrives.
+    Down = 2,
+}
+
+impl PathState {
+    /// The status word.
+    pub fn name(self) -> &'static str {
+        match self {
+            PathState::Unknown => "unknown",
+            PathState::Up => "up",
+            PathState::Down => "down",
+        }
+    }
+
+    fn from_u8(v: u8) -> PathState {
+        match v {
+            1 => PathState::Up,
+            2 => PathState::Down,
+            _ => PathState::Unknown,
+        }
+    }
+
+    fn usable(self) -> bool {
+        self != PathState::Down
+    }
+}
+
+/// One path's counters and measurements, shared by the data path (writes traffic counters,
+/// reads nothing) and the control side (probes, liveness, status). Survives a reload when the
+/// peer and path keep their names.
+#[derive(Debug, Default)]
+pub struct PathStats {
+    state: AtomicU8,
+    /// Smoothed RTT of the probes, nanoseconds (0: none measured).
+    pub srtt_ns: AtomicU64,
+    /// Smallest probe RTT seen, nanoseconds (0: none measured).
+    pub min_rtt_ns: AtomicU64,
+    /// Time of the last echo (the caller's clock, nanoseconds; 0: never).
+    pub last_echo: AtomicU64,
+    /// Probes sent on the path.
+    pub probes_sent: AtomicU64,
+    /// Echoes received for them.
+    pub echoes: AtomicU64,
+    /// Packets sent on the path (copies of `redundant` included; probes not).
+    pub tx_packets: AtomicU64,
+    /// Inner bytes sent on the path.
+    pub tx_bytes: AtomicU64,
+    /// Authenticated packets received from the path's endpoint.
+    pub rx_packets: AtomicU64,
+    /// Their inner bytes.
+    pub rx_bytes: AtomicU64,
+    /// Inner bytes the peer said (in its last echo) it received on this path.
+    pub peer_rx_bytes: AtomicU64,
+    /// The share of `spread` in 64ths (the number of schedule slots).
+    pub share: AtomicU32,
+    /// What the controller estimates the path delivers, bytes per second (0: unknown).
+    pub capacity: AtomicU64,
+    /// ESP in UDP: the source port of the last authenticated datagram from the path's endpoint.
+    pub udp_port_seen: AtomicU32,
+}
+
+impl PathStats {
+    /// The path's liveness.
+    pub fn state(&self) -> PathState {
+        PathState::from_u8(self.state.load(Relaxed))
+    }
+
+    fn set_state(&self, s: PathState) {
+        self.state.store(s as u8, Relaxed);
+    }
+
+    /// Count an echo that came back at `now` for a probe sent at `sent`.
+    fn echo(&self, sent: u64, now: u64, peer_rx_bytes: u64) {
+        let rtt = now.saturating_sub(sent).max(1);
+        let srtt = self.srtt_ns.load(Relaxed);
+        // RFC 6298's smoothing (alpha = 1/8).
+        let next = if srtt == 0 { rtt } else { (srtt * 7 + rtt) / 8 };
+        self.srtt_ns.store(next, Relaxed);
+        let min = self.min_rtt_ns.load(Relaxed);
+        if min == 0 || rtt < min {
+            self.min_rtt_ns.store(rtt, Relaxed);
+        }
+        self.last_echo.store(now, Relaxed);
+        self.echoes.fetch_add(1, Relaxed);
+        self.peer_rx_bytes.fetch_max(peer_rx_bytes, Relaxed);
+    }
+}
+
+/// A liveness change, for the log (reported once per change).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathEvent {
+    /// Path index within the peer.
+    pub path: usize,
+    /// The new state.
+    pub state: PathState,
+}
+
+/// What the control side keeps per path between ticks.
+#[derive(Debug, Default, Clone, Copy)]
+struct Sample {
+    at: u64,
+    tx_bytes: u64,
+    peer_rx_bytes: u64,
+    /// Estimated deliverable rate, bytes per second (0: nothing known yet).
+    capacity: f64,
+}
+
+/// The `spread` controller: from each path's sent bytes and the bytes the peer reports it
+/// received, estimate what the path delivers, and give each live path a share in proportion.
+///
+/// Each window (at least two probe intervals and at least the largest RTT, so the peer's
+/// report has caught up with what was sent):
+/// - a path that lost more than [`Controller::LOSS`] of what it was sent, or whose probe RTT
+///   rose above its minimum by half (a queue building up), is saturated: its estimate becomes
+///   what it delivered;
+/// - a path that carried at least a tenth of its estimate without loss may carry more: its
+///   estimate grows by [`Controller::GROWTH`] over the larger of the estimate and what it
+///   delivered;
+/// - an idle path keeps its estimate.
+///
+/// Shares follow the estimates; every live path keeps at least one slot in 64 so that it stays
+/// measured.
+#[derive(Debug, Default)]
+pub struct Controller {
+    samples: Vec<Sample>,
+    window_start: u64,
+}
+
+impl Controller {
+    /// Loss above which a path counts as saturated.
+    pub const LOSS: f64 = 0.03;
+    /// Growth of an unsaturated path's estimate per window.
+    pub const GROWTH: f64 = 1.25;
+
+    /// Update the estimates at `now`, once `window_ns` has passed since the last update.
+    pub fn update(&mut self, paths: &[&PathStats], now: u64, window_ns: u64) {
+        if self.samples.len() != paths.len() {
+            self.samples = paths
+                .iter()
+                .map(|p| Sample {
+                    at: now,
+                    tx_bytes: p.tx_bytes.load(Relaxed),
+                    peer_rx_bytes: p.peer_rx_bytes.load(Relaxed),
+                    capacity: 0.0,
+                })
+                .collect();
+            self.window_start = now;
+        }
+        if now.saturating_sub(self.window_start) < window_ns {
+            return;
+        }
+        self.window_start = now;
+        for (s, p) in self.samples.iter_mut().zip(paths) {
+            let tx = p.tx_bytes.load(Relaxed);
+            let rx = p.peer_rx_bytes.load(Relaxed);
+            let dt = now.saturating_sub(s.at).max(1) as f64 / 1e9;
+            let sent = tx.saturating_sub(s.tx_bytes) as f64;
+            let delivered = rx.saturating_sub(s.peer_rx_bytes) as f64;
+            *s = Sample {
+                at: now,
+                tx_bytes: tx,
+                peer_rx_bytes: rx,
+                capacity: s.capacity,
+            };
+            if p.state() == PathState::Down || sent <= 0.0 {
+                continue;
+            }
+            let (sent_rate, delivered_rate) = (sent / dt, delivered.min(sent) / dt);
+            let srtt = p.srtt_ns.load(Relaxed);
+            let min = p.min_rtt_ns.load(Relaxed);
+            let queueing = min > 0 && srtt > min + min / 2 + 2_000_000;
+            let lossy = delivered < sent * (1.0 - Controller::LOSS);
+            if lossy || queueing {
+                s.capacity = if s.capacity == 0.0 {
+                    delivered_rate
+                } else {
+                    // Smoothed, so one bad window does not halve a path.
+                    0.5 * s.capacity + 0.5 * delivered_rate
+                };
+            } else if s.capacity == 0.0 || sent_rate >= 0.1 * s.capacity {
+                s.capacity = s.capacity.max(delivered_rate) * Controller::GROWTH;
+            }
+        }
+    }
+
+    /// Each path's share in 64ths: live paths in proportion to their estimates (or to their
+    /// static weights while any live path has none), at least one slot each; down paths none.
+    /// `None` when no path is live.
+    pub fn shares(&self, paths: &[&PathStats], weights: &[u32]) -> Option<Vec<u32>> {
+        let live: Vec<bool> = paths.iter().map(|p| p.state().usable()).collect();
+        if !live.contains(&true) {
+            return None;
+        }
+        let caps: Vec<f64> = (0..paths.len())
+            .map(|i| self.samples.get(i).map_or(0.0, |s| s.capacity))
+            .collect();
+        let measured = live.iter().zip(&caps).all(|(l, c)| !*l || *c > 0.0);
+        let raw: Vec<f64> = (0..paths.len())
+            .map(|i| match (live[i], measured) {
+                (false, _) => 0.0,
+                (true, true) => caps[i],
+                (true, false) => f64::from(weights[i].max(1)),
+            })
+            .collect();
+        Some(apportion(&raw))
+    }
+
+    /// The estimate of path `i`, bytes per second (0: none yet).
+    pub fn capacity(&self, i: usize) -> f64 {
+        self.samples.get(i).map_or(0.0, |s| s.capacity)
+    }
+}
+
+/// Split [`SLOTS`] in proportion to `raw` (largest remainders), at least one slot for each
+/// positive entry.
+fn apportion(raw: &[f64]) -> Vec<u32> {
+    let total: f64 = raw.iter().sum();
+    let live = raw.iter().filter(|r| **r > 0.0).count();
+    let mut out = vec![0u32; raw.len()];
+    if live == 0 || total <= 0.0 {
+        return out;
+    }
+    let free = (SLOTS - live) as f64;
+    let mut rem: Vec<(f64, usize)> = Vec::new();
+    let mut used = 0;
+    for (i, r) in raw.iter().enumerate() {
+        if *r > 0.0 {
+            let exact = free * r / total;
+            out[i] = 1 + exact.floor() as u32;
+            used += out[i];
+            rem.push((exact - exact.floor(), i));
+        }
+    }
+    rem.sort_by(|a, b| b.0.total_cmp(&a.0));
+    for (_, i) in rem.iter().cycle().take(SLOTS.saturating_sub(used as usize)) {
+        out[*i] += 1;
+    }
+    out
+}
+
+/// Lay out `shares` (summing to [`SLOTS`]) over the slots, each path's slots spread evenly
+/// (smooth weighted round robin, as nginx does for upstreams).
+fn layout(shares: &[u32]) -> [u8; SLOTS] {
+    let mut table = [0u8; SLOTS];
+    let mut current = vec![0i64; shares.len()];
+    let total: i64 = shares.iter().map(|s| i64::from(*s)).sum();
+    for slot in table.iter_mut() {
+        let mut best = 0;
+        for (i, s) in shares.iter().enumerate() {
+            current[i] += i64::from(*s);
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        *slot = best as u8;
+    }
+    table
+}
+
+/// The part of a multipath peer shared by both halves of the data path and the control side.
+#[derive(Debug)]
+pub struct Multipath {
+    /// Settings.
+    pub spec: MultipathSpec,
+    /// The paths, in configured order.
+    pub paths: Vec<PathSpec>,
+    /// Their counters, in the same order.
+    pub stats: Vec<std::sync::Arc<PathStats>>,
+    /// The spread/failover schedule: slot i's path is byte i % 8 of word i / 8.
+    table: [AtomicU64; SLOTS / 8],
+    /// The paths `redundant` sends on (bit i: path i).
+    mask: AtomicU32,
+    /// Packets scheduled (picks the slot).
+    next: AtomicU64,
+    /// Probes sent (their identifiers).
+    probe_id: AtomicU64,
+    control: Mutex<Controller>,
+}
+
+/// Where the schedule sends one packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// On this path.
+    One(usize),
+    /// On each path of the mask (bit i: path i).
+    Every(u32),
+}
+
+impl Multipath {
+    /// A peer's multipath state; `prev` (the previous generation's, if the peer existed) gives
+    /// the counters of paths whose names continue.
+    pub fn new(spec: MultipathSpec, paths: Vec<PathSpec>, prev: Option<&Multipath>) -> Multipath {
+        let stats = paths
+            .iter()
+            .map(|p| {
+                prev.and_then(|m| {
+                    m.paths
+                        .iter()
+                        .position(|q| q.name == p.name && q.endpoint == p.endpoint)
+                        .map(|j| m.stats[j].clone())
+                })
+                .unwrap_or_default()
+            })
+            .collect();
+        let m = Multipath {
+            spec,
+            paths,
+            stats,
+            table: Default::default(),
+            mask: AtomicU32::new(0),
+            next: AtomicU64::new(0),
+            probe_id: AtomicU64::new(0),
+            control: Mutex::new(Controller::default()),
+        };
+        m.publish();
+        m
+    }
+
+    /// The path(s) for the next packet.
+    #[inline]
+    pub fn pick(&self) -> Pick {
+        match self.spec.scheduler {
+            Scheduler::Redundant => Pick::Every(self.mask.load(Relaxed)),
+            _ => {
+                let n = self.next.fetch_add(1, Relaxed) as usize % SLOTS;
+                let word = self.table[n / 8].load(Relaxed);
+                Pick::One(usize::from((word >> ((n % 8) * 8)) as u8))
+            }
+        }
+    }
+
+    /// The index of the path whose endpoint is `src` (the first, if several share it).
+    pub fn path_from(&self, src: IpAddr) -> Option<usize> {
+        self.paths.iter().position(|p| p.endpoint == src)
+    }
+
+    fn refs(&self) -> Vec<&PathStats> {
+        self.stats.iter().map(|s| &**s).collect()
+    }
+
+    /// Rebuild the schedule (table, mask, shares) from the paths' states and estimates.
+    fn publish(&self) {
+        let refs = self.refs();
+        let weights: Vec<u32> = self.paths.iter().map(|p| p.weight).collect();
+        let live: Vec<bool> = refs.iter().map(|p| p.state().usable()).collect();
+        let shares = match self.spec.scheduler {
+            Scheduler::Spread => {
+                let c = self.control.lock().unwrap_or_else(|p| p.into_inner());
+                c.shares(&refs, &weights)
+            }
+            Scheduler::Failover | Scheduler::Redundant => live.iter().position(|l| *l).map(|i| {
+                let mut s = vec![0; refs.len()];
+                s[i] = SLOTS as u32;
+                s
+            }),
+        }
+        // No live path: keep sending on the first (or every) path rather than nowhere, so
+        // that a path which comes back is used at once.
+        .unwrap_or_else(|| {
+            let mut s = vec![0; refs.len()];
+            s[0] = SLOTS as u32;
+            s
+        });
+        let table = layout(&shares);
+        for (w, chunk) in self.table.iter().zip(table.chunks(8)) {
+            let mut v = 0u64;
+            for (k, b) in chunk.iter().enumerate() {
+                v |= u64::from(*b) << (k * 8);
+            }
+            w.store(v, Relaxed);
+        }
+        let mut mask = 0u32;
+        for (i, l) in live.iter().enumerate() {
+            if *l {
+                mask |= 1 << i;
+            }
+        }
+        self.mask.store(
+            if mask == 0 {
+                (1 << refs.len()) - 1
+            } else {
+                mask
+            },
+            Relaxed,
+        );
+        for (p, s) in refs.iter().zip(&shares) {
+            p.share.store(*s, Relaxed);
+        }
+        if self.spec.scheduler == Scheduler::Redundant {
+            for (p, l) in refs.iter().zip(&live) {
+                p.share.store(if *l { SLOTS as u32 } else { 0 }, Relaxed);
+            }
+        }
+    }
+
+    /// The control side's tick at `now` (call it every probe interval): update liveness and the
+    /// schedule; returns the state changes and the probes to send (path index, payload).
+    pub fn tick(&self, now: u64, started: u64) -> (Vec<PathEvent>, Vec<(usize, Probe)>) {
+        let interval = u64::from(self.spec.probe_interval_ms) * 1_000_000;
+        let dead = interval * u64::from(self.spec.dead_after.max(1));
+        let mut events = Vec::new();
+        for (i, p) in self.stats.iter().enumerate() {
+            let last = p.last_echo.load(Relaxed);
+            // Before the first echo, the detection time counts from the start.
+            let heard = if last == 0 { started } else { last };
+            let alive = now.saturating_sub(heard) <= dead + interval / 2;
+            let next = match (p.state(), alive, last) {
+                (_, true, 0) => PathState::Unknown,
+                (_, true, _) => PathState::Up,
+                (_, false, _) => PathState::Down,
+            };
+            if next != p.state() {
+                p.set_state(next);
+                if next != PathState::Unknown {
+                    events.push(PathEvent {
+                        path: i,
+                        state: next,
+                    });
+                }
+            }
+        }
+        if self.spec.scheduler == Scheduler::Spread {
+            let refs = self.refs();
+            let weights: Vec<u32> = self.paths.iter().map(|p| p.weight).collect();
+            let max_rtt = refs
+                .iter()
+                .map(|p| p.srtt_ns.load(Relaxed))
+                .max()
+                .unwrap_or(0);
+            let window = (2 * interval).max(max_rtt * 2);
+            let mut c = self.control.lock().unwrap_or_else(|p| p.into_inner());
+            c.update(&refs, now, window);
+            for (i, p) in refs.iter().enumerate() {
+                p.capacity.store(c.capacity(i) as u64, Relaxed);
+            }
+        }
+        self.publish();
+        let probes = self
+            .stats
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                p.probes_sent.fetch_add(1, Relaxed);
+                (
+                    i,
+                    Probe {
+                        kind: ProbeKind::Probe,
+                        path: i as u8,
+                        id: self.probe_id.fetch_add(1, Relaxed),
+                        sent: now,
+                        rx_bytes: 0,
+                    },
+                )
+            })
+            .collect();
+        (events, probes)
+    }
+
+    /// An authenticated echo arrived at `now`: credit the path it names.
+    pub fn echoed(&self, probe: &Probe, now: u64) {
+        if let Some(p) = self.stats.get(usize::from(probe.path)) {
+            // A timestamp from the future is no echo of ours.
+            if probe.sent <= now {
+                p.echo(probe.sent, now, probe.rx_bytes);
+            }
+        }
+    }
+
+    /// How long the reorder stage holds a packet at most now: half the largest RTT difference
+    /// between live paths (the one-way delay difference) plus a margin, within `reorder_ms`.
+    pub fn hold_ns(&self) -> u64 {
+        let bound = u64::from(self.spec.reorder_ms) * 1_000_000;
+        let rtts: Vec<u64> = self
+            .stats
+            .iter()
+            .filter(|p| p.state().usable())
+            .map(|p| p.srtt_ns.load(Relaxed))
+            .filter(|r| *r > 0)
+            .collect();
+        let (Some(min), Some(max)) = (rtts.iter().min(), rtts.iter().max()) else {
+            return bound;
+        };
+        ((max - min) / 2 + 10_000_000).min(bound)
+    }
+}
+
+/// Whether an [`Probe`] asks or answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// Sent every probe interval on each path.
+    Probe = 1,
+    /// The answer, on the path the probe came from.
+    Echo = 2,
+}
+
+/// The payload of a probe or echo inside an ESP dummy packet (next header 59):
+///
+/// ```text
+///  0                   1                   2                   3
+///  0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+/// +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+/// |              magic "eMP1" (0x654d5031)                        |
+/// +---------------+---------------+-------------------------------+
+/// |  kind (1, 2)  | prober's path |          reserved (0)         |
+/// +---------------+---------------+-------------------------------+
+/// |                probe identifier (64 bits)                     |
+/// +                                                               +
+/// |                                                               |
+/// +---------------------------------------------------------------+
+/// |          prober's send time, nanoseconds (64 bits)            |
+/// +                                                               +
+/// |                                                               |
+/// +---------------------------------------------------------------+
+/// |  echo: inner bytes the answering side received on the path    |
+/// +            the probe came by (probe: 0) (64 bits)             +
+/// |                                                               |
+/// +---------------------------------------------------------------+
+/// ```
+///
+/// The prober's clock never leaves its own host in any other sense: the echo returns the
+/// timestamp unchanged, so no clock synchronisation is assumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// Probe or echo.
+    pub kind: ProbeKind,
+    /// The prober's path index.
+    pub path: u8,
+    /// Identifier.
+    pub id: u64,
+    /// The prober's send time.
+    pub sent: u64,
+    /// Echo: bytes received on the path.
+    pub rx_bytes: u64,
+}
+
+impl Probe {
+    /// Bytes on the wire (inside ESP).
+    pub const LEN: usize = 32;
+    const MAGIC: [u8; 4] = *b"eMP1";
+
+    /// Write the payload into `out` (at least [`Probe::LEN`] bytes).
+    pub fn emit(&self, out: &mut [u8]) {
+        out[0..4].copy_from_slice(&Probe::MAGIC);
+        out[4] = self.kind as u8;
+        out[5] = self.path;
+        out[6..8].copy_from_slice(&[0, 0]);
+        out[8..16].copy_from_slice(&self.id.to_be_bytes());
+        out[16..24].copy_from_slice(&self.sent.to_be_bytes());
+        out[24..32].copy_from_slice(&self.rx_bytes.to_be_bytes());
+    }
+
+    /// Read a payload; `None` for anything else (another implementation's dummy packet, TFC
+    /// padding).
+    pub fn parse(b: &[u8]) -> Option<Probe> {
+        if b.len() != Probe::LEN || b[0..4] != Probe::MAGIC || b[6..8] != [0, 0] {
+            return None;
+        }
+        let kind = match b[4] {
+            1 => ProbeKind::Probe,
+            2 => ProbeKind::Echo,
+            _ => return None,
+        };
+        let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        Some(Probe {
+            kind,
+            path: b[5],
+            id: u64_at(8),
+            sent: u64_at(16),
+            rx_bytes: u64_at(24),
+        })
+    }
+}
+
+/// One packet waiting in the reorder stage (`None`: a sequence number that carried nothing to
+/// deliver, a probe for example, kept so the gap it would leave is not waited for).
+#[derive(Debug)]
+struct Held {
+    data: Option<Vec<u8>>,
+    deadline: u64,
+}
+
+/// Counters of a reorder stage.
+#[derive(Debug, Default)]
+pub struct ReorderStats {
+    /// Packets that waited for a gap ahead of them.
+    pub held: AtomicU64,
+    /// Gaps given up on (the hold time passed, or the stage was full): packets lost on a path.
+    pub gaps_skipped: AtomicU64,
+    /// Packets that arrived after their gap was given up on (delivered at once).
+    pub late: AtomicU64,
+    /// Packets delivered out of order because the stage was full.
+    pub overflow: AtomicU64,
+}
+
+/// The receiver's reorder stage of one peer, keyed by the ESP sequence number: a packet that
+/// arrives in order is delivered at once; one ahead of a gap waits until the gap fills or its
+/// hold time passes; one behind (its gap already given up) is delivered at once. Memory is
+/// bounded by packets and bytes; buffers are recycled.
+#[derive(Debug)]
+pub struct Reorder {
+    /// The next sequence number to deliver (0: nothing seen yet).
+    next: u64,
+    held: BTreeMap<u64, Held>,
+    bytes: usize,
+    max_packets: usize,
+    max_bytes: usize,
+    free: Vec<Vec<u8>>,
+}
+
+/// What the reorder stage does with a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Deliver it now.
+    Now,
+    /// Copied into the stage; [`Reorder::release`] delivers it.
+    Held,
+}
+
+impl Reorder {
+    /// A stage holding at most `max_packets` packets and `max_bytes` bytes.
+    pub fn new(max_packets: usize, max_bytes: usize) -> Reorder {
+        Reorder {
+            next: 0,
+            held: BTreeMap::new(),
+            bytes: 0,
+            max_packets: max_packets.max(1),
+            max_bytes,
+            free: Vec::new(),
+        }
+    }
+
+    /// Packets held now.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Bytes held now.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The earliest time a held packet must be released (`None`: nothing held).
+    pub fn deadline(&self) -> Option<u64> {
+        self.held.values().map(|h| h.deadline).min()
+    }
+
+    /// Whether [`Reorder::release`] has something to deliver at `now`.
+    pub fn ready(&self, now: u64) -> bool {
+        self.held
+            .first_key_value()
+            .is_some_and(|(s, h)| *s == self.next || h.deadline <= now)
+    }
+
+    /// A packet with sequence number `seq` (authenticated, not a duplicate) and `data` to
+    /// deliver (`None`: nothing to deliver, only its place in the order) arrived at `now`; it
+    /// may wait until `now + hold`.
+    pub fn offer(
+        &mut self,
+        seq: u64,
+        data: Option<&[u8]>,
+        now: u64,
+        hold: u64,
+        stats: &ReorderStats,
+    ) -> Order {
+        if self.next == 0 {
+            self.next = seq;
+        }
+        if seq == self.next {
+            self.next += 1;
+            return Order::Now;
+        }
+        if seq < self.next {
+            if data.is_some() {
+                stats.late.fetch_add(1, Relaxed);
+            }
+            return Order::Now;
+        }
+        let len = data.map_or(0, <[u8]>::len);
+        if self.held.len() >= self.max_packets || self.bytes + len > self.max_bytes {
+            // Full: deliver this one out of order rather than lose it or grow; the held ones
+            // keep their deadlines.
+            stats.overflow.fetch_add(1, Relaxed);
+            return Order::Now;
+        }
+        let data = data.map(|d| {
+            let mut v = self.free.pop().unwrap_or_default();
+            v.clear();
+            v.extend_from_slice(d);
+            v
+        });
+        self.bytes += len;
+        if data.is_some() {
+            stats.held.fetch_add(1, Relaxed);
+        }
+        self.held.insert(
+            seq,
+            Held {
+                data,
+                deadline: now.saturating_add(hold),
+            },
+        );
+        Order::Held
+    }
+
+    /// Deliver, in order, every held packet whose turn has come at `now`: the run that
+    /// continues the order, and past a gap whose oldest waiting packet's hold time passed.
+    /// `deliver` gets each packet's bytes.
+    pub fn release(&mut self, now: u64, stats: &ReorderStats, mut deliver: impl FnMut(&[u8])) {
+        while let Some(mut e) = self.held.first_entry() {
+            let seq = *e.key();
+            if seq != self.next {
+                if e.get().deadline > now {
+                    break;
+                }
+                stats.gaps_skipped.fetch_add(1, Relaxed);
+            }
+            let h = e.get_mut();
+            let data = h.data.take();
+            e.remove();
+            self.next = seq + 1;
+            if let Some(d) = data {
+                self.bytes -= d.len();
+                deliver(&d);
+                if self.free.len() < 256 {
+                    self.free.push(d);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    const MS: u64 = 1_000_000;
+
+    fn paths(n: usize) -> Vec<PathSpec> {
+        (0..n)
+            .map(|i| PathSpec {
+                name: format!("l{i}"),
+                endpoint: IpAddr::from([10, i as u8, 0, 2]),
+                port: 0,
+                weight: 1,
+            })
+            .collect()
+    }
+
+    fn mp(scheduler: Scheduler, n: usize) -> Multipath {
+        Multipath::new(
+            MultipathSpec {
+                scheduler,
+                ..MultipathSpec::default()
+            },
+            paths(n),
+            None,
+        )
+    }
+
+    fn counts(m: &Multipath, packets: usize) -> Vec<usize> {
+        let mut c = vec![0; m.paths.len()];
+        for _ in 0..packets {
+            match m.pick() {
+                Pick::One(i) => c[i] += 1,
+                Pick::Every(mask) => {
+                    for (i, x) in c.iter_mut().enumerate() {
+                        if mask & (1 << i) != 0 {
+                            *x += 1;
+                        }
+                    }
+                }
+            }
+        }
+        c
+    }
+
+    /// Answer every probe of a tick after `rtt`, as a peer that received `rx[i]` bytes.
+    fn answer(m: &Multipath, probes: &[(usize, Probe)], at: u64, rx: &[u64]) {
+        for (i, p) in probes {
+            m.echoed(
+                &Probe {
+                    kind: ProbeKind::Echo,
+                    rx_bytes: rx[*i],
+                    ..*p
+                },
+                at,
+            );
+        }
+    }
+
+    #[test]
+    fn probes_round_trip_and_anything_else_is_no_probe() {
+        let p = Probe {
+            kind: ProbeKind::Echo,
+            path: 2,
+            id: 7,
+            sent: 123_456_789,
+            rx_bytes: 1 << 40,
+        };
+        let mut b = [0u8; Probe::LEN];
+        p.emit(&mut b);
+        assert_eq!(Probe::parse(&b), Some(p));
+        assert_eq!(Probe::parse(&b[..31]), None);
+        let mut bad = b;
+        bad[0] ^= 1;
+        assert_eq!(Probe::parse(&bad), None);
+        bad = b;
+        bad[4] = 3;
+        assert_eq!(Probe::parse(&bad), None);
+        assert_eq!(Probe::parse(&[0u8; 32]), None);
+    }
+
+    #[test]
+    fn spread_starts_from_the_static_weights() {
+        let mut ps = paths(2);
+        ps[0].weight = 3;
+        let m = Multipath::new(MultipathSpec::default(), ps, None);
+        let c = counts(&m, 6400);
+        assert_eq!(c, vec![4800, 1600]);
+    }
+
+    #[test]
+    fn spread_interleaves_rather_than_bursts() {
+        let m = mp(Scheduler::Spread, 2);
+        let picks: Vec<Pick> = (0..8).map(|_| m.pick()).collect();
+        assert_eq!(
+            picks,
+            [0, 1, 0, 1, 0, 1, 0, 1].map(Pick::One).to_vec(),
+            "equal weights alternate"
+        );
+    }
+
+    /// Shares follow what each path delivers: a 100 and a 25 (arbitrary units) path, each
+    /// dropping what it is sent above its capacity, end near 80/20.
+    #[test]
+    fn spread_shares_follow_measured_capacity() {
+        let m = mp(Scheduler::Spread, 2);
+        let cap = [100_000_000.0f64 / 8.0, 25_000_000.0 / 8.0]; // bytes per second
+        let offered = 150_000_000.0 / 8.0; // more than both together
+        let tick = 100 * MS;
+        let (mut tx, mut rx) = ([0u64; 2], [0u64; 2]);
+        let mut now = MS;
+        for _ in 0..200 {
+            let (_, probes) = m.tick(now, MS);
+            // One tick of traffic at the current shares.
+            for i in 0..2 {
+                let share = f64::from(m.stats[i].share.load(Relaxed)) / SLOTS as f64;
+                let sent = offered * share * 0.1;
+                tx[i] += sent as u64;
+                rx[i] += sent.min(cap[i] * 0.1) as u64;
+                m.stats[i].tx_bytes.store(tx[i], Relaxed);
+            }
+            answer(&m, &probes, now + 10 * MS, &rx);
+            now += tick;
+        }
+        let s0 = m.stats[0].share.load(Relaxed);
+        assert!((48..=55).contains(&s0), "share of the 100 path: {s0}/64");
+        let c = counts(&m, 6400);
+        assert!(c[1] > 800 && c[1] < 1800, "{c:?}");
+    }
+
+    #[test]
+    fn a_dead_path_gets_nothing_within_the_detection_time_and_comes_back() {
+        for s in Scheduler::ALL {
+            let m = mp(s, 2);
+            let interval = 100 * MS;
+            let mut now = MS;
+            // Both paths answer for a second.
+            while now < 1000 * MS {
+                let (_, probes) = m.tick(now, MS);
+                answer(&m, &probes, now + MS, &[0, 0]);
+                now += interval;
+            }
+            assert_eq!(m.stats[1].state(), PathState::Up);
+            // Path 1 goes silent at 1.0 s.
+            let cut = now;
+            let mut down_at = None;
+            let mut events = Vec::new();
+            while now < cut + 1000 * MS {
+                let (ev, probes) = m.tick(now, MS);
+                events.extend(ev);
+                answer(&m, &probes[..1], now + MS, &[0, 0]);
+                if down_at.is_none() && m.stats[1].state() == PathState::Down {
+                    down_at = Some(now);
+                }
+                now += interval;
+            }
+            let took = down_at.expect("path 1 declared down") - cut;
+            // dead_after (3) x interval, plus at most half an interval of slack.
+            assert!(took <= 400 * MS, "{s:?}: down after {} ms", took / MS);
+            assert_eq!(
+                events,
+                vec![PathEvent {
+                    path: 1,
+                    state: PathState::Down
+                }],
+                "one event per change"
+            );
+            let c = counts(&m, 640);
+            assert_eq!(c[1], 0, "{s:?}: the dead path gets nothing");
+            assert!(c[0] >= 640, "{s:?}: {c:?}");
+            // It answers again: up at the next tick, used again.
+            let (_, probes) = m.tick(now, MS);
+            answer(&m, &probes, now + MS, &[0, 0]);
+            let (ev, _) = m.tick(now + interval, MS);
+            assert_eq!(
+                ev,
+                vec![PathEvent {
+                    path: 1,
+                    state: PathState::Up
+                }]
+            );
+            // Failover stays on path 0, which never failed.
+            let again = counts(&m, 640)[1];
+            assert_eq!(again > 0, s != Scheduler::Failover, "{s:?}: {again}");
+        }
+    }
+
+    #[test]
+    fn failover_uses_the_first_live_path_in_order() {
+        let m = mp(Scheduler::Failover, 3);
+        assert_eq!(counts(&m, 64), vec![64, 0, 0]);
+        m.stats[0].set_state(PathState::Down);
+        m.publish();
+        assert_eq!(counts(&m, 64), vec![0, 64, 0]);
+        m.stats[1].set_state(PathState::Down);
+        m.publish();
+        assert_eq!(counts(&m, 64), vec![0, 0, 64]);
+        // Nothing live: the first path rather than nothing.
+        m.stats[2].set_state(PathState::Down);
+        m.publish();
+        assert_eq!(counts(&m, 64), vec![64, 0, 0]);
+    }
+
+    #[test]
+    fn redundant_copies_every_packet_to_every_live_path() {
+        let m = mp(Scheduler::Redundant, 3);
+        assert_eq!(m.pick(), Pick::Every(0b111));
+        m.stats[1].set_state(PathState::Down);
+        m.publish();
+        assert_eq!(m.pick(), Pick::Every(0b101));
+    }
+
+    #[test]
+    fn path_counters_survive_a_rebuild_when_name_and_endpoint_stay() {
+        let a = mp(Scheduler::Spread, 2);
+        a.stats[1].tx_bytes.store(42, Relaxed);
+        let mut ps = paths(2);
+        ps[0].endpoint = IpAddr::from([192, 0, 2, 9]);
+        let b = Multipath::new(MultipathSpec::default(), ps, Some(&a));
+        assert!(Arc::ptr_eq(&a.stats[1], &b.stats[1]));
+        assert!(!Arc::ptr_eq(&a.stats[0], &b.stats[0]));
+    }
+
+    #[test]
+    fn rtt_is_measured_from_the_echoed_timestamp() {
+        let m = mp(Scheduler::Spread, 1);
+        let (_, probes) = m.tick(10 * MS, 0);
+        answer(&m, &probes, 50 * MS, &[0]);
+        assert_eq!(m.stats[0].srtt_ns.load(Relaxed), 40 * MS);
+        assert_eq!(m.stats[0].min_rtt_ns.load(Relaxed), 40 * MS);
+        // An echo claiming a send time in the future changes nothing.
+        m.echoed(
+            &Probe {
+                kind: ProbeKind::Echo,
+                path: 0,
+                id: 1,
+                sent: 500 * MS,
+                rx_bytes: 0,
+            },
+            60 * MS,
+        );
+        assert_eq!(m.stats[0].echoes.load(Relaxed), 1);
+        // An echo naming a path that does not exist changes nothing either.
+        m.echoed(
+            &Probe {
+                kind: ProbeKind::Echo,
+                path: 9,
+                id: 1,
+                sent: 1,
+                rx_bytes: 0,
+            },
+            60 * MS,
+        );
+        assert_eq!(m.stats[0].echoes.load(Relaxed), 1);
+    }
+
+    fn collect(r: &mut Reorder, now: u64, s: &ReorderStats) -> Vec<u8> {
+        let mut out = Vec::new();
+        r.release(now, s, |d| out.push(d[0]));
+        out
+    }
+
+    #[test]
+    fn reorder_delivers_in_order_and_fills_gaps() {
+        let s = ReorderStats::default();
+        let mut r = Reorder::new(100, 1 << 20);
+        assert_eq!(r.offer(1, Some(&[1]), 0, 10, &s), Order::Now);
+        assert_eq!(r.offer(3, Some(&[3]), 0, 10, &s), Order::Held);
+        assert_eq!(r.offer(4, Some(&[4]), 0, 10, &s), Order::Held);
+        assert!(collect(&mut r, 1, &s).is_empty(), "2 is missing");
+        assert_eq!(r.offer(2, Some(&[2]), 1, 10, &s), Order::Now);
+        assert!(r.ready(1));
+        assert_eq!(collect(&mut r, 1, &s), vec![3, 4]);
+        assert!(r.is_empty());
+        assert_eq!(r.bytes(), 0);
+        assert_eq!(s.gaps_skipped.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_packet_behind_ready_ones_waits_its_turn() {
+        // 2 is held, 1 arrives (delivered now, 2 becomes ready), then 3 in the same batch:
+        // 3 must not overtake 2.
+        let s = ReorderStats::default();
+        let mut r = Reorder::new(100, 1 << 20);
+        r.offer(1, Some(&[0]), 0, 10, &s);
+        r.offer(3, Some(&[3]), 0, 10, &s);
+        assert_eq!(r.offer(2, Some(&[2]), 0, 10, &s), Order::Now);
+        assert_eq!(r.offer(4, Some(&[4]), 0, 10, &s), Order::Held);
+        assert_eq!(collect(&mut r, 0, &s), vec![3, 4]);
+    }
+
+    #[test]
+    fn reorder_delay_is_bounded_and_late_packets_still_pass() {
+        let s = ReorderStats::default();
+        let mut r = Reorder::new(100, 1 << 20);
+        r.offer(1, Some(&[1]), 0, 30 * MS, &s);
+        r.offer(3, Some(&[3]), 5 * MS, 30 * MS, &s);
+        r.offer(4, Some(&[4]), 6 * MS, 30 * MS, &s);
+        assert_eq!(r.deadline(), Some(35 * MS));
+        assert!(collect(&mut r, 34 * MS, &s).is_empty());
+        assert_eq!(collect(&mut r, 35 * MS, &s), vec![3, 4]);
+        assert_eq!(s.gaps_skipped.load(Relaxed), 1);
+        // 2 arrives after it was given up on: delivered at once, counted late.
+        assert_eq!(r.offer(2, Some(&[2]), 40 * MS, 30 * MS, &s), Order::Now);
+        assert_eq!(s.late.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn reorder_memory_is_bounded() {
+        let s = ReorderStats::default();
+        let mut r = Reorder::new(4, 1 << 20);
+        r.offer(1, Some(&[1]), 0, 1000, &s);
+        for seq in 3..=20u64 {
+            let _ = r.offer(seq, Some(&[seq as u8]), 0, 1000, &s);
+            assert!(r.len() <= 4, "{} held", r.len());
+            let _ = collect(&mut r, 0, &s);
+        }
+        let mut r = Reorder::new(1000, 3000);
+        r.offer(1, Some(&[1]), 0, 1000, &s);
+        for seq in 3..=20u64 {
+            let _ = r.offer(seq, Some(&[seq as u8; 1000]), 0, 1000, &s);
+            assert!(r.bytes() <= 3000, "{} bytes", r.bytes());
+            let _ = collect(&mut r, 0, &s);
+        }
+    }
+
+    #[test]
+    fn sequence_numbers_without_data_keep_their_place() {
+        // A probe (seq 2) carries nothing to deliver; it must not leave a gap to wait for.
+        let s = ReorderStats::default();
+        let mut r = Reorder::new(100, 1 << 20);
+        r.offer(1, Some(&[1]), 0, 10, &s);
+        assert_eq!(r.offer(3, Some(&[3]), 0, 10, &s), Order::Held);
+        assert_eq!(r.offer(2, None, 0, 10, &s), Order::Now);
+        assert_eq!(collect(&mut r, 0, &s), vec![3]);
+        assert_eq!(r.offer(5, None, 0, 10, &s), Order::Held);
+        assert_eq!(r.offer(6, Some(&[6]), 0, 10, &s), Order::Held);
+        assert_eq!(r.offer(4, Some(&[4]), 0, 10, &s), Order::Now);
+        assert_eq!(collect(&mut r, 0, &s), vec![6]);
+        assert_eq!(s.gaps_skipped.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn hold_time_follows_the_delay_difference() {
+        let m = mp(Scheduler::Spread, 2);
+        assert_eq!(m.hold_ns(), 100 * MS, "nothing measured: the bound");
+        m.stats[0].srtt_ns.store(20 * MS, Relaxed);
+        m.stats[1].srtt_ns.store(80 * MS, Relaxed);
+        assert_eq!(m.hold_ns(), 40 * MS);
+        m.stats[1].srtt_ns.store(400 * MS, Relaxed);
+        assert_eq!(m.hold_ns(), 100 * MS);
+    }
+}
