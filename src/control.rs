@@ -289,6 +289,7 @@ impl Live {
                     rx_bytes: s.rx_bytes.load(Relaxed),
                     last_tx_unix: self.wall(s.last_tx.load(Relaxed)),
                     last_rx_unix: self.wall(s.last_rx.load(Relaxed)),
+                    multipath: out.multipath(i).map(|m| path_status(m)),
                 }
             })
             .collect();
@@ -358,7 +359,13 @@ impl Live {
     pub fn sa_export(&self, keys: bool) -> Vec<SaExport> {
         let mut v = Vec::new();
         let g = self.current.load();
-        for (p, &local) in g.cfg.peers.iter().zip(&g.sources) {
+        for (p, endpoint) in g
+            .cfg
+            .peers
+            .iter()
+            .flat_map(|p| p.endpoints().into_iter().map(move |e| (p, e)))
+        {
+            let local = g.source_for(&endpoint);
             let EncapSpec::Esp {
                 cipher,
                 spi_out,
@@ -371,8 +378,8 @@ impl Live {
                 continue;
             };
             for (dir, src, dst, spi, key) in [
-                ("out", local, p.endpoint, *spi_out, key_out),
-                ("in", p.endpoint, local, *spi_in, key_in),
+                ("out", local, endpoint, *spi_out, key_out),
+                ("in", endpoint, local, *spi_in, key_in),
             ] {
                 v.push(SaExport {
                     peer: p.name.clone(),
@@ -909,4 +916,48 @@ pub fn running_sockets(dir: &Path) -> Vec<PathBuf> {
         .collect();
     v.sort();
     v
+}
+
+/// A multipath peer's paths as `espip show` reports them.
+fn path_status(m: &crate::multipath::Multipath) -> crate::status::MultipathStatus {
+    use crate::multipath::SLOTS;
+    let ms = |ns: u64| (ns > 0).then(|| ns as f64 / 1e6);
+    crate::status::MultipathStatus {
+        scheduler: m.spec.scheduler.name().into(),
+        paths: m
+            .paths
+            .iter()
+            .zip(&m.stats)
+            .map(|(p, s)| {
+                let port = match s.udp_port_seen.load(Relaxed) {
+                    0 => p.port,
+                    seen => seen as u16,
+                };
+                crate::status::PathStatus {
+                    name: p.name.clone(),
+                    endpoint: if port == 0 {
+                        p.endpoint.to_string()
+                    } else {
+                        std::net::SocketAddr::new(p.endpoint, port).to_string()
+                    },
+                    state: s.state().name().into(),
+                    rtt_ms: ms(s.srtt_ns.load(Relaxed)),
+                    min_rtt_ms: ms(s.min_rtt_ns.load(Relaxed)),
+                    probes_sent: s.probes_sent.load(Relaxed),
+                    echoes: s.echoes.load(Relaxed),
+                    share: f64::from(s.share.load(Relaxed)) / SLOTS as f64,
+                    capacity_bps: s.capacity.load(Relaxed) as f64 * 8.0,
+                    tx_packets: s.tx_packets.load(Relaxed),
+                    tx_bytes: s.tx_bytes.load(Relaxed),
+                    rx_packets: s.rx_packets.load(Relaxed),
+                    rx_bytes: s.rx_bytes.load(Relaxed),
+                    peer_rx_bytes: s.peer_rx_bytes.load(Relaxed),
+                }
+            })
+            .collect(),
+        reorder_held: m.reorder.held.load(Relaxed),
+        reorder_gaps_skipped: m.reorder.gaps_skipped.load(Relaxed),
+        reorder_late: m.reorder.late.load(Relaxed),
+        reorder_hold_ms: m.hold_ns() as f64 / 1e6,
+    }
 }

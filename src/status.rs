@@ -83,6 +83,59 @@ pub struct PeerStatus {
     pub last_tx_unix: Option<f64>,
     /// Time of the last packet received and delivered.
     pub last_rx_unix: Option<f64>,
+    /// A multipath peer's paths and scheduler (`None`: one endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multipath: Option<MultipathStatus>,
+}
+
+/// A multipath peer's paths and receiver reordering.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MultipathStatus {
+    /// `spread`, `failover` or `redundant`.
+    pub scheduler: String,
+    /// The paths, in configured order.
+    pub paths: Vec<PathStatus>,
+    /// Packets that waited in the reorder stage for a gap ahead of them.
+    pub reorder_held: u64,
+    /// Gaps given up on (hold time passed or stage full): packets lost on a path.
+    pub reorder_gaps_skipped: u64,
+    /// Packets that arrived after their gap was given up on.
+    pub reorder_late: u64,
+    /// How long the reorder stage holds a packet at most now, milliseconds.
+    pub reorder_hold_ms: f64,
+}
+
+/// One path of a multipath peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PathStatus {
+    /// Configured name.
+    pub name: String,
+    /// Outer destination (with the UDP port for ESP in UDP).
+    pub endpoint: String,
+    /// `up`, `down` or `unknown` (no echo yet).
+    pub state: String,
+    /// Smoothed probe RTT, milliseconds (`None`: none measured).
+    pub rtt_ms: Option<f64>,
+    /// Smallest probe RTT, milliseconds.
+    pub min_rtt_ms: Option<f64>,
+    /// Probes sent and echoes received.
+    pub probes_sent: u64,
+    /// Echoes received.
+    pub echoes: u64,
+    /// Share of the schedule, 0..1 (redundant: 1 for every live path).
+    pub share: f64,
+    /// What the path is estimated to deliver, bits per second (`spread`; 0: not yet known).
+    pub capacity_bps: f64,
+    /// Packets sent on the path.
+    pub tx_packets: u64,
+    /// Inner bytes sent on the path.
+    pub tx_bytes: u64,
+    /// Packets received on the path.
+    pub rx_packets: u64,
+    /// Inner bytes received on the path.
+    pub rx_bytes: u64,
+    /// Inner bytes the peer says it received on the path (from its echoes).
+    pub peer_rx_bytes: u64,
 }
 
 /// An outbound SA (Linux: `ip xfrm state` with `dir out`).
@@ -232,6 +285,36 @@ impl Status {
                 ago(now_unix, p.last_rx_unix),
                 ago(now_unix, p.last_tx_unix)
             );
+            if let Some(m) = &p.multipath {
+                let _ = writeln!(
+                    s,
+                    "  scheduler: {}  reorder: held {}, gaps skipped {}, late {}, hold {:.1} ms",
+                    m.scheduler,
+                    m.reorder_held,
+                    m.reorder_gaps_skipped,
+                    m.reorder_late,
+                    m.reorder_hold_ms
+                );
+                for x in &m.paths {
+                    let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} ms"));
+                    let _ = writeln!(
+                        s,
+                        "  path {}: {}  {}  rtt {} (min {})  share {:.0}%  probes {}/{}  sent {} ({} packets)  received {} ({} packets)",
+                        x.name,
+                        x.endpoint,
+                        x.state,
+                        ms(x.rtt_ms),
+                        ms(x.min_rtt_ms),
+                        x.share * 100.0,
+                        x.echoes,
+                        x.probes_sent,
+                        bytes(x.tx_bytes),
+                        x.tx_packets,
+                        bytes(x.rx_bytes),
+                        x.rx_packets
+                    );
+                }
+            }
         }
         let nonzero: Vec<String> = self
             .drops
@@ -369,6 +452,7 @@ impl Status {
                 );
             }
         }
+        self.path_metrics(&mut m);
         m.family(
             "espip_peer_last_packet_timestamp_seconds",
             "gauge",
@@ -501,6 +585,84 @@ impl Status {
 #[derive(Default)]
 struct Metrics(String);
 
+impl Status {
+    /// The per-path families of multipath peers.
+    fn path_metrics(&self, m: &mut Metrics) {
+        type Field = fn(&PathStatus) -> Option<f64>;
+        let families: [(&str, &str, &str, Field); 8] = [
+            (
+                "espip_path_up",
+                "gauge",
+                "1 if the path answers probes (or has not been probed yet), 0 if it is down.",
+                |x| Some(f64::from(u8::from(x.state != "down"))),
+            ),
+            (
+                "espip_path_rtt_seconds",
+                "gauge",
+                "Smoothed probe round-trip time of the path.",
+                |x| x.rtt_ms.map(|v| v / 1e3),
+            ),
+            (
+                "espip_path_share_ratio",
+                "gauge",
+                "The path's share of the peer's packets (redundant: 1 per live path).",
+                |x| Some(x.share),
+            ),
+            (
+                "espip_path_capacity_bits_per_second",
+                "gauge",
+                "What the spread scheduler estimates the path delivers.",
+                |x| Some(x.capacity_bps),
+            ),
+            (
+                "espip_path_probes_total",
+                "counter",
+                "Probes sent on the path.",
+                |x| Some(x.probes_sent as f64),
+            ),
+            (
+                "espip_path_echoes_total",
+                "counter",
+                "Echoes received for the path's probes.",
+                |x| Some(x.echoes as f64),
+            ),
+            (
+                "espip_path_tx_bytes_total",
+                "counter",
+                "Inner bytes sent on the path.",
+                |x| Some(x.tx_bytes as f64),
+            ),
+            (
+                "espip_path_rx_bytes_total",
+                "counter",
+                "Inner bytes received on the path.",
+                |x| Some(x.rx_bytes as f64),
+            ),
+        ];
+        if !self.peers.iter().any(|p| p.multipath.is_some()) {
+            return;
+        }
+        for (name, kind, help, f) in families {
+            m.family(name, kind, help);
+            for p in &self.peers {
+                for x in p.multipath.iter().flat_map(|mp| &mp.paths) {
+                    if let Some(v) = f(x) {
+                        m.sample(
+                            name,
+                            &[
+                                ("interface", &self.interface.name),
+                                ("peer", &p.name),
+                                ("path", &x.name),
+                            ],
+                            v,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Metrics {
     fn family(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.0, "# HELP {name} {help}");
@@ -577,6 +739,7 @@ mod tests {
                 rx_bytes: 588,
                 last_tx_unix: Some(1_700_000_010.0),
                 last_rx_unix: None,
+                multipath: None,
             }],
             drops: [("bad_icv".to_string(), 2), ("replay".to_string(), 0)]
                 .into_iter()

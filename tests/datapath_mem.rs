@@ -68,6 +68,7 @@ fn esp_pair_over(
             udp_port,
         },
         route: true,
+        multipath: None,
     };
     let t = TunnelSpec {
         relay: false,
@@ -309,6 +310,7 @@ fn ipip_both_ways_and_unknown_peer() {
         allowed_ips: vec![allowed.parse().unwrap()],
         encap: EncapSpec::IpIp,
         route: true,
+        multipath: None,
     };
     let t = TunnelSpec {
         relay: false,
@@ -383,6 +385,7 @@ fn a_hub_relays_between_peers_only_when_forwarding() {
             udp_port: None,
         },
         route: true,
+        multipath: None,
     };
     for relay in [true, false] {
         let t = TunnelSpec { relay, mtu: 1400 };
@@ -657,6 +660,7 @@ fn a_reload_keeps_unchanged_sas_and_replaces_changed_ones() {
             udp_port: None,
         },
         route: true,
+        multipath: None,
     };
     let c = PeerSpec {
         name: "c".into(),
@@ -664,6 +668,7 @@ fn a_reload_keeps_unchanged_sas_and_replaces_changed_ones() {
         allowed_ips: vec!["10.4.2.3/32".parse().unwrap()],
         encap: EncapSpec::IpIp,
         route: true,
+        multipath: None,
     };
     let next_seq_before = b.out.sa_state()[0].unwrap().1;
     let (out, mut inb) = datapath::rebuild(

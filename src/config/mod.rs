@@ -9,6 +9,7 @@ mod capture;
 mod interface;
 mod keys;
 mod nat;
+mod paths;
 mod peer;
 mod raw;
 
@@ -314,10 +315,14 @@ impl Config {
                     "a name no other peer has",
                 ));
             }
-            if Some(spec.endpoint) == interface.local {
+            if let Some(e) = spec
+                .endpoints()
+                .into_iter()
+                .find(|e| Some(*e) == interface.local)
+            {
                 return Err(invalid(
                     format!("peer {:?}.endpoint", spec.name),
-                    spec.endpoint,
+                    e,
                     "the peer's address, not this host's own interface.local",
                 ));
             }
@@ -422,13 +427,12 @@ impl Config {
     fn check_routes(&self) -> Result<(), ConfigError> {
         for r in self.routes() {
             for p in &self.peers {
-                if r.contains(p.endpoint) {
+                if let Some(e) = p.endpoints().into_iter().find(|e| r.contains(*e)) {
                     return Err(invalid(
                         format!("peer {:?}.allowed_ips", p.name),
                         r,
                         format!(
-                            "prefixes that do not contain a peer endpoint ({} is inside it, so the tunnel's own packets would be routed into the tunnel); for a peer on the same LAN, add a [[nat.map]] whose real prefix covers it",
-                            p.endpoint
+                            "prefixes that do not contain a peer endpoint ({e} is inside it, so the tunnel's own packets would be routed into the tunnel); for a peer on the same LAN, add a [[nat.map]] whose real prefix covers it"
                         ),
                     ));
                 }

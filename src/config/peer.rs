@@ -58,7 +58,34 @@ pub(super) fn peer(
         return Err(invalid("peer.name", "\"\"", "a non-empty name"));
     }
     let mode = Mode::parse(k("mode"), &p.mode)?;
-    let (endpoint, port) = endpoint(&p.endpoint, mode, &k)?;
+    let (endpoint, port, multipath) = match (&p.endpoint, p.path.is_empty()) {
+        (Some(raw), true) => {
+            super::paths::refuse_path_settings(&p, &k)?;
+            let (e, port) = endpoint(raw, mode, &k("endpoint"))?;
+            (e, port, None)
+        }
+        (None, false) => {
+            let pp = super::paths::paths(&p, mode, &k, warnings)?;
+            let first = &pp.paths[0];
+            let port = (first.port != 0).then_some(first.port);
+            (first.endpoint, port, Some(pp))
+        }
+        (Some(_), false) => {
+            return Err(invalid(
+                k("endpoint"),
+                "(set, and [[peer.path]] too)",
+                "either one endpoint or several [[peer.path]] tables, each with its own endpoint",
+            ))
+        }
+        (None, true) => {
+            return Err(invalid(
+                k("endpoint"),
+                "(missing)",
+                "the peer's outer address (endpoint = \"192.0.2.2\"), or [[peer.path]] tables for several paths",
+            ))
+        }
+    };
+    let multi = multipath.as_ref().is_some_and(|m| m.paths.len() > 1);
     let mut allowed_ips = Vec::new();
     for a in &p.allowed_ips {
         let prefix: Prefix = a.parse().map_err(|e: crate::prefix::BadPrefix| {
@@ -83,7 +110,7 @@ pub(super) fn peer(
         Mode::Esp | Mode::EspUdp => {
             let udp_port =
                 (mode == Mode::EspUdp).then(|| port.unwrap_or(crate::wire::ip::IPSEC_NAT_T_PORT));
-            esp(p, base, keys, udp_port, &k, warnings)?
+            esp(p, base, keys, udp_port, multi, &k, warnings)?
         }
     };
     Ok(PeerSpec {
@@ -92,15 +119,16 @@ pub(super) fn peer(
         allowed_ips,
         encap,
         route,
+        multipath,
     })
 }
 
-/// `endpoint`: an IPv4 or IPv6 unicast address, with a port only for ESP in UDP
-/// (`"[2001:db8::2]:4500"` for IPv6).
-fn endpoint(
+/// `endpoint` (named `key` in errors): an IPv4 or IPv6 unicast address, with a port only for
+/// ESP in UDP (`"[2001:db8::2]:4500"` for IPv6).
+pub(super) fn endpoint(
     raw: &str,
     mode: Mode,
-    k: &dyn Fn(&str) -> String,
+    key: &str,
 ) -> Result<(IpAddr, Option<u16>), ConfigError> {
     let shown = format!("{raw:?}");
     let (endpoint, port): (IpAddr, Option<u16>) = match raw.trim().parse::<std::net::SocketAddr>()
@@ -109,7 +137,7 @@ fn endpoint(
         Err(_) => (
             raw.trim().parse().map_err(|_| {
                 invalid(
-                    k("endpoint"),
+                    key,
                     &shown,
                     "the peer's outer IPv4 or IPv6 address, e.g. \"192.0.2.2\" or \"2001:db8::2\" (with mode = \"esp-udp\" optionally a port: \"192.0.2.2:4500\", \"[2001:db8::2]:4500\")",
                 )
@@ -119,14 +147,14 @@ fn endpoint(
     };
     if port.is_some() && mode != Mode::EspUdp {
         return Err(invalid(
-            k("endpoint"),
+            key,
             &shown,
             "an address without a port: only mode = \"esp-udp\" (ESP in UDP) sends to a port",
         ));
     }
     if port == Some(0) {
         return Err(invalid(
-            k("endpoint"),
+            key,
             &shown,
             "a UDP port from 1 to 65535 (4500 if left out)",
         ));
@@ -134,13 +162,13 @@ fn endpoint(
     let mapped = matches!(endpoint, IpAddr::V6(a) if a.to_ipv4_mapped().is_some());
     if mapped {
         return Err(invalid(
-            k("endpoint"),
+            key,
             endpoint,
             "the IPv4 address itself, not its IPv4-mapped IPv6 form",
         ));
     }
     if endpoint.is_unspecified() || endpoint.is_multicast() {
-        return Err(invalid(k("endpoint"), endpoint, "a unicast address"));
+        return Err(invalid(key, endpoint, "a unicast address"));
     }
     Ok((endpoint, port))
 }
@@ -176,6 +204,7 @@ fn esp(
     base: &Path,
     keys: &super::KeyFiles,
     udp_port: Option<u16>,
+    multi: bool,
     k: &dyn Fn(&str) -> String,
     warnings: &mut Vec<String>,
 ) -> Result<EncapSpec, ConfigError> {
@@ -197,6 +226,8 @@ fn esp(
     let key_out = key_material(&k("key_out"), p.key_out, p.key_out_file, base, keys, cipher)?;
     let key_in = key_material(&k("key_in"), p.key_in, p.key_in_file, base, keys, cipher)?;
     let replay_window = match p.replay_window {
+        // Several paths deliver out of order by up to their delay difference times the rate.
+        None if multi => super::paths::MULTIPATH_REPLAY_WINDOW,
         None => DEFAULT_REPLAY_WINDOW,
         Some(w) if (0..=i64::from(MAX_REPLAY_WINDOW)).contains(&w) => w as u32,
         Some(w) => {

@@ -78,7 +78,16 @@ pub(super) enum SpiValue {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPeer {
     pub(super) name: String,
-    pub(super) endpoint: String,
+    pub(super) endpoint: Option<String>,
+    /// `[[peer.path]]`: several paths instead of one `endpoint`.
+    #[serde(default)]
+    pub(super) path: Vec<RawPath>,
+    pub(super) scheduler: Option<String>,
+    pub(super) probe_interval_ms: Option<i64>,
+    pub(super) dead_after: Option<i64>,
+    pub(super) reorder_ms: Option<i64>,
+    pub(super) reorder_packets: Option<i64>,
+    pub(super) reorder_bytes: Option<i64>,
     #[serde(default)]
     pub(super) allowed_ips: Vec<String>,
     pub(super) mode: String,
@@ -95,4 +104,13 @@ pub(super) struct RawPeer {
     pub(super) lifetime_packets: Option<i64>,
     pub(super) lifetime_bytes: Option<i64>,
     pub(super) lifetime_seconds: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPath {
+    pub(super) name: Option<String>,
+    pub(super) endpoint: String,
+    pub(super) weight: Option<i64>,
+    pub(super) local: Option<String>,
 }

@@ -20,6 +20,7 @@
 //!
 //! A stop is an eventfd both threads poll.
 
+mod probe;
 mod reload;
 mod rx;
 mod send;
@@ -141,14 +142,17 @@ pub fn tunnel_mtu(cfg: &Config) -> Result<u16, DaemonError> {
     }
     let mut mtu = u16::MAX;
     for p in &cfg.peers {
-        let path = crate::sys::path_mtu(p.endpoint, cfg.interface.local).map_err(|source| {
-            DaemonError::NoRouteToPeer {
-                peer: p.name.clone(),
-                endpoint: p.endpoint,
-                source,
-            }
-        })?;
-        mtu = mtu.min(datapath::inner_mtu(path, &p.encap, p.endpoint.is_ipv6()));
+        // A multipath peer's packets may take any path: the smallest fits them all.
+        for endpoint in p.endpoints() {
+            let path = crate::sys::path_mtu(endpoint, cfg.interface.local).map_err(|source| {
+                DaemonError::NoRouteToPeer {
+                    peer: p.name.clone(),
+                    endpoint,
+                    source,
+                }
+            })?;
+            mtu = mtu.min(datapath::inner_mtu(path, &p.encap, endpoint.is_ipv6()));
+        }
     }
     let floor = if cfg.interface.addresses.iter().any(|a| a.addr.is_ipv6()) {
         crate::config::MIN_MTU_V6
@@ -325,11 +329,21 @@ fn outcome(stopped: io::Result<Stop>, failed: Vec<String>) -> Result<(), DaemonE
     }
 }
 
-/// (endpoint, source) of every peer, for the outer tap's synthesised headers.
+/// (endpoint, source) of every peer's every path, for the outer tap's synthesised headers
+/// and the Wireshark SA lines. `sources`: the source of each peer's (first) endpoint.
 fn sent_from(cfg: &Config, sources: &[IpAddr]) -> Vec<(IpAddr, IpAddr)> {
-    cfg.peers
-        .iter()
-        .zip(sources)
-        .map(|(p, s)| (p.endpoint, *s))
-        .collect()
+    let mut v = Vec::new();
+    for (p, s) in cfg.peers.iter().zip(sources) {
+        for (i, e) in p.endpoints().into_iter().enumerate() {
+            let src = match i {
+                0 => *s,
+                _ => crate::sys::source_for(e, cfg.interface.local).unwrap_or(match e {
+                    IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                    IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+                }),
+            };
+            v.push((e, src));
+        }
+    }
+    v
 }

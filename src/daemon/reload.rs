@@ -158,13 +158,14 @@ impl Reloader<'_> {
                 EncapSpec::Esp { .. } => (PROTO_ESP, "esp (a raw socket for protocol 50)"),
                 EncapSpec::IpIp => (PROTO_IPIP, "ipip (raw sockets for protocols 4 and 41)"),
             };
-            let v6 = p.endpoint.is_ipv6();
-            if !self.transports.contains(&(v6, protocol)) {
-                return Err(format!(
-                    "peer {:?} uses mode {what} over {}, which no peer used at start: restart espip to open it",
-                    p.name,
-                    if v6 { "IPv6" } else { "IPv4" }
-                ));
+            for v6 in p.endpoints().iter().map(|e| e.is_ipv6()) {
+                if !self.transports.contains(&(v6, protocol)) {
+                    return Err(format!(
+                        "peer {:?} uses mode {what} over {}, which no peer used at start: restart espip to open it",
+                        p.name,
+                        if v6 { "IPv6" } else { "IPv4" }
+                    ));
+                }
             }
         }
         if new.interface.mtu.is_none() {
@@ -191,6 +192,7 @@ fn summarize(old: &Config, new: &Config) -> String {
     for p in &new.peers {
         if let Some(q) = old.peers.iter().find(|q| q.name == p.name) {
             if q.endpoint == p.endpoint
+                && q.multipath == p.multipath
                 && q.allowed_ips == p.allowed_ips
                 && q.route == p.route
                 && q.describe(0) == p.describe(0)

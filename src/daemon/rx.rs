@@ -9,7 +9,7 @@
 //!
 //! One RX thread runs per daemon.
 
-use super::send::relay_batch;
+use super::send::{relay_batch, send_verdicts};
 use super::tx::wait;
 use super::workers::Edges;
 use super::BATCH;
@@ -21,7 +21,7 @@ use crate::sys::tun::Tun;
 use crate::sys::udp::UdpEncapSocket;
 use crate::telemetry::{EdgeStats, Generation, RateLimit};
 use crate::wire::ip::PROTO_UDP;
-use nix::poll::{PollFd, PollFlags};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsFd;
@@ -104,7 +104,16 @@ pub(super) fn rx_loop(mut inb: Inbound, e: &Edges, rec: &mut Recorder, clock: In
             count += 1;
         }
         let fds = &mut fds[..count];
-        if !wait(fds, "the sockets") {
+        // Held packets (a multipath peer's reorder stage) are released at their deadline even
+        // when nothing arrives.
+        let timeout = match rx.inb.next_release() {
+            None => PollTimeout::NONE,
+            Some(at) => {
+                let left = at.saturating_sub(clock.elapsed().as_nanos() as u64);
+                PollTimeout::from(left.div_ceil(1_000_000).min(1000) as u16)
+            }
+        };
+        if !wait(fds, timeout, "the sockets") {
             return;
         }
         if panic_hook {
@@ -133,6 +142,10 @@ pub(super) fn rx_loop(mut inb: Inbound, e: &Edges, rec: &mut Recorder, clock: In
         {
             drain_udp(u, &mut b, &mut rx, rec, now);
         }
+        let now = clock.elapsed().as_nanos() as u64;
+        rec.begin_batch();
+        rx.release(&mut b.bufs, rec, now);
+        rec.flush();
     }
 }
 
@@ -355,6 +368,13 @@ impl RxState<'_, '_> {
                     relay[i] = true;
                     any_relay = true;
                 }
+                Verdict::Echo { peer, to } => {
+                    // A multipath probe: the echo goes back at once, on the path it came by.
+                    let v = self.gen.outbound.echo(usize::from(peer), b, to, now);
+                    if matches!(v, Verdict::Send(_)) {
+                        send_verdicts(std::slice::from_ref(&*b), &[Some(v)], e, &self.gen, rec);
+                    }
+                }
                 _ => {}
             }
         }
@@ -365,6 +385,46 @@ impl RxState<'_, '_> {
         }
         if any_relay {
             relay_batch(&self.gen, bufs, &relay[..bufs.len()], e, rec, now);
+        }
+        self.release(bufs, rec, now);
+    }
+
+    /// Write the packets of the reorder stages whose turn has come to the TUN, in order,
+    /// `bufs.len()` at a time (coalesced like any batch).
+    fn release(&mut self, bufs: &mut [PacketBuf], rec: &mut Recorder, now: u64) {
+        const ALL: [usize; BATCH] = {
+            let mut a = [0; BATCH];
+            let mut i = 0;
+            while i < BATCH {
+                a[i] = i;
+                i += 1;
+            }
+            a
+        };
+        let room = bufs.len().min(BATCH);
+        loop {
+            let mut k = 0;
+            let n = self.inb.release(now, room, |pkt| {
+                let b = &mut bufs[k];
+                b.reset();
+                b.read_area()[..pkt.len()].copy_from_slice(pkt);
+                b.set_len(pkt.len());
+                k += 1;
+            });
+            if n == 0 {
+                return;
+            }
+            for b in &bufs[..n] {
+                rec.record(Tap::Inner, b.as_slice());
+            }
+            if let Err(err) = write_coalesced(self.e.queues, bufs, &ALL[..n], self.e.edge) {
+                if self.warn_write.ready() {
+                    warn!("writing to the TUN failed: {err}");
+                }
+            }
+            if n < room {
+                return;
+            }
         }
     }
 }

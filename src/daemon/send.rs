@@ -47,10 +47,25 @@ pub(super) fn send_verdicts(
     g: &Generation,
     rec: &mut Recorder,
 ) -> Option<io::Error> {
+    // Every (packet, wire) to send: one per `Send`, one per path of a `SendEvery` (a
+    // multipath peer's `redundant` copies).
     let wires = || {
-        bufs.iter().zip(verdicts).filter_map(|(b, v)| match v {
-            Some(Verdict::Send(w)) => Some((b, *w)),
-            _ => None,
+        bufs.iter().zip(verdicts).flat_map(move |(b, v)| {
+            let (one, every) = match *v {
+                Some(Verdict::Send(w)) => (Some(w), None),
+                Some(Verdict::SendEvery {
+                    peer,
+                    mask,
+                    inner_v6,
+                }) => (None, Some((usize::from(peer), mask, inner_v6))),
+                _ => (None, None),
+            };
+            let copies = every.into_iter().flat_map(move |(peer, mask, v6)| {
+                (0..32)
+                    .filter(move |i| mask & (1 << i) != 0)
+                    .map(move |i| g.outbound.path_wire(peer, i, v6))
+            });
+            one.into_iter().chain(copies).map(move |w| (b, w))
         })
     };
     if rec.wants(Tap::Outer) {
@@ -99,23 +114,32 @@ pub(super) fn send_verdicts(
     for u in e.udp {
         let mut items = [(&[][..], SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)); TX_BUFS];
         let mut want = 0;
+        let mut flush = |items: &[(&[u8], SocketAddr)]| {
+            let sent = u.send_datagrams(items);
+            e.edge.send_errors.fetch_add(
+                (items.len() - sent.datagrams.min(items.len())) as u64,
+                Relaxed,
+            );
+            e.edge.udp_gso_sends.fetch_add(sent.trains as u64, Relaxed);
+            if sent.error.is_some() {
+                last_err = sent.error;
+            }
+        };
         for (b, w) in wires() {
             if let Wire::EspInUdp { dst } = w {
                 if dst.is_ipv6() == u.is_v6() {
                     items[want] = (b.as_slice(), dst);
                     want += 1;
+                    // Copies to several paths can outnumber the batch.
+                    if want == items.len() {
+                        flush(&items[..want]);
+                        want = 0;
+                    }
                 }
             }
         }
         if want > 0 {
-            let sent = u.send_datagrams(&items[..want]);
-            e.edge
-                .send_errors
-                .fetch_add((want - sent.datagrams.min(want)) as u64, Relaxed);
-            e.edge.udp_gso_sends.fetch_add(sent.trains as u64, Relaxed);
-            if sent.error.is_some() {
-                last_err = sent.error;
-            }
+            flush(&items[..want]);
         }
     }
     last_err

@@ -157,6 +157,7 @@ mod tests {
                 udp_port: None,
             },
             route: true,
+            multipath: None,
         };
         let tunnel = TunnelSpec {
             relay: false,

@@ -175,7 +175,11 @@ fn open_sockets(cfg: &Config) -> Result<(Vec<RawSocket>, Vec<UdpEncapSocket>), D
     let mut sockets = Vec::new();
     let mut udp = Vec::new();
     for v6 in [false, true] {
-        let peers = || cfg.peers.iter().filter(move |p| p.endpoint.is_ipv6() == v6);
+        let peers = || {
+            cfg.peers
+                .iter()
+                .filter(move |p| p.endpoints().iter().any(|e| e.is_ipv6() == v6))
+        };
         let uses = |f: fn(&EncapSpec) -> bool| peers().any(|p| f(&p.encap));
         let local = cfg.interface.local.filter(|l| l.is_ipv6() == v6);
         let mut protocols = Vec::new();

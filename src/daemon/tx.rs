@@ -30,11 +30,11 @@ use tracing::warn;
 /// TX buffers: a batch plus the segments of one more TSO packet (65535 / 536-byte MSS = 123).
 pub(super) const TX_BUFS: usize = BATCH + 128;
 
-/// Wait until one of `fds` is readable. `fds[0]` is the stop eventfd. Returns false when the
-/// thread must stop (stop requested, or poll failed, which is logged).
-pub(super) fn wait(fds: &mut [PollFd], what: &str) -> bool {
+/// Wait until one of `fds` is readable or `timeout` passes. `fds[0]` is the stop eventfd.
+/// Returns false when the thread must stop (stop requested, or poll failed, which is logged).
+pub(super) fn wait(fds: &mut [PollFd], timeout: PollTimeout, what: &str) -> bool {
     loop {
-        match poll(fds, PollTimeout::NONE) {
+        match poll(fds, timeout) {
             Ok(_) => break,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
@@ -62,7 +62,7 @@ pub(super) fn tx_loop(e: &Edges, rec: &mut Recorder, clock: Instant) {
             PollFd::new(e.stop.as_fd(), PollFlags::POLLIN),
             PollFd::new(e.tun.as_fd(), PollFlags::POLLIN),
         ];
-        if !wait(&mut fds, "the TUN") {
+        if !wait(&mut fds, PollTimeout::NONE, "the TUN") {
             return;
         }
         let now = clock.elapsed().as_nanos() as u64;

@@ -3,7 +3,7 @@
 //! unwind); the serving loop wakes on it, stops the daemon cleanly and exits non-zero with the
 //! thread's name and why it ended.
 
-use super::{rx, tx};
+use super::{probe, rx, tx};
 use crate::datapath::Inbound;
 use crate::sys::capture::Recorder;
 use crate::sys::raw::RawSocket;
@@ -33,6 +33,7 @@ impl Drop for Report {
 pub(super) struct Workers {
     tx: Vec<JoinHandle<()>>,
     rx: Option<JoinHandle<()>>,
+    probe: Option<JoinHandle<()>>,
     stop: Arc<EventFd>,
 }
 
@@ -69,6 +70,17 @@ impl Workers {
                     })?,
             );
         }
+        let probe = {
+            let h = handles.clone();
+            let guard = Report("espip-probe", report.clone());
+            let mut rec = recorder();
+            std::thread::Builder::new()
+                .name("espip-probe".into())
+                .spawn(move || {
+                    let _guard = guard;
+                    probe::probe_loop(&h.edges(0), &mut rec, clock)
+                })?
+        };
         let rx = {
             let guard = Report("espip-rx", report);
             let mut rec = recorder();
@@ -83,6 +95,7 @@ impl Workers {
             Workers {
                 tx,
                 rx: Some(rx),
+                probe: Some(probe),
                 stop,
             },
             ended,
@@ -108,6 +121,9 @@ impl Workers {
         }
         if let Some(Err(e)) = self.rx.take().map(JoinHandle::join) {
             failed.push(why("espip-rx", e));
+        }
+        if let Some(Err(e)) = self.probe.take().map(JoinHandle::join) {
+            failed.push(why("espip-probe", e));
         }
         failed
     }

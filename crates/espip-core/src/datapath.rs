@@ -22,6 +22,7 @@
 //! lock: only counters (relaxed atomics) are shared.
 
 use crate::buf::PacketBuf;
+use crate::multipath::{Multipath, PeerPaths, Pick, Probe, ProbeKind, Reorder};
 use crate::nat::NatTable;
 use crate::prefix::{Prefix, PrefixTable};
 use crate::sa::{Cipher, EspError, InboundSa, KeyMaterial, OutboundSa};
@@ -74,11 +75,14 @@ pub enum DropReason {
     /// A UDP datagram with the non-ESP marker (4 zero bytes: IKE, RFC 3948 section 2.2), which
     /// espip does not speak.
     NonEsp,
+    /// A copy of a packet already received from a multipath peer (the same sequence number
+    /// by another path: `redundant`), not counted as a replay.
+    Duplicate,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::NoRoute,
         DropReason::TooBig,
         DropReason::Malformed,
@@ -96,6 +100,7 @@ impl DropReason {
         DropReason::LifetimeExpired,
         DropReason::NatKeepalive,
         DropReason::NonEsp,
+        DropReason::Duplicate,
     ];
 
     /// The counter name (snake case, stable: used in logs, `show` and metrics).
@@ -118,6 +123,7 @@ impl DropReason {
             DropReason::LifetimeExpired => "lifetime_expired",
             DropReason::NatKeepalive => "nat_keepalive",
             DropReason::NonEsp => "non_esp",
+            DropReason::Duplicate => "duplicate",
         }
     }
 
@@ -315,9 +321,19 @@ pub struct PeerSpec {
     /// Whether kernel routes for `allowed_ips` are installed (false: accept-only, as for a relay
     /// that receives a client's upstream traffic but never sends it anything).
     pub route: bool,
+    /// Several paths (`[[peer.path]]`); `None`: the one `endpoint`.
+    pub multipath: Option<PeerPaths>,
 }
 
 impl PeerSpec {
+    /// Every outer address of the peer: its paths' endpoints, or its one endpoint.
+    pub fn endpoints(&self) -> Vec<IpAddr> {
+        match &self.multipath {
+            Some(pp) => pp.paths.iter().map(|p| p.endpoint).collect(),
+            None => vec![self.endpoint],
+        }
+    }
+
     /// One line saying what the peer is (for `espip check` and the start log; never a key):
     /// `ESP tunnel to 192.0.2.2 (aes-128-gcm, out SPI 0x00001001, ...)` or `IP-in-IP ... to`.
     /// `listen_port`: the local ESP-in-UDP port.
@@ -397,6 +413,28 @@ pub enum Verdict {
     /// The decapsulated packet is for another peer (a hub relaying between clients): hand the
     /// buffer to [`Outbound::process`], which wraps it for that peer, without the local stack.
     Relay,
+    /// Send the buffer on each path of a multipath peer whose bit is set in `mask`
+    /// (`redundant`); [`Outbound::path_wire`] gives each path's `Wire`.
+    SendEvery {
+        /// The peer.
+        peer: u16,
+        /// Bit i: path i.
+        mask: u32,
+        /// The inner packet is IPv6 (IP-in-IP: protocol 41).
+        inner_v6: bool,
+    },
+    /// A multipath probe arrived: the buffer holds the echo's payload; wrap it with
+    /// [`Outbound::echo`] and send it to `to`.
+    Echo {
+        /// The peer.
+        peer: u16,
+        /// Where the probe came from (UDP port 0 for protocol 50).
+        to: SocketAddr,
+    },
+    /// The packet waits in the peer's reorder stage; [`Inbound::release`] delivers it.
+    Held,
+    /// A control packet the core used (a multipath echo); nothing to do.
+    Consumed,
     /// Drop; already counted.
     Drop(DropReason),
 }
@@ -468,6 +506,8 @@ struct OutPeer {
     lifetime: Lifetime,
     used: Arc<SharedUsed>,
     stats: Arc<PeerStats>,
+    /// Several paths (shared with the inbound half and the control side).
+    mp: Option<Arc<Multipath>>,
 }
 
 /// The TUN -> wire half. Shared by reference (`&self`): every per-packet change is an atomic
@@ -493,6 +533,22 @@ struct InPeer {
     lifetime: Lifetime,
     used: Used,
     stats: Arc<PeerStats>,
+    mp: Option<InPaths>,
+}
+
+/// A multipath peer's inbound state: the shared paths and the reorder stage (owned here).
+struct InPaths {
+    shared: Arc<Multipath>,
+    reorder: Option<Reorder>,
+}
+
+impl InPaths {
+    fn new(shared: Arc<Multipath>) -> InPaths {
+        let s = shared.spec;
+        let reorder = (s.reorder_ms > 0 && shared.paths.len() > 1)
+            .then(|| Reorder::new(s.reorder_packets as usize, s.reorder_bytes as usize));
+        InPaths { shared, reorder }
+    }
 }
 
 /// The wire -> TUN half. Owned by one thread (`&mut self`: the replay windows); a reload hands
@@ -630,6 +686,13 @@ fn build_with(
             }
             _ => None,
         });
+        let mp = p.multipath.as_ref().map(|pp| {
+            Arc::new(Multipath::new(
+                pp.spec,
+                pp.paths.clone(),
+                old.and_then(|q| q.mp.as_deref()),
+            ))
+        });
         let peer_stats = match old {
             Some(q) if q.endpoint == p.endpoint && (kept.is_some() || ids.is_none()) => {
                 q.stats.clone()
@@ -639,12 +702,21 @@ fn build_with(
         };
         match &p.encap {
             EncapSpec::IpIp => {
-                if let Some(j) = by_endpoint.insert(p.endpoint, i) {
-                    return Err(BuildError::DuplicateIpIpEndpoint {
-                        endpoint: p.endpoint,
-                        first: peers[j].name.clone(),
-                        second: p.name.clone(),
-                    });
+                let endpoints: Vec<IpAddr> = match &p.multipath {
+                    Some(pp) => pp.paths.iter().map(|x| x.endpoint).collect(),
+                    None => vec![p.endpoint],
+                };
+                for e in endpoints {
+                    match by_endpoint.insert(e, i) {
+                        Some(j) if j != i => {
+                            return Err(BuildError::DuplicateIpIpEndpoint {
+                                endpoint: e,
+                                first: peers[j].name.clone(),
+                                second: p.name.clone(),
+                            })
+                        }
+                        _ => {}
+                    }
                 }
                 out.push(OutPeer {
                     name: p.name.clone(),
@@ -654,6 +726,7 @@ fn build_with(
                     lifetime: Lifetime::default(),
                     used: Arc::default(),
                     stats: peer_stats.clone(),
+                    mp: mp.clone(),
                 });
                 inp.push(InPeer {
                     endpoint: p.endpoint,
@@ -662,6 +735,7 @@ fn build_with(
                     lifetime: Lifetime::default(),
                     used: Used::default(),
                     stats: peer_stats,
+                    mp: mp.map(InPaths::new),
                 });
             }
             EncapSpec::Esp {
@@ -698,6 +772,7 @@ fn build_with(
                     lifetime: *lifetime,
                     used,
                     stats: peer_stats.clone(),
+                    mp: mp.clone(),
                 });
                 inp.push(InPeer {
                     endpoint: p.endpoint,
@@ -706,6 +781,7 @@ fn build_with(
                     lifetime: *lifetime,
                     used: Used::default(),
                     stats: peer_stats,
+                    mp: mp.map(InPaths::new),
                 });
             }
         }
@@ -771,6 +847,9 @@ impl Outbound {
                     NEXT_HEADER_IPV6
                 };
                 match sa.encapsulate(buf, nh) {
+                    Ok(_) if peer.mp.is_some() => {
+                        return self.schedule(idx, len, !inner.is_ipv4(), now)
+                    }
                     Ok(_) if peer.port != 0 => {
                         // The port the peer's last authenticated datagram came from wins.
                         let port = match s.udp_port_seen.load(Relaxed) {
@@ -789,6 +868,7 @@ impl Outbound {
                     Err(_) => return Verdict::Drop(DropReason::Malformed),
                 }
             }
+            None if peer.mp.is_some() => return self.schedule(idx, len, !inner.is_ipv4(), now),
             None => Wire::IpIp {
                 dst: peer.endpoint,
                 inner_v6: !inner.is_ipv4(),
@@ -798,6 +878,132 @@ impl Outbound {
         s.tx_bytes.fetch_add(len, Relaxed);
         s.last_tx.store(now, Relaxed);
         Verdict::Send(wire)
+    }
+
+    /// The verdict for a multipath peer's packet (already wrapped): the path(s) the schedule
+    /// picks, with their counters.
+    fn schedule(&self, idx: usize, len: u64, inner_v6: bool, now: u64) -> Verdict {
+        let peer = &self.peers[idx];
+        let mp = peer.mp.as_ref().expect("a multipath peer");
+        let s = &*peer.stats;
+        s.tx_packets.fetch_add(1, Relaxed);
+        s.tx_bytes.fetch_add(len, Relaxed);
+        s.last_tx.store(now, Relaxed);
+        let count = |i: usize| {
+            let p = &mp.stats[i];
+            p.tx_packets.fetch_add(1, Relaxed);
+            p.tx_bytes.fetch_add(len, Relaxed);
+        };
+        match mp.pick() {
+            Pick::One(i) => {
+                count(i);
+                Verdict::Send(self.path_wire(idx, i, inner_v6))
+            }
+            Pick::Every(mask) => {
+                for i in (0..mp.paths.len()).filter(|i| mask & (1 << i) != 0) {
+                    count(i);
+                }
+                if mask.count_ones() == 1 {
+                    Verdict::Send(self.path_wire(idx, mask.trailing_zeros() as usize, inner_v6))
+                } else {
+                    Verdict::SendEvery {
+                        peer: idx as u16,
+                        mask,
+                        inner_v6,
+                    }
+                }
+            }
+        }
+    }
+
+    /// How a packet for path `path` of multipath peer `peer` travels (ESP in UDP: to the port
+    /// the path's last authenticated datagram came from, else the configured one).
+    pub fn path_wire(&self, peer: usize, path: usize, inner_v6: bool) -> Wire {
+        let p = &self.peers[peer];
+        let (endpoint, port, seen) = match &p.mp {
+            Some(mp) => {
+                let x = &mp.paths[path];
+                (
+                    x.endpoint,
+                    x.port,
+                    mp.stats[path].udp_port_seen.load(Relaxed),
+                )
+            }
+            None => (p.endpoint, p.port, p.stats.udp_port_seen.load(Relaxed)),
+        };
+        match (&p.sa, port) {
+            (None, _) => Wire::IpIp {
+                dst: endpoint,
+                inner_v6,
+            },
+            (Some(_), 0) => Wire::Esp { dst: endpoint },
+            (Some(_), port) => Wire::EspInUdp {
+                dst: SocketAddr::new(endpoint, if seen == 0 { port } else { seen as u16 }),
+            },
+        }
+    }
+
+    /// The multipath control tick at `now` (every probe interval; `started`: when the data
+    /// path started; a peer's tick does nothing until its probe interval is over): liveness and schedules of every multipath peer, and the probes to send
+    /// (ESP dummy packets, authenticated by the peer's SA). Returns the state changes as
+    /// (peer, path, state) and the probes, wrapped, with their wires.
+    #[allow(clippy::type_complexity)]
+    pub fn tick(
+        &self,
+        now: u64,
+    ) -> (
+        Vec<(usize, usize, crate::multipath::PathState)>,
+        Vec<(PacketBuf, Wire)>,
+    ) {
+        let mut events = Vec::new();
+        let mut out = Vec::new();
+        for (idx, peer) in self.peers.iter().enumerate() {
+            let (Some(mp), Some((_, sa))) = (&peer.mp, &peer.sa) else {
+                // IP-in-IP has no SA to authenticate probes: its paths stay as configured.
+                continue;
+            };
+            let (ev, probes) = mp.tick(now);
+            events.extend(ev.into_iter().map(|e| (idx, e.path, e.state)));
+            for (path, probe) in probes {
+                if !peer.lifetime.take(&peer.used, Probe::LEN as u64, now) {
+                    break;
+                }
+                let mut buf = PacketBuf::new(Probe::LEN);
+                buf.reset();
+                probe.emit(&mut buf.read_area()[..Probe::LEN]);
+                buf.set_len(Probe::LEN);
+                if sa.encapsulate(&mut buf, NEXT_HEADER_DUMMY).is_ok() {
+                    out.push((buf, self.path_wire(idx, path, false)));
+                }
+            }
+        }
+        (events, out)
+    }
+
+    /// Wrap the echo payload in `buf` (left there by [`Inbound::process`] with
+    /// [`Verdict::Echo`]) for `peer` and say where it goes: back to where the probe came from.
+    pub fn echo(&self, peer: usize, buf: &mut PacketBuf, to: SocketAddr, now: u64) -> Verdict {
+        let Some(p) = self.peers.get(peer) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let Some((_, sa)) = &p.sa else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        if !p.lifetime.take(&p.used, buf.len() as u64, now) {
+            return Verdict::Drop(DropReason::LifetimeExpired);
+        }
+        match sa.encapsulate(buf, NEXT_HEADER_DUMMY) {
+            Ok(_) if p.port != 0 => Verdict::Send(Wire::EspInUdp { dst: to }),
+            Ok(_) => Verdict::Send(Wire::Esp { dst: to.ip() }),
+            Err(EspError::SeqExhausted) => Verdict::Drop(DropReason::SeqExhausted),
+            Err(EspError::SeqUnreserved) => Verdict::Drop(DropReason::SeqUnreserved),
+            Err(_) => Verdict::Drop(DropReason::Malformed),
+        }
+    }
+
+    /// Multipath peer `idx`'s shared path state (`None`: a single-path peer).
+    pub fn multipath(&self, idx: usize) -> Option<&Arc<Multipath>> {
+        self.peers.get(idx)?.mp.as_ref()
     }
 
     fn too_big(&self, buf: &mut PacketBuf, inner: &InnerPacket) -> Verdict {
@@ -933,7 +1139,7 @@ impl Inbound {
                 _ => {}
             }
         }
-        let (idx, next_header) = match protocol {
+        let (idx, next_header, seq, path) = match protocol {
             PROTO_ESP | PROTO_UDP => {
                 let Some(spi) = buf.as_slice().get(..4) else {
                     return Verdict::Drop(DropReason::Malformed);
@@ -943,7 +1149,11 @@ impl Inbound {
                     return Verdict::Drop(DropReason::UnknownSpi);
                 };
                 let peer = &mut self.peers[idx];
-                if peer.endpoint != outer_src || peer.udp != (protocol == PROTO_UDP) {
+                let path = match &peer.mp {
+                    Some(mp) => mp.shared.path_from(outer_src),
+                    None => (peer.endpoint == outer_src).then_some(0),
+                };
+                if path.is_none() || peer.udp != (protocol == PROTO_UDP) {
                     return Verdict::Drop(DropReason::WrongSource);
                 }
                 let Some((_, sa)) = peer.sa.as_mut() else {
@@ -957,8 +1167,12 @@ impl Inbound {
                 match sa.decapsulate(buf) {
                     Ok(o) => {
                         if protocol == PROTO_UDP && src_port != 0 {
-                            // Authenticated and new (replay checked): the peer's current port.
-                            let seen = &peer.stats.udp_port_seen;
+                            // Authenticated and new (replay checked): the peer's current port
+                            // (on this path).
+                            let seen = match (&peer.mp, path) {
+                                (Some(mp), Some(i)) => &mp.shared.stats[i].udp_port_seen,
+                                _ => &peer.stats.udp_port_seen,
+                            };
                             if seen.load(Relaxed) != u32::from(src_port) {
                                 seen.store(u32::from(src_port), Relaxed);
                             }
@@ -966,9 +1180,15 @@ impl Inbound {
                         peer.used.packets += 1;
                         peer.used.bytes += buf.len() as u64;
                         peer.stats.replay_top.store(sa.replay().top(), Relaxed);
-                        (idx, o.next_header)
+                        (idx, o.next_header, o.seq, path)
                     }
                     Err(EspError::Malformed) => return Verdict::Drop(DropReason::Malformed),
+                    // A multipath peer's copies (`redundant`) have the same sequence number.
+                    Err(EspError::Replay(crate::replay::ReplayError::Duplicate))
+                        if peer.mp.is_some() =>
+                    {
+                        return Verdict::Drop(DropReason::Duplicate)
+                    }
                     Err(EspError::Replay(_)) => return Verdict::Drop(DropReason::Replay),
                     Err(EspError::BadIcv) => return Verdict::Drop(DropReason::BadIcv),
                     Err(EspError::BadPadding) => return Verdict::Drop(DropReason::BadPadding),
@@ -981,14 +1201,53 @@ impl Inbound {
                 let Some(&idx) = self.by_endpoint.get(&outer_src) else {
                     return Verdict::Drop(DropReason::UnknownPeer);
                 };
-                (idx, protocol)
+                let path = self.peers[idx]
+                    .mp
+                    .as_ref()
+                    .and_then(|m| m.shared.path_from(outer_src));
+                (idx, protocol, 0, path)
             }
             _ => return Verdict::Drop(DropReason::Malformed),
         };
+        let v = self.deliver(buf, idx, next_header, path, src_port, outer_src, now);
+        // A multipath peer's sequence numbers go through the reorder stage: what is for this
+        // host may wait for a gap ahead of it; anything else only takes its place in the order.
+        let InPeer { mp, .. } = &mut self.peers[idx];
+        match (mp, v) {
+            (
+                Some(InPaths {
+                    shared,
+                    reorder: Some(r),
+                }),
+                v,
+            ) if seq != 0 => {
+                let hold = shared.hold_ns();
+                let data = (v == Verdict::ToTun).then(|| buf.as_slice());
+                match (r.offer(seq, data, now, hold, &shared.reorder), v) {
+                    (crate::multipath::Order::Held, Verdict::ToTun) => Verdict::Held,
+                    (_, v) => v,
+                }
+            }
+            (_, v) => v,
+        }
+    }
+
+    /// Steps 2-4 of an authenticated packet: probes, the inner packet's checks, NAT, counters.
+    #[allow(clippy::too_many_arguments)]
+    fn deliver(
+        &mut self,
+        buf: &mut PacketBuf,
+        idx: usize,
+        next_header: u8,
+        path: Option<usize>,
+        src_port: u16,
+        outer_src: IpAddr,
+        now: u64,
+    ) -> Verdict {
         let want_v4 = match next_header {
             NEXT_HEADER_IPV4 => true,
             NEXT_HEADER_IPV6 => false,
-            NEXT_HEADER_DUMMY => return Verdict::Drop(DropReason::Dummy),
+            NEXT_HEADER_DUMMY => return self.dummy(buf, idx, path, src_port, outer_src, now),
             _ => return Verdict::Drop(DropReason::BadNextHeader),
         };
         let Ok(inner) = InnerPacket::parse(buf.as_slice()) else {
@@ -999,6 +1258,13 @@ impl Inbound {
         }
         // Bytes after the inner packet are TFC padding (RFC 4303 section 2.7).
         buf.truncate(inner.total_len);
+        if let (Some(mp), Some(i)) = (&self.peers[idx].mp, path) {
+            // What the path delivered, reported back in echoes (before the policy: the sender
+            // counted it when it sent it).
+            let p = &mp.shared.stats[i];
+            p.rx_packets.fetch_add(1, Relaxed);
+            p.rx_bytes.fetch_add(buf.len() as u64, Relaxed);
+        }
         if self.allowed.lookup(inner.src) != Some(&idx) {
             return Verdict::Drop(DropReason::NotAllowed);
         }
@@ -1018,6 +1284,70 @@ impl Inbound {
             }
         }
         Verdict::ToTun
+    }
+
+    /// An authenticated dummy packet (next header 59): a multipath probe (answered), an echo
+    /// (the path's RTT and liveness), or anything else (discarded, RFC 4303 section 2.6).
+    fn dummy(
+        &mut self,
+        buf: &mut PacketBuf,
+        idx: usize,
+        path: Option<usize>,
+        src_port: u16,
+        outer_src: IpAddr,
+        now: u64,
+    ) -> Verdict {
+        let peer = &self.peers[idx];
+        let (Some(mp), Some(probe)) = (&peer.mp, Probe::parse(buf.as_slice())) else {
+            return Verdict::Drop(DropReason::Dummy);
+        };
+        peer.stats.last_rx.store(now, Relaxed);
+        match probe.kind {
+            ProbeKind::Echo => {
+                mp.shared.echoed(&probe, now);
+                Verdict::Consumed
+            }
+            ProbeKind::Probe => {
+                let rx_bytes = path.map_or(0, |i| mp.shared.stats[i].rx_bytes.load(Relaxed));
+                let echo = Probe {
+                    kind: ProbeKind::Echo,
+                    rx_bytes,
+                    ..probe
+                };
+                echo.emit(buf.as_mut_slice());
+                Verdict::Echo {
+                    peer: idx as u16,
+                    to: SocketAddr::new(outer_src, src_port),
+                }
+            }
+        }
+    }
+
+    /// Deliver, in order, up to `limit` packets of the reorder stages whose turn has come at
+    /// `now` (the gap ahead of them filled, or their hold time passed); `deliver` gets each
+    /// one. Returns how many; call again while it returns `limit`.
+    pub fn release(&mut self, now: u64, limit: usize, mut deliver: impl FnMut(&[u8])) -> usize {
+        let mut n = 0;
+        for p in &mut self.peers {
+            if let Some(InPaths {
+                shared,
+                reorder: Some(r),
+            }) = &mut p.mp
+            {
+                if n < limit && r.ready(now) {
+                    n += r.release(now, &shared.reorder, limit - n, &mut deliver);
+                }
+            }
+        }
+        n
+    }
+
+    /// When the next held packet must be released (`None`: nothing held).
+    pub fn next_release(&self) -> Option<u64> {
+        self.peers
+            .iter()
+            .filter_map(|p| p.mp.as_ref()?.reorder.as_ref()?.deadline())
+            .min()
     }
 
     /// The inbound SA state of each peer: (SPI, highest sequence number seen), `None` for IP-in-IP.

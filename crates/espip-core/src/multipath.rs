@@ -103,6 +103,15 @@ impl Default for MultipathSpec {
     }
 }
 
+/// A peer's paths and multipath settings, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerPaths {
+    /// Settings.
+    pub spec: MultipathSpec,
+    /// The paths, in order (failover tries them in this order).
+    pub paths: Vec<PathSpec>,
+}
+
 /// Slots of the spread schedule: shares are in 64ths.
 pub const SLOTS: usize = 64;
 
@@ -393,7 +402,13 @@ pub struct Multipath {
     next: AtomicU64,
     /// Probes sent (their identifiers).
     probe_id: AtomicU64,
+    /// The first tick's time (0: none yet): detection counts from there until a first echo.
+    started: AtomicU64,
+    /// When the next tick is due.
+    due: AtomicU64,
     control: Mutex<Controller>,
+    /// The receiver's reorder stage counters.
+    pub reorder: ReorderStats,
 }
 
 /// Where the schedule sends one packet.
@@ -429,7 +444,10 @@ impl Multipath {
             mask: AtomicU32::new(0),
             next: AtomicU64::new(0),
             probe_id: AtomicU64::new(0),
+            started: AtomicU64::new(0),
+            due: AtomicU64::new(0),
             control: Mutex::new(Controller::default()),
+            reorder: ReorderStats::default(),
         };
         m.publish();
         m
@@ -512,10 +530,23 @@ impl Multipath {
         }
     }
 
-    /// The control side's tick at `now` (call it every probe interval): update liveness and the
-    /// schedule; returns the state changes and the probes to send (path index, payload).
-    pub fn tick(&self, now: u64, started: u64) -> (Vec<PathEvent>, Vec<(usize, Probe)>) {
+    /// The control side's tick at `now` (call it at least every probe interval; it does
+    /// nothing before the interval is over): update liveness and the schedule; returns the
+    /// state changes and the probes to send (path index, payload).
+    pub fn tick(&self, now: u64) -> (Vec<PathEvent>, Vec<(usize, Probe)>) {
         let interval = u64::from(self.spec.probe_interval_ms) * 1_000_000;
+        if now < self.due.load(Relaxed) {
+            return (Vec::new(), Vec::new());
+        }
+        // Due again one interval later (a late tick does not make the next one early).
+        self.due.store(now + interval - interval / 10, Relaxed);
+        let started = match self.started.load(Relaxed) {
+            0 => {
+                self.started.store(now.max(1), Relaxed);
+                now
+            }
+            t => t,
+        };
         let dead = interval * u64::from(self.spec.dead_after.max(1));
         let mut events = Vec::new();
         for (i, p) in self.stats.iter().enumerate() {
@@ -540,7 +571,6 @@ impl Multipath {
         }
         if self.spec.scheduler == Scheduler::Spread {
             let refs = self.refs();
-            let weights: Vec<u32> = self.paths.iter().map(|p| p.weight).collect();
             let max_rtt = refs
                 .iter()
                 .map(|p| p.srtt_ns.load(Relaxed))
@@ -826,11 +856,21 @@ impl Reorder {
         Order::Held
     }
 
-    /// Deliver, in order, every held packet whose turn has come at `now`: the run that
-    /// continues the order, and past a gap whose oldest waiting packet's hold time passed.
-    /// `deliver` gets each packet's bytes.
-    pub fn release(&mut self, now: u64, stats: &ReorderStats, mut deliver: impl FnMut(&[u8])) {
+    /// Deliver, in order, up to `limit` held packets whose turn has come at `now`: the run
+    /// that continues the order, and past a gap whose oldest waiting packet's hold time
+    /// passed. `deliver` gets each packet's bytes. Returns how many were delivered.
+    pub fn release(
+        &mut self,
+        now: u64,
+        stats: &ReorderStats,
+        limit: usize,
+        mut deliver: impl FnMut(&[u8]),
+    ) -> usize {
+        let mut n = 0;
         while let Some(mut e) = self.held.first_entry() {
+            if n == limit {
+                break;
+            }
             let seq = *e.key();
             if seq != self.next {
                 if e.get().deadline > now {
@@ -845,11 +885,13 @@ impl Reorder {
             if let Some(d) = data {
                 self.bytes -= d.len();
                 deliver(&d);
+                n += 1;
                 if self.free.len() < 256 {
                     self.free.push(d);
                 }
             }
         }
+        n
     }
 }
 
@@ -966,7 +1008,7 @@ mod tests {
         let (mut tx, mut rx) = ([0u64; 2], [0u64; 2]);
         let mut now = MS;
         for _ in 0..200 {
-            let (_, probes) = m.tick(now, MS);
+            let (_, probes) = m.tick(now);
             // One tick of traffic at the current shares.
             for i in 0..2 {
                 let share = f64::from(m.stats[i].share.load(Relaxed)) / SLOTS as f64;
@@ -992,7 +1034,7 @@ mod tests {
             let mut now = MS;
             // Both paths answer for a second.
             while now < 1000 * MS {
-                let (_, probes) = m.tick(now, MS);
+                let (_, probes) = m.tick(now);
                 answer(&m, &probes, now + MS, &[0, 0]);
                 now += interval;
             }
@@ -1002,7 +1044,7 @@ mod tests {
             let mut down_at = None;
             let mut events = Vec::new();
             while now < cut + 1000 * MS {
-                let (ev, probes) = m.tick(now, MS);
+                let (ev, probes) = m.tick(now);
                 events.extend(ev);
                 answer(&m, &probes[..1], now + MS, &[0, 0]);
                 if down_at.is_none() && m.stats[1].state() == PathState::Down {
@@ -1025,9 +1067,9 @@ mod tests {
             assert_eq!(c[1], 0, "{s:?}: the dead path gets nothing");
             assert!(c[0] >= 640, "{s:?}: {c:?}");
             // It answers again: up at the next tick, used again.
-            let (_, probes) = m.tick(now, MS);
+            let (_, probes) = m.tick(now);
             answer(&m, &probes, now + MS, &[0, 0]);
-            let (ev, _) = m.tick(now + interval, MS);
+            let (ev, _) = m.tick(now + interval);
             assert_eq!(
                 ev,
                 vec![PathEvent {
@@ -1080,7 +1122,7 @@ mod tests {
     #[test]
     fn rtt_is_measured_from_the_echoed_timestamp() {
         let m = mp(Scheduler::Spread, 1);
-        let (_, probes) = m.tick(10 * MS, 0);
+        let (_, probes) = m.tick(10 * MS);
         answer(&m, &probes, 50 * MS, &[0]);
         assert_eq!(m.stats[0].srtt_ns.load(Relaxed), 40 * MS);
         assert_eq!(m.stats[0].min_rtt_ns.load(Relaxed), 40 * MS);
@@ -1112,7 +1154,7 @@ mod tests {
 
     fn collect(r: &mut Reorder, now: u64, s: &ReorderStats) -> Vec<u8> {
         let mut out = Vec::new();
-        r.release(now, s, |d| out.push(d[0]));
+        r.release(now, s, usize::MAX, |d| out.push(d[0]));
         out
     }
 

@@ -62,6 +62,7 @@ fn peer(name: &str, endpoint: &str, allowed: &str, encap: EncapSpec) -> PeerSpec
         allowed_ips: vec![allowed.parse().unwrap()],
         encap,
         route: true,
+        multipath: None,
     }
 }
 

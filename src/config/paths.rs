@@ -1,0 +1,188 @@
+//! `[[peer.path]]` and the multipath settings of a peer (`scheduler`, `probe_interval_ms`,
+//! `dead_after`, `reorder_ms`, `reorder_packets`, `reorder_bytes`).
+
+use super::peer::{endpoint, Mode};
+use super::raw::RawPeer;
+use super::{invalid, ConfigError};
+use crate::multipath::{MultipathSpec, PathSpec, PeerPaths, Scheduler, MAX_PATHS};
+
+/// Replay window of a peer with several paths unless configured: packets of one SA arrive
+/// out of order by up to the paths' delay difference times the rate (100 ms at 1 Gbit/s of
+/// 1400-byte packets is about 9000 packets).
+pub const MULTIPATH_REPLAY_WINDOW: u32 = 1 << 15;
+
+/// A single-endpoint peer with a multipath setting: named, since it would do nothing.
+pub(super) fn refuse_path_settings(
+    p: &RawPeer,
+    k: &dyn Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    for (field, set) in [
+        ("scheduler", p.scheduler.is_some()),
+        ("probe_interval_ms", p.probe_interval_ms.is_some()),
+        ("dead_after", p.dead_after.is_some()),
+        ("reorder_ms", p.reorder_ms.is_some()),
+        ("reorder_packets", p.reorder_packets.is_some()),
+        ("reorder_bytes", p.reorder_bytes.is_some()),
+    ] {
+        if set {
+            return Err(invalid(
+                k(field),
+                "(set)",
+                "nothing for a peer with one endpoint: give the peer [[peer.path]] tables (and no endpoint) to use several paths",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The paths and settings of a peer with `[[peer.path]]` tables.
+pub(super) fn paths(
+    p: &RawPeer,
+    mode: Mode,
+    k: &dyn Fn(&str) -> String,
+    warnings: &mut Vec<String>,
+) -> Result<PeerPaths, ConfigError> {
+    if p.path.len() > MAX_PATHS {
+        return Err(invalid(
+            k("path"),
+            format!("{} paths", p.path.len()),
+            format!("at most {MAX_PATHS} [[peer.path]] tables"),
+        ));
+    }
+    let mut paths: Vec<PathSpec> = Vec::new();
+    for (i, raw) in p.path.iter().enumerate() {
+        let key = |field: &str| k(&format!("path[{}].{field}", i + 1));
+        let name = raw.name.clone().unwrap_or_else(|| format!("path{}", i + 1));
+        if name.is_empty() || name.len() > 32 || !name.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(invalid(
+                key("name"),
+                format!("{name:?}"),
+                "a short name of printable ASCII characters without spaces (it appears in logs and metrics)",
+            ));
+        }
+        if paths.iter().any(|q| q.name == name) {
+            return Err(invalid(
+                key("name"),
+                format!("{name:?}"),
+                "a name no other path of this peer has",
+            ));
+        }
+        if raw.local.is_some() {
+            return Err(invalid(
+                key("local"),
+                "(set)",
+                "nothing: a path is sent from the source address the kernel's routing picks for its endpoint (give each path an endpoint reached over its own link, or a source-specific route); a per-path local address is not supported yet",
+            ));
+        }
+        let (ep, port) = endpoint(&raw.endpoint, mode, &key("endpoint"))?;
+        let port = match mode {
+            Mode::EspUdp => port.unwrap_or(crate::wire::ip::IPSEC_NAT_T_PORT),
+            _ => 0,
+        };
+        if let Some(q) = paths.iter().find(|q| q.endpoint == ep && q.port == port) {
+            return Err(invalid(
+                key("endpoint"),
+                format!("{:?}", raw.endpoint),
+                format!(
+                    "an endpoint other than path {:?}'s: two paths to one destination take one route",
+                    q.name
+                ),
+            ));
+        }
+        let weight = match raw.weight {
+            None => 1,
+            Some(w) if (1..=1000).contains(&w) => w as u32,
+            Some(w) => {
+                return Err(invalid(
+                    key("weight"),
+                    w,
+                    "a number from 1 to 1000: the path's starting share before its capacity is measured",
+                ))
+            }
+        };
+        paths.push(PathSpec {
+            name,
+            endpoint: ep,
+            port,
+            weight,
+        });
+    }
+    let d = MultipathSpec::default();
+    let scheduler = match &p.scheduler {
+        None => d.scheduler,
+        Some(s) => Scheduler::from_name(s).ok_or_else(|| {
+            invalid(
+                k("scheduler"),
+                format!("{s:?}"),
+                "\"spread\" (each packet on one path, by measured capacity), \"failover\" (the first live path) or \"redundant\" (every packet on every live path)",
+            )
+        })?,
+    };
+    let num = |field: &str, v: Option<i64>, lo: i64, hi: i64, def: u32, what: &str| match v {
+        None => Ok(def),
+        Some(n) if (lo..=hi).contains(&n) => Ok(n as u32),
+        Some(n) => Err(invalid(k(field), n, format!("{what} from {lo} to {hi}"))),
+    };
+    let spec = MultipathSpec {
+        scheduler,
+        probe_interval_ms: num(
+            "probe_interval_ms",
+            p.probe_interval_ms,
+            10,
+            10_000,
+            d.probe_interval_ms,
+            "milliseconds between probes on each path,",
+        )?,
+        dead_after: num(
+            "dead_after",
+            p.dead_after,
+            1,
+            100,
+            d.dead_after,
+            "probe intervals without an echo before a path is down,",
+        )?,
+        reorder_ms: num(
+            "reorder_ms",
+            p.reorder_ms,
+            0,
+            2000,
+            d.reorder_ms,
+            "the longest wait for a gap, in milliseconds (0: no reordering),",
+        )?,
+        reorder_packets: num(
+            "reorder_packets",
+            p.reorder_packets,
+            16,
+            1 << 20,
+            d.reorder_packets,
+            "packets held at most,",
+        )?,
+        reorder_bytes: num(
+            "reorder_bytes",
+            p.reorder_bytes,
+            1 << 16,
+            1 << 30,
+            d.reorder_bytes,
+            "bytes held at most,",
+        )?,
+    };
+    let name = &p.name;
+    if mode == Mode::IpIp && scheduler != Scheduler::Spread {
+        warnings.push(format!(
+            "peer {name:?}: ipip has no SA to authenticate probes, so its paths are never found down; scheduler {:?} works as configured order only",
+            scheduler.name()
+        ));
+    }
+    if paths.len() == 1 {
+        warnings.push(format!(
+            "peer {name:?} has one [[peer.path]]: it is probed, but there is nothing to spread or fail over to"
+        ));
+    }
+    if u64::from(spec.probe_interval_ms) * u64::from(spec.dead_after) > 5000 {
+        warnings.push(format!(
+            "peer {name:?}: a path is found down only after {} ms (probe_interval_ms x dead_after)",
+            u64::from(spec.probe_interval_ms) * u64::from(spec.dead_after)
+        ));
+    }
+    Ok(PeerPaths { spec, paths })
+}
