@@ -412,6 +412,34 @@ enum LabCmd {
         #[arg(long, default_value_t = 50)]
         megabytes: u64,
     },
+    /// Seed 000's goal: one TCP stream over two links at once (link 1 IPv4, link 2 IPv6-only,
+    /// each through a middle namespace that delays, drops and rate-limits): aggregate
+    /// throughput, a link cut mid-transfer, redundant under loss.
+    Multipath {
+        #[command(flatten)]
+        common: LabArgs,
+        /// esp-udp (ESP in UDP, RFC 3948), esp (IP protocol 50) or ipip (no probes).
+        #[arg(long, value_enum, default_value = "esp-udp")]
+        mode: ModeArg,
+        /// ESP cipher.
+        #[arg(long, default_value = "aes-128-gcm")]
+        cipher: String,
+        /// Link 1 (IPv4) as RATE_MBIT/RTT_MS[/LOSS_PERCENT].
+        #[arg(long, default_value = "100/10")]
+        link1: espip::lab::multipath::LinkSpec,
+        /// Link 2 (IPv6 only) as RATE_MBIT/RTT_MS[/LOSS_PERCENT].
+        #[arg(long, default_value = "100/40")]
+        link2: espip::lab::multipath::LinkSpec,
+        /// spread, failover or redundant (the aggregate and cut phases).
+        #[arg(long, default_value = "spread")]
+        scheduler: String,
+        /// Seconds worth of the links' sum in the aggregate transfer.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+        /// Random loss on each link in the redundant phase, percent (0 skips it).
+        #[arg(long, default_value_t = 5.0)]
+        redundant_loss: f64,
+    },
     /// Scenario 2: the SEED VPN lab (U 192.168.56.9, server 192.168.56.10 / 192.168.50.1,
     /// V 192.168.50.11); U reaches V through the server.
     Gateway {
@@ -477,6 +505,22 @@ enum ToolCmd {
         spi: u32,
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+    },
+    /// Relay every frame between two interfaces with a delay and random loss (the multipath
+    /// lab's emulated link; this kernel has no netem). Runs until SIGTERM; prints its counts.
+    Relay {
+        /// The two interfaces.
+        #[arg(long, num_args = 2)]
+        ifaces: Vec<String>,
+        /// One-way delay in milliseconds.
+        #[arg(long, default_value_t = 0.0)]
+        delay_ms: f64,
+        /// Share of frames dropped at random, in percent.
+        #[arg(long, default_value_t = 0.0)]
+        loss_percent: f64,
+        /// While this file exists, the link is cut.
+        #[arg(long)]
+        cut: Option<std::path::PathBuf>,
     },
     /// Send a reproducible stream and print its bytes and SHA-256.
     Source {
@@ -623,6 +667,40 @@ fn real_main() -> Result<()> {
                 }
                 println!("stopped and deleted: {}", gone.join(" "));
             }
+            LabCmd::Multipath {
+                common,
+                mode,
+                cipher,
+                link1,
+                link2,
+                scheduler,
+                seconds,
+                redundant_loss,
+            } => {
+                let mode = match mode {
+                    ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
+                    ModeArg::EspUdp => LabMode::EspUdp(cipher_arg(&cipher)?),
+                    ModeArg::Ipip => LabMode::IpIp,
+                };
+                let scheduler = espip::multipath::Scheduler::from_name(&scheduler).with_context(
+                    || format!("--scheduler {scheduler:?}: expected spread, failover or redundant"),
+                )?;
+                if !(0.0..=50.0).contains(&redundant_loss) {
+                    bail!("--redundant-loss must be 0..50 percent");
+                }
+                if !(1..=600).contains(&seconds) {
+                    bail!("--seconds must be 1..600");
+                }
+                let opts = espip::lab::multipath::MultipathOptions {
+                    mode,
+                    links: [link1, link2],
+                    scheduler,
+                    seconds,
+                    redundant_loss,
+                    run: common.run()?,
+                };
+                finish(espip::lab::multipath::run(&opts)?);
+            }
             LabCmd::P2p {
                 common,
                 mode,
@@ -697,6 +775,26 @@ fn real_main() -> Result<()> {
             }
             ToolCmd::Source { connect, bytes } => {
                 println!("{}", espip::lab::transfer::source(connect, bytes)?)
+            }
+            ToolCmd::Relay {
+                ifaces,
+                delay_ms,
+                loss_percent,
+                cut,
+            } => {
+                if !(0.0..=100.0).contains(&loss_percent) || !(0.0..=10_000.0).contains(&delay_ms)
+                {
+                    bail!("--loss-percent must be 0..100 and --delay-ms 0..10000");
+                }
+                let opts = espip::lab::relay::RelayOptions {
+                    ifaces: [ifaces[0].clone(), ifaces[1].clone()],
+                    delay: std::time::Duration::from_secs_f64(delay_ms / 1e3),
+                    loss: loss_percent / 100.0,
+                    cut,
+                };
+                let [ab, ba] = espip::lab::relay::run(&opts)?;
+                println!("{{\"frames\": [{}, {}], \"lost\": [{}, {}], \"cut\": [{}, {}], \"refused\": [{}, {}]}}",
+                    ab.frames, ba.frames, ab.lost, ba.lost, ab.cut, ba.cut, ab.refused, ba.refused);
             }
         },
     }

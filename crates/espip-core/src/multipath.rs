@@ -238,7 +238,7 @@ struct Sample {
 /// Each window (at least two probe intervals and at least the largest RTT, so the peer's
 /// report has caught up with what was sent):
 /// - a path that lost more than [`Controller::LOSS`] of what it was sent, or whose probe RTT
-///   rose above its minimum by half (a queue building up), is saturated: its estimate becomes
+///   rose above its minimum by half and by 20 ms (a queue building up), is saturated: its estimate becomes
 ///   what it delivered;
 /// - a path that carried at least a tenth of its estimate without loss may carry more: its
 ///   estimate grows by [`Controller::GROWTH`] over the larger of the estimate and what it
@@ -295,7 +295,10 @@ impl Controller {
             let (sent_rate, delivered_rate) = (sent / dt, delivered.min(sent) / dt);
             let srtt = p.srtt_ns.load(Relaxed);
             let min = p.min_rtt_ns.load(Relaxed);
-            let queueing = min > 0 && srtt > min + min / 2 + 2_000_000;
+            // A queue building up: the RTT above its minimum by half, and by 20 ms at least (both
+            // ends' own batching adds a few milliseconds to every path alike, which must not
+            // make the shortest path look congested).
+            let queueing = min > 0 && srtt > min + (min / 2).max(20_000_000);
             let lossy = delivered < sent * (1.0 - Controller::LOSS);
             if lossy || queueing {
                 s.capacity = if s.capacity == 0.0 {
@@ -576,7 +579,8 @@ impl Multipath {
                 .map(|p| p.srtt_ns.load(Relaxed))
                 .max()
                 .unwrap_or(0);
-            let window = (2 * interval).max(max_rtt * 2);
+            // Long enough that what is in flight (sent, not yet reported) is a small part.
+            let window = (2 * interval).max(max_rtt * 4);
             let mut c = self.control.lock().unwrap_or_else(|p| p.into_inner());
             c.update(&refs, now, window);
             for (i, p) in refs.iter().enumerate() {
@@ -615,8 +619,9 @@ impl Multipath {
         }
     }
 
-    /// How long the reorder stage holds a packet at most now: half the largest RTT difference
-    /// between live paths (the one-way delay difference) plus a margin, within `reorder_ms`.
+    /// How long the reorder stage holds a packet at most now: the largest RTT difference
+    /// between live paths (twice the one-way difference if the paths are symmetric: room for
+    /// queueing on the slow path) plus 10 ms, within `reorder_ms`.
     pub fn hold_ns(&self) -> u64 {
         let bound = u64::from(self.spec.reorder_ms) * 1_000_000;
         let rtts: Vec<u64> = self
@@ -629,7 +634,7 @@ impl Multipath {
         let (Some(min), Some(max)) = (rtts.iter().min(), rtts.iter().max()) else {
             return bound;
         };
-        ((max - min) / 2 + 10_000_000).min(bound)
+        ((max - min) + 10_000_000).min(bound)
     }
 }
 
@@ -1244,7 +1249,7 @@ mod tests {
         assert_eq!(m.hold_ns(), 100 * MS, "nothing measured: the bound");
         m.stats[0].srtt_ns.store(20 * MS, Relaxed);
         m.stats[1].srtt_ns.store(80 * MS, Relaxed);
-        assert_eq!(m.hold_ns(), 40 * MS);
+        assert_eq!(m.hold_ns(), 70 * MS);
         m.stats[1].srtt_ns.store(400 * MS, Relaxed);
         assert_eq!(m.hold_ns(), 100 * MS);
     }

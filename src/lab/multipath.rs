@@ -1,0 +1,681 @@
+//! `espip lab multipath` (seed 000's goal): hosts A and B joined by two links through middle
+//! namespaces, one TCP connection carried over both at once.
+//!
+//! ```text
+//!            link 1: IPv4 10.1.0.1 - 10.1.0.2, rate / RTT / loss of --link1
+//!        +-- l1 ==[ m1: relay (delay, loss), tbf ]== l1 --+
+//!   A ---+                                                  +--- B
+//!        +-- l2 ==[ m2: relay (delay, loss), tbf ]== l2 --+
+//!            link 2: IPv6 only 2001:db8:12::1 - ::2, --link2
+//! ```
+//!
+//! A middle namespace copies frames between its two interfaces with `espip lab-tool relay`
+//! (this kernel has no netem: the relay holds each frame for half the RTT and drops a share at
+//! random) and limits each direction with `tbf`. Checks: both paths up; one plain TCP stream
+//! through the tunnel against the best single link measured alone in the same run; link 1 cut
+//! in the middle of a transfer (hash equal, the stall measured) and restored (the path comes
+//! back); `redundant` under random loss on both links (TCP's retransmissions counted); a
+//! capture of each link shows only the tunnel and no plaintext; nothing left behind.
+
+use super::netns::{self, Daemon, Netns};
+use super::p2p::{write_private, LabKeys};
+use super::{pcap, transfer, Report};
+use crate::sa::Cipher;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A's tunnel address.
+pub const A_INNER: &str = "10.4.9.1";
+/// B's tunnel address.
+pub const B_INNER: &str = "10.4.9.2";
+/// Link 1 (IPv4): A's and B's addresses.
+pub const LINK1: [&str; 2] = ["10.1.0.1", "10.1.0.2"];
+/// Link 2 (IPv6 only): A's and B's addresses.
+pub const LINK2: [&str; 2] = ["2001:db8:12::1", "2001:db8:12::2"];
+
+/// One emulated link.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkSpec {
+    /// Rate each way, Mbit/s.
+    pub mbit: f64,
+    /// Round-trip time added, ms (half each way).
+    pub rtt_ms: f64,
+    /// Random loss each way, percent.
+    pub loss_percent: f64,
+}
+
+impl std::str::FromStr for LinkSpec {
+    type Err = String;
+
+    /// `RATE/RTT[/LOSS]`: `100/10` (100 Mbit/s, 10 ms), `25/40/1` (and 1 % loss).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split('/').collect();
+        let num = |i: usize, what: &str, max: f64| -> Result<f64, String> {
+            let v: f64 = parts[i]
+                .trim()
+                .parse()
+                .map_err(|_| format!("{s:?}: {what} {:?} is not a number", parts[i]))?;
+            if !(0.0..=max).contains(&v) {
+                return Err(format!("{s:?}: {what} must be 0..{max}"));
+            }
+            Ok(v)
+        };
+        if !(2..=3).contains(&parts.len()) {
+            return Err(format!(
+                "{s:?}: expected RATE_MBIT/RTT_MS[/LOSS_PERCENT], e.g. 100/10 or 25/40/1"
+            ));
+        }
+        let mbit = num(0, "rate", 10_000.0)?;
+        if mbit < 1.0 {
+            return Err(format!("{s:?}: the rate must be at least 1 Mbit/s"));
+        }
+        Ok(LinkSpec {
+            mbit,
+            rtt_ms: num(1, "RTT", 2000.0)?,
+            loss_percent: if parts.len() == 3 {
+                num(2, "loss", 50.0)?
+            } else {
+                0.0
+            },
+        })
+    }
+}
+
+/// Options of `espip lab multipath`.
+#[derive(Debug, Clone)]
+pub struct MultipathOptions {
+    /// ESP in UDP (default), ESP or IP-in-IP.
+    pub mode: super::p2p::LabMode,
+    /// The two links.
+    pub links: [LinkSpec; 2],
+    /// Scheduler of the first phases (aggregate, cut).
+    pub scheduler: crate::multipath::Scheduler,
+    /// Seconds of the aggregate transfer (its size follows the links' sum).
+    pub seconds: u64,
+    /// Random loss on both links for the redundant phase, percent (0: skip the phase).
+    pub redundant_loss: f64,
+    /// What every lab takes.
+    pub run: super::LabRun,
+}
+
+/// The running lab: namespaces, relays, daemons.
+struct Lab {
+    a: Netns,
+    b: Netns,
+    m: [Netns; 2],
+    relays: [Option<Child>; 2],
+    work: PathBuf,
+}
+
+impl Lab {
+    fn cut_file(&self, link: usize) -> PathBuf {
+        self.work.join(format!("cut-link{}", link + 1))
+    }
+
+    /// (Re)start the relay of `link` with `loss` percent.
+    fn relay(&mut self, exe: &Path, link: usize, spec: &LinkSpec, loss: f64) -> io::Result<()> {
+        if let Some(mut c) = self.relays[link].take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+        let log = std::fs::File::create(self.work.join(format!("relay{}.log", link + 1)))?;
+        let child = self.m[link]
+            .command(exe)
+            .args(["lab-tool", "relay", "--ifaces", "mid-a", "mid-b"])
+            .arg("--delay-ms")
+            .arg(format!("{}", spec.rtt_ms / 2.0))
+            .arg("--loss-percent")
+            .arg(format!("{loss}"))
+            .arg("--cut")
+            .arg(self.cut_file(link))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.relays[link] = Some(child);
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in self.relays.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Build the four namespaces and both links (relays not started).
+fn topology(links: &[LinkSpec; 2], work: &Path) -> io::Result<Lab> {
+    let a = Netns::new("lab", "a")?;
+    let b = Netns::new("lab", "b")?;
+    let m = [Netns::new("lab", "m1")?, Netns::new("lab", "m2")?];
+    for (i, mid) in m.iter().enumerate() {
+        let dev = format!("l{}", i + 1);
+        for (host, side) in [(&a, "mid-a"), (&b, "mid-b")] {
+            netns::run_ok(Command::new("ip").args([
+                "link", "add", &dev, "netns", host.name(), "type", "veth", "peer", "name", side,
+                "netns", mid.name(),
+            ]))?;
+            // The middle only relays: no address, no IPv6 of its own, no forwarding.
+            mid.sysctl(&format!("net.ipv6.conf.{side}.disable_ipv6"), "1")?;
+            mid.ip(&["link", "set", "dev", side, "up"])?;
+            // A frame's due time is its arrival plus the delay; tbf then paces what the relay
+            // writes (bursts of 10 ms at the rate, at least 16 KB).
+            let burst = ((links[i].mbit * 1e6 / 8.0 * 0.01) as u64).max(16_384);
+            mid.command("tc")
+                .args(["qdisc", "add", "dev", side, "root", "tbf", "rate"])
+                .arg(format!("{}mbit", links[i].mbit))
+                .arg("burst")
+                .arg(burst.to_string())
+                .args(["latency", "50ms"])
+                .status()?;
+            // UDP GSO trains must be cut into frames before the relay sees them.
+            host.ip(&["link", "set", &dev, "gso_max_segs", "1"])?;
+        }
+        mid.sysctl("net.ipv4.ip_forward", "0")?;
+    }
+    for (host, k) in [(&a, 0), (&b, 1)] {
+        host.sysctl("net.ipv6.conf.l1.disable_ipv6", "1")?;
+        host.ip(&["addr", "add", &format!("{}/24", LINK1[k]), "dev", "l1"])?;
+        host.sysctl("net.ipv6.conf.l2.disable_ipv6", "0")?;
+        host.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", LINK2[k]),
+            "dev",
+            "l2",
+            "nodad",
+        ])?;
+        for dev in ["l1", "l2"] {
+            host.ip(&["link", "set", dev, "up"])?;
+        }
+    }
+    Ok(Lab {
+        a,
+        b,
+        m,
+        relays: [None, None],
+        work: work.to_path_buf(),
+    })
+}
+
+/// One host's configuration.
+fn config_text(
+    opts: &MultipathOptions,
+    me_a: bool,
+    keys: Option<&LabKeys>,
+    scheduler: crate::multipath::Scheduler,
+    state_dir: &Path,
+) -> String {
+    use super::p2p::LabMode;
+    let (addr, peer, allowed, k) = if me_a {
+        (A_INNER, "b", B_INNER, 1)
+    } else {
+        (B_INNER, "a", A_INNER, 0)
+    };
+    let udp = matches!(opts.mode, LabMode::EspUdp(_));
+    let ep = |a: &str| match (udp, a.contains(':')) {
+        (true, true) => format!("[{a}]:4500"),
+        (true, false) => format!("{a}:4500"),
+        _ => a.to_string(),
+    };
+    let mut s = format!(
+        "# espip lab multipath, host {}\n[interface]\nname = \"espip0\"\naddress = [\"{addr}/24\"]\n{}\n[[peer]]\nname = \"{peer}\"\nallowed_ips = [\"{allowed}/32\"]\nscheduler = \"{}\"\n",
+        if me_a { "A" } else { "B" },
+        super::state_lines(state_dir),
+        scheduler.name()
+    );
+    match (opts.mode, keys) {
+        (LabMode::Esp(c) | LabMode::EspUdp(c), Some(keys)) => {
+            let (spi_out, spi_in, key_out, key_in) = if me_a {
+                (0x1001u32, 0x1002u32, &keys.a_to_b, &keys.b_to_a)
+            } else {
+                (0x1002, 0x1001, &keys.b_to_a, &keys.a_to_b)
+            };
+            s.push_str(&format!(
+                "mode = \"{}\"\ncipher = \"{}\"\nspi_out = \"{spi_out:#010x}\"\nspi_in = \"{spi_in:#010x}\"\nkey_out = \"{}\"\nkey_in = \"{}\"\nesn = true\n",
+                if udp { "esp-udp" } else { "esp" },
+                c.name(),
+                key_out.to_hex().as_str(),
+                key_in.to_hex().as_str()
+            ));
+        }
+        _ => s.push_str("mode = \"ipip\"\n"),
+    }
+    for (name, addrs, spec) in [
+        ("link1", LINK1, &opts.links[0]),
+        ("link2", LINK2, &opts.links[1]),
+    ] {
+        s.push_str(&format!(
+            "\n[[peer.path]]\nname = \"{name}\"\nendpoint = \"{}\"\nweight = {}\n",
+            ep(addrs[k]),
+            spec.mbit.round().max(1.0) as u32
+        ));
+    }
+    s
+}
+
+/// The daemon's status (JSON over the control socket).
+fn status(control: &Path) -> Option<crate::status::Status> {
+    let raw = crate::control::request(control, "status").ok()?;
+    serde_json::from_slice(&raw).ok()
+}
+
+fn path_states(control: &Path) -> Vec<(String, String, Option<f64>)> {
+    status(control)
+        .and_then(|s| s.peers.into_iter().next()?.multipath)
+        .map(|m| {
+            m.paths
+                .into_iter()
+                .map(|p| (p.name, p.state, p.rtt_ms))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Wait up to `limit` for every path (or path `only`) to be in `state`.
+fn wait_paths(control: &Path, state: &str, only: Option<usize>, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let p = path_states(control);
+        let ok = !p.is_empty()
+            && p.iter()
+                .enumerate()
+                .filter(|(i, _)| only.is_none_or(|o| o == *i))
+                .all(|(_, (_, s, _))| s == state);
+        if ok {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// TCP segments sent and retransmitted by `ns` so far (`/proc/net/snmp` of the namespace).
+fn tcp_counters(ns: &Netns) -> Option<(u64, u64)> {
+    let out = netns::run(ns.command("cat").arg("/proc/net/snmp")).ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let values: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let get = |k: &str| -> Option<u64> {
+        values.get(names.iter().position(|n| *n == k)?)?.parse().ok()
+    };
+    Some((get("OutSegs")?, get("RetransSegs")?))
+}
+
+/// Run the multipath lab.
+pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
+    use super::p2p::LabMode;
+    let [l1, l2] = opts.links;
+    let (mut report, work, keep_work) = opts.run.begin(
+        "multipath",
+        format!(
+            "espip lab multipath ({}, {}; link 1 IPv4 {} Mbit/s RTT {} ms, link 2 IPv6 {} Mbit/s RTT {} ms)",
+            match opts.mode {
+                LabMode::Esp(c) => format!("esp {}", c.name()),
+                LabMode::EspUdp(c) => format!("esp-udp {}", c.name()),
+                LabMode::IpIp => "ipip".into(),
+            },
+            opts.scheduler.name(),
+            l1.mbit,
+            l1.rtt_ms,
+            l2.mbit,
+            l2.rtt_ms
+        ),
+        &[("tc", "iproute2")],
+    )?;
+    let mut lab = topology(&opts.links, &work)?;
+    for (i, spec) in opts.links.iter().enumerate() {
+        lab.relay(&opts.run.exe, i, spec, spec.loss_percent)?;
+    }
+    let keys = match opts.mode {
+        LabMode::Esp(c) | LabMode::EspUdp(c) => Some(LabKeys::generate(c)?),
+        LabMode::IpIp => None,
+    };
+    let taps = opts.run.pcap_dir.as_deref();
+    let cfg = |me_a: bool, s: crate::multipath::Scheduler| {
+        let host = if me_a { "a" } else { "b" };
+        config_text(opts, me_a, keys.as_ref(), s, &work.join(format!("state-{host}")))
+            + &super::capture_lines(taps, host)
+    };
+    let (cfg_a, cfg_b) = (work.join("a.toml"), work.join("b.toml"));
+    write_private(&cfg_a, &cfg(true, opts.scheduler))?;
+    write_private(&cfg_b, &cfg(false, opts.scheduler))?;
+
+    // The best single link alone: plain TCP between the hosts' link addresses, no tunnel.
+    let secs = opts.seconds.max(2);
+    let alone: Vec<f64> = [(LINK1[1], &l1), (LINK2[1], &l2)]
+        .iter()
+        .map(|(addr, spec)| {
+            let bytes = (spec.mbit * 1e6 / 8.0 * 3.0) as u64;
+            let target = if addr.contains(':') {
+                format!("[{addr}]")
+            } else {
+                addr.to_string()
+            };
+            super::transfer(&opts.run.exe, (&lab.a, &lab.b), &target, bytes)
+                .map(|r| if r.ok(bytes) { r.mbit_s() } else { 0.0 })
+                .unwrap_or(0.0)
+        })
+        .collect();
+    report.notes.push(format!(
+        "plain TCP over each link alone (no tunnel, 3 s worth): link 1 {:.1} Mbit/s, link 2 {:.1} Mbit/s",
+        alone[0], alone[1]
+    ));
+    let best_alone = alone.iter().copied().fold(0.0, f64::max);
+
+    let mut da = Daemon::start(&lab.a, &opts.run.exe, &cfg_a, &work.join("a.log"))?;
+    let mut db = Daemon::start(&lab.b, &opts.run.exe, &cfg_b, &work.join("b.log"))?;
+    let (ctl_a, ctl_b) = (
+        work.join("state-a").join("control.sock"),
+        work.join("state-b").join("control.sock"),
+    );
+    if keys.is_some() {
+        super::export_esp_sa(&ctl_a, &work.join("esp_sa"))?;
+    }
+    let probing = !matches!(opts.mode, LabMode::IpIp);
+    if probing {
+        let up = wait_paths(&ctl_a, "up", None, Duration::from_secs(5));
+        let paths = path_states(&ctl_a);
+        report.check(
+            "both paths up (probes answered)",
+            up.is_some(),
+            format!(
+                "after {}: {}",
+                up.map_or("5 s (timeout)".into(), |d| format!("{} ms", d.as_millis())),
+                paths
+                    .iter()
+                    .map(|(n, s, r)| format!("{n} {s} rtt {:.1} ms", r.unwrap_or(0.0)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    }
+    let (ok, detail) = super::p2p::ping(&lab.a, B_INNER);
+    report.check(format!("ping A -> B {B_INNER}"), ok, detail);
+
+    // Capture both links (on A's side) during the aggregate transfer.
+    let caps: Vec<(PathBuf, Child)> = ["l1", "l2"]
+        .iter()
+        .map(|dev| {
+            let f = work.join(format!("wire-{dev}.pcap"));
+            super::start_capture(&lab.a, dev, &f).map(|c| (f, c))
+        })
+        .collect::<io::Result<_>>()?;
+    let sum = l1.mbit + l2.mbit;
+    let bytes = (sum * 1e6 / 8.0 * secs as f64) as u64;
+    let r = super::transfer(&opts.run.exe, (&lab.a, &lab.b), B_INNER, bytes)?;
+    let rate = r.mbit_s();
+    report.check(
+        format!("one TCP stream over both links ({} MB)", bytes / 1_000_000),
+        r.ok(bytes) && rate > best_alone,
+        format!(
+            "{rate:.1} Mbit/s = {:.2} of the links' nominal sum {sum} Mbit/s, {:.2}x the best single link alone; sha256 {}",
+            rate / sum,
+            rate / best_alone.max(1e-9),
+            if r.ok(bytes) { "equal" } else { "DIFFERS" }
+        ),
+    );
+    if let Some(st) = status(&ctl_a) {
+        if let Some(m) = st.peers.first().and_then(|p| p.multipath.as_ref()) {
+            report.notes.push(format!(
+                "A's paths after it: {}",
+                m.paths
+                    .iter()
+                    .map(|p| format!(
+                        "{} share {:.0}% sent {:.1} MB rtt {:.1} ms",
+                        p.name,
+                        p.share * 100.0,
+                        p.tx_bytes as f64 / 1e6,
+                        p.rtt_ms.unwrap_or(0.0)
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
+    }
+    if let Some(m) = status(&ctl_b).and_then(|s| s.peers.into_iter().next()?.multipath) {
+        report.notes.push(format!(
+            "B's reorder stage: held {}, gaps skipped {}, late {}, hold {:.1} ms",
+            m.reorder_held, m.reorder_gaps_skipped, m.reorder_late, m.reorder_hold_ms
+        ));
+    }
+    for (f, c) in caps {
+        super::stop_capture(c);
+        wire_check(&mut report, &f, opts.mode)?;
+    }
+
+    if probing {
+        cut_check(&mut report, &lab, opts, &ctl_a, &ctl_b)?;
+    }
+    if probing && opts.redundant_loss > 0.0 {
+        redundant_check(&mut report, &mut lab, opts, &cfg_a, &cfg_b, &cfg)?;
+    }
+
+    if opts.run.keep {
+        report.kept(&[&lab.a, &lab.b, &lab.m[0], &lab.m[1]], Some(&work));
+        std::mem::forget(da);
+        std::mem::forget(db);
+        std::mem::forget(lab);
+        return Ok(report);
+    }
+    let clean = da.stop()? & db.stop()?;
+    let gone = !lab.a.has_link("espip0") && !lab.b.has_link("espip0");
+    report.check(
+        "clean stop",
+        clean && gone,
+        format!(
+            "SIGTERM: exits {}; espip0 {}",
+            if clean { "0" } else { "non-zero" },
+            if gone { "removed in both" } else { "LEFT BEHIND" }
+        ),
+    );
+    if keep_work {
+        report.notes.push(format!(
+            "configs, logs, wire-l1.pcap / wire-l2.pcap (A's side of each link){} in {}",
+            if work.join("esp_sa").exists() {
+                " and esp_sa (tshark decrypts both captures with it)"
+            } else {
+                ""
+            },
+            work.display()
+        ));
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    drop(lab);
+    Ok(report)
+}
+
+/// Link 1 cut in the middle of a transfer and restored: the transfer completes with an equal
+/// hash, the longest stall of B's received bytes is measured, path 1 is found down and back.
+fn cut_check(
+    report: &mut Report,
+    lab: &Lab,
+    opts: &MultipathOptions,
+    ctl_a: &Path,
+    ctl_b: &Path,
+) -> io::Result<()> {
+    let sum = opts.links[0].mbit + opts.links[1].mbit;
+    let bytes = (sum * 1e6 / 8.0 * 8.0) as u64;
+    // What the receiving application's socket has taken in order (`ss`: bytes_received), so
+    // a hole TCP waits for counts as a stall even while later packets arrive.
+    let rx = || -> u64 {
+        netns::run(lab.b.command("ss").args([
+            "-tinH",
+            "state",
+            "established",
+            "( sport = :5002 )",
+        ]))
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let at = text.find("bytes_received:")? + "bytes_received:".len();
+            let digits: String = text[at..].chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .unwrap_or(0)
+    };
+    let _ = ctl_b;
+    let cut = lab.cut_file(0);
+    let (result, samples, cut_at) = std::thread::scope(|s| {
+        let t = s.spawn(|| super::transfer_on(&opts.run.exe, (&lab.a, &lab.b), B_INNER, 5002, bytes));
+        let start = Instant::now();
+        let mut samples = Vec::new();
+        let mut cut_at = None;
+        while !t.is_finished() {
+            let now = start.elapsed();
+            if cut_at.is_none() && now >= Duration::from_secs(3) {
+                let _ = std::fs::write(&cut, b"cut\n");
+                cut_at = Some(now);
+            }
+            samples.push((now, rx()));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (t.join(), samples, cut_at)
+    });
+    let result = result.map_err(|_| io::Error::other("transfer thread panicked"))??;
+    let cut_at = cut_at.unwrap_or(Duration::MAX);
+    // The longest time B's received bytes did not grow, from the cut to the end.
+    let mut stall = Duration::ZERO;
+    let mut last_change = cut_at;
+    let mut last = None;
+    for (t, b) in samples.iter().filter(|(t, _)| *t >= cut_at) {
+        if last != Some(*b) {
+            last = Some(*b);
+            last_change = *t;
+        }
+        stall = stall.max(*t - last_change);
+    }
+    let down = path_states(ctl_a)
+        .first()
+        .is_some_and(|(_, s, _)| s == "down");
+    report.check(
+        "link 1 cut 3 s into a transfer",
+        result.ok(bytes) && down && cut_at != Duration::MAX,
+        format!(
+            "{} MB at {:.1} Mbit/s, sha256 {}; longest stall after the cut {} ms; path link1 {}",
+            bytes / 1_000_000,
+            result.mbit_s(),
+            if result.ok(bytes) { "equal" } else { "DIFFERS" },
+            stall.as_millis(),
+            if down { "down" } else { "NOT found down" }
+        ),
+    );
+    let _ = std::fs::remove_file(&cut);
+    let back = wait_paths(ctl_a, "up", Some(0), Duration::from_secs(5));
+    report.check(
+        "link 1 restored: the path comes back",
+        back.is_some(),
+        back.map_or("not up 5 s after the link came back".into(), |d| {
+            format!("up {} ms after the link came back", d.as_millis())
+        }),
+    );
+    Ok(())
+}
+
+/// Both links lose `redundant_loss` percent at random; with `redundant`, every packet goes on
+/// both, so TCP should see about loss squared. Reloaded (the daemons keep running).
+fn redundant_check(
+    report: &mut Report,
+    lab: &mut Lab,
+    opts: &MultipathOptions,
+    cfg_a: &Path,
+    cfg_b: &Path,
+    cfg: &dyn Fn(bool, crate::multipath::Scheduler) -> String,
+) -> io::Result<()> {
+    use crate::multipath::Scheduler;
+    let loss = opts.redundant_loss;
+    for (path, me_a) in [(cfg_a, true), (cfg_b, false)] {
+        write_private(path, &cfg(me_a, Scheduler::Redundant))?;
+        let out = netns::run(Command::new(&opts.run.exe).arg("reload").arg("-c").arg(path))?;
+        if !out.status.success() {
+            report.check(
+                "reload to scheduler redundant",
+                false,
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            );
+            return Ok(());
+        }
+    }
+    for i in 0..2 {
+        let spec = opts.links[i];
+        lab.relay(&opts.run.exe, i, &spec, loss)?;
+    }
+    let slow = opts.links[0].mbit.min(opts.links[1].mbit);
+    let bytes = (slow * 1e6 / 8.0 * 5.0) as u64;
+    let before = tcp_counters(&lab.a);
+    let r = super::transfer_on(&opts.run.exe, (&lab.a, &lab.b), B_INNER, 5003, bytes)?;
+    let after = tcp_counters(&lab.a);
+    let (seen, detail) = match (before, after) {
+        (Some((o0, r0)), Some((o1, r1))) if o1 > o0 => {
+            let share = (r1 - r0) as f64 / (o1 - o0) as f64 * 100.0;
+            (share, format!("{} of {} segments retransmitted ({share:.2}%)", r1 - r0, o1 - o0))
+        }
+        _ => (100.0, "TCP counters unreadable".into()),
+    };
+    report.check(
+        format!("redundant with {loss}% random loss on each link"),
+        r.ok(bytes) && seen < loss,
+        format!(
+            "{} MB at {:.1} Mbit/s, sha256 {}; {detail} (each link alone would lose {loss}%)",
+            bytes / 1_000_000,
+            r.mbit_s(),
+            if r.ok(bytes) { "equal" } else { "DIFFERS" }
+        ),
+    );
+    let _ = Stdio::null();
+    Ok(())
+}
+
+/// The capture of one link shows only the tunnel's protocol between A and B (besides ARP /
+/// neighbour discovery) and, for ESP, not the transfer's canary.
+fn wire_check(report: &mut Report, wire: &Path, mode: super::p2p::LabMode) -> io::Result<()> {
+    use super::p2p::LabMode;
+    let frames = pcap::read(wire)?;
+    let want = match mode {
+        LabMode::Esp(_) => 50u8,
+        LabMode::EspUdp(_) => 17,
+        LabMode::IpIp => 4,
+    };
+    let (mut tunnel, mut tunnel_bytes, mut link, mut other, mut canary) = (0u64, 0u64, 0, 0, 0);
+    for f in &frames {
+        match f.ip() {
+            Some((_, _, p, _, total)) if p == want => {
+                tunnel += 1;
+                tunnel_bytes += total as u64;
+            }
+            _ if f.ethertype == 0x0806 => link += 1,
+            Some((_, d, p, _, _)) if f.ethertype == 0x86dd && (p == 58 || d.is_multicast()) => {
+                link += 1
+            }
+            _ => other += 1,
+        }
+        if pcap::contains(&f.payload, transfer::CANARY) {
+            canary += 1;
+        }
+    }
+    let name = wire.file_name().map_or(String::new(), |n| n.to_string_lossy().into());
+    let esp = !matches!(mode, LabMode::IpIp);
+    report.check(
+        format!("{name}: only the tunnel{}", if esp { ", no plaintext" } else { "" }),
+        tunnel > 0 && other == 0 && (!esp || canary == 0),
+        format!(
+            "{tunnel} tunnel frames ({:.1} MB), {link} ARP/ND, {other} other, canary in {canary}",
+            tunnel_bytes as f64 / 1e6
+        ),
+    );
+    Ok(())
+}
+
+/// The default cipher of the lab.
+pub const DEFAULT_CIPHER: Cipher = Cipher::Aes128Gcm;
