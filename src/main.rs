@@ -682,9 +682,10 @@ fn real_main() -> Result<()> {
                     ModeArg::EspUdp => LabMode::EspUdp(cipher_arg(&cipher)?),
                     ModeArg::Ipip => LabMode::IpIp,
                 };
-                let scheduler = espip::multipath::Scheduler::from_name(&scheduler).with_context(
-                    || format!("--scheduler {scheduler:?}: expected spread, failover or redundant"),
-                )?;
+                let scheduler =
+                    espip::multipath::Scheduler::from_name(&scheduler).with_context(|| {
+                        format!("--scheduler {scheduler:?}: expected spread, failover or redundant")
+                    })?;
                 if !(0.0..=50.0).contains(&redundant_loss) {
                     bail!("--redundant-loss must be 0..50 percent");
                 }
@@ -782,8 +783,7 @@ fn real_main() -> Result<()> {
                 loss_percent,
                 cut,
             } => {
-                if !(0.0..=100.0).contains(&loss_percent) || !(0.0..=10_000.0).contains(&delay_ms)
-                {
+                if !(0.0..=100.0).contains(&loss_percent) || !(0.0..=10_000.0).contains(&delay_ms) {
                     bail!("--loss-percent must be 0..100 and --delay-ms 0..10000");
                 }
                 let opts = espip::lab::relay::RelayOptions {

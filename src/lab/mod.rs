@@ -4,11 +4,11 @@
 pub mod flood;
 pub mod gateway;
 pub mod hub;
-pub mod netns;
 pub mod multipath;
+pub mod netns;
 pub mod p2p;
-pub mod relay;
 pub mod pcap;
+pub mod relay;
 pub mod same_lan;
 pub mod transfer;
 pub mod upstream;

@@ -160,8 +160,18 @@ fn topology(links: &[LinkSpec; 2], work: &Path) -> io::Result<Lab> {
         let dev = format!("l{}", i + 1);
         for (host, side) in [(&a, "mid-a"), (&b, "mid-b")] {
             netns::run_ok(Command::new("ip").args([
-                "link", "add", &dev, "netns", host.name(), "type", "veth", "peer", "name", side,
-                "netns", mid.name(),
+                "link",
+                "add",
+                &dev,
+                "netns",
+                host.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                side,
+                "netns",
+                mid.name(),
             ]))?;
             // The middle only relays: no address, no IPv6 of its own, no forwarding.
             mid.sysctl(&format!("net.ipv6.conf.{side}.disable_ipv6"), "1")?;
@@ -282,7 +292,12 @@ fn path_states(control: &Path) -> Vec<(String, String, Option<f64>)> {
 }
 
 /// Wait up to `limit` for every path (or path `only`) to be in `state`.
-fn wait_paths(control: &Path, state: &str, only: Option<usize>, limit: Duration) -> Option<Duration> {
+fn wait_paths(
+    control: &Path,
+    state: &str,
+    only: Option<usize>,
+    limit: Duration,
+) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < limit {
         let p = path_states(control);
@@ -307,7 +322,10 @@ fn tcp_counters(ns: &Netns) -> Option<(u64, u64)> {
     let names: Vec<&str> = lines.next()?.split_whitespace().collect();
     let values: Vec<&str> = lines.next()?.split_whitespace().collect();
     let get = |k: &str| -> Option<u64> {
-        values.get(names.iter().position(|n| *n == k)?)?.parse().ok()
+        values
+            .get(names.iter().position(|n| *n == k)?)?
+            .parse()
+            .ok()
     };
     Some((get("OutSegs")?, get("RetransSegs")?))
 }
@@ -344,8 +362,13 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
     let taps = opts.run.pcap_dir.as_deref();
     let cfg = |me_a: bool, s: crate::multipath::Scheduler| {
         let host = if me_a { "a" } else { "b" };
-        config_text(opts, me_a, keys.as_ref(), s, &work.join(format!("state-{host}")))
-            + &super::capture_lines(taps, host)
+        config_text(
+            opts,
+            me_a,
+            keys.as_ref(),
+            s,
+            &work.join(format!("state-{host}")),
+        ) + &super::capture_lines(taps, host)
     };
     let (cfg_a, cfg_b) = (work.join("a.toml"), work.join("b.toml"));
     write_private(&cfg_a, &cfg(true, opts.scheduler))?;
@@ -476,7 +499,11 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
         format!(
             "SIGTERM: exits {}; espip0 {}",
             if clean { "0" } else { "non-zero" },
-            if gone { "removed in both" } else { "LEFT BEHIND" }
+            if gone {
+                "removed in both"
+            } else {
+                "LEFT BEHIND"
+            }
         ),
     );
     if keep_work {
@@ -510,17 +537,19 @@ fn cut_check(
     // What the receiving application's socket has taken in order (`ss`: bytes_received), so
     // a hole TCP waits for counts as a stall even while later packets arrive.
     let rx = || -> u64 {
-        netns::run(lab.b.command("ss").args([
-            "-tinH",
-            "state",
-            "established",
-            "( sport = :5002 )",
-        ]))
+        netns::run(
+            lab.b
+                .command("ss")
+                .args(["-tinH", "state", "established", "( sport = :5002 )"]),
+        )
         .ok()
         .and_then(|o| {
             let text = String::from_utf8_lossy(&o.stdout).into_owned();
             let at = text.find("bytes_received:")? + "bytes_received:".len();
-            let digits: String = text[at..].chars().take_while(char::is_ascii_digit).collect();
+            let digits: String = text[at..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
             digits.parse().ok()
         })
         .unwrap_or(0)
@@ -528,7 +557,8 @@ fn cut_check(
     let _ = ctl_b;
     let cut = lab.cut_file(0);
     let (result, samples, cut_at) = std::thread::scope(|s| {
-        let t = s.spawn(|| super::transfer_on(&opts.run.exe, (&lab.a, &lab.b), B_INNER, 5002, bytes));
+        let t =
+            s.spawn(|| super::transfer_on(&opts.run.exe, (&lab.a, &lab.b), B_INNER, 5002, bytes));
         let start = Instant::now();
         let mut samples = Vec::new();
         let mut cut_at = None;
@@ -597,7 +627,12 @@ fn redundant_check(
     let loss = opts.redundant_loss;
     for (path, me_a) in [(cfg_a, true), (cfg_b, false)] {
         write_private(path, &cfg(me_a, Scheduler::Redundant))?;
-        let out = netns::run(Command::new(&opts.run.exe).arg("reload").arg("-c").arg(path))?;
+        let out = netns::run(
+            Command::new(&opts.run.exe)
+                .arg("reload")
+                .arg("-c")
+                .arg(path),
+        )?;
         if !out.status.success() {
             report.check(
                 "reload to scheduler redundant",
@@ -619,7 +654,14 @@ fn redundant_check(
     let (seen, detail) = match (before, after) {
         (Some((o0, r0)), Some((o1, r1))) if o1 > o0 => {
             let share = (r1 - r0) as f64 / (o1 - o0) as f64 * 100.0;
-            (share, format!("{} of {} segments retransmitted ({share:.2}%)", r1 - r0, o1 - o0))
+            (
+                share,
+                format!(
+                    "{} of {} segments retransmitted ({share:.2}%)",
+                    r1 - r0,
+                    o1 - o0
+                ),
+            )
         }
         _ => (100.0, "TCP counters unreadable".into()),
     };
@@ -664,10 +706,15 @@ fn wire_check(report: &mut Report, wire: &Path, mode: super::p2p::LabMode) -> io
             canary += 1;
         }
     }
-    let name = wire.file_name().map_or(String::new(), |n| n.to_string_lossy().into());
+    let name = wire
+        .file_name()
+        .map_or(String::new(), |n| n.to_string_lossy().into());
     let esp = !matches!(mode, LabMode::IpIp);
     report.check(
-        format!("{name}: only the tunnel{}", if esp { ", no plaintext" } else { "" }),
+        format!(
+            "{name}: only the tunnel{}",
+            if esp { ", no plaintext" } else { "" }
+        ),
         tunnel > 0 && other == 0 && (!esp || canary == 0),
         format!(
             "{tunnel} tunnel frames ({:.1} MB), {link} ARP/ND, {other} other, canary in {canary}",

@@ -37,7 +37,13 @@ pub struct RelayOptions {
 fn packet_socket(iface: &str) -> io::Result<OwnedFd> {
     let proto = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket(2); the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto)) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(proto),
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -238,10 +244,7 @@ pub fn run(opts: &RelayOptions) -> io::Result<[RelayCounts; 2]> {
     let counts = std::thread::scope(|s| {
         let ab = s.spawn(|| direction(&a, &b, opts, seed, &stop));
         let ba = s.spawn(|| direction(&b, &a, opts, seed.rotate_left(17), &stop));
-        [
-            ab.join().unwrap_or_default(),
-            ba.join().unwrap_or_default(),
-        ]
+        [ab.join().unwrap_or_default(), ba.join().unwrap_or_default()]
     });
     Ok(counts)
 }

@@ -536,6 +536,20 @@ struct InPeer {
     mp: Option<InPaths>,
 }
 
+/// Where an authenticated packet came from.
+struct Arrival {
+    /// The peer.
+    idx: usize,
+    /// Its ESP sequence number (0: IP-in-IP).
+    seq: u64,
+    /// The peer's path it came by, if known.
+    path: Option<usize>,
+    /// UDP source port (0: not UDP).
+    src_port: u16,
+    /// Outer source address.
+    outer_src: IpAddr,
+}
+
 /// A multipath peer's inbound state: the shared paths and the reorder stage (owned here).
 struct InPaths {
     shared: Arc<Multipath>,
@@ -962,17 +976,35 @@ impl Outbound {
                 // IP-in-IP has no SA to authenticate probes: its paths stay as configured.
                 continue;
             };
-            let (ev, probes) = mp.tick(now);
+            let (ev, mut probes) = mp.tick(now);
             events.extend(ev.into_iter().map(|e| (idx, e.path, e.state)));
-            for (path, probe) in probes {
-                if !peer.lifetime.take(&peer.used, Probe::LEN as u64, now) {
+            // The probe of a live path goes last and lists the others' sequence numbers, so
+            // the peer does not wait for those that a dead path loses.
+            let carrier = probes
+                .iter()
+                .position(|(i, _)| mp.stats[*i].state() == crate::multipath::PathState::Up);
+            if let Some(c) = carrier {
+                let last = probes.len() - 1;
+                probes.swap(c, last);
+            }
+            let mut seqs = Vec::new();
+            let count = probes.len();
+            for (k, (path, mut probe)) in probes.into_iter().enumerate() {
+                if carrier.is_some() && k == count - 1 {
+                    for (slot, s) in probe.skip.iter_mut().zip(&seqs) {
+                        *slot = *s;
+                    }
+                    probe.skipped = seqs.len().min(crate::multipath::MAX_PATHS) as u8;
+                }
+                if !peer.lifetime.take(&peer.used, probe.len() as u64, now) {
                     break;
                 }
-                let mut buf = PacketBuf::new(Probe::LEN);
+                let mut buf = PacketBuf::new(Probe::LEN + 8 * crate::multipath::MAX_PATHS);
                 buf.reset();
-                probe.emit(&mut buf.read_area()[..Probe::LEN]);
-                buf.set_len(Probe::LEN);
-                if sa.encapsulate(&mut buf, NEXT_HEADER_DUMMY).is_ok() {
+                probe.emit(&mut buf.read_area()[..probe.len()]);
+                buf.set_len(probe.len());
+                if let Ok(seq) = sa.encapsulate(&mut buf, NEXT_HEADER_DUMMY) {
+                    seqs.push(seq);
                     out.push((buf, self.path_wire(idx, path, false)));
                 }
             }
@@ -1209,7 +1241,14 @@ impl Inbound {
             }
             _ => return Verdict::Drop(DropReason::Malformed),
         };
-        let v = self.deliver(buf, idx, next_header, path, src_port, outer_src, now);
+        let arrival = Arrival {
+            idx,
+            seq,
+            path,
+            src_port,
+            outer_src,
+        };
+        let v = self.deliver(buf, &arrival, next_header, now);
         // A multipath peer's sequence numbers go through the reorder stage: what is for this
         // host may wait for a gap ahead of it; anything else only takes its place in the order.
         let InPeer { mp, .. } = &mut self.peers[idx];
@@ -1233,21 +1272,12 @@ impl Inbound {
     }
 
     /// Steps 2-4 of an authenticated packet: probes, the inner packet's checks, NAT, counters.
-    #[allow(clippy::too_many_arguments)]
-    fn deliver(
-        &mut self,
-        buf: &mut PacketBuf,
-        idx: usize,
-        next_header: u8,
-        path: Option<usize>,
-        src_port: u16,
-        outer_src: IpAddr,
-        now: u64,
-    ) -> Verdict {
+    fn deliver(&mut self, buf: &mut PacketBuf, a: &Arrival, next_header: u8, now: u64) -> Verdict {
+        let (idx, path) = (a.idx, a.path);
         let want_v4 = match next_header {
             NEXT_HEADER_IPV4 => true,
             NEXT_HEADER_IPV6 => false,
-            NEXT_HEADER_DUMMY => return self.dummy(buf, idx, path, src_port, outer_src, now),
+            NEXT_HEADER_DUMMY => return self.dummy(buf, a, now),
             _ => return Verdict::Drop(DropReason::BadNextHeader),
         };
         let Ok(inner) = InnerPacket::parse(buf.as_slice()) else {
@@ -1288,36 +1318,40 @@ impl Inbound {
 
     /// An authenticated dummy packet (next header 59): a multipath probe (answered), an echo
     /// (the path's RTT and liveness), or anything else (discarded, RFC 4303 section 2.6).
-    fn dummy(
-        &mut self,
-        buf: &mut PacketBuf,
-        idx: usize,
-        path: Option<usize>,
-        src_port: u16,
-        outer_src: IpAddr,
-        now: u64,
-    ) -> Verdict {
-        let peer = &self.peers[idx];
-        let (Some(mp), Some(probe)) = (&peer.mp, Probe::parse(buf.as_slice())) else {
+    fn dummy(&mut self, buf: &mut PacketBuf, a: &Arrival, now: u64) -> Verdict {
+        let peer = &mut self.peers[a.idx];
+        let Some(InPaths { shared, reorder }) = &mut peer.mp else {
+            return Verdict::Drop(DropReason::Dummy);
+        };
+        let Some(probe) = Probe::parse(buf.as_slice()) else {
             return Verdict::Drop(DropReason::Dummy);
         };
         peer.stats.last_rx.store(now, Relaxed);
         match probe.kind {
             ProbeKind::Echo => {
-                mp.shared.echoed(&probe, now);
+                shared.echoed(&probe, now);
                 Verdict::Consumed
             }
             ProbeKind::Probe => {
-                let rx_bytes = path.map_or(0, |i| mp.shared.stats[i].rx_bytes.load(Relaxed));
-                let echo = Probe {
-                    kind: ProbeKind::Echo,
-                    rx_bytes,
-                    ..probe
+                let rx_bytes = a.path.map_or(0, |i| shared.stats[i].rx_bytes.load(Relaxed));
+                // The probes of this round on other paths came before this one (lower
+                // sequence numbers, at most one per path): not waited for if they are lost.
+                if let Some(r) = reorder {
+                    for s in probe.skipped() {
+                        if *s < a.seq && a.seq - *s <= crate::multipath::MAX_PATHS as u64 * 4 {
+                            r.forget(*s);
+                        }
+                    }
+                }
+                let echo = Probe::new(ProbeKind::Echo, probe.path, probe.id, probe.sent, rx_bytes);
+                buf.truncate(0);
+                let Some(room) = buf.push_back(echo.len()) else {
+                    return Verdict::Drop(DropReason::Malformed);
                 };
-                echo.emit(buf.as_mut_slice());
+                echo.emit(room);
                 Verdict::Echo {
-                    peer: idx as u16,
-                    to: SocketAddr::new(outer_src, src_port),
+                    peer: a.idx as u16,
+                    to: SocketAddr::new(a.outer_src, a.src_port),
                 }
             }
         }

@@ -596,13 +596,13 @@ impl Multipath {
                 p.probes_sent.fetch_add(1, Relaxed);
                 (
                     i,
-                    Probe {
-                        kind: ProbeKind::Probe,
-                        path: i as u8,
-                        id: self.probe_id.fetch_add(1, Relaxed),
-                        sent: now,
-                        rx_bytes: 0,
-                    },
+                    Probe::new(
+                        ProbeKind::Probe,
+                        i as u8,
+                        self.probe_id.fetch_add(1, Relaxed),
+                        now,
+                        0,
+                    ),
                 )
             })
             .collect();
@@ -685,14 +685,48 @@ pub struct Probe {
     pub sent: u64,
     /// Echo: bytes received on the path.
     pub rx_bytes: u64,
+    /// Probe: the sequence numbers of the probes sent on the other paths in the same round
+    /// (the first `skipped` entries), so a receiver whose reorder stage misses them (a path is
+    /// down) need not wait for them.
+    pub skip: [u64; MAX_PATHS],
+    /// Entries of `skip` in use.
+    pub skipped: u8,
 }
 
 impl Probe {
-    /// Bytes on the wire (inside ESP).
+    /// Bytes on the wire (inside ESP) without the skip list; each entry adds 8.
     pub const LEN: usize = 32;
+
+    /// A probe or echo with no skip list.
+    pub fn new(kind: ProbeKind, path: u8, id: u64, sent: u64, rx_bytes: u64) -> Probe {
+        Probe {
+            kind,
+            path,
+            id,
+            sent,
+            rx_bytes,
+            skip: [0; MAX_PATHS],
+            skipped: 0,
+        }
+    }
+
+    /// Its length on the wire.
+    pub fn len(&self) -> usize {
+        Probe::LEN + 8 * usize::from(self.skipped)
+    }
+
+    /// Never: a probe has at least its fixed fields.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The skip list in use.
+    pub fn skipped(&self) -> &[u64] {
+        &self.skip[..usize::from(self.skipped).min(MAX_PATHS)]
+    }
     const MAGIC: [u8; 4] = *b"eMP1";
 
-    /// Write the payload into `out` (at least [`Probe::LEN`] bytes).
+    /// Write the payload into `out` (at least [`Probe::len`] bytes).
     pub fn emit(&self, out: &mut [u8]) {
         out[0..4].copy_from_slice(&Probe::MAGIC);
         out[4] = self.kind as u8;
@@ -701,12 +735,16 @@ impl Probe {
         out[8..16].copy_from_slice(&self.id.to_be_bytes());
         out[16..24].copy_from_slice(&self.sent.to_be_bytes());
         out[24..32].copy_from_slice(&self.rx_bytes.to_be_bytes());
+        for (i, s) in self.skipped().iter().enumerate() {
+            out[32 + 8 * i..40 + 8 * i].copy_from_slice(&s.to_be_bytes());
+        }
     }
 
     /// Read a payload; `None` for anything else (another implementation's dummy packet, TFC
     /// padding).
     pub fn parse(b: &[u8]) -> Option<Probe> {
-        if b.len() != Probe::LEN || b[0..4] != Probe::MAGIC || b[6..8] != [0, 0] {
+        let extra = b.len().checked_sub(Probe::LEN)?;
+        if extra % 8 != 0 || extra / 8 > MAX_PATHS || b[0..4] != Probe::MAGIC || b[6..8] != [0, 0] {
             return None;
         }
         let kind = match b[4] {
@@ -715,13 +753,12 @@ impl Probe {
             _ => return None,
         };
         let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        Some(Probe {
-            kind,
-            path: b[5],
-            id: u64_at(8),
-            sent: u64_at(16),
-            rx_bytes: u64_at(24),
-        })
+        let mut p = Probe::new(kind, b[5], u64_at(8), u64_at(16), u64_at(24));
+        for i in 0..extra / 8 {
+            p.skip[i] = u64_at(32 + 8 * i);
+        }
+        p.skipped = (extra / 8) as u8;
+        Some(p)
     }
 }
 
@@ -808,6 +845,22 @@ impl Reorder {
         self.held
             .first_key_value()
             .is_some_and(|(s, h)| *s == self.next || h.deadline <= now)
+    }
+
+    /// The peer says `seq` went on a path that may be down (a probe of another path): if it
+    /// has not arrived, do not wait for it.
+    pub fn forget(&mut self, seq: u64) {
+        if self.next == 0 || seq < self.next {
+            return;
+        }
+        if seq == self.next {
+            self.next += 1;
+            return;
+        }
+        self.held.entry(seq).or_insert(Held {
+            data: None,
+            deadline: 0,
+        });
     }
 
     /// A packet with sequence number `seq` (authenticated, not a duplicate) and `data` to
@@ -962,16 +1015,19 @@ mod tests {
 
     #[test]
     fn probes_round_trip_and_anything_else_is_no_probe() {
-        let p = Probe {
-            kind: ProbeKind::Echo,
-            path: 2,
-            id: 7,
-            sent: 123_456_789,
-            rx_bytes: 1 << 40,
-        };
+        let p = Probe::new(ProbeKind::Echo, 2, 7, 123_456_789, 1 << 40);
         let mut b = [0u8; Probe::LEN];
         p.emit(&mut b);
         assert_eq!(Probe::parse(&b), Some(p));
+        // With a skip list.
+        let mut q = Probe::new(ProbeKind::Probe, 1, 8, 5, 0);
+        q.skip[..2].copy_from_slice(&[41, 42]);
+        q.skipped = 2;
+        let mut long = [0u8; Probe::LEN + 16];
+        q.emit(&mut long);
+        assert_eq!(Probe::parse(&long), Some(q));
+        assert_eq!(Probe::parse(&long[..Probe::LEN + 12]), None);
+        assert_eq!(Probe::parse(&[&long[..], &[0u8; 8 * 8]].concat()), None);
         assert_eq!(Probe::parse(&b[..31]), None);
         let mut bad = b;
         bad[0] ^= 1;
@@ -1132,28 +1188,10 @@ mod tests {
         assert_eq!(m.stats[0].srtt_ns.load(Relaxed), 40 * MS);
         assert_eq!(m.stats[0].min_rtt_ns.load(Relaxed), 40 * MS);
         // An echo claiming a send time in the future changes nothing.
-        m.echoed(
-            &Probe {
-                kind: ProbeKind::Echo,
-                path: 0,
-                id: 1,
-                sent: 500 * MS,
-                rx_bytes: 0,
-            },
-            60 * MS,
-        );
+        m.echoed(&Probe::new(ProbeKind::Echo, 0, 1, 500 * MS, 0), 60 * MS);
         assert_eq!(m.stats[0].echoes.load(Relaxed), 1);
         // An echo naming a path that does not exist changes nothing either.
-        m.echoed(
-            &Probe {
-                kind: ProbeKind::Echo,
-                path: 9,
-                id: 1,
-                sent: 1,
-                rx_bytes: 0,
-            },
-            60 * MS,
-        );
+        m.echoed(&Probe::new(ProbeKind::Echo, 9, 1, 1, 0), 60 * MS);
         assert_eq!(m.stats[0].echoes.load(Relaxed), 1);
     }
 

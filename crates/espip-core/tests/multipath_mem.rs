@@ -384,3 +384,40 @@ fn redundant_copies_are_duplicates_not_replays() {
     assert_eq!(stats.drops(DropReason::Duplicate), 20);
     assert_eq!(stats.drops(DropReason::Replay), 0);
 }
+
+#[test]
+fn probes_lost_on_a_dead_path_are_not_waited_for() {
+    // carrier: path 1's probe (which lists path 2's) arrives; otherwise both probes are lost.
+    for carrier in [true, false] {
+        let mut p = pair(Scheduler::Spread, false);
+        assert_eq!(probe_round(&mut p, MS, false), 2);
+        // The next round: paths are up, path 1's probe carries the other's sequence number.
+        let (_, probes) = p.out_a.tick(200 * MS);
+        assert_eq!(
+            probes.last().map(|(_, w)| w.dst_ip()),
+            Some(IpAddr::from(B1))
+        );
+        for (mut b, w) in probes {
+            if w.dst_ip() == IpAddr::from(B1) && carrier {
+                let v = receive(&mut p.in_b, &mut b, w, from_a(w.dst_ip()), 201 * MS);
+                assert!(matches!(v, Verdict::Echo { .. }), "{v:?}");
+            }
+        }
+        let mut b = inner(7);
+        let Verdict::Send(w) = p.out_a.process(&mut b, 202 * MS) else {
+            panic!()
+        };
+        let v = receive(&mut p.in_b, &mut b, w, from_a(w.dst_ip()), 202 * MS);
+        if carrier {
+            assert_eq!(v, Verdict::ToTun, "the lost probe is not waited for");
+            assert_eq!(p.in_b.next_release(), None);
+        } else {
+            assert_eq!(v, Verdict::Held, "two unknown gaps: the data waits");
+            assert_eq!(
+                p.in_b.next_release(),
+                Some(302 * MS),
+                "B measured no RTT: the bound"
+            );
+        }
+    }
+}
