@@ -1261,6 +1261,10 @@ impl Inbound {
                 v,
             ) if seq != 0 => {
                 let hold = shared.hold_ns();
+                r.set_live(shared.live_mask());
+                if let Some(p) = path {
+                    r.note(p, seq, now, 2 * hold);
+                }
                 let data = (v == Verdict::ToTun).then(|| buf.as_slice());
                 match (r.offer(seq, data, now, hold, &shared.reorder), v) {
                     (crate::multipath::Order::Held, Verdict::ToTun) => Verdict::Held,
@@ -1368,6 +1372,7 @@ impl Inbound {
                 reorder: Some(r),
             }) = &mut p.mp
             {
+                r.set_live(shared.live_mask());
                 if n < limit && r.ready(now) {
                     n += r.release(now, &shared.reorder, limit - n, &mut deliver);
                 }

@@ -619,6 +619,15 @@ impl Multipath {
         }
     }
 
+    /// The paths not found down (bit i: path i).
+    pub fn live_mask(&self) -> u32 {
+        self.stats
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.state().usable())
+            .fold(0, |m, (i, _)| m | 1 << i)
+    }
+
     /// How long the reorder stage holds a packet at most now: the largest RTT difference
     /// between live paths (twice the one-way difference if the paths are symmetric: room for
     /// queueing on the slow path) plus 10 ms, within `reorder_ms`.
@@ -796,6 +805,14 @@ pub struct Reorder {
     max_packets: usize,
     max_bytes: usize,
     free: Vec<Vec<u8>>,
+    /// Per path: the highest sequence number received and when. Each path delivers in order
+    /// (a link is a FIFO), so a gap below what every recently active path has delivered is a
+    /// loss, not a packet still on its way: it is not waited for.
+    tops: [(u64, u64); MAX_PATHS],
+    /// How long a path counts as active after its last packet.
+    active_ns: u64,
+    /// The paths that may carry packets (bit i: path i; not found down by our own probes).
+    live: u32,
 }
 
 /// What the reorder stage does with a packet.
@@ -817,7 +834,44 @@ impl Reorder {
             max_packets: max_packets.max(1),
             max_bytes,
             free: Vec::new(),
+            tops: [(0, 0); MAX_PATHS],
+            active_ns: 0,
+            live: 0,
         }
+    }
+
+    /// Which paths may carry packets (bit i: path i): a live path that has delivered nothing
+    /// yet holds every gap open; a path not live holds none.
+    pub fn set_live(&mut self, mask: u32) {
+        self.live = mask;
+    }
+
+    /// A packet with sequence number `seq` arrived on `path` at `now`; a path that delivered
+    /// nothing for `active_ns` no longer holds gaps open.
+    pub fn note(&mut self, path: usize, seq: u64, now: u64, active_ns: u64) {
+        if let Some(t) = self.tops.get_mut(path) {
+            if seq > t.0 {
+                *t = (seq, now);
+            } else {
+                t.1 = now;
+            }
+        }
+        self.active_ns = active_ns;
+    }
+
+    /// The lowest of the live paths' highest sequence numbers: everything below it that has
+    /// not arrived was lost. A live path that has delivered nothing yet makes it 0 (its first
+    /// packets may be on their way); one idle for longer than the active time does not count.
+    fn floor(&self, now: u64) -> u64 {
+        self.tops
+            .iter()
+            .enumerate()
+            .filter(|(i, (s, at))| {
+                self.live & (1 << i) != 0 && (*s == 0 || now.saturating_sub(*at) <= self.active_ns)
+            })
+            .map(|(_, (s, _))| *s)
+            .min()
+            .unwrap_or(0)
     }
 
     /// Packets held now.
@@ -842,9 +896,9 @@ impl Reorder {
 
     /// Whether [`Reorder::release`] has something to deliver at `now`.
     pub fn ready(&self, now: u64) -> bool {
-        self.held
-            .first_key_value()
-            .is_some_and(|(s, h)| *s == self.next || h.deadline <= now)
+        self.held.first_key_value().is_some_and(|(s, h)| {
+            *s == self.next || h.deadline <= now || self.floor(now) > self.next
+        })
     }
 
     /// The peer says `seq` went on a path that may be down (a probe of another path): if it
@@ -925,12 +979,19 @@ impl Reorder {
         mut deliver: impl FnMut(&[u8]),
     ) -> usize {
         let mut n = 0;
+        let floor = self.floor(now);
         while let Some(mut e) = self.held.first_entry() {
             if n == limit {
                 break;
             }
             let seq = *e.key();
             if seq != self.next {
+                // Every active path has delivered past the gap: it is lost.
+                if floor > self.next {
+                    stats.gaps_skipped.fetch_add(1, Relaxed);
+                    self.next = floor.min(seq);
+                    continue;
+                }
                 if e.get().deadline > now {
                     break;
                 }
@@ -1263,6 +1324,41 @@ mod tests {
             assert!(r.bytes() <= 3000, "{} bytes", r.bytes());
             let _ = collect(&mut r, 0, &s);
         }
+    }
+
+    #[test]
+    fn a_gap_every_active_path_has_passed_is_a_loss_not_a_wait() {
+        let s = ReorderStats::default();
+        let mut r = Reorder::new(100, 1 << 20);
+        let active = 50 * MS;
+        r.set_live(0b11);
+        // 1 on path 1; 2 (on path 1 too) is lost; 3 and 4 arrive on path 0.
+        r.note(1, 1, 0, active);
+        r.offer(1, Some(&[1]), 0, 30 * MS, &s);
+        for seq in [3u64, 4] {
+            r.note(0, seq, MS, active);
+            assert_eq!(
+                r.offer(seq, Some(&[seq as u8]), MS, 30 * MS, &s),
+                Order::Held
+            );
+        }
+        // Path 1 has delivered nothing newer than 2 yet: 2 may still come.
+        assert!(collect(&mut r, 2 * MS, &s).is_empty());
+        // Path 1's next packet, 5, proves 2 lost: 3 and 4 go at once, not after 30 ms.
+        r.note(1, 5, 3 * MS, active);
+        assert_eq!(r.offer(5, Some(&[5]), 3 * MS, 30 * MS, &s), Order::Held);
+        assert!(r.ready(3 * MS));
+        assert_eq!(collect(&mut r, 3 * MS, &s), vec![3, 4, 5]);
+        assert_eq!(s.gaps_skipped.load(Relaxed), 1);
+        // A path silent for longer than the active time holds nothing open.
+        let mut r = Reorder::new(100, 1 << 20);
+        r.set_live(0b11);
+        r.note(1, 1, 0, active);
+        r.note(0, 2, 0, active);
+        r.offer(2, Some(&[2]), 0, 300 * MS, &s);
+        r.note(0, 4, 100 * MS, active);
+        r.offer(4, Some(&[4]), 100 * MS, 300 * MS, &s);
+        assert_eq!(collect(&mut r, 100 * MS, &s), vec![4]);
     }
 
     #[test]

@@ -173,36 +173,52 @@ fn spread_packets_leave_the_reorder_stage_in_order() {
     }
 }
 
+/// Four packets alternate over the two paths (0 and 2 on link 1, 1 and 3 on link 2); 1 is
+/// lost. Each path delivers in order, so once both have delivered past 1 it is known lost and
+/// not waited for; while link 2 has delivered nothing after it, it is waited for, at most the
+/// hold time.
 #[test]
-fn a_lost_packet_is_waited_for_only_the_hold_time() {
-    let mut p = pair(Scheduler::Spread, false);
-    let mut sent: Vec<(PacketBuf, Wire)> = (0..4u8)
-        .map(|n| {
-            let mut b = inner(n);
-            let Verdict::Send(w) = p.out_a.process(&mut b, MS) else {
-                panic!("not sent");
-            };
-            (b, w)
-        })
-        .collect();
-    let mut got = Vec::new();
-    // Packet 1 is lost.
-    for (i, (b, w)) in sent.iter_mut().enumerate() {
-        if i != 1 {
+fn a_lost_packet_is_waited_for_only_as_long_as_it_may_come() {
+    for link2_delivers in [false, true] {
+        let mut p = pair(Scheduler::Spread, false);
+        let mut sent: Vec<(PacketBuf, Wire)> = (0..4u8)
+            .map(|n| {
+                let mut b = inner(n);
+                let Verdict::Send(w) = p.out_a.process(&mut b, MS) else {
+                    panic!("not sent");
+                };
+                (b, w)
+            })
+            .collect();
+        let mut got = Vec::new();
+        for (i, (b, w)) in sent.iter_mut().enumerate() {
+            if i == 1 || (i == 3 && !link2_delivers) {
+                continue;
+            }
             if receive(&mut p.in_b, b, *w, from_a(w.dst_ip()), MS) == Verdict::ToTun {
                 got.push(b.as_slice()[28]);
             }
         }
+        assert_eq!(got, vec![0]);
+        if link2_delivers {
+            p.in_b.release(MS, 64, |d| got.push(d[28]));
+            assert_eq!(
+                got,
+                vec![0, 2, 3],
+                "both paths are past 1: lost, not waited for"
+            );
+            assert_eq!(p.in_b.next_release(), None);
+            continue;
+        }
+        let deadline = p.in_b.next_release().expect("packets held");
+        // Nothing measured: the hold bound (reorder_ms, 100 ms).
+        assert_eq!(deadline, MS + 100 * MS);
+        p.in_b.release(deadline - 1, 64, |d| got.push(d[28]));
+        assert_eq!(got, vec![0]);
+        p.in_b.release(deadline, 64, |d| got.push(d[28]));
+        assert_eq!(got, vec![0, 2]);
+        assert_eq!(p.in_b.next_release(), None);
     }
-    assert_eq!(got, vec![0]);
-    let deadline = p.in_b.next_release().expect("packets held");
-    // Nothing measured: the hold bound (reorder_ms, 100 ms).
-    assert_eq!(deadline, MS + 100 * MS);
-    p.in_b.release(deadline - 1, 64, |d| got.push(d[28]));
-    assert_eq!(got, vec![0]);
-    p.in_b.release(deadline, 64, |d| got.push(d[28]));
-    assert_eq!(got, vec![0, 2, 3]);
-    assert_eq!(p.in_b.next_release(), None);
 }
 
 /// Run one probe tick of A: each probe through B (which answers) and the echo back.
