@@ -439,6 +439,13 @@ enum LabCmd {
         /// Random loss on each link in the redundant phase, percent (0 skips it).
         #[arg(long, default_value_t = 5.0)]
         redundant_loss: f64,
+        /// Also measure kernel MPTCP (mptcpize run iperf3, two subflows) against espip with
+        /// iperf3 on the same links (installs mptcpd and iperf3).
+        #[arg(long)]
+        compare_mptcp: bool,
+        /// TCP congestion control in both hosts: cubic or bbr (default: the kernel's).
+        #[arg(long)]
+        congestion: Option<String>,
     },
     /// Scenario 2: the SEED VPN lab (U 192.168.56.9, server 192.168.56.10 / 192.168.50.1,
     /// V 192.168.50.11); U reaches V through the server.
@@ -676,7 +683,14 @@ fn real_main() -> Result<()> {
                 scheduler,
                 seconds,
                 redundant_loss,
+                compare_mptcp,
+                congestion,
             } => {
+                if let Some(cc) = &congestion {
+                    if !["cubic", "bbr", "reno"].contains(&cc.as_str()) {
+                        bail!("--congestion {cc:?}: expected cubic, bbr or reno");
+                    }
+                }
                 let mode = match mode {
                     ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
                     ModeArg::EspUdp => LabMode::EspUdp(cipher_arg(&cipher)?),
@@ -698,6 +712,8 @@ fn real_main() -> Result<()> {
                     scheduler,
                     seconds,
                     redundant_loss,
+                    compare_mptcp,
+                    congestion,
                     run: common.run()?,
                 };
                 finish(espip::lab::multipath::run(&opts)?);

@@ -186,3 +186,95 @@ pub(super) fn paths(
     }
     Ok(PeerPaths { spec, paths })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use crate::datapath::EncapSpec;
+    use std::path::Path;
+
+    const KEY: &str = "0x000102030405060708090a0b0c0d0e0f10111213";
+    const KEY_B: &str = "0x100102030405060708090a0b0c0d0e0f10111213";
+
+    fn text(peer_extra: &str, paths: &str) -> String {
+        format!(
+            r#"
+[interface]
+name = "espip0"
+address = ["10.4.9.1/24"]
+
+[[peer]]
+name = "b"
+allowed_ips = ["10.4.9.2/32"]
+mode = "esp-udp"
+cipher = "aes-128-gcm"
+spi_out = "0x1001"
+spi_in = "0x1002"
+key_out = "{KEY}"
+key_in = "{KEY_B}"
+{peer_extra}
+{paths}
+"#
+        )
+    }
+
+    const TWO: &str = r#"
+[[peer.path]]
+name = "dsl"
+endpoint = "198.51.100.2"
+weight = 4
+[[peer.path]]
+name = "lte"
+endpoint = "[2001:db8:12::2]:4501"
+"#;
+
+    fn err(t: &str) -> String {
+        Config::parse(t, Path::new(".")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn two_paths_of_two_families_parse_with_their_defaults() {
+        let c = Config::parse(&text("scheduler = \"redundant\"", TWO), Path::new(".")).unwrap();
+        let p = &c.peers[0];
+        let m = p.multipath.as_ref().expect("multipath");
+        assert_eq!(m.spec.scheduler, crate::multipath::Scheduler::Redundant);
+        assert_eq!((m.spec.probe_interval_ms, m.spec.dead_after), (100, 3));
+        assert_eq!(m.paths.len(), 2);
+        assert_eq!(
+            (m.paths[0].name.as_str(), m.paths[0].port, m.paths[0].weight),
+            ("dsl", 4500, 4)
+        );
+        assert_eq!(
+            (m.paths[1].name.as_str(), m.paths[1].port, m.paths[1].weight),
+            ("lte", 4501, 1)
+        );
+        assert_eq!(p.endpoints().len(), 2);
+        assert_eq!(p.endpoint, m.paths[0].endpoint);
+        match &p.encap {
+            EncapSpec::Esp { replay_window, .. } => {
+                assert_eq!(*replay_window, super::MULTIPATH_REPLAY_WINDOW)
+            }
+            EncapSpec::IpIp => panic!(),
+        }
+    }
+
+    #[test]
+    fn mistakes_are_named_with_the_fix() {
+        for (extra, paths, want) in [
+            ("endpoint = \"192.0.2.2\"", TWO, "either one endpoint or several [[peer.path]]"),
+            ("", "", "(endpoint = \"192.0.2.2\"), or [[peer.path]]"),
+            ("scheduler = \"fastest\"", TWO, "\"spread\""),
+            ("endpoint = \"192.0.2.2\"\nscheduler = \"spread\"", "", "nothing for a peer with one endpoint"),
+            ("probe_interval_ms = 1", TWO, "probe_interval_ms"),
+            ("reorder_ms = 5000", TWO, "reorder_ms"),
+            ("", "[[peer.path]]\nname = \"a\"\nendpoint = \"192.0.2.2\"\n[[peer.path]]\nname = \"a\"\nendpoint = \"192.0.2.3\"\n", "a name no other path of this peer has"),
+            ("", "[[peer.path]]\nendpoint = \"192.0.2.2\"\n[[peer.path]]\nendpoint = \"192.0.2.2\"\n", "two paths to one destination"),
+            ("", "[[peer.path]]\nendpoint = \"192.0.2.2\"\nlocal = \"192.0.2.1\"\n", "per-path local address is not supported yet"),
+            ("", "[[peer.path]]\nendpoint = \"192.0.2.2\"\nweight = 0\n", "a number from 1 to 1000"),
+            ("", "[[peer.path]]\nendpoint = \"10.4.9.2\"\n", "do not contain a peer endpoint"),
+        ] {
+            let e = err(&text(extra, paths));
+            assert!(e.contains(want), "{extra:?} {paths:?}: {e}");
+        }
+    }
+}

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use espip::datapath::{self, EncapSpec, Inbound, Outbound, PeerSpec, TunnelSpec};
+use espip::multipath::{MultipathSpec, PathSpec, PeerPaths};
 use espip::nat::NatTable;
 use espip::sa::{Cipher, KeyMaterial};
 use std::net::IpAddr;
@@ -39,6 +40,7 @@ pub fn peers(esn: bool) -> Vec<PeerSpec> {
                 udp_port: None,
             },
             route: true,
+            multipath: None,
         },
         PeerSpec {
             name: "esp-udp".into(),
@@ -56,6 +58,21 @@ pub fn peers(esn: bool) -> Vec<PeerSpec> {
                 udp_port: Some(4500),
             },
             route: true,
+            // Two paths (the second never sends here): probes, echoes and the reorder stage
+            // are reached through this peer.
+            multipath: Some(PeerPaths {
+                spec: MultipathSpec::default(),
+                paths: [UDP_PEER, "192.0.2.14"]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| PathSpec {
+                        name: format!("p{i}"),
+                        endpoint: a.parse().unwrap(),
+                        port: 4500,
+                        weight: 1,
+                    })
+                    .collect(),
+            }),
         },
         PeerSpec {
             name: "ipip".into(),
@@ -63,6 +80,7 @@ pub fn peers(esn: bool) -> Vec<PeerSpec> {
             allowed_ips: vec!["10.5.0.0/16".parse().unwrap()],
             encap: EncapSpec::IpIp,
             route: true,
+            multipath: None,
         },
     ]
 }

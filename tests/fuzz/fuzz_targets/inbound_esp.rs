@@ -55,7 +55,16 @@ fuzz_target!(|data: &[u8]| {
             (true, _) => udp_peer,
             (false, _) => IPIP_PEER.parse().unwrap(),
         };
-        let v = inb.process(&mut buf, src, proto, i as u64 * 1_000_000);
+        let now = i as u64 * 1_000_000;
+        let v = inb.process(&mut buf, src, proto, now);
+        // The multipath peer's reorder stage: whatever it releases must be one of its packets.
+        inb.release(now, 64, |d| {
+            let s = inner_src(d).expect("released packets parse");
+            assert!(
+                matches!(s, std::net::IpAddr::V4(a) if a.octets()[..2] == [10, 6]),
+                "released a packet from {s}"
+            );
+        });
         if v == Verdict::ToTun {
             // Policy: only the peer's allowed_ips get through, and only as a parsable packet.
             let s = inner_src(buf.as_slice()).expect("delivered packets parse");
