@@ -443,9 +443,12 @@ enum LabCmd {
         /// iperf3 on the same links (installs mptcpd and iperf3).
         #[arg(long)]
         compare_mptcp: bool,
-        /// TCP congestion control in both hosts: cubic or bbr (default: the kernel's).
+        /// TCP congestion control of the iperf3 comparison (iperf3 -C): cubic or bbr.
         #[arg(long)]
         congestion: Option<String>,
+        /// spread with the links' rates as static weights only (adapt = false).
+        #[arg(long)]
+        static_weights: bool,
     },
     /// Scenario 2: the SEED VPN lab (U 192.168.56.9, server 192.168.56.10 / 192.168.50.1,
     /// V 192.168.50.11); U reaches V through the server.
@@ -685,6 +688,7 @@ fn real_main() -> Result<()> {
                 redundant_loss,
                 compare_mptcp,
                 congestion,
+                static_weights,
             } => {
                 if let Some(cc) = &congestion {
                     if !["cubic", "bbr", "reno"].contains(&cc.as_str()) {
@@ -714,6 +718,7 @@ fn real_main() -> Result<()> {
                     redundant_loss,
                     compare_mptcp,
                     congestion,
+                    adapt: !static_weights,
                     run: common.run()?,
                 };
                 finish(espip::lab::multipath::run(&opts)?);

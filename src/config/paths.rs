@@ -23,6 +23,7 @@ pub(super) fn refuse_path_settings(
         ("reorder_ms", p.reorder_ms.is_some()),
         ("reorder_packets", p.reorder_packets.is_some()),
         ("reorder_bytes", p.reorder_bytes.is_some()),
+        ("adapt", p.adapt.is_some()),
     ] {
         if set {
             return Err(invalid(
@@ -165,6 +166,7 @@ pub(super) fn paths(
             d.reorder_bytes,
             "bytes held at most,",
         )?,
+        adapt: p.adapt.unwrap_or(true),
     };
     let name = &p.name;
     if mode == Mode::IpIp && scheduler != Scheduler::Spread {

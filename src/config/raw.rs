@@ -88,6 +88,7 @@ pub(super) struct RawPeer {
     pub(super) reorder_ms: Option<i64>,
     pub(super) reorder_packets: Option<i64>,
     pub(super) reorder_bytes: Option<i64>,
+    pub(super) adapt: Option<bool>,
     #[serde(default)]
     pub(super) allowed_ips: Vec<String>,
     pub(super) mode: String,

@@ -99,8 +99,12 @@ pub struct MultipathOptions {
     /// Also measure kernel MPTCP (`mptcpize run iperf3`, two subflows) and espip with iperf3
     /// on the same links, side by side.
     pub compare_mptcp: bool,
-    /// TCP congestion control in both hosts (`cubic`, `bbr`; `None`: the kernel's default).
+    /// TCP congestion control of the iperf3 comparison (`iperf3 -C`: `cubic`, `bbr`; `None`:
+    /// the kernel's default). A namespace may not change its default to an algorithm the host
+    /// has not allowed, so it is set per socket.
     pub congestion: Option<String>,
+    /// `spread` adapts to measured delivery (false: the links' rates as static weights).
+    pub adapt: bool,
     /// What every lab takes.
     pub run: super::LabRun,
 }
@@ -112,6 +116,8 @@ struct Lab {
     m: [Netns; 2],
     relays: [Option<Child>; 2],
     work: PathBuf,
+    /// The lab is kept running after this process ends (`--keep`): its relays must outlive it.
+    keep: bool,
 }
 
 impl Lab {
@@ -129,8 +135,21 @@ impl Lab {
             let _ = c.wait();
         }
         let log = std::fs::File::create(self.work.join(format!("relay{}.log", link + 1)))?;
-        let child = self.m[link]
-            .command(exe)
+        let mut cmd = self.m[link].command(exe);
+        // A lab killed outright takes its relays with it (`ip netns exec` execs the relay,
+        // which keeps the parent-death signal); a kept lab leaves them to `espip lab down`.
+        // SAFETY: prctl is async-signal-safe and touches only the child being set up.
+        if !self.keep {
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .args(["lab-tool", "relay", "--ifaces", "mid-a", "mid-b"])
             .arg("--delay-ms")
             .arg(format!("{}", spec.rtt_ms / 2.0))
@@ -157,7 +176,7 @@ impl Drop for Lab {
 }
 
 /// Build the four namespaces and both links (relays not started).
-fn topology(links: &[LinkSpec; 2], work: &Path) -> io::Result<Lab> {
+fn topology(links: &[LinkSpec; 2], work: &Path, keep: bool) -> io::Result<Lab> {
     let a = Netns::new("lab", "a")?;
     let b = Netns::new("lab", "b")?;
     let m = [Netns::new("lab", "m1")?, Netns::new("lab", "m2")?];
@@ -219,6 +238,7 @@ fn topology(links: &[LinkSpec; 2], work: &Path) -> io::Result<Lab> {
         m,
         relays: [None, None],
         work: work.to_path_buf(),
+        keep,
     })
 }
 
@@ -243,10 +263,11 @@ fn config_text(
         _ => a.to_string(),
     };
     let mut s = format!(
-        "# espip lab multipath, host {}\n[interface]\nname = \"espip0\"\naddress = [\"{addr}/24\"]\n{}\n[[peer]]\nname = \"{peer}\"\nallowed_ips = [\"{allowed}/32\"]\nscheduler = \"{}\"\n",
+        "# espip lab multipath, host {}\n[interface]\nname = \"espip0\"\naddress = [\"{addr}/24\"]\n{}\n[[peer]]\nname = \"{peer}\"\nallowed_ips = [\"{allowed}/32\"]\nscheduler = \"{}\"\nadapt = {}\n",
         if me_a { "A" } else { "B" },
         super::state_lines(state_dir),
-        scheduler.name()
+        scheduler.name(),
+        opts.adapt
     );
     match (opts.mode, keys) {
         (LabMode::Esp(c) | LabMode::EspUdp(c), Some(keys)) => {
@@ -360,12 +381,7 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
             &[("tc", "iproute2")]
         },
     )?;
-    let mut lab = topology(&opts.links, &work)?;
-    if let Some(cc) = &opts.congestion {
-        for ns in [&lab.a, &lab.b] {
-            ns.sysctl("net.ipv4.tcp_congestion_control", cc)?;
-        }
-    }
+    let mut lab = topology(&opts.links, &work, opts.run.keep)?;
     for (i, spec) in opts.links.iter().enumerate() {
         lab.relay(&opts.run.exe, i, spec, spec.loss_percent)?;
     }
@@ -547,7 +563,14 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
 
 /// `iperf3 -J` between `client` and `server` (`mptcp`: both under `mptcpize run`) for
 /// `seconds`: the receiver's rate in Mbit/s.
-fn iperf3(lab: &Lab, to: &str, port: u16, seconds: u64, mptcp: bool) -> io::Result<f64> {
+fn iperf3(
+    lab: &Lab,
+    to: &str,
+    port: u16,
+    seconds: u64,
+    mptcp: bool,
+    cc: Option<&str>,
+) -> io::Result<f64> {
     let cmd = |ns: &Netns| {
         let mut c = ns.command(if mptcp { "mptcpize" } else { "iperf3" });
         if mptcp {
@@ -561,7 +584,8 @@ fn iperf3(lab: &Lab, to: &str, port: u16, seconds: u64, mptcp: bool) -> io::Resu
         .stderr(std::process::Stdio::null())
         .spawn()?;
     std::thread::sleep(Duration::from_millis(300));
-    let out = netns::run(cmd(&lab.a).args([
+    let mut client = cmd(&lab.a);
+    client.args([
         "-c",
         to,
         "-p",
@@ -569,7 +593,11 @@ fn iperf3(lab: &Lab, to: &str, port: u16, seconds: u64, mptcp: bool) -> io::Resu
         "-t",
         &seconds.to_string(),
         "-J",
-    ]))?;
+    ]);
+    if let Some(cc) = cc {
+        client.args(["-C", cc]);
+    }
+    let out = netns::run(&mut client)?;
     let _ = server.kill();
     let _ = server.wait();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
@@ -603,8 +631,9 @@ fn mptcp_compare(report: &mut Report, lab: &Lab, opts: &MultipathOptions) -> io:
     let sum = opts.links[0].mbit + opts.links[1].mbit;
     // espip first: run right after MPTCP had saturated both links, espip's first seconds were
     // measured far slower (11.7 instead of 161 Mbit/s; not yet explained).
-    let espip = iperf3(lab, B_INNER, 5302, secs, false)?;
-    let mptcp = iperf3(lab, LINK1[1], 5301, secs, true)?;
+    let cc = opts.congestion.as_deref();
+    let espip = iperf3(lab, B_INNER, 5302, secs, false, cc)?;
+    let mptcp = iperf3(lab, LINK1[1], 5301, secs, true, cc)?;
     let cc = opts.congestion.as_deref().unwrap_or("default");
     report.check(
         format!("iperf3 {secs} s, congestion control {cc}: espip above kernel MPTCP"),

@@ -1347,7 +1347,10 @@ impl Inbound {
                         }
                     }
                 }
-                let echo = Probe::new(ProbeKind::Echo, probe.path, probe.id, probe.sent, rx_bytes);
+                let echo = Probe {
+                    tx_bytes: probe.tx_bytes,
+                    ..Probe::new(ProbeKind::Echo, probe.path, probe.id, probe.sent, rx_bytes)
+                };
                 buf.truncate(0);
                 let Some(room) = buf.push_back(echo.len()) else {
                     return Verdict::Drop(DropReason::Malformed);

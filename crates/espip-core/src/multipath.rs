@@ -88,6 +88,8 @@ pub struct MultipathSpec {
     pub reorder_packets: u32,
     /// Most bytes held by the reorder stage.
     pub reorder_bytes: u32,
+    /// `spread` follows each path's measured delivery; false: the static weights only.
+    pub adapt: bool,
 }
 
 impl Default for MultipathSpec {
@@ -99,6 +101,7 @@ impl Default for MultipathSpec {
             reorder_ms: 100,
             reorder_packets: 4096,
             reorder_bytes: 8 << 20,
+            adapt: true,
         }
     }
 }
@@ -184,6 +187,19 @@ pub struct PathStats {
     pub capacity: AtomicU64,
     /// ESP in UDP: the source port of the last authenticated datagram from the path's endpoint.
     pub udp_port_seen: AtomicU32,
+    /// The newest echo's (probe send time, bytes we had sent on the path when we sent the
+    /// probe, bytes the peer had received on it when it answered). The path is first in, first
+    /// out, so everything sent before the probe arrived before the echo unless it was lost:
+    /// two marks give the loss between them exactly.
+    mark: Mutex<EchoMark>,
+}
+
+/// See [`PathStats`]'s `mark`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct EchoMark {
+    sent: u64,
+    tx_bytes: u64,
+    rx_bytes: u64,
 }
 
 impl PathStats {
@@ -196,8 +212,9 @@ impl PathStats {
         self.state.store(s as u8, Relaxed);
     }
 
-    /// Count an echo that came back at `now` for a probe sent at `sent`.
-    fn echo(&self, sent: u64, now: u64, peer_rx_bytes: u64) {
+    /// Count an echo that came back at `now` for a probe sent at `sent`, when `tx_bytes` had
+    /// been sent on the path; the peer had received `peer_rx_bytes` on it.
+    fn echo(&self, sent: u64, now: u64, tx_bytes: u64, peer_rx_bytes: u64) {
         let rtt = now.saturating_sub(sent).max(1);
         let srtt = self.srtt_ns.load(Relaxed);
         // RFC 6298's smoothing (alpha = 1/8).
@@ -210,6 +227,18 @@ impl PathStats {
         self.last_echo.store(now, Relaxed);
         self.echoes.fetch_add(1, Relaxed);
         self.peer_rx_bytes.fetch_max(peer_rx_bytes, Relaxed);
+        let mut m = self.mark.lock().unwrap_or_else(|p| p.into_inner());
+        if sent > m.sent {
+            *m = EchoMark {
+                sent,
+                tx_bytes,
+                rx_bytes: peer_rx_bytes,
+            };
+        }
+    }
+
+    fn mark(&self) -> EchoMark {
+        *self.mark.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -222,12 +251,11 @@ pub struct PathEvent {
     pub state: PathState,
 }
 
-/// What the control side keeps per path between ticks.
+/// What the control side keeps per path between windows.
 #[derive(Debug, Default, Clone, Copy)]
 struct Sample {
-    at: u64,
-    tx_bytes: u64,
-    peer_rx_bytes: u64,
+    /// The echo mark the last window ended at.
+    mark: EchoMark,
     /// Estimated deliverable rate, bytes per second (0: nothing known yet).
     capacity: f64,
 }
@@ -235,8 +263,10 @@ struct Sample {
 /// The `spread` controller: from each path's sent bytes and the bytes the peer reports it
 /// received, estimate what the path delivers, and give each live path a share in proportion.
 ///
-/// Each window (at least two probe intervals and at least the largest RTT, so the peer's
-/// report has caught up with what was sent):
+/// Each window (at least two probe intervals and four of the largest RTT) compares, between
+/// the echo marks at its two ends, what was sent on the path before each probe with what the
+/// peer had received when it answered it (exact on a first-in, first-out path: the difference
+/// is what was lost):
 /// - a path that lost more than [`Controller::LOSS`] of what it was sent, or whose probe RTT
 ///   rose above its minimum by half and by 20 ms (a queue building up), is saturated: its estimate becomes
 ///   what it delivered;
@@ -254,7 +284,9 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Loss above which a path counts as saturated.
+    /// Loss above which a path counts as saturated. The measurement is exact (echo marks on a
+    /// first-in, first-out path), and a TCP flow keeps its loss well under 1% on any path it
+    /// fills, so a small threshold is the right one.
     pub const LOSS: f64 = 0.03;
     /// Growth of an unsaturated path's estimate per window.
     pub const GROWTH: f64 = 1.25;
@@ -265,9 +297,7 @@ impl Controller {
             self.samples = paths
                 .iter()
                 .map(|p| Sample {
-                    at: now,
-                    tx_bytes: p.tx_bytes.load(Relaxed),
-                    peer_rx_bytes: p.peer_rx_bytes.load(Relaxed),
+                    mark: p.mark(),
                     capacity: 0.0,
                 })
                 .collect();
@@ -278,17 +308,15 @@ impl Controller {
         }
         self.window_start = now;
         for (s, p) in self.samples.iter_mut().zip(paths) {
-            let tx = p.tx_bytes.load(Relaxed);
-            let rx = p.peer_rx_bytes.load(Relaxed);
-            let dt = now.saturating_sub(s.at).max(1) as f64 / 1e9;
-            let sent = tx.saturating_sub(s.tx_bytes) as f64;
-            let delivered = rx.saturating_sub(s.peer_rx_bytes) as f64;
-            *s = Sample {
-                at: now,
-                tx_bytes: tx,
-                peer_rx_bytes: rx,
-                capacity: s.capacity,
-            };
+            let m = p.mark();
+            if m.sent <= s.mark.sent {
+                // No newer echo: nothing learnt about this path in the window.
+                continue;
+            }
+            let dt = (m.sent - s.mark.sent) as f64 / 1e9;
+            let sent = m.tx_bytes.saturating_sub(s.mark.tx_bytes) as f64;
+            let delivered = m.rx_bytes.saturating_sub(s.mark.rx_bytes) as f64;
+            s.mark = m;
             if p.state() == PathState::Down || sent <= 0.0 {
                 continue;
             }
@@ -308,6 +336,7 @@ impl Controller {
                     0.5 * s.capacity + 0.5 * delivered_rate
                 };
             } else if s.capacity == 0.0 || sent_rate >= 0.1 * s.capacity {
+                // Carrying traffic without loss or queue: it may carry more.
                 s.capacity = s.capacity.max(delivered_rate) * Controller::GROWTH;
             }
         }
@@ -572,7 +601,7 @@ impl Multipath {
                 }
             }
         }
-        if self.spec.scheduler == Scheduler::Spread {
+        if self.spec.scheduler == Scheduler::Spread && self.spec.adapt {
             let refs = self.refs();
             let max_rtt = refs
                 .iter()
@@ -596,13 +625,16 @@ impl Multipath {
                 p.probes_sent.fetch_add(1, Relaxed);
                 (
                     i,
-                    Probe::new(
-                        ProbeKind::Probe,
-                        i as u8,
-                        self.probe_id.fetch_add(1, Relaxed),
-                        now,
-                        0,
-                    ),
+                    Probe {
+                        tx_bytes: p.tx_bytes.load(Relaxed),
+                        ..Probe::new(
+                            ProbeKind::Probe,
+                            i as u8,
+                            self.probe_id.fetch_add(1, Relaxed),
+                            now,
+                            0,
+                        )
+                    },
                 )
             })
             .collect();
@@ -614,7 +646,7 @@ impl Multipath {
         if let Some(p) = self.stats.get(usize::from(probe.path)) {
             // A timestamp from the future is no echo of ours.
             if probe.sent <= now {
-                p.echo(probe.sent, now, probe.rx_bytes);
+                p.echo(probe.sent, now, probe.tx_bytes, probe.rx_bytes);
             }
         }
     }
@@ -674,10 +706,16 @@ pub enum ProbeKind {
 /// +                                                               +
 /// |                                                               |
 /// +---------------------------------------------------------------+
+/// |  inner bytes the prober had sent on the path (64 bits,        |
+/// +            echoed unchanged)                                  +
+/// |                                                               |
+/// +---------------------------------------------------------------+
 /// |  echo: inner bytes the answering side received on the path    |
 /// +            the probe came by (probe: 0) (64 bits)             +
 /// |                                                               |
 /// +---------------------------------------------------------------+
+/// |  probe: the sequence numbers of this round's probes on the    |
+/// +  other paths, 64 bits each, at most 8 (the skip list)         +
 /// ```
 ///
 /// The prober's clock never leaves its own host in any other sense: the echo returns the
@@ -692,6 +730,8 @@ pub struct Probe {
     pub id: u64,
     /// The prober's send time.
     pub sent: u64,
+    /// Bytes the prober had sent on the path when it sent the probe (echoed back unchanged).
+    pub tx_bytes: u64,
     /// Echo: bytes received on the path.
     pub rx_bytes: u64,
     /// Probe: the sequence numbers of the probes sent on the other paths in the same round
@@ -704,7 +744,7 @@ pub struct Probe {
 
 impl Probe {
     /// Bytes on the wire (inside ESP) without the skip list; each entry adds 8.
-    pub const LEN: usize = 32;
+    pub const LEN: usize = 40;
 
     /// A probe or echo with no skip list.
     pub fn new(kind: ProbeKind, path: u8, id: u64, sent: u64, rx_bytes: u64) -> Probe {
@@ -713,6 +753,7 @@ impl Probe {
             path,
             id,
             sent,
+            tx_bytes: 0,
             rx_bytes,
             skip: [0; MAX_PATHS],
             skipped: 0,
@@ -743,9 +784,10 @@ impl Probe {
         out[6..8].copy_from_slice(&[0, 0]);
         out[8..16].copy_from_slice(&self.id.to_be_bytes());
         out[16..24].copy_from_slice(&self.sent.to_be_bytes());
-        out[24..32].copy_from_slice(&self.rx_bytes.to_be_bytes());
+        out[24..32].copy_from_slice(&self.tx_bytes.to_be_bytes());
+        out[32..40].copy_from_slice(&self.rx_bytes.to_be_bytes());
         for (i, s) in self.skipped().iter().enumerate() {
-            out[32 + 8 * i..40 + 8 * i].copy_from_slice(&s.to_be_bytes());
+            out[40 + 8 * i..48 + 8 * i].copy_from_slice(&s.to_be_bytes());
         }
     }
 
@@ -762,9 +804,10 @@ impl Probe {
             _ => return None,
         };
         let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        let mut p = Probe::new(kind, b[5], u64_at(8), u64_at(16), u64_at(24));
+        let mut p = Probe::new(kind, b[5], u64_at(8), u64_at(16), u64_at(32));
+        p.tx_bytes = u64_at(24);
         for i in 0..extra / 8 {
-            p.skip[i] = u64_at(32 + 8 * i);
+            p.skip[i] = u64_at(40 + 8 * i);
         }
         p.skipped = (extra / 8) as u8;
         Some(p)
@@ -1130,8 +1173,8 @@ mod tests {
         let (mut tx, mut rx) = ([0u64; 2], [0u64; 2]);
         let mut now = MS;
         for _ in 0..200 {
-            let (_, probes) = m.tick(now);
-            // One tick of traffic at the current shares.
+            // One tick of traffic at the current shares, then the probes (which carry what was
+            // sent) and their echoes (what arrived).
             for i in 0..2 {
                 let share = f64::from(m.stats[i].share.load(Relaxed)) / SLOTS as f64;
                 let sent = offered * share * 0.1;
@@ -1139,6 +1182,7 @@ mod tests {
                 rx[i] += sent.min(cap[i] * 0.1) as u64;
                 m.stats[i].tx_bytes.store(tx[i], Relaxed);
             }
+            let (_, probes) = m.tick(now);
             answer(&m, &probes, now + 10 * MS, &rx);
             now += tick;
         }
