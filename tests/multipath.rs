@@ -30,6 +30,7 @@ fn spread_cut_and_redundant_over_esp_in_udp() {
         &[
             "[PASS] both paths up",
             "[PASS] one TCP stream over both links",
+            "x the best single link alone",
             "[PASS] wire-l1.pcap: only the tunnel, no plaintext",
             "[PASS] wire-l2.pcap: only the tunnel, no plaintext",
             "[PASS] link 1 cut 3 s into a transfer",

@@ -468,21 +468,31 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
     let bytes = (sum * 1e6 / 8.0 * secs as f64) as u64;
     let r = super::transfer(&opts.run.exe, (&lab.a, &lab.b), B_INNER, bytes)?;
     let rate = r.mbit_s();
+    // Correctness is the check; the rate is a measurement (reported, compared in
+    // docs/multipath.md), not something a timed run on a shared machine can assert.
     report.check(
         format!("one TCP stream over both links ({} MB)", bytes / 1_000_000),
-        // spread must beat the best link alone; failover and redundant carry one link's worth.
-        r.ok(bytes)
-            && match opts.scheduler {
-                crate::multipath::Scheduler::Spread => rate > best_alone,
-                _ => rate > 0.7 * best_alone,
-            },
+        r.ok(bytes),
         format!(
-            "{rate:.1} Mbit/s = {:.2} of the links' nominal sum {sum} Mbit/s, {:.2}x the best single link alone; sha256 {}",
-            rate / sum,
-            rate / best_alone.max(1e-9),
+            "sha256 {}; {rate:.1} Mbit/s",
             if r.ok(bytes) { "equal" } else { "DIFFERS" }
         ),
     );
+    let beats = match opts.scheduler {
+        crate::multipath::Scheduler::Spread => rate > best_alone,
+        _ => rate > 0.7 * best_alone,
+    };
+    report.notes.push(format!(
+        "one TCP stream: {rate:.1} Mbit/s = {:.2} of the links' nominal sum {sum} Mbit/s, {:.2}x the best single link alone ({})",
+        rate / sum,
+        rate / best_alone.max(1e-9),
+        match (opts.scheduler, beats) {
+            (crate::multipath::Scheduler::Spread, true) => "spread beat it",
+            (crate::multipath::Scheduler::Spread, false) => "spread did NOT beat it",
+            (_, true) => "within 0.7 of it, as one link's worth should be",
+            (_, false) => "below 0.7 of it",
+        }
+    ));
     if let Some(st) = status(&ctl_a) {
         if let Some(m) = st.peers.first().and_then(|p| p.multipath.as_ref()) {
             report.notes.push(format!(
@@ -635,15 +645,13 @@ fn mptcp_compare(report: &mut Report, lab: &Lab, opts: &MultipathOptions) -> io:
     let espip = iperf3(lab, B_INNER, 5302, secs, false, cc)?;
     let mptcp = iperf3(lab, LINK1[1], 5301, secs, true, cc)?;
     let cc = opts.congestion.as_deref().unwrap_or("default");
-    report.check(
-        format!("iperf3 {secs} s, congestion control {cc}: espip above kernel MPTCP"),
-        espip > mptcp,
-        format!(
-            "espip one TCP stream {espip:.1} Mbit/s ({:.2} of the nominal sum); MPTCP two subflows {mptcp:.1} Mbit/s ({:.2})",
-            espip / sum,
-            mptcp / sum
-        ),
-    );
+    report.notes.push(format!(
+        "iperf3 {secs} s, congestion control {}: espip one TCP stream {espip:.1} Mbit/s ({:.2} of the nominal sum); kernel MPTCP two subflows {mptcp:.1} Mbit/s ({:.2}); espip {} MPTCP",
+        cc,
+        espip / sum,
+        mptcp / sum,
+        if espip > mptcp { "above" } else { "below" }
+    ));
     Ok(())
 }
 
