@@ -183,20 +183,7 @@ fn topology(links: &[LinkSpec; 2], work: &Path, keep: bool) -> io::Result<Lab> {
     for (i, mid) in m.iter().enumerate() {
         let dev = format!("l{}", i + 1);
         for (host, side) in [(&a, "mid-a"), (&b, "mid-b")] {
-            netns::run_ok(Command::new("ip").args([
-                "link",
-                "add",
-                &dev,
-                "netns",
-                host.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                side,
-                "netns",
-                mid.name(),
-            ]))?;
+            netns::veth_pair(host, &dev, mid, side)?;
             // The middle only relays: no address, no IPv6 of its own, no forwarding.
             mid.sysctl(&format!("net.ipv6.conf.{side}.disable_ipv6"), "1")?;
             mid.ip(&["link", "set", "dev", side, "up"])?;

@@ -155,24 +155,30 @@ fn delete(name: &str) {
     let _ = run(Command::new("ip").args(["netns", "del", name]));
 }
 
-/// Join two namespaces with a veth pair; each end is named `dev` inside its namespace, gets
-/// `addr_a`/`addr_b` (CIDR) and is set up. IPv6 is turned off on the link so that captures show
-/// only the lab's own traffic.
-pub fn veth(a: &Netns, addr_a: &str, b: &Netns, addr_b: &str, dev: &str) -> io::Result<()> {
+/// A veth pair: `dev_a` in `a`, its peer `dev_b` in `b` (both down, no address).
+pub fn veth_pair(a: &Netns, dev_a: &str, b: &Netns, dev_b: &str) -> io::Result<()> {
     run_ok(Command::new("ip").args([
         "link",
         "add",
-        dev,
+        dev_a,
         "netns",
         a.name(),
         "type",
         "veth",
         "peer",
         "name",
-        dev,
+        dev_b,
         "netns",
         b.name(),
     ]))?;
+    Ok(())
+}
+
+/// Join two namespaces with a veth pair; each end is named `dev` inside its namespace, gets
+/// `addr_a`/`addr_b` (CIDR) and is set up. IPv6 is turned off on the link so that captures show
+/// only the lab's own traffic.
+pub fn veth(a: &Netns, addr_a: &str, b: &Netns, addr_b: &str, dev: &str) -> io::Result<()> {
+    veth_pair(a, dev, b, dev)?;
     for (ns, addr) in [(a, addr_a), (b, addr_b)] {
         ns.sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "1")?;
         ns.ip(&["addr", "add", addr, "dev", dev])?;
@@ -348,20 +354,7 @@ pub fn plug(
     bridge: &str,
     port: &str,
 ) -> io::Result<()> {
-    run_ok(Command::new("ip").args([
-        "link",
-        "add",
-        dev,
-        "netns",
-        host.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        port,
-        "netns",
-        sw.name(),
-    ]))?;
+    veth_pair(host, dev, sw, port)?;
     host.sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "1")?;
     host.ip(&["addr", "add", addr, "dev", dev])?;
     host.ip(&["link", "set", dev, "up"])?;

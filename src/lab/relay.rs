@@ -67,41 +67,15 @@ fn packet_socket(iface: &str) -> io::Result<OwnedFd> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with an int option of the right size.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_IGNORE_OUTGOING,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
-        );
-        let big: libc::c_int = 32 << 20;
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&big as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
-        );
-    }
+    use crate::sys::set_int;
+    set_int(&fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1)?;
+    // A large receive buffer: the relay holds frames, the kernel should not drop them first
+    // (best effort: FORCE needs CAP_NET_ADMIN).
+    let _ = set_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 32 << 20);
     // Each frame comes and goes with its virtio-net header: a frame whose checksum the
     // sender left to offload (CHECKSUM_PARTIAL, as the veth's TCP and UDP are) keeps that
     // state on the way out instead of arriving with a wrong checksum.
-    // SAFETY: setsockopt with an int option of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_VNET_HDR,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    set_int(&fd, libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1)?;
     // Frames for other hosts' MAC addresses must reach the socket.
     // SAFETY: packet_mreq is plain old data.
     let mut mr: libc::packet_mreq = unsafe { std::mem::zeroed() };
