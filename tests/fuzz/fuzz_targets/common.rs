@@ -12,6 +12,8 @@ pub const ESP_PEER: &str = "192.0.2.2";
 pub const IPIP_PEER: &str = "192.0.2.3";
 /// A peer whose ESP travels in UDP (RFC 3948).
 pub const UDP_PEER: &str = "192.0.2.4";
+/// The UDP peer's second path.
+pub const UDP_PEER_PATH2: &str = "192.0.2.14";
 pub const SPI_IN_UDP: u32 = 0x2002;
 pub const SPI_OUT: u32 = 0x1001;
 pub const SPI_IN: u32 = 0x1002;
@@ -62,7 +64,7 @@ pub fn peers(esn: bool) -> Vec<PeerSpec> {
             // are reached through this peer.
             multipath: Some(PeerPaths {
                 spec: MultipathSpec::default(),
-                paths: [UDP_PEER, "192.0.2.14"]
+                paths: [UDP_PEER, UDP_PEER_PATH2]
                     .iter()
                     .enumerate()
                     .map(|(i, a)| PathSpec {
