@@ -19,6 +19,7 @@ pub mod buf;
 pub mod datapath;
 pub mod gro;
 pub mod gso;
+pub mod ike;
 pub mod multipath;
 pub mod nat;
 pub mod prefix;

@@ -1,0 +1,2430 @@
+//! The IKEv2 state machine of one peer (RFC 7296), sans I/O: datagrams and time in,
+//! datagrams to send and a changed set of ESP SAs out.
+//!
+//! Exchanges: IKE_SA_INIT (with NAT detection and INVALID_KE_PAYLOAD retry), IKE_AUTH with a
+//! pre-shared key and the first CHILD_SA, CREATE_CHILD_SA to rekey a CHILD_SA (PFS when the
+//! ESP proposal names a group) or the IKE SA, INFORMATIONAL for liveness (DPD) and DELETE.
+//! One request in flight each way (window size 1), retransmitted with exponential back-off;
+//! a retransmitted request is answered from the cached response.
+//!
+//! The ESP SAs the data path should hold are [`Engine::sas`]; [`Out::Changed`] says when they
+//! changed. The order of [`Out`] values is the order of effects: when a response installs an
+//! inbound SA, `Changed` comes before the `Send` of the response, so the edge installs it
+//! before the peer can use it (section 2.8: rekeying without loss). After a CHILD_SA rekey
+//! the initiator sends on the new SA at once; the responder keeps sending on the old one
+//! until the initiator deletes it (as strongSwan does), so neither side ever sends on an SA
+//! the other has not installed. The old inbound SA stays for [`GRACE_MS`] after its delete.
+
+use super::crypto::{self, Group, IkeKeys, KeyShare};
+use super::msg::{
+    self, exchange, flags, notify, proto, Header, Id, MsgError, Payload, Proposal, Ts,
+};
+use super::proposal::{self, EspChoice, EspProposal, IkeChoice, IkeProposal};
+use super::ts;
+use crate::sa::KeyMaterial;
+use ring::rand::SecureRandom;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use zeroize::Zeroizing;
+
+const MS: u64 = 1_000_000;
+/// How long an inbound SA stays after it was deleted or replaced (packets in flight).
+pub const GRACE_MS: u64 = 2_000;
+/// How long the responder of a CHILD_SA rekey waits for the delete of the old SA before it
+/// sends on the new one anyway.
+const SWITCH_WAIT_MS: u64 = 5_000;
+/// A half-open IKE SA (responder, before IKE_AUTH) is forgotten after this.
+const HALF_OPEN_MS: u64 = 30_000;
+/// Wait before an initiator tries again after a failure.
+const RETRY_MS: u64 = 5_000;
+
+/// Which side starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Connects at start and after a failure.
+    Initiator,
+    /// Waits for the peer.
+    Responder,
+}
+
+/// What one peer's engine needs to know.
+#[derive(Clone)]
+pub struct IkeConfig {
+    /// Peer name (logs).
+    pub name: String,
+    /// Initiator or responder.
+    pub role: Role,
+    /// The pre-shared key.
+    pub psk: Zeroizing<Vec<u8>>,
+    /// Our identity.
+    pub local_id: Id,
+    /// The identity the peer must prove.
+    pub remote_id: Id,
+    /// IKE proposals, in order of preference.
+    pub ike: Vec<IkeProposal>,
+    /// ESP proposals, in order of preference.
+    pub esp: Vec<EspProposal>,
+    /// IKE SA rekey time (ms after it was established; 0: never).
+    pub ike_rekey_ms: u64,
+    /// CHILD_SA rekey time (ms; 0: never).
+    pub child_rekey_ms: u64,
+    /// CHILD_SA hard lifetime (ms; 0: none): the SA is removed if it was not rekeyed by then.
+    pub child_life_ms: u64,
+    /// Random jitter subtracted from each rekey time, at most this many ms.
+    pub jitter_ms: u64,
+    /// Liveness check after this long without an authenticated message (ms; 0: off).
+    pub dpd_ms: u64,
+    /// First retransmission timeout (ms), doubled on each try.
+    pub retransmit_ms: u64,
+    /// Retransmissions before the peer counts as dead.
+    pub retransmit_tries: u32,
+    /// Our inner addresses (TSi when initiating).
+    pub local_ts: Vec<Ts>,
+    /// The peer's inner prefixes (`allowed_ips`).
+    pub remote_ts: Vec<Ts>,
+    /// The peer's IKE address (port 500).
+    pub remote: SocketAddr,
+    /// Our address towards the peer (NAT detection).
+    pub local: IpAddr,
+    /// Our IKE port (500).
+    pub local_port: u16,
+    /// NAT-T port on both sides (4500, `interface.listen_port` here).
+    pub natt_port: u16,
+    /// The peer's NAT-T port.
+    pub remote_natt_port: u16,
+    /// ESP in UDP: float to the NAT-T port and encapsulate even without a NAT (as
+    /// strongSwan's `encap = yes`).
+    pub force_encap: bool,
+}
+
+/// An ESP SA pair's keys as the data path needs them.
+#[derive(Debug, Clone)]
+pub struct ChildKeys {
+    /// SPI we receive with.
+    pub spi_in: u32,
+    /// SPI we send with.
+    pub spi_out: u32,
+    /// Key || salt we receive with.
+    pub key_in: KeyMaterial,
+    /// Key || salt we send with.
+    pub key_out: KeyMaterial,
+    /// 64-bit sequence numbers.
+    pub esn: bool,
+}
+
+/// The ESP SAs the data path should hold for this peer.
+#[derive(Debug, Clone, Default)]
+pub struct SaSet {
+    /// The SA we send on.
+    pub out: Option<(u32, KeyMaterial, bool)>,
+    /// Every SA we accept (newest first).
+    pub ins: Vec<(u32, KeyMaterial, bool)>,
+}
+
+/// What the engine wants done, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Out {
+    /// Send `msg` to `to`; `natt`: from the NAT-T port, behind the non-ESP marker.
+    Send {
+        /// Destination.
+        to: SocketAddr,
+        /// From the NAT-T port.
+        natt: bool,
+        /// The IKE message.
+        msg: Vec<u8>,
+    },
+    /// [`Engine::sas`] changed: install before the next `Send`.
+    Changed,
+    /// Something to log once.
+    Event(Event),
+}
+
+/// Things worth a log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The IKE SA is up.
+    IkeUp {
+        /// "SPIi_SPIr" in hex.
+        spis: String,
+        /// The chosen proposal.
+        proposal: String,
+        /// Whether a NAT was seen (or encapsulation forced) and IKE moved to NAT-T.
+        natt: bool,
+    },
+    /// A CHILD_SA is up (new or rekeyed).
+    ChildUp {
+        /// Inbound SPI.
+        spi_in: u32,
+        /// Outbound SPI.
+        spi_out: u32,
+        /// Chosen ESP proposal.
+        proposal: String,
+        /// Negotiated selectors (ours, theirs).
+        ts: String,
+        /// Replaced this inbound SPI.
+        rekey_of: Option<u32>,
+    },
+    /// The IKE SA was rekeyed.
+    IkeRekeyed {
+        /// New SPIs.
+        spis: String,
+    },
+    /// A CHILD_SA went away.
+    ChildDown {
+        /// Inbound SPI.
+        spi_in: u32,
+        /// Why.
+        why: &'static str,
+    },
+    /// The IKE SA went away.
+    IkeDown {
+        /// Why.
+        why: String,
+    },
+    /// An exchange failed.
+    Failed {
+        /// The notify (error type) sent or received, by RFC name, or another reason.
+        reason: String,
+        /// Detail for the log.
+        detail: String,
+    },
+}
+
+/// Counters of one engine.
+#[derive(Debug, Clone, Default)]
+pub struct IkeStats {
+    /// Requests sent (first transmissions).
+    pub requests: u64,
+    /// Retransmissions.
+    pub retransmits: u64,
+    /// Requests received and answered.
+    pub responses: u64,
+    /// Retransmitted requests answered from the cache.
+    pub resent_responses: u64,
+    /// CHILD_SA rekeys completed.
+    pub child_rekeys: u64,
+    /// IKE SA rekeys completed.
+    pub ike_rekeys: u64,
+    /// IKE SAs established.
+    pub established: u64,
+    /// Failures and drops by reason.
+    pub failures: BTreeMap<String, u64>,
+}
+
+impl IkeStats {
+    fn fail(&mut self, r: &str) {
+        *self.failures.entry(r.to_string()).or_default() += 1;
+    }
+}
+
+/// One CHILD_SA.
+#[derive(Debug, Clone)]
+struct Child {
+    keys: ChildKeys,
+    proposal: String,
+    /// We send on it.
+    out: bool,
+    /// Pending outbound switch (responder of a rekey) since this time.
+    pending_since: Option<u64>,
+    /// Remove at this time (grace after delete/replace).
+    until: Option<u64>,
+    /// Replaced by a rekey (no second rekey, no lifetime action).
+    replaced: bool,
+    rekey_at: u64,
+    expire_at: u64,
+    created: u64,
+}
+
+/// What a request of ours was.
+enum Req {
+    Init {
+        share: KeyShare,
+        ni: Vec<u8>,
+    },
+    Auth {
+        spi_in: u32,
+    },
+    RekeyChild {
+        old_in: u32,
+        new_in: u32,
+        ni: Vec<u8>,
+        share: Option<KeyShare>,
+    },
+    RekeyIke {
+        spi: u64,
+        ni: Vec<u8>,
+        share: KeyShare,
+    },
+    DeleteChild(u32),
+    DeleteIke,
+    Dpd,
+}
+
+struct InFlight {
+    id: u32,
+    msg: Vec<u8>,
+    tries: u32,
+    next_at: u64,
+    req: Req,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Initiator: IKE_SA_INIT sent.
+    InitSent,
+    /// Initiator: IKE_AUTH sent. Responder: IKE_SA_INIT answered, waiting for IKE_AUTH.
+    Authenticating,
+    Established,
+    /// A newer IKE SA replaced it; it waits for its delete.
+    Rekeyed,
+}
+
+/// One IKE SA.
+struct IkeSa {
+    spi_i: u64,
+    spi_r: u64,
+    /// We are the original initiator of this IKE SA.
+    initiator: bool,
+    state: State,
+    choice: Option<IkeChoice>,
+    keys: Option<IkeKeys>,
+    ni: Vec<u8>,
+    nr: Vec<u8>,
+    /// IKE_SA_INIT request and response as sent (AUTH covers them).
+    init_req: Vec<u8>,
+    init_resp: Vec<u8>,
+    next_id: u32,
+    flight: Option<InFlight>,
+    peer_next: u32,
+    cached: Option<(u32, Vec<u8>)>,
+    iv: u64,
+    peer: SocketAddr,
+    natt: bool,
+    created: u64,
+    rekey_at: u64,
+    last_heard: u64,
+    /// Pending requests, sent one at a time.
+    queue: Vec<Task>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Task {
+    RekeyChild(u32),
+    RekeyIke,
+    DeleteChild(u32),
+    Dpd,
+}
+
+impl IkeSa {
+    fn spis(&self) -> String {
+        format!("{:016x}_i {:016x}_r", self.spi_i, self.spi_r)
+    }
+
+    fn my_key(&self) -> &KeyMaterial {
+        let k = self.keys.as_ref().expect("keys after IKE_SA_INIT");
+        if self.initiator {
+            &k.sk_ei
+        } else {
+            &k.sk_er
+        }
+    }
+
+    fn peer_key(&self) -> &KeyMaterial {
+        let k = self.keys.as_ref().expect("keys after IKE_SA_INIT");
+        if self.initiator {
+            &k.sk_er
+        } else {
+            &k.sk_ei
+        }
+    }
+
+    fn header(&self, exch: u8, id: u32, response: bool) -> Header {
+        Header {
+            spi_i: self.spi_i,
+            spi_r: self.spi_r,
+            next: 0,
+            exchange: exch,
+            flags: if self.initiator { flags::INITIATOR } else { 0 }
+                | if response { flags::RESPONSE } else { 0 },
+            msg_id: id,
+            length: 0,
+        }
+    }
+
+    fn seal(&mut self, h: Header, payloads: &[Payload]) -> Vec<u8> {
+        self.iv += 1;
+        msg::encode_sk(h, payloads, self.my_key(), self.iv)
+    }
+}
+
+/// The IKEv2 engine of one peer.
+pub struct Engine {
+    cfg: IkeConfig,
+    ike: Option<IkeSa>,
+    /// Replaced IKE SAs waiting for their delete, and half-open responder SAs.
+    others: Vec<IkeSa>,
+    children: Vec<Child>,
+    retry_at: Option<u64>,
+    /// Group to use on the next IKE_SA_INIT (after INVALID_KE_PAYLOAD).
+    group_hint: Option<Group>,
+    stats: IkeStats,
+    closing: bool,
+}
+
+fn rand_bytes(rng: &dyn SecureRandom, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rng.fill(&mut v).expect("system randomness");
+    v
+}
+
+fn rand_u64(rng: &dyn SecureRandom) -> u64 {
+    loop {
+        let v = u64::from_be_bytes(rand_bytes(rng, 8).try_into().expect("8"));
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+fn rand_spi(rng: &dyn SecureRandom) -> u32 {
+    loop {
+        let v = u32::from_be_bytes(rand_bytes(rng, 4).try_into().expect("4"));
+        // SPIs 1-255 are reserved by IANA; 0 is not an SPI (RFC 4303 section 2.1).
+        if v > 255 {
+            return v;
+        }
+    }
+}
+
+fn jitter(rng: &dyn SecureRandom, max_ms: u64) -> u64 {
+    if max_ms == 0 {
+        return 0;
+    }
+    rand_u64(rng) % (max_ms * MS)
+}
+
+fn find_notify(p: &[Payload], t: u16) -> Option<(&[u8], &[u8])> {
+    p.iter().find_map(|x| match x {
+        Payload::Notify {
+            kind, spi, data, ..
+        } if *kind == t => Some((spi.as_slice(), data.as_slice())),
+        _ => None,
+    })
+}
+
+/// The first error notify (types below 16384) in a response.
+fn error_notify(p: &[Payload]) -> Option<u16> {
+    p.iter().find_map(|x| match x {
+        Payload::Notify { kind, .. } if *kind < 16384 => Some(*kind),
+        _ => None,
+    })
+}
+
+macro_rules! take {
+    ($p:expr, $pat:pat => $v:expr) => {
+        $p.iter().find_map(|x| match x {
+            $pat => Some($v),
+            _ => None,
+        })
+    };
+}
+
+fn ts_string(a: &[Ts], b: &[Ts]) -> String {
+    let f = |v: &[Ts]| v.iter().map(ts::display).collect::<Vec<_>>().join(",");
+    format!("{} === {}", f(a), f(b))
+}
+
+impl Engine {
+    /// A new engine; an initiator connects on its first [`Engine::tick`].
+    pub fn new(cfg: IkeConfig) -> Engine {
+        let retry_at = (cfg.role == Role::Initiator).then_some(0);
+        Engine {
+            cfg,
+            ike: None,
+            others: Vec::new(),
+            children: Vec::new(),
+            retry_at,
+            group_hint: None,
+            stats: IkeStats::default(),
+            closing: false,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &IkeConfig {
+        &self.cfg
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &IkeStats {
+        &self.stats
+    }
+
+    /// The ESP SAs the data path should hold.
+    pub fn sas(&self) -> SaSet {
+        let mut s = SaSet::default();
+        for c in self.children.iter().rev() {
+            if c.out && s.out.is_none() {
+                s.out = Some((c.keys.spi_out, c.keys.key_out.clone(), c.keys.esn));
+            }
+            s.ins
+                .push((c.keys.spi_in, c.keys.key_in.clone(), c.keys.esn));
+        }
+        s
+    }
+
+    /// The peer's current address for ESP in UDP (its NAT-T address once IKE floated).
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.ike.as_ref().map(|s| s.peer)
+    }
+
+    /// A status line per SA: (kind, spis, state, proposal, age ms, next rekey in ms).
+    pub fn status(&self, now: u64) -> Vec<SaStatus> {
+        let mut v = Vec::new();
+        for s in self.ike.iter().chain(&self.others) {
+            v.push(SaStatus {
+                kind: "ike",
+                spis: s.spis(),
+                state: match s.state {
+                    State::InitSent => "connecting",
+                    State::Authenticating => "authenticating",
+                    State::Established => "established",
+                    State::Rekeyed => "rekeyed",
+                },
+                proposal: s.choice.map(|c| c.name()).unwrap_or_default(),
+                age_ms: now.saturating_sub(s.created) / MS,
+                rekey_in_ms: (s.state == State::Established && self.cfg.ike_rekey_ms > 0)
+                    .then(|| s.rekey_at.saturating_sub(now) / MS),
+            });
+        }
+        for c in &self.children {
+            v.push(SaStatus {
+                kind: "child",
+                spis: format!("{:08x}_i {:08x}_o", c.keys.spi_in, c.keys.spi_out),
+                state: if c.until.is_some() {
+                    "deleting"
+                } else if c.pending_since.is_some() {
+                    "installed (inbound)"
+                } else if c.replaced {
+                    "rekeyed"
+                } else {
+                    "installed"
+                },
+                proposal: c.proposal.clone(),
+                age_ms: now.saturating_sub(c.created) / MS,
+                rekey_in_ms: (!c.replaced && c.until.is_none() && self.cfg.child_rekey_ms > 0)
+                    .then(|| c.rekey_at.saturating_sub(now) / MS),
+            });
+        }
+        v
+    }
+
+    /// The keys of the current IKE SA for Wireshark's `ikev2_decryption_table`:
+    /// (SPIi, SPIr, SK_ei, SK_er, cipher).
+    pub fn ike_keys(&self) -> Vec<(u64, u64, KeyMaterial, KeyMaterial)> {
+        self.ike
+            .iter()
+            .chain(&self.others)
+            .filter_map(|s| {
+                s.keys
+                    .as_ref()
+                    .map(|k| (s.spi_i, s.spi_r, k.sk_ei.clone(), k.sk_er.clone()))
+            })
+            .collect()
+    }
+
+    /// Has an IKE SA (or half-open one) with these SPIs?
+    pub fn owns(&self, spi_i: u64, spi_r: u64) -> bool {
+        self.ike
+            .iter()
+            .chain(&self.others)
+            .any(|s| s.spi_i == spi_i && (s.spi_r == spi_r || s.spi_r == 0 || spi_r == 0))
+    }
+
+    /// An authenticated ESP packet arrived from the peer (DPD need not ask).
+    pub fn heard(&mut self, now: u64) {
+        if let Some(s) = self.ike.as_mut() {
+            s.last_heard = s.last_heard.max(now);
+        }
+    }
+
+    fn fail(&mut self, out: &mut Vec<Out>, reason: &str, detail: String) {
+        self.stats.fail(reason);
+        out.push(Out::Event(Event::Failed {
+            reason: reason.to_string(),
+            detail,
+        }));
+    }
+
+    // ------------------------------------------------------------------ timers
+
+    /// Time passes: retransmissions, rekeys, DPD, grace periods, reconnects.
+    pub fn tick(&mut self, now: u64, rng: &dyn SecureRandom) -> Vec<Out> {
+        let mut out = Vec::new();
+        // Child SAs: grace ends, pending switches time out, hard lifetimes.
+        let before = self.children.len();
+        let mut changed = false;
+        self.children.retain(|c| c.until.map_or(true, |u| now < u));
+        for c in &mut self.children {
+            if c.expire_at != 0 && now >= c.expire_at && c.until.is_none() {
+                c.until = Some(now);
+            }
+        }
+        let expired: Vec<u32> = self
+            .children
+            .iter()
+            .filter(|c| c.until == Some(now) && c.expire_at != 0 && now >= c.expire_at)
+            .map(|c| c.keys.spi_in)
+            .collect();
+        for spi in expired {
+            self.children.retain(|c| c.keys.spi_in != spi);
+            out.push(Out::Event(Event::ChildDown {
+                spi_in: spi,
+                why: "hard lifetime reached before a rekey",
+            }));
+        }
+        if self.children.len() != before {
+            changed = true;
+        }
+        if self.switch_pending(now, false) {
+            changed = true;
+        }
+        if changed {
+            out.push(Out::Changed);
+        }
+        // Half-open and replaced IKE SAs.
+        let cfg_tries = self.cfg.retransmit_tries;
+        self.others.retain(|s| {
+            let half_open_expired = s.state == State::Authenticating
+                && now.saturating_sub(s.created) > HALF_OPEN_MS * MS;
+            let delete_unanswered =
+                s.state == State::Rekeyed && s.flight.as_ref().is_some_and(|f| f.tries > cfg_tries);
+            let replaced_long_ago = s.state == State::Rekeyed
+                && now.saturating_sub(s.rekey_at) > HALF_OPEN_MS * MS;
+            !half_open_expired && !delete_unanswered && !replaced_long_ago
+        });
+        for s in &mut self.others {
+            if let Some(f) = s.flight.as_mut() {
+                if now >= f.next_at {
+                    f.tries += 1;
+                    f.next_at = now + self.cfg.retransmit_ms * MS * (1 << f.tries.min(10));
+                    out.push(Out::Send {
+                        to: s.peer,
+                        natt: s.natt,
+                        msg: f.msg.clone(),
+                    });
+                }
+            }
+        }
+        // Reconnect.
+        if self.ike.is_none() && !self.closing {
+            if let Some(t) = self.retry_at {
+                if now >= t {
+                    self.retry_at = None;
+                    self.initiate(now, rng, &mut out);
+                }
+            }
+            return out;
+        }
+        // Retransmit or give up.
+        let dead = {
+            let Some(s) = self.ike.as_mut() else {
+                return out;
+            };
+            match s.flight.as_mut() {
+                Some(f) if now >= f.next_at => {
+                    if f.tries >= self.cfg.retransmit_tries {
+                        true
+                    } else {
+                        f.tries += 1;
+                        f.next_at = now + self.cfg.retransmit_ms * MS * (1 << f.tries.min(10));
+                        self.stats.retransmits += 1;
+                        out.push(Out::Send {
+                            to: s.peer,
+                            natt: s.natt,
+                            msg: f.msg.clone(),
+                        });
+                        false
+                    }
+                }
+                _ => false,
+            }
+        };
+        if dead {
+            let detail = format!(
+                "no answer from {} after {} retransmissions",
+                self.cfg.remote.ip(),
+                self.cfg.retransmit_tries
+            );
+            self.teardown(now, &mut out, "peer_dead", detail);
+            return out;
+        }
+        let s = self.ike.as_mut().expect("checked");
+        if s.state != State::Established {
+            return out;
+        }
+        // Schedule work.
+        if self.cfg.ike_rekey_ms > 0 && now >= s.rekey_at && !s.queue.contains(&Task::RekeyIke) {
+            s.queue.push(Task::RekeyIke);
+            s.rekey_at = u64::MAX;
+        }
+        for c in &mut self.children {
+            if !c.replaced && c.until.is_none() && c.out && now >= c.rekey_at {
+                c.rekey_at = u64::MAX;
+                s.queue.push(Task::RekeyChild(c.keys.spi_in));
+            }
+        }
+        if self.cfg.dpd_ms > 0
+            && s.flight.is_none()
+            && s.queue.is_empty()
+            && now.saturating_sub(s.last_heard) >= self.cfg.dpd_ms * MS
+        {
+            s.queue.push(Task::Dpd);
+        }
+        self.next_task(now, rng, &mut out);
+        out
+    }
+
+    /// Start the next queued request, if none is in flight.
+    fn next_task(&mut self, now: u64, rng: &dyn SecureRandom, out: &mut Vec<Out>) {
+        let Some(s) = self.ike.as_mut() else { return };
+        if s.flight.is_some() || s.state != State::Established || s.queue.is_empty() {
+            return;
+        }
+        let task = s.queue.remove(0);
+        let (payloads, exch, req) = match task {
+            Task::Dpd => (Vec::new(), exchange::INFORMATIONAL, Req::Dpd),
+            Task::DeleteChild(spi_in) => (
+                vec![Payload::Delete {
+                    protocol: proto::ESP,
+                    spis: vec![spi_in.to_be_bytes().to_vec()],
+                }],
+                exchange::INFORMATIONAL,
+                Req::DeleteChild(spi_in),
+            ),
+            Task::RekeyChild(old_in) => {
+                let Some(old) = self
+                    .children
+                    .iter()
+                    .find(|c| c.keys.spi_in == old_in && !c.replaced && c.until.is_none())
+                else {
+                    return self.next_task(now, rng, out);
+                };
+                let new_in = rand_spi(rng);
+                let ni = rand_bytes(rng, 32);
+                let pfs = self.cfg.esp.iter().find_map(|p| p.groups.first().copied());
+                let share = pfs.and_then(|g| KeyShare::new(g, rng));
+                let mut p = vec![
+                    Payload::Notify {
+                        protocol: proto::ESP,
+                        spi: old.keys.spi_in.to_be_bytes().to_vec(),
+                        kind: notify::REKEY_SA,
+                        data: Vec::new(),
+                    },
+                    Payload::Sa(self.esp_offer(new_in, share.is_some())),
+                    Payload::Nonce(ni.clone()),
+                ];
+                if let Some(sh) = &share {
+                    p.push(Payload::Ke {
+                        group: sh.group().id(),
+                        data: sh.public.clone(),
+                    });
+                }
+                p.push(Payload::TsI(self.cfg.local_ts.clone()));
+                p.push(Payload::TsR(self.cfg.remote_ts.clone()));
+                (
+                    p,
+                    exchange::CREATE_CHILD_SA,
+                    Req::RekeyChild {
+                        old_in,
+                        new_in,
+                        ni,
+                        share,
+                    },
+                )
+            }
+            Task::RekeyIke => {
+                let spi = rand_u64(rng);
+                let ni = rand_bytes(rng, 32);
+                let choice = s.choice.expect("established");
+                let Some(share) = KeyShare::new(choice.group, rng) else {
+                    return;
+                };
+                let offer: Vec<Proposal> = self
+                    .cfg
+                    .ike
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        // The group of the key share first.
+                        let mut p = p.clone();
+                        p.groups.sort_by_key(|g| *g != choice.group);
+                        p.to_wire(i as u8 + 1, spi.to_be_bytes().to_vec())
+                    })
+                    .collect();
+                (
+                    vec![
+                        Payload::Sa(offer),
+                        Payload::Nonce(ni.clone()),
+                        Payload::Ke {
+                            group: share.group().id(),
+                            data: share.public.clone(),
+                        },
+                    ],
+                    exchange::CREATE_CHILD_SA,
+                    Req::RekeyIke { spi, ni, share },
+                )
+            }
+        };
+        let s = self.ike.as_mut().expect("checked");
+        let id = s.next_id;
+        s.next_id = s.next_id.wrapping_add(1);
+        let h = s.header(exch, id, false);
+        let m = s.seal(h, &payloads);
+        s.flight = Some(InFlight {
+            id,
+            msg: m.clone(),
+            tries: 0,
+            next_at: now + self.cfg.retransmit_ms * MS,
+            req,
+        });
+        self.stats.requests += 1;
+        out.push(Out::Send {
+            to: s.peer,
+            natt: s.natt,
+            msg: m,
+        });
+    }
+
+    fn esp_offer(&self, spi: u32, pfs: bool) -> Vec<Proposal> {
+        self.cfg
+            .esp
+            .iter()
+            .enumerate()
+            .map(|(i, p)| p.to_wire(i as u8 + 1, spi, pfs))
+            .collect()
+    }
+
+    /// Remove the IKE SA and its children; an initiator tries again later.
+    fn teardown(&mut self, now: u64, out: &mut Vec<Out>, reason: &str, detail: String) {
+        if self.ike.take().is_some() {
+            self.stats.fail(reason);
+            out.push(Out::Event(Event::IkeDown {
+                why: format!("{reason}: {detail}"),
+            }));
+        }
+        if !self.children.is_empty() {
+            self.children.clear();
+            out.push(Out::Changed);
+        }
+        if self.cfg.role == Role::Initiator && !self.closing {
+            self.retry_at = Some(now + RETRY_MS * MS);
+        }
+    }
+
+    // ------------------------------------------------------------------ initiator
+
+    fn initiate(&mut self, now: u64, rng: &dyn SecureRandom, out: &mut Vec<Out>) {
+        let group = self.group_hint.unwrap_or_else(|| self.cfg.ike[0].groups[0]);
+        let Some(share) = KeyShare::new(group, rng) else {
+            return;
+        };
+        let spi_i = rand_u64(rng);
+        let ni = rand_bytes(rng, 32);
+        let offer: Vec<Proposal> = self
+            .cfg
+            .ike
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut p = p.clone();
+                p.groups.sort_by_key(|g| *g != group);
+                p.to_wire(i as u8 + 1, Vec::new())
+            })
+            .collect();
+        let me = SocketAddr::new(self.cfg.local, self.cfg.local_port);
+        let src_hash = if self.cfg.force_encap {
+            rand_bytes(rng, 20)
+        } else {
+            crypto::nat_hash(spi_i, 0, me)
+        };
+        let payloads = vec![
+            Payload::Sa(offer),
+            Payload::Ke {
+                group: group.id(),
+                data: share.public.clone(),
+            },
+            Payload::Nonce(ni.clone()),
+            Payload::notify(notify::NAT_DETECTION_SOURCE_IP, src_hash),
+            Payload::notify(
+                notify::NAT_DETECTION_DESTINATION_IP,
+                crypto::nat_hash(spi_i, 0, self.cfg.remote),
+            ),
+        ];
+        let h = Header {
+            spi_i,
+            spi_r: 0,
+            next: 0,
+            exchange: exchange::IKE_SA_INIT,
+            flags: flags::INITIATOR,
+            msg_id: 0,
+            length: 0,
+        };
+        let m = msg::encode_plain(h, &payloads);
+        let sa = IkeSa {
+            spi_i,
+            spi_r: 0,
+            initiator: true,
+            state: State::InitSent,
+            choice: None,
+            keys: None,
+            ni: ni.clone(),
+            nr: Vec::new(),
+            init_req: m.clone(),
+            init_resp: Vec::new(),
+            next_id: 1,
+            flight: Some(InFlight {
+                id: 0,
+                msg: m.clone(),
+                tries: 0,
+                next_at: now + self.cfg.retransmit_ms * MS,
+                req: Req::Init { share, ni },
+            }),
+            peer_next: 0,
+            cached: None,
+            iv: 0,
+            peer: self.cfg.remote,
+            natt: false,
+            created: now,
+            rekey_at: u64::MAX,
+            last_heard: now,
+            queue: Vec::new(),
+        };
+        self.ike = Some(sa);
+        self.stats.requests += 1;
+        out.push(Out::Send {
+            to: self.cfg.remote,
+            natt: false,
+            msg: m,
+        });
+    }
+
+    fn auth_payloads(
+        &self,
+        s: &IkeSa,
+        id_payload: Payload,
+        signed_msg: &[u8],
+        peer_nonce: &[u8],
+    ) -> Payload {
+        let keys = s.keys.as_ref().expect("keys");
+        let sk_p = if s.initiator {
+            &keys.sk_pi
+        } else {
+            &keys.sk_pr
+        };
+        let body = match &id_payload {
+            Payload::IdI(id) | Payload::IdR(id) => id.body(),
+            _ => Vec::new(),
+        };
+        let auth = crypto::psk_auth(keys.prf, &self.cfg.psk, signed_msg, peer_nonce, sk_p, &body);
+        Payload::Auth {
+            method: 2,
+            data: auth.to_vec(),
+        }
+    }
+
+    fn verify_auth(&self, s: &IkeSa, p: &[Payload], from_initiator: bool) -> Result<(), String> {
+        let id = if from_initiator {
+            take!(p, Payload::IdI(i) => i.clone())
+        } else {
+            take!(p, Payload::IdR(i) => i.clone())
+        }
+        .ok_or("no identity payload")?;
+        if id != self.cfg.remote_id {
+            return Err(format!(
+                "peer identity {:?} is not remote_id {:?}",
+                id.display(),
+                self.cfg.remote_id.display()
+            ));
+        }
+        let (method, data) = take!(p, Payload::Auth { method, data } => (*method, data.clone()))
+            .ok_or("no AUTH payload")?;
+        if method != 2 {
+            return Err(format!(
+                "AUTH method {method} (espip accepts only 2, shared key MIC)"
+            ));
+        }
+        let keys = s.keys.as_ref().expect("keys");
+        let (signed, nonce, sk_p) = if from_initiator {
+            (&s.init_req, &s.nr, &keys.sk_pi)
+        } else {
+            (&s.init_resp, &s.ni, &keys.sk_pr)
+        };
+        let want = crypto::psk_auth(keys.prf, &self.cfg.psk, signed, nonce, sk_p, &id.body());
+        if !crypto::mac_eq(&want, &data) {
+            return Err("the AUTH value does not verify: the pre-shared keys differ".into());
+        }
+        Ok(())
+    }
+
+    fn init_response(
+        &mut self,
+        now: u64,
+        rng: &dyn SecureRandom,
+        h: &Header,
+        raw: &[u8],
+        p: &[Payload],
+        out: &mut Vec<Out>,
+    ) {
+        let Some(mut s) = self.ike.take() else { return };
+        let Some(InFlight {
+            req: Req::Init { share, ni },
+            ..
+        }) = s.flight.take()
+        else {
+            self.ike = Some(s);
+            return;
+        };
+        if let Some((_, data)) = find_notify(p, notify::INVALID_KE_PAYLOAD) {
+            let g = data
+                .get(..2)
+                .and_then(|d| Group::from_id(u16::from_be_bytes([d[0], d[1]])));
+            let ok = g.filter(|g| self.cfg.ike.iter().any(|x| x.groups.contains(g)));
+            self.fail(
+                out,
+                "INVALID_KE_PAYLOAD",
+                format!(
+                    "peer {} wants group {:?}; retrying with it",
+                    self.cfg.name, g
+                ),
+            );
+            if let Some(g) = ok {
+                if self.group_hint != Some(g) {
+                    self.group_hint = Some(g);
+                    self.initiate(now, rng, out);
+                    return;
+                }
+            }
+            self.retry_at = Some(now + RETRY_MS * MS);
+            return;
+        }
+        if let Some(e) = error_notify(p) {
+            self.fail(
+                out,
+                &notify::name(e),
+                format!("peer {} refused IKE_SA_INIT", self.cfg.name),
+            );
+            self.retry_at = Some(now + RETRY_MS * MS);
+            return;
+        }
+        let sa = take!(p, Payload::Sa(v) => v.clone()).unwrap_or_default();
+        let Some(choice) = proposal::accept_ike(&sa, &self.cfg.ike) else {
+            self.fail(
+                out,
+                "NO_PROPOSAL_CHOSEN",
+                "the responder's IKE proposal is not one we offered".into(),
+            );
+            self.retry_at = Some(now + RETRY_MS * MS);
+            return;
+        };
+        let (Some((g, ke)), Some(nr)) = (
+            take!(p, Payload::Ke { group, data } => (*group, data.clone())),
+            take!(p, Payload::Nonce(n) => n.clone()),
+        ) else {
+            self.fail(
+                out,
+                "INVALID_SYNTAX",
+                "IKE_SA_INIT response without KE or nonce".into(),
+            );
+            self.retry_at = Some(now + RETRY_MS * MS);
+            return;
+        };
+        if g != share.group().id() || choice.group != share.group() {
+            self.fail(
+                out,
+                "INVALID_SYNTAX",
+                "KE group differs from the chosen one".into(),
+            );
+            self.retry_at = Some(now + RETRY_MS * MS);
+            return;
+        }
+        let Ok(shared) = share.agree(&ke) else {
+            self.fail(out, "INVALID_SYNTAX", "bad KE public value".into());
+            self.retry_at = Some(now + RETRY_MS * MS);
+            return;
+        };
+        s.spi_r = h.spi_r;
+        s.nr = nr;
+        s.init_resp = raw.to_vec();
+        s.choice = Some(choice);
+        let seed = crypto::skeyseed(choice.prf, &shared, &ni, &s.nr, None);
+        s.keys = Some(crypto::ike_keys(
+            choice.prf,
+            choice.cipher,
+            &seed,
+            &ni,
+            &s.nr,
+            s.spi_i,
+            s.spi_r,
+        ));
+        // NAT detection: the responder saw our packet from an address other than ours, or
+        // the responder is not where we sent it (or forces encapsulation).
+        let me = SocketAddr::new(self.cfg.local, self.cfg.local_port);
+        let nat_here = find_notify(p, notify::NAT_DETECTION_DESTINATION_IP)
+            .is_some_and(|(_, d)| d != crypto::nat_hash(s.spi_i, s.spi_r, me).as_slice());
+        let nat_there = find_notify(p, notify::NAT_DETECTION_SOURCE_IP)
+            .is_some_and(|(_, d)| d != crypto::nat_hash(s.spi_i, s.spi_r, s.peer).as_slice());
+        if nat_here || nat_there || self.cfg.force_encap {
+            s.natt = true;
+            s.peer = SocketAddr::new(s.peer.ip(), self.cfg.remote_natt_port);
+        }
+        // IKE_AUTH.
+        let new_in = rand_spi(rng);
+        let idi = Payload::IdI(self.cfg.local_id.clone());
+        let auth = self.auth_payloads(&s, idi.clone(), &s.init_req, &s.nr);
+        let payloads = vec![
+            idi,
+            Payload::IdR(self.cfg.remote_id.clone()),
+            auth,
+            Payload::notify(notify::INITIAL_CONTACT, Vec::new()),
+            Payload::Sa(self.esp_offer(new_in, false)),
+            Payload::TsI(self.cfg.local_ts.clone()),
+            Payload::TsR(self.cfg.remote_ts.clone()),
+            Payload::notify(notify::ESP_TFC_PADDING_NOT_SUPPORTED, Vec::new()),
+        ];
+        s.state = State::Authenticating;
+        let h = s.header(exchange::IKE_AUTH, 1, false);
+        s.next_id = 2;
+        let m = s.seal(h, &payloads);
+        s.flight = Some(InFlight {
+            id: 1,
+            msg: m.clone(),
+            tries: 0,
+            next_at: now + self.cfg.retransmit_ms * MS,
+            req: Req::Auth { spi_in: new_in },
+        });
+        self.stats.requests += 1;
+        out.push(Out::Send {
+            to: s.peer,
+            natt: s.natt,
+            msg: m,
+        });
+        self.ike = Some(s);
+    }
+}
+
+/// One line of `espip show` per SA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaStatus {
+    /// "ike" or "child".
+    pub kind: &'static str,
+    /// The SPIs.
+    pub spis: String,
+    /// The state.
+    pub state: &'static str,
+    /// The proposal.
+    pub proposal: String,
+    /// Age in ms.
+    pub age_ms: u64,
+    /// Time to the next rekey, ms.
+    pub rekey_in_ms: Option<u64>,
+}
+
+/// Where a message's IKE SA lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Current,
+    Other(usize),
+}
+
+/// What processing a request did to the IKE SA it came on.
+enum After {
+    /// Keep it where it was.
+    Keep,
+    /// It became the current IKE SA (a responder's IKE_AUTH).
+    Promote,
+    /// A rekey replaced it with this one; it waits for its delete.
+    Replaced(Box<IkeSa>),
+    /// It is gone (deleted by the peer, or failed authentication).
+    Drop,
+}
+
+impl Engine {
+    fn slot_of(&self, h: &Header) -> Option<Slot> {
+        let matches = |s: &IkeSa| {
+            s.spi_i == h.spi_i
+                && (s.spi_r == h.spi_r
+                    || (s.spi_r == 0
+                        && h.exchange == exchange::IKE_SA_INIT
+                        && h.is_response()
+                        && h.msg_id == 0))
+        };
+        if self.ike.as_ref().is_some_and(matches) {
+            return Some(Slot::Current);
+        }
+        self.others.iter().position(matches).map(Slot::Other)
+    }
+
+    fn take_sa(&mut self, slot: Slot) -> IkeSa {
+        match slot {
+            Slot::Current => self.ike.take().expect("slot"),
+            Slot::Other(i) => self.others.remove(i),
+        }
+    }
+
+    /// One IKE datagram from the peer (without the non-ESP marker); `natt`: it came to the
+    /// NAT-T port.
+    pub fn handle(
+        &mut self,
+        raw: &[u8],
+        from: SocketAddr,
+        natt: bool,
+        now: u64,
+        rng: &dyn SecureRandom,
+    ) -> Vec<Out> {
+        let mut out = Vec::new();
+        if raw.len() > msg::MAX_MSG {
+            self.stats.fail("too_large");
+            return out;
+        }
+        let h = match msg::parse_header(raw) {
+            Ok(h) => h,
+            Err(MsgError::Version) => {
+                self.stats.fail("INVALID_MAJOR_VERSION");
+                return out;
+            }
+            Err(_) => {
+                self.stats.fail("malformed");
+                return out;
+            }
+        };
+        if from.ip() != self.cfg.remote.ip() {
+            self.stats.fail("wrong_source");
+            return out;
+        }
+        if h.exchange == exchange::IKE_SA_INIT && !h.is_response() && h.spi_r == 0 {
+            self.respond_init(&h, raw, from, natt, now, rng, &mut out);
+            return out;
+        }
+        let Some(slot) = self.slot_of(&h) else {
+            self.stats.fail("unknown_ike_spi");
+            return out;
+        };
+        let mut s = self.take_sa(slot);
+        let after = self.on_message(&mut s, &h, raw, from, natt, now, rng, &mut out);
+        match after {
+            After::Keep => match slot {
+                Slot::Current => self.ike = Some(s),
+                Slot::Other(_) => self.others.push(s),
+            },
+            After::Promote => {
+                if let Some(mut old) = self.ike.replace(s) {
+                    old.state = State::Rekeyed;
+                    old.flight = None;
+                    drop(old);
+                }
+            }
+            After::Replaced(new) => {
+                s.state = State::Rekeyed;
+                // From now on: when it was replaced (it goes HALF_OPEN_MS later at most).
+                s.rekey_at = now;
+                self.others.push(s);
+                self.ike = Some(*new);
+            }
+            After::Drop => {
+                if slot == Slot::Current {
+                    if !self.children.is_empty() {
+                        self.children.clear();
+                        out.push(Out::Changed);
+                    }
+                    if self.cfg.role == Role::Initiator && !self.closing {
+                        self.retry_at = Some(now + RETRY_MS * MS);
+                    }
+                }
+            }
+        }
+        self.next_task(now, rng, &mut out);
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_message(
+        &mut self,
+        s: &mut IkeSa,
+        h: &Header,
+        raw: &[u8],
+        from: SocketAddr,
+        natt: bool,
+        now: u64,
+        rng: &dyn SecureRandom,
+        out: &mut Vec<Out>,
+    ) -> After {
+        // The I flag says who sent it: never ourselves.
+        if h.from_initiator() == s.initiator {
+            self.stats.fail("wrong_initiator_flag");
+            return After::Keep;
+        }
+        let chain = match msg::parse_chain(raw, msg::HDR_LEN, h.next) {
+            Ok(c) => c,
+            Err(_) => {
+                self.stats.fail("malformed");
+                return After::Keep;
+            }
+        };
+        if h.exchange == exchange::IKE_SA_INIT {
+            if h.is_response() && s.state == State::InitSent && s.initiator {
+                self.ike = Some(std::mem::replace(s, dummy_sa()));
+                self.init_response(now, rng, h, raw, &chain.payloads, out);
+                // init_response put the SA (or a new attempt) back in self.ike.
+                *s = match self.ike.take() {
+                    Some(x) => x,
+                    None => return After::Drop,
+                };
+                return After::Keep;
+            }
+            self.stats.fail("unexpected_message");
+            return After::Keep;
+        }
+        let Some(sk) = chain.sk else {
+            self.stats.fail("unencrypted");
+            return After::Keep;
+        };
+        if s.keys.is_none() {
+            self.stats.fail("unexpected_message");
+            return After::Keep;
+        }
+        if h.is_response() {
+            if s.flight.as_ref().map(|f| f.id) != Some(h.msg_id) {
+                self.stats.fail("unexpected_response");
+                return After::Keep;
+            }
+            let p = match msg::open_sk(raw, sk, s.peer_key()) {
+                Ok(p) => p,
+                Err(MsgError::BadIcv) => {
+                    self.stats.fail("bad_icv");
+                    return After::Keep;
+                }
+                Err(_) => {
+                    self.stats.fail("malformed");
+                    return After::Keep;
+                }
+            };
+            s.last_heard = now;
+            if natt {
+                s.peer = from;
+            }
+            let f = s.flight.take().expect("checked");
+            return self.on_response(s, f.req, &p, now, rng, out);
+        }
+        // A request.
+        let retransmit = h.msg_id.wrapping_add(1) == s.peer_next;
+        if h.msg_id != s.peer_next && !retransmit {
+            self.stats.fail("invalid_message_id");
+            return After::Keep;
+        }
+        let p = match msg::open_sk(raw, sk, s.peer_key()) {
+            Ok(p) => p,
+            Err(MsgError::BadIcv) => {
+                self.stats.fail("bad_icv");
+                return After::Keep;
+            }
+            Err(_) => {
+                self.stats.fail("malformed");
+                return After::Keep;
+            }
+        };
+        if retransmit {
+            if let Some((id, m)) = &s.cached {
+                if *id == h.msg_id {
+                    self.stats.resent_responses += 1;
+                    out.push(Out::Send {
+                        to: from,
+                        natt,
+                        msg: m.clone(),
+                    });
+                }
+            }
+            return After::Keep;
+        }
+        s.last_heard = now;
+        s.peer = from;
+        s.natt = natt;
+        s.peer_next = s.peer_next.wrapping_add(1);
+        let (payloads, after) = match h.exchange {
+            exchange::IKE_AUTH if !s.initiator && s.state == State::Authenticating => {
+                self.respond_auth(s, &p, now, rng, out)
+            }
+            exchange::CREATE_CHILD_SA if s.state == State::Established => {
+                self.respond_create(s, &p, now, rng, out)
+            }
+            exchange::INFORMATIONAL if s.state != State::InitSent => {
+                self.respond_info(s, &p, now, out)
+            }
+            _ => {
+                self.stats.fail("unexpected_message");
+                (
+                    vec![Payload::notify(notify::INVALID_SYNTAX, Vec::new())],
+                    After::Keep,
+                )
+            }
+        };
+        let h2 = s.header(h.exchange, h.msg_id, true);
+        let m = s.seal(h2, &payloads);
+        s.cached = Some((h.msg_id, m.clone()));
+        self.stats.responses += 1;
+        out.push(Out::Send {
+            to: s.peer,
+            natt: s.natt,
+            msg: m,
+        });
+        after
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn respond_init(
+        &mut self,
+        h: &Header,
+        raw: &[u8],
+        from: SocketAddr,
+        natt: bool,
+        now: u64,
+        rng: &dyn SecureRandom,
+        out: &mut Vec<Out>,
+    ) {
+        // A retransmitted IKE_SA_INIT: the same answer.
+        if let Some(s) = self
+            .others
+            .iter()
+            .find(|s| s.spi_i == h.spi_i && !s.initiator && s.state == State::Authenticating)
+        {
+            if s.init_req == raw {
+                self.stats.resent_responses += 1;
+                out.push(Out::Send {
+                    to: from,
+                    natt,
+                    msg: s.init_resp.clone(),
+                });
+            }
+            return;
+        }
+        let chain = match msg::parse_chain(raw, msg::HDR_LEN, h.next) {
+            Ok(c) if c.sk.is_none() => c,
+            _ => {
+                self.stats.fail("malformed");
+                return;
+            }
+        };
+        let p = &chain.payloads;
+        let plain_error = |t: u16, data: Vec<u8>| {
+            msg::encode_plain(
+                Header {
+                    spi_i: h.spi_i,
+                    spi_r: 0,
+                    next: 0,
+                    exchange: exchange::IKE_SA_INIT,
+                    flags: flags::RESPONSE,
+                    msg_id: 0,
+                    length: 0,
+                },
+                &[Payload::notify(t, data)],
+            )
+        };
+        let offered = take!(p, Payload::Sa(v) => v.clone()).unwrap_or_default();
+        let (Some((g, ke)), Some(ni)) = (
+            take!(p, Payload::Ke { group, data } => (*group, data.clone())),
+            take!(p, Payload::Nonce(n) => n.clone()),
+        ) else {
+            self.stats.fail("INVALID_SYNTAX");
+            out.push(Out::Send {
+                to: from,
+                natt,
+                msg: plain_error(notify::INVALID_SYNTAX, Vec::new()),
+            });
+            return;
+        };
+        let Some(choice) = proposal::choose_ike(&offered, &self.cfg.ike) else {
+            self.fail(
+                out,
+                "NO_PROPOSAL_CHOSEN",
+                format!(
+                    "peer {} offered no IKE proposal we accept (ours: {})",
+                    self.cfg.name,
+                    self.cfg
+                        .ike
+                        .iter()
+                        .map(IkeProposal::name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            out.push(Out::Send {
+                to: from,
+                natt,
+                msg: plain_error(notify::NO_PROPOSAL_CHOSEN, Vec::new()),
+            });
+            return;
+        };
+        if g != choice.group.id() {
+            self.stats.fail("INVALID_KE_PAYLOAD");
+            out.push(Out::Send {
+                to: from,
+                natt,
+                msg: plain_error(
+                    notify::INVALID_KE_PAYLOAD,
+                    choice.group.id().to_be_bytes().to_vec(),
+                ),
+            });
+            return;
+        }
+        let Some(share) = KeyShare::new(choice.group, rng) else {
+            return;
+        };
+        let kr = share.public.clone();
+        let Ok(shared) = share.agree(&ke) else {
+            self.stats.fail("INVALID_SYNTAX");
+            return;
+        };
+        let spi_r = rand_u64(rng);
+        let nr = rand_bytes(rng, 32);
+        let port = if natt {
+            self.cfg.natt_port
+        } else {
+            self.cfg.local_port
+        };
+        let me = SocketAddr::new(self.cfg.local, port);
+        let src_hash = if self.cfg.force_encap {
+            rand_bytes(rng, 20)
+        } else {
+            crypto::nat_hash(h.spi_i, spi_r, me)
+        };
+        let payloads = vec![
+            Payload::Sa(vec![choice.to_wire(Vec::new())]),
+            Payload::Ke {
+                group: choice.group.id(),
+                data: kr,
+            },
+            Payload::Nonce(nr.clone()),
+            Payload::notify(notify::NAT_DETECTION_SOURCE_IP, src_hash),
+            Payload::notify(
+                notify::NAT_DETECTION_DESTINATION_IP,
+                crypto::nat_hash(h.spi_i, spi_r, from),
+            ),
+        ];
+        let resp = msg::encode_plain(
+            Header {
+                spi_i: h.spi_i,
+                spi_r,
+                next: 0,
+                exchange: exchange::IKE_SA_INIT,
+                flags: flags::RESPONSE,
+                msg_id: 0,
+                length: 0,
+            },
+            &payloads,
+        );
+        let seed = crypto::skeyseed(choice.prf, &shared, &ni, &nr, None);
+        let keys = crypto::ike_keys(choice.prf, choice.cipher, &seed, &ni, &nr, h.spi_i, spi_r);
+        // At most a few half-open SAs per peer: the oldest goes.
+        let half_open = self
+            .others
+            .iter()
+            .filter(|s| s.state == State::Authenticating)
+            .count();
+        if half_open >= 4 {
+            if let Some(i) = self
+                .others
+                .iter()
+                .position(|s| s.state == State::Authenticating)
+            {
+                self.others.remove(i);
+                self.stats.fail("half_open_evicted");
+            }
+        }
+        self.others.push(IkeSa {
+            spi_i: h.spi_i,
+            spi_r,
+            initiator: false,
+            state: State::Authenticating,
+            choice: Some(choice),
+            keys: Some(keys),
+            ni,
+            nr,
+            init_req: raw.to_vec(),
+            init_resp: resp.clone(),
+            next_id: 0,
+            flight: None,
+            peer_next: 1,
+            cached: None,
+            iv: 0,
+            peer: from,
+            natt,
+            created: now,
+            rekey_at: u64::MAX,
+            last_heard: now,
+            queue: Vec::new(),
+        });
+        self.stats.responses += 1;
+        out.push(Out::Send {
+            to: from,
+            natt,
+            msg: resp,
+        });
+    }
+
+    fn new_child(
+        &self,
+        keys: ChildKeys,
+        proposal: String,
+        out_now: bool,
+        now: u64,
+        rng: &dyn SecureRandom,
+    ) -> Child {
+        let rekey_at = if self.cfg.child_rekey_ms > 0 {
+            now + self.cfg.child_rekey_ms * MS - jitter(rng, self.cfg.jitter_ms)
+        } else {
+            u64::MAX
+        };
+        Child {
+            keys,
+            proposal,
+            out: out_now,
+            pending_since: (!out_now).then_some(now),
+            until: None,
+            replaced: false,
+            rekey_at,
+            expire_at: if self.cfg.child_life_ms > 0 {
+                now + self.cfg.child_life_ms * MS
+            } else {
+                0
+            },
+            created: now,
+        }
+    }
+
+    fn established(&mut self, s: &mut IkeSa, now: u64, rng: &dyn SecureRandom, out: &mut Vec<Out>) {
+        s.state = State::Established;
+        s.created = now;
+        s.rekey_at = if self.cfg.ike_rekey_ms > 0 {
+            now + self.cfg.ike_rekey_ms * MS - jitter(rng, self.cfg.jitter_ms)
+        } else {
+            u64::MAX
+        };
+        self.stats.established += 1;
+        self.group_hint = None;
+        out.push(Out::Event(Event::IkeUp {
+            spis: s.spis(),
+            proposal: s.choice.map(|c| c.name()).unwrap_or_default(),
+            natt: s.natt,
+        }));
+    }
+
+    fn respond_auth(
+        &mut self,
+        s: &mut IkeSa,
+        p: &[Payload],
+        now: u64,
+        rng: &dyn SecureRandom,
+        out: &mut Vec<Out>,
+    ) -> (Vec<Payload>, After) {
+        if let Err(why) = self.verify_auth(s, p, true) {
+            self.fail(
+                out,
+                "AUTHENTICATION_FAILED",
+                format!("peer {} ({}): {why}", self.cfg.name, s.peer.ip()),
+            );
+            return (
+                vec![Payload::notify(notify::AUTHENTICATION_FAILED, Vec::new())],
+                After::Drop,
+            );
+        }
+        let idr = Payload::IdR(self.cfg.local_id.clone());
+        let auth = self.auth_payloads(s, idr.clone(), &s.init_resp, &s.ni);
+        let mut resp = vec![idr, auth];
+        // The first CHILD_SA.
+        let offered = take!(p, Payload::Sa(v) => v.clone()).unwrap_or_default();
+        let tsi = take!(p, Payload::TsI(v) => v.clone()).unwrap_or_default();
+        let tsr = take!(p, Payload::TsR(v) => v.clone()).unwrap_or_default();
+        // A child that cannot be made leaves the IKE SA up (section 1.2) but without traffic,
+        // so espip gives up the IKE SA: the error is logged, the initiator retries later.
+        let child = self.child_for(&offered, None, &tsi, &tsr, out);
+        s.peer_next = s.peer_next.max(2);
+        self.established(s, now, rng, out);
+        // The peer started over: whatever SAs we had with it go.
+        self.children.clear();
+        match child {
+            Ok((choice, tsi, tsr)) => {
+                let spi_in = rand_spi(rng);
+                let keys = s.keys.as_ref().expect("keys");
+                let (i2r, r2i) =
+                    crypto::child_keys(keys.prf, &keys.sk_d, choice.cipher, None, &s.ni, &s.nr);
+                let ck = ChildKeys {
+                    spi_in,
+                    spi_out: choice.spi,
+                    key_in: i2r,
+                    key_out: r2i,
+                    esn: choice.esn,
+                };
+                let c = self.new_child(ck, choice.name(), true, now, rng);
+                self.children.push(c);
+                out.push(Out::Changed);
+                out.push(Out::Event(Event::ChildUp {
+                    spi_in,
+                    spi_out: choice.spi,
+                    proposal: choice.name(),
+                    ts: ts_string(&tsr, &tsi),
+                    rekey_of: None,
+                }));
+                resp.push(Payload::Sa(vec![choice.to_wire(spi_in)]));
+                resp.push(Payload::TsI(tsi));
+                resp.push(Payload::TsR(tsr));
+            }
+            Err(n) => {
+                out.push(Out::Changed);
+                resp.push(Payload::notify(n, Vec::new()));
+            }
+        }
+        (resp, After::Promote)
+    }
+
+    /// Choose an ESP proposal and narrow the selectors, or the error notify to send.
+    fn child_for(
+        &mut self,
+        offered: &[Proposal],
+        pfs: Option<Group>,
+        tsi: &[Ts],
+        tsr: &[Ts],
+        out: &mut Vec<Out>,
+    ) -> Result<(EspChoice, Vec<Ts>, Vec<Ts>), u16> {
+        let Some(choice) = proposal::choose_esp(offered, &self.cfg.esp, pfs) else {
+            self.fail(
+                out,
+                "NO_PROPOSAL_CHOSEN",
+                format!(
+                    "peer {} offered no ESP proposal we accept (ours: {})",
+                    self.cfg.name,
+                    self.cfg
+                        .esp
+                        .iter()
+                        .map(EspProposal::name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            return Err(notify::NO_PROPOSAL_CHOSEN);
+        };
+        // TSi is the initiator's side: the peer's addresses, within allowed_ips; TSr ours.
+        let ni = ts::narrow(tsi, &self.cfg.remote_ts);
+        let nr = ts::narrow(tsr, &self.cfg.local_ts);
+        if ni.is_empty() || nr.is_empty() {
+            self.fail(
+                out,
+                "TS_UNACCEPTABLE",
+                format!(
+                    "peer {} proposed {} but allowed_ips is {} and our side is {}",
+                    self.cfg.name,
+                    ts_string(tsi, tsr),
+                    ts_string(&self.cfg.remote_ts, &[]),
+                    ts_string(&self.cfg.local_ts, &[]),
+                ),
+            );
+            return Err(notify::TS_UNACCEPTABLE);
+        }
+        Ok((choice, ni, nr))
+    }
+
+    fn respond_create(
+        &mut self,
+        s: &mut IkeSa,
+        p: &[Payload],
+        now: u64,
+        rng: &dyn SecureRandom,
+        out: &mut Vec<Out>,
+    ) -> (Vec<Payload>, After) {
+        let offered = take!(p, Payload::Sa(v) => v.clone()).unwrap_or_default();
+        let ni = take!(p, Payload::Nonce(n) => n.clone());
+        let ke = take!(p, Payload::Ke { group, data } => (*group, data.clone()));
+        let Some(ni) = ni else {
+            return (
+                vec![Payload::notify(notify::INVALID_SYNTAX, Vec::new())],
+                After::Keep,
+            );
+        };
+        let nr = rand_bytes(rng, 32);
+        let keys = s.keys.clone().expect("keys");
+        // Rekey of the IKE SA.
+        if offered.iter().any(|x| x.protocol == proto::IKE) {
+            if matches!(
+                s.flight.as_ref().map(|f| &f.req),
+                Some(Req::RekeyIke { .. })
+            ) {
+                self.stats.fail("rekey_collision");
+                return (
+                    vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
+                    After::Keep,
+                );
+            }
+            let Some(choice) = proposal::choose_ike(&offered, &self.cfg.ike) else {
+                self.fail(
+                    out,
+                    "NO_PROPOSAL_CHOSEN",
+                    format!("IKE rekey by {}", self.cfg.name),
+                );
+                return (
+                    vec![Payload::notify(notify::NO_PROPOSAL_CHOSEN, Vec::new())],
+                    After::Keep,
+                );
+            };
+            let Some((g, kdata)) = ke.filter(|(g, _)| *g == choice.group.id()) else {
+                return (
+                    vec![Payload::notify(
+                        notify::INVALID_KE_PAYLOAD,
+                        choice.group.id().to_be_bytes().to_vec(),
+                    )],
+                    After::Keep,
+                );
+            };
+            let _ = g;
+            let peer_spi = offered
+                .iter()
+                .find(|x| x.num == choice.num && x.protocol == proto::IKE)
+                .and_then(|x| <[u8; 8]>::try_from(&x.spi[..]).ok())
+                .map(u64::from_be_bytes);
+            let (Some(peer_spi), Some(share)) = (peer_spi, KeyShare::new(choice.group, rng)) else {
+                return (
+                    vec![Payload::notify(notify::INVALID_SYNTAX, Vec::new())],
+                    After::Keep,
+                );
+            };
+            let kr = share.public.clone();
+            let Ok(shared) = share.agree(&kdata) else {
+                return (
+                    vec![Payload::notify(notify::INVALID_SYNTAX, Vec::new())],
+                    After::Keep,
+                );
+            };
+            let spi_r = rand_u64(rng);
+            let seed = crypto::skeyseed(choice.prf, &shared, &ni, &nr, Some(&keys.sk_d));
+            let new = self.rekeyed_sa(
+                s,
+                choice,
+                &seed,
+                ni,
+                nr.clone(),
+                peer_spi,
+                spi_r,
+                false,
+                now,
+                rng,
+            );
+            self.stats.ike_rekeys += 1;
+            out.push(Out::Event(Event::IkeRekeyed { spis: new.spis() }));
+            return (
+                vec![
+                    Payload::Sa(vec![choice.to_wire(spi_r.to_be_bytes().to_vec())]),
+                    Payload::Nonce(nr),
+                    Payload::Ke {
+                        group: choice.group.id(),
+                        data: kr,
+                    },
+                ],
+                After::Replaced(Box::new(new)),
+            );
+        }
+        // Rekey of a CHILD_SA.
+        let Some((_, spi, _)) = p.iter().find_map(|x| match x {
+            Payload::Notify {
+                kind,
+                spi,
+                protocol,
+                ..
+            } if *kind == notify::REKEY_SA => Some((*protocol, spi.clone(), ())),
+            _ => None,
+        }) else {
+            self.stats.fail("NO_ADDITIONAL_SAS");
+            return (vec![Payload::notify(35, Vec::new())], After::Keep);
+        };
+        let old_out = <[u8; 4]>::try_from(&spi[..]).ok().map(u32::from_be_bytes);
+        let Some(old_idx) = self
+            .children
+            .iter()
+            .position(|c| Some(c.keys.spi_out) == old_out && !c.replaced && c.until.is_none())
+        else {
+            self.fail(
+                out,
+                "CHILD_SA_NOT_FOUND",
+                format!("rekey of SPI {old_out:08x?} by {}", self.cfg.name),
+            );
+            return (
+                vec![Payload::Notify {
+                    protocol: proto::ESP,
+                    spi,
+                    kind: notify::CHILD_SA_NOT_FOUND,
+                    data: Vec::new(),
+                }],
+                After::Keep,
+            );
+        };
+        let old_in = self.children[old_idx].keys.spi_in;
+        if matches!(
+            s.flight.as_ref().map(|f| &f.req),
+            Some(Req::RekeyChild { old_in: o, .. }) if *o == old_in
+        ) {
+            // Both sides rekey at once (section 2.8.1): this side answers TEMPORARY_FAILURE
+            // and keeps its own attempt; the peer retries after a random delay.
+            self.stats.fail("rekey_collision");
+            return (
+                vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
+                After::Keep,
+            );
+        }
+        let tsi = take!(p, Payload::TsI(v) => v.clone()).unwrap_or_default();
+        let tsr = take!(p, Payload::TsR(v) => v.clone()).unwrap_or_default();
+        let pfs = ke.as_ref().and_then(|(g, _)| Group::from_id(*g));
+        if ke.is_some() && pfs.is_none() {
+            let g = self.cfg.esp.iter().find_map(|e| e.groups.first().copied());
+            return (
+                vec![match g {
+                    Some(g) => {
+                        Payload::notify(notify::INVALID_KE_PAYLOAD, g.id().to_be_bytes().to_vec())
+                    }
+                    None => Payload::notify(notify::NO_PROPOSAL_CHOSEN, Vec::new()),
+                }],
+                After::Keep,
+            );
+        }
+        let (choice, tsi, tsr) = match self.child_for(&offered, pfs, &tsi, &tsr, out) {
+            Ok(c) => c,
+            Err(n) => return (vec![Payload::notify(n, Vec::new())], After::Keep),
+        };
+        let mut resp_ke = None;
+        let shared = match (choice.group, ke) {
+            (Some(g), Some((_, data))) => {
+                let Some(share) = KeyShare::new(g, rng) else {
+                    return (
+                        vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
+                        After::Keep,
+                    );
+                };
+                resp_ke = Some(Payload::Ke {
+                    group: g.id(),
+                    data: share.public.clone(),
+                });
+                match share.agree(&data) {
+                    Ok(x) => Some(x),
+                    Err(_) => {
+                        return (
+                            vec![Payload::notify(notify::INVALID_SYNTAX, Vec::new())],
+                            After::Keep,
+                        )
+                    }
+                }
+            }
+            _ => None,
+        };
+        let spi_in = rand_spi(rng);
+        let (i2r, r2i) = crypto::child_keys(
+            keys.prf,
+            &keys.sk_d,
+            choice.cipher,
+            shared.as_deref().map(|v| v.as_slice()),
+            &ni,
+            &nr,
+        );
+        let ck = ChildKeys {
+            spi_in,
+            spi_out: choice.spi,
+            key_in: i2r,
+            key_out: r2i,
+            esn: choice.esn,
+        };
+        // Inbound now; outbound once the peer deletes the old SA.
+        let c = self.new_child(ck, choice.name(), false, now, rng);
+        self.children[old_idx].replaced = true;
+        self.children.push(c);
+        self.stats.child_rekeys += 1;
+        out.push(Out::Changed);
+        out.push(Out::Event(Event::ChildUp {
+            spi_in,
+            spi_out: choice.spi,
+            proposal: choice.name(),
+            ts: ts_string(&tsr, &tsi),
+            rekey_of: Some(old_in),
+        }));
+        let mut resp = vec![
+            Payload::Sa(vec![choice.to_wire(spi_in)]),
+            Payload::Nonce(nr),
+        ];
+        resp.extend(resp_ke);
+        resp.push(Payload::TsI(tsi));
+        resp.push(Payload::TsR(tsr));
+        (resp, After::Keep)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rekeyed_sa(
+        &self,
+        old: &IkeSa,
+        choice: IkeChoice,
+        seed: &[u8],
+        ni: Vec<u8>,
+        nr: Vec<u8>,
+        spi_i: u64,
+        spi_r: u64,
+        initiator: bool,
+        now: u64,
+        rng: &dyn SecureRandom,
+    ) -> IkeSa {
+        let keys = crypto::ike_keys(choice.prf, choice.cipher, seed, &ni, &nr, spi_i, spi_r);
+        IkeSa {
+            spi_i,
+            spi_r,
+            initiator,
+            state: State::Established,
+            choice: Some(choice),
+            keys: Some(keys),
+            ni,
+            nr,
+            init_req: Vec::new(),
+            init_resp: Vec::new(),
+            next_id: 0,
+            flight: None,
+            peer_next: 0,
+            cached: None,
+            iv: 0,
+            peer: old.peer,
+            natt: old.natt,
+            created: now,
+            rekey_at: if self.cfg.ike_rekey_ms > 0 {
+                now + self.cfg.ike_rekey_ms * MS - jitter(rng, self.cfg.jitter_ms)
+            } else {
+                u64::MAX
+            },
+            last_heard: now,
+            queue: Vec::new(),
+        }
+    }
+
+    /// Activate the outbound half of children waiting for the old SA's delete: those whose
+    /// old SA is `deleted_out` (the peer deleted it), or all that waited too long.
+    fn switch_pending(&mut self, now: u64, force: bool) -> bool {
+        let mut changed = false;
+        let waited = self.children.iter().any(|c| {
+            c.pending_since
+                .is_some_and(|t| force || now.saturating_sub(t) >= SWITCH_WAIT_MS * MS)
+        });
+        if waited {
+            for c in &mut self.children {
+                if c.pending_since.is_some() {
+                    c.pending_since = None;
+                    c.out = true;
+                } else if c.replaced && c.out {
+                    c.out = false;
+                    c.until.get_or_insert(now + GRACE_MS * MS);
+                }
+            }
+            changed = true;
+        }
+        changed
+    }
+
+    fn respond_info(
+        &mut self,
+        s: &mut IkeSa,
+        p: &[Payload],
+        now: u64,
+        out: &mut Vec<Out>,
+    ) -> (Vec<Payload>, After) {
+        let mut resp = Vec::new();
+        let mut after = After::Keep;
+        for d in p {
+            let Payload::Delete { protocol, spis } = d else {
+                continue;
+            };
+            match *protocol {
+                proto::IKE => {
+                    if s.state == State::Established {
+                        out.push(Out::Event(Event::IkeDown {
+                            why: "deleted by the peer".into(),
+                        }));
+                    }
+                    after = After::Drop;
+                }
+                proto::ESP => {
+                    let mut ours = Vec::new();
+                    for spi in spis {
+                        let Ok(spi) = <[u8; 4]>::try_from(&spi[..]).map(u32::from_be_bytes) else {
+                            continue;
+                        };
+                        let Some(i) = self.children.iter().position(|c| c.keys.spi_out == spi)
+                        else {
+                            continue;
+                        };
+                        ours.push(self.children[i].keys.spi_in.to_be_bytes().to_vec());
+                        let replaced = self.children[i].replaced;
+                        let c = &mut self.children[i];
+                        c.out = false;
+                        c.replaced = true;
+                        c.until.get_or_insert(now + GRACE_MS * MS);
+                        if replaced {
+                            // The rekey initiator deleted the old SA: send on the new one.
+                            self.switch_pending(now, true);
+                        } else {
+                            out.push(Out::Event(Event::ChildDown {
+                                spi_in: self.children[i].keys.spi_in,
+                                why: "deleted by the peer",
+                            }));
+                        }
+                        out.push(Out::Changed);
+                    }
+                    if !ours.is_empty() {
+                        resp.push(Payload::Delete {
+                            protocol: proto::ESP,
+                            spis: ours,
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let After::Drop = after {
+            s.flight = None;
+        }
+        (resp, after)
+    }
+
+    fn on_response(
+        &mut self,
+        s: &mut IkeSa,
+        req: Req,
+        p: &[Payload],
+        now: u64,
+        rng: &dyn SecureRandom,
+        out: &mut Vec<Out>,
+    ) -> After {
+        match req {
+            Req::Init { .. } => After::Keep,
+            Req::Auth { spi_in } => {
+                if let Some(e) = error_notify(p)
+                    .filter(|e| *e != notify::NO_PROPOSAL_CHOSEN && *e != notify::TS_UNACCEPTABLE)
+                {
+                    self.fail(
+                        out,
+                        &notify::name(e),
+                        format!(
+                            "peer {} refused IKE_AUTH (check psk_file and the identities)",
+                            self.cfg.name
+                        ),
+                    );
+                    self.retry_at = Some(now + RETRY_MS * MS);
+                    return After::Drop;
+                }
+                if let Err(why) = self.verify_auth(s, p, false) {
+                    self.fail(
+                        out,
+                        "AUTHENTICATION_FAILED",
+                        format!("peer {} ({}): {why}", self.cfg.name, s.peer.ip()),
+                    );
+                    self.retry_at = Some(now + RETRY_MS * MS);
+                    return After::Drop;
+                }
+                self.established(s, now, rng, out);
+                if let Some(e) = error_notify(p) {
+                    self.fail(
+                        out,
+                        &notify::name(e),
+                        format!("peer {} refused the CHILD_SA", self.cfg.name),
+                    );
+                    // No traffic without a child: close and try again later.
+                    let h = s.header(exchange::INFORMATIONAL, s.next_id, false);
+                    let m = s.seal(
+                        h,
+                        &[Payload::Delete {
+                            protocol: proto::IKE,
+                            spis: Vec::new(),
+                        }],
+                    );
+                    out.push(Out::Send {
+                        to: s.peer,
+                        natt: s.natt,
+                        msg: m,
+                    });
+                    self.retry_at = Some(now + RETRY_MS * MS);
+                    return After::Drop;
+                }
+                let sa = take!(p, Payload::Sa(v) => v.clone()).unwrap_or_default();
+                let tsi = take!(p, Payload::TsI(v) => v.clone()).unwrap_or_default();
+                let tsr = take!(p, Payload::TsR(v) => v.clone()).unwrap_or_default();
+                let Some(choice) = proposal::accept_esp(&sa, &self.cfg.esp, None) else {
+                    self.fail(
+                        out,
+                        "NO_PROPOSAL_CHOSEN",
+                        "the responder's ESP proposal is not one we offered".into(),
+                    );
+                    self.retry_at = Some(now + RETRY_MS * MS);
+                    return After::Drop;
+                };
+                let keys = s.keys.as_ref().expect("keys");
+                let (i2r, r2i) =
+                    crypto::child_keys(keys.prf, &keys.sk_d, choice.cipher, None, &s.ni, &s.nr);
+                let ck = ChildKeys {
+                    spi_in,
+                    spi_out: choice.spi,
+                    key_in: r2i,
+                    key_out: i2r,
+                    esn: choice.esn,
+                };
+                let c = self.new_child(ck, choice.name(), true, now, rng);
+                self.children.clear();
+                self.children.push(c);
+                out.push(Out::Changed);
+                out.push(Out::Event(Event::ChildUp {
+                    spi_in,
+                    spi_out: choice.spi,
+                    proposal: choice.name(),
+                    ts: ts_string(&tsi, &tsr),
+                    rekey_of: None,
+                }));
+                After::Keep
+            }
+            Req::RekeyChild {
+                old_in,
+                new_in,
+                ni,
+                share,
+            } => {
+                let retry_later = |e: &mut Engine, delay_ms: u64, rng: &dyn SecureRandom| {
+                    if let Some(c) = e.children.iter_mut().find(|c| c.keys.spi_in == old_in) {
+                        c.rekey_at = now + delay_ms * MS + jitter(rng, 2_000);
+                    }
+                };
+                if let Some(e) = error_notify(p) {
+                    if e == notify::TEMPORARY_FAILURE {
+                        self.stats.fail("rekey_collision");
+                        retry_later(self, 500, rng);
+                    } else {
+                        self.fail(
+                            out,
+                            &notify::name(e),
+                            format!("peer {} refused the CHILD_SA rekey", self.cfg.name),
+                        );
+                        retry_later(self, 10_000, rng);
+                    }
+                    return After::Keep;
+                }
+                let sa = take!(p, Payload::Sa(v) => v.clone()).unwrap_or_default();
+                let nr = take!(p, Payload::Nonce(n) => n.clone());
+                let ke = take!(p, Payload::Ke { data, .. } => data.clone());
+                let pfs = share.as_ref().map(KeyShare::group);
+                let (Some(choice), Some(nr)) = (proposal::accept_esp(&sa, &self.cfg.esp, pfs), nr)
+                else {
+                    self.fail(
+                        out,
+                        "NO_PROPOSAL_CHOSEN",
+                        "the CHILD_SA rekey answer is not one we offered".into(),
+                    );
+                    retry_later(self, 10_000, rng);
+                    return After::Keep;
+                };
+                let shared = match (share, ke) {
+                    (Some(sh), Some(k)) => match sh.agree(&k) {
+                        Ok(x) => Some(x),
+                        Err(_) => {
+                            self.fail(
+                                out,
+                                "INVALID_SYNTAX",
+                                "bad KE in the CHILD_SA rekey answer".into(),
+                            );
+                            retry_later(self, 10_000, rng);
+                            return After::Keep;
+                        }
+                    },
+                    (None, _) => None,
+                    (Some(_), None) => {
+                        self.fail(
+                            out,
+                            "INVALID_SYNTAX",
+                            "no KE in the CHILD_SA rekey answer (PFS)".into(),
+                        );
+                        retry_later(self, 10_000, rng);
+                        return After::Keep;
+                    }
+                };
+                let keys = s.keys.as_ref().expect("keys");
+                let (i2r, r2i) = crypto::child_keys(
+                    keys.prf,
+                    &keys.sk_d,
+                    choice.cipher,
+                    shared.as_deref().map(|v| v.as_slice()),
+                    &ni,
+                    &nr,
+                );
+                let ck = ChildKeys {
+                    spi_in: new_in,
+                    spi_out: choice.spi,
+                    key_in: r2i,
+                    key_out: i2r,
+                    esn: choice.esn,
+                };
+                let c = self.new_child(ck, choice.name(), true, now, rng);
+                for o in &mut self.children {
+                    if o.keys.spi_in == old_in {
+                        o.out = false;
+                        o.replaced = true;
+                    }
+                }
+                self.children.push(c);
+                self.stats.child_rekeys += 1;
+                s.queue.insert(0, Task::DeleteChild(old_in));
+                let tsi = take!(p, Payload::TsI(v) => v.clone()).unwrap_or_default();
+                let tsr = take!(p, Payload::TsR(v) => v.clone()).unwrap_or_default();
+                out.push(Out::Changed);
+                out.push(Out::Event(Event::ChildUp {
+                    spi_in: new_in,
+                    spi_out: choice.spi,
+                    proposal: choice.name(),
+                    ts: ts_string(&tsi, &tsr),
+                    rekey_of: Some(old_in),
+                }));
+                After::Keep
+            }
+            Req::DeleteChild(spi_in) => {
+                if let Some(c) = self.children.iter_mut().find(|c| c.keys.spi_in == spi_in) {
+                    c.until.get_or_insert(now + GRACE_MS * MS);
+                }
+                After::Keep
+            }
+            Req::RekeyIke { spi, ni, share } => {
+                if let Some(e) = error_notify(p) {
+                    if e == notify::TEMPORARY_FAILURE {
+                        self.stats.fail("rekey_collision");
+                    } else {
+                        self.fail(
+                            out,
+                            &notify::name(e),
+                            format!("peer {} refused the IKE SA rekey", self.cfg.name),
+                        );
+                    }
+                    s.rekey_at = now + 1_000 * MS + jitter(rng, 2_000);
+                    return After::Keep;
+                }
+                let sa = take!(p, Payload::Sa(v) => v.clone()).unwrap_or_default();
+                let nr = take!(p, Payload::Nonce(n) => n.clone());
+                let ke = take!(p, Payload::Ke { data, .. } => data.clone());
+                let choice = proposal::accept_ike(&sa, &self.cfg.ike);
+                let peer_spi = sa
+                    .first()
+                    .and_then(|x| <[u8; 8]>::try_from(&x.spi[..]).ok())
+                    .map(u64::from_be_bytes);
+                let (Some(choice), Some(nr), Some(ke), Some(spi_r)) = (choice, nr, ke, peer_spi)
+                else {
+                    self.fail(
+                        out,
+                        "NO_PROPOSAL_CHOSEN",
+                        "the IKE rekey answer is not one we offered".into(),
+                    );
+                    s.rekey_at = now + 10_000 * MS;
+                    return After::Keep;
+                };
+                let Ok(shared) = share.agree(&ke) else {
+                    self.fail(
+                        out,
+                        "INVALID_SYNTAX",
+                        "bad KE in the IKE rekey answer".into(),
+                    );
+                    s.rekey_at = now + 10_000 * MS;
+                    return After::Keep;
+                };
+                let old_d = s.keys.as_ref().expect("keys").sk_d.clone();
+                let seed = crypto::skeyseed(choice.prf, &shared, &ni, &nr, Some(&old_d));
+                let new = self.rekeyed_sa(s, choice, &seed, ni, nr, spi, spi_r, true, now, rng);
+                self.stats.ike_rekeys += 1;
+                out.push(Out::Event(Event::IkeRekeyed { spis: new.spis() }));
+                // Delete the old IKE SA on itself.
+                let h = s.header(exchange::INFORMATIONAL, s.next_id, false);
+                let id = s.next_id;
+                s.next_id += 1;
+                let m = s.seal(
+                    h,
+                    &[Payload::Delete {
+                        protocol: proto::IKE,
+                        spis: Vec::new(),
+                    }],
+                );
+                s.flight = Some(InFlight {
+                    id,
+                    msg: m.clone(),
+                    tries: 0,
+                    next_at: now + self.cfg.retransmit_ms * MS,
+                    req: Req::DeleteIke,
+                });
+                s.queue.clear();
+                out.push(Out::Send {
+                    to: s.peer,
+                    natt: s.natt,
+                    msg: m,
+                });
+                After::Replaced(Box::new(new))
+            }
+            Req::DeleteIke => After::Drop,
+            Req::Dpd => After::Keep,
+        }
+    }
+
+    /// A clean stop: DELETE the IKE SA (its CHILD_SAs with it, section 1.4.1), once, without
+    /// waiting for the answer.
+    pub fn close(&mut self, _now: u64) -> Vec<Out> {
+        let mut out = Vec::new();
+        self.closing = true;
+        if let Some(mut s) = self.ike.take() {
+            if s.state == State::Established {
+                let h = s.header(exchange::INFORMATIONAL, s.next_id, false);
+                let m = s.seal(
+                    h,
+                    &[Payload::Delete {
+                        protocol: proto::IKE,
+                        spis: Vec::new(),
+                    }],
+                );
+                out.push(Out::Send {
+                    to: s.peer,
+                    natt: s.natt,
+                    msg: m,
+                });
+                out.push(Out::Event(Event::IkeDown {
+                    why: "closed: DELETE sent".into(),
+                }));
+            }
+        }
+        if !self.children.is_empty() {
+            self.children.clear();
+            out.push(Out::Changed);
+        }
+        out
+    }
+}
+
+fn dummy_sa() -> IkeSa {
+    IkeSa {
+        spi_i: 0,
+        spi_r: 0,
+        initiator: false,
+        state: State::Rekeyed,
+        choice: None,
+        keys: None,
+        ni: Vec::new(),
+        nr: Vec::new(),
+        init_req: Vec::new(),
+        init_resp: Vec::new(),
+        next_id: 0,
+        flight: None,
+        peer_next: 0,
+        cached: None,
+        iv: 0,
+        peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+        natt: false,
+        created: 0,
+        rekey_at: u64::MAX,
+        last_heard: 0,
+        queue: Vec::new(),
+    }
+}

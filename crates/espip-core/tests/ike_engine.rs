@@ -1,0 +1,527 @@
+//! Two IKEv2 engines talking in memory: the exchanges, the keys they agree on, rekeys without
+//! a gap in the SA sets, liveness, and hostile input (forged, replayed, reordered messages).
+
+use espip_core::ike::engine::{Engine, Event, IkeConfig, Out, Role, SaSet};
+use espip_core::ike::msg::{self, Id};
+use espip_core::ike::proposal::{EspProposal, IkeProposal};
+use espip_core::ike::ts;
+use ring::rand::SystemRandom;
+use std::net::SocketAddr;
+use zeroize::Zeroizing;
+
+const MS: u64 = 1_000_000;
+const A: &str = "192.0.2.1";
+const B: &str = "192.0.2.2";
+
+fn cfg(role: Role, me: &str, peer: &str, ike: &str, esp: &str) -> IkeConfig {
+    let (local_id, remote_id) = if me == A {
+        ("a.lab", "b.lab")
+    } else {
+        ("b.lab", "a.lab")
+    };
+    let (mine, theirs) = if me == A {
+        ("10.10.0.1/32", "10.10.0.2/32")
+    } else {
+        ("10.10.0.2/32", "10.10.0.1/32")
+    };
+    IkeConfig {
+        name: format!("peer-of-{me}"),
+        role,
+        psk: Zeroizing::new(b"sw-lab-pre-shared-key-0123456789".to_vec()),
+        local_id: Id::from_config(local_id),
+        remote_id: Id::from_config(remote_id),
+        ike: ike
+            .split(',')
+            .map(|s| IkeProposal::parse(s).unwrap())
+            .collect(),
+        esp: esp
+            .split(',')
+            .map(|s| EspProposal::parse(s).unwrap())
+            .collect(),
+        ike_rekey_ms: 0,
+        child_rekey_ms: 0,
+        child_life_ms: 0,
+        jitter_ms: 0,
+        dpd_ms: 0,
+        retransmit_ms: 500,
+        retransmit_tries: 3,
+        local_ts: vec![ts::from_prefix(&mine.parse().unwrap())],
+        remote_ts: vec![ts::from_prefix(&theirs.parse().unwrap())],
+        remote: SocketAddr::new(peer.parse().unwrap(), 500),
+        local: me.parse().unwrap(),
+        local_port: 500,
+        natt_port: 4500,
+        remote_natt_port: 4500,
+        force_encap: true,
+    }
+}
+
+struct Pair {
+    a: Engine,
+    b: Engine,
+    now: u64,
+    rng: SystemRandom,
+    events: Vec<(char, Event)>,
+    /// Messages in flight: (to 'a' or 'b', from, natt, bytes).
+    wire: Vec<(char, SocketAddr, bool, Vec<u8>)>,
+    /// Every message ever sent (to replay).
+    log: Vec<(char, SocketAddr, bool, Vec<u8>)>,
+    changed: (usize, usize),
+    /// SA sets seen after every change, per side.
+    history: (Vec<SaSet>, Vec<SaSet>),
+    /// Changes after which a side sent on an SA the other did not hold.
+    violations: usize,
+}
+
+impl Pair {
+    fn new(a: IkeConfig, b: IkeConfig) -> Pair {
+        Pair {
+            a: Engine::new(a),
+            b: Engine::new(b),
+            now: 1_000 * MS,
+            rng: SystemRandom::new(),
+            events: Vec::new(),
+            wire: Vec::new(),
+            log: Vec::new(),
+            changed: (0, 0),
+            history: (Vec::new(), Vec::new()),
+            violations: 0,
+        }
+    }
+
+    fn absorb(&mut self, side: char, outs: Vec<Out>) {
+        let me: SocketAddr = if side == 'a' {
+            format!("{A}:500")
+        } else {
+            format!("{B}:500")
+        }
+        .parse()
+        .unwrap();
+        for o in outs {
+            match o {
+                Out::Send { natt, msg, .. } => {
+                    let from = SocketAddr::new(me.ip(), if natt { 4500 } else { 500 });
+                    let to = if side == 'a' { 'b' } else { 'a' };
+                    self.wire.push((to, from, natt, msg.clone()));
+                    self.log.push((to, from, natt, msg));
+                }
+                Out::Changed => {
+                    // What this side now sends on, the other side accepts already (after the
+                    // first CHILD_SA, which the initiator installs when the IKE_AUTH answer
+                    // arrives: inherent to IKEv2).
+                    let (mine, theirs) = if side == 'a' {
+                        (self.a.sas(), self.b.sas())
+                    } else {
+                        (self.b.sas(), self.a.sas())
+                    };
+                    if let Some((spi, _, _)) = mine.out {
+                        if !theirs.ins.is_empty() && !theirs.ins.iter().any(|(s, _, _)| *s == spi) {
+                            self.violations += 1;
+                        }
+                    }
+                    if side == 'a' {
+                        self.changed.0 += 1;
+                        self.history.0.push(self.a.sas());
+                    } else {
+                        self.changed.1 += 1;
+                        self.history.1.push(self.b.sas());
+                    }
+                }
+                Out::Event(e) => self.events.push((side, e)),
+            }
+        }
+    }
+
+    /// Deliver everything in flight (and what it causes), ticking both sides.
+    fn run(&mut self, ms: u64) {
+        let end = self.now + ms * MS;
+        while self.now < end {
+            let o = self.a.tick(self.now, &self.rng);
+            self.absorb('a', o);
+            let o = self.b.tick(self.now, &self.rng);
+            self.absorb('b', o);
+            while !self.wire.is_empty() {
+                let (to, from, natt, m) = self.wire.remove(0);
+                let o = if to == 'a' {
+                    self.a.handle(&m, from, natt, self.now, &self.rng)
+                } else {
+                    self.b.handle(&m, from, natt, self.now, &self.rng)
+                };
+                self.absorb(to, o);
+            }
+            self.now += 10 * MS;
+        }
+    }
+
+    fn events_of(&self, side: char) -> Vec<&Event> {
+        self.events
+            .iter()
+            .filter(|(s, _)| *s == side)
+            .map(|(_, e)| e)
+            .collect()
+    }
+}
+
+/// The SA each side sends on is one the other accepts, with the same key.
+fn assert_keys_match(x: &SaSet, y: &SaSet) {
+    let (spi, key, esn) = x.out.as_ref().expect("an outbound SA");
+    let (_, k2, e2) = y
+        .ins
+        .iter()
+        .find(|(s, _, _)| s == spi)
+        .expect("the peer accepts the SPI we send with");
+    assert_eq!(key.to_hex(), k2.to_hex());
+    assert_eq!(esn, e2);
+}
+
+fn up(ike: &str, esp: &str) -> Pair {
+    let mut p = Pair::new(
+        cfg(Role::Initiator, A, B, ike, esp),
+        cfg(Role::Responder, B, A, ike, esp),
+    );
+    p.run(100);
+    p
+}
+
+#[test]
+fn initiator_and_responder_agree_on_child_keys_for_each_proposal() {
+    for (ike, esp) in [
+        ("aes128gcm16-prfsha256-x25519", "aes128gcm16"),
+        ("aes256gcm16-prfsha384-ecp384", "aes256gcm16"),
+        ("chacha20poly1305-prfsha256-ecp256", "chacha20poly1305"),
+    ] {
+        let p = up(ike, esp);
+        let (a, b) = (p.a.sas(), p.b.sas());
+        assert_keys_match(&a, &b);
+        assert_keys_match(&b, &a);
+        assert_eq!(a.ins.len(), 1);
+        assert!(p
+            .events_of('a')
+            .iter()
+            .any(|e| matches!(e, Event::IkeUp { proposal, natt: true, .. } if proposal == ike)));
+        assert!(p
+            .events_of('b')
+            .iter()
+            .any(|e| matches!(e, Event::ChildUp { .. })));
+        // IKE moved to NAT-T after IKE_SA_INIT (encapsulation forced).
+        assert!(p.log[2..]
+            .iter()
+            .all(|(_, from, natt, _)| *natt && from.port() == 4500));
+    }
+}
+
+#[test]
+fn a_wrong_psk_fails_with_authentication_failed_on_both_sides() {
+    let mut b = cfg(
+        Role::Responder,
+        B,
+        A,
+        "aes128gcm16-prfsha256-x25519",
+        "aes128gcm16",
+    );
+    b.psk = Zeroizing::new(b"another key".to_vec());
+    let mut p = Pair::new(
+        cfg(
+            Role::Initiator,
+            A,
+            B,
+            "aes128gcm16-prfsha256-x25519",
+            "aes128gcm16",
+        ),
+        b,
+    );
+    p.run(200);
+    assert!(p.a.sas().out.is_none() && p.b.sas().out.is_none());
+    for side in ['a', 'b'] {
+        assert!(
+            p.events_of(side).iter().any(
+                |e| matches!(e, Event::Failed { reason, .. } if reason == "AUTHENTICATION_FAILED")
+            ),
+            "{side}: {:?}",
+            p.events_of(side)
+        );
+        let st = if side == 'a' {
+            p.a.stats()
+        } else {
+            p.b.stats()
+        };
+        assert_eq!(st.failures.get("AUTHENTICATION_FAILED"), Some(&1));
+    }
+}
+
+#[test]
+fn no_common_proposal_is_no_proposal_chosen_and_invalid_ke_is_retried() {
+    let mut p = Pair::new(
+        cfg(
+            Role::Initiator,
+            A,
+            B,
+            "aes128gcm16-prfsha256-x25519",
+            "aes128gcm16",
+        ),
+        cfg(
+            Role::Responder,
+            B,
+            A,
+            "aes256gcm16-prfsha384-ecp384",
+            "aes128gcm16",
+        ),
+    );
+    p.run(100);
+    assert!(p
+        .events_of('a')
+        .iter()
+        .any(|e| matches!(e, Event::Failed { reason, .. } if reason == "NO_PROPOSAL_CHOSEN")));
+    // The initiator's first key share is x25519, the responder wants ecp256: one
+    // INVALID_KE_PAYLOAD, then success with ecp256.
+    let mut p = Pair::new(
+        cfg(
+            Role::Initiator,
+            A,
+            B,
+            "aes128gcm16-prfsha256-x25519-ecp256",
+            "aes128gcm16",
+        ),
+        cfg(
+            Role::Responder,
+            B,
+            A,
+            "aes128gcm16-prfsha256-ecp256",
+            "aes128gcm16",
+        ),
+    );
+    p.run(100);
+    assert!(p.events_of('a').iter().any(
+        |e| matches!(e, Event::IkeUp { proposal, .. } if proposal == "aes128gcm16-prfsha256-ecp256")
+    ));
+    assert_keys_match(&p.a.sas(), &p.b.sas());
+}
+
+#[test]
+fn a_child_rekey_never_leaves_a_side_sending_on_an_sa_the_other_lacks() {
+    for esp in ["aes128gcm16", "aes128gcm16-x25519"] {
+        let mut a = cfg(Role::Initiator, A, B, "aes128gcm16-prfsha256-x25519", esp);
+        a.child_rekey_ms = 1_000;
+        let mut p = Pair::new(
+            a,
+            cfg(Role::Responder, B, A, "aes128gcm16-prfsha256-x25519", esp),
+        );
+        p.run(100);
+        let first = p.a.sas().out.unwrap().0;
+        p.run(5_000);
+        assert!(p.a.stats().child_rekeys >= 4, "{:?}", p.a.stats());
+        assert_ne!(p.a.sas().out.unwrap().0, first);
+        // At every change on either side, what each sends on is accepted by the other as
+        // it stands at that moment (the changes are applied in message order).
+        assert_keys_match(&p.a.sas(), &p.b.sas());
+        assert_keys_match(&p.b.sas(), &p.a.sas());
+        assert_eq!(p.violations, 0);
+        // Old inbound SAs go after the grace period (2 s; one rekey a second here).
+        for h in p.history.0.iter().chain(&p.history.1) {
+            assert!(h.ins.len() <= 4, "{}", h.ins.len());
+        }
+        let mut a = p.a;
+        let o = a.close(p.now);
+        assert!(o.contains(&Out::Changed));
+        assert!(a.sas().ins.is_empty());
+    }
+}
+
+#[test]
+fn both_sides_rekeying_at_once_settle_on_one_child() {
+    let mut a = cfg(
+        Role::Initiator,
+        A,
+        B,
+        "aes128gcm16-prfsha256-x25519",
+        "aes128gcm16",
+    );
+    let mut b = cfg(
+        Role::Responder,
+        B,
+        A,
+        "aes128gcm16-prfsha256-x25519",
+        "aes128gcm16",
+    );
+    a.child_rekey_ms = 1_000;
+    b.child_rekey_ms = 1_000;
+    let mut p = Pair::new(a, b);
+    p.run(6_000);
+    let total = p.a.stats().child_rekeys + p.b.stats().child_rekeys;
+    assert!(total >= 3, "{:?} {:?}", p.a.stats(), p.b.stats());
+    assert_keys_match(&p.a.sas(), &p.b.sas());
+    assert_keys_match(&p.b.sas(), &p.a.sas());
+    assert_eq!(p.violations, 0);
+}
+
+#[test]
+fn an_ike_rekey_keeps_the_child_and_further_exchanges_work() {
+    for side in ['a', 'b'] {
+        let mut a = cfg(
+            Role::Initiator,
+            A,
+            B,
+            "aes128gcm16-prfsha256-x25519",
+            "aes128gcm16",
+        );
+        let mut b = cfg(
+            Role::Responder,
+            B,
+            A,
+            "aes128gcm16-prfsha256-x25519",
+            "aes128gcm16",
+        );
+        if side == 'a' {
+            a.ike_rekey_ms = 1_000;
+            a.child_rekey_ms = 1_500;
+        } else {
+            b.ike_rekey_ms = 1_000;
+            b.child_rekey_ms = 1_500;
+        }
+        let mut p = Pair::new(a, b);
+        p.run(100);
+        let child = p.a.sas().out.unwrap().0;
+        p.run(1_200);
+        let st = if side == 'a' {
+            p.a.stats()
+        } else {
+            p.b.stats()
+        };
+        assert_eq!(st.ike_rekeys, 1, "{st:?}");
+        assert_eq!(p.a.sas().out.unwrap().0, child);
+        // A child rekey on the new IKE SA (its keys come from the new SK_d on both sides).
+        p.run(1_000);
+        assert_ne!(p.a.sas().out.unwrap().0, child);
+        assert_keys_match(&p.a.sas(), &p.b.sas());
+        assert_keys_match(&p.b.sas(), &p.a.sas());
+        assert_eq!(p.a.ike_keys().len(), 1, "the old IKE SA was deleted");
+    }
+}
+
+#[test]
+fn dpd_notices_a_dead_peer_and_the_initiator_reconnects() {
+    let mut a = cfg(
+        Role::Initiator,
+        A,
+        B,
+        "aes128gcm16-prfsha256-x25519",
+        "aes128gcm16",
+    );
+    a.dpd_ms = 1_000;
+    let mut p = Pair::new(
+        a,
+        cfg(
+            Role::Responder,
+            B,
+            A,
+            "aes128gcm16-prfsha256-x25519",
+            "aes128gcm16",
+        ),
+    );
+    p.run(3_000);
+    assert!(p.a.stats().requests >= 3, "DPD requests were answered");
+    assert!(p.a.sas().out.is_some());
+    // The responder dies: nothing reaches it any more.
+    let dead_from = p.now;
+    while p.now < dead_from + 20_000 * MS {
+        let o = p.a.tick(p.now, &p.rng);
+        p.absorb('a', o);
+        p.wire.clear();
+        p.now += 10 * MS;
+    }
+    assert!(p.a.sas().out.is_none());
+    assert!(p
+        .events_of('a')
+        .iter()
+        .any(|e| matches!(e, Event::IkeDown { why } if why.starts_with("peer_dead"))));
+    // It comes back (fresh state): the initiator reconnects.
+    p.b = Engine::new(cfg(
+        Role::Responder,
+        B,
+        A,
+        "aes128gcm16-prfsha256-x25519",
+        "aes128gcm16",
+    ));
+    p.run(8_000);
+    assert_keys_match(&p.a.sas(), &p.b.sas());
+}
+
+#[test]
+fn close_deletes_everything_on_both_sides() {
+    let mut p = up("aes128gcm16-prfsha256-x25519", "aes128gcm16");
+    let o = p.a.close(p.now);
+    p.absorb('a', o);
+    p.run(50);
+    assert!(p.a.sas().ins.is_empty() && p.b.sas().ins.is_empty());
+    assert!(p
+        .events_of('b')
+        .iter()
+        .any(|e| matches!(e, Event::IkeDown { why } if why == "deleted by the peer")));
+}
+
+#[test]
+fn replayed_forged_and_truncated_messages_change_nothing() {
+    let mut p = up("aes128gcm16-prfsha256-x25519", "aes128gcm16");
+    let (sa_a, sa_b) = (p.a.sas(), p.b.sas());
+    let (ca, cb) = p.changed;
+    let log = p.log.clone();
+    let rng = SystemRandom::new();
+    let now = p.now;
+    for (to, from, natt, m) in &log {
+        let e = if *to == 'a' { &mut p.a } else { &mut p.b };
+        // Replayed as it was.
+        let _ = e.handle(m, *from, *natt, now, &rng);
+        // Truncated at every length.
+        for n in 0..m.len() {
+            for o in e.handle(&m[..n], *from, *natt, now, &rng) {
+                assert!(!matches!(o, Out::Changed));
+            }
+        }
+        // One bit flipped anywhere.
+        for i in 0..m.len() {
+            let mut f = m.clone();
+            f[i] ^= 0x01;
+            for o in e.handle(&f, *from, *natt, now, &rng) {
+                assert!(!matches!(o, Out::Changed), "flip at {i} changed SAs");
+            }
+        }
+        // From another address.
+        let other: SocketAddr = "198.51.100.9:500".parse().unwrap();
+        assert!(e.handle(m, other, *natt, now, &rng).is_empty());
+    }
+    assert_eq!(p.changed, (ca, cb));
+    assert_eq!(p.a.sas().out.unwrap().0, sa_a.out.unwrap().0);
+    assert_eq!(p.b.sas().out.unwrap().0, sa_b.out.unwrap().0);
+    assert!(p.b.stats().failures.get("bad_icv").copied().unwrap_or(0) > 0);
+    assert!(
+        p.b.stats().resent_responses > 0,
+        "a replayed request gets the cached answer"
+    );
+}
+
+#[test]
+fn the_sk_payload_round_trips_and_refuses_a_wrong_key() {
+    let key =
+        espip_core::sa::KeyMaterial::new(espip_core::sa::Cipher::Aes128Gcm, &[7u8; 20]).unwrap();
+    let other =
+        espip_core::sa::KeyMaterial::new(espip_core::sa::Cipher::Aes128Gcm, &[8u8; 20]).unwrap();
+    let h = msg::Header {
+        spi_i: 1,
+        spi_r: 2,
+        next: 0,
+        exchange: msg::exchange::INFORMATIONAL,
+        flags: 0,
+        msg_id: 3,
+        length: 0,
+    };
+    let payloads = vec![msg::Payload::Delete {
+        protocol: msg::proto::ESP,
+        spis: vec![vec![1, 2, 3, 4], vec![5, 6, 7, 8]],
+    }];
+    let m = msg::encode_sk(h, &payloads, &key, 1);
+    let h2 = msg::parse_header(&m).unwrap();
+    let chain = msg::parse_chain(&m, msg::HDR_LEN, h2.next).unwrap();
+    let sk = chain.sk.unwrap();
+    assert_eq!(msg::open_sk(&m, sk, &key).unwrap(), payloads);
+    assert_eq!(msg::open_sk(&m, sk, &other), Err(msg::MsgError::BadIcv));
+}
