@@ -236,6 +236,11 @@ impl Live {
                 let s = out.peer_stats(i);
                 let (mode, sa_out, sa_in) = match &p.encap {
                     EncapSpec::IpIp => ("ipip", None, None),
+                    EncapSpec::EspPending { udp_port, .. } => (
+                        if udp_port.is_some() { "esp-udp" } else { "esp" },
+                        None,
+                        None,
+                    ),
                     EncapSpec::Esp {
                         cipher,
                         spi_out,
@@ -269,6 +274,10 @@ impl Live {
                     name: p.name.clone(),
                     endpoint: match &p.encap {
                         EncapSpec::Esp {
+                            udp_port: Some(port),
+                            ..
+                        }
+                        | EncapSpec::EspPending {
                             udp_port: Some(port),
                             ..
                         } => {

@@ -100,13 +100,19 @@ fn sections(cfg: &Config) -> Vec<(&'static str, Vec<IptCmd>)> {
                 EncapSpec::Esp {
                     udp_port: Some(port),
                     ..
+                }
+                | EncapSpec::EspPending {
+                    udp_port: Some(port),
+                    ..
                 } => protos.push(vec![
                     "-p".into(),
                     "udp".into(),
                     "--dport".into(),
                     port.to_string(),
                 ]),
-                EncapSpec::Esp { .. } => protos.push(vec!["-p".into(), "esp".into()]),
+                EncapSpec::Esp { .. } | EncapSpec::EspPending { .. } => {
+                    protos.push(vec!["-p".into(), "esp".into()])
+                }
                 EncapSpec::IpIp => {
                     protos.push(vec!["-p".into(), "4".into()]);
                     protos.push(vec!["-p".into(), "41".into()]);

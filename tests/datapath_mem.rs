@@ -69,6 +69,7 @@ fn esp_pair_over(
         },
         route: true,
         multipath: None,
+        negotiated: None,
     };
     let t = TunnelSpec {
         relay: false,
@@ -311,6 +312,7 @@ fn ipip_both_ways_and_unknown_peer() {
         encap: EncapSpec::IpIp,
         route: true,
         multipath: None,
+        negotiated: None,
     };
     let t = TunnelSpec {
         relay: false,
@@ -386,6 +388,7 @@ fn a_hub_relays_between_peers_only_when_forwarding() {
         },
         route: true,
         multipath: None,
+        negotiated: None,
     };
     for relay in [true, false] {
         let t = TunnelSpec { relay, mtu: 1400 };
@@ -661,6 +664,7 @@ fn a_reload_keeps_unchanged_sas_and_replaces_changed_ones() {
         },
         route: true,
         multipath: None,
+        negotiated: None,
     };
     let c = PeerSpec {
         name: "c".into(),
@@ -669,6 +673,7 @@ fn a_reload_keeps_unchanged_sas_and_replaces_changed_ones() {
         encap: EncapSpec::IpIp,
         route: true,
         multipath: None,
+        negotiated: None,
     };
     let next_seq_before = b.out.sa_state()[0].unwrap().1;
     let (out, mut inb) = datapath::rebuild(

@@ -256,7 +256,7 @@ endpoint = "[2001:db8:12::2]:4501"
             EncapSpec::Esp { replay_window, .. } => {
                 assert_eq!(*replay_window, super::MULTIPATH_REPLAY_WINDOW)
             }
-            EncapSpec::IpIp => panic!(),
+            _ => panic!(),
         }
     }
 

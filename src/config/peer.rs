@@ -120,6 +120,7 @@ pub(super) fn peer(
         encap,
         route,
         multipath,
+        negotiated: None,
     })
 }
 

@@ -154,8 +154,13 @@ impl Reloader<'_> {
             let (protocol, what) = match p.encap {
                 EncapSpec::Esp {
                     udp_port: Some(_), ..
+                }
+                | EncapSpec::EspPending {
+                    udp_port: Some(_), ..
                 } => (PROTO_UDP, "esp-udp (the ESP-in-UDP socket)"),
-                EncapSpec::Esp { .. } => (PROTO_ESP, "esp (a raw socket for protocol 50)"),
+                EncapSpec::Esp { .. } | EncapSpec::EspPending { .. } => {
+                    (PROTO_ESP, "esp (a raw socket for protocol 50)")
+                }
                 EncapSpec::IpIp => (PROTO_IPIP, "ipip (raw sockets for protocols 4 and 41)"),
             };
             for v6 in p.endpoints().iter().map(|e| e.is_ipv6()) {
@@ -212,6 +217,6 @@ fn keys(p: &datapath::PeerSpec) -> Option<(String, String)> {
         EncapSpec::Esp {
             key_out, key_in, ..
         } => Some((key_out.fingerprint(), key_in.fingerprint())),
-        EncapSpec::IpIp => None,
+        EncapSpec::IpIp | EncapSpec::EspPending { .. } => None,
     }
 }

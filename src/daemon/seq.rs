@@ -158,6 +158,7 @@ mod tests {
             },
             route: true,
             multipath: None,
+            negotiated: None,
         };
         let tunnel = TunnelSpec {
             relay: false,

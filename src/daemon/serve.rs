@@ -168,11 +168,17 @@ impl Silence {
                         EncapSpec::Esp {
                             udp_port: Some(port),
                             ..
+                        }
+                        | EncapSpec::EspPending {
+                            udp_port: Some(port),
+                            ..
                         } => format!(
                             "ESP in UDP (port {port} there, {} here)",
                             cfg.interface.listen_port
                         ),
-                        EncapSpec::Esp { .. } => "ESP (protocol 50)".into(),
+                        EncapSpec::Esp { .. } | EncapSpec::EspPending { .. } => {
+                            "ESP (protocol 50)".into()
+                        }
                         EncapSpec::IpIp => "IP-in-IP (protocols 4 and 41)".into(),
                     };
                     warn!(

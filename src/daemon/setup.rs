@@ -183,7 +183,12 @@ fn open_sockets(cfg: &Config) -> Result<(Vec<RawSocket>, Vec<UdpEncapSocket>), D
         let uses = |f: fn(&EncapSpec) -> bool| peers().any(|p| f(&p.encap));
         let local = cfg.interface.local.filter(|l| l.is_ipv6() == v6);
         let mut protocols = Vec::new();
-        if uses(|e| matches!(e, EncapSpec::Esp { udp_port: None, .. })) {
+        if uses(|e| {
+            matches!(
+                e,
+                EncapSpec::Esp { udp_port: None, .. } | EncapSpec::EspPending { udp_port: None, .. }
+            )
+        }) {
             protocols.push(PROTO_ESP);
         }
         if uses(|e| matches!(e, EncapSpec::IpIp)) {
@@ -198,6 +203,9 @@ fn open_sockets(cfg: &Config) -> Result<(Vec<RawSocket>, Vec<UdpEncapSocket>), D
             matches!(
                 e,
                 EncapSpec::Esp {
+                    udp_port: Some(_),
+                    ..
+                } | EncapSpec::EspPending {
                     udp_port: Some(_),
                     ..
                 }

@@ -78,11 +78,14 @@ pub enum DropReason {
     /// A copy of a packet already received from a multipath peer (the same sequence number
     /// by another path: `redundant`), not counted as a replay.
     Duplicate,
+    /// For a peer keyed by IKEv2 that has no CHILD_SA (yet, or any more): nothing is sent
+    /// in the clear instead.
+    NoSa,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::NoRoute,
         DropReason::TooBig,
         DropReason::Malformed,
@@ -101,6 +104,7 @@ impl DropReason {
         DropReason::NatKeepalive,
         DropReason::NonEsp,
         DropReason::Duplicate,
+        DropReason::NoSa,
     ];
 
     /// The counter name (snake case, stable: used in logs, `show` and metrics).
@@ -124,6 +128,7 @@ impl DropReason {
             DropReason::NatKeepalive => "nat_keepalive",
             DropReason::NonEsp => "non_esp",
             DropReason::Duplicate => "duplicate",
+            DropReason::NoSa => "no_sa",
         }
     }
 
@@ -232,6 +237,15 @@ pub enum EncapSpec {
         /// of the endpoint. `None`: bare IP protocol 50.
         udp_port: Option<u16>,
     },
+    /// RFC 4303 ESP whose SAs IKEv2 negotiates, before it has (or after it lost) a CHILD_SA:
+    /// the peer's packets are dropped (`no_sa`), never sent unprotected. The daemon replaces
+    /// it with [`EncapSpec::Esp`] and [`PeerSpec::negotiated`] while a CHILD_SA exists.
+    EspPending {
+        /// As in [`EncapSpec::Esp`].
+        udp_port: Option<u16>,
+        /// As in [`EncapSpec::Esp`].
+        replay_window: u32,
+    },
 }
 
 impl EncapSpec {
@@ -245,6 +259,9 @@ impl EncapSpec {
         };
         match self {
             EncapSpec::Esp {
+                udp_port: Some(_), ..
+            }
+            | EncapSpec::EspPending {
                 udp_port: Some(_), ..
             } => ip + OUTER_UDP_LEN,
             _ => ip,
@@ -323,6 +340,10 @@ pub struct PeerSpec {
     pub route: bool,
     /// Several paths (`[[peer.path]]`); `None`: the one `endpoint`.
     pub multipath: Option<PeerPaths>,
+    /// The SAs come from IKEv2: fresh keys that never outlive the process (no sequence
+    /// number reservation on disk), and the older inbound SAs still accepted during a rekey
+    /// (SPI, key, ESN). `None`: static keys from the configuration.
+    pub negotiated: Option<Vec<(u32, KeyMaterial, bool)>>,
 }
 
 impl PeerSpec {
@@ -362,6 +383,13 @@ impl PeerSpec {
                 "IP-in-IP (protocol 4/41, unencrypted) to {}",
                 self.endpoint
             ),
+            EncapSpec::EspPending { udp_port, .. } => format!(
+                "ESP tunnel to {}, keyed by IKEv2 (no CHILD_SA yet)",
+                match udp_port {
+                    Some(port) => format!("{}:{port} in UDP", self.endpoint),
+                    None => self.endpoint.to_string(),
+                }
+            ),
         }
     }
 }
@@ -389,7 +417,7 @@ pub const OUTER_UDP_LEN: usize = 8;
 pub fn inner_mtu(path_mtu: u32, encap: &EncapSpec, outer_v6: bool) -> u16 {
     let path = path_mtu.min(65535) as usize;
     let room = match encap {
-        EncapSpec::Esp { .. } => {
+        EncapSpec::Esp { .. } | EncapSpec::EspPending { .. } => {
             let ct = path.saturating_sub(
                 encap.outer_len(outer_v6)
                     + crate::wire::esp::field::PAYLOAD
@@ -508,6 +536,10 @@ struct OutPeer {
     stats: Arc<PeerStats>,
     /// Several paths (shared with the inbound half and the control side).
     mp: Option<Arc<Multipath>>,
+    /// ESP keyed by IKEv2 without a CHILD_SA: drop (`no_sa`).
+    keyless: bool,
+    /// Keys negotiated by IKEv2 (no reservation on disk).
+    negotiated: bool,
 }
 
 /// The TUN -> wire half. Shared by reference (`&self`): every per-packet change is an atomic
@@ -530,6 +562,8 @@ struct InPeer {
     /// The peer's ESP arrives in UDP (RFC 3948), not as protocol 50.
     udp: bool,
     sa: Option<(SaId, InboundSa)>,
+    /// Older inbound SAs still accepted while IKEv2 rekeys.
+    older: Vec<(SaId, InboundSa)>,
     lifetime: Lifetime,
     used: Used,
     stats: Arc<PeerStats>,
@@ -643,7 +677,7 @@ pub fn rebuild(
 
 fn sa_ids(encap: &EncapSpec) -> Option<(SaId, SaId)> {
     match encap {
-        EncapSpec::IpIp => None,
+        EncapSpec::IpIp | EncapSpec::EspPending { .. } => None,
         EncapSpec::Esp {
             cipher,
             spi_out,
@@ -741,11 +775,38 @@ fn build_with(
                     used: Arc::default(),
                     stats: peer_stats.clone(),
                     mp: mp.clone(),
+                    keyless: false,
+                    negotiated: false,
                 });
                 inp.push(InPeer {
                     endpoint: p.endpoint,
                     udp: false,
                     sa: None,
+                    older: Vec::new(),
+                    lifetime: Lifetime::default(),
+                    used: Used::default(),
+                    stats: peer_stats,
+                    mp: mp.map(InPaths::new),
+                });
+            }
+            EncapSpec::EspPending { udp_port, .. } => {
+                out.push(OutPeer {
+                    name: p.name.clone(),
+                    endpoint: p.endpoint,
+                    port: udp_port.unwrap_or(0),
+                    sa: None,
+                    lifetime: Lifetime::default(),
+                    used: Arc::default(),
+                    stats: peer_stats.clone(),
+                    mp: mp.clone(),
+                    keyless: true,
+                    negotiated: true,
+                });
+                inp.push(InPeer {
+                    endpoint: p.endpoint,
+                    udp: udp_port.is_some(),
+                    sa: None,
+                    older: Vec::new(),
                     lifetime: Lifetime::default(),
                     used: Used::default(),
                     stats: peer_stats,
@@ -771,13 +832,35 @@ fn build_with(
                     });
                 }
                 let (out_id, in_id) = ids.expect("ESP has SA ids");
+                let negotiated = p.negotiated.is_some();
                 let (sa, used) = match kept {
                     Some((id, sa, used)) => (Some((id, sa)), used),
-                    None => (
-                        Some((out_id, Arc::new(OutboundSa::new(*spi_out, key_out, *esn)))),
-                        Arc::default(),
-                    ),
+                    None => {
+                        let sa = Arc::new(OutboundSa::new(*spi_out, key_out, *esn));
+                        if negotiated {
+                            // A key IKEv2 made for this process only: nothing to reserve.
+                            sa.set_limit(u64::MAX);
+                        }
+                        (Some((out_id, sa)), Arc::default())
+                    }
                 };
+                let mut older = Vec::new();
+                for (spi, key, esn) in p.negotiated.iter().flatten() {
+                    if let Some(j) = by_spi.insert(*spi, i) {
+                        return Err(BuildError::DuplicateSpi {
+                            spi: *spi,
+                            first: peers[j].name.clone(),
+                            second: p.name.clone(),
+                        });
+                    }
+                    let id = SaId {
+                        cipher: key.cipher(),
+                        spi: *spi,
+                        key: key.fingerprint(),
+                        esn: *esn,
+                    };
+                    older.push((id, InboundSa::new(*spi, key, *esn, *replay_window)));
+                }
                 out.push(OutPeer {
                     name: p.name.clone(),
                     endpoint: p.endpoint,
@@ -787,10 +870,13 @@ fn build_with(
                     used,
                     stats: peer_stats.clone(),
                     mp: mp.clone(),
+                    keyless: false,
+                    negotiated,
                 });
                 inp.push(InPeer {
                     endpoint: p.endpoint,
                     udp: udp_port.is_some(),
+                    older,
                     sa: Some((in_id, InboundSa::new(*spi_in, key_in, *esn, *replay_window))),
                     lifetime: *lifetime,
                     used: Used::default(),
@@ -849,6 +935,9 @@ impl Outbound {
         }
         let len = buf.len() as u64;
         let peer = &self.peers[idx];
+        if peer.keyless {
+            return Verdict::Drop(DropReason::NoSa);
+        }
         let s = &*peer.stats;
         let wire = match &peer.sa {
             Some((_, sa)) => {
@@ -1081,7 +1170,11 @@ impl Outbound {
 
     /// Peer `idx`'s outbound SA: (SPI, key fingerprint, next sequence number, limit).
     pub fn sa_reservation(&self, idx: usize) -> Option<(u32, &str, u64, u64)> {
-        let (_, sa) = self.peers.get(idx)?.sa.as_ref()?;
+        let p = self.peers.get(idx)?;
+        if p.negotiated {
+            return None;
+        }
+        let (_, sa) = p.sa.as_ref()?;
         Some((sa.spi(), sa.key_fingerprint(), sa.next_seq(), sa.limit()))
     }
 
@@ -1188,8 +1281,12 @@ impl Inbound {
                 if path.is_none() || peer.udp != (protocol == PROTO_UDP) {
                     return Verdict::Drop(DropReason::WrongSource);
                 }
-                let Some((_, sa)) = peer.sa.as_mut() else {
-                    return Verdict::Drop(DropReason::UnknownSpi);
+                let sa = match peer.sa.as_mut() {
+                    Some((_, sa)) if sa.spi() == spi => sa,
+                    _ => match peer.older.iter_mut().find(|(id, _)| id.spi == spi) {
+                        Some((_, sa)) => sa,
+                        None => return Verdict::Drop(DropReason::UnknownSpi),
+                    },
                 };
                 // Checked before decryption against what was used so far (the inner length is
                 // known only after it); counted with the inner length once it verified.
@@ -1406,18 +1503,32 @@ impl Inbound {
     /// both, between two batches; `old` is left with fresh state and is dropped after.
     pub fn adopt(&mut self, old: &mut Inbound) {
         for peer in &mut self.peers {
-            let Some((id, sa)) = peer.sa.as_mut() else {
-                continue;
-            };
-            let Some(&j) = old.by_spi.get(&id.spi) else {
-                continue;
-            };
-            let prev = &mut old.peers[j];
-            if let Some((old_id, old_sa)) = prev.sa.as_mut() {
-                if old_id == id {
+            let mut took_used = false;
+            for (primary, (id, sa)) in peer
+                .sa
+                .iter_mut()
+                .map(|x| (true, x))
+                .chain(peer.older.iter_mut().map(|x| (false, x)))
+            {
+                let Some(&j) = old.by_spi.get(&id.spi) else {
+                    continue;
+                };
+                let prev = &mut old.peers[j];
+                // The same SA may have been the primary or an older one (a rekey moves it).
+                let found = prev
+                    .sa
+                    .iter_mut()
+                    .chain(prev.older.iter_mut())
+                    .find(|(old_id, _)| old_id == id);
+                if let Some((_, old_sa)) = found {
                     std::mem::swap(sa, old_sa);
-                    std::mem::swap(&mut peer.used, &mut prev.used);
-                    peer.stats.replay_top.store(sa.replay().top(), Relaxed);
+                    if primary {
+                        peer.stats.replay_top.store(sa.replay().top(), Relaxed);
+                    }
+                    if !took_used {
+                        std::mem::swap(&mut peer.used, &mut prev.used);
+                        took_used = true;
+                    }
                 }
             }
         }

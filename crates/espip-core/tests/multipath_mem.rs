@@ -66,6 +66,7 @@ fn spec(
                 })
                 .collect(),
         }),
+        negotiated: None,
     }
 }
 

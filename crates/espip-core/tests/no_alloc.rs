@@ -63,6 +63,7 @@ fn peer(name: &str, endpoint: &str, allowed: &str, encap: EncapSpec) -> PeerSpec
         encap,
         route: true,
         multipath: None,
+        negotiated: None,
     }
 }
 

@@ -43,6 +43,7 @@ pub fn peers(esn: bool) -> Vec<PeerSpec> {
             },
             route: true,
             multipath: None,
+            negotiated: None,
         },
         PeerSpec {
             name: "esp-udp".into(),
@@ -75,6 +76,7 @@ pub fn peers(esn: bool) -> Vec<PeerSpec> {
                     })
                     .collect(),
             }),
+            negotiated: None,
         },
         PeerSpec {
             name: "ipip".into(),
@@ -83,6 +85,7 @@ pub fn peers(esn: bool) -> Vec<PeerSpec> {
             encap: EncapSpec::IpIp,
             route: true,
             multipath: None,
+            negotiated: None,
         },
     ]
 }
