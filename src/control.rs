@@ -204,6 +204,11 @@ pub struct Live {
     pub started: SystemTime,
     /// Inodes of the raw and UDP sockets (for their kernel drop counters).
     pub socket_inodes: Vec<u64>,
+    /// IKEv2 peers' state and their IKE SAs' Wireshark lines (the IKE edge updates both).
+    pub ike: std::sync::Mutex<(
+        Vec<crate::status::IkePeerStatus>,
+        Vec<zeroize::Zeroizing<String>>,
+    )>,
 }
 
 fn unix(t: SystemTime) -> f64 {
@@ -213,6 +218,22 @@ fn unix(t: SystemTime) -> f64 {
 }
 
 impl Live {
+    /// The IKE edge's latest state.
+    pub fn set_ike(
+        &self,
+        status: Vec<crate::status::IkePeerStatus>,
+        wireshark: Vec<zeroize::Zeroizing<String>>,
+    ) {
+        if let Ok(mut g) = self.ike.lock() {
+            *g = (status, wireshark);
+        }
+    }
+
+    /// Wireshark `ikev2_decryption_table` lines of the current IKE SAs.
+    pub fn ike_wireshark(&self) -> Vec<zeroize::Zeroizing<String>> {
+        self.ike.lock().map(|g| g.1.clone()).unwrap_or_default()
+    }
+
     fn wall(&self, ns: u64) -> Option<f64> {
         (ns != 0).then(|| unix(self.started) + ns as f64 / 1e9)
     }
@@ -361,6 +382,7 @@ impl Live {
                 write_errors: c.write_errors.load(Relaxed),
                 rotations: c.rotations.load(Relaxed),
             }),
+            ike: self.ike.lock().map(|g| g.0.clone()).unwrap_or_default(),
         }
     }
 

@@ -9,7 +9,7 @@
 //! - this crate: the edges ([`sys`], [`daemon`], [`control`], [`config`], [`lab`]): the kernel,
 //!   files, processes and the command line.
 
-pub use espip_core::{buf, datapath, gro, gso, multipath, nat, prefix, replay, sa, wire};
+pub use espip_core::{buf, datapath, gro, gso, ike, multipath, nat, prefix, replay, sa, wire};
 
 pub mod config;
 pub mod control;

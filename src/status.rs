@@ -32,6 +32,56 @@ pub struct Status {
     /// was full).
     #[serde(default)]
     pub kernel_drops: BTreeMap<String, u64>,
+    /// IKEv2: one entry per `keying = "ikev2"` peer.
+    #[serde(default)]
+    pub ike: Vec<IkePeerStatus>,
+}
+
+/// The IKEv2 state of one peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IkePeerStatus {
+    /// The peer.
+    pub peer: String,
+    /// "initiator" or "responder".
+    pub role: String,
+    /// Our identity.
+    pub local_id: String,
+    /// The peer's identity.
+    pub remote_id: String,
+    /// IKE SAs and CHILD_SAs.
+    pub sas: Vec<IkeSaStatus>,
+    /// IKE SAs established.
+    pub established: u64,
+    /// CHILD_SA rekeys.
+    pub child_rekeys: u64,
+    /// IKE SA rekeys.
+    pub ike_rekeys: u64,
+    /// Requests sent (first transmissions).
+    pub requests: u64,
+    /// Retransmissions.
+    pub retransmits: u64,
+    /// Requests answered.
+    pub responses: u64,
+    /// Failures and dropped messages by reason (RFC notify names, or `bad_icv`,
+    /// `invalid_message_id`, `unknown_ike_spi`, `peer_dead`, ...).
+    pub failures: BTreeMap<String, u64>,
+}
+
+/// One IKE SA or CHILD_SA.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IkeSaStatus {
+    /// "ike" or "child".
+    pub kind: String,
+    /// The SPIs: `SPIi_i SPIr_r` (IKE), `in_i out_o` (CHILD).
+    pub spis: String,
+    /// State.
+    pub state: String,
+    /// The proposal in strongSwan's notation.
+    pub proposal: String,
+    /// Age in seconds.
+    pub age_s: f64,
+    /// Seconds to the next rekey.
+    pub rekey_in_s: Option<f64>,
 }
 
 /// The TUN interface.
@@ -370,6 +420,40 @@ impl Status {
                 );
             }
         }
+        for k in &self.ike {
+            let _ = writeln!(
+                s,
+                "\nike: peer {} ({}, {} -> {})  established {}  child rekeys {}  ike rekeys {}  requests {} (retransmitted {})  answered {}",
+                k.peer,
+                k.role,
+                k.local_id,
+                k.remote_id,
+                k.established,
+                k.child_rekeys,
+                k.ike_rekeys,
+                k.requests,
+                k.retransmits,
+                k.responses
+            );
+            for sa in &k.sas {
+                let _ = writeln!(
+                    s,
+                    "  {:5} {}  {}  {}  age {:.0} s{}",
+                    sa.kind,
+                    sa.spis,
+                    sa.state,
+                    sa.proposal,
+                    sa.age_s,
+                    sa.rekey_in_s
+                        .map(|r| format!("  rekey in {r:.0} s"))
+                        .unwrap_or_default()
+                );
+            }
+            if !k.failures.is_empty() {
+                let f: Vec<String> = k.failures.iter().map(|(r, n)| format!("{r} {n}")).collect();
+                let _ = writeln!(s, "  failures: {}", f.join(", "));
+            }
+        }
         if let Some(c) = &self.capture {
             let _ = writeln!(
                 s,
@@ -560,6 +644,74 @@ impl Status {
             "Packets relayed from one peer to another inside the daemon.",
         );
         m.sample("espip_relayed_packets_total", &ifl, self.relayed as f64);
+        if !self.ike.is_empty() {
+            m.family(
+                "espip_ike_sas",
+                "gauge",
+                "IKE SAs and CHILD_SAs of an IKEv2 peer, by kind and state.",
+            );
+            for k in &self.ike {
+                let mut by: BTreeMap<(String, String), u64> = BTreeMap::new();
+                for sa in &k.sas {
+                    *by.entry((sa.kind.clone(), sa.state.clone())).or_default() += 1;
+                }
+                for ((kind, state), n) in by {
+                    m.sample(
+                        "espip_ike_sas",
+                        &[
+                            ("interface", &self.interface.name),
+                            ("peer", &k.peer),
+                            ("kind", &kind),
+                            ("state", &state),
+                        ],
+                        n as f64,
+                    );
+                }
+            }
+            m.family(
+                "espip_ike_exchanges_total",
+                "counter",
+                "IKEv2 events of a peer: established, child_rekey, ike_rekey, request, retransmit, response.",
+            );
+            for k in &self.ike {
+                for (what, n) in [
+                    ("established", k.established),
+                    ("child_rekey", k.child_rekeys),
+                    ("ike_rekey", k.ike_rekeys),
+                    ("request", k.requests),
+                    ("retransmit", k.retransmits),
+                    ("response", k.responses),
+                ] {
+                    m.sample(
+                        "espip_ike_exchanges_total",
+                        &[
+                            ("interface", &self.interface.name),
+                            ("peer", &k.peer),
+                            ("event", what),
+                        ],
+                        n as f64,
+                    );
+                }
+            }
+            m.family(
+                "espip_ike_failures_total",
+                "counter",
+                "IKEv2 failures and dropped messages of a peer, by reason (RFC 7296 notify names or espip's).",
+            );
+            for k in &self.ike {
+                for (reason, n) in &k.failures {
+                    m.sample(
+                        "espip_ike_failures_total",
+                        &[
+                            ("interface", &self.interface.name),
+                            ("peer", &k.peer),
+                            ("reason", reason),
+                        ],
+                        *n as f64,
+                    );
+                }
+            }
+        }
         if let Some(c) = &self.capture {
             m.family(
                 "espip_capture_records_total",

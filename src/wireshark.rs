@@ -35,6 +35,56 @@ pub fn esp_sa_line(
     Some(line)
 }
 
+/// Wireshark's name of an IKEv2 encryption algorithm (`ikev2_decryption_table`), or `None`
+/// when tshark 4.0 has none for it.
+pub fn ikev2_encryption_name(c: Cipher) -> Option<&'static str> {
+    match c {
+        Cipher::Aes128Gcm => Some("AES-GCM-128 with 16 octet ICV [RFC5282]"),
+        Cipher::Aes256Gcm => Some("AES-GCM-256 with 16 octet ICV [RFC5282]"),
+        Cipher::ChaCha20Poly1305 => None,
+    }
+}
+
+/// One `ikev2_decryption_table` line: SPIi, SPIr, SK_ei, SK_er (unquoted hex: the table's
+/// byte fields), the encryption algorithm, no integrity keys (AEAD).
+pub fn ikev2_line(
+    spi_i: u64,
+    spi_r: u64,
+    sk_ei: &KeyMaterial,
+    sk_er: &KeyMaterial,
+) -> Option<Zeroizing<String>> {
+    let enc = ikev2_encryption_name(sk_ei.cipher())?;
+    let (ei, er) = (sk_ei.to_hex(), sk_er.to_hex());
+    let mut line = Zeroizing::new(String::with_capacity(200));
+    line.push_str(&format!("{spi_i:016x},{spi_r:016x},"));
+    line.push_str(&ei[2..]);
+    line.push(',');
+    line.push_str(&er[2..]);
+    line.push_str(&format!(",\"{enc}\",,,\"NONE [RFC4306]\""));
+    Some(line)
+}
+
+/// Check that `line` is an `ikev2_decryption_table` line as [`ikev2_line`] writes it.
+pub fn check_ikev2_line(line: &str) -> Result<(), &'static str> {
+    let f: Vec<&str> = line.split(',').collect();
+    if f.len() != 8 {
+        return Err("not 8 fields");
+    }
+    let hex =
+        |s: &str, n: &[usize]| n.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex(f[0], &[16]) || !hex(f[1], &[16]) || !hex(f[2], &[40, 72]) || !hex(f[3], &[40, 72]) {
+        return Err("SPIs or keys are not hex of the right length");
+    }
+    let known = [Cipher::Aes128Gcm, Cipher::Aes256Gcm]
+        .iter()
+        .filter_map(|c| ikev2_encryption_name(*c))
+        .any(|n| f[4] == format!("\"{n}\""));
+    if !known || !f[5].is_empty() || !f[6].is_empty() || f[7] != "\"NONE [RFC4306]\"" {
+        return Err("unknown algorithm fields");
+    }
+    Ok(())
+}
+
 /// Check that `line` is an `esp_sa` line as [`esp_sa_line`] writes it, and nothing else: the
 /// client prints and stores lines a daemon sent, so a line from anywhere else (a rogue
 /// socket) must not carry shell syntax, control characters or extra fields.

@@ -6,6 +6,7 @@
 //! value found and what to write instead.
 
 mod capture;
+mod ike;
 mod interface;
 mod keys;
 mod nat;
@@ -15,6 +16,7 @@ mod raw;
 
 use crate::datapath::PeerSpec;
 use crate::prefix::Prefix;
+pub use ike::{IkePeer, Role as IkeRole};
 pub use keys::KeyFiles;
 pub use peer::Mode;
 use raw::{RawConfig, RawMetrics};
@@ -238,6 +240,8 @@ pub struct Config {
     pub metrics: Option<std::net::SocketAddr>,
     /// Things that are allowed but probably not meant (printed by `check`, logged by `run`).
     pub warnings: Vec<String>,
+    /// The IKEv2 settings of the peers with `keying = "ikev2"`.
+    pub ike: Vec<IkePeer>,
 }
 
 impl Config {
@@ -306,8 +310,10 @@ impl Config {
             ));
         }
         let mut peers: Vec<PeerSpec> = Vec::new();
+        let mut ike = Vec::new();
         for p in raw.peer {
-            let spec = peer::peer(p, base, keys, &mut warnings)?;
+            let (spec, ike_peer) = peer::peer(p, base, keys, &interface, &mut warnings)?;
+            ike.extend(ike_peer);
             if peers.iter().any(|q| q.name == spec.name) {
                 return Err(invalid(
                     format!("peer {:?}.name", spec.name),
@@ -365,6 +371,7 @@ impl Config {
             capture,
             metrics,
             warnings,
+            ike,
         };
         cfg.check_routes()?;
         let mut cfg = cfg;

@@ -50,8 +50,9 @@ pub(super) fn peer(
     p: RawPeer,
     base: &Path,
     keys: &super::KeyFiles,
+    interface: &super::Interface,
     warnings: &mut Vec<String>,
-) -> Result<PeerSpec, ConfigError> {
+) -> Result<(PeerSpec, Option<super::ike::IkePeer>), ConfigError> {
     let name = p.name.clone();
     let k = |field: &str| format!("peer {name:?}.{field}");
     if name.is_empty() {
@@ -99,7 +100,38 @@ pub(super) fn peer(
         ));
     }
     let route = p.route.unwrap_or(true);
+    let mut ike = None;
+    let ikev2 = super::ike::keying(&p, &k)?;
     let encap = match mode {
+        _ if ikev2 => {
+            ike = Some(super::ike::ike_peer(
+                &p,
+                mode,
+                endpoint,
+                multipath.is_some(),
+                base,
+                keys,
+                interface,
+                &k,
+                warnings,
+            )?);
+            let replay_window = match p.replay_window {
+                None => DEFAULT_REPLAY_WINDOW,
+                Some(w) if (1..=i64::from(MAX_REPLAY_WINDOW)).contains(&w) => w as u32,
+                Some(w) => {
+                    return Err(invalid(
+                        k("replay_window"),
+                        w,
+                        format!("a packet count from 1 to {MAX_REPLAY_WINDOW} (IKEv2 SAs keep anti-replay on)"),
+                    ))
+                }
+            };
+            EncapSpec::EspPending {
+                udp_port: (mode == Mode::EspUdp)
+                    .then(|| port.unwrap_or(crate::wire::ip::IPSEC_NAT_T_PORT)),
+                replay_window,
+            }
+        }
         Mode::IpIp => {
             refuse_sa_keys(&p, &k)?;
             warnings.push(format!(
@@ -113,15 +145,18 @@ pub(super) fn peer(
             esp(p, base, keys, udp_port, multi, &k, warnings)?
         }
     };
-    Ok(PeerSpec {
-        name,
-        endpoint,
-        allowed_ips,
-        encap,
-        route,
-        multipath,
-        negotiated: None,
-    })
+    Ok((
+        PeerSpec {
+            name,
+            endpoint,
+            allowed_ips,
+            encap,
+            route,
+            multipath,
+            negotiated: None,
+        },
+        ike,
+    ))
 }
 
 /// `endpoint` (named `key` in errors): an IPv4 or IPv6 unicast address, with a port only for

@@ -105,6 +105,19 @@ pub(super) struct RawPeer {
     pub(super) lifetime_packets: Option<i64>,
     pub(super) lifetime_bytes: Option<i64>,
     pub(super) lifetime_seconds: Option<i64>,
+    pub(super) keying: Option<String>,
+    pub(super) psk_file: Option<PathBuf>,
+    pub(super) local_id: Option<String>,
+    pub(super) remote_id: Option<String>,
+    pub(super) role: Option<String>,
+    pub(super) ike_proposals: Option<Vec<String>>,
+    pub(super) esp_proposals: Option<Vec<String>>,
+    pub(super) ike_lifetime: Option<i64>,
+    pub(super) child_lifetime: Option<i64>,
+    pub(super) rekey_margin: Option<i64>,
+    pub(super) rekey_jitter: Option<i64>,
+    pub(super) dpd_interval: Option<i64>,
+    pub(super) local_ts: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]

@@ -20,6 +20,7 @@
 //!
 //! A stop is an eventfd both threads poll.
 
+mod ike;
 mod probe;
 mod reload;
 mod rx;
@@ -129,6 +130,9 @@ pub enum DaemonError {
     /// A data-path thread ended while the daemon ran.
     #[error("data-path thread {0} stopped: {1}; the daemon stopped cleanly (nothing left behind); please report this with the log")]
     Worker(&'static str, String),
+    /// The IKE socket.
+    #[error("cannot open UDP port 500 for IKEv2 ({0}): {1}; another IKE daemon (strongSwan's charon, libreswan's pluto) may hold it: stop it, or key this peer statically")]
+    IkeSocket(IpAddr, io::Error),
     /// Anything else of the OS.
     #[error("{0}: {1}")]
     Os(&'static str, io::Error),
@@ -204,7 +208,20 @@ pub fn run(cfg: Config, path: Option<&std::path::Path>) -> Result<(), DaemonErro
         live,
         handoff,
         mut reload_rx,
+        natt_rx,
     } = spawn(&mut res, cfg.clone())?;
+    // The IKE sockets register with the control thread's runtime.
+    let ike = {
+        let _in_runtime = rt.enter();
+        ike::IkeDriver::new(
+            &cfg,
+            &res.sources,
+            std::mem::take(&mut res.ike),
+            res.udp.clone(),
+            live.clock,
+        )
+    }
+    .map_err(|e| DaemonError::Os("the IKE sockets", e))?;
     if let Some(t) = &res.taps {
         info!(files = %t.paths().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" "), "capture taps on");
     }
@@ -221,6 +238,8 @@ pub fn run(cfg: Config, path: Option<&std::path::Path>) -> Result<(), DaemonErro
             control,
             metrics: res.metrics.take(),
             reload: &mut reload_rx,
+            ike,
+            natt: natt_rx,
         },
         reload::Reloader {
             live: &live,
@@ -255,6 +274,7 @@ struct Running {
     live: Arc<Live>,
     handoff: Arc<InboundHandoff>,
     reload_rx: tokio::sync::mpsc::Receiver<crate::control::ReloadRequest>,
+    natt_rx: Option<tokio::sync::mpsc::Receiver<ike::NattDatagram>>,
 }
 
 /// Phase 2: the first generation of the data path, its threads, and the control side's view.
@@ -263,6 +283,7 @@ fn spawn(res: &mut Resources, cfg: Arc<Config>) -> Result<Running, DaemonError> 
         EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(|e| DaemonError::Os("eventfd", e.into()))?,
     );
+    let no_ike = cfg.ike.is_empty();
     let edge = Arc::new(EdgeStats::default());
     let clock = Instant::now();
     let started = SystemTime::now();
@@ -274,7 +295,16 @@ fn spawn(res: &mut Resources, cfg: Arc<Config>) -> Result<Running, DaemonError> 
         number: 1,
     }));
     let handoff = Arc::new(InboundHandoff::default());
+    // IKE arriving on the ESP-in-UDP port, from the RX thread to the serving loop.
+    let (natt_tx, natt_rx) = match no_ike {
+        true => (None, None),
+        false => {
+            let (t, r) = tokio::sync::mpsc::channel(64);
+            (Some(t), Some(r))
+        }
+    };
     let handles = EdgeHandles {
+        natt: natt_tx,
         tun: res.tun.clone(),
         sockets: res.sockets.clone(),
         udp: res.udp.clone(),
@@ -302,6 +332,7 @@ fn spawn(res: &mut Resources, cfg: Arc<Config>) -> Result<Running, DaemonError> 
         clock,
         started,
         socket_inodes: res.socket_inodes(),
+        ike: std::sync::Mutex::default(),
     });
     Ok(Running {
         workers,
@@ -309,6 +340,7 @@ fn spawn(res: &mut Resources, cfg: Arc<Config>) -> Result<Running, DaemonError> 
         live,
         handoff,
         reload_rx,
+        natt_rx,
     })
 }
 

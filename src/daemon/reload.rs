@@ -131,6 +131,33 @@ impl Reloader<'_> {
         Ok(format!("{summary}{routes}"))
     }
 
+    /// Publish `cfg`, the running configuration with IKEv2's current SAs in place of its
+    /// ikev2 peers' `EspPending` (a rekey, an SA installed or removed): a new generation in
+    /// which every other SA continues. Nothing but SAs changes, so no route moves and no
+    /// reservation is written (negotiated keys have none). Synchronous: the caller sends the
+    /// IKE message that lets the peer use a new SA only after this returned.
+    pub(super) fn publish_keys(&mut self, cfg: Config) -> Result<(), String> {
+        let old = self.live.current.load_full();
+        let tunnel = TunnelSpec {
+            relay: cfg.interface.forward,
+            mtu: self.live.mtu,
+        };
+        let (outbound, inbound) =
+            datapath::rebuild(&cfg.peers, tunnel, cfg.nat_table(), &old.outbound)
+                .map_err(|e| e.to_string())?;
+        reserve_new(&outbound, &old.outbound, self.store, Vec::new())?;
+        let next = Generation {
+            sent_from: old.sent_from.clone(),
+            sources: old.sources.clone(),
+            outbound,
+            cfg: Arc::new(cfg),
+            number: old.number + 1,
+        };
+        self.handoff.offer(inbound);
+        self.live.current.store(Arc::new(next));
+        Ok(())
+    }
+
     /// Refuse what only a restart can change.
     fn compatible(&self, old: &Config, new: &Config) -> Result<(), String> {
         let restart = |what: &str| {

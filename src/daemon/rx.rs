@@ -216,6 +216,15 @@ fn drain_udp(u: &UdpEncapSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Rec
             let datagrams = whole.chunks(r.segment.max(1));
             for d in datagrams.chain(whole.is_empty().then_some(whole)) {
                 rec.record_udp(r.from, here, d);
+                // IKE behind the non-ESP marker (RFC 3948 section 2.2): to the IKE edge when a
+                // peer is keyed by IKEv2 (a full queue drops it: IKE retransmits); otherwise
+                // the core counts it as `non_esp`.
+                if let (Some(tx), [0, 0, 0, 0, msg @ ..]) = (e.natt, d) {
+                    if tx.try_send((msg.to_vec(), r.from)).is_err() {
+                        e.edge.bad_outer.fetch_add(1, Relaxed);
+                    }
+                    continue;
+                }
                 let buf = &mut b.bufs[n];
                 buf.reset();
                 buf.read_area()[..d.len()].copy_from_slice(d);

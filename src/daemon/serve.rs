@@ -2,6 +2,7 @@
 //! metrics endpoint answer from atomics; once a second the peers' silence and the SA
 //! lifetimes are checked.
 
+use super::ike::{IkeDriver, NattDatagram, IKE_TICK};
 use super::reload::Reloader;
 use super::seq::{extend_reservations, RESERVATION_TICK};
 use super::workers::Ended;
@@ -35,6 +36,10 @@ pub(super) struct Listeners<'a> {
     pub metrics: Option<std::net::TcpListener>,
     /// Reload requests the control socket received (`espip reload`).
     pub reload: &'a mut tokio::sync::mpsc::Receiver<ReloadRequest>,
+    /// IKEv2 (port 500 and the engines), when a peer uses it.
+    pub ike: Option<IkeDriver>,
+    /// IKE messages the RX thread took off the ESP-in-UDP port.
+    pub natt: Option<tokio::sync::mpsc::Receiver<NattDatagram>>,
 }
 
 /// Serve `live` until a stop signal, or until a data-path thread reports on `ended`; keep the
@@ -53,6 +58,8 @@ pub(super) fn serve(
         control,
         metrics,
         reload,
+        mut ike,
+        mut natt,
     } = listeners;
     rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
@@ -74,14 +81,40 @@ pub(super) fn serve(
         let mut warn_state = RateLimit::default();
         let mut silence = Silence::default();
         let mut lifetimes = LifetimeWatch::default();
-        loop {
+        let mut ike_tick = tokio::time::interval(IKE_TICK);
+        let stop = loop {
             tokio::select! {
-                _ = term.recv() => return Ok(Stop::Signal("SIGTERM")),
-                _ = int.recv() => return Ok(Stop::Signal("SIGINT")),
-                Some(e) = ended.recv() => return Ok(Stop::Worker(e)),
-                _ = hup.recv() => reload_from_file(&mut reloader, path).await,
+                _ = term.recv() => break Stop::Signal("SIGTERM"),
+                _ = int.recv() => break Stop::Signal("SIGINT"),
+                Some(e) = ended.recv() => break Stop::Worker(e),
+                _ = hup.recv() => reload_from_file(&mut reloader, ike.as_mut(), path).await,
+                (msg, from) = async {
+                    match &ike {
+                        Some(d) => d.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(d) = ike.as_mut() {
+                        d.handle(&msg, from, false, &mut reloader).await;
+                    }
+                }
+                Some((msg, from)) = async {
+                    match natt.as_mut() {
+                        Some(r) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(d) = ike.as_mut() {
+                        d.handle(&msg, from, true, &mut reloader).await;
+                    }
+                }
+                _ = ike_tick.tick(), if ike.is_some() => {
+                    if let Some(d) = ike.as_mut() {
+                        d.tick(&mut reloader).await;
+                    }
+                }
                 Some(r) = reload.recv() => {
-                    let result = reloader.apply(r.cfg, r.key_files).await;
+                    let result = reload_with_ike(&mut reloader, ike.as_mut(), r.cfg, r.key_files).await;
                     if let Err(e) = &result {
                         warn!("reload refused, the running configuration is unchanged: {e}");
                     }
@@ -95,14 +128,42 @@ pub(super) fn serve(
                     lifetimes.check(&g, now);
                 }
             }
+        };
+        // A clean stop tells IKEv2 peers (DELETE), so they do not wait for a dead peer.
+        if let Some(d) = ike.as_mut() {
+            d.close(&mut reloader).await;
         }
+        Ok(stop)
     })
+}
+
+/// A reload with IKEv2 peers: engines follow the new configuration (unchanged ones keep
+/// their SAs, which stay installed), then the reload applies it.
+async fn reload_with_ike(
+    reloader: &mut Reloader<'_>,
+    ike: Option<&mut IkeDriver>,
+    mut cfg: Config,
+    key_files: Vec<(String, std::fs::File)>,
+) -> Result<String, String> {
+    if let Some(d) = ike {
+        d.reconfigure(&cfg, &super::setup::outer_sources(&cfg));
+        cfg.peers = d.keyed(&cfg.peers);
+    } else if !cfg.ike.is_empty() {
+        return Err(
+            "a peer now uses keying = \"ikev2\", which needs UDP port 500 opened at start: restart espip".into(),
+        );
+    }
+    reloader.apply(cfg, key_files).await
 }
 
 /// SIGHUP: re-read the configuration file and apply it. A daemon that dropped its privileges
 /// usually cannot read root's configuration and key files: the message names `espip reload`,
 /// which reads them as root.
-async fn reload_from_file(reloader: &mut Reloader<'_>, path: Option<&Path>) {
+async fn reload_from_file(
+    reloader: &mut Reloader<'_>,
+    ike: Option<&mut IkeDriver>,
+    path: Option<&Path>,
+) {
     let Some(path) = path else {
         warn!("SIGHUP: this daemon was not started from a configuration file; nothing to re-read");
         return;
@@ -110,7 +171,7 @@ async fn reload_from_file(reloader: &mut Reloader<'_>, path: Option<&Path>) {
     info!(config = %path.display(), "SIGHUP: reloading");
     match Config::load(path) {
         Ok(cfg) => {
-            if let Err(e) = reloader.apply(cfg, Vec::new()).await {
+            if let Err(e) = reload_with_ike(reloader, ike, cfg, Vec::new()).await {
                 warn!("reload refused, the running configuration is unchanged: {e}");
             }
         }

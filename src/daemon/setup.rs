@@ -44,6 +44,9 @@ pub(super) struct Resources {
     pub sockets: Arc<Vec<RawSocket>>,
     /// The ESP-in-UDP sockets (one per IP version the esp-udp peers use).
     pub udp: Arc<Vec<UdpEncapSocket>>,
+    /// IKEv2's UDP port 500, one per IP version the ikev2 peers use (taken by the serving
+    /// loop).
+    pub ike: Vec<std::net::UdpSocket>,
     /// The metrics listener, until the serving phase takes it.
     pub metrics: Option<std::net::TcpListener>,
     /// Capture taps.
@@ -73,6 +76,7 @@ impl Resources {
         let mtu = super::tunnel_mtu(cfg)?;
         // Sockets first: a missing privilege fails before any device exists.
         let (sockets, udp) = open_sockets(cfg)?;
+        let ike = open_ike_sockets(cfg)?;
         // Root's own state (sysctls saved, sequence numbers): a directory no other user can write.
         let state = PrivateDir::open(&cfg.interface.state_dir)
             .map_err(|e| DaemonError::State(cfg.interface.state_dir.clone(), e))?;
@@ -121,6 +125,7 @@ impl Resources {
             control,
             sockets: Arc::new(sockets),
             udp: Arc::new(udp),
+            ike,
             metrics,
             taps: None,
             outbound: Some(outbound),
@@ -186,7 +191,8 @@ fn open_sockets(cfg: &Config) -> Result<(Vec<RawSocket>, Vec<UdpEncapSocket>), D
         if uses(|e| {
             matches!(
                 e,
-                EncapSpec::Esp { udp_port: None, .. } | EncapSpec::EspPending { udp_port: None, .. }
+                EncapSpec::Esp { udp_port: None, .. }
+                    | EncapSpec::EspPending { udp_port: None, .. }
             )
         }) {
             protocols.push(PROTO_ESP);
@@ -219,6 +225,44 @@ fn open_sockets(cfg: &Config) -> Result<(Vec<RawSocket>, Vec<UdpEncapSocket>), D
         }
     }
     Ok((sockets, udp))
+}
+
+/// UDP port 500 for the ikev2 peers, bound as root (a privileged port) before the drop.
+fn open_ike_sockets(cfg: &Config) -> Result<Vec<std::net::UdpSocket>, DaemonError> {
+    let mut v = Vec::new();
+    for v6 in [false, true] {
+        let used = cfg.ike.iter().any(|s| {
+            cfg.peers
+                .iter()
+                .any(|p| p.name == s.peer && p.endpoint.is_ipv6() == v6)
+        });
+        if !used {
+            continue;
+        }
+        let addr: IpAddr = match cfg.interface.local.filter(|l| l.is_ipv6() == v6) {
+            Some(l) => l,
+            None if v6 => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            None => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        };
+        let s = socket2::Socket::new(
+            if v6 {
+                socket2::Domain::IPV6
+            } else {
+                socket2::Domain::IPV4
+            },
+            socket2::Type::DGRAM.cloexec(),
+            Some(socket2::Protocol::UDP),
+        )
+        .map_err(|e| DaemonError::IkeSocket(addr, e))?;
+        if v6 {
+            s.set_only_v6(true)
+                .map_err(|e| DaemonError::IkeSocket(addr, e))?;
+        }
+        s.bind(&std::net::SocketAddr::new(addr, super::ike::IKE_PORT).into())
+            .map_err(|e| DaemonError::IkeSocket(addr, e))?;
+        v.push(s.into());
+    }
+    Ok(v)
 }
 
 fn bind_metrics(cfg: &Config) -> Result<Option<std::net::TcpListener>, DaemonError> {

@@ -151,6 +151,8 @@ pub(super) struct EdgeHandles {
     pub(super) edge: Arc<EdgeStats>,
     pub(super) current: Arc<Current>,
     pub(super) handoff: Arc<InboundHandoff>,
+    /// Where the RX thread hands IKE messages from the ESP-in-UDP port (ikev2 peers only).
+    pub(super) natt: Option<tokio::sync::mpsc::Sender<super::ike::NattDatagram>>,
 }
 
 impl EdgeHandles {
@@ -165,6 +167,7 @@ impl EdgeHandles {
             edge: &self.edge,
             current: &self.current,
             handoff: &self.handoff,
+            natt: self.natt.as_ref(),
         }
     }
 }
@@ -184,4 +187,6 @@ pub(super) struct Edges<'a> {
     pub(super) current: &'a Current,
     /// A new inbound half for the RX thread after a reload.
     pub(super) handoff: &'a InboundHandoff,
+    /// IKE on the ESP-in-UDP port goes here (ikev2 peers only).
+    pub(super) natt: Option<&'a tokio::sync::mpsc::Sender<super::ike::NattDatagram>>,
 }

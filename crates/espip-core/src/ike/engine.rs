@@ -599,8 +599,8 @@ impl Engine {
                 && now.saturating_sub(s.created) > HALF_OPEN_MS * MS;
             let delete_unanswered =
                 s.state == State::Rekeyed && s.flight.as_ref().is_some_and(|f| f.tries > cfg_tries);
-            let replaced_long_ago = s.state == State::Rekeyed
-                && now.saturating_sub(s.rekey_at) > HALF_OPEN_MS * MS;
+            let replaced_long_ago =
+                s.state == State::Rekeyed && now.saturating_sub(s.rekey_at) > HALF_OPEN_MS * MS;
             !half_open_expired && !delete_unanswered && !replaced_long_ago
         });
         for s in &mut self.others {

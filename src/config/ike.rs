@@ -1,0 +1,361 @@
+//! `keying = "ikev2"` on a `[[peer]]`: the peer's ESP SAs come from IKEv2 (RFC 7296) with a
+//! pre-shared key instead of static keys. The settings follow strongSwan's `swanctl.conf`
+//! names and notation where they have one, so the two sides read alike.
+
+use super::peer::Mode;
+use super::raw::RawPeer;
+use super::{invalid, ConfigError};
+use crate::ike::proposal::{EspProposal, IkeProposal};
+use crate::prefix::Prefix;
+use std::net::IpAddr;
+use std::path::Path;
+use zeroize::Zeroizing;
+
+/// Default IKE proposal (strongSwan's notation).
+pub const DEFAULT_IKE_PROPOSAL: &str = "aes128gcm16-prfsha256-x25519";
+/// Default ESP proposal.
+pub const DEFAULT_ESP_PROPOSAL: &str = "aes128gcm16";
+/// Default IKE SA lifetime, seconds (strongSwan rekeys IKE SAs every 4 h).
+pub const DEFAULT_IKE_LIFETIME: u64 = 4 * 3600;
+/// Default CHILD_SA lifetime, seconds (strongSwan: 1 h).
+pub const DEFAULT_CHILD_LIFETIME: u64 = 3600;
+/// Default liveness check interval, seconds.
+pub const DEFAULT_DPD: u64 = 30;
+
+/// Which side starts the exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Connects at start and after a failure.
+    Initiator,
+    /// Waits for the peer.
+    Responder,
+}
+
+/// The IKEv2 settings of one peer.
+#[derive(Clone)]
+pub struct IkePeer {
+    /// The peer (its `name`).
+    pub peer: String,
+    /// Initiator or responder.
+    pub role: Role,
+    /// The pre-shared key (file contents: text, or `0x` hex).
+    pub psk: Zeroizing<Vec<u8>>,
+    /// Our identity (strongSwan `local.id`).
+    pub local_id: String,
+    /// The peer's identity (`remote.id`).
+    pub remote_id: String,
+    /// IKE proposals.
+    pub ike_proposals: Vec<IkeProposal>,
+    /// ESP proposals.
+    pub esp_proposals: Vec<EspProposal>,
+    /// IKE SA lifetime, seconds (rekeyed `rekey_margin` before).
+    pub ike_lifetime: u64,
+    /// CHILD_SA lifetime, seconds.
+    pub child_lifetime: u64,
+    /// Rekey this long before the lifetime ends, seconds.
+    pub rekey_margin: u64,
+    /// And up to this much earlier still, at random, seconds (so both sides do not collide).
+    pub rekey_jitter: u64,
+    /// Liveness check after this long without a message from the peer, seconds (0: off).
+    pub dpd_interval: u64,
+    /// Our side's traffic selectors (default: the interface addresses as hosts).
+    pub local_ts: Vec<Prefix>,
+}
+
+impl std::fmt::Debug for IkePeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IkePeer")
+            .field("peer", &self.peer)
+            .field("role", &self.role)
+            .field("psk", &"<redacted>")
+            .field("local_id", &self.local_id)
+            .field("remote_id", &self.remote_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for IkePeer {
+    fn eq(&self, o: &Self) -> bool {
+        self.peer == o.peer
+            && self.role == o.role
+            && *self.psk == *o.psk
+            && self.local_id == o.local_id
+            && self.remote_id == o.remote_id
+            && self.ike_proposals == o.ike_proposals
+            && self.esp_proposals == o.esp_proposals
+            && self.ike_lifetime == o.ike_lifetime
+            && self.child_lifetime == o.child_lifetime
+            && self.rekey_margin == o.rekey_margin
+            && self.rekey_jitter == o.rekey_jitter
+            && self.dpd_interval == o.dpd_interval
+            && self.local_ts == o.local_ts
+    }
+}
+
+/// Is the peer keyed by IKEv2? (`keying`, checked.)
+pub(super) fn keying(p: &RawPeer, k: &dyn Fn(&str) -> String) -> Result<bool, ConfigError> {
+    match p.keying.as_deref() {
+        None | Some("static") => {
+            for (field, set) in [
+                ("psk_file", p.psk_file.is_some()),
+                ("local_id", p.local_id.is_some()),
+                ("remote_id", p.remote_id.is_some()),
+                ("role", p.role.is_some()),
+                ("ike_proposals", p.ike_proposals.is_some()),
+                ("esp_proposals", p.esp_proposals.is_some()),
+                ("ike_lifetime", p.ike_lifetime.is_some()),
+                ("child_lifetime", p.child_lifetime.is_some()),
+                ("rekey_margin", p.rekey_margin.is_some()),
+                ("rekey_jitter", p.rekey_jitter.is_some()),
+                ("dpd_interval", p.dpd_interval.is_some()),
+                ("local_ts", p.local_ts.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        k(field),
+                        "(set)",
+                        "keying = \"ikev2\" on this peer (it is an IKEv2 setting), or remove it",
+                    ));
+                }
+            }
+            Ok(false)
+        }
+        Some("ikev2") => Ok(true),
+        Some(other) => Err(invalid(
+            k("keying"),
+            format!("{other:?}"),
+            "\"static\" (keys and SPIs in the configuration, the default) or \"ikev2\" (negotiated with a pre-shared key)",
+        )),
+    }
+}
+
+/// The IKEv2 settings of an ikev2 peer. `mode`, `multipath` and the static SA keys were read
+/// by the caller; static keys and multipath are refused here.
+pub(super) fn ike_peer(
+    p: &RawPeer,
+    mode: Mode,
+    endpoint: IpAddr,
+    multipath: bool,
+    base: &Path,
+    keys: &super::KeyFiles,
+    interface: &super::Interface,
+    k: &dyn Fn(&str) -> String,
+    warnings: &mut Vec<String>,
+) -> Result<IkePeer, ConfigError> {
+    if mode == Mode::IpIp {
+        return Err(invalid(
+            k("mode"),
+            "\"ipip\"",
+            "\"esp-udp\" (what strongSwan and NAT traversal use) or \"esp\" with keying = \"ikev2\": IKEv2 keys ESP",
+        ));
+    }
+    if multipath {
+        return Err(invalid(
+            k("path"),
+            "(several paths)",
+            "one endpoint: keying = \"ikev2\" does not support [[peer.path]] yet (its reorder stage keys on one SA's sequence numbers)",
+        ));
+    }
+    for (field, set) in [
+        ("cipher", p.cipher.is_some()),
+        ("spi_out", p.spi_out.is_some()),
+        ("spi_in", p.spi_in.is_some()),
+        ("key_out", p.key_out.is_some() || p.key_out_file.is_some()),
+        ("key_in", p.key_in.is_some() || p.key_in_file.is_some()),
+        ("esn", p.esn.is_some()),
+        ("lifetime_packets", p.lifetime_packets.is_some()),
+        ("lifetime_bytes", p.lifetime_bytes.is_some()),
+        ("lifetime_seconds", p.lifetime_seconds.is_some()),
+    ] {
+        if set {
+            return Err(invalid(
+                k(field),
+                "(set)",
+                "nothing with keying = \"ikev2\": IKEv2 negotiates ciphers, SPIs, keys and ESN (esp_proposals, child_lifetime); remove it",
+            ));
+        }
+    }
+    let role = match p.role.as_deref() {
+        Some("initiator") => Role::Initiator,
+        Some("responder") => Role::Responder,
+        other => {
+            return Err(invalid(
+                k("role"),
+                other.map_or("(missing)".to_string(), |r| format!("{r:?}")),
+                "\"initiator\" on one side and \"responder\" on the other (the initiator connects at start and after a failure; the responder waits)",
+            ))
+        }
+    };
+    let psk_path = p.psk_file.clone().ok_or_else(|| {
+        invalid(
+            k("psk_file"),
+            "(missing)",
+            "the path of a file (mode 0600, owned by root) holding the pre-shared key: text, or 0x and hex",
+        )
+    })?;
+    let psk_path = if psk_path.is_relative() {
+        base.join(psk_path)
+    } else {
+        psk_path
+    };
+    let text = keys.read(&k("psk_file"), &psk_path)?;
+    let t = text.trim_end_matches(['\n', '\r']);
+    let psk = match t.strip_prefix("0x") {
+        Some(h) => {
+            let h = h.trim();
+            if h.len() % 2 != 0 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    k("psk_file"),
+                    psk_path.display(),
+                    "a file holding the key as text, or as 0x followed by an even number of hex digits",
+                ));
+            }
+            Zeroizing::new(
+                (0..h.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap_or(0))
+                    .collect::<Vec<u8>>(),
+            )
+        }
+        None => Zeroizing::new(t.as_bytes().to_vec()),
+    };
+    if psk.is_empty() {
+        return Err(invalid(
+            k("psk_file"),
+            psk_path.display(),
+            "a file holding a pre-shared key (it is empty)",
+        ));
+    }
+    if psk.len() < 20 {
+        warnings.push(format!(
+            "{}: the pre-shared key is {} bytes; a key of 20 or more random bytes (`head -c 32 /dev/urandom | xxd -p -c 64 | sed s/^/0x/`) resists offline guessing",
+            k("psk_file"),
+            psk.len()
+        ));
+    }
+    let local_id = match (&p.local_id, interface.local) {
+        (Some(s), _) => s.trim().to_string(),
+        (None, Some(l)) => l.to_string(),
+        (None, None) => {
+            return Err(invalid(
+                k("local_id"),
+                "(missing)",
+                "this side's identity, as the peer's remote_id (strongSwan remote.id) names it: an FQDN such as \"a.example\" or an address (or set interface.local to use it)",
+            ))
+        }
+    };
+    let remote_id = p
+        .remote_id
+        .as_ref()
+        .map_or_else(|| endpoint.to_string(), |s| s.trim().to_string());
+    for (f, v) in [("local_id", &local_id), ("remote_id", &remote_id)] {
+        if v.is_empty() || v.len() > 255 || v.chars().any(|c| c.is_control()) {
+            return Err(invalid(
+                k(f),
+                format!("{v:?}"),
+                "an FQDN, e-mail style name or address of 1 to 255 printable characters",
+            ));
+        }
+    }
+    let list = |field: &str, v: &Option<Vec<String>>, default: &str| -> Vec<String> {
+        let _ = field;
+        match v {
+            Some(l) => l
+                .iter()
+                .flat_map(|s| s.split(','))
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            None => vec![default.to_string()],
+        }
+    };
+    let mut ike_proposals = Vec::new();
+    for s in list("ike_proposals", &p.ike_proposals, DEFAULT_IKE_PROPOSAL) {
+        ike_proposals.push(IkeProposal::parse(&s).map_err(|e| invalid(k("ike_proposals"), &s, e))?);
+    }
+    let mut esp_proposals = Vec::new();
+    for s in list("esp_proposals", &p.esp_proposals, DEFAULT_ESP_PROPOSAL) {
+        esp_proposals.push(EspProposal::parse(&s).map_err(|e| invalid(k("esp_proposals"), &s, e))?);
+    }
+    if ike_proposals.is_empty() || esp_proposals.is_empty() {
+        return Err(invalid(
+            k(if ike_proposals.is_empty() {
+                "ike_proposals"
+            } else {
+                "esp_proposals"
+            }),
+            "[]",
+            "at least one proposal, e.g. [\"aes128gcm16-prfsha256-x25519\"] / [\"aes128gcm16\"]",
+        ));
+    }
+    let secs = |field: &str, v: Option<i64>, default: u64, min: u64| -> Result<u64, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(n) if n >= min as i64 && n <= 365 * 86400 => Ok(n as u64),
+            Some(n) => Err(invalid(
+                k(field),
+                n,
+                format!("seconds from {min} to 31536000"),
+            )),
+        }
+    };
+    let ike_lifetime = secs("ike_lifetime", p.ike_lifetime, DEFAULT_IKE_LIFETIME, 10)?;
+    let child_lifetime = secs(
+        "child_lifetime",
+        p.child_lifetime,
+        DEFAULT_CHILD_LIFETIME,
+        3,
+    )?;
+    let shortest = ike_lifetime.min(child_lifetime);
+    let rekey_margin = secs("rekey_margin", p.rekey_margin, (shortest / 10).max(1), 1)?;
+    let rekey_jitter = secs("rekey_jitter", p.rekey_jitter, rekey_margin / 2, 0)?;
+    if rekey_margin + rekey_jitter >= shortest {
+        return Err(invalid(
+            k("rekey_margin"),
+            rekey_margin,
+            format!(
+                "a margin that with rekey_jitter ({rekey_jitter}) stays below the shorter lifetime ({shortest} s): the SA must live a while before it is rekeyed"
+            ),
+        ));
+    }
+    let dpd_interval = secs("dpd_interval", p.dpd_interval, DEFAULT_DPD, 0)?;
+    let local_ts = match &p.local_ts {
+        Some(v) => {
+            let mut out = Vec::new();
+            for a in v {
+                out.push(
+                    a.parse::<Prefix>()
+                        .map_err(|e| invalid(k("local_ts"), format!("{a:?}"), e.to_string()))?,
+                );
+            }
+            out
+        }
+        None => interface
+            .addresses
+            .iter()
+            .filter_map(|a| Prefix::new(a.addr, if a.addr.is_ipv4() { 32 } else { 128 }))
+            .collect(),
+    };
+    if local_ts.is_empty() {
+        return Err(invalid(
+            k("local_ts"),
+            "(none)",
+            "the inner prefixes of this side (the traffic selector the peer routes to us); by default the interface addresses, and the interface has none",
+        ));
+    }
+    Ok(IkePeer {
+        peer: p.name.clone(),
+        role,
+        psk,
+        local_id,
+        remote_id,
+        ike_proposals,
+        esp_proposals,
+        ike_lifetime,
+        child_lifetime,
+        rekey_margin,
+        rekey_jitter,
+        dpd_interval,
+        local_ts,
+    })
+}

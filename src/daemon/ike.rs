@@ -1,0 +1,451 @@
+//! The IKEv2 edge: UDP port 500 (and IKE on the ESP-in-UDP port behind the non-ESP marker,
+//! which the RX thread hands over), one [`Engine`] per `keying = "ikev2"` peer, and the
+//! translation of the engines' SA sets into data-path generations.
+//!
+//! Everything here runs on the control thread (the serving loop): a message in, the engine's
+//! outputs performed in order - a changed SA set is published to the data path before the
+//! next message goes out, so the peer never uses an SA we have not installed.
+
+use super::reload::Reloader;
+use crate::config::{Config, IkePeer, IkeRole};
+use crate::datapath::{EncapSpec, Lifetime, PeerSpec};
+use crate::ike::engine::{Engine, Event, IkeConfig, Out, Role, SaStatus};
+use crate::ike::msg::Id;
+use crate::ike::ts;
+use crate::sys::udp::UdpEncapSocket;
+use ring::rand::SystemRandom;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{info, warn};
+
+/// IKE's UDP port.
+pub const IKE_PORT: u16 = 500;
+/// How often the engines' timers run.
+pub(super) const IKE_TICK: std::time::Duration = std::time::Duration::from_millis(50);
+/// First retransmission timeout; doubled on each of [`RETRANSMIT_TRIES`] tries (about 15 s
+/// in all before a peer counts as dead).
+const RETRANSMIT_MS: u64 = 500;
+/// Retransmissions before the peer counts as dead.
+const RETRANSMIT_TRIES: u32 = 4;
+
+/// A datagram for IKE that came on the ESP-in-UDP port (marker removed).
+pub(crate) type NattDatagram = (Vec<u8>, SocketAddr);
+
+/// One peer's engine and what it was made from.
+struct Peer {
+    name: String,
+    spec: IkePeer,
+    engine: Engine,
+    /// Authenticated ESP packets seen from the peer at the last tick (DPD need not ask).
+    rx_seen: u64,
+}
+
+/// The IKE sockets and engines.
+pub(super) struct IkeDriver {
+    peers: Vec<Peer>,
+    sockets: Vec<tokio::net::UdpSocket>,
+    udp: Arc<Vec<UdpEncapSocket>>,
+    rng: SystemRandom,
+    clock: Instant,
+}
+
+/// What [`IkeDriver::recv`] returns.
+pub(super) type Received = (Vec<u8>, SocketAddr);
+
+fn engine_config(cfg: &Config, s: &IkePeer, p: &PeerSpec, local: IpAddr) -> IkeConfig {
+    let udp_port = match p.encap {
+        EncapSpec::Esp { udp_port, .. } | EncapSpec::EspPending { udp_port, .. } => udp_port,
+        EncapSpec::IpIp => None,
+    };
+    let ms = |s: u64| s.saturating_mul(1000);
+    IkeConfig {
+        name: p.name.clone(),
+        role: match s.role {
+            IkeRole::Initiator => Role::Initiator,
+            IkeRole::Responder => Role::Responder,
+        },
+        psk: s.psk.clone(),
+        local_id: Id::from_config(&s.local_id),
+        remote_id: Id::from_config(&s.remote_id),
+        ike: s.ike_proposals.clone(),
+        esp: s.esp_proposals.clone(),
+        ike_rekey_ms: ms(s.ike_lifetime - s.rekey_margin),
+        child_rekey_ms: ms(s.child_lifetime - s.rekey_margin),
+        child_life_ms: ms(s.child_lifetime),
+        jitter_ms: ms(s.rekey_jitter),
+        dpd_ms: ms(s.dpd_interval),
+        retransmit_ms: RETRANSMIT_MS,
+        retransmit_tries: RETRANSMIT_TRIES,
+        local_ts: s.local_ts.iter().map(ts::from_prefix).collect(),
+        remote_ts: p.allowed_ips.iter().map(ts::from_prefix).collect(),
+        remote: SocketAddr::new(p.endpoint, IKE_PORT),
+        local,
+        local_port: IKE_PORT,
+        natt_port: cfg.interface.listen_port,
+        remote_natt_port: udp_port.unwrap_or(crate::wire::ip::IPSEC_NAT_T_PORT),
+        force_encap: udp_port.is_some(),
+    }
+}
+
+impl IkeDriver {
+    /// The engines of `cfg`'s ikev2 peers on `sockets` (bound to port 500 by the setup);
+    /// `None` when no peer uses IKEv2.
+    pub(super) fn new(
+        cfg: &Config,
+        sources: &[IpAddr],
+        sockets: Vec<std::net::UdpSocket>,
+        udp: Arc<Vec<UdpEncapSocket>>,
+        clock: Instant,
+    ) -> std::io::Result<Option<IkeDriver>> {
+        if cfg.ike.is_empty() {
+            return Ok(None);
+        }
+        let mut tokio_sockets = Vec::new();
+        for s in sockets {
+            s.set_nonblocking(true)?;
+            tokio_sockets.push(tokio::net::UdpSocket::from_std(s)?);
+        }
+        let mut d = IkeDriver {
+            peers: Vec::new(),
+            sockets: tokio_sockets,
+            udp,
+            rng: SystemRandom::new(),
+            clock,
+        };
+        d.reconfigure(cfg, sources);
+        Ok(Some(d))
+    }
+
+    /// Follow a new configuration: engines of peers whose IKE settings, endpoint or
+    /// selectors are unchanged keep running; others start over.
+    pub(super) fn reconfigure(&mut self, cfg: &Config, sources: &[IpAddr]) {
+        let mut next = Vec::new();
+        for s in &cfg.ike {
+            let Some((i, p)) = cfg.peers.iter().enumerate().find(|(_, p)| p.name == s.peer) else {
+                continue;
+            };
+            let local = sources.get(i).copied().unwrap_or(match p.endpoint {
+                IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            });
+            let ec = engine_config(cfg, s, p, local);
+            let same = self.peers.iter().position(|q| {
+                q.name == p.name
+                    && q.spec == *s
+                    && q.engine.config().remote == ec.remote
+                    && q.engine.config().remote_ts == ec.remote_ts
+            });
+            match same {
+                Some(j) => next.push(self.peers.remove(j)),
+                None => next.push(Peer {
+                    name: p.name.clone(),
+                    spec: s.clone(),
+                    engine: Engine::new(ec),
+                    rx_seen: 0,
+                }),
+            }
+        }
+        self.peers = next;
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.elapsed().as_nanos() as u64
+    }
+
+    /// The next datagram on port 500.
+    pub(super) async fn recv(&self) -> Received {
+        loop {
+            // Readiness first, then a non-blocking read: one buffer, whichever socket.
+            let ready = match self.sockets.as_slice() {
+                [a] => a.readable().await.map(|_| a),
+                [a, b, ..] => {
+                    tokio::select! {
+                        r = a.readable() => r.map(|_| a),
+                        r = b.readable() => r.map(|_| b),
+                    }
+                }
+                [] => std::future::pending().await,
+            };
+            let Ok(s) = ready else { continue };
+            let mut buf = vec![0u8; crate::ike::msg::MAX_MSG + 1];
+            if let Ok((n, from)) = s.try_recv_from(&mut buf) {
+                buf.truncate(n);
+                return (buf, from);
+            }
+        }
+    }
+
+    /// A datagram from port 500 (`natt` false) or the ESP-in-UDP port.
+    pub(super) async fn handle(
+        &mut self,
+        msg: &[u8],
+        from: SocketAddr,
+        natt: bool,
+        reloader: &mut Reloader<'_>,
+    ) {
+        let from = SocketAddr::new(canonical(from.ip()), from.port());
+        let now = self.now();
+        let Some(i) = self
+            .peers
+            .iter()
+            .position(|p| p.engine.config().remote.ip() == from.ip())
+        else {
+            return;
+        };
+        let outs = self.peers[i].engine.handle(msg, from, natt, now, &self.rng);
+        self.perform(i, outs, reloader).await;
+    }
+
+    /// Timers: retransmissions, rekeys, liveness, reconnects.
+    pub(super) async fn tick(&mut self, reloader: &mut Reloader<'_>) {
+        let now = self.now();
+        let g = reloader.live.current.load_full();
+        for i in 0..self.peers.len() {
+            if let Some(idx) = g
+                .cfg
+                .peers
+                .iter()
+                .position(|p| p.name == self.peers[i].name)
+            {
+                let rx = g
+                    .outbound
+                    .peer_stats(idx)
+                    .rx_packets
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if rx != self.peers[i].rx_seen {
+                    self.peers[i].rx_seen = rx;
+                    self.peers[i].engine.heard(now);
+                }
+            }
+            let outs = self.peers[i].engine.tick(now, &self.rng);
+            self.perform(i, outs, reloader).await;
+        }
+    }
+
+    /// A clean stop: DELETE every IKE SA.
+    pub(super) async fn close(&mut self, reloader: &mut Reloader<'_>) {
+        let now = self.now();
+        for i in 0..self.peers.len() {
+            let outs = self.peers[i].engine.close(now);
+            self.perform(i, outs, reloader).await;
+        }
+    }
+
+    async fn perform(&mut self, i: usize, outs: Vec<Out>, reloader: &mut Reloader<'_>) {
+        let name = self.peers[i].name.clone();
+        for o in outs {
+            match o {
+                Out::Send { to, natt, msg } => self.send(to, natt, &msg).await,
+                Out::Changed => self.publish(reloader),
+                Out::Event(e) => log_event(&name, &e),
+            }
+        }
+        reloader.live.set_ike(self.status(), self.wireshark_ike());
+    }
+
+    async fn send(&self, to: SocketAddr, natt: bool, msg: &[u8]) {
+        let result = if natt {
+            let Some(u) = self.udp.iter().find(|u| u.is_v6() == to.is_ipv6()) else {
+                warn!(%to, "IKE wants the NAT-T port but espip has no ESP-in-UDP socket for that address family");
+                return;
+            };
+            // RFC 3948 section 2.2: IKE on the NAT-T port follows four zero octets.
+            let mut m = Vec::with_capacity(msg.len() + 4);
+            m.extend_from_slice(&[0, 0, 0, 0]);
+            m.extend_from_slice(msg);
+            let sent = u.send_datagrams(&[(&m, to)]);
+            if sent.datagrams == 1 {
+                Ok(())
+            } else {
+                Err(sent
+                    .error
+                    .unwrap_or_else(|| std::io::Error::other("not sent")))
+            }
+        } else {
+            match self
+                .sockets
+                .iter()
+                .find(|s| s.local_addr().is_ok_and(|a| a.is_ipv6() == to.is_ipv6()))
+            {
+                Some(s) => s.send_to(msg, to).await.map(|_| ()),
+                None => Err(std::io::Error::other(
+                    "no IKE socket for that address family",
+                )),
+            }
+        };
+        if let Err(e) = result {
+            warn!(%to, "sending an IKE message: {e}");
+        }
+    }
+
+    /// The peers with their IKE-made SAs in place of `EspPending`.
+    pub(super) fn keyed(&self, peers: &[PeerSpec]) -> Vec<PeerSpec> {
+        peers
+            .iter()
+            .map(|p| {
+                let Some(e) = self.peers.iter().find(|q| q.name == p.name) else {
+                    return p.clone();
+                };
+                let (udp_port, replay_window) = match &p.encap {
+                    EncapSpec::Esp {
+                        udp_port,
+                        replay_window,
+                        ..
+                    }
+                    | EncapSpec::EspPending {
+                        udp_port,
+                        replay_window,
+                    } => (*udp_port, *replay_window),
+                    EncapSpec::IpIp => return p.clone(),
+                };
+                let sas = e.engine.sas();
+                let mut q = p.clone();
+                match sas.out {
+                    None => {
+                        q.encap = EncapSpec::EspPending {
+                            udp_port,
+                            replay_window,
+                        };
+                        q.negotiated = None;
+                    }
+                    Some((spi_out, key_out, esn)) => {
+                        // The primary inbound SA: the newest with the outbound SA's ESN.
+                        let mut ins = sas.ins;
+                        let at = ins.iter().position(|(_, _, e)| *e == esn).unwrap_or(0);
+                        let (spi_in, key_in, _) = ins.remove(at);
+                        // ESP in UDP goes to the port IKE floated to (a NAT may map it).
+                        let udp_port = match (udp_port, e.engine.peer_addr()) {
+                            (Some(_), Some(a)) if a.port() != IKE_PORT => Some(a.port()),
+                            (u, _) => u,
+                        };
+                        q.encap = EncapSpec::Esp {
+                            cipher: key_out.cipher(),
+                            spi_out,
+                            key_out,
+                            spi_in,
+                            key_in,
+                            replay_window,
+                            esn,
+                            lifetime: Lifetime::default(),
+                            udp_port,
+                        };
+                        q.negotiated = Some(ins);
+                    }
+                }
+                q
+            })
+            .collect()
+    }
+
+    fn publish(&self, reloader: &mut Reloader<'_>) {
+        let old = reloader.live.current.load_full();
+        let mut cfg = (*old.cfg).clone();
+        cfg.peers = self.keyed(&old.cfg.peers);
+        if let Err(e) = reloader.publish_keys(cfg) {
+            warn!("installing IKEv2 SAs: {e}");
+        }
+    }
+
+    /// Status lines of every peer's SAs.
+    pub(super) fn status(&self) -> Vec<crate::status::IkePeerStatus> {
+        let now = self.now();
+        self.peers
+            .iter()
+            .map(|p| {
+                let st = p.engine.stats();
+                crate::status::IkePeerStatus {
+                    peer: p.name.clone(),
+                    role: match p.spec.role {
+                        IkeRole::Initiator => "initiator".into(),
+                        IkeRole::Responder => "responder".into(),
+                    },
+                    local_id: p.spec.local_id.clone(),
+                    remote_id: p.spec.remote_id.clone(),
+                    sas: p
+                        .engine
+                        .status(now)
+                        .into_iter()
+                        .map(|s: SaStatus| crate::status::IkeSaStatus {
+                            kind: s.kind.into(),
+                            spis: s.spis,
+                            state: s.state.into(),
+                            proposal: s.proposal,
+                            age_s: s.age_ms as f64 / 1000.0,
+                            rekey_in_s: s.rekey_in_ms.map(|m| m as f64 / 1000.0),
+                        })
+                        .collect(),
+                    established: st.established,
+                    child_rekeys: st.child_rekeys,
+                    ike_rekeys: st.ike_rekeys,
+                    requests: st.requests,
+                    retransmits: st.retransmits,
+                    responses: st.responses,
+                    failures: st.failures.clone().into_iter().collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Wireshark's `ikev2_decryption_table` lines of the current IKE SAs.
+    pub(super) fn wireshark_ike(&self) -> Vec<zeroize::Zeroizing<String>> {
+        self.peers
+            .iter()
+            .flat_map(|p| p.engine.ike_keys())
+            .filter_map(|(i, r, ei, er)| crate::wireshark::ikev2_line(i, r, &ei, &er))
+            .collect()
+    }
+}
+
+/// An IPv4-mapped IPv6 source as the IPv4 address it is.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(a) => a.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn log_event(peer: &str, e: &Event) {
+    match e {
+        Event::IkeUp {
+            spis,
+            proposal,
+            natt,
+        } => info!(peer, spis, proposal, natt, "IKE SA established"),
+        Event::ChildUp {
+            spi_in,
+            spi_out,
+            proposal,
+            ts,
+            rekey_of,
+        } => match rekey_of {
+            None => info!(
+                peer,
+                spi_in = format!("{spi_in:#010x}"),
+                spi_out = format!("{spi_out:#010x}"),
+                proposal,
+                ts,
+                "CHILD_SA installed"
+            ),
+            Some(old) => info!(
+                peer,
+                spi_in = format!("{spi_in:#010x}"),
+                spi_out = format!("{spi_out:#010x}"),
+                old_spi_in = format!("{old:#010x}"),
+                proposal,
+                "CHILD_SA rekeyed"
+            ),
+        },
+        Event::IkeRekeyed { spis } => info!(peer, spis, "IKE SA rekeyed"),
+        Event::ChildDown { spi_in, why } => {
+            info!(
+                peer,
+                spi_in = format!("{spi_in:#010x}"),
+                why,
+                "CHILD_SA removed"
+            )
+        }
+        Event::IkeDown { why } => warn!(peer, why, "IKE SA gone"),
+        Event::Failed { reason, detail } => warn!(peer, reason, "IKE: {detail}"),
+    }
+}
