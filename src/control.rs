@@ -398,7 +398,6 @@ impl Live {
         {
             let local = g.source_for(&endpoint);
             let EncapSpec::Esp {
-                cipher,
                 spi_out,
                 key_out,
                 spi_in,
@@ -408,17 +407,22 @@ impl Live {
             else {
                 continue;
             };
+            // IKEv2 peers: the older inbound SAs still accepted during a rekey too.
+            let older = p.negotiated.iter().flatten().map(|(spi, key, _)| ("in", endpoint, local, *spi, key));
             for (dir, src, dst, spi, key) in [
                 ("out", local, endpoint, *spi_out, key_out),
                 ("in", endpoint, local, *spi_in, key_in),
-            ] {
+            ]
+            .into_iter()
+            .chain(older)
+            {
                 v.push(SaExport {
                     peer: p.name.clone(),
                     direction: dir.into(),
                     src: src.to_string(),
                     dst: dst.to_string(),
                     spi,
-                    cipher: cipher.name().into(),
+                    cipher: key.cipher().name().into(),
                     wireshark: if keys {
                         crate::wireshark::esp_sa_line(src, dst, spi, key)
                     } else {
@@ -497,6 +501,14 @@ impl Live {
             "status" => serde_json::to_writer(&mut *body, &self.status()),
             "sa" => serde_json::to_writer(&mut *body, &self.sa_export(false)),
             "sa-keys" => serde_json::to_writer(&mut *body, &self.sa_export(true)),
+            "ike-keys" => serde_json::to_writer(
+                &mut *body,
+                &self
+                    .ike_wireshark()
+                    .iter()
+                    .map(|l| l.as_str())
+                    .collect::<Vec<&str>>(),
+            ),
             other => serde_json::to_writer(
                 &mut *body,
                 &serde_json::json!({

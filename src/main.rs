@@ -284,6 +284,24 @@ fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Resu
         eprintln!("(add --wireshark for Wireshark esp_sa lines with the keys)");
         return Ok(());
     }
+    // IKEv2 peers: the IKE SAs' keys for Wireshark's ikev2_decryption_table.
+    let mut ike_lines = Vec::new();
+    for sock in target.sockets()? {
+        let Ok(raw) = espip::control::request(&sock, "ike-keys") else {
+            continue;
+        };
+        let raw = zeroize::Zeroizing::new(raw);
+        let got: Vec<zeroize::Zeroizing<String>> = serde_json::from_slice(&raw).unwrap_or_default();
+        for l in got {
+            if let Err(why) = espip::wireshark::check_ikev2_line(&l) {
+                bail!(
+                    "the daemon at {} sent an IKEv2 key line espip does not write ({why}); refusing to print or store it",
+                    sock.display()
+                );
+            }
+            ike_lines.push(l);
+        }
+    }
     for n in &notes {
         println!("{n}");
     }
@@ -306,6 +324,17 @@ fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Resu
             )
         })
         .collect();
+    let mut opts = opts;
+    if !ike_lines.is_empty() {
+        println!("# Wireshark ikev2_decryption_table (Preferences > Protocols > ISAKMP > IKEv2 Decryption Table):");
+        for l in &ike_lines {
+            println!("{}", l.as_str());
+            opts.push(format!(
+                "-o {}",
+                espip::rules::shell_word(&format!("uat:ikev2_decryption_table:{}", l.as_str()))
+            ));
+        }
+    }
     println!("# tshark, reading a capture (replace FILE):");
     println!(
         "tshark -o esp.enable_encryption_decode:TRUE -o esp.enable_authentication_check:TRUE {} -r FILE",
@@ -324,6 +353,21 @@ fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Resu
             lines.len(),
             path.display()
         );
+        if !ike_lines.is_empty() {
+            let ike_path = path.with_file_name("ikev2_decryption_table");
+            let mut text = zeroize::Zeroizing::new(String::new());
+            for l in &ike_lines {
+                text.push_str(l);
+                text.push('\n');
+            }
+            let mode = espip::sys::safefs::write_private(&ike_path, text.as_bytes())
+                .with_context(|| format!("writing {}", ike_path.display()))?;
+            eprintln!(
+                "wrote {} IKE SA(s) to {} (mode {mode:04o})",
+                ike_lines.len(),
+                ike_path.display()
+            );
+        }
     }
     Ok(())
 }
