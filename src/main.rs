@@ -373,6 +373,22 @@ fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Resu
 }
 
 /// `tshark --version`'s first line, if tshark is installed.
+/// Refuse a proposal espip cannot use before a lab starts.
+fn check_proposals(ike: &str, esp: &str) -> Result<()> {
+    espip::ike::proposal::IkeProposal::parse(ike).map_err(|e| anyhow::anyhow!("--ike: {e}"))?;
+    espip::ike::proposal::EspProposal::parse(esp).map_err(|e| anyhow::anyhow!("--esp: {e}"))?;
+    Ok(())
+}
+
+/// Who starts the IKEv2 exchange in `espip lab strongswan`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum InitiatorArg {
+    /// espip (role = "initiator").
+    Espip,
+    /// strongSwan (`swanctl --initiate`; espip is the responder).
+    Strongswan,
+}
+
 fn tshark_version() -> Option<String> {
     let out = std::process::Command::new("tshark")
         .arg("--version")
@@ -434,6 +450,50 @@ enum LabCmd {
     Down {
         /// The lab's name as --keep printed it (espip-lab-PID).
         name: String,
+    },
+    /// Two espip daemons keyed by IKEv2 (A initiator, B responder), rekeying their CHILD_SA
+    /// every few seconds while transfers and 50 pings a second run; tshark decrypts IKE and
+    /// ESP of the capture with the exported keys.
+    Ike {
+        #[command(flatten)]
+        common: LabArgs,
+        /// esp-udp or esp (protocol 50).
+        #[arg(long, value_enum, default_value = "esp-udp")]
+        mode: ModeArg,
+        /// IKE proposal (strongSwan notation).
+        #[arg(long, default_value = "aes128gcm16-prfsha256-x25519")]
+        ike: String,
+        /// ESP proposal (strongSwan notation).
+        #[arg(long, default_value = "aes128gcm16")]
+        esp: String,
+        /// CHILD_SA rekey interval, seconds.
+        #[arg(long, default_value_t = 5)]
+        rekey: u64,
+        /// Seconds of transfers and pings.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+    /// espip against strongSwan's charon (kernel-libipsec, userspace ESP in UDP) keyed by
+    /// IKEv2 with a pre-shared key: pings, transfers, rekeys by both sides under load, dead
+    /// peer detection, DELETE on stop, a wrong key; tshark decrypts the capture.
+    Strongswan {
+        #[command(flatten)]
+        common: LabArgs,
+        /// Which side initiates.
+        #[arg(long, value_enum, default_value = "espip")]
+        initiator: InitiatorArg,
+        /// IKE proposal (strongSwan notation).
+        #[arg(long, default_value = "aes128gcm16-prfsha256-x25519")]
+        ike: String,
+        /// ESP proposal (strongSwan notation).
+        #[arg(long, default_value = "aes128gcm16")]
+        esp: String,
+        /// Size of each TCP transfer in MB.
+        #[arg(long, default_value_t = 20)]
+        megabytes: u64,
+        /// Skip the dead peer detection check (kills charon; about 20 s).
+        #[arg(long)]
+        no_dpd: bool,
     },
     /// Scenario 1: two hosts, one tunnel (A 192.0.2.1 / 10.4.2.99, B 192.0.2.2 / 10.4.2.5).
     P2p {
@@ -766,6 +826,51 @@ fn real_main() -> Result<()> {
                     run: common.run()?,
                 };
                 finish(espip::lab::multipath::run(&opts)?);
+            }
+            LabCmd::Ike {
+                common,
+                mode,
+                ike,
+                esp,
+                rekey,
+                seconds,
+            } => {
+                check_proposals(&ike, &esp)?;
+                if !(3..=600).contains(&rekey) || !(5..=3600).contains(&seconds) {
+                    bail!("--rekey must be 3..600 s and --seconds 5..3600");
+                }
+                let opts = espip::lab::ike::IkeLabOptions {
+                    mode: match mode {
+                        ModeArg::Esp => "esp".into(),
+                        ModeArg::EspUdp => "esp-udp".into(),
+                        ModeArg::Ipip => bail!("--mode ipip: IKEv2 keys ESP; use esp-udp or esp"),
+                    },
+                    ike,
+                    esp,
+                    rekey,
+                    seconds,
+                    run: common.run()?,
+                };
+                finish(espip::lab::ike::run_ike(&opts)?);
+            }
+            LabCmd::Strongswan {
+                common,
+                initiator,
+                ike,
+                esp,
+                megabytes,
+                no_dpd,
+            } => {
+                check_proposals(&ike, &esp)?;
+                let opts = espip::lab::ike::StrongswanOptions {
+                    espip_initiates: matches!(initiator, InitiatorArg::Espip),
+                    ike,
+                    esp,
+                    megabytes,
+                    dpd: !no_dpd,
+                    run: common.run()?,
+                };
+                finish(espip::lab::ike::run_strongswan(&opts)?);
             }
             LabCmd::P2p {
                 common,

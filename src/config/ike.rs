@@ -299,7 +299,7 @@ pub(super) fn ike_peer(
             )),
         }
     };
-    let ike_lifetime = secs("ike_lifetime", p.ike_lifetime, DEFAULT_IKE_LIFETIME, 10)?;
+    let ike_lifetime = secs("ike_lifetime", p.ike_lifetime, DEFAULT_IKE_LIFETIME, 5)?;
     let child_lifetime = secs(
         "child_lifetime",
         p.child_lifetime,

@@ -4,6 +4,7 @@
 pub mod flood;
 pub mod gateway;
 pub mod hub;
+pub mod ike;
 pub mod multipath;
 pub mod netns;
 pub mod p2p;
