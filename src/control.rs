@@ -408,7 +408,11 @@ impl Live {
                 continue;
             };
             // IKEv2 peers: the older inbound SAs still accepted during a rekey too.
-            let older = p.negotiated.iter().flatten().map(|(spi, key, _)| ("in", endpoint, local, *spi, key));
+            let older = p
+                .negotiated
+                .iter()
+                .flatten()
+                .map(|(spi, key, _)| ("in", endpoint, local, *spi, key));
             for (dir, src, dst, spi, key) in [
                 ("out", local, endpoint, *spi_out, key_out),
                 ("in", endpoint, local, *spi_in, key_in),

@@ -903,7 +903,61 @@ mod tests {
             kernel_drops: [("tun_tx_queue".to_string(), 808_426)]
                 .into_iter()
                 .collect(),
+            ike: vec![IkePeerStatus {
+                peer: "sw".into(),
+                role: "initiator".into(),
+                local_id: "a.lab".into(),
+                remote_id: "b.lab".into(),
+                sas: vec![
+                    IkeSaStatus {
+                        kind: "ike".into(),
+                        spis: "00000000000000aa_i 00000000000000bb_r".into(),
+                        state: "established".into(),
+                        proposal: "aes128gcm16-prfsha256-x25519".into(),
+                        age_s: 12.0,
+                        rekey_in_s: Some(100.0),
+                    },
+                    IkeSaStatus {
+                        kind: "child".into(),
+                        spis: "c0000001_i c0000002_o".into(),
+                        state: "installed".into(),
+                        proposal: "aes128gcm16-esn".into(),
+                        age_s: 2.0,
+                        rekey_in_s: Some(3.0),
+                    },
+                ],
+                established: 1,
+                child_rekeys: 4,
+                ike_rekeys: 1,
+                requests: 9,
+                retransmits: 0,
+                responses: 3,
+                failures: [("AUTHENTICATION_FAILED".to_string(), 2)]
+                    .into_iter()
+                    .collect(),
+            }],
         }
+    }
+
+    #[test]
+    fn ike_state_in_show_and_metrics() {
+        let s = sample();
+        let t = s.to_text(1_700_000_010.0);
+        assert!(
+            t.contains("ike: peer sw (initiator, a.lab -> b.lab)  established 1  child rekeys 4"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "child c0000001_i c0000002_o  installed  aes128gcm16-esn  age 2 s  rekey in 3 s"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("failures: AUTHENTICATION_FAILED 2"), "{t}");
+        let p = s.to_prometheus();
+        assert!(p.contains("espip_ike_sas{interface=\"espip0\",peer=\"sw\",kind=\"child\",state=\"installed\"} 1\n"), "{p}");
+        assert!(p.contains("espip_ike_exchanges_total{interface=\"espip0\",peer=\"sw\",event=\"child_rekey\"} 4\n"), "{p}");
+        assert!(p.contains("espip_ike_failures_total{interface=\"espip0\",peer=\"sw\",reason=\"AUTHENTICATION_FAILED\"} 2\n"), "{p}");
     }
 
     #[test]

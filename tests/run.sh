@@ -17,11 +17,26 @@ fi
 
 # Debian packages: program -> package.
 need=()
+need_sw=()
 for pair in ip:iproute2 ping:iputils-ping tcpdump:tcpdump tshark:tshark sysctl:procps iptables:iptables curl:curl; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 /usr/bin/python3 -c 'import scapy.layers.ipsec' >/dev/null 2>&1 || need+=(python3-scapy)
+command -v ethtool >/dev/null 2>&1 || need+=(ethtool)
+# strongSwan 5.9.8 as the IKEv2 peer (kernel-libipsec: userspace ESP; openssl/gcm for AES-GCM and
+# P-256; curve25519 and chapoly from the extra plugins).
+[ -x /usr/lib/ipsec/charon ] || need_sw+=(strongswan-charon)
+command -v swanctl >/dev/null 2>&1 || need_sw+=(strongswan-swanctl)
+[ -e /usr/lib/ipsec/plugins/libstrongswan-kernel-libipsec.so ] || need_sw+=(libcharon-extra-plugins)
+[ -e /usr/lib/ipsec/plugins/libstrongswan-openssl.so ] || need_sw+=(libstrongswan-standard-plugins)
+[ -e /usr/lib/ipsec/plugins/libstrongswan-curve25519.so ] || need_sw+=(libstrongswan-extra-plugins)
 /usr/bin/python3 -c 'import prometheus_client.parser' >/dev/null 2>&1 || need+=(python3-prometheus-client)
+if [ "${#need_sw[@]}" -gt 0 ]; then
+  echo "== installing ${need_sw[*]} (without recommends: no system charon service)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_sw[@]}" >/dev/null
+fi
 if [ "${#need[@]}" -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
     echo "tests/run.sh: missing Debian packages and no apt-get: ${need[*]}" >&2

@@ -131,6 +131,7 @@ pub(super) fn keying(p: &RawPeer, k: &dyn Fn(&str) -> String) -> Result<bool, Co
 
 /// The IKEv2 settings of an ikev2 peer. `mode`, `multipath` and the static SA keys were read
 /// by the caller; static keys and multipath are refused here.
+#[allow(clippy::too_many_arguments)] // the peer's parsed parts and the parser's context
 pub(super) fn ike_peer(
     p: &RawPeer,
     mode: Mode,
