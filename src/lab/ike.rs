@@ -435,6 +435,7 @@ pub fn run_ike(opts: &IkeLabOptions) -> io::Result<Report> {
         Duration::from_secs(10),
     );
     keys.poll(&ctl_a);
+    keys.poll(&ctl_b);
     report.check(
         "IKE SA and CHILD_SA up on both sides",
         up,
@@ -457,6 +458,7 @@ pub fn run_ike(opts: &IkeLabOptions) -> io::Result<Report> {
     let chunk = 4_000_000;
     while started.elapsed() < Duration::from_secs(opts.seconds.saturating_sub(2)) {
         keys.poll(&ctl_a);
+        keys.poll(&ctl_b);
         let r = super::transfer(&opts.run.exe, (&a, &b), B_INNER, chunk)?;
         transfers += 1;
         if r.ok(chunk) {
@@ -464,13 +466,16 @@ pub fn run_ike(opts: &IkeLabOptions) -> io::Result<Report> {
             bytes += chunk;
         }
         keys.poll(&ctl_a);
+        keys.poll(&ctl_b);
         for _ in 0..5 {
             std::thread::sleep(Duration::from_millis(100));
             keys.poll(&ctl_a);
+            keys.poll(&ctl_b);
         }
     }
     let (sent, got) = ping_result(pinger);
     keys.poll(&ctl_a);
+    keys.poll(&ctl_b);
     let (sa, sb) = (status(&ctl_a), status(&ctl_b));
     let rekeys_a = sa.as_ref().map_or(0, |s| ike_counts(s).2);
     let ike_rekeys =
@@ -523,7 +528,9 @@ pub fn run_ike(opts: &IkeLabOptions) -> io::Result<Report> {
         std::mem::forget(b);
         return Ok(report);
     }
-    // A stops first: B must learn it from A's DELETE.
+    // A stops first: B must learn it from A's DELETE. B holds every SA A used last (it
+    // installs each before A may use it): its keys close the key log.
+    keys.poll(&ctl_b);
     let clean_a = da.stop()?;
     std::thread::sleep(Duration::from_millis(300));
     let deleted = db.log().contains("deleted by the peer");

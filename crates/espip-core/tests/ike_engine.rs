@@ -525,3 +525,95 @@ fn the_sk_payload_round_trips_and_refuses_a_wrong_key() {
     assert_eq!(msg::open_sk(&m, sk, &key).unwrap(), payloads);
     assert_eq!(msg::open_sk(&m, sk, &other), Err(msg::MsgError::BadIcv));
 }
+
+#[test]
+fn a_child_that_expired_is_replaced_by_a_new_one() {
+    let mut a = cfg(
+        Role::Initiator,
+        A,
+        B,
+        "aes128gcm16-prfsha256-x25519",
+        "aes128gcm16",
+    );
+    let mut b = cfg(
+        Role::Responder,
+        B,
+        A,
+        "aes128gcm16-prfsha256-x25519",
+        "aes128gcm16",
+    );
+    // No rekeys: the CHILD_SA reaches its hard lifetime on both sides.
+    a.child_life_ms = 1_000;
+    b.child_life_ms = 1_000;
+    let mut p = Pair::new(a, b);
+    p.run(100);
+    let first = p.a.sas().out.unwrap().0;
+    p.run(1_100);
+    let now = p.a.sas().out.expect("a new CHILD_SA").0;
+    assert_ne!(now, first);
+    assert_keys_match(&p.a.sas(), &p.b.sas());
+    assert_keys_match(&p.b.sas(), &p.a.sas());
+    assert!(p
+        .events_of('a')
+        .iter()
+        .any(|e| matches!(e, Event::ChildDown { why, .. } if why.contains("hard lifetime"))));
+}
+
+#[test]
+fn rekeys_of_both_kinds_by_both_sides_at_once_keep_one_working_child() {
+    for (ac, ai, bc, bi) in [
+        (1_000, 1_000, 1_000, 1_000),
+        (1_000, 1_500, 1_000, 1_000),
+        (1_200, 1_000, 1_000, 1_200),
+        (700, 0, 900, 1_100),
+    ] {
+        let mut a = cfg(
+            Role::Initiator,
+            A,
+            B,
+            "aes128gcm16-prfsha256-x25519",
+            "aes128gcm16-x25519",
+        );
+        let mut b = cfg(
+            Role::Responder,
+            B,
+            A,
+            "aes128gcm16-prfsha256-x25519",
+            "aes128gcm16-x25519",
+        );
+        a.child_rekey_ms = ac;
+        a.ike_rekey_ms = ai;
+        b.child_rekey_ms = bc;
+        b.ike_rekey_ms = bi;
+        // A hard lifetime just above the rekey time: a rekey that fails costs the SA.
+        a.child_life_ms = ac + 600;
+        b.child_life_ms = bc + 600;
+        let mut p = Pair::new(a, b);
+        p.run(12_000);
+        let (sa, sb) = (p.a.sas(), p.b.sas());
+        assert!(
+            sa.out.is_some() && sb.out.is_some(),
+            "{ac} {ai} {bc} {bi}: a child left"
+        );
+        assert_keys_match(&sa, &sb);
+        assert_keys_match(&sb, &sa);
+        assert_eq!(p.violations, 0, "{ac} {ai} {bc} {bi}");
+        let rekeys = p.a.stats().child_rekeys + p.b.stats().child_rekeys;
+        assert!(
+            rekeys >= 8,
+            "{ac} {ai} {bc} {bi}: {:?} {:?}",
+            p.a.stats(),
+            p.b.stats()
+        );
+        // Never without a CHILD_SA for long: no hard-lifetime expiry.
+        for side in ['a', 'b'] {
+            assert!(
+                !p.events_of(side).iter().any(
+                    |e| matches!(e, Event::ChildDown { why, .. } if why.contains("hard lifetime"))
+                ),
+                "{ac} {ai} {bc} {bi}: {side} let a CHILD_SA expire: {:?}",
+                p.events_of(side)
+            );
+        }
+    }
+}

@@ -250,6 +250,11 @@ enum Req {
         ni: Vec<u8>,
         share: Option<KeyShare>,
     },
+    NewChild {
+        new_in: u32,
+        ni: Vec<u8>,
+        share: Option<KeyShare>,
+    },
     RekeyIke {
         spi: u64,
         ni: Vec<u8>,
@@ -309,6 +314,8 @@ struct IkeSa {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Task {
+    /// A CHILD_SA for an IKE SA that has none left.
+    NewChild,
     RekeyChild(u32),
     RekeyIke,
     DeleteChild(u32),
@@ -369,6 +376,10 @@ pub struct Engine {
     group_hint: Option<Group>,
     stats: IkeStats,
     closing: bool,
+    /// Tasks for the current IKE SA that came up while another one was being handled.
+    deferred: Vec<Task>,
+    /// No new CHILD_SA attempt before this (after a refusal).
+    new_child_at: u64,
 }
 
 fn rand_bytes(rng: &dyn SecureRandom, n: usize) -> Vec<u8> {
@@ -447,6 +458,8 @@ impl Engine {
             group_hint: None,
             stats: IkeStats::default(),
             closing: false,
+            deferred: Vec::new(),
+            new_child_at: 0,
         }
     }
 
@@ -539,6 +552,31 @@ impl Engine {
             .iter()
             .chain(&self.others)
             .any(|s| s.spi_i == spi_i && (s.spi_r == spi_r || s.spi_r == 0 || spi_r == 0))
+    }
+
+    /// A CHILD_SA that carries traffic (not replaced, not being deleted).
+    fn has_active_child(&self) -> bool {
+        self.children
+            .iter()
+            .any(|c| c.until.is_none() && !c.replaced)
+    }
+
+    /// An IKE SA goes away with a request in flight: a CHILD_SA rekey it carried is tried
+    /// again on the current IKE SA.
+    fn orphaned(&mut self, sa: &IkeSa, now: u64) {
+        if let Some(InFlight {
+            req: Req::RekeyChild { old_in, .. },
+            ..
+        }) = &sa.flight
+        {
+            if let Some(c) = self
+                .children
+                .iter_mut()
+                .find(|c| c.keys.spi_in == *old_in && !c.replaced)
+            {
+                c.rekey_at = now;
+            }
+        }
     }
 
     /// An authenticated ESP packet arrived from the peer (DPD need not ask).
@@ -674,6 +712,20 @@ impl Engine {
                 s.queue.push(Task::RekeyChild(c.keys.spi_in));
             }
         }
+        // The IKE SA outlived its CHILD_SAs (a hard lifetime after failed rekeys, a DELETE
+        // by the peer): its original initiator makes a new one.
+        let active = self
+            .children
+            .iter()
+            .any(|c| c.until.is_none() && !c.replaced);
+        let creating = s.queue.contains(&Task::NewChild)
+            || matches!(
+                s.flight.as_ref().map(|f| &f.req),
+                Some(Req::NewChild { .. })
+            );
+        if s.initiator && !active && !creating && now >= self.new_child_at {
+            s.queue.push(Task::NewChild);
+        }
         if self.cfg.dpd_ms > 0
             && s.flight.is_none()
             && s.queue.is_empty()
@@ -688,6 +740,12 @@ impl Engine {
     /// Start the next queued request, if none is in flight.
     fn next_task(&mut self, now: u64, rng: &dyn SecureRandom, out: &mut Vec<Out>) {
         let Some(s) = self.ike.as_mut() else { return };
+        // Work an answer on an older IKE SA left (a DELETE after a rekey it finished).
+        for t in self.deferred.drain(..) {
+            if !s.queue.contains(&t) {
+                s.queue.push(t);
+            }
+        }
         if s.flight.is_some() || s.state != State::Established || s.queue.is_empty() {
             return;
         }
@@ -702,6 +760,32 @@ impl Engine {
                 exchange::INFORMATIONAL,
                 Req::DeleteChild(spi_in),
             ),
+            Task::NewChild => {
+                if self.has_active_child() {
+                    return self.next_task(now, rng, out);
+                }
+                let new_in = rand_spi(rng);
+                let ni = rand_bytes(rng, 32);
+                let pfs = self.cfg.esp.iter().find_map(|p| p.groups.first().copied());
+                let share = pfs.and_then(|g| KeyShare::new(g, rng));
+                let mut p = vec![
+                    Payload::Sa(self.esp_offer(new_in, share.is_some())),
+                    Payload::Nonce(ni.clone()),
+                ];
+                if let Some(sh) = &share {
+                    p.push(Payload::Ke {
+                        group: sh.group().id(),
+                        data: sh.public.clone(),
+                    });
+                }
+                p.push(Payload::TsI(self.cfg.local_ts.clone()));
+                p.push(Payload::TsR(self.cfg.remote_ts.clone()));
+                (
+                    p,
+                    exchange::CREATE_CHILD_SA,
+                    Req::NewChild { new_in, ni, share },
+                )
+            }
             Task::RekeyChild(old_in) => {
                 let Some(old) = self
                     .children
@@ -1218,13 +1302,19 @@ impl Engine {
                 Slot::Other(_) => self.others.push(s),
             },
             After::Promote => {
-                if let Some(mut old) = self.ike.replace(s) {
-                    old.state = State::Rekeyed;
-                    old.flight = None;
-                    drop(old);
+                if let Some(old) = self.ike.replace(s) {
+                    self.orphaned(&old, now);
                 }
             }
             After::Replaced(new) => {
+                // Work queued on the old IKE SA (a CHILD_SA rekey, a DELETE) moves over.
+                let mut new = new;
+                new.queue.extend(s.queue.drain(..).filter(|t| {
+                    matches!(
+                        t,
+                        Task::RekeyChild(_) | Task::DeleteChild(_) | Task::NewChild
+                    )
+                }));
                 s.state = State::Rekeyed;
                 // From now on: when it was replaced (it goes HALF_OPEN_MS later at most).
                 s.rekey_at = now;
@@ -1232,6 +1322,7 @@ impl Engine {
                 self.ike = Some(*new);
             }
             After::Drop => {
+                self.orphaned(&s, now);
                 if slot == Slot::Current {
                     if !self.children.is_empty() {
                         self.children.clear();
@@ -1753,10 +1844,13 @@ impl Engine {
         let keys = s.keys.clone().expect("keys");
         // Rekey of the IKE SA.
         if offered.iter().any(|x| x.protocol == proto::IKE) {
-            if matches!(
-                s.flight.as_ref().map(|f| &f.req),
-                Some(Req::RekeyIke { .. })
-            ) {
+            if s.initiator
+                && matches!(
+                    s.flight.as_ref().map(|f| &f.req),
+                    Some(Req::RekeyIke { .. })
+                )
+            {
+                // As for CHILD_SAs: the original initiator's rekey wins.
                 self.stats.fail("rekey_collision");
                 return (
                     vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
@@ -1830,47 +1924,57 @@ impl Engine {
                 After::Replaced(Box::new(new)),
             );
         }
-        // Rekey of a CHILD_SA.
-        let Some((_, spi, _)) = p.iter().find_map(|x| match x {
-            Payload::Notify {
-                kind,
-                spi,
-                protocol,
-                ..
-            } if *kind == notify::REKEY_SA => Some((*protocol, spi.clone(), ())),
+        // Rekey of a CHILD_SA, or a new one when this peer has none (its last one expired or
+        // was deleted while the IKE SA lived on).
+        let rekey_spi = p.iter().find_map(|x| match x {
+            Payload::Notify { kind, spi, .. } if *kind == notify::REKEY_SA => Some(spi.clone()),
             _ => None,
-        }) else {
-            self.stats.fail("NO_ADDITIONAL_SAS");
-            return (vec![Payload::notify(35, Vec::new())], After::Keep);
+        });
+        let old_idx = match &rekey_spi {
+            None => {
+                if self.has_active_child() {
+                    self.stats.fail("NO_ADDITIONAL_SAS");
+                    return (vec![Payload::notify(35, Vec::new())], After::Keep);
+                }
+                None
+            }
+            Some(spi) => {
+                let old_out = <[u8; 4]>::try_from(&spi[..]).ok().map(u32::from_be_bytes);
+                let Some(idx) = self.children.iter().position(|c| {
+                    Some(c.keys.spi_out) == old_out && !c.replaced && c.until.is_none()
+                }) else {
+                    self.fail(
+                        out,
+                        "CHILD_SA_NOT_FOUND",
+                        format!("rekey of SPI {old_out:08x?} by {}", self.cfg.name),
+                    );
+                    return (
+                        vec![Payload::Notify {
+                            protocol: proto::ESP,
+                            spi: spi.clone(),
+                            kind: notify::CHILD_SA_NOT_FOUND,
+                            data: Vec::new(),
+                        }],
+                        After::Keep,
+                    );
+                };
+                Some(idx)
+            }
         };
-        let old_out = <[u8; 4]>::try_from(&spi[..]).ok().map(u32::from_be_bytes);
-        let Some(old_idx) = self
-            .children
-            .iter()
-            .position(|c| Some(c.keys.spi_out) == old_out && !c.replaced && c.until.is_none())
-        else {
-            self.fail(
-                out,
-                "CHILD_SA_NOT_FOUND",
-                format!("rekey of SPI {old_out:08x?} by {}", self.cfg.name),
-            );
-            return (
-                vec![Payload::Notify {
-                    protocol: proto::ESP,
-                    spi,
-                    kind: notify::CHILD_SA_NOT_FOUND,
-                    data: Vec::new(),
-                }],
-                After::Keep,
-            );
-        };
-        let old_in = self.children[old_idx].keys.spi_in;
-        if matches!(
+        let old_in = old_idx.map(|i| self.children[i].keys.spi_in);
+        let colliding = matches!(
             s.flight.as_ref().map(|f| &f.req),
-            Some(Req::RekeyChild { old_in: o, .. }) if *o == old_in
-        ) {
-            // Both sides rekey at once (section 2.8.1): this side answers TEMPORARY_FAILURE
-            // and keeps its own attempt; the peer retries after a random delay.
+            Some(Req::RekeyChild { old_in: o, .. }) if Some(*o) == old_in
+        ) || (old_idx.is_none()
+            && matches!(
+                s.flight.as_ref().map(|f| &f.req),
+                Some(Req::NewChild { .. })
+            ));
+        if colliding && s.initiator {
+            // Both sides rekey at once (section 2.8.1). Deterministically one wins: the
+            // original initiator of the IKE SA answers TEMPORARY_FAILURE and keeps its own
+            // attempt; the original responder takes this request and drops its own when the
+            // TEMPORARY_FAILURE comes back.
             self.stats.fail("rekey_collision");
             return (
                 vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
@@ -1937,18 +2041,21 @@ impl Engine {
             key_out: r2i,
             esn: choice.esn,
         };
-        // Inbound now; outbound once the peer deletes the old SA.
-        let c = self.new_child(ck, choice.name(), false, now, rng);
-        self.children[old_idx].replaced = true;
+        // A rekey: inbound now, outbound once the peer deletes the old SA. A new CHILD_SA:
+        // both at once (as in IKE_AUTH).
+        let c = self.new_child(ck, choice.name(), old_idx.is_none(), now, rng);
+        if let Some(i) = old_idx {
+            self.children[i].replaced = true;
+            self.stats.child_rekeys += 1;
+        }
         self.children.push(c);
-        self.stats.child_rekeys += 1;
         out.push(Out::Changed);
         out.push(Out::Event(Event::ChildUp {
             spi_in,
             spi_out: choice.spi,
             proposal: choice.name(),
             ts: ts_string(&tsr, &tsi),
-            rekey_of: Some(old_in),
+            rekey_of: old_in,
         }));
         let mut resp = vec![
             Payload::Sa(vec![choice.to_wire(spi_in)]),
@@ -2274,7 +2381,8 @@ impl Engine {
                 }
                 self.children.push(c);
                 self.stats.child_rekeys += 1;
-                s.queue.insert(0, Task::DeleteChild(old_in));
+                // On the current IKE SA (this answer may have come on one a rekey replaced).
+                self.deferred.insert(0, Task::DeleteChild(old_in));
                 let tsi = take!(p, Payload::TsI(v) => v.clone()).unwrap_or_default();
                 let tsr = take!(p, Payload::TsR(v) => v.clone()).unwrap_or_default();
                 out.push(Out::Changed);
@@ -2284,6 +2392,74 @@ impl Engine {
                     proposal: choice.name(),
                     ts: ts_string(&tsi, &tsr),
                     rekey_of: Some(old_in),
+                }));
+                After::Keep
+            }
+            Req::NewChild { new_in, ni, share } => {
+                if let Some(e) = error_notify(p) {
+                    self.fail(
+                        out,
+                        &notify::name(e),
+                        format!("peer {} refused a new CHILD_SA", self.cfg.name),
+                    );
+                    self.new_child_at = now + 10_000 * MS + jitter(rng, 2_000);
+                    return After::Keep;
+                }
+                let sa = take!(p, Payload::Sa(v) => v.clone()).unwrap_or_default();
+                let nr = take!(p, Payload::Nonce(n) => n.clone());
+                let ke = take!(p, Payload::Ke { data, .. } => data.clone());
+                let pfs = share.as_ref().map(KeyShare::group);
+                let (Some(choice), Some(nr)) = (proposal::accept_esp(&sa, &self.cfg.esp, pfs), nr)
+                else {
+                    self.fail(
+                        out,
+                        "NO_PROPOSAL_CHOSEN",
+                        "the new CHILD_SA answer is not one we offered".into(),
+                    );
+                    self.new_child_at = now + 10_000 * MS;
+                    return After::Keep;
+                };
+                let shared = match (share, ke) {
+                    (Some(sh), Some(k)) => match sh.agree(&k) {
+                        Ok(x) => Some(x),
+                        Err(_) => {
+                            self.new_child_at = now + 10_000 * MS;
+                            return After::Keep;
+                        }
+                    },
+                    (None, _) => None,
+                    (Some(_), None) => {
+                        self.new_child_at = now + 10_000 * MS;
+                        return After::Keep;
+                    }
+                };
+                let keys = s.keys.as_ref().expect("keys");
+                let (i2r, r2i) = crypto::child_keys(
+                    keys.prf,
+                    &keys.sk_d,
+                    choice.cipher,
+                    shared.as_deref().map(|v| v.as_slice()),
+                    &ni,
+                    &nr,
+                );
+                let ck = ChildKeys {
+                    spi_in: new_in,
+                    spi_out: choice.spi,
+                    key_in: r2i,
+                    key_out: i2r,
+                    esn: choice.esn,
+                };
+                let c = self.new_child(ck, choice.name(), true, now, rng);
+                self.children.push(c);
+                let tsi = take!(p, Payload::TsI(v) => v.clone()).unwrap_or_default();
+                let tsr = take!(p, Payload::TsR(v) => v.clone()).unwrap_or_default();
+                out.push(Out::Changed);
+                out.push(Out::Event(Event::ChildUp {
+                    spi_in: new_in,
+                    spi_out: choice.spi,
+                    proposal: choice.name(),
+                    ts: ts_string(&tsi, &tsr),
+                    rekey_of: None,
                 }));
                 After::Keep
             }
