@@ -71,7 +71,7 @@ if [ "$FUZZ_SECONDS" -gt 0 ]; then
     cargo install cargo-fuzz --locked --quiet
   fi
   scratch=$(mktemp -d /tmp/espip-fuzz-XXXXXX)
-  for t in inbound_esp inbound_ipip outbound nat config offload; do
+  for t in inbound_esp inbound_ipip outbound nat config offload ike; do
     echo "== fuzz $t (${FUZZ_SECONDS} s)"
     mkdir -p "$scratch/$t"
     RUSTC_BOOTSTRAP=1 cargo fuzz run "$t" --fuzz-dir tests/fuzz "$scratch/$t" "tests/fuzz/corpus/$t" \

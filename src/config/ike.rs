@@ -360,3 +360,133 @@ pub(super) fn ike_peer(
         local_ts,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, IkeRole, KeyFiles};
+    use crate::datapath::EncapSpec;
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+
+    fn ike(extra: &str) -> String {
+        format!(
+            r#"
+[interface]
+name = "espip0"
+address = ["10.4.2.99/24"]
+local = "192.0.2.1"
+
+[[peer]]
+name = "b"
+endpoint = "192.0.2.2"
+allowed_ips = ["10.4.2.5/32"]
+mode = "esp-udp"
+keying = "ikev2"
+role = "initiator"
+psk_file = "psk"
+remote_id = "b.lab"
+{extra}
+"#
+        )
+    }
+
+    fn parse(text: &str, psk: &str) -> Result<Config, String> {
+        let files: HashMap<PathBuf, zeroize::Zeroizing<String>> = [(
+            PathBuf::from("/etc/espip/psk"),
+            zeroize::Zeroizing::new(psk.to_string()),
+        )]
+        .into_iter()
+        .collect();
+        Config::parse_with(text, Path::new("/etc/espip"), &KeyFiles::given(files))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn an_ikev2_peer_parses_with_defaults() {
+        let c = parse(&ike(""), "a-long-enough-pre-shared-key\n").unwrap();
+        assert!(matches!(
+            c.peers[0].encap,
+            EncapSpec::EspPending {
+                udp_port: Some(4500),
+                replay_window: 1024
+            }
+        ));
+        let k = &c.ike[0];
+        assert_eq!(k.role, IkeRole::Initiator);
+        assert_eq!(&k.psk[..], b"a-long-enough-pre-shared-key");
+        assert_eq!(k.local_id, "192.0.2.1", "interface.local by default");
+        assert_eq!(k.ike_proposals[0].name(), "aes128gcm16-prfsha256-x25519");
+        assert_eq!(k.esp_proposals[0].name(), "aes128gcm16");
+        assert_eq!(
+            (k.child_lifetime, k.rekey_margin, k.rekey_jitter),
+            (3600, 360, 180)
+        );
+        assert_eq!(k.local_ts[0].to_string(), "10.4.2.99/32");
+        let c = parse(&ike(""), "0x00112233445566778899aabbccddeeff0011223344").unwrap();
+        assert_eq!(c.ike[0].psk.len(), 21);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = parse(&ike(""), "short").unwrap();
+        assert!(
+            c.warnings.iter().any(|w| w.contains("5 bytes")),
+            "{:?}",
+            c.warnings
+        );
+    }
+
+    #[test]
+    fn ikev2_mistakes_are_named_with_the_fix() {
+        let psk = "a-long-enough-pre-shared-key";
+        for (text, want) in [
+            (ike("cipher = \"aes-128-gcm\""), "IKEv2 negotiates ciphers"),
+            (ike("esn = true"), "IKEv2 negotiates"),
+            (
+                ike("").replace("role = \"initiator\"", ""),
+                "\"initiator\" on one side",
+            ),
+            (
+                ike("").replace("role = \"initiator\"", "role = \"both\""),
+                "\"both\"",
+            ),
+            (
+                ike("").replace("keying = \"ikev2\"", "keying = \"ike\""),
+                "\"static\"",
+            ),
+            (
+                ike("").replace("mode = \"esp-udp\"", "mode = \"ipip\""),
+                "IKEv2 keys ESP",
+            ),
+            (ike("").replace("psk_file = \"psk\"", ""), "psk_file"),
+            (
+                ike("ike_proposals = [\"aes128-sha256-modp2048\"]"),
+                "unsupported algorithm \"aes128\"",
+            ),
+            (
+                ike("esp_proposals = [\"aes128gcm16-modp2048\"]"),
+                "\"modp2048\"",
+            ),
+            (
+                ike("child_lifetime = 10\nrekey_margin = 9"),
+                "below the shorter lifetime",
+            ),
+            (ike("ike_lifetime = 1"), "seconds from 5"),
+            (ike("replay_window = 0"), "IKEv2 SAs keep anti-replay on"),
+            (
+                ike("remote_id = \"\"").replace("remote_id = \"b.lab\"\n", ""),
+                "remote_id",
+            ),
+        ] {
+            let e = parse(&text, psk).unwrap_err();
+            assert!(e.contains(want), "want {want:?} in: {e}");
+        }
+        let static_peer = ike("").replace("keying = \"ikev2\"\n", "");
+        let e = parse(&static_peer, psk).unwrap_err();
+        assert!(e.contains("keying = \"ikev2\" on this peer"), "{e}");
+        let e = parse(&ike(""), "").unwrap_err();
+        assert!(e.contains("it is empty"), "{e}");
+        let e = parse(&ike(""), "0xabc").unwrap_err();
+        assert!(e.contains("even number of hex digits"), "{e}");
+        // No local identity: nothing to default to without interface.local.
+        let e = parse(&ike("").replace("local = \"192.0.2.1\"\n", ""), psk).unwrap_err();
+        assert!(e.contains("local_id") && e.contains("remote_id"), "{e}");
+    }
+}

@@ -617,3 +617,89 @@ fn rekeys_of_both_kinds_by_both_sides_at_once_keep_one_working_child() {
         }
     }
 }
+
+#[test]
+fn a_half_open_flood_gets_cookies_and_the_honest_peer_still_connects() {
+    let rng = SystemRandom::new();
+    let mut b = Engine::new(cfg(
+        Role::Responder,
+        B,
+        A,
+        "aes128gcm16-prfsha256-x25519",
+        "aes128gcm16",
+    ));
+    let from: SocketAddr = format!("{A}:500").parse().unwrap();
+    // 2000 IKE_SA_INIT requests from the peer's address (spoofed: nobody reads the answers).
+    let mut cookies = 0;
+    for i in 0..2000u64 {
+        let mut fake = Engine::new(cfg(
+            Role::Initiator,
+            A,
+            B,
+            "aes128gcm16-prfsha256-x25519",
+            "aes128gcm16",
+        ));
+        let Some(Out::Send { msg, .. }) = fake.tick(0, &rng).into_iter().next() else {
+            panic!("an initiator sends IKE_SA_INIT")
+        };
+        for o in b.handle(&msg, from, false, i * MS, &rng) {
+            if let Out::Send { msg, .. } = o {
+                let h = msg::parse_header(&msg).unwrap();
+                let chain = msg::parse_chain(&msg, msg::HDR_LEN, h.next).unwrap();
+                if matches!(chain.payloads.first(), Some(msg::Payload::Notify { kind, .. }) if *kind == msg::notify::COOKIE)
+                {
+                    cookies += 1;
+                }
+            }
+        }
+    }
+    // State stays bounded: at most a few half-open IKE SAs, whatever the flood.
+    let half_open = b
+        .status(0)
+        .iter()
+        .filter(|s| s.state == "authenticating")
+        .count();
+    assert!(half_open <= 4, "{half_open} half-open SAs");
+    assert!(cookies >= 1990, "{cookies} cookies");
+    assert!(
+        b.stats()
+            .failures
+            .get("cookie_required")
+            .copied()
+            .unwrap_or(0)
+            >= 1990
+    );
+    // The honest initiator gets a cookie, comes back with it, and connects.
+    let mut p = Pair {
+        b,
+        ..Pair::new(
+            cfg(
+                Role::Initiator,
+                A,
+                B,
+                "aes128gcm16-prfsha256-x25519",
+                "aes128gcm16",
+            ),
+            cfg(
+                Role::Responder,
+                B,
+                A,
+                "aes128gcm16-prfsha256-x25519",
+                "aes128gcm16",
+            ),
+        )
+    };
+    p.now = 2_100 * MS;
+    p.run(200);
+    assert_keys_match(&p.a.sas(), &p.b.sas());
+    assert_keys_match(&p.b.sas(), &p.a.sas());
+    let init_requests = p
+        .log
+        .iter()
+        .filter(|(to, _, _, m)| *to == 'b' && msg::parse_header(m).is_ok_and(|h| h.exchange == 34))
+        .count();
+    assert_eq!(
+        init_requests, 2,
+        "one IKE_SA_INIT, then one with the cookie"
+    );
+}

@@ -37,6 +37,11 @@ const SWITCH_WAIT_MS: u64 = 5_000;
 const HALF_OPEN_MS: u64 = 30_000;
 /// Wait before an initiator tries again after a failure.
 const RETRY_MS: u64 = 5_000;
+/// Half-open IKE SAs at which the responder asks for a cookie first (section 2.6): a flood
+/// of IKE_SA_INIT then costs one SHA-256 per message and no state or Diffie-Hellman.
+const COOKIE_THRESHOLD: usize = 2;
+/// Most half-open IKE SAs kept per peer (the oldest goes).
+const MAX_HALF_OPEN: usize = 4;
 
 /// Which side starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -380,6 +385,8 @@ pub struct Engine {
     deferred: Vec<Task>,
     /// No new CHILD_SA attempt before this (after a refusal).
     new_child_at: u64,
+    /// The responder's cookie secret, made at the first cookie.
+    cookie_secret: Option<[u8; 32]>,
 }
 
 fn rand_bytes(rng: &dyn SecureRandom, n: usize) -> Vec<u8> {
@@ -460,6 +467,7 @@ impl Engine {
             closing: false,
             deferred: Vec::new(),
             new_child_at: 0,
+            cookie_secret: None,
         }
     }
 
@@ -552,6 +560,22 @@ impl Engine {
             .iter()
             .chain(&self.others)
             .any(|s| s.spi_i == spi_i && (s.spi_r == spi_r || s.spi_r == 0 || spi_r == 0))
+    }
+
+    /// The cookie for an initiator: SHA-256(secret | Ni | IPi | SPIi) (section 2.6).
+    fn cookie(&mut self, rng: &dyn SecureRandom, ni: &[u8], ip: IpAddr, spi_i: u64) -> Vec<u8> {
+        let secret = *self
+            .cookie_secret
+            .get_or_insert_with(|| rand_bytes(rng, 32).try_into().expect("32 bytes"));
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(&secret);
+        ctx.update(ni);
+        match ip {
+            IpAddr::V4(a) => ctx.update(&a.octets()),
+            IpAddr::V6(a) => ctx.update(&a.octets()),
+        }
+        ctx.update(&spi_i.to_be_bytes());
+        ctx.finish().as_ref().to_vec()
     }
 
     /// A CHILD_SA that carries traffic (not replaced, not being deleted).
@@ -1069,6 +1093,41 @@ impl Engine {
             self.ike = Some(s);
             return;
         };
+        if let Some((_, cookie)) = find_notify(p, notify::COOKIE) {
+            // The same request again with the cookie as its first payload (section 2.6);
+            // a second cookie for a request that carried one is a failure.
+            let mut payloads = msg::parse_chain(&s.init_req, msg::HDR_LEN, s.init_req[16])
+                .map(|c| c.payloads)
+                .unwrap_or_default();
+            let had = matches!(payloads.first(), Some(Payload::Notify { kind, .. }) if *kind == notify::COOKIE);
+            if had || cookie.is_empty() || cookie.len() > 64 {
+                self.fail(
+                    out,
+                    "COOKIE",
+                    format!("peer {} keeps asking for a cookie", self.cfg.name),
+                );
+                self.retry_at = Some(now + RETRY_MS * MS);
+                return;
+            }
+            payloads.insert(0, Payload::notify(notify::COOKIE, cookie.to_vec()));
+            let hdr = msg::parse_header(&s.init_req).expect("our own message");
+            let m = msg::encode_plain(hdr, &payloads);
+            s.init_req = m.clone();
+            s.flight = Some(InFlight {
+                id: 0,
+                msg: m.clone(),
+                tries: 0,
+                next_at: now + self.cfg.retransmit_ms * MS,
+                req: Req::Init { share, ni },
+            });
+            out.push(Out::Send {
+                to: s.peer,
+                natt: s.natt,
+                msg: m,
+            });
+            self.ike = Some(s);
+            return;
+        }
         if let Some((_, data)) = find_notify(p, notify::INVALID_KE_PAYLOAD) {
             let g = data
                 .get(..2)
@@ -1533,6 +1592,29 @@ impl Engine {
             });
             return;
         };
+        // Under half-open load, a cookie before any state or Diffie-Hellman (section 2.6):
+        // only a sender that receives at its address can come back with it.
+        let half_open = self
+            .others
+            .iter()
+            .filter(|s| s.state == State::Authenticating)
+            .count();
+        if half_open >= COOKIE_THRESHOLD {
+            let want = self.cookie(rng, &ni, from.ip(), h.spi_i);
+            let given = match p.first() {
+                Some(Payload::Notify { kind, data, .. }) if *kind == notify::COOKIE => Some(data),
+                _ => None,
+            };
+            if !given.is_some_and(|g| crypto::mac_eq(g, &want)) {
+                self.stats.fail("cookie_required");
+                out.push(Out::Send {
+                    to: from,
+                    natt,
+                    msg: plain_error(notify::COOKIE, want),
+                });
+                return;
+            }
+        }
         let Some(choice) = proposal::choose_ike(&offered, &self.cfg.ike) else {
             self.fail(
                 out,
@@ -1621,7 +1703,7 @@ impl Engine {
             .iter()
             .filter(|s| s.state == State::Authenticating)
             .count();
-        if half_open >= 4 {
+        if half_open >= MAX_HALF_OPEN {
             if let Some(i) = self
                 .others
                 .iter()
