@@ -168,6 +168,49 @@ impl KeyLog {
     }
 }
 
+/// Polls the daemons' keys every 20 ms in a thread while a lab runs: an SA lives for
+/// seconds, so every one is seen, however the lab's own steps are timed.
+struct KeyCollector {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<KeyLog>>,
+}
+
+impl KeyCollector {
+    fn start(controls: Vec<PathBuf>) -> KeyCollector {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut keys = KeyLog::default();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                for c in &controls {
+                    keys.poll(c);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            keys
+        });
+        KeyCollector {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stop and merge what was collected into `keys`.
+    fn finish(mut self, keys: &mut KeyLog) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(k) = self.thread.take().and_then(|t| t.join().ok()) {
+            keys.esp.extend(k.esp);
+            keys.ike.extend(k.ike);
+        }
+    }
+}
+
+impl Drop for KeyCollector {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// What one tshark pass over a capture found (with the key tables under `home`).
 #[derive(Default)]
 struct Decrypted {
@@ -427,6 +470,7 @@ pub fn run_ike(opts: &IkeLabOptions) -> io::Result<Report> {
     let mut db = Daemon::start(&b, &opts.run.exe, &work.join("b.toml"), &work.join("b.log"))?;
     let mut da = Daemon::start(&a, &opts.run.exe, &work.join("a.toml"), &work.join("a.log"))?;
     let mut keys = KeyLog::default();
+    let collector = KeyCollector::start(vec![ctl_a.clone(), ctl_b.clone()]);
     let up = wait_for(
         || {
             status(&ctl_a).is_some_and(|s| ike_counts(&s).1 == 1)
@@ -532,6 +576,7 @@ pub fn run_ike(opts: &IkeLabOptions) -> io::Result<Report> {
     // installs each before A may use it): its keys close the key log.
     keys.poll(&ctl_b);
     let clean_a = da.stop()?;
+    collector.finish(&mut keys);
     std::thread::sleep(Duration::from_millis(300));
     let deleted = db.log().contains("deleted by the peer");
     let clean_b = db.stop()?;
@@ -748,6 +793,7 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
     let mut sw = Charon::start(&b, &sw_dir)?;
     let mut da = Daemon::start(&a, &opts.run.exe, &cfg_a, &work.join("a.log"))?;
     let mut keys = KeyLog::default();
+    let collector = KeyCollector::start(vec![ctl.clone()]);
     if !opts.espip_initiates {
         let out = sw.swanctl(&[
             "--initiate",
@@ -932,7 +978,9 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
     }
 
     // A clean stop sends DELETE.
+    keys.poll(&ctl);
     let clean = da.stop()?;
+    collector.finish(&mut keys);
     let deleted = wait_for(
         || sw.log().contains("received DELETE for IKE_SA"),
         Duration::from_secs(3),
