@@ -472,6 +472,9 @@ enum LabCmd {
         /// Seconds of transfers and pings.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Seconds of the IKE_SA_INIT flood at the responder (0: none).
+        #[arg(long, default_value_t = 10)]
+        flood: u64,
     },
     /// espip against strongSwan's charon (kernel-libipsec, userspace ESP in UDP) keyed by
     /// IKEv2 with a pre-shared key: pings, transfers, rekeys by both sides under load, dead
@@ -620,6 +623,14 @@ enum ToolCmd {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
+    /// Send IKE_SA_INIT requests (each a fresh SPI, nonce and X25519 share) at an IKE port
+    /// for the half-open flood test; prints how many.
+    IkeFlood {
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Relay every frame between two interfaces with a delay and random loss (the multipath
     /// lab's emulated link; this kernel has no netem). Runs until SIGTERM; prints its counts.
     Relay {
@@ -709,6 +720,48 @@ fn check(config: &std::path::Path) -> Result<()> {
             p.name,
             p.describe(i.listen_port)
         );
+        if let Some(k) = cfg.ike.iter().find(|k| k.peer == p.name) {
+            let names = |v: Vec<String>| v.join(", ");
+            let udp = matches!(
+                p.encap,
+                espip::datapath::EncapSpec::EspPending {
+                    udp_port: Some(_),
+                    ..
+                }
+            );
+            println!(
+                "  IKEv2 {}: {} -> {}, pre-shared key of {} bytes; IKE [{}], ESP [{}]",
+                match k.role {
+                    espip::config::IkeRole::Initiator => "initiator (connects at start)",
+                    espip::config::IkeRole::Responder => "responder (waits for the peer)",
+                },
+                k.local_id,
+                k.remote_id,
+                k.psk.len(),
+                names(k.ike_proposals.iter().map(|x| x.name()).collect()),
+                names(k.esp_proposals.iter().map(|x| x.name()).collect()),
+            );
+            println!(
+                "  CHILD_SA rekeyed {}-{} s after it is made (lifetime {} s), IKE SA {}-{} s (lifetime {} s); liveness check after {}; selectors: ours [{}], theirs [{allowed}]; UDP 500{}",
+                k.child_lifetime - k.rekey_margin - k.rekey_jitter,
+                k.child_lifetime - k.rekey_margin,
+                k.child_lifetime,
+                k.ike_lifetime - k.rekey_margin - k.rekey_jitter,
+                k.ike_lifetime - k.rekey_margin,
+                k.ike_lifetime,
+                if k.dpd_interval == 0 {
+                    "never (dpd_interval = 0)".to_string()
+                } else {
+                    format!("{} s of silence", k.dpd_interval)
+                },
+                names(k.local_ts.iter().map(|x| x.to_string()).collect()),
+                if udp {
+                    format!(", then the NAT-T port {} (ESP in UDP)", i.listen_port)
+                } else {
+                    ", ESP as IP protocol 50 (a NAT between the peers is an error: use esp-udp)".into()
+                }
+            );
+        }
     }
     for w in &cfg.warnings {
         println!("warning: {w}");
@@ -834,8 +887,12 @@ fn real_main() -> Result<()> {
                 esp,
                 rekey,
                 seconds,
+                flood,
             } => {
                 check_proposals(&ike, &esp)?;
+                if flood > 600 {
+                    bail!("--flood must be 0..600 s");
+                }
                 if !(3..=600).contains(&rekey) || !(5..=3600).contains(&seconds) {
                     bail!("--rekey must be 3..600 s and --seconds 5..3600");
                 }
@@ -849,6 +906,7 @@ fn real_main() -> Result<()> {
                     esp,
                     rekey,
                     seconds,
+                    flood,
                     run: common.run()?,
                 };
                 finish(espip::lab::ike::run_ike(&opts)?);
@@ -943,6 +1001,10 @@ fn real_main() -> Result<()> {
                 println!(
                     "{{\"esp_known_spi\": {a}, \"esp_unknown_spi\": {b}, \"ipip\": {c}, \"short\": {d}}}"
                 );
+            }
+            ToolCmd::IkeFlood { to, seconds } => {
+                let n = espip::lab::ike::ike_flood(to, seconds)?;
+                println!("{{\"ike_sa_init\": {n}}}");
             }
             ToolCmd::Source { connect, bytes } => {
                 println!("{}", espip::lab::transfer::source(connect, bytes)?)

@@ -87,11 +87,12 @@ fn strongswan_espip_initiates_aes256gcm_ecp384() {
 
 /// espip to espip for 60 s with a CHILD_SA rekey every 5 s (64-bit ESN negotiated): every
 /// transfer's hash equal, no lost ping, zero replay and bad_icv drops, the SPIs changing in
-/// the capture, tshark decrypting IKE and ESP with the exported keys.
+/// the capture, tshark decrypting IKE and ESP with the exported keys; then 30 s of
+/// IKE_SA_INIT flood at the responder while the initiator restarts and reconnects.
 #[test]
 fn espip_to_espip_rekeying_every_5_s_for_60_s() {
     let Some(_g) = serial() else { return };
-    let t = lab_scenario(&["ike", "--seconds", "60", "--rekey", "5"]);
+    let t = lab_scenario(&["ike", "--seconds", "60", "--rekey", "5", "--flood", "30"]);
     has_all(
         &t,
         &[
@@ -104,6 +105,7 @@ fn espip_to_espip_rekeying_every_5_s_for_60_s() {
             "[PASS] the capture shows the SPIs changing",
             "[PASS] tshark decrypts every ESP packet",
             "[PASS] tshark decrypts every IKE message",
+            "[PASS] IKE_SA_INIT flood of 30 s at B: cookies, bounded memory, A reconnects during it",
         ],
     );
 }
@@ -123,6 +125,8 @@ fn espip_to_espip_over_protocol_50_without_esn() {
         "12",
         "--rekey",
         "4",
+        "--flood",
+        "0",
     ]);
     has_all(
         &t,

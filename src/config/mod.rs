@@ -16,7 +16,7 @@ mod raw;
 
 use crate::datapath::PeerSpec;
 use crate::prefix::Prefix;
-pub use ike::{IkePeer, Role as IkeRole};
+pub use ike::{IkePeer, Role as IkeRole, DEFAULT_IKE_PROPOSAL};
 pub use keys::KeyFiles;
 pub use peer::Mode;
 use raw::{RawConfig, RawMetrics};

@@ -703,3 +703,56 @@ fn a_half_open_flood_gets_cookies_and_the_honest_peer_still_connects() {
         "one IKE_SA_INIT, then one with the cookie"
     );
 }
+
+#[test]
+fn protocol_50_behind_a_nat_is_refused_with_the_fix_named() {
+    let mut a = cfg(
+        Role::Initiator,
+        A,
+        B,
+        "aes128gcm16-prfsha256-x25519",
+        "aes128gcm16",
+    );
+    let mut b = cfg(
+        Role::Responder,
+        B,
+        A,
+        "aes128gcm16-prfsha256-x25519",
+        "aes128gcm16",
+    );
+    a.force_encap = false;
+    b.force_encap = false;
+    // A thinks it is 198.51.100.1; B sees it as 192.0.2.1: a NAT in between.
+    a.local = "198.51.100.1".parse().unwrap();
+    let mut p = Pair::new(a, b);
+    p.run(100);
+    assert!(p.a.sas().out.is_none());
+    assert!(p.events_of('a').iter().any(|e| matches!(
+        e,
+        Event::Failed { reason, detail } if reason == "NAT_DETECTED" && detail.contains("esp-udp")
+    )));
+    // Without the NAT, protocol 50 stays on port 500 (no NAT-T).
+    let mut a = cfg(
+        Role::Initiator,
+        A,
+        B,
+        "aes128gcm16-prfsha256-x25519",
+        "aes128gcm16",
+    );
+    let mut b = cfg(
+        Role::Responder,
+        B,
+        A,
+        "aes128gcm16-prfsha256-x25519",
+        "aes128gcm16",
+    );
+    a.force_encap = false;
+    b.force_encap = false;
+    let mut p = Pair::new(a, b);
+    p.run(100);
+    assert_keys_match(&p.a.sas(), &p.b.sas());
+    assert!(p
+        .log
+        .iter()
+        .all(|(_, from, natt, _)| !natt && from.port() == 500));
+}

@@ -1217,6 +1217,21 @@ impl Engine {
             .is_some_and(|(_, d)| d != crypto::nat_hash(s.spi_i, s.spi_r, me).as_slice());
         let nat_there = find_notify(p, notify::NAT_DETECTION_SOURCE_IP)
             .is_some_and(|(_, d)| d != crypto::nat_hash(s.spi_i, s.spi_r, s.peer).as_slice());
+        if (nat_here || nat_there) && !self.cfg.force_encap {
+            // ESP as IP protocol 50 does not cross a NAT (no ports to map).
+            self.fail(
+                out,
+                "NAT_DETECTED",
+                format!(
+                    "a NAT between {} and {} (the NAT detection hashes differ): ESP as IP protocol 50 cannot cross it; use mode = \"esp-udp\" for peer {}",
+                    me.ip(),
+                    s.peer.ip(),
+                    self.cfg.name
+                ),
+            );
+            self.retry_at = Some(now + 6 * RETRY_MS * MS);
+            return;
+        }
         if nat_here || nat_there || self.cfg.force_encap {
             s.natt = true;
             s.peer = SocketAddr::new(s.peer.ip(), self.cfg.remote_natt_port);
