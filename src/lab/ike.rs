@@ -929,42 +929,68 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
     )?;
     keys.poll(&ctl);
 
-    // Rekeys by both sides under 50 pings a second: espip rekeys its CHILD_SA every ~8 s
-    // and its IKE SA every ~15 s on its own; strongSwan is told to rekey both in between.
+    // Rekeys by both sides under 50 pings a second and TCP transfers: espip rekeys its
+    // CHILD_SA every ~8 s and its IKE SA every ~7 s on its own; strongSwan is told to rekey
+    // both in between.
     let before = status(&ctl).map_or((0, 0, 0, 0), |s| ike_counts(&s));
     let pinger = ping_train(&a, B_INNER, None, 20)?;
-    let mut sw_rekeys = Vec::new();
     let t0 = Instant::now();
-    for (at, args) in [
-        (3u64, ["--rekey", "--child", "lab"]),
-        (11, ["--rekey", "--ike", "lab"]),
-        (13, ["--rekey", "--child", "lab"]),
-    ] {
-        while t0.elapsed() < Duration::from_secs(at) {
+    // TCP transfers back to back through the same 20 s, in a second thread.
+    let bytes_each = opts.megabytes.min(10) * 1_000_000;
+    let (sw_rekeys, (transfers, equal)) = std::thread::scope(|scope| -> io::Result<_> {
+        let mover = scope.spawn(|| {
+            let (mut n, mut ok) = (0u32, 0u32);
+            while t0.elapsed() < Duration::from_secs(19) {
+                if let Ok(r) = super::transfer(&opts.run.exe, (&a, &b), B_INNER, bytes_each) {
+                    n += 1;
+                    if r.ok(bytes_each) {
+                        ok += 1;
+                    }
+                }
+            }
+            (n, ok)
+        });
+        let mut sw_rekeys = Vec::new();
+        for (at, args) in [
+            (3u64, ["--rekey", "--child", "lab"]),
+            (11, ["--rekey", "--ike", "lab"]),
+            (13, ["--rekey", "--child", "lab"]),
+        ] {
+            while t0.elapsed() < Duration::from_secs(at) {
+                keys.poll(&ctl);
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            let out = sw.swanctl(&args)?;
+            sw_rekeys.push(format!(
+                "{} {}: {}",
+                args[1],
+                args[2],
+                if out.contains("completed successfully") {
+                    "ok"
+                } else {
+                    "FAILED"
+                }
+            ));
+        }
+        while t0.elapsed() < Duration::from_secs(20) {
             keys.poll(&ctl);
             std::thread::sleep(Duration::from_millis(250));
         }
-        let out = sw.swanctl(&args)?;
-        sw_rekeys.push(format!(
-            "{} {}: {}",
-            args[1],
-            args[2],
-            if out.contains("completed successfully") {
-                "ok"
-            } else {
-                "FAILED"
-            }
-        ));
-    }
-    while t0.elapsed() < Duration::from_secs(20) {
-        keys.poll(&ctl);
-        std::thread::sleep(Duration::from_millis(250));
-    }
+        Ok((sw_rekeys, mover.join().unwrap_or((0, 0))))
+    })?;
     let (sent, got) = ping_result(pinger);
     keys.poll(&ctl);
     let after = status(&ctl).map_or((0, 0, 0, 0), |s| ike_counts(&s));
     let child_rekeys = after.2 - before.2;
     let ike_rekeys = after.3 - before.3;
+    report.check(
+        format!(
+            "{transfers} TCP transfers of {} MB during the rekeys: every hash equal",
+            bytes_each / 1_000_000
+        ),
+        transfers > 0 && equal == transfers,
+        format!("{equal} of {transfers} equal"),
+    );
     report.check(
         "rekeys by both sides during 50 pings a second: none lost",
         sent > 0
