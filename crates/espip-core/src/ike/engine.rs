@@ -2396,168 +2396,48 @@ impl Engine {
                 ni,
                 share,
             } => {
-                let retry_later = |e: &mut Engine, delay_ms: u64, rng: &dyn SecureRandom| {
-                    if let Some(c) = e.children.iter_mut().find(|c| c.keys.spi_in == old_in) {
-                        c.rekey_at = now + delay_ms * MS + jitter(rng, 2_000);
-                    }
-                };
-                if let Some(e) = error_notify(p) {
-                    if e == notify::TEMPORARY_FAILURE {
-                        self.stats.fail("rekey_collision");
-                        retry_later(self, 500, rng);
-                    } else {
-                        self.fail(
-                            out,
-                            &notify::name(e),
-                            format!("peer {} refused the CHILD_SA rekey", self.cfg.name),
-                        );
-                        retry_later(self, 10_000, rng);
-                    }
-                    return After::Keep;
-                }
-                let sa = take!(p, Payload::Sa(v) => v.clone()).unwrap_or_default();
-                let nr = take!(p, Payload::Nonce(n) => n.clone());
-                let ke = take!(p, Payload::Ke { data, .. } => data.clone());
-                let pfs = share.as_ref().map(KeyShare::group);
-                let (Some(choice), Some(nr)) = (proposal::accept_esp(&sa, &self.cfg.esp, pfs), nr)
-                else {
-                    self.fail(
-                        out,
-                        "NO_PROPOSAL_CHOSEN",
-                        "the CHILD_SA rekey answer is not one we offered".into(),
-                    );
-                    retry_later(self, 10_000, rng);
-                    return After::Keep;
-                };
-                let shared = match (share, ke) {
-                    (Some(sh), Some(k)) => match sh.agree(&k) {
-                        Ok(x) => Some(x),
-                        Err(_) => {
-                            self.fail(
-                                out,
-                                "INVALID_SYNTAX",
-                                "bad KE in the CHILD_SA rekey answer".into(),
-                            );
-                            retry_later(self, 10_000, rng);
-                            return After::Keep;
+                match self.child_from_answer(s, p, new_in, &ni, share) {
+                    Err((reason, detail)) => {
+                        let delay = if reason == "TEMPORARY_FAILURE" {
+                            // A collision: the peer's rekey of this CHILD_SA won, or it
+                            // retries; ours is tried again after a random delay if still due.
+                            self.stats.fail("rekey_collision");
+                            500
+                        } else {
+                            self.fail(out, &reason, format!("CHILD_SA rekey: {detail}"));
+                            10_000
+                        };
+                        if let Some(c) = self.children.iter_mut().find(|c| c.keys.spi_in == old_in)
+                        {
+                            c.rekey_at = now + delay * MS + jitter(rng, 2_000);
                         }
-                    },
-                    (None, _) => None,
-                    (Some(_), None) => {
-                        self.fail(
-                            out,
-                            "INVALID_SYNTAX",
-                            "no KE in the CHILD_SA rekey answer (PFS)".into(),
-                        );
-                        retry_later(self, 10_000, rng);
-                        return After::Keep;
                     }
-                };
-                let keys = s.keys.as_ref().expect("keys");
-                let (i2r, r2i) = crypto::child_keys(
-                    keys.prf,
-                    &keys.sk_d,
-                    choice.cipher,
-                    shared.as_deref().map(|v| v.as_slice()),
-                    &ni,
-                    &nr,
-                );
-                let ck = ChildKeys {
-                    spi_in: new_in,
-                    spi_out: choice.spi,
-                    key_in: r2i,
-                    key_out: i2r,
-                    esn: choice.esn,
-                };
-                let c = self.new_child(ck, choice.name(), true, now, rng);
-                for o in &mut self.children {
-                    if o.keys.spi_in == old_in {
-                        o.out = false;
-                        o.replaced = true;
+                    Ok((ck, choice, ts)) => {
+                        for o in &mut self.children {
+                            if o.keys.spi_in == old_in {
+                                o.out = false;
+                                o.replaced = true;
+                            }
+                        }
+                        self.stats.child_rekeys += 1;
+                        self.install_child(ck, &choice, ts, Some(old_in), now, rng, out);
+                        // On the current IKE SA (this answer may have come on one a rekey
+                        // replaced).
+                        self.deferred.insert(0, Task::DeleteChild(old_in));
                     }
                 }
-                self.children.push(c);
-                self.stats.child_rekeys += 1;
-                // On the current IKE SA (this answer may have come on one a rekey replaced).
-                self.deferred.insert(0, Task::DeleteChild(old_in));
-                let tsi = take!(p, Payload::TsI(v) => v.clone()).unwrap_or_default();
-                let tsr = take!(p, Payload::TsR(v) => v.clone()).unwrap_or_default();
-                out.push(Out::Changed);
-                out.push(Out::Event(Event::ChildUp {
-                    spi_in: new_in,
-                    spi_out: choice.spi,
-                    proposal: choice.name(),
-                    ts: ts_string(&tsi, &tsr),
-                    rekey_of: Some(old_in),
-                }));
                 After::Keep
             }
             Req::NewChild { new_in, ni, share } => {
-                if let Some(e) = error_notify(p) {
-                    self.fail(
-                        out,
-                        &notify::name(e),
-                        format!("peer {} refused a new CHILD_SA", self.cfg.name),
-                    );
-                    self.new_child_at = now + 10_000 * MS + jitter(rng, 2_000);
-                    return After::Keep;
-                }
-                let sa = take!(p, Payload::Sa(v) => v.clone()).unwrap_or_default();
-                let nr = take!(p, Payload::Nonce(n) => n.clone());
-                let ke = take!(p, Payload::Ke { data, .. } => data.clone());
-                let pfs = share.as_ref().map(KeyShare::group);
-                let (Some(choice), Some(nr)) = (proposal::accept_esp(&sa, &self.cfg.esp, pfs), nr)
-                else {
-                    self.fail(
-                        out,
-                        "NO_PROPOSAL_CHOSEN",
-                        "the new CHILD_SA answer is not one we offered".into(),
-                    );
-                    self.new_child_at = now + 10_000 * MS;
-                    return After::Keep;
-                };
-                let shared = match (share, ke) {
-                    (Some(sh), Some(k)) => match sh.agree(&k) {
-                        Ok(x) => Some(x),
-                        Err(_) => {
-                            self.new_child_at = now + 10_000 * MS;
-                            return After::Keep;
-                        }
-                    },
-                    (None, _) => None,
-                    (Some(_), None) => {
-                        self.new_child_at = now + 10_000 * MS;
-                        return After::Keep;
+                match self.child_from_answer(s, p, new_in, &ni, share) {
+                    Err((reason, detail)) => {
+                        self.fail(out, &reason, format!("new CHILD_SA: {detail}"));
+                        self.new_child_at = now + 10_000 * MS + jitter(rng, 2_000);
                     }
-                };
-                let keys = s.keys.as_ref().expect("keys");
-                let (i2r, r2i) = crypto::child_keys(
-                    keys.prf,
-                    &keys.sk_d,
-                    choice.cipher,
-                    shared.as_deref().map(|v| v.as_slice()),
-                    &ni,
-                    &nr,
-                );
-                let ck = ChildKeys {
-                    spi_in: new_in,
-                    spi_out: choice.spi,
-                    key_in: r2i,
-                    key_out: i2r,
-                    esn: choice.esn,
-                };
-                let c = self.new_child(ck, choice.name(), true, now, rng);
-                self.children.push(c);
-                let tsi = take!(p, Payload::TsI(v) => v.clone()).unwrap_or_default();
-                let tsr = take!(p, Payload::TsR(v) => v.clone()).unwrap_or_default();
-                out.push(Out::Changed);
-                out.push(Out::Event(Event::ChildUp {
-                    spi_in: new_in,
-                    spi_out: choice.spi,
-                    proposal: choice.name(),
-                    ts: ts_string(&tsi, &tsr),
-                    rekey_of: None,
-                }));
+                    Ok((ck, choice, ts)) => {
+                        self.install_child(ck, &choice, ts, None, now, rng, out)
+                    }
+                }
                 After::Keep
             }
             Req::DeleteChild(spi_in) => {
@@ -2641,6 +2521,94 @@ impl Engine {
             Req::DeleteIke => After::Drop,
             Req::Dpd => After::Keep,
         }
+    }
+
+    /// The CHILD_SA that the answer `p` to our CREATE_CHILD_SA sets up (we initiated the
+    /// exchange: the initiator-to-responder keys are ours to send with), or why not:
+    /// (the RFC name of the error, a detail for the log).
+    fn child_from_answer(
+        &self,
+        s: &IkeSa,
+        p: &[Payload],
+        new_in: u32,
+        ni: &[u8],
+        share: Option<KeyShare>,
+    ) -> Result<(ChildKeys, EspChoice, String), (String, String)> {
+        if let Some(e) = error_notify(p) {
+            return Err((
+                notify::name(e),
+                format!("peer {} refused it", self.cfg.name),
+            ));
+        }
+        let sa = take!(p, Payload::Sa(v) => v.clone()).unwrap_or_default();
+        let nr = take!(p, Payload::Nonce(n) => n.clone());
+        let ke = take!(p, Payload::Ke { data, .. } => data.clone());
+        let pfs = share.as_ref().map(KeyShare::group);
+        let (Some(choice), Some(nr)) = (proposal::accept_esp(&sa, &self.cfg.esp, pfs), nr) else {
+            return Err((
+                "NO_PROPOSAL_CHOSEN".into(),
+                "the answer is not one of the proposals we offered".into(),
+            ));
+        };
+        let shared = match (share, ke) {
+            (Some(sh), Some(k)) => Some(sh.agree(&k).map_err(|_| {
+                (
+                    "INVALID_SYNTAX".to_string(),
+                    "a bad KE in the answer".to_string(),
+                )
+            })?),
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err((
+                    "INVALID_SYNTAX".into(),
+                    "no KE in the answer to a PFS proposal".into(),
+                ))
+            }
+        };
+        let keys = s.keys.as_ref().expect("keys");
+        let (i2r, r2i) = crypto::child_keys(
+            keys.prf,
+            &keys.sk_d,
+            choice.cipher,
+            shared.as_deref().map(|v| v.as_slice()),
+            ni,
+            &nr,
+        );
+        let tsi = take!(p, Payload::TsI(v) => v.clone()).unwrap_or_default();
+        let tsr = take!(p, Payload::TsR(v) => v.clone()).unwrap_or_default();
+        let ck = ChildKeys {
+            spi_in: new_in,
+            spi_out: choice.spi,
+            key_in: r2i,
+            key_out: i2r,
+            esn: choice.esn,
+        };
+        Ok((ck, choice, ts_string(&tsi, &tsr)))
+    }
+
+    /// Install a CHILD_SA we initiated (both halves at once) and say so.
+    #[allow(clippy::too_many_arguments)]
+    fn install_child(
+        &mut self,
+        ck: ChildKeys,
+        choice: &EspChoice,
+        ts: String,
+        rekey_of: Option<u32>,
+        now: u64,
+        rng: &dyn SecureRandom,
+        out: &mut Vec<Out>,
+    ) {
+        let (spi_in, spi_out) = (ck.spi_in, ck.spi_out);
+        let c = self.new_child(ck, choice.name(), true, now, rng);
+        self.children.push(c);
+        out.push(Out::Changed);
+        out.push(Out::Event(Event::ChildUp {
+            spi_in,
+            spi_out,
+            proposal: choice.name(),
+            ts,
+            rekey_of,
+        }));
     }
 
     /// A clean stop: DELETE the IKE SA (its CHILD_SAs with it, section 1.4.1), once, without
