@@ -20,7 +20,7 @@ const WITH_STRONGSWAN: &[&str] = &[
     "[PASS] ping strongSwan -> espip",
     " MB espip -> strongSwan: sent",
     " MB strongSwan -> espip: sent",
-    "during the rekeys: every hash equal",
+    "while both sides rekey: every hash equal",
     "[PASS] rekeys by both sides during 50 pings a second: none lost",
     " MB after the rekeys: sent",
     "[PASS] no replay or bad_icv drops at espip",
