@@ -578,6 +578,16 @@ impl Engine {
         ctx.finish().as_ref().to_vec()
     }
 
+    /// Never without an outbound SA while an installed one waits: when the SA we sent on is
+    /// gone (deleted by the peer, e.g. the loser of a rekey collision it resolved by nonces,
+    /// or past its hard lifetime) and a CHILD_SA the peer made waits for its switch, switch
+    /// now (the peer holds both halves of it). Returns whether the SAs changed.
+    fn ensure_out(&mut self, now: u64) -> bool {
+        let sending = self.children.iter().any(|c| c.out);
+        let waiting = self.children.iter().any(|c| c.pending_since.is_some());
+        !sending && waiting && self.switch_pending(now, true)
+    }
+
     /// A CHILD_SA that carries traffic (not replaced, not being deleted).
     fn has_active_child(&self) -> bool {
         self.children
@@ -648,7 +658,7 @@ impl Engine {
         if self.children.len() != before {
             changed = true;
         }
-        if self.switch_pending(now, false) {
+        if self.switch_pending(now, false) || self.ensure_out(now) {
             changed = true;
         }
         if changed {
@@ -1407,6 +1417,9 @@ impl Engine {
                     }
                 }
             }
+        }
+        if self.ensure_out(now) {
+            out.push(Out::Changed);
         }
         self.next_task(now, rng, &mut out);
         out
