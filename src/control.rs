@@ -169,6 +169,17 @@ pub struct ReloadRequest {
     pub reply: tokio::sync::oneshot::Sender<Result<String, String>>,
 }
 
+/// `espip rekey`: rekey the CHILD_SAs (or the IKE SA) of IKEv2 peers now, for the serving
+/// loop.
+pub struct RekeyRequest {
+    /// Only this peer (`None`: every IKEv2 peer).
+    pub peer: Option<String>,
+    /// The IKE SA instead of the CHILD_SAs.
+    pub ike: bool,
+    /// What was started, or why nothing was.
+    pub reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+}
+
 /// What `espip reload` sends after its request line.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct ReloadDocument {
@@ -194,6 +205,8 @@ pub struct Live {
     pub stats: Arc<Stats>,
     /// Where reload requests go (the serving loop); `None`: reloads are refused.
     pub reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
+    /// Where rekey requests go (the serving loop).
+    pub rekey: Option<tokio::sync::mpsc::Sender<RekeyRequest>>,
     /// Edge errors.
     pub edge: Arc<EdgeStats>,
     /// Capture counters and files.
@@ -453,6 +466,35 @@ impl Live {
         zeroize::Zeroizing::new(serde_json::to_vec(&v).unwrap_or_default())
     }
 
+    /// `rekey child|ike [PEER]`: handed to the serving loop, which starts the exchanges.
+    async fn rekey(&self, request: &str) -> zeroize::Zeroizing<Vec<u8>> {
+        let result = async {
+            let Some(tx) = &self.rekey else {
+                return Err("this daemon does not take rekey requests".to_string());
+            };
+            let mut words = request.split_whitespace().skip(1);
+            let ike = match words.next() {
+                Some("ike") => true,
+                Some("child") => false,
+                _ => return Err("expected \"rekey child [PEER]\" or \"rekey ike [PEER]\"".into()),
+            };
+            let peer = words.next().map(str::to_string);
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            tx.send(RekeyRequest { peer, ike, reply })
+                .await
+                .map_err(|_| "the daemon is stopping".to_string())?;
+            answer
+                .await
+                .map_err(|_| "the daemon is stopping".to_string())?
+        }
+        .await;
+        let v = match result {
+            Ok(s) => serde_json::json!({ "rekey": s }),
+            Err(e) => serde_json::json!({ "error": e }),
+        };
+        zeroize::Zeroizing::new(serde_json::to_vec(&v).unwrap_or_default())
+    }
+
     async fn reload_inner(
         &self,
         doc: &[u8],
@@ -611,6 +653,7 @@ pub async fn serve_control(listener: UnixListener, live: Arc<Live>) {
             let request = String::from_utf8_lossy(&req).trim().to_string();
             let body = match authorized(uid, &request) {
                 Ok(()) if request == "reload" => live.reload(&doc, fds).await,
+                Ok(()) if request.starts_with("rekey ") => live.rekey(&request).await,
                 Ok(()) => live.answer(&request),
                 Err(why) => {
                     debug!(uid, "control request refused");

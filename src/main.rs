@@ -71,6 +71,18 @@ enum Cmd {
         #[arg(long, requires = "wireshark")]
         write: Option<PathBuf>,
     },
+    /// Rekey the CHILD_SAs (or with --ike the IKE SA) of a running daemon's IKEv2 peers now,
+    /// as strongSwan's `swanctl --rekey` does.
+    Rekey {
+        #[command(flatten)]
+        target: Target,
+        /// Only this peer (default: every IKEv2 peer).
+        #[arg(long)]
+        peer: Option<String>,
+        /// Rekey the IKE SA instead of the CHILD_SAs.
+        #[arg(long)]
+        ike: bool,
+    },
     /// Print fresh random key material (hex of key || 4-byte salt, the `ip xfrm` layout).
     Genkey {
         /// aes-128-gcm, aes-256-gcm or chacha20-poly1305.
@@ -178,6 +190,44 @@ fn reload(path: &std::path::Path) -> Result<()> {
         cfg.interface.name,
         espip::control::clean(summary)
     );
+    Ok(())
+}
+
+/// `espip rekey`: ask each named daemon to start the rekeys; print what each started.
+fn rekey(target: &Target, peer: Option<&str>, ike: bool) -> Result<()> {
+    if let Some(p) = peer {
+        if p.is_empty() || p.len() > 64 || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            bail!("--peer {p:?}: a peer name from the configuration (no spaces)");
+        }
+    }
+    let request = format!(
+        "rekey {}{}",
+        if ike { "ike" } else { "child" },
+        peer.map(|p| format!(" {p}")).unwrap_or_default()
+    );
+    let mut failed = false;
+    for sock in target.sockets()? {
+        let raw = espip::control::request(&sock, &request)
+            .with_context(|| format!("asking the daemon at {}", sock.display()))?;
+        let v: serde_json::Value = serde_json::from_slice(&raw)?;
+        match (
+            v.get("rekey").and_then(|s| s.as_str()),
+            v.get("error").and_then(|s| s.as_str()),
+        ) {
+            (Some(s), _) => println!("{}: {}", sock.display(), espip::control::clean(s)),
+            (_, Some(e)) => {
+                eprintln!("{}: {}", sock.display(), espip::control::clean(e));
+                failed = true;
+            }
+            _ => bail!(
+                "the daemon at {} gave no answer espip understands",
+                sock.display()
+            ),
+        }
+    }
+    if failed {
+        bail!("no rekey started at one daemon or more (see above)");
+    }
     Ok(())
 }
 
@@ -818,6 +868,7 @@ fn real_main() -> Result<()> {
             wireshark,
             write,
         } => sa(&target, wireshark, write.as_deref())?,
+        Cmd::Rekey { target, peer, ike } => rekey(&target, peer.as_deref(), ike)?,
         Cmd::Rules { config, remove } => {
             let cfg = Config::load(&config)?;
             print!("{}", espip::rules::script(&cfg, remove));

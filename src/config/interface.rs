@@ -71,7 +71,20 @@ pub(super) fn interface(raw: RawInterface, base: &Path) -> Result<Interface, Con
             ))
         }
     };
+    let save_keys = match raw.save_keys {
+        None => None,
+        Some(d) if d.as_os_str().is_empty() => {
+            return Err(invalid(
+                "interface.save_keys",
+                "\"\"",
+                "a directory only root can write, e.g. \"/root/espip-keys\" (or no save_keys key: keys are not written anywhere)",
+            ))
+        }
+        Some(d) if d.is_relative() => Some(base.join(d)),
+        Some(d) => Some(d),
+    };
     Ok(Interface {
+        save_keys,
         tx_threads,
         offload: raw.offload.unwrap_or(true),
         listen_port,

@@ -191,6 +191,9 @@ pub struct Interface {
     pub listen_port: u16,
     /// TX threads, one per TUN queue (`IFF_MULTI_QUEUE` when above 1).
     pub tx_threads: u8,
+    /// A directory (private to root) where every SA's keys are appended to Wireshark's
+    /// `esp_sa` and `ikev2_decryption_table` files as the SA comes up. Debugging only.
+    pub save_keys: Option<PathBuf>,
 }
 
 /// How far one TX thread can put an SA's packets out of order: a batch plus the segments of

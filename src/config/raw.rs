@@ -65,6 +65,7 @@ pub(super) struct RawInterface {
     pub(super) offload: Option<bool>,
     pub(super) listen_port: Option<i64>,
     pub(super) tx_threads: Option<i64>,
+    pub(super) save_keys: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]

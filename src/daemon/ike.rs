@@ -48,6 +48,8 @@ pub(super) struct IkeDriver {
     udp: Arc<Vec<UdpEncapSocket>>,
     rng: SystemRandom,
     clock: Instant,
+    /// `interface.save_keys`.
+    pub(super) keylog: Option<super::keylog::KeyLog>,
 }
 
 /// What [`IkeDriver::recv`] returns.
@@ -112,6 +114,7 @@ impl IkeDriver {
             udp,
             rng: SystemRandom::new(),
             clock,
+            keylog: None,
         };
         d.reconfigure(cfg, sources);
         Ok(Some(d))
@@ -223,6 +226,47 @@ impl IkeDriver {
         }
     }
 
+    /// `espip rekey`: start a rekey of the CHILD_SAs (or the IKE SA) of `peer` (or of every
+    /// IKEv2 peer) now.
+    pub(super) async fn rekey(
+        &mut self,
+        peer: Option<&str>,
+        ike: bool,
+        reloader: &mut Reloader<'_>,
+    ) -> Result<String, String> {
+        let now = self.now();
+        let chosen: Vec<usize> = (0..self.peers.len())
+            .filter(|&i| peer.map_or(true, |p| self.peers[i].name == p))
+            .collect();
+        if chosen.is_empty() {
+            return Err(match peer {
+                Some(p) => format!("no IKEv2 peer named {p:?}"),
+                None => "no IKEv2 peer".into(),
+            });
+        }
+        let mut started = Vec::new();
+        let mut refused = Vec::new();
+        for i in chosen {
+            match self.peers[i].engine.rekey_now(ike, now, &self.rng) {
+                Ok(outs) => {
+                    started.push(self.peers[i].name.clone());
+                    self.perform(i, outs, reloader).await;
+                }
+                Err(why) => refused.push(format!("{}: {why}", self.peers[i].name)),
+            }
+        }
+        let what = if ike { "IKE SA" } else { "CHILD_SA" };
+        match (started.is_empty(), refused.is_empty()) {
+            (true, _) => Err(refused.join("; ")),
+            (false, true) => Ok(format!("{what} rekey requested for {}", started.join(", "))),
+            (false, false) => Ok(format!(
+                "{what} rekey requested for {}; not for {}",
+                started.join(", "),
+                refused.join("; ")
+            )),
+        }
+    }
+
     /// A clean stop: DELETE every IKE SA.
     pub(super) async fn close(&mut self, reloader: &mut Reloader<'_>) {
         let now = self.now();
@@ -242,6 +286,9 @@ impl IkeDriver {
             }
         }
         reloader.live.set_ike(self.status(), self.wireshark_ike());
+        if let Some(k) = self.keylog.as_mut() {
+            k.record(reloader.live);
+        }
     }
 
     async fn send(&self, to: SocketAddr, natt: bool, msg: &[u8]) {
@@ -445,6 +492,7 @@ fn log_event(peer: &str, e: &Event) {
                 "CHILD_SA removed"
             )
         }
+        Event::Collision { detail } => info!(peer, detail, "IKE: rekey collision resolved"),
         Event::IkeDown { why } => warn!(peer, why, "IKE SA gone"),
         Event::Failed { reason, detail } => warn!(peer, reason, "IKE: {detail}"),
     }

@@ -21,6 +21,7 @@
 //! A stop is an eventfd both threads poll.
 
 mod ike;
+mod keylog;
 mod probe;
 mod reload;
 mod rx;
@@ -106,6 +107,9 @@ pub enum DaemonError {
     /// The state directory (root's own).
     #[error("interface.state_dir: {1}")]
     State(std::path::PathBuf, io::Error),
+    /// The key log directory.
+    #[error("interface.save_keys: {0} (it must be a directory only root can write, in directories only root can write; create it with: install -d -m 0700 DIR)")]
+    SaveKeys(io::Error),
     /// The sequence number state of a key.
     #[error(transparent)]
     Seq(#[from] SeqError),
@@ -208,6 +212,7 @@ pub fn run(cfg: Config, path: Option<&std::path::Path>) -> Result<(), DaemonErro
         live,
         handoff,
         mut reload_rx,
+        mut rekey_rx,
         natt_rx,
     } = spawn(&mut res, cfg.clone())?;
     // The IKE sockets register with the control thread's runtime.
@@ -222,6 +227,14 @@ pub fn run(cfg: Config, path: Option<&std::path::Path>) -> Result<(), DaemonErro
         )
     }
     .map_err(|e| DaemonError::Os("the IKE sockets", e))?;
+    let mut ike = ike;
+    if let Some(mut k) = res.keylog.take() {
+        warn!(dir = %cfg.interface.save_keys.as_deref().unwrap_or(std::path::Path::new("")).display(), "interface.save_keys: every SA's keys are written to this directory; whoever reads it decrypts the traffic");
+        k.record(&live);
+        if let Some(d) = ike.as_mut() {
+            d.keylog = Some(k);
+        }
+    }
     if let Some(t) = &res.taps {
         info!(files = %t.paths().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" "), "capture taps on");
     }
@@ -238,6 +251,7 @@ pub fn run(cfg: Config, path: Option<&std::path::Path>) -> Result<(), DaemonErro
             control,
             metrics: res.metrics.take(),
             reload: &mut reload_rx,
+            rekey: &mut rekey_rx,
             ike,
             natt: natt_rx,
         },
@@ -274,6 +288,7 @@ struct Running {
     live: Arc<Live>,
     handoff: Arc<InboundHandoff>,
     reload_rx: tokio::sync::mpsc::Receiver<crate::control::ReloadRequest>,
+    rekey_rx: tokio::sync::mpsc::Receiver<crate::control::RekeyRequest>,
     natt_rx: Option<tokio::sync::mpsc::Receiver<ike::NattDatagram>>,
 }
 
@@ -322,6 +337,7 @@ fn spawn(res: &mut Resources, cfg: Arc<Config>) -> Result<Running, DaemonError> 
     )
     .map_err(|e| DaemonError::Os("spawn the data-path threads", e))?;
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    let (rekey_tx, rekey_rx) = tokio::sync::mpsc::channel(1);
     let live = Arc::new(Live {
         current,
         mtu: res.mtu,
@@ -329,6 +345,7 @@ fn spawn(res: &mut Resources, cfg: Arc<Config>) -> Result<Running, DaemonError> 
         edge,
         capture: res.taps.as_ref().map(|t| (t.stats(), t.paths().to_vec())),
         reload: Some(reload_tx),
+        rekey: Some(rekey_tx),
         clock,
         started,
         socket_inodes: res.socket_inodes(),
@@ -340,6 +357,7 @@ fn spawn(res: &mut Resources, cfg: Arc<Config>) -> Result<Running, DaemonError> 
         live,
         handoff,
         reload_rx,
+        rekey_rx,
         natt_rx,
     })
 }

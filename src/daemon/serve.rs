@@ -36,6 +36,8 @@ pub(super) struct Listeners<'a> {
     pub metrics: Option<std::net::TcpListener>,
     /// Reload requests the control socket received (`espip reload`).
     pub reload: &'a mut tokio::sync::mpsc::Receiver<ReloadRequest>,
+    /// `espip rekey` requests.
+    pub rekey: &'a mut tokio::sync::mpsc::Receiver<crate::control::RekeyRequest>,
     /// IKEv2 (port 500 and the engines), when a peer uses it.
     pub ike: Option<IkeDriver>,
     /// IKE messages the RX thread took off the ESP-in-UDP port.
@@ -58,6 +60,7 @@ pub(super) fn serve(
         control,
         metrics,
         reload,
+        rekey,
         mut ike,
         mut natt,
     } = listeners;
@@ -118,6 +121,13 @@ pub(super) fn serve(
                     if let Err(e) = &result {
                         warn!("reload refused, the running configuration is unchanged: {e}");
                     }
+                    let _ = r.reply.send(result);
+                }
+                Some(r) = rekey.recv() => {
+                    let result = match ike.as_mut() {
+                        Some(d) => d.rekey(r.peer.as_deref(), r.ike, &mut reloader).await,
+                        None => Err("no peer uses keying = \"ikev2\": static SAs are never rekeyed".into()),
+                    };
                     let _ = r.reply.send(result);
                 }
                 _ = reserve.tick() => extend_reservations(&reloader.live.current.load().outbound, reloader.store, &mut warn_state),

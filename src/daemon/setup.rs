@@ -65,6 +65,8 @@ pub(super) struct Resources {
     pub sources: Vec<IpAddr>,
     /// The routes espip added to the TUN (a reload removes only these).
     pub routes: Vec<crate::prefix::Prefix>,
+    /// `interface.save_keys`, opened as root.
+    pub keylog: Option<super::keylog::KeyLog>,
 }
 
 impl Resources {
@@ -80,6 +82,10 @@ impl Resources {
         // Root's own state (sysctls saved, sequence numbers): a directory no other user can write.
         let state = PrivateDir::open(&cfg.interface.state_dir)
             .map_err(|e| DaemonError::State(cfg.interface.state_dir.clone(), e))?;
+        let keylog = match &cfg.interface.save_keys {
+            Some(d) => Some(super::keylog::KeyLog::open(d).map_err(DaemonError::SaveKeys)?),
+            None => None,
+        };
         // The control socket second: it is also the lock against a second daemon for the same
         // interface (a socket left by a killed daemon does not answer and is replaced).
         let control = ControlSocket::bind(&cfg.interface.control, &cfg.interface.name)?;
@@ -135,6 +141,7 @@ impl Resources {
             mtu,
             sources: outer_sources(cfg),
             routes: added,
+            keylog,
         };
         prepare_capture(cfg, run_as.as_ref())?;
         // Setup is done: become the configured user, keeping CAP_NET_ADMIN and CAP_NET_RAW for

@@ -2,9 +2,9 @@
 //! during transfers) and `espip lab strongswan` (espip against strongSwan's charon with the
 //! kernel-libipsec plugin, the recipe of ../shared/strongswan-lab).
 //!
-//! Both capture the link for the whole run and collect the keys of every SA as it exists
-//! (`espip sa --wireshark`'s requests, polled), so that tshark can decrypt IKE and ESP of the
-//! whole capture afterwards; a check counts the ESP packets whose ICV tshark verified.
+//! Both capture the link for the whole run; the espip daemons write the keys of every SA as
+//! it comes up (`interface.save_keys`), so that tshark can decrypt IKE and ESP of the whole
+//! capture afterwards; a check counts the ESP packets whose ICV tshark verified.
 
 use super::netns::{self, Daemon, Netns};
 use super::p2p::{log_field, ping, write_private, A_INNER, A_OUTER, B_INNER, B_OUTER};
@@ -154,6 +154,20 @@ impl KeyLog {
         }
     }
 
+    /// Add what a daemon's `interface.save_keys` directory holds: every SA it had, each
+    /// written the moment it came up (however short its life).
+    fn load(&mut self, dir: &Path) {
+        for (name, set) in [
+            ("esp_sa", &mut self.esp),
+            ("ikev2_decryption_table", &mut self.ike),
+        ] {
+            if let Ok(text) = std::fs::read_to_string(dir.join(name)) {
+                let text = zeroize::Zeroizing::new(text);
+                set.extend(text.lines().filter(|l| !l.is_empty()).map(str::to_string));
+            }
+        }
+    }
+
     /// Write both tables into `home/.config/wireshark` (where tshark reads them) and next to
     /// the capture.
     fn write(&self, work: &Path) -> io::Result<PathBuf> {
@@ -167,49 +181,6 @@ impl KeyLog {
             write_private(&d.join("ikev2_decryption_table"), &ike)?;
         }
         Ok(home)
-    }
-}
-
-/// Polls the daemons' keys every 20 ms in a thread while a lab runs: an SA lives for
-/// seconds, so every one is seen, however the lab's own steps are timed.
-struct KeyCollector {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<KeyLog>>,
-}
-
-impl KeyCollector {
-    fn start(controls: Vec<PathBuf>) -> KeyCollector {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut keys = KeyLog::default();
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                for c in &controls {
-                    keys.poll(c);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            keys
-        });
-        KeyCollector {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stop and merge what was collected into `keys`.
-    fn finish(mut self, keys: &mut KeyLog) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(k) = self.thread.take().and_then(|t| t.join().ok()) {
-            keys.esp.extend(k.esp);
-            keys.ike.extend(k.ike);
-        }
-    }
-}
-
-impl Drop for KeyCollector {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -388,8 +359,10 @@ fn interface(me_a: bool, state: &Path) -> String {
     } else {
         (B_INNER, B_OUTER)
     };
+    // Every SA's keys as it comes up, so tshark can decrypt all of the capture.
     format!(
-        "[interface]\nname = \"espip0\"\naddress = [\"{addr}/24\"]\nlocal = \"{local}\"\n{}\n",
+        "[interface]\nname = \"espip0\"\naddress = [\"{addr}/24\"]\nlocal = \"{local}\"\nsave_keys = \"{}\"\n{}\n",
+        state.join("keys").display(),
         super::state_lines(state)
     )
 }
@@ -474,7 +447,6 @@ pub fn run_ike(opts: &IkeLabOptions) -> io::Result<Report> {
     let mut db = Daemon::start(&b, &opts.run.exe, &work.join("b.toml"), &work.join("b.log"))?;
     let mut da = Daemon::start(&a, &opts.run.exe, &work.join("a.toml"), &work.join("a.log"))?;
     let mut keys = KeyLog::default();
-    let collector = KeyCollector::start(vec![ctl_a.clone(), ctl_b.clone()]);
     let up = wait_for(
         || {
             status(&ctl_a).is_some_and(|s| ike_counts(&s).1 == 1)
@@ -642,10 +614,11 @@ pub fn run_ike(opts: &IkeLabOptions) -> io::Result<Report> {
     // installs each before A may use it): its keys close the key log.
     keys.poll(&ctl_b);
     let clean_a = da.stop()?;
-    collector.finish(&mut keys);
+    keys.load(&work.join("state-a").join("keys"));
     std::thread::sleep(Duration::from_millis(300));
     let deleted = db.log().contains("deleted by the peer");
     let clean_b = db.stop()?;
+    keys.load(&work.join("state-b").join("keys"));
     super::stop_capture(tcpdump);
     report.check(
         "clean stop: A's DELETE reaches B",
@@ -725,6 +698,8 @@ struct Charon {
     vici: PathBuf,
     conf: PathBuf,
     log: PathBuf,
+    /// Where this charon's lines start in the log (kept across restarts: appended).
+    log_from: u64,
 }
 
 impl Charon {
@@ -735,6 +710,7 @@ impl Charon {
         let _ = std::fs::remove_file(&vici);
         let conf = dir.join("strongswan.conf");
         let log = dir.join("charon.log");
+        let log_from = std::fs::metadata(&log).map_or(0, |m| m.len());
         let child = ns
             .command("unshare")
             .args(["-m", "--propagation", "private", "sh", "-c"])
@@ -752,6 +728,7 @@ impl Charon {
             vici,
             conf,
             log,
+            log_from,
         };
         if !wait_for(|| c.vici.exists(), Duration::from_secs(10)) {
             c.kill();
@@ -771,19 +748,26 @@ impl Charon {
         Ok(c)
     }
 
-    fn swanctl(&self, args: &[&str]) -> io::Result<String> {
-        let out = Command::new("swanctl")
-            .args(args)
+    fn swanctl_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("swanctl");
+        c.args(args)
             .arg("--uri")
             .arg(format!("unix://{}", self.vici.display()))
-            .env("STRONGSWAN_CONF", &self.conf)
-            .output()?;
+            .env("STRONGSWAN_CONF", &self.conf);
+        c
+    }
+
+    fn swanctl(&self, args: &[&str]) -> io::Result<String> {
+        let out = self.swanctl_command(args).output()?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr))
     }
 
+    /// What this charon logged (not an earlier one's lines).
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let all = std::fs::read(&self.log).unwrap_or_default();
+        let from = usize::try_from(self.log_from).unwrap_or(0).min(all.len());
+        String::from_utf8_lossy(&all[from..]).into_owned()
     }
 
     fn kill(&mut self) {
@@ -798,6 +782,81 @@ impl Drop for Charon {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Rekeys started by both sides at the same moment (`espip rekey` and `swanctl --rekey`,
+/// spawned together), CHILD_SA and IKE SA in turn, under 50 pings a second. Whether two
+/// requests cross on the wire depends on the moment each leaves; when they do, each side
+/// answers the other's and the SA with the lowest nonce is deleted by its maker (RFC 7296
+/// sections 2.8.1, 2.8.2). The check: no ping lost, every rekey done; the detail counts the
+/// collisions each side resolved.
+fn simultaneous_rekeys(
+    report: &mut Report,
+    sw: &Charon,
+    da: &Daemon,
+    a: &Netns,
+    ctl: &Path,
+    exe: &Path,
+) -> io::Result<()> {
+    const ROUNDS: usize = 8;
+    // Which side's new SA stayed, by each side's own log: espip's "the peer's ... stays" is
+    // charon's "rekey collision won", espip's "ours ... stays" charon's "rekey collision lost"
+    // (or, when espip's DELETE of the old IKE SA reaches charon before the answer to its own
+    // request, "peer did not notice IKE_SA rekey collision, abort active rekeying": charon
+    // drops its own and keeps espip's).
+    let tally = || {
+        let (e, c) = (da.log(), sw.log());
+        [
+            e.matches("the peer's").count(),
+            e.matches(": ours").count(),
+            c.matches("rekey collision won").count(),
+            c.matches("rekey collision lost").count() + c.matches("abort active rekeying").count(),
+        ]
+    };
+    let before = tally();
+    let pinger = ping_train(a, B_INNER, None, 2 * ROUNDS as u64 + 2)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut espip_ok, mut sw_ok) = (0, 0);
+    for round in 0..ROUNDS {
+        let ike = round % 2 == 1;
+        let mut ours = Command::new(exe);
+        ours.args(["rekey", "--socket"]).arg(ctl);
+        if ike {
+            ours.arg("--ike");
+        }
+        let theirs = sw.swanctl_command(&["--rekey", if ike { "--ike" } else { "--child" }, "lab"]);
+        let spawn = |mut c: Command| c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+        let (o, t) = (spawn(ours)?, spawn(theirs)?);
+        let (o, t) = (o.wait_with_output()?, t.wait_with_output()?);
+        if o.status.success() {
+            espip_ok += 1;
+        }
+        if String::from_utf8_lossy(&t.stdout).contains("completed successfully") {
+            sw_ok += 1;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let (sent, got) = ping_result(pinger);
+    // Let the last DELETEs land before reading the logs.
+    std::thread::sleep(Duration::from_secs(1));
+    let after = tally();
+    let [peers_kept, own_kept, sw_won, sw_lost] =
+        std::array::from_fn(|i| after[i].saturating_sub(before[i]));
+    let expired = da.log().contains("hard lifetime reached");
+    report.check(
+        "rekeys started by both sides at the same moment: none lost, both sides keep the same SA",
+        sent > 0
+            && sent == got
+            && espip_ok == ROUNDS
+            && sw_ok == ROUNDS
+            && !expired
+            && peers_kept == sw_won
+            && own_kept == sw_lost,
+        format!(
+            "{got} of {sent} pings answered; {ROUNDS} rounds (CHILD_SA and IKE SA in turn), rekeys asked of espip {espip_ok}, completed by strongSwan {sw_ok}; collisions: espip kept strongSwan's SA {peers_kept} times and its own {own_kept} times, charon logged its own kept {sw_won} times and espip's {sw_lost} times; a CHILD_SA past its hard lifetime: {expired}"
+        ),
+    );
+    Ok(())
 }
 
 /// `swanctl --rekey ...` and its outcome as "--child lab: ok" (or FAILED).
@@ -820,7 +879,7 @@ fn swanctl_rekey(sw: &Charon, args: &[&str; 3]) -> io::Result<String> {
 fn strongswan_files(dir: &Path, ike: &str, esp: &str, psk: &str) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let conf = format!(
-        "charon {{\n  load_modular = no\n  load = random nonce openssl gcm aes sha1 sha2 hmac kdf curve25519 chapoly pem pkcs1 pkcs8 x509 pubkey kernel-libipsec kernel-netlink socket-default vici\n  port = 500\n  port_nat_t = 4500\n  install_routes = yes\n  retransmit_tries = 3\n  plugins {{\n    vici {{\n      socket = unix://{}\n    }}\n    kernel-libipsec {{\n      allow_peer_ts = no\n    }}\n  }}\n  filelog {{\n    main {{\n      path = {}\n      time_format = %H:%M:%S\n      append = no\n      flush_line = yes\n      default = 1\n      ike = 2\n      cfg = 1\n      knl = 1\n    }}\n  }}\n}}\nswanctl {{\n  load = pem pkcs1 x509 pubkey random nonce sha1 sha2 aes hmac\n}}\n",
+        "charon {{\n  load_modular = no\n  load = random nonce openssl gcm aes sha1 sha2 hmac kdf curve25519 chapoly pem pkcs1 pkcs8 x509 pubkey kernel-libipsec kernel-netlink socket-default vici\n  port = 500\n  port_nat_t = 4500\n  install_routes = yes\n  retransmit_tries = 3\n  plugins {{\n    vici {{\n      socket = unix://{}\n    }}\n    kernel-libipsec {{\n      allow_peer_ts = no\n    }}\n  }}\n  filelog {{\n    main {{\n      path = {}\n      time_format = %H:%M:%S\n      append = yes\n      flush_line = yes\n      default = 1\n      ike = 2\n      cfg = 1\n      knl = 1\n    }}\n  }}\n}}\nswanctl {{\n  load = pem pkcs1 x509 pubkey random nonce sha1 sha2 aes hmac\n}}\n",
         dir.join("rt/charon.vici").display(),
         dir.join("charon.log").display()
     );
@@ -874,7 +933,6 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
     let mut sw = Charon::start(&b, &sw_dir)?;
     let mut da = Daemon::start(&a, &opts.run.exe, &cfg_a, &work.join("a.log"))?;
     let mut keys = KeyLog::default();
-    let collector = KeyCollector::start(vec![ctl.clone()]);
     if !opts.espip_initiates {
         let out = sw.swanctl(&[
             "--initiate",
@@ -1025,6 +1083,7 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
             rekeys_2.join(", ")
         ),
     );
+    simultaneous_rekeys(&mut report, &sw, &da, &a, &ctl, &opts.run.exe)?;
     super::transfer_check(
         &mut report,
         format!("TCP transfer {} MB after the rekeys", opts.megabytes),
@@ -1094,7 +1153,7 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
     // A clean stop sends DELETE.
     keys.poll(&ctl);
     let clean = da.stop()?;
-    collector.finish(&mut keys);
+    keys.load(&work.join("state-a").join("keys"));
     let deleted = wait_for(
         || sw.log().contains("received DELETE for IKE_SA"),
         Duration::from_secs(3),

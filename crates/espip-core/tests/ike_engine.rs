@@ -354,6 +354,82 @@ fn both_sides_rekeying_at_once_settle_on_one_child() {
     assert_eq!(p.violations, 0);
 }
 
+/// Both sides send CREATE_CHILD_SA for the same SA in the same instant, again and again: each
+/// answers the other's as usual, and the SA made with the lowest of the four nonces is
+/// deleted by its maker (RFC 7296 sections 2.8.1 and 2.8.2). Over many collisions each side
+/// sees both outcomes; both sides always agree, and the survivor carries traffic both ways.
+#[test]
+fn simultaneous_rekeys_are_resolved_by_the_lowest_nonce() {
+    for ike in [false, true] {
+        let (mut kept_ours, mut kept_theirs) = (0, 0);
+        for _ in 0..16 {
+            let mut p = up("aes128gcm16-prfsha256-x25519", "aes128gcm16");
+            // Both start a rekey in the same instant: each request is on the wire before
+            // either side sees the other's.
+            let now = p.now;
+            let out = p.a.rekey_now(ike, now, &p.rng).unwrap();
+            p.absorb('a', out);
+            let out = p.b.rekey_now(ike, now, &p.rng).unwrap();
+            p.absorb('b', out);
+            p.run(100);
+            let collisions = |side: char| -> Vec<String> {
+                p.events_of(side)
+                    .iter()
+                    .filter_map(|e| match e {
+                        Event::Collision { detail } => Some(detail.clone()),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            let (ca, cb) = (collisions('a'), collisions('b'));
+            assert_eq!(
+                (ca.len(), cb.len()),
+                (1, 1),
+                "ike {ike}: {ca:?} {cb:?} {:?} {:?}",
+                p.a.stats(),
+                p.b.stats()
+            );
+            // The two sides name the same survivor: one keeps its own, the other the peer's.
+            let a_own = ca[0].contains(": ours");
+            let b_own = cb[0].contains(": ours");
+            assert_ne!(a_own, b_own, "{ca:?} {cb:?}");
+            if a_own {
+                kept_ours += 1;
+            } else {
+                kept_theirs += 1;
+            }
+            // The redundant SA and the old one are deleted; one of each kind is left.
+            p.run(3_000);
+            assert_keys_match(&p.a.sas(), &p.b.sas());
+            assert_keys_match(&p.b.sas(), &p.a.sas());
+            assert_eq!(p.violations, 0);
+            if ike {
+                assert_eq!(p.a.ike_keys().len(), 1, "{ca:?}");
+                assert_eq!(p.b.ike_keys().len(), 1, "{cb:?}");
+                assert_eq!(p.a.ike_keys()[0].0, p.b.ike_keys()[0].0);
+                // The surviving IKE SA works: a CHILD_SA rekey on it (counted by both sides).
+                let before = p.a.stats().child_rekeys + p.b.stats().child_rekeys;
+                let now = p.now;
+                let out = p.a.rekey_now(false, now, &p.rng).unwrap();
+                p.absorb('a', out);
+                p.run(500);
+                assert_eq!(
+                    p.a.stats().child_rekeys + p.b.stats().child_rekeys,
+                    before + 2
+                );
+                assert_keys_match(&p.a.sas(), &p.b.sas());
+            } else {
+                assert_eq!(p.a.sas().ins.len(), 1, "{:?}", p.a.sas().ins);
+                assert_eq!(p.b.sas().ins.len(), 1, "{:?}", p.b.sas().ins);
+            }
+        }
+        assert!(
+            kept_ours > 0 && kept_theirs > 0,
+            "{kept_ours} {kept_theirs}"
+        );
+    }
+}
+
 #[test]
 fn an_ike_rekey_keeps_the_child_and_further_exchanges_work() {
     for side in ['a', 'b'] {
@@ -611,8 +687,8 @@ fn rekeys_of_both_kinds_by_both_sides_at_once_keep_one_working_child() {
                 !p.events_of(side).iter().any(
                     |e| matches!(e, Event::ChildDown { why, .. } if why.contains("hard lifetime"))
                 ),
-                "{ac} {ai} {bc} {bi}: {side} let a CHILD_SA expire: {:?}",
-                p.events_of(side)
+                "{ac} {ai} {bc} {bi}: {side} let a CHILD_SA expire: {:?}\nA {:?}\nB {:?}\nB events {:?}",
+                p.events_of(side), p.a.stats(), p.b.stats(), p.events_of('b')
             );
         }
     }

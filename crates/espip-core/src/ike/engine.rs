@@ -181,6 +181,11 @@ pub enum Event {
         /// Why.
         why: &'static str,
     },
+    /// Both sides rekeyed the same SA at once; the nonces decided (RFC 7296 section 2.8).
+    Collision {
+        /// Which SA stays, which goes.
+        detail: String,
+    },
     /// The IKE SA went away.
     IkeDown {
         /// Why.
@@ -387,6 +392,50 @@ pub struct Engine {
     new_child_at: u64,
     /// The responder's cookie secret, made at the first cookie.
     cookie_secret: Option<[u8; 32]>,
+    /// We answered the peer's rekey of a CHILD_SA we are rekeying ourselves (RFC 7296
+    /// section 2.8.1): decided by the nonces when our answer comes.
+    child_collision: Option<ChildCollision>,
+    /// The same for the IKE SA (section 2.8.2).
+    ike_collision: Option<IkeCollision>,
+}
+
+/// The peer's side of a simultaneous CHILD_SA rekey.
+struct ChildCollision {
+    /// The CHILD_SA both sides rekey (our inbound SPI).
+    old_in: u32,
+    /// The CHILD_SA the peer made (our inbound SPI of it).
+    theirs_in: u32,
+    /// The lower of the two nonces of the peer's exchange.
+    low: Vec<u8>,
+}
+
+/// The peer's side of a simultaneous IKE SA rekey.
+struct IkeCollision {
+    /// SPIs of the IKE SA both sides rekey.
+    old: (u64, u64),
+    /// SPIs of the IKE SA the peer made.
+    theirs: (u64, u64),
+    /// The lower of the two nonces of the peer's exchange.
+    low: Vec<u8>,
+}
+
+/// Which of two simultaneous rekeys survives (RFC 7296 section 2.8.1): the SA created with
+/// the lowest of the four nonces is redundant. Nonces compare octet by octet, a nonce that
+/// is a prefix of the other being the lower: the order of byte slices.
+fn ours_redundant(ours: (&[u8], &[u8]), theirs_low: &[u8]) -> bool {
+    ours.0.min(ours.1) < theirs_low
+}
+
+/// A CHILD_SA from the answer to our CREATE_CHILD_SA: its keys, the chosen proposal, the
+/// selectors for the log, and the responder's nonce.
+type Answered = (ChildKeys, EspChoice, String, Vec<u8>);
+
+/// The CHILD_SA (our inbound SPI) and nonce of a rekey `s` has in flight.
+fn rekeying_child(s: &IkeSa) -> Option<(u32, &[u8])> {
+    match s.flight.as_ref().map(|f| &f.req) {
+        Some(Req::RekeyChild { old_in, ni, .. }) => Some((*old_in, ni)),
+        _ => None,
+    }
 }
 
 fn rand_bytes(rng: &dyn SecureRandom, n: usize) -> Vec<u8> {
@@ -467,6 +516,8 @@ impl Engine {
             closing: false,
             deferred: Vec::new(),
             new_child_at: 0,
+            child_collision: None,
+            ike_collision: None,
             cookie_secret: None,
         }
     }
@@ -588,6 +639,15 @@ impl Engine {
         !sending && waiting && self.switch_pending(now, true)
     }
 
+    /// A rekey of the CHILD_SA `spi_in` is queued or in flight, on any IKE SA.
+    fn rekey_busy(&self, spi_in: u32) -> bool {
+        let task = Task::RekeyChild(spi_in);
+        self.deferred.contains(&task)
+            || self.ike.iter().chain(&self.others).any(|s| {
+                s.queue.contains(&task) || rekeying_child(s).is_some_and(|(o, _)| o == spi_in)
+            })
+    }
+
     /// A CHILD_SA that carries traffic (not replaced, not being deleted).
     fn has_active_child(&self) -> bool {
         self.children
@@ -611,6 +671,43 @@ impl Engine {
                 c.rekey_at = now;
             }
         }
+    }
+
+    /// Rekey now (as strongSwan's `swanctl --rekey`): the IKE SA if `ike`, else every current
+    /// CHILD_SA. The exchange starts when no other is in flight (and, for a CHILD_SA the peer
+    /// just made, once espip sends on it).
+    pub fn rekey_now(
+        &mut self,
+        ike: bool,
+        now: u64,
+        rng: &dyn SecureRandom,
+    ) -> Result<Vec<Out>, &'static str> {
+        let Some(s) = self.ike.as_mut().filter(|s| s.state == State::Established) else {
+            return Err("no IKE SA is up");
+        };
+        if ike {
+            let flying = matches!(
+                s.flight.as_ref().map(|f| &f.req),
+                Some(Req::RekeyIke { .. })
+            );
+            if !flying && !s.queue.contains(&Task::RekeyIke) {
+                s.queue.push(Task::RekeyIke);
+            }
+        } else {
+            // The current CHILD_SAs, including one the peer just made that waits for the
+            // DELETE of the old one (its rekey starts once it carries traffic).
+            let mut any = false;
+            for c in &mut self.children {
+                if !c.replaced && c.until.is_none() {
+                    c.rekey_at = c.rekey_at.min(now);
+                    any = true;
+                }
+            }
+            if !any {
+                return Err("no CHILD_SA is up (one is being made)");
+            }
+        }
+        Ok(self.tick(now, rng))
     }
 
     /// An authenticated ESP packet arrived from the peer (DPD need not ask).
@@ -731,6 +828,15 @@ impl Engine {
             self.teardown(now, &mut out, "peer_dead", detail);
             return out;
         }
+        // CHILD_SAs due for a rekey that no queue or flight holds: a rekey whose request was
+        // lost with an IKE SA (replaced, deleted) is asked for again, not forgotten.
+        let due: Vec<u32> = self
+            .children
+            .iter()
+            .filter(|c| !c.replaced && c.until.is_none() && c.out && now >= c.rekey_at)
+            .map(|c| c.keys.spi_in)
+            .filter(|spi| !self.rekey_busy(*spi))
+            .collect();
         let s = self.ike.as_mut().expect("checked");
         if s.state != State::Established {
             return out;
@@ -740,11 +846,8 @@ impl Engine {
             s.queue.push(Task::RekeyIke);
             s.rekey_at = u64::MAX;
         }
-        for c in &mut self.children {
-            if !c.replaced && c.until.is_none() && c.out && now >= c.rekey_at {
-                c.rekey_at = u64::MAX;
-                s.queue.push(Task::RekeyChild(c.keys.spi_in));
-            }
+        for spi in due {
+            s.queue.push(Task::RekeyChild(spi));
         }
         // The IKE SA outlived its CHILD_SAs (a hard lifetime after failed rekeys, a DELETE
         // by the peer): its original initiator makes a new one.
@@ -1393,12 +1496,22 @@ impl Engine {
             After::Replaced(new) => {
                 // Work queued on the old IKE SA (a CHILD_SA rekey, a DELETE) moves over.
                 let mut new = new;
-                new.queue.extend(s.queue.drain(..).filter(|t| {
+                let moves = |t: &Task| {
                     matches!(
                         t,
                         Task::RekeyChild(_) | Task::DeleteChild(_) | Task::NewChild
                     )
-                }));
+                };
+                if let (Slot::Other(_), Some(mut cur)) = (slot, self.ike.take()) {
+                    // An older IKE SA was replaced while another one was current (the peer's
+                    // new IKE SA of a rekey collision that ours won): that one waits for the
+                    // peer's DELETE too, never dropped unheard.
+                    new.queue.extend(cur.queue.drain(..).filter(moves));
+                    cur.state = State::Rekeyed;
+                    cur.rekey_at = now;
+                    self.others.push(cur);
+                }
+                new.queue.extend(s.queue.drain(..).filter(moves));
                 s.state = State::Rekeyed;
                 // From now on: when it was replaced (it goes HALF_OPEN_MS later at most).
                 s.rekey_at = now;
@@ -1954,19 +2067,23 @@ impl Engine {
         let keys = s.keys.clone().expect("keys");
         // Rekey of the IKE SA.
         if offered.iter().any(|x| x.protocol == proto::IKE) {
-            if s.initiator
-                && matches!(
-                    s.flight.as_ref().map(|f| &f.req),
-                    Some(Req::RekeyIke { .. })
-                )
-            {
-                // As for CHILD_SAs: the original initiator's rekey wins.
+            // Section 2.25: not while we create, rekey or delete a CHILD_SA on it.
+            if matches!(
+                s.flight.as_ref().map(|f| &f.req),
+                Some(Req::RekeyChild { .. } | Req::NewChild { .. } | Req::DeleteChild(_))
+            ) {
                 self.stats.fail("rekey_collision");
                 return (
                     vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
                     After::Keep,
                 );
             }
+            // Both sides rekey the IKE SA at once (section 2.8.2): answer as usual; the
+            // nonces decide which new IKE SA stays when the answer to ours comes.
+            let colliding = matches!(
+                s.flight.as_ref().map(|f| &f.req),
+                Some(Req::RekeyIke { .. })
+            );
             let Some(choice) = proposal::choose_ike(&offered, &self.cfg.ike) else {
                 self.fail(
                     out,
@@ -2008,6 +2125,13 @@ impl Engine {
             };
             let spi_r = rand_u64(rng);
             let seed = crypto::skeyseed(choice.prf, &shared, &ni, &nr, Some(&keys.sk_d));
+            if colliding {
+                self.ike_collision = Some(IkeCollision {
+                    old: (s.spi_i, s.spi_r),
+                    theirs: (peer_spi, spi_r),
+                    low: ni.as_slice().min(nr.as_slice()).to_vec(),
+                });
+            }
             let new = self.rekeyed_sa(
                 s,
                 choice,
@@ -2053,6 +2177,19 @@ impl Engine {
                 let Some(idx) = self.children.iter().position(|c| {
                     Some(c.keys.spi_out) == old_out && !c.replaced && c.until.is_none()
                 }) else {
+                    if self
+                        .children
+                        .iter()
+                        .any(|c| Some(c.keys.spi_out) == old_out)
+                    {
+                        // Section 2.25: one we are closing (replaced by our own rekey,
+                        // or deleted): the peer may try again.
+                        self.stats.fail("rekey_collision");
+                        return (
+                            vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
+                            After::Keep,
+                        );
+                    }
                     self.fail(
                         out,
                         "CHILD_SA_NOT_FOUND",
@@ -2072,25 +2209,27 @@ impl Engine {
             }
         };
         let old_in = old_idx.map(|i| self.children[i].keys.spi_in);
-        let colliding = matches!(
-            s.flight.as_ref().map(|f| &f.req),
-            Some(Req::RekeyChild { old_in: o, .. }) if Some(*o) == old_in
-        ) || (old_idx.is_none()
-            && matches!(
-                s.flight.as_ref().map(|f| &f.req),
-                Some(Req::NewChild { .. })
-            ));
-        if colliding && s.initiator {
-            // Both sides rekey at once (section 2.8.1). Deterministically one wins: the
-            // original initiator of the IKE SA answers TEMPORARY_FAILURE and keeps its own
-            // attempt; the original responder takes this request and drops its own when the
-            // TEMPORARY_FAILURE comes back.
+        let flight = s.flight.as_ref().map(|f| &f.req);
+        // Section 2.25: no CHILD_SA while our rekey of the IKE SA is under way (the peer
+        // tries again on the new one); and of two new CHILD_SAs asked for at once (each side
+        // lost its last one) the original initiator's is made.
+        if matches!(flight, Some(Req::RekeyIke { .. }))
+            || (old_idx.is_none() && s.initiator && matches!(flight, Some(Req::NewChild { .. })))
+        {
             self.stats.fail("rekey_collision");
             return (
                 vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
                 After::Keep,
             );
         }
+        // Both sides rekey this CHILD_SA at once (section 2.8.1): answer as usual; the nonces
+        // decide which new CHILD_SA stays when the answer to ours comes.
+        let colliding = old_in.is_some_and(|o| {
+            std::iter::once(&*s)
+                .chain(self.ike.iter())
+                .chain(&self.others)
+                .any(|x| rekeying_child(x).is_some_and(|(r, _)| r == o))
+        });
         let tsi = take!(p, Payload::TsI(v) => v.clone()).unwrap_or_default();
         let tsr = take!(p, Payload::TsR(v) => v.clone()).unwrap_or_default();
         let pfs = ke.as_ref().and_then(|(g, _)| Group::from_id(*g));
@@ -2151,6 +2290,13 @@ impl Engine {
             key_out: r2i,
             esn: choice.esn,
         };
+        if let (true, Some(o)) = (colliding, old_in) {
+            self.child_collision = Some(ChildCollision {
+                old_in: o,
+                theirs_in: spi_in,
+                low: ni.as_slice().min(nr.as_slice()).to_vec(),
+            });
+        }
         // A rekey: inbound now, outbound once the peer deletes the old SA. A new CHILD_SA:
         // both at once (as in IKE_AUTH).
         let c = self.new_child(ck, choice.name(), old_idx.is_none(), now, rng);
@@ -2281,7 +2427,10 @@ impl Engine {
                         let c = &mut self.children[i];
                         c.out = false;
                         c.replaced = true;
-                        c.until.get_or_insert(now + GRACE_MS * MS);
+                        c.until = Some(
+                            c.until
+                                .map_or(now + GRACE_MS * MS, |u| u.min(now + GRACE_MS * MS)),
+                        );
                         if replaced {
                             // The rekey initiator deleted the old SA: send on the new one.
                             self.switch_pending(now, true);
@@ -2411,21 +2560,24 @@ impl Engine {
             } => {
                 match self.child_from_answer(s, p, new_in, &ni, share) {
                     Err((reason, detail)) => {
-                        let delay = if reason == "TEMPORARY_FAILURE" {
-                            // A collision: the peer's rekey of this CHILD_SA won, or it
-                            // retries; ours is tried again after a random delay if still due.
+                        // Had we answered the peer's rekey of it, the peer's stays.
+                        self.child_collision.take_if(|c| c.old_in == old_in);
+                        let (delay, spread) = if reason == "TEMPORARY_FAILURE" {
+                            // A collision (section 2.25: the peer is rekeying the IKE SA, or
+                            // closing this CHILD_SA): tried again soon, at a random moment so
+                            // that two sides do not collide again.
                             self.stats.fail("rekey_collision");
-                            500
+                            (100, 400)
                         } else {
                             self.fail(out, &reason, format!("CHILD_SA rekey: {detail}"));
-                            10_000
+                            (10_000, 2_000)
                         };
                         if let Some(c) = self.children.iter_mut().find(|c| c.keys.spi_in == old_in)
                         {
-                            c.rekey_at = now + delay * MS + jitter(rng, 2_000);
+                            c.rekey_at = now + delay * MS + jitter(rng, spread);
                         }
                     }
-                    Ok((ck, choice, ts)) => {
+                    Ok((ck, choice, ts, nr)) => {
                         for o in &mut self.children {
                             if o.keys.spi_in == old_in {
                                 o.out = false;
@@ -2433,10 +2585,58 @@ impl Engine {
                             }
                         }
                         self.stats.child_rekeys += 1;
-                        self.install_child(ck, &choice, ts, Some(old_in), now, rng, out);
-                        // On the current IKE SA (this answer may have come on one a rekey
-                        // replaced).
-                        self.deferred.insert(0, Task::DeleteChild(old_in));
+                        let collision = self.child_collision.take_if(|c| c.old_in == old_in);
+                        match collision {
+                            Some(c) if ours_redundant((&ni, &nr), &c.low) => {
+                                // Section 2.8.1: ours holds the lowest nonce. We made it, so
+                                // we delete it; the peer's stays, and the peer deletes the old
+                                // one: we send on the old one until then (the peer may not
+                                // have our answer yet that gives it both halves of its own).
+                                let mut x = self.new_child(ck, choice.name(), false, now, rng);
+                                x.pending_since = None;
+                                x.replaced = true;
+                                self.children.push(x);
+                                if let Some(o) =
+                                    self.children.iter_mut().find(|o| o.keys.spi_in == old_in)
+                                {
+                                    o.out = true;
+                                }
+                                self.deferred.insert(0, Task::DeleteChild(new_in));
+                                out.push(Out::Changed);
+                                out.push(Out::Event(Event::Collision {
+                                    detail: format!(
+                                        "both sides rekeyed CHILD_SA {old_in:#010x}: the peer's {:#010x} stays, ours {new_in:#010x} is deleted (lowest nonce)",
+                                        c.theirs_in
+                                    ),
+                                }));
+                            }
+                            collision => {
+                                if let Some(c) = &collision {
+                                    // The peer's holds the lowest nonce: the peer deletes
+                                    // it; it never carries our traffic.
+                                    if let Some(t) = self
+                                        .children
+                                        .iter_mut()
+                                        .find(|x| x.keys.spi_in == c.theirs_in)
+                                    {
+                                        t.pending_since = None;
+                                        t.out = false;
+                                        t.replaced = true;
+                                        t.until.get_or_insert(now + SWITCH_WAIT_MS * MS * 2);
+                                    }
+                                    out.push(Out::Event(Event::Collision {
+                                        detail: format!(
+                                            "both sides rekeyed CHILD_SA {old_in:#010x}: ours {new_in:#010x} stays, the peer deletes its {:#010x} (lowest nonce)",
+                                            c.theirs_in
+                                        ),
+                                    }));
+                                }
+                                self.install_child(ck, &choice, ts, Some(old_in), now, rng, out);
+                                // On the current IKE SA (this answer may have come on one a
+                                // rekey replaced).
+                                self.deferred.insert(0, Task::DeleteChild(old_in));
+                            }
+                        }
                     }
                 }
                 After::Keep
@@ -2447,7 +2647,7 @@ impl Engine {
                         self.fail(out, &reason, format!("new CHILD_SA: {detail}"));
                         self.new_child_at = now + 10_000 * MS + jitter(rng, 2_000);
                     }
-                    Ok((ck, choice, ts)) => {
+                    Ok((ck, choice, ts, _)) => {
                         self.install_child(ck, &choice, ts, None, now, rng, out)
                     }
                 }
@@ -2455,7 +2655,10 @@ impl Engine {
             }
             Req::DeleteChild(spi_in) => {
                 if let Some(c) = self.children.iter_mut().find(|c| c.keys.spi_in == spi_in) {
-                    c.until.get_or_insert(now + GRACE_MS * MS);
+                    c.until = Some(
+                        c.until
+                            .map_or(now + GRACE_MS * MS, |u| u.min(now + GRACE_MS * MS)),
+                    );
                 }
                 After::Keep
             }
@@ -2470,7 +2673,11 @@ impl Engine {
                             format!("peer {} refused the IKE SA rekey", self.cfg.name),
                         );
                     }
-                    s.rekey_at = now + 1_000 * MS + jitter(rng, 2_000);
+                    s.rekey_at = if e == notify::TEMPORARY_FAILURE {
+                        now + 200 * MS + jitter(rng, 800)
+                    } else {
+                        now + 1_000 * MS + jitter(rng, 2_000)
+                    };
                     return After::Keep;
                 }
                 let sa = take!(p, Payload::Sa(v) => v.clone()).unwrap_or_default();
@@ -2502,7 +2709,51 @@ impl Engine {
                 };
                 let old_d = s.keys.as_ref().expect("keys").sk_d.clone();
                 let seed = crypto::skeyseed(choice.prf, &shared, &ni, &nr, Some(&old_d));
-                let new = self.rekeyed_sa(s, choice, &seed, ni, nr, spi, spi_r, true, now, rng);
+                let collision = self.ike_collision.take_if(|c| c.old == (s.spi_i, s.spi_r));
+                let redundant = collision
+                    .as_ref()
+                    .is_some_and(|c| ours_redundant((&ni, &nr), &c.low));
+                let mut new = self.rekeyed_sa(s, choice, &seed, ni, nr, spi, spi_r, true, now, rng);
+                if let Some(c) = collision {
+                    let theirs = format!("{:016x}_i {:016x}_r", c.theirs.0, c.theirs.1);
+                    out.push(Out::Event(Event::Collision {
+                        detail: if redundant {
+                            format!("both sides rekeyed the IKE SA: the peer's {theirs} stays, ours {} is deleted (lowest nonce)", new.spis())
+                        } else {
+                            format!("both sides rekeyed the IKE SA: ours {} stays, the peer deletes its {theirs} (lowest nonce)", new.spis())
+                        },
+                    }));
+                }
+                if redundant {
+                    // Section 2.8.2: ours holds the lowest nonce. We delete it on itself; the
+                    // peer, whose new IKE SA stays, deletes the old one.
+                    new.state = State::Rekeyed;
+                    new.rekey_at = now;
+                    let h = new.header(exchange::INFORMATIONAL, new.next_id, false);
+                    let id = new.next_id;
+                    new.next_id += 1;
+                    let m = new.seal(
+                        h,
+                        &[Payload::Delete {
+                            protocol: proto::IKE,
+                            spis: Vec::new(),
+                        }],
+                    );
+                    new.flight = Some(InFlight {
+                        id,
+                        msg: m.clone(),
+                        tries: 0,
+                        next_at: now + self.cfg.retransmit_ms * MS,
+                        req: Req::DeleteIke,
+                    });
+                    out.push(Out::Send {
+                        to: new.peer,
+                        natt: new.natt,
+                        msg: m,
+                    });
+                    self.others.push(new);
+                    return After::Keep;
+                }
                 self.stats.ike_rekeys += 1;
                 out.push(Out::Event(Event::IkeRekeyed { spis: new.spis() }));
                 // Delete the old IKE SA on itself.
@@ -2523,7 +2774,6 @@ impl Engine {
                     next_at: now + self.cfg.retransmit_ms * MS,
                     req: Req::DeleteIke,
                 });
-                s.queue.clear();
                 out.push(Out::Send {
                     to: s.peer,
                     natt: s.natt,
@@ -2546,7 +2796,7 @@ impl Engine {
         new_in: u32,
         ni: &[u8],
         share: Option<KeyShare>,
-    ) -> Result<(ChildKeys, EspChoice, String), (String, String)> {
+    ) -> Result<Answered, (String, String)> {
         if let Some(e) = error_notify(p) {
             return Err((
                 notify::name(e),
@@ -2596,7 +2846,7 @@ impl Engine {
             key_out: i2r,
             esn: choice.esn,
         };
-        Ok((ck, choice, ts_string(&tsi, &tsr)))
+        Ok((ck, choice, ts_string(&tsi, &tsr), nr))
     }
 
     /// Install a CHILD_SA we initiated (both halves at once) and say so.
