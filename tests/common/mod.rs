@@ -41,14 +41,23 @@ pub fn serial() -> Option<std::sync::MutexGuard<'static, ()>> {
     privileged().then(|| SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// Run `espip lab ARGS --no-install`, require it to succeed, and return its report.
+/// Run `espip lab ARGS --no-install`, require it to succeed, and return its report. With
+/// `ESPIP_LAB_WORK=DIR` set, the lab keeps its configs, logs and captures in a directory of
+/// DIR named after its arguments (`--pcap`), to read after a failure.
 pub fn lab_scenario(args: &[&str]) -> String {
-    let out = Command::new(exe())
-        .arg("lab")
-        .args(args)
-        .arg("--no-install")
-        .output()
-        .expect("run espip lab");
+    let mut cmd = Command::new(exe());
+    cmd.arg("lab").args(args).arg("--no-install");
+    if let Some(dir) = std::env::var_os("ESPIP_LAB_WORK") {
+        // Short: the control socket inside must fit a sockaddr_un (108 bytes).
+        let name: String = args
+            .iter()
+            .flat_map(|a| a.trim_start_matches('-').chars().take(6).chain(['_']))
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .take(40)
+            .collect();
+        cmd.arg("--pcap").arg(Path::new(&dir).join(name));
+    }
+    let out = cmd.output().expect("run espip lab");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),

@@ -2174,8 +2174,13 @@ impl Engine {
             }
             Some(spi) => {
                 let old_out = <[u8; 4]>::try_from(&spi[..]).ok().map(u32::from_be_bytes);
+                // The CHILD_SA we send on, even if a CHILD_SA the peer made replaced it and
+                // waits for the peer to confirm (DELETE the old one): a peer that asks to rekey
+                // the old one again never got our answer (strongSwan drops an answer whose
+                // message ID equals that of a request it is processing, and may restart the
+                // exchange on a new IKE SA), so the waiting one is abandoned below.
                 let Some(idx) = self.children.iter().position(|c| {
-                    Some(c.keys.spi_out) == old_out && !c.replaced && c.until.is_none()
+                    Some(c.keys.spi_out) == old_out && c.until.is_none() && (!c.replaced || c.out)
                 }) else {
                     if self
                         .children
@@ -2205,6 +2210,18 @@ impl Engine {
                         After::Keep,
                     );
                 };
+                if self.children[idx].replaced {
+                    for c in &mut self.children {
+                        if c.pending_since.take().is_some() {
+                            c.replaced = true;
+                            c.until = Some(now + GRACE_MS * MS);
+                            out.push(Out::Event(Event::ChildDown {
+                                spi_in: c.keys.spi_in,
+                                why: "abandoned: the peer rekeys the SA it replaced again",
+                            }));
+                        }
+                    }
+                }
                 Some(idx)
             }
         };
