@@ -884,6 +884,107 @@ fn simultaneous_rekeys(
     Ok(())
 }
 
+/// Every key charon logged (`ike = 4`, `chd = 4`): SK_ei/SK_er of each IKE SA and the ESP
+/// "encryption initiator/responder key" (key || salt) of each CHILD_SA, as lowercase hex.
+/// charon's worker threads interleave their lines, so a hex dump is followed per thread.
+fn charon_keys(log: &str) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    // thread -> (bytes wanted, hex so far)
+    let mut open: std::collections::HashMap<&str, (usize, String)> = Default::default();
+    for line in log.lines() {
+        // "06:21:24 16[IKE] Sk_ei secret => 20 bytes @ 0x..." / "06:21:24 16[IKE]    0: 6A 2E ..."
+        let mut parts = line.splitn(3, ' ');
+        let (Some(_), Some(tag), Some(msg)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let Some((thread, _)) = tag.split_once('[') else {
+            continue;
+        };
+        let trimmed = msg.trim_start();
+        if let Some((want, hex)) = open.get_mut(thread) {
+            if let Some((_, dump)) = trimmed
+                .split_once(": ")
+                .filter(|(n, _)| n.parse::<u32>().is_ok())
+            {
+                // "6A 2E ... 5F  j.....": the bytes end at the two spaces before the
+                // printable column (which may hold a space, so it is cut off first).
+                let bytes = dump.split("  ").next().unwrap_or("");
+                hex.extend(
+                    bytes
+                        .split_whitespace()
+                        .take_while(|b| b.len() == 2 && b.chars().all(|c| c.is_ascii_hexdigit()))
+                        .map(|b| b.to_ascii_lowercase()),
+                );
+                if hex.len() >= 2 * *want {
+                    keys.insert(hex[..2 * *want].to_string());
+                    open.remove(thread);
+                }
+                continue;
+            }
+            open.remove(thread);
+        }
+        let named = [
+            "Sk_ei secret",
+            "Sk_er secret",
+            "encryption initiator key",
+            "encryption responder key",
+        ]
+        .iter()
+        .any(|n| trimmed.starts_with(n));
+        if named {
+            if let Some(n) = trimmed
+                .split_once("=> ")
+                .and_then(|(_, r)| r.split_whitespace().next())
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                open.insert(thread, (n, String::new()));
+            }
+        }
+    }
+    keys
+}
+
+/// The keys espip wrote (`save_keys`) against the keys strongSwan's charon logged for the same
+/// SAs: each side derived them on its own (SKEYSEED, prf+, KEYMAT), so equal keys check the
+/// key schedule of RFC 7296 sections 2.14 and 2.17 against an independent implementation.
+fn key_checks(report: &mut Report, keys: &KeyLog, charon_log: &Path) {
+    let logged = charon_keys(&std::fs::read_to_string(charon_log).unwrap_or_default());
+    let hex = |f: &str| {
+        f.trim_matches('"')
+            .trim_start_matches("0x")
+            .to_ascii_lowercase()
+    };
+    let esp: Vec<String> = keys
+        .esp
+        .iter()
+        .filter_map(|l| l.split(',').nth(5).map(hex))
+        .collect();
+    let ike: Vec<String> = keys
+        .ike
+        .iter()
+        .flat_map(|l| l.split(',').skip(2).take(2).map(hex).collect::<Vec<_>>())
+        .collect();
+    if esp.is_empty() && ike.is_empty() {
+        report.notes.push(
+            "no key lines to compare with charon's log (ChaCha20-Poly1305 has no Wireshark line)"
+                .into(),
+        );
+        return;
+    }
+    let esp_eq = esp.iter().filter(|k| logged.contains(*k)).count();
+    let ike_eq = ike.iter().filter(|k| logged.contains(*k)).count();
+    report.check(
+        "espip's keys equal the keys strongSwan derived and logged",
+        !logged.is_empty() && esp_eq == esp.len() && ike_eq == ike.len(),
+        format!(
+            "ESP keys {esp_eq} of {} equal, IKE SK_ei/SK_er {ike_eq} of {} equal ({} keys in charon's log)",
+            esp.len(),
+            ike.len(),
+            logged.len()
+        ),
+    );
+}
+
 /// The SPIs (in, out) of the one INSTALLED CHILD_SA in `swanctl --list-sas` output, if
 /// exactly one is installed.
 fn strongswan_child(list: &str) -> Option<(String, String)> {
@@ -927,7 +1028,7 @@ fn swanctl_rekey(sw: &Charon, args: &[&str; 3]) -> io::Result<String> {
 fn strongswan_files(dir: &Path, ike: &str, esp: &str, psk: &str) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let conf = format!(
-        "charon {{\n  load_modular = no\n  load = random nonce openssl gcm aes sha1 sha2 hmac kdf curve25519 chapoly pem pkcs1 pkcs8 x509 pubkey kernel-libipsec kernel-netlink socket-default vici\n  port = 500\n  port_nat_t = 4500\n  install_routes = yes\n  retransmit_tries = 3\n  plugins {{\n    vici {{\n      socket = unix://{}\n    }}\n    kernel-libipsec {{\n      allow_peer_ts = no\n    }}\n  }}\n  filelog {{\n    main {{\n      path = {}\n      time_format = %H:%M:%S\n      append = yes\n      flush_line = yes\n      default = 1\n      ike = 2\n      cfg = 1\n      knl = 1\n    }}\n  }}\n}}\nswanctl {{\n  load = pem pkcs1 x509 pubkey random nonce sha1 sha2 aes hmac\n}}\n",
+        "charon {{\n  load_modular = no\n  load = random nonce openssl gcm aes sha1 sha2 hmac kdf curve25519 chapoly pem pkcs1 pkcs8 x509 pubkey kernel-libipsec kernel-netlink socket-default vici\n  port = 500\n  port_nat_t = 4500\n  install_routes = yes\n  retransmit_tries = 3\n  plugins {{\n    vici {{\n      socket = unix://{}\n    }}\n    kernel-libipsec {{\n      allow_peer_ts = no\n    }}\n  }}\n  filelog {{\n    main {{\n      path = {}\n      time_format = %H:%M:%S\n      append = yes\n      flush_line = yes\n      default = 1\n      ike = 4\n      chd = 4\n      cfg = 1\n      knl = 1\n    }}\n  }}\n}}\nswanctl {{\n  load = pem pkcs1 x509 pubkey random nonce sha1 sha2 aes hmac\n}}\n",
         dir.join("rt/charon.vici").display(),
         dir.join("charon.log").display()
     );
@@ -1271,6 +1372,7 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
         &wire,
         (aes(&opts.esp), esn, aes(&opts.ike)),
     )?;
+    key_checks(&mut report, &keys, &sw_dir.join("charon.log"));
     finish_work(&mut report, &work, keep_work);
     drop(a);
     drop(b);
@@ -1336,4 +1438,29 @@ pub fn ike_flood(to: std::net::SocketAddr, seconds: u64) -> io::Result<u64> {
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::charon_keys;
+
+    #[test]
+    fn charon_key_dumps_are_followed_per_thread_and_end_before_the_printable_column() {
+        // Two threads interleave; the printable column holds a space and hex-like text.
+        let log = "\
+07:02:48 12[IKE] Sk_ei secret => 20 bytes @ 0x7f4c78008560
+07:02:48 09[CHD] encryption initiator key => 4 bytes @ 0x7f
+07:02:48 12[IKE]    0: 6A 2E 20 41 42 43 44 45 46 47 48 49 4A 4B 4C 4D  j. ABCDEFGHIJKLM
+07:02:48 09[CHD]    0: 00 11 22 33                                      ..\"3
+07:02:48 12[IKE]   16: AB CD EF 01                                      ....
+07:02:48 12[IKE] Sk_er secret => 20 bytes @ 0x7f4c78008570
+";
+        let k = charon_keys(log);
+        assert!(
+            k.contains("6a2e204142434445464748494a4b4c4dabcdef01"),
+            "{k:?}"
+        );
+        assert!(k.contains("00112233"));
+        assert_eq!(k.len(), 2, "{k:?}");
+    }
 }

@@ -236,6 +236,9 @@ struct Child {
     out: bool,
     /// Pending outbound switch (responder of a rekey) since this time.
     pending_since: Option<u64>,
+    /// The peer's survivor of a rekey collision: switched to only when the peer deletes this
+    /// old CHILD_SA (our inbound SPI), which proves the peer completed it; never on a timeout.
+    awaits_delete_of: Option<u32>,
     /// Remove at this time (grace after delete/replace).
     until: Option<u64>,
     /// Replaced by a rekey (no second rekey, no lifetime action).
@@ -730,6 +733,7 @@ impl Engine {
     /// Time passes: retransmissions, rekeys, DPD, grace periods, reconnects.
     pub fn tick(&mut self, now: u64, rng: &dyn SecureRandom) -> Vec<Out> {
         let mut out = Vec::new();
+        self.unconfirmed_survivors(now, &mut out);
         // Child SAs: grace ends, pending switches time out, hard lifetimes.
         let before = self.children.len();
         let mut changed = false;
@@ -1903,6 +1907,7 @@ impl Engine {
             proposal,
             out: out_now,
             pending_since: (!out_now).then_some(now),
+            awaits_delete_of: None,
             until: None,
             replaced: false,
             rekey_at,
@@ -2213,6 +2218,7 @@ impl Engine {
                 if self.children[idx].replaced {
                     for c in &mut self.children {
                         if c.pending_since.take().is_some() {
+                            c.awaits_delete_of = None;
                             c.replaced = true;
                             c.until = Some(now + GRACE_MS * MS);
                             out.push(Out::Event(Event::ChildDown {
@@ -2384,20 +2390,66 @@ impl Engine {
         }
     }
 
+    /// The peer's survivor of a rekey collision that the peer did not confirm (no DELETE of the
+    /// old CHILD_SA) within the switch wait, or before the old one's hard lifetime is near: the
+    /// peer never completed its exchange (strongSwan can drop our answer, see respond_create).
+    /// It is abandoned; the old CHILD_SA, which both sides still hold and espip still sends
+    /// on, is rekeyed again by espip.
+    fn unconfirmed_survivors(&mut self, now: u64, out: &mut Vec<Out>) {
+        let stale: Vec<(u32, u32)> = self
+            .children
+            .iter()
+            .filter_map(|p| {
+                let (t, old) = (p.pending_since?, p.awaits_delete_of?);
+                let c = self.children.iter().find(|c| c.keys.spi_in == old)?;
+                let near_end = c.expire_at != 0 && now + GRACE_MS * MS >= c.expire_at;
+                (near_end || now.saturating_sub(t) >= SWITCH_WAIT_MS * MS)
+                    .then_some((p.keys.spi_in, old))
+            })
+            .collect();
+        for (p_in, old) in stale {
+            for c in &mut self.children {
+                if c.keys.spi_in == p_in {
+                    c.pending_since = None;
+                    c.awaits_delete_of = None;
+                    c.replaced = true;
+                    c.until = Some(now + GRACE_MS * MS);
+                } else if c.keys.spi_in == old && c.until.is_none() {
+                    c.replaced = false;
+                    c.out = true;
+                    c.rekey_at = now;
+                }
+            }
+            out.push(Out::Event(Event::ChildDown {
+                spi_in: p_in,
+                why: "abandoned: the peer did not complete its side of a rekey collision",
+            }));
+        }
+    }
+
     /// Activate the outbound half of children waiting for the old SA's delete: those whose
     /// old SA is `deleted_out` (the peer deleted it), or all that waited too long.
     fn switch_pending(&mut self, now: u64, force: bool) -> bool {
         let mut changed = false;
-        let waited = self.children.iter().any(|c| {
-            c.pending_since
-                .is_some_and(|t| force || now.saturating_sub(t) >= SWITCH_WAIT_MS * MS)
-        });
+        let due: Vec<bool> = self
+            .children
+            .iter()
+            .map(|c| {
+                c.pending_since.is_some_and(|t| {
+                    force
+                        || (c.awaits_delete_of.is_none()
+                            && now.saturating_sub(t) >= SWITCH_WAIT_MS * MS)
+                })
+            })
+            .collect();
+        let waited = due.iter().any(|d| *d);
         if waited {
-            for c in &mut self.children {
-                if c.pending_since.is_some() {
+            for (c, due) in self.children.iter_mut().zip(due) {
+                if due {
                     c.pending_since = None;
+                    c.awaits_delete_of = None;
                     c.out = true;
-                } else if c.replaced && c.out {
+                } else if c.replaced && c.out && c.pending_since.is_none() {
                     c.out = false;
                     c.until.get_or_insert(now + GRACE_MS * MS);
                 }
@@ -2617,6 +2669,11 @@ impl Engine {
                                     self.children.iter_mut().find(|o| o.keys.spi_in == old_in)
                                 {
                                     o.out = true;
+                                }
+                                if let Some(t) = self.children.iter_mut().find(|t| {
+                                    t.keys.spi_in == c.theirs_in && t.pending_since.is_some()
+                                }) {
+                                    t.awaits_delete_of = Some(old_in);
                                 }
                                 self.deferred.insert(0, Task::DeleteChild(new_in));
                                 out.push(Out::Changed);
