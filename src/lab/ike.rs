@@ -197,6 +197,8 @@ struct Decrypted {
     ike_decrypted: u64,
     /// Decrypted IKE messages carrying traffic selectors or a DELETE.
     ike_inner: u64,
+    /// IKE SPIi values in IKE headers.
+    ike_spis: BTreeSet<String>,
 }
 
 /// One tshark pass over `pcap` with the key tables under `home`.
@@ -245,6 +247,7 @@ fn tshark_pass(home: &Path, pcap: &Path) -> io::Result<Decrypted> {
             }
         } else if !get(4).is_empty() {
             d.ike += 1;
+            d.ike_spis.insert(get(4).to_ascii_lowercase());
             if !get(5).is_empty() {
                 d.ike_encrypted += 1;
                 if !get(6).is_empty() {
@@ -269,7 +272,7 @@ fn decrypt_checks(
     work: &Path,
     wire: &Path,
     (aes, esn, ike_aes): (bool, bool, bool),
-) -> io::Result<()> {
+) -> io::Result<Decrypted> {
     let home = keys.write(work)?;
     let d = tshark_pass(&home, wire)?;
     let spis = &d.spis;
@@ -313,7 +316,7 @@ fn decrypt_checks(
         report.notes.push(
             "tshark 4.0 has no ChaCha20-Poly1305 for IKEv2: the IKE messages stay encrypted (no check)".into(),
         );
-        return Ok(());
+        return Ok(d);
     }
     report.check(
         "tshark decrypts every IKE message with the exported IKE SA keys",
@@ -327,7 +330,7 @@ fn decrypt_checks(
             keys.ike.len()
         ),
     );
-    Ok(())
+    Ok(d)
 }
 
 #[allow(clippy::too_many_arguments)] // one lab peer's settings, named at each call
@@ -947,22 +950,32 @@ fn charon_keys(log: &str) -> BTreeSet<String> {
 /// The keys espip wrote (`save_keys`) against the keys strongSwan's charon logged for the same
 /// SAs: each side derived them on its own (SKEYSEED, prf+, KEYMAT), so equal keys check the
 /// key schedule of RFC 7296 sections 2.14 and 2.17 against an independent implementation.
-fn key_checks(report: &mut Report, keys: &KeyLog, charon_log: &Path) {
+/// Compared: the SAs that carried messages in the capture. An SA espip made as the responder
+/// whose answer charon dropped (see docs/ike.md) was never derived by charon, and never used.
+fn key_checks(report: &mut Report, keys: &KeyLog, seen: &Decrypted, charon_log: &Path) {
     let logged = charon_keys(&std::fs::read_to_string(charon_log).unwrap_or_default());
     let hex = |f: &str| {
         f.trim_matches('"')
             .trim_start_matches("0x")
             .to_ascii_lowercase()
     };
-    let esp: Vec<String> = keys
+    let wire_spis: BTreeSet<String> = seen.spis.iter().map(|s| hex(s)).collect();
+    let field = |l: &str, i: usize| l.split(',').nth(i).map(hex).unwrap_or_default();
+    let esp_used: Vec<&String> = keys
         .esp
         .iter()
-        .filter_map(|l| l.split(',').nth(5).map(hex))
+        .filter(|l| wire_spis.contains(&field(l, 3)))
         .collect();
-    let ike: Vec<String> = keys
+    let ike_used: Vec<&String> = keys
         .ike
         .iter()
-        .flat_map(|l| l.split(',').skip(2).take(2).map(hex).collect::<Vec<_>>())
+        .filter(|l| seen.ike_spis.contains(&field(l, 0)))
+        .collect();
+    let unused = keys.esp.len() + keys.ike.len() - esp_used.len() - ike_used.len();
+    let esp: Vec<String> = esp_used.iter().map(|l| field(l, 5)).collect();
+    let ike: Vec<String> = ike_used
+        .iter()
+        .flat_map(|l| [field(l, 2), field(l, 3)])
         .collect();
     if esp.is_empty() && ike.is_empty() {
         report.notes.push(
@@ -977,9 +990,10 @@ fn key_checks(report: &mut Report, keys: &KeyLog, charon_log: &Path) {
         "espip's keys equal the keys strongSwan derived and logged",
         !logged.is_empty() && esp_eq == esp.len() && ike_eq == ike.len(),
         format!(
-            "ESP keys {esp_eq} of {} equal, IKE SK_ei/SK_er {ike_eq} of {} equal ({} keys in charon's log)",
+            "ESP keys {esp_eq} of {} equal, IKE SK_ei/SK_er {ike_eq} of {} equal, of the SAs that carried messages in the capture ({} key lines of SAs that never did; {} keys in charon's log)",
             esp.len(),
             ike.len(),
+            unused,
             logged.len()
         ),
     );
@@ -1365,14 +1379,14 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
     drop(sw);
     // strongSwan offers and accepts "no ESN" for aes128gcm16 (its default).
     let esn = opts.esp.ends_with("-esn");
-    decrypt_checks(
+    let seen = decrypt_checks(
         &mut report,
         &keys,
         &work,
         &wire,
         (aes(&opts.esp), esn, aes(&opts.ike)),
     )?;
-    key_checks(&mut report, &keys, &sw_dir.join("charon.log"));
+    key_checks(&mut report, &keys, &seen, &sw_dir.join("charon.log"));
     finish_work(&mut report, &work, keep_work);
     drop(a);
     drop(b);
