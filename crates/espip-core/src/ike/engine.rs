@@ -2391,8 +2391,7 @@ impl Engine {
     }
 
     /// The peer's survivor of a rekey collision that the peer did not confirm (no DELETE of the
-    /// old CHILD_SA) within the switch wait, or before the old one's hard lifetime is near: the
-    /// peer never completed its exchange (strongSwan can drop our answer, see respond_create).
+    /// old CHILD_SA) within the switch wait: the peer never completed its exchange (strongSwan can drop our answer, see respond_create).
     /// It is abandoned; the old CHILD_SA, which both sides still hold and espip still sends
     /// on, is rekeyed again by espip.
     fn unconfirmed_survivors(&mut self, now: u64, out: &mut Vec<Out>) {
@@ -2401,10 +2400,11 @@ impl Engine {
             .iter()
             .filter_map(|p| {
                 let (t, old) = (p.pending_since?, p.awaits_delete_of?);
-                let c = self.children.iter().find(|c| c.keys.spi_in == old)?;
-                let near_end = c.expire_at != 0 && now + GRACE_MS * MS >= c.expire_at;
-                (near_end || now.saturating_sub(t) >= SWITCH_WAIT_MS * MS)
-                    .then_some((p.keys.spi_in, old))
+                // Not earlier: a peer that completed (espip, or strongSwan when it kept our
+                // answer) deletes the old one within a round trip, and abandoning a survivor
+                // the peer already sends on would leave espip without a common SA.
+                self.children.iter().find(|c| c.keys.spi_in == old)?;
+                (now.saturating_sub(t) >= SWITCH_WAIT_MS * MS).then_some((p.keys.spi_in, old))
             })
             .collect();
         for (p_in, old) in stale {
