@@ -2803,61 +2803,46 @@ impl Engine {
                     // peer, whose new IKE SA stays, deletes the old one.
                     new.state = State::Rekeyed;
                     new.rekey_at = now;
-                    let h = new.header(exchange::INFORMATIONAL, new.next_id, false);
-                    let id = new.next_id;
-                    new.next_id += 1;
-                    let m = new.seal(
-                        h,
-                        &[Payload::Delete {
-                            protocol: proto::IKE,
-                            spis: Vec::new(),
-                        }],
-                    );
-                    new.flight = Some(InFlight {
-                        id,
-                        msg: m.clone(),
-                        tries: 0,
-                        next_at: now + self.cfg.retransmit_ms * MS,
-                        req: Req::DeleteIke,
-                    });
-                    out.push(Out::Send {
-                        to: new.peer,
-                        natt: new.natt,
-                        msg: m,
-                    });
+                    self.delete_ike_on(&mut new, now, out);
                     self.others.push(new);
                     return After::Keep;
                 }
                 self.stats.ike_rekeys += 1;
                 out.push(Out::Event(Event::IkeRekeyed { spis: new.spis() }));
                 // Delete the old IKE SA on itself.
-                let h = s.header(exchange::INFORMATIONAL, s.next_id, false);
-                let id = s.next_id;
-                s.next_id += 1;
-                let m = s.seal(
-                    h,
-                    &[Payload::Delete {
-                        protocol: proto::IKE,
-                        spis: Vec::new(),
-                    }],
-                );
-                s.flight = Some(InFlight {
-                    id,
-                    msg: m.clone(),
-                    tries: 0,
-                    next_at: now + self.cfg.retransmit_ms * MS,
-                    req: Req::DeleteIke,
-                });
-                out.push(Out::Send {
-                    to: s.peer,
-                    natt: s.natt,
-                    msg: m,
-                });
+                self.delete_ike_on(s, now, out);
                 After::Replaced(Box::new(new))
             }
             Req::DeleteIke => After::Drop,
             Req::Dpd => After::Keep,
         }
+    }
+
+    /// Send DELETE for the IKE SA `sa` on itself, as its request in flight (retransmitted
+    /// until answered).
+    fn delete_ike_on(&self, sa: &mut IkeSa, now: u64, out: &mut Vec<Out>) {
+        let h = sa.header(exchange::INFORMATIONAL, sa.next_id, false);
+        let id = sa.next_id;
+        sa.next_id += 1;
+        let m = sa.seal(
+            h,
+            &[Payload::Delete {
+                protocol: proto::IKE,
+                spis: Vec::new(),
+            }],
+        );
+        sa.flight = Some(InFlight {
+            id,
+            msg: m.clone(),
+            tries: 0,
+            next_at: now + self.cfg.retransmit_ms * MS,
+            req: Req::DeleteIke,
+        });
+        out.push(Out::Send {
+            to: sa.peer,
+            natt: sa.natt,
+            msg: m,
+        });
     }
 
     /// The CHILD_SA that the answer `p` to our CREATE_CHILD_SA sets up (we initiated the
