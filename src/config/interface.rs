@@ -83,7 +83,19 @@ pub(super) fn interface(raw: RawInterface, base: &Path) -> Result<Interface, Con
         Some(d) if d.is_relative() => Some(base.join(d)),
         Some(d) => Some(d),
     };
+    let tx_path = match raw.tx_path.as_deref().map(str::trim) {
+        None | Some("auto") => super::TxPath::Auto,
+        Some("raw") => super::TxPath::Raw,
+        Some(other) => {
+            return Err(invalid(
+                "interface.tx_path",
+                format!("{other:?}"),
+                "\"auto\" (an AF_PACKET ring where the next hop is known, the default) or \"raw\" (always the raw socket, through netfilter's output hooks)",
+            ))
+        }
+    };
     Ok(Interface {
+        tx_path,
         save_keys,
         tx_threads,
         offload: raw.offload.unwrap_or(true),

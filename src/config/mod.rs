@@ -194,6 +194,20 @@ pub struct Interface {
     /// A directory (private to root) where every SA's keys are appended to Wireshark's
     /// `esp_sa` and `ikev2_decryption_table` files as the SA comes up. Debugging only.
     pub save_keys: Option<PathBuf>,
+    /// How the raw-socket modes (`esp`, `ipip`) send.
+    pub tx_path: TxPath,
+}
+
+/// How outer packets of the raw-socket modes (`esp` as IP protocol 50, `ipip`) leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxPath {
+    /// An `AF_PACKET` transmit ring on the egress interface, for every destination whose next
+    /// hop is resolved and whose outer packet fits the interface's MTU; the raw socket for
+    /// the rest (the default).
+    Auto,
+    /// Always the raw socket (the kernel's IP output path: netfilter's OUTPUT and POSTROUTING
+    /// hooks see the outer packets).
+    Raw,
 }
 
 /// How far one TX thread can put an SA's packets out of order: a batch plus the segments of

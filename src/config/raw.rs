@@ -66,6 +66,7 @@ pub(super) struct RawInterface {
     pub(super) listen_port: Option<i64>,
     pub(super) tx_threads: Option<i64>,
     pub(super) save_keys: Option<PathBuf>,
+    pub(super) tx_path: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -22,6 +22,7 @@
 
 mod ike;
 mod keylog;
+mod nexthop;
 mod probe;
 mod reload;
 mod rx;
@@ -254,6 +255,7 @@ pub fn run(cfg: Config, path: Option<&std::path::Path>) -> Result<(), DaemonErro
             rekey: &mut rekey_rx,
             ike,
             natt: natt_rx,
+            next_hops: res.fast_path.then(|| res.hops.clone()),
         },
         reload::Reloader {
             live: &live,
@@ -327,6 +329,13 @@ fn spawn(res: &mut Resources, cfg: Arc<Config>) -> Result<Running, DaemonError> 
         edge: edge.clone(),
         current: current.clone(),
         handoff: handoff.clone(),
+        rings: Arc::new(
+            std::mem::take(&mut res.rings)
+                .into_iter()
+                .map(std::sync::Mutex::new)
+                .collect(),
+        ),
+        hops: res.hops.clone(),
     };
     let recorder = || res.taps.as_ref().map_or_else(Recorder::off, Taps::recorder);
     let (workers, ended) = Workers::spawn(

@@ -86,6 +86,15 @@ pub(super) fn send_verdicts(
         }
     }
     let mut last_err = None;
+    // The AF_PACKET fast path: a destination with a resolved next hop goes into this thread's
+    // ring; the rest (and what the ring refuses) through the raw socket.
+    let hops = e.hops.load();
+    let mut rings = match e.rings {
+        Some(m) if !hops.0.is_empty() && !e.sockets.is_empty() => {
+            Some(m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+        }
+        _ => None,
+    };
     for s in e.sockets {
         let (proto, v6) = (s.protocol(), s.is_v6());
         // A raw socket carries one protocol (50, 4 or 41; never 17) over one IP version.
@@ -99,14 +108,36 @@ pub(super) fn send_verdicts(
         if want == 0 {
             continue;
         }
-        match s.send_batch(pending()) {
+        let mut ringed = 0;
+        let mut into_ring = |pkt: &[u8], dst| {
+            let (Some(set), Some(hop)) = (rings.as_deref_mut(), hops.get(dst)) else {
+                return false;
+            };
+            let taken = set
+                .iter_mut()
+                .find(|r| r.ifindex() == hop.ifindex)
+                .is_some_and(|r| r.push(hop, proto, pkt).is_ok());
+            ringed += usize::from(taken);
+            taken
+        };
+        let result = s.send_batch(pending().filter(|&(pkt, dst)| !into_ring(pkt, dst)));
+        let rest = want - ringed;
+        match result {
             Ok(sent) => {
                 e.edge
                     .send_errors
-                    .fetch_add((want - sent.min(want)) as u64, Relaxed);
+                    .fetch_add((rest - sent.min(rest)) as u64, Relaxed);
             }
             Err(err) => {
-                e.edge.send_errors.fetch_add(want as u64, Relaxed);
+                e.edge.send_errors.fetch_add(rest as u64, Relaxed);
+                last_err = Some(err);
+            }
+        }
+        e.edge.packet_ring_sends.fetch_add(ringed as u64, Relaxed);
+    }
+    if let Some(set) = rings.as_deref_mut() {
+        for r in set.iter_mut() {
+            if let Err(err) = r.flush() {
                 last_err = Some(err);
             }
         }

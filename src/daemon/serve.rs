@@ -42,6 +42,8 @@ pub(super) struct Listeners<'a> {
     pub ike: Option<IkeDriver>,
     /// IKE messages the RX thread took off the ESP-in-UDP port.
     pub natt: Option<tokio::sync::mpsc::Receiver<NattDatagram>>,
+    /// The `AF_PACKET` rings' next hops, to keep current (`None`: no ring is open).
+    pub next_hops: Option<Arc<arc_swap::ArcSwap<crate::sys::packet_ring::NextHops>>>,
 }
 
 /// Serve `live` until a stop signal, or until a data-path thread reports on `ended`; keep the
@@ -63,6 +65,7 @@ pub(super) fn serve(
         rekey,
         mut ike,
         mut natt,
+        next_hops,
     } = listeners;
     rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
@@ -78,6 +81,9 @@ pub(super) fn serve(
                 info!(%addr, "metrics served at http://{addr}/metrics");
             }
             tasks.spawn(crate::control::serve_metrics(l, live.clone()));
+        }
+        if let Some(h) = next_hops {
+            tasks.spawn(super::nexthop::refresh(h, live.current.clone()));
         }
         let mut tick = tokio::time::interval(SILENCE_CHECK);
         let mut reserve = tokio::time::interval(RESERVATION_TICK);

@@ -6,6 +6,7 @@ pub mod iptables;
 pub mod kstats;
 mod mmsg;
 pub mod netlink;
+pub mod packet_ring;
 pub mod privdrop;
 pub mod raw;
 pub mod safefs;

@@ -143,3 +143,174 @@ fn connect() -> Result<(rtnetlink::Handle, tokio::task::JoinHandle<()>), Netlink
     })?;
     Ok((handle, tokio::spawn(conn)))
 }
+
+/// The next hop of each outer destination in `dsts` (with the outer source `local` when
+/// configured), for the `AF_PACKET` fast path: the kernel's route for it (policy rules
+/// included: `ip route get`), then the neighbour entry of its gateway or of itself on that
+/// interface. A destination is left out (and goes through the raw socket, which lets the
+/// kernel resolve it) when the route is not a unicast route over an Ethernet interface, or the
+/// neighbour has no link-layer address, or is `STALE` (the raw socket's traffic makes the
+/// kernel confirm it again, so a changed MAC address is learnt within a refresh).
+pub async fn next_hops(
+    dsts: &[IpAddr],
+    local: Option<IpAddr>,
+) -> Result<crate::sys::packet_ring::NextHops, NetlinkError> {
+    use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType};
+    use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteType};
+    let (handle, task) = connect()?;
+    let mut hops = Vec::new();
+    let mut neighbours = None;
+    for &dst in dsts {
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst, if dst.is_ipv6() { 128 } else { 32 })
+            .map_err(|e| NetlinkError {
+                what: format!("route to {dst}"),
+                why: e.to_string(),
+            })?;
+        if let Some(l) = local.filter(|l| l.is_ipv6() == dst.is_ipv6()) {
+            b = b
+                .source_prefix(l, if l.is_ipv6() { 128 } else { 32 })
+                .map_err(|e| NetlinkError {
+                    what: format!("route to {dst} from {l}"),
+                    why: e.to_string(),
+                })?;
+        }
+        let Ok(Some(route)) = handle.route().get(b.build()).execute().try_next().await else {
+            continue;
+        };
+        if route.header.kind != RouteType::Unicast {
+            continue;
+        }
+        let ip = |a: &RouteAddress| match a {
+            RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
+            RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+            _ => None,
+        };
+        let (mut oif, mut gateway, mut src) = (None, None, local);
+        for a in &route.attributes {
+            match a {
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                RouteAttribute::Gateway(g) => gateway = ip(g),
+                RouteAttribute::PrefSource(s) if src.is_none() => src = ip(s),
+                _ => {}
+            }
+        }
+        let (Some(oif), Some(src)) = (oif, src) else {
+            continue;
+        };
+        if src.is_ipv6() != dst.is_ipv6() {
+            continue;
+        }
+        let Ok(Some(link)) = handle.link().get().match_index(oif).execute().try_next().await
+        else {
+            continue;
+        };
+        if link.header.link_layer_type != LinkLayerType::Ether {
+            continue;
+        }
+        let (mut src_mac, mut mtu) = (None, None);
+        for a in &link.attributes {
+            match a {
+                LinkAttribute::Address(m) if m.len() == 6 => {
+                    src_mac = Some([m[0], m[1], m[2], m[3], m[4], m[5]])
+                }
+                LinkAttribute::Mtu(m) => mtu = Some(*m),
+                _ => {}
+            }
+        }
+        let (Some(src_mac), Some(mtu)) = (src_mac, mtu) else {
+            continue;
+        };
+        if neighbours.is_none() {
+            let mut all = Vec::new();
+            let mut s = handle.neighbours().get().execute();
+            while let Ok(Some(n)) = s.try_next().await {
+                all.push(n);
+            }
+            neighbours = Some(all);
+        }
+        let via = gateway.unwrap_or(dst);
+        let mac = neighbours.as_ref().and_then(|all| {
+            all.iter().find_map(|n| {
+                let usable = matches!(
+                    n.header.state,
+                    NeighbourState::Reachable
+                        | NeighbourState::Delay
+                        | NeighbourState::Probe
+                        | NeighbourState::Permanent
+                        | NeighbourState::Noarp
+                );
+                if n.header.ifindex != oif || !usable {
+                    return None;
+                }
+                let mut addr = None;
+                let mut lladdr = None;
+                for a in &n.attributes {
+                    match a {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => {
+                            addr = Some(IpAddr::V4(*v))
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => {
+                            addr = Some(IpAddr::V6(*v))
+                        }
+                        NeighbourAttribute::LinkLayerAddress(m) if m.len() == 6 => {
+                            lladdr = Some([m[0], m[1], m[2], m[3], m[4], m[5]])
+                        }
+                        _ => {}
+                    }
+                }
+                (addr == Some(via)).then_some(lladdr).flatten()
+            })
+        });
+        let Some(dst_mac) = mac else {
+            continue;
+        };
+        hops.push(crate::sys::packet_ring::NextHop {
+            dst,
+            ifindex: oif,
+            src,
+            src_mac,
+            dst_mac,
+            mtu,
+        });
+    }
+    task.abort();
+    Ok(crate::sys::packet_ring::NextHops(hops))
+}
+
+/// The interface the kernel routes `dst` over (from `local` when given), if any.
+pub async fn egress_interface(dst: IpAddr, local: Option<IpAddr>) -> Option<(u32, u32)> {
+    use rtnetlink::packet_route::link::LinkAttribute;
+    use rtnetlink::packet_route::route::RouteAttribute;
+    let (handle, task) = connect().ok()?;
+    let result = async {
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst, if dst.is_ipv6() { 128 } else { 32 })
+            .ok()?;
+        if let Some(l) = local.filter(|l| l.is_ipv6() == dst.is_ipv6()) {
+            b = b.source_prefix(l, if l.is_ipv6() { 128 } else { 32 }).ok()?;
+        }
+        let route = handle.route().get(b.build()).execute().try_next().await.ok()??;
+        let oif = route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        })?;
+        let link = handle
+            .link()
+            .get()
+            .match_index(oif)
+            .execute()
+            .try_next()
+            .await
+            .ok()??;
+        let mtu = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        })?;
+        Some((oif, mtu))
+    }
+    .await;
+    task.abort();
+    result
+}
