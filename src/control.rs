@@ -372,7 +372,7 @@ impl Live {
                 ("uso_in", &e.uso_packets),
                 ("gro_out", &e.gro_packets),
                 ("udp_gso_out", &e.udp_gso_sends),
-                ("packet_ring_out", &e.packet_ring_sends),
+                ("af_packet_out", &e.af_packet_sends),
                 ("udp_gro_in", &e.udp_gro_receives),
             ]
             .into_iter()

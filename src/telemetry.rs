@@ -31,9 +31,9 @@ pub struct EdgeStats {
     pub udp_gso_sends: AtomicU64,
     /// ESP-in-UDP messages received coalesced by UDP GRO (several datagrams each).
     pub udp_gro_receives: AtomicU64,
-    /// Outer packets of the raw-socket modes sent through an `AF_PACKET` transmit ring
+    /// Outer packets of the raw-socket modes sent through an `AF_PACKET` socket
     /// (`interface.tx_path = "auto"`) rather than the raw socket.
-    pub packet_ring_sends: AtomicU64,
+    pub af_packet_sends: AtomicU64,
 }
 
 /// Lets one warning of a kind through per [`WARN_INTERVAL`].

@@ -204,3 +204,125 @@ fn two_tx_threads_carry_parallel_flows_with_no_replay_drops() {
         assert!(d.stop().unwrap(), "clean stop");
     }
 }
+
+/// The raw-socket modes' fast path (`interface.tx_path = "auto"`): ESP as protocol 50 and
+/// IP-in-IP, over IPv4 and over IPv6, leave through the AF_PACKET socket with espip's own
+/// Ethernet and outer IP headers (the peer's kernel accepts them: the transfer's hash is
+/// equal); an outer packet above the interface's MTU goes through the raw socket, which
+/// fragments it; `tx_path = "raw"` never uses the AF_PACKET socket.
+#[test]
+fn raw_modes_send_through_af_packet_and_fall_back_to_the_raw_socket() {
+    let Some(_g) = serial() else { return };
+    for (tag, mode, v6) in [
+        ("afp4", LabMode::Esp(Cipher::Aes128Gcm), false),
+        ("afi4", LabMode::IpIp, false),
+        ("afp6", LabMode::Esp(Cipher::ChaCha20Poly1305), true),
+        ("afi6", LabMode::IpIp, true),
+    ] {
+        let mut pair = fast_path_pair(tag, mode, v6, "");
+        // The first ping makes the kernel resolve the neighbour; espip reads the next hop
+        // within a quarter second of that.
+        assert!(p2p::ping(&pair.a, p2p::B_INNER).0, "{tag}: ping");
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        let r = espip::lab::transfer(&exe(), (&pair.a, &pair.b), p2p::B_INNER, 5_000_000).unwrap();
+        assert!(r.ok(5_000_000), "{tag}: {r:?}");
+        let a = status_at(&pair.dir.join("state-a/control.sock"));
+        let sent = a.peers[0].tx_packets;
+        let fast = a.offload["af_packet_out"];
+        // The pings went through the raw socket; the transfer's packets do not.
+        assert!(
+            fast > sent / 2 && fast <= sent,
+            "{tag}: {fast} of {sent} packets through AF_PACKET"
+        );
+        assert_eq!(a.errors["send"], 0, "{tag}: {:?}", a.errors);
+        for d in &mut pair.daemons {
+            assert!(d.stop().unwrap());
+        }
+    }
+
+    // A tunnel MTU above what the path carries: the large packets' outer packets exceed the
+    // veth's 1500 bytes and are fragmented by the raw socket; the small ones stay fast.
+    let mut pair = fast_path_pair(
+        "afbig",
+        LabMode::Esp(Cipher::Aes128Gcm),
+        false,
+        "mtu = 1500\n",
+    );
+    assert!(p2p::ping(&pair.a, p2p::B_INNER).0, "ping");
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let before = status_at(&pair.dir.join("state-a/control.sock"));
+    let ping = netns::run(pair.a.command("ping").args([
+        "-c",
+        "3",
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        "-s",
+        "1460",
+        "-M",
+        "do",
+        p2p::B_INNER,
+    ]))
+    .unwrap();
+    assert!(
+        ping.status.success(),
+        "1488-byte pings through a 1500-byte path: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    let after = status_at(&pair.dir.join("state-a/control.sock"));
+    let sent = after.peers[0].tx_packets - before.peers[0].tx_packets;
+    let fast = after.offload["af_packet_out"] - before.offload["af_packet_out"];
+    assert!(
+        sent >= 3 && fast == 0,
+        "{fast} of {sent} oversized packets through AF_PACKET"
+    );
+    for d in &mut pair.daemons {
+        assert!(d.stop().unwrap());
+    }
+
+    // tx_path = "raw": the kernel's IP output path only.
+    let mut pair = fast_path_pair("afraw", LabMode::IpIp, false, "tx_path = \"raw\"\n");
+    let r = espip::lab::transfer(&exe(), (&pair.a, &pair.b), p2p::B_INNER, 2_000_000).unwrap();
+    assert!(r.ok(2_000_000), "{r:?}");
+    let a = status_at(&pair.dir.join("state-a/control.sock"));
+    assert_eq!(a.offload["af_packet_out"], 0);
+    assert!(a.peers[0].tx_packets > 100);
+    for d in &mut pair.daemons {
+        assert!(d.stop().unwrap());
+    }
+}
+
+/// The p2p lab's pair in `mode` over IPv4 or IPv6, `a_interface` added to A's `[interface]`.
+fn fast_path_pair(tag: &str, mode: LabMode, v6: bool, a_interface: &str) -> FullPair {
+    let (a, b) = if v6 {
+        p2p::topology_v6(tag).unwrap()
+    } else {
+        p2p::topology(tag).unwrap()
+    };
+    let cipher = match mode {
+        LabMode::Esp(c) | LabMode::EspUdp(c) => c,
+        _ => Cipher::Aes128Gcm,
+    };
+    let keys = p2p::LabKeys::generate(cipher).unwrap();
+    let dir = std::env::temp_dir().join(format!("espip-test-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut daemons = Vec::new();
+    for (me_a, ns, host) in [(true, &a, "a"), (false, &b, "b")] {
+        let cfg = dir.join(format!("{host}.toml"));
+        let mut text = p2p::config_text_over(
+            mode,
+            me_a,
+            Some(&keys),
+            false,
+            &dir.join(format!("state-{host}")),
+            v6,
+        );
+        if me_a {
+            text = text.replace("[interface]\n", &format!("[interface]\n{a_interface}"));
+        }
+        std::fs::write(&cfg, text).unwrap();
+        daemons.push(Daemon::start(ns, &exe(), &cfg, &dir.join(format!("{host}.log"))).unwrap());
+    }
+    FullPair { a, b, daemons, dir }
+}

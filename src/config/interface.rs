@@ -90,7 +90,7 @@ pub(super) fn interface(raw: RawInterface, base: &Path) -> Result<Interface, Con
             return Err(invalid(
                 "interface.tx_path",
                 format!("{other:?}"),
-                "\"auto\" (an AF_PACKET ring where the next hop is known, the default) or \"raw\" (always the raw socket, through netfilter's output hooks)",
+                "\"auto\" (an AF_PACKET socket where the next hop is known, the default) or \"raw\" (always the raw socket, through netfilter's output hooks)",
             ))
         }
     };

@@ -201,7 +201,7 @@ pub struct Interface {
 /// How outer packets of the raw-socket modes (`esp` as IP protocol 50, `ipip`) leave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TxPath {
-    /// An `AF_PACKET` transmit ring on the egress interface, for every destination whose next
+    /// An `AF_PACKET` socket on the egress interface, for every destination whose next
     /// hop is resolved and whose outer packet fits the interface's MTU; the raw socket for
     /// the rest (the default).
     Auto,

@@ -329,13 +329,8 @@ fn spawn(res: &mut Resources, cfg: Arc<Config>) -> Result<Running, DaemonError> 
         edge: edge.clone(),
         current: current.clone(),
         handoff: handoff.clone(),
-        rings: Arc::new(
-            std::mem::take(&mut res.rings)
-                .into_iter()
-                .map(std::sync::Mutex::new)
-                .collect(),
-        ),
         hops: res.hops.clone(),
+        packet: Arc::new(std::mem::take(&mut res.packet)),
     };
     let recorder = || res.taps.as_ref().map_or_else(Recorder::off, Taps::recorder);
     let (workers, ended) = Workers::spawn(

@@ -3,7 +3,7 @@
 //! destination of the current generation, and the table the TX threads read is swapped when
 //! it changed. A destination that gains or loses its next hop is logged once per change.
 
-use crate::sys::packet_ring::NextHops;
+use crate::sys::packet::NextHops;
 use crate::telemetry::Current;
 use arc_swap::ArcSwap;
 use std::sync::Arc;
@@ -15,17 +15,24 @@ use tracing::info;
 /// confirmed it, see [`crate::sys::netlink::next_hops`]).
 pub(super) const REFRESH: Duration = Duration::from_secs(1);
 
+/// The refresh while some destination has no usable next hop (the kernel resolves it on the
+/// raw socket's first packets): the fast path starts within this of the neighbour's answer.
+const REFRESH_INCOMPLETE: Duration = Duration::from_millis(250);
+
 /// Keep `hops` current for the generation in `current` until the task is dropped.
 pub(super) async fn refresh(hops: Arc<ArcSwap<NextHops>>, current: Arc<Current>) {
-    let mut tick = tokio::time::interval(REFRESH);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wait = Duration::ZERO;
     loop {
-        tick.tick().await;
+        tokio::time::sleep(wait).await;
+        wait = REFRESH;
         let cfg = current.load().cfg.clone();
         let dsts = super::setup::raw_endpoints(&cfg);
         let Ok(new) = crate::sys::netlink::next_hops(&dsts, cfg.interface.local).await else {
             continue;
         };
+        if new.0.len() < dsts.len() {
+            wait = REFRESH_INCOMPLETE;
+        }
         let old = hops.load_full();
         if *old == new {
             continue;

@@ -86,15 +86,9 @@ pub(super) fn send_verdicts(
         }
     }
     let mut last_err = None;
-    // The AF_PACKET fast path: a destination with a resolved next hop goes into this thread's
-    // ring; the rest (and what the ring refuses) through the raw socket.
+    // The AF_PACKET fast path: a destination with a resolved next hop whose outer packet fits
+    // the interface goes through the AF_PACKET socket; the rest through the raw socket.
     let hops = e.hops.load();
-    let mut rings = match e.rings {
-        Some(m) if !hops.0.is_empty() && !e.sockets.is_empty() => {
-            Some(m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
-        }
-        _ => None,
-    };
     for s in e.sockets {
         let (proto, v6) = (s.protocol(), s.is_v6());
         // A raw socket carries one protocol (50, 4 or 41; never 17) over one IP version.
@@ -108,20 +102,38 @@ pub(super) fn send_verdicts(
         if want == 0 {
             continue;
         }
-        let mut ringed = 0;
-        let mut into_ring = |pkt: &[u8], dst| {
-            let (Some(set), Some(hop)) = (rings.as_deref_mut(), hops.get(dst)) else {
-                return false;
-            };
-            let taken = set
-                .iter_mut()
-                .find(|r| r.ifindex() == hop.ifindex)
-                .is_some_and(|r| r.push(hop, proto, pkt).is_ok());
-            ringed += usize::from(taken);
-            taken
+        let mut fast_sent = 0;
+        if !e.packet.is_empty() && !hops.0.is_empty() {
+            for p in e.packet {
+                let mine = pending().filter_map(|(pkt, dst)| {
+                    hops.get(dst)
+                        .filter(|h| p.takes(h, pkt.len()))
+                        .map(|h| (h, proto, pkt))
+                });
+                let n = mine.clone().count();
+                if n == 0 {
+                    continue;
+                }
+                fast_sent += n;
+                match p.send_batch(mine) {
+                    Ok(sent) => {
+                        e.edge
+                            .send_errors
+                            .fetch_add((n - sent.min(n)) as u64, Relaxed);
+                    }
+                    Err(err) => {
+                        e.edge.send_errors.fetch_add(n as u64, Relaxed);
+                        last_err = Some(err);
+                    }
+                }
+            }
+        }
+        let fast = |pkt: &[u8], dst| {
+            hops.get(dst)
+                .is_some_and(|h| e.packet.iter().any(|p| p.takes(h, pkt.len())))
         };
-        let result = s.send_batch(pending().filter(|&(pkt, dst)| !into_ring(pkt, dst)));
-        let rest = want - ringed;
+        let result = s.send_batch(pending().filter(|&(pkt, dst)| !fast(pkt, dst)));
+        let rest = want - fast_sent;
         match result {
             Ok(sent) => {
                 e.edge
@@ -133,14 +145,7 @@ pub(super) fn send_verdicts(
                 last_err = Some(err);
             }
         }
-        e.edge.packet_ring_sends.fetch_add(ringed as u64, Relaxed);
-    }
-    if let Some(set) = rings.as_deref_mut() {
-        for r in set.iter_mut() {
-            if let Err(err) = r.flush() {
-                last_err = Some(err);
-            }
-        }
+        e.edge.af_packet_sends.fetch_add(fast_sent as u64, Relaxed);
     }
     for u in e.udp {
         let mut items = [(&[][..], SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)); TX_BUFS];

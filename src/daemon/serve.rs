@@ -42,8 +42,8 @@ pub(super) struct Listeners<'a> {
     pub ike: Option<IkeDriver>,
     /// IKE messages the RX thread took off the ESP-in-UDP port.
     pub natt: Option<tokio::sync::mpsc::Receiver<NattDatagram>>,
-    /// The `AF_PACKET` rings' next hops, to keep current (`None`: no ring is open).
-    pub next_hops: Option<Arc<arc_swap::ArcSwap<crate::sys::packet_ring::NextHops>>>,
+    /// The `AF_PACKET` sockets' next hops, to keep current (`None`: no such socket is open).
+    pub next_hops: Option<Arc<arc_swap::ArcSwap<crate::sys::packet::NextHops>>>,
 }
 
 /// Serve `live` until a stop signal, or until a data-path thread reports on `ended`; keep the

@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::control::ControlSocket;
 use crate::datapath::{self, EncapSpec, Inbound, Outbound, Stats, TunnelSpec};
 use crate::sys::capture::Taps;
-use crate::sys::packet_ring::{NextHops, PacketRing};
+use crate::sys::packet::{NextHops, PacketSocket};
 use crate::sys::privdrop::Target;
 use crate::sys::raw::RawSocket;
 use crate::sys::safefs::PrivateDir;
@@ -68,13 +68,11 @@ pub(super) struct Resources {
     pub routes: Vec<crate::prefix::Prefix>,
     /// `interface.save_keys`, opened as root.
     pub keylog: Option<super::keylog::KeyLog>,
-    /// The raw-socket modes' `AF_PACKET` transmit rings: one set per TUN queue (its TX
-    /// thread), one ring per egress interface; empty with `tx_path = "raw"` or when none
-    /// could be opened.
-    pub rings: Vec<Vec<PacketRing>>,
-    /// The next hops the rings may send to (refreshed by the serving loop).
+    /// The raw-socket modes' `AF_PACKET` sockets, one per egress interface.
+    pub packet: Vec<PacketSocket>,
+    /// The next hops the `AF_PACKET` sockets may send to (refreshed by the serving loop).
     pub hops: Arc<arc_swap::ArcSwap<NextHops>>,
-    /// Whether any ring is open (the serving loop then keeps `hops` current).
+    /// Whether an `AF_PACKET` socket is open (the serving loop then keeps `hops` current).
     pub fast_path: bool,
 }
 
@@ -116,8 +114,8 @@ impl Resources {
         )?;
         let tun = &tuns[0];
         // Before the privilege drop: an AF_PACKET socket needs CAP_NET_RAW.
-        let rings = open_rings(cfg, rt, tuns.len());
-        let hops = Arc::new(arc_swap::ArcSwap::from_pointee(if rings.is_empty() {
+        let packet = open_packet_sockets(cfg, rt);
+        let hops = Arc::new(arc_swap::ArcSwap::from_pointee(if packet.is_empty() {
             NextHops::default()
         } else {
             rt.block_on(crate::sys::netlink::next_hops(
@@ -162,8 +160,8 @@ impl Resources {
             sources: outer_sources(cfg),
             routes: added,
             keylog,
-            fast_path: !rings.is_empty(),
-            rings,
+            fast_path: !packet.is_empty(),
+            packet,
             hops,
         };
         prepare_capture(cfg, run_as.as_ref())?;
@@ -279,51 +277,32 @@ pub(super) fn raw_endpoints(cfg: &Config) -> Vec<IpAddr> {
     v
 }
 
-/// Slots in each `AF_PACKET` transmit ring: more than a batch (`tx::TX_BUFS`), so a full
-/// batch never waits for the kernel to hand slots back.
-const RING_FRAMES: usize = 512;
-
-/// The `AF_PACKET` transmit rings (`interface.tx_path = "auto"`): for each of `queues` TX
-/// threads, one ring per interface the raw-mode endpoints are routed over now. A ring that
-/// cannot be opened is logged and left out: those packets use the raw socket.
-fn open_rings(cfg: &Config, rt: &tokio::runtime::Runtime, queues: usize) -> Vec<Vec<PacketRing>> {
+/// The `AF_PACKET` sockets (`interface.tx_path = "auto"`): one per interface the raw-mode
+/// endpoints are routed over now. One that cannot be opened is logged and left out: those
+/// packets use the raw socket.
+fn open_packet_sockets(cfg: &Config, rt: &tokio::runtime::Runtime) -> Vec<PacketSocket> {
     if cfg.interface.tx_path != crate::config::TxPath::Auto {
-        return Vec::new();
-    }
-    let mut ifaces: Vec<(u32, u32)> = Vec::new();
-    for dst in raw_endpoints(cfg) {
-        if let Some(i) = rt.block_on(crate::sys::netlink::egress_interface(
-            dst,
-            cfg.interface.local,
-        )) {
-            if !ifaces.iter().any(|(x, _)| *x == i.0) {
-                ifaces.push(i);
-            }
-        }
-    }
-    if ifaces.is_empty() {
         return Vec::new();
     }
     let ttl = read_sysctl_u8("/proc/sys/net/ipv4/ip_default_ttl", 64);
     let hop_limit = read_sysctl_u8("/proc/sys/net/ipv6/conf/default/hop_limit", 64);
-    let mut rings = Vec::new();
-    for _ in 0..queues {
-        let mut set = Vec::new();
-        for &(ifindex, mtu) in &ifaces {
-            // Room for a later MTU up to 9000 (jumbo frames) without reopening.
-            match PacketRing::open(ifindex, mtu.max(1500).min(9000), RING_FRAMES, ttl, hop_limit) {
-                Ok(r) => set.push(r),
-                Err(e) => {
-                    warn!("the AF_PACKET fast path is off for interface index {ifindex}: {e}; its packets go through the raw socket");
-                }
-            }
+    let mut v: Vec<PacketSocket> = Vec::new();
+    for dst in raw_endpoints(cfg) {
+        let Some((ifindex, _)) = rt.block_on(crate::sys::netlink::egress_interface(
+            dst,
+            cfg.interface.local,
+        )) else {
+            continue;
+        };
+        if v.iter().any(|p| p.ifindex() == ifindex) {
+            continue;
         }
-        rings.push(set);
+        match PacketSocket::open(ifindex, ttl, hop_limit) {
+            Ok(p) => v.push(p),
+            Err(e) => warn!("the AF_PACKET fast path is off for interface index {ifindex}: {e}; its packets go through the raw socket"),
+        }
     }
-    if rings.iter().all(Vec::is_empty) {
-        return Vec::new();
-    }
-    rings
+    v
 }
 
 fn read_sysctl_u8(path: &str, default: u8) -> u8 {

@@ -6,13 +6,13 @@
 use super::{probe, rx, tx};
 use crate::datapath::Inbound;
 use crate::sys::capture::Recorder;
-use crate::sys::packet_ring::{NextHops, PacketRing};
+use crate::sys::packet::{NextHops, PacketSocket};
 use crate::sys::raw::RawSocket;
 use crate::sys::tun::Tun;
 use crate::sys::udp::UdpEncapSocket;
 use crate::telemetry::{Current, EdgeStats, InboundHandoff};
 use nix::sys::eventfd::EventFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -154,10 +154,10 @@ pub(super) struct EdgeHandles {
     pub(super) handoff: Arc<InboundHandoff>,
     /// Where the RX thread hands IKE messages from the ESP-in-UDP port (ikev2 peers only).
     pub(super) natt: Option<tokio::sync::mpsc::Sender<super::ike::NattDatagram>>,
-    /// The `AF_PACKET` transmit rings of each TUN queue (empty: raw sockets only).
-    pub(super) rings: Arc<Vec<Mutex<Vec<PacketRing>>>>,
-    /// The next hops the rings may send to.
+    /// The next hops the `AF_PACKET` sockets may send to.
     pub(super) hops: Arc<arc_swap::ArcSwap<NextHops>>,
+    /// The `AF_PACKET` sockets, one per egress interface (empty: raw sockets only).
+    pub(super) packet: Arc<Vec<PacketSocket>>,
 }
 
 impl EdgeHandles {
@@ -173,8 +173,8 @@ impl EdgeHandles {
             current: &self.current,
             handoff: &self.handoff,
             natt: self.natt.as_ref(),
-            rings: self.rings.get(queue),
             hops: &self.hops,
+            packet: &self.packet,
         }
     }
 }
@@ -196,8 +196,8 @@ pub(super) struct Edges<'a> {
     pub(super) handoff: &'a InboundHandoff,
     /// IKE on the ESP-in-UDP port goes here (ikev2 peers only).
     pub(super) natt: Option<&'a tokio::sync::mpsc::Sender<super::ike::NattDatagram>>,
-    /// This queue's `AF_PACKET` transmit rings (the RX and probe threads share queue 0's).
-    pub(super) rings: Option<&'a Mutex<Vec<PacketRing>>>,
-    /// The next hops the rings may send to.
+    /// The next hops the `AF_PACKET` sockets may send to.
     pub(super) hops: &'a arc_swap::ArcSwap<NextHops>,
+    /// The `AF_PACKET` sockets.
+    pub(super) packet: &'a [PacketSocket],
 }

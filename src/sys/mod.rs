@@ -6,7 +6,7 @@ pub mod iptables;
 pub mod kstats;
 mod mmsg;
 pub mod netlink;
-pub mod packet_ring;
+pub mod packet;
 pub mod privdrop;
 pub mod raw;
 pub mod safefs;

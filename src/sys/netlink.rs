@@ -154,9 +154,11 @@ fn connect() -> Result<(rtnetlink::Handle, tokio::task::JoinHandle<()>), Netlink
 pub async fn next_hops(
     dsts: &[IpAddr],
     local: Option<IpAddr>,
-) -> Result<crate::sys::packet_ring::NextHops, NetlinkError> {
+) -> Result<crate::sys::packet::NextHops, NetlinkError> {
     use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType};
-    use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+    use rtnetlink::packet_route::neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourState,
+    };
     use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteType};
     let (handle, task) = connect()?;
     let mut hops = Vec::new();
@@ -202,7 +204,13 @@ pub async fn next_hops(
         if src.is_ipv6() != dst.is_ipv6() {
             continue;
         }
-        let Ok(Some(link)) = handle.link().get().match_index(oif).execute().try_next().await
+        let Ok(Some(link)) = handle
+            .link()
+            .get()
+            .match_index(oif)
+            .execute()
+            .try_next()
+            .await
         else {
             continue;
         };
@@ -266,7 +274,7 @@ pub async fn next_hops(
         let Some(dst_mac) = mac else {
             continue;
         };
-        hops.push(crate::sys::packet_ring::NextHop {
+        hops.push(crate::sys::packet::NextHop {
             dst,
             ifindex: oif,
             src,
@@ -276,7 +284,7 @@ pub async fn next_hops(
         });
     }
     task.abort();
-    Ok(crate::sys::packet_ring::NextHops(hops))
+    Ok(crate::sys::packet::NextHops(hops))
 }
 
 /// The interface the kernel routes `dst` over (from `local` when given), if any.
@@ -289,9 +297,17 @@ pub async fn egress_interface(dst: IpAddr, local: Option<IpAddr>) -> Option<(u32
             .destination_prefix(dst, if dst.is_ipv6() { 128 } else { 32 })
             .ok()?;
         if let Some(l) = local.filter(|l| l.is_ipv6() == dst.is_ipv6()) {
-            b = b.source_prefix(l, if l.is_ipv6() { 128 } else { 32 }).ok()?;
+            b = b
+                .source_prefix(l, if l.is_ipv6() { 128 } else { 32 })
+                .ok()?;
         }
-        let route = handle.route().get(b.build()).execute().try_next().await.ok()??;
+        let route = handle
+            .route()
+            .get(b.build())
+            .execute()
+            .try_next()
+            .await
+            .ok()??;
         let oif = route.attributes.iter().find_map(|a| match a {
             RouteAttribute::Oif(i) => Some(*i),
             _ => None,
