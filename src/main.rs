@@ -587,7 +587,7 @@ enum LabCmd {
         /// Link 2 (IPv6 only) as RATE_MBIT/RTT_MS[/LOSS_PERCENT].
         #[arg(long, default_value = "100/40")]
         link2: espip::lab::multipath::LinkSpec,
-        /// spread, failover or redundant (the aggregate and cut phases).
+        /// spread, earliest, failover or redundant (the aggregate and cut phases).
         #[arg(long, default_value = "spread")]
         scheduler: String,
         /// Seconds worth of the links' sum in the aggregate transfer.
@@ -910,7 +910,7 @@ fn real_main() -> Result<()> {
                 };
                 let scheduler =
                     espip::multipath::Scheduler::from_name(&scheduler).with_context(|| {
-                        format!("--scheduler {scheduler:?}: expected spread, failover or redundant")
+                        format!("--scheduler {scheduler:?}: expected spread, earliest, failover or redundant")
                     })?;
                 if !(0.0..=50.0).contains(&redundant_loss) {
                     bail!("--redundant-loss must be 0..50 percent");

@@ -67,3 +67,37 @@ fn failover_over_esp_protocol_50() {
         ],
     );
 }
+
+/// `earliest` over unequal links (40 Mbit/s at 10 ms and 10 Mbit/s at 40 ms), ESP as protocol
+/// 50 (the AF_PACKET fast path on both an IPv4 and an IPv6 path): the stream arrives intact,
+/// the cut moves it to link 2 and the path comes back.
+#[test]
+fn earliest_over_unequal_links_with_esp_protocol_50() {
+    let Some(_g) = serial() else { return };
+    let t = lab_scenario(&[
+        "multipath",
+        "--link1",
+        "40/10",
+        "--link2",
+        "10/40",
+        "--mode",
+        "esp",
+        "--scheduler",
+        "earliest",
+        "--seconds",
+        "4",
+        "--redundant-loss",
+        "0",
+    ]);
+    has_all(
+        &t,
+        &[
+            "[PASS] both paths up",
+            "[PASS] one TCP stream over both links",
+            "[PASS] link 1 cut 3 s into a transfer",
+            "[PASS] link 1 restored: the path comes back",
+            "[PASS] clean stop",
+            " 0 failed",
+        ],
+    );
+}

@@ -115,7 +115,7 @@ pub(super) fn paths(
             invalid(
                 k("scheduler"),
                 format!("{s:?}"),
-                "\"spread\" (each packet on one path, by measured capacity), \"failover\" (the first live path) or \"redundant\" (every packet on every live path)",
+                "\"spread\" (each packet on one path, by measured capacity), \"earliest\" (each packet on the path where it arrives first), \"failover\" (the first live path) or \"redundant\" (every packet on every live path)",
             )
         })?,
     };
@@ -170,6 +170,7 @@ pub(super) fn paths(
     };
     let name = &p.name;
     if mode == Mode::IpIp && scheduler != Scheduler::Spread {
+        // (`earliest` needs measured paths: without probes it stays on the static weights.)
         warnings.push(format!(
             "peer {name:?}: ipip has no SA to authenticate probes, so its paths are never found down; scheduler {:?} works as configured order only",
             scheduler.name()

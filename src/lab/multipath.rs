@@ -466,7 +466,9 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
         ),
     );
     let beats = match opts.scheduler {
-        crate::multipath::Scheduler::Spread => rate > best_alone,
+        crate::multipath::Scheduler::Spread | crate::multipath::Scheduler::Earliest => {
+            rate > best_alone
+        }
         _ => rate > 0.7 * best_alone,
     };
     report.notes.push(format!(
@@ -474,8 +476,12 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
         rate / sum,
         rate / best_alone.max(1e-9),
         match (opts.scheduler, beats) {
-            (crate::multipath::Scheduler::Spread, true) => "spread beat it",
-            (crate::multipath::Scheduler::Spread, false) => "spread did NOT beat it",
+            (crate::multipath::Scheduler::Spread | crate::multipath::Scheduler::Earliest, true) => {
+                "it beat it"
+            }
+            (crate::multipath::Scheduler::Spread | crate::multipath::Scheduler::Earliest, false) => {
+                "it did NOT beat it"
+            }
             (_, true) => "within 0.7 of it, as one link's worth should be",
             (_, false) => "below 0.7 of it",
         }

@@ -997,7 +997,7 @@ impl Outbound {
             p.tx_packets.fetch_add(1, Relaxed);
             p.tx_bytes.fetch_add(len, Relaxed);
         };
-        match mp.pick() {
+        match mp.pick_at(now, len as usize) {
             Pick::One(i) => {
                 count(i);
                 Verdict::Send(self.path_wire(idx, i, inner_v6))

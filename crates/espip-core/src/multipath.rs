@@ -33,6 +33,10 @@ use std::sync::Mutex;
 pub enum Scheduler {
     /// Each packet on one path, in proportion to what each path delivers.
     Spread,
+    /// Each packet on the path where it is expected to arrive first (each path modelled by
+    /// its measured capacity and delay, as MPTCP's BLEST/ECF schedulers do): for links of
+    /// unequal rate and delay.
+    Earliest,
     /// One path at a time: the first live one in the configured order.
     Failover,
     /// Every packet on every live path; the receiver keeps the first copy.
@@ -41,12 +45,18 @@ pub enum Scheduler {
 
 impl Scheduler {
     /// Every scheduler.
-    pub const ALL: [Scheduler; 3] = [Scheduler::Spread, Scheduler::Failover, Scheduler::Redundant];
+    pub const ALL: [Scheduler; 4] = [
+        Scheduler::Spread,
+        Scheduler::Earliest,
+        Scheduler::Failover,
+        Scheduler::Redundant,
+    ];
 
     /// The configuration's word for it.
     pub fn name(self) -> &'static str {
         match self {
             Scheduler::Spread => "spread",
+            Scheduler::Earliest => "earliest",
             Scheduler::Failover => "failover",
             Scheduler::Redundant => "redundant",
         }
@@ -320,7 +330,7 @@ impl Controller {
             if p.state() == PathState::Down || sent <= 0.0 {
                 continue;
             }
-            let (sent_rate, delivered_rate) = (sent / dt, delivered.min(sent) / dt);
+            let delivered_rate = delivered.min(sent) / dt;
             let srtt = p.srtt_ns.load(Relaxed);
             let min = p.min_rtt_ns.load(Relaxed);
             // A queue building up: the RTT above its minimum by half, and by 20 ms at least (both
@@ -328,6 +338,10 @@ impl Controller {
             // make the shortest path look congested).
             let queueing = min > 0 && srtt > min + (min / 2).max(20_000_000);
             let lossy = delivered < sent * (1.0 - Controller::LOSS);
+            // Any queue at all (above the minimum by an eighth and 3 ms, more than the ends'
+            // batching): the path is carrying what it can, so what it delivered is its
+            // capacity; it may grow only while its RTT stays at the minimum.
+            let full = min > 0 && srtt > min + (min / 8).max(3_000_000);
             if lossy || queueing {
                 s.capacity = if s.capacity == 0.0 {
                     delivered_rate
@@ -335,9 +349,15 @@ impl Controller {
                     // Smoothed, so one bad window does not halve a path.
                     0.5 * s.capacity + 0.5 * delivered_rate
                 };
-            } else if s.capacity == 0.0 || sent_rate >= 0.1 * s.capacity {
-                // Carrying traffic without loss or queue: it may carry more.
-                s.capacity = s.capacity.max(delivered_rate) * Controller::GROWTH;
+            } else if full {
+                s.capacity = s.capacity.min(delivered_rate.max(0.9 * s.capacity));
+            } else {
+                // Without loss or queue it may carry more than it delivered, but not without
+                // bound (a growth on the estimate itself runs away on a path whose saturation
+                // shows neither as loss nor as queue); and a path that was sent less than it
+                // can carry (the scheduler preferred another, or the sender slowed down)
+                // keeps its estimate: only loss or a queue lowers it.
+                s.capacity = s.capacity.max(delivered_rate * Controller::GROWTH);
             }
         }
     }
@@ -439,8 +459,74 @@ pub struct Multipath {
     /// When the next tick is due.
     due: AtomicU64,
     control: Mutex<Controller>,
+    /// `earliest`'s arrival model.
+    arrival: Mutex<Arrival>,
     /// The receiver's reorder stage counters.
     pub reorder: ReorderStats,
+}
+
+/// `earliest`'s per-packet choice once every live path has a measured capacity and delay: the
+/// path where the packet is expected to arrive first, as MPTCP's BLEST and ECF schedulers
+/// choose. Each path is modelled as a queue that drains at its estimated capacity behind its
+/// base one-way delay (half its smallest probe RTT); a packet's expected arrival on a path is
+/// that delay plus the time to drain what the model holds for the path, the packet included.
+///
+/// So a slower or longer path gets a packet only when the faster one's queue would make the
+/// packet arrive later than it would over the slow one: packets arrive nearly in sequence
+/// order (little for the receiver to reorder, nothing that looks like loss to TCP), and one
+/// TCP stream never gets less than its best path alone would carry, which a fixed share of
+/// a slow, long path cannot promise.
+#[derive(Debug, Default)]
+struct Arrival {
+    /// Bytes the model holds for each path at `at`.
+    backlog: Vec<f64>,
+    /// When the backlogs were last drained (the caller's clock, nanoseconds).
+    at: u64,
+}
+
+impl Arrival {
+    /// The path for a packet of `len` bytes at `now`, and count it into that path's backlog;
+    /// `None` while a live path has no measured capacity or RTT (the slot table decides then).
+    fn choose(
+        &mut self,
+        stats: &[std::sync::Arc<PathStats>],
+        now: u64,
+        len: usize,
+    ) -> Option<usize> {
+        if self.backlog.len() != stats.len() {
+            self.backlog = vec![0.0; stats.len()];
+        }
+        let dt = now.saturating_sub(self.at) as f64 / 1e9;
+        self.at = self.at.max(now);
+        let mut best: Option<(usize, f64)> = None;
+        let mut unmeasured = false;
+        for (i, p) in stats.iter().enumerate() {
+            if !p.state().usable() {
+                self.backlog[i] = 0.0;
+                continue;
+            }
+            let rate = p.capacity.load(Relaxed) as f64;
+            let min_rtt = p.min_rtt_ns.load(Relaxed);
+            if rate <= 0.0 || min_rtt == 0 {
+                unmeasured = true;
+                continue;
+            }
+            self.backlog[i] = (self.backlog[i] - rate * dt).max(0.0);
+            // The model's arrival, but never earlier than the path's measured delay: a queue
+            // the model does not know of (a capacity estimated too high) shows there.
+            let srtt = p.srtt_ns.load(Relaxed) as f64 / 2e9;
+            let arrival = (min_rtt as f64 / 2e9 + (self.backlog[i] + len as f64) / rate).max(srtt);
+            if best.map_or(true, |(_, t)| arrival < t) {
+                best = Some((i, arrival));
+            }
+        }
+        if unmeasured {
+            return None;
+        }
+        let (i, _) = best?;
+        self.backlog[i] += len as f64;
+        Some(i)
+    }
 }
 
 /// Where the schedule sends one packet.
@@ -479,6 +565,7 @@ impl Multipath {
             started: AtomicU64::new(0),
             due: AtomicU64::new(0),
             control: Mutex::new(Controller::default()),
+            arrival: Mutex::default(),
             reorder: ReorderStats::default(),
         };
         m.publish();
@@ -498,6 +585,20 @@ impl Multipath {
         }
     }
 
+    /// The path(s) for the next packet, of `len` inner bytes, at `now`: for `earliest` whose
+    /// live paths are all measured, the earliest expected arrival (see [`Arrival`]);
+    /// otherwise [`Multipath::pick`] (before the measurements, `earliest` follows the slot
+    /// table as `spread` does).
+    pub fn pick_at(&self, now: u64, len: usize) -> Pick {
+        if self.spec.scheduler == Scheduler::Earliest && self.spec.adapt {
+            let mut a = self.arrival.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = a.choose(&self.stats, now, len) {
+                return Pick::One(i);
+            }
+        }
+        self.pick()
+    }
+
     /// The index of the path whose endpoint is `src` (the first, if several share it).
     pub fn path_from(&self, src: IpAddr) -> Option<usize> {
         self.paths.iter().position(|p| p.endpoint == src)
@@ -513,7 +614,7 @@ impl Multipath {
         let weights: Vec<u32> = self.paths.iter().map(|p| p.weight).collect();
         let live: Vec<bool> = refs.iter().map(|p| p.state().usable()).collect();
         let shares = match self.spec.scheduler {
-            Scheduler::Spread => {
+            Scheduler::Spread | Scheduler::Earliest => {
                 let c = self.control.lock().unwrap_or_else(|p| p.into_inner());
                 c.shares(&refs, &weights)
             }
@@ -601,7 +702,8 @@ impl Multipath {
                 }
             }
         }
-        if self.spec.scheduler == Scheduler::Spread && self.spec.adapt {
+        if matches!(self.spec.scheduler, Scheduler::Spread | Scheduler::Earliest) && self.spec.adapt
+        {
             let refs = self.refs();
             let max_rtt = refs
                 .iter()
@@ -1190,6 +1292,48 @@ mod tests {
         assert!((48..=55).contains(&s0), "share of the 100 path: {s0}/64");
         let c = counts(&m, 6400);
         assert!(c[1] > 800 && c[1] < 1800, "{c:?}");
+    }
+
+    #[test]
+    fn earliest_sends_each_packet_where_it_arrives_first() {
+        let m = mp(Scheduler::Earliest, 2);
+        // 100 Mbit/s at 10 ms RTT and 25 Mbit/s at 40 ms, both measured.
+        for (i, (cap, rtt)) in [(100e6 / 8.0, 10 * MS), (25e6 / 8.0, 40 * MS)]
+            .into_iter()
+            .enumerate()
+        {
+            m.stats[i].set_state(PathState::Up);
+            m.stats[i].capacity.store(cap as u64, Relaxed);
+            m.stats[i].min_rtt_ns.store(rtt, Relaxed);
+        }
+        let run = |mbit: f64, packets: usize, now: &mut u64| {
+            let gap = (1250.0 * 8.0 / (mbit * 1e6) * 1e9) as u64;
+            let mut c = [0usize; 2];
+            for _ in 0..packets {
+                match m.pick_at(*now, 1250) {
+                    Pick::One(i) => c[i] += 1,
+                    Pick::Every(_) => panic!("spread sends each packet once"),
+                }
+                *now += gap;
+            }
+            c
+        };
+        let mut now = MS;
+        // 50 Mbit/s: the fast path alone delivers every packet sooner; the slow one gets none.
+        let c = run(50.0, 20_000, &mut now);
+        assert_eq!(c[1], 0, "{c:?}");
+        // 90 Mbit/s, under the fast path's capacity: still none.
+        let c = run(90.0, 20_000, &mut now);
+        assert_eq!(c[1], 0, "{c:?}");
+        // 200 Mbit/s, more than both: the slow path takes what arrives sooner over it, which
+        // tends to its share of the capacity (a fifth).
+        let c = run(200.0, 200_000, &mut now);
+        let slow = c[1] as f64 / (c[0] + c[1]) as f64;
+        assert!((0.17..0.21).contains(&slow), "{c:?}: {slow}");
+        // A live path without a measured capacity: the slot table (static weights) decides.
+        m.stats[1].capacity.store(0, Relaxed);
+        let c = run(50.0, 6400, &mut now);
+        assert!(c[1] > 2000, "{c:?}");
     }
 
     #[test]
