@@ -45,6 +45,8 @@ WG_UPSTREAM_VERSION = "0.0.20250522"
 ESPIP_EXE = [os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                           "target/release/espip")]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# --tx-path: interface.tx_path of the espip daemons ("auto": AF_PACKET for esp and ipip).
+ESPIP_TX_PATH = ["auto"]
 # --tx-threads: interface.tx_threads of the espip daemons (1: one TX thread, one TUN queue).
 ESPIP_TX_THREADS = [1]
 # Filled in main(): binaries of the references that do not come from Debian.
@@ -156,6 +158,8 @@ def setup_espip(mode, cipher=None):
             path = os.path.join(work, f"espip-{'a' if me_a else 'b'}.toml")
             with open(path, "w") as f:
                 text = espip_config(me_a, mode, cipher, keys, work)
+                if ESPIP_TX_PATH[0] != "auto":
+                    text = text.replace("[interface]\n", f'[interface]\ntx_path = "{ESPIP_TX_PATH[0]}"\n', 1)
                 if ESPIP_TX_THREADS[0] > 1:
                     text = text.replace("[interface]\n", f"[interface]\ntx_threads = {ESPIP_TX_THREADS[0]}\n", 1)
                 f.write(text)
@@ -511,6 +515,8 @@ def main():
     ap.add_argument("--exe", help="the espip binary to measure (default: target/release/espip, built first)")
     ap.add_argument("--tx-threads", type=int, default=1,
                     help="interface.tx_threads of espip (TX threads and TUN queues; default 1)")
+    ap.add_argument("--tx-path", default="auto", choices=["auto", "raw"],
+                    help="interface.tx_path of espip: auto (AF_PACKET for esp and ipip, the default) or raw")
     ap.add_argument("--wireguard-go-upstream", help="upstream wireguard-go binary (default: "
                     f"../shared/anchors/wireguard-go-{WG_UPSTREAM_VERSION} next to the repository)")
     args = ap.parse_args()
@@ -520,6 +526,7 @@ def main():
         sys.exit("bench: --repeat and --seconds must be at least 1")
     ensure_packages()
     ESPIP_TX_THREADS[0] = args.tx_threads
+    ESPIP_TX_PATH[0] = args.tx_path
     if args.exe:
         ESPIP_EXE[0] = os.path.abspath(args.exe)
     elif not args.no_build:
@@ -533,7 +540,8 @@ def main():
     meta = (f"commit {commit}{' (modified)' if dirty else ''}, {time.strftime('%Y-%m-%d')}, "
             f"{os.cpu_count()} x {cpu.group(1) if cpu else 'unknown CPU'}, kernel {os.uname().release}; "
             f"{args.seconds} s per run, median of {args.repeat}"
-            f"{f'; espip tx_threads = {args.tx_threads}' if args.tx_threads > 1 else ''}")
+            f"{f'; espip tx_threads = {args.tx_threads}' if args.tx_threads > 1 else ''}"
+            f"{f'; espip tx_path = {args.tx_path}' if args.tx_path != 'auto' else ''}")
     results = []
     work = tempfile.mkdtemp(prefix="espip-bench-")
     # Root's own directory: espip keeps its state (root's) in here and refuses parents others

@@ -175,6 +175,8 @@ pub struct PathStats {
     pub srtt_ns: AtomicU64,
     /// Smallest probe RTT seen, nanoseconds (0: none measured).
     pub min_rtt_ns: AtomicU64,
+    /// The newest probe RTT, nanoseconds (0: none measured).
+    pub last_rtt_ns: AtomicU64,
     /// Time of the last echo (the caller's clock, nanoseconds; 0: never).
     pub last_echo: AtomicU64,
     /// Probes sent on the path.
@@ -230,6 +232,7 @@ impl PathStats {
         // RFC 6298's smoothing (alpha = 1/8).
         let next = if srtt == 0 { rtt } else { (srtt * 7 + rtt) / 8 };
         self.srtt_ns.store(next, Relaxed);
+        self.last_rtt_ns.store(rtt, Relaxed);
         let min = self.min_rtt_ns.load(Relaxed);
         if min == 0 || rtt < min {
             self.min_rtt_ns.store(rtt, Relaxed);
@@ -490,6 +493,7 @@ impl Arrival {
     fn choose(
         &mut self,
         stats: &[std::sync::Arc<PathStats>],
+        probe_interval: u64,
         now: u64,
         len: usize,
     ) -> Option<usize> {
@@ -512,10 +516,18 @@ impl Arrival {
                 continue;
             }
             self.backlog[i] = (self.backlog[i] - rate * dt).max(0.0);
-            // The model's arrival, but never earlier than the path's measured delay: a queue
-            // the model does not know of (a capacity estimated too high) shows there.
-            let srtt = p.srtt_ns.load(Relaxed) as f64 / 2e9;
-            let arrival = (min_rtt as f64 / 2e9 + (self.backlog[i] + len as f64) / rate).max(srtt);
+            // The model's arrival, but never earlier than the path's newest measured delay: a
+            // queue the model does not know of (a capacity estimated too high) shows there
+            // within a probe interval.
+            // A path silent for longer than a probe interval and a half (its echoes stopped:
+            // cut, or a queue far beyond the model) counts that silence as delay, so traffic
+            // leaves it before it is found down.
+            let silence = now
+                .saturating_sub(p.last_echo.load(Relaxed))
+                .saturating_sub(probe_interval + probe_interval / 2);
+            let newest = p.last_rtt_ns.load(Relaxed) as f64 / 2e9 + silence as f64 / 1e9;
+            let arrival =
+                (min_rtt as f64 / 2e9 + (self.backlog[i] + len as f64) / rate).max(newest);
             if best.map_or(true, |(_, t)| arrival < t) {
                 best = Some((i, arrival));
             }
@@ -592,7 +604,12 @@ impl Multipath {
     pub fn pick_at(&self, now: u64, len: usize) -> Pick {
         if self.spec.scheduler == Scheduler::Earliest && self.spec.adapt {
             let mut a = self.arrival.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(i) = a.choose(&self.stats, now, len) {
+            if let Some(i) = a.choose(
+                &self.stats,
+                u64::from(self.spec.probe_interval_ms) * 1_000_000,
+                now,
+                len,
+            ) {
                 return Pick::One(i);
             }
         }
@@ -1306,10 +1323,16 @@ mod tests {
             m.stats[i].capacity.store(cap as u64, Relaxed);
             m.stats[i].min_rtt_ns.store(rtt, Relaxed);
         }
-        let run = |mbit: f64, packets: usize, now: &mut u64| {
+        // Echoes come back on `echoing` paths (each packet's time stands for a fresh echo).
+        let run_echoing = |mbit: f64, packets: usize, now: &mut u64, echoing: [bool; 2]| {
             let gap = (1250.0 * 8.0 / (mbit * 1e6) * 1e9) as u64;
             let mut c = [0usize; 2];
             for _ in 0..packets {
+                for (i, e) in echoing.iter().enumerate() {
+                    if *e {
+                        m.stats[i].last_echo.store(*now, Relaxed);
+                    }
+                }
                 match m.pick_at(*now, 1250) {
                     Pick::One(i) => c[i] += 1,
                     Pick::Every(_) => panic!("spread sends each packet once"),
@@ -1318,6 +1341,7 @@ mod tests {
             }
             c
         };
+        let run = |mbit, packets, now: &mut u64| run_echoing(mbit, packets, now, [true; 2]);
         let mut now = MS;
         // 50 Mbit/s: the fast path alone delivers every packet sooner; the slow one gets none.
         let c = run(50.0, 20_000, &mut now);
@@ -1325,6 +1349,20 @@ mod tests {
         // 90 Mbit/s, under the fast path's capacity: still none.
         let c = run(90.0, 20_000, &mut now);
         assert_eq!(c[1], 0, "{c:?}");
+        // The fast path falls silent (its echoes stop; not yet found down): within a probe
+        // interval and a half, plus the 15 ms its delay advantage is worth (and a 5 ms chunk of
+        // this loop), the packets leave it.
+        let cut = now;
+        let mut moved = None;
+        for _ in 0..400 {
+            let c = run_echoing(50.0, 25, &mut now, [false, true]);
+            if c[0] == 0 && moved.is_none() {
+                moved = Some(now - cut);
+            }
+        }
+        let moved = moved.expect("traffic left the silent path");
+        assert!(moved <= 185 * MS, "left after {} ms", moved / MS);
+        m.stats[0].last_echo.store(now, Relaxed);
         // 200 Mbit/s, more than both: the slow path takes what arrives sooner over it, which
         // tends to its share of the capacity (a fifth).
         let c = run(200.0, 200_000, &mut now);
