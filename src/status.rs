@@ -419,6 +419,13 @@ impl Status {
                     get("udp_gro_in")
                 );
             }
+            if get("af_packet_out") > 0 {
+                let _ = writeln!(
+                    s,
+                    "fast path: {} outer packets sent through AF_PACKET (interface.tx_path)",
+                    get("af_packet_out")
+                );
+            }
         }
         for k in &self.ike {
             let _ = writeln!(

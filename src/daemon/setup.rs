@@ -288,7 +288,7 @@ fn open_packet_sockets(cfg: &Config, rt: &tokio::runtime::Runtime) -> Vec<Packet
     let hop_limit = read_sysctl_u8("/proc/sys/net/ipv6/conf/default/hop_limit", 64);
     let mut v: Vec<PacketSocket> = Vec::new();
     for dst in raw_endpoints(cfg) {
-        let Some((ifindex, _)) = rt.block_on(crate::sys::netlink::egress_interface(
+        let Some(ifindex) = rt.block_on(crate::sys::netlink::egress_interface(
             dst,
             cfg.interface.local,
         )) else {

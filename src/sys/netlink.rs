@@ -164,21 +164,7 @@ pub async fn next_hops(
     let mut hops = Vec::new();
     let mut neighbours = None;
     for &dst in dsts {
-        let mut b = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(dst, if dst.is_ipv6() { 128 } else { 32 })
-            .map_err(|e| NetlinkError {
-                what: format!("route to {dst}"),
-                why: e.to_string(),
-            })?;
-        if let Some(l) = local.filter(|l| l.is_ipv6() == dst.is_ipv6()) {
-            b = b
-                .source_prefix(l, if l.is_ipv6() { 128 } else { 32 })
-                .map_err(|e| NetlinkError {
-                    what: format!("route to {dst} from {l}"),
-                    why: e.to_string(),
-                })?;
-        }
-        let Ok(Some(route)) = handle.route().get(b.build()).execute().try_next().await else {
+        let Some(route) = route_to(&handle, dst, local).await else {
             continue;
         };
         if route.header.kind != RouteType::Unicast {
@@ -288,45 +274,37 @@ pub async fn next_hops(
 }
 
 /// The interface the kernel routes `dst` over (from `local` when given), if any.
-pub async fn egress_interface(dst: IpAddr, local: Option<IpAddr>) -> Option<(u32, u32)> {
-    use rtnetlink::packet_route::link::LinkAttribute;
+pub async fn egress_interface(dst: IpAddr, local: Option<IpAddr>) -> Option<u32> {
     use rtnetlink::packet_route::route::RouteAttribute;
     let (handle, task) = connect().ok()?;
-    let result = async {
-        let mut b = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(dst, if dst.is_ipv6() { 128 } else { 32 })
-            .ok()?;
-        if let Some(l) = local.filter(|l| l.is_ipv6() == dst.is_ipv6()) {
-            b = b
-                .source_prefix(l, if l.is_ipv6() { 128 } else { 32 })
-                .ok()?;
-        }
-        let route = handle
-            .route()
-            .get(b.build())
-            .execute()
-            .try_next()
-            .await
-            .ok()??;
-        let oif = route.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        })?;
-        let link = handle
-            .link()
-            .get()
-            .match_index(oif)
-            .execute()
-            .try_next()
-            .await
-            .ok()??;
-        let mtu = link.attributes.iter().find_map(|a| match a {
-            LinkAttribute::Mtu(m) => Some(*m),
-            _ => None,
-        })?;
-        Some((oif, mtu))
-    }
-    .await;
+    let route = route_to(&handle, dst, local).await;
     task.abort();
-    result
+    route?.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
+/// The kernel's route to `dst` (from `local` when given): `ip route get`, policy rules
+/// included. `None` when there is none or the request fails.
+async fn route_to(
+    handle: &rtnetlink::Handle,
+    dst: IpAddr,
+    local: Option<IpAddr>,
+) -> Option<rtnetlink::packet_route::route::RouteMessage> {
+    let host = |a: IpAddr| if a.is_ipv6() { 128 } else { 32 };
+    let mut b = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(dst, host(dst))
+        .ok()?;
+    if let Some(l) = local.filter(|l| l.is_ipv6() == dst.is_ipv6()) {
+        b = b.source_prefix(l, host(l)).ok()?;
+    }
+    handle
+        .route()
+        .get(b.build())
+        .execute()
+        .try_next()
+        .await
+        .ok()
+        .flatten()
 }
