@@ -115,17 +115,7 @@ pub(super) fn send_verdicts(
                     continue;
                 }
                 fast_sent += n;
-                match p.send_batch(mine) {
-                    Ok(sent) => {
-                        e.edge
-                            .send_errors
-                            .fetch_add((n - sent.min(n)) as u64, Relaxed);
-                    }
-                    Err(err) => {
-                        e.edge.send_errors.fetch_add(n as u64, Relaxed);
-                        last_err = Some(err);
-                    }
-                }
+                count_sent(e, n, p.send_batch(mine), &mut last_err);
             }
         }
         let fast = |pkt: &[u8], dst| {
@@ -133,18 +123,7 @@ pub(super) fn send_verdicts(
                 .is_some_and(|h| e.packet.iter().any(|p| p.takes(h, pkt.len())))
         };
         let result = s.send_batch(pending().filter(|&(pkt, dst)| !fast(pkt, dst)));
-        let rest = want - fast_sent;
-        match result {
-            Ok(sent) => {
-                e.edge
-                    .send_errors
-                    .fetch_add((rest - sent.min(rest)) as u64, Relaxed);
-            }
-            Err(err) => {
-                e.edge.send_errors.fetch_add(rest as u64, Relaxed);
-                last_err = Some(err);
-            }
-        }
+        count_sent(e, want - fast_sent, result, &mut last_err);
         e.edge.af_packet_sends.fetch_add(fast_sent as u64, Relaxed);
     }
     for u in e.udp {
@@ -179,4 +158,20 @@ pub(super) fn send_verdicts(
         }
     }
     last_err
+}
+
+/// Count what a socket refused of the `want` packets it was given (`result`: how many it
+/// took, or the error when it took none).
+fn count_sent(e: &Edges, want: usize, result: io::Result<usize>, last_err: &mut Option<io::Error>) {
+    match result {
+        Ok(sent) => {
+            e.edge
+                .send_errors
+                .fetch_add((want - sent.min(want)) as u64, Relaxed);
+        }
+        Err(err) => {
+            e.edge.send_errors.fetch_add(want as u64, Relaxed);
+            *last_err = Some(err);
+        }
+    }
 }
