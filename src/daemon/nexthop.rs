@@ -40,7 +40,7 @@ pub(super) async fn refresh(hops: Arc<ArcSwap<NextHops>>, current: Arc<Current>)
         for d in &dsts {
             match (old.get(*d), new.get(*d)) {
                 (None, Some(h)) => info!(
-                    "fast path: outer packets to {d} go through the AF_PACKET ring (interface index {}, next hop {})",
+                    "fast path: outer packets to {d} go through the AF_PACKET socket (interface index {}, next hop {})",
                     h.ifindex,
                     mac(&h.dst_mac)
                 ),
