@@ -1036,6 +1036,7 @@ fn path_status(m: &crate::multipath::Multipath) -> crate::status::MultipathStatu
                     min_rtt_ms: ms(s.min_rtt_ns.load(Relaxed)),
                     probes_sent: s.probes_sent.load(Relaxed),
                     echoes: s.echoes.load(Relaxed),
+                    quiet_count: s.quiet_count.load(Relaxed),
                     share: f64::from(s.share.load(Relaxed)) / SLOTS as f64,
                     capacity_bps: s.capacity.load(Relaxed) as f64 * 8.0,
                     tx_packets: s.tx_packets.load(Relaxed),

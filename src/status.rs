@@ -162,7 +162,7 @@ pub struct PathStatus {
     pub name: String,
     /// Outer destination (with the UDP port for ESP in UDP).
     pub endpoint: String,
-    /// `up`, `down` or `unknown` (no echo yet).
+    /// `up`, `quiet` (late, not scheduled, not down yet), `down` or `unknown` (no echo yet).
     pub state: String,
     /// Smoothed probe RTT, milliseconds (`None`: none measured).
     pub rtt_ms: Option<f64>,
@@ -172,6 +172,10 @@ pub struct PathStatus {
     pub probes_sent: u64,
     /// Echoes received.
     pub echoes: u64,
+    /// Times the path went quiet (late by a probe interval and a half while another path
+    /// answered).
+    #[serde(default)]
+    pub quiet_count: u64,
     /// Share of the schedule, 0..1 (redundant: 1 for every live path).
     pub share: f64,
     /// What the path is estimated to deliver, bits per second (`spread`; 0: not yet known).
@@ -349,7 +353,7 @@ impl Status {
                     let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} ms"));
                     let _ = writeln!(
                         s,
-                        "  path {}: {}  {}  rtt {} (min {})  share {:.0}%  probes {}/{}  sent {} ({} packets)  received {} ({} packets)",
+                        "  path {}: {}  {}  rtt {} (min {})  share {:.0}%  probes {}/{}  quiet {}x  sent {} ({} packets)  received {} ({} packets)",
                         x.name,
                         x.endpoint,
                         x.state,
@@ -358,6 +362,7 @@ impl Status {
                         x.share * 100.0,
                         x.echoes,
                         x.probes_sent,
+                        x.quiet_count,
                         bytes(x.tx_bytes),
                         x.tx_packets,
                         bytes(x.rx_bytes),
@@ -748,7 +753,7 @@ impl Status {
     /// The per-path families of multipath peers.
     fn path_metrics(&self, m: &mut Metrics) {
         type Field = fn(&PathStatus) -> Option<f64>;
-        let families: [(&str, &str, &str, Field); 8] = [
+        let families: [(&str, &str, &str, Field); 9] = [
             (
                 "espip_path_up",
                 "gauge",
@@ -784,6 +789,12 @@ impl Status {
                 "counter",
                 "Echoes received for the path's probes.",
                 |x| Some(x.echoes as f64),
+            ),
+            (
+                "espip_path_quiet_total",
+                "counter",
+                "Times the path went quiet: late by a probe interval and a half while another path answered, so left out of the schedule before it is found down.",
+                |x| Some(x.quiet_count as f64),
             ),
             (
                 "espip_path_tx_bytes_total",

@@ -493,11 +493,13 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
                 m.paths
                     .iter()
                     .map(|p| format!(
-                        "{} share {:.0}% sent {:.1} MB rtt {:.1} ms",
+                        "{} share {:.0}% sent {:.1} MB rtt {:.1} ms, estimate {:.0} Mbit/s, quiet {}x",
                         p.name,
                         p.share * 100.0,
                         p.tx_bytes as f64 / 1e6,
-                        p.rtt_ms.unwrap_or(0.0)
+                        p.rtt_ms.unwrap_or(0.0),
+                        p.capacity_bps / 1e6,
+                        p.quiet_count
                     ))
                     .collect::<Vec<_>>()
                     .join("; ")

@@ -1375,6 +1375,10 @@ impl Inbound {
     /// Steps 2-4 of an authenticated packet: probes, the inner packet's checks, NAT, counters.
     fn deliver(&mut self, buf: &mut PacketBuf, a: &Arrival, next_header: u8, now: u64) -> Verdict {
         let (idx, path) = (a.idx, a.path);
+        if let (Some(mp), Some(i)) = (&self.peers[idx].mp, path) {
+            // The path works on the way back (the quiet rule's second witness).
+            mp.shared.stats[i].heard.store(now, Relaxed);
+        }
         let want_v4 = match next_header {
             NEXT_HEADER_IPV4 => true,
             NEXT_HEADER_IPV6 => false,

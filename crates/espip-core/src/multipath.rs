@@ -140,6 +140,12 @@ pub enum PathState {
     Up = 1,
     /// No echo for `dead_after` probe intervals: not used until an echo arrives.
     Down = 2,
+    /// No echo and nothing else from the path for more than a probe interval and a half,
+    /// while another path answers: not scheduled (a cut link loses what `spread` or `failover` send it until it is found
+    /// down, and that loss is what stalls a TCP stream), but not down yet: `redundant` still
+    /// copies to it, the reorder stage still waits for it, the log says nothing. The next
+    /// echo makes it up again.
+    Quiet = 3,
 }
 
 impl PathState {
@@ -149,6 +155,7 @@ impl PathState {
             PathState::Unknown => "unknown",
             PathState::Up => "up",
             PathState::Down => "down",
+            PathState::Quiet => "quiet",
         }
     }
 
@@ -156,12 +163,18 @@ impl PathState {
         match v {
             1 => PathState::Up,
             2 => PathState::Down,
+            3 => PathState::Quiet,
             _ => PathState::Unknown,
         }
     }
 
     fn usable(self) -> bool {
         self != PathState::Down
+    }
+
+    /// Given packets of its own by `spread`, `earliest` and `failover`.
+    fn scheduled(self) -> bool {
+        matches!(self, PathState::Unknown | PathState::Up)
     }
 }
 
@@ -179,10 +192,15 @@ pub struct PathStats {
     pub last_rtt_ns: AtomicU64,
     /// Time of the last echo (the caller's clock, nanoseconds; 0: never).
     pub last_echo: AtomicU64,
+    /// Time the last authenticated packet of any kind (data, probe, echo) came from the
+    /// path's endpoint (0: never).
+    pub heard: AtomicU64,
     /// Probes sent on the path.
     pub probes_sent: AtomicU64,
     /// Echoes received for them.
     pub echoes: AtomicU64,
+    /// Times the path went quiet (see [`PathState::Quiet`]).
+    pub quiet_count: AtomicU64,
     /// Packets sent on the path (copies of `redundant` included; probes not).
     pub tx_packets: AtomicU64,
     /// Inner bytes sent on the path.
@@ -369,7 +387,7 @@ impl Controller {
     /// static weights while any live path has none), at least one slot each; down paths none.
     /// `None` when no path is live.
     pub fn shares(&self, paths: &[&PathStats], weights: &[u32]) -> Option<Vec<u32>> {
-        let live: Vec<bool> = paths.iter().map(|p| p.state().usable()).collect();
+        let live: Vec<bool> = paths.iter().map(|p| p.state().scheduled()).collect();
         if !live.contains(&true) {
             return None;
         }
@@ -505,7 +523,7 @@ impl Arrival {
         let mut best: Option<(usize, f64)> = None;
         let mut unmeasured = false;
         for (i, p) in stats.iter().enumerate() {
-            if !p.state().usable() {
+            if !p.state().scheduled() {
                 self.backlog[i] = 0.0;
                 continue;
             }
@@ -629,7 +647,7 @@ impl Multipath {
     fn publish(&self) {
         let refs = self.refs();
         let weights: Vec<u32> = self.paths.iter().map(|p| p.weight).collect();
-        let live: Vec<bool> = refs.iter().map(|p| p.state().usable()).collect();
+        let live: Vec<bool> = refs.iter().map(|p| p.state().scheduled()).collect();
         let shares = match self.spec.scheduler {
             Scheduler::Spread | Scheduler::Earliest => {
                 let c = self.control.lock().unwrap_or_else(|p| p.into_inner());
@@ -656,8 +674,10 @@ impl Multipath {
             }
             w.store(v, Relaxed);
         }
+        // `redundant` copies to every path not found down, quiet ones included.
+        let usable: Vec<bool> = refs.iter().map(|p| p.state().usable()).collect();
         let mut mask = 0u32;
-        for (i, l) in live.iter().enumerate() {
+        for (i, l) in usable.iter().enumerate() {
             if *l {
                 mask |= 1 << i;
             }
@@ -674,7 +694,7 @@ impl Multipath {
             p.share.store(*s, Relaxed);
         }
         if self.spec.scheduler == Scheduler::Redundant {
-            for (p, l) in refs.iter().zip(&live) {
+            for (p, l) in refs.iter().zip(&usable) {
                 p.share.store(if *l { SLOTS as u32 } else { 0 }, Relaxed);
             }
         }
@@ -686,6 +706,11 @@ impl Multipath {
     pub fn tick(&self, now: u64) -> (Vec<PathEvent>, Vec<(usize, Probe)>) {
         let interval = u64::from(self.spec.probe_interval_ms) * 1_000_000;
         if now < self.due.load(Relaxed) {
+            // Between probes only the quiet rule runs, so a cut link stops getting traffic
+            // within a fraction of an interval of the moment it is late.
+            if self.quieten(now, interval) {
+                self.publish();
+            }
             return (Vec::new(), Vec::new());
         }
         // Due again one interval later (a late tick does not make the next one early).
@@ -705,13 +730,17 @@ impl Multipath {
             let heard = if last == 0 { started } else { last };
             let alive = now.saturating_sub(heard) <= dead + interval / 2;
             let next = match (p.state(), alive, last) {
+                // Quiet stays quiet until an echo (`quieten` decides, below).
+                (PathState::Quiet, true, _) => PathState::Quiet,
                 (_, true, 0) => PathState::Unknown,
                 (_, true, _) => PathState::Up,
                 (_, false, _) => PathState::Down,
             };
             if next != p.state() {
+                let was_quiet = p.state() == PathState::Quiet;
                 p.set_state(next);
-                if next != PathState::Unknown {
+                // Quiet is not news for the log; down after quiet is.
+                if next != PathState::Unknown && !(was_quiet && next == PathState::Up) {
                     events.push(PathEvent {
                         path: i,
                         state: next,
@@ -719,6 +748,7 @@ impl Multipath {
                 }
             }
         }
+        self.quieten(now, interval);
         if matches!(self.spec.scheduler, Scheduler::Spread | Scheduler::Earliest) && self.spec.adapt
         {
             let refs = self.refs();
@@ -758,6 +788,61 @@ impl Multipath {
             })
             .collect();
         (events, probes)
+    }
+
+    /// The quiet rule at `now`: a path not down whose last echo (or the start, before the
+    /// first) is more than a probe interval and a half old, and from which nothing else came
+    /// in that time either, while another path's echoes are on time, becomes
+    /// [`PathState::Quiet`]; a quiet path heard again within that time is up again. When
+    /// every path is late it is the peer that is silent, not a path: none is quiet.
+    ///
+    /// Why both: a late echo alone is also what a queue building up on the way out looks
+    /// like (measured: the lab's 40 ms link went quiet under a TCP stream's slow start, which
+    /// took its traffic away and halved the stream); the peer's own probes and traffic on the
+    /// way back still arrive then, and stop only when the link is gone. Returns whether a
+    /// state changed.
+    fn quieten(&self, now: u64, interval: u64) -> bool {
+        let late_after = interval + interval / 2;
+        let started = self.started.load(Relaxed);
+        if started == 0 {
+            return false;
+        }
+        let ago = |t: u64| now.saturating_sub(if t == 0 { started } else { t });
+        let late: Vec<bool> = self
+            .stats
+            .iter()
+            .map(|p| ago(p.last_echo.load(Relaxed)) > late_after)
+            .collect();
+        let silent: Vec<bool> = self
+            .stats
+            .iter()
+            .zip(&late)
+            .map(|(p, l)| *l && ago(p.heard.load(Relaxed)) > late_after)
+            .collect();
+        let heard = self
+            .stats
+            .iter()
+            .zip(&late)
+            .any(|(p, l)| !*l && p.state().scheduled());
+        let mut changed = false;
+        for ((p, l), s) in self.stats.iter().zip(&late).zip(&silent) {
+            let next = match p.state() {
+                PathState::Up | PathState::Unknown if *s && heard => PathState::Quiet,
+                PathState::Quiet if !*l || !heard => match p.last_echo.load(Relaxed) {
+                    0 => PathState::Unknown,
+                    _ => PathState::Up,
+                },
+                same => same,
+            };
+            if next != p.state() {
+                if next == PathState::Quiet {
+                    p.quiet_count.fetch_add(1, Relaxed);
+                }
+                p.set_state(next);
+                changed = true;
+            }
+        }
+        changed
     }
 
     /// An authenticated echo arrived at `now`: credit the path it names.
@@ -1429,6 +1514,80 @@ mod tests {
             let again = counts(&m, 640)[1];
             assert_eq!(again > 0, s != Scheduler::Failover, "{s:?}: {again}");
         }
+    }
+
+    #[test]
+    fn a_late_path_leaves_the_schedule_before_it_is_found_down() {
+        for s in Scheduler::ALL {
+            let m = mp(s, 2);
+            let step = 25 * MS;
+            let mut now = MS;
+            // Both paths answer for a second; the probe thread ticks four times an interval.
+            while now < 1000 * MS {
+                let (_, probes) = m.tick(now);
+                answer(&m, &probes, now + MS, &[0, 0]);
+                now += step;
+            }
+            assert_eq!(m.stats[1].state(), PathState::Up, "{s:?}");
+            assert_eq!(m.stats[1].quiet_count.load(Relaxed), 0, "{s:?}: never late");
+            // Path 1 falls silent; path 0 goes on answering.
+            let cut = now;
+            let mut quiet_at = None;
+            let mut events = Vec::new();
+            while now < cut + 200 * MS {
+                let (ev, probes) = m.tick(now);
+                events.extend(ev);
+                let heard: Vec<_> = probes.into_iter().filter(|(i, _)| *i == 0).collect();
+                answer(&m, &heard, now + MS, &[0, 0]);
+                if quiet_at.is_none() && m.stats[1].state() == PathState::Quiet {
+                    quiet_at = Some(now);
+                }
+                now += step;
+            }
+            let took = quiet_at.expect("path 1 quiet") - cut;
+            // Its last echo was at most an interval before the cut; late after an interval
+            // and a half; seen at the next quarter-interval tick.
+            assert!(took <= 175 * MS, "{s:?}: quiet after {} ms", took / MS);
+            assert!(events.is_empty(), "{s:?}: quiet is not logged: {events:?}");
+            assert_eq!(m.stats[1].quiet_count.load(Relaxed), 1);
+            let c = counts(&m, 640);
+            match s {
+                // A copy still goes to a path that is not down.
+                Scheduler::Redundant => assert_eq!(c, vec![640, 640]),
+                _ => assert_eq!(c, vec![640, 0], "{s:?}"),
+            }
+            // It answers again: up at once, used again, still no event.
+            let (ev, probes) = m.tick(now);
+            answer(&m, &probes, now + MS, &[0, 0]);
+            let (ev2, _) = m.tick(now + step);
+            assert!(ev.is_empty() && ev2.is_empty(), "{s:?}: {ev:?} {ev2:?}");
+            assert_eq!(m.stats[1].state(), PathState::Up, "{s:?}");
+            assert_eq!(counts(&m, 640)[1] > 0, s != Scheduler::Failover, "{s:?}");
+        }
+        // Echoes late, but the path's way back still carries the peer's packets (a queue on
+        // the way out, not a cut): not quiet.
+        let m = mp(Scheduler::Spread, 2);
+        let mut now = MS;
+        while now < 1300 * MS {
+            let (_, probes) = m.tick(now);
+            let n = if now < 1000 * MS { 2 } else { 1 };
+            let heard: Vec<_> = probes.into_iter().filter(|(i, _)| *i < n).collect();
+            answer(&m, &heard, now + MS, &[0, 0]);
+            m.stats[1].heard.store(now, Relaxed);
+            now += 25 * MS;
+        }
+        // (Found down at 300-350 ms without echoes, as any path.)
+        assert_eq!(m.stats[1].state(), PathState::Up);
+        assert_eq!(m.stats[1].quiet_count.load(Relaxed), 0);
+        // Every path late: the peer is silent, not a path; none is quiet.
+        let m = mp(Scheduler::Spread, 2);
+        let (_, probes) = m.tick(MS);
+        answer(&m, &probes, 2 * MS, &[0, 0]);
+        for k in 1..12 {
+            m.tick(MS + k * 25 * MS);
+        }
+        assert_eq!(m.stats[0].state(), PathState::Up);
+        assert_eq!(m.stats[1].state(), PathState::Up);
     }
 
     #[test]
