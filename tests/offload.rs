@@ -27,13 +27,15 @@ fn tso_and_uso_packets_from_the_tun_are_segmented_and_gro_coalesces() {
     let Some(_g) = serial() else { return };
     let pair = full_pair("uso", Cipher::Aes128Gcm, "");
     // B counts the datagrams it receives; A sends 5 x 12000 bytes with UDP_SEGMENT = 1200, so
-    // its kernel hands the TUN five 12 KB UDP packets (USO) that espip must cut into 50.
+    // its kernel hands the TUN five 12 KB UDP packets (USO) that espip must cut into 50. B's
+    // espip receives them in trains and writes each train to its TUN as one UDP GSO packet
+    // (UDP GRO), which B's kernel cuts again: the same 50 datagrams, in order, byte for byte.
     let recv = pair
         .b
         .command("/usr/bin/python3")
         .args([
             "-c",
-            "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('10.4.2.5', 5555))\ns.settimeout(3)\nsizes = []\ntry:\n    while len(sizes) < 50:\n        sizes.append(len(s.recv(65535)))\nexcept socket.timeout:\n    pass\nprint(len(sizes), sorted(set(sizes)))",
+            "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('10.4.2.5', 5555))\ns.settimeout(3)\nsizes = []\nimport hashlib\nh = hashlib.sha256()\ntry:\n    while len(sizes) < 50:\n        d = s.recv(65535)\n        sizes.append(len(d))\n        h.update(d)\nexcept socket.timeout:\n    pass\nprint(len(sizes), sorted(set(sizes)), h.hexdigest())",
         ])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -41,17 +43,26 @@ fn tso_and_uso_packets_from_the_tun_are_segmented_and_gro_coalesces() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let sent = netns::run(pair.a.command("/usr/bin/python3").args([
         "-c",
-        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.setsockopt(17, 103, 1200)\nfor i in range(5):\n    s.sendto(bytes(12000), ('10.4.2.5', 5555))\nprint('sent')",
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.setsockopt(17, 103, 1200)\nimport hashlib\nh = hashlib.sha256()\nfor i in range(5):\n    d = b''.join(bytes([i * 10 + k]) * 1200 for k in range(10))\n    h.update(d)\n    s.sendto(d, ('10.4.2.5', 5555))\nprint('sent', h.hexdigest())",
     ]))
     .unwrap();
-    assert!(
-        String::from_utf8_lossy(&sent.stdout).contains("sent"),
-        "{}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
+    let sent = String::from_utf8_lossy(&sent.stdout).trim().to_string();
+    let Some(digest) = sent.strip_prefix("sent ") else {
+        panic!("the sender failed: {sent}");
+    };
     let got = recv.wait_with_output().unwrap();
     let got = String::from_utf8_lossy(&got.stdout).trim().to_string();
-    assert_eq!(got, "50 [1200]", "B received every 1200-byte datagram");
+    assert_eq!(
+        got,
+        format!("50 [1200] {digest}"),
+        "B received every 1200-byte datagram, in order, unchanged"
+    );
+    let b = status_at(&pair.dir.join("state-b/control.sock"));
+    assert!(
+        b.offload["gro_out"] > 0,
+        "the datagrams were written coalesced (UDP GRO): {:?}",
+        b.offload
+    );
     // A TCP transfer: A's kernel hands over TSO packets, B coalesces the segments it writes.
     let r = espip::lab::transfer(&exe(), (&pair.a, &pair.b), p2p::B_INNER, 5_000_000).unwrap();
     assert!(r.ok(5_000_000), "{r:?}");

@@ -249,8 +249,9 @@ fn drain_udp(u: &UdpEncapSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Rec
 }
 
 /// Write the packets `bufs[i]` for `i` in `deliver` to the TUN, in order. With TUN offloads,
-/// consecutive TCP segments of one flow go as one large packet (GRO, `crate::gro`): the new
-/// headers and each segment's payload in one `writev`, no copy.
+/// consecutive TCP segments of one flow go as one large packet (GRO, `crate::gro`), and so do
+/// consecutive UDP datagrams of one flow and size when the kernel took USO: the new headers
+/// and each segment's payload in one `writev`, no copy.
 pub(super) fn write_coalesced(
     queues: &[Tun],
     bufs: &mut [PacketBuf],
@@ -281,12 +282,13 @@ pub(super) fn write_coalesced(
         }
         return last_err;
     }
+    let uso = queues[0].uso();
     let mut k = 0;
     while k < deliver.len() {
         let first = deliver[k];
         let mut end = k + 1;
         let mut group = None;
-        if let Some(fs) = gro::segment(bufs[first].as_slice()) {
+        if let Some(fs) = gro::segment(bufs[first].as_slice()).filter(|s| uso || !s.udp) {
             let (mut ls, mut total) = (fs, bufs[first].len());
             while let Some(&nx) = deliver.get(end) {
                 let Some(ns) = gro::segment(bufs[nx].as_slice()) else {

@@ -52,6 +52,7 @@ pub struct Tun {
     file: File,
     name: String,
     vnet: bool,
+    uso: bool,
 }
 
 impl Tun {
@@ -109,6 +110,7 @@ impl Tun {
                 _ => TunError::Other(name.into(), e),
             });
         }
+        let mut uso = false;
         if offload {
             let size: libc::c_int = crate::gso::VNET_HDR_LEN as libc::c_int;
             // SAFETY: TUNSETVNETHDRSZ reads one int; TUNSETOFFLOAD takes the flags by value.
@@ -121,12 +123,8 @@ impl Tun {
             let set = |flags: libc::c_uint| unsafe {
                 libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD as _, flags as libc::c_ulong)
             };
-            let rc = if set(TUN_OFFLOADS | TUN_USO) < 0 {
-                set(TUN_OFFLOADS)
-            } else {
-                0
-            };
-            if rc < 0 {
+            uso = set(TUN_OFFLOADS | TUN_USO) >= 0;
+            if !uso && set(TUN_OFFLOADS) < 0 {
                 return Err(TunError::Other(name.into(), io::Error::last_os_error()));
             }
         }
@@ -134,7 +132,14 @@ impl Tun {
             file,
             name: name.to_string(),
             vnet: offload,
+            uso,
         })
+    }
+
+    /// Whether the kernel took UDP segmentation offload (Linux 6.2+): it may read UDP GSO
+    /// packets from us and writes them to us.
+    pub fn uso(&self) -> bool {
+        self.uso
     }
 
     /// Whether packets carry a `virtio_net_hdr` (read: may be TSO packets; write: must have one).

@@ -1,17 +1,22 @@
 //! Receive coalescing for TUN writes (GRO), in the pure core: consecutive TCP segments of one
 //! flow, in order, become one large packet that the kernel's TCP stack takes in one go (the
-//! reverse of [`crate::gso::segment_tcp`]; Linux's `tcp_gro_receive` rules, kept strict).
+//! reverse of [`crate::gso::segment_tcp`]; Linux's `tcp_gro_receive` rules, kept strict); and
+//! consecutive UDP datagrams of one flow, of one size (the last may be shorter), become one
+//! UDP GSO packet (`VIRTIO_NET_HDR_GSO_UDP_L4`, the reverse of [`crate::gso::segment_udp`];
+//! Linux's `udp_gro_receive_segment` rules) that the kernel cuts back into the same datagrams
+//! after one write, where each would have cost a write of its own.
 //!
 //! The caller lists the packets it is about to write; [`can_merge`] says whether a packet
 //! continues the group before it, and [`merged_headers`] makes the group's headers and its
 //! `virtio_net_hdr`. The payloads are not copied: the edge hands the kernel the new headers
 //! followed by each segment's payload in one `writev`.
 
-use crate::gso::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6};
+use crate::gso::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4};
 use crate::wire::ip::fold;
 use crate::wire::ipv4::{self, Ipv4Packet};
 use crate::wire::ipv6::{self, Ipv6Packet};
 use crate::wire::tcp::{self, TcpPacket};
+use crate::wire::udp::{self, UdpPacket};
 use std::ops::Range;
 
 /// Largest merged packet (the IPv4 total length field; also the TUN's limit).
@@ -20,45 +25,76 @@ pub const MAX_MERGED: usize = 65535;
 /// TCP with up to 40 bytes of options).
 pub const MAX_HEADERS: usize = ipv6::HEADER_LEN + 60;
 
-/// Where the parts of a mergeable TCP segment are.
+/// Where the parts of a mergeable TCP segment or UDP datagram are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
     /// IP header length (20 or 40).
     pub ip_len: usize,
-    /// IP + TCP header length.
+    /// IP + TCP (UDP) header length.
     pub hdr_len: usize,
     /// Payload length.
     pub payload: usize,
-    /// TCP sequence number.
+    /// TCP sequence number (UDP: 0).
     pub seq: u32,
-    /// PSH is set (the sender pushes: the group ends here).
+    /// PSH is set (the sender pushes: the group ends here; UDP: false).
     pub psh: bool,
+    /// A UDP datagram, not a TCP segment.
+    pub udp: bool,
 }
 
 /// `p` as a segment that may take part in coalescing: IPv4 without options and not a
-/// fragment, or IPv6 without extension headers; TCP with only ACK (and PSH) set and a payload.
+/// fragment, or IPv6 without extension headers; TCP with only ACK (and PSH) set and a
+/// payload, or UDP with a payload, a length that agrees and a checksum (a datagram sent
+/// without one, IPv4's 0, would get one from the kernel's segmentation).
 pub fn segment(p: &[u8]) -> Option<Segment> {
-    let ip_len = match p.first()? >> 4 {
+    let (ip_len, proto) = match p.first()? >> 4 {
         4 => {
             let ip = Ipv4Packet::new_checked(p).ok()?;
             if ip.header_len() != ipv4::MIN_HEADER_LEN
-                || ip.protocol() != PROTO_TCP
                 || ip.is_fragment()
                 || ip.total_len() != p.len()
             {
                 return None;
             }
-            ipv4::MIN_HEADER_LEN
+            (ipv4::MIN_HEADER_LEN, ip.protocol())
         }
         6 => {
             let ip = Ipv6Packet::new_checked(p).ok()?;
-            if ip.next_header() != PROTO_TCP || ip.payload_len() + ipv6::HEADER_LEN != p.len() {
+            if ip.payload_len() + ipv6::HEADER_LEN != p.len() {
                 return None;
             }
-            ipv6::HEADER_LEN
+            (ipv6::HEADER_LEN, ip.next_header())
         }
         _ => return None,
     };
+    match proto {
+        PROTO_TCP => tcp_segment(p, ip_len),
+        PROTO_UDP => udp_datagram(p, ip_len),
+        _ => None,
+    }
+}
+
+fn udp_datagram(p: &[u8], ip_len: usize) -> Option<Segment> {
+    let u = UdpPacket::new_checked(&p[ip_len..]).ok()?;
+    let len = usize::from(u16::from_be_bytes([
+        p[ip_len + udp::field::LENGTH.start],
+        p[ip_len + udp::field::LENGTH.start + 1],
+    ]));
+    let hdr_len = ip_len + udp::HEADER_LEN;
+    if len != p.len() - ip_len || p.len() <= hdr_len || u.checksum() == 0 {
+        return None;
+    }
+    Some(Segment {
+        ip_len,
+        hdr_len,
+        payload: p.len() - hdr_len,
+        seq: 0,
+        psh: false,
+        udp: true,
+    })
+}
+
+fn tcp_segment(p: &[u8], ip_len: usize) -> Option<Segment> {
     let t = TcpPacket::new_checked(&p[ip_len..]).ok()?;
     let hdr_len = ip_len + t.header_len();
     if hdr_len > MAX_HEADERS || p.len() <= hdr_len {
@@ -74,10 +110,12 @@ pub fn segment(p: &[u8]) -> Option<Segment> {
         payload: p.len() - hdr_len,
         seq: t.seq(),
         psh: t.flags() & tcp::PSH != 0,
+        udp: false,
     })
 }
 
 const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
 
 /// `r` moved by `by` bytes (a TCP field range at the TCP header's offset).
 fn at(by: usize, r: Range<usize>) -> Range<usize> {
@@ -86,7 +124,7 @@ fn at(by: usize, r: Range<usize>) -> Range<usize> {
 
 /// Does `next` continue the group that starts with `first` and ends with `ls`, which
 /// together hold `group_len` bytes? Same flow, same header bytes (but the fields that differ
-/// per segment), in sequence, the previous segments full-sized, and no PSH before the end.
+/// per segment), the previous segments full-sized; TCP: in sequence and no PSH before the end.
 pub fn can_merge(
     first: &[u8],
     fs: &Segment,
@@ -95,13 +133,14 @@ pub fn can_merge(
     next: &[u8],
     ns: &Segment,
 ) -> bool {
-    if ns.hdr_len != fs.hdr_len
+    if ns.udp != fs.udp
+        || ns.hdr_len != fs.hdr_len
         || ns.ip_len != fs.ip_len
         || ls.payload != fs.payload
         || ns.payload > fs.payload
         || group_len + ns.payload > MAX_MERGED
         || ls.psh
-        || ns.seq != ls.seq.wrapping_add(ls.payload as u32)
+        || (!fs.udp && ns.seq != ls.seq.wrapping_add(ls.payload as u32))
     {
         return false;
     }
@@ -119,6 +158,10 @@ pub fn can_merge(
         // Version/class/flow label, next header/hop limit, addresses. Not: payload length.
         same(f::VER_TC_FLOW) && same(f::NEXT_HEADER..f::DST.end)
     };
+    if fs.udp {
+        // Ports. Not: length, checksum.
+        return ip_same && same(ip..ip + udp::field::LENGTH.start);
+    }
     use tcp::field as t;
     // Ports; acknowledgement, data offset and window; urgent pointer and options. Not:
     // sequence number, flags (PSH), checksum.
@@ -129,8 +172,8 @@ pub fn can_merge(
         && same(ip + t::URGENT.start..h)
 }
 
-/// The headers of a group of segments starting with `first`, holding `total` bytes
-/// (headers included), `psh` if its last segment has PSH, written into `out`; and the
+/// The headers of a group of segments (datagrams) starting with `first`, holding `total`
+/// bytes (headers included), `psh` if its last segment has PSH, written into `out`; and the
 /// `virtio_net_hdr` that tells the kernel it is a GSO packet with a partial checksum.
 pub fn merged_headers(
     first: &[u8],
@@ -153,6 +196,21 @@ pub fn merged_headers(
         p.set_payload_len((total - ipv6::HEADER_LEN) as u16);
         p.addr_sum()
     };
+    if fs.udp {
+        let mut u = UdpPacket::new_checked(&mut out[ip..h]).expect("checked by segment");
+        u.set_len(tcp_total as u16);
+        // As for TCP: the pseudo-header sum of the whole; the kernel's segmentation
+        // adjusts it for each datagram's length.
+        u.set_checksum(!fold(addr_sum + u32::from(PROTO_UDP) + tcp_total));
+        return VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_UDP_L4,
+            hdr_len: h as u16,
+            gso_size: fs.payload as u16,
+            csum_start: ip as u16,
+            csum_offset: udp::field::CHECKSUM.start as u16,
+        };
+    }
     let mut t = TcpPacket::new_checked(&mut out[ip..h]).expect("checked by segment");
     if psh {
         t.set_flags(t.flags() | tcp::PSH);
@@ -226,6 +284,132 @@ mod tests {
             }
             assert_eq!(merged, want);
         }
+    }
+
+    fn uso(v4: bool, len: usize) -> Vec<u8> {
+        let ip = if v4 { 20 } else { 40 };
+        let mut p = big(v4, 0, 0);
+        p.truncate(ip);
+        p.extend_from_slice(&[0x1f, 0x90, 0x00, 0x35, 0, 0, 0, 0]);
+        p.extend((0..len as u32).map(|i| (i % 251) as u8));
+        if v4 {
+            p[9] = 17;
+            let total = (p.len() as u16).to_be_bytes();
+            p[2..4].copy_from_slice(&total);
+        } else {
+            p[6] = 17;
+            let payload = ((p.len() - 40) as u16).to_be_bytes();
+            p[4..6].copy_from_slice(&payload);
+        }
+        p
+    }
+
+    /// Cut a UDP GSO packet into datagrams (as the sender's USO would), merge them back: the
+    /// same packet, with the checksum partial as the kernel expects.
+    #[test]
+    fn udp_gro_undoes_uso() {
+        for v4 in [true, false] {
+            let orig = uso(v4, 64 * 20 + 30);
+            let mut segs: Vec<PacketBuf> = (0..32).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+            let n = crate::gso::segment_udp(&orig, 64, &mut segs).unwrap();
+            assert_eq!(n, 21);
+            let pk: Vec<&[u8]> = segs[..n].iter().map(|b| b.as_slice()).collect();
+            let ss: Vec<Segment> = pk.iter().map(|p| segment(p).unwrap()).collect();
+            assert!(ss.iter().all(|s| s.udp));
+            let mut total = pk[0].len();
+            for i in 1..n {
+                assert!(can_merge(pk[0], &ss[0], &ss[i - 1], total, pk[i], &ss[i]));
+                total += ss[i].payload;
+            }
+            assert_eq!(total, orig.len());
+            let mut hdr = [0u8; MAX_HEADERS];
+            let v = merged_headers(pk[0], &ss[0], total, false, &mut hdr);
+            let h = ss[0].hdr_len;
+            assert_eq!(
+                (v.gso_type, v.gso_size, v.hdr_len as usize),
+                (GSO_UDP_L4, 64, h)
+            );
+            let mut merged = hdr[..h].to_vec();
+            for (p, s) in pk.iter().zip(&ss) {
+                merged.extend_from_slice(&p[s.hdr_len..]);
+            }
+            crate::gso::complete_checksum(&mut merged, v.csum_start.into(), 6).unwrap();
+            let ip = ss[0].ip_len;
+            // The merged packet's checksum is valid over the whole.
+            let sum = if v4 {
+                sum_words(0, &merged[12..20])
+            } else {
+                sum_words(0, &merged[8..40])
+            };
+            assert_eq!(
+                fold(sum_words(
+                    sum + 17 + (merged.len() - ip) as u32,
+                    &merged[ip..]
+                )),
+                0
+            );
+            // And cutting it again gives the datagrams that were merged.
+            let mut again: Vec<PacketBuf> = (0..32).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+            let m = crate::gso::segment_udp(&merged, 64, &mut again).unwrap();
+            assert_eq!(m, n);
+            for (a, b) in again[..m].iter().zip(&pk) {
+                let (a, b) = (a.as_slice(), *b);
+                if v4 {
+                    // IDs: the kernel numbers them from the first.
+                    assert_eq!(a[..4], b[..4]);
+                    assert_eq!(a[6..10], b[6..10]);
+                    assert_eq!(a[12..], b[12..]);
+                } else {
+                    assert_eq!(a, b);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_datagrams_of_one_flow_and_size_merge() {
+        let orig = uso(true, 300);
+        let mut segs: Vec<PacketBuf> = (0..4).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+        assert_eq!(crate::gso::segment_udp(&orig, 100, &mut segs), Ok(3));
+        let a = segs[0].as_slice().to_vec();
+        let b = segs[1].as_slice().to_vec();
+        let (sa, sb) = (segment(&a).unwrap(), segment(&b).unwrap());
+        assert!(can_merge(&a, &sa, &sa, a.len(), &b, &sb));
+        let mut other_port = b.clone();
+        other_port[21] ^= 1;
+        let so = segment(&other_port).unwrap();
+        assert!(!can_merge(&a, &sa, &sa, a.len(), &other_port, &so));
+        let mut other_ttl = b.clone();
+        other_ttl[8] ^= 1;
+        let st = segment(&other_ttl).unwrap();
+        assert!(!can_merge(&a, &sa, &sa, a.len(), &other_ttl, &st));
+        // A shorter datagram ends the group; a longer one never joins.
+        let mut one: Vec<PacketBuf> = (0..1).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+        assert_eq!(
+            crate::gso::segment_udp(&uso(true, 50), 100, &mut one),
+            Ok(1)
+        );
+        let short = one[0].as_slice().to_vec();
+        let ssh = segment(&short).unwrap();
+        assert!(can_merge(&a, &sa, &sa, a.len(), &short, &ssh));
+        assert!(!can_merge(&a, &sa, &ssh, a.len() + 50, &b, &sb));
+        assert!(!can_merge(&short, &ssh, &ssh, short.len(), &a, &sa));
+        // No checksum (IPv4's 0), a length field that disagrees, no payload: not datagrams.
+        let mut nosum = b.clone();
+        nosum[26..28].fill(0);
+        assert!(segment(&nosum).is_none());
+        let mut badlen = b.clone();
+        badlen[25] ^= 1;
+        assert!(segment(&badlen).is_none());
+        assert!(segment(&uso(true, 0)).is_none());
+        // TCP and UDP never share a group.
+        let t = big(true, 4200, tcp::ACK);
+        let mut ts: Vec<PacketBuf> = (0..4).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+        segment_tcp(&t, 1400, &mut ts).unwrap();
+        let t0 = ts[0].as_slice();
+        let st0 = segment(t0).unwrap();
+        assert!(!can_merge(&a, &sa, &sa, a.len(), t0, &st0));
+        assert!(!can_merge(t0, &st0, &st0, t0.len(), &a, &sa));
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! TUN offloads: TSO segmentation of whatever the TUN might hand over, and GRO of the
-//! segments. Every segment must carry a valid TCP checksum; merging the segments back must
-//! give the original payload, in order.
+//! TUN offloads: TSO and USO segmentation of whatever the TUN might hand over, and GRO of
+//! the segments (TCP) and datagrams (UDP). Every segment must carry a valid checksum; merging
+//! them back must give the original payload, in order.
 #![no_main]
 
 use espip::buf::{PacketBuf, MAX_PACKET};
@@ -16,6 +16,37 @@ fn tcp_ok(s: &[u8], ip: usize) -> bool {
         sum_words(0, &s[8..40])
     };
     fold(sum_words(sum + 6 + (s.len() - ip) as u32, &s[ip..])) == 0
+}
+
+/// Merge `segs` from the first as far as GRO accepts, in order; the merged packet must hold
+/// the original's payload (`pkt` after the headers), in order.
+fn merge_back(segs: &[&[u8]], pkt: &[u8], udp: bool) {
+    let Some(fs) = gro::segment(segs[0]) else {
+        return;
+    };
+    assert_eq!(fs.udp, udp);
+    let (mut ls, mut total, mut k) = (fs, segs[0].len(), 1);
+    while k < segs.len() {
+        let Some(ns) = gro::segment(segs[k]) else {
+            break;
+        };
+        if !gro::can_merge(segs[0], &fs, &ls, total, segs[k], &ns) {
+            break;
+        }
+        total += ns.payload;
+        ls = ns;
+        k += 1;
+    }
+    let mut hdr = [0u8; gro::MAX_HEADERS];
+    let v = gro::merged_headers(segs[0], &fs, total, false, &mut hdr);
+    assert_eq!(usize::from(v.hdr_len), fs.hdr_len);
+    let mut merged = hdr[..fs.hdr_len].to_vec();
+    for s in &segs[..k] {
+        merged.extend_from_slice(&s[fs.hdr_len..]);
+    }
+    assert_eq!(merged.len(), total);
+    let h = fs.hdr_len;
+    assert_eq!(&merged[h..], &pkt[h..h + (total - h)], "payload order");
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -42,6 +73,11 @@ fuzz_target!(|data: &[u8]| {
                 0
             );
         }
+        // UDP GRO takes them back (IPv4 options are never merged: a 20-byte header only).
+        if n > 0 && (pkt[0] >> 4 == 6 || pkt[0] & 0x0f == 5) {
+            let segs: Vec<&[u8]> = out[..n].iter().map(|b| b.as_slice()).collect();
+            merge_back(&segs, pkt, true);
+        }
     }
     let Ok(n) = segment_tcp(pkt, gso_size, &mut out) else {
         return;
@@ -56,29 +92,5 @@ fuzz_target!(|data: &[u8]| {
     }
     // Merge back what GRO accepts, in order.
     let segs: Vec<&[u8]> = out[..n].iter().map(|b| b.as_slice()).collect();
-    let Some(fs) = gro::segment(segs[0]) else {
-        return;
-    };
-    let (mut ls, mut total, mut k) = (fs, segs[0].len(), 1);
-    while k < n {
-        let Some(ns) = gro::segment(segs[k]) else {
-            break;
-        };
-        if !gro::can_merge(segs[0], &fs, &ls, total, segs[k], &ns) {
-            break;
-        }
-        total += ns.payload;
-        ls = ns;
-        k += 1;
-    }
-    let mut hdr = [0u8; gro::MAX_HEADERS];
-    let v = gro::merged_headers(segs[0], &fs, total, false, &mut hdr);
-    assert_eq!(usize::from(v.hdr_len), fs.hdr_len);
-    let mut merged = hdr[..fs.hdr_len].to_vec();
-    for s in &segs[..k] {
-        merged.extend_from_slice(&s[fs.hdr_len..]);
-    }
-    assert_eq!(merged.len(), total);
-    let h = fs.hdr_len;
-    assert_eq!(&merged[h..], &pkt[h..h + (total - h)], "payload order");
+    merge_back(&segs, pkt, false);
 });
