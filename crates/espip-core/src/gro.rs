@@ -237,6 +237,27 @@ mod tests {
 
     /// Segment a large packet (as the sender's TSO would), then merge the segments back: the
     /// result is the original packet, with the checksum partial as the kernel expects.
+    /// Merge every packet of `pk` into one group (each must be allowed to join): the
+    /// packets' segments, the merged packet (the merged headers, then each payload) and its
+    /// `virtio_net_hdr`.
+    fn merge_all(pk: &[&[u8]]) -> (Vec<Segment>, Vec<u8>, VnetHdr) {
+        let ss: Vec<Segment> = pk.iter().map(|p| segment(p).unwrap()).collect();
+        let mut total = pk[0].len();
+        for i in 1..pk.len() {
+            assert!(can_merge(pk[0], &ss[0], &ss[i - 1], total, pk[i], &ss[i]));
+            total += ss[i].payload;
+        }
+        let mut hdr = [0u8; MAX_HEADERS];
+        let psh = ss[pk.len() - 1].psh;
+        let v = merged_headers(pk[0], &ss[0], total, psh, &mut hdr);
+        let mut merged = hdr[..ss[0].hdr_len].to_vec();
+        for (p, s) in pk.iter().zip(&ss) {
+            merged.extend_from_slice(&p[s.hdr_len..]);
+        }
+        assert_eq!(merged.len(), total);
+        (ss, merged, v)
+    }
+
     #[test]
     fn gro_undoes_gso() {
         for v4 in [true, false] {
@@ -245,21 +266,9 @@ mod tests {
             let n = segment_tcp(&orig, 1400, &mut segs).unwrap();
             assert_eq!(n, 4);
             let pk: Vec<&[u8]> = segs[..n].iter().map(|b| b.as_slice()).collect();
-            let ss: Vec<Segment> = pk.iter().map(|p| segment(p).unwrap()).collect();
-            let mut total = pk[0].len();
-            for i in 1..n {
-                assert!(can_merge(pk[0], &ss[0], &ss[i - 1], total, pk[i], &ss[i]));
-                total += ss[i].payload;
-            }
-            assert_eq!(total, orig.len());
-            let mut hdr = [0u8; MAX_HEADERS];
-            let psh = ss[n - 1].psh;
-            let v = merged_headers(pk[0], &ss[0], total, psh, &mut hdr);
+            let (ss, mut merged, v) = merge_all(&pk);
+            assert_eq!(merged.len(), orig.len());
             let h = ss[0].hdr_len;
-            let mut merged = hdr[..h].to_vec();
-            for (p, s) in pk.iter().zip(&ss) {
-                merged.extend_from_slice(&p[s.hdr_len..]);
-            }
             assert_eq!(v.gso_size, 1400);
             assert_eq!(v.hdr_len as usize, h);
             assert_eq!(v.gso_type, if v4 { GSO_TCPV4 } else { GSO_TCPV6 });
@@ -314,25 +323,14 @@ mod tests {
             let n = crate::gso::segment_udp(&orig, 64, &mut segs).unwrap();
             assert_eq!(n, 21);
             let pk: Vec<&[u8]> = segs[..n].iter().map(|b| b.as_slice()).collect();
-            let ss: Vec<Segment> = pk.iter().map(|p| segment(p).unwrap()).collect();
+            let (ss, mut merged, v) = merge_all(&pk);
             assert!(ss.iter().all(|s| s.udp));
-            let mut total = pk[0].len();
-            for i in 1..n {
-                assert!(can_merge(pk[0], &ss[0], &ss[i - 1], total, pk[i], &ss[i]));
-                total += ss[i].payload;
-            }
-            assert_eq!(total, orig.len());
-            let mut hdr = [0u8; MAX_HEADERS];
-            let v = merged_headers(pk[0], &ss[0], total, false, &mut hdr);
+            assert_eq!(merged.len(), orig.len());
             let h = ss[0].hdr_len;
             assert_eq!(
                 (v.gso_type, v.gso_size, v.hdr_len as usize),
                 (GSO_UDP_L4, 64, h)
             );
-            let mut merged = hdr[..h].to_vec();
-            for (p, s) in pk.iter().zip(&ss) {
-                merged.extend_from_slice(&p[s.hdr_len..]);
-            }
             crate::gso::complete_checksum(&mut merged, v.csum_start.into(), 6).unwrap();
             let ip = ss[0].ip_len;
             // The merged packet's checksum is valid over the whole.

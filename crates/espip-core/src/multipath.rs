@@ -1459,18 +1459,24 @@ mod tests {
         assert!(c[1] > 2000, "{c:?}");
     }
 
+    /// Both paths answer every probe for a second, the control side ticking every `step`;
+    /// returns the time after it.
+    fn warm_up(m: &Multipath, step: u64) -> u64 {
+        let mut now = MS;
+        while now < 1000 * MS {
+            let (_, probes) = m.tick(now);
+            answer(m, &probes, now + MS, &[0, 0]);
+            now += step;
+        }
+        now
+    }
+
     #[test]
     fn a_dead_path_gets_nothing_within_the_detection_time_and_comes_back() {
         for s in Scheduler::ALL {
             let m = mp(s, 2);
             let interval = 100 * MS;
-            let mut now = MS;
-            // Both paths answer for a second.
-            while now < 1000 * MS {
-                let (_, probes) = m.tick(now);
-                answer(&m, &probes, now + MS, &[0, 0]);
-                now += interval;
-            }
+            let mut now = warm_up(&m, interval);
             assert_eq!(m.stats[1].state(), PathState::Up);
             // Path 1 goes silent at 1.0 s.
             let cut = now;
@@ -1520,14 +1526,9 @@ mod tests {
     fn a_late_path_leaves_the_schedule_before_it_is_found_down() {
         for s in Scheduler::ALL {
             let m = mp(s, 2);
+            // The probe thread ticks four times an interval.
             let step = 25 * MS;
-            let mut now = MS;
-            // Both paths answer for a second; the probe thread ticks four times an interval.
-            while now < 1000 * MS {
-                let (_, probes) = m.tick(now);
-                answer(&m, &probes, now + MS, &[0, 0]);
-                now += step;
-            }
+            let mut now = warm_up(&m, step);
             assert_eq!(m.stats[1].state(), PathState::Up, "{s:?}");
             assert_eq!(m.stats[1].quiet_count.load(Relaxed), 0, "{s:?}: never late");
             // Path 1 falls silent; path 0 goes on answering.
