@@ -248,7 +248,9 @@ fn drain_udp(u: &UdpEncapSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Rec
     }
 }
 
-/// Write the packets `bufs[i]` for `i` in `deliver` to the TUN, in order. With TUN offloads,
+/// Write the packets `bufs[i]` for `i` in `deliver` to the TUN, in order; `plain[i]`: the
+/// packet came without an AEAD (IP-in-IP), so it joins a coalesced write only with a right
+/// checksum (`gro::checksum_ok`; empty: every packet was authenticated). With TUN offloads,
 /// consecutive TCP segments of one flow go as one large packet (GRO, `crate::gro`), and so do
 /// consecutive UDP datagrams of one flow and size when the kernel took USO: the new headers
 /// and each segment's payload in one `writev`, no copy.
@@ -256,9 +258,11 @@ pub(super) fn write_coalesced(
     queues: &[Tun],
     bufs: &mut [PacketBuf],
     deliver: &[usize],
+    plain: &[bool],
     edge: &EdgeStats,
 ) -> io::Result<()> {
     use crate::gro;
+    let plain_at = |i: usize| plain.get(i).copied().unwrap_or(false);
     let mut last_err = Ok(());
     let mut fail = |r: io::Result<()>| {
         if let Err(e) = r {
@@ -288,12 +292,18 @@ pub(super) fn write_coalesced(
         let first = deliver[k];
         let mut end = k + 1;
         let mut group = None;
-        if let Some(fs) = gro::segment(bufs[first].as_slice()).filter(|s| uso || !s.udp) {
+        let start = gro::segment(bufs[first].as_slice()).filter(|s| {
+            (uso || !s.udp) && (!plain_at(first) || gro::checksum_ok(bufs[first].as_slice(), s))
+        });
+        if let Some(fs) = start {
             let (mut ls, mut total) = (fs, bufs[first].len());
             while let Some(&nx) = deliver.get(end) {
                 let Some(ns) = gro::segment(bufs[nx].as_slice()) else {
                     break;
                 };
+                if plain_at(nx) && !gro::checksum_ok(bufs[nx].as_slice(), &ns) {
+                    break;
+                }
                 if !gro::can_merge(
                     bufs[first].as_slice(),
                     &fs,
@@ -360,6 +370,7 @@ impl RxState<'_, '_> {
         let mut relay = [false; BATCH];
         let mut any_relay = false;
         let mut deliver = [0usize; BATCH];
+        let mut plain = [false; BATCH];
         let mut dn = 0;
         for (i, (b, o)) in bufs.iter_mut().zip(origin).enumerate() {
             let Some((src, proto)) = *o else {
@@ -372,6 +383,8 @@ impl RxState<'_, '_> {
             match v {
                 Verdict::ToTun => {
                     rec.record(Tap::Inner, b.as_slice());
+                    // IP-in-IP (raw protocol 4 / 41): no AEAD vouched for it.
+                    plain[i] = ports.get(i).is_none() && matches!(proto, 4 | 41);
                     deliver[dn] = i;
                     dn += 1;
                 }
@@ -389,7 +402,7 @@ impl RxState<'_, '_> {
                 _ => {}
             }
         }
-        if let Err(err) = write_coalesced(e.queues, bufs, &deliver[..dn], e.edge) {
+        if let Err(err) = write_coalesced(e.queues, bufs, &deliver[..dn], &plain, e.edge) {
             if self.warn_write.ready() {
                 warn!("writing to the TUN failed: {err}");
             }
@@ -428,7 +441,8 @@ impl RxState<'_, '_> {
             for b in &bufs[..n] {
                 rec.record(Tap::Inner, b.as_slice());
             }
-            if let Err(err) = write_coalesced(self.e.queues, bufs, &ALL[..n], self.e.edge) {
+            // Only ESP peers have reorder stages: every packet here was authenticated.
+            if let Err(err) = write_coalesced(self.e.queues, bufs, &ALL[..n], &[], self.e.edge) {
                 if self.warn_write.ready() {
                     warn!("writing to the TUN failed: {err}");
                 }
