@@ -410,6 +410,12 @@ struct ChildCollision {
     theirs_in: u32,
     /// The lower of the two nonces of the peer's exchange.
     low: Vec<u8>,
+    /// The peer rekeys this SA a second time: it gave up on its first rekey's outcome (an SA
+    /// of ours it never got the answer for, abandoned), and it does not see our request as
+    /// colliding with this one (for the peer, ours is the first exchange, answered long ago).
+    /// The peer's new SA stays whatever the nonces say; ours, when its answer comes, is
+    /// deleted at once.
+    again: bool,
 }
 
 /// The peer's side of a simultaneous IKE SA rekey.
@@ -2232,6 +2238,7 @@ impl Engine {
             }
         };
         let old_in = old_idx.map(|i| self.children[i].keys.spi_in);
+        let again = old_idx.is_some_and(|i| self.children[i].replaced);
         let flight = s.flight.as_ref().map(|f| &f.req);
         // Section 2.25: no CHILD_SA while our rekey of the IKE SA is under way (the peer
         // tries again on the new one); and of two new CHILD_SAs asked for at once (each side
@@ -2318,6 +2325,7 @@ impl Engine {
                 old_in: o,
                 theirs_in: spi_in,
                 low: ni.as_slice().min(nr.as_slice()).to_vec(),
+                again,
             });
         }
         // A rekey: inbound now, outbound once the peer deletes the old SA. A new CHILD_SA:
@@ -2391,20 +2399,29 @@ impl Engine {
     }
 
     /// The peer's survivor of a rekey collision that the peer did not confirm (no DELETE of the
-    /// old CHILD_SA) within the switch wait: the peer never completed its exchange (strongSwan can drop our answer, see respond_create).
-    /// It is abandoned; the old CHILD_SA, which both sides still hold and espip still sends
-    /// on, is rekeyed again by espip.
+    /// old CHILD_SA) within the switch wait: the peer never completed its exchange (strongSwan
+    /// can drop our answer, see respond_create). It is abandoned; the old CHILD_SA, which both
+    /// sides still hold and espip still sends on, is rekeyed again by espip.
+    ///
+    /// The wait ends earlier when the old CHILD_SA's hard lifetime is near: at half the time
+    /// it has left when the wait began, so that rekeying it again (a round trip) ends before it
+    /// dies. Waiting the full switch wait would let a collision in the last seconds of the old
+    /// SA's life leave no SA at all until a new one is made.
     fn unconfirmed_survivors(&mut self, now: u64, out: &mut Vec<Out>) {
         let stale: Vec<(u32, u32)> = self
             .children
             .iter()
             .filter_map(|p| {
                 let (t, old) = (p.pending_since?, p.awaits_delete_of?);
-                // Not earlier: a peer that completed (espip, or strongSwan when it kept our
-                // answer) deletes the old one within a round trip, and abandoning a survivor
-                // the peer already sends on would leave espip without a common SA.
-                self.children.iter().find(|c| c.keys.spi_in == old)?;
-                (now.saturating_sub(t) >= SWITCH_WAIT_MS * MS).then_some((p.keys.spi_in, old))
+                let o = self.children.iter().find(|c| c.keys.spi_in == old)?;
+                // Not earlier than the wait: a peer that completed (espip, or strongSwan when
+                // it kept our answer) deletes the old one within a round trip, and abandoning
+                // a survivor the peer already sends on would leave espip without a common SA.
+                let mut wait = SWITCH_WAIT_MS * MS;
+                if o.expire_at != 0 {
+                    wait = wait.min(o.expire_at.saturating_sub(t) / 2);
+                }
+                (now.saturating_sub(t) >= wait).then_some((p.keys.spi_in, old))
             })
             .collect();
         for (p_in, old) in stale {
@@ -2656,7 +2673,7 @@ impl Engine {
                         self.stats.child_rekeys += 1;
                         let collision = self.child_collision.take_if(|c| c.old_in == old_in);
                         match collision {
-                            Some(c) if ours_redundant((&ni, &nr), &c.low) => {
+                            Some(c) if c.again || ours_redundant((&ni, &nr), &c.low) => {
                                 // Section 2.8.1: ours holds the lowest nonce. We made it, so
                                 // we delete it; the peer's stays, and the peer deletes the old
                                 // one: we send on the old one until then (the peer may not
@@ -2665,8 +2682,12 @@ impl Engine {
                                 x.pending_since = None;
                                 x.replaced = true;
                                 self.children.push(x);
-                                if let Some(o) =
-                                    self.children.iter_mut().find(|o| o.keys.spi_in == old_in)
+                                // (Unless the peer deleted it meanwhile: then its new one
+                                // carries our traffic already.)
+                                if let Some(o) = self
+                                    .children
+                                    .iter_mut()
+                                    .find(|o| o.keys.spi_in == old_in && o.until.is_none())
                                 {
                                     o.out = true;
                                 }
@@ -2677,9 +2698,14 @@ impl Engine {
                                 }
                                 self.deferred.insert(0, Task::DeleteChild(new_in));
                                 out.push(Out::Changed);
+                                let why = if c.again {
+                                    "the peer rekeyed it again before our answer came"
+                                } else {
+                                    "lowest nonce"
+                                };
                                 out.push(Out::Event(Event::Collision {
                                     detail: format!(
-                                        "both sides rekeyed CHILD_SA {old_in:#010x}: the peer's {:#010x} stays, ours {new_in:#010x} is deleted (lowest nonce)",
+                                        "both sides rekeyed CHILD_SA {old_in:#010x}: the peer's {:#010x} stays, ours {new_in:#010x} is deleted ({why})",
                                         c.theirs_in
                                     ),
                                 }));
