@@ -72,6 +72,11 @@ fn packet_socket(iface: &str) -> io::Result<OwnedFd> {
     // A large receive buffer: the relay holds frames, the kernel should not drop them first
     // (best effort: FORCE needs CAP_NET_ADMIN).
     let _ = set_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 32 << 20);
+    // And a large send buffer: frames written wait in the link's `tbf` (50 ms of queue), and
+    // each counts against this buffer until it leaves. The default (208 KB, about 90 frames)
+    // was the smaller limit: 10 ms at 100 Mbit/s, so link 1 refused frames at a fifth of the
+    // queue the lab configures.
+    let _ = set_int(&fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 32 << 20);
     // Each frame comes and goes with its virtio-net header: a frame whose checksum the
     // sender left to offload (CHECKSUM_PARTIAL, as the veth's TCP and UDP are) keeps that
     // state on the way out instead of arriving with a wrong checksum.
