@@ -192,6 +192,16 @@ fn assert_keys_match(x: &SaSet, y: &SaSet) {
     assert_eq!(esn, e2);
 }
 
+/// A (initiator) and B (responder) with AES-128-GCM, SHA-256 and X25519 for IKE and AES-128-GCM
+/// for ESP.
+fn default_cfgs() -> (IkeConfig, IkeConfig) {
+    let (ike, esp) = ("aes128gcm16-prfsha256-x25519", "aes128gcm16");
+    (
+        cfg(Role::Initiator, A, B, ike, esp),
+        cfg(Role::Responder, B, A, ike, esp),
+    )
+}
+
 fn up(ike: &str, esp: &str) -> Pair {
     let mut p = Pair::new(
         cfg(Role::Initiator, A, B, ike, esp),
@@ -347,20 +357,7 @@ fn a_child_rekey_never_leaves_a_side_sending_on_an_sa_the_other_lacks() {
 
 #[test]
 fn both_sides_rekeying_at_once_settle_on_one_child() {
-    let mut a = cfg(
-        Role::Initiator,
-        A,
-        B,
-        "aes128gcm16-prfsha256-x25519",
-        "aes128gcm16",
-    );
-    let mut b = cfg(
-        Role::Responder,
-        B,
-        A,
-        "aes128gcm16-prfsha256-x25519",
-        "aes128gcm16",
-    );
+    let (mut a, mut b) = default_cfgs();
     a.child_rekey_ms = 1_000;
     b.child_rekey_ms = 1_000;
     let mut p = Pair::new(a, b);
@@ -451,20 +448,7 @@ fn simultaneous_rekeys_are_resolved_by_the_lowest_nonce() {
 #[test]
 fn an_ike_rekey_keeps_the_child_and_further_exchanges_work() {
     for side in ['a', 'b'] {
-        let mut a = cfg(
-            Role::Initiator,
-            A,
-            B,
-            "aes128gcm16-prfsha256-x25519",
-            "aes128gcm16",
-        );
-        let mut b = cfg(
-            Role::Responder,
-            B,
-            A,
-            "aes128gcm16-prfsha256-x25519",
-            "aes128gcm16",
-        );
+        let (mut a, mut b) = default_cfgs();
         if side == 'a' {
             a.ike_rekey_ms = 1_000;
             a.child_rekey_ms = 1_500;
@@ -622,20 +606,7 @@ fn the_sk_payload_round_trips_and_refuses_a_wrong_key() {
 
 #[test]
 fn a_child_that_expired_is_replaced_by_a_new_one() {
-    let mut a = cfg(
-        Role::Initiator,
-        A,
-        B,
-        "aes128gcm16-prfsha256-x25519",
-        "aes128gcm16",
-    );
-    let mut b = cfg(
-        Role::Responder,
-        B,
-        A,
-        "aes128gcm16-prfsha256-x25519",
-        "aes128gcm16",
-    );
+    let (mut a, mut b) = default_cfgs();
     // No rekeys: the CHILD_SA reaches its hard lifetime on both sides.
     a.child_life_ms = 1_000;
     b.child_life_ms = 1_000;
@@ -662,20 +633,7 @@ fn a_child_that_expired_is_replaced_by_a_new_one() {
 fn a_collision_just_before_the_hard_lifetime_loses_no_sa() {
     let mut seen = 0;
     for _ in 0..24 {
-        let mut a = cfg(
-            Role::Initiator,
-            A,
-            B,
-            "aes128gcm16-prfsha256-x25519",
-            "aes128gcm16",
-        );
-        let mut b = cfg(
-            Role::Responder,
-            B,
-            A,
-            "aes128gcm16-prfsha256-x25519",
-            "aes128gcm16",
-        );
+        let (mut a, mut b) = default_cfgs();
         a.child_life_ms = 9_000;
         b.retransmit_ms = 3_000;
         let mut p = Pair::new(a, b);
@@ -855,20 +813,7 @@ fn a_half_open_flood_gets_cookies_and_the_honest_peer_still_connects() {
 
 #[test]
 fn protocol_50_behind_a_nat_is_refused_with_the_fix_named() {
-    let mut a = cfg(
-        Role::Initiator,
-        A,
-        B,
-        "aes128gcm16-prfsha256-x25519",
-        "aes128gcm16",
-    );
-    let mut b = cfg(
-        Role::Responder,
-        B,
-        A,
-        "aes128gcm16-prfsha256-x25519",
-        "aes128gcm16",
-    );
+    let (mut a, mut b) = default_cfgs();
     a.force_encap = false;
     b.force_encap = false;
     // A thinks it is 198.51.100.1; B sees it as 192.0.2.1: a NAT in between.
@@ -881,20 +826,7 @@ fn protocol_50_behind_a_nat_is_refused_with_the_fix_named() {
         Event::Failed { reason, detail } if reason == "NAT_DETECTED" && detail.contains("esp-udp")
     )));
     // Without the NAT, protocol 50 stays on port 500 (no NAT-T).
-    let mut a = cfg(
-        Role::Initiator,
-        A,
-        B,
-        "aes128gcm16-prfsha256-x25519",
-        "aes128gcm16",
-    );
-    let mut b = cfg(
-        Role::Responder,
-        B,
-        A,
-        "aes128gcm16-prfsha256-x25519",
-        "aes128gcm16",
-    );
+    let (mut a, mut b) = default_cfgs();
     a.force_encap = false;
     b.force_encap = false;
     let mut p = Pair::new(a, b);
