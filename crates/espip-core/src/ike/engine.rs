@@ -2403,44 +2403,73 @@ impl Engine {
     /// can drop our answer, see respond_create). It is abandoned; the old CHILD_SA, which both
     /// sides still hold and espip still sends on, is rekeyed again by espip.
     ///
-    /// The wait ends earlier when the old CHILD_SA's hard lifetime is near: at half the time
-    /// it has left when the wait began, so that rekeying it again (a round trip) ends before it
-    /// dies. Waiting the full switch wait would let a collision in the last seconds of the old
-    /// SA's life leave no SA at all until a new one is made.
+    /// Earlier when the old CHILD_SA's hard lifetime is near: at half the time it had left
+    /// when the wait began, espip rekeys the old one again, so that the new one (a round trip
+    /// away) is there before the old one dies. The survivor stays as the fallback meanwhile: if
+    /// the old one dies first (a busy peer answers late, or TEMPORARY_FAILURE), traffic moves
+    /// to the survivor (`ensure_out`) rather than to nothing. Once the old one no longer
+    /// carries traffic and another SA does, a survivor still unconfirmed is abandoned.
     fn unconfirmed_survivors(&mut self, now: u64, out: &mut Vec<Out>) {
-        let stale: Vec<(u32, u32)> = self
+        enum Step {
+            /// Abandon the survivor, rekey the old one again.
+            Abandon,
+            /// Rekey the old one again; keep the survivor as the fallback.
+            RekeyOld,
+            /// The old one is gone and another SA carries traffic: abandon the survivor.
+            Superseded,
+        }
+        let steps: Vec<(u32, u32, Step)> = self
             .children
             .iter()
             .filter_map(|p| {
                 let (t, old) = (p.pending_since?, p.awaits_delete_of?);
-                let o = self.children.iter().find(|c| c.keys.spi_in == old)?;
+                let Some(o) = self
+                    .children
+                    .iter()
+                    .find(|c| c.keys.spi_in == old && c.until.is_none() && c.out)
+                else {
+                    let other = self
+                        .children
+                        .iter()
+                        .any(|c| c.out && c.until.is_none() && c.keys.spi_in != p.keys.spi_in);
+                    return other.then_some((p.keys.spi_in, old, Step::Superseded));
+                };
+                let waited = now.saturating_sub(t);
                 // Not earlier than the wait: a peer that completed (espip, or strongSwan when
                 // it kept our answer) deletes the old one within a round trip, and abandoning
                 // a survivor the peer already sends on would leave espip without a common SA.
-                let mut wait = SWITCH_WAIT_MS * MS;
-                if o.expire_at != 0 {
-                    wait = wait.min(o.expire_at.saturating_sub(t) / 2);
+                if waited >= SWITCH_WAIT_MS * MS {
+                    Some((p.keys.spi_in, old, Step::Abandon))
+                } else if o.expire_at != 0 && waited >= o.expire_at.saturating_sub(t) / 2 {
+                    Some((p.keys.spi_in, old, Step::RekeyOld))
+                } else {
+                    None
                 }
-                (now.saturating_sub(t) >= wait).then_some((p.keys.spi_in, old))
             })
             .collect();
-        for (p_in, old) in stale {
+        for (p_in, old, step) in steps {
             for c in &mut self.children {
-                if c.keys.spi_in == p_in {
+                if c.keys.spi_in == p_in && !matches!(step, Step::RekeyOld) {
                     c.pending_since = None;
                     c.awaits_delete_of = None;
                     c.replaced = true;
                     c.until = Some(now + GRACE_MS * MS);
-                } else if c.keys.spi_in == old && c.until.is_none() {
+                } else if c.keys.spi_in == old
+                    && c.until.is_none()
+                    && !matches!(step, Step::Superseded)
+                    && c.replaced
+                {
                     c.replaced = false;
                     c.out = true;
                     c.rekey_at = now;
                 }
             }
-            out.push(Out::Event(Event::ChildDown {
-                spi_in: p_in,
-                why: "abandoned: the peer did not complete its side of a rekey collision",
-            }));
+            if !matches!(step, Step::RekeyOld) {
+                out.push(Out::Event(Event::ChildDown {
+                    spi_in: p_in,
+                    why: "abandoned: the peer did not complete its side of a rekey collision",
+                }));
+            }
         }
     }
 
