@@ -374,6 +374,7 @@ impl Live {
                 ("udp_gso_out", &e.udp_gso_sends),
                 ("af_packet_out", &e.af_packet_sends),
                 ("udp_gro_in", &e.udp_gro_receives),
+                ("ipip_gro_in", &e.ipip_gro_receives),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.load(Relaxed)))

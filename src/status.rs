@@ -23,7 +23,8 @@ pub struct Status {
     pub capture: Option<CaptureStatus>,
     /// Offload work: `tso_in`, `uso_in` (large packets read and segmented), `udp_gso_out`,
     /// `udp_gro_in` (ESP-in-UDP trains sent / received as one message), `gro_out`
-    /// (coalesced packets written).
+    /// (coalesced packets written), `ipip_gro_in` (IP-in-IP packets the kernel's GRO merged,
+    /// cut back).
     #[serde(default)]
     pub offload: BTreeMap<String, u64>,
     /// Packets the kernel dropped before espip saw them: `tun_tx_queue` (routed into the TUN
@@ -424,6 +425,13 @@ impl Status {
                     get("udp_gro_in")
                 );
             }
+            if get("ipip_gro_in") > 0 {
+                let _ = writeln!(
+                    s,
+                    "IP-in-IP: {} packets merged by the kernel's GRO received and cut back",
+                    get("ipip_gro_in")
+                );
+            }
             if get("af_packet_out") > 0 {
                 let _ = writeln!(
                     s,
@@ -641,7 +649,7 @@ impl Status {
         m.family(
             "espip_offload_packets_total",
             "counter",
-            "Offload work: tso_in / uso_in (large TUN packets segmented), gro_out (coalesced TUN writes), udp_gso_out / udp_gro_in (ESP-in-UDP trains sent / received as one).",
+            "Offload work: tso_in / uso_in (large TUN packets segmented), gro_out (coalesced TUN writes), udp_gso_out / udp_gro_in (ESP-in-UDP trains sent / received as one), ipip_gro_in (IP-in-IP packets merged by the kernel's GRO, cut back).",
         );
         for (kind, n) in &self.offload {
             m.sample(

@@ -34,6 +34,9 @@ pub struct EdgeStats {
     /// Outer packets of the raw-socket modes sent through an `AF_PACKET` socket
     /// (`interface.tx_path = "auto"`) rather than the raw socket.
     pub af_packet_sends: AtomicU64,
+    /// IP-in-IP packets that the kernel's GRO had merged, received with their segment size
+    /// and cut back into the original packets (`sys::grorx`).
+    pub ipip_gro_receives: AtomicU64,
 }
 
 /// Lets one warning of a kind through per [`WARN_INTERVAL`].

@@ -16,6 +16,7 @@ use super::BATCH;
 use crate::buf::{PacketBuf, MAX_PACKET};
 use crate::datapath::{Inbound, Verdict};
 use crate::sys::capture::{Recorder, Tap};
+use crate::sys::grorx::{GroSocket, LocalCheck};
 use crate::sys::raw::{strip_ipv4_header, RawSocket};
 use crate::sys::tun::Tun;
 use crate::sys::udp::UdpEncapSocket;
@@ -34,8 +35,12 @@ use tracing::{debug, warn};
 pub(super) const UDP_MSGS: usize = 8;
 
 /// Descriptors polled: the stop eventfd, the raw sockets (50; 4 and 41; over IPv4 and IPv6:
-/// at most six) and a UDP socket per family.
-const POLL_SLOTS: usize = 9;
+/// at most six), a UDP socket per family and the merged IP-in-IP socket per family.
+const POLL_SLOTS: usize = 11;
+
+/// Segments one merged IP-in-IP packet may be cut into (64 KB of 536-byte TCP segments is
+/// 123; Linux's UDP GRO stops at 64 datagrams).
+const MAX_SEGMENTS: usize = 128;
 
 /// The outer source and protocol of a received packet (`None`: its outer header was bad).
 pub(super) type Origin = Option<(IpAddr, u8)>;
@@ -54,10 +59,15 @@ struct RxBufs {
     wire: Vec<PacketBuf>,
     /// Their source and segment size.
     meta: [crate::sys::udp::Received; UDP_MSGS],
+    /// A merged IP-in-IP packet and the packets it is cut back into (only with a
+    /// [`GroSocket`]).
+    merged: Option<(PacketBuf, Vec<PacketBuf>)>,
+    /// Whether an outer destination is this host's (the merged packets' socket sees all).
+    local: LocalCheck,
 }
 
 impl RxBufs {
-    fn new(udp: bool) -> RxBufs {
+    fn new(udp: bool, merged: bool) -> RxBufs {
         RxBufs {
             bufs: (0..BATCH).map(|_| PacketBuf::new(MAX_PACKET)).collect(),
             origin: [None; BATCH],
@@ -73,12 +83,20 @@ impl RxBufs {
                 segment: 0,
                 truncated: false,
             }; UDP_MSGS],
+            merged: merged.then(|| {
+                let segs = (0..MAX_SEGMENTS).map(|_| PacketBuf::new(MAX_PACKET));
+                (PacketBuf::new(MAX_PACKET), segs.collect())
+            }),
+            local: LocalCheck::default(),
         }
     }
 }
 
 pub(super) fn rx_loop(mut inb: Inbound, e: &Edges, rec: &mut Recorder, clock: Instant) {
-    let mut b = RxBufs::new(!e.udp.is_empty());
+    let mut b = RxBufs::new(
+        !e.udp.is_empty(),
+        e.sockets.iter().any(|s| s.merged().is_some()),
+    );
     let mut rx = RxState {
         inb: &mut inb,
         gen: e.current.load_full(),
@@ -98,6 +116,12 @@ pub(super) fn rx_loop(mut inb: Inbound, e: &Edges, rec: &mut Recorder, clock: In
             .iter()
             .map(|s| s.as_fd())
             .chain(e.udp.iter().map(|u| u.as_fd()))
+            .chain(
+                e.sockets
+                    .iter()
+                    .filter_map(|s| s.merged())
+                    .map(|g| g.as_fd()),
+            )
             .take(POLL_SLOTS - 1)
         {
             fds[count] = pollin(fd);
@@ -142,6 +166,13 @@ pub(super) fn rx_loop(mut inb: Inbound, e: &Edges, rec: &mut Recorder, clock: In
         {
             drain_udp(u, &mut b, &mut rx, rec, now);
         }
+        let merged = e.sockets.iter().filter_map(|s| s.merged());
+        for (g, _) in merged
+            .zip(&ready[e.sockets.len() + e.udp.len()..])
+            .filter(|(_, r)| **r)
+        {
+            drain_merged(g, &mut b, &mut rx, rec, now);
+        }
         let now = clock.elapsed().as_nanos() as u64;
         rec.begin_batch();
         rx.release(&mut b.bufs, rec, now);
@@ -183,6 +214,92 @@ fn drain_raw(s: &RawSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recorder
             break;
         }
     }
+}
+
+/// Receive the IP-in-IP packets that the kernel's GRO merged (`sys::grorx`) until none is
+/// left: each is checked like a raw socket's packet (outer header, destination on this host),
+/// cut back into the packets it was made of with the segment size the kernel reports (TCP:
+/// the sequence numbers and checksums of each; UDP: the original datagrams), and those go to
+/// the core like any batch (and are coalesced again for the TUN write).
+fn drain_merged(g: &GroSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recorder, now: u64) {
+    use crate::gso::{self, GSO_ECN, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4};
+    let Some((pkt, segs)) = b.merged.as_mut() else {
+        return;
+    };
+    let edge = rx.e.edge;
+    for _ in 0..BATCH {
+        let m = match g.recv(pkt) {
+            Ok(Some(m)) => m,
+            Ok(None) => continue,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => {
+                debug!("recvfrom (merged IP-in-IP): {err}");
+                break;
+            }
+        };
+        rec.begin_batch();
+        rec.record(Tap::Outer, pkt.as_slice());
+        let outer = if g.is_v6() {
+            strip_ipv6_header(pkt)
+        } else {
+            let dst = pkt
+                .as_slice()
+                .get(16..20)
+                .map(|d| IpAddr::V4(Ipv4Addr::new(d[0], d[1], d[2], d[3])));
+            dst.zip(strip_ipv4_header(pkt))
+        };
+        let Some((dst, (src, proto))) = outer else {
+            edge.bad_outer.fetch_add(1, Relaxed);
+            continue;
+        };
+        if !matches!(proto, 4 | 41) || !b.local.is_local(dst, now) {
+            edge.bad_outer.fetch_add(1, Relaxed);
+            continue;
+        }
+        let size = usize::from(m.vnet.gso_size);
+        let cut = match m.vnet.gso_type & !GSO_ECN {
+            GSO_TCPV4 | GSO_TCPV6 => gso::segment_tcp(pkt.as_slice(), size, segs),
+            GSO_UDP_L4 => gso::segment_udp(pkt.as_slice(), size, segs),
+            _ => Err(gso::GsoError::Unsupported),
+        };
+        let n = match cut {
+            Ok(n) => n,
+            Err(_) => {
+                edge.offload_errors.fetch_add(1, Relaxed);
+                continue;
+            }
+        };
+        edge.ipip_gro_receives.fetch_add(1, Relaxed);
+        let origin = [Some((src, proto)); BATCH];
+        for chunk in segs[..n].chunks_mut(BATCH) {
+            let k = chunk.len();
+            rx.batch(chunk, &origin[..k], &[], rec, now);
+        }
+        rec.flush();
+    }
+}
+
+/// Validate and remove the outer IPv6 header of a merged IP-in-IP packet (no extension
+/// headers: the kernel's filter matched the next header); the outer destination, source and
+/// next header.
+fn strip_ipv6_header(buf: &mut PacketBuf) -> Option<(IpAddr, (IpAddr, u8))> {
+    let b = buf.as_slice();
+    if b.len() < 40 || b[0] >> 4 != 6 {
+        return None;
+    }
+    let payload = usize::from(u16::from_be_bytes([b[4], b[5]]));
+    let addr = |at: usize| {
+        let a: [u8; 16] = b[at..at + 16].try_into().ok()?;
+        Some(IpAddr::from(a))
+    };
+    let (src, dst, next) = (addr(8)?, addr(24)?, b[6]);
+    if 40 + payload > b.len() {
+        return None;
+    }
+    buf.truncate(40 + payload);
+    buf.pull_front(40)?;
+    Some((dst, (src, next)))
 }
 
 /// Receive from the ESP-in-UDP socket until it is empty; each GRO train is split into its

@@ -228,10 +228,23 @@ fn open_sockets(cfg: &Config) -> Result<(Vec<RawSocket>, Vec<UdpEncapSocket>), D
         if uses(|e| matches!(e, EncapSpec::IpIp)) {
             protocols.extend([PROTO_IPIP, PROTO_IPV6]);
         }
+        let first = sockets.len();
         for protocol in protocols {
             let s = RawSocket::open(protocol, v6, local)
                 .map_err(|source| DaemonError::RawSocket { protocol, source })?;
             sockets.push(s);
+        }
+        if let [.., ipip, sit] = &mut sockets[first..] {
+            if ipip.protocol() == PROTO_IPIP {
+                if let Err(e) = crate::sys::raw::split_merged(ipip, sit) {
+                    warn!(
+                        "cannot receive IP-in-IP packets that the kernel's GRO merged ({e}): \
+                         with GRO on (ethtool -k), TCP through ip-in-ip peers will stall; \
+                         turn it off with `ethtool -K <interface> gro off` or run espip where \
+                         bpf(2) is allowed"
+                    );
+                }
+            }
         }
         if uses(|e| {
             matches!(

@@ -1,7 +1,9 @@
 //! The kernel edges: the TUN device, raw IP sockets, rtnetlink, files. The pure core
 //! (`espip-core`) cannot import this module: it is another crate, below this one.
 
+pub mod bpf;
 pub mod capture;
+pub mod grorx;
 pub mod iptables;
 pub mod kstats;
 mod mmsg;

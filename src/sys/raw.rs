@@ -22,6 +22,9 @@ pub struct RawSocket {
     sock: Socket,
     protocol: u8,
     v6: bool,
+    /// IP-in-IP only: the socket that takes the packets the kernel's GRO merged, which this
+    /// one then drops ([`split_merged`]).
+    merged: Option<super::grorx::GroSocket>,
 }
 
 impl RawSocket {
@@ -44,12 +47,22 @@ impl RawSocket {
         if let Some(l) = local {
             sock.bind(&SocketAddr::new(l, 0).into())?;
         }
-        Ok(RawSocket { sock, protocol, v6 })
+        Ok(RawSocket {
+            sock,
+            protocol,
+            v6,
+            merged: None,
+        })
     }
 
     /// The IP protocol.
     pub fn protocol(&self) -> u8 {
         self.protocol
+    }
+
+    /// The socket for the merged IP-in-IP packets of this family, if [`split_merged`] made one.
+    pub fn merged(&self) -> Option<&super::grorx::GroSocket> {
+        self.merged.as_ref()
     }
 
     /// Whether this socket carries its protocol over IPv6.
@@ -157,6 +170,22 @@ impl AsFd for RawSocket {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.sock.as_fd()
     }
+}
+
+/// Hand the IP-in-IP packets that the kernel's GRO merged (see `sys::bpf`) to an
+/// `AF_PACKET` socket that learns where the original packets ended, and make the two raw
+/// IP-in-IP sockets of that family (`ipip`: protocol 4, `sit`: 41) drop them. On an error
+/// nothing changed: merged packets keep arriving on the raw sockets (the caller warns).
+pub fn split_merged(ipip: &mut RawSocket, sit: &RawSocket) -> io::Result<()> {
+    let g = super::grorx::GroSocket::open(ipip.v6)?;
+    super::bpf::merged_ipip(&ipip.sock, ipip.v6, false)?;
+    if let Err(e) = super::bpf::merged_ipip(&sit.sock, sit.v6, false) {
+        // SO_DETACH_FILTER takes the filter off again (its value is ignored).
+        let _ = set_int(&ipip.sock, libc::SOL_SOCKET, libc::SO_DETACH_FILTER, 0);
+        return Err(e);
+    }
+    ipip.merged = Some(g);
+    Ok(())
 }
 
 fn force_buffer(sock: &Socket, opt: libc::c_int) {

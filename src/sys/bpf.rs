@@ -1,0 +1,160 @@
+//! Two tiny socket filters (eBPF, loaded with `bpf(2)`, no loader crate): they split the
+//! IP-in-IP packets that the kernel's GRO merged (`gso_size` set: several packets of one
+//! inner flow in one buffer) from the ones it did not.
+//!
+//! A NIC with GRO on (the default on nearly every physical NIC) merges consecutive IP-in-IP
+//! packets of one inner TCP flow (Linux's `ipip_gro_receive`, `sit_gro_receive`,
+//! `ip4ip6_gro_receive`, `ip6ip6_gro_receive`; inner UDP too when the inner destination's
+//! socket asked for UDP GRO). A raw socket then receives one packet of up to 64 KB whose
+//! inner checksum is left partial, and nothing tells it where the original packets ended.
+//! An `AF_PACKET` socket with `PACKET_VNET_HDR` is told (`gso_size`), so:
+//! - [`merged_ipip`] `accept = true` on that socket takes only merged IP-in-IP packets;
+//! - [`merged_ipip`] `accept = false` on the raw IP-in-IP sockets drops exactly those, so each
+//!   packet reaches espip once (and the kernel, having delivered to a raw socket, sends no
+//!   ICMP "protocol unreachable").
+//!
+//! Both read `__sk_buff.gso_size` (Linux 5.7+; `include/uapi/linux/bpf.h`) and the IP
+//! protocol / next header at the network header (`SKF_NET_OFF`, as classic BPF).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// `offsetof(struct __sk_buff, gso_size)` (checked against this machine's uapi header).
+const SKB_GSO_SIZE: i16 = 176;
+/// `SKF_NET_OFF`: a load relative to the network header.
+const SKF_NET_OFF: i32 = -0x10_0000;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
+/// `SO_ATTACH_BPF`.
+const SO_ATTACH_BPF: libc::c_int = 50;
+
+/// One eBPF instruction (`struct bpf_insn`).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Insn {
+    code: u8,
+    /// dst_reg in the low nibble, src_reg in the high one.
+    regs: u8,
+    off: i16,
+    imm: i32,
+}
+
+const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
+    Insn {
+        code,
+        regs: dst | (src << 4),
+        off,
+        imm,
+    }
+}
+
+/// `r6 = r1` (LD_ABS takes the context from r6).
+const MOV64_X: u8 = 0xbf;
+/// `r0 = *(u32 *)(src + off)`.
+const LDX_W: u8 = 0x61;
+/// `if dst == imm goto +off`.
+const JEQ_K: u8 = 0x15;
+/// `r0 = the byte at imm` (legacy packet load, socket filters only).
+const LD_ABS_B: u8 = 0x30;
+/// `w0 = imm` (zero-extended).
+const MOV32_K: u8 = 0xb4;
+const EXIT: u8 = 0x95;
+
+/// The filter: a packet is "merged IP-in-IP" if its `gso_size` is set and its IP protocol
+/// (IPv4) or next header (IPv6, `v6`) is 4 or 41. `accept`: keep those and drop the rest (the
+/// `AF_PACKET` side); else drop those and keep the rest (the raw sockets).
+fn program(v6: bool, accept: bool) -> [Insn; 10] {
+    let proto_at = SKF_NET_OFF + if v6 { 6 } else { 9 };
+    let (hit, miss) = if accept { (-1, 0) } else { (0, -1) };
+    [
+        insn(MOV64_X, 6, 1, 0, 0),
+        insn(LDX_W, 0, 1, SKB_GSO_SIZE, 0),
+        insn(JEQ_K, 0, 0, 3, 0), // not merged: miss
+        insn(LD_ABS_B, 0, 0, 0, proto_at),
+        insn(JEQ_K, 0, 0, 3, 4),  // IPv4 inside: hit
+        insn(JEQ_K, 0, 0, 2, 41), // IPv6 inside: hit
+        insn(MOV32_K, 0, 0, 0, miss),
+        insn(EXIT, 0, 0, 0, 0),
+        insn(MOV32_K, 0, 0, 0, hit),
+        insn(EXIT, 0, 0, 0, 0),
+    ]
+}
+
+/// `union bpf_attr` for `BPF_PROG_LOAD`, up to `prog_name` (the kernel zero-fills the rest).
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoad {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+}
+
+fn load(insns: &[Insn]) -> io::Result<OwnedFd> {
+    let license = b"GPL\0";
+    let mut name = [0u8; 16];
+    name[..11].copy_from_slice(b"espip_merge");
+    let attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_SOCKET_FILTER,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name: name,
+        ..Default::default()
+    };
+    // SAFETY: bpf(BPF_PROG_LOAD) reads `attr` (its size given) and the instruction array and
+    // license it points at, all alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &attr as *const ProgLoad,
+            std::mem::size_of::<ProgLoad>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Attach the merged-IP-in-IP filter (see [`program`]) to `sock`. The program lives as long
+/// as the socket: nothing to remove on stop, and nothing left after a SIGKILL.
+pub fn merged_ipip(sock: &impl AsRawFd, v6: bool, accept: bool) -> io::Result<()> {
+    let prog = load(&program(v6, accept))?;
+    super::set_int(
+        sock,
+        libc::SOL_SOCKET,
+        SO_ATTACH_BPF,
+        prog.as_raw_fd() as libc::c_int,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jumps_land_on_the_exits() {
+        let p = program(false, true);
+        // Each conditional jump lands on `w0 = miss` (index 6) or `w0 = hit` (index 8).
+        for (i, t) in [(2usize, 6usize), (4, 8), (5, 8)] {
+            assert_eq!(p[i].code, JEQ_K);
+            assert_eq!(i + 1 + p[i].off as usize, t, "jump at {i}");
+        }
+        assert_eq!((p[6].imm, p[8].imm), (0, -1));
+        assert_eq!((p[7].code, p[9].code), (EXIT, EXIT));
+        assert_eq!(program(true, false)[3].imm, SKF_NET_OFF + 6);
+        assert_eq!(
+            (program(true, false)[6].imm, program(true, false)[8].imm),
+            (-1, 0)
+        );
+    }
+}
