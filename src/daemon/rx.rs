@@ -15,8 +15,9 @@ use super::workers::Edges;
 use super::BATCH;
 use crate::buf::{PacketBuf, MAX_PACKET};
 use crate::datapath::{Inbound, Verdict};
+use crate::gso::GsoError;
 use crate::sys::capture::{Recorder, Tap};
-use crate::sys::grorx::{GroSocket, LocalCheck};
+use crate::sys::grorx::{GroSocket, LocalCheck, Merged};
 use crate::sys::raw::{strip_ipv4_header, RawSocket};
 use crate::sys::tun::Tun;
 use crate::sys::udp::UdpEncapSocket;
@@ -38,8 +39,8 @@ pub(super) const UDP_MSGS: usize = 8;
 /// at most six), a UDP socket per family and the merged IP-in-IP socket per family.
 const POLL_SLOTS: usize = 11;
 
-/// Segments one merged IP-in-IP packet may be cut into (64 KB of 536-byte TCP segments is
-/// 123; Linux's UDP GRO stops at 64 datagrams).
+/// Pieces of merged IP-in-IP packets held before they go to the core (64 KB of 536-byte TCP
+/// segments is 123; Linux's UDP GRO stops at 64 datagrams; a packet of more is cut in turns).
 const MAX_SEGMENTS: usize = 128;
 
 /// The outer source and protocol of a received packet (`None`: its outer header was bad).
@@ -222,11 +223,15 @@ fn drain_raw(s: &RawSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recorder
 /// the sequence numbers and checksums of each; UDP: the original datagrams), and those go to
 /// the core like any batch (and are coalesced again for the TUN write).
 fn drain_merged(g: &GroSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recorder, now: u64) {
-    use crate::gso::{self, GSO_ECN, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4};
     let Some((pkt, segs)) = b.merged.as_mut() else {
         return;
     };
     let edge = rx.e.edge;
+    // The pieces of several merged packets, with their outer source, go to the core together
+    // (a batch at a time), so that the TUN writes coalesce across them.
+    let mut origin: [Origin; MAX_SEGMENTS] = [None; MAX_SEGMENTS];
+    let mut n = 0;
+    rec.begin_batch();
     for _ in 0..BATCH {
         let m = match g.recv(pkt) {
             Ok(Some(m)) => m,
@@ -238,7 +243,6 @@ fn drain_merged(g: &GroSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recor
                 break;
             }
         };
-        rec.begin_batch();
         rec.record(Tap::Outer, pkt.as_slice());
         let outer = if g.is_v6() {
             strip_ipv6_header(pkt)
@@ -257,26 +261,63 @@ fn drain_merged(g: &GroSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recor
             edge.bad_outer.fetch_add(1, Relaxed);
             continue;
         }
-        let size = usize::from(m.vnet.gso_size);
-        let cut = match m.vnet.gso_type & !GSO_ECN {
-            GSO_TCPV4 | GSO_TCPV6 => gso::segment_tcp(pkt.as_slice(), size, segs),
-            GSO_UDP_L4 => gso::segment_udp(pkt.as_slice(), size, segs),
-            _ => Err(gso::GsoError::Unsupported),
-        };
-        let n = match cut {
-            Ok(n) => n,
-            Err(_) => {
-                edge.offload_errors.fetch_add(1, Relaxed);
-                continue;
+        // A packet of more pieces than the buffers left is cut in turns.
+        let mut first = 0;
+        loop {
+            if n == MAX_SEGMENTS {
+                flush_pieces(&mut segs[..n], &origin[..n], rx, rec, now);
+                n = 0;
             }
-        };
-        edge.ipip_gro_receives.fetch_add(1, Relaxed);
-        let origin = [Some((src, proto)); BATCH];
-        for chunk in segs[..n].chunks_mut(BATCH) {
-            let k = chunk.len();
-            rx.batch(chunk, &origin[..k], &[], rec, now);
+            match cut_back(&m, pkt, first, &mut segs[n..]) {
+                Ok((k, total)) => {
+                    origin[n..n + k].fill(Some((src, proto)));
+                    n += k;
+                    first += k;
+                    if first >= total {
+                        edge.ipip_gro_receives.fetch_add(1, Relaxed);
+                        break;
+                    }
+                }
+                Err(_) => {
+                    edge.offload_errors.fetch_add(1, Relaxed);
+                    break;
+                }
+            }
         }
-        rec.flush();
+    }
+    flush_pieces(&mut segs[..n], &origin[..n], rx, rec, now);
+    rec.flush();
+}
+
+/// Cut a merged packet back into `out`, from piece `first` on, with the segment size its
+/// `virtio_net_hdr` gives: (pieces cut, pieces in all).
+fn cut_back(
+    m: &Merged,
+    pkt: &PacketBuf,
+    first: usize,
+    out: &mut [PacketBuf],
+) -> Result<(usize, usize), GsoError> {
+    use crate::gso::{
+        segment_tcp_from, segment_udp_from, GSO_ECN, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4,
+    };
+    let size = usize::from(m.vnet.gso_size);
+    match m.vnet.gso_type & !GSO_ECN {
+        GSO_TCPV4 | GSO_TCPV6 => segment_tcp_from(pkt.as_slice(), size, first, out),
+        GSO_UDP_L4 => segment_udp_from(pkt.as_slice(), size, first, out),
+        _ => Err(GsoError::Unsupported),
+    }
+}
+
+/// Run cut-back pieces through the core, [`BATCH`] at a time.
+fn flush_pieces(
+    segs: &mut [PacketBuf],
+    origin: &[Origin],
+    rx: &mut RxState,
+    rec: &mut Recorder,
+    now: u64,
+) {
+    for (chunk, o) in segs.chunks_mut(BATCH).zip(origin.chunks(BATCH)) {
+        rx.batch(chunk, o, &[], rec, now);
     }
 }
 

@@ -176,15 +176,31 @@ fn ip_segment<'a>(
 /// most `gso_size` payload bytes, one per buffer of `out` (each reset, headroom kept). Returns
 /// the number of segments.
 pub fn segment_tcp(pkt: &[u8], gso_size: usize, out: &mut [PacketBuf]) -> Result<usize, GsoError> {
+    let (ip_len, _) = ip_layout(pkt, PROTO_TCP)?;
+    let t0 = TcpPacket::new_checked(&pkt[ip_len..]).map_err(|_| GsoError::Malformed)?;
+    if count(pkt.len() - (ip_len + t0.header_len()), gso_size)? > out.len() {
+        return Err(GsoError::TooManySegments);
+    }
+    segment_tcp_from(pkt, gso_size, 0, out).map(|(n, _)| n)
+}
+
+/// [`segment_tcp`] from segment `first` on, as many as `out` holds: returns how many were
+/// cut and how many the packet has in all (a packet of more segments than one batch of
+/// buffers is cut in turns).
+pub fn segment_tcp_from(
+    pkt: &[u8],
+    gso_size: usize,
+    first: usize,
+    out: &mut [PacketBuf],
+) -> Result<(usize, usize), GsoError> {
     let (ip_len, addr_sum) = ip_layout(pkt, PROTO_TCP)?;
     let t0 = TcpPacket::new_checked(&pkt[ip_len..]).map_err(|_| GsoError::Malformed)?;
     let hdr = ip_len + t0.header_len();
     let n = count(pkt.len() - hdr, gso_size)?;
-    if n > out.len() {
-        return Err(GsoError::TooManySegments);
-    }
+    let m = n.saturating_sub(first).min(out.len());
     let (seq0, flags0) = (t0.seq(), t0.flags());
-    for (i, b) in out[..n].iter_mut().enumerate() {
+    for (j, b) in out[..m].iter_mut().enumerate() {
+        let i = first + j;
         let s = ip_segment(pkt, ip_len, hdr, gso_size, i, b)?;
         let seg_len = (s.len() - ip_len) as u32;
         let mut t = TcpPacket::new_checked(&mut s[ip_len..]).map_err(|_| GsoError::Malformed)?;
@@ -206,24 +222,41 @@ pub fn segment_tcp(pkt: &[u8], gso_size: usize, out: &mut [PacketBuf]) -> Result
             .map_err(|_| GsoError::Malformed)?
             .set_checksum(c);
     }
-    Ok(n)
+    Ok((m, n))
 }
 
 /// Cut a UDP GSO packet (USO: an application sent with `UDP_SEGMENT`) into datagrams of
 /// `gso_size` payload bytes, each with its own IP header (IPv4 total length, ID, header
 /// checksum; IPv6 payload length), UDP length and full UDP checksum. Returns the count.
 pub fn segment_udp(pkt: &[u8], gso_size: usize, out: &mut [PacketBuf]) -> Result<usize, GsoError> {
+    let (ip_len, _) = ip_layout(pkt, PROTO_UDP)?;
+    let hdr = ip_len + udp::HEADER_LEN;
+    if pkt.len() < hdr {
+        return Err(GsoError::Malformed);
+    }
+    if count(pkt.len() - hdr, gso_size)? > out.len() {
+        return Err(GsoError::TooManySegments);
+    }
+    segment_udp_from(pkt, gso_size, 0, out).map(|(n, _)| n)
+}
+
+/// [`segment_udp`] from datagram `first` on, as many as `out` holds: how many were cut, and
+/// how many the packet has in all.
+pub fn segment_udp_from(
+    pkt: &[u8],
+    gso_size: usize,
+    first: usize,
+    out: &mut [PacketBuf],
+) -> Result<(usize, usize), GsoError> {
     let (ip_len, addr_sum) = ip_layout(pkt, PROTO_UDP)?;
     let hdr = ip_len + udp::HEADER_LEN;
     if pkt.len() < hdr {
         return Err(GsoError::Malformed);
     }
     let n = count(pkt.len() - hdr, gso_size)?;
-    if n > out.len() {
-        return Err(GsoError::TooManySegments);
-    }
-    for (i, b) in out[..n].iter_mut().enumerate() {
-        let s = ip_segment(pkt, ip_len, hdr, gso_size, i, b)?;
+    let m = n.saturating_sub(first).min(out.len());
+    for (j, b) in out[..m].iter_mut().enumerate() {
+        let s = ip_segment(pkt, ip_len, hdr, gso_size, first + j, b)?;
         let udp_len = (s.len() - ip_len) as u16;
         let mut u = UdpPacket::new_checked(&mut s[ip_len..]).map_err(|_| GsoError::Malformed)?;
         u.set_len(udp_len);
@@ -240,7 +273,7 @@ pub fn segment_udp(pkt: &[u8], gso_size: usize, out: &mut [PacketBuf]) -> Result
             .map_err(|_| GsoError::Malformed)?
             .set_checksum(c);
     }
-    Ok(n)
+    Ok((m, n))
 }
 
 #[cfg(test)]
@@ -357,6 +390,43 @@ pub(crate) mod tests {
             assert!(segment_tcp(&p[..cut], 1000, &mut out).is_err(), "cut {cut}");
         }
         assert_eq!(segment_tcp(&p, 0, &mut out), Err(GsoError::Malformed));
+    }
+
+    /// A packet of more segments than the buffers at hand is cut in turns (the receive side
+    /// of GRO-merged IP-in-IP packets): the same segments, byte for byte, as in one go.
+    #[test]
+    fn cutting_in_turns_gives_the_same_segments() {
+        for v4 in [true, false] {
+            let p = super_packet(v4, 7300, 0x18 | 0x01); // ACK PSH FIN: flags on the last only
+            let mut all: Vec<PacketBuf> = (0..8).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+            assert_eq!(segment_tcp(&p, 1000, &mut all), Ok(8));
+            let mut part: Vec<PacketBuf> = (0..3).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+            let mut first = 0;
+            while first < 8 {
+                let (k, total) = segment_tcp_from(&p, 1000, first, &mut part).unwrap();
+                assert_eq!(total, 8);
+                for j in 0..k {
+                    assert_eq!(
+                        part[j].as_slice(),
+                        all[first + j].as_slice(),
+                        "segment {}",
+                        first + j
+                    );
+                }
+                first += k;
+            }
+            assert_eq!(first, 8);
+            let mut u = super_packet(v4, 0, 0);
+            let ip = if v4 { 20 } else { 40 };
+            u.truncate(ip);
+            u[if v4 { 9 } else { 6 }] = 17;
+            u.extend_from_slice(&[0x1f, 0x90, 0x00, 0x35, 0, 0, 0, 0]);
+            u.extend((0..2500u32).map(|i| i as u8));
+            let n = segment_udp(&u, 1000, &mut all).unwrap();
+            let (k, total) = segment_udp_from(&u, 1000, 2, &mut part).unwrap();
+            assert_eq!((n, k, total), (3, 1, 3));
+            assert_eq!(part[0].as_slice(), all[2].as_slice());
+        }
     }
 
     #[test]
