@@ -458,6 +458,66 @@ fn merged_by_gro(v6: bool) {
     }
 }
 
+/// The `AF_PACKET` socket for GRO-merged IP-in-IP packets sees them before IP input decides
+/// whether they are for this host: one addressed to another host (which this host would
+/// forward or drop) must not be decapsulated. Forged frames with the peer's outer source go
+/// into a NAPI tap in B's namespace (GRO merges them as a NIC's driver would): to an address
+/// B does not have, then to one it has. Only the second are taken.
+#[test]
+fn merged_ip_in_ip_packets_for_another_host_are_not_decapsulated() {
+    let Some(_g) = serial() else { return };
+    let mut pair = fast_path_pair("gromx", LabMode::IpIp, false, "");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/gro_forge.py");
+    let forge = |dst: &str| {
+        let out = netns::run(pair.b.command("/usr/bin/python3").arg(&script).args([
+            "198.51.100.2/24",
+            p2p::A_OUTER,
+            dst,
+            p2p::A_INNER,
+            p2p::B_INNER,
+        ]))
+        .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "sent 10",
+            "{out:?}"
+        );
+    };
+    let status = || status_at(&pair.dir.join("state-b/control.sock"));
+    let before = status();
+    forge("198.51.100.99");
+    let mid = status();
+    assert_eq!(
+        mid.offload["ipip_gro_in"], before.offload["ipip_gro_in"],
+        "nothing for another host was cut back"
+    );
+    assert_eq!(
+        mid.peers[0].rx_packets, before.peers[0].rx_packets,
+        "nor delivered"
+    );
+    assert!(
+        mid.errors["bad_outer"] > before.errors["bad_outer"],
+        "the merged packet was seen and refused (else this test proves nothing): {:?}",
+        mid.errors
+    );
+    forge("198.51.100.2");
+    let after = status();
+    assert!(
+        after.offload["ipip_gro_in"] > mid.offload["ipip_gro_in"],
+        "the same packets to this host were merged and cut back: {:?}",
+        after.offload
+    );
+    assert_eq!(
+        after.peers[0].rx_packets,
+        mid.peers[0].rx_packets + 10,
+        "all 10 inner packets taken"
+    );
+    for d in &mut pair.daemons {
+        assert!(d.stop().unwrap());
+    }
+}
+
 /// The p2p lab's pair in `mode` over IPv4 or IPv6, `a_interface` added to A's `[interface]`.
 fn fast_path_pair(tag: &str, mode: LabMode, v6: bool, a_interface: &str) -> FullPair {
     let (a, b) = if v6 {
