@@ -1,4 +1,4 @@
-//! Namespace tests: TUN offloads and UDP GSO/GRO: mixed offload settings interoperate, TSO/USO packets are segmented and GRO coalesces, ESP-in-UDP trains move both ways.
+//! Namespace tests: TUN offloads and UDP GSO/GRO: mixed offload settings interoperate, TSO/USO packets are segmented and GRO coalesces, ESP-in-UDP trains move both ways; the raw modes' AF_PACKET fast path; IP-in-IP that the receiver's GRO merged is cut back (and refused when it is for another host).
 //! Shared harness in `common/`; see its documentation for the rules (root, namespace
 //! names, cleanup).
 
