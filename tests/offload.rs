@@ -30,33 +30,7 @@ fn tso_and_uso_packets_from_the_tun_are_segmented_and_gro_coalesces() {
     // its kernel hands the TUN five 12 KB UDP packets (USO) that espip must cut into 50. B's
     // espip receives them in trains and writes each train to its TUN as one UDP GSO packet
     // (UDP GRO), which B's kernel cuts again: the same 50 datagrams, in order, byte for byte.
-    let recv = pair
-        .b
-        .command("/usr/bin/python3")
-        .args([
-            "-c",
-            "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('10.4.2.5', 5555))\ns.settimeout(3)\nsizes = []\nimport hashlib\nh = hashlib.sha256()\ntry:\n    while len(sizes) < 50:\n        d = s.recv(65535)\n        sizes.append(len(d))\n        h.update(d)\nexcept socket.timeout:\n    pass\nprint(len(sizes), sorted(set(sizes)), h.hexdigest())",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let sent = netns::run(pair.a.command("/usr/bin/python3").args([
-        "-c",
-        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.setsockopt(17, 103, 1200)\nimport hashlib\nh = hashlib.sha256()\nfor i in range(5):\n    d = b''.join(bytes([i * 10 + k]) * 1200 for k in range(10))\n    h.update(d)\n    s.sendto(d, ('10.4.2.5', 5555))\nprint('sent', h.hexdigest())",
-    ]))
-    .unwrap();
-    let sent = String::from_utf8_lossy(&sent.stdout).trim().to_string();
-    let Some(digest) = sent.strip_prefix("sent ") else {
-        panic!("the sender failed: {sent}");
-    };
-    let got = recv.wait_with_output().unwrap();
-    let got = String::from_utf8_lossy(&got.stdout).trim().to_string();
-    assert_eq!(
-        got,
-        format!("50 [1200] {digest}"),
-        "B received every 1200-byte datagram, in order, unchanged"
-    );
+    fifty_datagrams_arrive(&pair, false);
     let b = status_at(&pair.dir.join("state-b/control.sock"));
     assert!(
         b.offload["gro_out"] > 0,
@@ -393,33 +367,7 @@ fn merged_by_gro(v6: bool) {
     );
     // UDP: B's receiver asks for UDP GRO, so B's kernel merges the inner datagrams too; they
     // must come out as the same 50 datagrams of 1200 bytes (UDP keeps its boundaries).
-    let recv = pair
-        .b
-        .command("/usr/bin/python3")
-        .args([
-            "-c",
-            "import socket, struct, hashlib\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.setsockopt(17, 104, 1)\ns.bind(('10.4.2.5', 5555))\ns.settimeout(3)\nh = hashlib.sha256()\nsizes = []\ntry:\n    while len(sizes) < 50:\n        d, anc, _, _ = s.recvmsg(65535, 64)\n        seg = len(d)\n        for lvl, typ, v in anc:\n            if lvl == 17 and typ == 104:\n                seg = struct.unpack('=H', v[:2])[0] if len(v) == 2 else struct.unpack('=i', v[:4])[0]\n        for i in range(0, len(d), seg):\n            sizes.append(len(d[i:i + seg]))\n            h.update(d[i:i + seg])\nexcept socket.timeout:\n    pass\nprint(len(sizes), sorted(set(sizes)), h.hexdigest())",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let sent = netns::run(pair.a.command("/usr/bin/python3").args([
-        "-c",
-        "import socket, hashlib\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.setsockopt(17, 103, 1200)\nh = hashlib.sha256()\nfor i in range(5):\n    d = b''.join(bytes([i * 10 + k]) * 1200 for k in range(10))\n    h.update(d)\n    s.sendto(d, ('10.4.2.5', 5555))\nprint('sent', h.hexdigest())",
-    ]))
-    .unwrap();
-    let sent = String::from_utf8_lossy(&sent.stdout).trim().to_string();
-    let Some(digest) = sent.strip_prefix("sent ") else {
-        panic!("the sender failed: {sent}");
-    };
-    let got = recv.wait_with_output().unwrap();
-    let got = String::from_utf8_lossy(&got.stdout).trim().to_string();
-    assert_eq!(
-        got,
-        format!("50 [1200] {digest}"),
-        "B received every datagram unchanged"
-    );
+    fifty_datagrams_arrive(&pair, true);
     // A flow with a 256-byte MSS: many small pieces per merged packet. (One of more than
     // the 128 pieces B holds at once would be cut in turns; this veth's GRO did not merge that
     // many in our runs, so `gso::tests::cutting_in_turns_gives_the_same_segments` covers it.)
@@ -516,6 +464,41 @@ fn merged_ip_in_ip_packets_for_another_host_are_not_decapsulated() {
     for d in &mut pair.daemons {
         assert!(d.stop().unwrap());
     }
+}
+
+/// A sends 5 x 12000 bytes with `UDP_SEGMENT` = 1200 to B (10.4.2.5:5555); B must receive
+/// the same 50 datagrams of 1200 bytes, in order, byte for byte. `udp_gro`: B's socket asks
+/// for UDP GRO and splits what it receives by the segment size the kernel reports (`UDP_GRO`
+/// cmsg).
+fn fifty_datagrams_arrive(pair: &FullPair, udp_gro: bool) {
+    let recv = pair
+        .b
+        .command("/usr/bin/python3")
+        .args([
+            "-c",
+            "import socket, struct, sys, hashlib\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nif sys.argv[1] == 'gro':\n    s.setsockopt(17, 104, 1)\ns.bind(('10.4.2.5', 5555))\ns.settimeout(3)\nh = hashlib.sha256()\nsizes = []\ntry:\n    while len(sizes) < 50:\n        d, anc, _, _ = s.recvmsg(65535, 64)\n        seg = len(d)\n        for lvl, typ, v in anc:\n            if lvl == 17 and typ == 104:\n                seg = struct.unpack('=H', v[:2])[0] if len(v) == 2 else struct.unpack('=i', v[:4])[0]\n        for i in range(0, len(d), seg):\n            sizes.append(len(d[i:i + seg]))\n            h.update(d[i:i + seg])\nexcept socket.timeout:\n    pass\nprint(len(sizes), sorted(set(sizes)), h.hexdigest())",
+            if udp_gro { "gro" } else { "plain" },
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sent = netns::run(pair.a.command("/usr/bin/python3").args([
+        "-c",
+        "import socket, hashlib\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.setsockopt(17, 103, 1200)\nh = hashlib.sha256()\nfor i in range(5):\n    d = b''.join(bytes([i * 10 + k]) * 1200 for k in range(10))\n    h.update(d)\n    s.sendto(d, ('10.4.2.5', 5555))\nprint('sent', h.hexdigest())",
+    ]))
+    .unwrap();
+    let sent = String::from_utf8_lossy(&sent.stdout).trim().to_string();
+    let Some(digest) = sent.strip_prefix("sent ") else {
+        panic!("the sender failed: {sent}");
+    };
+    let got = recv.wait_with_output().unwrap();
+    let got = String::from_utf8_lossy(&got.stdout).trim().to_string();
+    assert_eq!(
+        got,
+        format!("50 [1200] {digest}"),
+        "B received every 1200-byte datagram, in order, unchanged"
+    );
 }
 
 /// The p2p lab's pair in `mode` over IPv4 or IPv6, `a_interface` added to A's `[interface]`.
