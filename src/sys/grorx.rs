@@ -13,7 +13,7 @@ use crate::buf::PacketBuf;
 use crate::gso::{VnetHdr, VNET_HDR_LEN};
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -41,43 +41,11 @@ impl GroSocket {
     /// Open the socket (needs `CAP_NET_RAW`), filter attached before it is bound, so that no
     /// unfiltered packet is ever queued.
     pub fn open(v6: bool) -> io::Result<GroSocket> {
-        // SAFETY: plain socket(2); protocol 0 receives nothing until bind.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                0,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = super::packet::af_packet(libc::SO_RCVBUFFORCE)?;
         super::set_int(&fd, libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1)?;
-        let _ = super::set_int(
-            &fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            super::SOCKET_BUFFER as libc::c_int,
-        );
         super::bpf::merged_ipip(&fd, v6, true)?;
-        let proto = if v6 { ETH_P_IPV6 } else { ETH_P_IP };
-        // SAFETY: sockaddr_ll is plain old data; zero is valid (ifindex 0: every interface).
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto.to_be();
-        // SAFETY: bind reads a sockaddr_ll of the size given.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // Every interface.
+        super::packet::bind(&fd, 0, if v6 { ETH_P_IPV6 } else { ETH_P_IP })?;
         Ok(GroSocket { fd, v6 })
     }
 

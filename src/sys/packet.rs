@@ -93,46 +93,63 @@ pub struct PacketSocket {
     hop_limit: u8,
 }
 
+/// A new `AF_PACKET` `SOCK_RAW` socket (non-blocking, close-on-exec) with protocol 0, so it
+/// receives nothing until [`bind`] names one, and its send or receive buffer (`buffer`:
+/// `SO_SNDBUFFORCE` / `SO_RCVBUFFORCE`) raised. Needs `CAP_NET_RAW`.
+pub(super) fn af_packet(buffer: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let _ = super::set_int(
+        &fd,
+        libc::SOL_SOCKET,
+        buffer,
+        super::SOCKET_BUFFER as libc::c_int,
+    );
+    Ok(fd)
+}
+
+/// Bind an `AF_PACKET` socket to interface `ifindex` (0: every interface) and Ethernet
+/// protocol `protocol` (host order; 0: none).
+pub(super) fn bind(fd: &OwnedFd, ifindex: u32, protocol: u16) -> io::Result<()> {
+    // SAFETY: sockaddr_ll is plain old data; zero is valid.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = protocol.to_be();
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: bind reads a sockaddr_ll of the size given.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Ethernet + IPv6 header, the longest espip writes.
 const MAX_HDR: usize = ETH_HLEN + 40;
 
 impl PacketSocket {
     /// Open a sending `AF_PACKET` socket on interface `ifindex`. Needs `CAP_NET_RAW`.
     pub fn open(ifindex: u32, ttl: u8, hop_limit: u8) -> io::Result<PacketSocket> {
-        // SAFETY: plain socket(2) call.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                0,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a new descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let _ = super::set_int(
-            &fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUFFORCE,
-            super::SOCKET_BUFFER as libc::c_int,
-        );
-        // SAFETY: sockaddr_ll is plain old data.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: binds to the interface with protocol 0 (no receive hook).
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let fd = af_packet(libc::SO_SNDBUFFORCE)?;
+        // Protocol 0: no receive hook.
+        bind(&fd, ifindex, 0)?;
         let mut seed = [0u8; 2];
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
         Ok(PacketSocket {
