@@ -818,6 +818,7 @@ fn simultaneous_rekeys(
     };
     let before = tally();
     let log_from = da.log().len();
+    let sw_log_from = sw.log().len();
     let pinger = ping_train(a, B_INNER, None, 2 * ROUNDS as u64 + 2)?;
     std::thread::sleep(Duration::from_millis(500));
     let (mut espip_ok, mut sw_ok) = (0, 0);
@@ -890,6 +891,31 @@ fn simultaneous_rekeys(
             .collect();
         detail.push_str("\n    espip's SA events during the check:");
         for l in &events[events.len().saturating_sub(60)..] {
+            detail.push_str("\n      ");
+            detail.push_str(l);
+        }
+        // And strongSwan's side of the same minutes: what it sent, received, installed and
+        // deleted, and how it resolved collisions.
+        let c = sw.log();
+        let theirs: Vec<&str> = c
+            .get(sw_log_from..)
+            .unwrap_or("")
+            .lines()
+            .filter(|l| {
+                [
+                    "CHILD_SA",
+                    "collision",
+                    "rekey",
+                    "DELETE",
+                    "sending packet",
+                    "received packet",
+                ]
+                .iter()
+                .any(|k| l.contains(k))
+            })
+            .collect();
+        detail.push_str("\n    charon's events during the check:");
+        for l in &theirs[theirs.len().saturating_sub(150)..] {
             detail.push_str("\n      ");
             detail.push_str(l);
         }
