@@ -837,3 +837,45 @@ fn protocol_50_behind_a_nat_is_refused_with_the_fix_named() {
         .iter()
         .all(|(_, from, natt, _)| !natt && from.port() == 500));
 }
+
+/// The peer lost the CHILD_SA without a DELETE reaching us (here: its hard lifetime is shorter
+/// and it does not rekey; with strongSwan: its DELETE crossed our rekey of the same SA). Our
+/// next rekey is answered CHILD_SA_NOT_FOUND: the SA goes at once and a new one is made at
+/// once, by whichever side heard it, rather than sending into the void until our own hard
+/// lifetime.
+#[test]
+fn a_rekey_answered_child_sa_not_found_replaces_the_sa_at_once() {
+    for espip_side_hears in ['a', 'b'] {
+        let (mut a, mut b) = default_cfgs();
+        // The side that rekeys (and so hears CHILD_SA_NOT_FOUND) keeps its SA 20 s; the
+        // other one forgets it after 2 s and never rekeys.
+        let (hears, forgets) = if espip_side_hears == 'a' {
+            (&mut a, &mut b)
+        } else {
+            (&mut b, &mut a)
+        };
+        hears.child_rekey_ms = 3_000;
+        hears.child_life_ms = 20_000;
+        forgets.child_life_ms = 2_000;
+        let mut p = Pair::new(a, b);
+        p.run(100);
+        let first = p.a.sas().out.unwrap().0;
+        p.run(3_400);
+        let (sa, sb) = (p.a.sas(), p.b.sas());
+        assert_ne!(
+            sa.out.as_ref().map(|o| o.0),
+            Some(first),
+            "{espip_side_hears}"
+        );
+        assert_keys_match(&sa, &sb);
+        assert_keys_match(&sb, &sa);
+        assert!(
+            p.events_of(espip_side_hears).iter().any(|e| matches!(
+                e,
+                Event::ChildDown { why, .. } if why.contains("CHILD_SA_NOT_FOUND")
+            )),
+            "{espip_side_hears}: {:?}",
+            p.events_of(espip_side_hears)
+        );
+    }
+}

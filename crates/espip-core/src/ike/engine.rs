@@ -400,6 +400,9 @@ pub struct Engine {
     child_collision: Option<ChildCollision>,
     /// The same for the IKE SA (section 2.8.2).
     ike_collision: Option<IkeCollision>,
+    /// The peer said it holds none of our CHILD_SAs: make a new one even as the IKE SA's
+    /// responder.
+    remake_child: bool,
 }
 
 /// The peer's side of a simultaneous CHILD_SA rekey.
@@ -525,6 +528,7 @@ impl Engine {
             closing: false,
             deferred: Vec::new(),
             new_child_at: 0,
+            remake_child: false,
             child_collision: None,
             ike_collision: None,
             cookie_secret: None,
@@ -646,6 +650,37 @@ impl Engine {
         let sending = self.children.iter().any(|c| c.out);
         let waiting = self.children.iter().any(|c| c.pending_since.is_some());
         !sending && waiting && self.switch_pending(now, true)
+    }
+
+    /// The peer answered that it holds no CHILD_SA `spi_in` (our inbound SPI): it goes at
+    /// once (nothing of it can arrive), a CHILD_SA the peer made in its place carries our
+    /// traffic from now on, and when none is left a new one is made at once, whichever side
+    /// initiated the IKE SA (the peer may not know that it has none).
+    fn peer_lost_child(&mut self, spi_in: u32, now: u64, out: &mut Vec<Out>) {
+        let Some(c) = self
+            .children
+            .iter_mut()
+            .find(|c| c.keys.spi_in == spi_in && c.until.map_or(true, |u| u > now))
+        else {
+            return;
+        };
+        c.out = false;
+        c.replaced = true;
+        c.pending_since = None;
+        c.awaits_delete_of = None;
+        c.until = Some(now);
+        out.push(Out::Event(Event::ChildDown {
+            spi_in,
+            why: "the peer no longer holds it (CHILD_SA_NOT_FOUND)",
+        }));
+        if self.children.iter().any(|c| c.pending_since.is_some()) {
+            self.switch_pending(now, true);
+        }
+        if !self.has_active_child() {
+            self.new_child_at = now;
+            self.remake_child = true;
+        }
+        out.push(Out::Changed);
     }
 
     /// A rekey of the CHILD_SA `spi_in` is queued or in flight, on any IKE SA.
@@ -870,8 +905,9 @@ impl Engine {
                 s.flight.as_ref().map(|f| &f.req),
                 Some(Req::NewChild { .. })
             );
-        if s.initiator && !active && !creating && now >= self.new_child_at {
+        if (s.initiator || self.remake_child) && !active && !creating && now >= self.new_child_at {
             s.queue.push(Task::NewChild);
+            self.remake_child = false;
         }
         if self.cfg.dpd_ms > 0
             && s.flight.is_none()
@@ -1657,6 +1693,16 @@ impl Engine {
             }
             exchange::CREATE_CHILD_SA if s.state == State::Established => {
                 self.respond_create(s, &p, now, rng, out)
+            }
+            // Sent before the peer learnt that this IKE SA was rekeyed (the requests crossed):
+            // its CHILD_SAs live on the new one now. Section 2.25: the peer tries again (on
+            // the new one); INVALID_SYNTAX would be a hard error to it.
+            exchange::CREATE_CHILD_SA if s.state == State::Rekeyed => {
+                self.stats.fail("rekey_collision");
+                (
+                    vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
+                    After::Keep,
+                )
             }
             exchange::INFORMATIONAL if s.state != State::InitSent => {
                 self.respond_info(s, &p, now, out)
@@ -2677,6 +2723,16 @@ impl Engine {
                     Err((reason, detail)) => {
                         // Had we answered the peer's rekey of it, the peer's stays.
                         self.child_collision.take_if(|c| c.old_in == old_in);
+                        if reason == "CHILD_SA_NOT_FOUND" {
+                            // The peer holds no such SA any more (section 2.25: it deleted
+                            // it, and its DELETE crossed our request or was lost): sending
+                            // on it loses every packet. As for the peer's DELETE: gone now,
+                            // a CHILD_SA the peer made in its place carries our traffic, and
+                            // with none left a new one is made without waiting.
+                            self.fail(out, &reason, format!("CHILD_SA rekey: {detail}"));
+                            self.peer_lost_child(old_in, now, out);
+                            return After::Keep;
+                        }
                         let (delay, spread) = if reason == "TEMPORARY_FAILURE" {
                             // A collision (section 2.25: the peer is rekeying the IKE SA, or
                             // closing this CHILD_SA): tried again soon, at a random moment so
