@@ -2595,6 +2595,10 @@ impl Engine {
                         if replaced {
                             // The rekey initiator deleted the old SA: send on the new one.
                             self.switch_pending(now, true);
+                            out.push(Out::Event(Event::ChildDown {
+                                spi_in: self.children[i].keys.spi_in,
+                                why: "replaced by a rekey, deleted by the peer (inbound kept for the grace period)",
+                            }));
                         } else {
                             out.push(Out::Event(Event::ChildDown {
                                 spi_in: self.children[i].keys.spi_in,
