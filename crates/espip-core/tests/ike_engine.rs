@@ -74,6 +74,8 @@ struct Pair {
     /// Answers (IKE responses) of side 'a' to drop on the way to 'b', as a peer that discards
     /// an answer does.
     drop_answers_of_a: usize,
+    /// Requests of this side to drop, as a lost DELETE.
+    drop_requests_of: Option<char>,
 }
 
 /// Whether an IKE message (with or without the non-ESP marker) is a response.
@@ -100,6 +102,7 @@ impl Pair {
             history: (Vec::new(), Vec::new()),
             violations: 0,
             drop_answers_of_a: 0,
+            drop_requests_of: None,
         }
     }
 
@@ -118,6 +121,9 @@ impl Pair {
                     let to = if side == 'a' { 'b' } else { 'a' };
                     if side == 'a' && self.drop_answers_of_a > 0 && is_response(&msg) {
                         self.drop_answers_of_a -= 1;
+                        continue;
+                    }
+                    if self.drop_requests_of == Some(side) && !is_response(&msg) {
                         continue;
                     }
                     self.wire.push((to, from, natt, msg.clone()));
@@ -838,8 +844,9 @@ fn protocol_50_behind_a_nat_is_refused_with_the_fix_named() {
         .all(|(_, from, natt, _)| !natt && from.port() == 500));
 }
 
-/// The peer lost the CHILD_SA without a DELETE reaching us (here: its hard lifetime is shorter
-/// and it does not rekey; with strongSwan: its DELETE crossed our rekey of the same SA). Our
+/// The peer lost the CHILD_SA without a DELETE reaching us (here: its hard lifetime is shorter,
+/// it does not rekey, and its DELETE is lost; with strongSwan: its DELETE crossed our rekey of
+/// the same SA). Our
 /// next rekey is answered CHILD_SA_NOT_FOUND: the SA goes at once and a new one is made at
 /// once, by whichever side heard it, rather than sending into the void until our own hard
 /// lifetime.
@@ -859,6 +866,7 @@ fn a_rekey_answered_child_sa_not_found_replaces_the_sa_at_once() {
         forgets.child_life_ms = 2_000;
         let mut p = Pair::new(a, b);
         p.run(100);
+        p.drop_requests_of = Some(if espip_side_hears == 'a' { 'b' } else { 'a' });
         let first = p.a.sas().out.unwrap().0;
         p.run(3_400);
         let (sa, sb) = (p.a.sas(), p.b.sas());
@@ -878,4 +886,27 @@ fn a_rekey_answered_child_sa_not_found_replaces_the_sa_at_once() {
             p.events_of(espip_side_hears)
         );
     }
+}
+
+/// A CHILD_SA that reaches its hard lifetime on one side only (the peer keeps SAs longer and
+/// does not rekey): that side tells the peer with a DELETE, so that the peer stops sending on
+/// it and accepts the new CHILD_SA rather than refusing it as an additional one.
+#[test]
+fn a_hard_lifetime_on_one_side_deletes_the_sa_on_both() {
+    let (mut a, b) = default_cfgs();
+    a.child_life_ms = 1_000;
+    let mut p = Pair::new(a, b);
+    p.run(100);
+    let first = p.a.sas().out.unwrap().0;
+    p.run(1_400);
+    let (sa, sb) = (p.a.sas(), p.b.sas());
+    let now = sa.out.as_ref().expect("a new CHILD_SA").0;
+    assert_ne!(now, first);
+    assert_keys_match(&sa, &sb);
+    assert_keys_match(&sb, &sa);
+    assert!(p.events_of('b').iter().any(|e| matches!(
+        e,
+        Event::ChildDown { why, .. } if why.contains("deleted by the peer")
+    )));
+    assert_eq!(p.violations, 0);
 }

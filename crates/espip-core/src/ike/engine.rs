@@ -796,6 +796,12 @@ impl Engine {
                 spi_in: spi,
                 why: "hard lifetime reached before a rekey",
             }));
+            // Tell the peer (as strongSwan does), which otherwise keeps sending on it until
+            // its own lifetime ends.
+            let task = Task::DeleteChild(spi);
+            if !self.deferred.contains(&task) {
+                self.deferred.push(task);
+            }
         }
         if self.children.len() != before {
             changed = true;
@@ -923,10 +929,14 @@ impl Engine {
     /// Start the next queued request, if none is in flight.
     fn next_task(&mut self, now: u64, rng: &dyn SecureRandom, out: &mut Vec<Out>) {
         let Some(s) = self.ike.as_mut() else { return };
-        // Work an answer on an older IKE SA left (a DELETE after a rekey it finished).
+        // Work an answer on an older IKE SA left (a DELETE after a rekey it finished), or a
+        // DELETE of an expired CHILD_SA: first, in order (before a new CHILD_SA, which the
+        // peer refuses while it still holds the old one).
+        let mut at = 0;
         for t in self.deferred.drain(..) {
             if !s.queue.contains(&t) {
-                s.queue.push(t);
+                s.queue.insert(at, t);
+                at += 1;
             }
         }
         if s.flight.is_some() || s.state != State::Established || s.queue.is_empty() {
