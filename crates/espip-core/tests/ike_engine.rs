@@ -910,3 +910,56 @@ fn a_hard_lifetime_on_one_side_deletes_the_sa_on_both() {
     )));
     assert_eq!(p.violations, 0);
 }
+
+/// Both sides rekey the IKE SA at once, the peer drops our answer to its request (strongSwan
+/// does, when the message IDs are equal) and retransmits 3 s later, and a CHILD_SA rekey
+/// waits in our queue meanwhile. Answering the peer's request makes its new IKE SA current
+/// for a moment; when ours turns out to stay, a CHILD_SA rekey started on the peer's one in
+/// that moment would hang there (the peer never made it) while the CHILD_SA dies of old age.
+/// (When the peer's stays, nothing can be done until its retransmission: until then it holds
+/// neither our answer nor the IKE SA it made, and answers TEMPORARY_FAILURE on the old one,
+/// as strongSwan does; the CHILD_SA then comes back, checked at the end.)
+#[test]
+fn a_child_rekey_waits_for_an_ike_rekey_collision_to_resolve() {
+    let mut ours_stayed = 0;
+    for _ in 0..24 {
+        let (mut a, mut b) = default_cfgs();
+        a.child_life_ms = 9_000;
+        b.retransmit_ms = 3_000;
+        let mut p = Pair::new(a, b);
+        p.run(8_000);
+        let now = p.now;
+        let out = p.a.rekey_now(true, now, &p.rng).unwrap();
+        p.absorb('a', out);
+        let out = p.a.rekey_now(false, now, &p.rng).unwrap();
+        p.absorb('a', out);
+        p.drop_answers_of_a = 1;
+        let out = p.b.rekey_now(true, now, &p.rng).unwrap();
+        p.absorb('b', out);
+        p.run(100);
+        let ours = p
+            .events_of('a')
+            .iter()
+            .any(|e| matches!(e, Event::Collision { detail } if detail.contains("IKE SA: ours")));
+        p.run(4_000);
+        if ours {
+            ours_stayed += 1;
+            let died = p.events_of('a').iter().any(
+                |e| matches!(e, Event::ChildDown { why, .. } if why.contains("hard lifetime")),
+            );
+            assert!(!died, "{:?}", p.events_of('a'));
+        } else {
+            p.run(8_000);
+        }
+        assert_keys_match(&p.a.sas(), &p.b.sas());
+        assert_keys_match(&p.b.sas(), &p.a.sas());
+        assert_eq!(
+            p.violations,
+            0,
+            "ours stayed: {ours}; a: {:?}\nb: {:?}",
+            p.events_of('a'),
+            p.events_of('b')
+        );
+    }
+    assert!(ours_stayed > 0);
+}

@@ -652,6 +652,31 @@ impl Engine {
         !sending && waiting && self.switch_pending(now, true)
     }
 
+    /// Make the IKE SA of the pending rekey collision current again, in place of the peer's
+    /// new one `theirs` that the peer deleted (see `handle`): only while our own rekey of it
+    /// is still in flight. Work queued meanwhile moves back. Returns whether it did.
+    fn restore_collided(&mut self, theirs: &mut IkeSa) -> bool {
+        let Some(c) = &self.ike_collision else {
+            return false;
+        };
+        let Some(i) = self.others.iter().position(|o| {
+            (o.spi_i, o.spi_r) == c.old
+                && matches!(
+                    o.flight.as_ref().map(|f| &f.req),
+                    Some(Req::RekeyIke { .. })
+                )
+        }) else {
+            return false;
+        };
+        let mut old = self.others.remove(i);
+        old.state = State::Established;
+        // Its successor sets the next rekey when the collision resolves.
+        old.rekey_at = u64::MAX;
+        old.queue.append(&mut theirs.queue);
+        self.ike = Some(old);
+        true
+    }
+
     /// The peer answered that it holds no CHILD_SA `spi_in` (our inbound SPI): it goes at
     /// once (nothing of it can arrive), a CHILD_SA the peer made in its place carries our
     /// traffic from now on, and when none is left a new one is made at once, whichever side
@@ -941,6 +966,23 @@ impl Engine {
         }
         if s.flight.is_some() || s.state != State::Established || s.queue.is_empty() {
             return;
+        }
+        // Both sides rekey the IKE SA and our answer made the peer's new one current: until
+        // the answer to our own request says which stays, nothing starts on it. If ours stays,
+        // the peer deletes its new one (strongSwan may never have made it, when it dropped our
+        // answer), and a request started on it would hang there, unanswered, until that IKE
+        // SA is forgotten: a CHILD_SA rekey stuck like that lets the CHILD_SA die of old age.
+        if let Some(c) = &self.ike_collision {
+            let ours_in_flight = self.others.iter().any(|o| {
+                (o.spi_i, o.spi_r) == c.old
+                    && matches!(
+                        o.flight.as_ref().map(|f| &f.req),
+                        Some(Req::RekeyIke { .. })
+                    )
+            });
+            if ours_in_flight && (s.spi_i, s.spi_r) == c.theirs {
+                return;
+            }
         }
         let task = s.queue.remove(0);
         let (payloads, exch, req) = match task {
@@ -1576,7 +1618,18 @@ impl Engine {
             }
             After::Drop => {
                 self.orphaned(&s, now);
-                if slot == Slot::Current {
+                // The peer deleted the IKE SA it made in a rekey collision, which our answer
+                // had made current: it found its own redundant (section 2.8.2) while the
+                // answer to our request has not come (a peer that dropped our answer to its
+                // request learns late that ours is the survivor). The old IKE SA, where our
+                // request waits, is current again; the CHILD_SAs stay.
+                let reverted = slot == Slot::Current
+                    && self
+                        .ike_collision
+                        .as_ref()
+                        .is_some_and(|c| c.theirs == (s.spi_i, s.spi_r))
+                    && self.restore_collided(&mut s);
+                if slot == Slot::Current && !reverted {
                     if !self.children.is_empty() {
                         self.children.clear();
                         out.push(Out::Changed);
@@ -2576,7 +2629,11 @@ impl Engine {
             };
             match *protocol {
                 proto::IKE => {
-                    if s.state == State::Established {
+                    let collided = self
+                        .ike_collision
+                        .as_ref()
+                        .is_some_and(|c| c.theirs == (s.spi_i, s.spi_r));
+                    if s.state == State::Established && !collided {
                         out.push(Out::Event(Event::IkeDown {
                             why: "deleted by the peer".into(),
                         }));
