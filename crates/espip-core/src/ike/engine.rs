@@ -2930,7 +2930,10 @@ impl Engine {
                         );
                     }
                     s.rekey_at = if e == notify::TEMPORARY_FAILURE {
-                        now + 200 * MS + jitter(rng, 800)
+                        // After the longest CHILD_SA retry (0.1-0.5 s): a CHILD_SA rekey that
+                        // crossed this one goes first, rather than the two refusing each
+                        // other again while the CHILD_SA's hard lifetime comes near.
+                        now + 600 * MS + jitter(rng, 800)
                     } else {
                         now + 1_000 * MS + jitter(rng, 2_000)
                     };
