@@ -817,6 +817,8 @@ fn simultaneous_rekeys(
         ]
     };
     let before = tally();
+    let failures = || status(ctl).and_then(|s| s.ike.first().map(|k| k.failures.clone()));
+    let failures_before = failures().unwrap_or_default();
     let log_from = da.log().len();
     let sw_log_from = sw.log().len();
     let pinger = ping_train(a, B_INNER, None, 2 * ROUNDS as u64 + 2)?;
@@ -889,6 +891,24 @@ fn simultaneous_rekeys(
             .lines()
             .filter(|l| l.contains("CHILD_SA") || l.contains("IKE"))
             .collect();
+        // What espip refused or dropped meanwhile (a DELETE that never took effect shows
+        // up here: invalid_message_id, unknown_ike_spi, unexpected_message...).
+        let after_f = failures().unwrap_or_default();
+        let grew: Vec<String> = after_f
+            .iter()
+            .filter_map(|(r, n)| {
+                let d = n.saturating_sub(*failures_before.get(r).unwrap_or(&0));
+                (d > 0).then(|| format!("{r} {d}"))
+            })
+            .collect();
+        detail.push_str(&format!(
+            "\n    espip's IKE failures and dropped messages during the check: {}",
+            if grew.is_empty() {
+                "none".to_string()
+            } else {
+                grew.join(", ")
+            }
+        ));
         detail.push_str("\n    espip's SA events during the check:");
         for l in &events[events.len().saturating_sub(60)..] {
             detail.push_str("\n      ");
