@@ -78,6 +78,8 @@ struct Pair {
     /// Answers (IKE responses) of side 'a' to drop on the way to 'b', as a peer that discards
     /// an answer does.
     drop_answers_of_a: usize,
+    /// The same for side 'b'.
+    drop_answers_of_b: usize,
     /// Requests of this side to drop, as a lost DELETE.
     drop_requests_of: Option<char>,
 }
@@ -134,6 +136,7 @@ impl Pair {
             history: (Vec::new(), Vec::new()),
             violations: 0,
             drop_answers_of_a: 0,
+            drop_answers_of_b: 0,
             drop_requests_of: None,
         }
     }
@@ -152,6 +155,7 @@ impl Pair {
                     let from = SocketAddr::new(me.ip(), if natt { 4500 } else { 500 });
                     let to = if side == 'a' { 'b' } else { 'a' };
                     let dropped = (side == 'a' && self.drop_answers_of_a > 0 && is_response(&msg))
+                        || (side == 'b' && self.drop_answers_of_b > 0 && is_response(&msg))
                         || (self.drop_requests_of == Some(side) && !is_response(&msg));
                     self.trace.push((
                         self.now / MS,
@@ -163,6 +167,10 @@ impl Pair {
                     ));
                     if side == 'a' && self.drop_answers_of_a > 0 && is_response(&msg) {
                         self.drop_answers_of_a -= 1;
+                        continue;
+                    }
+                    if side == 'b' && self.drop_answers_of_b > 0 && is_response(&msg) {
+                        self.drop_answers_of_b -= 1;
                         continue;
                     }
                     if self.drop_requests_of == Some(side) && !is_response(&msg) {
@@ -1094,4 +1102,72 @@ fn simultaneous_rekeys_every_two_seconds_with_dropped_answers_lose_nothing() {
     p.run(8_000);
     assert_keys_match(&p.a.sas(), &p.b.sas());
     assert_keys_match(&p.b.sas(), &p.a.sas());
+}
+
+/// As above, with both sides behaving as strongSwan does: either side, or both, may drop the
+/// answer that crosses its own request, both retransmit after 3 s, and either side initiated the
+/// IKE SA (the original initiator is the one that makes a new CHILD_SA after a loss).
+#[test]
+fn simultaneous_rekeys_with_either_side_dropping_answers_lose_nothing() {
+    let rng = SystemRandom::new();
+    let coin = |n: u8| {
+        let mut c = [0u8; 1];
+        ring::rand::SecureRandom::fill(&rng, &mut c).unwrap();
+        c[0] % n
+    };
+    for a_initiates in [true, false] {
+        let (mut a, mut b) = default_cfgs();
+        if !a_initiates {
+            a.role = Role::Responder;
+            b.role = Role::Initiator;
+        }
+        for c in [&mut a, &mut b] {
+            c.child_rekey_ms = 8_000;
+            c.child_life_ms = 9_000;
+            c.retransmit_ms = 3_000;
+            c.retransmit_tries = 5;
+        }
+        a.ike_rekey_ms = 7_000;
+        let mut p = Pair::new(a, b);
+        p.run(4_000);
+        for round in 0..60 {
+            let ike = round % 2 == 1;
+            let now = p.now;
+            if let Ok(out) = p.a.rekey_now(ike, now, &p.rng) {
+                p.absorb('a', out);
+            }
+            match coin(4) {
+                0 => p.drop_answers_of_a = 1,
+                1 => p.drop_answers_of_b = 1,
+                2 => (p.drop_answers_of_a, p.drop_answers_of_b) = (1, 1),
+                _ => {}
+            }
+            if let Ok(out) = p.b.rekey_now(ike, now, &p.rng) {
+                p.absorb('b', out);
+            }
+            p.run(10);
+            p.drop_answers_of_a = 0;
+            p.drop_answers_of_b = 0;
+            p.run(1_990);
+            for side in ['a', 'b'] {
+                assert!(
+                    !p.events_of(side).iter().any(|e| matches!(
+                        e,
+                        Event::ChildDown { why, .. } if why.contains("hard lifetime")
+                    )),
+                    "a initiates: {a_initiates}; round {round}: {side} let a CHILD_SA expire\n{}",
+                    p.timeline(p.now / MS - 12_000)
+                );
+            }
+            assert_eq!(
+                p.violations,
+                0,
+                "a initiates: {a_initiates}; round {round}:\n{}",
+                p.timeline(p.now / MS - 12_000)
+            );
+        }
+        p.run(8_000);
+        assert_keys_match(&p.a.sas(), &p.b.sas());
+        assert_keys_match(&p.b.sas(), &p.a.sas());
+    }
 }
