@@ -258,6 +258,30 @@ impl Pair {
             .join("\n")
     }
 
+    /// Ask `side` to rekey now (the IKE SA if `ike`), as `espip rekey` does; whether it took.
+    fn rekey(&mut self, side: char, ike: bool) -> bool {
+        let now = self.now;
+        let asked = if side == 'a' {
+            self.a.rekey_now(ike, now, &self.rng)
+        } else {
+            self.b.rekey_now(ike, now, &self.rng)
+        };
+        match asked {
+            Ok(out) => {
+                self.absorb(side, out);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Whether `side` let a CHILD_SA reach its hard lifetime.
+    fn expired(&self, side: char) -> bool {
+        self.events_of(side)
+            .iter()
+            .any(|e| matches!(e, Event::ChildDown { why, .. } if why.contains("hard lifetime")))
+    }
+
     fn events_of(&self, side: char) -> Vec<&Event> {
         self.events
             .iter()
@@ -468,11 +492,7 @@ fn simultaneous_rekeys_are_resolved_by_the_lowest_nonce() {
             let mut p = up("aes128gcm16-prfsha256-x25519", "aes128gcm16");
             // Both start a rekey in the same instant: each request is on the wire before
             // either side sees the other's.
-            let now = p.now;
-            let out = p.a.rekey_now(ike, now, &p.rng).unwrap();
-            p.absorb('a', out);
-            let out = p.b.rekey_now(ike, now, &p.rng).unwrap();
-            p.absorb('b', out);
+            assert!(p.rekey('a', ike) && p.rekey('b', ike));
             p.run(100);
             let collisions = |side: char| -> Vec<String> {
                 p.events_of(side)
@@ -511,9 +531,7 @@ fn simultaneous_rekeys_are_resolved_by_the_lowest_nonce() {
                 assert_eq!(p.a.ike_keys()[0].0, p.b.ike_keys()[0].0);
                 // The surviving IKE SA works: a CHILD_SA rekey on it (counted by both sides).
                 let before = p.a.stats().child_rekeys + p.b.stats().child_rekeys;
-                let now = p.now;
-                let out = p.a.rekey_now(false, now, &p.rng).unwrap();
-                p.absorb('a', out);
+                assert!(p.rekey('a', false));
                 p.run(500);
                 assert_eq!(
                     p.a.stats().child_rekeys + p.b.stats().child_rekeys,
@@ -705,10 +723,7 @@ fn a_child_that_expired_is_replaced_by_a_new_one() {
     assert_ne!(now, first);
     assert_keys_match(&p.a.sas(), &p.b.sas());
     assert_keys_match(&p.b.sas(), &p.a.sas());
-    assert!(p
-        .events_of('a')
-        .iter()
-        .any(|e| matches!(e, Event::ChildDown { why, .. } if why.contains("hard lifetime"))));
+    assert!(p.expired('a'));
 }
 
 /// A rekey collision a second before the old CHILD_SA's hard lifetime, where the peer's SA
@@ -725,23 +740,20 @@ fn a_collision_just_before_the_hard_lifetime_loses_no_sa() {
         b.retransmit_ms = 3_000;
         let mut p = Pair::new(a, b);
         p.run(8_000);
-        let now = p.now;
-        let out = p.a.rekey_now(false, now, &p.rng).unwrap();
-        p.absorb('a', out);
+        assert!(p.rekey('a', false));
         p.drop_answers_of_a = 1;
-        let out = p.b.rekey_now(false, now, &p.rng).unwrap();
-        p.absorb('b', out);
+        assert!(p.rekey('b', false));
         p.run(100);
         let peers_kept = p
             .events_of('a')
             .iter()
             .any(|e| matches!(e, Event::Collision { detail } if detail.contains("the peer's")));
         p.run(6_000);
-        let died = p
-            .events_of('a')
-            .iter()
-            .any(|e| matches!(e, Event::ChildDown { why, .. } if why.contains("hard lifetime")));
-        assert!(!died, "peer's kept: {peers_kept}; {:?}", p.events_of('a'));
+        assert!(
+            !p.expired('a'),
+            "peer's kept: {peers_kept}; {:?}",
+            p.events_of('a')
+        );
         assert_keys_match(&p.a.sas(), &p.b.sas());
         assert_keys_match(&p.b.sas(), &p.a.sas());
         assert_eq!(p.violations, 0);
@@ -802,9 +814,7 @@ fn rekeys_of_both_kinds_by_both_sides_at_once_keep_one_working_child() {
         // Never without a CHILD_SA for long: no hard-lifetime expiry.
         for side in ['a', 'b'] {
             assert!(
-                !p.events_of(side).iter().any(
-                    |e| matches!(e, Event::ChildDown { why, .. } if why.contains("hard lifetime"))
-                ),
+                !p.expired(side),
                 "{ac} {ai} {bc} {bi}: {side} let a CHILD_SA expire\nA {:?}\nB {:?}\n{}",
                 p.a.stats(),
                 p.b.stats(),
@@ -1011,14 +1021,9 @@ fn a_child_rekey_waits_for_an_ike_rekey_collision_to_resolve() {
         b.retransmit_ms = 3_000;
         let mut p = Pair::new(a, b);
         p.run(8_000);
-        let now = p.now;
-        let out = p.a.rekey_now(true, now, &p.rng).unwrap();
-        p.absorb('a', out);
-        let out = p.a.rekey_now(false, now, &p.rng).unwrap();
-        p.absorb('a', out);
+        assert!(p.rekey('a', true) && p.rekey('a', false));
         p.drop_answers_of_a = 1;
-        let out = p.b.rekey_now(true, now, &p.rng).unwrap();
-        p.absorb('b', out);
+        assert!(p.rekey('b', true));
         p.run(100);
         let ours = p
             .events_of('a')
@@ -1027,10 +1032,7 @@ fn a_child_rekey_waits_for_an_ike_rekey_collision_to_resolve() {
         p.run(4_000);
         if ours {
             ours_stayed += 1;
-            let died = p.events_of('a').iter().any(
-                |e| matches!(e, Event::ChildDown { why, .. } if why.contains("hard lifetime")),
-            );
-            assert!(!died, "{:?}", p.events_of('a'));
+            assert!(!p.expired('a'), "{:?}", p.events_of('a'));
         } else {
             p.run(8_000);
         }
@@ -1049,13 +1051,24 @@ fn a_child_rekey_waits_for_an_ike_rekey_collision_to_resolve() {
 
 /// The strongSwan lab's simultaneous-rekey check, in memory and longer: every 2 s both sides
 /// start a rekey at the same instant, the CHILD_SA and the IKE SA in turn, with the lab's
-/// lifetimes (CHILD_SA: rekey at 8 s, hard at 9 s; IKE SA rekeyed at 7 s), and in half of the
-/// rounds the peer drops our answer to its request and retransmits 3 s later (strongSwan
-/// drops a message whose ID equals that of the one it is processing). No SA dies of old age,
-/// neither side ever sends on an SA the other lacks, and both end on the same keys.
-#[test]
-fn simultaneous_rekeys_every_two_seconds_with_dropped_answers_lose_nothing() {
+/// lifetimes (CHILD_SA: rekey at 8 s, hard at 9 s; IKE SA rekeyed at 7 s), for 60 rounds. In
+/// some rounds a side drops the answer that crosses its own request (strongSwan drops a
+/// message whose ID equals that of the one it is processing) and retransmits 3 s later:
+/// only the peer, in half of the rounds; or (`either_drops`) either side or both, each with
+/// a 3 s retransmission. No SA dies of old age, neither side ever sends on an SA the other
+/// lacks, and both end on the same keys.
+fn rekey_soak(a_initiates: bool, either_drops: bool) {
+    let rng = SystemRandom::new();
+    let coin = |n: u8| {
+        let mut c = [0u8; 1];
+        ring::rand::SecureRandom::fill(&rng, &mut c).unwrap();
+        c[0] % n
+    };
     let (mut a, mut b) = default_cfgs();
+    if !a_initiates {
+        a.role = Role::Responder;
+        b.role = Role::Initiator;
+    }
     for c in [&mut a, &mut b] {
         c.child_rekey_ms = 8_000;
         c.child_life_ms = 9_000;
@@ -1063,39 +1076,43 @@ fn simultaneous_rekeys_every_two_seconds_with_dropped_answers_lose_nothing() {
     a.ike_rekey_ms = 7_000;
     b.retransmit_ms = 3_000;
     b.retransmit_tries = 5;
+    if either_drops {
+        a.retransmit_ms = 3_000;
+        a.retransmit_tries = 5;
+    }
     let mut p = Pair::new(a, b);
     p.run(1_000);
-    let rng = SystemRandom::new();
     for round in 0..60 {
         let ike = round % 2 == 1;
-        let now = p.now;
-        if let Ok(out) = p.a.rekey_now(ike, now, &p.rng) {
-            p.absorb('a', out);
+        p.rekey('a', ike);
+        if either_drops {
+            match coin(4) {
+                0 => p.drop_answers_of_a = 1,
+                1 => p.drop_answers_of_b = 1,
+                2 => (p.drop_answers_of_a, p.drop_answers_of_b) = (1, 1),
+                _ => {}
+            }
+        } else {
+            p.drop_answers_of_a = usize::from(coin(2));
         }
-        let mut coin = [0u8; 1];
-        ring::rand::SecureRandom::fill(&rng, &mut coin).unwrap();
-        p.drop_answers_of_a = usize::from(coin[0] & 1);
-        if let Ok(out) = p.b.rekey_now(ike, now, &p.rng) {
-            p.absorb('b', out);
-        }
-        // Only the answer that crosses the peer's own request is dropped, not one to its
-        // retransmission.
+        p.rekey('b', ike);
+        // Only the answer that crosses the other side's own request is dropped, not one to
+        // its retransmission.
         p.run(10);
         p.drop_answers_of_a = 0;
+        p.drop_answers_of_b = 0;
         p.run(1_990);
         for side in ['a', 'b'] {
             assert!(
-                !p.events_of(side).iter().any(
-                    |e| matches!(e, Event::ChildDown { why, .. } if why.contains("hard lifetime"))
-                ),
-                "round {round}: {side} let a CHILD_SA expire\n{}",
+                !p.expired(side),
+                "a initiates: {a_initiates}; round {round}: {side} let a CHILD_SA expire\n{}",
                 p.timeline(p.now / MS - 12_000)
             );
         }
         assert_eq!(
             p.violations,
             0,
-            "round {round}:\n{}",
+            "a initiates: {a_initiates}; round {round}:\n{}",
             p.timeline(p.now / MS - 12_000)
         );
     }
@@ -1104,70 +1121,16 @@ fn simultaneous_rekeys_every_two_seconds_with_dropped_answers_lose_nothing() {
     assert_keys_match(&p.b.sas(), &p.a.sas());
 }
 
-/// As above, with both sides behaving as strongSwan does: either side, or both, may drop the
-/// answer that crosses its own request, both retransmit after 3 s, and either side initiated the
-/// IKE SA (the original initiator is the one that makes a new CHILD_SA after a loss).
+#[test]
+fn simultaneous_rekeys_every_two_seconds_with_dropped_answers_lose_nothing() {
+    rekey_soak(true, false);
+}
+
+/// Either side, or both, may drop the crossing answer, and either side initiated the IKE SA
+/// (the original initiator is the one that makes a new CHILD_SA after a loss).
 #[test]
 fn simultaneous_rekeys_with_either_side_dropping_answers_lose_nothing() {
-    let rng = SystemRandom::new();
-    let coin = |n: u8| {
-        let mut c = [0u8; 1];
-        ring::rand::SecureRandom::fill(&rng, &mut c).unwrap();
-        c[0] % n
-    };
     for a_initiates in [true, false] {
-        let (mut a, mut b) = default_cfgs();
-        if !a_initiates {
-            a.role = Role::Responder;
-            b.role = Role::Initiator;
-        }
-        for c in [&mut a, &mut b] {
-            c.child_rekey_ms = 8_000;
-            c.child_life_ms = 9_000;
-            c.retransmit_ms = 3_000;
-            c.retransmit_tries = 5;
-        }
-        a.ike_rekey_ms = 7_000;
-        let mut p = Pair::new(a, b);
-        p.run(4_000);
-        for round in 0..60 {
-            let ike = round % 2 == 1;
-            let now = p.now;
-            if let Ok(out) = p.a.rekey_now(ike, now, &p.rng) {
-                p.absorb('a', out);
-            }
-            match coin(4) {
-                0 => p.drop_answers_of_a = 1,
-                1 => p.drop_answers_of_b = 1,
-                2 => (p.drop_answers_of_a, p.drop_answers_of_b) = (1, 1),
-                _ => {}
-            }
-            if let Ok(out) = p.b.rekey_now(ike, now, &p.rng) {
-                p.absorb('b', out);
-            }
-            p.run(10);
-            p.drop_answers_of_a = 0;
-            p.drop_answers_of_b = 0;
-            p.run(1_990);
-            for side in ['a', 'b'] {
-                assert!(
-                    !p.events_of(side).iter().any(|e| matches!(
-                        e,
-                        Event::ChildDown { why, .. } if why.contains("hard lifetime")
-                    )),
-                    "a initiates: {a_initiates}; round {round}: {side} let a CHILD_SA expire\n{}",
-                    p.timeline(p.now / MS - 12_000)
-                );
-            }
-            assert_eq!(
-                p.violations,
-                0,
-                "a initiates: {a_initiates}; round {round}:\n{}",
-                p.timeline(p.now / MS - 12_000)
-            );
-        }
-        p.run(8_000);
-        assert_keys_match(&p.a.sas(), &p.b.sas());
-        assert_keys_match(&p.b.sas(), &p.a.sas());
+        rekey_soak(a_initiates, true);
     }
 }
