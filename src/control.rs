@@ -375,6 +375,7 @@ impl Live {
                 ("af_packet_out", &e.af_packet_sends),
                 ("udp_gro_in", &e.udp_gro_receives),
                 ("ipip_gro_in", &e.ipip_gro_receives),
+                ("xdp_in", &e.xdp_receives),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.load(Relaxed)))
@@ -385,6 +386,7 @@ impl Live {
                     ("tun_tx_queue", k.tun_tx_queue),
                     ("tun_rx", k.tun_rx),
                     ("socket_rcvbuf", k.socket_rcvbuf),
+                    ("xdp_socket", e.xdp_dropped.load(Relaxed)),
                 ]
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))

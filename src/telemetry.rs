@@ -37,6 +37,11 @@ pub struct EdgeStats {
     /// IP-in-IP packets that the kernel's GRO had merged, received with their segment size
     /// and cut back into the original packets (`sys::grorx`).
     pub ipip_gro_receives: AtomicU64,
+    /// Outer packets received through an `AF_XDP` socket (`interface.rx_path = "xdp"`).
+    pub xdp_receives: AtomicU64,
+    /// Frames the kernel could not hand the `AF_XDP` sockets (their rings full or out of
+    /// frames), as the sockets' own statistics last said.
+    pub xdp_dropped: AtomicU64,
 }
 
 /// Lets one warning of a kind through per [`WARN_INTERVAL`].

@@ -281,6 +281,93 @@ fn raw_modes_send_through_af_packet_and_fall_back_to_the_raw_socket() {
     }
 }
 
+/// The XDP receive path (`interface.rx_path = "xdp"`): ESP over IPv4 and IP-in-IP over IPv6
+/// arrive through the AF_XDP sockets on both ends (the transfer's hash is equal, nearly every
+/// packet counted as `xdp_in`), while the underlay's own traffic (pings between the outer
+/// addresses) still reaches the stack; the program goes with the daemon, also after a SIGKILL,
+/// and a restarted daemon attaches it again.
+#[test]
+fn raw_modes_receive_through_af_xdp_and_the_program_goes_with_the_daemon() {
+    let Some(_g) = serial() else { return };
+    let xdp = "rx_path = \"xdp\"\n";
+    for (tag, mode, v6) in [
+        ("xdpe4", LabMode::Esp(Cipher::Aes128Gcm), false),
+        ("xdpi6", LabMode::IpIp, true),
+    ] {
+        let mut pair = pair_over(tag, mode, v6, xdp, xdp);
+        for (ns, d) in [(&pair.a, &pair.daemons[0]), (&pair.b, &pair.daemons[1])] {
+            assert_eq!(
+                xdp_programs(ns),
+                1,
+                "{tag}: XDP program on {}: {}",
+                ns.name(),
+                d.log()
+            );
+        }
+        assert!(p2p::ping(&pair.a, p2p::B_INNER).0, "{tag}: ping");
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        let r = espip::lab::transfer(&exe(), (&pair.a, &pair.b), p2p::B_INNER, 5_000_000).unwrap();
+        assert!(r.ok(5_000_000), "{tag}: {r:?}");
+        let b = status_at(&pair.dir.join("state-b/control.sock"));
+        let got = b.peers[0].rx_packets;
+        let fast = b.offload["xdp_in"];
+        assert!(
+            got > 3000 && fast >= got * 9 / 10,
+            "{tag}: {fast} of {got} packets through AF_XDP"
+        );
+        assert_eq!(b.kernel_drops["xdp_socket"], 0, "{tag}");
+        // The underlay itself: not the tunnel's protocol, so the stack's.
+        let outer_b = if v6 { p2p::B_OUTER6 } else { p2p::B_OUTER };
+        let ping = netns::run(
+            pair.a
+                .command("ping")
+                .args(["-c", "2", "-i", "0.2", "-W", "2", outer_b]),
+        )
+        .unwrap();
+        assert!(
+            ping.status.success(),
+            "{tag}: underlay ping with XDP on both ends"
+        );
+
+        // SIGKILL: the kernel detaches the program with the daemon's last descriptor.
+        // (a killed daemon does not exit successfully: stop_with says false)
+        let _ = pair.daemons[0].stop_with(nix::sys::signal::Signal::SIGKILL);
+        assert_eq!(
+            xdp_programs(&pair.a),
+            0,
+            "{tag}: XDP program left after SIGKILL"
+        );
+        let cfg = pair.dir.join("a.toml");
+        pair.daemons[0] = Daemon::start(&pair.a, &exe(), &cfg, &pair.dir.join("a2.log")).unwrap();
+        assert_eq!(
+            xdp_programs(&pair.a),
+            1,
+            "{tag}: XDP program after the restart"
+        );
+        assert!(
+            p2p::ping(&pair.a, p2p::B_INNER).0,
+            "{tag}: ping after the restart"
+        );
+        for d in &mut pair.daemons {
+            assert!(d.stop().unwrap());
+        }
+        assert_eq!(
+            xdp_programs(&pair.b),
+            0,
+            "{tag}: XDP program left after a stop"
+        );
+    }
+}
+
+/// How many interfaces of `ns` carry an XDP program (`ip -d link`).
+fn xdp_programs(ns: &Netns) -> usize {
+    let out = ns.ip(&["-d", "link", "show"]).unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("prog/xdp"))
+        .count()
+}
+
 /// IP-in-IP carries no ICV, and the kernel completes a coalesced packet's checksum without
 /// checking what went into it: a UDP datagram corrupted on the wire must not reach the socket
 /// inside one of B's coalesced TUN writes. Forged IP-in-IP packets straight from A's namespace
@@ -506,6 +593,11 @@ fn fifty_datagrams_arrive(pair: &FullPair, udp_gro: bool) {
 
 /// The p2p lab's pair in `mode` over IPv4 or IPv6, `a_interface` added to A's `[interface]`.
 fn fast_path_pair(tag: &str, mode: LabMode, v6: bool, a_interface: &str) -> FullPair {
+    pair_over(tag, mode, v6, a_interface, "")
+}
+
+/// The p2p lab's pair in `mode` over IPv4 or IPv6, with lines added to each `[interface]`.
+fn pair_over(tag: &str, mode: LabMode, v6: bool, a_interface: &str, b_interface: &str) -> FullPair {
     let (a, b) = if v6 {
         p2p::topology_v6(tag).unwrap()
     } else {
@@ -529,9 +621,8 @@ fn fast_path_pair(tag: &str, mode: LabMode, v6: bool, a_interface: &str) -> Full
             &dir.join(format!("state-{host}")),
             v6,
         );
-        if me_a {
-            text = text.replace("[interface]\n", &format!("[interface]\n{a_interface}"));
-        }
+        let extra = if me_a { a_interface } else { b_interface };
+        text = text.replace("[interface]\n", &format!("[interface]\n{extra}"));
         std::fs::write(&cfg, text).unwrap();
         daemons.push(Daemon::start(ns, &exe(), &cfg, &dir.join(format!("{host}.log"))).unwrap());
     }

@@ -94,8 +94,20 @@ pub(super) fn interface(raw: RawInterface, base: &Path) -> Result<Interface, Con
             ))
         }
     };
+    let rx_path = match raw.rx_path.as_deref().map(str::trim) {
+        None | Some("raw") => super::RxPath::Raw,
+        Some("xdp") => super::RxPath::Xdp,
+        Some(other) => {
+            return Err(invalid(
+                "interface.rx_path",
+                format!("{other:?}"),
+                "\"raw\" (raw IP sockets, through netfilter's input hooks, the default) or \"xdp\" (AF_XDP sockets fed by an XDP program on the egress interface)",
+            ))
+        }
+    };
     Ok(Interface {
         tx_path,
+        rx_path,
         save_keys,
         tx_threads,
         offload: raw.offload.unwrap_or(true),

@@ -196,6 +196,21 @@ pub struct Interface {
     pub save_keys: Option<PathBuf>,
     /// How the raw-socket modes (`esp`, `ipip`) send.
     pub tx_path: TxPath,
+    /// How the raw-socket modes receive.
+    pub rx_path: RxPath,
+}
+
+/// How outer packets of the raw-socket modes (`esp` as IP protocol 50, `ipip`) arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxPath {
+    /// Raw IP sockets: the kernel's IP input, netfilter's `PREROUTING`/`INPUT` hooks and
+    /// raw-socket delivery run for every packet (the default).
+    Raw,
+    /// An XDP program on each egress interface of the raw-mode peers steers their outer
+    /// packets (this host's address, the peers' protocols, unfragmented) to `AF_XDP` sockets
+    /// in copy mode; everything else, and everything when XDP cannot be attached, goes to the
+    /// stack and the raw sockets.
+    Xdp,
 }
 
 /// How outer packets of the raw-socket modes (`esp` as IP protocol 50, `ipip`) leave.

@@ -67,6 +67,7 @@ pub(super) struct RawInterface {
     pub(super) tx_threads: Option<i64>,
     pub(super) save_keys: Option<PathBuf>,
     pub(super) tx_path: Option<String>,
+    pub(super) rx_path: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -336,6 +336,7 @@ fn spawn(res: &mut Resources, cfg: Arc<Config>) -> Result<Running, DaemonError> 
     let (workers, ended) = Workers::spawn(
         handles,
         res.inbound.take().expect("acquired"),
+        std::mem::take(&mut res.xdp),
         &recorder,
         clock,
     )

@@ -21,8 +21,9 @@ use crate::sys::grorx::{GroSocket, LocalCheck, Merged};
 use crate::sys::raw::{strip_ipv4_header, RawSocket};
 use crate::sys::tun::Tun;
 use crate::sys::udp::UdpEncapSocket;
+use crate::sys::xsk::{XdpRx, Xsk};
 use crate::telemetry::{EdgeStats, Generation, RateLimit};
-use crate::wire::ip::PROTO_UDP;
+use crate::wire::ip::{checksum, PROTO_UDP};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -36,8 +37,15 @@ use tracing::{debug, warn};
 pub(super) const UDP_MSGS: usize = 8;
 
 /// Descriptors polled: the stop eventfd, the raw sockets (50; 4 and 41; over IPv4 and IPv6:
-/// at most six), a UDP socket per family and the merged IP-in-IP socket per family.
-const POLL_SLOTS: usize = 11;
+/// at most six), a UDP socket per family, the merged IP-in-IP socket per family, and the
+/// `AF_XDP` sockets.
+const POLL_SLOTS: usize = 11 + XSK_SLOTS;
+
+/// `AF_XDP` sockets polled at most (`interface.rx_path = "xdp"`).
+pub(super) const XSK_SLOTS: usize = 2 * crate::sys::xsk::MAX_QUEUES as usize;
+
+/// An Ethernet header (the XDP program passes VLAN-tagged frames to the stack).
+const ETHERNET_HEADER: usize = 14;
 
 /// Pieces of merged IP-in-IP packets held before they go to the core (64 KB of 536-byte TCP
 /// segments is 123; Linux's UDP GRO stops at 64 datagrams; a packet of more is cut in turns).
@@ -93,7 +101,13 @@ impl RxBufs {
     }
 }
 
-pub(super) fn rx_loop(mut inb: Inbound, e: &Edges, rec: &mut Recorder, clock: Instant) {
+pub(super) fn rx_loop(
+    mut inb: Inbound,
+    mut xdp: Vec<XdpRx>,
+    e: &Edges,
+    rec: &mut Recorder,
+    clock: Instant,
+) {
     let mut b = RxBufs::new(
         !e.udp.is_empty(),
         e.sockets.iter().any(|s| s.merged().is_some()),
@@ -105,6 +119,7 @@ pub(super) fn rx_loop(mut inb: Inbound, e: &Edges, rec: &mut Recorder, clock: In
         warn_write: RateLimit::default(),
     };
     let panic_hook = super::workers::debug_panic_requested("rx");
+    let mut xdp_stats_at = 0u64;
     loop {
         // The stop eventfd, up to three raw sockets and a UDP socket per address family, on
         // the stack (no allocation per wake-up); unused slots repeat the eventfd and are not
@@ -126,6 +141,12 @@ pub(super) fn rx_loop(mut inb: Inbound, e: &Edges, rec: &mut Recorder, clock: In
             .take(POLL_SLOTS - 1)
         {
             fds[count] = pollin(fd);
+            count += 1;
+        }
+        // The AF_XDP sockets last (`setup::open_xdp` keeps them within XSK_SLOTS).
+        let first_xsk = count;
+        for k in xdp.iter().flat_map(|x| &x.xsks).take(POLL_SLOTS - count) {
+            fds[count] = pollin(k.as_fd());
             count += 1;
         }
         let fds = &mut fds[..count];
@@ -156,6 +177,16 @@ pub(super) fn rx_loop(mut inb: Inbound, e: &Edges, rec: &mut Recorder, clock: In
             *r = f.revents().is_some_and(|r| r.intersects(PollFlags::POLLIN));
         }
         let now = clock.elapsed().as_nanos() as u64;
+        let xsks = xdp.iter_mut().flat_map(|x| &mut x.xsks);
+        for (k, _) in xsks.zip(&ready[first_xsk - 1..]).filter(|(_, r)| **r) {
+            drain_xsk(k, &mut b, &mut rx, rec, now);
+        }
+        // What the kernel could not hand the AF_XDP sockets, once a second.
+        if !xdp.is_empty() && now.saturating_sub(xdp_stats_at) >= 1_000_000_000 {
+            xdp_stats_at = now;
+            let dropped = xdp.iter().flat_map(|x| &x.xsks).map(Xsk::dropped).sum();
+            e.edge.xdp_dropped.store(dropped, Relaxed);
+        }
         for (s, _) in e.sockets.iter().zip(ready).filter(|(_, r)| *r) {
             drain_raw(s, &mut b, &mut rx, rec, now);
         }
@@ -178,6 +209,47 @@ pub(super) fn rx_loop(mut inb: Inbound, e: &Edges, rec: &mut Recorder, clock: In
         rec.begin_batch();
         rx.release(&mut b.bufs, rec, now);
         rec.flush();
+    }
+}
+
+/// Take the frames of an `AF_XDP` socket (`sys::xsk`) until none is left, a batch at a time:
+/// each loses its Ethernet header, then its outer IPv4 header (checked as the kernel's IP input
+/// would have: version, lengths, header checksum) or IPv6 header (the XDP program passed only
+/// packets with no extension header), and goes to the core like a raw socket's packet.
+fn drain_xsk(k: &mut Xsk, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recorder, now: u64) {
+    loop {
+        let bufs = &mut b.bufs;
+        let n = k.recv(BATCH, |i, frame| {
+            let buf = &mut bufs[i];
+            buf.reset();
+            let ip = frame.get(ETHERNET_HEADER..).unwrap_or(&[]);
+            let area = buf.read_area();
+            let len = ip.len().min(area.len());
+            area[..len].copy_from_slice(&ip[..len]);
+            buf.set_len(len);
+        });
+        if n == 0 {
+            break;
+        }
+        rec.begin_batch();
+        for (buf, o) in b.bufs[..n].iter_mut().zip(b.origin.iter_mut()) {
+            rec.record(Tap::Outer, buf.as_slice());
+            let p = buf.as_slice();
+            *o = match p.first().map(|v| v >> 4) {
+                Some(4) if p.len() >= 20 && checksum(&p[..20]) == 0 => strip_ipv4_header(buf),
+                Some(6) => strip_ipv6_header(buf).map(|(_, o)| o),
+                _ => None,
+            };
+            if o.is_none() {
+                rx.e.edge.bad_outer.fetch_add(1, Relaxed);
+            }
+        }
+        rx.e.edge.xdp_receives.fetch_add(n as u64, Relaxed);
+        rx.batch(&mut b.bufs[..n], &b.origin[..n], &[], rec, now);
+        rec.flush();
+        if n < BATCH {
+            break;
+        }
     }
 }
 

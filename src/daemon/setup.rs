@@ -24,6 +24,7 @@ use crate::sys::seqstore::SeqStore;
 use crate::sys::sysctl::Sysctls;
 use crate::sys::tun::Tun;
 use crate::sys::udp::UdpEncapSocket;
+use crate::sys::xsk::{Steer, XdpRx};
 use crate::wire::ip::{PROTO_ESP, PROTO_IPIP, PROTO_IPV6, PROTO_UDP};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
@@ -74,6 +75,9 @@ pub(super) struct Resources {
     pub hops: Arc<arc_swap::ArcSwap<NextHops>>,
     /// Whether an `AF_PACKET` socket is open (the serving loop then keeps `hops` current).
     pub fast_path: bool,
+    /// The XDP receive path (`interface.rx_path = "xdp"`), one per interface; taken by the
+    /// RX thread.
+    pub xdp: Vec<XdpRx>,
 }
 
 impl Resources {
@@ -115,6 +119,8 @@ impl Resources {
         let tun = &tuns[0];
         // Before the privilege drop: an AF_PACKET socket needs CAP_NET_RAW.
         let packet = open_packet_sockets(cfg, rt);
+        // Before the privilege drop: loading and attaching XDP needs CAP_BPF and CAP_NET_ADMIN.
+        let xdp = open_xdp(cfg, rt);
         let hops = Arc::new(arc_swap::ArcSwap::from_pointee(if packet.is_empty() {
             NextHops::default()
         } else {
@@ -163,6 +169,7 @@ impl Resources {
             fast_path: !packet.is_empty(),
             packet,
             hops,
+            xdp,
         };
         prepare_capture(cfg, run_as.as_ref())?;
         // Setup is done: become the configured user, keeping CAP_NET_ADMIN and CAP_NET_RAW for
@@ -313,6 +320,80 @@ fn open_packet_sockets(cfg: &Config, rt: &tokio::runtime::Runtime) -> Vec<Packet
         match PacketSocket::open(ifindex, ttl, hop_limit) {
             Ok(p) => v.push(p),
             Err(e) => warn!("the AF_PACKET fast path is off for interface index {ifindex}: {e}; its packets go through the raw socket"),
+        }
+    }
+    v
+}
+
+/// What the XDP program steers: the raw-mode peers' protocols per outer family, and the
+/// local addresses their packets arrive at (configured, or the kernel's source towards each).
+pub(super) fn xdp_steer(cfg: &Config) -> Steer {
+    let mut s = Steer::default();
+    for p in &cfg.peers {
+        let protocols: &[u8] = match p.encap {
+            EncapSpec::Esp { udp_port: None, .. }
+            | EncapSpec::EspPending { udp_port: None, .. } => &[PROTO_ESP],
+            EncapSpec::IpIp => &[PROTO_IPIP, PROTO_IPV6],
+            _ => continue,
+        };
+        for e in p.endpoints().into_iter().filter(|e| !e.is_unspecified()) {
+            let list = if e.is_ipv6() {
+                &mut s.v6_protocols
+            } else {
+                &mut s.v4_protocols
+            };
+            for pr in protocols {
+                if !list.contains(pr) {
+                    list.push(*pr);
+                }
+            }
+            if let Ok(l) = crate::sys::source_for(e, cfg.interface.local) {
+                if !l.is_unspecified() && !s.locals.contains(&l) {
+                    s.locals.push(l);
+                }
+            }
+        }
+    }
+    s
+}
+
+/// The XDP receive path (`interface.rx_path = "xdp"`): one per interface the raw-mode
+/// endpoints are routed over now. One that cannot be set up is logged and left out: those
+/// packets reach the raw sockets.
+fn open_xdp(cfg: &Config, rt: &tokio::runtime::Runtime) -> Vec<XdpRx> {
+    if cfg.interface.rx_path != crate::config::RxPath::Xdp {
+        return Vec::new();
+    }
+    let steer = xdp_steer(cfg);
+    let mut v: Vec<XdpRx> = Vec::new();
+    let mut seen = Vec::new();
+    for dst in raw_endpoints(cfg) {
+        let Some(ifindex) = rt.block_on(crate::sys::netlink::egress_interface(
+            dst,
+            cfg.interface.local,
+        )) else {
+            continue;
+        };
+        if seen.contains(&ifindex) {
+            continue;
+        }
+        seen.push(ifindex);
+        // The RX thread polls at most two interfaces' sockets (`rx::XSK_SLOTS`).
+        if v.len() == super::rx::XSK_SLOTS / crate::sys::xsk::MAX_QUEUES as usize {
+            warn!("the XDP receive path is off for interface index {ifindex}: it serves at most two interfaces; its packets reach the raw sockets");
+            continue;
+        }
+        match XdpRx::open(ifindex, &steer) {
+            Ok(x) => {
+                info!(
+                    interface = %x.ifname,
+                    mode = x.mode,
+                    queues = x.xsks.len(),
+                    "receiving the raw-mode peers' packets through AF_XDP"
+                );
+                v.push(x);
+            }
+            Err(e) => warn!("the XDP receive path is off for interface index {ifindex}: {e}; its packets reach the raw sockets"),
         }
     }
     v

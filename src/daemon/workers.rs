@@ -10,6 +10,7 @@ use crate::sys::packet::{NextHops, PacketSocket};
 use crate::sys::raw::RawSocket;
 use crate::sys::tun::Tun;
 use crate::sys::udp::UdpEncapSocket;
+use crate::sys::xsk::XdpRx;
 use crate::telemetry::{Current, EdgeStats, InboundHandoff};
 use nix::sys::eventfd::EventFd;
 use std::sync::Arc;
@@ -52,6 +53,7 @@ impl Workers {
     pub(super) fn spawn(
         handles: EdgeHandles,
         inbound: Inbound,
+        xdp: Vec<XdpRx>,
         recorder: &dyn Fn() -> Recorder,
         clock: Instant,
     ) -> std::io::Result<(Workers, UnboundedReceiver<Ended>)> {
@@ -89,7 +91,7 @@ impl Workers {
                 .name("espip-rx".into())
                 .spawn(move || {
                     let _guard = guard;
-                    rx::rx_loop(inbound, &handles.edges(0), &mut rec, clock)
+                    rx::rx_loop(inbound, xdp, &handles.edges(0), &mut rec, clock)
                 })?
         };
         Ok((

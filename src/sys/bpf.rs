@@ -31,15 +31,15 @@ const SO_ATTACH_BPF: libc::c_int = 50;
 /// One eBPF instruction (`struct bpf_insn`).
 #[derive(Clone, Copy)]
 #[repr(C)]
-struct Insn {
-    code: u8,
+pub(super) struct Insn {
+    pub(super) code: u8,
     /// dst_reg in the low nibble, src_reg in the high one.
-    regs: u8,
-    off: i16,
-    imm: i32,
+    pub(super) regs: u8,
+    pub(super) off: i16,
+    pub(super) imm: i32,
 }
 
-const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
+pub(super) const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
     Insn {
         code,
         regs: dst | (src << 4),

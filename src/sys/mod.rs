@@ -16,6 +16,7 @@ pub mod seqstore;
 pub mod sysctl;
 pub mod tun;
 pub mod udp;
+pub mod xsk;
 
 use crate::sa::{Cipher, KeyMaterial};
 use std::os::fd::AsRawFd;

@@ -47,6 +47,8 @@ ESPIP_EXE = [os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pat
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # --tx-path: interface.tx_path of the espip daemons ("auto": AF_PACKET for esp and ipip).
 ESPIP_TX_PATH = ["auto"]
+# --rx-path: interface.rx_path of the espip daemons ("raw": raw sockets; "xdp": AF_XDP).
+ESPIP_RX_PATH = ["raw"]
 # --tx-threads: interface.tx_threads of the espip daemons (1: one TX thread, one TUN queue).
 ESPIP_TX_THREADS = [1]
 # Filled in main(): binaries of the references that do not come from Debian.
@@ -160,6 +162,8 @@ def setup_espip(mode, cipher=None):
                 text = espip_config(me_a, mode, cipher, keys, work)
                 if ESPIP_TX_PATH[0] != "auto":
                     text = text.replace("[interface]\n", f'[interface]\ntx_path = "{ESPIP_TX_PATH[0]}"\n', 1)
+                if ESPIP_RX_PATH[0] != "raw":
+                    text = text.replace("[interface]\n", f'[interface]\nrx_path = "{ESPIP_RX_PATH[0]}"\n', 1)
                 if ESPIP_TX_THREADS[0] > 1:
                     text = text.replace("[interface]\n", f"[interface]\ntx_threads = {ESPIP_TX_THREADS[0]}\n", 1)
                 f.write(text)
@@ -517,6 +521,8 @@ def main():
                     help="interface.tx_threads of espip (TX threads and TUN queues; default 1)")
     ap.add_argument("--tx-path", default="auto", choices=["auto", "raw"],
                     help="interface.tx_path of espip: auto (AF_PACKET for esp and ipip, the default) or raw")
+    ap.add_argument("--rx-path", default="raw", choices=["raw", "xdp"],
+                    help="interface.rx_path of espip: raw (raw sockets, the default) or xdp (AF_XDP)")
     ap.add_argument("--wireguard-go-upstream", help="upstream wireguard-go binary (default: "
                     f"../shared/anchors/wireguard-go-{WG_UPSTREAM_VERSION} next to the repository)")
     args = ap.parse_args()
@@ -527,6 +533,7 @@ def main():
     ensure_packages()
     ESPIP_TX_THREADS[0] = args.tx_threads
     ESPIP_TX_PATH[0] = args.tx_path
+    ESPIP_RX_PATH[0] = args.rx_path
     if args.exe:
         ESPIP_EXE[0] = os.path.abspath(args.exe)
     elif not args.no_build:
@@ -541,7 +548,8 @@ def main():
             f"{os.cpu_count()} x {cpu.group(1) if cpu else 'unknown CPU'}, kernel {os.uname().release}; "
             f"{args.seconds} s per run, median of {args.repeat}"
             f"{f'; espip tx_threads = {args.tx_threads}' if args.tx_threads > 1 else ''}"
-            f"{f'; espip tx_path = {args.tx_path}' if args.tx_path != 'auto' else ''}")
+            f"{f'; espip tx_path = {args.tx_path}' if args.tx_path != 'auto' else ''}"
+            f"{f'; espip rx_path = {args.rx_path}' if args.rx_path != 'raw' else ''}")
     results = []
     work = tempfile.mkdtemp(prefix="espip-bench-")
     # Root's own directory: espip keeps its state (root's) in here and refuses parents others
