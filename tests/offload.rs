@@ -1,4 +1,4 @@
-//! Namespace tests: TUN offloads and UDP GSO/GRO: mixed offload settings interoperate, TSO/USO packets are segmented and GRO coalesces, ESP-in-UDP trains move both ways; the raw modes' AF_PACKET fast path; IP-in-IP that the receiver's GRO merged is cut back (and refused when it is for another host).
+//! Namespace tests: TUN offloads and UDP GSO/GRO: mixed offload settings interoperate, TSO/USO packets are segmented and GRO coalesces, ESP-in-UDP trains move both ways; the raw modes' AF_PACKET fast path and AF_XDP receive path; IP-in-IP that the receiver's GRO merged is cut back (and refused when it is for another host).
 //! Shared harness in `common/`; see its documentation for the rules (root, namespace
 //! names, cleanup).
 
@@ -316,6 +316,9 @@ fn raw_modes_receive_through_af_xdp_and_the_program_goes_with_the_daemon() {
             "{tag}: {fast} of {got} packets through AF_XDP"
         );
         assert_eq!(b.kernel_drops["xdp_socket"], 0, "{tag}");
+        if !v6 {
+            hostile_frames_through_xdp(&pair);
+        }
         // The underlay itself: not the tunnel's protocol, so the stack's.
         let outer_b = if v6 { p2p::B_OUTER6 } else { p2p::B_OUTER };
         let ping = netns::run(
@@ -357,6 +360,45 @@ fn raw_modes_receive_through_af_xdp_and_the_program_goes_with_the_daemon() {
             "{tag}: XDP program left after a stop"
         );
     }
+}
+
+/// Frames that only the XDP path parses itself (the kernel's IP input drops them before a raw
+/// socket): a bad IPv4 header checksum and a total length beyond the frame are `bad_outer`,
+/// a sound packet with the SA's SPI from an address that is not the peer's is
+/// `wrong_source`; B keeps working.
+fn hostile_frames_through_xdp(pair: &FullPair) {
+    let link = pair.b.ip(&["-j", "link", "show", "veth0"]).unwrap();
+    let link: serde_json::Value = serde_json::from_slice(&link.stdout).unwrap();
+    let mac = link[0]["address"].as_str().unwrap().to_string();
+    let sock = pair.dir.join("state-b/control.sock");
+    let before = status_at(&sock);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/xdp_hostile.py");
+    let out = netns::run(pair.a.command("/usr/bin/python3").arg(&script).args([
+        "veth0",
+        &mac,
+        p2p::A_OUTER,
+        p2p::B_OUTER,
+    ]))
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "sent 3");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let after = status_at(&sock);
+    let d = |m: &std::collections::BTreeMap<String, u64>,
+             n: &std::collections::BTreeMap<String, u64>,
+             k: &str| n[k] - m[k];
+    assert_eq!(d(&before.offload, &after.offload, "xdp_in"), 3);
+    assert_eq!(d(&before.errors, &after.errors, "bad_outer"), 2);
+    assert_eq!(
+        d(&before.drops, &after.drops, "wrong_source"),
+        1,
+        "{:?}",
+        after.drops
+    );
+    assert!(
+        p2p::ping(&pair.a, p2p::B_INNER).0,
+        "ping after the hostile frames"
+    );
 }
 
 /// How many interfaces of `ns` carry an XDP program (`ip -d link`).
