@@ -297,6 +297,21 @@ pub(super) fn raw_endpoints(cfg: &Config) -> Vec<IpAddr> {
     v
 }
 
+/// The interfaces the raw-mode endpoints are routed over now, each once.
+fn egress_interfaces(cfg: &Config, rt: &tokio::runtime::Runtime) -> Vec<u32> {
+    let mut v = Vec::new();
+    for dst in raw_endpoints(cfg) {
+        let found = rt.block_on(crate::sys::netlink::egress_interface(
+            dst,
+            cfg.interface.local,
+        ));
+        if let Some(ifindex) = found.filter(|i| !v.contains(i)) {
+            v.push(ifindex);
+        }
+    }
+    v
+}
+
 /// The `AF_PACKET` sockets (`interface.tx_path = "auto"`): one per interface the raw-mode
 /// endpoints are routed over now. One that cannot be opened is logged and left out: those
 /// packets use the raw socket.
@@ -307,16 +322,7 @@ fn open_packet_sockets(cfg: &Config, rt: &tokio::runtime::Runtime) -> Vec<Packet
     let ttl = read_sysctl_u8("/proc/sys/net/ipv4/ip_default_ttl", 64);
     let hop_limit = read_sysctl_u8("/proc/sys/net/ipv6/conf/default/hop_limit", 64);
     let mut v: Vec<PacketSocket> = Vec::new();
-    for dst in raw_endpoints(cfg) {
-        let Some(ifindex) = rt.block_on(crate::sys::netlink::egress_interface(
-            dst,
-            cfg.interface.local,
-        )) else {
-            continue;
-        };
-        if v.iter().any(|p| p.ifindex() == ifindex) {
-            continue;
-        }
+    for ifindex in egress_interfaces(cfg, rt) {
         match PacketSocket::open(ifindex, ttl, hop_limit) {
             Ok(p) => v.push(p),
             Err(e) => warn!("the AF_PACKET fast path is off for interface index {ifindex}: {e}; its packets go through the raw socket"),
@@ -366,18 +372,7 @@ fn open_xdp(cfg: &Config, rt: &tokio::runtime::Runtime) -> Vec<XdpRx> {
     }
     let steer = xdp_steer(cfg);
     let mut v: Vec<XdpRx> = Vec::new();
-    let mut seen = Vec::new();
-    for dst in raw_endpoints(cfg) {
-        let Some(ifindex) = rt.block_on(crate::sys::netlink::egress_interface(
-            dst,
-            cfg.interface.local,
-        )) else {
-            continue;
-        };
-        if seen.contains(&ifindex) {
-            continue;
-        }
-        seen.push(ifindex);
+    for ifindex in egress_interfaces(cfg, rt) {
         // The RX thread polls at most two interfaces' sockets (`rx::XSK_SLOTS`).
         if v.len() == super::rx::XSK_SLOTS / crate::sys::xsk::MAX_QUEUES as usize {
             warn!("the XDP receive path is off for interface index {ifindex}: it serves at most two interfaces; its packets reach the raw sockets");

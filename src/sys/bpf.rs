@@ -1,4 +1,5 @@
-//! Two tiny socket filters (eBPF, loaded with `bpf(2)`, no loader crate): they split the
+//! The program loader of espip's eBPF programs ([`load`], `bpf(2)`, no loader crate; the XDP
+//! program of `sys::xsk` uses it too), and two tiny socket filters: they split the
 //! IP-in-IP packets that the kernel's GRO merged (`gso_size` set: several packets of one
 //! inner flow in one buffer) from the ones it did not.
 //!
@@ -96,39 +97,67 @@ struct ProgLoad {
     prog_name: [u8; 16],
 }
 
-fn load(insns: &[Insn]) -> io::Result<OwnedFd> {
+/// Load a program of `prog_type` named `name` (at most 15 bytes); when the kernel refuses it,
+/// again with the verifier's log, whose last lines the error then carries.
+pub(super) fn load(prog_type: u32, name: &str, insns: &[Insn]) -> io::Result<OwnedFd> {
     let license = b"GPL\0";
-    let mut name = [0u8; 16];
-    name[..11].copy_from_slice(b"espip_merge");
-    let attr = ProgLoad {
-        prog_type: BPF_PROG_TYPE_SOCKET_FILTER,
+    let mut prog_name = [0u8; 16];
+    let n = name.len().min(15);
+    prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    let mut attr = ProgLoad {
+        prog_type,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
-        prog_name: name,
+        prog_name,
         ..Default::default()
     };
-    // SAFETY: bpf(BPF_PROG_LOAD) reads `attr` (its size given) and the instruction array and
-    // license it points at, all alive for the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &attr as *const ProgLoad,
-            std::mem::size_of::<ProgLoad>(),
-        )
+    let call = |attr: &mut ProgLoad| {
+        // SAFETY: bpf(BPF_PROG_LOAD) reads `attr` (its size given) and the instruction array,
+        // license and log buffer it points at, all alive for the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_LOAD,
+                attr as *mut ProgLoad,
+                std::mem::size_of::<ProgLoad>(),
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    call(&mut attr).map_err(|e| {
+        let mut log = vec![0u8; 16 * 1024];
+        attr.log_level = 1;
+        attr.log_size = log.len() as u32;
+        attr.log_buf = log.as_mut_ptr() as u64;
+        let _ = call(&mut attr);
+        let text = String::from_utf8_lossy(&log);
+        let lines: Vec<&str> = text
+            .trim_end_matches('\0')
+            .trim()
+            .lines()
+            .rev()
+            .take(3)
+            .collect();
+        io::Error::new(
+            e.kind(),
+            format!("{e}; the verifier said: {}", lines.join(" / ")),
+        )
+    })
 }
 
 /// Attach the merged-IP-in-IP filter (see [`program`]) to `sock`. The program lives as long
 /// as the socket: nothing to remove on stop, and nothing left after a SIGKILL.
 pub fn merged_ipip(sock: &impl AsRawFd, v6: bool, accept: bool) -> io::Result<()> {
-    let prog = load(&program(v6, accept))?;
+    let prog = load(
+        BPF_PROG_TYPE_SOCKET_FILTER,
+        "espip_merge",
+        &program(v6, accept),
+    )?;
     super::set_int(
         sock,
         libc::SOL_SOCKET,

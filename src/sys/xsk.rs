@@ -30,7 +30,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_MAP_TYPE_XSKMAP: u32 = 17;
@@ -132,21 +131,6 @@ struct MapUpdate {
     key: u64,
     value: u64,
     flags: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoad {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
 }
 
 #[repr(C)]
@@ -354,37 +338,8 @@ fn create_map(entries: u32) -> io::Result<OwnedFd> {
     bpf(BPF_MAP_CREATE, &mut attr).map(owned)
 }
 
-/// Load the program; when the kernel refuses it, again with the verifier's log, which the
-/// error then carries.
 fn load(insns: &[Insn]) -> io::Result<OwnedFd> {
-    let license = b"GPL\0";
-    let mut name = [0u8; 16];
-    name[..10].copy_from_slice(b"espip_xdp\0");
-    let mut attr = ProgLoad {
-        prog_type: BPF_PROG_TYPE_XDP,
-        insn_cnt: insns.len() as u32,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        prog_name: name,
-        ..Default::default()
-    };
-    match bpf(BPF_PROG_LOAD, &mut attr) {
-        Ok(fd) => Ok(owned(fd)),
-        Err(e) => {
-            let mut log = vec![0u8; 16 * 1024];
-            attr.log_level = 1;
-            attr.log_size = log.len() as u32;
-            attr.log_buf = log.as_mut_ptr() as u64;
-            let _ = bpf(BPF_PROG_LOAD, &mut attr).map(owned);
-            let text = String::from_utf8_lossy(&log);
-            let text = text.trim_end_matches('\0').trim();
-            let last = text.lines().rev().take(3).collect::<Vec<_>>();
-            Err(io::Error::new(
-                e.kind(),
-                format!("{e}; the verifier said: {}", last.join(" / ")),
-            ))
-        }
-    }
+    super::bpf::load(BPF_PROG_TYPE_XDP, "espip_xdp", insns)
 }
 
 /// A memory mapping, unmapped on drop.
