@@ -347,6 +347,8 @@ impl Live {
             ("send", &e.send_errors),
             ("bad_outer", &e.bad_outer),
             ("offload", &e.offload_errors),
+            ("ike_foreign", &e.ike_foreign),
+            ("ike_queue_full", &e.ike_queue_full),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.load(Relaxed)))

@@ -673,13 +673,25 @@ enum ToolCmd {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
-    /// Send IKE_SA_INIT requests (each a fresh SPI, nonce and X25519 share) at an IKE port
-    /// for the half-open flood test; prints how many.
+    /// Send IKE_SA_INIT requests (each a fresh SPI, nonce and key share) at an IKE port
+    /// for the flood tests; prints how many.
     IkeFlood {
         #[arg(long)]
         to: std::net::SocketAddr,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// The IKE proposal offered (default: espip's default proposal).
+        #[arg(long)]
+        proposal: Option<String>,
+        /// Replace the key share with this many 0xff octets' worth (not a point of any group).
+        #[arg(long)]
+        bad_ke: bool,
+        /// Send to an ESP-in-UDP port, behind the non-ESP marker (RFC 3948).
+        #[arg(long)]
+        natt: bool,
+        /// Send from this address.
+        #[arg(long)]
+        from: Option<std::net::IpAddr>,
     },
     /// Relay every frame between two interfaces with a delay and random loss (the multipath
     /// lab's emulated link; this kernel has no netem). Runs until SIGTERM; prints its counts.
@@ -1053,8 +1065,24 @@ fn real_main() -> Result<()> {
                     "{{\"esp_known_spi\": {a}, \"esp_unknown_spi\": {b}, \"ipip\": {c}, \"short\": {d}}}"
                 );
             }
-            ToolCmd::IkeFlood { to, seconds } => {
-                let n = espip::lab::ike::ike_flood(to, seconds)?;
+            ToolCmd::IkeFlood {
+                to,
+                seconds,
+                proposal,
+                bad_ke,
+                natt,
+                from,
+            } => {
+                let n = espip::lab::ike::ike_flood(
+                    to,
+                    seconds,
+                    &espip::lab::ike::FloodOptions {
+                        proposal,
+                        bad_ke,
+                        natt,
+                        from,
+                    },
+                )?;
                 println!("{{\"ike_sa_init\": {n}}}");
             }
             ToolCmd::Source { connect, bytes } => {

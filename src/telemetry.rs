@@ -19,6 +19,12 @@ pub struct EdgeStats {
     pub send_errors: AtomicU64,
     /// Datagrams from a raw socket with an invalid outer header.
     pub bad_outer: AtomicU64,
+    /// IKE messages on the ESP-in-UDP port (behind the non-ESP marker) from an address that
+    /// is no IKEv2 peer's: dropped before they reach the IKE edge's queue.
+    pub ike_foreign: AtomicU64,
+    /// IKE messages from a peer dropped because the IKE edge's queue was full (IKE
+    /// retransmits).
+    pub ike_queue_full: AtomicU64,
     /// TUN packets whose offload header or TSO layout espip could not handle (dropped).
     pub offload_errors: AtomicU64,
     /// Large TCP packets (TSO) read from the TUN and segmented.

@@ -276,6 +276,34 @@ pub struct Config {
     pub ike: Vec<IkePeer>,
 }
 
+impl Interface {
+    /// The `[interface]` keys (as written in the file) whose values differ in `other`.
+    pub fn changed_keys(&self, other: &Interface) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut check = |key: &'static str, same: bool| {
+            if !same {
+                out.push(key);
+            }
+        };
+        check("name", self.name == other.name);
+        check("address", self.addresses == other.addresses);
+        check("mtu", self.mtu == other.mtu);
+        check("local", self.local == other.local);
+        check("state_dir", self.state_dir == other.state_dir);
+        check("forward", self.forward == other.forward);
+        check("rp_filter", self.rp_filter == other.rp_filter);
+        check("control", self.control == other.control);
+        check("user", self.user == other.user);
+        check("offload", self.offload == other.offload);
+        check("listen_port", self.listen_port == other.listen_port);
+        check("tx_threads", self.tx_threads == other.tx_threads);
+        check("save_keys", self.save_keys == other.save_keys);
+        check("tx_path", self.tx_path == other.tx_path);
+        check("rx_path", self.rx_path == other.rx_path);
+        out
+    }
+}
+
 impl Config {
     /// Read and validate a configuration file. Relative key file paths are resolved against
     /// the configuration file's directory.
@@ -434,6 +462,16 @@ impl Config {
     /// The NAT table of the data path.
     pub fn nat_table(&self) -> crate::nat::NatTable {
         crate::nat::NatTable::new(self.nat.maps.clone())
+    }
+
+    /// Whether `ip` is the endpoint of a peer keyed by IKEv2 (IKE from any other address is
+    /// not for us).
+    pub fn is_ike_endpoint(&self, ip: std::net::IpAddr) -> bool {
+        self.ike.iter().any(|s| {
+            self.peers
+                .iter()
+                .any(|p| p.name == s.peer && p.endpoint == ip)
+        })
     }
 
     /// The prefixes routed into the TUN: every `allowed_ips` prefix except those inside a NAT

@@ -50,6 +50,81 @@ pub(super) struct IkeDriver {
     clock: Instant,
     /// `interface.save_keys`.
     pub(super) keylog: Option<super::keylog::KeyLog>,
+    /// Failures logged once, then summarised.
+    failure_log: FailureLog,
+    /// Counters moved since the control side's snapshot was last refreshed (it is refreshed
+    /// at once when SAs change, otherwise at the next tick: a flood of unauthenticated
+    /// messages costs no snapshot each).
+    status_dirty: bool,
+}
+
+/// How often one kind of IKE failure of one peer is logged; the ones between are counted
+/// (in `espip show` and the metrics, as every failure is) and summarised.
+const FAILURE_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// IKE failures of one (peer, reason): logged the first time, then at most once per
+/// [`FAILURE_LOG_EVERY`] with how many came between, so that a flood of unauthenticated
+/// messages (or a wrong key retried every 5 s) does not flood the log.
+#[derive(Default)]
+struct FailureLog {
+    /// (peer, reason) -> (last logged, failures since that were not logged).
+    seen: std::collections::HashMap<(String, String), (Instant, u64)>,
+}
+
+impl FailureLog {
+    /// A failure at `now`: `Some(n)` if it is to be logged, `n` being how many of its kind
+    /// were not since the last line.
+    fn note(&mut self, peer: &str, reason: &str, now: Instant) -> Option<u64> {
+        match self.seen.get_mut(&(peer.to_string(), reason.to_string())) {
+            None => {
+                if self.seen.len() >= 1024 {
+                    self.seen.clear();
+                }
+                self.seen
+                    .insert((peer.to_string(), reason.to_string()), (now, 0));
+                Some(0)
+            }
+            Some((last, n)) if now.duration_since(*last) >= FAILURE_LOG_EVERY => {
+                *last = now;
+                Some(std::mem::take(n))
+            }
+            Some((_, n)) => {
+                *n += 1;
+                None
+            }
+        }
+    }
+
+    /// Summaries that are due: (peer, reason, failures not logged in the last interval).
+    fn due(&mut self, now: Instant) -> Vec<(String, String, u64)> {
+        let mut out = Vec::new();
+        self.seen.retain(|(peer, reason), (last, n)| {
+            let age = now.duration_since(*last);
+            if age < FAILURE_LOG_EVERY {
+                return true;
+            }
+            if *n > 0 {
+                out.push((peer.clone(), reason.clone(), std::mem::take(n)));
+                *last = now;
+                return true;
+            }
+            // Quiet for a while: the next one is logged as a first again.
+            age < FAILURE_LOG_EVERY * 10
+        });
+        out
+    }
+}
+
+/// Engines a new configuration would run (see [`IkeDriver::plan`]).
+pub(super) struct IkePlan {
+    entries: Vec<PlanEntry>,
+}
+
+enum PlanEntry {
+    /// Today's engine at this index continues.
+    Keep(usize),
+    /// A new engine.
+    New(Box<Peer>),
 }
 
 /// What [`IkeDriver::recv`] returns.
@@ -115,15 +190,27 @@ impl IkeDriver {
             rng: SystemRandom::new(),
             clock,
             keylog: None,
+            failure_log: FailureLog::default(),
+            status_dirty: false,
         };
         d.reconfigure(cfg, sources);
         Ok(Some(d))
     }
 
-    /// Follow a new configuration: engines of peers whose IKE settings, endpoint or
-    /// selectors are unchanged keep running; others start over.
+    /// Follow a new configuration at once (the start): see [`IkeDriver::plan`].
     pub(super) fn reconfigure(&mut self, cfg: &Config, sources: &[IpAddr]) {
-        let mut next = Vec::new();
+        let plan = self.plan(cfg, sources);
+        self.commit(plan);
+    }
+
+    /// What a new configuration would make of the engines, without changing any: engines of
+    /// peers whose IKE settings, endpoint and selectors are unchanged keep running (by index
+    /// into today's engines); others start over. A reload computes this, lets the data path
+    /// validate the whole configuration with [`IkeDriver::keyed_by`], and only then
+    /// [`IkeDriver::commit`]s it: a refused reload leaves every engine as it was.
+    pub(super) fn plan(&self, cfg: &Config, sources: &[IpAddr]) -> IkePlan {
+        let mut entries = Vec::new();
+        let mut taken = vec![false; self.peers.len()];
         for s in &cfg.ike {
             let Some((i, p)) = cfg.peers.iter().enumerate().find(|(_, p)| p.name == s.peer) else {
                 continue;
@@ -133,23 +220,51 @@ impl IkeDriver {
                 IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
             });
             let ec = engine_config(cfg, s, p, local);
-            let same = self.peers.iter().position(|q| {
-                q.name == p.name
+            let same = self.peers.iter().enumerate().position(|(j, q)| {
+                !taken[j]
+                    && q.name == p.name
                     && q.spec == *s
                     && q.engine.config().remote == ec.remote
                     && q.engine.config().remote_ts == ec.remote_ts
             });
             match same {
-                Some(j) => next.push(self.peers.remove(j)),
-                None => next.push(Peer {
+                Some(j) => {
+                    taken[j] = true;
+                    entries.push(PlanEntry::Keep(j));
+                }
+                None => entries.push(PlanEntry::New(Box::new(Peer {
                     name: p.name.clone(),
                     spec: s.clone(),
                     engine: Engine::new(ec),
                     rx_seen: 0,
-                }),
+                }))),
             }
         }
-        self.peers = next;
+        IkePlan { entries }
+    }
+
+    /// The engines `plan` names, in its order.
+    fn planned<'a>(&'a self, plan: &'a IkePlan) -> impl Iterator<Item = &'a Peer> + 'a {
+        plan.entries.iter().map(move |e| match e {
+            PlanEntry::Keep(j) => &self.peers[*j],
+            PlanEntry::New(p) => p.as_ref(),
+        })
+    }
+
+    /// Make `plan` the running set of engines (engines it does not keep are dropped).
+    pub(super) fn commit(&mut self, plan: IkePlan) {
+        let mut old: Vec<Option<Peer>> = std::mem::take(&mut self.peers)
+            .into_iter()
+            .map(Some)
+            .collect();
+        self.peers = plan
+            .entries
+            .into_iter()
+            .filter_map(|e| match e {
+                PlanEntry::Keep(j) => old.get_mut(j).and_then(Option::take),
+                PlanEntry::New(p) => Some(*p),
+            })
+            .collect();
     }
 
     fn now(&self) -> u64 {
@@ -202,6 +317,14 @@ impl IkeDriver {
 
     /// Timers: retransmissions, rekeys, liveness, reconnects.
     pub(super) async fn tick(&mut self, reloader: &mut Reloader<'_>) {
+        for (peer, reason, n) in self.failure_log.due(Instant::now()) {
+            warn!(
+                peer,
+                reason,
+                "IKE: {n} more {reason} failures in the last {} s (not logged one by one; `espip show` counts them)",
+                FAILURE_LOG_EVERY.as_secs()
+            );
+        }
         let now = self.now();
         let g = reloader.live.current.load_full();
         for i in 0..self.peers.len() {
@@ -223,6 +346,9 @@ impl IkeDriver {
             }
             let outs = self.peers[i].engine.tick(now, &self.rng);
             self.perform(i, outs, reloader).await;
+        }
+        if self.status_dirty {
+            self.refresh(reloader);
         }
     }
 
@@ -278,13 +404,40 @@ impl IkeDriver {
 
     async fn perform(&mut self, i: usize, outs: Vec<Out>, reloader: &mut Reloader<'_>) {
         let name = self.peers[i].name.clone();
+        let mut now = false;
         for o in outs {
             match o {
                 Out::Send { to, natt, msg } => self.send(to, natt, &msg).await,
-                Out::Changed => self.publish(reloader),
+                Out::Changed => {
+                    now = true;
+                    self.publish(reloader)
+                }
+                Out::Event(e @ (Event::IkeUp { .. } | Event::IkeRekeyed { .. } | Event::IkeDown { .. })) => {
+                    now = true;
+                    log_event(&name, &e)
+                }
+                Out::Event(Event::Failed { reason, detail }) => {
+                    if let Some(n) = self.failure_log.note(&name, &reason, Instant::now()) {
+                        if n == 0 {
+                            warn!(peer = name, reason, "IKE: {detail}");
+                        } else {
+                            warn!(peer = name, reason, "IKE: {detail} ({n} more {reason} failures since the last such line; `espip show` counts them)");
+                        }
+                    }
+                }
                 Out::Event(e) => log_event(&name, &e),
             }
         }
+        self.status_dirty = true;
+        if now {
+            self.refresh(reloader);
+        }
+    }
+
+    /// Give the control side the engines' current status and keys (and `save_keys` the new
+    /// ones).
+    pub(super) fn refresh(&mut self, reloader: &Reloader<'_>) {
+        self.status_dirty = false;
         reloader.live.set_ike(self.status(), self.wireshark_ike());
         if let Some(k) = self.keylog.as_mut() {
             k.record(reloader.live);
@@ -328,61 +481,12 @@ impl IkeDriver {
 
     /// The peers with their IKE-made SAs in place of `EspPending`.
     pub(super) fn keyed(&self, peers: &[PeerSpec]) -> Vec<PeerSpec> {
-        peers
-            .iter()
-            .map(|p| {
-                let Some(e) = self.peers.iter().find(|q| q.name == p.name) else {
-                    return p.clone();
-                };
-                let (udp_port, replay_window) = match &p.encap {
-                    EncapSpec::Esp {
-                        udp_port,
-                        replay_window,
-                        ..
-                    }
-                    | EncapSpec::EspPending {
-                        udp_port,
-                        replay_window,
-                    } => (*udp_port, *replay_window),
-                    EncapSpec::IpIp => return p.clone(),
-                };
-                let sas = e.engine.sas();
-                let mut q = p.clone();
-                match sas.out {
-                    None => {
-                        q.encap = EncapSpec::EspPending {
-                            udp_port,
-                            replay_window,
-                        };
-                        q.negotiated = None;
-                    }
-                    Some((spi_out, key_out, esn)) => {
-                        // The primary inbound SA: the newest with the outbound SA's ESN.
-                        let mut ins = sas.ins;
-                        let at = ins.iter().position(|(_, _, e)| *e == esn).unwrap_or(0);
-                        let (spi_in, key_in, _) = ins.remove(at);
-                        // ESP in UDP goes to the port IKE floated to (a NAT may map it).
-                        let udp_port = match (udp_port, e.engine.peer_addr()) {
-                            (Some(_), Some(a)) if a.port() != IKE_PORT => Some(a.port()),
-                            (u, _) => u,
-                        };
-                        q.encap = EncapSpec::Esp {
-                            cipher: key_out.cipher(),
-                            spi_out,
-                            key_out,
-                            spi_in,
-                            key_in,
-                            replay_window,
-                            esn,
-                            lifetime: Lifetime::default(),
-                            udp_port,
-                        };
-                        q.negotiated = Some(ins);
-                    }
-                }
-                q
-            })
-            .collect()
+        keyed_with(self.peers.iter(), peers)
+    }
+
+    /// [`IkeDriver::keyed`] as it would be after `plan` is committed.
+    pub(super) fn keyed_by(&self, plan: &IkePlan, peers: &[PeerSpec]) -> Vec<PeerSpec> {
+        keyed_with(self.planned(plan), peers)
     }
 
     fn publish(&self, reloader: &mut Reloader<'_>) {
@@ -444,6 +548,66 @@ impl IkeDriver {
     }
 }
 
+/// `peers` with the SAs of `engines` in place of `EspPending`.
+fn keyed_with<'a>(engines: impl Iterator<Item = &'a Peer>, peers: &[PeerSpec]) -> Vec<PeerSpec> {
+    let engines: Vec<&Peer> = engines.collect();
+    peers
+        .iter()
+        .map(|p| {
+            let Some(e) = engines.iter().find(|q| q.name == p.name) else {
+                return p.clone();
+            };
+            let (udp_port, replay_window) = match &p.encap {
+                EncapSpec::Esp {
+                    udp_port,
+                    replay_window,
+                    ..
+                }
+                | EncapSpec::EspPending {
+                    udp_port,
+                    replay_window,
+                } => (*udp_port, *replay_window),
+                EncapSpec::IpIp => return p.clone(),
+            };
+            let sas = e.engine.sas();
+            let mut q = p.clone();
+            match sas.out {
+                None => {
+                    q.encap = EncapSpec::EspPending {
+                        udp_port,
+                        replay_window,
+                    };
+                    q.negotiated = None;
+                }
+                Some((spi_out, key_out, esn)) => {
+                    // The primary inbound SA: the newest with the outbound SA's ESN.
+                    let mut ins = sas.ins;
+                    let at = ins.iter().position(|(_, _, e)| *e == esn).unwrap_or(0);
+                    let (spi_in, key_in, _) = ins.remove(at);
+                    // ESP in UDP goes to the port IKE floated to (a NAT may map it).
+                    let udp_port = match (udp_port, e.engine.peer_addr()) {
+                        (Some(_), Some(a)) if a.port() != IKE_PORT => Some(a.port()),
+                        (u, _) => u,
+                    };
+                    q.encap = EncapSpec::Esp {
+                        cipher: key_out.cipher(),
+                        spi_out,
+                        key_out,
+                        spi_in,
+                        key_in,
+                        replay_window,
+                        esn,
+                        lifetime: Lifetime::default(),
+                        udp_port,
+                    };
+                    q.negotiated = Some(ins);
+                }
+            }
+            q
+        })
+        .collect()
+}
+
 /// An IPv4-mapped IPv6 source as the IPv4 address it is.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -494,6 +658,46 @@ fn log_event(peer: &str, e: &Event) {
         }
         Event::Collision { detail } => info!(peer, detail, "IKE: rekey collision resolved"),
         Event::IkeDown { why } => warn!(peer, why, "IKE SA gone"),
+        // Rate-limited by the caller (FailureLog).
         Event::Failed { reason, detail } => warn!(peer, reason, "IKE: {detail}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_is_logged_once_then_summarised_per_interval() {
+        let mut log = FailureLog::default();
+        let t0 = Instant::now();
+        let s = std::time::Duration::from_secs;
+        assert_eq!(log.note("b", "NO_PROPOSAL_CHOSEN", t0), Some(0));
+        // A flood in the next seconds: not one more line.
+        for i in 0..100_000u64 {
+            let t = t0 + std::time::Duration::from_micros(i * 40);
+            assert_eq!(log.note("b", "NO_PROPOSAL_CHOSEN", t), None);
+        }
+        // Another reason or peer is logged on its own.
+        assert_eq!(log.note("b", "AUTHENTICATION_FAILED", t0 + s(1)), Some(0));
+        assert_eq!(log.note("c", "NO_PROPOSAL_CHOSEN", t0 + s(1)), Some(0));
+        assert!(log.due(t0 + s(30)).is_empty());
+        // After the interval: one summary with the count.
+        assert_eq!(
+            log.due(t0 + s(60)),
+            vec![("b".to_string(), "NO_PROPOSAL_CHOSEN".to_string(), 100_000)]
+        );
+        assert!(log.due(t0 + s(61)).is_empty());
+        // A wrong key retried every 5 s: one line a minute.
+        let mut lines = 0;
+        for i in 0..120u64 {
+            if log
+                .note("d", "AUTHENTICATION_FAILED", t0 + s(5 * i))
+                .is_some()
+            {
+                lines += 1;
+            }
+        }
+        assert_eq!(lines, 10);
     }
 }

@@ -160,13 +160,19 @@ impl Reloader<'_> {
 
     /// Refuse what only a restart can change.
     fn compatible(&self, old: &Config, new: &Config) -> Result<(), String> {
+        // (The caller adds that the running configuration is unchanged.)
         let restart = |what: &str| {
             Err(format!(
-                "{what} changed: a reload changes peers only; restart espip to apply it (the running configuration is unchanged)"
+                "{what} changed: a reload changes peers only; restart espip to apply it"
             ))
         };
         if old.interface != new.interface {
-            return restart("[interface]");
+            let keys = old.interface.changed_keys(&new.interface);
+            return restart(&format!(
+                "[interface] {} ({})",
+                if keys.len() == 1 { "key" } else { "keys" },
+                keys.join(", ")
+            ));
         }
         if old.nat != new.nat {
             return restart("[nat]");

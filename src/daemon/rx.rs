@@ -415,6 +415,14 @@ fn strip_ipv6_header(buf: &mut PacketBuf) -> Option<(IpAddr, (IpAddr, u8))> {
     Some((dst, (src, next)))
 }
 
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(a) => a.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 /// Receive from the ESP-in-UDP socket until it is empty; each GRO train is split into its
 /// datagrams, which go to the core in batches.
 fn drain_udp(u: &UdpEncapSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recorder, now: u64) {
@@ -447,11 +455,14 @@ fn drain_udp(u: &UdpEncapSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Rec
             for d in datagrams.chain(whole.is_empty().then_some(whole)) {
                 rec.record_udp(r.from, here, d);
                 // IKE behind the non-ESP marker (RFC 3948 section 2.2): to the IKE edge when a
-                // peer is keyed by IKEv2 (a full queue drops it: IKE retransmits); otherwise
-                // the core counts it as `non_esp`.
+                // peer is keyed by IKEv2 and the sender is one (the source filter runs before
+                // the queue, so strangers cannot fill it; a full queue drops it: IKE
+                // retransmits); otherwise the core counts it as `non_esp`.
                 if let (Some(tx), [0, 0, 0, 0, msg @ ..]) = (e.natt, d) {
-                    if tx.try_send((msg.to_vec(), r.from)).is_err() {
-                        e.edge.bad_outer.fetch_add(1, Relaxed);
+                    if !rx.gen.cfg.is_ike_endpoint(canonical_ip(r.from.ip())) {
+                        e.edge.ike_foreign.fetch_add(1, Relaxed);
+                    } else if tx.try_send((msg.to_vec(), r.from)).is_err() {
+                        e.edge.ike_queue_full.fetch_add(1, Relaxed);
                     }
                     continue;
                 }

@@ -123,10 +123,12 @@ pub(super) fn serve(
                     }
                 }
                 Some(r) = reload.recv() => {
-                    let result = reload_with_ike(&mut reloader, ike.as_mut(), r.cfg, r.key_files).await;
-                    if let Err(e) = &result {
-                        warn!("reload refused, the running configuration is unchanged: {e}");
-                    }
+                    let result = reload_with_ike(&mut reloader, ike.as_mut(), r.cfg, r.key_files)
+                        .await
+                        .map_err(|e| {
+                            warn!("reload refused, the running configuration is unchanged: {e}");
+                            format!("{e} (the running configuration is unchanged)")
+                        });
                     let _ = r.reply.send(result);
                 }
                 Some(r) = rekey.recv() => {
@@ -153,23 +155,31 @@ pub(super) fn serve(
     })
 }
 
-/// A reload with IKEv2 peers: engines follow the new configuration (unchanged ones keep
-/// their SAs, which stay installed), then the reload applies it.
+/// A reload with IKEv2 peers, as one transaction: the engines' next set is planned without
+/// touching today's (unchanged ones keep their SAs, which stay installed), the reload
+/// validates and applies the whole configuration, and only a reload that was applied makes
+/// the planned engines the running ones. A refused reload changes nothing, IKEv2 included.
 async fn reload_with_ike(
     reloader: &mut Reloader<'_>,
     ike: Option<&mut IkeDriver>,
     mut cfg: Config,
     key_files: Vec<(String, std::fs::File)>,
 ) -> Result<String, String> {
-    if let Some(d) = ike {
-        d.reconfigure(&cfg, &super::setup::outer_sources(&cfg));
-        cfg.peers = d.keyed(&cfg.peers);
-    } else if !cfg.ike.is_empty() {
-        return Err(
-            "a peer now uses keying = \"ikev2\", which needs UDP port 500 opened at start: restart espip".into(),
-        );
-    }
-    reloader.apply(cfg, key_files).await
+    let Some(d) = ike else {
+        if !cfg.ike.is_empty() {
+            return Err(
+                "a peer now uses keying = \"ikev2\", which needs UDP port 500 opened at start: restart espip".into(),
+            );
+        }
+        return reloader.apply(cfg, key_files).await;
+    };
+    let plan = d.plan(&cfg, &super::setup::outer_sources(&cfg));
+    cfg.peers = d.keyed_by(&plan, &cfg.peers);
+    let applied = reloader.apply(cfg, key_files).await?;
+    d.commit(plan);
+    // The engines' status (a peer that started over shows as such) follows at once.
+    d.refresh(reloader);
+    Ok(applied)
 }
 
 /// SIGHUP: re-read the configuration file and apply it. A daemon that dropped its privileges

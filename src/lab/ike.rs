@@ -370,6 +370,28 @@ fn interface(me_a: bool, state: &Path) -> String {
     )
 }
 
+/// A's (`me_a`) or B's configuration of an espip-to-espip IKEv2 pair over ESP in UDP
+/// (A initiates; AES-128-GCM, X25519; hour-long lifetimes; DPD every `dpd` s), its state in
+/// `state`, the pre-shared key in the file `psk` beside the configuration ([`LAB_PSK`]).
+/// For tests that need a running IKEv2 pair without the lab's checks.
+pub fn pair_config(me_a: bool, state: &Path, dpd: u64) -> String {
+    interface(me_a, state)
+        + &espip_peer(
+            "esp-udp",
+            me_a,
+            if me_a { "initiator" } else { "responder" },
+            "aes128gcm16-prfsha256-x25519",
+            "aes128gcm16",
+            3600,
+            7200,
+            dpd,
+            if me_a { "b.lab" } else { "a.lab" },
+        )
+}
+
+/// The pre-shared key of [`pair_config`].
+pub const LAB_PSK: &str = PSK;
+
 fn aes(esp: &str) -> bool {
     esp.starts_with("aes")
 }
@@ -1468,23 +1490,43 @@ fn strongswan_version() -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Send IKE_SA_INIT requests to `to` for `seconds` from UDP port 500 of this namespace's
-/// address (the flood test runs it in the peer's namespace: the messages come from the
-/// address the target accepts IKE from). Each is a real initiator's first message.
-pub fn ike_flood(to: std::net::SocketAddr, seconds: u64) -> io::Result<u64> {
+/// What [`ike_flood`] sends.
+#[derive(Debug, Default, Clone)]
+pub struct FloodOptions {
+    /// The IKE proposal offered (`None`: espip's default).
+    pub proposal: Option<String>,
+    /// Key shares of 0xff octets: not a point of any group.
+    pub bad_ke: bool,
+    /// To an ESP-in-UDP port, behind the non-ESP marker.
+    pub natt: bool,
+    /// The source address (`None`: the routed one).
+    pub from: Option<std::net::IpAddr>,
+}
+
+/// Send IKE_SA_INIT requests to `to` for `seconds` (the flood tests run it in the peer's
+/// namespace, so the messages come from the address the target accepts IKE from). Each is a
+/// real initiator's first message, changed as `opts` says.
+pub fn ike_flood(to: std::net::SocketAddr, seconds: u64, opts: &FloodOptions) -> io::Result<u64> {
     use crate::ike::engine::{Engine, IkeConfig, Out, Role};
-    let sock = std::net::UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+    use crate::ike::msg;
+    let bind = match opts.from {
+        Some(ip) => std::net::SocketAddr::new(ip, 0),
+        None if to.is_ipv4() => "0.0.0.0:0".parse().expect("address"),
+        None => "[::]:0".parse().expect("address"),
+    };
+    let sock = std::net::UdpSocket::bind(bind)?;
     let rng = ring::rand::SystemRandom::new();
+    let proposal = opts
+        .proposal
+        .as_deref()
+        .unwrap_or(crate::config::DEFAULT_IKE_PROPOSAL);
     let cfg = IkeConfig {
         name: "flood".into(),
         role: Role::Initiator,
         psk: zeroize::Zeroizing::new(b"not the key".to_vec()),
         local_id: crate::ike::msg::Id::from_config("flood"),
         remote_id: crate::ike::msg::Id::from_config("target"),
-        ike: vec![
-            crate::ike::proposal::IkeProposal::parse(crate::config::DEFAULT_IKE_PROPOSAL)
-                .map_err(io::Error::other)?,
-        ],
+        ike: vec![crate::ike::proposal::IkeProposal::parse(proposal).map_err(io::Error::other)?],
         esp: vec![
             crate::ike::proposal::EspProposal::parse("aes128gcm16").map_err(io::Error::other)?
         ],
@@ -1509,10 +1551,25 @@ pub fn ike_flood(to: std::net::SocketAddr, seconds: u64) -> io::Result<u64> {
     while Instant::now() < end {
         let mut e = Engine::new(cfg.clone());
         for o in e.tick(0, &rng) {
-            if let Out::Send { msg, .. } = o {
-                if sock.send_to(&msg, to).is_ok() {
-                    n += 1;
+            let Out::Send { mut msg, .. } = o else {
+                continue;
+            };
+            if opts.bad_ke {
+                let h = msg::parse_header(&msg).map_err(|e| io::Error::other(format!("{e:?}")))?;
+                let mut chain = msg::parse_chain(&msg, msg::HDR_LEN, h.next)
+                    .map_err(|e| io::Error::other(format!("{e:?}")))?;
+                for p in &mut chain.payloads {
+                    if let msg::Payload::Ke { data, .. } = p {
+                        data.iter_mut().for_each(|b| *b = 0xff);
+                    }
                 }
+                msg = msg::encode_plain(h, &chain.payloads);
+            }
+            if opts.natt {
+                msg.splice(0..0, [0u8; 4]);
+            }
+            if sock.send_to(&msg, to).is_ok() {
+                n += 1;
             }
         }
     }

@@ -1134,3 +1134,253 @@ fn simultaneous_rekeys_with_either_side_dropping_answers_lose_nothing() {
         rekey_soak(a_initiates, true);
     }
 }
+
+/// The first message of a fresh initiator of `ike` (issue 28's flood tests), its KE data
+/// replaced by `ke` when given.
+fn fresh_init(rng: &SystemRandom, ike: &str, ke: Option<u8>) -> (Engine, Vec<u8>) {
+    let mut fake = Engine::new(cfg(Role::Initiator, A, B, ike, "aes128gcm16"));
+    let Some(Out::Send { msg, .. }) = fake.tick(0, rng).into_iter().next() else {
+        panic!("an initiator sends IKE_SA_INIT")
+    };
+    let Some(byte) = ke else { return (fake, msg) };
+    let h = msg::parse_header(&msg).unwrap();
+    let mut chain = msg::parse_chain(&msg, msg::HDR_LEN, h.next).unwrap();
+    for p in &mut chain.payloads {
+        if let msg::Payload::Ke { data, .. } = p {
+            data.iter_mut().for_each(|b| *b = byte);
+        }
+    }
+    (fake, msg::encode_plain(h, &chain.payloads))
+}
+
+/// What an answer to IKE_SA_INIT is: "cookie", "response" or "error N".
+fn answer_kind(outs: &[Out]) -> Vec<String> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Out::Send { msg, .. } => {
+                let h = msg::parse_header(msg).unwrap();
+                let chain = msg::parse_chain(msg, msg::HDR_LEN, h.next).unwrap();
+                Some(match chain.payloads.first() {
+                    Some(msg::Payload::Notify { kind, .. }) if *kind == msg::notify::COOKIE => {
+                        "cookie".to_string()
+                    }
+                    Some(msg::Payload::Notify { kind, .. }) => format!("error {kind}"),
+                    _ => "response".to_string(),
+                })
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Issue 28 item 2: IKE_SA_INIT with key shares that are no point of the group (96 x 0xff
+/// for ECP-384, an off-curve point, X25519's zero) cost no key generation: refused before
+/// any, and after two of them the sender must echo a cookie first.
+#[test]
+fn invalid_key_shares_cost_no_key_generation_and_bring_cookies() {
+    let rng = SystemRandom::new();
+    for (ike, ke) in [
+        ("aes256gcm16-prfsha384-ecp384", 0xffu8),
+        ("aes128gcm16-prfsha256-ecp256", 0x01),
+        ("aes128gcm16-prfsha256-x25519", 0x00),
+    ] {
+        let mut b = Engine::new(cfg(Role::Responder, B, A, ike, "aes128gcm16"));
+        let from: SocketAddr = format!("{A}:500").parse().unwrap();
+        let mut kinds = std::collections::BTreeMap::<String, u32>::new();
+        for i in 0..500u64 {
+            let (_, m) = fresh_init(&rng, ike, Some(ke));
+            for k in answer_kind(&b.handle(&m, from, false, 1_000 * MS + i * MS, &rng)) {
+                *kinds.entry(k).or_default() += 1;
+            }
+        }
+        let f = &b.stats().failures;
+        // Two refused for their key share, then cookies: no answer carries a key share.
+        assert_eq!(f.get("invalid_key_share"), Some(&2), "{ike}: {f:?}");
+        assert_eq!(f.get("cookie_required"), Some(&498), "{ike}: {f:?}");
+        assert_eq!(kinds.get("response"), None, "{ike}: {kinds:?}");
+        assert!(
+            b.status(0).iter().all(|s| s.state != "authenticating"),
+            "{ike}"
+        );
+        // An honest initiator still connects (with a cookie).
+        let mut p = Pair {
+            b,
+            ..Pair::new(
+                cfg(Role::Initiator, A, B, ike, "aes128gcm16"),
+                cfg(Role::Responder, B, A, ike, "aes128gcm16"),
+            )
+        };
+        p.now = 2_000 * MS;
+        p.run(200);
+        assert_keys_match(&p.a.sas(), &p.b.sas());
+    }
+}
+
+/// Issue 28 item 4: cookies expire (the secret rotates every 10 s, the previous one is
+/// honoured for 10 s more): a cookie harvested once and replayed 35 s later buys no
+/// response; and a flood that echoes cookies from the peer's own address (the same NAT)
+/// does not evict an honest initiator's half-open SA before its IKE_AUTH.
+#[test]
+fn cookies_expire_and_a_cookie_echoing_flood_does_not_evict_an_honest_initiator() {
+    let rng = SystemRandom::new();
+    let ike = "aes128gcm16-prfsha256-x25519";
+    let from: SocketAddr = format!("{A}:500").parse().unwrap();
+    let t0 = 1_000 * MS;
+    let mut b = Engine::new(cfg(Role::Responder, B, A, ike, "aes128gcm16"));
+    // Two half-open SAs bring the threshold; then harvest 50 cookie-carrying requests.
+    for i in 0..2 {
+        let (_, m) = fresh_init(&rng, ike, None);
+        assert_eq!(
+            answer_kind(&b.handle(&m, from, false, t0 + i * MS, &rng)),
+            ["response"]
+        );
+    }
+    let mut harvested = Vec::new();
+    for i in 0..50u64 {
+        let (mut fake, m) = fresh_init(&rng, ike, None);
+        let outs = b.handle(&m, from, false, t0 + (10 + i) * MS, &rng);
+        assert_eq!(answer_kind(&outs), ["cookie"]);
+        let Some(Out::Send { msg: cookie, .. }) = outs.into_iter().next() else {
+            unreachable!()
+        };
+        let again = fake.handle(
+            &cookie,
+            SocketAddr::new(B.parse().unwrap(), 500),
+            false,
+            0,
+            &rng,
+        );
+        let Some(Out::Send { msg, .. }) = again.into_iter().next() else {
+            panic!("the initiator comes back with the cookie")
+        };
+        harvested.push(msg);
+    }
+    // Replayed 35 s later, while the responder is under load again (two half-open SAs):
+    // every one is asked for a fresh cookie, none answered with a key exchange.
+    let later = t0 + 35_000 * MS;
+    let _ = b.tick(later - 20 * MS, &rng); // the first half-open SAs time out
+    for i in 0..2 {
+        let (_, m) = fresh_init(&rng, ike, None);
+        assert_eq!(
+            answer_kind(&b.handle(&m, from, false, later - 10 * MS + i * MS, &rng)),
+            ["response"]
+        );
+    }
+    let dh_before = b.stats().responses;
+    let mut kinds = Vec::new();
+    for (i, m) in harvested.iter().enumerate() {
+        for _ in 0..10 {
+            kinds.extend(answer_kind(&b.handle(
+                m,
+                from,
+                false,
+                later + i as u64 * MS,
+                &rng,
+            )));
+        }
+    }
+    assert!(kinds.iter().all(|k| k == "cookie"), "{kinds:?}");
+    assert_eq!(kinds.len(), 500);
+    assert_eq!(b.stats().responses, dh_before);
+
+    // The honest initiator's IKE_SA_INIT goes first, then a flood echoing cookies from the
+    // same address (one request per millisecond) during its round trip; its IKE_AUTH comes
+    // 10 or 100 ms after.
+    for gap_ms in [10u64, 100] {
+        let mut p = Pair::new(
+            cfg(Role::Initiator, A, B, ike, "aes128gcm16"),
+            cfg(Role::Responder, B, A, ike, "aes128gcm16"),
+        );
+        p.now = 100_000 * MS;
+        // A's IKE_SA_INIT and B's answer.
+        let o = p.a.tick(p.now, &p.rng);
+        p.absorb('a', o);
+        let (_, _, _, init) = p.wire.remove(0);
+        let o = p.b.handle(&init, from, false, p.now, &p.rng);
+        assert_eq!(answer_kind(&o), ["response"]);
+        let Some(Out::Send { msg: answer, .. }) = o.into_iter().next() else {
+            unreachable!()
+        };
+        let mut responses = 0;
+        for ms in 1..gap_ms {
+            let t = p.now + ms * MS;
+            let (mut fake, m) = fresh_init(&rng, ike, None);
+            let mut outs = p.b.handle(&m, from, false, t, &rng);
+            if answer_kind(&outs) == ["cookie"] {
+                let Some(Out::Send { msg: cookie, .. }) = outs.pop() else {
+                    unreachable!()
+                };
+                let again = fake.handle(
+                    &cookie,
+                    SocketAddr::new(B.parse().unwrap(), 500),
+                    false,
+                    0,
+                    &rng,
+                );
+                let Some(Out::Send { msg, .. }) = again.into_iter().next() else {
+                    unreachable!()
+                };
+                outs = p.b.handle(&msg, from, false, t, &rng);
+            }
+            responses += answer_kind(&outs)
+                .iter()
+                .filter(|k| *k == "response")
+                .count();
+        }
+        // At most MAX_HALF_OPEN (4) half-open SAs, the honest one among them.
+        assert!(responses <= 3, "{responses} key generations for the flood");
+        p.now += gap_ms * MS;
+        let o = p.a.handle(
+            &answer,
+            SocketAddr::new(B.parse().unwrap(), 500),
+            false,
+            p.now,
+            &p.rng,
+        );
+        p.absorb('a', o);
+        p.run(100);
+        assert_keys_match(&p.a.sas(), &p.b.sas());
+        assert!(
+            p.b.stats()
+                .failures
+                .get("half_open_full")
+                .copied()
+                .unwrap_or(0)
+                > 0,
+            "{:?}",
+            p.b.stats().failures
+        );
+    }
+}
+
+/// Issue 28 item 9: an initiator that refuses the responder's identity tells the responder
+/// (AUTHENTICATION_FAILED in a separate INFORMATIONAL, RFC 7296 section 2.21.2), which then
+/// deletes what it installed: neither side holds an SA or counts the IKE SA as up.
+#[test]
+fn an_initiator_refusing_the_responders_identity_takes_the_responder_down_too() {
+    let ike = "aes128gcm16-prfsha256-x25519";
+    let mut a = cfg(Role::Initiator, A, B, ike, "aes128gcm16");
+    a.remote_id = Id::from_config("not-b.lab");
+    let mut p = Pair::new(a, cfg(Role::Responder, B, A, ike, "aes128gcm16"));
+    p.run(200);
+    assert!(p.a.sas().out.is_none(), "{}", p.timeline(0));
+    assert!(
+        p.b.sas().out.is_none() && p.b.sas().ins.is_empty(),
+        "the responder kept its CHILD_SA:\n{}",
+        p.timeline(0)
+    );
+    assert!(
+        p.b.status(p.now).iter().all(|s| s.state != "established"),
+        "{:?}",
+        p.b.status(p.now)
+    );
+    for side in ['a', 'b'] {
+        assert!(
+            p.events_of(side).iter().any(
+                |e| matches!(e, Event::Failed { reason, .. } if reason == "AUTHENTICATION_FAILED")
+            ),
+            "{side}: {}",
+            p.timeline(0)
+        );
+    }
+}

@@ -19,6 +19,7 @@ use super::crypto::{self, Group, IkeKeys, KeyShare};
 use super::msg::{
     self, exchange, flags, notify, proto, Header, Id, MsgError, Payload, Proposal, Ts,
 };
+use super::point;
 use super::proposal::{self, EspChoice, EspProposal, IkeChoice, IkeProposal};
 use super::ts;
 use crate::sa::KeyMaterial;
@@ -40,8 +41,17 @@ const RETRY_MS: u64 = 5_000;
 /// Half-open IKE SAs at which the responder asks for a cookie first (section 2.6): a flood
 /// of IKE_SA_INIT then costs one SHA-256 per message and no state or Diffie-Hellman.
 const COOKIE_THRESHOLD: usize = 2;
-/// Most half-open IKE SAs kept per peer (the oldest goes).
+/// Most half-open IKE SAs kept per peer.
 const MAX_HALF_OPEN: usize = 4;
+/// A half-open IKE SA younger than this is never evicted for a newer one: room for the
+/// initiator's IKE_AUTH after a slow round trip. When every slot holds one, a new
+/// IKE_SA_INIT gets no answer (`half_open_full`) and the initiator retransmits; so a flood
+/// that echoes cookies from the peer's own address costs at most [`MAX_HALF_OPEN`] key
+/// generations per this interval, and never evicts an honest initiator before its IKE_AUTH.
+const HALF_OPEN_KEEP_MS: u64 = 2_000;
+/// The cookie secret is replaced this often; a cookie made with the previous one is still
+/// accepted, so a cookie is good for 10 to 20 s (section 2.6: versioned secrets).
+const COOKIE_ROTATE_MS: u64 = 10_000;
 
 /// Which side starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -393,8 +403,11 @@ pub struct Engine {
     deferred: Vec<Task>,
     /// No new CHILD_SA attempt before this (after a refusal).
     new_child_at: u64,
-    /// The responder's cookie secret, made at the first cookie.
-    cookie_secret: Option<[u8; 32]>,
+    /// The responder's cookie secrets, made at the first cookie, rotated.
+    cookie_secrets: CookieSecrets,
+    /// When IKE_SA_INITs with an invalid key share came (the last [`HALF_OPEN_MS`], at most
+    /// [`COOKIE_THRESHOLD`]): they count as half-open SAs towards the cookie threshold.
+    invalid_inits: Vec<u64>,
     /// We answered the peer's rekey of a CHILD_SA we are rekeying ourselves (RFC 7296
     /// section 2.8.1): decided by the nonces when our answer comes.
     child_collision: Option<ChildCollision>,
@@ -403,6 +416,14 @@ pub struct Engine {
     /// The peer said it holds none of our CHILD_SAs: make a new one even as the IKE SA's
     /// responder.
     remake_child: bool,
+}
+
+/// The responder's cookie secrets (RFC 7296 section 2.6): the current one with its version
+/// (the cookie's first octet) and when it was made, and the one before it.
+#[derive(Default)]
+struct CookieSecrets {
+    current: Option<(u8, [u8; 32], u64)>,
+    previous: Option<(u8, [u8; 32])>,
 }
 
 /// The peer's side of a simultaneous CHILD_SA rekey.
@@ -531,7 +552,8 @@ impl Engine {
             remake_child: false,
             child_collision: None,
             ike_collision: None,
-            cookie_secret: None,
+            cookie_secrets: CookieSecrets::default(),
+            invalid_inits: Vec::new(),
         }
     }
 
@@ -626,20 +648,81 @@ impl Engine {
             .any(|s| s.spi_i == spi_i && (s.spi_r == spi_r || s.spi_r == 0 || spi_r == 0))
     }
 
-    /// The cookie for an initiator: SHA-256(secret | Ni | IPi | SPIi) (section 2.6).
-    fn cookie(&mut self, rng: &dyn SecureRandom, ni: &[u8], ip: IpAddr, spi_i: u64) -> Vec<u8> {
-        let secret = *self
-            .cookie_secret
-            .get_or_insert_with(|| rand_bytes(rng, 32).try_into().expect("32 bytes"));
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        ctx.update(&secret);
-        ctx.update(ni);
-        match ip {
-            IpAddr::V4(a) => ctx.update(&a.octets()),
-            IpAddr::V6(a) => ctx.update(&a.octets()),
+    /// The cookie for an initiator: VersionIDofSecret | SHA-256(secret | Ni | IPi | SPIi)
+    /// (section 2.6), with the current secret (a new one every [`COOKIE_ROTATE_MS`]).
+    fn cookie(
+        &mut self,
+        rng: &dyn SecureRandom,
+        now: u64,
+        ni: &[u8],
+        ip: IpAddr,
+        spi_i: u64,
+    ) -> Vec<u8> {
+        let c = &mut self.cookie_secrets;
+        let stale = c
+            .current
+            .is_none_or(|(_, _, made)| now.saturating_sub(made) >= COOKIE_ROTATE_MS * MS);
+        if stale {
+            let version = c.current.map_or(0, |(v, _, _)| v.wrapping_add(1));
+            // A secret older than two rotations is of no use any more.
+            c.previous = c
+                .current
+                .filter(|(_, _, made)| now.saturating_sub(*made) < 2 * COOKIE_ROTATE_MS * MS)
+                .map(|(v, k, _)| (v, k));
+            let secret: [u8; 32] = rand_bytes(rng, 32).try_into().expect("32 bytes");
+            c.current = Some((version, secret, now));
         }
-        ctx.update(&spi_i.to_be_bytes());
-        ctx.finish().as_ref().to_vec()
+        let (version, secret, _) = c.current.expect("made above");
+        let mut out = vec![version];
+        out.extend_from_slice(&cookie_mac(&secret, ni, ip, spi_i));
+        out
+    }
+
+    /// Whether `given` is a cookie of the current or the previous secret for this request.
+    fn cookie_valid(&self, now: u64, given: &[u8], ni: &[u8], ip: IpAddr, spi_i: u64) -> bool {
+        let Some((&version, mac)) = given.split_first() else {
+            return false;
+        };
+        let c = &self.cookie_secrets;
+        let secret = match (c.current, c.previous) {
+            // The current secret makes cookies for COOKIE_ROTATE_MS, which stay good for as
+            // long again (rotation happens when the next cookie is made).
+            (Some((v, k, made)), _)
+                if v == version && now.saturating_sub(made) < 2 * COOKIE_ROTATE_MS * MS =>
+            {
+                k
+            }
+            (Some((_, _, made)), Some((v, k)))
+                if v == version && now.saturating_sub(made) < COOKIE_ROTATE_MS * MS =>
+            {
+                k
+            }
+            _ => return false,
+        };
+        crypto::mac_eq(mac, &cookie_mac(&secret, ni, ip, spi_i))
+    }
+}
+
+/// SHA-256(secret | Ni | IPi | SPIi).
+fn cookie_mac(secret: &[u8; 32], ni: &[u8], ip: IpAddr, spi_i: u64) -> Vec<u8> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(secret);
+    ctx.update(ni);
+    match ip {
+        IpAddr::V4(a) => ctx.update(&a.octets()),
+        IpAddr::V6(a) => ctx.update(&a.octets()),
+    }
+    ctx.update(&spi_i.to_be_bytes());
+    ctx.finish().as_ref().to_vec()
+}
+
+impl Engine {
+    /// An IKE_SA_INIT with an invalid key share came: remembered for the cookie threshold.
+    fn note_invalid_init(&mut self, now: u64) {
+        if self.invalid_inits.len() >= COOKIE_THRESHOLD {
+            self.invalid_inits.remove(0);
+        }
+        self.invalid_inits.push(now);
     }
 
     /// Never without an outbound SA while an installed one waits: when the SA we sent on is
@@ -1854,18 +1937,23 @@ impl Engine {
         };
         // Under half-open load, a cookie before any state or Diffie-Hellman (section 2.6):
         // only a sender that receives at its address can come back with it.
+        // Requests with an invalid key share count as half-open SAs: a flood of them gets
+        // cookies too, instead of a key generation each.
+        self.invalid_inits
+            .retain(|t| now.saturating_sub(*t) < HALF_OPEN_MS * MS);
         let half_open = self
             .others
             .iter()
             .filter(|s| s.state == State::Authenticating)
-            .count();
+            .count()
+            + self.invalid_inits.len();
         if half_open >= COOKIE_THRESHOLD {
-            let want = self.cookie(rng, &ni, from.ip(), h.spi_i);
             let given = match p.first() {
                 Some(Payload::Notify { kind, data, .. }) if *kind == notify::COOKIE => Some(data),
                 _ => None,
             };
-            if !given.is_some_and(|g| crypto::mac_eq(g, &want)) {
+            if !given.is_some_and(|g| self.cookie_valid(now, g, &ni, from.ip(), h.spi_i)) {
+                let want = self.cookie(rng, now, &ni, from.ip(), h.spi_i);
                 self.stats.fail("cookie_required");
                 out.push(Out::Send {
                     to: from,
@@ -1875,6 +1963,33 @@ impl Engine {
                 return;
             }
         }
+        // Room for one more half-open SA, or no answer at all (before any key generation):
+        // the oldest may go only once it had time for its IKE_AUTH.
+        let evict = {
+            let mut half: Vec<(usize, u64)> = self
+                .others
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.state == State::Authenticating)
+                .map(|(i, s)| (i, s.created))
+                .collect();
+            if half.len() < MAX_HALF_OPEN {
+                None
+            } else {
+                half.sort_by_key(|(_, c)| *c);
+                match half.first() {
+                    Some(&(i, created))
+                        if now.saturating_sub(created) >= HALF_OPEN_KEEP_MS * MS =>
+                    {
+                        Some(i)
+                    }
+                    _ => {
+                        self.stats.fail("half_open_full");
+                        return;
+                    }
+                }
+            }
+        };
         let Some(choice) = proposal::choose_ike(&offered, &self.cfg.ike) else {
             self.fail(
                 out,
@@ -1909,12 +2024,21 @@ impl Engine {
             });
             return;
         }
+        // The key share is checked before any work of ours (a few microseconds, against a
+        // key generation's hundreds): not a point of the group, no answer, and it counts
+        // towards the cookie threshold.
+        if !point::valid_public(choice.group, &ke) {
+            self.stats.fail("invalid_key_share");
+            self.note_invalid_init(now);
+            return;
+        }
         let Some(share) = KeyShare::new(choice.group, rng) else {
             return;
         };
         let kr = share.public.clone();
         let Ok(shared) = share.agree(&ke) else {
-            self.stats.fail("INVALID_SYNTAX");
+            self.stats.fail("invalid_key_share");
+            self.note_invalid_init(now);
             return;
         };
         let spi_r = rand_u64(rng);
@@ -1957,21 +2081,10 @@ impl Engine {
         );
         let seed = crypto::skeyseed(choice.prf, &shared, &ni, &nr, None);
         let keys = crypto::ike_keys(choice.prf, choice.cipher, &seed, &ni, &nr, h.spi_i, spi_r);
-        // At most a few half-open SAs per peer: the oldest goes.
-        let half_open = self
-            .others
-            .iter()
-            .filter(|s| s.state == State::Authenticating)
-            .count();
-        if half_open >= MAX_HALF_OPEN {
-            if let Some(i) = self
-                .others
-                .iter()
-                .position(|s| s.state == State::Authenticating)
-            {
-                self.others.remove(i);
-                self.stats.fail("half_open_evicted");
-            }
+        // At most a few half-open SAs per peer: the oldest goes, once it had its time.
+        if let Some(i) = evict {
+            self.others.remove(i);
+            self.stats.fail("half_open_evicted");
         }
         self.others.push(IkeSa {
             spi_i: h.spi_i,
@@ -2623,6 +2736,25 @@ impl Engine {
     ) -> (Vec<Payload>, After) {
         let mut resp = Vec::new();
         let mut after = After::Keep;
+        // The initiator refused our IKE_AUTH answer (section 2.21.2): it holds no IKE SA.
+        if find_notify(p, notify::AUTHENTICATION_FAILED).is_some() {
+            self.fail(
+                out,
+                "AUTHENTICATION_FAILED",
+                format!(
+                    "peer {} refused our authentication: its remote_id must be our local_id ({}) and both psk_files the same key",
+                    self.cfg.name,
+                    self.cfg.local_id.display()
+                ),
+            );
+            if s.state == State::Established {
+                out.push(Out::Event(Event::IkeDown {
+                    why: "the peer refused our authentication".into(),
+                }));
+            }
+            s.flight = None;
+            return (resp, After::Drop);
+        }
         for d in p {
             let Payload::Delete { protocol, spis } = d else {
                 continue;
@@ -2722,6 +2854,20 @@ impl Engine {
                         "AUTHENTICATION_FAILED",
                         format!("peer {} ({}): {why}", self.cfg.name, s.peer.ip()),
                     );
+                    // The responder thinks the IKE SA is up: tell it, in a separate
+                    // INFORMATIONAL (section 2.21.2), so it deletes its SAs too. Sent once:
+                    // this side forgets the IKE SA now.
+                    let h = s.header(exchange::INFORMATIONAL, s.next_id, false);
+                    s.next_id += 1;
+                    let m = s.seal(
+                        h,
+                        &[Payload::notify(notify::AUTHENTICATION_FAILED, Vec::new())],
+                    );
+                    out.push(Out::Send {
+                        to: s.peer,
+                        natt: s.natt,
+                        msg: m,
+                    });
                     self.retry_at = Some(now + RETRY_MS * MS);
                     return After::Drop;
                 }

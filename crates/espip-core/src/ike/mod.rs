@@ -6,5 +6,6 @@
 pub mod crypto;
 pub mod engine;
 pub mod msg;
+pub mod point;
 pub mod proposal;
 pub mod ts;
