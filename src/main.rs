@@ -159,7 +159,7 @@ fn reload(path: &std::path::Path) -> Result<()> {
         .unwrap_or(std::path::Path::new("."))
         .to_path_buf();
     let keys = KeyFiles::disk();
-    let cfg = Config::parse_with(&text, &base, &keys)?;
+    let cfg = Config::parse_with(&text, &base, &keys).map_err(|e| e.in_file(path))?;
     let store = espip::sys::seqstore::SeqStore::open(&cfg.interface.state_dir, &cfg.interface.name)
         .with_context(|| format!("interface.state_dir {}", cfg.interface.state_dir.display()))?;
     let mut fps = Vec::new();

@@ -237,3 +237,41 @@ fn hostile_and_mistaken_configs_get_errors_that_name_the_problem() {
     );
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// Issue 28 item 6: a FIFO (or a device) given as the configuration is refused at once by
+/// `check` and `reload`, never read (6c363c3 blocked in `open` until a writer came).
+#[test]
+fn a_fifo_or_device_as_configuration_is_refused_without_hanging() {
+    let d = tempdir("fifo");
+    let fifo = d.join("espip0.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    for (cmd, path) in [
+        ("check", fifo.as_path()),
+        ("reload", fifo.as_path()),
+        ("check", std::path::Path::new("/dev/zero")),
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_espip"))
+            .args([cmd, "-c"])
+            .arg(path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > std::time::Duration::from_secs(10) {
+                let _ = child.kill();
+                panic!("espip {cmd} -c {} hangs", path.display());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!status.success());
+        assert!(err.contains("not a regular file"), "{cmd}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -194,12 +194,26 @@ fn flood(ns: &Netns, args: &[&str]) -> u64 {
 /// CPU time of each thread of `pid`: (name, microseconds).
 fn thread_cpu(pid: u32) -> Vec<(String, u64)> {
     let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        let name = stat.split_once('(').and_then(|(_, r)| r.split_once(')')).map_or("", |(n, _)| n).to_string();
+        let name = stat
+            .split_once('(')
+            .and_then(|(_, r)| r.split_once(')'))
+            .map_or("", |(n, _)| n)
+            .to_string();
         let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<u64> = after.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
-        out.push((name, (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) * 10_000));
+        let f: Vec<u64> = after
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        out.push((
+            name,
+            (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) * 10_000,
+        ));
     }
     out
 }

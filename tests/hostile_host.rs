@@ -845,3 +845,49 @@ fn keep_tear_down_lifetime_warnings_and_plain_logs() {
         "colour codes in a log file: {text:?}"
     );
 }
+
+/// Issue 28 item 7: `capture.dir` below a directory the daemon's user owns (here `evil`, with
+/// `evil/a` a link to a directory of root's) is refused before root creates anything there;
+/// 6c363c3 created `drop.d` inside root's directory and gave it to the user.
+#[test]
+fn a_capture_dir_below_a_directory_the_daemon_user_owns_is_refused() {
+    let Some(_g) = serial() else { return };
+    let u = daemon_user();
+    let s = Scratch::new("capparent");
+    let d = &s.0;
+    let (a, _b) = p2p::topology("hcapp").unwrap();
+    let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
+    let roots = d.join("roots-dir");
+    std::fs::create_dir(&roots).unwrap();
+    std::fs::set_permissions(&roots, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let evil = d.join("evil");
+    std::fs::create_dir(&evil).unwrap();
+    nix::unistd::chown(
+        &evil,
+        Some(nix::unistd::Uid::from_raw(u.uid)),
+        Some(nix::unistd::Gid::from_raw(u.gid)),
+    )
+    .unwrap();
+    assert!(sh_as(
+        u.uid,
+        u.gid,
+        &format!("ln -s {} {}/a", roots.display(), evil.display())
+    ));
+    let cap = evil.join("a/drop.d");
+    let cfg = config_a(
+        d,
+        &keys,
+        "",
+        &format!("\n[capture]\ndir = \"{}\"\n", cap.display()),
+    );
+    let err = start(&a, &cfg, &d.join("1.log")).err().expect("refused");
+    assert!(
+        err.contains("capture.dir") && err.contains(&evil.display().to_string()),
+        "{err}"
+    );
+    assert!(
+        !roots.join("drop.d").exists(),
+        "root created a directory through the user's link"
+    );
+    assert!(!a.has_link("espip0"), "refused before any setup");
+}

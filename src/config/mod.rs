@@ -87,6 +87,19 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// The error as found in the file `path` (a syntax error names it, not `<config>`).
+    pub fn in_file(self, path: &Path) -> ConfigError {
+        match self {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
 fn invalid(
     key: impl Into<String>,
     value: impl ToString,
@@ -276,6 +289,9 @@ pub struct Config {
     pub ike: Vec<IkePeer>,
 }
 
+/// Largest configuration file read.
+const CONFIG_MAX: u64 = 1 << 20;
+
 impl Interface {
     /// The `[interface]` keys (as written in the file) whose values differ in `other`.
     pub fn changed_keys(&self, other: &Interface) -> Vec<&'static str> {
@@ -310,13 +326,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = Config::read_text(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Config::parse_with(&text, base, &KeyFiles::disk()).map_err(|e| match e {
-            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
-                path: path.to_path_buf(),
-                message,
-            },
-            other => other,
-        })
+        Config::parse_with(&text, base, &KeyFiles::disk()).map_err(|e| e.in_file(path))
     }
 
     /// The text of a configuration file, refused if another user could have written it.
@@ -327,8 +337,33 @@ impl Config {
             path: path.to_path_buf(),
             source,
         };
-        let mut f = std::fs::File::open(path).map_err(read_err)?;
+        // Non-blocking: a FIFO (or a device) is refused below instead of hanging the reader.
+        let f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+                .open(path)
+                .map_err(read_err)?
+        };
         let meta = f.metadata().map_err(read_err)?;
+        if !meta.is_file() {
+            return Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(
+                    "it is not a regular file (a FIFO, a device or a directory); give the path of the configuration file itself",
+                ),
+            });
+        }
+        if meta.len() > CONFIG_MAX {
+            return Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "it is {} bytes; a configuration is at most {CONFIG_MAX}",
+                    meta.len()
+                )),
+            });
+        }
         // Root takes this file as its instructions (paths it writes, commands it runs): one
         // another user could have written is refused, like a key file.
         let me = nix::unistd::geteuid().as_raw();
@@ -345,7 +380,9 @@ impl Config {
         }
         // The text may hold inline keys: wiped when dropped.
         let mut text = zeroize::Zeroizing::new(String::new());
-        f.read_to_string(&mut text).map_err(read_err)?;
+        f.take(CONFIG_MAX)
+            .read_to_string(&mut text)
+            .map_err(read_err)?;
         Ok(text)
     }
 

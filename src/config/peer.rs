@@ -399,8 +399,10 @@ pub(super) fn read_key_file(
 ) -> Result<zeroize::Zeroizing<String>, ConfigError> {
     use std::io::Read;
     use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    // Named absolute, as the other key file errors name it.
+    let shown = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let unreadable =
-        |e: std::io::Error| invalid(fkey, path.display(), format!("a readable key file ({e})"));
+        |e: std::io::Error| invalid(fkey, shown.display(), format!("a readable key file ({e})"));
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)

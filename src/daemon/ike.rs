@@ -412,7 +412,9 @@ impl IkeDriver {
                     now = true;
                     self.publish(reloader)
                 }
-                Out::Event(e @ (Event::IkeUp { .. } | Event::IkeRekeyed { .. } | Event::IkeDown { .. })) => {
+                Out::Event(
+                    e @ (Event::IkeUp { .. } | Event::IkeRekeyed { .. } | Event::IkeDown { .. }),
+                ) => {
                     now = true;
                     log_event(&name, &e)
                 }

@@ -116,6 +116,15 @@ pub fn lookup_or_create(name: &str) -> io::Result<Target> {
 /// owner is set on the open descriptor (`fchown`), never through a path.
 pub fn own_dir(path: &std::path::Path, t: &Target) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    // The parents as state_dir's: only root may write them (a parent that another user could
+    // write or that resolves through a link they planted would let root create, and hand
+    // over, a directory anywhere).
+    if let Some((p, why)) = crate::sys::safefs::unsafe_parent(path) {
+        return Err(io::Error::other(format!(
+            "its parent {} {why}; choose a directory whose every parent only root can write (e.g. /var/log/espip)",
+            p.display()
+        )));
+    }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => Err(io::Error::other(format!(
             "{} is a symbolic link; give the directory itself",
