@@ -4,10 +4,14 @@
 //! One file per *key*, not per SPI or interface: the nonce is salt || sequence number, so what
 //! must never repeat is a (key, sequence number) pair. `<state_dir>/key-<fingerprint>.seq`
 //! holds two fixed-size slots; each names the key's fingerprint, a generation and the highest
-//! sequence number reserved, and carries a SHA-256 check. A save writes the slot the previous
-//! save did not (generation parity) with `pwrite` and `fdatasync`, so a crash in the middle of
-//! a write leaves the other slot intact. Files of other keys stay: several coexist, and going
-//! back to an earlier key resumes after its own reservation.
+//! sequence number reserved, and carries a SHA-256 check. A save writes the same value to both
+//! slots, one after the other, each with `pwrite` and `fdatasync`, and nothing sends under a
+//! new reservation before both are written. So either slot alone is a safe upper bound of what
+//! was sent: a crash in the middle of a write leaves the other slot intact with the previous
+//! value (nothing was sent above it yet), and damage to one slot later (a partial overwrite,
+//! a flipped byte) leaves the other with the same value. A start takes the highest value of
+//! the valid slots. Files of other keys stay: several coexist, and going back to an earlier
+//! key resumes after its own reservation.
 //!
 //! Before an SA sends, a block of [`RESERVE`] numbers is saved; the core refuses to go past it
 //! (`DropReason::SeqUnreserved`); the TX thread extends the reservation when half of it is
@@ -112,12 +116,17 @@ fn decode(s: &[u8], fp: [u8; 8]) -> Option<(u64, u64)> {
     Some((g, r))
 }
 
-/// The newest valid slot of a whole file's bytes.
+/// (newest generation, highest reservation) of the valid slots of a whole file's bytes. The
+/// highest reservation, not the newest slot's: each slot alone bounds what was sent (see the
+/// module documentation), so the highest is safe whichever slot was damaged.
 fn newest(bytes: &[u8], fp: [u8; 8]) -> Option<(u64, u64)> {
-    [0usize, SLOT_STRIDE as usize]
+    let valid: Vec<(u64, u64)> = [0usize, SLOT_STRIDE as usize]
         .iter()
         .filter_map(|&o| bytes.get(o..).and_then(|s| decode(s, fp)))
-        .max_by_key(|&(g, _)| g)
+        .collect();
+    let g = valid.iter().map(|&(g, _)| g).max()?;
+    let r = valid.iter().map(|&(_, r)| r).max()?;
+    Some((g, r))
 }
 
 /// The reservation recorded for key `fp` in `dir`, read without taking the key's lock (for
@@ -330,11 +339,14 @@ impl SeqStore {
             )));
         };
         let fpb = fp_bytes(fp).ok_or_else(|| io::Error::other("not a key fingerprint"))?;
-        let g = k.generation + 1;
-        let slot = encode(fpb, g, reserved);
-        k.file.write_all_at(&slot, (g % 2) * SLOT_STRIDE)?;
-        k.file.sync_data()?;
-        k.generation = g;
+        // Both slots, each durable before the next: a crash between leaves one slot with the
+        // new value and one with the old, and nothing was sent above the old one yet.
+        for g in [k.generation + 1, k.generation + 2] {
+            let slot = encode(fpb, g, reserved);
+            k.file.write_all_at(&slot, (g % 2) * SLOT_STRIDE)?;
+            k.file.sync_data()?;
+            k.generation = g;
+        }
         k.reserved = reserved;
         Ok(())
     }
@@ -396,15 +408,45 @@ mod tests {
         let dir = scratch("torn");
         let mut s = SeqStore::open(&dir, "espip0").unwrap();
         s.load(0x1001, FP_A).unwrap();
-        s.save(FP_A, 100).unwrap(); // generation 1: slot 1
-        s.save(FP_A, 200).unwrap(); // generation 2: slot 0
+        s.save(FP_A, 100).unwrap();
         drop(s);
         let f = dir.join(format!("key-{FP_A}.seq"));
-        let mut b = std::fs::read(&f).unwrap();
-        b[30] ^= 0xff; // slot 0 damaged mid-write
+        let saved = std::fs::read(&f).unwrap();
+        // A crash while the next reservation (200) was written: its first slot torn, the
+        // other still the previous value; nothing was sent above 100 yet.
+        let mut b = saved.clone();
+        b[..SLOT_LEN].copy_from_slice(&encode(fp_bytes(FP_A).unwrap(), 3, 200));
+        b[30] ^= 0xff;
         std::fs::write(&f, &b).unwrap();
         let mut s = SeqStore::open(&dir, "espip0").unwrap();
         assert_eq!(s.load(0x1001, FP_A).unwrap(), Some(100));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Issue 28 item 8: damage to any one byte of either slot never moves the start below
+    /// what was reserved; on 6c363c3 a flipped byte in the newest slot fell back to the older
+    /// slot's lower value (nonces reused).
+    #[test]
+    fn damage_to_either_slot_never_rolls_the_counter_back() {
+        let dir = scratch("damage");
+        let mut s = SeqStore::open(&dir, "espip0").unwrap();
+        s.load(0x1001, FP_A).unwrap();
+        s.save(FP_A, 4_194_304).unwrap();
+        s.save(FP_A, 8_388_608).unwrap();
+        // A clean stop records the last number sent (below the reservation).
+        s.save(FP_A, 5_000_000).unwrap();
+        s.save(FP_A, 12_582_912).unwrap();
+        drop(s);
+        let f = dir.join(format!("key-{FP_A}.seq"));
+        let saved = std::fs::read(&f).unwrap();
+        for at in 0..saved.len() {
+            let mut b = saved.clone();
+            b[at] ^= 0x5a;
+            std::fs::write(&f, &b).unwrap();
+            let mut s = SeqStore::open(&dir, "espip0").unwrap();
+            let got = s.load(0x1001, FP_A).unwrap();
+            assert_eq!(got, Some(12_582_912), "byte {at} flipped");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
