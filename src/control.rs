@@ -255,12 +255,8 @@ impl Live {
     pub fn status(&self) -> Status {
         let g = self.current.load();
         let out = &g.outbound;
-        let out_state: Vec<Option<(u64, u64)>> = (0..out.peer_count())
-            .map(|i| {
-                out.sa_reservation(i)
-                    .map(|(_, _, next, limit)| (next, limit))
-            })
-            .collect();
+        let out_state: Vec<Option<(u64, Option<u64>)>> =
+            (0..out.peer_count()).map(|i| out.sa_sequence(i)).collect();
         let peers = g
             .cfg
             .peers
@@ -284,7 +280,8 @@ impl Live {
                         udp_port,
                         ..
                     } => {
-                        let (next, limit) = out_state.get(i).copied().flatten().unwrap_or((0, 0));
+                        let (next, limit) =
+                            out_state.get(i).copied().flatten().unwrap_or((0, None));
                         (
                             if udp_port.is_some() { "esp-udp" } else { "esp" },
                             Some(SaOut {

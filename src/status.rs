@@ -204,8 +204,10 @@ pub struct SaOut {
     pub esn: bool,
     /// Sequence number the next packet gets (`oseq` + 1 in xfrm terms).
     pub next_seq: u64,
-    /// Sequence numbers are reserved on disk up to this one (see docs/security.md).
-    pub reserved_to: u64,
+    /// Sequence numbers are reserved on disk up to this one (see docs/security.md); `None`
+    /// for an SA negotiated by IKEv2 (its keys are new at every start: nothing to reserve).
+    #[serde(default)]
+    pub reserved_to: Option<u64>,
 }
 
 /// An inbound SA.
@@ -307,12 +309,15 @@ impl Status {
             if let Some(o) = &p.sa_out {
                 let _ = writeln!(
                     s,
-                    "  sa out: spi {:#010x}  {}{}  next seq {}  reserved to {}",
+                    "  sa out: spi {:#010x}  {}{}  next seq {}  {}",
                     o.spi,
                     o.cipher,
                     if o.esn { " esn" } else { "" },
                     o.next_seq,
-                    o.reserved_to
+                    match o.reserved_to {
+                        Some(r) => format!("reserved to {r}"),
+                        None => "negotiated (no reservation)".into(),
+                    }
                 );
             }
             if let Some(n) = &p.sa_in {
@@ -902,7 +907,7 @@ mod tests {
                     cipher: "aes-128-gcm".into(),
                     esn: false,
                     next_seq: 11,
-                    reserved_to: 4_194_304,
+                    reserved_to: Some(4_194_304),
                 }),
                 sa_in: Some(SaIn {
                     spi: 0x1002,

@@ -171,6 +171,14 @@ fn a_refused_reload_changes_nothing_of_ikev2() {
     assert!(ok, "{detail}\n{}", pair.logs());
     let log = std::fs::read_to_string(pair.dir.join("a.log")).unwrap_or_default();
     assert!(!log.contains("unknown_ike_spi"), "{}", pair.logs());
+    // Item 12: the negotiated outbound SA shows the sequence numbers it sent (6c363c3 showed
+    // `next seq 0 reserved to 0`).
+    for host in ["a", "b"] {
+        let s = status_at(&pair.ctl(host));
+        let o = s.peers[0].sa_out.as_ref().expect("an outbound SA");
+        assert!(o.next_seq > 3, "{host}: {o:?}");
+        assert_eq!(o.reserved_to, None, "{host}: {o:?}");
+    }
     let _ = B_OUTER;
 }
 

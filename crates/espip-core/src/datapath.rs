@@ -1168,6 +1168,15 @@ impl Outbound {
             .collect()
     }
 
+    /// Peer `idx`'s outbound SA, static or negotiated: (next sequence number, the
+    /// reservation's limit for a static SA; `None` for a negotiated one, whose fresh keys
+    /// need none).
+    pub fn sa_sequence(&self, idx: usize) -> Option<(u64, Option<u64>)> {
+        let p = self.peers.get(idx)?;
+        let (_, sa) = p.sa.as_ref()?;
+        Some((sa.next_seq(), (!p.negotiated).then(|| sa.limit())))
+    }
+
     /// Peer `idx`'s outbound SA: (SPI, key fingerprint, next sequence number, limit).
     pub fn sa_reservation(&self, idx: usize) -> Option<(u32, &str, u64, u64)> {
         let p = self.peers.get(idx)?;
