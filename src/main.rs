@@ -513,8 +513,8 @@ enum LabCmd {
         /// IKE proposal (strongSwan notation).
         #[arg(long, default_value = "aes128gcm16-prfsha256-x25519")]
         ike: String,
-        /// ESP proposal (strongSwan notation).
-        #[arg(long, default_value = "aes128gcm16")]
+        /// ESP proposal (strongSwan notation: without `esn`, no ESN).
+        #[arg(long, default_value = "aes128gcm16-esn")]
         esp: String,
         /// CHILD_SA rekey interval, seconds.
         #[arg(long, default_value_t = 5)]

@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 /// Default IKE proposal (strongSwan's notation).
 pub const DEFAULT_IKE_PROPOSAL: &str = "aes128gcm16-prfsha256-x25519";
 /// Default ESP proposal.
-pub const DEFAULT_ESP_PROPOSAL: &str = "aes128gcm16";
+pub const DEFAULT_ESP_PROPOSAL: &str = "aes128gcm16-esn-noesn";
 /// Default IKE SA lifetime, seconds (strongSwan rekeys IKE SAs every 4 h).
 pub const DEFAULT_IKE_LIFETIME: u64 = 4 * 3600;
 /// Default CHILD_SA lifetime, seconds (strongSwan: 1 h).

@@ -381,7 +381,7 @@ pub fn pair_config(me_a: bool, state: &Path, dpd: u64) -> String {
             me_a,
             if me_a { "initiator" } else { "responder" },
             "aes128gcm16-prfsha256-x25519",
-            "aes128gcm16",
+            "aes128gcm16-esn",
             3600,
             7200,
             dpd,

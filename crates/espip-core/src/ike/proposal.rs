@@ -201,8 +201,9 @@ pub struct EspProposal {
 }
 
 impl EspProposal {
-    /// Parse `aes128gcm16[-x25519][-esn|-noesn]`. Without an ESN token both are offered
-    /// (64-bit sequence numbers preferred) and either is accepted.
+    /// Parse `aes128gcm16[-x25519][-esn][-noesn]` as strongSwan does: without an ESN token
+    /// the proposal means no ESN (`noesn`); `esn-noesn` offers and accepts both, ESN
+    /// preferred.
     pub fn parse(s: &str) -> Result<EspProposal, String> {
         let mut cipher = None;
         let mut groups = Vec::new();
@@ -226,8 +227,9 @@ impl EspProposal {
         }
         let cipher = cipher.ok_or_else(|| format!("ESP proposal {s:?} has no cipher (one of aes128gcm16, aes256gcm16, chacha20poly1305)"))?;
         if esn.is_empty() {
-            esn = vec![true, false];
+            esn = vec![false];
         }
+        esn.dedup();
         Ok(EspProposal {
             cipher,
             groups,
@@ -242,10 +244,8 @@ impl EspProposal {
             s.push('-');
             s.push_str(group_name(*g));
         }
-        if self.esn == [true] {
-            s.push_str("-esn");
-        } else if self.esn == [false] {
-            s.push_str("-noesn");
+        for e in &self.esn {
+            s.push_str(if *e { "-esn" } else { "-noesn" });
         }
         s
     }
@@ -505,10 +505,20 @@ mod tests {
         assert!(IkeProposal::parse("aes128gcm16-x25519")
             .unwrap_err()
             .contains("no PRF"));
+        // strongSwan's reading: no ESN keyword is no ESN (issue 28 item 15).
+        assert_eq!(EspProposal::parse("aes128gcm16").unwrap().esn, [false]);
+        assert_eq!(EspProposal::parse("aes128gcm16-esn").unwrap().esn, [true]);
         assert_eq!(
-            EspProposal::parse("aes128gcm16").unwrap().esn,
+            EspProposal::parse("aes128gcm16-esn-noesn").unwrap().esn,
             [true, false]
         );
+        for s in [
+            "aes128gcm16-esn-noesn",
+            "aes128gcm16-esn",
+            "aes128gcm16-noesn",
+        ] {
+            assert_eq!(EspProposal::parse(s).unwrap().name(), s);
+        }
         assert_eq!(
             EspProposal::parse("chacha20poly1305-x25519-noesn")
                 .unwrap()
