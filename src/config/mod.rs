@@ -75,6 +75,9 @@ pub enum ConfigError {
         /// Its owner.
         uid: u32,
     },
+    /// The peers together are inconsistent (two claim one prefix, say).
+    #[error("the [[peer]] sections together: {0}")]
+    Peers(String),
     /// A key file others can read.
     #[error("{key}: key file {path} has mode {mode:04o}, readable by group or others; run `chmod 600 {path}` (and keep it owned by root)")]
     KeyFilePermissions {
@@ -429,6 +432,22 @@ impl Config {
                     "the peer's address, not this host's own interface.local",
                 ));
             }
+            // interface.local is one uplink's address: every path would leave with it, and
+            // the kernel sends the others' packets out of their links with a source that is
+            // not theirs (dropped by the next hop's reverse-path check or a NAT).
+            if let (Some(local), Some(mp)) = (interface.local, &spec.multipath) {
+                if mp.paths.len() > 1 {
+                    return Err(invalid(
+                        "interface.local",
+                        local,
+                        format!(
+                            "no interface.local with the multipath peer {:?} ({} paths): every path would be sent from {local}, and the packets of the paths that leave through another link would carry a source that is not theirs. Remove interface.local; each path is sent from the address the kernel's routing picks for its endpoint",
+                            spec.name,
+                            mp.paths.len()
+                        ),
+                    ));
+                }
+            }
             peers.push(spec);
         }
         if matches!(
@@ -460,7 +479,7 @@ impl Config {
             mtu: 1400,
         };
         crate::datapath::build(&peers, tunnel, crate::nat::NatTable::default())
-            .map_err(|e| invalid("peer", "(several)", e.to_string()))?;
+            .map_err(|e| ConfigError::Peers(e.to_string()))?;
         let cfg = Config {
             interface,
             peers,

@@ -261,6 +261,22 @@ endpoint = "[2001:db8:12::2]:4501"
         }
     }
 
+    /// Issue 28 item 14: interface.local with several paths is refused with the reason (on
+    /// 6c363c3 `check` passed and every path but the routed one was silently dead).
+    #[test]
+    fn interface_local_with_several_paths_is_refused() {
+        let t = text("", TWO).replace(
+            "[interface]\nname = \"espip0\"\n",
+            "[interface]\nname = \"espip0\"\nlocal = \"198.51.100.1\"\n",
+        );
+        assert!(t.contains("local = "), "{t}");
+        let e = err(&t);
+        assert!(
+            e.contains("interface.local") && e.contains("multipath peer \"b\" (2 paths)"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn mistakes_are_named_with_the_fix() {
         for (extra, paths, want) in [
