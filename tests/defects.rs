@@ -406,3 +406,91 @@ fn settled(
         last = now;
     }
 }
+
+/// The capabilities of the systemd unit's `CapabilityBoundingSet`, in setpriv's spelling.
+fn unit_caps() -> Vec<String> {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/systemd/espip@.service"),
+    )
+    .unwrap();
+    unit.lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("a CapabilityBoundingSet line")
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_ascii_lowercase())
+        .collect()
+}
+
+/// A script that runs espip inside a capability bounding set of `caps` (as systemd does).
+fn bounded_exe(dir: &Path, name: &str, caps: &[String]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let set: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
+    let script = dir.join(name);
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec setpriv --bounding-set=-all,{} {} \"$@\"\n",
+            set.join(","),
+            exe().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+/// Item 11: an IKEv2 responder starts within the systemd unit's capability bounding set
+/// (6c363c3's unit lacked CAP_NET_BIND_SERVICE: UDP 500 was refused), and without that
+/// capability the error names it rather than blaming another IKE daemon.
+#[test]
+fn an_ikev2_peer_starts_within_the_units_bounding_set() {
+    let Some(_g) = serial() else { return };
+    let caps = unit_caps();
+    assert!(caps.iter().any(|c| c == "net_bind_service"), "{caps:?}");
+    let (a, b) = p2p::topology("unitcaps").unwrap();
+    let dir = std::env::temp_dir().join(format!("espip-test-unitcaps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_private(&dir.join("psk"), &format!("{LAB_PSK}\n"));
+    let cfg = dir.join("b.toml");
+    write_private(&cfg, &pair_config(false, &dir.join("state-b"), 3));
+    // Without CAP_NET_BIND_SERVICE: refused, and the message says why.
+    let without: Vec<String> = caps
+        .iter()
+        .filter(|c| *c != "net_bind_service")
+        .cloned()
+        .collect();
+    let err = Daemon::start(
+        &b,
+        &bounded_exe(&dir, "without", &without),
+        &cfg,
+        &dir.join("1.log"),
+    )
+    .err()
+    .expect("refused without CAP_NET_BIND_SERVICE")
+    .to_string();
+    assert!(
+        err.contains("CAP_NET_BIND_SERVICE") && !err.contains("another IKE daemon"),
+        "{err}"
+    );
+    assert!(!b.has_link("espip0"), "nothing left behind");
+    // With the unit's set: up, and an initiator connects.
+    let mut db = Daemon::start(
+        &b,
+        &bounded_exe(&dir, "with", &caps),
+        &cfg,
+        &dir.join("2.log"),
+    )
+    .unwrap();
+    let cfg_a = dir.join("a.toml");
+    write_private(&cfg_a, &pair_config(true, &dir.join("state-a"), 3));
+    let mut da = Daemon::start(&a, &exe(), &cfg_a, &dir.join("a.log")).unwrap();
+    let ctl = dir.join("state-b/control.sock");
+    assert!(
+        wait(Duration::from_secs(15), || established(&ctl) >= 1),
+        "{}",
+        db.log()
+    );
+    let _ = da.stop();
+    let _ = db.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -136,7 +136,7 @@ pub enum DaemonError {
     #[error("data-path thread {0} stopped: {1}; the daemon stopped cleanly (nothing left behind); please report this with the log")]
     Worker(&'static str, String),
     /// The IKE socket.
-    #[error("cannot open UDP port 500 for IKEv2 ({0}): {1}; another IKE daemon (strongSwan's charon, libreswan's pluto) may hold it: stop it, or key this peer statically")]
+    #[error("cannot open UDP port 500 for IKEv2 ({0}): {1}; {advice}", advice = ike_socket_advice(.1))]
     IkeSocket(IpAddr, io::Error),
     /// Anything else of the OS.
     #[error("{0}: {1}")]
@@ -401,4 +401,20 @@ fn sent_from(cfg: &Config, sources: &[IpAddr]) -> Vec<(IpAddr, IpAddr)> {
         }
     }
     v
+}
+
+/// What to do about a refused IKE socket, by the reason the kernel gave.
+fn ike_socket_advice(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            "binding a port below 1024 needs CAP_NET_BIND_SERVICE, which this process does not have: start espip as root, and under systemd keep CAP_NET_BIND_SERVICE in the unit's CapabilityBoundingSet (docs/systemd/espip@.service has it)"
+        }
+        Some(libc::EADDRINUSE) => {
+            "another IKE daemon (strongSwan's charon, libreswan's pluto) holds it: stop it, or key this peer statically"
+        }
+        Some(libc::EADDRNOTAVAIL) => {
+            "the address is not one of this host's: check interface.local"
+        }
+        _ => "check that espip runs as root and that no other IKE daemon runs",
+    }
 }
