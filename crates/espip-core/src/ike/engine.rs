@@ -661,7 +661,7 @@ impl Engine {
         let c = &mut self.cookie_secrets;
         let stale = c
             .current
-            .is_none_or(|(_, _, made)| now.saturating_sub(made) >= COOKIE_ROTATE_MS * MS);
+            .map_or(true, |(_, _, made)| now.saturating_sub(made) >= COOKIE_ROTATE_MS * MS);
         if stale {
             let version = c.current.map_or(0, |(v, _, _)| v.wrapping_add(1));
             // A secret older than two rotations is of no use any more.
