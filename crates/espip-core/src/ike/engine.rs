@@ -659,9 +659,9 @@ impl Engine {
         spi_i: u64,
     ) -> Vec<u8> {
         let c = &mut self.cookie_secrets;
-        let stale = c
-            .current
-            .map_or(true, |(_, _, made)| now.saturating_sub(made) >= COOKIE_ROTATE_MS * MS);
+        let stale = c.current.map_or(true, |(_, _, made)| {
+            now.saturating_sub(made) >= COOKIE_ROTATE_MS * MS
+        });
         if stale {
             let version = c.current.map_or(0, |(v, _, _)| v.wrapping_add(1));
             // A secret older than two rotations is of no use any more.
