@@ -399,6 +399,7 @@ impl Live {
                 rotations: c.rotations.load(Relaxed),
             }),
             ike: self.ike.lock().map(|g| g.0.clone()).unwrap_or_default(),
+            netns: None,
         }
     }
 
@@ -988,13 +989,75 @@ pub fn clean(text: &str) -> String {
 /// kernel's constant `PROC_NET_INIT_INO` (include/linux/proc_ns.h), since `/proc/1/ns/net`
 /// is not readable from inside another namespace.
 pub fn default_dir() -> PathBuf {
-    /// `PROC_NET_INIT_INO`: 0xF0000000 - 7.
-    const INIT_NET_INO: u64 = 0xEFFF_FFF9;
     let base = Path::new(DEFAULT_CONTROL_DIR);
     match std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()) {
         Ok(ino) if ino != INIT_NET_INO => base.join(format!("netns-{ino}")),
         _ => base.to_path_buf(),
     }
+}
+
+/// `PROC_NET_INIT_INO`: the inode of the initial network namespace.
+const INIT_NET_INO: u64 = 0xEFFF_FFF9;
+
+/// Whether this process runs in the initial network namespace.
+pub fn in_init_netns() -> bool {
+    std::fs::metadata("/proc/self/ns/net").is_ok_and(|m| m.ino() == INIT_NET_INO)
+}
+
+/// The control sockets of every daemon using a default socket path, each with the network
+/// namespace it runs in when that is another one (its `ip netns` name, else `inode N`): the
+/// default directory's own sockets, and, from the initial namespace, those of every
+/// `netns-INODE` directory below it (daemons in other namespaces). Directories and sockets left
+/// by stopped daemons are returned too; the caller skips those nobody answers on.
+pub fn all_default_sockets() -> Vec<(PathBuf, Option<String>)> {
+    let dir = default_dir();
+    let mut out: Vec<(PathBuf, Option<String>)> = running_sockets(&dir)
+        .into_iter()
+        .map(|p| (p, None))
+        .collect();
+    if !in_init_netns() {
+        return out;
+    }
+    let names = netns_names();
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return out;
+    };
+    let mut subdirs: Vec<(u64, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        // Only real directories (a link is not followed) named netns-<inode>.
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| {
+            let name = e.file_name();
+            let ino = name.to_str()?.strip_prefix("netns-")?.parse::<u64>().ok()?;
+            Some((ino, e.path()))
+        })
+        .collect();
+    subdirs.sort();
+    for (ino, sub) in subdirs {
+        let label = names
+            .get(&ino)
+            .cloned()
+            .unwrap_or_else(|| format!("inode {ino}"));
+        out.extend(
+            running_sockets(&sub)
+                .into_iter()
+                .map(|p| (p, Some(label.clone()))),
+        );
+    }
+    out
+}
+
+/// The names `ip netns` gave namespaces, by namespace inode.
+fn netns_names() -> std::collections::HashMap<u64, String> {
+    let mut m = std::collections::HashMap::new();
+    if let Ok(rd) = std::fs::read_dir("/run/netns") {
+        for e in rd.filter_map(|e| e.ok()) {
+            if let (Ok(meta), Some(name)) = (std::fs::metadata(e.path()), e.file_name().to_str()) {
+                m.insert(meta.ino(), name.to_string());
+            }
+        }
+    }
+    m
 }
 
 /// The control sockets of the daemons running with the default directory.
@@ -1034,7 +1097,12 @@ fn path_status(m: &crate::multipath::Multipath) -> crate::status::MultipathStatu
                         std::net::SocketAddr::new(p.endpoint, port).to_string()
                     },
                     state: s.state().name().into(),
-                    rtt_ms: ms(s.srtt_ns.load(Relaxed)),
+                    // A down path has no current RTT (its last one would mislead).
+                    rtt_ms: if s.state().name() == "down" {
+                        None
+                    } else {
+                        ms(s.srtt_ns.load(Relaxed))
+                    },
                     min_rtt_ms: ms(s.min_rtt_ns.load(Relaxed)),
                     probes_sent: s.probes_sent.load(Relaxed),
                     echoes: s.echoes.load(Relaxed),

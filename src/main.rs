@@ -123,26 +123,50 @@ impl Target {
         self.socket.is_none() && self.config.is_none() && self.interface.is_none()
     }
 
-    /// The sockets to ask: the one named, or every daemon's in the default directory.
-    fn sockets(&self) -> Result<Vec<PathBuf>> {
+    /// The sockets to ask, each with the network namespace its daemon runs in when that is
+    /// another one: the one named, or every daemon's with a default socket path (from the
+    /// initial namespace, those of every namespace too).
+    fn sockets(&self) -> Result<Vec<(PathBuf, Option<String>)>> {
         let dir = &espip::control::default_dir();
         if let Some(s) = &self.socket {
-            return Ok(vec![s.clone()]);
+            return Ok(vec![(s.clone(), None)]);
         }
         if let Some(c) = &self.config {
-            return Ok(vec![Config::load(c)?.interface.control]);
+            return Ok(vec![(Config::load(c)?.interface.control, None)]);
         }
+        let all = espip::control::all_default_sockets();
         if let Some(i) = &self.interface {
-            return Ok(vec![dir.join(format!("{i}.sock"))]);
+            let here = dir.join(format!("{i}.sock"));
+            if here.exists() {
+                return Ok(vec![(here, None)]);
+            }
+            // Not in this namespace: a daemon of that name in another one, if exactly one.
+            let want = std::ffi::OsString::from(format!("{i}.sock"));
+            let found: Vec<_> = all
+                .into_iter()
+                .filter(|(p, ns)| ns.is_some() && p.file_name() == Some(want.as_os_str()))
+                .filter(|(p, _)| espip::control::request(p, "status").is_ok())
+                .collect();
+            return match found.len() {
+                0 => Ok(vec![(here, None)]),
+                1 => Ok(found),
+                _ => bail!(
+                    "daemons of interface {i} run in several network namespaces ({}); name one with --socket PATH",
+                    found
+                        .iter()
+                        .map(|(p, ns)| format!("{}: {}", ns.as_deref().unwrap_or("this one"), p.display()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
         }
-        let found = espip::control::running_sockets(dir);
-        if found.is_empty() {
+        if all.is_empty() {
             bail!(
                 "no espip daemon found: {} holds no control socket; start one with `espip run -c FILE`, or name one with --socket PATH or --config FILE",
                 dir.display()
             );
         }
-        Ok(found)
+        Ok(all)
     }
 }
 
@@ -206,9 +230,15 @@ fn rekey(target: &Target, peer: Option<&str>, ike: bool) -> Result<()> {
         peer.map(|p| format!(" {p}")).unwrap_or_default()
     );
     let mut failed = false;
-    for sock in target.sockets()? {
-        let raw = espip::control::request(&sock, &request)
-            .with_context(|| format!("asking the daemon at {}", sock.display()))?;
+    for (sock, _) in target.sockets()? {
+        let raw = match espip::control::request(&sock, &request) {
+            Ok(r) => r,
+            Err(espip::control::ControlError::NotRunning(..)) if target.is_listing() => continue,
+            Err(e) => {
+                return Err(anyhow::Error::from(e))
+                    .with_context(|| format!("asking the daemon at {}", sock.display()))
+            }
+        };
         let v: serde_json::Value = serde_json::from_slice(&raw)?;
         match (
             v.get("rekey").and_then(|s| s.as_str()),
@@ -240,22 +270,18 @@ fn show(target: &Target, json: bool) -> Result<()> {
     let sockets = target.sockets()?;
     let listing = target.is_listing();
     let mut printed = 0;
-    for sock in &sockets {
+    for (sock, netns) in &sockets {
         let raw = match espip::control::request(sock, "status") {
             Ok(r) => r,
-            // Listing the default directory: a socket left by a stopped daemon is skipped.
-            Err(espip::control::ControlError::NotRunning(..)) if listing => {
-                eprintln!(
-                    "{}: no daemon answers (left by a stopped one)",
-                    sock.display()
-                );
-                continue;
-            }
+            // Listing: a socket (or a namespace's directory) left by a stopped daemon is
+            // skipped without a word.
+            Err(espip::control::ControlError::NotRunning(..)) if listing => continue,
             Err(e) => return Err(e.into()),
         };
-        let st: espip::status::Status = serde_json::from_slice(&raw).with_context(|| {
+        let mut st: espip::status::Status = serde_json::from_slice(&raw).with_context(|| {
             format!("the daemon at {} sent an unreadable answer", sock.display())
         })?;
+        st.netns = netns.clone();
         if json {
             all.push(st);
         } else {
@@ -289,7 +315,7 @@ fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Resu
     use espip::control::clean;
     let mut lines = Vec::new();
     let mut notes = Vec::new();
-    for sock in target.sockets()? {
+    for (sock, _) in target.sockets()? {
         let req = if wireshark { "sa-keys" } else { "sa" };
         let raw = match espip::control::request(&sock, req) {
             Ok(r) => r,
@@ -336,7 +362,7 @@ fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Resu
     }
     // IKEv2 peers: the IKE SAs' keys for Wireshark's ikev2_decryption_table.
     let mut ike_lines = Vec::new();
-    for sock in target.sockets()? {
+    for (sock, _) in target.sockets()? {
         let Ok(raw) = espip::control::request(&sock, "ike-keys") else {
             continue;
         };

@@ -36,6 +36,10 @@ pub struct Status {
     /// IKEv2: one entry per `keying = "ikev2"` peer.
     #[serde(default)]
     pub ike: Vec<IkePeerStatus>,
+    /// The network namespace the daemon runs in, when `espip show` found it from another
+    /// one (its name in /run/netns, or `inode N`); set by the client, not the daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 /// The IKEv2 state of one peer.
@@ -287,7 +291,14 @@ impl Status {
     pub fn to_text(&self, now_unix: f64) -> String {
         let mut s = String::new();
         let i = &self.interface;
-        let _ = writeln!(s, "interface: {}", i.name);
+        match &self.netns {
+            Some(ns) => {
+                let _ = writeln!(s, "interface: {}  (network namespace {ns})", i.name);
+            }
+            None => {
+                let _ = writeln!(s, "interface: {}", i.name);
+            }
+        }
         let _ = writeln!(
             s,
             "  mtu: {}  addresses: {}  local: {}  up: {:.0} s  configuration: generation {}  (espip {})",
@@ -934,6 +945,7 @@ mod tests {
             kernel_drops: [("tun_tx_queue".to_string(), 808_426)]
                 .into_iter()
                 .collect(),
+            netns: None,
             ike: vec![IkePeerStatus {
                 peer: "sw".into(),
                 role: "initiator".into(),

@@ -446,7 +446,7 @@ fn reload_adds_changes_and_removes_a_peer_while_a_transfer_runs() {
             let (ok, out) = reload(&mtu);
             assert!(!ok, "an [interface] change needs a restart: {out}");
             assert!(
-                out.contains("[interface] changed") && out.contains("restart"),
+                out.contains("[interface] key (mtu) changed") && out.contains("restart"),
                 "{out}"
             );
             assert_eq!(status_at(&sock_a).peers.len(), 2, "refused: c still there");

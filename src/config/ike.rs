@@ -416,7 +416,7 @@ remote_id = "b.lab"
         assert_eq!(&k.psk[..], b"a-long-enough-pre-shared-key");
         assert_eq!(k.local_id, "192.0.2.1", "interface.local by default");
         assert_eq!(k.ike_proposals[0].name(), "aes128gcm16-prfsha256-x25519");
-        assert_eq!(k.esp_proposals[0].name(), "aes128gcm16");
+        assert_eq!(k.esp_proposals[0].name(), "aes128gcm16-esn-noesn");
         assert_eq!(
             (k.child_lifetime, k.rekey_margin, k.rekey_jitter),
             (3600, 360, 180)

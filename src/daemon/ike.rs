@@ -39,6 +39,8 @@ struct Peer {
     engine: Engine,
     /// Authenticated ESP packets seen from the peer at the last tick (DPD need not ask).
     rx_seen: u64,
+    /// The engine's `ike_keys_made` when the control side last got its keys.
+    keys_seen: u64,
 }
 
 /// The IKE sockets and engines.
@@ -237,6 +239,7 @@ impl IkeDriver {
                     spec: s.clone(),
                     engine: Engine::new(ec),
                     rx_seen: 0,
+                    keys_seen: 0,
                 }))),
             }
         }
@@ -404,7 +407,10 @@ impl IkeDriver {
 
     async fn perform(&mut self, i: usize, outs: Vec<Out>, reloader: &mut Reloader<'_>) {
         let name = self.peers[i].name.clone();
-        let mut now = false;
+        // New IKE SA keys (a failed or colliding IKE SA's too) go to `save_keys` at once.
+        let keys_made = self.peers[i].engine.stats().ike_keys_made;
+        let mut now = keys_made != self.peers[i].keys_seen;
+        self.peers[i].keys_seen = keys_made;
         for o in outs {
             match o {
                 Out::Send { to, natt, msg } => self.send(to, natt, &msg).await,

@@ -130,6 +130,16 @@ impl Resources {
             ))
             .unwrap_or_default()
         }));
+        // A tunnel without IPv6 gets none on its TUN: no link-local address, so no router
+        // solicitations for the data path to count as `no_route` before any traffic.
+        let routes = cfg.routes();
+        if !cfg.interface.addresses.iter().any(|a| a.addr.is_ipv6())
+            && !routes.iter().any(|p| p.addr().is_ipv6())
+        {
+            if let Err(e) = crate::sys::sysctl::disable_ipv6_on(tun.name()) {
+                tracing::debug!("IPv6 left on {}: {e}", tun.name());
+            }
+        }
         let added = rt.block_on(crate::sys::netlink::configure(
             tun.name(),
             mtu,
@@ -468,6 +478,9 @@ fn restore_stale(state: &PrivateDir, cfg: &Config) {
     let stale = crate::sys::sysctl::restore_stale(state, &cfg.interface.name);
     if !stale.done.is_empty() {
         info!(restored = %stale.done.join(" "), "restored kernel settings a previous run left changed");
+    }
+    if let Some(why) = &stale.untrusted {
+        warn!("a previous run's kernel-settings file was not read: {why}; if that run was killed, check net.ipv4.ip_forward and rp_filter yourself");
     }
     for r in &stale.refused {
         warn!(line = %r.escape_debug(), "state file asked for a kernel setting espip never changes; not written");

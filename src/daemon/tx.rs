@@ -11,7 +11,7 @@
 //! No disk I/O and no lock: the control side extends the persisted sequence reservations
 //! ahead of need and publishes each new limit atomically (`seq.rs`).
 //!
-//! One TX thread runs per daemon.
+//! One TX thread runs per TUN queue (`interface.tx_threads`, one by default).
 
 use super::send::send_verdicts;
 use super::workers::Edges;

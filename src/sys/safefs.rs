@@ -136,6 +136,16 @@ impl PrivateDir {
         let file = File::from(fd);
         let meta = file.metadata().map_err(|e| err(path, e))?;
         if let Some(why) = not_private(&meta) {
+            // A shared directory such as /tmp (sticky, writable by all) is never to be
+            // taken over: name another place instead of a chmod.
+            if meta.mode() & 0o1002 == 0o1002 {
+                return Err(err(
+                    path,
+                    format!(
+                        "{why}: it is a directory every user shares (like /tmp); espip keeps root's state only in a directory of root's alone: choose one such as /run/espip or /var/lib/espip"
+                    ),
+                ));
+            }
             return Err(err(
                 path,
                 format!(

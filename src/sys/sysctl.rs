@@ -46,6 +46,16 @@ fn write(key: &str, value: &str) -> io::Result<()> {
         .map_err(|e| io::Error::new(e.kind(), format!("sysctl {key}={value}: {e}")))
 }
 
+/// Turn IPv6 off on the TUN `iface` (its own key: it goes with the device, nothing to
+/// restore). Without it the kernel gives the TUN a link-local address and sends router and
+/// multicast listener solicitations into it, which a tunnel without IPv6 can only drop.
+pub fn disable_ipv6_on(iface: &str) -> io::Result<()> {
+    if iface.is_empty() || iface.contains(['/', '.']) {
+        return Err(io::Error::other("not an interface name"));
+    }
+    write(&format!("net.ipv6.conf.{iface}.disable_ipv6"), "1")
+}
+
 fn state_name(iface: &str) -> String {
     format!("{iface}.sysctl")
 }
@@ -75,8 +85,11 @@ pub fn parse_state(text: &str) -> (Vec<(String, String)>, Vec<String>) {
 pub struct Restored {
     /// `key=value` settings written.
     pub done: Vec<String>,
-    /// Lines not on the allow-list (never written), or why the file was not read.
+    /// Lines not on the allow-list (never written).
     pub refused: Vec<String>,
+    /// The file itself could not be trusted (not root's, a link, too large): why. Nothing of
+    /// it was read.
+    pub untrusted: Option<String>,
 }
 
 /// Restore what a killed predecessor changed, from root's own state file.
@@ -87,7 +100,7 @@ pub fn restore_stale(dir: &PrivateDir, iface: &str) -> Restored {
         Ok(Some(t)) => t,
         Ok(None) => return r,
         Err(e) => {
-            r.refused.push(e.to_string());
+            r.untrusted = Some(e.to_string());
             return r;
         }
     };

@@ -141,11 +141,6 @@ impl PacketBuf {
     pub fn range(&self) -> std::ops::Range<usize> {
         self.start..self.end
     }
-
-    /// The whole underlying storage (for transforms that address it by [`PacketBuf::range`]).
-    pub fn storage_mut(&mut self) -> &mut [u8] {
-        &mut self.data
-    }
 }
 
 impl std::fmt::Debug for PacketBuf {

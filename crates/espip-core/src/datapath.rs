@@ -75,8 +75,8 @@ pub enum DropReason {
     /// A UDP datagram with the non-ESP marker (4 zero bytes: IKE, RFC 3948 section 2.2), which
     /// espip does not speak.
     NonEsp,
-    /// A copy of a packet already received from a multipath peer (the same sequence number
-    /// by another path: `redundant`), not counted as a replay.
+    /// A copy of a packet already received from a multipath peer whose scheduler is
+    /// `redundant` (the same sequence number by another path), not counted as a replay.
     Duplicate,
     /// For a peer keyed by IKEv2 that has no CHILD_SA (yet, or any more): nothing is sent
     /// in the clear instead.
@@ -1321,9 +1321,12 @@ impl Inbound {
                         (idx, o.next_header, o.seq, path)
                     }
                     Err(EspError::Malformed) => return Verdict::Drop(DropReason::Malformed),
-                    // A multipath peer's copies (`redundant`) have the same sequence number.
+                    // A `redundant` multipath peer's copies have the same sequence number;
+                    // any other peer's repeated number is a replay.
                     Err(EspError::Replay(crate::replay::ReplayError::Duplicate))
-                        if peer.mp.is_some() =>
+                        if peer.mp.as_ref().is_some_and(|m| {
+                            m.shared.spec.scheduler == crate::multipath::Scheduler::Redundant
+                        }) =>
                     {
                         return Verdict::Drop(DropReason::Duplicate)
                     }

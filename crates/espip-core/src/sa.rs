@@ -63,14 +63,6 @@ impl Cipher {
         }
     }
 
-    /// The Linux xfrm algorithm name (`ip xfrm state add ... aead NAME KEY 128`).
-    pub fn xfrm_name(self) -> &'static str {
-        match self {
-            Cipher::Aes128Gcm | Cipher::Aes256Gcm => "rfc4106(gcm(aes))",
-            Cipher::ChaCha20Poly1305 => "rfc7539esp(chacha20,poly1305)",
-        }
-    }
-
     fn ring_alg(self) -> &'static aead::Algorithm {
         match self {
             Cipher::Aes128Gcm => &aead::AES_128_GCM,

@@ -229,6 +229,9 @@ pub struct IkeStats {
     pub established: u64,
     /// Failures and drops by reason.
     pub failures: BTreeMap<String, u64>,
+    /// IKE SA keys derived (any IKE SA, half-open and failed ones too): when this moves, the
+    /// edge has new keys to export for Wireshark.
+    pub ike_keys_made: u64,
 }
 
 impl IkeStats {
@@ -1495,6 +1498,7 @@ impl Engine {
         s.init_resp = raw.to_vec();
         s.choice = Some(choice);
         let seed = crypto::skeyseed(choice.prf, &shared, &ni, &s.nr, None);
+        self.stats.ike_keys_made += 1;
         s.keys = Some(crypto::ike_keys(
             choice.prf,
             choice.cipher,
@@ -2080,6 +2084,7 @@ impl Engine {
             &payloads,
         );
         let seed = crypto::skeyseed(choice.prf, &shared, &ni, &nr, None);
+        self.stats.ike_keys_made += 1;
         let keys = crypto::ike_keys(choice.prf, choice.cipher, &seed, &ni, &nr, h.spi_i, spi_r);
         // At most a few half-open SAs per peer: the oldest goes, once it had its time.
         if let Some(i) = evict {
@@ -2578,7 +2583,7 @@ impl Engine {
 
     #[allow(clippy::too_many_arguments)]
     fn rekeyed_sa(
-        &self,
+        &mut self,
         old: &IkeSa,
         choice: IkeChoice,
         seed: &[u8],
@@ -2590,6 +2595,7 @@ impl Engine {
         now: u64,
         rng: &dyn SecureRandom,
     ) -> IkeSa {
+        self.stats.ike_keys_made += 1;
         let keys = crypto::ike_keys(choice.prf, choice.cipher, seed, &ni, &nr, spi_i, spi_r);
         IkeSa {
             spi_i,

@@ -53,11 +53,6 @@ pub fn pad_len(payload_len: usize) -> usize {
     (ALIGN - (payload_len + TRAILER_LEN) % ALIGN) % ALIGN
 }
 
-/// Total ESP overhead (header, IV, worst-case padding, trailer, ICV) over the inner packet.
-pub const fn max_overhead() -> usize {
-    HEADER_LEN + IV_LEN + (ALIGN - 1) + TRAILER_LEN + ICV_LEN
-}
-
 /// A view of an ESP packet (outer IP header already removed).
 #[derive(Debug, Clone)]
 pub struct EspPacket<T: AsRef<[u8]>> {
