@@ -1,121 +1,23 @@
 //! The `espip` command line.
 
+/// The command line's definition (shared with build.rs, which writes the man pages from it).
+mod cli;
+
+/// `espip --version`: the crate's version and the git commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("ESPIP_GIT_COMMIT"),
+    ")"
+);
+
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
+use cli::*;
 use espip::config::Config;
 use espip::lab::p2p::{LabMode, P2pOptions};
 use espip::sa::Cipher;
 use std::path::PathBuf;
-
-/// espip: an ESP (RFC 4303) or IP-in-IP (RFC 2003) tunnel between a TUN device and raw IP
-/// sockets.
-#[derive(Parser)]
-#[command(version, about, long_about = None)]
-struct Cli {
-    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
-    #[arg(long, global = true, default_value = "info")]
-    log_level: String,
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Run the tunnel in the foreground until SIGINT or SIGTERM.
-    Run {
-        /// The TOML configuration.
-        #[arg(long, short)]
-        config: PathBuf,
-    },
-    /// Apply a changed configuration to the running daemon without stopping it: peers added,
-    /// removed or changed (endpoints, allowed_ips, keys and SPIs). Reads the file and its key
-    /// files as root and sends them over the control socket; a configuration that does not
-    /// validate, or changes what only a restart can, is refused and the old one keeps running.
-    Reload {
-        /// The TOML configuration (its interface.control names the daemon).
-        #[arg(long, short)]
-        config: PathBuf,
-    },
-    /// Validate a configuration and explain what it sets up.
-    Check {
-        /// The TOML configuration.
-        #[arg(long, short)]
-        config: PathBuf,
-    },
-    /// Print the netfilter rules the NAT helper installs, as a shell script.
-    Rules {
-        /// The TOML configuration.
-        #[arg(long, short)]
-        config: PathBuf,
-        /// Print the removal script instead.
-        #[arg(long)]
-        remove: bool,
-    },
-    /// Show the running daemons: interface, peers, SAs, traffic, drops (like `wg show`).
-    Show {
-        #[command(flatten)]
-        target: Target,
-        /// Print the snapshot as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// List the ESP SAs of a running daemon; with --wireshark, as Wireshark esp_sa lines
-    /// (these contain the keys).
-    Sa {
-        #[command(flatten)]
-        target: Target,
-        /// Print the SAs as Wireshark `esp_sa` UAT lines and a ready tshark command.
-        #[arg(long)]
-        wireshark: bool,
-        /// Also write the lines to this file (mode 0600), e.g. ~/.config/wireshark/esp_sa.
-        #[arg(long, requires = "wireshark")]
-        write: Option<PathBuf>,
-    },
-    /// Rekey the CHILD_SAs (or with --ike the IKE SA) of a running daemon's IKEv2 peers now,
-    /// as strongSwan's `swanctl --rekey` does.
-    Rekey {
-        #[command(flatten)]
-        target: Target,
-        /// Only this peer (default: every IKEv2 peer).
-        #[arg(long)]
-        peer: Option<String>,
-        /// Rekey the IKE SA instead of the CHILD_SAs.
-        #[arg(long)]
-        ike: bool,
-    },
-    /// Print fresh random key material (hex of key || 4-byte salt, the `ip xfrm` layout).
-    Genkey {
-        /// aes-128-gcm, aes-256-gcm or chacha20-poly1305.
-        #[arg(long, default_value = "aes-128-gcm")]
-        cipher: String,
-    },
-    /// Build a scenario in network namespaces, run its checks, report, tear down.
-    Lab {
-        #[command(subcommand)]
-        scenario: LabCmd,
-    },
-    /// Helpers the labs run inside namespaces.
-    #[command(hide = true)]
-    LabTool {
-        #[command(subcommand)]
-        tool: ToolCmd,
-    },
-}
-
-/// Which daemon to ask.
-#[derive(clap::Args)]
-struct Target {
-    /// The daemon's interface name (its socket is /run/espip/NAME.sock; in another network
-    /// namespace /run/espip/netns-INODE/NAME.sock).
-    #[arg(long, short, conflicts_with_all = ["socket", "config"])]
-    interface: Option<String>,
-    /// The daemon's control socket (interface.control).
-    #[arg(long, conflicts_with = "config")]
-    socket: Option<PathBuf>,
-    /// The daemon's configuration (its interface.control is used).
-    #[arg(long, short)]
-    config: Option<PathBuf>,
-}
 
 impl Target {
     /// Whether no daemon was named (every socket of the default directory is asked).
@@ -456,15 +358,6 @@ fn check_proposals(ike: &str, esp: &str) -> Result<()> {
     Ok(())
 }
 
-/// Who starts the IKEv2 exchange in `espip lab strongswan`.
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum InitiatorArg {
-    /// espip (role = "initiator").
-    Espip,
-    /// strongSwan (`swanctl --initiate`; espip is the responder).
-    Strongswan,
-}
-
 fn tshark_version() -> Option<String> {
     let out = std::process::Command::new("tshark")
         .arg("--version")
@@ -480,34 +373,6 @@ fn tshark_version() -> Option<String> {
     Some(format!("tshark {version}"))
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum OuterArg {
-    Ipv4,
-    Ipv6,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum ModeArg {
-    Esp,
-    EspUdp,
-    Ipip,
-}
-
-/// What every lab scenario takes.
-#[derive(clap::Args)]
-struct LabArgs {
-    /// Leave the namespaces and daemons running to explore (`espip lab down NAME` ends them).
-    #[arg(long)]
-    keep: bool,
-    /// Keep configs, logs, a capture of each link, the daemons' inner/outer taps and
-    /// Wireshark's esp_sa file here (see docs/captures.md).
-    #[arg(long)]
-    pcap: Option<PathBuf>,
-    /// Do not install missing Debian packages; fail instead.
-    #[arg(long)]
-    no_install: bool,
-}
-
 impl LabArgs {
     fn run(self) -> Result<espip::lab::LabRun> {
         Ok(espip::lab::LabRun {
@@ -517,239 +382,6 @@ impl LabArgs {
             exe: std::env::current_exe().context("locating the espip binary")?,
         })
     }
-}
-
-#[derive(Subcommand)]
-enum LabCmd {
-    /// Tear down a lab left running with --keep: stop its daemons (SIGTERM, so they remove
-    /// their rules), kill what else runs there, delete its namespaces.
-    Down {
-        /// The lab's name as --keep printed it (espip-lab-PID).
-        name: String,
-    },
-    /// Two espip daemons keyed by IKEv2 (A initiator, B responder), rekeying their CHILD_SA
-    /// every few seconds while transfers and 50 pings a second run; tshark decrypts IKE and
-    /// ESP of the capture with the exported keys.
-    Ike {
-        #[command(flatten)]
-        common: LabArgs,
-        /// esp-udp or esp (protocol 50).
-        #[arg(long, value_enum, default_value = "esp-udp")]
-        mode: ModeArg,
-        /// IKE proposal (strongSwan notation).
-        #[arg(long, default_value = "aes128gcm16-prfsha256-x25519")]
-        ike: String,
-        /// ESP proposal (strongSwan notation: without `esn`, no ESN).
-        #[arg(long, default_value = "aes128gcm16-esn")]
-        esp: String,
-        /// CHILD_SA rekey interval, seconds.
-        #[arg(long, default_value_t = 5)]
-        rekey: u64,
-        /// Seconds of transfers and pings.
-        #[arg(long, default_value_t = 60)]
-        seconds: u64,
-        /// Seconds of the IKE_SA_INIT flood at the responder (0: none).
-        #[arg(long, default_value_t = 10)]
-        flood: u64,
-    },
-    /// espip against strongSwan's charon (kernel-libipsec, userspace ESP in UDP) keyed by
-    /// IKEv2 with a pre-shared key: pings, transfers, rekeys by both sides under load, dead
-    /// peer detection, DELETE on stop, a wrong key; tshark decrypts the capture.
-    Strongswan {
-        #[command(flatten)]
-        common: LabArgs,
-        /// Which side initiates.
-        #[arg(long, value_enum, default_value = "espip")]
-        initiator: InitiatorArg,
-        /// IKE proposal (strongSwan notation).
-        #[arg(long, default_value = "aes128gcm16-prfsha256-x25519")]
-        ike: String,
-        /// ESP proposal (strongSwan notation).
-        #[arg(long, default_value = "aes128gcm16")]
-        esp: String,
-        /// Size of each TCP transfer in MB.
-        #[arg(long, default_value_t = 20)]
-        megabytes: u64,
-        /// Skip the dead peer detection check (kills charon; about 20 s).
-        #[arg(long)]
-        no_dpd: bool,
-    },
-    /// Scenario 1: two hosts, one tunnel (A 192.0.2.1 / 10.4.2.99, B 192.0.2.2 / 10.4.2.5).
-    P2p {
-        #[command(flatten)]
-        common: LabArgs,
-        /// esp (IP protocol 50), esp-udp (ESP in UDP port 4500, RFC 3948) or ipip.
-        #[arg(long, value_enum, default_value = "esp")]
-        mode: ModeArg,
-        /// ESP cipher.
-        #[arg(long, default_value = "aes-128-gcm")]
-        cipher: String,
-        /// Use 64-bit extended sequence numbers.
-        #[arg(long)]
-        esn: bool,
-        /// The underlay: ipv4 (192.0.2.1 - .2) or ipv6 (2001:db8:2::1 - ::2; ESP as next
-        /// header 50, ESP in UDP/IPv6, IPv4 in IPv6).
-        #[arg(long, value_enum, default_value = "ipv4")]
-        outer: OuterArg,
-        /// Size of the TCP transfer in MB.
-        #[arg(long, default_value_t = 50)]
-        megabytes: u64,
-    },
-    /// Seed 000's goal: one TCP stream over two links at once (link 1 IPv4, link 2 IPv6-only,
-    /// each through a middle namespace that delays, drops and rate-limits): aggregate
-    /// throughput, a link cut mid-transfer, redundant under loss.
-    Multipath {
-        #[command(flatten)]
-        common: LabArgs,
-        /// esp-udp (ESP in UDP, RFC 3948), esp (IP protocol 50) or ipip (no probes).
-        #[arg(long, value_enum, default_value = "esp-udp")]
-        mode: ModeArg,
-        /// ESP cipher.
-        #[arg(long, default_value = "aes-128-gcm")]
-        cipher: String,
-        /// Link 1 (IPv4) as RATE_MBIT/RTT_MS[/LOSS_PERCENT].
-        #[arg(long, default_value = "100/10")]
-        link1: espip::lab::multipath::LinkSpec,
-        /// Link 2 (IPv6 only) as RATE_MBIT/RTT_MS[/LOSS_PERCENT].
-        #[arg(long, default_value = "100/40")]
-        link2: espip::lab::multipath::LinkSpec,
-        /// spread, earliest, failover or redundant (the aggregate and cut phases).
-        #[arg(long, default_value = "spread")]
-        scheduler: String,
-        /// Seconds worth of the links' sum in the aggregate transfer.
-        #[arg(long, default_value_t = 8)]
-        seconds: u64,
-        /// Random loss on each link in the redundant phase, percent (0 skips it).
-        #[arg(long, default_value_t = 5.0)]
-        redundant_loss: f64,
-        /// Also measure kernel MPTCP (mptcpize run iperf3, two subflows) against espip with
-        /// iperf3 on the same links (installs mptcpd and iperf3).
-        #[arg(long)]
-        compare_mptcp: bool,
-        /// TCP congestion control of the iperf3 comparison (iperf3 -C): cubic or bbr.
-        #[arg(long)]
-        congestion: Option<String>,
-        /// spread with the links' rates as static weights only (adapt = false).
-        #[arg(long)]
-        static_weights: bool,
-    },
-    /// Scenario 2: the SEED VPN lab (U 192.168.56.9, server 192.168.56.10 / 192.168.50.1,
-    /// V 192.168.50.11); U reaches V through the server.
-    Gateway {
-        #[command(flatten)]
-        common: LabArgs,
-        /// ESP cipher.
-        #[arg(long, default_value = "aes-128-gcm")]
-        cipher: String,
-        /// Leave forwarding off on the server, as the article's author did (the lab fails and
-        /// says why).
-        #[arg(long)]
-        without_forward: bool,
-    },
-    /// Scenario 4: asymmetric upstream-only IP-in-IP relays through a censoring firewall
-    /// (C 10.0.2.244, RA 10.0.2.201, F 10.0.2.1/10.0.3.1, RB 10.0.3.29, S 10.0.3.26).
-    Upstream {
-        #[command(flatten)]
-        common: LabArgs,
-    },
-    /// Scenario 5: a hub relaying between three clients on 192.168.0.0/24, with MASQUERADE to
-    /// an internet host.
-    Hub {
-        #[command(flatten)]
-        common: LabArgs,
-        /// ESP cipher.
-        #[arg(long, default_value = "aes-128-gcm")]
-        cipher: String,
-    },
-    /// Scenario 3: an encrypted pair on one LAN with the NAT helpers (A 10.0.0.161, B 10.0.0.160,
-    /// alias 10.0.1.0/24).
-    SameLan {
-        #[command(flatten)]
-        common: LabArgs,
-        /// ESP cipher.
-        #[arg(long, default_value = "aes-128-gcm")]
-        cipher: String,
-        /// Size of the TCP transfer in MB.
-        #[arg(long, default_value_t = 50)]
-        megabytes: u64,
-    },
-}
-
-#[derive(Subcommand)]
-enum ToolCmd {
-    /// Accept one TCP connection and print the bytes and SHA-256 received.
-    Sink {
-        #[arg(long)]
-        listen: std::net::SocketAddr,
-    },
-    /// Serve a one-line HTTP page, logging each client address.
-    HttpServe {
-        #[arg(long)]
-        listen: std::net::SocketAddr,
-        #[arg(long)]
-        name: String,
-    },
-    /// Send garbage ESP and IP-in-IP at a daemon for the flood test; prints what was sent.
-    Flood {
-        #[arg(long)]
-        dst: std::net::Ipv4Addr,
-        /// The daemon's inbound SPI (the costly garbage uses it).
-        #[arg(long, value_parser = parse_spi)]
-        spi: u32,
-        #[arg(long, default_value_t = 30)]
-        seconds: u64,
-    },
-    /// Send IKE_SA_INIT requests (each a fresh SPI, nonce and key share) at an IKE port
-    /// for the flood tests; prints how many.
-    IkeFlood {
-        #[arg(long)]
-        to: std::net::SocketAddr,
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// The IKE proposal offered (default: espip's default proposal).
-        #[arg(long)]
-        proposal: Option<String>,
-        /// Replace the key share with this many 0xff octets' worth (not a point of any group).
-        #[arg(long)]
-        bad_ke: bool,
-        /// Send to an ESP-in-UDP port, behind the non-ESP marker (RFC 3948).
-        #[arg(long)]
-        natt: bool,
-        /// Send from this address.
-        #[arg(long)]
-        from: Option<std::net::IpAddr>,
-    },
-    /// Relay every frame between two interfaces with a delay and random loss (the multipath
-    /// lab's emulated link; this kernel has no netem). Runs until SIGTERM; prints its counts.
-    Relay {
-        /// The two interfaces.
-        #[arg(long, num_args = 2)]
-        ifaces: Vec<String>,
-        /// One-way delay in milliseconds.
-        #[arg(long, default_value_t = 0.0)]
-        delay_ms: f64,
-        /// Share of frames dropped at random, in percent.
-        #[arg(long, default_value_t = 0.0)]
-        loss_percent: f64,
-        /// While this file exists, the link is cut.
-        #[arg(long)]
-        cut: Option<std::path::PathBuf>,
-    },
-    /// Send a reproducible stream and print its bytes and SHA-256.
-    Source {
-        #[arg(long)]
-        connect: std::net::SocketAddr,
-        #[arg(long)]
-        bytes: u64,
-    },
-}
-
-fn parse_spi(s: &str) -> Result<u32, String> {
-    let r = match s.strip_prefix("0x") {
-        Some(h) => u32::from_str_radix(h, 16),
-        None => s.parse(),
-    };
-    r.map_err(|e| format!("{s:?}: {e}"))
 }
 
 fn cipher_arg(name: &str) -> Result<Cipher> {
@@ -958,7 +590,14 @@ fn real_main() -> Result<()> {
                 }
                 let opts = espip::lab::multipath::MultipathOptions {
                     mode,
-                    links: [link1, link2],
+                    links: [
+                        link1
+                            .parse::<espip::lab::multipath::LinkSpec>()
+                            .map_err(|e| anyhow::anyhow!("--link1 {e}"))?,
+                        link2
+                            .parse::<espip::lab::multipath::LinkSpec>()
+                            .map_err(|e| anyhow::anyhow!("--link2 {e}"))?,
+                    ],
                     scheduler,
                     seconds,
                     redundant_loss,

@@ -103,7 +103,7 @@ fn unknown_arguments_are_refused_with_usage() {
 
 #[test]
 fn the_systemd_unit_passes_systemd_analyze_verify() {
-    // The unit names /usr/local/bin/espip; verify a copy pointing at the built binary (the
+    // The unit names /usr/bin/espip; verify a copy pointing at the built binary (the
     // instance name does not matter to the check). Skipped where systemd is not installed.
     let Ok(v) = std::process::Command::new("systemd-analyze")
         .arg("--version")
@@ -121,7 +121,7 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     let path = dir.join("espip@t.service");
     std::fs::write(
         &path,
-        unit.replace("/usr/local/bin/espip", env!("CARGO_BIN_EXE_espip")),
+        unit.replace("/usr/bin/espip", env!("CARGO_BIN_EXE_espip")),
     )
     .unwrap();
     let out = std::process::Command::new("systemd-analyze")
@@ -273,5 +273,47 @@ fn a_fifo_or_device_as_configuration_is_refused_without_hanging() {
         assert!(!status.success());
         assert!(err.contains("not a regular file"), "{cmd}: {err}");
     }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Issue 32: every example configuration the package ships passes `espip check` once its key
+/// files exist (made here with `espip genkey`).
+#[test]
+fn the_shipped_example_configurations_pass_check() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/examples");
+    let d = tempdir("examples");
+    let mut n = 0;
+    for e in std::fs::read_dir(&src).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().and_then(|x| x.to_str()) != Some("toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let cfg = d.join(path.file_name().unwrap());
+        std::fs::write(&cfg, &text).unwrap();
+        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // The key files it names, next to it.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((k, v)) = line.split_once('=') else {
+                continue;
+            };
+            let (k, v) = (k.trim(), v.trim().trim_matches('"'));
+            let key = match k {
+                "key_out_file" | "key_in_file" => {
+                    let (_, out, _) = espip(&["genkey", "--cipher", "aes-128-gcm"]);
+                    out
+                }
+                "psk_file" => "a-long-enough-pre-shared-key-for-the-example\n".into(),
+                _ => continue,
+            };
+            let f = d.join(v);
+            std::fs::write(&f, key).unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let (ok, out, err) = espip(&["check", "-c", cfg.to_str().unwrap()]);
+        assert!(ok, "{}: {out}{err}", path.display());
+        n += 1;
+    }
+    assert!(n >= 4, "{n} examples");
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -511,3 +511,78 @@ fn reload_adds_changes_and_removes_a_peer_while_a_transfer_runs() {
     let log = std::fs::read_to_string(dir.join("a.log")).unwrap();
     assert!(log.contains("configuration reloaded"), "{log}");
 }
+
+/// Issue 32: `post_up` runs as root after the setup with `%i` expanded and its output logged;
+/// `pre_down` runs as root at a clean stop (the daemon has dropped to its user by then) and
+/// after a SIGKILL; a failing `post_up` stops the start and leaves nothing behind.
+#[test]
+fn post_up_and_pre_down_hooks_run_as_root_and_a_failing_post_up_undoes_the_start() {
+    let Some(_g) = serial() else { return };
+    let (a, _b) = p2p::topology("hooks").unwrap();
+    let dir = std::env::temp_dir().join(format!("espip-test-hooks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
+    let base = p2p::config_text(
+        LabMode::Esp(Cipher::Aes128Gcm),
+        true,
+        Some(&keys),
+        false,
+        &dir.join("state"),
+    );
+    let (up, down) = (dir.join("up"), dir.join("down"));
+    let with = |post_up: &str| {
+        let text = base.replace(
+            "[interface]\n",
+            &format!(
+                "[interface]\npost_up = [{post_up}]\npre_down = [\"echo down-%i $(id -u) > {}\"]\n",
+                down.display()
+            ),
+        );
+        let cfg = dir.join("a.toml");
+        std::fs::write(&cfg, text).unwrap();
+        std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        cfg
+    };
+    let cfg = with(&format!(
+        "\"ip addr add 10.99.0.1/32 dev %i\", \"echo up-%i $(id -u) > {}; echo hello from post_up\"",
+        up.display()
+    ));
+    let mut d = Daemon::start(&a, &exe(), &cfg, &dir.join("1.log")).unwrap();
+    assert_eq!(std::fs::read_to_string(&up).unwrap().trim(), "up-espip0 0");
+    let addrs = a.ip(&["-o", "addr", "show", "dev", "espip0"]).unwrap();
+    assert!(
+        String::from_utf8_lossy(&addrs.stdout).contains("10.99.0.1/32"),
+        "{}",
+        String::from_utf8_lossy(&addrs.stdout)
+    );
+    assert!(d.log().contains("hello from post_up"), "{}", d.log());
+    assert!(!down.exists());
+    d.stop().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&down).unwrap().trim(),
+        "down-espip0 0",
+        "pre_down ran as root at the stop"
+    );
+    // After a SIGKILL, pre_down runs too.
+    std::fs::remove_file(&down).unwrap();
+    let mut d = Daemon::start(&a, &exe(), &cfg, &dir.join("2.log")).unwrap();
+    d.stop_with(nix::sys::signal::Signal::SIGKILL).unwrap();
+    let start = std::time::Instant::now();
+    while !down.exists() && start.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(down.exists(), "pre_down after SIGKILL");
+    // A failing post_up: the start fails, names it, and leaves nothing.
+    let cfg = with("\"echo first\", \"exit 3\"");
+    let err = Daemon::start(&a, &exe(), &cfg, &dir.join("3.log"))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("post_up[1]") && err.contains("exit 3"),
+        "{err}"
+    );
+    assert!(!a.has_link("espip0"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -84,6 +84,11 @@ if [ "$FUZZ_SECONDS" -gt 0 ]; then
   rm -rf "$scratch"
 fi
 
+# The Debian package: built, checked by lintian, installed and purged (last: the purge
+# removes the espip user the namespace tests share).
+echo "== package"
+bash tests/package.sh
+
 left=$(ip netns list | awk '{print $1}' | grep '^espip-' || true)
 if [ -n "$left" ]; then
   echo "tests left namespaces behind: $left" >&2

@@ -105,7 +105,11 @@ pub(super) fn interface(raw: RawInterface, base: &Path) -> Result<Interface, Con
             ))
         }
     };
+    let post_up = hooks("interface.post_up", raw.post_up)?;
+    let pre_down = hooks("interface.pre_down", raw.pre_down)?;
     Ok(Interface {
+        post_up,
+        pre_down,
         tx_path,
         rx_path,
         save_keys,
@@ -122,6 +126,28 @@ pub(super) fn interface(raw: RawInterface, base: &Path) -> Result<Interface, Con
         forward: raw.forward.unwrap_or(false),
         rp_filter,
     })
+}
+
+/// `post_up` / `pre_down`: shell commands, at most 32 of at most 4096 bytes each.
+fn hooks(key: &str, cmds: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    let cmds = cmds.unwrap_or_default();
+    if cmds.len() > 32 {
+        return Err(invalid(
+            key,
+            format!("{} commands", cmds.len()),
+            "at most 32 commands (put more in a script and run that)",
+        ));
+    }
+    for c in &cmds {
+        if c.trim().is_empty() || c.len() > 4096 || c.contains('\0') {
+            return Err(invalid(
+                key,
+                format!("{:?}", c.chars().take(60).collect::<String>()),
+                "a shell command of 1 to 4096 bytes (run by /bin/sh -c as root; %i is the interface name)",
+            ));
+        }
+    }
+    Ok(cmds)
 }
 
 /// A Linux interface name (also used in file names: no `/`).

@@ -214,6 +214,11 @@ pub struct Interface {
     pub tx_path: TxPath,
     /// How the raw-socket modes receive.
     pub rx_path: RxPath,
+    /// Commands run as root after the setup, before the privilege drop (`%i`: the
+    /// interface); one that fails stops the start.
+    pub post_up: Vec<String>,
+    /// Commands run as root at the stop, before the TUN goes (and after a SIGKILL).
+    pub pre_down: Vec<String>,
 }
 
 /// How outer packets of the raw-socket modes (`esp` as IP protocol 50, `ipip`) arrive.
@@ -319,6 +324,8 @@ impl Interface {
         check("save_keys", self.save_keys == other.save_keys);
         check("tx_path", self.tx_path == other.tx_path);
         check("rx_path", self.rx_path == other.rx_path);
+        check("post_up", self.post_up == other.post_up);
+        check("pre_down", self.pre_down == other.pre_down);
         out
     }
 }

@@ -68,6 +68,8 @@ pub(super) struct RawInterface {
     pub(super) save_keys: Option<PathBuf>,
     pub(super) tx_path: Option<String>,
     pub(super) rx_path: Option<String>,
+    pub(super) post_up: Option<Vec<String>>,
+    pub(super) pre_down: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]

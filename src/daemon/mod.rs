@@ -278,6 +278,9 @@ pub fn run(cfg: Config, path: Option<&std::path::Path>) -> Result<(), DaemonErro
         t.finish();
     }
     serve::log_summary(&live.current.load(), &res.stats, &live.edge);
+    if let Some(mut p) = res.pre_down.take() {
+        p.run();
+    }
     drop(res);
     info!(interface = %cfg.interface.name, "stopped; TUN device and its routes removed");
     outcome(stopped, failed)

@@ -33,6 +33,9 @@ use tracing::{info, warn};
 
 /// What a running daemon holds, in teardown order.
 pub(super) struct Resources {
+    /// The root process that runs `interface.pre_down` (first of all at the stop, while the
+    /// TUN and the rules are still there; `run` calls it explicitly before the drop).
+    pub pre_down: Option<crate::sys::hooks::PreDown>,
     /// The NAT helper's netfilter rules (removed first). Held only to be dropped, as is the
     /// next field.
     pub _rules: Option<RulesGuard>,
@@ -158,7 +161,14 @@ impl Resources {
         drop(state);
         // Rules last: a failure above leaves nothing in netfilter.
         let rules = apply_rules(cfg)?;
+        // The operator's commands: post_up now (a failure undoes the start: `res` is dropped),
+        // and the root process for pre_down, before the privilege drop.
+        crate::sys::hooks::post_up(&cfg.interface.post_up, tun.name())
+            .map_err(|e| DaemonError::Os("interface.post_up", e))?;
+        let pre_down = crate::sys::hooks::PreDown::start(&cfg.interface.pre_down, tun.name())
+            .map_err(|e| DaemonError::Os("interface.pre_down", e))?;
         let mut res = Resources {
+            pre_down,
             _rules: rules,
             _sysctls: sysctls,
             tun: Arc::new(tuns),

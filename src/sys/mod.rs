@@ -4,6 +4,7 @@
 pub mod bpf;
 pub mod capture;
 pub mod grorx;
+pub mod hooks;
 pub mod iptables;
 pub mod kstats;
 mod mmsg;
