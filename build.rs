@@ -65,8 +65,16 @@ fn write_assets(cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
         // Section 8: a system administration command, as other tunnel daemons' pages.
         if let Some(stem) = name.strip_suffix(".1") {
             let text = std::fs::read_to_string(f.path())?.replacen(" 1 ", " 8 ", 1);
-            std::fs::write(man.join(format!("{stem}.8")), text)?;
+            let page = man.join(format!("{stem}.8"));
+            std::fs::write(&page, text)?;
             std::fs::remove_file(f.path())?;
+            // Debian installs manual pages compressed (gzip -9n: no name or time stamp, so
+            // the package builds reproducibly); without gzip they stay plain.
+            let _ = std::fs::remove_file(man.join(format!("{stem}.8.gz")));
+            let _ = std::process::Command::new("gzip")
+                .args(["-9n", "-f"])
+                .arg(&page)
+                .status();
         }
     }
     let comp = dir.join("completions");

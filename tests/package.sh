@@ -45,7 +45,7 @@ dpkg-deb -f "$deb" Depends | grep -q iptables || fail "Depends lacks iptables"
 dpkg-deb -f "$deb" Depends | grep -q libc6 || fail "Depends lacks the computed libc6"
 
 echo "== lintian"
-lintian --no-tag-display-limit "$deb" | tee /tmp/espip-lintian.txt || true
+lintian --tag-display-limit 0 "$deb" | tee /tmp/espip-lintian.txt || true
 if grep -q '^E:' /tmp/espip-lintian.txt; then
   fail "lintian reports errors (above)"
 fi
