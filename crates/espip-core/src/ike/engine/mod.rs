@@ -1,0 +1,1191 @@
+//! The IKEv2 state machine of one peer (RFC 7296), sans I/O: datagrams and time in,
+//! datagrams to send and a changed set of ESP SAs out.
+//!
+//! Exchanges: IKE_SA_INIT (with NAT detection and INVALID_KE_PAYLOAD retry), IKE_AUTH with a
+//! pre-shared key and the first CHILD_SA, CREATE_CHILD_SA to rekey a CHILD_SA (PFS when the
+//! ESP proposal names a group) or the IKE SA, INFORMATIONAL for liveness (DPD) and DELETE.
+//! One request in flight each way (window size 1), retransmitted with exponential back-off;
+//! a retransmitted request is answered from the cached response.
+//!
+//! The ESP SAs the data path should hold are [`Engine::sas`]; [`Out::Changed`] says when they
+//! changed. The order of [`Out`] values is the order of effects: when a response installs an
+//! inbound SA, `Changed` comes before the `Send` of the response, so the edge installs it
+//! before the peer can use it (section 2.8: rekeying without loss). After a CHILD_SA rekey
+//! the initiator sends on the new SA at once; the responder keeps sending on the old one
+//! until the initiator deletes it (as strongSwan does), so neither side ever sends on an SA
+//! the other has not installed. The old inbound SA stays for [`GRACE_MS`] after its delete.
+
+use super::crypto::{self, Group, IkeKeys, KeyShare};
+use super::msg::{
+    self, exchange, flags, notify, proto, Header, Id, MsgError, Payload, Proposal, Ts,
+};
+use super::point;
+use super::proposal::{self, EspChoice, EspProposal, IkeChoice, IkeProposal};
+use super::ts;
+use crate::sa::KeyMaterial;
+use ring::rand::SecureRandom;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use zeroize::Zeroizing;
+
+const MS: u64 = 1_000_000;
+/// How long an inbound SA stays after it was deleted or replaced (packets in flight).
+pub const GRACE_MS: u64 = 2_000;
+/// How long the responder of a CHILD_SA rekey waits for the delete of the old SA before it
+/// sends on the new one anyway.
+const SWITCH_WAIT_MS: u64 = 5_000;
+/// A half-open IKE SA (responder, before IKE_AUTH) is forgotten after this.
+const HALF_OPEN_MS: u64 = 30_000;
+/// Wait before an initiator tries again after a failure.
+const RETRY_MS: u64 = 5_000;
+/// Half-open IKE SAs at which the responder asks for a cookie first (section 2.6): a flood
+/// of IKE_SA_INIT then costs one SHA-256 per message and no state or Diffie-Hellman.
+const COOKIE_THRESHOLD: usize = 2;
+/// Most half-open IKE SAs kept per peer.
+const MAX_HALF_OPEN: usize = 4;
+/// A half-open IKE SA younger than this is never evicted for a newer one: room for the
+/// initiator's IKE_AUTH after a slow round trip. When every slot holds one, a new
+/// IKE_SA_INIT gets no answer (`half_open_full`) and the initiator retransmits; so a flood
+/// that echoes cookies from the peer's own address costs at most [`MAX_HALF_OPEN`] key
+/// generations per this interval, and never evicts an honest initiator before its IKE_AUTH.
+const HALF_OPEN_KEEP_MS: u64 = 2_000;
+/// The cookie secret is replaced this often; a cookie made with the previous one is still
+/// accepted, so a cookie is good for 10 to 20 s (section 2.6: versioned secrets).
+const COOKIE_ROTATE_MS: u64 = 10_000;
+
+/// Which side starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Connects at start and after a failure.
+    Initiator,
+    /// Waits for the peer.
+    Responder,
+}
+
+/// What one peer's engine needs to know.
+#[derive(Clone)]
+pub struct IkeConfig {
+    /// Peer name (logs).
+    pub name: String,
+    /// Initiator or responder.
+    pub role: Role,
+    /// The pre-shared key.
+    pub psk: Zeroizing<Vec<u8>>,
+    /// Our identity.
+    pub local_id: Id,
+    /// The identity the peer must prove.
+    pub remote_id: Id,
+    /// IKE proposals, in order of preference.
+    pub ike: Vec<IkeProposal>,
+    /// ESP proposals, in order of preference.
+    pub esp: Vec<EspProposal>,
+    /// IKE SA rekey time (ms after it was established; 0: never).
+    pub ike_rekey_ms: u64,
+    /// CHILD_SA rekey time (ms; 0: never).
+    pub child_rekey_ms: u64,
+    /// CHILD_SA hard lifetime (ms; 0: none): the SA is removed if it was not rekeyed by then.
+    pub child_life_ms: u64,
+    /// Random jitter subtracted from each rekey time, at most this many ms.
+    pub jitter_ms: u64,
+    /// Liveness check after this long without an authenticated message (ms; 0: off).
+    pub dpd_ms: u64,
+    /// First retransmission timeout (ms), doubled on each try.
+    pub retransmit_ms: u64,
+    /// Retransmissions before the peer counts as dead.
+    pub retransmit_tries: u32,
+    /// Our inner addresses (TSi when initiating).
+    pub local_ts: Vec<Ts>,
+    /// The peer's inner prefixes (`allowed_ips`).
+    pub remote_ts: Vec<Ts>,
+    /// The peer's IKE address (port 500).
+    pub remote: SocketAddr,
+    /// Our address towards the peer (NAT detection).
+    pub local: IpAddr,
+    /// Our IKE port (500).
+    pub local_port: u16,
+    /// NAT-T port on both sides (4500, `interface.listen_port` here).
+    pub natt_port: u16,
+    /// The peer's NAT-T port.
+    pub remote_natt_port: u16,
+    /// ESP in UDP: float to the NAT-T port and encapsulate even without a NAT (as
+    /// strongSwan's `encap = yes`).
+    pub force_encap: bool,
+}
+
+/// An ESP SA pair's keys as the data path needs them.
+#[derive(Debug, Clone)]
+pub struct ChildKeys {
+    /// SPI we receive with.
+    pub spi_in: u32,
+    /// SPI we send with.
+    pub spi_out: u32,
+    /// Key || salt we receive with.
+    pub key_in: KeyMaterial,
+    /// Key || salt we send with.
+    pub key_out: KeyMaterial,
+    /// 64-bit sequence numbers.
+    pub esn: bool,
+}
+
+/// The ESP SAs the data path should hold for this peer.
+#[derive(Debug, Clone, Default)]
+pub struct SaSet {
+    /// The SA we send on.
+    pub out: Option<(u32, KeyMaterial, bool)>,
+    /// Every SA we accept (newest first).
+    pub ins: Vec<(u32, KeyMaterial, bool)>,
+}
+
+/// What the engine wants done, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Out {
+    /// Send `msg` to `to`; `natt`: from the NAT-T port, behind the non-ESP marker.
+    Send {
+        /// Destination.
+        to: SocketAddr,
+        /// From the NAT-T port.
+        natt: bool,
+        /// The IKE message.
+        msg: Vec<u8>,
+    },
+    /// [`Engine::sas`] changed: install before the next `Send`.
+    Changed,
+    /// Something to log once.
+    Event(Event),
+}
+
+/// Things worth a log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The IKE SA is up.
+    IkeUp {
+        /// "SPIi_SPIr" in hex.
+        spis: String,
+        /// The chosen proposal.
+        proposal: String,
+        /// Whether a NAT was seen (or encapsulation forced) and IKE moved to NAT-T.
+        natt: bool,
+    },
+    /// A CHILD_SA is up (new or rekeyed).
+    ChildUp {
+        /// Inbound SPI.
+        spi_in: u32,
+        /// Outbound SPI.
+        spi_out: u32,
+        /// Chosen ESP proposal.
+        proposal: String,
+        /// Negotiated selectors (ours, theirs).
+        ts: String,
+        /// Replaced this inbound SPI.
+        rekey_of: Option<u32>,
+    },
+    /// The IKE SA was rekeyed.
+    IkeRekeyed {
+        /// New SPIs.
+        spis: String,
+    },
+    /// A CHILD_SA went away.
+    ChildDown {
+        /// Inbound SPI.
+        spi_in: u32,
+        /// Why.
+        why: &'static str,
+    },
+    /// Both sides rekeyed the same SA at once; the nonces decided (RFC 7296 section 2.8).
+    Collision {
+        /// Which SA stays, which goes.
+        detail: String,
+    },
+    /// The IKE SA went away.
+    IkeDown {
+        /// Why.
+        why: String,
+    },
+    /// An exchange failed.
+    Failed {
+        /// The notify (error type) sent or received, by RFC name, or another reason.
+        reason: String,
+        /// Detail for the log.
+        detail: String,
+    },
+}
+
+/// Counters of one engine.
+#[derive(Debug, Clone, Default)]
+pub struct IkeStats {
+    /// Requests sent (first transmissions).
+    pub requests: u64,
+    /// Retransmissions.
+    pub retransmits: u64,
+    /// Requests received and answered.
+    pub responses: u64,
+    /// Retransmitted requests answered from the cache.
+    pub resent_responses: u64,
+    /// CHILD_SA rekeys completed.
+    pub child_rekeys: u64,
+    /// IKE SA rekeys completed.
+    pub ike_rekeys: u64,
+    /// IKE SAs established.
+    pub established: u64,
+    /// Failures and drops by reason.
+    pub failures: BTreeMap<String, u64>,
+    /// IKE SA keys derived (any IKE SA, half-open and failed ones too): when this moves, the
+    /// edge has new keys to export for Wireshark.
+    pub ike_keys_made: u64,
+}
+
+impl IkeStats {
+    fn fail(&mut self, r: &str) {
+        *self.failures.entry(r.to_string()).or_default() += 1;
+    }
+}
+
+/// One CHILD_SA.
+#[derive(Debug, Clone)]
+struct Child {
+    keys: ChildKeys,
+    proposal: String,
+    /// We send on it.
+    out: bool,
+    /// Pending outbound switch (responder of a rekey) since this time.
+    pending_since: Option<u64>,
+    /// The peer's survivor of a rekey collision: switched to only when the peer deletes this
+    /// old CHILD_SA (our inbound SPI), which proves the peer completed it; never on a timeout.
+    awaits_delete_of: Option<u32>,
+    /// Remove at this time (grace after delete/replace).
+    until: Option<u64>,
+    /// Replaced by a rekey (no second rekey, no lifetime action).
+    replaced: bool,
+    rekey_at: u64,
+    expire_at: u64,
+    created: u64,
+}
+
+/// What a request of ours was.
+enum Req {
+    Init {
+        share: KeyShare,
+        ni: Vec<u8>,
+    },
+    Auth {
+        spi_in: u32,
+    },
+    RekeyChild {
+        old_in: u32,
+        new_in: u32,
+        ni: Vec<u8>,
+        share: Option<KeyShare>,
+    },
+    NewChild {
+        new_in: u32,
+        ni: Vec<u8>,
+        share: Option<KeyShare>,
+    },
+    RekeyIke {
+        spi: u64,
+        ni: Vec<u8>,
+        share: KeyShare,
+    },
+    DeleteChild(u32),
+    DeleteIke,
+    Dpd,
+}
+
+struct InFlight {
+    id: u32,
+    msg: Vec<u8>,
+    tries: u32,
+    next_at: u64,
+    req: Req,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Initiator: IKE_SA_INIT sent.
+    InitSent,
+    /// Initiator: IKE_AUTH sent. Responder: IKE_SA_INIT answered, waiting for IKE_AUTH.
+    Authenticating,
+    Established,
+    /// A newer IKE SA replaced it; it waits for its delete.
+    Rekeyed,
+}
+
+/// One IKE SA.
+struct IkeSa {
+    spi_i: u64,
+    spi_r: u64,
+    /// We are the original initiator of this IKE SA.
+    initiator: bool,
+    state: State,
+    choice: Option<IkeChoice>,
+    keys: Option<IkeKeys>,
+    ni: Vec<u8>,
+    nr: Vec<u8>,
+    /// IKE_SA_INIT request and response as sent (AUTH covers them).
+    init_req: Vec<u8>,
+    init_resp: Vec<u8>,
+    next_id: u32,
+    flight: Option<InFlight>,
+    peer_next: u32,
+    cached: Option<(u32, Vec<u8>)>,
+    iv: u64,
+    peer: SocketAddr,
+    natt: bool,
+    created: u64,
+    rekey_at: u64,
+    last_heard: u64,
+    /// Pending requests, sent one at a time.
+    queue: Vec<Task>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Task {
+    /// A CHILD_SA for an IKE SA that has none left.
+    NewChild,
+    RekeyChild(u32),
+    RekeyIke,
+    DeleteChild(u32),
+    Dpd,
+}
+
+impl IkeSa {
+    fn spis(&self) -> String {
+        format!("{:016x}_i {:016x}_r", self.spi_i, self.spi_r)
+    }
+
+    fn my_key(&self) -> &KeyMaterial {
+        let k = self.keys.as_ref().expect("keys after IKE_SA_INIT");
+        if self.initiator {
+            &k.sk_ei
+        } else {
+            &k.sk_er
+        }
+    }
+
+    fn peer_key(&self) -> &KeyMaterial {
+        let k = self.keys.as_ref().expect("keys after IKE_SA_INIT");
+        if self.initiator {
+            &k.sk_er
+        } else {
+            &k.sk_ei
+        }
+    }
+
+    fn header(&self, exch: u8, id: u32, response: bool) -> Header {
+        Header {
+            spi_i: self.spi_i,
+            spi_r: self.spi_r,
+            next: 0,
+            exchange: exch,
+            flags: if self.initiator { flags::INITIATOR } else { 0 }
+                | if response { flags::RESPONSE } else { 0 },
+            msg_id: id,
+            length: 0,
+        }
+    }
+
+    fn seal(&mut self, h: Header, payloads: &[Payload]) -> Vec<u8> {
+        self.iv += 1;
+        msg::encode_sk(h, payloads, self.my_key(), self.iv)
+    }
+}
+
+/// The IKEv2 engine of one peer.
+pub struct Engine {
+    cfg: IkeConfig,
+    ike: Option<IkeSa>,
+    /// Replaced IKE SAs waiting for their delete, and half-open responder SAs.
+    others: Vec<IkeSa>,
+    children: Vec<Child>,
+    retry_at: Option<u64>,
+    /// Group to use on the next IKE_SA_INIT (after INVALID_KE_PAYLOAD).
+    group_hint: Option<Group>,
+    stats: IkeStats,
+    closing: bool,
+    /// Tasks for the current IKE SA that came up while another one was being handled.
+    deferred: Vec<Task>,
+    /// No new CHILD_SA attempt before this (after a refusal).
+    new_child_at: u64,
+    /// The responder's cookie secrets, made at the first cookie, rotated.
+    cookie_secrets: CookieSecrets,
+    /// When IKE_SA_INITs with an invalid key share came (the last [`HALF_OPEN_MS`], at most
+    /// [`COOKIE_THRESHOLD`]): they count as half-open SAs towards the cookie threshold.
+    invalid_inits: Vec<u64>,
+    /// We answered the peer's rekey of a CHILD_SA we are rekeying ourselves (RFC 7296
+    /// section 2.8.1): decided by the nonces when our answer comes.
+    child_collision: Option<ChildCollision>,
+    /// The same for the IKE SA (section 2.8.2).
+    ike_collision: Option<IkeCollision>,
+    /// The peer said it holds none of our CHILD_SAs: make a new one even as the IKE SA's
+    /// responder.
+    remake_child: bool,
+}
+
+/// The responder's cookie secrets (RFC 7296 section 2.6): the current one with its version
+/// (the cookie's first octet) and when it was made, and the one before it.
+#[derive(Default)]
+struct CookieSecrets {
+    current: Option<(u8, [u8; 32], u64)>,
+    previous: Option<(u8, [u8; 32])>,
+}
+
+/// The peer's side of a simultaneous CHILD_SA rekey.
+struct ChildCollision {
+    /// The CHILD_SA both sides rekey (our inbound SPI).
+    old_in: u32,
+    /// The CHILD_SA the peer made (our inbound SPI of it).
+    theirs_in: u32,
+    /// The lower of the two nonces of the peer's exchange.
+    low: Vec<u8>,
+    /// The peer rekeys this SA a second time: it gave up on its first rekey's outcome (an SA
+    /// of ours it never got the answer for, abandoned), and it does not see our request as
+    /// colliding with this one (for the peer, ours is the first exchange, answered long ago).
+    /// The peer's new SA stays whatever the nonces say; ours, when its answer comes, is
+    /// deleted at once.
+    again: bool,
+}
+
+/// The peer's side of a simultaneous IKE SA rekey.
+struct IkeCollision {
+    /// SPIs of the IKE SA both sides rekey.
+    old: (u64, u64),
+    /// SPIs of the IKE SA the peer made.
+    theirs: (u64, u64),
+    /// The lower of the two nonces of the peer's exchange.
+    low: Vec<u8>,
+}
+
+/// Which of two simultaneous rekeys survives (RFC 7296 section 2.8.1): the SA created with
+/// the lowest of the four nonces is redundant. Nonces compare octet by octet, a nonce that
+/// is a prefix of the other being the lower: the order of byte slices.
+fn ours_redundant(ours: (&[u8], &[u8]), theirs_low: &[u8]) -> bool {
+    ours.0.min(ours.1) < theirs_low
+}
+
+/// A CHILD_SA from the answer to our CREATE_CHILD_SA: its keys, the chosen proposal, the
+/// selectors for the log, and the responder's nonce.
+type Answered = (ChildKeys, EspChoice, String, Vec<u8>);
+
+/// The CHILD_SA (our inbound SPI) and nonce of a rekey `s` has in flight.
+fn rekeying_child(s: &IkeSa) -> Option<(u32, &[u8])> {
+    match s.flight.as_ref().map(|f| &f.req) {
+        Some(Req::RekeyChild { old_in, ni, .. }) => Some((*old_in, ni)),
+        _ => None,
+    }
+}
+
+fn rand_bytes(rng: &dyn SecureRandom, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rng.fill(&mut v).expect("system randomness");
+    v
+}
+
+fn rand_u64(rng: &dyn SecureRandom) -> u64 {
+    loop {
+        let v = u64::from_be_bytes(rand_bytes(rng, 8).try_into().expect("8"));
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+fn rand_spi(rng: &dyn SecureRandom) -> u32 {
+    loop {
+        let v = u32::from_be_bytes(rand_bytes(rng, 4).try_into().expect("4"));
+        // SPIs 1-255 are reserved by IANA; 0 is not an SPI (RFC 4303 section 2.1).
+        if v > 255 {
+            return v;
+        }
+    }
+}
+
+fn jitter(rng: &dyn SecureRandom, max_ms: u64) -> u64 {
+    if max_ms == 0 {
+        return 0;
+    }
+    rand_u64(rng) % (max_ms * MS)
+}
+
+fn find_notify(p: &[Payload], t: u16) -> Option<(&[u8], &[u8])> {
+    p.iter().find_map(|x| match x {
+        Payload::Notify {
+            kind, spi, data, ..
+        } if *kind == t => Some((spi.as_slice(), data.as_slice())),
+        _ => None,
+    })
+}
+
+/// The first error notify (types below 16384) in a response.
+fn error_notify(p: &[Payload]) -> Option<u16> {
+    p.iter().find_map(|x| match x {
+        Payload::Notify { kind, .. } if *kind < 16384 => Some(*kind),
+        _ => None,
+    })
+}
+
+macro_rules! take {
+    ($p:expr, $pat:pat => $v:expr) => {
+        $p.iter().find_map(|x| match x {
+            $pat => Some($v),
+            _ => None,
+        })
+    };
+}
+
+// The exchanges, one module each (after `take!`, which they use).
+mod auth;
+mod create;
+mod info;
+mod init;
+mod timers;
+
+fn ts_string(a: &[Ts], b: &[Ts]) -> String {
+    let f = |v: &[Ts]| v.iter().map(ts::display).collect::<Vec<_>>().join(",");
+    format!("{} === {}", f(a), f(b))
+}
+
+impl Engine {
+    /// A new engine; an initiator connects on its first [`Engine::tick`].
+    pub fn new(cfg: IkeConfig) -> Engine {
+        let retry_at = (cfg.role == Role::Initiator).then_some(0);
+        Engine {
+            cfg,
+            ike: None,
+            others: Vec::new(),
+            children: Vec::new(),
+            retry_at,
+            group_hint: None,
+            stats: IkeStats::default(),
+            closing: false,
+            deferred: Vec::new(),
+            new_child_at: 0,
+            remake_child: false,
+            child_collision: None,
+            ike_collision: None,
+            cookie_secrets: CookieSecrets::default(),
+            invalid_inits: Vec::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &IkeConfig {
+        &self.cfg
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &IkeStats {
+        &self.stats
+    }
+
+    /// The ESP SAs the data path should hold.
+    pub fn sas(&self) -> SaSet {
+        let mut s = SaSet::default();
+        for c in self.children.iter().rev() {
+            if c.out && s.out.is_none() {
+                s.out = Some((c.keys.spi_out, c.keys.key_out.clone(), c.keys.esn));
+            }
+            s.ins
+                .push((c.keys.spi_in, c.keys.key_in.clone(), c.keys.esn));
+        }
+        s
+    }
+
+    /// The peer's current address for ESP in UDP (its NAT-T address once IKE floated).
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.ike.as_ref().map(|s| s.peer)
+    }
+
+    /// A status line per SA: (kind, spis, state, proposal, age ms, next rekey in ms).
+    pub fn status(&self, now: u64) -> Vec<SaStatus> {
+        let mut v = Vec::new();
+        for s in self.ike.iter().chain(&self.others) {
+            v.push(SaStatus {
+                kind: "ike",
+                spis: s.spis(),
+                state: match s.state {
+                    State::InitSent => "connecting",
+                    State::Authenticating => "authenticating",
+                    State::Established => "established",
+                    State::Rekeyed => "rekeyed",
+                },
+                proposal: s.choice.map(|c| c.name()).unwrap_or_default(),
+                age_ms: now.saturating_sub(s.created) / MS,
+                rekey_in_ms: (s.state == State::Established && self.cfg.ike_rekey_ms > 0)
+                    .then(|| s.rekey_at.saturating_sub(now) / MS),
+            });
+        }
+        for c in &self.children {
+            v.push(SaStatus {
+                kind: "child",
+                spis: format!("{:08x}_i {:08x}_o", c.keys.spi_in, c.keys.spi_out),
+                state: if c.until.is_some() {
+                    "deleting"
+                } else if c.pending_since.is_some() {
+                    "installed (inbound)"
+                } else if c.replaced {
+                    "rekeyed"
+                } else {
+                    "installed"
+                },
+                proposal: c.proposal.clone(),
+                age_ms: now.saturating_sub(c.created) / MS,
+                rekey_in_ms: (!c.replaced && c.until.is_none() && self.cfg.child_rekey_ms > 0)
+                    .then(|| c.rekey_at.saturating_sub(now) / MS),
+            });
+        }
+        v
+    }
+
+    /// The keys of the current IKE SA for Wireshark's `ikev2_decryption_table`:
+    /// (SPIi, SPIr, SK_ei, SK_er, cipher).
+    pub fn ike_keys(&self) -> Vec<(u64, u64, KeyMaterial, KeyMaterial)> {
+        self.ike
+            .iter()
+            .chain(&self.others)
+            .filter_map(|s| {
+                s.keys
+                    .as_ref()
+                    .map(|k| (s.spi_i, s.spi_r, k.sk_ei.clone(), k.sk_er.clone()))
+            })
+            .collect()
+    }
+
+    /// Has an IKE SA (or half-open one) with these SPIs?
+    pub fn owns(&self, spi_i: u64, spi_r: u64) -> bool {
+        self.ike
+            .iter()
+            .chain(&self.others)
+            .any(|s| s.spi_i == spi_i && (s.spi_r == spi_r || s.spi_r == 0 || spi_r == 0))
+    }
+}
+
+/// SHA-256(secret | Ni | IPi | SPIi).
+fn cookie_mac(secret: &[u8; 32], ni: &[u8], ip: IpAddr, spi_i: u64) -> Vec<u8> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(secret);
+    ctx.update(ni);
+    match ip {
+        IpAddr::V4(a) => ctx.update(&a.octets()),
+        IpAddr::V6(a) => ctx.update(&a.octets()),
+    }
+    ctx.update(&spi_i.to_be_bytes());
+    ctx.finish().as_ref().to_vec()
+}
+
+impl Engine {
+    /// Never without an outbound SA while an installed one waits: when the SA we sent on is
+    /// gone (deleted by the peer, e.g. the loser of a rekey collision it resolved by nonces,
+    /// or past its hard lifetime) and a CHILD_SA the peer made waits for its switch, switch
+    /// now (the peer holds both halves of it). Returns whether the SAs changed.
+    fn ensure_out(&mut self, now: u64) -> bool {
+        let sending = self.children.iter().any(|c| c.out);
+        let waiting = self.children.iter().any(|c| c.pending_since.is_some());
+        !sending && waiting && self.switch_pending(now, true)
+    }
+
+    /// Make the IKE SA of the pending rekey collision current again, in place of the peer's
+    /// new one `theirs` that the peer deleted (see `handle`): only while our own rekey of it
+    /// is still in flight. Work queued meanwhile moves back. Returns whether it did.
+    fn restore_collided(&mut self, theirs: &mut IkeSa) -> bool {
+        let Some(c) = &self.ike_collision else {
+            return false;
+        };
+        let Some(i) = self.others.iter().position(|o| {
+            (o.spi_i, o.spi_r) == c.old
+                && matches!(
+                    o.flight.as_ref().map(|f| &f.req),
+                    Some(Req::RekeyIke { .. })
+                )
+        }) else {
+            return false;
+        };
+        let mut old = self.others.remove(i);
+        old.state = State::Established;
+        // Its successor sets the next rekey when the collision resolves.
+        old.rekey_at = u64::MAX;
+        old.queue.append(&mut theirs.queue);
+        self.ike = Some(old);
+        true
+    }
+
+    /// The peer answered that it holds no CHILD_SA `spi_in` (our inbound SPI): it goes at
+    /// once (nothing of it can arrive), a CHILD_SA the peer made in its place carries our
+    /// traffic from now on, and when none is left a new one is made at once, whichever side
+    /// initiated the IKE SA (the peer may not know that it has none).
+    fn peer_lost_child(&mut self, spi_in: u32, now: u64, out: &mut Vec<Out>) {
+        let Some(c) = self
+            .children
+            .iter_mut()
+            .find(|c| c.keys.spi_in == spi_in && c.until.map_or(true, |u| u > now))
+        else {
+            return;
+        };
+        c.out = false;
+        c.replaced = true;
+        c.pending_since = None;
+        c.awaits_delete_of = None;
+        c.until = Some(now);
+        out.push(Out::Event(Event::ChildDown {
+            spi_in,
+            why: "the peer no longer holds it (CHILD_SA_NOT_FOUND)",
+        }));
+        if self.children.iter().any(|c| c.pending_since.is_some()) {
+            self.switch_pending(now, true);
+        }
+        if !self.has_active_child() {
+            self.new_child_at = now;
+            self.remake_child = true;
+        }
+        out.push(Out::Changed);
+    }
+
+    /// A rekey of the CHILD_SA `spi_in` is queued or in flight, on any IKE SA.
+    fn rekey_busy(&self, spi_in: u32) -> bool {
+        let task = Task::RekeyChild(spi_in);
+        self.deferred.contains(&task)
+            || self.ike.iter().chain(&self.others).any(|s| {
+                s.queue.contains(&task) || rekeying_child(s).is_some_and(|(o, _)| o == spi_in)
+            })
+    }
+
+    /// A CHILD_SA that carries traffic (not replaced, not being deleted).
+    fn has_active_child(&self) -> bool {
+        self.children
+            .iter()
+            .any(|c| c.until.is_none() && !c.replaced)
+    }
+
+    /// An IKE SA goes away with a request in flight: a CHILD_SA rekey it carried is tried
+    /// again on the current IKE SA.
+    fn orphaned(&mut self, sa: &IkeSa, now: u64) {
+        if let Some(InFlight {
+            req: Req::RekeyChild { old_in, .. },
+            ..
+        }) = &sa.flight
+        {
+            if let Some(c) = self
+                .children
+                .iter_mut()
+                .find(|c| c.keys.spi_in == *old_in && !c.replaced)
+            {
+                c.rekey_at = now;
+            }
+        }
+    }
+
+    /// An authenticated ESP packet arrived from the peer (DPD need not ask).
+    pub fn heard(&mut self, now: u64) {
+        if let Some(s) = self.ike.as_mut() {
+            s.last_heard = s.last_heard.max(now);
+        }
+    }
+
+    fn fail(&mut self, out: &mut Vec<Out>, reason: &str, detail: String) {
+        self.stats.fail(reason);
+        out.push(Out::Event(Event::Failed {
+            reason: reason.to_string(),
+            detail,
+        }));
+    }
+
+    // ------------------------------------------------------------------ timers
+
+    // ------------------------------------------------------------------ initiator
+}
+
+/// One line of `espip show` per SA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaStatus {
+    /// "ike" or "child".
+    pub kind: &'static str,
+    /// The SPIs.
+    pub spis: String,
+    /// The state.
+    pub state: &'static str,
+    /// The proposal.
+    pub proposal: String,
+    /// Age in ms.
+    pub age_ms: u64,
+    /// Time to the next rekey, ms.
+    pub rekey_in_ms: Option<u64>,
+}
+
+/// Where a message's IKE SA lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Current,
+    Other(usize),
+}
+
+/// What processing a request did to the IKE SA it came on.
+enum After {
+    /// Keep it where it was.
+    Keep,
+    /// It became the current IKE SA (a responder's IKE_AUTH).
+    Promote,
+    /// A rekey replaced it with this one; it waits for its delete.
+    Replaced(Box<IkeSa>),
+    /// It is gone (deleted by the peer, or failed authentication).
+    Drop,
+}
+
+impl Engine {
+    fn slot_of(&self, h: &Header) -> Option<Slot> {
+        let matches = |s: &IkeSa| {
+            s.spi_i == h.spi_i
+                && (s.spi_r == h.spi_r
+                    || (s.spi_r == 0
+                        && h.exchange == exchange::IKE_SA_INIT
+                        && h.is_response()
+                        && h.msg_id == 0))
+        };
+        if self.ike.as_ref().is_some_and(matches) {
+            return Some(Slot::Current);
+        }
+        self.others.iter().position(matches).map(Slot::Other)
+    }
+
+    fn take_sa(&mut self, slot: Slot) -> IkeSa {
+        match slot {
+            Slot::Current => self.ike.take().expect("slot"),
+            Slot::Other(i) => self.others.remove(i),
+        }
+    }
+
+    /// One IKE datagram from the peer (without the non-ESP marker); `natt`: it came to the
+    /// NAT-T port.
+    pub fn handle(
+        &mut self,
+        raw: &[u8],
+        from: SocketAddr,
+        natt: bool,
+        now: u64,
+        rng: &dyn SecureRandom,
+    ) -> Vec<Out> {
+        let mut out = Vec::new();
+        if raw.len() > msg::MAX_MSG {
+            self.stats.fail("too_large");
+            return out;
+        }
+        let h = match msg::parse_header(raw) {
+            Ok(h) => h,
+            Err(MsgError::Version) => {
+                self.stats.fail("INVALID_MAJOR_VERSION");
+                return out;
+            }
+            Err(_) => {
+                self.stats.fail("malformed");
+                return out;
+            }
+        };
+        if from.ip() != self.cfg.remote.ip() {
+            self.stats.fail("wrong_source");
+            return out;
+        }
+        if h.exchange == exchange::IKE_SA_INIT && !h.is_response() && h.spi_r == 0 {
+            self.respond_init(&h, raw, from, natt, now, rng, &mut out);
+            return out;
+        }
+        let Some(slot) = self.slot_of(&h) else {
+            self.stats.fail("unknown_ike_spi");
+            return out;
+        };
+        let mut s = self.take_sa(slot);
+        let after = self.on_message(&mut s, &h, raw, from, natt, now, rng, &mut out);
+        match after {
+            After::Keep => match slot {
+                Slot::Current => self.ike = Some(s),
+                Slot::Other(_) => self.others.push(s),
+            },
+            After::Promote => {
+                if let Some(old) = self.ike.replace(s) {
+                    self.orphaned(&old, now);
+                }
+            }
+            After::Replaced(new) => {
+                // Work queued on the old IKE SA (a CHILD_SA rekey, a DELETE) moves over.
+                let mut new = new;
+                let moves = |t: &Task| {
+                    matches!(
+                        t,
+                        Task::RekeyChild(_) | Task::DeleteChild(_) | Task::NewChild
+                    )
+                };
+                if let (Slot::Other(_), Some(mut cur)) = (slot, self.ike.take()) {
+                    // An older IKE SA was replaced while another one was current (the peer's
+                    // new IKE SA of a rekey collision that ours won): that one waits for the
+                    // peer's DELETE too, never dropped unheard.
+                    new.queue.extend(cur.queue.drain(..).filter(moves));
+                    cur.state = State::Rekeyed;
+                    cur.rekey_at = now;
+                    self.others.push(cur);
+                }
+                new.queue.extend(s.queue.drain(..).filter(moves));
+                s.state = State::Rekeyed;
+                // From now on: when it was replaced (it goes HALF_OPEN_MS later at most).
+                s.rekey_at = now;
+                self.others.push(s);
+                self.ike = Some(*new);
+            }
+            After::Drop => {
+                self.orphaned(&s, now);
+                // The peer deleted the IKE SA it made in a rekey collision, which our answer
+                // had made current: it found its own redundant (section 2.8.2) while the
+                // answer to our request has not come (a peer that dropped our answer to its
+                // request learns late that ours is the survivor). The old IKE SA, where our
+                // request waits, is current again; the CHILD_SAs stay.
+                let reverted = slot == Slot::Current
+                    && self
+                        .ike_collision
+                        .as_ref()
+                        .is_some_and(|c| c.theirs == (s.spi_i, s.spi_r))
+                    && self.restore_collided(&mut s);
+                if slot == Slot::Current && !reverted {
+                    if !self.children.is_empty() {
+                        self.children.clear();
+                        out.push(Out::Changed);
+                    }
+                    if self.cfg.role == Role::Initiator && !self.closing {
+                        self.retry_at = Some(now + RETRY_MS * MS);
+                    }
+                }
+            }
+        }
+        if self.ensure_out(now) {
+            out.push(Out::Changed);
+        }
+        self.next_task(now, rng, &mut out);
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_message(
+        &mut self,
+        s: &mut IkeSa,
+        h: &Header,
+        raw: &[u8],
+        from: SocketAddr,
+        natt: bool,
+        now: u64,
+        rng: &dyn SecureRandom,
+        out: &mut Vec<Out>,
+    ) -> After {
+        // The I flag says who sent it: never ourselves.
+        if h.from_initiator() == s.initiator {
+            self.stats.fail("wrong_initiator_flag");
+            return After::Keep;
+        }
+        let chain = match msg::parse_chain(raw, msg::HDR_LEN, h.next) {
+            Ok(c) => c,
+            Err(_) => {
+                self.stats.fail("malformed");
+                return After::Keep;
+            }
+        };
+        if h.exchange == exchange::IKE_SA_INIT {
+            if h.is_response() && s.state == State::InitSent && s.initiator {
+                self.ike = Some(std::mem::replace(s, dummy_sa()));
+                self.init_response(now, rng, h, raw, &chain.payloads, out);
+                // init_response put the SA (or a new attempt) back in self.ike.
+                *s = match self.ike.take() {
+                    Some(x) => x,
+                    None => return After::Drop,
+                };
+                return After::Keep;
+            }
+            self.stats.fail("unexpected_message");
+            return After::Keep;
+        }
+        let Some(sk) = chain.sk else {
+            self.stats.fail("unencrypted");
+            return After::Keep;
+        };
+        if s.keys.is_none() {
+            self.stats.fail("unexpected_message");
+            return After::Keep;
+        }
+        if h.is_response() {
+            if s.flight.as_ref().map(|f| f.id) != Some(h.msg_id) {
+                self.stats.fail("unexpected_response");
+                return After::Keep;
+            }
+            let p = match msg::open_sk(raw, sk, s.peer_key()) {
+                Ok(p) => p,
+                Err(MsgError::BadIcv) => {
+                    self.stats.fail("bad_icv");
+                    return After::Keep;
+                }
+                Err(_) => {
+                    self.stats.fail("malformed");
+                    return After::Keep;
+                }
+            };
+            s.last_heard = now;
+            if natt {
+                s.peer = from;
+            }
+            let f = s.flight.take().expect("checked");
+            return self.on_response(s, f.req, &p, now, rng, out);
+        }
+        // A request.
+        let retransmit = h.msg_id.wrapping_add(1) == s.peer_next;
+        if h.msg_id != s.peer_next && !retransmit {
+            self.stats.fail("invalid_message_id");
+            return After::Keep;
+        }
+        let p = match msg::open_sk(raw, sk, s.peer_key()) {
+            Ok(p) => p,
+            Err(MsgError::BadIcv) => {
+                self.stats.fail("bad_icv");
+                return After::Keep;
+            }
+            Err(_) => {
+                self.stats.fail("malformed");
+                return After::Keep;
+            }
+        };
+        if retransmit {
+            if let Some((id, m)) = &s.cached {
+                if *id == h.msg_id {
+                    self.stats.resent_responses += 1;
+                    out.push(Out::Send {
+                        to: from,
+                        natt,
+                        msg: m.clone(),
+                    });
+                }
+            }
+            return After::Keep;
+        }
+        s.last_heard = now;
+        s.peer = from;
+        s.natt = natt;
+        s.peer_next = s.peer_next.wrapping_add(1);
+        let (payloads, after) = match h.exchange {
+            exchange::IKE_AUTH if !s.initiator && s.state == State::Authenticating => {
+                self.respond_auth(s, &p, now, rng, out)
+            }
+            exchange::CREATE_CHILD_SA if s.state == State::Established => {
+                self.respond_create(s, &p, now, rng, out)
+            }
+            // Sent before the peer learnt that this IKE SA was rekeyed (the requests crossed):
+            // its CHILD_SAs live on the new one now. Section 2.25: the peer tries again (on
+            // the new one); INVALID_SYNTAX would be a hard error to it.
+            exchange::CREATE_CHILD_SA if s.state == State::Rekeyed => {
+                self.stats.fail("rekey_collision");
+                (
+                    vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
+                    After::Keep,
+                )
+            }
+            exchange::INFORMATIONAL if s.state != State::InitSent => {
+                self.respond_info(s, &p, now, out)
+            }
+            _ => {
+                self.stats.fail("unexpected_message");
+                (
+                    vec![Payload::notify(notify::INVALID_SYNTAX, Vec::new())],
+                    After::Keep,
+                )
+            }
+        };
+        let h2 = s.header(h.exchange, h.msg_id, true);
+        let m = s.seal(h2, &payloads);
+        s.cached = Some((h.msg_id, m.clone()));
+        self.stats.responses += 1;
+        out.push(Out::Send {
+            to: s.peer,
+            natt: s.natt,
+            msg: m,
+        });
+        after
+    }
+
+    fn on_response(
+        &mut self,
+        s: &mut IkeSa,
+        req: Req,
+        p: &[Payload],
+        now: u64,
+        rng: &dyn SecureRandom,
+        out: &mut Vec<Out>,
+    ) -> After {
+        match req {
+            Req::Init { .. } => After::Keep,
+            Req::Auth { spi_in } => self.on_auth_response(s, spi_in, p, now, rng, out),
+            Req::RekeyChild {
+                old_in,
+                new_in,
+                ni,
+                share,
+            } => self.on_rekey_child_response(s, old_in, new_in, ni, share, p, now, rng, out),
+            Req::NewChild { new_in, ni, share } => {
+                self.on_new_child_response(s, new_in, ni, share, p, now, rng, out)
+            }
+            Req::DeleteChild(spi_in) => self.on_delete_child_response(spi_in, now),
+            Req::RekeyIke { spi, ni, share } => {
+                self.on_rekey_ike_response(s, spi, ni, share, p, now, rng, out)
+            }
+            Req::DeleteIke => After::Drop,
+            Req::Dpd => After::Keep,
+        }
+    }
+
+    /// A clean stop: DELETE the IKE SA (its CHILD_SAs with it, section 1.4.1), once, without
+    /// waiting for the answer.
+    pub fn close(&mut self, _now: u64) -> Vec<Out> {
+        let mut out = Vec::new();
+        self.closing = true;
+        if let Some(mut s) = self.ike.take() {
+            if s.state == State::Established {
+                let h = s.header(exchange::INFORMATIONAL, s.next_id, false);
+                let m = s.seal(
+                    h,
+                    &[Payload::Delete {
+                        protocol: proto::IKE,
+                        spis: Vec::new(),
+                    }],
+                );
+                out.push(Out::Send {
+                    to: s.peer,
+                    natt: s.natt,
+                    msg: m,
+                });
+                out.push(Out::Event(Event::IkeDown {
+                    why: "closed: DELETE sent".into(),
+                }));
+            }
+        }
+        if !self.children.is_empty() {
+            self.children.clear();
+            out.push(Out::Changed);
+        }
+        out
+    }
+}
+
+fn dummy_sa() -> IkeSa {
+    IkeSa {
+        spi_i: 0,
+        spi_r: 0,
+        initiator: false,
+        state: State::Rekeyed,
+        choice: None,
+        keys: None,
+        ni: Vec::new(),
+        nr: Vec::new(),
+        init_req: Vec::new(),
+        init_resp: Vec::new(),
+        next_id: 0,
+        flight: None,
+        peer_next: 0,
+        cached: None,
+        iv: 0,
+        peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+        natt: false,
+        created: 0,
+        rekey_at: u64::MAX,
+        last_heard: 0,
+        queue: Vec::new(),
+    }
+}
