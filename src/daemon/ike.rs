@@ -425,6 +425,7 @@ impl IkeDriver {
                     log_event(&name, &e)
                 }
                 Out::Event(Event::Failed { reason, detail }) => {
+                    let reason = reason.name();
                     if let Some(n) = self.failure_log.note(&name, &reason, Instant::now()) {
                         if n == 0 {
                             warn!(peer = name, reason, "IKE: {detail}");
@@ -540,7 +541,7 @@ impl IkeDriver {
                     requests: st.requests,
                     retransmits: st.retransmits,
                     responses: st.responses,
-                    failures: st.failures.clone().into_iter().collect(),
+                    failures: st.failures.iter().map(|(f, n)| (f.name(), *n)).collect(),
                 }
             })
             .collect()
@@ -667,7 +668,7 @@ fn log_event(peer: &str, e: &Event) {
         Event::Collision { detail } => info!(peer, detail, "IKE: rekey collision resolved"),
         Event::IkeDown { why } => warn!(peer, why, "IKE SA gone"),
         // Rate-limited by the caller (FailureLog).
-        Event::Failed { reason, detail } => warn!(peer, reason, "IKE: {detail}"),
+        Event::Failed { reason, detail } => warn!(peer, reason = %reason, "IKE: {detail}"),
     }
 }
 

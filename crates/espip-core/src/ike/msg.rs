@@ -88,6 +88,8 @@ pub mod notify {
     pub const INVALID_KE_PAYLOAD: u16 = 17;
     /// Error: the AUTH payload did not verify, or the identity is not allowed.
     pub const AUTHENTICATION_FAILED: u16 = 24;
+    /// Error: the responder takes no more CHILD_SAs on this IKE SA.
+    pub const NO_ADDITIONAL_SAS: u16 = 35;
     /// Error: the traffic selectors are not acceptable.
     pub const TS_UNACCEPTABLE: u16 = 38;
     /// Error: try again later (a rekey collision).
@@ -122,13 +124,14 @@ pub mod notify {
             INVALID_KE_PAYLOAD => "INVALID_KE_PAYLOAD".into(),
             AUTHENTICATION_FAILED => "AUTHENTICATION_FAILED".into(),
             34 => "SINGLE_PAIR_REQUIRED".into(),
-            35 => "NO_ADDITIONAL_SAS".into(),
+            NO_ADDITIONAL_SAS => "NO_ADDITIONAL_SAS".into(),
             36 => "INTERNAL_ADDRESS_FAILURE".into(),
             37 => "FAILED_CP_REQUIRED".into(),
             TS_UNACCEPTABLE => "TS_UNACCEPTABLE".into(),
             39 => "INVALID_SELECTORS".into(),
             TEMPORARY_FAILURE => "TEMPORARY_FAILURE".into(),
             CHILD_SA_NOT_FOUND => "CHILD_SA_NOT_FOUND".into(),
+            COOKIE => "COOKIE".into(),
             t => format!("notify type {t}"),
         }
     }

@@ -132,7 +132,7 @@ impl Engine {
         if let Err(why) = self.verify_auth(s, p, true) {
             self.fail(
                 out,
-                "AUTHENTICATION_FAILED",
+                Failure::Notify(notify::AUTHENTICATION_FAILED),
                 format!("peer {} ({}): {why}", self.cfg.name, s.peer.ip()),
             );
             return (
@@ -201,7 +201,7 @@ impl Engine {
         let Some(choice) = proposal::choose_esp(offered, &self.cfg.esp, pfs) else {
             self.fail(
                 out,
-                "NO_PROPOSAL_CHOSEN",
+                Failure::Notify(notify::NO_PROPOSAL_CHOSEN),
                 format!(
                     "peer {} offered no ESP proposal we accept (ours: {})",
                     self.cfg.name,
@@ -221,7 +221,7 @@ impl Engine {
         if ni.is_empty() || nr.is_empty() {
             self.fail(
                 out,
-                "TS_UNACCEPTABLE",
+                Failure::Notify(notify::TS_UNACCEPTABLE),
                 format!(
                     "peer {} proposed {} but allowed_ips is {} and our side is {}",
                     self.cfg.name,
@@ -250,7 +250,7 @@ impl Engine {
         {
             self.fail(
                 out,
-                &notify::name(e),
+                Failure::Notify(e),
                 format!(
                     "peer {} refused IKE_AUTH (check psk_file and the identities)",
                     self.cfg.name
@@ -262,7 +262,7 @@ impl Engine {
         if let Err(why) = self.verify_auth(s, p, false) {
             self.fail(
                 out,
-                "AUTHENTICATION_FAILED",
+                Failure::Notify(notify::AUTHENTICATION_FAILED),
                 format!("peer {} ({}): {why}", self.cfg.name, s.peer.ip()),
             );
             // The responder thinks the IKE SA is up: tell it, in a separate
@@ -286,7 +286,7 @@ impl Engine {
         if let Some(e) = error_notify(p) {
             self.fail(
                 out,
-                &notify::name(e),
+                Failure::Notify(e),
                 format!("peer {} refused the CHILD_SA", self.cfg.name),
             );
             // No traffic without a child: close and try again later.
@@ -312,7 +312,7 @@ impl Engine {
         let Some(choice) = proposal::accept_esp(&sa, &self.cfg.esp, None) else {
             self.fail(
                 out,
-                "NO_PROPOSAL_CHOSEN",
+                Failure::Notify(notify::NO_PROPOSAL_CHOSEN),
                 "the responder's ESP proposal is not one we offered".into(),
             );
             self.retry_at = Some(now + RETRY_MS * MS);

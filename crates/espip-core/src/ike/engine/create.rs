@@ -76,7 +76,7 @@ impl Engine {
                 s.flight.as_ref().map(|f| &f.req),
                 Some(Req::RekeyChild { .. } | Req::NewChild { .. } | Req::DeleteChild(_))
             ) {
-                self.stats.fail("rekey_collision");
+                self.stats.fail(Failure::RekeyCollision);
                 return (
                     vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
                     After::Keep,
@@ -91,7 +91,7 @@ impl Engine {
             let Some(choice) = proposal::choose_ike(&offered, &self.cfg.ike) else {
                 self.fail(
                     out,
-                    "NO_PROPOSAL_CHOSEN",
+                    Failure::Notify(notify::NO_PROPOSAL_CHOSEN),
                     format!("IKE rekey by {}", self.cfg.name),
                 );
                 return (
@@ -171,7 +171,7 @@ impl Engine {
         let old_idx = match &rekey_spi {
             None => {
                 if self.has_active_child() {
-                    self.stats.fail("NO_ADDITIONAL_SAS");
+                    self.stats.fail(Failure::Notify(notify::NO_ADDITIONAL_SAS));
                     return (vec![Payload::notify(35, Vec::new())], After::Keep);
                 }
                 None
@@ -193,7 +193,7 @@ impl Engine {
                     {
                         // Section 2.25: one we are closing (replaced by our own rekey,
                         // or deleted): the peer may try again.
-                        self.stats.fail("rekey_collision");
+                        self.stats.fail(Failure::RekeyCollision);
                         return (
                             vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
                             After::Keep,
@@ -201,7 +201,7 @@ impl Engine {
                     }
                     self.fail(
                         out,
-                        "CHILD_SA_NOT_FOUND",
+                        Failure::Notify(notify::CHILD_SA_NOT_FOUND),
                         format!("rekey of SPI {old_out:08x?} by {}", self.cfg.name),
                     );
                     return (
@@ -239,7 +239,7 @@ impl Engine {
         if matches!(flight, Some(Req::RekeyIke { .. }))
             || (old_idx.is_none() && s.initiator && matches!(flight, Some(Req::NewChild { .. })))
         {
-            self.stats.fail("rekey_collision");
+            self.stats.fail(Failure::RekeyCollision);
             return (
                 vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
                 After::Keep,
@@ -509,10 +509,10 @@ impl Engine {
         new_in: u32,
         ni: &[u8],
         share: Option<KeyShare>,
-    ) -> Result<Answered, (String, String)> {
+    ) -> Result<Answered, (Failure, String)> {
         if let Some(e) = error_notify(p) {
             return Err((
-                notify::name(e),
+                Failure::Notify(e),
                 format!("peer {} refused it", self.cfg.name),
             ));
         }
@@ -522,21 +522,21 @@ impl Engine {
         let pfs = share.as_ref().map(KeyShare::group);
         let (Some(choice), Some(nr)) = (proposal::accept_esp(&sa, &self.cfg.esp, pfs), nr) else {
             return Err((
-                "NO_PROPOSAL_CHOSEN".into(),
+                Failure::Notify(notify::NO_PROPOSAL_CHOSEN),
                 "the answer is not one of the proposals we offered".into(),
             ));
         };
         let shared = match (share, ke) {
             (Some(sh), Some(k)) => Some(sh.agree(&k).map_err(|_| {
                 (
-                    "INVALID_SYNTAX".to_string(),
+                    Failure::Notify(notify::INVALID_SYNTAX),
                     "a bad KE in the answer".to_string(),
                 )
             })?),
             (None, _) => None,
             (Some(_), None) => {
                 return Err((
-                    "INVALID_SYNTAX".into(),
+                    Failure::Notify(notify::INVALID_SYNTAX),
                     "no KE in the answer to a PFS proposal".into(),
                 ))
             }
@@ -605,24 +605,24 @@ impl Engine {
             Err((reason, detail)) => {
                 // Had we answered the peer's rekey of it, the peer's stays.
                 self.child_collision.take_if(|c| c.old_in == old_in);
-                if reason == "CHILD_SA_NOT_FOUND" {
+                if reason == Failure::Notify(notify::CHILD_SA_NOT_FOUND) {
                     // The peer holds no such SA any more (section 2.25: it deleted
                     // it, and its DELETE crossed our request or was lost): sending
                     // on it loses every packet. As for the peer's DELETE: gone now,
                     // a CHILD_SA the peer made in its place carries our traffic, and
                     // with none left a new one is made without waiting.
-                    self.fail(out, &reason, format!("CHILD_SA rekey: {detail}"));
+                    self.fail(out, reason, format!("CHILD_SA rekey: {detail}"));
                     self.peer_lost_child(old_in, now, out);
                     return After::Keep;
                 }
-                let (delay, spread) = if reason == "TEMPORARY_FAILURE" {
+                let (delay, spread) = if reason == Failure::Notify(notify::TEMPORARY_FAILURE) {
                     // A collision (section 2.25: the peer is rekeying the IKE SA, or
                     // closing this CHILD_SA): tried again soon, at a random moment so
                     // that two sides do not collide again.
-                    self.stats.fail("rekey_collision");
+                    self.stats.fail(Failure::RekeyCollision);
                     (100, 400)
                 } else {
-                    self.fail(out, &reason, format!("CHILD_SA rekey: {detail}"));
+                    self.fail(out, reason, format!("CHILD_SA rekey: {detail}"));
                     (10_000, 2_000)
                 };
                 if let Some(c) = self.children.iter_mut().find(|c| c.keys.spi_in == old_in) {
@@ -725,7 +725,7 @@ impl Engine {
     ) -> After {
         match self.child_from_answer(s, p, new_in, &ni, share) {
             Err((reason, detail)) => {
-                self.fail(out, &reason, format!("new CHILD_SA: {detail}"));
+                self.fail(out, reason, format!("new CHILD_SA: {detail}"));
                 self.new_child_at = now + 10_000 * MS + jitter(rng, 2_000);
             }
             Ok((ck, choice, ts, _)) => self.install_child(ck, &choice, ts, None, now, rng, out),
@@ -748,11 +748,11 @@ impl Engine {
     ) -> After {
         if let Some(e) = error_notify(p) {
             if e == notify::TEMPORARY_FAILURE {
-                self.stats.fail("rekey_collision");
+                self.stats.fail(Failure::RekeyCollision);
             } else {
                 self.fail(
                     out,
-                    &notify::name(e),
+                    Failure::Notify(e),
                     format!("peer {} refused the IKE SA rekey", self.cfg.name),
                 );
             }
@@ -777,7 +777,7 @@ impl Engine {
         let (Some(choice), Some(nr), Some(ke), Some(spi_r)) = (choice, nr, ke, peer_spi) else {
             self.fail(
                 out,
-                "NO_PROPOSAL_CHOSEN",
+                Failure::Notify(notify::NO_PROPOSAL_CHOSEN),
                 "the IKE rekey answer is not one we offered".into(),
             );
             s.rekey_at = now + 10_000 * MS;
@@ -786,7 +786,7 @@ impl Engine {
         let Ok(shared) = share.agree(&ke) else {
             self.fail(
                 out,
-                "INVALID_SYNTAX",
+                Failure::Notify(notify::INVALID_SYNTAX),
                 "bad KE in the IKE rekey answer".into(),
             );
             s.rekey_at = now + 10_000 * MS;

@@ -17,7 +17,7 @@ impl Engine {
         if find_notify(p, notify::AUTHENTICATION_FAILED).is_some() {
             self.fail(
                 out,
-                "AUTHENTICATION_FAILED",
+                Failure::Notify(notify::AUTHENTICATION_FAILED),
                 format!(
                     "peer {} refused our authentication: its remote_id must be our local_id ({}) and both psk_files the same key",
                     self.cfg.name,

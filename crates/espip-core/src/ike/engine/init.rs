@@ -186,7 +186,7 @@ impl Engine {
             if had || cookie.is_empty() || cookie.len() > 64 {
                 self.fail(
                     out,
-                    "COOKIE",
+                    Failure::Notify(notify::COOKIE),
                     format!("peer {} keeps asking for a cookie", self.cfg.name),
                 );
                 self.retry_at = Some(now + RETRY_MS * MS);
@@ -218,7 +218,7 @@ impl Engine {
             let ok = g.filter(|g| self.cfg.ike.iter().any(|x| x.groups.contains(g)));
             self.fail(
                 out,
-                "INVALID_KE_PAYLOAD",
+                Failure::Notify(notify::INVALID_KE_PAYLOAD),
                 format!(
                     "peer {} wants group {:?}; retrying with it",
                     self.cfg.name, g
@@ -237,7 +237,7 @@ impl Engine {
         if let Some(e) = error_notify(p) {
             self.fail(
                 out,
-                &notify::name(e),
+                Failure::Notify(e),
                 format!("peer {} refused IKE_SA_INIT", self.cfg.name),
             );
             self.retry_at = Some(now + RETRY_MS * MS);
@@ -247,7 +247,7 @@ impl Engine {
         let Some(choice) = proposal::accept_ike(&sa, &self.cfg.ike) else {
             self.fail(
                 out,
-                "NO_PROPOSAL_CHOSEN",
+                Failure::Notify(notify::NO_PROPOSAL_CHOSEN),
                 "the responder's IKE proposal is not one we offered".into(),
             );
             self.retry_at = Some(now + RETRY_MS * MS);
@@ -259,7 +259,7 @@ impl Engine {
         ) else {
             self.fail(
                 out,
-                "INVALID_SYNTAX",
+                Failure::Notify(notify::INVALID_SYNTAX),
                 "IKE_SA_INIT response without KE or nonce".into(),
             );
             self.retry_at = Some(now + RETRY_MS * MS);
@@ -268,14 +268,18 @@ impl Engine {
         if g != share.group().id() || choice.group != share.group() {
             self.fail(
                 out,
-                "INVALID_SYNTAX",
+                Failure::Notify(notify::INVALID_SYNTAX),
                 "KE group differs from the chosen one".into(),
             );
             self.retry_at = Some(now + RETRY_MS * MS);
             return;
         }
         let Ok(shared) = share.agree(&ke) else {
-            self.fail(out, "INVALID_SYNTAX", "bad KE public value".into());
+            self.fail(
+                out,
+                Failure::Notify(notify::INVALID_SYNTAX),
+                "bad KE public value".into(),
+            );
             self.retry_at = Some(now + RETRY_MS * MS);
             return;
         };
@@ -305,7 +309,7 @@ impl Engine {
             // ESP as IP protocol 50 does not cross a NAT (no ports to map).
             self.fail(
                 out,
-                "NAT_DETECTED",
+                Failure::NatDetected,
                 format!(
                     "a NAT between {} and {} (the NAT detection hashes differ): ESP as IP protocol 50 cannot cross it; use mode = \"esp-udp\" for peer {}",
                     me.ip(),
@@ -384,7 +388,7 @@ impl Engine {
         let chain = match msg::parse_chain(raw, msg::HDR_LEN, h.next) {
             Ok(c) if c.sk.is_none() => c,
             _ => {
-                self.stats.fail("malformed");
+                self.stats.fail(Failure::Malformed);
                 return;
             }
         };
@@ -408,7 +412,7 @@ impl Engine {
             take!(p, Payload::Ke { group, data } => (*group, data.clone())),
             take!(p, Payload::Nonce(n) => n.clone()),
         ) else {
-            self.stats.fail("INVALID_SYNTAX");
+            self.stats.fail(Failure::Notify(notify::INVALID_SYNTAX));
             out.push(Out::Send {
                 to: from,
                 natt,
@@ -435,7 +439,7 @@ impl Engine {
             };
             if !given.is_some_and(|g| self.cookie_valid(now, g, &ni, from.ip(), h.spi_i)) {
                 let want = self.cookie(rng, now, &ni, from.ip(), h.spi_i);
-                self.stats.fail("cookie_required");
+                self.stats.fail(Failure::CookieRequired);
                 out.push(Out::Send {
                     to: from,
                     natt,
@@ -465,7 +469,7 @@ impl Engine {
                         Some(i)
                     }
                     _ => {
-                        self.stats.fail("half_open_full");
+                        self.stats.fail(Failure::HalfOpenFull);
                         return;
                     }
                 }
@@ -474,7 +478,7 @@ impl Engine {
         let Some(choice) = proposal::choose_ike(&offered, &self.cfg.ike) else {
             self.fail(
                 out,
-                "NO_PROPOSAL_CHOSEN",
+                Failure::Notify(notify::NO_PROPOSAL_CHOSEN),
                 format!(
                     "peer {} offered no IKE proposal we accept (ours: {})",
                     self.cfg.name,
@@ -494,7 +498,7 @@ impl Engine {
             return;
         };
         if g != choice.group.id() {
-            self.stats.fail("INVALID_KE_PAYLOAD");
+            self.stats.fail(Failure::Notify(notify::INVALID_KE_PAYLOAD));
             out.push(Out::Send {
                 to: from,
                 natt,
@@ -509,7 +513,7 @@ impl Engine {
         // key generation's hundreds): not a point of the group, no answer, and it counts
         // towards the cookie threshold.
         if !point::valid_public(choice.group, &ke) {
-            self.stats.fail("invalid_key_share");
+            self.stats.fail(Failure::InvalidKeyShare);
             self.note_invalid_init(now);
             return;
         }
@@ -518,7 +522,7 @@ impl Engine {
         };
         let kr = share.public.clone();
         let Ok(shared) = share.agree(&ke) else {
-            self.stats.fail("invalid_key_share");
+            self.stats.fail(Failure::InvalidKeyShare);
             self.note_invalid_init(now);
             return;
         };
@@ -566,7 +570,7 @@ impl Engine {
         // At most a few half-open SAs per peer: the oldest goes, once it had its time.
         if let Some(i) = evict {
             self.others.remove(i);
-            self.stats.fail("half_open_evicted");
+            self.stats.fail(Failure::HalfOpenEvicted);
         }
         self.others.push(IkeSa {
             spi_i: h.spi_i,

@@ -203,8 +203,8 @@ pub enum Event {
     },
     /// An exchange failed.
     Failed {
-        /// The notify (error type) sent or received, by RFC name, or another reason.
-        reason: String,
+        /// The notify (error type) sent or received, or another reason.
+        reason: Failure,
         /// Detail for the log.
         detail: String,
     },
@@ -228,15 +228,15 @@ pub struct IkeStats {
     /// IKE SAs established.
     pub established: u64,
     /// Failures and drops by reason.
-    pub failures: BTreeMap<String, u64>,
+    pub failures: BTreeMap<Failure, u64>,
     /// IKE SA keys derived (any IKE SA, half-open and failed ones too): when this moves, the
     /// edge has new keys to export for Wireshark.
     pub ike_keys_made: u64,
 }
 
 impl IkeStats {
-    fn fail(&mut self, r: &str) {
-        *self.failures.entry(r.to_string()).or_default() += 1;
+    fn fail(&mut self, r: Failure) {
+        *self.failures.entry(r).or_default() += 1;
     }
 }
 
@@ -534,6 +534,8 @@ macro_rules! take {
 
 // The exchanges, one module each (after `take!`, which they use).
 mod auth;
+mod failure;
+pub use failure::{count as failure_count, Failure};
 mod create;
 mod info;
 mod init;
@@ -780,12 +782,9 @@ impl Engine {
         }
     }
 
-    fn fail(&mut self, out: &mut Vec<Out>, reason: &str, detail: String) {
+    fn fail(&mut self, out: &mut Vec<Out>, reason: Failure, detail: String) {
         self.stats.fail(reason);
-        out.push(Out::Event(Event::Failed {
-            reason: reason.to_string(),
-            detail,
-        }));
+        out.push(Out::Event(Event::Failed { reason, detail }));
     }
 
     // ------------------------------------------------------------------ timers
@@ -864,22 +863,23 @@ impl Engine {
     ) -> Vec<Out> {
         let mut out = Vec::new();
         if raw.len() > msg::MAX_MSG {
-            self.stats.fail("too_large");
+            self.stats.fail(Failure::TooLarge);
             return out;
         }
         let h = match msg::parse_header(raw) {
             Ok(h) => h,
             Err(MsgError::Version) => {
-                self.stats.fail("INVALID_MAJOR_VERSION");
+                self.stats
+                    .fail(Failure::Notify(notify::INVALID_MAJOR_VERSION));
                 return out;
             }
             Err(_) => {
-                self.stats.fail("malformed");
+                self.stats.fail(Failure::Malformed);
                 return out;
             }
         };
         if from.ip() != self.cfg.remote.ip() {
-            self.stats.fail("wrong_source");
+            self.stats.fail(Failure::WrongSource);
             return out;
         }
         if h.exchange == exchange::IKE_SA_INIT && !h.is_response() && h.spi_r == 0 {
@@ -887,7 +887,7 @@ impl Engine {
             return out;
         }
         let Some(slot) = self.slot_of(&h) else {
-            self.stats.fail("unknown_ike_spi");
+            self.stats.fail(Failure::UnknownIkeSpi);
             return out;
         };
         let mut s = self.take_sa(slot);
@@ -972,13 +972,13 @@ impl Engine {
     ) -> After {
         // The I flag says who sent it: never ourselves.
         if h.from_initiator() == s.initiator {
-            self.stats.fail("wrong_initiator_flag");
+            self.stats.fail(Failure::WrongInitiatorFlag);
             return After::Keep;
         }
         let chain = match msg::parse_chain(raw, msg::HDR_LEN, h.next) {
             Ok(c) => c,
             Err(_) => {
-                self.stats.fail("malformed");
+                self.stats.fail(Failure::Malformed);
                 return After::Keep;
             }
         };
@@ -993,30 +993,30 @@ impl Engine {
                 };
                 return After::Keep;
             }
-            self.stats.fail("unexpected_message");
+            self.stats.fail(Failure::UnexpectedMessage);
             return After::Keep;
         }
         let Some(sk) = chain.sk else {
-            self.stats.fail("unencrypted");
+            self.stats.fail(Failure::Unencrypted);
             return After::Keep;
         };
         if s.keys.is_none() {
-            self.stats.fail("unexpected_message");
+            self.stats.fail(Failure::UnexpectedMessage);
             return After::Keep;
         }
         if h.is_response() {
             if s.flight.as_ref().map(|f| f.id) != Some(h.msg_id) {
-                self.stats.fail("unexpected_response");
+                self.stats.fail(Failure::UnexpectedResponse);
                 return After::Keep;
             }
             let p = match msg::open_sk(raw, sk, s.peer_key()) {
                 Ok(p) => p,
                 Err(MsgError::BadIcv) => {
-                    self.stats.fail("bad_icv");
+                    self.stats.fail(Failure::BadIcv);
                     return After::Keep;
                 }
                 Err(_) => {
-                    self.stats.fail("malformed");
+                    self.stats.fail(Failure::Malformed);
                     return After::Keep;
                 }
             };
@@ -1030,17 +1030,17 @@ impl Engine {
         // A request.
         let retransmit = h.msg_id.wrapping_add(1) == s.peer_next;
         if h.msg_id != s.peer_next && !retransmit {
-            self.stats.fail("invalid_message_id");
+            self.stats.fail(Failure::InvalidMessageId);
             return After::Keep;
         }
         let p = match msg::open_sk(raw, sk, s.peer_key()) {
             Ok(p) => p,
             Err(MsgError::BadIcv) => {
-                self.stats.fail("bad_icv");
+                self.stats.fail(Failure::BadIcv);
                 return After::Keep;
             }
             Err(_) => {
-                self.stats.fail("malformed");
+                self.stats.fail(Failure::Malformed);
                 return After::Keep;
             }
         };
@@ -1072,7 +1072,7 @@ impl Engine {
             // its CHILD_SAs live on the new one now. Section 2.25: the peer tries again (on
             // the new one); INVALID_SYNTAX would be a hard error to it.
             exchange::CREATE_CHILD_SA if s.state == State::Rekeyed => {
-                self.stats.fail("rekey_collision");
+                self.stats.fail(Failure::RekeyCollision);
                 (
                     vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
                     After::Keep,
@@ -1082,7 +1082,7 @@ impl Engine {
                 self.respond_info(s, &p, now, out)
             }
             _ => {
-                self.stats.fail("unexpected_message");
+                self.stats.fail(Failure::UnexpectedMessage);
                 (
                     vec![Payload::notify(notify::INVALID_SYNTAX, Vec::new())],
                     After::Keep,

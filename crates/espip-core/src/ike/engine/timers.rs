@@ -109,7 +109,7 @@ impl Engine {
                 self.cfg.remote.ip(),
                 self.cfg.retransmit_tries
             );
-            self.teardown(now, &mut out, "peer_dead", detail);
+            self.teardown(now, &mut out, Failure::PeerDead, detail);
             return out;
         }
         // CHILD_SAs due for a rekey that no queue or flight holds: a rekey whose request was
@@ -324,7 +324,13 @@ impl Engine {
     }
 
     /// Remove the IKE SA and its children; an initiator tries again later.
-    pub(super) fn teardown(&mut self, now: u64, out: &mut Vec<Out>, reason: &str, detail: String) {
+    pub(super) fn teardown(
+        &mut self,
+        now: u64,
+        out: &mut Vec<Out>,
+        reason: Failure,
+        detail: String,
+    ) {
         if self.ike.take().is_some() {
             self.stats.fail(reason);
             out.push(Out::Event(Event::IkeDown {
