@@ -21,8 +21,13 @@ use tracing::{info, warn};
 
 /// IKE's UDP port.
 pub const IKE_PORT: u16 = 500;
-/// How often the engines' timers run.
+/// How soon a waiting status refresh is made.
 pub(super) const IKE_TICK: std::time::Duration = std::time::Duration::from_millis(50);
+/// The engines' timers run when their `poll_timeout` says, but not more often than this
+/// (work queued behind an unanswered request waits for the answer, not for a timer)...
+const TICK_MIN: std::time::Duration = std::time::Duration::from_millis(5);
+/// ...and at least this often (the peers' received-packet counters feed dead peer detection).
+const TICK_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 /// First retransmission timeout; doubled on each of [`RETRANSMIT_TRIES`] tries (about 15 s
 /// in all before a peer counts as dead).
 const RETRANSMIT_MS: u64 = 500;
@@ -316,6 +321,25 @@ impl IkeDriver {
         };
         let outs = self.peers[i].engine.handle(msg, from, natt, now, &self.rng);
         self.perform(i, outs, reloader).await;
+    }
+
+    /// When [`IkeDriver::tick`] is next due: the earliest of the engines' `poll_timeout`s,
+    /// at least [`TICK_MIN`] and at most [`TICK_MAX`] from now (the status snapshot and the
+    /// liveness bookkeeping follow at that pace; a refresh that is waiting, within
+    /// [`IKE_TICK`]).
+    pub(super) fn next_deadline(&self) -> tokio::time::Instant {
+        let now = self.now();
+        let mut wait = if self.status_dirty {
+            IKE_TICK
+        } else {
+            TICK_MAX
+        };
+        for p in &self.peers {
+            if let Some(t) = p.engine.poll_timeout() {
+                wait = wait.min(std::time::Duration::from_nanos(t.saturating_sub(now)));
+            }
+        }
+        tokio::time::Instant::now() + wait.max(TICK_MIN)
     }
 
     /// Timers: retransmissions, rekeys, liveness, reconnects.

@@ -2,7 +2,7 @@
 //! metrics endpoint answer from atomics; once a second the peers' silence and the SA
 //! lifetimes are checked.
 
-use super::ike::{IkeDriver, NattDatagram, IKE_TICK};
+use super::ike::{IkeDriver, NattDatagram};
 use super::reload::Reloader;
 use super::seq::{extend_reservations, RESERVATION_TICK};
 use super::workers::Ended;
@@ -90,7 +90,6 @@ pub(super) fn serve(
         let mut warn_state = RateLimit::default();
         let mut silence = Silence::default();
         let mut lifetimes = LifetimeWatch::default();
-        let mut ike_tick = tokio::time::interval(IKE_TICK);
         let stop = loop {
             tokio::select! {
                 _ = term.recv() => break Stop::Signal("SIGTERM"),
@@ -117,7 +116,13 @@ pub(super) fn serve(
                         d.handle(&msg, from, true, &mut reloader).await;
                     }
                 }
-                _ = ike_tick.tick(), if ike.is_some() => {
+                // The engines' next timer (their poll_timeout), not a fixed interval.
+                _ = async {
+                    match &ike {
+                        Some(d) => tokio::time::sleep_until(d.next_deadline()).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
                     if let Some(d) = ike.as_mut() {
                         d.tick(&mut reloader).await;
                     }

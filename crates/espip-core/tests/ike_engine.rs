@@ -82,6 +82,9 @@ struct Pair {
     drop_answers_of_b: usize,
     /// Requests of this side to drop, as a lost DELETE.
     drop_requests_of: Option<char>,
+    /// Ticks that did work before the side's `poll_timeout` said anything was due (an edge
+    /// that sleeps until then would have been late): must stay empty.
+    poll_misses: Vec<String>,
 }
 
 /// Whether an IKE message (with or without the non-ESP marker) is a response.
@@ -138,6 +141,7 @@ impl Pair {
             drop_answers_of_a: 0,
             drop_answers_of_b: 0,
             drop_requests_of: None,
+            poll_misses: Vec::new(),
         }
     }
 
@@ -222,10 +226,30 @@ impl Pair {
     fn run(&mut self, ms: u64) {
         let end = self.now + ms * MS;
         while self.now < end {
-            let o = self.a.tick(self.now, &self.rng);
-            self.absorb('a', o);
-            let o = self.b.tick(self.now, &self.rng);
-            self.absorb('b', o);
+            for side in ['a', 'b'] {
+                let e = if side == 'a' {
+                    &mut self.a
+                } else {
+                    &mut self.b
+                };
+                let due = e.poll_timeout();
+                let o = e.tick(self.now, &self.rng);
+                if !o.is_empty() && due.map_or(true, |d| self.now < d) {
+                    self.poll_misses.push(format!(
+                        "{side} at {} ms: poll_timeout {:?} ms, tick gave {:?}",
+                        self.now / MS,
+                        due.map(|d| d / MS),
+                        o.iter()
+                            .map(|x| match x {
+                                Out::Send { msg, .. } => describe(msg),
+                                Out::Changed => "Changed".into(),
+                                Out::Event(e) => format!("{e:?}"),
+                            })
+                            .collect::<Vec<_>>()
+                    ));
+                }
+                self.absorb(side, o);
+            }
             while !self.wire.is_empty() {
                 let (to, from, natt, m) = self.wire.remove(0);
                 let o = if to == 'a' {
@@ -237,6 +261,11 @@ impl Pair {
             }
             self.now += 10 * MS;
         }
+        assert!(
+            self.poll_misses.is_empty(),
+            "tick did work before poll_timeout was due:\n{}",
+            self.poll_misses.join("\n")
+        );
     }
 
     /// The events and messages of both sides since `since_ms`, one per line with the time,

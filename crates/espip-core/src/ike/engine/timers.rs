@@ -346,3 +346,79 @@ impl Engine {
         }
     }
 }
+
+impl Engine {
+    /// When [`Engine::tick`] next has something to do (the engine's clock, ns): the earliest
+    /// retransmission, rekey, hard lifetime, grace end, pending switch, half-open expiry,
+    /// liveness check or reconnect; `Some(0)` when work is queued now; `None` when nothing is
+    /// scheduled (a responder without SAs). The edge sleeps until then, as quinn-proto's
+    /// `poll_timeout` lets its edge do, instead of waking on a fixed interval. Calling `tick`
+    /// earlier is harmless; calling it later only makes those things late.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let mut due: Option<u64> = None;
+        let mut at = |t: u64| due = Some(due.map_or(t, |d| d.min(t)));
+        for c in &self.children {
+            if let Some(u) = c.until {
+                at(u);
+            }
+            if c.expire_at != 0 {
+                at(c.expire_at);
+            }
+            if !c.replaced && c.until.is_none() && c.out {
+                at(c.rekey_at);
+            }
+            if let Some(t) = c.pending_since {
+                at(t + SWITCH_WAIT_MS * MS);
+                // unconfirmed_survivors: half of the old SA's remaining life.
+                if let Some(o) = c.awaits_delete_of.and_then(|old| {
+                    self.children
+                        .iter()
+                        .find(|o| o.keys.spi_in == old && o.expire_at != 0)
+                }) {
+                    at(t + o.expire_at.saturating_sub(t) / 2);
+                }
+            }
+        }
+        for s in &self.others {
+            // (`tick` forgets them once strictly past these.)
+            match s.state {
+                State::Authenticating => at(s.created + HALF_OPEN_MS * MS + 1),
+                State::Rekeyed => at(s.rekey_at.saturating_add(HALF_OPEN_MS * MS + 1)),
+                _ => {}
+            }
+            if let Some(f) = &s.flight {
+                at(f.next_at);
+            }
+        }
+        let Some(s) = self.ike.as_ref() else {
+            if !self.closing {
+                if let Some(t) = self.retry_at {
+                    at(t);
+                }
+            }
+            return due;
+        };
+        if let Some(f) = &s.flight {
+            at(f.next_at);
+        }
+        if s.state == State::Established {
+            if !self.deferred.is_empty() || (s.flight.is_none() && !s.queue.is_empty()) {
+                at(0);
+            }
+            if self.cfg.ike_rekey_ms > 0 && s.rekey_at != u64::MAX {
+                at(s.rekey_at);
+            }
+            let active = self
+                .children
+                .iter()
+                .any(|c| c.until.is_none() && !c.replaced);
+            if (s.initiator || self.remake_child) && !active {
+                at(self.new_child_at);
+            }
+            if self.cfg.dpd_ms > 0 && s.flight.is_none() {
+                at(s.last_heard + self.cfg.dpd_ms * MS);
+            }
+        }
+        due
+    }
+}
