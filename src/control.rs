@@ -1111,6 +1111,7 @@ fn path_status(m: &crate::multipath::Multipath) -> crate::status::MultipathStatu
                     capacity_bps: s.capacity.load(Relaxed) as f64 * 8.0,
                     tx_packets: s.tx_packets.load(Relaxed),
                     tx_bytes: s.tx_bytes.load(Relaxed),
+                    send_refused: s.send_refused.load(Relaxed),
                     rx_packets: s.rx_packets.load(Relaxed),
                     rx_bytes: s.rx_bytes.load(Relaxed),
                     peer_rx_bytes: s.peer_rx_bytes.load(Relaxed),

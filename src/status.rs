@@ -189,6 +189,10 @@ pub struct PathStatus {
     pub tx_packets: u64,
     /// Inner bytes sent on the path.
     pub tx_bytes: u64,
+    /// Of the packets sent, those the kernel refused to send (no route to the path's endpoint,
+    /// a source address the host does not have): they never left.
+    #[serde(default)]
+    pub send_refused: u64,
     /// Packets received on the path.
     pub rx_packets: u64,
     /// Inner bytes received on the path.
@@ -385,6 +389,13 @@ impl Status {
                         bytes(x.rx_bytes),
                         x.rx_packets
                     );
+                    if x.send_refused > 0 {
+                        let _ = writeln!(
+                            s,
+                            "    the kernel refused {} of the packets sent on path {} (see the log's \"sending packets failed\")",
+                            x.send_refused, x.name
+                        );
+                    }
                 }
             }
         }
@@ -777,7 +788,7 @@ impl Status {
     /// The per-path families of multipath peers.
     fn path_metrics(&self, m: &mut Metrics) {
         type Field = fn(&PathStatus) -> Option<f64>;
-        let families: [(&str, &str, &str, Field); 9] = [
+        let families: [(&str, &str, &str, Field); 10] = [
             (
                 "espip_path_up",
                 "gauge",
@@ -819,6 +830,12 @@ impl Status {
                 "counter",
                 "Times the path went quiet: late by a probe interval and a half while another path answered, so left out of the schedule before it is found down.",
                 |x| Some(x.quiet_count as f64),
+            ),
+            (
+                "espip_path_send_refused_total",
+                "counter",
+                "Outer packets for the path that the kernel refused to send (no route, a source the host does not have).",
+                |x| Some(x.send_refused as f64),
             ),
             (
                 "espip_path_tx_bytes_total",

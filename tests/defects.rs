@@ -559,3 +559,83 @@ fn show_from_the_host_finds_daemons_in_namespaces() {
     assert!(!err.contains("espnsx0"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Item 14: a multipath peer whose second path has no route (a `prohibit` route to its
+/// endpoint, as a path whose source the host lost would be refused): the kernel's refusals
+/// are counted against that path, not the first, and the first keeps carrying the pings. On
+/// 6c363c3 no counter said which path's packets never left.
+#[test]
+fn sends_the_kernel_refuses_are_counted_per_path() {
+    let Some(_g) = serial() else { return };
+    let (a, b) = p2p::topology("refused").unwrap();
+    let dir = std::env::temp_dir().join(format!("espip-test-refused-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
+    let dead = "192.0.2.77";
+    netns::run(a.command("ip").args(["route", "add", "prohibit", dead])).unwrap();
+    let mut daemons = Vec::new();
+    for me_a in [false, true] {
+        let host = if me_a { "a" } else { "b" };
+        let mut text = p2p::config_text(
+            LabMode::Esp(Cipher::Aes128Gcm),
+            me_a,
+            Some(&keys),
+            false,
+            &dir.join(format!("state-{host}")),
+        );
+        if me_a {
+            // Multipath refuses `interface.local`; the paths follow the peer's keys; the MTU
+            // is given (no route to the dead path's endpoint to derive it from).
+            text = text
+                .replace("[interface]\n", "[interface]\nmtu = 1400\n")
+                .lines()
+                .filter(|l| !l.starts_with("local =") && !l.starts_with("endpoint ="))
+                .map(|l| format!("{l}\n"))
+                .collect::<String>()
+                + &format!(
+                    "scheduler = \"spread\"\n[[peer.path]]\nname = \"up\"\nendpoint = \"{B_OUTER}\"\n[[peer.path]]\nname = \"gone\"\nendpoint = \"{dead}\"\n"
+                );
+        }
+        let cfg = dir.join(format!("{host}.toml"));
+        write_private(&cfg, &text);
+        let ns = if me_a { &a } else { &b };
+        daemons.push(Daemon::start(ns, &exe(), &cfg, &dir.join(format!("{host}.log"))).unwrap());
+    }
+    let ping = netns::run(
+        a.command("ping")
+            .args(["-c", "10", "-i", "0.2", "-W", "2", B_INNER]),
+    )
+    .unwrap();
+    let replies = String::from_utf8_lossy(&ping.stdout)
+        .matches("bytes from")
+        .count();
+    let st = status_at(&dir.join("state-a/control.sock"));
+    let paths = &st.peers[0]
+        .multipath
+        .as_ref()
+        .expect("a multipath peer")
+        .paths;
+    let (up, gone) = (&paths[0], &paths[1]);
+    for d in &mut daemons {
+        let _ = d.stop();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!(
+        "refused: path up {}, path gone {} (sent {}); errors.send {:?}; {replies} of 10 pings answered",
+        up.send_refused,
+        gone.send_refused,
+        gone.tx_packets,
+        st.errors.get("send")
+    );
+    assert!(gone.send_refused > 0, "{paths:?}");
+    assert_eq!(up.send_refused, 0, "{paths:?}");
+    assert!(
+        st.errors.get("send").copied().unwrap_or(0) >= gone.send_refused,
+        "{:?}",
+        st.errors
+    );
+    assert!(
+        replies >= 5,
+        "{replies} of 10 pings answered over the live path"
+    );
+}

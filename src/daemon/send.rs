@@ -8,7 +8,7 @@ use crate::datapath::{Verdict, Wire};
 use crate::sys::capture::{Recorder, Tap};
 use crate::telemetry::Generation;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Wrap the packets of a batch that are for another peer (hub relaying) and send them.
@@ -122,23 +122,24 @@ pub(super) fn send_verdicts(
             hops.get(dst)
                 .is_some_and(|h| e.packet.iter().any(|p| p.takes(h, pkt.len())))
         };
-        let result = s.send_batch(pending().filter(|&(pkt, dst)| !fast(pkt, dst)));
-        count_sent(e, want - fast_sent, result, &mut last_err);
+        s.send_batch(
+            pending().filter(|&(pkt, dst)| !fast(pkt, dst)),
+            |dst, err| {
+                refused(e, g, dst, 1);
+                last_err = Some(io::Error::new(err.kind(), format!("to {dst}: {err}")));
+            },
+        );
         e.edge.af_packet_sends.fetch_add(fast_sent as u64, Relaxed);
     }
     for u in e.udp {
         let mut items = [(&[][..], SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)); TX_BUFS];
         let mut want = 0;
         let mut flush = |items: &[(&[u8], SocketAddr)]| {
-            let sent = u.send_datagrams(items);
-            e.edge.send_errors.fetch_add(
-                (items.len() - sent.datagrams.min(items.len())) as u64,
-                Relaxed,
-            );
+            let sent = u.send_datagrams(items, |dst, n, err| {
+                refused(e, g, dst.ip(), n as u64);
+                last_err = Some(io::Error::new(err.kind(), format!("to {dst}: {err}")));
+            });
             e.edge.udp_gso_sends.fetch_add(sent.trains as u64, Relaxed);
-            if sent.error.is_some() {
-                last_err = sent.error;
-            }
         };
         for (b, w) in wires() {
             if let Wire::EspInUdp { dst } = w {
@@ -174,4 +175,11 @@ fn count_sent(e: &Edges, want: usize, result: io::Result<usize>, last_err: &mut 
             *last_err = Some(err);
         }
     }
+}
+
+/// Count `n` packets to `dst` the kernel refused: in the edge's total and, for a multipath
+/// peer, against the path with that endpoint.
+fn refused(e: &Edges, g: &Generation, dst: IpAddr, n: u64) {
+    e.edge.send_errors.fetch_add(n, Relaxed);
+    g.outbound.count_refused(dst, n);
 }

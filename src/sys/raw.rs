@@ -107,12 +107,15 @@ impl RawSocket {
     }
 
     /// Send each `(packet, destination)` (of this socket's family) with one `sendmmsg` call per
-    /// 64 packets. Returns how many the kernel took; an error is returned only when none of a
-    /// call's packets went out.
+    /// 64 packets. A packet the kernel refuses (no route, unreachable, a source the host does
+    /// not have) is handed to `refused` with its destination and the error, and the packets
+    /// after it still go; when the socket itself cannot take more (`EAGAIN`, `ENOBUFS`) the
+    /// rest of the call's packets are refused with it. Returns how many the kernel took.
     pub fn send_batch<'a>(
         &self,
         pkts: impl IntoIterator<Item = (&'a [u8], IpAddr)>,
-    ) -> io::Result<usize> {
+        mut refused: impl FnMut(IpAddr, &io::Error),
+    ) -> usize {
         const MAX: usize = 64;
         let mut pkts = pkts.into_iter().peekable();
         let mut sent = 0;
@@ -139,24 +142,42 @@ impl RawSocket {
                 hdrs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut SockAddrSlot).cast();
                 hdrs[i].msg_hdr.msg_namelen = namelen;
             }
-            // SAFETY: hdrs[..chunk.len()] point at initialised iovecs over live packet slices
-            // (only read by the kernel) and at initialised socket addresses.
-            let rc = unsafe {
-                libc::sendmmsg(
-                    self.sock.as_raw_fd(),
-                    hdrs.as_mut_ptr(),
-                    chunk.len() as u32,
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if rc < 0 {
-                return Err(io::Error::last_os_error());
+            // A short count means the kernel stopped at packet `at` (sendmmsg drops its
+            // error); the next call from there returns that error, for that packet alone.
+            let mut at = 0;
+            while at < len {
+                // SAFETY: hdrs[at..len] point at initialised iovecs over live packet slices
+                // (only read by the kernel) and at initialised socket addresses.
+                let rc = unsafe {
+                    libc::sendmmsg(
+                        self.sock.as_raw_fd(),
+                        hdrs[at..].as_mut_ptr(),
+                        (len - at) as u32,
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if rc > 0 {
+                    sent += rc as usize;
+                    at += rc as usize;
+                    continue;
+                }
+                let err = if rc < 0 {
+                    io::Error::last_os_error()
+                } else {
+                    io::Error::from(io::ErrorKind::WouldBlock)
+                };
+                let socket_full = matches!(
+                    err.raw_os_error(),
+                    Some(libc::EAGAIN | libc::ENOBUFS) | None
+                );
+                let end = if socket_full { len } else { at + 1 };
+                for (_, dst) in &chunk[at..end] {
+                    refused(*dst, &err);
+                }
+                at = end;
             }
-            // A short count means the kernel refused packet `rc` (it reports the error on
-            // the next call); the rest of this chunk is dropped rather than retried.
-            sent += rc as usize;
         }
-        Ok(sent)
+        sent
     }
 }
 

@@ -214,7 +214,11 @@ impl UdpEncapSocket {
     /// Send datagrams `(payload, destination)` in order: runs of one size to one destination
     /// as one GSO message each, all messages with as few `sendmmsg` calls as the kernel allows.
     /// At most [`MAX_DATAGRAMS`] per call.
-    pub fn send_datagrams(&self, items: &[(&[u8], SocketAddr)]) -> Sent {
+    pub fn send_datagrams(
+        &self,
+        items: &[(&[u8], SocketAddr)],
+        mut refused: impl FnMut(SocketAddr, usize, &io::Error),
+    ) -> Sent {
         let items = &items[..items.len().min(MAX_DATAGRAMS)];
         let mut shape = [(0usize, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)); MAX_DATAGRAMS];
         for (s, (p, d)) in shape.iter_mut().zip(items) {
@@ -247,10 +251,21 @@ impl UdpEncapSocket {
                     }
                     k += m;
                 }
-                Ok(_) => k += 1,
-                Err(err) => {
+                Ok(_) => {
                     let r = runs[k];
-                    if r.count > 1 && matches!(err.raw_os_error(), Some(libc::EINVAL | libc::EIO)) {
+                    refused(
+                        items[r.start].1,
+                        r.count,
+                        &io::Error::from(io::ErrorKind::WouldBlock),
+                    );
+                    k += 1;
+                }
+                Err(err) => {
+                    // A run has one destination: what it refused is that destination's.
+                    let r = runs[k];
+                    let (took, err) = if r.count > 1
+                        && matches!(err.raw_os_error(), Some(libc::EINVAL | libc::EIO))
+                    {
                         // The kernel refused to segment (a segment above the route's MTU, a
                         // device without checksum offload): send this run's datagrams singly.
                         let single: [Run; MAX_SEGMENTS] = std::array::from_fn(|j| Run {
@@ -259,10 +274,15 @@ impl UdpEncapSocket {
                             segment: items.get(r.start + j).map_or(0, |x| x.0.len()),
                         });
                         match self.send_runs(items, &single[..r.count]) {
-                            Ok(m) => sent += m,
-                            Err(e) => last_err = Some(e),
+                            Ok(m) => (m, err),
+                            Err(e) => (0, e),
                         }
                     } else {
+                        (0, err)
+                    };
+                    sent += took;
+                    if took < r.count {
+                        refused(items[r.start].1, r.count - took, &err);
                         last_err = Some(err);
                     }
                     k += 1;

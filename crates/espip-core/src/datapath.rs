@@ -1019,6 +1019,25 @@ impl Outbound {
         }
     }
 
+    /// Count `n` outer packets to `dst` that the kernel refused to send against the multipath
+    /// path with that endpoint, if there is one (a path's endpoint is its own: paths of a peer
+    /// have distinct destinations).
+    pub fn count_refused(&self, dst: IpAddr, n: u64) {
+        let path = self
+            .peers
+            .iter()
+            .filter_map(|p| p.mp.as_ref())
+            .find_map(|mp| {
+                mp.paths
+                    .iter()
+                    .position(|x| x.endpoint == dst)
+                    .map(|i| &mp.stats[i])
+            });
+        if let Some(p) = path {
+            p.send_refused.fetch_add(n, Relaxed);
+        }
+    }
+
     /// How a packet for path `path` of multipath peer `peer` travels (ESP in UDP: to the port
     /// the path's last authenticated datagram came from, else the configured one).
     pub fn path_wire(&self, peer: usize, path: usize, inner_v6: bool) -> Wire {

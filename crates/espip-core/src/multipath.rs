@@ -207,6 +207,9 @@ pub struct PathStats {
     pub tx_packets: AtomicU64,
     /// Inner bytes sent on the path.
     pub tx_bytes: AtomicU64,
+    /// Outer packets for the path that the kernel refused to send (no route, wrong source,
+    /// unreachable): counted in `tx_packets` too, but never left the host.
+    pub send_refused: AtomicU64,
     /// Authenticated packets received from the path's endpoint.
     pub rx_packets: AtomicU64,
     /// Their inner bytes.
