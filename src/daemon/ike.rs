@@ -9,7 +9,7 @@
 use super::reload::Reloader;
 use crate::config::{Config, IkePeer, IkeRole};
 use crate::datapath::{EncapSpec, Lifetime, PeerSpec};
-use crate::ike::engine::{Engine, Event, IkeConfig, Out, Role, SaStatus};
+use crate::ike::engine::{ChildKeys, Engine, Event, IkeConfig, Out, Role, SaStatus};
 use crate::ike::msg::Id;
 use crate::ike::ts;
 use crate::sys::udp::UdpEncapSocket;
@@ -612,9 +612,18 @@ fn keyed_with<'a>(engines: impl Iterator<Item = &'a Peer>, peers: &[PeerSpec]) -
                     };
                     q.negotiated = None;
                 }
-                Some((spi_out, key_out, esn)) => {
+                Some(ChildKeys {
+                    spi_out,
+                    key_out,
+                    esn,
+                    ..
+                }) => {
                     // The primary inbound SA: the newest with the outbound SA's ESN.
-                    let mut ins = sas.ins;
+                    let mut ins: Vec<_> = sas
+                        .ins
+                        .into_iter()
+                        .map(|c| (c.spi_in, c.key_in, c.esn))
+                        .collect();
                     let at = ins.iter().position(|(_, _, e)| *e == esn).unwrap_or(0);
                     let (spi_in, key_in, _) = ins.remove(at);
                     // ESP in UDP goes to the port IKE floated to (a NAT may map it).

@@ -194,10 +194,10 @@ impl Pair {
                     };
                     // (A side with no outbound SA is making a new CHILD_SA, whose responder
                     // sends on it at once: there is nothing else to send on.)
-                    if let Some((spi, _, _)) = mine.out {
+                    if let Some(spi) = mine.out.map(|o| o.spi_out) {
                         if theirs.out.is_some()
                             && !theirs.ins.is_empty()
-                            && !theirs.ins.iter().any(|(s, _, _)| *s == spi)
+                            && !theirs.ins.iter().any(|c| c.spi_in == spi)
                         {
                             self.violations += 1;
                             self.trace.push((
@@ -322,14 +322,14 @@ impl Pair {
 
 /// The SA each side sends on is one the other accepts, with the same key.
 fn assert_keys_match(x: &SaSet, y: &SaSet) {
-    let (spi, key, esn) = x.out.as_ref().expect("an outbound SA");
-    let (_, k2, e2) = y
+    let out = x.out.as_ref().expect("an outbound SA");
+    let theirs = y
         .ins
         .iter()
-        .find(|(s, _, _)| s == spi)
+        .find(|c| c.spi_in == out.spi_out)
         .expect("the peer accepts the SPI we send with");
-    assert_eq!(key.to_hex(), k2.to_hex());
-    assert_eq!(esn, e2);
+    assert_eq!(out.key_out.to_hex(), theirs.key_in.to_hex());
+    assert_eq!(out.esn, theirs.esn);
 }
 
 /// A (initiator) and B (responder) with AES-128-GCM, SHA-256 and X25519 for IKE and AES-128-GCM
@@ -478,10 +478,10 @@ fn a_child_rekey_never_leaves_a_side_sending_on_an_sa_the_other_lacks() {
             cfg(Role::Responder, B, A, "aes128gcm16-prfsha256-x25519", esp),
         );
         p.run(100);
-        let first = p.a.sas().out.unwrap().0;
+        let first = p.a.sas().out.unwrap().spi_out;
         p.run(5_000);
         assert!(p.a.stats().child_rekeys >= 4, "{:?}", p.a.stats());
-        assert_ne!(p.a.sas().out.unwrap().0, first);
+        assert_ne!(p.a.sas().out.unwrap().spi_out, first);
         // At every change on either side, what each sends on is accepted by the other as
         // it stands at that moment (the changes are applied in message order).
         assert_keys_match(&p.a.sas(), &p.b.sas());
@@ -595,7 +595,7 @@ fn an_ike_rekey_keeps_the_child_and_further_exchanges_work() {
         }
         let mut p = Pair::new(a, b);
         p.run(100);
-        let child = p.a.sas().out.unwrap().0;
+        let child = p.a.sas().out.unwrap().spi_out;
         p.run(1_200);
         let st = if side == 'a' {
             p.a.stats()
@@ -603,10 +603,10 @@ fn an_ike_rekey_keeps_the_child_and_further_exchanges_work() {
             p.b.stats()
         };
         assert_eq!(st.ike_rekeys, 1, "{st:?}");
-        assert_eq!(p.a.sas().out.unwrap().0, child);
+        assert_eq!(p.a.sas().out.unwrap().spi_out, child);
         // A child rekey on the new IKE SA (its keys come from the new SK_d on both sides).
         p.run(1_000);
-        assert_ne!(p.a.sas().out.unwrap().0, child);
+        assert_ne!(p.a.sas().out.unwrap().spi_out, child);
         assert_keys_match(&p.a.sas(), &p.b.sas());
         assert_keys_match(&p.b.sas(), &p.a.sas());
         assert_eq!(p.a.ike_keys().len(), 1, "the old IKE SA was deleted");
@@ -705,8 +705,8 @@ fn replayed_forged_and_truncated_messages_change_nothing() {
         assert!(e.handle(m, other, *natt, now, &rng).is_empty());
     }
     assert_eq!(p.changed, (ca, cb));
-    assert_eq!(p.a.sas().out.unwrap().0, sa_a.out.unwrap().0);
-    assert_eq!(p.b.sas().out.unwrap().0, sa_b.out.unwrap().0);
+    assert_eq!(p.a.sas().out.unwrap().spi_out, sa_a.out.unwrap().spi_out);
+    assert_eq!(p.b.sas().out.unwrap().spi_out, sa_b.out.unwrap().spi_out);
     assert!(failure_count(&p.b.stats().failures, "bad_icv").unwrap_or(0) > 0);
     assert!(
         p.b.stats().resent_responses > 0,
@@ -749,9 +749,9 @@ fn a_child_that_expired_is_replaced_by_a_new_one() {
     b.child_life_ms = 1_000;
     let mut p = Pair::new(a, b);
     p.run(100);
-    let first = p.a.sas().out.unwrap().0;
+    let first = p.a.sas().out.unwrap().spi_out;
     p.run(1_100);
-    let now = p.a.sas().out.expect("a new CHILD_SA").0;
+    let now = p.a.sas().out.expect("a new CHILD_SA").spi_out;
     assert_ne!(now, first);
     assert_keys_match(&p.a.sas(), &p.b.sas());
     assert_keys_match(&p.b.sas(), &p.a.sas());
@@ -985,11 +985,11 @@ fn a_rekey_answered_child_sa_not_found_replaces_the_sa_at_once() {
         let mut p = Pair::new(a, b);
         p.run(100);
         p.drop_requests_of = Some(if espip_side_hears == 'a' { 'b' } else { 'a' });
-        let first = p.a.sas().out.unwrap().0;
+        let first = p.a.sas().out.unwrap().spi_out;
         p.run(3_400);
         let (sa, sb) = (p.a.sas(), p.b.sas());
         assert_ne!(
-            sa.out.as_ref().map(|o| o.0),
+            sa.out.as_ref().map(|o| o.spi_out),
             Some(first),
             "{espip_side_hears}"
         );
@@ -1015,10 +1015,10 @@ fn a_hard_lifetime_on_one_side_deletes_the_sa_on_both() {
     a.child_life_ms = 1_000;
     let mut p = Pair::new(a, b);
     p.run(100);
-    let first = p.a.sas().out.unwrap().0;
+    let first = p.a.sas().out.unwrap().spi_out;
     p.run(1_400);
     let (sa, sb) = (p.a.sas(), p.b.sas());
-    let now = sa.out.as_ref().expect("a new CHILD_SA").0;
+    let now = sa.out.as_ref().expect("a new CHILD_SA").spi_out;
     assert_ne!(now, first);
     assert_keys_match(&sa, &sb);
     assert_keys_match(&sb, &sa);

@@ -33,26 +33,23 @@ impl Engine {
         s: &IkeSa,
         p: &[Payload],
         from_initiator: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), AuthError> {
         let id = if from_initiator {
             take!(p, Payload::IdI(i) => i.clone())
         } else {
             take!(p, Payload::IdR(i) => i.clone())
         }
-        .ok_or("no identity payload")?;
+        .ok_or(AuthError::NoIdentity)?;
         if id != self.cfg.remote_id {
-            return Err(format!(
-                "peer identity {:?} is not remote_id {:?}",
-                id.display(),
-                self.cfg.remote_id.display()
-            ));
+            return Err(AuthError::WrongIdentity {
+                got: id.display(),
+                want: self.cfg.remote_id.display(),
+            });
         }
         let (method, data) = take!(p, Payload::Auth { method, data } => (*method, data.clone()))
-            .ok_or("no AUTH payload")?;
+            .ok_or(AuthError::NoAuth)?;
         if method != 2 {
-            return Err(format!(
-                "AUTH method {method} (espip accepts only 2, shared key MIC)"
-            ));
+            return Err(AuthError::Method(method));
         }
         let keys = s.keys.as_ref().expect("keys");
         let (signed, nonce, sk_p) = if from_initiator {
@@ -62,7 +59,7 @@ impl Engine {
         };
         let want = crypto::psk_auth(keys.prf, &self.cfg.psk, signed, nonce, sk_p, &id.body());
         if !crypto::mac_eq(&want, &data) {
-            return Err("the AUTH value does not verify: the pre-shared keys differ".into());
+            return Err(AuthError::Mismatch);
         }
         Ok(())
     }
@@ -341,4 +338,20 @@ impl Engine {
         }));
         After::Keep
     }
+}
+
+/// Why the peer's IKE_AUTH does not authenticate it (sent as AUTHENTICATION_FAILED; this is
+/// the log's detail).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum AuthError {
+    #[error("no identity payload")]
+    NoIdentity,
+    #[error("peer identity {got:?} is not remote_id {want:?}")]
+    WrongIdentity { got: String, want: String },
+    #[error("no AUTH payload")]
+    NoAuth,
+    #[error("AUTH method {0} (espip accepts only 2, shared key MIC)")]
+    Method(u8),
+    #[error("the AUTH value does not verify: the pre-shared keys differ")]
+    Mismatch,
 }

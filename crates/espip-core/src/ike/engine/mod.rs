@@ -130,10 +130,10 @@ pub struct ChildKeys {
 /// The ESP SAs the data path should hold for this peer.
 #[derive(Debug, Clone, Default)]
 pub struct SaSet {
-    /// The SA we send on.
-    pub out: Option<(u32, KeyMaterial, bool)>,
-    /// Every SA we accept (newest first).
-    pub ins: Vec<(u32, KeyMaterial, bool)>,
+    /// The CHILD_SA we send on (its `spi_out` and `key_out`).
+    pub out: Option<ChildKeys>,
+    /// Every CHILD_SA we accept on, newest first (their `spi_in` and `key_in`).
+    pub ins: Vec<ChildKeys>,
 }
 
 /// What the engine wants done, in order.
@@ -584,10 +584,9 @@ impl Engine {
         let mut s = SaSet::default();
         for c in self.children.iter().rev() {
             if c.out && s.out.is_none() {
-                s.out = Some((c.keys.spi_out, c.keys.key_out.clone(), c.keys.esn));
+                s.out = Some(c.keys.clone());
             }
-            s.ins
-                .push((c.keys.spi_in, c.keys.key_in.clone(), c.keys.esn));
+            s.ins.push(c.keys.clone());
         }
         s
     }
@@ -890,6 +889,36 @@ impl Engine {
             self.stats.fail(Failure::UnknownIkeSpi);
             return out;
         };
+        // The answer to our IKE_SA_INIT: init_response takes the current SA and puts it (or a
+        // new attempt) back, or leaves none when the exchange failed.
+        if slot == Slot::Current
+            && h.exchange == exchange::IKE_SA_INIT
+            && h.is_response()
+            && !h.from_initiator()
+            && self
+                .ike
+                .as_ref()
+                .is_some_and(|s| s.initiator && s.state == State::InitSent)
+        {
+            match msg::parse_chain(raw, msg::HDR_LEN, h.next) {
+                Ok(c) => self.init_response(now, rng, &h, raw, &c.payloads, &mut out),
+                Err(_) => self.stats.fail(Failure::Malformed),
+            }
+            if self.ike.is_none() {
+                if !self.children.is_empty() {
+                    self.children.clear();
+                    out.push(Out::Changed);
+                }
+                if self.cfg.role == Role::Initiator && !self.closing {
+                    self.retry_at = Some(now + RETRY_MS * MS);
+                }
+            }
+            if self.ensure_out(now) {
+                out.push(Out::Changed);
+            }
+            self.next_task(now, rng, &mut out);
+            return out;
+        }
         let mut s = self.take_sa(slot);
         let after = self.on_message(&mut s, &h, raw, from, natt, now, rng, &mut out);
         match after {
@@ -983,16 +1012,7 @@ impl Engine {
             }
         };
         if h.exchange == exchange::IKE_SA_INIT {
-            if h.is_response() && s.state == State::InitSent && s.initiator {
-                self.ike = Some(std::mem::replace(s, dummy_sa()));
-                self.init_response(now, rng, h, raw, &chain.payloads, out);
-                // init_response put the SA (or a new attempt) back in self.ike.
-                *s = match self.ike.take() {
-                    Some(x) => x,
-                    None => return After::Drop,
-                };
-                return After::Keep;
-            }
+            // An initiator's IKE_SA_INIT answer never comes here (see `handle`).
             self.stats.fail(Failure::UnexpectedMessage);
             return After::Keep;
         }
@@ -1161,31 +1181,5 @@ impl Engine {
             out.push(Out::Changed);
         }
         out
-    }
-}
-
-fn dummy_sa() -> IkeSa {
-    IkeSa {
-        spi_i: 0,
-        spi_r: 0,
-        initiator: false,
-        state: State::Rekeyed,
-        choice: None,
-        keys: None,
-        ni: Vec::new(),
-        nr: Vec::new(),
-        init_req: Vec::new(),
-        init_resp: Vec::new(),
-        next_id: 0,
-        flight: None,
-        peer_next: 0,
-        cached: None,
-        iv: 0,
-        peer: SocketAddr::from(([0, 0, 0, 0], 0)),
-        natt: false,
-        created: 0,
-        rekey_at: u64::MAX,
-        last_heard: 0,
-        queue: Vec::new(),
     }
 }
