@@ -11,7 +11,7 @@ impl Engine {
         signed_msg: &[u8],
         peer_nonce: &[u8],
     ) -> Payload {
-        let keys = s.keys.as_ref().expect("keys");
+        let keys = s.keys();
         let sk_p = if s.initiator {
             &keys.sk_pi
         } else {
@@ -51,7 +51,7 @@ impl Engine {
         if method != 2 {
             return Err(AuthError::Method(method));
         }
-        let keys = s.keys.as_ref().expect("keys");
+        let keys = s.keys();
         let (signed, nonce, sk_p) = if from_initiator {
             (&s.init_req, &s.nr, &keys.sk_pi)
         } else {
@@ -102,7 +102,7 @@ impl Engine {
         rng: &dyn SecureRandom,
         out: &mut Vec<Out>,
     ) {
-        s.state = State::Established;
+        s.set_stage(Stage::Established);
         s.created = now;
         s.rekey_at = if self.cfg.ike_rekey_ms > 0 {
             now + self.cfg.ike_rekey_ms * MS - jitter(rng, self.cfg.jitter_ms)
@@ -113,7 +113,7 @@ impl Engine {
         self.group_hint = None;
         out.push(Out::Event(Event::IkeUp {
             spis: s.spis(),
-            proposal: s.choice.map(|c| c.name()).unwrap_or_default(),
+            proposal: s.choice().map(|c| c.name()).unwrap_or_default(),
             natt: s.natt,
         }));
     }
@@ -154,7 +154,7 @@ impl Engine {
         match child {
             Ok((choice, tsi, tsr)) => {
                 let spi_in = rand_spi(rng);
-                let keys = s.keys.as_ref().expect("keys");
+                let keys = s.keys();
                 let (i2r, r2i) =
                     crypto::child_keys(keys.prf, &keys.sk_d, choice.cipher, None, &s.ni, &s.nr);
                 let ck = ChildKeys {
@@ -315,7 +315,7 @@ impl Engine {
             self.retry_at = Some(now + RETRY_MS * MS);
             return After::Drop;
         };
-        let keys = s.keys.as_ref().expect("keys");
+        let keys = s.keys();
         let (i2r, r2i) =
             crypto::child_keys(keys.prf, &keys.sk_d, choice.cipher, None, &s.ni, &s.nr);
         let ck = ChildKeys {

@@ -13,7 +13,11 @@ impl Engine {
         now: u64,
         rng: &dyn SecureRandom,
     ) -> Result<Vec<Out>, &'static str> {
-        let Some(s) = self.ike.as_mut().filter(|s| s.state == State::Established) else {
+        let Some(s) = self
+            .ike
+            .as_mut()
+            .filter(|s| s.state() == State::Established)
+        else {
             return Err("no IKE SA is up");
         };
         if ike {
@@ -68,7 +72,7 @@ impl Engine {
             );
         };
         let nr = rand_bytes(rng, 32);
-        let keys = s.keys.clone().expect("keys");
+        let keys = s.keys().clone();
         // Rekey of the IKE SA.
         if offered.iter().any(|x| x.protocol == proto::IKE) {
             // Section 2.25: not while we create, rekey or delete a CHILD_SA on it.
@@ -367,9 +371,11 @@ impl Engine {
             spi_i,
             spi_r,
             initiator,
-            state: State::Established,
-            choice: Some(choice),
-            keys: Some(keys),
+            phase: Phase::Keyed {
+                choice,
+                keys,
+                stage: Stage::Established,
+            },
             ni,
             nr,
             init_req: Vec::new(),
@@ -541,7 +547,7 @@ impl Engine {
                 ))
             }
         };
-        let keys = s.keys.as_ref().expect("keys");
+        let keys = s.keys();
         let (i2r, r2i) = crypto::child_keys(
             keys.prf,
             &keys.sk_d,
@@ -792,7 +798,7 @@ impl Engine {
             s.rekey_at = now + 10_000 * MS;
             return After::Keep;
         };
-        let old_d = s.keys.as_ref().expect("keys").sk_d.clone();
+        let old_d = s.keys().sk_d.clone();
         let seed = crypto::skeyseed(choice.prf, &shared, &ni, &nr, Some(&old_d));
         let collision = self.ike_collision.take_if(|c| c.old == (s.spi_i, s.spi_r));
         let redundant = collision
@@ -812,7 +818,7 @@ impl Engine {
         if redundant {
             // Section 2.8.2: ours holds the lowest nonce. We delete it on itself; the
             // peer, whose new IKE SA stays, deletes the old one.
-            new.state = State::Rekeyed;
+            new.set_stage(Stage::Rekeyed);
             new.rekey_at = now;
             self.delete_ike_on(&mut new, now, out);
             self.others.push(new);

@@ -24,7 +24,7 @@ impl Engine {
                     self.cfg.local_id.display()
                 ),
             );
-            if s.state == State::Established {
+            if s.state() == State::Established {
                 out.push(Out::Event(Event::IkeDown {
                     why: "the peer refused our authentication".into(),
                 }));
@@ -42,7 +42,7 @@ impl Engine {
                         .ike_collision
                         .as_ref()
                         .is_some_and(|c| c.theirs == (s.spi_i, s.spi_r));
-                    if s.state == State::Established && !collided {
+                    if s.state() == State::Established && !collided {
                         out.push(Out::Event(Event::IkeDown {
                             why: "deleted by the peer".into(),
                         }));

@@ -124,9 +124,7 @@ impl Engine {
             spi_i,
             spi_r: 0,
             initiator: true,
-            state: State::InitSent,
-            choice: None,
-            keys: None,
+            phase: Phase::InitSent,
             ni: ni.clone(),
             nr: Vec::new(),
             init_req: m.clone(),
@@ -286,10 +284,9 @@ impl Engine {
         s.spi_r = h.spi_r;
         s.nr = nr;
         s.init_resp = raw.to_vec();
-        s.choice = Some(choice);
         let seed = crypto::skeyseed(choice.prf, &shared, &ni, &s.nr, None);
         self.stats.ike_keys_made += 1;
-        s.keys = Some(crypto::ike_keys(
+        let keys = crypto::ike_keys(
             choice.prf,
             choice.cipher,
             &seed,
@@ -297,7 +294,14 @@ impl Engine {
             &s.nr,
             s.spi_i,
             s.spi_r,
-        ));
+        );
+        // IKE_SA_INIT is done: from here the SA has its proposal and keys (it goes when this
+        // exchange fails below).
+        s.phase = Phase::Keyed {
+            choice,
+            keys,
+            stage: Stage::Authenticating,
+        };
         // NAT detection: the responder saw our packet from an address other than ours, or
         // the responder is not where we sent it (or forces encapsulation).
         let me = SocketAddr::new(self.cfg.local, self.cfg.local_port);
@@ -338,7 +342,6 @@ impl Engine {
             Payload::TsR(self.cfg.remote_ts.clone()),
             Payload::notify(notify::ESP_TFC_PADDING_NOT_SUPPORTED, Vec::new()),
         ];
-        s.state = State::Authenticating;
         let h = s.header(exchange::IKE_AUTH, 1, false);
         s.next_id = 2;
         let m = s.seal(h, &payloads);
@@ -373,7 +376,7 @@ impl Engine {
         if let Some(s) = self
             .others
             .iter()
-            .find(|s| s.spi_i == h.spi_i && !s.initiator && s.state == State::Authenticating)
+            .find(|s| s.spi_i == h.spi_i && !s.initiator && s.state() == State::Authenticating)
         {
             if s.init_req == raw {
                 self.stats.resent_responses += 1;
@@ -429,7 +432,7 @@ impl Engine {
         let half_open = self
             .others
             .iter()
-            .filter(|s| s.state == State::Authenticating)
+            .filter(|s| s.state() == State::Authenticating)
             .count()
             + self.invalid_inits.len();
         if half_open >= COOKIE_THRESHOLD {
@@ -455,7 +458,7 @@ impl Engine {
                 .others
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| s.state == State::Authenticating)
+                .filter(|(_, s)| s.state() == State::Authenticating)
                 .map(|(i, s)| (i, s.created))
                 .collect();
             if half.len() < MAX_HALF_OPEN {
@@ -576,9 +579,11 @@ impl Engine {
             spi_i: h.spi_i,
             spi_r,
             initiator: false,
-            state: State::Authenticating,
-            choice: Some(choice),
-            keys: Some(keys),
+            phase: Phase::Keyed {
+                choice,
+                keys,
+                stage: Stage::Authenticating,
+            },
             ni,
             nr,
             init_req: raw.to_vec(),

@@ -299,6 +299,7 @@ struct InFlight {
     req: Req,
 }
 
+/// An IKE SA's state, as a word (what [`Phase`] says without its data).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Initiator: IKE_SA_INIT sent.
@@ -310,15 +311,35 @@ enum State {
     Rekeyed,
 }
 
+/// The states of an IKE SA whose IKE_SA_INIT is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Authenticating,
+    Established,
+    Rekeyed,
+}
+
+/// How far an IKE SA got, with what each step has: nothing agreed while our IKE_SA_INIT is
+/// unanswered; from its exchange on, the chosen proposal and the keys.
+enum Phase {
+    /// Initiator: IKE_SA_INIT sent.
+    InitSent,
+    /// IKE_SA_INIT done.
+    Keyed {
+        choice: IkeChoice,
+        keys: IkeKeys,
+        stage: Stage,
+    },
+}
+
 /// One IKE SA.
 struct IkeSa {
     spi_i: u64,
     spi_r: u64,
     /// We are the original initiator of this IKE SA.
     initiator: bool,
-    state: State,
-    choice: Option<IkeChoice>,
-    keys: Option<IkeKeys>,
+    /// How far it got, with what that step has (keys from IKE_SA_INIT on).
+    phase: Phase,
     ni: Vec<u8>,
     nr: Vec<u8>,
     /// IKE_SA_INIT request and response as sent (AUTH covers them).
@@ -349,12 +370,52 @@ enum Task {
 }
 
 impl IkeSa {
+    fn state(&self) -> State {
+        match &self.phase {
+            Phase::InitSent => State::InitSent,
+            Phase::Keyed { stage, .. } => match stage {
+                Stage::Authenticating => State::Authenticating,
+                Stage::Established => State::Established,
+                Stage::Rekeyed => State::Rekeyed,
+            },
+        }
+    }
+
+    /// Move a keyed SA to `to` (an SA still in IKE_SA_INIT has no other state to go to).
+    fn set_stage(&mut self, to: Stage) {
+        if let Phase::Keyed { stage, .. } = &mut self.phase {
+            *stage = to;
+        }
+    }
+
+    /// The IKE SA's keys, if IKE_SA_INIT is done.
+    fn keys_if_any(&self) -> Option<&IkeKeys> {
+        match &self.phase {
+            Phase::Keyed { keys, .. } => Some(keys),
+            Phase::InitSent => None,
+        }
+    }
+
+    /// The IKE SA's keys: only asked for by the exchanges after IKE_SA_INIT, which `handle`
+    /// lets through only for a keyed SA.
+    fn keys(&self) -> &IkeKeys {
+        self.keys_if_any().expect("keys after IKE_SA_INIT")
+    }
+
+    /// The chosen IKE proposal, if IKE_SA_INIT is done.
+    fn choice(&self) -> Option<IkeChoice> {
+        match &self.phase {
+            Phase::Keyed { choice, .. } => Some(*choice),
+            Phase::InitSent => None,
+        }
+    }
+
     fn spis(&self) -> String {
         format!("{:016x}_i {:016x}_r", self.spi_i, self.spi_r)
     }
 
     fn my_key(&self) -> &KeyMaterial {
-        let k = self.keys.as_ref().expect("keys after IKE_SA_INIT");
+        let k = self.keys();
         if self.initiator {
             &k.sk_ei
         } else {
@@ -363,7 +424,7 @@ impl IkeSa {
     }
 
     fn peer_key(&self) -> &KeyMaterial {
-        let k = self.keys.as_ref().expect("keys after IKE_SA_INIT");
+        let k = self.keys();
         if self.initiator {
             &k.sk_er
         } else {
@@ -603,15 +664,15 @@ impl Engine {
             v.push(SaStatus {
                 kind: "ike",
                 spis: s.spis(),
-                state: match s.state {
+                state: match s.state() {
                     State::InitSent => "connecting",
                     State::Authenticating => "authenticating",
                     State::Established => "established",
                     State::Rekeyed => "rekeyed",
                 },
-                proposal: s.choice.map(|c| c.name()).unwrap_or_default(),
+                proposal: s.choice().map(|c| c.name()).unwrap_or_default(),
                 age_ms: now.saturating_sub(s.created) / MS,
-                rekey_in_ms: (s.state == State::Established && self.cfg.ike_rekey_ms > 0)
+                rekey_in_ms: (s.state() == State::Established && self.cfg.ike_rekey_ms > 0)
                     .then(|| s.rekey_at.saturating_sub(now) / MS),
             });
         }
@@ -644,8 +705,7 @@ impl Engine {
             .iter()
             .chain(&self.others)
             .filter_map(|s| {
-                s.keys
-                    .as_ref()
+                s.keys_if_any()
                     .map(|k| (s.spi_i, s.spi_r, k.sk_ei.clone(), k.sk_er.clone()))
             })
             .collect()
@@ -701,7 +761,7 @@ impl Engine {
             return false;
         };
         let mut old = self.others.remove(i);
-        old.state = State::Established;
+        old.set_stage(Stage::Established);
         // Its successor sets the next rekey when the collision resolves.
         old.rekey_at = u64::MAX;
         old.queue.append(&mut theirs.queue);
@@ -898,7 +958,7 @@ impl Engine {
             && self
                 .ike
                 .as_ref()
-                .is_some_and(|s| s.initiator && s.state == State::InitSent)
+                .is_some_and(|s| s.initiator && s.state() == State::InitSent)
         {
             match msg::parse_chain(raw, msg::HDR_LEN, h.next) {
                 Ok(c) => self.init_response(now, rng, &h, raw, &c.payloads, &mut out),
@@ -944,13 +1004,16 @@ impl Engine {
                     // An older IKE SA was replaced while another one was current (the peer's
                     // new IKE SA of a rekey collision that ours won): that one waits for the
                     // peer's DELETE too, never dropped unheard.
+                    // (One still in its IKE_SA_INIT has nothing to wait for.)
                     new.queue.extend(cur.queue.drain(..).filter(moves));
-                    cur.state = State::Rekeyed;
-                    cur.rekey_at = now;
-                    self.others.push(cur);
+                    if cur.state() != State::InitSent {
+                        cur.set_stage(Stage::Rekeyed);
+                        cur.rekey_at = now;
+                        self.others.push(cur);
+                    }
                 }
                 new.queue.extend(s.queue.drain(..).filter(moves));
-                s.state = State::Rekeyed;
+                s.set_stage(Stage::Rekeyed);
                 // From now on: when it was replaced (it goes HALF_OPEN_MS later at most).
                 s.rekey_at = now;
                 self.others.push(s);
@@ -1020,7 +1083,7 @@ impl Engine {
             self.stats.fail(Failure::Unencrypted);
             return After::Keep;
         };
-        if s.keys.is_none() {
+        if s.state() == State::InitSent {
             self.stats.fail(Failure::UnexpectedMessage);
             return After::Keep;
         }
@@ -1082,23 +1145,23 @@ impl Engine {
         s.natt = natt;
         s.peer_next = s.peer_next.wrapping_add(1);
         let (payloads, after) = match h.exchange {
-            exchange::IKE_AUTH if !s.initiator && s.state == State::Authenticating => {
+            exchange::IKE_AUTH if !s.initiator && s.state() == State::Authenticating => {
                 self.respond_auth(s, &p, now, rng, out)
             }
-            exchange::CREATE_CHILD_SA if s.state == State::Established => {
+            exchange::CREATE_CHILD_SA if s.state() == State::Established => {
                 self.respond_create(s, &p, now, rng, out)
             }
             // Sent before the peer learnt that this IKE SA was rekeyed (the requests crossed):
             // its CHILD_SAs live on the new one now. Section 2.25: the peer tries again (on
             // the new one); INVALID_SYNTAX would be a hard error to it.
-            exchange::CREATE_CHILD_SA if s.state == State::Rekeyed => {
+            exchange::CREATE_CHILD_SA if s.state() == State::Rekeyed => {
                 self.stats.fail(Failure::RekeyCollision);
                 (
                     vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
                     After::Keep,
                 )
             }
-            exchange::INFORMATIONAL if s.state != State::InitSent => {
+            exchange::INFORMATIONAL if s.state() != State::InitSent => {
                 self.respond_info(s, &p, now, out)
             }
             _ => {
@@ -1157,7 +1220,7 @@ impl Engine {
         let mut out = Vec::new();
         self.closing = true;
         if let Some(mut s) = self.ike.take() {
-            if s.state == State::Established {
+            if s.state() == State::Established {
                 let h = s.header(exchange::INFORMATIONAL, s.next_id, false);
                 let m = s.seal(
                     h,

@@ -48,12 +48,12 @@ impl Engine {
         // Half-open and replaced IKE SAs.
         let cfg_tries = self.cfg.retransmit_tries;
         self.others.retain(|s| {
-            let half_open_expired = s.state == State::Authenticating
+            let half_open_expired = s.state() == State::Authenticating
                 && now.saturating_sub(s.created) > HALF_OPEN_MS * MS;
-            let delete_unanswered =
-                s.state == State::Rekeyed && s.flight.as_ref().is_some_and(|f| f.tries > cfg_tries);
+            let delete_unanswered = s.state() == State::Rekeyed
+                && s.flight.as_ref().is_some_and(|f| f.tries > cfg_tries);
             let replaced_long_ago =
-                s.state == State::Rekeyed && now.saturating_sub(s.rekey_at) > HALF_OPEN_MS * MS;
+                s.state() == State::Rekeyed && now.saturating_sub(s.rekey_at) > HALF_OPEN_MS * MS;
             !half_open_expired && !delete_unanswered && !replaced_long_ago
         });
         for s in &mut self.others {
@@ -122,7 +122,7 @@ impl Engine {
             .filter(|spi| !self.rekey_busy(*spi))
             .collect();
         let s = self.ike.as_mut().expect("checked");
-        if s.state != State::Established {
+        if s.state() != State::Established {
             return out;
         }
         // Schedule work.
@@ -172,7 +172,7 @@ impl Engine {
                 at += 1;
             }
         }
-        if s.flight.is_some() || s.state != State::Established || s.queue.is_empty() {
+        if s.flight.is_some() || s.state() != State::Established || s.queue.is_empty() {
             return;
         }
         // Both sides rekey the IKE SA and our answer made the peer's new one current: until
@@ -273,7 +273,7 @@ impl Engine {
             Task::RekeyIke => {
                 let spi = rand_u64(rng);
                 let ni = rand_bytes(rng, 32);
-                let choice = s.choice.expect("established");
+                let choice = s.choice().expect("established");
                 let Some(share) = KeyShare::new(choice.group, rng) else {
                     return;
                 };
@@ -381,7 +381,7 @@ impl Engine {
         }
         for s in &self.others {
             // (`tick` forgets them once strictly past these.)
-            match s.state {
+            match s.state() {
                 State::Authenticating => at(s.created + HALF_OPEN_MS * MS + 1),
                 State::Rekeyed => at(s.rekey_at.saturating_add(HALF_OPEN_MS * MS + 1)),
                 _ => {}
@@ -401,7 +401,7 @@ impl Engine {
         if let Some(f) = &s.flight {
             at(f.next_at);
         }
-        if s.state == State::Established {
+        if s.state() == State::Established {
             if !self.deferred.is_empty() || (s.flight.is_none() && !s.queue.is_empty()) {
                 at(0);
             }
