@@ -301,24 +301,36 @@ impl Live {
                         )
                     }
                 };
+                // A learned endpoint: its address (and port) from the peer's last
+                // authenticated packet.
+                let learned = s.learned.get();
+                let address = p.endpoint.or(learned.map(|a| a.ip()));
                 PeerStatus {
                     name: p.name.clone(),
-                    endpoint: match &p.encap {
-                        EncapSpec::Esp {
-                            udp_port: Some(port),
-                            ..
-                        }
-                        | EncapSpec::EspPending {
-                            udp_port: Some(port),
-                            ..
-                        } => {
+                    endpoint: match (address, &p.encap) {
+                        (None, _) => "(none yet)".into(),
+                        (
+                            Some(ip),
+                            EncapSpec::Esp {
+                                udp_port: Some(port),
+                                ..
+                            }
+                            | EncapSpec::EspPending {
+                                udp_port: Some(port),
+                                ..
+                            },
+                        ) => {
                             // The port the peer's last authenticated datagram came from wins.
                             let seen = s.udp_port_seen.load(Relaxed) as u16;
                             let port = if seen != 0 { seen } else { *port };
-                            std::net::SocketAddr::new(p.endpoint, port).to_string()
+                            std::net::SocketAddr::new(ip, port).to_string()
                         }
-                        _ => p.endpoint.to_string(),
+                        (Some(ip), _) => ip.to_string(),
                     },
+                    endpoint_learned: p.endpoint.is_none(),
+                    endpoint_changed_unix: learned
+                        .and_then(|_| self.wall(s.learned.changed_at.load(Relaxed))),
+                    endpoint_moves: s.learned.moves.load(Relaxed),
                     mode: mode.into(),
                     allowed_ips: p.allowed_ips.iter().map(|a| a.to_string()).collect(),
                     sa_out,

@@ -116,8 +116,18 @@ pub struct InterfaceStatus {
 pub struct PeerStatus {
     /// Configured name.
     pub name: String,
-    /// Outer address.
+    /// Outer address (with the UDP port for ESP in UDP); for a peer without a configured
+    /// endpoint, the one learned from its last authenticated packet, or `(none yet)`.
     pub endpoint: String,
+    /// The endpoint is learned (no `endpoint` in the configuration) and follows the peer.
+    #[serde(default)]
+    pub endpoint_learned: bool,
+    /// A learned endpoint: when it was learned or last moved, Unix time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_changed_unix: Option<f64>,
+    /// A learned endpoint: how often it moved after it was first learned.
+    #[serde(default)]
+    pub endpoint_moves: u64,
     /// `esp` or `ipip`.
     pub mode: String,
     /// Inner prefixes routed to / accepted from the peer.
@@ -320,6 +330,23 @@ impl Status {
         for p in &self.peers {
             let _ = writeln!(s, "\npeer: {}", p.name);
             let _ = writeln!(s, "  endpoint: {}  mode: {}", p.endpoint, p.mode);
+            if p.endpoint_learned {
+                let _ = writeln!(
+                    s,
+                    "  endpoint learned from the peer's packets: {}",
+                    match p.endpoint_changed_unix {
+                        Some(t) => format!(
+                            "{} ({} move{} after the first)",
+                            ago(now_unix, Some(t)),
+                            p.endpoint_moves,
+                            if p.endpoint_moves == 1 { "" } else { "s" }
+                        ),
+                        None =>
+                            "nothing authenticated yet (packets to it are dropped as no_endpoint)"
+                                .into(),
+                    }
+                );
+            }
             let _ = writeln!(s, "  allowed ips: {}", p.allowed_ips.join(", "));
             if let Some(o) = &p.sa_out {
                 let _ = writeln!(
@@ -602,6 +629,20 @@ impl Status {
                         t,
                     );
                 }
+            }
+        }
+        if self.peers.iter().any(|p| p.endpoint_learned) {
+            m.family(
+                "espip_peer_endpoint_moves_total",
+                "counter",
+                "A peer without configured endpoint: times its learned address moved after it was first learned (roaming).",
+            );
+            for p in self.peers.iter().filter(|p| p.endpoint_learned) {
+                m.sample(
+                    "espip_peer_endpoint_moves_total",
+                    &[("interface", &self.interface.name), ("peer", &p.name)],
+                    p.endpoint_moves as f64,
+                );
             }
         }
         m.family(
@@ -950,6 +991,9 @@ mod tests {
                 rx_bytes: 588,
                 last_tx_unix: Some(1_700_000_010.0),
                 last_rx_unix: None,
+                endpoint_learned: false,
+                endpoint_changed_unix: None,
+                endpoint_moves: 0,
                 multipath: None,
             }],
             drops: [("bad_icv".to_string(), 2), ("replay".to_string(), 0)]

@@ -51,7 +51,7 @@ fn esp_pair_over(
                 so,
                 si| PeerSpec {
         name: name.into(),
-        endpoint: endpoint.parse().unwrap(),
+        endpoint: Some(endpoint.parse().unwrap()),
         allowed_ips: vec![allowed.parse().unwrap(), "fd00::5/128".parse().unwrap()]
             .into_iter()
             .filter(|p: &espip::prefix::Prefix| name == "b" || !p.addr().is_ipv6())
@@ -307,7 +307,7 @@ fn no_route_dummy_and_exhaustion() {
 fn ipip_both_ways_and_unknown_peer() {
     let spec = |endpoint: &str, allowed: &str| PeerSpec {
         name: "p".into(),
-        endpoint: endpoint.parse().unwrap(),
+        endpoint: Some(endpoint.parse().unwrap()),
         allowed_ips: vec![allowed.parse().unwrap()],
         encap: EncapSpec::IpIp,
         route: true,
@@ -373,7 +373,7 @@ fn a_hub_relays_between_peers_only_when_forwarding() {
     let k = |b| key(Cipher::Aes128Gcm, b);
     let peer = |n: u8| PeerSpec {
         name: format!("c{n}"),
-        endpoint: IpAddr::V4(Ipv4Addr::new(172, 16, 0, n)),
+        endpoint: Some(IpAddr::V4(Ipv4Addr::new(172, 16, 0, n))),
         allowed_ips: vec![format!("192.168.0.{n}/32").parse().unwrap()],
         encap: EncapSpec::Esp {
             cipher: Cipher::Aes128Gcm,
@@ -649,7 +649,7 @@ fn a_reload_keeps_unchanged_sas_and_replaces_changed_ones() {
     };
     let spec_a = |key_in: KeyMaterial, spi_in| PeerSpec {
         name: "a".into(),
-        endpoint: A.parse().unwrap(),
+        endpoint: Some(A.parse().unwrap()),
         allowed_ips: vec!["10.4.2.99/32".parse().unwrap()],
         encap: EncapSpec::Esp {
             cipher: Cipher::Aes128Gcm,
@@ -668,7 +668,7 @@ fn a_reload_keeps_unchanged_sas_and_replaces_changed_ones() {
     };
     let c = PeerSpec {
         name: "c".into(),
-        endpoint: "192.0.2.3".parse().unwrap(),
+        endpoint: Some("192.0.2.3".parse().unwrap()),
         allowed_ips: vec!["10.4.2.3/32".parse().unwrap()],
         encap: EncapSpec::IpIp,
         route: true,
@@ -745,4 +745,112 @@ fn a_reload_keeps_unchanged_sas_and_replaces_changed_ones() {
         1,
         "a new SA starts at 1 (the edge reserves)"
     );
+}
+
+/// A peer without a configured endpoint (issue 29): nothing goes to it (`no_endpoint`) until
+/// a packet of its authenticates; then its address (and UDP port) is where packets go, and
+/// it moves with every later authenticated packet from elsewhere (roaming). A forged packet
+/// and a replayed genuine one from a new address move nothing.
+#[test]
+fn a_learned_endpoint_follows_authenticated_packets_only() {
+    for udp in [None, Some(4500)] {
+        let c = Cipher::Aes128Gcm;
+        let (ab, ba) = (key(c, 0x11), key(c, 0x22));
+        let spec = |name: &str,
+                    endpoint: Option<&str>,
+                    allowed: &str,
+                    out: &KeyMaterial,
+                    inn: &KeyMaterial,
+                    so,
+                    si| PeerSpec {
+            name: name.into(),
+            endpoint: endpoint.map(|e| e.parse().unwrap()),
+            allowed_ips: vec![allowed.parse().unwrap()],
+            encap: EncapSpec::Esp {
+                cipher: c,
+                spi_out: so,
+                key_out: out.clone(),
+                spi_in: si,
+                key_in: inn.clone(),
+                replay_window: 64,
+                esn: false,
+                lifetime: Lifetime::default(),
+                udp_port: udp,
+            },
+            route: true,
+            multipath: None,
+            negotiated: None,
+        };
+        let t = TunnelSpec {
+            relay: false,
+            mtu: 1400,
+        };
+        // A, the server, knows no address of B; B knows A's.
+        let (a_out, mut a_in, a_stats) = datapath::build(
+            &[spec("b", None, "10.4.2.5/32", &ab, &ba, 0x1001, 0x1002)],
+            t,
+            Default::default(),
+        )
+        .unwrap();
+        let (b_out, _, _) = datapath::build(
+            &[spec("a", Some(A), "10.4.2.99/32", &ba, &ab, 0x1002, 0x1001)],
+            t,
+            Default::default(),
+        )
+        .unwrap();
+        let to_a = ipv4([10, 4, 2, 5], [10, 4, 2, 99], 100, true);
+        let to_b = ipv4([10, 4, 2, 99], [10, 4, 2, 5], 100, true);
+        let dst_of = |v: Verdict| match v {
+            Verdict::Send(Wire::EspInUdp { dst }) => dst,
+            Verdict::Send(Wire::Esp { dst }) => std::net::SocketAddr::new(dst, 0),
+            v => panic!("{v:?}"),
+        };
+        assert_eq!(
+            a_out.process(&mut PacketBuf::from_slice(&to_b), 0),
+            Verdict::Drop(DropReason::NoEndpoint)
+        );
+        assert_eq!(a_stats.drops(DropReason::NoEndpoint), 1);
+        let sealed = || {
+            let mut w = PacketBuf::from_slice(&to_a);
+            b_out.process(&mut w, 0);
+            w.as_slice().to_vec()
+        };
+        let mut arrive = |wire: &[u8], from: &str, port: u16| {
+            let mut r = PacketBuf::from_slice(wire);
+            let from = std::net::SocketAddr::new(from.parse().unwrap(), port);
+            match udp {
+                Some(_) => a_in.process_udp(&mut r, from, 7),
+                None => a_in.process(&mut r, from.ip(), PROTO_ESP, 7),
+            }
+        };
+        let port = |p: u16| if udp.is_some() { p } else { 0 };
+        let first = sealed();
+        assert_eq!(arrive(&first, "198.51.100.7", 31000), Verdict::ToTun);
+        let here = dst_of(a_out.process(&mut PacketBuf::from_slice(&to_b), 8));
+        assert_eq!(here.to_string(), format!("198.51.100.7:{}", port(31000)));
+        // Forged (ICV fails) and replayed (window refuses) from a new address: no move.
+        let mut forged = sealed();
+        let n = forged.len();
+        forged[n - 1] ^= 1;
+        assert_eq!(
+            arrive(&forged, "203.0.113.9", 666),
+            Verdict::Drop(DropReason::BadIcv)
+        );
+        assert_eq!(
+            arrive(&first, "203.0.113.9", 777),
+            Verdict::Drop(DropReason::Replay)
+        );
+        assert_eq!(
+            dst_of(a_out.process(&mut PacketBuf::from_slice(&to_b), 9)),
+            here
+        );
+        // B roams: its next packet comes from elsewhere, and so do A's answers.
+        assert_eq!(arrive(&sealed(), "203.0.113.9", 40000), Verdict::ToTun);
+        assert_eq!(
+            dst_of(a_out.process(&mut PacketBuf::from_slice(&to_b), 10)).to_string(),
+            format!("203.0.113.9:{}", port(40000))
+        );
+        let learned = &a_out.peer_stats(0).learned;
+        assert_eq!(learned.moves.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
 }

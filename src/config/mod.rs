@@ -527,13 +527,24 @@ impl Config {
         crate::nat::NatTable::new(self.nat.maps.clone())
     }
 
+    /// The IP versions (`true`: IPv6) a peer's packets travel over: its endpoints' or, for a
+    /// peer whose endpoint is learned, `interface.local`'s (IPv4 when it is not set).
+    pub fn peer_families(&self, p: &PeerSpec) -> Vec<bool> {
+        match p.endpoint {
+            None if p.multipath.is_none() => {
+                vec![self.interface.local.is_some_and(|l| l.is_ipv6())]
+            }
+            _ => p.endpoints().iter().map(|e| e.is_ipv6()).collect(),
+        }
+    }
+
     /// Whether `ip` is the endpoint of a peer keyed by IKEv2 (IKE from any other address is
     /// not for us).
     pub fn is_ike_endpoint(&self, ip: std::net::IpAddr) -> bool {
         self.ike.iter().any(|s| {
             self.peers
                 .iter()
-                .any(|p| p.name == s.peer && p.endpoint == ip)
+                .any(|p| p.name == s.peer && p.endpoint == Some(ip))
         })
     }
 
@@ -754,7 +765,7 @@ key_in = "{KEY16B}"
         )
         .unwrap();
         assert_eq!(c.interface.listen_port, 14501);
-        assert_eq!(c.peers[0].endpoint.to_string(), "192.0.2.2");
+        assert_eq!(c.peers[0].endpoint_text(), "192.0.2.2");
         assert!(matches!(
             c.peers[0].encap,
             EncapSpec::Esp {
@@ -768,13 +779,13 @@ key_in = "{KEY16B}"
             Path::new("."),
         )
         .unwrap();
-        assert_eq!(c.peers[0].endpoint.to_string(), "2001:db8::2");
+        assert_eq!(c.peers[0].endpoint_text(), "2001:db8::2");
         let c = Config::parse(
             &base("").replace("\"192.0.2.2\"", "\"2001:db8::2\""),
             Path::new("."),
         )
         .unwrap();
-        assert!(c.peers[0].endpoint.is_ipv6());
+        assert!(c.peers[0].endpoint.unwrap().is_ipv6());
         let e = err(&base("").replace("\"192.0.2.2\"", "\"::ffff:192.0.2.2\""));
         assert!(e.contains("IPv4 address itself"), "{e}");
         let e = err(&base("").replace("\"192.0.2.2\"", "\"192.0.2.2:4500\""));
@@ -836,6 +847,23 @@ mode = "ipip"
         assert!(c.warnings[0].contains("unencrypted"));
         let e = err(&format!("{text}cipher = \"aes-128-gcm\"\n"));
         assert!(e.contains("cipher") && e.contains("ipip"), "{e}");
+    }
+
+    /// Issue 29: a static-key ESP peer may leave `endpoint` out (learned); an ipip peer and
+    /// an IKEv2 peer may not, and the error says why.
+    #[test]
+    fn an_endpoint_is_learned_for_static_esp_only() {
+        let learned = base("").replace("endpoint = \"192.0.2.2\"\n", "");
+        let c = Config::parse(&learned, Path::new(".")).unwrap();
+        assert_eq!(c.peers[0].endpoint, None);
+        assert_eq!(c.peers[0].endpoint_text(), "(learned from its packets)");
+        assert_eq!(c.peer_families(&c.peers[0]), vec![false]);
+        let ipip = "[interface]\nname = \"espip0\"\n[[peer]]\nname = \"b\"\nallowed_ips = [\"10.4.2.5/32\"]\nmode = \"ipip\"\n";
+        let e = err(ipip);
+        assert!(e.contains("endpoint") && e.contains("ipip"), "{e}");
+        let ike = "[interface]\nname = \"espip0\"\nlocal = \"192.0.2.1\"\n[[peer]]\nname = \"b\"\nallowed_ips = [\"10.4.2.5/32\"]\nmode = \"esp\"\nkeying = \"ikev2\"\npsk_file = \"x.psk\"\n";
+        let e = err(ike);
+        assert!(e.contains("endpoint") && e.contains("ikev2"), "{e}");
     }
 
     #[test]

@@ -252,7 +252,7 @@ endpoint = "[2001:db8:12::2]:4501"
             ("lte", 4501, 1)
         );
         assert_eq!(p.endpoints().len(), 2);
-        assert_eq!(p.endpoint, m.paths[0].endpoint);
+        assert_eq!(p.endpoint, Some(m.paths[0].endpoint));
         match &p.encap {
             EncapSpec::Esp { replay_window, .. } => {
                 assert_eq!(*replay_window, super::MULTIPATH_REPLAY_WINDOW)
@@ -281,7 +281,7 @@ endpoint = "[2001:db8:12::2]:4501"
     fn mistakes_are_named_with_the_fix() {
         for (extra, paths, want) in [
             ("endpoint = \"192.0.2.2\"", TWO, "either one endpoint or several [[peer.path]]"),
-            ("", "", "(endpoint = \"192.0.2.2\"), or [[peer.path]]"),
+            ("scheduler = \"spread\"", "", "nothing for a peer with one endpoint"),
             ("scheduler = \"fastest\"", TWO, "\"spread\""),
             ("endpoint = \"192.0.2.2\"\nscheduler = \"spread\"", "", "nothing for a peer with one endpoint"),
             ("probe_interval_ms = 1", TWO, "probe_interval_ms"),

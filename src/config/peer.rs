@@ -63,13 +63,13 @@ pub(super) fn peer(
         (Some(raw), true) => {
             super::paths::refuse_path_settings(&p, &k)?;
             let (e, port) = endpoint(raw, mode, &k("endpoint"))?;
-            (e, port, None)
+            (Some(e), port, None)
         }
         (None, false) => {
             let pp = super::paths::paths(&p, mode, &k, warnings)?;
             let first = &pp.paths[0];
             let port = (first.port != 0).then_some(first.port);
-            (first.endpoint, port, Some(pp))
+            (Some(first.endpoint), port, Some(pp))
         }
         (Some(_), false) => {
             return Err(invalid(
@@ -78,12 +78,17 @@ pub(super) fn peer(
                 "either one endpoint or several [[peer.path]] tables, each with its own endpoint",
             ))
         }
+        // No endpoint: the peer's address is learned from its first authenticated packet.
         (None, true) => {
-            return Err(invalid(
-                k("endpoint"),
-                "(missing)",
-                "the peer's outer address (endpoint = \"192.0.2.2\"), or [[peer.path]] tables for several paths",
-            ))
+            super::paths::refuse_path_settings(&p, &k)?;
+            if mode == Mode::IpIp {
+                return Err(invalid(
+                    k("endpoint"),
+                    "(missing)",
+                    "the peer's outer address: mode = \"ipip\" tells peers apart by their outer address alone, so an ipip peer cannot be learned (an ESP peer without endpoint can)",
+                ));
+            }
+            (None, None, None)
         }
     };
     let multi = multipath.as_ref().is_some_and(|m| m.paths.len() > 1);
@@ -104,6 +109,13 @@ pub(super) fn peer(
     let ikev2 = super::ike::keying(&p, &k)?;
     let encap = match mode {
         _ if ikev2 => {
+            let Some(endpoint) = endpoint else {
+                return Err(invalid(
+                    k("endpoint"),
+                    "(missing)",
+                    "the peer's outer address: keying = \"ikev2\" needs it (a responder that finds its peer by identity is not built yet); static keys can learn it",
+                ));
+            };
             ike = Some(super::ike::ike_peer(
                 &p,
                 mode,

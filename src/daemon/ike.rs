@@ -163,7 +163,8 @@ fn engine_config(cfg: &Config, s: &IkePeer, p: &PeerSpec, local: IpAddr) -> IkeC
         retransmit_tries: RETRANSMIT_TRIES,
         local_ts: s.local_ts.iter().map(ts::from_prefix).collect(),
         remote_ts: p.allowed_ips.iter().map(ts::from_prefix).collect(),
-        remote: SocketAddr::new(p.endpoint, IKE_PORT),
+        // The configuration refuses an ikev2 peer without endpoint.
+        remote: SocketAddr::new(p.endpoint.unwrap_or(IpAddr::from([0, 0, 0, 0])), IKE_PORT),
         local,
         local_port: IKE_PORT,
         natt_port: cfg.interface.listen_port,
@@ -223,8 +224,8 @@ impl IkeDriver {
                 continue;
             };
             let local = sources.get(i).copied().unwrap_or(match p.endpoint {
-                IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
-                IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+                Some(IpAddr::V6(_)) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+                _ => std::net::Ipv4Addr::UNSPECIFIED.into(),
             });
             let ec = engine_config(cfg, s, p, local);
             let same = self.peers.iter().enumerate().position(|(j, q)| {

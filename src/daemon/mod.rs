@@ -151,6 +151,12 @@ pub fn tunnel_mtu(cfg: &Config) -> Result<u16, DaemonError> {
     }
     let mut mtu = u16::MAX;
     for p in &cfg.peers {
+        if p.endpoint.is_none() && p.multipath.is_none() {
+            // A learned endpoint has no route to ask yet: assume an Ethernet path (1500), as
+            // WireGuard's default MTU does; `interface.mtu` says otherwise.
+            let v6 = cfg.peer_families(p).contains(&true);
+            mtu = mtu.min(datapath::inner_mtu(1500, &p.encap, v6));
+        }
         // A multipath peer's packets may take any path: the smallest fits them all.
         for endpoint in p.endpoints() {
             let path = crate::sys::path_mtu(endpoint, cfg.interface.local).map_err(|source| {

@@ -196,7 +196,7 @@ impl Reloader<'_> {
                 }
                 EncapSpec::IpIp => (PROTO_IPIP, "ipip (raw sockets for protocols 4 and 41)"),
             };
-            for v6 in p.endpoints().iter().map(|e| e.is_ipv6()) {
+            for v6 in new.peer_families(p) {
                 if !self.transports.contains(&(v6, protocol)) {
                     return Err(format!(
                         "peer {:?} uses mode {what} over {}, which no peer used at start: restart espip to open it",

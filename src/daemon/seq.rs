@@ -143,7 +143,7 @@ mod tests {
         let key = KeyMaterial::new(Cipher::Aes128Gcm, &[7; 20]).unwrap();
         let peer = PeerSpec {
             name: "b".into(),
-            endpoint: "192.0.2.2".parse().unwrap(),
+            endpoint: Some("192.0.2.2".parse().unwrap()),
             allowed_ips: vec!["10.4.2.5/32".parse().unwrap()],
             encap: EncapSpec::Esp {
                 cipher: Cipher::Aes128Gcm,

@@ -250,7 +250,7 @@ impl Silence {
             if rx > last_rx {
                 st.unanswered_since = None;
                 if std::mem::replace(&mut st.silent, false) {
-                    info!(peer = %p.name, endpoint = %p.endpoint, "peer heard again");
+                    info!(peer = %p.name, endpoint = %p.endpoint_text(), "peer heard again");
                 }
             } else if tx > last_tx {
                 let since = *st.unanswered_since.get_or_insert(now);
@@ -275,7 +275,7 @@ impl Silence {
                     };
                     warn!(
                         peer = %p.name,
-                        endpoint = %p.endpoint,
+                        endpoint = %p.endpoint_text(),
                         "peer silent: packets sent for {} s, none received; check that its daemon runs, that keys and SPIs match, and that {proto} passes the firewalls between (expected on a one-way tunnel)",
                         SILENT_AFTER.as_secs()
                     );

@@ -238,7 +238,7 @@ fn open_sockets(cfg: &Config) -> Result<(Vec<RawSocket>, Vec<UdpEncapSocket>), D
         let peers = || {
             cfg.peers
                 .iter()
-                .filter(move |p| p.endpoints().iter().any(|e| e.is_ipv6() == v6))
+                .filter(move |p| cfg.peer_families(p).contains(&v6))
         };
         let uses = |f: fn(&EncapSpec) -> bool| peers().any(|p| f(&p.encap));
         let local = cfg.interface.local.filter(|l| l.is_ipv6() == v6);
@@ -428,7 +428,7 @@ fn open_ike_sockets(cfg: &Config) -> Result<Vec<std::net::UdpSocket>, DaemonErro
         let used = cfg.ike.iter().any(|s| {
             cfg.peers
                 .iter()
-                .any(|p| p.name == s.peer && p.endpoint.is_ipv6() == v6)
+                .any(|p| p.name == s.peer && p.endpoint.is_some_and(|e| e.is_ipv6() == v6))
         });
         if !used {
             continue;
@@ -538,9 +538,14 @@ fn kernel_settings(
 pub(super) fn outer_sources(cfg: &Config) -> Vec<IpAddr> {
     cfg.peers
         .iter()
-        .map(|p| {
-            crate::sys::source_for(p.endpoint, cfg.interface.local)
-                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        .map(|p| match p.endpoint {
+            Some(e) => crate::sys::source_for(e, cfg.interface.local)
+                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            // A learned endpoint: the source the kernel picks per packet.
+            None => cfg
+                .interface
+                .local
+                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
         })
         .collect()
 }

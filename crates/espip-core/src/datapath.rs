@@ -81,11 +81,14 @@ pub enum DropReason {
     /// For a peer keyed by IKEv2 that has no CHILD_SA (yet, or any more): nothing is sent
     /// in the clear instead.
     NoSa,
+    /// For a peer without a configured `endpoint` that has not yet sent an authenticated
+    /// packet: its address is not known.
+    NoEndpoint,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::NoRoute,
         DropReason::TooBig,
         DropReason::Malformed,
@@ -105,6 +108,7 @@ impl DropReason {
         DropReason::NonEsp,
         DropReason::Duplicate,
         DropReason::NoSa,
+        DropReason::NoEndpoint,
     ];
 
     /// The counter name (snake case, stable: used in logs, `show` and metrics).
@@ -129,6 +133,7 @@ impl DropReason {
             DropReason::NonEsp => "non_esp",
             DropReason::Duplicate => "duplicate",
             DropReason::NoSa => "no_sa",
+            DropReason::NoEndpoint => "no_endpoint",
         }
     }
 
@@ -159,6 +164,9 @@ pub struct PeerStats {
     /// peers that maps the peer's port elsewhere is followed (RFC 3948 NAT traversal; the
     /// address must still be the configured endpoint).
     pub udp_port_seen: AtomicU32,
+    /// A peer without a configured endpoint: the address (and UDP port) its last
+    /// authenticated packet came from, which the outbound half sends to.
+    pub learned: crate::endpoint::EndpointCell,
 }
 
 impl PeerStats {
@@ -176,6 +184,7 @@ impl PeerStats {
         ] {
             new.store(old.load(Relaxed), Relaxed);
         }
+        s.learned.copy_from(&old.learned);
         s
     }
 }
@@ -329,8 +338,9 @@ impl Lifetime {
 pub struct PeerSpec {
     /// Name for logs and status.
     pub name: String,
-    /// Outer destination.
-    pub endpoint: IpAddr,
+    /// Outer destination; `None`: learned from the peer's first authenticated packet and
+    /// followed when it moves (static-key ESP only).
+    pub endpoint: Option<IpAddr>,
     /// Inner prefixes routed to the peer and accepted from it.
     pub allowed_ips: Vec<Prefix>,
     /// Encapsulation.
@@ -351,8 +361,14 @@ impl PeerSpec {
     pub fn endpoints(&self) -> Vec<IpAddr> {
         match &self.multipath {
             Some(pp) => pp.paths.iter().map(|p| p.endpoint).collect(),
-            None => vec![self.endpoint],
+            None => self.endpoint.into_iter().collect(),
         }
+    }
+
+    /// The configured endpoint, or what stands for a learned one in messages.
+    pub fn endpoint_text(&self) -> String {
+        self.endpoint
+            .map_or("(learned from its packets)".into(), |e| e.to_string())
     }
 
     /// One line saying what the peer is (for `espip check` and the start log; never a key):
@@ -370,24 +386,27 @@ impl PeerSpec {
                 ..
             } => format!(
                 "ESP tunnel to {} ({}, out SPI {spi_out:#010x}, in SPI {spi_in:#010x}, replay window {replay_window}, esn {esn})",
-                match udp_port {
-                    Some(port) => format!(
-                        "{}:{port} in UDP (RFC 3948, from local port {listen_port})",
-                        self.endpoint
+                match (udp_port, self.endpoint) {
+                    (Some(port), Some(e)) => format!(
+                        "{e}:{port} in UDP (RFC 3948, from local port {listen_port})"
                     ),
-                    None => self.endpoint.to_string(),
+                    (Some(_), None) => format!(
+                        "an address learned from its packets, in UDP (RFC 3948, local port {listen_port})"
+                    ),
+                    (None, Some(e)) => e.to_string(),
+                    (None, None) => "an address learned from its packets".into(),
                 },
                 cipher.name()
             ),
             EncapSpec::IpIp => format!(
                 "IP-in-IP (protocol 4/41, unencrypted) to {}",
-                self.endpoint
+                self.endpoint_text()
             ),
             EncapSpec::EspPending { udp_port, .. } => format!(
                 "ESP tunnel to {}, keyed by IKEv2 (no CHILD_SA yet)",
                 match udp_port {
-                    Some(port) => format!("{}:{port} in UDP", self.endpoint),
-                    None => self.endpoint.to_string(),
+                    Some(port) => format!("{}:{port} in UDP", self.endpoint_text()),
+                    None => self.endpoint_text(),
                 }
             ),
         }
@@ -526,7 +545,8 @@ struct SaId {
 
 struct OutPeer {
     name: String,
-    endpoint: IpAddr,
+    /// `None`: learned ([`PeerStats::learned`]).
+    endpoint: Option<IpAddr>,
     /// UDP destination port of ESP in UDP; 0 for IP protocols 50, 4 and 41.
     port: u16,
     /// The SA and its identity; shared with the previous generation when it continues.
@@ -558,7 +578,8 @@ pub struct Outbound {
 }
 
 struct InPeer {
-    endpoint: IpAddr,
+    /// `None`: any source, learned once a packet authenticates.
+    endpoint: Option<IpAddr>,
     /// The peer's ESP arrives in UDP (RFC 3948), not as protocol 50.
     udp: bool,
     sa: Option<(SaId, InboundSa)>,
@@ -750,11 +771,7 @@ fn build_with(
         };
         match &p.encap {
             EncapSpec::IpIp => {
-                let endpoints: Vec<IpAddr> = match &p.multipath {
-                    Some(pp) => pp.paths.iter().map(|x| x.endpoint).collect(),
-                    None => vec![p.endpoint],
-                };
-                for e in endpoints {
+                for e in p.endpoints() {
                     match by_endpoint.insert(e, i) {
                         Some(j) if j != i => {
                             return Err(BuildError::DuplicateIpIpEndpoint {
@@ -939,6 +956,11 @@ impl Outbound {
             return Verdict::Drop(DropReason::NoSa);
         }
         let s = &*peer.stats;
+        // A peer whose address is learned: nothing to send to until it has sent (the port,
+        // for ESP in UDP, is `udp_port_seen`, set by the same packet).
+        let Some(endpoint) = peer.endpoint.or_else(|| s.learned.get().map(|a| a.ip())) else {
+            return Verdict::Drop(DropReason::NoEndpoint);
+        };
         let wire = match &peer.sa {
             Some((_, sa)) => {
                 if !peer.lifetime.take(&peer.used, len, now) {
@@ -960,10 +982,10 @@ impl Outbound {
                             seen => seen as u16,
                         };
                         Wire::EspInUdp {
-                            dst: SocketAddr::new(peer.endpoint, port),
+                            dst: SocketAddr::new(endpoint, port),
                         }
                     }
-                    Ok(_) => Wire::Esp { dst: peer.endpoint },
+                    Ok(_) => Wire::Esp { dst: endpoint },
                     Err(EspError::SeqExhausted) => return Verdict::Drop(DropReason::SeqExhausted),
                     Err(EspError::SeqUnreserved) => {
                         return Verdict::Drop(DropReason::SeqUnreserved)
@@ -973,7 +995,7 @@ impl Outbound {
             }
             None if peer.mp.is_some() => return self.schedule(idx, len, !inner.is_ipv4(), now),
             None => Wire::IpIp {
-                dst: peer.endpoint,
+                dst: endpoint,
                 inner_v6: !inner.is_ipv4(),
             },
         };
@@ -1051,7 +1073,13 @@ impl Outbound {
                     mp.stats[path].udp_port_seen.load(Relaxed),
                 )
             }
-            None => (p.endpoint, p.port, p.stats.udp_port_seen.load(Relaxed)),
+            None => (
+                p.endpoint
+                    .or_else(|| p.stats.learned.get().map(|a| a.ip()))
+                    .unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                p.port,
+                p.stats.udp_port_seen.load(Relaxed),
+            ),
         };
         match (&p.sa, port) {
             (None, _) => Wire::IpIp {
@@ -1304,7 +1332,9 @@ impl Inbound {
                 let peer = &mut self.peers[idx];
                 let path = match &peer.mp {
                     Some(mp) => mp.shared.path_from(outer_src),
-                    None => (peer.endpoint == outer_src).then_some(0),
+                    // A peer whose address is learned may send from anywhere: the ICV and the
+                    // replay window decide, and only then does its address move (below).
+                    None => peer.endpoint.map_or(true, |e| e == outer_src).then_some(0),
                 };
                 if path.is_none() || peer.udp != (protocol == PROTO_UDP) {
                     return Verdict::Drop(DropReason::WrongSource);
@@ -1333,6 +1363,12 @@ impl Inbound {
                             if seen.load(Relaxed) != u32::from(src_port) {
                                 seen.store(u32::from(src_port), Relaxed);
                             }
+                        }
+                        if peer.endpoint.is_none() && peer.mp.is_none() {
+                            // Authenticated and not a replay: the peer is here now.
+                            peer.stats
+                                .learned
+                                .learn(SocketAddr::new(outer_src, src_port), now);
                         }
                         peer.used.packets += 1;
                         peer.used.bytes += buf.len() as u64;

@@ -17,6 +17,7 @@
 
 pub mod buf;
 pub mod datapath;
+pub mod endpoint;
 pub mod gro;
 pub mod gso;
 pub mod ike;

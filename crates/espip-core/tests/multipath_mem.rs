@@ -36,7 +36,7 @@ fn spec(
     let port = if udp { 4500 } else { 0 };
     PeerSpec {
         name: name.into(),
-        endpoint: IpAddr::from(eps[0]),
+        endpoint: Some(IpAddr::from(eps[0])),
         allowed_ips: vec![allowed.parse().unwrap()],
         encap: EncapSpec::Esp {
             cipher: c,

@@ -58,7 +58,7 @@ fn allocations(f: impl FnOnce()) -> u64 {
 fn peer(name: &str, endpoint: &str, allowed: &str, encap: EncapSpec) -> PeerSpec {
     PeerSpec {
         name: name.into(),
-        endpoint: endpoint.parse().unwrap(),
+        endpoint: Some(endpoint.parse().unwrap()),
         allowed_ips: vec![allowed.parse().unwrap()],
         encap,
         route: true,

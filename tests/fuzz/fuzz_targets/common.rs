@@ -28,7 +28,7 @@ pub fn peers(esn: bool) -> Vec<PeerSpec> {
     vec![
         PeerSpec {
             name: "esp".into(),
-            endpoint: ESP_PEER.parse().unwrap(),
+            endpoint: Some(ESP_PEER.parse().unwrap()),
             allowed_ips: vec!["10.4.2.0/24".parse().unwrap(), "fd00::/64".parse().unwrap()],
             encap: EncapSpec::Esp {
                 cipher: Cipher::Aes128Gcm,
@@ -47,7 +47,7 @@ pub fn peers(esn: bool) -> Vec<PeerSpec> {
         },
         PeerSpec {
             name: "esp-udp".into(),
-            endpoint: UDP_PEER.parse().unwrap(),
+            endpoint: Some(UDP_PEER.parse().unwrap()),
             allowed_ips: vec!["10.6.0.0/16".parse().unwrap()],
             encap: EncapSpec::Esp {
                 cipher: Cipher::Aes128Gcm,
@@ -80,7 +80,7 @@ pub fn peers(esn: bool) -> Vec<PeerSpec> {
         },
         PeerSpec {
             name: "ipip".into(),
-            endpoint: IPIP_PEER.parse().unwrap(),
+            endpoint: Some(IPIP_PEER.parse().unwrap()),
             allowed_ips: vec!["10.5.0.0/16".parse().unwrap()],
             encap: EncapSpec::IpIp,
             route: true,

@@ -1,0 +1,238 @@
+//! Namespace tests of endpoints that move (issue 29): a server whose configuration names no
+//! address of its client learns it from the client's first authenticated packet and follows
+//! it when the client's address changes; forged and replayed packets from a new address move
+//! nothing.
+
+mod common;
+use common::*;
+use espip::lab::p2p::{A_INNER, A_OUTER, B_INNER, B_OUTER};
+use std::time::{Duration, Instant};
+
+/// A (client: knows B's address, has no `local`) and B (server: no `endpoint` for A).
+struct Roam {
+    a: Netns,
+    b: Netns,
+    daemons: Vec<Daemon>,
+    dir: PathBuf,
+}
+
+impl Drop for Roam {
+    fn drop(&mut self) {
+        for d in &mut self.daemons {
+            let _ = d.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+}
+
+impl Roam {
+    fn start(tag: &str, mode: LabMode) -> Roam {
+        let (a, b) = p2p::topology(tag).unwrap();
+        let dir = std::env::temp_dir().join(format!("espip-test-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
+        let mut daemons = Vec::new();
+        for me_a in [false, true] {
+            let host = if me_a { "a" } else { "b" };
+            let text = p2p::config_text(
+                mode,
+                me_a,
+                Some(&keys),
+                false,
+                &dir.join(format!("state-{host}")),
+            );
+            // The client's source follows its address (no `local`); the server names no
+            // address of the client.
+            let drop = if me_a { "local =" } else { "endpoint =" };
+            let text: String = text
+                .lines()
+                .filter(|l| !l.starts_with(drop))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let cfg = dir.join(format!("{host}.toml"));
+            write_private(&cfg, &text);
+            let ns = if me_a { &a } else { &b };
+            daemons
+                .push(Daemon::start(ns, &exe(), &cfg, &dir.join(format!("{host}.log"))).unwrap());
+        }
+        Roam { a, b, daemons, dir }
+    }
+
+    fn status(&self, host: &str) -> espip::status::Status {
+        status_at(&self.dir.join(format!("state-{host}/control.sock")))
+    }
+
+    fn logs(&self) -> String {
+        ["a", "b"]
+            .iter()
+            .map(|h| {
+                format!(
+                    "--- {h}.log\n{}\n",
+                    std::fs::read_to_string(self.dir.join(format!("{h}.log"))).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+}
+
+/// The address of an IPv4 endpoint shown as `address` or `address:port`.
+fn host(endpoint: &str) -> &str {
+    endpoint.split(':').next().unwrap_or_default()
+}
+
+/// Pings from `ns` to `to`: how many of `n` were answered.
+fn pings(ns: &Netns, to: &str, n: u32) -> usize {
+    let o = netns::run(
+        ns.command("ping")
+            .args(["-c", &n.to_string(), "-i", "0.2", "-W", "1", to]),
+    )
+    .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .matches("bytes from")
+        .count()
+}
+
+/// Move A's outer address from `from` to `to` (the /24 stays).
+fn move_a(r: &Roam, from: &str, to: &str) {
+    r.a.ip(&["addr", "del", &format!("{from}/24"), "dev", "veth0"])
+        .unwrap();
+    r.a.ip(&["addr", "add", &format!("{to}/24"), "dev", "veth0"])
+        .unwrap();
+}
+
+/// How long after `start` the first of a run of pings (one per 50 ms) is answered.
+fn outage(ns: &Netns, to: &str, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let o = netns::run(ns.command("ping").args(["-c", "1", "-W", "0.05", to])).unwrap();
+        if o.status.success() {
+            return Some(start.elapsed());
+        }
+    }
+    None
+}
+
+fn roams(mode: LabMode, tag: &str) {
+    let r = Roam::start(tag, mode);
+    // Before A has sent anything, B has nowhere to send: dropped and counted.
+    assert_eq!(pings(&r.b, A_INNER, 2), 0);
+    let st = r.status("b");
+    let p = &st.peers[0];
+    assert!(p.endpoint_learned, "{p:?}");
+    assert_eq!(p.endpoint, "(none yet)");
+    assert!(st.drops["no_endpoint"] >= 2, "{:?}", st.drops);
+    // A's first packet teaches B its address.
+    assert_eq!(pings(&r.a, B_INNER, 3), 3, "{}", r.logs());
+    let p = &r.status("b").peers[0];
+    assert_eq!(host(&p.endpoint), A_OUTER, "{p:?}");
+    assert!(p.endpoint_changed_unix.is_some());
+    assert_eq!(p.endpoint_moves, 0);
+    // A moves twice; B follows each time.
+    for (i, (from, to)) in [(A_OUTER, "192.0.2.11"), ("192.0.2.11", "192.0.2.12")]
+        .into_iter()
+        .enumerate()
+    {
+        move_a(&r, from, to);
+        let took = outage(&r.a, B_INNER, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("no answer 10 s after the move to {to}\n{}", r.logs()));
+        eprintln!("{tag}: after the move to {to}, the first ping answered in {took:?}");
+        assert_eq!(pings(&r.a, B_INNER, 3), 3, "{}", r.logs());
+        let p = &r.status("b").peers[0];
+        assert_eq!(host(&p.endpoint), to, "{p:?}");
+        assert_eq!(p.endpoint_moves, i as u64 + 1, "{p:?}");
+        // B's own pings reach A at its new address.
+        assert_eq!(pings(&r.b, A_INNER, 2), 2, "{}", r.logs());
+    }
+    let text = Command::new(exe())
+        .args(["show", "--socket"])
+        .arg(r.dir.join("state-b/control.sock"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("endpoint learned from the peer's packets:") && text.contains("2 moves"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_server_without_endpoint_learns_and_follows_a_roaming_client_over_esp() {
+    let Some(_g) = serial() else { return };
+    roams(LabMode::Esp(Cipher::Aes128Gcm), "roamesp");
+}
+
+#[test]
+fn a_server_without_endpoint_learns_and_follows_a_roaming_client_over_esp_in_udp() {
+    let Some(_g) = serial() else { return };
+    roams(LabMode::EspUdp(Cipher::Aes128Gcm), "roamudp");
+}
+
+/// From an address of its own, an attacker on the link sends B a forged ESP packet for A's
+/// SPI and a replay of a genuine one captured on the wire: B's endpoint for A stays where it
+/// was (the counters say bad_icv and replay), and B keeps answering A there.
+#[test]
+fn forged_and_replayed_packets_from_a_new_address_move_nothing() {
+    let Some(_g) = serial() else { return };
+    let r = Roam::start("roamforge", LabMode::Esp(Cipher::Aes128Gcm));
+    let pcap = r.dir.join("wire.pcap");
+    let mut dump =
+        r.b.command("tcpdump")
+            .args(["-i", "veth0", "-n", "-U", "-c", "2", "-w"])
+            .arg(&pcap)
+            .arg("esp and src host ".to_string() + A_OUTER)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(pings(&r.a, B_INNER, 3), 3, "{}", r.logs());
+    let _ = dump.wait();
+    let before = r.status("b");
+    assert_eq!(host(&before.peers[0].endpoint), A_OUTER);
+    // The attacker's address, on A's link.
+    r.a.ip(&["addr", "add", "192.0.2.66/24", "dev", "veth0"])
+        .unwrap();
+    let script = format!(
+        r#"
+from scapy.all import IP, ESP, Raw, rdpcap, send
+genuine = [p for p in rdpcap("{pcap}") if p.haslayer(ESP)][0]
+forged = IP(src="192.0.2.66", dst="{B_OUTER}") / ESP(spi={spi}, seq=1000) / Raw(b"\x00" * 80)
+replay = IP(src="192.0.2.66", dst="{B_OUTER}", proto=50) / Raw(bytes(genuine[IP].payload))
+send([forged, replay], verbose=0)
+"#,
+        pcap = pcap.display(),
+        spi = SPI_A_TO_B,
+    );
+    let o = netns::run(r.a.command("/usr/bin/python3").args(["-c", &script])).unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::thread::sleep(Duration::from_millis(300));
+    let after = r.status("b");
+    let d = |s: &espip::status::Status, k: &str| s.drops.get(k).copied().unwrap_or(0);
+    assert_eq!(
+        d(&after, "bad_icv"),
+        d(&before, "bad_icv") + 1,
+        "{:?}",
+        after.drops
+    );
+    assert_eq!(
+        d(&after, "replay"),
+        d(&before, "replay") + 1,
+        "{:?}",
+        after.drops
+    );
+    assert_eq!(after.peers[0].endpoint, before.peers[0].endpoint);
+    assert_eq!(after.peers[0].endpoint_moves, 0);
+    assert_eq!(pings(&r.b, A_INNER, 2), 2, "{}", r.logs());
+}
