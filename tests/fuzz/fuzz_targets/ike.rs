@@ -129,9 +129,9 @@ fuzz_target!(|data: &[u8]| {
     }
     // Whatever happened, what B sends on, A accepts.
     let (sa, sb) = (a.sas(), b.sas());
-    if let Some((spi, _, _)) = sb.out {
+    if let Some(out) = sb.out {
         assert!(
-            sa.ins.iter().any(|(s, _, _)| *s == spi) || sa.ins.is_empty(),
+            sa.ins.iter().any(|c| c.spi_in == out.spi_out) || sa.ins.is_empty(),
             "B sends on an SA A does not hold"
         );
     }
