@@ -15,7 +15,7 @@
 //! another user bound shows that user's uid). Answers are capped in size and what is printed
 //! from them is stripped of control characters.
 
-use crate::config::DEFAULT_CONTROL_DIR;
+use crate::config::{default_dir, in_init_netns, DEFAULT_CONTROL_DIR};
 use crate::config::{Config, KeyFiles};
 use crate::datapath::{DropReason, EncapSpec, Stats};
 use crate::status::{CaptureStatus, InterfaceStatus, PeerStatus, SaExport, SaIn, SaOut, Status};
@@ -991,29 +991,6 @@ pub fn clean(text: &str) -> String {
             }
         })
         .collect()
-}
-
-/// The directory of the default control sockets for this network namespace: `/run/espip` in
-/// the host's (init) namespace, `/run/espip/netns-<inode>` in any other, so daemons with the
-/// same interface name in two namespaces (labs, containers) do not meet, and `espip show` run
-/// inside a namespace finds that namespace's daemons. The namespace is named by the inode of
-/// `/proc/self/ns/net` (what `ip netns identify` compares); the init namespace's is the
-/// kernel's constant `PROC_NET_INIT_INO` (include/linux/proc_ns.h), since `/proc/1/ns/net`
-/// is not readable from inside another namespace.
-pub fn default_dir() -> PathBuf {
-    let base = Path::new(DEFAULT_CONTROL_DIR);
-    match std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()) {
-        Ok(ino) if ino != INIT_NET_INO => base.join(format!("netns-{ino}")),
-        _ => base.to_path_buf(),
-    }
-}
-
-/// `PROC_NET_INIT_INO`: the inode of the initial network namespace.
-const INIT_NET_INO: u64 = 0xEFFF_FFF9;
-
-/// Whether this process runs in the initial network namespace.
-pub fn in_init_netns() -> bool {
-    std::fs::metadata("/proc/self/ns/net").is_ok_and(|m| m.ino() == INIT_NET_INO)
 }
 
 /// The control sockets of every daemon using a default socket path, each with the network

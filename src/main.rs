@@ -29,7 +29,7 @@ impl Target {
     /// another one: the one named, or every daemon's with a default socket path (from the
     /// initial namespace, those of every namespace too).
     fn sockets(&self) -> Result<Vec<(PathBuf, Option<String>)>> {
-        let dir = &espip::control::default_dir();
+        let dir = &espip::config::default_dir();
         if let Some(s) = &self.socket {
             return Ok(vec![(s.clone(), None)]);
         }
@@ -198,7 +198,7 @@ fn show(target: &Target, json: bool) -> Result<()> {
     if listing && all.is_empty() && printed == 0 {
         bail!(
             "no espip daemon is running (the sockets in {} are left by stopped ones)",
-            espip::control::default_dir().display()
+            espip::config::default_dir().display()
         );
     }
     if json {

@@ -2,7 +2,7 @@
 //! pre-shared key instead of static keys. The settings follow strongSwan's `swanctl.conf`
 //! names and notation where they have one, so the two sides read alike.
 
-use super::peer::Mode;
+use super::mode::Mode;
 use super::raw::RawPeer;
 use super::{invalid, ConfigError};
 use crate::ike::proposal::{EspProposal, IkeProposal};

@@ -258,7 +258,7 @@ fn paths(
         Some(d) => d,
     };
     let control = match control {
-        None => crate::control::default_dir().join(format!("{name}.sock")),
+        None => super::default_dir().join(format!("{name}.sock")),
         Some(c) if c.as_os_str().is_empty() || c.file_name().is_none() => {
             return Err(invalid(
                 "interface.control",

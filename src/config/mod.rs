@@ -9,6 +9,7 @@ mod capture;
 mod ike;
 mod interface;
 mod keys;
+mod mode;
 mod nat;
 mod paths;
 mod peer;
@@ -18,7 +19,7 @@ use crate::datapath::PeerSpec;
 use crate::prefix::Prefix;
 pub use ike::{IkePeer, Role as IkeRole, DEFAULT_IKE_PROPOSAL};
 pub use keys::KeyFiles;
-pub use peer::Mode;
+pub use mode::Mode;
 use raw::{RawConfig, RawMetrics};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -140,6 +141,30 @@ pub const DEFAULT_CAPTURE_FILES: u32 = 4;
 
 /// Default directory of the control sockets.
 pub const DEFAULT_CONTROL_DIR: &str = "/run/espip";
+
+/// The directory of the default control sockets for this network namespace: `/run/espip` in
+/// the host's (init) namespace, `/run/espip/netns-<inode>` in any other, so daemons with the
+/// same interface name in two namespaces (labs, containers) do not meet, and `espip show` run
+/// inside a namespace finds that namespace's daemons. The namespace is named by the inode of
+/// `/proc/self/ns/net` (what `ip netns identify` compares); the init namespace's is the
+/// kernel's constant `PROC_NET_INIT_INO` (include/linux/proc_ns.h), since `/proc/1/ns/net`
+/// is not readable from inside another namespace.
+pub fn default_dir() -> PathBuf {
+    let base = Path::new(DEFAULT_CONTROL_DIR);
+    match std::fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m)) {
+        Ok(ino) if ino != INIT_NET_INO => base.join(format!("netns-{ino}")),
+        _ => base.to_path_buf(),
+    }
+}
+
+/// `PROC_NET_INIT_INO`: the inode of the initial network namespace.
+const INIT_NET_INO: u64 = 0xEFFF_FFF9;
+
+/// Whether this process runs in the initial network namespace.
+pub fn in_init_netns() -> bool {
+    std::fs::metadata("/proc/self/ns/net")
+        .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == INIT_NET_INO)
+}
 
 /// What the daemon does with the netfilter rules of the NAT helper.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! `[[peer.path]]` and the multipath settings of a peer (`scheduler`, `probe_interval_ms`,
 //! `dead_after`, `reorder_ms`, `reorder_packets`, `reorder_bytes`).
 
-use super::peer::{endpoint, Mode};
+use super::mode::{endpoint, Mode};
 use super::raw::RawPeer;
 use super::{invalid, ConfigError};
 use crate::multipath::{MultipathSpec, PathSpec, PeerPaths, Scheduler, MAX_PATHS};

@@ -1,48 +1,13 @@
 //! `[[peer]]`: one peer, its endpoint, allowed IPs, mode and SAs (keys read here, from the
 //! configuration or from key files checked as ssh checks a private key).
 
+use super::mode::{endpoint, Mode};
 use super::raw::{RawPeer, SpiValue};
 use super::{invalid, ConfigError, DEFAULT_REPLAY_WINDOW, MAX_REPLAY_WINDOW};
 use crate::datapath::{EncapSpec, Lifetime, PeerSpec};
 use crate::prefix::Prefix;
 use crate::sa::{Cipher, KeyMaterial};
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-
-/// `mode`: how a peer's packets travel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// ESP tunnel mode as IP protocol 50 (RFC 4303).
-    Esp,
-    /// ESP in UDP datagrams (RFC 3948).
-    EspUdp,
-    /// IP-in-IP (RFC 2003 / 4213), unprotected.
-    IpIp,
-}
-
-impl Mode {
-    /// The configuration's word for it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Esp => "esp",
-            Mode::EspUdp => "esp-udp",
-            Mode::IpIp => "ipip",
-        }
-    }
-
-    fn parse(key: String, s: &str) -> Result<Mode, ConfigError> {
-        [Mode::Esp, Mode::EspUdp, Mode::IpIp]
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| {
-                invalid(
-                    key,
-                    format!("{s:?}"),
-                    "\"esp\", \"esp-udp\" (ESP in UDP, RFC 3948) or \"ipip\"",
-                )
-            })
-    }
-}
 
 /// Validate one `[[peer]]`; `base` resolves key file paths; things allowed but probably not
 /// meant go to `warnings`.
@@ -169,56 +134,6 @@ pub(super) fn peer(
         },
         ike,
     ))
-}
-
-/// `endpoint` (named `key` in errors): an IPv4 or IPv6 unicast address, with a port only for
-/// ESP in UDP (`"[2001:db8::2]:4500"` for IPv6).
-pub(super) fn endpoint(
-    raw: &str,
-    mode: Mode,
-    key: &str,
-) -> Result<(IpAddr, Option<u16>), ConfigError> {
-    let shown = format!("{raw:?}");
-    let (endpoint, port): (IpAddr, Option<u16>) = match raw.trim().parse::<std::net::SocketAddr>()
-    {
-        Ok(sa) => (sa.ip(), Some(sa.port())),
-        Err(_) => (
-            raw.trim().parse().map_err(|_| {
-                invalid(
-                    key,
-                    &shown,
-                    "the peer's outer IPv4 or IPv6 address, e.g. \"192.0.2.2\" or \"2001:db8::2\" (with mode = \"esp-udp\" optionally a port: \"192.0.2.2:4500\", \"[2001:db8::2]:4500\")",
-                )
-            })?,
-            None,
-        ),
-    };
-    if port.is_some() && mode != Mode::EspUdp {
-        return Err(invalid(
-            key,
-            &shown,
-            "an address without a port: only mode = \"esp-udp\" (ESP in UDP) sends to a port",
-        ));
-    }
-    if port == Some(0) {
-        return Err(invalid(
-            key,
-            &shown,
-            "a UDP port from 1 to 65535 (4500 if left out)",
-        ));
-    }
-    let mapped = matches!(endpoint, IpAddr::V6(a) if a.to_ipv4_mapped().is_some());
-    if mapped {
-        return Err(invalid(
-            key,
-            endpoint,
-            "the IPv4 address itself, not its IPv4-mapped IPv6 form",
-        ));
-    }
-    if endpoint.is_unspecified() || endpoint.is_multicast() {
-        return Err(invalid(key, endpoint, "a unicast address"));
-    }
-    Ok((endpoint, port))
 }
 
 /// An ipip peer has no SA: any SA key is a mistake, named.

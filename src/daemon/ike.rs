@@ -19,8 +19,6 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::{info, warn};
 
-/// IKE's UDP port.
-pub const IKE_PORT: u16 = 500;
 /// How soon a waiting status refresh is made.
 pub(super) const IKE_TICK: std::time::Duration = std::time::Duration::from_millis(50);
 /// The engines' timers run when their `poll_timeout` says, but not more often than this
@@ -33,9 +31,6 @@ const TICK_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 const RETRANSMIT_MS: u64 = 500;
 /// Retransmissions before the peer counts as dead.
 const RETRANSMIT_TRIES: u32 = 4;
-
-/// A datagram for IKE that came on the ESP-in-UDP port (marker removed).
-pub(crate) type NattDatagram = (Vec<u8>, SocketAddr);
 
 /// One peer's engine and what it was made from.
 struct Peer {
@@ -164,9 +159,12 @@ fn engine_config(cfg: &Config, s: &IkePeer, p: &PeerSpec, local: IpAddr) -> IkeC
         local_ts: s.local_ts.iter().map(ts::from_prefix).collect(),
         remote_ts: p.allowed_ips.iter().map(ts::from_prefix).collect(),
         // The configuration refuses an ikev2 peer without endpoint.
-        remote: SocketAddr::new(p.endpoint.unwrap_or(IpAddr::from([0, 0, 0, 0])), IKE_PORT),
+        remote: SocketAddr::new(
+            p.endpoint.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            crate::wire::ip::IKE_PORT,
+        ),
         local,
-        local_port: IKE_PORT,
+        local_port: crate::wire::ip::IKE_PORT,
         natt_port: cfg.interface.listen_port,
         remote_natt_port: udp_port.unwrap_or(crate::wire::ip::IPSEC_NAT_T_PORT),
         force_encap: udp_port.is_some(),
@@ -629,7 +627,9 @@ fn keyed_with<'a>(engines: impl Iterator<Item = &'a Peer>, peers: &[PeerSpec]) -
                     let (spi_in, key_in, _) = ins.remove(at);
                     // ESP in UDP goes to the port IKE floated to (a NAT may map it).
                     let udp_port = match (udp_port, e.engine.peer_addr()) {
-                        (Some(_), Some(a)) if a.port() != IKE_PORT => Some(a.port()),
+                        (Some(_), Some(a)) if a.port() != crate::wire::ip::IKE_PORT => {
+                            Some(a.port())
+                        }
                         (u, _) => u,
                     };
                     q.encap = EncapSpec::Esp {

@@ -20,6 +20,7 @@
 //!
 //! A stop is an eventfd both threads poll.
 
+mod edges;
 mod ike;
 mod keylog;
 mod nexthop;
@@ -39,6 +40,7 @@ use crate::datapath;
 use crate::sys::capture::{Recorder, Taps};
 use crate::sys::seqstore::SeqError;
 use crate::telemetry::{EdgeStats, Generation, InboundHandoff};
+use edges::EdgeHandles;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use serve::Stop;
 use setup::Resources;
@@ -47,12 +49,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tracing::{debug, info, warn};
-use workers::{EdgeHandles, Workers};
+use workers::Workers;
 
-/// Packets per batch. Tuning constant: 64 amortises a syscall over enough packets that its
-/// cost disappears against AEAD, and keeps a batch in L2 cache (64 x 64 KiB buffers are
-/// allocated once per thread, but only the touched bytes are resident).
-pub const BATCH: usize = 64;
+pub use edges::BATCH;
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -300,7 +299,7 @@ struct Running {
     handoff: Arc<InboundHandoff>,
     reload_rx: tokio::sync::mpsc::Receiver<crate::control::ReloadRequest>,
     rekey_rx: tokio::sync::mpsc::Receiver<crate::control::RekeyRequest>,
-    natt_rx: Option<tokio::sync::mpsc::Receiver<ike::NattDatagram>>,
+    natt_rx: Option<tokio::sync::mpsc::Receiver<edges::NattDatagram>>,
 }
 
 /// Phase 2: the first generation of the data path, its threads, and the control side's view.

@@ -6,9 +6,8 @@
 //! It runs whether or not a peer has several paths (a reload may add one); without one it
 //! wakes once a second and does nothing.
 
+use super::edges::{wait, Edges};
 use super::send::send_verdicts;
-use super::tx::wait;
-use super::workers::Edges;
 use crate::datapath::Verdict;
 use crate::multipath::PathState;
 use crate::sys::capture::Recorder;

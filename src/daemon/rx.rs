@@ -9,10 +9,8 @@
 //!
 //! One RX thread runs per daemon.
 
+use super::edges::{debug_panic_requested, wait, Edges, BATCH, XSK_SLOTS};
 use super::send::{relay_batch, send_verdicts};
-use super::tx::wait;
-use super::workers::Edges;
-use super::BATCH;
 use crate::buf::{PacketBuf, MAX_PACKET};
 use crate::datapath::{Inbound, Verdict};
 use crate::gso::GsoError;
@@ -40,9 +38,6 @@ pub(super) const UDP_MSGS: usize = 8;
 /// at most six), a UDP socket per family, the merged IP-in-IP socket per family, and the
 /// `AF_XDP` sockets.
 const POLL_SLOTS: usize = 11 + XSK_SLOTS;
-
-/// `AF_XDP` sockets polled at most (`interface.rx_path = "xdp"`).
-pub(super) const XSK_SLOTS: usize = 2 * crate::sys::xsk::MAX_QUEUES as usize;
 
 /// An Ethernet header (the XDP program passes VLAN-tagged frames to the stack).
 const ETHERNET_HEADER: usize = 14;
@@ -118,7 +113,7 @@ pub(super) fn rx_loop(
         e,
         warn_write: RateLimit::default(),
     };
-    let panic_hook = super::workers::debug_panic_requested("rx");
+    let panic_hook = debug_panic_requested("rx");
     let mut xdp_stats_at = 0u64;
     loop {
         // The stop eventfd, up to three raw sockets and a UDP socket per address family, on

@@ -1,8 +1,6 @@
 //! Sending a batch's verdicts: raw sockets and the ESP-in-UDP socket, and the hub's relay.
 
-use super::tx::TX_BUFS;
-use super::workers::Edges;
-use super::BATCH;
+use super::edges::{Edges, BATCH, TX_BUFS};
 use crate::buf::PacketBuf;
 use crate::datapath::{Verdict, Wire};
 use crate::sys::capture::{Recorder, Tap};

@@ -2,7 +2,8 @@
 //! metrics endpoint answer from atomics; once a second the peers' silence and the SA
 //! lifetimes are checked.
 
-use super::ike::{IkeDriver, NattDatagram};
+use super::edges::NattDatagram;
+use super::ike::IkeDriver;
 use super::reload::Reloader;
 use super::seq::{extend_reservations, RESERVATION_TICK};
 use super::workers::Ended;

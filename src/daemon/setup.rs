@@ -393,8 +393,8 @@ fn open_xdp(cfg: &Config, rt: &tokio::runtime::Runtime) -> Vec<XdpRx> {
     let steer = xdp_steer(cfg);
     let mut v: Vec<XdpRx> = Vec::new();
     for ifindex in egress_interfaces(cfg, rt) {
-        // The RX thread polls at most two interfaces' sockets (`rx::XSK_SLOTS`).
-        if v.len() == super::rx::XSK_SLOTS / crate::sys::xsk::MAX_QUEUES as usize {
+        // The RX thread polls at most two interfaces' sockets (`edges::XSK_SLOTS`).
+        if v.len() == super::edges::XSK_SLOTS / crate::sys::xsk::MAX_QUEUES as usize {
             warn!("the XDP receive path is off for interface index {ifindex}: it serves at most two interfaces; its packets reach the raw sockets");
             continue;
         }
@@ -452,7 +452,7 @@ fn open_ike_sockets(cfg: &Config) -> Result<Vec<std::net::UdpSocket>, DaemonErro
             s.set_only_v6(true)
                 .map_err(|e| DaemonError::IkeSocket(addr, e))?;
         }
-        s.bind(&std::net::SocketAddr::new(addr, super::ike::IKE_PORT).into())
+        s.bind(&std::net::SocketAddr::new(addr, crate::wire::ip::IKE_PORT).into())
             .map_err(|e| DaemonError::IkeSocket(addr, e))?;
         v.push(s.into());
     }

@@ -13,40 +13,18 @@
 //!
 //! One TX thread runs per TUN queue (`interface.tx_threads`, one by default).
 
+use super::edges::{wait, Edges, BATCH, TX_BUFS};
 use super::send::send_verdicts;
-use super::workers::Edges;
-use super::BATCH;
 use crate::buf::{PacketBuf, MAX_PACKET};
 use crate::datapath::{DropReason, Verdict};
 use crate::sys::capture::{Recorder, Tap};
 use crate::telemetry::{EdgeStats, RateLimit};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 use std::io;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 use tracing::warn;
-
-/// TX buffers: a batch plus the segments of one more TSO packet (65535 / 536-byte MSS = 123).
-pub(super) const TX_BUFS: usize = BATCH + 128;
-
-/// Wait until one of `fds` is readable or `timeout` passes. `fds[0]` is the stop eventfd.
-/// Returns false when the thread must stop (stop requested, or poll failed, which is logged).
-pub(super) fn wait(fds: &mut [PollFd], timeout: PollTimeout, what: &str) -> bool {
-    loop {
-        match poll(fds, timeout) {
-            Ok(_) => break,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                warn!("poll on {what} failed: {e}; the thread stops");
-                return false;
-            }
-        }
-    }
-    !fds[0]
-        .revents()
-        .is_some_and(|r| r.intersects(PollFlags::POLLIN))
-}
 
 pub(super) fn tx_loop(e: &Edges, rec: &mut Recorder, clock: Instant) {
     // Room for a full batch plus the segments of one more TSO packet (64 KB at an MSS of 536).
@@ -56,7 +34,7 @@ pub(super) fn tx_loop(e: &Edges, rec: &mut Recorder, clock: Instant) {
     let mut warn_read = RateLimit::default();
     let mut warn_send = RateLimit::default();
     let mut warn_exhausted = RateLimit::default();
-    let panic_hook = super::workers::debug_panic_requested("tx");
+    let panic_hook = super::edges::debug_panic_requested("tx");
     loop {
         let mut fds = [
             PollFd::new(e.stop.as_fd(), PollFlags::POLLIN),

@@ -3,15 +3,11 @@
 //! unwind); the serving loop wakes on it, stops the daemon cleanly and exits non-zero with the
 //! thread's name and why it ended.
 
+use super::edges::EdgeHandles;
 use super::{probe, rx, tx};
 use crate::datapath::Inbound;
 use crate::sys::capture::Recorder;
-use crate::sys::packet::{NextHops, PacketSocket};
-use crate::sys::raw::RawSocket;
-use crate::sys::tun::Tun;
-use crate::sys::udp::UdpEncapSocket;
 use crate::sys::xsk::XdpRx;
-use crate::telemetry::{Current, EdgeStats, InboundHandoff};
 use nix::sys::eventfd::EventFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -37,15 +33,6 @@ pub(super) struct Workers {
     rx: Option<JoinHandle<()>>,
     probe: Option<JoinHandle<()>>,
     stop: Arc<EventFd>,
-}
-
-/// A debug-build hook for the supervision test: `ESPIP_DEBUG_PANIC=tx` (or `rx`) makes that
-/// thread panic at its first packet. Compiled out of release builds.
-pub(super) fn debug_panic_requested(thread: &str) -> bool {
-    cfg!(debug_assertions)
-        && std::env::var("ESPIP_DEBUG_PANIC")
-            .map(|v| v == thread)
-            .unwrap_or(false)
 }
 
 impl Workers {
@@ -143,63 +130,3 @@ const TX_NAMES: [&str; 8] = [
     "espip-tx6",
     "espip-tx7",
 ];
-
-/// What each data-path thread owns a share of; [`EdgeHandles::edges`] lends it out.
-#[derive(Clone)]
-pub(super) struct EdgeHandles {
-    pub(super) tun: Arc<Vec<Tun>>,
-    pub(super) sockets: Arc<Vec<RawSocket>>,
-    pub(super) udp: Arc<Vec<UdpEncapSocket>>,
-    pub(super) stop: Arc<EventFd>,
-    pub(super) edge: Arc<EdgeStats>,
-    pub(super) current: Arc<Current>,
-    pub(super) handoff: Arc<InboundHandoff>,
-    /// Where the RX thread hands IKE messages from the ESP-in-UDP port (ikev2 peers only).
-    pub(super) natt: Option<tokio::sync::mpsc::Sender<super::ike::NattDatagram>>,
-    /// The next hops the `AF_PACKET` sockets may send to.
-    pub(super) hops: Arc<arc_swap::ArcSwap<NextHops>>,
-    /// The `AF_PACKET` sockets, one per egress interface (empty: raw sockets only).
-    pub(super) packet: Arc<Vec<PacketSocket>>,
-}
-
-impl EdgeHandles {
-    /// What TX thread `queue` (or the RX thread, queue 0) works with.
-    pub(super) fn edges(&self, queue: usize) -> Edges<'_> {
-        Edges {
-            tun: &self.tun[queue],
-            queues: &self.tun,
-            sockets: &self.sockets,
-            udp: &self.udp,
-            stop: &self.stop,
-            edge: &self.edge,
-            current: &self.current,
-            handoff: &self.handoff,
-            natt: self.natt.as_ref(),
-            hops: &self.hops,
-            packet: &self.packet,
-        }
-    }
-}
-
-/// The kernel objects and shared counters a data-path thread works with.
-pub(super) struct Edges<'a> {
-    /// This thread's TUN queue (TX: the one it reads; ICMP errors go back on it).
-    pub(super) tun: &'a Tun,
-    /// Every queue of the TUN (the RX thread writes a flow to the queue its hash picks, so
-    /// the kernel sends that flow's packets to the same TX thread).
-    pub(super) queues: &'a [Tun],
-    pub(super) sockets: &'a [RawSocket],
-    pub(super) udp: &'a [UdpEncapSocket],
-    pub(super) stop: &'a EventFd,
-    pub(super) edge: &'a EdgeStats,
-    /// The current generation (peers, SAs, configuration), loaded once per batch.
-    pub(super) current: &'a Current,
-    /// A new inbound half for the RX thread after a reload.
-    pub(super) handoff: &'a InboundHandoff,
-    /// IKE on the ESP-in-UDP port goes here (ikev2 peers only).
-    pub(super) natt: Option<&'a tokio::sync::mpsc::Sender<super::ike::NattDatagram>>,
-    /// The next hops the `AF_PACKET` sockets may send to.
-    pub(super) hops: &'a arc_swap::ArcSwap<NextHops>,
-    /// The `AF_PACKET` sockets.
-    pub(super) packet: &'a [PacketSocket],
-}

@@ -8,7 +8,7 @@
 //! |                    Destination Address                        |
 //! ```
 
-use super::ip::{fold, sum_words};
+use super::checksum::{fold, sum_words};
 use super::{Field, Malformed};
 use std::net::Ipv4Addr;
 

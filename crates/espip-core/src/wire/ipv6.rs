@@ -7,7 +7,7 @@
 //! |              Destination Address (16 octets)                  |
 //! ```
 
-use super::ip::sum_words;
+use super::checksum::sum_words;
 use super::{Field, Malformed};
 use std::net::Ipv6Addr;
 

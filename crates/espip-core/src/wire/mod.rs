@@ -2,6 +2,7 @@
 //! modules, `new_checked` for untrusted input after which no accessor panics, setters only on
 //! mutable buffers.
 
+pub mod checksum;
 pub mod esp;
 pub mod icmp;
 pub mod ip;
