@@ -91,7 +91,7 @@ impl Reloader<'_> {
         let summary = summarize(&old.cfg, &cfg);
         let sources = super::setup::outer_sources(&cfg);
         let next = Generation {
-            sent_from: super::sent_from(&cfg, &sources),
+            sent_from: super::setup::sent_from(&cfg, &sources),
             sources,
             outbound,
             cfg: Arc::new(cfg),
@@ -207,7 +207,7 @@ impl Reloader<'_> {
             }
         }
         if new.interface.mtu.is_none() {
-            let mtu = super::tunnel_mtu(new).map_err(|e| e.to_string())?;
+            let mtu = super::setup::tunnel_mtu(new).map_err(|e| e.to_string())?;
             if mtu != self.live.mtu {
                 return Err(format!(
                     "the tunnel MTU would change from {} to {mtu} (the path MTU to a new endpoint is smaller): restart espip, or set interface.mtu",

@@ -10,8 +10,8 @@
 //! settings, the data path and its sequence reservations, netfilter rules last; then the
 //! capture directory and the privilege drop, while the process has one thread.
 
+use super::error::DaemonError;
 use super::seq::reserve_initial;
-use super::DaemonError;
 use crate::config::Config;
 use crate::control::ControlSocket;
 use crate::datapath::{self, EncapSpec, Inbound, Outbound, Stats, TunnelSpec};
@@ -89,7 +89,7 @@ impl Resources {
         cfg: &Config,
         rt: &tokio::runtime::Runtime,
     ) -> Result<Resources, DaemonError> {
-        let mtu = super::tunnel_mtu(cfg)?;
+        let mtu = tunnel_mtu(cfg)?;
         // Sockets first: a missing privilege fails before any device exists.
         let (sockets, udp) = open_sockets(cfg)?;
         let ike = open_ike_sockets(cfg)?;
@@ -632,4 +632,57 @@ impl Drop for RulesGuard {
             Err(e) => warn!("removing netfilter rules: {e}"),
         }
     }
+}
+
+/// The tunnel MTU: the configured one, or the smallest path MTU to any endpoint minus the
+/// encapsulation overhead.
+pub fn tunnel_mtu(cfg: &Config) -> Result<u16, DaemonError> {
+    if let Some(m) = cfg.interface.mtu {
+        return Ok(m);
+    }
+    let mut mtu = u16::MAX;
+    for p in &cfg.peers {
+        if p.endpoint.is_none() && p.multipath.is_none() {
+            // A learned endpoint has no route to ask yet: assume an Ethernet path (1500), as
+            // WireGuard's default MTU does; `interface.mtu` says otherwise.
+            let v6 = cfg.peer_families(p).contains(&true);
+            mtu = mtu.min(datapath::inner_mtu(1500, &p.encap, v6));
+        }
+        // A multipath peer's packets may take any path: the smallest fits them all.
+        for endpoint in p.endpoints() {
+            let path = crate::sys::path_mtu(endpoint, cfg.interface.local).map_err(|source| {
+                DaemonError::NoRouteToPeer {
+                    peer: p.name.clone(),
+                    endpoint,
+                    source,
+                }
+            })?;
+            mtu = mtu.min(datapath::inner_mtu(path, &p.encap, endpoint.is_ipv6()));
+        }
+    }
+    let floor = if cfg.interface.addresses.iter().any(|a| a.addr.is_ipv6()) {
+        crate::config::MIN_MTU_V6
+    } else {
+        crate::config::MIN_MTU_V4
+    };
+    Ok(mtu.max(floor))
+}
+
+/// (endpoint, source) of every peer's every path, for the outer tap's synthesised headers
+/// and the Wireshark SA lines. `sources`: the source of each peer's (first) endpoint.
+pub(super) fn sent_from(cfg: &Config, sources: &[IpAddr]) -> Vec<(IpAddr, IpAddr)> {
+    let mut v = Vec::new();
+    for (p, s) in cfg.peers.iter().zip(sources) {
+        for (i, e) in p.endpoints().into_iter().enumerate() {
+            let src = match i {
+                0 => *s,
+                _ => crate::sys::source_for(e, cfg.interface.local).unwrap_or(match e {
+                    IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                    IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+                }),
+            };
+            v.push((e, src));
+        }
+    }
+    v
 }
