@@ -1,0 +1,198 @@
+//! The control side of a running daemon: the Unix control socket (`espip show`, `espip sa`),
+//! the Prometheus metrics endpoint, and the snapshot both serve. `server.rs` answers on the
+//! control socket, `client.rs` asks it, `snapshot.rs` builds the `Status` both show, and
+//! `metrics.rs` serves it to Prometheus.
+//!
+//! Control protocol: the client connects, writes one request line (`status`, `sa`, or
+//! `sa-keys` for the Wireshark lines with keys, or `reload` followed by a JSON document up
+//! to the end of its stream: the configuration, the key files it names, and the state files
+//! of its keys as descriptors passed with `SCM_RIGHTS`), and reads one JSON document until
+//! the daemon closes the connection.
+//!
+//! Who may ask (docs/security.md): the socket is bound by root, before the privilege drop, in
+//! a directory only root can write ([`PrivateDir`]), with mode 0600; the daemon answers only
+//! callers whose kernel-checked credentials (`SO_PEERCRED`) are root's. The client checks the
+//! other way round: the socket and its directory belong to root, and the process that listens
+//! on it was root when it called `listen` (the daemon binds before it drops root; a socket
+//! another user bound shows that user's uid). Answers are capped in size and what is printed
+//! from them is stripped of control characters.
+
+mod client;
+mod metrics;
+mod server;
+mod snapshot;
+
+pub use client::*;
+pub use metrics::serve_metrics;
+pub use server::*;
+pub use snapshot::Live;
+
+use crate::config::Config;
+use crate::config::DEFAULT_CONTROL_DIR;
+use crate::sys::safefs::PrivateDir;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 64;
+/// Largest reload document accepted (a configuration of a thousand peers is far below).
+const MAX_RELOAD: usize = 1 << 20;
+/// Most descriptors a reload may pass (one state file per key; the kernel passes at most
+/// 253 in one message).
+const MAX_FDS: usize = 250;
+/// How long a reload may take in the daemon (netlink, fsyncs) before the client is told.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client that sends nothing (or reads nothing) for this long is disconnected.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections served at once on each listener; more wait in the kernel's backlog, costing
+/// the daemon no descriptor. Tuning constant: far above what `espip show` and a Prometheus
+/// scraper need, far below the descriptor limit.
+const MAX_CLIENTS: usize = 16;
+/// Back-off after `accept` fails for want of descriptors or memory (EMFILE, ENFILE,
+/// ENOBUFS, ENOMEM): the pending connection stays queued, so retrying at once would spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Largest answer the client reads (a status of a thousand peers is under 1 MiB).
+pub const MAX_REPLY: usize = 4 << 20;
+
+/// Why the control socket could not be set up or reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Another daemon answers on the socket.
+    #[error("another espip is running for interface {iface}: its control socket {path} answers; stop it first (or give this one another interface.name)")]
+    InUse {
+        /// Interface name.
+        iface: String,
+        /// Socket path.
+        path: PathBuf,
+    },
+    /// Something that is not a socket is in the way.
+    #[error("{0} exists and is not a socket; remove it or set interface.control to another path")]
+    NotASocket(PathBuf),
+    /// The OS refused.
+    #[error("control socket {0}: {1}")]
+    Io(PathBuf, io::Error),
+    /// Nothing listens there.
+    #[error("no espip daemon answers on {0} ({1}); is it running, and are you root?")]
+    NotRunning(PathBuf, io::Error),
+    /// The socket or the process behind it is not the root daemon's.
+    #[error("{0}: {1}; refusing to talk to it (an espip daemon's socket is root's, in a directory only root can write)")]
+    NotTrusted(PathBuf, String),
+    /// The daemon refused the request.
+    #[error("the daemon at {0} refused: {1}")]
+    Refused(PathBuf, String),
+}
+
+/// The bound control socket; the file is removed on drop.
+pub struct ControlSocket {
+    listener: Option<UnixListener>,
+    path: PathBuf,
+    ino: u64,
+}
+
+impl ControlSocket {
+    /// Bind `path` with mode 0600. A socket left by a killed daemon (nobody answers) is
+    /// replaced; one that answers means another daemon runs for this interface.
+    pub fn bind(path: &Path, iface: &str) -> Result<ControlSocket, ControlError> {
+        let io_err = |e| ControlError::Io(path.to_path_buf(), e);
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| io_err(io::Error::other("not a file name")))?;
+        // Root's own directory: no other user can replace the socket or plant one.
+        let dir = PrivateDir::open(dir).map_err(|e| {
+            ControlError::Io(
+                path.to_path_buf(),
+                io::Error::other(format!(
+                    "{e} (interface.control must be in a directory of root's, e.g. {DEFAULT_CONTROL_DIR})"
+                )),
+            )
+        })?;
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if !m.file_type().is_socket() => {
+                return Err(ControlError::NotASocket(path.to_path_buf()))
+            }
+            Ok(_) => {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(ControlError::InUse {
+                        iface: iface.to_string(),
+                        path: path.to_path_buf(),
+                    });
+                }
+                dir.remove(name).map_err(io_err)?;
+            }
+            Err(_) => {}
+        }
+        // The socket is born 0600: no window in which another user could connect.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+        let bound = UnixListener::bind(path);
+        nix::sys::stat::umask(old);
+        let listener = bound.map_err(io_err)?;
+        listener.set_nonblocking(true).map_err(io_err)?;
+        let ino = std::fs::metadata(path).map_err(io_err)?.ino();
+        Ok(ControlSocket {
+            listener: Some(listener),
+            path: path.to_path_buf(),
+            ino,
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Take the listener (for the server task); the file stays until `self` drops.
+    pub fn take(&mut self) -> Option<UnixListener> {
+        self.listener.take()
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        // Only remove the file if it is still ours. After the privilege drop the directory is
+        // not writable any more and the inert socket stays until the next start replaces it
+        // (clients skip a socket nobody answers on).
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A reload asked for on the control socket, for the serving loop.
+pub struct ReloadRequest {
+    /// The configuration, parsed and validated with the key files the client sent.
+    pub cfg: Config,
+    /// State files of the configuration's keys, opened by root in the client: (fingerprint,
+    /// file).
+    pub key_files: Vec<(String, std::fs::File)>,
+    /// The answer: a summary of what changed, or why nothing did.
+    pub reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+}
+
+/// `espip rekey`: rekey the CHILD_SAs (or the IKE SA) of IKEv2 peers now, for the serving
+/// loop.
+pub struct RekeyRequest {
+    /// Only this peer (`None`: every IKEv2 peer).
+    pub peer: Option<String>,
+    /// The IKE SA instead of the CHILD_SAs.
+    pub ike: bool,
+    /// What was started, or why nothing was.
+    pub reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+}
+
+/// What `espip reload` sends after its request line.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct ReloadDocument {
+    /// The configuration text.
+    pub config: zeroize::Zeroizing<String>,
+    /// Its directory (relative key file paths are resolved against it).
+    pub base: PathBuf,
+    /// The key files it names, as read (with the checks of a start) by root.
+    pub files: Vec<(PathBuf, zeroize::Zeroizing<String>)>,
+    /// Key fingerprints of the descriptors passed with the request, in order.
+    pub keys: Vec<String>,
+}
