@@ -9,7 +9,11 @@
 //! - this crate: the edges ([`sys`], [`daemon`], [`control`], [`config`], [`lab`]): the kernel,
 //!   files, processes and the command line.
 
-pub use espip_core::{buf, datapath, gro, gso, ike, multipath, nat, prefix, replay, sa, wire};
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+pub use espip_core::{
+    buf, datapath, endpoint, gro, gso, ike, multipath, nat, prefix, replay, sa, wire,
+};
 
 pub mod config;
 pub mod control;

@@ -29,6 +29,7 @@ pub use snapshot::Live;
 
 use crate::config::Config;
 use crate::config::DEFAULT_CONTROL_DIR;
+use crate::sys::fdpass::MAX_FDS;
 use crate::sys::safefs::PrivateDir;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -40,9 +41,6 @@ use std::time::Duration;
 const MAX_REQUEST: usize = 64;
 /// Largest reload document accepted (a configuration of a thousand peers is far below).
 const MAX_RELOAD: usize = 1 << 20;
-/// Most descriptors a reload may pass (one state file per key; the kernel passes at most
-/// 253 in one message).
-const MAX_FDS: usize = 250;
 /// How long a reload may take in the daemon (netlink, fsyncs) before the client is told.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client that sends nothing (or reads nothing) for this long is disconnected.

@@ -132,7 +132,7 @@ async fn read_request(
     loop {
         conn.readable().await?;
         let n = match conn.try_io(tokio::io::Interest::READABLE, || {
-            recv_with_fds(conn.as_raw_fd(), &mut chunk, &mut fds)
+            crate::sys::fdpass::recv_with_fds(conn.as_raw_fd(), &mut chunk, &mut fds)
         }) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -171,37 +171,4 @@ async fn read_request(
             return Ok((line, doc, fds));
         }
     }
-}
-
-/// One `recvmsg` on a control connection: bytes into `buf`, passed descriptors onto `fds`.
-fn recv_with_fds(
-    fd: std::os::fd::RawFd,
-    buf: &mut [u8],
-    fds: &mut Vec<std::os::fd::OwnedFd>,
-) -> io::Result<usize> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    use std::os::fd::FromRawFd;
-    let mut iov = [io::IoSliceMut::new(buf)];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS]);
-    let msg = recvmsg::<()>(
-        fd,
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-    )
-    .map_err(io::Error::from)?;
-    for c in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(v) = c {
-            // SAFETY: the kernel just installed these descriptors in this process for us;
-            // nothing else owns them.
-            fds.extend(
-                v.into_iter()
-                    .map(|f| unsafe { std::os::fd::OwnedFd::from_raw_fd(f) }),
-            );
-        }
-    }
-    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-        return Err(io::Error::other("descriptors truncated"));
-    }
-    Ok(msg.bytes)
 }

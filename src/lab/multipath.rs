@@ -138,16 +138,8 @@ impl Lab {
         let mut cmd = self.m[link].command(exe);
         // A lab killed outright takes its relays with it (`ip netns exec` execs the relay,
         // which keeps the parent-death signal); a kept lab leaves them to `espip lab down`.
-        // SAFETY: prctl is async-signal-safe and touches only the child being set up.
         if !self.keep {
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            crate::sys::proc::die_with_parent(&mut cmd);
         }
         let child = cmd
             .args(["lab-tool", "relay", "--ifaces", "mid-a", "mid-b"])

@@ -10,9 +10,10 @@
 //! (`--cut FILE`: while it exists, nothing passes either way) lets the lab cut the link and
 //! restore it.
 
+use crate::sys::link::LinkSocket;
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -31,72 +32,6 @@ pub struct RelayOptions {
     pub loss: f64,
     /// While this file exists, the link is cut.
     pub cut: Option<PathBuf>,
-}
-
-/// A packet socket bound to one interface, all protocols, not seeing its own sends.
-fn packet_socket(iface: &str) -> io::Result<OwnedFd> {
-    let proto = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: plain socket(2); the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            i32::from(proto),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a new descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let index = nix::net::if_::if_nametoindex(iface)
-        .map_err(|e| io::Error::other(format!("interface {iface}: {e}")))?;
-    // SAFETY: sockaddr_ll is plain old data; zero is valid.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = proto;
-    sll.sll_ifindex = index as i32;
-    // SAFETY: sll is a valid sockaddr_ll of the given length.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    use crate::sys::set_int;
-    set_int(&fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1)?;
-    // A large receive buffer: the relay holds frames, the kernel should not drop them first
-    // (best effort: FORCE needs CAP_NET_ADMIN).
-    let _ = set_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 32 << 20);
-    // And a large send buffer: frames written wait in the link's `tbf` (50 ms of queue), and
-    // each counts against this buffer until it leaves. The default (208 KB, about 90 frames)
-    // was the smaller limit: 10 ms at 100 Mbit/s, so link 1 refused frames at a fifth of the
-    // queue the lab configures.
-    let _ = set_int(&fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 32 << 20);
-    // Each frame comes and goes with its virtio-net header: a frame whose checksum the
-    // sender left to offload (CHECKSUM_PARTIAL, as the veth's TCP and UDP are) keeps that
-    // state on the way out instead of arriving with a wrong checksum.
-    set_int(&fd, libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1)?;
-    // Frames for other hosts' MAC addresses must reach the socket.
-    // SAFETY: packet_mreq is plain old data.
-    let mut mr: libc::packet_mreq = unsafe { std::mem::zeroed() };
-    mr.mr_ifindex = index as i32;
-    mr.mr_type = libc::PACKET_MR_PROMISC as u16;
-    // SAFETY: setsockopt with a packet_mreq of the right size.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_ADD_MEMBERSHIP,
-            (&mr as *const libc::packet_mreq).cast(),
-            std::mem::size_of::<libc::packet_mreq>() as u32,
-        );
-    }
-    Ok(fd)
 }
 
 /// xorshift64*: the loss decisions (no cryptographic need).
@@ -126,8 +61,8 @@ pub struct RelayCounts {
 
 /// Relay one direction, from `rx` to `tx`, until `stop` is set.
 fn direction(
-    rx: &OwnedFd,
-    tx: &OwnedFd,
+    rx: &LinkSocket,
+    tx: &LinkSocket,
     opts: &RelayOptions,
     seed: u64,
     stop: &std::sync::atomic::AtomicBool,
@@ -150,19 +85,7 @@ fn direction(
         let mut fds = [PollFd::new(rx.as_fd(), PollFlags::POLLIN)];
         let _ = poll(&mut fds, timeout);
         let cut = opts.cut.as_ref().is_some_and(|p| p.exists());
-        loop {
-            // SAFETY: recv into our buffer, non-blocking.
-            let n = unsafe {
-                libc::recv(
-                    rx.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n <= 0 {
-                break;
-            }
+        while let Some(n) = rx.recv(&mut buf) {
             c.frames += 1;
             if cut {
                 c.cut += 1;
@@ -178,7 +101,7 @@ fn direction(
             }
             let mut v = spare.pop().unwrap_or_default();
             v.clear();
-            v.extend_from_slice(&buf[..n as usize]);
+            v.extend_from_slice(&buf[..n]);
             held.push_back((Instant::now() + opts.delay, v));
         }
         // Sub-millisecond remainders: wait them out rather than send early.
@@ -191,16 +114,7 @@ fn direction(
         let now = Instant::now();
         while held.front().is_some_and(|(due, _)| *due <= now) {
             let (_, frame) = held.pop_front().expect("front");
-            // SAFETY: send a frame we own on a bound packet socket.
-            let rc = unsafe {
-                libc::send(
-                    tx.as_raw_fd(),
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if rc < 0 {
+            if !tx.send(&frame) {
                 c.refused += 1;
             }
             if spare.len() < 1024 {
@@ -213,12 +127,10 @@ fn direction(
 
 /// Run the relay until SIGTERM or SIGINT; returns each direction's counts.
 pub fn run(opts: &RelayOptions) -> io::Result<[RelayCounts; 2]> {
-    let a = packet_socket(&opts.ifaces[0])?;
-    let b = packet_socket(&opts.ifaces[1])?;
+    let a = LinkSocket::open(&opts.ifaces[0])?;
+    let b = LinkSocket::open(&opts.ifaces[1])?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [signal_hook_like::SIGTERM, signal_hook_like::SIGINT] {
-        signal_hook_like::flag(sig, stop.clone())?;
-    }
+    crate::sys::proc::set_flag_on_signals(stop.clone())?;
     let seed = std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15;
     let counts = std::thread::scope(|s| {
         let ab = s.spawn(|| direction(&a, &b, opts, seed, &stop));
@@ -226,34 +138,4 @@ pub fn run(opts: &RelayOptions) -> io::Result<[RelayCounts; 2]> {
         [ab.join().unwrap_or_default(), ba.join().unwrap_or_default()]
     });
     Ok(counts)
-}
-
-/// Setting a flag on a signal, with nix only.
-mod signal_hook_like {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, OnceLock};
-
-    pub use nix::sys::signal::Signal::{SIGINT, SIGTERM};
-
-    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-
-    extern "C" fn on_signal(_: libc::c_int) {
-        if let Some(f) = FLAG.get() {
-            f.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Set `flag` when `sig` arrives (one flag for the process).
-    pub fn flag(sig: nix::sys::signal::Signal, flag: Arc<AtomicBool>) -> std::io::Result<()> {
-        let _ = FLAG.set(flag);
-        let action = nix::sys::signal::SigAction::new(
-            nix::sys::signal::SigHandler::Handler(on_signal),
-            nix::sys::signal::SaFlags::empty(),
-            nix::sys::signal::SigSet::empty(),
-        );
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { nix::sys::signal::sigaction(sig, &action) }
-            .map(|_| ())
-            .map_err(std::io::Error::from)
-    }
 }

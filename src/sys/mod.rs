@@ -3,14 +3,17 @@
 
 pub mod bpf;
 pub mod capture;
+pub mod fdpass;
 pub mod grorx;
 pub mod hooks;
 pub mod iptables;
 pub mod kstats;
+pub mod link;
 mod mmsg;
 pub mod netlink;
 pub mod packet;
 pub mod privdrop;
+pub mod proc;
 pub mod raw;
 pub mod safefs;
 pub mod seqstore;

@@ -187,9 +187,11 @@ impl PacketSocket {
         let mut sent = 0;
         while items.peek().is_some() {
             let mut hdrs = [[0u8; MAX_HDR]; MAX];
-            // SAFETY: iovec, sockaddr_ll and mmsghdr are plain old data; zero is valid.
+            // SAFETY: iovec is plain old data; zero is valid.
             let mut iovs: [[libc::iovec; 2]; MAX] = unsafe { std::mem::zeroed() };
+            // SAFETY: sockaddr_ll is plain old data; zero is valid.
             let mut addrs: [libc::sockaddr_ll; MAX] = unsafe { std::mem::zeroed() };
+            // SAFETY: mmsghdr is plain old data; zero is valid.
             let mut msgs: [libc::mmsghdr; MAX] = unsafe { std::mem::zeroed() };
             let mut n = 0;
             for (hop, proto, payload) in items.by_ref().take(MAX) {

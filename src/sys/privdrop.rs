@@ -195,8 +195,8 @@ pub fn drop_to(t: &Target) -> io::Result<()> {
             "{n} threads exist; privileges must be dropped while the process has one"
         )));
     }
-    // SAFETY: prctl with integer arguments only.
     check(
+        // SAFETY: prctl with integer arguments only.
         unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) },
         "PR_SET_KEEPCAPS",
     )?;
@@ -228,8 +228,8 @@ pub fn drop_to(t: &Target) -> io::Result<()> {
         },
         CapData::default(),
     ];
-    // SAFETY: capset reads one header and two data structs of the v3 layout.
     check(
+        // SAFETY: capset reads one header and two data structs of the v3 layout.
         unsafe {
             libc::syscall(libc::SYS_capset, &mut hdr as *mut CapHeader, data.as_ptr())
                 as libc::c_int
@@ -237,8 +237,8 @@ pub fn drop_to(t: &Target) -> io::Result<()> {
         "capset",
     )?;
     for cap in [CAP_NET_ADMIN, CAP_NET_RAW] {
-        // SAFETY: prctl with integer arguments only.
         check(
+            // SAFETY: prctl with integer arguments only.
             unsafe {
                 libc::prctl(
                     libc::PR_CAP_AMBIENT,
@@ -251,8 +251,8 @@ pub fn drop_to(t: &Target) -> io::Result<()> {
             "PR_CAP_AMBIENT_RAISE",
         )?;
     }
-    // SAFETY: prctl with integer arguments only.
     check(
+        // SAFETY: prctl with integer arguments only.
         unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
         "PR_SET_NO_NEW_PRIVS",
     )?;
