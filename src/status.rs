@@ -1043,6 +1043,83 @@ mod tests {
         }
     }
 
+    /// [`sample`] with every optional part: a learned endpoint, a multipath peer, captures.
+    fn full_sample() -> Status {
+        let mut s = sample();
+        s.capture = Some(CaptureStatus {
+            files: vec!["/var/lib/espip/espip0.pcap".into()],
+            written: 5,
+            dropped: 1,
+            write_errors: 0,
+            rotations: 0,
+        });
+        s.offload = [("tso_in".to_string(), 3)].into_iter().collect();
+        let p = &mut s.peers[0];
+        p.endpoint_learned = true;
+        p.endpoint_changed_unix = Some(1_700_000_005.0);
+        p.endpoint_moves = 1;
+        p.multipath = Some(MultipathStatus {
+            scheduler: "spread".into(),
+            paths: vec![PathStatus {
+                name: "dsl".into(),
+                endpoint: "192.0.2.2".into(),
+                state: "up".into(),
+                rtt_ms: Some(10.5),
+                min_rtt_ms: Some(10.0),
+                probes_sent: 10,
+                echoes: 9,
+                quiet_count: 0,
+                share: 0.5,
+                capacity_bps: 1e6,
+                tx_packets: 4,
+                tx_bytes: 400,
+                send_refused: 1,
+                rx_packets: 3,
+                rx_bytes: 300,
+                peer_rx_bytes: 380,
+            }],
+            reorder_held: 0,
+            reorder_gaps_skipped: 0,
+            reorder_late: 0,
+            reorder_hold_ms: 5.0,
+        });
+        s
+    }
+
+    /// Each sample line's metric name and label names, once each, sorted.
+    fn shapes(exposition: &str) -> String {
+        let mut v: Vec<String> = exposition
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let name = l.split(['{', ' ']).next().unwrap_or_default();
+                let labels: Vec<&str> = l
+                    .split_once('{')
+                    .map(|(_, rest)| {
+                        rest.split("\",")
+                            .filter_map(|kv| kv.split_once('=').map(|(k, _)| k.trim_start_matches(',')))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                format!("{name}{{{}}}", labels.join(","))
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v.join("\n") + "\n"
+    }
+
+    /// The metric names and label names are the ones the hand-written exporter had
+    /// (tests/vectors/metric-shapes.txt was written by it, before prometheus-client).
+    #[test]
+    fn metric_names_and_labels_stay_the_same() {
+        let got = shapes(&full_sample().to_prometheus());
+        if std::env::var_os("ESPIP_PRINT_SHAPES").is_some() {
+            print!("{got}");
+        }
+        assert_eq!(got, include_str!("../tests/vectors/metric-shapes.txt"));
+    }
+
     #[test]
     fn ike_state_in_show_and_metrics() {
         let s = sample();
