@@ -2,9 +2,14 @@
 //! text (like `wg show`), JSON (the control socket's wire format) or the Prometheus text
 //! exposition format (version 0.0.4).
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::atomic::AtomicU64;
 
 /// A snapshot of a running daemon.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -818,12 +823,21 @@ impl Status {
                 );
             }
         }
-        m.0
+        m.finish()
     }
 }
 
+/// Label pairs of one sample, in the order they are written.
+type Labels = Vec<(String, String)>;
+
+/// The exposition being built with prometheus-client (the Prometheus project's Rust client):
+/// each family registered once, in order, then its samples set from the snapshot.
 #[derive(Default)]
-struct Metrics(String);
+struct Metrics {
+    registry: Registry,
+    counters: BTreeMap<String, Family<Labels, Counter<f64, AtomicU64>>>,
+    gauges: BTreeMap<String, Family<Labels, Gauge<f64, AtomicU64>>>,
+}
 
 impl Status {
     /// The per-path families of multipath peers.
@@ -916,37 +930,44 @@ impl Status {
 }
 
 impl Metrics {
+    /// Register family `name` (a counter's name ends in `_total`, which the OpenMetrics
+    /// encoder adds to the family's own name).
     fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}");
-        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+        // The encoder ends the help with a full stop.
+        let help = help.trim_end_matches('.');
+        if kind == "counter" {
+            let f = Family::default();
+            let base = name.strip_suffix("_total").unwrap_or(name);
+            self.registry.register(base, help, f.clone());
+            self.counters.insert(name.to_string(), f);
+        } else {
+            let f = Family::default();
+            self.registry.register(name, help, f.clone());
+            self.gauges.insert(name.to_string(), f);
+        }
     }
 
+    /// One sample of family `name`.
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: f64) {
-        self.0.push_str(name);
-        if !labels.is_empty() {
-            self.0.push('{');
-            for (i, (k, val)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.0.push(',');
-                }
-                let _ = write!(self.0, "{k}=\"");
-                for c in val.chars() {
-                    match c {
-                        '\\' => self.0.push_str("\\\\"),
-                        '"' => self.0.push_str("\\\""),
-                        '\n' => self.0.push_str("\\n"),
-                        c => self.0.push(c),
-                    }
-                }
-                self.0.push('"');
-            }
-            self.0.push('}');
-        }
-        if v.fract() == 0.0 && v.abs() < 9e15 {
-            let _ = writeln!(self.0, " {}", v as i64);
+        let l: Labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if let Some(f) = self.counters.get(name) {
+            f.get_or_create(&l).inc_by(v);
+        } else if let Some(f) = self.gauges.get(name) {
+            f.get_or_create(&l).set(v);
         } else {
-            let _ = writeln!(self.0, " {v}");
+            debug_assert!(false, "metric family {name} was not registered");
         }
+    }
+
+    /// The OpenMetrics text exposition.
+    fn finish(self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
     }
 }
 
@@ -1097,7 +1118,9 @@ mod tests {
                     .split_once('{')
                     .map(|(_, rest)| {
                         rest.split("\",")
-                            .filter_map(|kv| kv.split_once('=').map(|(k, _)| k.trim_start_matches(',')))
+                            .filter_map(|kv| {
+                                kv.split_once('=').map(|(k, _)| k.trim_start_matches(','))
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
@@ -1136,9 +1159,9 @@ mod tests {
         );
         assert!(t.contains("failures: AUTHENTICATION_FAILED 2"), "{t}");
         let p = s.to_prometheus();
-        assert!(p.contains("espip_ike_sas{interface=\"espip0\",peer=\"sw\",kind=\"child\",state=\"installed\"} 1\n"), "{p}");
-        assert!(p.contains("espip_ike_exchanges_total{interface=\"espip0\",peer=\"sw\",event=\"child_rekey\"} 4\n"), "{p}");
-        assert!(p.contains("espip_ike_failures_total{interface=\"espip0\",peer=\"sw\",reason=\"AUTHENTICATION_FAILED\"} 2\n"), "{p}");
+        assert!(p.contains("espip_ike_sas{interface=\"espip0\",peer=\"sw\",kind=\"child\",state=\"installed\"} 1.0\n"), "{p}");
+        assert!(p.contains("espip_ike_exchanges_total{interface=\"espip0\",peer=\"sw\",event=\"child_rekey\"} 4.0\n"), "{p}");
+        assert!(p.contains("espip_ike_failures_total{interface=\"espip0\",peer=\"sw\",reason=\"AUTHENTICATION_FAILED\"} 2.0\n"), "{p}");
     }
 
     #[test]
@@ -1165,22 +1188,26 @@ mod tests {
     fn prometheus_lines_are_well_formed() {
         let p = sample().to_prometheus();
         assert!(p.contains(
-            "espip_peer_packets_total{interface=\"espip0\",peer=\"b \\\"quoted\\\"\",direction=\"rx\"} 7\n"
+            "espip_peer_packets_total{interface=\"espip0\",peer=\"b \\\"quoted\\\"\",direction=\"rx\"} 7.0\n"
         ), "{p}");
-        assert!(p.contains("espip_drops_total{interface=\"espip0\",reason=\"bad_icv\"} 2\n"));
+        assert!(p.contains("espip_drops_total{interface=\"espip0\",reason=\"bad_icv\"} 2.0\n"));
         assert!(p.contains("espip_start_time_seconds{interface=\"espip0\"} 1700000000.5\n"));
         assert!(
-            p.contains("direction=\"out\"} 10\n"),
+            p.contains("direction=\"out\"} 10.0\n"),
             "last sent = next - 1"
         );
-        // Every sample's family has exactly one TYPE line, before its samples.
+        // Every sample's family has exactly one TYPE line, before its samples; the exposition
+        // ends as OpenMetrics says.
+        assert!(p.ends_with("# EOF\n"));
         let mut typed = std::collections::HashSet::new();
         for line in p.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 assert!(typed.insert(rest.split(' ').next().unwrap().to_string()));
             } else if !line.starts_with('#') {
+                // OpenMetrics: a counter family's samples add `_total` to its name.
                 let name = line.split(['{', ' ']).next().unwrap();
-                assert!(typed.contains(name), "{line}");
+                let family = name.strip_suffix("_total").unwrap_or(name);
+                assert!(typed.contains(name) || typed.contains(family), "{line}");
             }
         }
     }

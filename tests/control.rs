@@ -61,7 +61,8 @@ fn metrics_and_control_socket() {
         !text.contains(h.keys.a_to_b.to_hex().as_str()),
         "no key in show"
     );
-    // The metrics, parsed by the Prometheus project's own Python parser.
+    // The metrics (OpenMetrics, from prometheus-client), parsed by the Prometheus project's own
+    // Python parser for that format.
     let get = |path: &str| {
         let out = netns::run(h.a.command("curl").args([
             "-s",
@@ -78,7 +79,7 @@ fn metrics_and_control_socket() {
     let parse = Command::new("/usr/bin/python3")
         .args([
             "-c",
-            "import sys\nfrom prometheus_client.parser import text_string_to_metric_families as f\nfor fam in f(sys.stdin.read()):\n  for s in fam.samples:\n    print(fam.type, s.name, s.labels.get('reason', ''), s.value)",
+            "import sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as f\nfor fam in f(sys.stdin.read()):\n  for s in fam.samples:\n    print(fam.type, s.name, s.labels.get('reason', ''), s.value)",
         ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -90,7 +91,7 @@ fn metrics_and_control_socket() {
         .stdin
         .as_ref()
         .unwrap()
-        .write_all(body.trim_end_matches("200").as_bytes())
+        .write_all(body.rsplit_once('\n').map_or("", |(b, _)| b).as_bytes())
         .unwrap();
     let out = parse.wait_with_output().unwrap();
     let parsed = String::from_utf8_lossy(&out.stdout);

@@ -51,7 +51,7 @@ pub async fn serve_metrics(listener: std::net::TcpListener, live: Arc<Live>) {
             } else if target == "/metrics" || target.starts_with("/metrics?") {
                 (
                     "200 OK",
-                    "text/plain; version=0.0.4; charset=utf-8",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     live.status().to_prometheus(),
                 )
             } else {
