@@ -107,46 +107,19 @@ pub(super) fn tx_loop(e: &Edges, rec: &mut Recorder, clock: Instant) {
     }
 }
 
-/// Turn the TUN packet in `bufs[0]` (with its `virtio_net_hdr`) into plain packets at the
-/// front of `bufs`: itself with a completed checksum, or its TSO segments. Returns how many.
+/// The core's [`crate::gso::offload_in`] on the TUN packet in `bufs[0]`, its outcome counted
+/// (TSO, USO, or an offload error, which drops it). Returns how many packets are ready.
 pub(super) fn offload_in(bufs: &mut [PacketBuf], edge: &EdgeStats) -> usize {
-    use crate::gso::{self, VnetHdr};
-    let Some(h) = VnetHdr::parse(bufs[0].as_slice()) else {
-        edge.offload_errors.fetch_add(1, Relaxed);
-        return 0;
-    };
-    let _ = bufs[0].pull_front(gso::VNET_HDR_LEN);
-    let result = match h.gso_type & !gso::GSO_ECN {
-        gso::GSO_NONE if h.flags & gso::F_NEEDS_CSUM != 0 => gso::complete_checksum(
-            bufs[0].as_mut_slice(),
-            usize::from(h.csum_start),
-            usize::from(h.csum_offset),
-        )
-        .map(|()| 1),
-        gso::GSO_NONE => Ok(1),
-        gso::GSO_TCPV4 | gso::GSO_TCPV6 => {
-            let (src, rest) = bufs.split_at_mut(1);
-            let r = gso::segment_tcp(src[0].as_slice(), usize::from(h.gso_size), rest);
-            if let Ok(k) = r {
-                // The segments replace the large packet.
-                bufs[..=k].rotate_left(1);
-                edge.tso_packets.fetch_add(1, Relaxed);
-            }
-            r
+    use crate::gso::Offloaded;
+    match crate::gso::offload_in(bufs) {
+        Ok((k, kind)) => {
+            match kind {
+                Offloaded::Tso => edge.tso_packets.fetch_add(1, Relaxed),
+                Offloaded::Uso => edge.uso_packets.fetch_add(1, Relaxed),
+                Offloaded::Plain => 0,
+            };
+            k
         }
-        gso::GSO_UDP_L4 => {
-            let (src, rest) = bufs.split_at_mut(1);
-            let r = gso::segment_udp(src[0].as_slice(), usize::from(h.gso_size), rest);
-            if let Ok(k) = r {
-                bufs[..=k].rotate_left(1);
-                edge.uso_packets.fetch_add(1, Relaxed);
-            }
-            r
-        }
-        _ => Err(gso::GsoError::Unsupported),
-    };
-    match result {
-        Ok(k) => k,
         Err(_) => {
             edge.offload_errors.fetch_add(1, Relaxed);
             0

@@ -96,6 +96,47 @@ pub enum GsoError {
     TooManySegments,
 }
 
+/// What [`offload_in`] found a TUN packet to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offloaded {
+    /// One packet (its partial checksum, if any, completed).
+    Plain,
+    /// A large TCP packet (TSO), cut into segments.
+    Tso,
+    /// A large UDP packet (USO), cut into datagrams.
+    Uso,
+}
+
+/// Turn the TUN packet in `bufs[0]` (with its `virtio_net_hdr` in front) into plain packets at
+/// the front of `bufs`: itself with a completed checksum, or its TSO/USO segments (which
+/// replace it, in order). Returns how many and what the packet was.
+pub fn offload_in(bufs: &mut [PacketBuf]) -> Result<(usize, Offloaded), GsoError> {
+    let h = VnetHdr::parse(bufs[0].as_slice()).ok_or(GsoError::Malformed)?;
+    let _ = bufs[0].pull_front(VNET_HDR_LEN);
+    match h.gso_type & !GSO_ECN {
+        GSO_NONE if h.flags & F_NEEDS_CSUM != 0 => complete_checksum(
+            bufs[0].as_mut_slice(),
+            usize::from(h.csum_start),
+            usize::from(h.csum_offset),
+        )
+        .map(|()| (1, Offloaded::Plain)),
+        GSO_NONE => Ok((1, Offloaded::Plain)),
+        GSO_TCPV4 | GSO_TCPV6 => {
+            let (src, rest) = bufs.split_at_mut(1);
+            let k = segment_tcp(src[0].as_slice(), usize::from(h.gso_size), rest)?;
+            bufs[..=k].rotate_left(1);
+            Ok((k, Offloaded::Tso))
+        }
+        GSO_UDP_L4 => {
+            let (src, rest) = bufs.split_at_mut(1);
+            let k = segment_udp(src[0].as_slice(), usize::from(h.gso_size), rest)?;
+            bufs[..=k].rotate_left(1);
+            Ok((k, Offloaded::Uso))
+        }
+        _ => Err(GsoError::Unsupported),
+    }
+}
+
 /// Complete a checksum the kernel left partial (`F_NEEDS_CSUM` on a packet without GSO): the
 /// field holds the pseudo-header sum; the checksum covers everything from `start`.
 pub fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> Result<(), GsoError> {
@@ -316,6 +357,50 @@ pub(crate) mod tests {
             *b = (i % 251) as u8;
         }
         p
+    }
+
+    /// `offload_in`: a TSO packet behind its `virtio_net_hdr` becomes its segments, in
+    /// order, at the front of the buffers; a plain packet stays one; a header too short to
+    /// be a `virtio_net_hdr` is malformed.
+    #[test]
+    fn offload_in_turns_a_tun_packet_into_plain_packets() {
+        let pkt = super_packet(true, 3000, tcp::ACK);
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 52,
+            gso_size: 1000,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        let mut bufs: Vec<PacketBuf> = (0..8).map(|_| PacketBuf::new(MAX_PACKET)).collect();
+        let mut with = vec![0u8; VNET_HDR_LEN];
+        hdr.emit(&mut with);
+        with.extend_from_slice(&pkt);
+        bufs[0] = PacketBuf::from_slice(&with);
+        assert_eq!(offload_in(&mut bufs), Ok((3, Offloaded::Tso)));
+        for (i, b) in bufs[..3].iter().enumerate() {
+            assert_eq!(b.len(), 20 + 32 + 1000, "segment {i}");
+            assert!(tcp_checksum_ok(b.as_slice()), "segment {i}");
+            let seq = u32::from_be_bytes(b.as_slice()[24..28].try_into().unwrap());
+            assert_eq!(seq, 0xffff_fff0u32.wrapping_add(1000 * i as u32));
+        }
+        let plain = VnetHdr {
+            flags: 0,
+            gso_type: GSO_NONE,
+            hdr_len: 0,
+            gso_size: 0,
+            csum_start: 0,
+            csum_offset: 0,
+        };
+        let mut with = vec![0u8; VNET_HDR_LEN];
+        plain.emit(&mut with);
+        with.extend_from_slice(&super_packet(true, 100, tcp::ACK));
+        bufs[0] = PacketBuf::from_slice(&with);
+        assert_eq!(offload_in(&mut bufs), Ok((1, Offloaded::Plain)));
+        assert_eq!(bufs[0].len(), 20 + 32 + 100);
+        bufs[0] = PacketBuf::from_slice(&[0u8; 4]);
+        assert_eq!(offload_in(&mut bufs), Err(GsoError::Malformed));
     }
 
     fn tcp_checksum_ok(s: &[u8]) -> bool {
