@@ -496,3 +496,76 @@ fn a_damaged_packet_fails_the_oracles() {
         assert!(e.is_err() && p.is_err(), "byte {at}");
     }
 }
+
+/// The Ethernet and outer IP headers the `AF_PACKET` fast path writes in front of an ESP (or
+/// IP-in-IP) packet: both oracles read the frame's MAC addresses, EtherType, IP lengths,
+/// header checksum, protocol, TTL / hop limit and addresses as espip meant them.
+#[test]
+fn af_packet_frame_headers_check_in_both_oracles() {
+    use espip::sys::packet::{frame_header, NextHop, MAX_HDR};
+    use pnet_packet::ethernet::EthernetPacket;
+    for (src, dst, proto) in [
+        ("192.0.2.1", "192.0.2.2", 50u8),
+        ("192.0.2.1", "198.51.100.9", 4),
+        ("2001:db8::1", "2001:db8::2", 50),
+        ("2001:db8::1", "2001:db8::3", 41),
+    ] {
+        let hop = NextHop {
+            dst: dst.parse().unwrap(),
+            ifindex: 2,
+            src: src.parse().unwrap(),
+            src_mac: [2, 0, 0, 0, 0, 0xa],
+            dst_mac: [2, 0, 0, 0, 0, 0xb],
+            mtu: 1500,
+        };
+        let body = payload(777);
+        let mut h = [0u8; MAX_HDR];
+        let n = frame_header(&mut h, &hop, proto, body.len(), 4242, 61, 62);
+        let mut frame = h[..n].to_vec();
+        frame.extend_from_slice(&body);
+        // etherparse
+        let sp = SlicedPacket::from_ethernet(&frame).unwrap();
+        let eth = match sp.link {
+            Some(etherparse::LinkSlice::Ethernet2(e)) => e,
+            l => panic!("{l:?}"),
+        };
+        assert_eq!(eth.source(), hop.src_mac);
+        assert_eq!(eth.destination(), hop.dst_mac);
+        let (e_proto, e_payload) = match sp.net.unwrap() {
+            NetSlice::Ipv4(s) => {
+                let h = s.header().to_header();
+                assert_eq!(h.calc_header_checksum(), h.header_checksum);
+                assert_eq!(usize::from(h.total_len), frame.len() - 14);
+                assert_eq!((h.time_to_live, h.identification), (61, 4242));
+                assert!(!h.dont_fragment);
+                assert_eq!(std::net::IpAddr::from(h.source), hop.src);
+                assert_eq!(std::net::IpAddr::from(h.destination), hop.dst);
+                (h.protocol.0, s.payload().payload.to_vec())
+            }
+            NetSlice::Ipv6(s) => {
+                let h = s.header().to_header();
+                assert_eq!(usize::from(h.payload_length), frame.len() - 54);
+                assert_eq!(h.hop_limit, 62);
+                assert_eq!(std::net::IpAddr::from(h.source), hop.src);
+                assert_eq!(std::net::IpAddr::from(h.destination), hop.dst);
+                (h.next_header.0, s.payload().payload.to_vec())
+            }
+            NetSlice::Arp(_) => panic!("ARP"),
+        };
+        // pnet
+        let e = EthernetPacket::new(&frame).unwrap();
+        assert_eq!(e.get_source().octets(), hop.src_mac);
+        let (p_proto, p_payload) = if hop.dst.is_ipv4() {
+            let p = pnet_packet::ipv4::Ipv4Packet::new(e.payload()).unwrap();
+            assert_eq!(pnet_packet::ipv4::checksum(&p), p.get_checksum());
+            assert_eq!(usize::from(p.get_total_length()), frame.len() - 14);
+            (p.get_next_level_protocol().0, p.payload().to_vec())
+        } else {
+            let p = pnet_packet::ipv6::Ipv6Packet::new(e.payload()).unwrap();
+            assert_eq!(usize::from(p.get_payload_length()), frame.len() - 54);
+            (p.get_next_header().0, p.payload().to_vec())
+        };
+        assert_eq!((e_proto, &e_payload), (proto, &body), "{dst}");
+        assert_eq!((p_proto, &p_payload), (proto, &body), "{dst}");
+    }
+}

@@ -52,33 +52,44 @@ const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
-/// An outer IPv4 header without options (RFC 791) with its checksum: DF clear, as the raw
-/// socket sends (espip lets the kernel fragment rather than refuse, see `sys::raw`).
-fn write_ipv4(h: &mut [u8], total: u16, id: u16, ttl: u8, proto: u8, s: [u8; 4], d: [u8; 4]) {
-    h[0] = 0x45;
-    h[1] = 0;
-    h[2..4].copy_from_slice(&total.to_be_bytes());
-    h[4..6].copy_from_slice(&id.to_be_bytes());
-    h[6..8].copy_from_slice(&[0, 0]);
-    h[8] = ttl;
-    h[9] = proto;
-    h[10..12].copy_from_slice(&[0, 0]);
-    h[12..16].copy_from_slice(&s);
-    h[16..20].copy_from_slice(&d);
-    let sum = ipv4_checksum(h);
-    h[10..12].copy_from_slice(&sum.to_be_bytes());
-}
-
-/// The Internet checksum (RFC 1071) of a header whose checksum field is zero.
-fn ipv4_checksum(h: &[u8]) -> u16 {
-    let mut sum: u32 = h
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
+/// The Ethernet and outer IP header of a frame to `hop` carrying `payload_len` bytes of IP
+/// protocol `proto`, written into `h` with the core's wire views; returns its length (0: the
+/// hop's addresses are of two families, which the resolver never pairs). IPv4: no options,
+/// DF clear as the raw socket sends (espip lets the kernel fragment rather than refuse, see
+/// `sys::raw`), identification `id`, TTL `ttl`; IPv6: hop limit `hop_limit`.
+pub fn frame_header(
+    h: &mut [u8; MAX_HDR],
+    hop: &NextHop,
+    proto: u8,
+    payload_len: usize,
+    id: u16,
+    ttl: u8,
+    hop_limit: u8,
+) -> usize {
+    use crate::wire::{ipv4, ipv6};
+    h[..6].copy_from_slice(&hop.dst_mac);
+    h[6..12].copy_from_slice(&hop.src_mac);
+    let ip = &mut h[ETH_HLEN..];
+    match (hop.src, hop.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            ipv4::emit_header(ip, s, d, proto, (20 + payload_len) as u16);
+            let mut p = ipv4::Ipv4Packet::new_checked(&mut ip[..20]).expect("20 bytes");
+            p.set_ident(id);
+            p.set_ttl(ttl);
+            p.fill_checksum();
+            h[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+            ETH_HLEN + 20
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            ipv6::emit_header(ip, s, d, proto, payload_len as u16);
+            ipv6::Ipv6Packet::new_checked(&mut ip[..40])
+                .expect("40 bytes")
+                .set_hop_limit(hop_limit);
+            h[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+            ETH_HLEN + 40
+        }
+        _ => 0,
     }
-    !(sum as u16)
 }
 
 /// An `AF_PACKET` socket bound to one interface that sends whole Ethernet frames with
@@ -142,7 +153,8 @@ pub(super) fn bind(fd: &OwnedFd, ifindex: u32, protocol: u16) -> io::Result<()> 
 }
 
 /// Ethernet + IPv6 header, the longest espip writes.
-const MAX_HDR: usize = ETH_HLEN + 40;
+/// The longest frame header espip writes: Ethernet and IPv6.
+pub const MAX_HDR: usize = ETH_HLEN + 40;
 
 impl PacketSocket {
     /// Open a sending `AF_PACKET` socket on interface `ifindex`. Needs `CAP_NET_RAW`.
@@ -196,39 +208,22 @@ impl PacketSocket {
             let mut n = 0;
             for (hop, proto, payload) in items.by_ref().take(MAX) {
                 let h = &mut hdrs[n];
-                let (ip_len, ethertype) = match hop.dst {
-                    IpAddr::V4(_) => (20, ETH_P_IP),
-                    IpAddr::V6(_) => (40, ETH_P_IPV6),
-                };
-                h[..6].copy_from_slice(&hop.dst_mac);
-                h[6..12].copy_from_slice(&hop.src_mac);
-                h[12..14].copy_from_slice(&ethertype.to_be_bytes());
-                let ip = &mut h[ETH_HLEN..ETH_HLEN + ip_len];
-                match (hop.src, hop.dst) {
-                    (IpAddr::V4(s), IpAddr::V4(d)) => write_ipv4(
-                        ip,
-                        (20 + payload.len()) as u16,
-                        self.ip_id.fetch_add(1, Ordering::Relaxed),
-                        self.ttl,
-                        proto,
-                        s.octets(),
-                        d.octets(),
-                    ),
-                    (IpAddr::V6(s), IpAddr::V6(d)) => {
-                        ip[..4].copy_from_slice(&[0x60, 0, 0, 0]);
-                        ip[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
-                        ip[6] = proto;
-                        ip[7] = self.hop_limit;
-                        ip[8..24].copy_from_slice(&s.octets());
-                        ip[24..40].copy_from_slice(&d.octets());
-                    }
-                    // Never resolved so (the resolver pairs the families); skipped.
-                    _ => continue,
+                let hdr_len = frame_header(
+                    h,
+                    hop,
+                    proto,
+                    payload.len(),
+                    self.ip_id.fetch_add(1, Ordering::Relaxed),
+                    self.ttl,
+                    self.hop_limit,
+                );
+                if hdr_len == 0 {
+                    continue;
                 }
                 iovs[n] = [
                     libc::iovec {
                         iov_base: h.as_mut_ptr().cast(),
-                        iov_len: ETH_HLEN + ip_len,
+                        iov_len: hdr_len,
                     },
                     libc::iovec {
                         iov_base: payload.as_ptr() as *mut libc::c_void,
@@ -237,7 +232,7 @@ impl PacketSocket {
                 ];
                 let a = &mut addrs[n];
                 a.sll_family = libc::AF_PACKET as u16;
-                a.sll_protocol = ethertype.to_be();
+                a.sll_protocol = u16::from_be_bytes([h[12], h[13]]).to_be();
                 a.sll_ifindex = self.ifindex as i32;
                 n += 1;
             }
@@ -279,22 +274,22 @@ mod tests {
 
     #[test]
     fn ipv4_header_checksum_matches_rfc1071_example() {
-        // The header of RFC 1071's worked example style: a known IPv4 header whose checksum
-        // is 0xb861 (the classic example from Wikipedia's "IPv4 header checksum").
-        let mut h = [0u8; 20];
-        write_ipv4(
-            &mut h,
-            0x0073,
-            0,
-            0x40,
-            0x11,
-            [0xc0, 0xa8, 0x00, 0x01],
-            [0xc0, 0xa8, 0x00, 0xc7],
-        );
-        // That example also has DF set (0x4000); espip's header clears it, so the sum
-        // differs by exactly 0x4000 from 0xb861.
-        assert_eq!(u16::from_be_bytes([h[10], h[11]]), 0xb861 + 0x4000);
-        // And a header with its checksum in place sums to 0xffff (checksum 0).
-        assert_eq!(ipv4_checksum(&h), 0);
+        // The classic worked example (Wikipedia's "IPv4 header checksum": 0xb861, with DF
+        // set); espip's header clears DF, so its checksum is exactly 0x4000 more.
+        let hop = NextHop {
+            dst: "192.168.0.199".parse().unwrap(),
+            ifindex: 1,
+            src: "192.168.0.1".parse().unwrap(),
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [2, 0, 0, 0, 0, 2],
+            mtu: 1500,
+        };
+        let mut h = [0u8; MAX_HDR];
+        assert_eq!(frame_header(&mut h, &hop, 0x11, 0x73 - 20, 0, 0x40, 64), 34);
+        let ip = &h[ETH_HLEN..ETH_HLEN + 20];
+        assert_eq!(u16::from_be_bytes([ip[10], ip[11]]), 0xb861 + 0x4000);
+        // A header with its checksum in place sums to 0xffff (checksum 0).
+        assert_eq!(crate::wire::ip::checksum(ip), 0);
+        assert_eq!(&h[12..14], &[0x08, 0x00]);
     }
 }

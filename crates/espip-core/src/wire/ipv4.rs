@@ -160,6 +160,11 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
         self.buffer.as_mut()[field::IDENT].copy_from_slice(&id.to_be_bytes());
     }
 
+    /// Set the time to live.
+    pub fn set_ttl(&mut self, ttl: u8) {
+        self.buffer.as_mut()[field::TTL] = ttl;
+    }
+
     /// Set the checksum field.
     pub fn set_checksum(&mut self, c: u16) {
         self.buffer.as_mut()[field::CHECKSUM].copy_from_slice(&c.to_be_bytes());

@@ -103,6 +103,11 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
         self.buffer.as_mut()[field::LENGTH].copy_from_slice(&len.to_be_bytes());
     }
 
+    /// Set the hop limit.
+    pub fn set_hop_limit(&mut self, hops: u8) {
+        self.buffer.as_mut()[field::HOP_LIMIT] = hops;
+    }
+
     /// What follows the fixed header, mutable.
     pub fn payload_mut(&mut self) -> &mut [u8] {
         &mut self.buffer.as_mut()[HEADER_LEN..]
