@@ -155,6 +155,14 @@ fn roams(mode: LabMode, tag: &str) {
         // B's own pings reach A at its new address.
         assert_eq!(pings(&r.b, A_INNER, 2), 2, "{}", r.logs());
     }
+    // `espip sa` exports the SAs at the learned address, for Wireshark.
+    let sa = Command::new(exe())
+        .args(["sa", "--socket"])
+        .arg(r.dir.join("state-b/control.sock"))
+        .output()
+        .unwrap();
+    let sa = String::from_utf8_lossy(&sa.stdout);
+    assert!(sa.contains("192.0.2.12"), "{sa}");
     let text = Command::new(exe())
         .args(["show", "--socket"])
         .arg(r.dir.join("state-b/control.sock"))

@@ -239,13 +239,22 @@ impl Live {
     pub fn sa_export(&self, keys: bool) -> Vec<SaExport> {
         let mut v = Vec::new();
         let g = self.current.load();
-        for (p, endpoint) in g
-            .cfg
-            .peers
-            .iter()
-            .flat_map(|p| p.endpoints().into_iter().map(move |e| (p, e)))
-        {
-            let local = g.source_for(&endpoint);
+        // A peer without a configured endpoint: the address learned from its packets (none
+        // yet: no lines), with the source the kernel picks towards it.
+        let learned = |i: usize| g.outbound.peer_stats(i).learned.get().map(|a| a.ip());
+        for (p, endpoint) in g.cfg.peers.iter().enumerate().flat_map(|(i, p)| {
+            let eps = match p.endpoint {
+                None if p.multipath.is_none() => learned(i).into_iter().collect(),
+                _ => p.endpoints(),
+            };
+            eps.into_iter().map(move |e| (p, e))
+        }) {
+            let local = match (p.endpoint, g.source_for(&endpoint)) {
+                (None, l) if l.is_unspecified() => {
+                    crate::sys::source_for(endpoint, g.cfg.interface.local).unwrap_or(l)
+                }
+                (_, l) => l,
+            };
             let EncapSpec::Esp {
                 spi_out,
                 key_out,
