@@ -66,18 +66,6 @@ impl IkePair {
     }
 }
 
-fn write_private(path: &Path, text: &str) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap();
-    std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
-}
-
 fn wait(timeout: Duration, what: impl Fn() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < timeout {

@@ -25,18 +25,6 @@ impl Drop for Roam {
     }
 }
 
-fn write_private(path: &Path, text: &str) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap();
-    std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
-}
-
 impl Roam {
     fn start(tag: &str, mode: LabMode) -> Roam {
         let (a, b) = p2p::topology(tag).unwrap();

@@ -965,18 +965,9 @@ impl Engine {
                 Err(_) => self.stats.fail(Failure::Malformed),
             }
             if self.ike.is_none() {
-                if !self.children.is_empty() {
-                    self.children.clear();
-                    out.push(Out::Changed);
-                }
-                if self.cfg.role == Role::Initiator && !self.closing {
-                    self.retry_at = Some(now + RETRY_MS * MS);
-                }
+                self.current_gone(now, &mut out);
             }
-            if self.ensure_out(now) {
-                out.push(Out::Changed);
-            }
-            self.next_task(now, rng, &mut out);
+            self.settle(now, rng, &mut out);
             return out;
         }
         let mut s = self.take_sa(slot);
@@ -1033,21 +1024,32 @@ impl Engine {
                         .is_some_and(|c| c.theirs == (s.spi_i, s.spi_r))
                     && self.restore_collided(&mut s);
                 if slot == Slot::Current && !reverted {
-                    if !self.children.is_empty() {
-                        self.children.clear();
-                        out.push(Out::Changed);
-                    }
-                    if self.cfg.role == Role::Initiator && !self.closing {
-                        self.retry_at = Some(now + RETRY_MS * MS);
-                    }
+                    self.current_gone(now, &mut out);
                 }
             }
         }
+        self.settle(now, rng, &mut out);
+        out
+    }
+
+    /// The current IKE SA is gone: its CHILD_SAs go with it, and an initiator connects again
+    /// after [`RETRY_MS`].
+    fn current_gone(&mut self, now: u64, out: &mut Vec<Out>) {
+        if !self.children.is_empty() {
+            self.children.clear();
+            out.push(Out::Changed);
+        }
+        if self.cfg.role == Role::Initiator && !self.closing {
+            self.retry_at = Some(now + RETRY_MS * MS);
+        }
+    }
+
+    /// After a message: the outbound CHILD_SA chosen, and the next queued task started.
+    fn settle(&mut self, now: u64, rng: &dyn SecureRandom, out: &mut Vec<Out>) {
         if self.ensure_out(now) {
             out.push(Out::Changed);
         }
-        self.next_task(now, rng, &mut out);
-        out
+        self.next_task(now, rng, out);
     }
 
     #[allow(clippy::too_many_arguments)]
