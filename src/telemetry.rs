@@ -88,14 +88,23 @@ pub struct Generation {
 
 impl Generation {
     /// The source address the outer tap shows for packets to (or from) `endpoint`.
+    /// An address no peer has configured (a learned one): `interface.local` when it is of
+    /// the same family, else the unspecified address.
     pub fn source_for(&self, endpoint: &std::net::IpAddr) -> std::net::IpAddr {
-        self.sent_from.iter().find(|(ep, _)| ep == endpoint).map_or(
-            match endpoint {
-                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
-                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
-            },
-            |(_, s)| *s,
-        )
+        let fallback = || {
+            self.cfg
+                .interface
+                .local
+                .filter(|l| l.is_ipv6() == endpoint.is_ipv6())
+                .unwrap_or(match endpoint {
+                    std::net::IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                    std::net::IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+                })
+        };
+        self.sent_from
+            .iter()
+            .find(|(ep, _)| ep == endpoint)
+            .map_or_else(fallback, |(_, s)| *s)
     }
 }
 
