@@ -293,6 +293,21 @@ pub enum LabCmd {
         #[arg(long, default_value = "aes-128-gcm")]
         cipher: String,
     },
+    /// A road warrior: the server names no address of its client, whose address changes
+    /// twice during a TCP transfer (static keys; B learns and follows A).
+    Roaming {
+        #[command(flatten)]
+        common: LabArgs,
+        /// esp (IP protocol 50) or esp-udp (ESP in UDP, RFC 3948).
+        #[arg(long, value_enum, default_value = "esp-udp")]
+        mode: ModeArg,
+        /// ESP cipher.
+        #[arg(long, default_value = "aes-128-gcm")]
+        cipher: String,
+        /// Size of the TCP transfer in MB.
+        #[arg(long, default_value_t = 25)]
+        megabytes: u64,
+    },
     /// Scenario 3: an encrypted pair on one LAN with the NAT helpers (A 10.0.0.161, B 10.0.0.160,
     /// alias 10.0.1.0/24).
     SameLan {

@@ -697,6 +697,26 @@ fn real_main() -> Result<()> {
                 };
                 finish(espip::lab::gateway::run(&opts)?);
             }
+            LabCmd::Roaming {
+                common,
+                mode,
+                cipher,
+                megabytes,
+            } => {
+                let mode = match mode {
+                    ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
+                    ModeArg::EspUdp => LabMode::EspUdp(cipher_arg(&cipher)?),
+                    ModeArg::Ipip => anyhow::bail!(
+                        "lab roaming: --mode ipip cannot roam (ipip peers are told apart by their address); use esp or esp-udp"
+                    ),
+                };
+                let opts = espip::lab::roaming::RoamingOptions {
+                    mode,
+                    megabytes,
+                    run: common.run()?,
+                };
+                finish(espip::lab::roaming::run(&opts)?);
+            }
             LabCmd::Upstream { common } => {
                 let opts = espip::lab::upstream::UpstreamOptions { run: common.run()? };
                 finish(espip::lab::upstream::run(&opts)?);

@@ -232,3 +232,20 @@ send([forged, replay], verbose=0)
     assert_eq!(after.peers[0].endpoint_moves, 0);
     assert_eq!(pings(&r.b, A_INNER, 2), 2, "{}", r.logs());
 }
+
+/// `espip lab roaming`: a TCP transfer from the client survives two address changes (hash
+/// equal on both ends), the server following each.
+#[test]
+fn the_roaming_lab_keeps_a_transfer_across_two_moves() {
+    let Some(_g) = serial() else { return };
+    let t = lab_scenario(&["roaming", "--mode", "esp-udp", "--megabytes", "20"]);
+    for c in [
+        "[PASS] B has nowhere to send before A speaks",
+        "[PASS] A moves to 192.0.2.11 during the transfer: B follows",
+        "[PASS] A moves to 192.0.2.12 during the transfer: B follows",
+        "[PASS] TCP transfer of 20 MB A -> B across both moves",
+        " 0 failed",
+    ] {
+        assert!(t.contains(c), "missing {c:?} in:\n{t}");
+    }
+}

@@ -10,6 +10,7 @@ pub mod netns;
 pub mod p2p;
 pub mod pcap;
 pub mod relay;
+pub mod roaming;
 pub mod same_lan;
 pub mod transfer;
 pub mod upstream;

@@ -1,0 +1,194 @@
+//! `espip lab roaming` (issue 29): a road warrior. The server B names no address of its
+//! client A (no `endpoint`); A has no `interface.local`. A TCP transfer runs from A to B over
+//! a 40 Mbit/s link while A's address changes twice; B learns A's first address from its
+//! first authenticated packet and follows each move. Reported: the transfer's hash on both
+//! ends, and after each move how long until a ping through the tunnel was answered again.
+
+use super::netns::{self, Daemon, Netns};
+use super::p2p::{
+    config_text, topology, write_private, LabKeys, LabMode, A_INNER, A_OUTER, B_INNER,
+};
+use super::Report;
+use std::io;
+use std::time::{Duration, Instant};
+
+/// Options of `espip lab roaming`.
+#[derive(Debug, Clone)]
+pub struct RoamingOptions {
+    /// ESP as protocol 50 or in UDP (static keys).
+    pub mode: LabMode,
+    /// Size of the TCP transfer in MB (10^6 bytes).
+    pub megabytes: u64,
+    /// What every lab takes: --keep, --pcap, installing, the binary.
+    pub run: super::LabRun,
+}
+
+/// The addresses A moves through (its first one is the p2p lab's).
+const MOVES: [&str; 2] = ["192.0.2.11", "192.0.2.12"];
+
+/// How long after `start` a ping (one every 20 ms) from `ns` to `to` is answered.
+fn outage(ns: &Netns, to: &str, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let o = netns::run(ns.command("ping").args(["-c", "1", "-W", "0.02", to])).ok()?;
+        if o.status.success() {
+            return Some(start.elapsed());
+        }
+    }
+    None
+}
+
+/// B's view of A: (endpoint, moves).
+fn learned(b_ctl: &std::path::Path) -> (String, u64) {
+    match crate::control::request(b_ctl, "status")
+        .ok()
+        .and_then(|r| serde_json::from_slice::<crate::status::Status>(&r).ok())
+        .and_then(|s| s.peers.into_iter().next())
+    {
+        Some(p) => (p.endpoint, p.endpoint_moves),
+        None => ("?".into(), 0),
+    }
+}
+
+/// Run the roaming lab.
+pub fn run(opts: &RoamingOptions) -> io::Result<Report> {
+    let mode_name = match opts.mode {
+        LabMode::Esp(c) => format!("esp {}", c.name()),
+        LabMode::EspUdp(c) => format!("esp-udp {}", c.name()),
+        LabMode::IpIp => {
+            return Err(io::Error::other(
+                "roaming needs an ESP mode: ipip peers are told apart by address",
+            ))
+        }
+    };
+    let (mut report, work, keep_work) = opts.run.begin(
+        "roaming",
+        format!("espip lab roaming ({mode_name}; server without endpoint, client moves twice)"),
+        &[("tc", "iproute2")],
+    )?;
+    let (a, b) = topology("roam")?;
+    let (LabMode::Esp(c) | LabMode::EspUdp(c)) = opts.mode else {
+        unreachable!("checked above")
+    };
+    let keys = LabKeys::generate(c)?;
+    let taps = opts.run.pcap_dir.as_deref();
+    for (me_a, host) in [(true, "a"), (false, "b")] {
+        // The client's source follows its address (no `local`); the server names no address
+        // of the client (no `endpoint`).
+        let drop = if me_a { "local =" } else { "endpoint =" };
+        let text: String = config_text(
+            opts.mode,
+            me_a,
+            Some(&keys),
+            false,
+            &work.join(format!("state-{host}")),
+        )
+        .lines()
+        .filter(|l| !l.starts_with(drop))
+        .map(|l| format!("{l}\n"))
+        .collect();
+        write_private(
+            &work.join(format!("{host}.toml")),
+            &(text + &super::capture_lines(taps, host)),
+        )?;
+    }
+    // A link slow enough that the transfer outlasts the moves.
+    for ns in [&a, &b] {
+        netns::run_ok(ns.command("tc").args([
+            "qdisc", "add", "dev", "veth0", "root", "tbf", "rate", "40mbit", "burst", "64kb",
+            "latency", "50ms",
+        ]))?;
+    }
+    let mut db = Daemon::start(&b, &opts.run.exe, &work.join("b.toml"), &work.join("b.log"))?;
+    let mut da = Daemon::start(&a, &opts.run.exe, &work.join("a.toml"), &work.join("a.log"))?;
+    let b_ctl = work.join("state-b/control.sock");
+
+    let before = netns::run(
+        b.command("ping")
+            .args(["-c", "2", "-i", "0.2", "-W", "1", A_INNER]),
+    )?;
+    let (ep, _) = learned(&b_ctl);
+    report.check(
+        "B has nowhere to send before A speaks",
+        !before.status.success() && ep == "(none yet)",
+        format!(
+            "ping B -> A: {}; B's endpoint for A: {ep}",
+            if before.status.success() {
+                "answered"
+            } else {
+                "no answer (no_endpoint)"
+            }
+        ),
+    );
+    let first = outage(&a, B_INNER, Duration::from_secs(5));
+    let (ep, _) = learned(&b_ctl);
+    report.check(
+        "A's first packet teaches B its address",
+        first.is_some() && ep.split(':').next() == Some(A_OUTER),
+        format!("ping A -> B answered; B's endpoint for A: {ep}"),
+    );
+
+    let bytes = opts.megabytes * 1_000_000;
+    let exe = opts.run.exe.clone();
+    let moved = std::thread::scope(|s| -> io::Result<_> {
+        let t = s.spawn(|| super::transfer(&exe, (&a, &b), B_INNER, bytes));
+        let mut moved = Vec::new();
+        let mut from = A_OUTER;
+        for to in MOVES {
+            std::thread::sleep(Duration::from_millis(1500));
+            let running = !t.is_finished();
+            a.ip(&["addr", "del", &format!("{from}/24"), "dev", "veth0"])?;
+            a.ip(&["addr", "add", &format!("{to}/24"), "dev", "veth0"])?;
+            let took = outage(&a, B_INNER, Duration::from_secs(10));
+            moved.push((to, running, took, learned(&b_ctl)));
+            from = to;
+        }
+        let result = t
+            .join()
+            .map_err(|_| io::Error::other("transfer thread panicked"))??;
+        Ok((moved, result))
+    })?;
+    let (moved, result) = moved;
+    for (i, (to, running, took, (ep, moves))) in moved.iter().enumerate() {
+        report.check(
+            format!("A moves to {to} during the transfer: B follows"),
+            *running && took.is_some() && ep.split(':').next() == Some(*to) && *moves == i as u64 + 1,
+            format!(
+                "transfer running: {running}; first ping answered {} after the move; B's endpoint for A: {ep} ({moves} move{})",
+                took.map_or("never (10 s)".into(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3)),
+                if *moves == 1 { "" } else { "s" }
+            ),
+        );
+    }
+    report.check(
+        format!(
+            "TCP transfer of {} MB A -> B across both moves",
+            opts.megabytes
+        ),
+        result.ok(bytes),
+        format!(
+            "sent {:?}, received {:?} ({:.1} Mbit/s incl. setup)",
+            result.sent.as_ref().map(|d| d.bytes),
+            result.got.as_ref().map(|d| d.bytes),
+            result.mbit_s()
+        ),
+    );
+    if opts.run.keep {
+        report.kept(&[&a, &b], Some(&work));
+        std::mem::forget(da);
+        std::mem::forget(db);
+        std::mem::forget(a);
+        std::mem::forget(b);
+        return Ok(report);
+    }
+    let clean = da.stop()? & db.stop()?;
+    report.check("clean stop", clean, "both daemons exited 0");
+    if keep_work {
+        report
+            .notes
+            .push(format!("configs and logs in {}", work.display()));
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    Ok(report)
+}
