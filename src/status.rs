@@ -550,6 +550,17 @@ impl Status {
     /// are labels; times are Unix seconds.
     pub fn to_prometheus(&self) -> String {
         let mut m = Metrics::default();
+        self.interface_metrics(&mut m);
+        self.peer_metrics(&mut m);
+        self.sa_metrics(&mut m);
+        self.drop_metrics(&mut m);
+        self.ike_metrics(&mut m);
+        self.capture_metrics(&mut m);
+        m.finish()
+    }
+
+    /// The daemon: version, configuration generation, start time, MTU.
+    fn interface_metrics(&self, m: &mut Metrics) {
         let ifl = [("interface", self.interface.name.as_str())];
         m.family("espip_info", "gauge", "Always 1; labels carry the version.");
         m.sample(
@@ -582,6 +593,10 @@ impl Status {
         );
         m.family("espip_mtu_bytes", "gauge", "Tunnel MTU.");
         m.sample("espip_mtu_bytes", &ifl, f64::from(self.interface.mtu));
+    }
+
+    /// Per peer: traffic, paths, last packets, learned endpoints.
+    fn peer_metrics(&self, m: &mut Metrics) {
         type Field = fn(&PeerStatus) -> u64;
         let per_peer: [(&str, &str, &str, Field); 4] = [
             (
@@ -615,7 +630,7 @@ impl Status {
                 );
             }
         }
-        self.path_metrics(&mut m);
+        self.path_metrics(m);
         m.family(
             "espip_peer_last_packet_timestamp_seconds",
             "gauge",
@@ -650,6 +665,10 @@ impl Status {
                 );
             }
         }
+    }
+
+    /// Per SA: sequence numbers.
+    fn sa_metrics(&self, m: &mut Metrics) {
         m.family(
             "espip_sa_sequence_number",
             "gauge",
@@ -683,6 +702,11 @@ impl Status {
                 );
             }
         }
+    }
+
+    /// The data path and the kernel edges: drops, errors, kernel drops, offload, relaying.
+    fn drop_metrics(&self, m: &mut Metrics) {
+        let ifl = [("interface", self.interface.name.as_str())];
         m.family(
             "espip_drops_total",
             "counter",
@@ -737,6 +761,10 @@ impl Status {
             "Packets relayed from one peer to another inside the daemon.",
         );
         m.sample("espip_relayed_packets_total", &ifl, self.relayed as f64);
+    }
+
+    /// IKEv2 peers: SAs by state, exchanges, failures.
+    fn ike_metrics(&self, m: &mut Metrics) {
         if !self.ike.is_empty() {
             m.family(
                 "espip_ike_sas",
@@ -805,6 +833,10 @@ impl Status {
                 }
             }
         }
+    }
+
+    /// The capture taps.
+    fn capture_metrics(&self, m: &mut Metrics) {
         if let Some(c) = &self.capture {
             m.family(
                 "espip_capture_records_total",
@@ -823,7 +855,6 @@ impl Status {
                 );
             }
         }
-        m.finish()
     }
 }
 
