@@ -547,252 +547,264 @@ fn real_main() -> Result<()> {
             let k = espip::sys::random_key(cipher_arg(&cipher)?)?;
             println!("{}", k.to_hex().as_str());
         }
-        Cmd::Lab { scenario } => match scenario {
-            LabCmd::Down { name } => {
-                let gone = espip::lab::netns::down(&name)?;
-                if gone.is_empty() {
-                    bail!("no namespace of lab {name} exists (`ip netns list` shows what does)");
-                }
-                println!("stopped and deleted: {}", gone.join(" "));
+        Cmd::Lab { scenario } => lab(scenario)?,
+        Cmd::LabTool { tool } => lab_tool(tool)?,
+    }
+    Ok(())
+}
+
+/// `espip lab SCENARIO`: run one scenario and print its report.
+fn lab(scenario: LabCmd) -> Result<()> {
+    match scenario {
+        LabCmd::Down { name } => {
+            let gone = espip::lab::netns::down(&name)?;
+            if gone.is_empty() {
+                bail!("no namespace of lab {name} exists (`ip netns list` shows what does)");
             }
-            LabCmd::Multipath {
-                common,
+            println!("stopped and deleted: {}", gone.join(" "));
+        }
+        LabCmd::Multipath {
+            common,
+            mode,
+            cipher,
+            link1,
+            link2,
+            scheduler,
+            seconds,
+            redundant_loss,
+            compare_mptcp,
+            congestion,
+            static_weights,
+        } => {
+            if let Some(cc) = &congestion {
+                if !["cubic", "bbr", "reno"].contains(&cc.as_str()) {
+                    bail!("--congestion {cc:?}: expected cubic, bbr or reno");
+                }
+            }
+            let mode = match mode {
+                ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
+                ModeArg::EspUdp => LabMode::EspUdp(cipher_arg(&cipher)?),
+                ModeArg::Ipip => LabMode::IpIp,
+            };
+            let scheduler =
+                espip::multipath::Scheduler::from_name(&scheduler).with_context(|| {
+                    format!("--scheduler {scheduler:?}: expected spread, earliest, failover or redundant")
+                })?;
+            if !(0.0..=50.0).contains(&redundant_loss) {
+                bail!("--redundant-loss must be 0..50 percent");
+            }
+            if !(1..=600).contains(&seconds) {
+                bail!("--seconds must be 1..600");
+            }
+            let opts = espip::lab::multipath::MultipathOptions {
                 mode,
-                cipher,
-                link1,
-                link2,
+                links: [
+                    link1
+                        .parse::<espip::lab::multipath::LinkSpec>()
+                        .map_err(|e| anyhow::anyhow!("--link1 {e}"))?,
+                    link2
+                        .parse::<espip::lab::multipath::LinkSpec>()
+                        .map_err(|e| anyhow::anyhow!("--link2 {e}"))?,
+                ],
                 scheduler,
                 seconds,
                 redundant_loss,
                 compare_mptcp,
                 congestion,
-                static_weights,
-            } => {
-                if let Some(cc) = &congestion {
-                    if !["cubic", "bbr", "reno"].contains(&cc.as_str()) {
-                        bail!("--congestion {cc:?}: expected cubic, bbr or reno");
-                    }
-                }
-                let mode = match mode {
-                    ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
-                    ModeArg::EspUdp => LabMode::EspUdp(cipher_arg(&cipher)?),
-                    ModeArg::Ipip => LabMode::IpIp,
-                };
-                let scheduler =
-                    espip::multipath::Scheduler::from_name(&scheduler).with_context(|| {
-                        format!("--scheduler {scheduler:?}: expected spread, earliest, failover or redundant")
-                    })?;
-                if !(0.0..=50.0).contains(&redundant_loss) {
-                    bail!("--redundant-loss must be 0..50 percent");
-                }
-                if !(1..=600).contains(&seconds) {
-                    bail!("--seconds must be 1..600");
-                }
-                let opts = espip::lab::multipath::MultipathOptions {
-                    mode,
-                    links: [
-                        link1
-                            .parse::<espip::lab::multipath::LinkSpec>()
-                            .map_err(|e| anyhow::anyhow!("--link1 {e}"))?,
-                        link2
-                            .parse::<espip::lab::multipath::LinkSpec>()
-                            .map_err(|e| anyhow::anyhow!("--link2 {e}"))?,
-                    ],
-                    scheduler,
-                    seconds,
-                    redundant_loss,
-                    compare_mptcp,
-                    congestion,
-                    adapt: !static_weights,
-                    run: common.run()?,
-                };
-                finish(espip::lab::multipath::run(&opts)?);
+                adapt: !static_weights,
+                run: common.run()?,
+            };
+            finish(espip::lab::multipath::run(&opts)?);
+        }
+        LabCmd::Ike {
+            common,
+            mode,
+            ike,
+            esp,
+            rekey,
+            seconds,
+            flood,
+        } => {
+            check_proposals(&ike, &esp)?;
+            if flood > 600 {
+                bail!("--flood must be 0..600 s");
             }
-            LabCmd::Ike {
-                common,
-                mode,
+            if !(3..=600).contains(&rekey) || !(5..=3600).contains(&seconds) {
+                bail!("--rekey must be 3..600 s and --seconds 5..3600");
+            }
+            let opts = espip::lab::ike::IkeLabOptions {
+                mode: match mode {
+                    ModeArg::Esp => "esp".into(),
+                    ModeArg::EspUdp => "esp-udp".into(),
+                    ModeArg::Ipip => bail!("--mode ipip: IKEv2 keys ESP; use esp-udp or esp"),
+                },
                 ike,
                 esp,
                 rekey,
                 seconds,
                 flood,
-            } => {
-                check_proposals(&ike, &esp)?;
-                if flood > 600 {
-                    bail!("--flood must be 0..600 s");
-                }
-                if !(3..=600).contains(&rekey) || !(5..=3600).contains(&seconds) {
-                    bail!("--rekey must be 3..600 s and --seconds 5..3600");
-                }
-                let opts = espip::lab::ike::IkeLabOptions {
-                    mode: match mode {
-                        ModeArg::Esp => "esp".into(),
-                        ModeArg::EspUdp => "esp-udp".into(),
-                        ModeArg::Ipip => bail!("--mode ipip: IKEv2 keys ESP; use esp-udp or esp"),
-                    },
-                    ike,
-                    esp,
-                    rekey,
-                    seconds,
-                    flood,
-                    run: common.run()?,
-                };
-                finish(espip::lab::ike::run_ike(&opts)?);
-            }
-            LabCmd::Strongswan {
-                common,
-                initiator,
+                run: common.run()?,
+            };
+            finish(espip::lab::ike::run_ike(&opts)?);
+        }
+        LabCmd::Strongswan {
+            common,
+            initiator,
+            ike,
+            esp,
+            megabytes,
+            no_dpd,
+        } => {
+            check_proposals(&ike, &esp)?;
+            let opts = espip::lab::ike::StrongswanOptions {
+                espip_initiates: matches!(initiator, InitiatorArg::Espip),
                 ike,
                 esp,
                 megabytes,
-                no_dpd,
-            } => {
-                check_proposals(&ike, &esp)?;
-                let opts = espip::lab::ike::StrongswanOptions {
-                    espip_initiates: matches!(initiator, InitiatorArg::Espip),
-                    ike,
-                    esp,
-                    megabytes,
-                    dpd: !no_dpd,
-                    run: common.run()?,
-                };
-                finish(espip::lab::ike::run_strongswan(&opts)?);
-            }
-            LabCmd::P2p {
-                common,
-                mode,
-                cipher,
-                esn,
-                megabytes,
-                outer,
-            } => {
-                let mode = match mode {
-                    ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
-                    ModeArg::EspUdp => LabMode::EspUdp(cipher_arg(&cipher)?),
-                    ModeArg::Ipip => {
-                        if esn {
-                            bail!("--esn applies to --mode esp only");
-                        }
-                        LabMode::IpIp
+                dpd: !no_dpd,
+                run: common.run()?,
+            };
+            finish(espip::lab::ike::run_strongswan(&opts)?);
+        }
+        LabCmd::P2p {
+            common,
+            mode,
+            cipher,
+            esn,
+            megabytes,
+            outer,
+        } => {
+            let mode = match mode {
+                ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
+                ModeArg::EspUdp => LabMode::EspUdp(cipher_arg(&cipher)?),
+                ModeArg::Ipip => {
+                    if esn {
+                        bail!("--esn applies to --mode esp only");
                     }
-                };
-                let opts = P2pOptions {
-                    mode,
-                    megabytes: megabytes_arg(megabytes)?,
-                    esn,
-                    outer_v6: outer == OuterArg::Ipv6,
-                    run: common.run()?,
-                };
-                finish(espip::lab::p2p::run(&opts)?);
-            }
-            LabCmd::Gateway {
-                common,
-                cipher,
-                without_forward,
-            } => {
-                let opts = espip::lab::gateway::GatewayOptions {
-                    cipher: cipher_arg(&cipher)?,
-                    without_forward,
-                    run: common.run()?,
-                };
-                finish(espip::lab::gateway::run(&opts)?);
-            }
-            LabCmd::Roaming {
-                common,
+                    LabMode::IpIp
+                }
+            };
+            let opts = P2pOptions {
                 mode,
-                cipher,
+                megabytes: megabytes_arg(megabytes)?,
+                esn,
+                outer_v6: outer == OuterArg::Ipv6,
+                run: common.run()?,
+            };
+            finish(espip::lab::p2p::run(&opts)?);
+        }
+        LabCmd::Gateway {
+            common,
+            cipher,
+            without_forward,
+        } => {
+            let opts = espip::lab::gateway::GatewayOptions {
+                cipher: cipher_arg(&cipher)?,
+                without_forward,
+                run: common.run()?,
+            };
+            finish(espip::lab::gateway::run(&opts)?);
+        }
+        LabCmd::Roaming {
+            common,
+            mode,
+            cipher,
+            megabytes,
+        } => {
+            let mode = match mode {
+                ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
+                ModeArg::EspUdp => LabMode::EspUdp(cipher_arg(&cipher)?),
+                ModeArg::Ipip => anyhow::bail!(
+                    "lab roaming: --mode ipip cannot roam (ipip peers are told apart by their address); use esp or esp-udp"
+                ),
+            };
+            let opts = espip::lab::roaming::RoamingOptions {
+                mode,
                 megabytes,
-            } => {
-                let mode = match mode {
-                    ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
-                    ModeArg::EspUdp => LabMode::EspUdp(cipher_arg(&cipher)?),
-                    ModeArg::Ipip => anyhow::bail!(
-                        "lab roaming: --mode ipip cannot roam (ipip peers are told apart by their address); use esp or esp-udp"
-                    ),
-                };
-                let opts = espip::lab::roaming::RoamingOptions {
-                    mode,
-                    megabytes,
-                    run: common.run()?,
-                };
-                finish(espip::lab::roaming::run(&opts)?);
-            }
-            LabCmd::Upstream { common } => {
-                let opts = espip::lab::upstream::UpstreamOptions { run: common.run()? };
-                finish(espip::lab::upstream::run(&opts)?);
-            }
-            LabCmd::Hub { common, cipher } => {
-                let opts = espip::lab::hub::HubOptions {
-                    cipher: cipher_arg(&cipher)?,
-                    run: common.run()?,
-                };
-                finish(espip::lab::hub::run(&opts)?);
-            }
-            LabCmd::SameLan {
-                common,
-                cipher,
-                megabytes,
-            } => {
-                let opts = espip::lab::same_lan::SameLanOptions {
-                    cipher: cipher_arg(&cipher)?,
-                    megabytes: megabytes_arg(megabytes)?,
-                    run: common.run()?,
-                };
-                finish(espip::lab::same_lan::run(&opts)?);
-            }
-        },
-        Cmd::LabTool { tool } => match tool {
-            ToolCmd::Sink { listen } => println!("{}", espip::lab::transfer::sink(listen)?),
-            ToolCmd::HttpServe { listen, name } => espip::lab::transfer::http_serve(listen, &name)?,
-            ToolCmd::Flood { dst, spi, seconds } => {
-                let [a, b, c, d] = espip::lab::flood::flood(dst, spi, seconds)?;
-                println!(
-                    "{{\"esp_known_spi\": {a}, \"esp_unknown_spi\": {b}, \"ipip\": {c}, \"short\": {d}}}"
-                );
-            }
-            ToolCmd::IkeFlood {
+                run: common.run()?,
+            };
+            finish(espip::lab::roaming::run(&opts)?);
+        }
+        LabCmd::Upstream { common } => {
+            let opts = espip::lab::upstream::UpstreamOptions { run: common.run()? };
+            finish(espip::lab::upstream::run(&opts)?);
+        }
+        LabCmd::Hub { common, cipher } => {
+            let opts = espip::lab::hub::HubOptions {
+                cipher: cipher_arg(&cipher)?,
+                run: common.run()?,
+            };
+            finish(espip::lab::hub::run(&opts)?);
+        }
+        LabCmd::SameLan {
+            common,
+            cipher,
+            megabytes,
+        } => {
+            let opts = espip::lab::same_lan::SameLanOptions {
+                cipher: cipher_arg(&cipher)?,
+                megabytes: megabytes_arg(megabytes)?,
+                run: common.run()?,
+            };
+            finish(espip::lab::same_lan::run(&opts)?);
+        }
+    }
+    Ok(())
+}
+
+/// `espip lab-tool TOOL`: the helpers the labs run inside their namespaces.
+fn lab_tool(tool: ToolCmd) -> Result<()> {
+    match tool {
+        ToolCmd::Sink { listen } => println!("{}", espip::lab::transfer::sink(listen)?),
+        ToolCmd::HttpServe { listen, name } => espip::lab::transfer::http_serve(listen, &name)?,
+        ToolCmd::Flood { dst, spi, seconds } => {
+            let [a, b, c, d] = espip::lab::flood::flood(dst, spi, seconds)?;
+            println!(
+                "{{\"esp_known_spi\": {a}, \"esp_unknown_spi\": {b}, \"ipip\": {c}, \"short\": {d}}}"
+            );
+        }
+        ToolCmd::IkeFlood {
+            to,
+            seconds,
+            proposal,
+            bad_ke,
+            natt,
+            from,
+        } => {
+            let n = espip::lab::ike::ike_flood(
                 to,
                 seconds,
-                proposal,
-                bad_ke,
-                natt,
-                from,
-            } => {
-                let n = espip::lab::ike::ike_flood(
-                    to,
-                    seconds,
-                    &espip::lab::ike::FloodOptions {
-                        proposal,
-                        bad_ke,
-                        natt,
-                        from,
-                    },
-                )?;
-                println!("{{\"ike_sa_init\": {n}}}");
+                &espip::lab::ike::FloodOptions {
+                    proposal,
+                    bad_ke,
+                    natt,
+                    from,
+                },
+            )?;
+            println!("{{\"ike_sa_init\": {n}}}");
+        }
+        ToolCmd::Source { connect, bytes } => {
+            println!("{}", espip::lab::transfer::source(connect, bytes)?)
+        }
+        ToolCmd::Relay {
+            ifaces,
+            delay_ms,
+            loss_percent,
+            cut,
+        } => {
+            if !(0.0..=100.0).contains(&loss_percent) || !(0.0..=10_000.0).contains(&delay_ms) {
+                bail!("--loss-percent must be 0..100 and --delay-ms 0..10000");
             }
-            ToolCmd::Source { connect, bytes } => {
-                println!("{}", espip::lab::transfer::source(connect, bytes)?)
-            }
-            ToolCmd::Relay {
-                ifaces,
-                delay_ms,
-                loss_percent,
+            let opts = espip::lab::relay::RelayOptions {
+                ifaces: [ifaces[0].clone(), ifaces[1].clone()],
+                delay: std::time::Duration::from_secs_f64(delay_ms / 1e3),
+                loss: loss_percent / 100.0,
                 cut,
-            } => {
-                if !(0.0..=100.0).contains(&loss_percent) || !(0.0..=10_000.0).contains(&delay_ms) {
-                    bail!("--loss-percent must be 0..100 and --delay-ms 0..10000");
-                }
-                let opts = espip::lab::relay::RelayOptions {
-                    ifaces: [ifaces[0].clone(), ifaces[1].clone()],
-                    delay: std::time::Duration::from_secs_f64(delay_ms / 1e3),
-                    loss: loss_percent / 100.0,
-                    cut,
-                };
-                let [ab, ba] = espip::lab::relay::run(&opts)?;
-                println!("{{\"frames\": [{}, {}], \"lost\": [{}, {}], \"cut\": [{}, {}], \"refused\": [{}, {}]}}",
-                    ab.frames, ba.frames, ab.lost, ba.lost, ab.cut, ba.cut, ab.refused, ba.refused);
-            }
-        },
+            };
+            let [ab, ba] = espip::lab::relay::run(&opts)?;
+            println!("{{\"frames\": [{}, {}], \"lost\": [{}, {}], \"cut\": [{}, {}], \"refused\": [{}, {}]}}",
+                ab.frames, ba.frames, ab.lost, ba.lost, ab.cut, ba.cut, ab.refused, ba.refused);
+        }
     }
     Ok(())
 }
