@@ -75,96 +75,7 @@ impl Engine {
         let keys = s.keys().clone();
         // Rekey of the IKE SA.
         if offered.iter().any(|x| x.protocol == proto::IKE) {
-            // Section 2.25: not while we create, rekey or delete a CHILD_SA on it.
-            if matches!(
-                s.flight.as_ref().map(|f| &f.req),
-                Some(Req::RekeyChild { .. } | Req::NewChild { .. } | Req::DeleteChild(_))
-            ) {
-                self.stats.fail(Failure::RekeyCollision);
-                return (
-                    vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
-                    After::Keep,
-                );
-            }
-            // Both sides rekey the IKE SA at once (section 2.8.2): answer as usual; the
-            // nonces decide which new IKE SA stays when the answer to ours comes.
-            let colliding = matches!(
-                s.flight.as_ref().map(|f| &f.req),
-                Some(Req::RekeyIke { .. })
-            );
-            let Some(choice) = proposal::choose_ike(&offered, &self.cfg.ike) else {
-                self.fail(
-                    out,
-                    Failure::Notify(notify::NO_PROPOSAL_CHOSEN),
-                    format!("IKE rekey by {}", self.cfg.name),
-                );
-                return (
-                    vec![Payload::notify(notify::NO_PROPOSAL_CHOSEN, Vec::new())],
-                    After::Keep,
-                );
-            };
-            let Some((g, kdata)) = ke.filter(|(g, _)| *g == choice.group.id()) else {
-                return (
-                    vec![Payload::notify(
-                        notify::INVALID_KE_PAYLOAD,
-                        choice.group.id().to_be_bytes().to_vec(),
-                    )],
-                    After::Keep,
-                );
-            };
-            let _ = g;
-            let peer_spi = offered
-                .iter()
-                .find(|x| x.num == choice.num && x.protocol == proto::IKE)
-                .and_then(|x| <[u8; 8]>::try_from(&x.spi[..]).ok())
-                .map(u64::from_be_bytes);
-            let (Some(peer_spi), Some(share)) = (peer_spi, KeyShare::new(choice.group, rng)) else {
-                return (
-                    vec![Payload::notify(notify::INVALID_SYNTAX, Vec::new())],
-                    After::Keep,
-                );
-            };
-            let kr = share.public.clone();
-            let Ok(shared) = share.agree(&kdata) else {
-                return (
-                    vec![Payload::notify(notify::INVALID_SYNTAX, Vec::new())],
-                    After::Keep,
-                );
-            };
-            let spi_r = rand_u64(rng);
-            let seed = crypto::skeyseed(choice.prf, &shared, &ni, &nr, Some(&keys.sk_d));
-            if colliding {
-                self.ike_collision = Some(IkeCollision {
-                    old: (s.spi_i, s.spi_r),
-                    theirs: (peer_spi, spi_r),
-                    low: ni.as_slice().min(nr.as_slice()).to_vec(),
-                });
-            }
-            let new = self.rekeyed_sa(
-                s,
-                choice,
-                &seed,
-                ni,
-                nr.clone(),
-                peer_spi,
-                spi_r,
-                false,
-                now,
-                rng,
-            );
-            self.stats.ike_rekeys += 1;
-            out.push(Out::Event(Event::IkeRekeyed { spis: new.spis() }));
-            return (
-                vec![
-                    Payload::Sa(vec![choice.to_wire(spi_r.to_be_bytes().to_vec())]),
-                    Payload::Nonce(nr),
-                    Payload::Ke {
-                        group: choice.group.id(),
-                        data: kr,
-                    },
-                ],
-                After::Replaced(Box::new(new)),
-            );
+            return self.respond_rekey_ike(s, &offered, ni, nr, ke, &keys, now, rng, out);
         }
         // Rekey of a CHILD_SA, or a new one when this peer has none (its last one expired or
         // was deleted while the IKE SA lived on).
@@ -349,6 +260,114 @@ impl Engine {
         resp.push(Payload::TsI(tsi));
         resp.push(Payload::TsR(tsr));
         (resp, After::Keep)
+    }
+
+    /// A CREATE_CHILD_SA request that rekeys the IKE SA (RFC 7296 section 1.3.2): the new
+    /// IKE SA's keys from a fresh exchange, a collision with our own rekey noted for the
+    /// nonces to decide (section 2.8.2).
+    #[allow(clippy::too_many_arguments)]
+    fn respond_rekey_ike(
+        &mut self,
+        s: &mut IkeSa,
+        offered: &[Proposal],
+        ni: Vec<u8>,
+        nr: Vec<u8>,
+        ke: Option<(u16, Vec<u8>)>,
+        keys: &IkeKeys,
+        now: u64,
+        rng: &dyn SecureRandom,
+        out: &mut Vec<Out>,
+    ) -> (Vec<Payload>, After) {
+        // Section 2.25: not while we create, rekey or delete a CHILD_SA on it.
+        if matches!(
+            s.flight.as_ref().map(|f| &f.req),
+            Some(Req::RekeyChild { .. } | Req::NewChild { .. } | Req::DeleteChild(_))
+        ) {
+            self.stats.fail(Failure::RekeyCollision);
+            return (
+                vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
+                After::Keep,
+            );
+        }
+        // Both sides rekey the IKE SA at once (section 2.8.2): answer as usual; the
+        // nonces decide which new IKE SA stays when the answer to ours comes.
+        let colliding = matches!(
+            s.flight.as_ref().map(|f| &f.req),
+            Some(Req::RekeyIke { .. })
+        );
+        let Some(choice) = proposal::choose_ike(offered, &self.cfg.ike) else {
+            self.fail(
+                out,
+                Failure::Notify(notify::NO_PROPOSAL_CHOSEN),
+                format!("IKE rekey by {}", self.cfg.name),
+            );
+            return (
+                vec![Payload::notify(notify::NO_PROPOSAL_CHOSEN, Vec::new())],
+                After::Keep,
+            );
+        };
+        let Some((g, kdata)) = ke.filter(|(g, _)| *g == choice.group.id()) else {
+            return (
+                vec![Payload::notify(
+                    notify::INVALID_KE_PAYLOAD,
+                    choice.group.id().to_be_bytes().to_vec(),
+                )],
+                After::Keep,
+            );
+        };
+        let _ = g;
+        let peer_spi = offered
+            .iter()
+            .find(|x| x.num == choice.num && x.protocol == proto::IKE)
+            .and_then(|x| <[u8; 8]>::try_from(&x.spi[..]).ok())
+            .map(u64::from_be_bytes);
+        let (Some(peer_spi), Some(share)) = (peer_spi, KeyShare::new(choice.group, rng)) else {
+            return (
+                vec![Payload::notify(notify::INVALID_SYNTAX, Vec::new())],
+                After::Keep,
+            );
+        };
+        let kr = share.public.clone();
+        let Ok(shared) = share.agree(&kdata) else {
+            return (
+                vec![Payload::notify(notify::INVALID_SYNTAX, Vec::new())],
+                After::Keep,
+            );
+        };
+        let spi_r = rand_u64(rng);
+        let seed = crypto::skeyseed(choice.prf, &shared, &ni, &nr, Some(&keys.sk_d));
+        if colliding {
+            self.ike_collision = Some(IkeCollision {
+                old: (s.spi_i, s.spi_r),
+                theirs: (peer_spi, spi_r),
+                low: ni.as_slice().min(nr.as_slice()).to_vec(),
+            });
+        }
+        let new = self.rekeyed_sa(
+            s,
+            choice,
+            &seed,
+            ni,
+            nr.clone(),
+            peer_spi,
+            spi_r,
+            false,
+            now,
+            rng,
+        );
+        self.stats.ike_rekeys += 1;
+        out.push(Out::Event(Event::IkeRekeyed { spis: new.spis() }));
+        (
+            vec![
+                Payload::Sa(vec![choice.to_wire(spi_r.to_be_bytes().to_vec())]),
+                Payload::Nonce(nr),
+                Payload::Ke {
+                    group: choice.group.id(),
+                    data: kr,
+                },
+            ],
+            After::Replaced(Box::new(new)),
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
