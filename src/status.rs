@@ -333,104 +333,25 @@ impl Status {
             i.version
         );
         for p in &self.peers {
-            let _ = writeln!(s, "\npeer: {}", p.name);
-            let _ = writeln!(s, "  endpoint: {}  mode: {}", p.endpoint, p.mode);
-            if p.endpoint_learned {
-                let _ = writeln!(
-                    s,
-                    "  endpoint learned from the peer's packets: {}",
-                    match p.endpoint_changed_unix {
-                        Some(t) => format!(
-                            "{} ({} move{} after the first)",
-                            ago(now_unix, Some(t)),
-                            p.endpoint_moves,
-                            if p.endpoint_moves == 1 { "" } else { "s" }
-                        ),
-                        None =>
-                            "nothing authenticated yet (packets to it are dropped as no_endpoint)"
-                                .into(),
-                    }
-                );
-            }
-            let _ = writeln!(s, "  allowed ips: {}", p.allowed_ips.join(", "));
-            if let Some(o) = &p.sa_out {
-                let _ = writeln!(
-                    s,
-                    "  sa out: spi {:#010x}  {}{}  next seq {}  {}",
-                    o.spi,
-                    o.cipher,
-                    if o.esn { " esn" } else { "" },
-                    o.next_seq,
-                    match o.reserved_to {
-                        Some(r) => format!("reserved to {r}"),
-                        None => "negotiated (no reservation)".into(),
-                    }
-                );
-            }
-            if let Some(n) = &p.sa_in {
-                let _ = writeln!(
-                    s,
-                    "  sa in:  spi {:#010x}  {}{}  highest seq {}  replay window {}",
-                    n.spi,
-                    n.cipher,
-                    if n.esn { " esn" } else { "" },
-                    n.highest_seq,
-                    n.replay_window
-                );
-            }
-            let _ = writeln!(
-                s,
-                "  transfer: {} received ({} packets), {} sent ({} packets)",
-                bytes(p.rx_bytes),
-                p.rx_packets,
-                bytes(p.tx_bytes),
-                p.tx_packets
-            );
-            let _ = writeln!(
-                s,
-                "  latest packet: received {}, sent {}",
-                ago(now_unix, p.last_rx_unix),
-                ago(now_unix, p.last_tx_unix)
-            );
-            if let Some(m) = &p.multipath {
-                let _ = writeln!(
-                    s,
-                    "  scheduler: {}  reorder: held {}, gaps skipped {}, late {}, hold {:.1} ms",
-                    m.scheduler,
-                    m.reorder_held,
-                    m.reorder_gaps_skipped,
-                    m.reorder_late,
-                    m.reorder_hold_ms
-                );
-                for x in &m.paths {
-                    let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} ms"));
-                    let _ = writeln!(
-                        s,
-                        "  path {}: {}  {}  rtt {} (min {})  share {:.0}%  probes {}/{}  quiet {}x  sent {} ({} packets)  received {} ({} packets)",
-                        x.name,
-                        x.endpoint,
-                        x.state,
-                        ms(x.rtt_ms),
-                        ms(x.min_rtt_ms),
-                        x.share * 100.0,
-                        x.echoes,
-                        x.probes_sent,
-                        x.quiet_count,
-                        bytes(x.tx_bytes),
-                        x.tx_packets,
-                        bytes(x.rx_bytes),
-                        x.rx_packets
-                    );
-                    if x.send_refused > 0 {
-                        let _ = writeln!(
-                            s,
-                            "    the kernel refused {} of the packets sent on path {} (see the log's \"sending packets failed\")",
-                            x.send_refused, x.name
-                        );
-                    }
-                }
-            }
+            peer_text(p, now_unix, &mut s);
         }
+        self.counters_text(&mut s);
+        self.ike_text(&mut s);
+        if let Some(c) = &self.capture {
+            let _ = writeln!(
+                s,
+                "capture: {}  ({} records written, {} dropped while the writer was behind, {} lost to write errors)",
+                c.files.join(", "),
+                c.written,
+                c.dropped,
+                c.write_errors
+            );
+        }
+        s
+    }
+
+    /// The drop, error, kernel-drop, relay and offload lines.
+    fn counters_text(&self, s: &mut String) {
         let nonzero: Vec<String> = self
             .drops
             .iter()
@@ -499,6 +420,10 @@ impl Status {
                 );
             }
         }
+    }
+
+    /// The IKEv2 peers' lines.
+    fn ike_text(&self, s: &mut String) {
         for k in &self.ike {
             let _ = writeln!(
                 s,
@@ -533,17 +458,6 @@ impl Status {
                 let _ = writeln!(s, "  failures: {}", f.join(", "));
             }
         }
-        if let Some(c) = &self.capture {
-            let _ = writeln!(
-                s,
-                "capture: {}  ({} records written, {} dropped while the writer was behind, {} lost to write errors)",
-                c.files.join(", "),
-                c.written,
-                c.dropped,
-                c.write_errors
-            );
-        }
-        s
     }
 
     /// The Prometheus text exposition format. Counters end in `_total`; the interface and peer
@@ -852,6 +766,102 @@ impl Status {
                     "espip_capture_records_total",
                     &[("interface", &self.interface.name), ("result", result)],
                     n as f64,
+                );
+            }
+        }
+    }
+}
+
+/// One peer's lines of `espip show`.
+fn peer_text(p: &PeerStatus, now_unix: f64, s: &mut String) {
+    let _ = writeln!(s, "\npeer: {}", p.name);
+    let _ = writeln!(s, "  endpoint: {}  mode: {}", p.endpoint, p.mode);
+    if p.endpoint_learned {
+        let _ = writeln!(
+            s,
+            "  endpoint learned from the peer's packets: {}",
+            match p.endpoint_changed_unix {
+                Some(t) => format!(
+                    "{} ({} move{} after the first)",
+                    ago(now_unix, Some(t)),
+                    p.endpoint_moves,
+                    if p.endpoint_moves == 1 { "" } else { "s" }
+                ),
+                None =>
+                    "nothing authenticated yet (packets to it are dropped as no_endpoint)".into(),
+            }
+        );
+    }
+    let _ = writeln!(s, "  allowed ips: {}", p.allowed_ips.join(", "));
+    if let Some(o) = &p.sa_out {
+        let _ = writeln!(
+            s,
+            "  sa out: spi {:#010x}  {}{}  next seq {}  {}",
+            o.spi,
+            o.cipher,
+            if o.esn { " esn" } else { "" },
+            o.next_seq,
+            match o.reserved_to {
+                Some(r) => format!("reserved to {r}"),
+                None => "negotiated (no reservation)".into(),
+            }
+        );
+    }
+    if let Some(n) = &p.sa_in {
+        let _ = writeln!(
+            s,
+            "  sa in:  spi {:#010x}  {}{}  highest seq {}  replay window {}",
+            n.spi,
+            n.cipher,
+            if n.esn { " esn" } else { "" },
+            n.highest_seq,
+            n.replay_window
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  transfer: {} received ({} packets), {} sent ({} packets)",
+        bytes(p.rx_bytes),
+        p.rx_packets,
+        bytes(p.tx_bytes),
+        p.tx_packets
+    );
+    let _ = writeln!(
+        s,
+        "  latest packet: received {}, sent {}",
+        ago(now_unix, p.last_rx_unix),
+        ago(now_unix, p.last_tx_unix)
+    );
+    if let Some(m) = &p.multipath {
+        let _ = writeln!(
+            s,
+            "  scheduler: {}  reorder: held {}, gaps skipped {}, late {}, hold {:.1} ms",
+            m.scheduler, m.reorder_held, m.reorder_gaps_skipped, m.reorder_late, m.reorder_hold_ms
+        );
+        for x in &m.paths {
+            let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} ms"));
+            let _ = writeln!(
+                s,
+                "  path {}: {}  {}  rtt {} (min {})  share {:.0}%  probes {}/{}  quiet {}x  sent {} ({} packets)  received {} ({} packets)",
+                x.name,
+                x.endpoint,
+                x.state,
+                ms(x.rtt_ms),
+                ms(x.min_rtt_ms),
+                x.share * 100.0,
+                x.echoes,
+                x.probes_sent,
+                x.quiet_count,
+                bytes(x.tx_bytes),
+                x.tx_packets,
+                bytes(x.rx_bytes),
+                x.rx_packets
+            );
+            if x.send_refused > 0 {
+                let _ = writeln!(
+                    s,
+                    "    the kernel refused {} of the packets sent on path {} (see the log's \"sending packets failed\")",
+                    x.send_refused, x.name
                 );
             }
         }
