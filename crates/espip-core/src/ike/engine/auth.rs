@@ -165,15 +165,7 @@ impl Engine {
                     esn: choice.esn,
                 };
                 let c = self.new_child(ck, choice.name(), true, now, rng);
-                self.children.push(c);
-                out.push(Out::Changed);
-                out.push(Out::Event(Event::ChildUp {
-                    spi_in,
-                    spi_out: choice.spi,
-                    proposal: choice.name(),
-                    ts: ts_string(&tsr, &tsi),
-                    rekey_of: None,
-                }));
+                self.push_child(c, ts_string(&tsr, &tsi), None, out);
                 resp.push(Payload::Sa(vec![choice.to_wire(spi_in)]));
                 resp.push(Payload::TsI(tsi));
                 resp.push(Payload::TsR(tsr));
@@ -327,15 +319,7 @@ impl Engine {
         };
         let c = self.new_child(ck, choice.name(), true, now, rng);
         self.children.clear();
-        self.children.push(c);
-        out.push(Out::Changed);
-        out.push(Out::Event(Event::ChildUp {
-            spi_in,
-            spi_out: choice.spi,
-            proposal: choice.name(),
-            ts: ts_string(&tsi, &tsr),
-            rekey_of: None,
-        }));
+        self.push_child(c, ts_string(&tsi, &tsr), None, out);
         After::Keep
     }
 }

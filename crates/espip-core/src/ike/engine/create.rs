@@ -243,15 +243,7 @@ impl Engine {
             self.children[i].replaced = true;
             self.stats.child_rekeys += 1;
         }
-        self.children.push(c);
-        out.push(Out::Changed);
-        out.push(Out::Event(Event::ChildUp {
-            spi_in,
-            spi_out: choice.spi,
-            proposal: choice.name(),
-            ts: ts_string(&tsr, &tsi),
-            rekey_of: old_in,
-        }));
+        self.push_child(c, ts_string(&tsr, &tsi), old_in, out);
         let mut resp = vec![
             Payload::Sa(vec![choice.to_wire(spi_in)]),
             Payload::Nonce(nr),
@@ -599,17 +591,28 @@ impl Engine {
         rng: &dyn SecureRandom,
         out: &mut Vec<Out>,
     ) {
-        let (spi_in, spi_out) = (ck.spi_in, ck.spi_out);
         let c = self.new_child(ck, choice.name(), true, now, rng);
-        self.children.push(c);
+        self.push_child(c, ts, rekey_of, out);
+    }
+
+    /// Hold CHILD_SA `c` and say so: the data path's SAs changed, and it is up (`ts`: its
+    /// selectors for the log; `rekey_of`: the inbound SPI it replaces).
+    pub(super) fn push_child(
+        &mut self,
+        c: Child,
+        ts: String,
+        rekey_of: Option<u32>,
+        out: &mut Vec<Out>,
+    ) {
         out.push(Out::Changed);
         out.push(Out::Event(Event::ChildUp {
-            spi_in,
-            spi_out,
-            proposal: choice.name(),
+            spi_in: c.keys.spi_in,
+            spi_out: c.keys.spi_out,
+            proposal: c.proposal.clone(),
             ts,
             rekey_of,
         }));
+        self.children.push(c);
     }
 
     /// The answer to our CREATE_CHILD_SA rekeying the CHILD_SA `old_in`.
