@@ -9,18 +9,17 @@
 //! - this crate: the edges ([`sys`], [`daemon`], [`control`], [`config`], [`lab`]): the kernel,
 //!   files, processes and the command line.
 
-#![warn(clippy::undocumented_unsafe_blocks)]
+#![forbid(unsafe_code)]
 
+pub use espip_api::status;
 pub use espip_core::{
     buf, datapath, endpoint, gro, gso, ike, multipath, nat, prefix, replay, sa, wire,
 };
+pub use espip_sys as sys;
 
 pub mod config;
 pub mod control;
 pub mod daemon;
-pub mod lab;
 pub mod rules;
-pub mod status;
-pub mod sys;
 pub mod telemetry;
 pub mod wireshark;

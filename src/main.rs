@@ -15,8 +15,8 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use cli::*;
 use espip::config::Config;
-use espip::lab::p2p::{LabMode, P2pOptions};
 use espip::sa::Cipher;
+use espip_lab::p2p::{LabMode, P2pOptions};
 use std::path::PathBuf;
 
 impl Target {
@@ -374,8 +374,8 @@ fn tshark_version() -> Option<String> {
 }
 
 impl LabArgs {
-    fn run(self) -> Result<espip::lab::LabRun> {
-        Ok(espip::lab::LabRun {
+    fn run(self) -> Result<espip_lab::LabRun> {
+        Ok(espip_lab::LabRun {
             keep: self.keep,
             pcap_dir: self.pcap,
             install: !self.no_install,
@@ -490,7 +490,7 @@ fn check(config: &std::path::Path) -> Result<()> {
 }
 
 /// Print the end of a lab report; a failed check makes the exit status 1.
-fn finish(report: espip::lab::Report) {
+fn finish(report: espip_lab::Report) {
     print!("{}", report.render());
     if !report.passed() {
         std::process::exit(1);
@@ -557,7 +557,7 @@ fn real_main() -> Result<()> {
 fn lab(scenario: LabCmd) -> Result<()> {
     match scenario {
         LabCmd::Down { name } => {
-            let gone = espip::lab::netns::down(&name)?;
+            let gone = espip_lab::netns::down(&name)?;
             if gone.is_empty() {
                 bail!("no namespace of lab {name} exists (`ip netns list` shows what does)");
             }
@@ -596,14 +596,14 @@ fn lab(scenario: LabCmd) -> Result<()> {
             if !(1..=600).contains(&seconds) {
                 bail!("--seconds must be 1..600");
             }
-            let opts = espip::lab::multipath::MultipathOptions {
+            let opts = espip_lab::multipath::MultipathOptions {
                 mode,
                 links: [
                     link1
-                        .parse::<espip::lab::multipath::LinkSpec>()
+                        .parse::<espip_lab::multipath::LinkSpec>()
                         .map_err(|e| anyhow::anyhow!("--link1 {e}"))?,
                     link2
-                        .parse::<espip::lab::multipath::LinkSpec>()
+                        .parse::<espip_lab::multipath::LinkSpec>()
                         .map_err(|e| anyhow::anyhow!("--link2 {e}"))?,
                 ],
                 scheduler,
@@ -614,7 +614,7 @@ fn lab(scenario: LabCmd) -> Result<()> {
                 adapt: !static_weights,
                 run: common.run()?,
             };
-            finish(espip::lab::multipath::run(&opts)?);
+            finish(espip_lab::multipath::run(&opts)?);
         }
         LabCmd::Ike {
             common,
@@ -632,7 +632,7 @@ fn lab(scenario: LabCmd) -> Result<()> {
             if !(3..=600).contains(&rekey) || !(5..=3600).contains(&seconds) {
                 bail!("--rekey must be 3..600 s and --seconds 5..3600");
             }
-            let opts = espip::lab::ike::IkeLabOptions {
+            let opts = espip_lab::ike::IkeLabOptions {
                 mode: match mode {
                     ModeArg::Esp => "esp".into(),
                     ModeArg::EspUdp => "esp-udp".into(),
@@ -645,7 +645,7 @@ fn lab(scenario: LabCmd) -> Result<()> {
                 flood,
                 run: common.run()?,
             };
-            finish(espip::lab::ike::run_ike(&opts)?);
+            finish(espip_lab::ike::run_ike(&opts)?);
         }
         LabCmd::Strongswan {
             common,
@@ -656,7 +656,7 @@ fn lab(scenario: LabCmd) -> Result<()> {
             no_dpd,
         } => {
             check_proposals(&ike, &esp)?;
-            let opts = espip::lab::ike::StrongswanOptions {
+            let opts = espip_lab::ike::StrongswanOptions {
                 espip_initiates: matches!(initiator, InitiatorArg::Espip),
                 ike,
                 esp,
@@ -664,7 +664,7 @@ fn lab(scenario: LabCmd) -> Result<()> {
                 dpd: !no_dpd,
                 run: common.run()?,
             };
-            finish(espip::lab::ike::run_strongswan(&opts)?);
+            finish(espip_lab::ike::run_strongswan(&opts)?);
         }
         LabCmd::P2p {
             common,
@@ -691,19 +691,19 @@ fn lab(scenario: LabCmd) -> Result<()> {
                 outer_v6: outer == OuterArg::Ipv6,
                 run: common.run()?,
             };
-            finish(espip::lab::p2p::run(&opts)?);
+            finish(espip_lab::p2p::run(&opts)?);
         }
         LabCmd::Gateway {
             common,
             cipher,
             without_forward,
         } => {
-            let opts = espip::lab::gateway::GatewayOptions {
+            let opts = espip_lab::gateway::GatewayOptions {
                 cipher: cipher_arg(&cipher)?,
                 without_forward,
                 run: common.run()?,
             };
-            finish(espip::lab::gateway::run(&opts)?);
+            finish(espip_lab::gateway::run(&opts)?);
         }
         LabCmd::Roaming {
             common,
@@ -718,35 +718,35 @@ fn lab(scenario: LabCmd) -> Result<()> {
                     "lab roaming: --mode ipip cannot roam (ipip peers are told apart by their address); use esp or esp-udp"
                 ),
             };
-            let opts = espip::lab::roaming::RoamingOptions {
+            let opts = espip_lab::roaming::RoamingOptions {
                 mode,
                 megabytes,
                 run: common.run()?,
             };
-            finish(espip::lab::roaming::run(&opts)?);
+            finish(espip_lab::roaming::run(&opts)?);
         }
         LabCmd::Upstream { common } => {
-            let opts = espip::lab::upstream::UpstreamOptions { run: common.run()? };
-            finish(espip::lab::upstream::run(&opts)?);
+            let opts = espip_lab::upstream::UpstreamOptions { run: common.run()? };
+            finish(espip_lab::upstream::run(&opts)?);
         }
         LabCmd::Hub { common, cipher } => {
-            let opts = espip::lab::hub::HubOptions {
+            let opts = espip_lab::hub::HubOptions {
                 cipher: cipher_arg(&cipher)?,
                 run: common.run()?,
             };
-            finish(espip::lab::hub::run(&opts)?);
+            finish(espip_lab::hub::run(&opts)?);
         }
         LabCmd::SameLan {
             common,
             cipher,
             megabytes,
         } => {
-            let opts = espip::lab::same_lan::SameLanOptions {
+            let opts = espip_lab::same_lan::SameLanOptions {
                 cipher: cipher_arg(&cipher)?,
                 megabytes: megabytes_arg(megabytes)?,
                 run: common.run()?,
             };
-            finish(espip::lab::same_lan::run(&opts)?);
+            finish(espip_lab::same_lan::run(&opts)?);
         }
     }
     Ok(())
@@ -755,10 +755,10 @@ fn lab(scenario: LabCmd) -> Result<()> {
 /// `espip lab-tool TOOL`: the helpers the labs run inside their namespaces.
 fn lab_tool(tool: ToolCmd) -> Result<()> {
     match tool {
-        ToolCmd::Sink { listen } => println!("{}", espip::lab::transfer::sink(listen)?),
-        ToolCmd::HttpServe { listen, name } => espip::lab::transfer::http_serve(listen, &name)?,
+        ToolCmd::Sink { listen } => println!("{}", espip_lab::transfer::sink(listen)?),
+        ToolCmd::HttpServe { listen, name } => espip_lab::transfer::http_serve(listen, &name)?,
         ToolCmd::Flood { dst, spi, seconds } => {
-            let [a, b, c, d] = espip::lab::flood::flood(dst, spi, seconds)?;
+            let [a, b, c, d] = espip_lab::flood::flood(dst, spi, seconds)?;
             println!(
                 "{{\"esp_known_spi\": {a}, \"esp_unknown_spi\": {b}, \"ipip\": {c}, \"short\": {d}}}"
             );
@@ -771,10 +771,10 @@ fn lab_tool(tool: ToolCmd) -> Result<()> {
             natt,
             from,
         } => {
-            let n = espip::lab::ike::ike_flood(
+            let n = espip_lab::ike::ike_flood(
                 to,
                 seconds,
-                &espip::lab::ike::FloodOptions {
+                &espip_lab::ike::FloodOptions {
                     proposal,
                     bad_ke,
                     natt,
@@ -784,7 +784,7 @@ fn lab_tool(tool: ToolCmd) -> Result<()> {
             println!("{{\"ike_sa_init\": {n}}}");
         }
         ToolCmd::Source { connect, bytes } => {
-            println!("{}", espip::lab::transfer::source(connect, bytes)?)
+            println!("{}", espip_lab::transfer::source(connect, bytes)?)
         }
         ToolCmd::Relay {
             ifaces,
@@ -795,13 +795,13 @@ fn lab_tool(tool: ToolCmd) -> Result<()> {
             if !(0.0..=100.0).contains(&loss_percent) || !(0.0..=10_000.0).contains(&delay_ms) {
                 bail!("--loss-percent must be 0..100 and --delay-ms 0..10000");
             }
-            let opts = espip::lab::relay::RelayOptions {
+            let opts = espip_lab::relay::RelayOptions {
                 ifaces: [ifaces[0].clone(), ifaces[1].clone()],
                 delay: std::time::Duration::from_secs_f64(delay_ms / 1e3),
                 loss: loss_percent / 100.0,
                 cut,
             };
-            let [ab, ba] = espip::lab::relay::run(&opts)?;
+            let [ab, ba] = espip_lab::relay::run(&opts)?;
             println!("{{\"frames\": [{}, {}], \"lost\": [{}, {}], \"cut\": [{}, {}], \"refused\": [{}, {}]}}",
                 ab.frames, ba.frames, ab.lost, ba.lost, ab.cut, ba.cut, ab.refused, ba.refused);
         }

@@ -10,14 +10,7 @@ use crate::config::{Config, RulesMode};
 use crate::datapath::EncapSpec;
 use std::net::IpAddr;
 
-/// One `iptables` invocation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IptCmd {
-    /// Arguments after `iptables`.
-    pub args: Vec<String>,
-    /// Removal steps may find nothing to remove.
-    pub may_fail: bool,
-}
+pub use crate::sys::iptables::IptCmd;
 
 fn cmd(may_fail: bool, args: &[&str]) -> IptCmd {
     IptCmd {
@@ -400,11 +393,11 @@ mod tests {
 
     /// The configuration of host A of the same-lan lab, with fixed keys.
     pub(crate) fn lab_a() -> Config {
-        let keys = crate::lab::p2p::LabKeys {
+        let keys = espip_lab::p2p::LabKeys {
             a_to_b: KeyMaterial::new(Cipher::Aes128Gcm, &[1; 20]).unwrap(),
             b_to_a: KeyMaterial::new(Cipher::Aes128Gcm, &[2; 20]).unwrap(),
         };
-        let text = crate::lab::same_lan::config_text(
+        let text = espip_lab::same_lan::config_text(
             true,
             Cipher::Aes128Gcm,
             &keys,

@@ -4,8 +4,8 @@
 
 mod common;
 use common::*;
-use espip::lab::ike::{pair_config, LAB_PSK};
-use espip::lab::p2p::{A_INNER, B_INNER, B_OUTER};
+use espip_lab::ike::{pair_config, LAB_PSK};
+use espip_lab::p2p::{A_INNER, B_INNER, B_OUTER};
 use std::time::{Duration, Instant};
 
 /// Two espip daemons keyed by IKEv2 (A initiates, B responds) in the p2p lab's namespaces.

@@ -81,7 +81,7 @@ fn a_30_second_garbage_flood_does_not_stop_a_transfer() {
     let mut pair = full_pair("flood", Cipher::Aes128Gcm, "");
     let (a, b, dir) = (&pair.a, &pair.b, pair.dir.clone());
     let a_pid = pair.daemons[0].pid().unwrap();
-    let transfer = || espip::lab::transfer(&exe(), (b, a), p2p::A_INNER, BYTES).unwrap();
+    let transfer = || espip_lab::transfer(&exe(), (b, a), p2p::A_INNER, BYTES).unwrap();
     // Baseline: B -> A, so that A's receive path carries the data and meets the flood.
     let base = transfer();
     assert!(base.ok(BYTES), "baseline transfer: {base:?}");

@@ -203,7 +203,7 @@ fn one_daemon_with_an_ipv4_peer_and_an_ipv6_peer() {
     ])
     .unwrap();
     for to in ["10.4.2.5", "10.4.3.5"] {
-        let r = espip::lab::transfer(&exe(), (&a, &b), to, 10_000_000).unwrap();
+        let r = espip_lab::transfer(&exe(), (&a, &b), to, 10_000_000).unwrap();
         assert!(r.ok(10_000_000), "to {to}: {r:?}");
     }
     let (sa, sb) = (

@@ -418,7 +418,7 @@ fn reload_adds_changes_and_removes_a_peer_while_a_transfer_runs() {
     let sock_b = dir.join("state-b/control.sock");
     let mut cycles = 0;
     let result = std::thread::scope(|s| {
-        let t = s.spawn(|| espip::lab::transfer(&exe(), (a, b), p2p::B_INNER, BYTES).unwrap());
+        let t = s.spawn(|| espip_lab::transfer(&exe(), (a, b), p2p::B_INNER, BYTES).unwrap());
         std::thread::sleep(std::time::Duration::from_millis(500));
         let seq_before = status_at(&sock_a).peers[0]
             .sa_out

@@ -14,7 +14,7 @@ fn offload_on_one_side_and_off_on_the_other_interoperate() {
     // Both directions: A segments its TSO packets, B (no offload) reads packet by packet; B's
     // TCP segments reach A, which coalesces them.
     for (from, to, addr) in [(a, b, p2p::B_INNER), (b, a, p2p::A_INNER)] {
-        let r = espip::lab::transfer(&exe(), (from, to), addr, 20_000_000).unwrap();
+        let r = espip_lab::transfer(&exe(), (from, to), addr, 20_000_000).unwrap();
         assert!(r.ok(20_000_000), "{r:?}");
     }
     for d in &mut pair.daemons {
@@ -38,7 +38,7 @@ fn tso_and_uso_packets_from_the_tun_are_segmented_and_gro_coalesces() {
         b.offload
     );
     // A TCP transfer: A's kernel hands over TSO packets, B coalesces the segments it writes.
-    let r = espip::lab::transfer(&exe(), (&pair.a, &pair.b), p2p::B_INNER, 5_000_000).unwrap();
+    let r = espip_lab::transfer(&exe(), (&pair.a, &pair.b), p2p::B_INNER, 5_000_000).unwrap();
     assert!(r.ok(5_000_000), "{r:?}");
     let a = status_at(&pair.dir.join("state-a/control.sock"));
     let b = status_at(&pair.dir.join("state-b/control.sock"));
@@ -80,7 +80,7 @@ fn esp_in_udp_moves_trains_of_datagrams_both_ways() {
         (&pair.a, &pair.b, p2p::B_INNER),
         (&pair.b, &pair.a, p2p::A_INNER),
     ] {
-        let r = espip::lab::transfer(&exe(), (from, to), addr, 20_000_000).unwrap();
+        let r = espip_lab::transfer(&exe(), (from, to), addr, 20_000_000).unwrap();
         assert!(r.ok(20_000_000), "{r:?}");
     }
     let a = status_at(&pair.dir.join("state-a/control.sock"));
@@ -157,7 +157,7 @@ fn two_tx_threads_carry_parallel_flows_with_no_replay_drops() {
         let flows: Vec<_> = (0..16u16)
             .map(|i| {
                 s.spawn(move || {
-                    espip::lab::transfer_on(&exe(), (a, b), p2p::B_INNER, 5101 + i, BYTES).unwrap()
+                    espip_lab::transfer_on(&exe(), (a, b), p2p::B_INNER, 5101 + i, BYTES).unwrap()
                 })
             })
             .collect();
@@ -212,7 +212,7 @@ fn raw_modes_send_through_af_packet_and_fall_back_to_the_raw_socket() {
         // within a quarter second of that.
         assert!(p2p::ping(&pair.a, p2p::B_INNER).0, "{tag}: ping");
         std::thread::sleep(std::time::Duration::from_millis(600));
-        let r = espip::lab::transfer(&exe(), (&pair.a, &pair.b), p2p::B_INNER, 5_000_000).unwrap();
+        let r = espip_lab::transfer(&exe(), (&pair.a, &pair.b), p2p::B_INNER, 5_000_000).unwrap();
         assert!(r.ok(5_000_000), "{tag}: {r:?}");
         let a = status_at(&pair.dir.join("state-a/control.sock"));
         let sent = a.peers[0].tx_packets;
@@ -271,7 +271,7 @@ fn raw_modes_send_through_af_packet_and_fall_back_to_the_raw_socket() {
 
     // tx_path = "raw": the kernel's IP output path only.
     let mut pair = fast_path_pair("afraw", LabMode::IpIp, false, "tx_path = \"raw\"\n");
-    let r = espip::lab::transfer(&exe(), (&pair.a, &pair.b), p2p::B_INNER, 2_000_000).unwrap();
+    let r = espip_lab::transfer(&exe(), (&pair.a, &pair.b), p2p::B_INNER, 2_000_000).unwrap();
     assert!(r.ok(2_000_000), "{r:?}");
     let a = status_at(&pair.dir.join("state-a/control.sock"));
     assert_eq!(a.offload["af_packet_out"], 0);
@@ -306,7 +306,7 @@ fn raw_modes_receive_through_af_xdp_and_the_program_goes_with_the_daemon() {
         }
         assert!(p2p::ping(&pair.a, p2p::B_INNER).0, "{tag}: ping");
         std::thread::sleep(std::time::Duration::from_millis(600));
-        let r = espip::lab::transfer(&exe(), (&pair.a, &pair.b), p2p::B_INNER, 5_000_000).unwrap();
+        let r = espip_lab::transfer(&exe(), (&pair.a, &pair.b), p2p::B_INNER, 5_000_000).unwrap();
         assert!(r.ok(5_000_000), "{tag}: {r:?}");
         let b = status_at(&pair.dir.join("state-b/control.sock"));
         let got = b.peers[0].rx_packets;
@@ -488,7 +488,7 @@ fn merged_by_gro(v6: bool) {
         "ethtool -K veth0 gro on && echo 200000 > /sys/class/net/veth0/gro_flush_timeout \
          && echo 2 > /sys/class/net/veth0/napi_defer_hard_irqs",
     );
-    let r = espip::lab::transfer(&exe(), (&pair.a, &pair.b), p2p::B_INNER, 10_000_000).unwrap();
+    let r = espip_lab::transfer(&exe(), (&pair.a, &pair.b), p2p::B_INNER, 10_000_000).unwrap();
     assert!(r.ok(10_000_000), "{r:?}");
     let b = status_at(&pair.dir.join("state-b/control.sock"));
     let merged_tcp = b.offload["ipip_gro_in"];

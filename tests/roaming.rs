@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use espip::lab::p2p::{A_INNER, A_OUTER, B_INNER, B_OUTER};
+use espip_lab::p2p::{A_INNER, A_OUTER, B_INNER, B_OUTER};
 use std::time::{Duration, Instant};
 
 /// A (client: knows B's address, has no `local`) and B (server: no `endpoint` for A).

@@ -15,7 +15,7 @@ fn same_lan_host(tag: &str) -> (Netns, Netns, PathBuf) {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("a.toml"),
-        espip::lab::same_lan::config_text(true, Cipher::Aes128Gcm, &keys, &dir.join("state")),
+        espip_lab::same_lan::config_text(true, Cipher::Aes128Gcm, &keys, &dir.join("state")),
     )
     .unwrap();
     (a, b, dir)

@@ -11,8 +11,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use zeroize::Zeroizing;
 
-/// Default IKE proposal (strongSwan's notation).
-pub const DEFAULT_IKE_PROPOSAL: &str = "aes128gcm16-prfsha256-x25519";
+pub use crate::ike::proposal::DEFAULT_IKE_PROPOSAL;
 /// Default ESP proposal.
 pub const DEFAULT_ESP_PROPOSAL: &str = "aes128gcm16-esn-noesn";
 /// Default IKE SA lifetime, seconds (strongSwan rekeys IKE SAs every 4 h).

@@ -116,22 +116,7 @@ fn invalid(
     }
 }
 
-/// The `[capture]` section, validated: pcap taps on the TUN side and the wire side.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Capture {
-    /// Where `<interface>-inner.pcap` and `<interface>-outer.pcap` are written.
-    pub dir: PathBuf,
-    /// Tap the inner packets (as read from / written to the TUN).
-    pub inner: bool,
-    /// Tap the outer packets (as sent / received on the raw sockets).
-    pub outer: bool,
-    /// A file is rotated when it would grow past this many bytes.
-    pub max_file_bytes: u64,
-    /// Files kept per tap, the current one included (`x.pcap`, `x.pcap.1`, ...).
-    pub files: u32,
-    /// Bytes kept of each packet.
-    pub snaplen: u32,
-}
+pub use espip_sys::capture::CaptureConfig as Capture;
 
 /// Default `capture.max_file_mb`.
 pub const DEFAULT_CAPTURE_FILE_MB: u64 = 64;
@@ -139,32 +124,7 @@ pub const DEFAULT_CAPTURE_FILE_MB: u64 = 64;
 /// Default `capture.files`.
 pub const DEFAULT_CAPTURE_FILES: u32 = 4;
 
-/// Default directory of the control sockets.
-pub const DEFAULT_CONTROL_DIR: &str = "/run/espip";
-
-/// The directory of the default control sockets for this network namespace: `/run/espip` in
-/// the host's (init) namespace, `/run/espip/netns-<inode>` in any other, so daemons with the
-/// same interface name in two namespaces (labs, containers) do not meet, and `espip show` run
-/// inside a namespace finds that namespace's daemons. The namespace is named by the inode of
-/// `/proc/self/ns/net` (what `ip netns identify` compares); the init namespace's is the
-/// kernel's constant `PROC_NET_INIT_INO` (include/linux/proc_ns.h), since `/proc/1/ns/net`
-/// is not readable from inside another namespace.
-pub fn default_dir() -> PathBuf {
-    let base = Path::new(DEFAULT_CONTROL_DIR);
-    match std::fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m)) {
-        Ok(ino) if ino != INIT_NET_INO => base.join(format!("netns-{ino}")),
-        _ => base.to_path_buf(),
-    }
-}
-
-/// `PROC_NET_INIT_INO`: the inode of the initial network namespace.
-const INIT_NET_INO: u64 = 0xEFFF_FFF9;
-
-/// Whether this process runs in the initial network namespace.
-pub fn in_init_netns() -> bool {
-    std::fs::metadata("/proc/self/ns/net")
-        .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == INIT_NET_INO)
-}
+pub use espip_api::{default_dir, in_init_netns, DEFAULT_CONTROL_DIR};
 
 /// What the daemon does with the netfilter rules of the NAT helper.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,20 +149,7 @@ pub struct Nat {
     pub rules: RulesMode,
 }
 
-/// An address on the TUN, with its prefix length (host bits kept).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IfAddr {
-    /// The address.
-    pub addr: IpAddr,
-    /// Prefix length.
-    pub len: u8,
-}
-
-impl std::fmt::Display for IfAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
+pub use espip_sys::netlink::IfAddr;
 
 /// The `[interface]` section, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -275,8 +222,7 @@ pub enum TxPath {
 /// one TSO read (`daemon::tx::TX_BUFS`).
 pub const REORDER_PER_THREAD: usize = 192;
 
-/// Default `interface.user`.
-pub const DEFAULT_USER: &str = "espip";
+pub use espip_sys::privdrop::DEFAULT_USER;
 
 /// Reverse-path filtering modes (`net.ipv4.conf.*.rp_filter`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,12 +17,12 @@
 //! another user bound shows that user's uid). Answers are capped in size and what is printed
 //! from them is stripped of control characters.
 
-mod client;
 mod metrics;
 mod server;
 mod snapshot;
 
-pub use client::*;
+pub use espip_api::client::*;
+pub use espip_api::{ControlError, ReloadDocument, MAX_REPLY};
 pub use metrics::serve_metrics;
 pub use server::*;
 pub use snapshot::Live;
@@ -52,36 +52,6 @@ const MAX_CLIENTS: usize = 16;
 /// Back-off after `accept` fails for want of descriptors or memory (EMFILE, ENFILE,
 /// ENOBUFS, ENOMEM): the pending connection stays queued, so retrying at once would spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// Largest answer the client reads (a status of a thousand peers is under 1 MiB).
-pub const MAX_REPLY: usize = 4 << 20;
-
-/// Why the control socket could not be set up or reached.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// Another daemon answers on the socket.
-    #[error("another espip is running for interface {iface}: its control socket {path} answers; stop it first (or give this one another interface.name)")]
-    InUse {
-        /// Interface name.
-        iface: String,
-        /// Socket path.
-        path: PathBuf,
-    },
-    /// Something that is not a socket is in the way.
-    #[error("{0} exists and is not a socket; remove it or set interface.control to another path")]
-    NotASocket(PathBuf),
-    /// The OS refused.
-    #[error("control socket {0}: {1}")]
-    Io(PathBuf, io::Error),
-    /// Nothing listens there.
-    #[error("no espip daemon answers on {0} ({1}); is it running, and are you root?")]
-    NotRunning(PathBuf, io::Error),
-    /// The socket or the process behind it is not the root daemon's.
-    #[error("{0}: {1}; refusing to talk to it (an espip daemon's socket is root's, in a directory only root can write)")]
-    NotTrusted(PathBuf, String),
-    /// The daemon refused the request.
-    #[error("the daemon at {0} refused: {1}")]
-    Refused(PathBuf, String),
-}
 
 /// The bound control socket; the file is removed on drop.
 pub struct ControlSocket {
@@ -180,17 +150,4 @@ pub struct RekeyRequest {
     pub ike: bool,
     /// What was started, or why nothing was.
     pub reply: tokio::sync::oneshot::Sender<Result<String, String>>,
-}
-
-/// What `espip reload` sends after its request line.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct ReloadDocument {
-    /// The configuration text.
-    pub config: zeroize::Zeroizing<String>,
-    /// Its directory (relative key file paths are resolved against it).
-    pub base: PathBuf,
-    /// The key files it names, as read (with the checks of a start) by root.
-    pub files: Vec<(PathBuf, zeroize::Zeroizing<String>)>,
-    /// Key fingerprints of the descriptors passed with the request, in order.
-    pub keys: Vec<String>,
 }

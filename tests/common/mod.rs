@@ -6,9 +6,9 @@
 
 // Each test file uses a part of the harness.
 #![allow(dead_code, unused_imports)]
-pub use espip::lab::netns::{self, Daemon, Netns};
-pub use espip::lab::p2p::{self, LabKeys, LabMode, SPI_A_TO_B, SPI_B_TO_A};
 pub use espip::sa::Cipher;
+pub use espip_lab::netns::{self, Daemon, Netns};
+pub use espip_lab::p2p::{self, LabKeys, LabMode, SPI_A_TO_B, SPI_B_TO_A};
 pub use std::path::{Path, PathBuf};
 pub use std::process::Command;
 pub use std::sync::Mutex;

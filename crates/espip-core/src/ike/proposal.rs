@@ -7,6 +7,10 @@ use super::crypto::{Group, Prf};
 use super::msg::{proto, Proposal, Transform};
 use crate::sa::Cipher;
 
+/// Default IKE proposal (strongSwan's notation): what a peer without `ike_proposals` offers
+/// and accepts.
+pub const DEFAULT_IKE_PROPOSAL: &str = "aes128gcm16-prfsha256-x25519";
+
 /// Transform types.
 pub mod ttype {
     /// Encryption algorithm.

@@ -3,8 +3,7 @@
 //! and reads the answer, capped in size; and it finds the daemons' default sockets, in this
 //! network namespace and, from the initial one, in every other.
 
-use super::*;
-use crate::config::{default_dir, in_init_netns};
+use crate::{default_dir, in_init_netns, ControlError, ReloadDocument, MAX_REPLY};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;

@@ -5,7 +5,7 @@
 
 use super::netns::{self, Daemon, Netns};
 use super::{pcap, transfer, Report};
-use crate::sa::{Cipher, KeyMaterial};
+use espip_core::sa::{Cipher, KeyMaterial};
 use std::io;
 use std::path::Path;
 
@@ -64,8 +64,8 @@ impl LabKeys {
     /// Fresh random keys for both directions.
     pub fn generate(c: Cipher) -> io::Result<LabKeys> {
         Ok(LabKeys {
-            a_to_b: crate::sys::random_key(c)?,
-            b_to_a: crate::sys::random_key(c)?,
+            a_to_b: espip_sys::random_key(c)?,
+            b_to_a: espip_sys::random_key(c)?,
         })
     }
 }
@@ -164,7 +164,7 @@ pub fn config_text_over(
 }
 
 pub(crate) fn write_private(path: &Path, text: &str) -> io::Result<()> {
-    crate::sys::safefs::write_private(path, text.as_bytes()).map(|_| ())
+    espip_sys::safefs::write_private(path, text.as_bytes()).map(|_| ())
 }
 
 /// Three pings from `ns` to `to`: (all answered, summary).

@@ -1,7 +1,15 @@
 //! Running the NAT helper's `iptables` commands ([`crate::rules`]) and the checks before them.
 
-use crate::rules::IptCmd;
 use std::process::Command;
+
+/// One `iptables` invocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IptCmd {
+    /// Arguments after `iptables`.
+    pub args: Vec<String>,
+    /// Removal steps may find nothing to remove.
+    pub may_fail: bool,
+}
 
 /// Why rules could not be installed.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +58,7 @@ pub fn run(cmds: &[IptCmd]) -> Result<usize, RulesError> {
 /// Local IPv4 networks (address/prefix of every interface except `skip`) that overlap
 /// `prefix`: an alias prefix must not be on-link, or the kernel would deliver to the LAN
 /// instead of the TUN.
-pub fn on_link_overlaps(prefix: crate::prefix::Prefix, skip: &str) -> Vec<String> {
+pub fn on_link_overlaps(prefix: espip_core::prefix::Prefix, skip: &str) -> Vec<String> {
     let mut out = Vec::new();
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return out;
@@ -66,7 +74,7 @@ pub fn on_link_overlaps(prefix: crate::prefix::Prefix, skip: &str) -> Vec<String
             continue;
         };
         let len = u32::from(m.ip()).count_ones() as u8;
-        let Some(net) = crate::prefix::Prefix::new(std::net::IpAddr::V4(a.ip()), len) else {
+        let Some(net) = espip_core::prefix::Prefix::new(std::net::IpAddr::V4(a.ip()), len) else {
             continue;
         };
         if net.contains(prefix.addr()) || prefix.contains(net.addr()) {

@@ -20,7 +20,7 @@
 use super::netns::{self, Daemon, Netns};
 use super::p2p::{write_private, LabKeys};
 use super::{pcap, transfer, Report};
-use crate::sa::Cipher;
+use espip_core::sa::Cipher;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -91,7 +91,7 @@ pub struct MultipathOptions {
     /// The two links.
     pub links: [LinkSpec; 2],
     /// Scheduler of the first phases (aggregate, cut).
-    pub scheduler: crate::multipath::Scheduler,
+    pub scheduler: espip_core::multipath::Scheduler,
     /// Seconds of the aggregate transfer (its size follows the links' sum).
     pub seconds: u64,
     /// Random loss on both links for the redundant phase, percent (0: skip the phase).
@@ -139,7 +139,7 @@ impl Lab {
         // A lab killed outright takes its relays with it (`ip netns exec` execs the relay,
         // which keeps the parent-death signal); a kept lab leaves them to `espip lab down`.
         if !self.keep {
-            crate::sys::proc::die_with_parent(&mut cmd);
+            espip_sys::proc::die_with_parent(&mut cmd);
         }
         let child = cmd
             .args(["lab-tool", "relay", "--ifaces", "mid-a", "mid-b"])
@@ -226,7 +226,7 @@ fn config_text(
     opts: &MultipathOptions,
     me_a: bool,
     keys: Option<&LabKeys>,
-    scheduler: crate::multipath::Scheduler,
+    scheduler: espip_core::multipath::Scheduler,
     state_dir: &Path,
 ) -> String {
     use super::p2p::LabMode;
@@ -279,8 +279,8 @@ fn config_text(
 }
 
 /// The daemon's status (JSON over the control socket).
-fn status(control: &Path) -> Option<crate::status::Status> {
-    let raw = crate::control::request(control, "status").ok()?;
+fn status(control: &Path) -> Option<espip_api::status::Status> {
+    let raw = espip_api::client::request(control, "status").ok()?;
     serde_json::from_slice(&raw).ok()
 }
 
@@ -369,7 +369,7 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
         LabMode::IpIp => None,
     };
     let taps = opts.run.pcap_dir.as_deref();
-    let cfg = |me_a: bool, s: crate::multipath::Scheduler| {
+    let cfg = |me_a: bool, s: espip_core::multipath::Scheduler| {
         let host = if me_a { "a" } else { "b" };
         config_text(
             opts,
@@ -458,7 +458,7 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
         ),
     );
     let beats = match opts.scheduler {
-        crate::multipath::Scheduler::Spread | crate::multipath::Scheduler::Earliest => {
+        espip_core::multipath::Scheduler::Spread | espip_core::multipath::Scheduler::Earliest => {
             rate > best_alone
         }
         _ => rate > 0.7 * best_alone,
@@ -468,10 +468,10 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
         rate / sum,
         rate / best_alone.max(1e-9),
         match (opts.scheduler, beats) {
-            (crate::multipath::Scheduler::Spread | crate::multipath::Scheduler::Earliest, true) => {
+            (espip_core::multipath::Scheduler::Spread | espip_core::multipath::Scheduler::Earliest, true) => {
                 "it beat it"
             }
-            (crate::multipath::Scheduler::Spread | crate::multipath::Scheduler::Earliest, false) => {
+            (espip_core::multipath::Scheduler::Spread | espip_core::multipath::Scheduler::Earliest, false) => {
                 "it did NOT beat it"
             }
             (_, true) => "within 0.7 of it, as one link's worth should be",
@@ -740,9 +740,9 @@ fn redundant_check(
     opts: &MultipathOptions,
     cfg_a: &Path,
     cfg_b: &Path,
-    cfg: &dyn Fn(bool, crate::multipath::Scheduler) -> String,
+    cfg: &dyn Fn(bool, espip_core::multipath::Scheduler) -> String,
 ) -> io::Result<()> {
-    use crate::multipath::Scheduler;
+    use espip_core::multipath::Scheduler;
     let loss = opts.redundant_loss;
     for (path, me_a) in [(cfg_a, true), (cfg_b, false)] {
         write_private(path, &cfg(me_a, Scheduler::Redundant))?;

@@ -10,7 +10,7 @@
 //! (`--cut FILE`: while it exists, nothing passes either way) lets the lab cut the link and
 //! restore it.
 
-use crate::sys::link::LinkSocket;
+use espip_sys::link::LinkSocket;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsFd;
@@ -130,7 +130,7 @@ pub fn run(opts: &RelayOptions) -> io::Result<[RelayCounts; 2]> {
     let a = LinkSocket::open(&opts.ifaces[0])?;
     let b = LinkSocket::open(&opts.ifaces[1])?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    crate::sys::proc::set_flag_on_signals(stop.clone())?;
+    espip_sys::proc::set_flag_on_signals(stop.clone())?;
     let seed = std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15;
     let counts = std::thread::scope(|s| {
         let ab = s.spawn(|| direction(&a, &b, opts, seed, &stop));

@@ -20,6 +20,9 @@
 
 use std::io;
 
+/// Default `interface.user`.
+pub const DEFAULT_USER: &str = "espip";
+
 /// `CAP_NET_ADMIN` (linux/capability.h).
 const CAP_NET_ADMIN: u32 = 12;
 /// `CAP_NET_RAW`.
@@ -75,7 +78,7 @@ pub fn lookup(name: &str) -> io::Result<Target> {
 /// espip never creates accounts it was not built to own.
 pub fn lookup_or_create(name: &str) -> io::Result<Target> {
     match lookup(name) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound && name == crate::config::DEFAULT_USER => {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && name == DEFAULT_USER => {
             let out = std::process::Command::new("useradd")
                 .args([
                     "--system",
@@ -119,7 +122,7 @@ pub fn own_dir(path: &std::path::Path, t: &Target) -> io::Result<()> {
     // The parents as state_dir's: only root may write them (a parent that another user could
     // write or that resolves through a link they planted would let root create, and hand
     // over, a directory anywhere).
-    if let Some((p, why)) = crate::sys::safefs::unsafe_parent(path) {
+    if let Some((p, why)) = crate::safefs::unsafe_parent(path) {
         return Err(io::Error::other(format!(
             "its parent {} {why}; choose a directory whose every parent only root can write (e.g. /var/log/espip)",
             p.display()

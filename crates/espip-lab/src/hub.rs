@@ -9,7 +9,7 @@ use super::netns::{self, Daemon, Netns};
 use super::p2p::{log_field, ping, write_private, LabKeys};
 use super::same_lan::{curl, rules_of};
 use super::Report;
-use crate::sa::Cipher;
+use espip_core::sa::Cipher;
 use std::io;
 use std::path::Path;
 use std::process::Stdio;

@@ -40,9 +40,9 @@ fn outage(ns: &Netns, to: &str, limit: Duration) -> Option<Duration> {
 
 /// B's view of A: (endpoint, moves).
 fn learned(b_ctl: &std::path::Path) -> (String, u64) {
-    match crate::control::request(b_ctl, "status")
+    match espip_api::client::request(b_ctl, "status")
         .ok()
-        .and_then(|r| serde_json::from_slice::<crate::status::Status>(&r).ok())
+        .and_then(|r| serde_json::from_slice::<espip_api::status::Status>(&r).ok())
         .and_then(|s| s.peers.into_iter().next())
     {
         Some(p) => (p.endpoint, p.endpoint_moves),

@@ -1,7 +1,7 @@
 //! The receiving half of `recvmmsg` shared by the raw sockets and the ESP-in-UDP socket:
 //! message headers pointed at the read areas of a batch of buffers, and the call itself.
 
-use crate::buf::PacketBuf;
+use espip_core::buf::PacketBuf;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::RawFd;

@@ -9,10 +9,10 @@
 //! a train of datagrams as one buffer and tells the segment size in a control message.
 //!
 //! Raw protocol-50 sockets have no equivalent: each ESP packet there is its own trip through
-//! the stack, which is what limits [`crate::sys::raw`] at high rates.
+//! the stack, which is what limits [`crate::raw`] at high rates.
 
 use super::mmsg::{empty_slot, read_sockaddr, write_sockaddr, SockAddrSlot};
-use crate::buf::PacketBuf;
+use espip_core::buf::PacketBuf;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::mem::MaybeUninit;

@@ -1181,7 +1181,10 @@ mod tests {
         if std::env::var_os("ESPIP_PRINT_SHAPES").is_some() {
             print!("{got}");
         }
-        assert_eq!(got, include_str!("../tests/vectors/metric-shapes.txt"));
+        assert_eq!(
+            got,
+            include_str!("../../../tests/vectors/metric-shapes.txt")
+        );
     }
 
     #[test]

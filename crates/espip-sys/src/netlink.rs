@@ -1,11 +1,25 @@
 //! Interface configuration over rtnetlink: MTU, addresses, up, and a route per `allowed_ips`
 //! prefix. Everything is attached to the TUN device, so the kernel removes it with the device.
 
-use crate::config::IfAddr;
-use crate::prefix::Prefix;
+use espip_core::prefix::Prefix;
 use futures::TryStreamExt;
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 use std::net::IpAddr;
+
+/// An address on the TUN, with its prefix length (host bits kept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IfAddr {
+    /// The address.
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub len: u8,
+}
+
+impl std::fmt::Display for IfAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
 
 /// A netlink step failed.
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +168,7 @@ fn connect() -> Result<(rtnetlink::Handle, tokio::task::JoinHandle<()>), Netlink
 pub async fn next_hops(
     dsts: &[IpAddr],
     local: Option<IpAddr>,
-) -> Result<crate::sys::packet::NextHops, NetlinkError> {
+) -> Result<crate::packet::NextHops, NetlinkError> {
     use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType};
     use rtnetlink::packet_route::neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourState,
@@ -260,7 +274,7 @@ pub async fn next_hops(
         let Some(dst_mac) = mac else {
             continue;
         };
-        hops.push(crate::sys::packet::NextHop {
+        hops.push(crate::packet::NextHop {
             dst,
             ifindex: oif,
             src,
@@ -270,7 +284,7 @@ pub async fn next_hops(
         });
     }
     task.abort();
-    Ok(crate::sys::packet::NextHops(hops))
+    Ok(crate::packet::NextHops(hops))
 }
 
 /// The interface the kernel routes `dst` over (from `local` when given), if any.

@@ -9,7 +9,7 @@
 use super::netns::{self, Daemon, Netns};
 use super::p2p::{log_field, ping, write_private, A_INNER, A_OUTER, B_INNER, B_OUTER};
 use super::{pcap, LabRun, Report};
-use crate::status::Status;
+use espip_api::status::Status;
 use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -89,7 +89,7 @@ pub struct StrongswanOptions {
 }
 
 fn status(control: &Path) -> Option<Status> {
-    let raw = crate::control::request(control, "status").ok()?;
+    let raw = espip_api::client::request(control, "status").ok()?;
     serde_json::from_slice(&raw).ok()
 }
 
@@ -137,16 +137,16 @@ struct KeyLog {
 
 impl KeyLog {
     fn poll(&mut self, control: &Path) {
-        if let Ok(raw) = crate::control::request(control, "sa-keys") {
+        if let Ok(raw) = espip_api::client::request(control, "sa-keys") {
             let raw = zeroize::Zeroizing::new(raw);
-            if let Ok(v) = serde_json::from_slice::<Vec<crate::status::SaExport>>(&raw) {
+            if let Ok(v) = serde_json::from_slice::<Vec<espip_api::status::SaExport>>(&raw) {
                 self.esp.extend(
                     v.into_iter()
                         .filter_map(|s| s.wireshark.map(|l| l.to_string())),
                 );
             }
         }
-        if let Ok(raw) = crate::control::request(control, "ike-keys") {
+        if let Ok(raw) = espip_api::client::request(control, "ike-keys") {
             let raw = zeroize::Zeroizing::new(raw);
             if let Ok(v) = serde_json::from_slice::<Vec<String>>(&raw) {
                 self.ike.extend(v);
@@ -1507,8 +1507,8 @@ pub struct FloodOptions {
 /// namespace, so the messages come from the address the target accepts IKE from). Each is a
 /// real initiator's first message, changed as `opts` says.
 pub fn ike_flood(to: std::net::SocketAddr, seconds: u64, opts: &FloodOptions) -> io::Result<u64> {
-    use crate::ike::engine::{Engine, IkeConfig, Out, Role};
-    use crate::ike::msg;
+    use espip_core::ike::engine::{Engine, IkeConfig, Out, Role};
+    use espip_core::ike::msg;
     let bind = match opts.from {
         Some(ip) => std::net::SocketAddr::new(ip, 0),
         None if to.is_ipv4() => "0.0.0.0:0".parse().expect("address"),
@@ -1519,17 +1519,18 @@ pub fn ike_flood(to: std::net::SocketAddr, seconds: u64, opts: &FloodOptions) ->
     let proposal = opts
         .proposal
         .as_deref()
-        .unwrap_or(crate::config::DEFAULT_IKE_PROPOSAL);
+        .unwrap_or(espip_core::ike::proposal::DEFAULT_IKE_PROPOSAL);
     let cfg = IkeConfig {
         name: "flood".into(),
         role: Role::Initiator,
         psk: zeroize::Zeroizing::new(b"not the key".to_vec()),
-        local_id: crate::ike::msg::Id::from_config("flood"),
-        remote_id: crate::ike::msg::Id::from_config("target"),
-        ike: vec![crate::ike::proposal::IkeProposal::parse(proposal).map_err(io::Error::other)?],
-        esp: vec![
-            crate::ike::proposal::EspProposal::parse("aes128gcm16").map_err(io::Error::other)?
+        local_id: espip_core::ike::msg::Id::from_config("flood"),
+        remote_id: espip_core::ike::msg::Id::from_config("target"),
+        ike: vec![
+            espip_core::ike::proposal::IkeProposal::parse(proposal).map_err(io::Error::other)?
         ],
+        esp: vec![espip_core::ike::proposal::EspProposal::parse("aes128gcm16")
+            .map_err(io::Error::other)?],
         ike_rekey_ms: 0,
         child_rekey_ms: 0,
         child_life_ms: 0,

@@ -9,8 +9,8 @@
 //! netfilter's INPUT hook: a firewall rule that drops IP-in-IP on INPUT no longer stops the
 //! merged ones (docs/architecture.md).
 
-use crate::buf::PacketBuf;
-use crate::gso::{VnetHdr, VNET_HDR_LEN};
+use espip_core::buf::PacketBuf;
+use espip_core::gso::{VnetHdr, VNET_HDR_LEN};
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};

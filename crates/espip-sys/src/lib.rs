@@ -1,5 +1,9 @@
-//! The kernel edges: the TUN device, raw IP sockets, rtnetlink, files. The pure core
-//! (`espip-core`) cannot import this module: it is another crate, below this one.
+//! The kernel edges: the TUN device, raw IP sockets, rtnetlink, files. The only crate of
+//! espip with `unsafe` code (the daemon's crate forbids it); each block says why it is sound,
+//! and clippy's `undocumented_unsafe_blocks` keeps it so. The pure core (`espip-core`) cannot
+//! import this crate: it is below it.
+
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod bpf;
 pub mod capture;
@@ -22,7 +26,7 @@ pub mod tun;
 pub mod udp;
 pub mod xsk;
 
-use crate::sa::{Cipher, KeyMaterial};
+use espip_core::sa::{Cipher, KeyMaterial};
 use std::os::fd::AsRawFd;
 
 /// Socket buffer size the raw and UDP sockets request with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE`.
@@ -77,7 +81,7 @@ pub(crate) fn set_int(
 /// Fresh random key material (key || salt) from the kernel's CSPRNG (getrandom, via ring).
 pub fn random_key(cipher: Cipher) -> std::io::Result<KeyMaterial> {
     use ring::rand::SecureRandom;
-    let mut raw = zeroize::Zeroizing::new(vec![0u8; cipher.key_len() + crate::sa::SALT_LEN]);
+    let mut raw = zeroize::Zeroizing::new(vec![0u8; cipher.key_len() + espip_core::sa::SALT_LEN]);
     ring::rand::SystemRandom::new()
         .fill(&mut raw)
         .map_err(|_| std::io::Error::other("the system random number generator failed"))?;

@@ -249,8 +249,8 @@ pub fn transfer_check(
 /// second, so that a capture stopped afterwards holds every packet its counters count.
 pub fn settle(control: &std::path::Path) {
     let totals = || -> Option<u64> {
-        let raw = crate::control::request(control, "status").ok()?;
-        let st: crate::status::Status = serde_json::from_slice(&raw).ok()?;
+        let raw = espip_api::client::request(control, "status").ok()?;
+        let st: espip_api::status::Status = serde_json::from_slice(&raw).ok()?;
         Some(st.peers.iter().map(|p| p.tx_packets + p.rx_packets).sum())
     };
     let start = std::time::Instant::now();
@@ -400,9 +400,9 @@ pub(crate) fn capture_lines(pcap_dir: Option<&Path>, host: &str) -> String {
 /// `espip sa --wireshark --write FILE` does. Returns the number of SA lines.
 pub(crate) fn export_esp_sa(control: &Path, to: &Path) -> io::Result<usize> {
     let raw = zeroize::Zeroizing::new(
-        crate::control::request(control, "sa-keys").map_err(io::Error::other)?,
+        espip_api::client::request(control, "sa-keys").map_err(io::Error::other)?,
     );
-    let sas: Vec<crate::status::SaExport> =
+    let sas: Vec<espip_api::status::SaExport> =
         serde_json::from_slice(&raw).map_err(io::Error::other)?;
     let mut text = zeroize::Zeroizing::new(String::new());
     let mut n = 0;

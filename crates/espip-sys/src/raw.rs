@@ -8,7 +8,7 @@
 //! every such packet; on a kernel that has them, both would receive a copy.
 
 use super::mmsg::{empty_slot, read_sockaddr, write_sockaddr, SockAddrSlot};
-use crate::buf::PacketBuf;
+use espip_core::buf::PacketBuf;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::mem::MaybeUninit;

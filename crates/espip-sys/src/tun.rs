@@ -21,7 +21,7 @@ const IFF_MULTI_QUEUE: libc::c_int = 0x0100;
 /// `IFF_TUN_EXCL`: fail with `EBUSY` if the device exists (so the first queue is ours).
 const IFF_TUN_EXCL: libc::c_int = 0x8000;
 /// `TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6`: the kernel may hand over TCP packets of up to 64 KB
-/// with a partial checksum (espip segments them, `crate::gso`).
+/// with a partial checksum (espip segments them, `espip_core::gso`).
 const TUN_OFFLOADS: libc::c_uint = 0x01 | 0x02 | 0x04;
 /// `TUN_F_USO4 | TUN_F_USO6` (Linux 6.2+, only together): UDP GSO packets as well.
 const TUN_USO: libc::c_uint = 0x20 | 0x40;
@@ -112,7 +112,7 @@ impl Tun {
         }
         let mut uso = false;
         if offload {
-            let size: libc::c_int = crate::gso::VNET_HDR_LEN as libc::c_int;
+            let size: libc::c_int = espip_core::gso::VNET_HDR_LEN as libc::c_int;
             // SAFETY: TUNSETVNETHDRSZ reads one int; TUNSETOFFLOAD takes the flags by value.
             let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ as _, &size) };
             if rc < 0 {
@@ -149,20 +149,20 @@ impl Tun {
 
     /// Write the packet in `buf`, behind a `virtio_net_hdr` (no GSO, `flags`) put in its
     /// headroom when the device has them.
-    pub fn write_packet(&self, buf: &mut crate::buf::PacketBuf, flags: u8) -> io::Result<()> {
+    pub fn write_packet(&self, buf: &mut espip_core::buf::PacketBuf, flags: u8) -> io::Result<()> {
         if !self.vnet {
             return self.send(buf.as_slice());
         }
-        let Some(h) = buf.push_front(crate::gso::VNET_HDR_LEN) else {
+        let Some(h) = buf.push_front(espip_core::gso::VNET_HDR_LEN) else {
             return Err(io::Error::other("no headroom for the virtio_net_hdr"));
         };
-        crate::gso::VnetHdr {
+        espip_core::gso::VnetHdr {
             flags,
             ..Default::default()
         }
         .emit(h);
         let r = self.send(buf.as_slice());
-        let _ = buf.pull_front(crate::gso::VNET_HDR_LEN);
+        let _ = buf.pull_front(espip_core::gso::VNET_HDR_LEN);
         r
     }
 

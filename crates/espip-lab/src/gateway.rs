@@ -10,7 +10,7 @@ use super::netns::{self, Daemon, Netns};
 use super::p2p::{log_field, ping, write_private, LabKeys};
 use super::same_lan::curl;
 use super::{pcap, Report};
-use crate::sa::Cipher;
+use espip_core::sa::Cipher;
 use std::io;
 use std::process::Stdio;
 use std::time::Duration;
@@ -34,7 +34,7 @@ pub(crate) fn esp_peer(
     cipher: Cipher,
     spi_out: u32,
     spi_in: u32,
-    keys: (&crate::sa::KeyMaterial, &crate::sa::KeyMaterial),
+    keys: (&espip_core::sa::KeyMaterial, &espip_core::sa::KeyMaterial),
 ) -> String {
     format!(
         "\n[[peer]]\nname = \"{name}\"\nendpoint = \"{endpoint}\"\nallowed_ips = [{}]\nmode = \"esp\"\ncipher = \"{}\"\nspi_out = \"{spi_out:#010x}\"\nspi_in = \"{spi_in:#010x}\"\nkey_out = \"{}\"\nkey_in = \"{}\"\n",

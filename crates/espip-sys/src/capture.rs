@@ -14,7 +14,6 @@
 //! it), so the outer tap writes the header the kernel will write: IPv4, DF clear, TTL 64,
 //! the configured or routed source address.
 
-use crate::config::Capture as CaptureConfig;
 use std::fs::File;
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -25,6 +24,23 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
+
+/// The `[capture]` section of the configuration, validated: pcap taps on the TUN side and the wire side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// Where `<interface>-inner.pcap` and `<interface>-outer.pcap` are written.
+    pub dir: PathBuf,
+    /// Tap the inner packets (as read from / written to the TUN).
+    pub inner: bool,
+    /// Tap the outer packets (as sent / received on the raw sockets).
+    pub outer: bool,
+    /// A file is rotated when it would grow past this many bytes.
+    pub max_file_bytes: u64,
+    /// Files kept per tap, the current one included (`x.pcap`, `x.pcap.1`, ...).
+    pub files: u32,
+    /// Bytes kept of each packet.
+    pub snaplen: u32,
+}
 
 /// pcap's global header magic (microsecond timestamps), written in native byte order.
 const PCAP_MAGIC: u32 = 0xa1b2_c3d4;
@@ -249,20 +265,20 @@ impl Recorder {
             return;
         }
         let mut h = [0u8; 48];
-        let udp_len = payload.len() + crate::wire::udp::HEADER_LEN;
+        let udp_len = payload.len() + espip_core::wire::udp::HEADER_LEN;
         let n = ip_header(
             &mut h,
             src.ip(),
             dst.ip(),
-            crate::wire::ip::PROTO_UDP,
+            espip_core::wire::ip::PROTO_UDP,
             udp_len,
         );
-        crate::wire::ip::emit_udp_header(&mut h[n..], src.port(), dst.port(), payload.len());
+        espip_core::wire::ip::emit_udp_header(&mut h[n..], src.port(), dst.port(), payload.len());
         if let (IpAddr::V6(s6), IpAddr::V6(d6)) = (src.ip(), dst.ip()) {
             // IPv6 has no "no checksum" (RFC 8200 section 8.1): the rebuilt header gets the
             // one the kernel sent.
-            use crate::wire::ip::{fold, pseudo_sum_v6, sum_words, PROTO_UDP};
-            let udp = &h[n..n + crate::wire::udp::HEADER_LEN];
+            use espip_core::wire::ip::{fold, pseudo_sum_v6, sum_words, PROTO_UDP};
+            let udp = &h[n..n + espip_core::wire::udp::HEADER_LEN];
             let sum = sum_words(pseudo_sum_v6(s6, d6, PROTO_UDP, udp_len as u32), udp);
             let c = match fold(sum_words(sum, payload)) {
                 0 => 0xffff,
@@ -270,7 +286,11 @@ impl Recorder {
             };
             h[n + 6..n + 8].copy_from_slice(&c.to_be_bytes());
         }
-        self.append(Tap::Outer, &h[..n + crate::wire::udp::HEADER_LEN], payload);
+        self.append(
+            Tap::Outer,
+            &h[..n + espip_core::wire::udp::HEADER_LEN],
+            payload,
+        );
     }
 
     fn append(&mut self, tap: Tap, head: &[u8], body: &[u8]) {
@@ -456,8 +476,8 @@ fn ip_header(h: &mut [u8; 48], src: IpAddr, dst: IpAddr, protocol: u8, len: usiz
     match (src, dst) {
         (IpAddr::V6(s), IpAddr::V6(d)) => {
             let plen = len.min(usize::from(u16::MAX)) as u16;
-            crate::wire::ipv6::emit_header(h, s, d, protocol, plen);
-            crate::wire::ipv6::HEADER_LEN
+            espip_core::wire::ipv6::emit_header(h, s, d, protocol, plen);
+            espip_core::wire::ipv6::HEADER_LEN
         }
         (s, d) => {
             let v4 = |a: IpAddr| match a {
@@ -465,7 +485,7 @@ fn ip_header(h: &mut [u8; 48], src: IpAddr, dst: IpAddr, protocol: u8, len: usiz
                 IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
             };
             let total = (len + 20).min(usize::from(u16::MAX)) as u16;
-            crate::wire::ip::emit_ipv4_header(&mut h[..20], v4(s), v4(d), protocol, total);
+            espip_core::wire::ip::emit_ipv4_header(&mut h[..20], v4(s), v4(d), protocol, total);
             20
         }
     }
@@ -568,7 +588,7 @@ mod tests {
         assert_eq!(&ip[12..20], &[192, 0, 2, 1, 192, 0, 2, 2]);
         assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 60);
         assert_eq!(
-            crate::wire::ip::checksum(&ip[..20]),
+            espip_core::wire::ip::checksum(&ip[..20]),
             0,
             "valid header checksum"
         );

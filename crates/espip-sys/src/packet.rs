@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 
 /// Where an outer packet to one destination leaves: resolved by the control side from the
-/// kernel's route and neighbour tables ([`crate::sys::netlink::next_hop`]).
+/// kernel's route and neighbour tables ([`crate::netlink::next_hop`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NextHop {
     /// The outer destination this entry is for.
@@ -66,7 +66,7 @@ pub fn frame_header(
     ttl: u8,
     hop_limit: u8,
 ) -> usize {
-    use crate::wire::{ipv4, ipv6};
+    use espip_core::wire::{ipv4, ipv6};
     h[..6].copy_from_slice(&hop.dst_mac);
     h[6..12].copy_from_slice(&hop.src_mac);
     let ip = &mut h[ETH_HLEN..];
@@ -289,7 +289,7 @@ mod tests {
         let ip = &h[ETH_HLEN..ETH_HLEN + 20];
         assert_eq!(u16::from_be_bytes([ip[10], ip[11]]), 0xb861 + 0x4000);
         // A header with its checksum in place sums to 0xffff (checksum 0).
-        assert_eq!(crate::wire::ip::checksum(ip), 0);
+        assert_eq!(espip_core::wire::ip::checksum(ip), 0);
         assert_eq!(&h[12..14], &[0x08, 0x00]);
     }
 }
