@@ -494,136 +494,18 @@ pub fn run_ike(opts: &IkeLabOptions) -> io::Result<Report> {
     let (ok, detail) = ping(&b, A_INNER);
     report.check(format!("ping B -> A {A_INNER}"), ok, detail);
 
-    // Transfers back to back and 50 pings a second while the SAs rekey.
-    let pinger = ping_train(&a, B_INNER, None, opts.seconds)?;
-    let started = Instant::now();
-    let (mut transfers, mut equal, mut bytes) = (0u64, 0u64, 0u64);
-    // Transfers of 4 MB every half second: the rekeys fall inside transfers, and the capture
-    // stays small enough for tshark to read in seconds.
-    let chunk = 4_000_000;
-    while started.elapsed() < Duration::from_secs(opts.seconds.saturating_sub(2)) {
-        keys.poll(&ctl_a);
-        keys.poll(&ctl_b);
-        let r = super::transfer(&opts.run.exe, (&a, &b), B_INNER, chunk)?;
-        transfers += 1;
-        if r.ok(chunk) {
-            equal += 1;
-            bytes += chunk;
-        }
-        keys.poll(&ctl_a);
-        keys.poll(&ctl_b);
-        for _ in 0..5 {
-            std::thread::sleep(Duration::from_millis(100));
-            keys.poll(&ctl_a);
-            keys.poll(&ctl_b);
-        }
-    }
-    let (sent, got) = ping_result(pinger);
-    keys.poll(&ctl_a);
-    keys.poll(&ctl_b);
-    let (sa, sb) = (status(&ctl_a), status(&ctl_b));
-    let rekeys_a = sa.as_ref().map_or(0, |s| ike_counts(s).2);
-    let ike_rekeys =
-        sa.as_ref().map_or(0, |s| ike_counts(s).3) + sb.as_ref().map_or(0, |s| ike_counts(s).3);
-    report.check(
-        format!("{transfers} transfers of 4 MB while rekeying: every hash equal"),
-        transfers > 0 && equal == transfers,
-        format!(
-            "{equal} of {transfers} equal, {} MB in {:.0} s",
-            bytes / 1_000_000,
-            started.elapsed().as_secs_f64()
-        ),
-    );
+    let (sa, sb) =
+        ike_traffic_while_rekeying(&mut report, opts, (&a, &b), (&ctl_a, &ctl_b), &mut keys)?;
     let want = opts.seconds / opts.rekey.max(1) / 2;
-    report.check(
-        format!("CHILD_SA rekeyed every ~{} s", opts.rekey),
-        rekeys_a >= want,
-        format!("{rekeys_a} CHILD_SA rekeys, {ike_rekeys} IKE SA rekeys"),
-    );
-    report.check(
-        "50 pings a second through the rekeys: none lost",
-        sent > 0 && sent == got,
-        format!("{got} of {sent} answered"),
-    );
-    let bad: Vec<String> = [("A", &sa), ("B", &sb)]
-        .iter()
-        .map(|(h, s)| match s {
-            Some(s) => format!(
-                "{h}: replay {} bad_icv {} unknown_spi {} no_sa {}",
-                drops(s, "replay"),
-                drops(s, "bad_icv"),
-                drops(s, "unknown_spi"),
-                drops(s, "no_sa")
-            ),
-            None => format!("{h}: no status"),
-        })
-        .collect();
-    let clean = [&sa, &sb].iter().all(|s| {
-        s.as_ref()
-            .is_some_and(|s| drops(s, "replay") + drops(s, "bad_icv") == 0)
-    });
-    report.check("no replay or bad_icv drops", clean, bad.join("; "));
-
     if opts.flood > 0 {
-        // A half-open flood: IKE_SA_INIT requests from A's address at B (the responder) while A
-        // restarts; B answers with cookies, keeps its memory, and A connects anyway.
-        let rss = |d: &Daemon| -> u64 {
-            d.pid()
-                .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-                .and_then(|t| {
-                    t.lines()
-                        .find(|l| l.starts_with("VmRSS:"))
-                        .and_then(|l| l.split_whitespace().nth(1))
-                        .and_then(|v| v.parse().ok())
-                })
-                .unwrap_or(0)
-        };
-        let rss_before = rss(&db);
-        let flood = a
-            .command(&opts.run.exe)
-            .args(["lab-tool", "ike-flood", "--to", &format!("{B_OUTER}:500")])
-            .args(["--seconds", &opts.flood.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        std::thread::sleep(Duration::from_secs(1));
-        let _ = da.stop();
-        da = Daemon::start(
+        ike_flood_check(
+            &mut report,
+            opts,
             &a,
-            &opts.run.exe,
-            &work.join("a.toml"),
-            &work.join("a2.log"),
+            (&mut da, &db),
+            (&ctl_a, &ctl_b),
+            &work,
         )?;
-        let t0 = Instant::now();
-        let back = wait_for(
-            || status(&ctl_a).is_some_and(|s| ike_counts(&s).1 == 1),
-            Duration::from_secs(opts.flood + 5),
-        );
-        let reconnect = t0.elapsed().as_secs_f64();
-        let (ok, _) = ping(&a, B_INNER);
-        let sent = flood
-            .wait_with_output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        let rss_after = rss(&db);
-        let cookies = status(&ctl_b)
-            .and_then(|s| {
-                s.ike
-                    .first()
-                    .map(|k| k.failures.get("cookie_required").copied().unwrap_or(0))
-            })
-            .unwrap_or(0);
-        report.check(
-            format!("IKE_SA_INIT flood of {} s at B: cookies, bounded memory, A reconnects during it", opts.flood),
-            back && ok && cookies > 0 && rss_after < rss_before + 8 * 1024,
-            format!(
-                "flood {}; B answered {cookies} with a cookie; A's restart connected after {reconnect:.1} s, ping {}; B's RSS {} -> {} KiB",
-                sent.trim(),
-                if ok { "ok" } else { "FAILED" },
-                rss_before,
-                rss_after
-            ),
-        );
     }
 
     if opts.run.keep {
@@ -682,6 +564,152 @@ pub fn run_ike(opts: &IkeLabOptions) -> io::Result<Report> {
     )?;
     finish_work(&mut report, &work, keep_work);
     Ok(report)
+}
+
+/// Transfers back to back and 50 pings a second while the SAs rekey; the SAs' status after.
+fn ike_traffic_while_rekeying(
+    report: &mut Report,
+    opts: &IkeLabOptions,
+    (a, b): (&Netns, &Netns),
+    (ctl_a, ctl_b): (&Path, &Path),
+    keys: &mut KeyLog,
+) -> io::Result<(Option<Status>, Option<Status>)> {
+    let pinger = ping_train(a, B_INNER, None, opts.seconds)?;
+    let started = Instant::now();
+    let (mut transfers, mut equal, mut bytes) = (0u64, 0u64, 0u64);
+    // Transfers of 4 MB every half second: the rekeys fall inside transfers, and the capture
+    // stays small enough for tshark to read in seconds.
+    let chunk = 4_000_000;
+    while started.elapsed() < Duration::from_secs(opts.seconds.saturating_sub(2)) {
+        keys.poll(ctl_a);
+        keys.poll(ctl_b);
+        let r = super::transfer(&opts.run.exe, (a, b), B_INNER, chunk)?;
+        transfers += 1;
+        if r.ok(chunk) {
+            equal += 1;
+            bytes += chunk;
+        }
+        keys.poll(ctl_a);
+        keys.poll(ctl_b);
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(100));
+            keys.poll(ctl_a);
+            keys.poll(ctl_b);
+        }
+    }
+    let (sent, got) = ping_result(pinger);
+    keys.poll(ctl_a);
+    keys.poll(ctl_b);
+    let (sa, sb) = (status(ctl_a), status(ctl_b));
+    let rekeys_a = sa.as_ref().map_or(0, |s| ike_counts(s).2);
+    let ike_rekeys =
+        sa.as_ref().map_or(0, |s| ike_counts(s).3) + sb.as_ref().map_or(0, |s| ike_counts(s).3);
+    report.check(
+        format!("{transfers} transfers of 4 MB while rekeying: every hash equal"),
+        transfers > 0 && equal == transfers,
+        format!(
+            "{equal} of {transfers} equal, {} MB in {:.0} s",
+            bytes / 1_000_000,
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    let want = opts.seconds / opts.rekey.max(1) / 2;
+    report.check(
+        format!("CHILD_SA rekeyed every ~{} s", opts.rekey),
+        rekeys_a >= want,
+        format!("{rekeys_a} CHILD_SA rekeys, {ike_rekeys} IKE SA rekeys"),
+    );
+    report.check(
+        "50 pings a second through the rekeys: none lost",
+        sent > 0 && sent == got,
+        format!("{got} of {sent} answered"),
+    );
+    let bad: Vec<String> = [("A", &sa), ("B", &sb)]
+        .iter()
+        .map(|(h, s)| match s {
+            Some(s) => format!(
+                "{h}: replay {} bad_icv {} unknown_spi {} no_sa {}",
+                drops(s, "replay"),
+                drops(s, "bad_icv"),
+                drops(s, "unknown_spi"),
+                drops(s, "no_sa")
+            ),
+            None => format!("{h}: no status"),
+        })
+        .collect();
+    let clean = [&sa, &sb].iter().all(|s| {
+        s.as_ref()
+            .is_some_and(|s| drops(s, "replay") + drops(s, "bad_icv") == 0)
+    });
+    report.check("no replay or bad_icv drops", clean, bad.join("; "));
+    Ok((sa, sb))
+}
+
+/// A half-open flood: IKE_SA_INIT requests from A's address at B (the responder) while A
+/// restarts; B answers with cookies, keeps its memory, and A connects anyway.
+fn ike_flood_check(
+    report: &mut Report,
+    opts: &IkeLabOptions,
+    a: &Netns,
+    (da, db): (&mut Daemon, &Daemon),
+    (ctl_a, ctl_b): (&Path, &Path),
+    work: &Path,
+) -> io::Result<()> {
+    // A half-open flood: IKE_SA_INIT requests from A's address at B (the responder) while A
+    // restarts; B answers with cookies, keeps its memory, and A connects anyway.
+    let rss = |d: &Daemon| -> u64 {
+        d.pid()
+            .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let rss_before = rss(db);
+    let flood = a
+        .command(&opts.run.exe)
+        .args(["lab-tool", "ike-flood", "--to", &format!("{B_OUTER}:500")])
+        .args(["--seconds", &opts.flood.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = da.stop();
+    *da = Daemon::start(a, &opts.run.exe, &work.join("a.toml"), &work.join("a2.log"))?;
+    let t0 = Instant::now();
+    let back = wait_for(
+        || status(ctl_a).is_some_and(|s| ike_counts(&s).1 == 1),
+        Duration::from_secs(opts.flood + 5),
+    );
+    let reconnect = t0.elapsed().as_secs_f64();
+    let (ok, _) = ping(a, B_INNER);
+    let sent = flood
+        .wait_with_output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let rss_after = rss(db);
+    let cookies = status(ctl_b)
+        .and_then(|s| {
+            s.ike
+                .first()
+                .map(|k| k.failures.get("cookie_required").copied().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    report.check(
+        format!("IKE_SA_INIT flood of {} s at B: cookies, bounded memory, A reconnects during it", opts.flood),
+        back && ok && cookies > 0 && rss_after < rss_before + 8 * 1024,
+        format!(
+            "flood {}; B answered {cookies} with a cookie; A's restart connected after {reconnect:.1} s, ping {}; B's RSS {} -> {} KiB",
+            sent.trim(),
+            if ok { "ok" } else { "FAILED" },
+            rss_before,
+            rss_after
+        ),
+    );
+    Ok(())
 }
 
 /// Distinct SPIs of ESP (protocol 50, or in UDP on port 4500) in a capture.
@@ -1157,53 +1185,134 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
         ),
         STRONGSWAN_TOOLS,
     )?;
-    let (a, b) = super::p2p::topology("sw")?;
-    no_udp_gso(&[&a])?;
-    // charon routes the child's traffic from its inner address, which lives on its veth.
-    b.ip(&["addr", "add", &format!("{B_INNER}/32"), "dev", "veth0"])?;
-    let sw_dir = work.join("sw");
-    strongswan_files(&sw_dir, &opts.ike, &opts.esp, PSK)?;
-    let cfg_a = work.join("a.toml");
-    let role = if opts.espip_initiates {
-        "initiator"
-    } else {
-        "responder"
-    };
-    write_private(
-        &cfg_a,
-        &(interface(true, &work.join("state-a"))
-            + &espip_peer(
-                "esp-udp", true, role, &opts.ike, &opts.esp, 9, 8, 2, "b.lab",
-            )),
+    let mut lab = SwLab::start(opts, &work)?;
+    let mut da = Daemon::start(&lab.a, &opts.run.exe, &lab.cfg_a, &work.join("a.log"))?;
+    sw_establish(&mut report, &mut lab, &da)?;
+    sw_rekeys_under_pings(&mut report, &mut lab)?;
+    sw_transfers_while_rekeying(&mut report, &mut lab)?;
+    simultaneous_rekeys(&mut report, &lab.sw, &da, &lab.a, &lab.ctl, &opts.run.exe)?;
+    sw_after_rekeys(&mut report, &mut lab)?;
+    if opts.dpd {
+        sw_dpd(&mut report, &mut lab, &da)?;
+    }
+    sw_clean_stop(&mut report, &mut lab, &mut da, &work)?;
+    super::stop_capture(lab.tcpdump);
+    sw_wrong_psk(&mut report, &lab.a, &lab.sw, opts, &work, &lab.cfg_a)?;
+    drop(lab.sw);
+    // strongSwan offers and accepts "no ESN" for aes128gcm16 (its default).
+    let esn = opts.esp.ends_with("-esn");
+    let seen = decrypt_checks(
+        &mut report,
+        &lab.keys,
+        &work,
+        &lab.wire,
+        (aes(&opts.esp), esn, aes(&opts.ike)),
     )?;
-    write_private(&work.join("psk"), &format!("{PSK}\n"))?;
-    let ctl = work.join("state-a").join("control.sock");
-    let wire = work.join("wire.pcap");
-    let tcpdump = super::start_capture(&a, "veth0", &wire)?;
-    let mut sw = Charon::start(&b, &sw_dir)?;
-    let mut da = Daemon::start(&a, &opts.run.exe, &cfg_a, &work.join("a.log"))?;
-    let mut keys = KeyLog::default();
-    if !opts.espip_initiates {
-        let out = sw.swanctl(&[
-            "--initiate",
-            "--ike",
-            "lab",
-            "--child",
-            "lab",
-            "--timeout",
-            "10",
-        ])?;
+    key_checks(
+        &mut report,
+        &lab.keys,
+        &seen,
+        &lab.sw_dir.join("charon.log"),
+    );
+    finish_work(&mut report, &work, keep_work);
+    Ok(report)
+}
+
+/// The strongSwan lab's parts its steps share: espip in `a`, charon in `b`, the capture of
+/// their link, and the keys espip exported so far.
+struct SwLab<'o> {
+    opts: &'o StrongswanOptions,
+    a: Netns,
+    b: Netns,
+    sw: Charon,
+    sw_dir: PathBuf,
+    cfg_a: PathBuf,
+    ctl: PathBuf,
+    wire: PathBuf,
+    tcpdump: Child,
+    keys: KeyLog,
+}
+
+impl<'o> SwLab<'o> {
+    /// The namespaces, strongSwan's files and charon, espip's configuration, the capture.
+    fn start(opts: &'o StrongswanOptions, work: &Path) -> io::Result<SwLab<'o>> {
+        let (a, b) = super::p2p::topology("sw")?;
+        no_udp_gso(&[&a])?;
+        // charon routes the child's traffic from its inner address, which lives on its veth.
+        b.ip(&["addr", "add", &format!("{B_INNER}/32"), "dev", "veth0"])?;
+        let sw_dir = work.join("sw");
+        strongswan_files(&sw_dir, &opts.ike, &opts.esp, PSK)?;
+        let cfg_a = work.join("a.toml");
+        let role = if opts.espip_initiates {
+            "initiator"
+        } else {
+            "responder"
+        };
+        write_private(
+            &cfg_a,
+            &(interface(true, &work.join("state-a"))
+                + &espip_peer(
+                    "esp-udp", true, role, &opts.ike, &opts.esp, 9, 8, 2, "b.lab",
+                )),
+        )?;
+        write_private(&work.join("psk"), &format!("{PSK}\n"))?;
+        let wire = work.join("wire.pcap");
+        let tcpdump = super::start_capture(&a, "veth0", &wire)?;
+        let sw = Charon::start(&b, &sw_dir)?;
+        Ok(SwLab {
+            opts,
+            ctl: work.join("state-a").join("control.sock"),
+            a,
+            b,
+            sw,
+            sw_dir,
+            cfg_a,
+            wire,
+            tcpdump,
+            keys: KeyLog::default(),
+        })
+    }
+
+    /// strongSwan initiates when espip does not.
+    fn initiate_if_responder(&self, timeout: &str) -> io::Result<Option<String>> {
+        if self.opts.espip_initiates {
+            return Ok(None);
+        }
+        self.sw
+            .swanctl(&[
+                "--initiate",
+                "--ike",
+                "lab",
+                "--child",
+                "lab",
+                "--timeout",
+                timeout,
+            ])
+            .map(Some)
+    }
+
+    /// Export the keys espip has now, sleeping `pause` first.
+    fn poll_keys_after(&mut self, pause: Duration) {
+        std::thread::sleep(pause);
+        self.keys.poll(&self.ctl);
+    }
+}
+
+/// The SAs come up; pings both ways; a transfer each way.
+fn sw_establish(report: &mut Report, lab: &mut SwLab<'_>, da: &Daemon) -> io::Result<()> {
+    if let Some(out) = lab.initiate_if_responder("10")? {
         report.notes.push(format!(
             "swanctl --initiate: {}",
             out.lines().last().unwrap_or("").trim()
         ));
     }
+    let ctl = lab.ctl.clone();
     let up = wait_for(
         || status(&ctl).is_some_and(|s| ike_counts(&s).1 == 1),
         Duration::from_secs(10),
     );
-    keys.poll(&ctl);
-    let sas = sw.swanctl(&["--list-sas"])?;
+    lab.keys.poll(&ctl);
+    let sas = lab.sw.swanctl(&["--list-sas"])?;
     report.check(
         "IKE SA and CHILD_SA up with strongSwan",
         up && sas.contains("ESTABLISHED") && sas.contains("INSTALLED"),
@@ -1218,7 +1327,8 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
                 .join(" | ")
         ),
     );
-    let (ok, detail) = ping(&a, B_INNER);
+    let (a, b) = (&lab.a, &lab.b);
+    let (ok, detail) = ping(a, B_INNER);
     report.check(format!("ping espip -> strongSwan {B_INNER}"), ok, detail);
     let out = netns::run(
         b.command("ping")
@@ -1233,29 +1343,29 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
             .unwrap_or("no answer")
             .to_string(),
     );
-    let bytes = opts.megabytes * 1_000_000;
-    super::transfer_check(
-        &mut report,
-        format!("TCP transfer {} MB espip -> strongSwan", opts.megabytes),
-        &opts.run.exe,
-        (&a, &b),
-        B_INNER,
-        bytes,
-    )?;
-    super::transfer_check(
-        &mut report,
-        format!("TCP transfer {} MB strongSwan -> espip", opts.megabytes),
-        &opts.run.exe,
-        (&b, &a),
-        A_INNER,
-        bytes,
-    )?;
-    keys.poll(&ctl);
+    let megabytes = lab.opts.megabytes;
+    for (what, pair, to) in [
+        ("espip -> strongSwan", (a, b), B_INNER),
+        ("strongSwan -> espip", (b, a), A_INNER),
+    ] {
+        super::transfer_check(
+            report,
+            format!("TCP transfer {megabytes} MB {what}"),
+            &lab.opts.run.exe,
+            pair,
+            to,
+            megabytes * 1_000_000,
+        )?;
+    }
+    lab.keys.poll(&ctl);
+    Ok(())
+}
 
-    // Rekeys by both sides under 50 pings a second: espip rekeys its CHILD_SA every ~8 s and
-    // its IKE SA every ~7 s on its own; strongSwan is told to rekey both in between.
-    let before = status(&ctl).map_or((0, 0, 0, 0), |s| ike_counts(&s));
-    let pinger = ping_train(&a, B_INNER, None, 20)?;
+/// Rekeys by both sides under 50 pings a second: espip rekeys its CHILD_SA every ~8 s and its
+/// IKE SA every ~7 s on its own; strongSwan is told to rekey both in between.
+fn sw_rekeys_under_pings(report: &mut Report, lab: &mut SwLab<'_>) -> io::Result<()> {
+    let before = status(&lab.ctl).map_or((0, 0, 0, 0), |s| ike_counts(&s));
+    let pinger = ping_train(&lab.a, B_INNER, None, 20)?;
     let t0 = Instant::now();
     let mut sw_rekeys = Vec::new();
     for (at, args) in [
@@ -1264,18 +1374,16 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
         (13, ["--rekey", "--child", "lab"]),
     ] {
         while t0.elapsed() < Duration::from_secs(at) {
-            keys.poll(&ctl);
-            std::thread::sleep(Duration::from_millis(250));
+            lab.poll_keys_after(Duration::from_millis(250));
         }
-        sw_rekeys.push(swanctl_rekey(&sw, &args)?);
+        sw_rekeys.push(swanctl_rekey(&lab.sw, &args)?);
     }
     while t0.elapsed() < Duration::from_secs(20) {
-        keys.poll(&ctl);
-        std::thread::sleep(Duration::from_millis(250));
+        lab.poll_keys_after(Duration::from_millis(250));
     }
     let (sent, got) = ping_result(pinger);
-    keys.poll(&ctl);
-    let after = status(&ctl).map_or((0, 0, 0, 0), |s| ike_counts(&s));
+    lab.keys.poll(&lab.ctl);
+    let after = status(&lab.ctl).map_or((0, 0, 0, 0), |s| ike_counts(&s));
     let child_rekeys = after.2 - before.2;
     let ike_rekeys = after.3 - before.3;
     report.check(
@@ -1290,16 +1398,23 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
             sw_rekeys.join(", ")
         ),
     );
-    // TCP transfers back to back for 12 s (in a second thread) while strongSwan rekeys the
-    // CHILD_SA and the IKE SA and espip rekeys both on its own: every hash must be equal.
-    // (Pings are the loss probe above: saturating TCP would add congestion loss to them.)
-    let bytes_each = opts.megabytes.min(10) * 1_000_000;
+    Ok(())
+}
+
+/// TCP transfers back to back for 12 s (in a second thread) while strongSwan rekeys the
+/// CHILD_SA and the IKE SA and espip rekeys both on its own: every hash must be equal.
+/// (Pings are the loss probe of [`sw_rekeys_under_pings`]: saturating TCP would add
+/// congestion loss to them.)
+fn sw_transfers_while_rekeying(report: &mut Report, lab: &mut SwLab<'_>) -> io::Result<()> {
+    let bytes_each = lab.opts.megabytes.min(10) * 1_000_000;
     let t1 = Instant::now();
+    let (exe, a, b) = (&lab.opts.run.exe, &lab.a, &lab.b);
+    let (sw, ctl, keys) = (&lab.sw, &lab.ctl, &mut lab.keys);
     let (rekeys_2, (transfers, equal)) = std::thread::scope(|scope| -> io::Result<_> {
         let mover = scope.spawn(|| {
             let (mut n, mut ok) = (0u32, 0u32);
             while t1.elapsed() < Duration::from_secs(12) {
-                if let Ok(r) = super::transfer(&opts.run.exe, (&a, &b), B_INNER, bytes_each) {
+                if let Ok(r) = super::transfer(exe, (a, b), B_INNER, bytes_each) {
                     n += 1;
                     if r.ok(bytes_each) {
                         ok += 1;
@@ -1314,14 +1429,14 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
             (7, ["--rekey", "--ike", "lab"]),
         ] {
             while t1.elapsed() < Duration::from_secs(at) {
-                keys.poll(&ctl);
+                keys.poll(ctl);
                 std::thread::sleep(Duration::from_millis(250));
             }
-            done.push(swanctl_rekey(&sw, &args)?);
+            done.push(swanctl_rekey(sw, &args)?);
         }
         Ok((done, mover.join().unwrap_or((0, 0))))
     })?;
-    keys.poll(&ctl);
+    keys.poll(ctl);
     report.check(
         format!(
             "{transfers} TCP transfers of {} MB while both sides rekey: every hash equal",
@@ -1333,17 +1448,21 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
             rekeys_2.join(", ")
         ),
     );
-    simultaneous_rekeys(&mut report, &sw, &da, &a, &ctl, &opts.run.exe)?;
+    Ok(())
+}
+
+/// A transfer after all the rekeys, and no replay or ICV failure at espip in the whole run.
+fn sw_after_rekeys(report: &mut Report, lab: &mut SwLab<'_>) -> io::Result<()> {
     super::transfer_check(
-        &mut report,
-        format!("TCP transfer {} MB after the rekeys", opts.megabytes),
-        &opts.run.exe,
-        (&a, &b),
+        report,
+        format!("TCP transfer {} MB after the rekeys", lab.opts.megabytes),
+        &lab.opts.run.exe,
+        (&lab.a, &lab.b),
         B_INNER,
-        bytes,
+        lab.opts.megabytes * 1_000_000,
     )?;
-    keys.poll(&ctl);
-    let s = status(&ctl);
+    lab.keys.poll(&lab.ctl);
+    let s = status(&lab.ctl);
     report.check(
         "no replay or bad_icv drops at espip",
         s.as_ref()
@@ -1358,54 +1477,55 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
             )
         }),
     );
+    Ok(())
+}
 
-    // Dead peer detection: strongSwan is killed (no DELETE); espip must notice on its own.
-    if opts.dpd {
-        sw.kill();
-        let t0 = Instant::now();
-        let gone = wait_for(
-            || status(&ctl).is_some_and(|s| ike_counts(&s).0 == 0),
-            Duration::from_secs(30),
-        );
-        report.check(
-            "DPD notices that strongSwan died",
-            gone && da.log().contains("peer_dead"),
-            format!(
-                "IKE SA gone after {:.1} s (dpd_interval 2 s, then 4 retransmissions)",
-                t0.elapsed().as_secs_f64()
-            ),
-        );
-        sw = Charon::start(&b, &sw_dir)?;
-        if !opts.espip_initiates {
-            sw.swanctl(&[
-                "--initiate",
-                "--ike",
-                "lab",
-                "--child",
-                "lab",
-                "--timeout",
-                "10",
-            ])?;
-        }
-        let back = wait_for(
-            || status(&ctl).is_some_and(|s| ike_counts(&s).1 == 1),
-            Duration::from_secs(15),
-        );
-        keys.poll(&ctl);
-        let (ok, detail) = ping(&a, B_INNER);
-        report.check(
-            "strongSwan restarted: the tunnel comes back",
-            back && ok,
-            detail,
-        );
-    }
+/// Dead peer detection: strongSwan is killed (no DELETE); espip must notice on its own, and
+/// the tunnel must come back when charon is started again.
+fn sw_dpd(report: &mut Report, lab: &mut SwLab<'_>, da: &Daemon) -> io::Result<()> {
+    lab.sw.kill();
+    let t0 = Instant::now();
+    let ctl = lab.ctl.clone();
+    let gone = wait_for(
+        || status(&ctl).is_some_and(|s| ike_counts(&s).0 == 0),
+        Duration::from_secs(30),
+    );
+    report.check(
+        "DPD notices that strongSwan died",
+        gone && da.log().contains("peer_dead"),
+        format!(
+            "IKE SA gone after {:.1} s (dpd_interval 2 s, then 4 retransmissions)",
+            t0.elapsed().as_secs_f64()
+        ),
+    );
+    lab.sw = Charon::start(&lab.b, &lab.sw_dir)?;
+    lab.initiate_if_responder("10")?;
+    let back = wait_for(
+        || status(&ctl).is_some_and(|s| ike_counts(&s).1 == 1),
+        Duration::from_secs(15),
+    );
+    lab.keys.poll(&ctl);
+    let (ok, detail) = ping(&lab.a, B_INNER);
+    report.check(
+        "strongSwan restarted: the tunnel comes back",
+        back && ok,
+        detail,
+    );
+    Ok(())
+}
 
-    // A clean stop sends DELETE.
-    keys.poll(&ctl);
+/// A clean stop sends DELETE.
+fn sw_clean_stop(
+    report: &mut Report,
+    lab: &mut SwLab<'_>,
+    da: &mut Daemon,
+    work: &Path,
+) -> io::Result<()> {
+    lab.keys.poll(&lab.ctl);
     let clean = da.stop()?;
-    keys.load(&work.join("state-a").join("keys"));
+    lab.keys.load(&work.join("state-a").join("keys"));
     let deleted = wait_for(
-        || sw.log().contains("received DELETE for IKE_SA"),
+        || lab.sw.log().contains("received DELETE for IKE_SA"),
         Duration::from_secs(3),
     );
     report.check(
@@ -1416,11 +1536,20 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
             if clean { "0" } else { "non-zero" }
         ),
     );
-    super::stop_capture(tcpdump);
+    Ok(())
+}
 
-    // A wrong pre-shared key: AUTHENTICATION_FAILED on both sides, named in espip's log.
+/// A wrong pre-shared key: AUTHENTICATION_FAILED on both sides, named in espip's log.
+fn sw_wrong_psk(
+    report: &mut Report,
+    a: &Netns,
+    sw: &Charon,
+    opts: &StrongswanOptions,
+    work: &Path,
+    cfg_a: &Path,
+) -> io::Result<()> {
     write_private(&work.join("psk"), "not-the-key-strongswan-has-0123456789\n")?;
-    let mut wrong = Daemon::start(&a, &opts.run.exe, &cfg_a, &work.join("a-wrong-psk.log"))?;
+    let mut wrong = Daemon::start(a, &opts.run.exe, cfg_a, &work.join("a-wrong-psk.log"))?;
     if !opts.espip_initiates {
         sw.swanctl(&[
             "--initiate",
@@ -1463,21 +1592,7 @@ pub fn run_strongswan(opts: &StrongswanOptions) -> io::Result<Report> {
         failed && sw_failed,
         format!("espip: {line}; strongSwan logged it: {sw_failed}"),
     );
-    drop(sw);
-    // strongSwan offers and accepts "no ESN" for aes128gcm16 (its default).
-    let esn = opts.esp.ends_with("-esn");
-    let seen = decrypt_checks(
-        &mut report,
-        &keys,
-        &work,
-        &wire,
-        (aes(&opts.esp), esn, aes(&opts.ike)),
-    )?;
-    key_checks(&mut report, &keys, &seen, &sw_dir.join("charon.log"));
-    finish_work(&mut report, &work, keep_work);
-    drop(a);
-    drop(b);
-    Ok(report)
+    Ok(())
 }
 
 fn strongswan_version() -> Option<String> {
