@@ -7,7 +7,7 @@
 //! setting is missing.
 
 use super::netns::{self, Daemon, Netns};
-use super::p2p::{log_field, ping, write_private, LabKeys};
+use super::p2p::{ping, write_private, LabKeys};
 use super::same_lan::curl;
 use super::{pcap, Report};
 use espip_core::sa::Cipher;
@@ -226,12 +226,7 @@ pub fn run(opts: &GatewayOptions) -> io::Result<Report> {
     );
 
     if opts.run.keep {
-        report.kept(&[&u, &s, &v], Some(&work));
-        std::mem::forget(du);
-        std::mem::forget(ds);
-        std::mem::forget(u);
-        std::mem::forget(s);
-        std::mem::forget(v);
+        report.keep_running(vec![u, s, v], &work, (du, ds));
         return Ok(report);
     }
     let clean = du.stop()? & ds.stop()?;
@@ -245,22 +240,11 @@ pub fn run(opts: &GatewayOptions) -> io::Result<Report> {
             if clean { "0" } else { "non-zero" }
         ),
     );
-    for (h, d) in [("U", &du), ("server", &ds)] {
-        let l = d.log();
-        report.notes.push(format!(
-            "{h}: tx {} rx {} packets, drops [{}]",
-            log_field(&l, "peer totals", "tx_packets").unwrap_or_default(),
-            log_field(&l, "peer totals", "rx_packets").unwrap_or_default(),
-            log_field(&l, "drop totals", "drops").unwrap_or_default()
-        ));
-    }
-    if keep_work {
-        report.notes.push(format!(
-            "configs, logs, outside.pcap (U-server), inside.pcap (server-V), host-u/ and host-server/ (the daemons' inner and outer taps), esp_sa (see docs/captures.md) in {}",
-            work.display()
-        ));
-    } else {
-        let _ = std::fs::remove_dir_all(&work);
-    }
+    report.note_totals(&[("U", &du), ("server", &ds)]);
+    report.finish_work(
+        &work,
+        keep_work,
+        "configs, logs, outside.pcap (U-server), inside.pcap (server-V), host-u/ and host-server/ (the daemons' inner and outer taps), esp_sa (see docs/captures.md)",
+    );
     Ok(report)
 }

@@ -257,13 +257,10 @@ pub fn run(opts: &HubOptions) -> io::Result<Report> {
         "H: drops [{}]",
         log_field(&dh.log(), "drop totals", "drops").unwrap_or_default()
     ));
-    if keep_work {
-        report.notes.push(format!(
-            "configs, logs, h.pcap (hub link), wan.pcap, c1-c3.pcap (client links), host-*/ (the daemons' inner and outer taps), esp_sa (see docs/captures.md) in {}",
-            work.display()
-        ));
-    } else {
-        let _ = std::fs::remove_dir_all(&work);
-    }
+    report.finish_work(
+        &work,
+        keep_work,
+        "configs, logs, h.pcap (hub link), wan.pcap, c1-c3.pcap (client links), host-*/ (the daemons' inner and outer taps), esp_sa (see docs/captures.md)",
+    );
     Ok(report)
 }

@@ -510,11 +510,7 @@ pub fn run_ike(opts: &IkeLabOptions) -> io::Result<Report> {
 
     if opts.run.keep {
         super::stop_capture(tcpdump);
-        report.kept(&[&a, &b], Some(&work));
-        std::mem::forget(da);
-        std::mem::forget(db);
-        std::mem::forget(a);
-        std::mem::forget(b);
+        report.keep_running(vec![a, b], &work, (da, db));
         return Ok(report);
     }
     // A stops first: B must learn it from A's DELETE. B holds every SA A used last (it
@@ -735,14 +731,11 @@ fn esp_spis(frames: &[pcap::Frame]) -> BTreeSet<u32> {
 }
 
 fn finish_work(report: &mut Report, work: &Path, keep: bool) {
-    if keep {
-        report.notes.push(format!(
-            "configs, logs, wire.pcap, esp_sa and ikev2_decryption_table in {}",
-            work.display()
-        ));
-    } else {
-        let _ = std::fs::remove_dir_all(work);
-    }
+    report.finish_work(
+        work,
+        keep,
+        "configs, logs, wire.pcap, esp_sa and ikev2_decryption_table",
+    );
 }
 
 /// A charon in its namespace with a private /run, stopped when dropped.

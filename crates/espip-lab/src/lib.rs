@@ -352,6 +352,42 @@ impl Report {
         }
     }
 
+    /// `--keep`: name what stays and leave it running. The namespaces and `parts` (daemons,
+    /// captures, relays) are forgotten rather than dropped, so nothing tears them down; `espip
+    /// lab down NAME` does.
+    pub fn keep_running<T>(&mut self, namespaces: Vec<netns::Netns>, work: &Path, parts: T) {
+        self.kept(&namespaces.iter().collect::<Vec<_>>(), Some(work));
+        std::mem::forget(parts);
+        std::mem::forget(namespaces);
+    }
+
+    /// One note per daemon with the totals it logged when it stopped: packets and bytes each
+    /// way, and its drops by reason.
+    pub fn note_totals(&mut self, daemons: &[(&str, &netns::Daemon)]) {
+        for (host, d) in daemons {
+            let log = d.log();
+            let field = |k| p2p::log_field(&log, "peer totals", k).unwrap_or_else(|| "?".into());
+            self.notes.push(format!(
+                "{host}: tx {} packets / {} bytes, rx {} packets / {} bytes, drops [{}]",
+                field("tx_packets"),
+                field("tx_bytes"),
+                field("rx_packets"),
+                field("rx_bytes"),
+                p2p::log_field(&log, "drop totals", "drops").unwrap_or_default()
+            ));
+        }
+    }
+
+    /// The lab's work directory: named in a note with what it holds (`contents`) when it is
+    /// kept, else removed.
+    pub fn finish_work(&mut self, work: &Path, keep: bool, contents: &str) {
+        if keep {
+            self.notes.push(format!("{contents} in {}", work.display()));
+        } else {
+            let _ = std::fs::remove_dir_all(work);
+        }
+    }
+
     /// True if every check passed (and there was at least one).
     pub fn passed(&self) -> bool {
         !self.checks.is_empty() && self.checks.iter().all(|c| c.ok)

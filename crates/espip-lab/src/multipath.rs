@@ -541,19 +541,15 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
             }
         ),
     );
-    if keep_work {
-        report.notes.push(format!(
-            "configs, logs, wire-l1.pcap / wire-l2.pcap (A's side of each link){} in {}",
-            if work.join("esp_sa").exists() {
-                " and esp_sa (tshark decrypts both captures with it)"
-            } else {
-                ""
-            },
-            work.display()
-        ));
-    } else {
-        let _ = std::fs::remove_dir_all(&work);
-    }
+    let contents = format!(
+        "configs, logs, wire-l1.pcap / wire-l2.pcap (A's side of each link){}",
+        if work.join("esp_sa").exists() {
+            " and esp_sa (tshark decrypts both captures with it)"
+        } else {
+            ""
+        }
+    );
+    report.finish_work(&work, keep_work, &contents);
     drop(lab);
     Ok(report)
 }

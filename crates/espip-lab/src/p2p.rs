@@ -290,11 +290,7 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
     wire_check(&mut report, &wire, opts.mode, opts.outer_v6, bytes)?;
 
     if opts.run.keep {
-        report.kept(&[&a, &b], Some(&work));
-        std::mem::forget(da);
-        std::mem::forget(db);
-        std::mem::forget(a);
-        std::mem::forget(b);
+        report.keep_running(vec![a, b], &work, (da, db));
         return Ok(report);
     }
 
@@ -315,36 +311,21 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
             }
         ),
     );
-    for (host, d) in [("A", &da), ("B", &db)] {
-        let log = d.log();
-        let field = |k| log_field(&log, "peer totals", k).unwrap_or_else(|| "?".into());
-        report.notes.push(format!(
-            "{host}: tx {} packets / {} bytes, rx {} packets / {} bytes, drops [{}]",
-            field("tx_packets"),
-            field("tx_bytes"),
-            field("rx_packets"),
-            field("rx_bytes"),
-            log_field(&log, "drop totals", "drops").unwrap_or_default()
-        ));
-    }
-    if keep_work {
-        report.notes.push(format!(
-            "configs, logs, wire.pcap (the A-B link){}{} in {}",
-            if taps.is_some() {
-                ", host-a/ and host-b/ (each daemon's inner and outer taps)"
-            } else {
-                ""
-            },
-            if work.join("esp_sa").exists() {
-                " and esp_sa (open any capture with it: see docs/captures.md)"
-            } else {
-                ""
-            },
-            work.display()
-        ));
-    } else {
-        let _ = std::fs::remove_dir_all(&work);
-    }
+    report.note_totals(&[("A", &da), ("B", &db)]);
+    let contents = format!(
+        "configs, logs, wire.pcap (the A-B link){}{}",
+        if taps.is_some() {
+            ", host-a/ and host-b/ (each daemon's inner and outer taps)"
+        } else {
+            ""
+        },
+        if work.join("esp_sa").exists() {
+            " and esp_sa (open any capture with it: see docs/captures.md)"
+        } else {
+            ""
+        }
+    );
+    report.finish_work(&work, keep_work, &contents);
     drop(a);
     drop(b);
     Ok(report)

@@ -174,21 +174,12 @@ pub fn run(opts: &RoamingOptions) -> io::Result<Report> {
         ),
     );
     if opts.run.keep {
-        report.kept(&[&a, &b], Some(&work));
-        std::mem::forget(da);
-        std::mem::forget(db);
-        std::mem::forget(a);
-        std::mem::forget(b);
+        report.keep_running(vec![a, b], &work, (da, db));
         return Ok(report);
     }
     let clean = da.stop()? & db.stop()?;
     report.check("clean stop", clean, "both daemons exited 0");
-    if keep_work {
-        report
-            .notes
-            .push(format!("configs and logs in {}", work.display()));
-    } else {
-        let _ = std::fs::remove_dir_all(&work);
-    }
+    report.note_totals(&[("A", &da), ("B", &db)]);
+    report.finish_work(&work, keep_work, "configs and logs");
     Ok(report)
 }

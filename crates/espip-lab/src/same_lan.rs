@@ -5,7 +5,7 @@
 //! the source into the alias prefix on ingress so conntrack un-NATs the replies.
 
 use super::netns::{self, Daemon, Netns};
-use super::p2p::{log_field, ping, write_private, LabKeys};
+use super::p2p::{ping, write_private, LabKeys};
 use super::{pcap, transfer, Report};
 use espip_core::sa::Cipher;
 use std::io;
@@ -181,11 +181,7 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
     lan_check(&mut report, &wire, bytes)?;
 
     if opts.run.keep {
-        report.kept(&[&a, &b], Some(&work));
-        std::mem::forget(da);
-        std::mem::forget(db);
-        std::mem::forget(a);
-        std::mem::forget(b);
+        report.keep_running(vec![a, b], &work, (da, db));
         return Ok(report);
     }
 
@@ -217,31 +213,16 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
             format!("left behind: {}", left.join(", "))
         },
     );
-    for (host, d) in [("A", &da), ("B", &db)] {
-        let log = d.log();
-        let f = |k| log_field(&log, "peer totals", k).unwrap_or_else(|| "?".into());
-        report.notes.push(format!(
-            "{host}: tx {} packets, rx {} packets, drops [{}]",
-            f("tx_packets"),
-            f("rx_packets"),
-            log_field(&log, "drop totals", "drops").unwrap_or_default()
-        ));
-    }
-    if keep_work {
-        report
-            .notes
-            .push(format!(
-                "configs, logs and lan.pcap (the LAN){} in {}",
-                if taps.is_some() {
-                    ", host-a/ and host-b/ (each daemon's inner and outer taps), esp_sa (see docs/captures.md)"
-                } else {
-                    ""
-                },
-                work.display()
-            ));
-    } else {
-        let _ = std::fs::remove_dir_all(&work);
-    }
+    report.note_totals(&[("A", &da), ("B", &db)]);
+    let contents = format!(
+        "configs, logs and lan.pcap (the LAN){}",
+        if taps.is_some() {
+            ", host-a/ and host-b/ (each daemon's inner and outer taps), esp_sa (see docs/captures.md)"
+        } else {
+            ""
+        }
+    );
+    report.finish_work(&work, keep_work, &contents);
     Ok(report)
 }
 

@@ -236,14 +236,14 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
             sysctl(&ra, "net.ipv4.ip_forward")
         ),
     );
-    if keep_work {
-        report.notes.push(format!(
-            "configs, logs, ra.pcap{} and host-ra/, host-rb/ (the relays' inner and outer taps) in {}",
-            if taps.is_some() { ", c.pcap, rb.pcap, s.pcap (each host's link)" } else { "" },
-            work.display()
-        ));
-    } else {
-        let _ = std::fs::remove_dir_all(&work);
-    }
+    let contents = format!(
+        "configs, logs, ra.pcap{} and host-ra/, host-rb/ (the relays' inner and outer taps)",
+        if taps.is_some() {
+            ", c.pcap, rb.pcap, s.pcap (each host's link)"
+        } else {
+            ""
+        }
+    );
+    report.finish_work(&work, keep_work, &contents);
     Ok(report)
 }
