@@ -361,6 +361,37 @@ impl Report {
         std::mem::forget(namespaces);
     }
 
+    /// Stop the daemons with SIGTERM: the check "clean stop" passes when each exits 0 and its
+    /// namespace has no `espip0` left.
+    pub fn clean_stop(
+        &mut self,
+        daemons: &mut [(&netns::Netns, &mut netns::Daemon)],
+    ) -> io::Result<()> {
+        let mut clean = true;
+        for (_, d) in daemons.iter_mut() {
+            clean &= d.stop()?;
+        }
+        let gone = daemons.iter().all(|(ns, _)| !ns.has_link("espip0"));
+        self.check(
+            "clean stop",
+            clean && gone,
+            format!(
+                "SIGTERM: {}; espip0 {}",
+                if clean {
+                    "every daemon exited 0"
+                } else {
+                    "a daemon exited non-zero"
+                },
+                if gone {
+                    "removed everywhere"
+                } else {
+                    "LEFT BEHIND"
+                }
+            ),
+        );
+        Ok(())
+    }
+
     /// One note per daemon with the totals it logged when it stopped: packets and bytes each
     /// way, and its drops by reason.
     pub fn note_totals(&mut self, daemons: &[(&str, &netns::Daemon)]) {

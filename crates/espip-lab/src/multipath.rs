@@ -383,8 +383,59 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
     write_private(&cfg_a, &cfg(true, opts.scheduler))?;
     write_private(&cfg_b, &cfg(false, opts.scheduler))?;
 
-    // The best single link alone: plain TCP between the hosts' link addresses, no tunnel.
-    let secs = opts.seconds.max(2);
+    let best_alone = alone_rates(&mut report, &lab, opts)?;
+
+    let mut da = Daemon::start(&lab.a, &opts.run.exe, &cfg_a, &work.join("a.log"))?;
+    let mut db = Daemon::start(&lab.b, &opts.run.exe, &cfg_b, &work.join("b.log"))?;
+    let (ctl_a, ctl_b) = (
+        work.join("state-a").join("control.sock"),
+        work.join("state-b").join("control.sock"),
+    );
+    if keys.is_some() {
+        super::export_esp_sa(&ctl_a, &work.join("esp_sa"))?;
+    }
+    let probing = !matches!(opts.mode, LabMode::IpIp);
+    if probing {
+        paths_up_check(&mut report, &ctl_a);
+    }
+    let (ok, detail) = super::p2p::ping(&lab.a, B_INNER);
+    report.check(format!("ping A -> B {B_INNER}"), ok, detail);
+
+    stream_check(&mut report, &lab, opts, &work, best_alone, (&ctl_a, &ctl_b))?;
+
+    if opts.compare_mptcp {
+        mptcp_compare(&mut report, &lab, opts)?;
+    }
+    if probing {
+        cut_check(&mut report, &lab, opts, &ctl_a, &ctl_b)?;
+    }
+    if probing && opts.redundant_loss > 0.0 {
+        redundant_check(&mut report, &mut lab, opts, &cfg_a, &cfg_b, &cfg)?;
+    }
+
+    if opts.run.keep {
+        report.kept(&[&lab.a, &lab.b, &lab.m[0], &lab.m[1]], Some(&work));
+        std::mem::forget((da, db, lab));
+        return Ok(report);
+    }
+    report.clean_stop(&mut [(&lab.a, &mut da), (&lab.b, &mut db)])?;
+    let contents = format!(
+        "configs, logs, wire-l1.pcap / wire-l2.pcap (A's side of each link){}",
+        if work.join("esp_sa").exists() {
+            " and esp_sa (tshark decrypts both captures with it)"
+        } else {
+            ""
+        }
+    );
+    report.finish_work(&work, keep_work, &contents);
+    drop(lab);
+    Ok(report)
+}
+
+/// The best single link alone: plain TCP between the hosts' link addresses, no tunnel, 4 s
+/// worth of each link's rate; noted, and the best returned.
+fn alone_rates(report: &mut Report, lab: &Lab, opts: &MultipathOptions) -> io::Result<f64> {
+    let [l1, l2] = opts.links;
     let alone: Vec<f64> = [(LINK1[1], &l1), (LINK2[1], &l2)]
         .iter()
         .map(|(addr, spec)| {
@@ -405,36 +456,40 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
     ));
     let best_alone = alone.iter().copied().fold(0.0, f64::max);
 
-    let mut da = Daemon::start(&lab.a, &opts.run.exe, &cfg_a, &work.join("a.log"))?;
-    let mut db = Daemon::start(&lab.b, &opts.run.exe, &cfg_b, &work.join("b.log"))?;
-    let (ctl_a, ctl_b) = (
-        work.join("state-a").join("control.sock"),
-        work.join("state-b").join("control.sock"),
-    );
-    if keys.is_some() {
-        super::export_esp_sa(&ctl_a, &work.join("esp_sa"))?;
-    }
-    let probing = !matches!(opts.mode, LabMode::IpIp);
-    if probing {
-        let up = wait_paths(&ctl_a, "up", None, Duration::from_secs(5));
-        let paths = path_states(&ctl_a);
-        report.check(
-            "both paths up (probes answered)",
-            up.is_some(),
-            format!(
-                "after {}: {}",
-                up.map_or("5 s (timeout)".into(), |d| format!("{} ms", d.as_millis())),
-                paths
-                    .iter()
-                    .map(|(n, s, r)| format!("{n} {s} rtt {:.1} ms", r.unwrap_or(0.0)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        );
-    }
-    let (ok, detail) = super::p2p::ping(&lab.a, B_INNER);
-    report.check(format!("ping A -> B {B_INNER}"), ok, detail);
+    Ok(best_alone)
+}
 
+/// Both paths come up: their probes are answered within 5 s.
+fn paths_up_check(report: &mut Report, ctl_a: &Path) {
+    let up = wait_paths(ctl_a, "up", None, Duration::from_secs(5));
+    let paths = path_states(ctl_a);
+    report.check(
+        "both paths up (probes answered)",
+        up.is_some(),
+        format!(
+            "after {}: {}",
+            up.map_or("5 s (timeout)".into(), |d| format!("{} ms", d.as_millis())),
+            paths
+                .iter()
+                .map(|(n, s, r)| format!("{n} {s} rtt {:.1} ms", r.unwrap_or(0.0)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+}
+
+/// One TCP stream over both links, both captured on A's side: its hash, its rate next to the
+/// best link alone, each path's share, B's reorder stage, and what the captures hold.
+fn stream_check(
+    report: &mut Report,
+    lab: &Lab,
+    opts: &MultipathOptions,
+    work: &Path,
+    best_alone: f64,
+    (ctl_a, ctl_b): (&Path, &Path),
+) -> io::Result<()> {
+    let [l1, l2] = opts.links;
+    let secs = opts.seconds.max(2);
     // Capture both links (on A's side) during the aggregate transfer.
     let caps: Vec<(PathBuf, Child)> = ["l1", "l2"]
         .iter()
@@ -478,7 +533,7 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
             (_, false) => "below 0.7 of it",
         }
     ));
-    if let Some(st) = status(&ctl_a) {
+    if let Some(st) = status(ctl_a) {
         if let Some(m) = st.peers.first().and_then(|p| p.multipath.as_ref()) {
             report.notes.push(format!(
                 "A's paths after it: {}",
@@ -498,7 +553,7 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
             ));
         }
     }
-    if let Some(m) = status(&ctl_b).and_then(|s| s.peers.into_iter().next()?.multipath) {
+    if let Some(m) = status(ctl_b).and_then(|s| s.peers.into_iter().next()?.multipath) {
         report.notes.push(format!(
             "B's reorder stage: held {}, gaps skipped {}, late {}, hold {:.1} ms",
             m.reorder_held, m.reorder_gaps_skipped, m.reorder_late, m.reorder_hold_ms
@@ -506,52 +561,10 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
     }
     for (f, c) in caps {
         super::stop_capture(c);
-        wire_check(&mut report, &f, opts.mode)?;
+        wire_check(report, &f, opts.mode)?;
     }
 
-    if opts.compare_mptcp {
-        mptcp_compare(&mut report, &lab, opts)?;
-    }
-    if probing {
-        cut_check(&mut report, &lab, opts, &ctl_a, &ctl_b)?;
-    }
-    if probing && opts.redundant_loss > 0.0 {
-        redundant_check(&mut report, &mut lab, opts, &cfg_a, &cfg_b, &cfg)?;
-    }
-
-    if opts.run.keep {
-        report.kept(&[&lab.a, &lab.b, &lab.m[0], &lab.m[1]], Some(&work));
-        std::mem::forget(da);
-        std::mem::forget(db);
-        std::mem::forget(lab);
-        return Ok(report);
-    }
-    let clean = da.stop()? & db.stop()?;
-    let gone = !lab.a.has_link("espip0") && !lab.b.has_link("espip0");
-    report.check(
-        "clean stop",
-        clean && gone,
-        format!(
-            "SIGTERM: exits {}; espip0 {}",
-            if clean { "0" } else { "non-zero" },
-            if gone {
-                "removed in both"
-            } else {
-                "LEFT BEHIND"
-            }
-        ),
-    );
-    let contents = format!(
-        "configs, logs, wire-l1.pcap / wire-l2.pcap (A's side of each link){}",
-        if work.join("esp_sa").exists() {
-            " and esp_sa (tshark decrypts both captures with it)"
-        } else {
-            ""
-        }
-    );
-    report.finish_work(&work, keep_work, &contents);
-    drop(lab);
-    Ok(report)
+    Ok(())
 }
 
 /// `iperf3 -J` between `client` and `server` (`mptcp`: both under `mptcpize run`) for

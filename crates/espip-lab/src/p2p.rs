@@ -294,23 +294,7 @@ pub fn run(opts: &P2pOptions) -> io::Result<Report> {
         return Ok(report);
     }
 
-    let clean_a = da.stop()?;
-    let clean_b = db.stop()?;
-    let gone = !a.has_link("espip0") && !b.has_link("espip0");
-    report.check(
-        "clean stop",
-        clean_a && clean_b && gone,
-        format!(
-            "SIGTERM: A exit {}, B exit {}; espip0 {}",
-            if clean_a { "0" } else { "non-zero" },
-            if clean_b { "0" } else { "non-zero" },
-            if gone {
-                "removed in both"
-            } else {
-                "LEFT BEHIND"
-            }
-        ),
-    );
+    report.clean_stop(&mut [(&a, &mut da), (&b, &mut db)])?;
     report.note_totals(&[("A", &da), ("B", &db)]);
     let contents = format!(
         "configs, logs, wire.pcap (the A-B link){}{}",

@@ -52,35 +52,15 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
     )?;
     let taps = opts.run.pcap_dir.as_deref();
 
-    let f = Netns::new("up", "f")?;
-    let c = Netns::new("up", "c")?;
-    let ra = Netns::new("up", "ra")?;
-    let rb = Netns::new("up", "rb")?;
-    let s = Netns::new("up", "s")?;
-    // Two switches (bridges in namespaces of their own) and F routing between them.
-    let sw_in = Netns::new("up", "swin")?;
-    let sw_out = Netns::new("up", "swout")?;
-    netns::bridge(&sw_in, "br0")?;
-    netns::bridge(&sw_out, "br0")?;
-    f.sysctl("net.ipv4.ip_forward", "1")?;
-    netns::plug(&f, "in0", "10.0.2.1/24", &sw_in, "br0", "p-f")?;
-    netns::plug(&f, "out0", "10.0.3.1/24", &sw_out, "br0", "p-f")?;
-    netns::plug(&c, "eth0", "10.0.2.244/24", &sw_in, "br0", "p-c")?;
-    netns::plug(&ra, "eth0", "10.0.2.201/24", &sw_in, "br0", "p-ra")?;
-    netns::plug(&rb, "eth0", "10.0.3.29/24", &sw_out, "br0", "p-rb")?;
-    netns::plug(&s, "eth0", "10.0.3.26/24", &sw_out, "br0", "p-s")?;
-    for (ns, gw) in [
-        (&c, "10.0.2.1"),
-        (&ra, "10.0.2.1"),
-        (&rb, "10.0.3.1"),
-        (&s, "10.0.3.1"),
-    ] {
-        ns.ip(&["route", "add", "default", "via", gw])?;
-    }
-    netns::run_ok(f.command("iptables").args([
-        "-A", "FORWARD", "-p", "tcp", "--dport", "80", "-m", "string", "--algo", "bm", "--string",
-        "GET ", "-j", "DROP",
-    ]))?;
+    let UpHosts {
+        f,
+        c,
+        ra,
+        rb,
+        s,
+        sw_in,
+        sw_out,
+    } = UpHosts::new()?;
     let mut server = s
         .command(&opts.run.exe)
         .args([
@@ -96,31 +76,7 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
         .spawn()?;
     std::thread::sleep(Duration::from_millis(300));
 
-    let (ok, body) = curl(&c, "http://10.0.3.26/");
-    let dropped: u64 = netns::run(
-        f.command("iptables")
-            .args(["-L", "FORWARD", "-v", "-n", "-x"]),
-    )
-    .ok()
-    .and_then(|o| {
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .find(|l| l.contains("STRING match"))
-            .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
-    })
-    .unwrap_or(0);
-    report.check(
-        "without the tunnel the firewall blocks C's GET",
-        !ok && dropped > 0,
-        format!(
-            "curl via F: {}; F's \"GET \" rule dropped {dropped} packets",
-            if ok {
-                body
-            } else {
-                body.lines().next().unwrap_or("").to_string()
-            }
-        ),
-    );
+    firewall_check(&mut report, &f, &c);
 
     let (mut cra, mut crb) = configs(&work);
     cra.push_str(&super::capture_lines(taps, "ra"));
@@ -180,19 +136,7 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
     for o in others {
         super::stop_capture(o);
     }
-    let (mut up, mut down, mut replies) = (0, 0, 0);
-    for fr in super::pcap::read(&wire)? {
-        match fr.ipv4() {
-            Some((s_, d, 4)) if s_.octets() == [10, 0, 2, 201] && d.octets() == [10, 0, 3, 29] => {
-                up += 1
-            }
-            Some((s_, _, 4)) if s_.octets() == [10, 0, 3, 29] => down += 1,
-            Some((s_, d, _)) if s_.octets() == [10, 0, 3, 26] && d.octets() == [10, 0, 2, 244] => {
-                replies += 1
-            }
-            _ => {}
-        }
-    }
+    let (up, down, replies) = ra_link_counts(&wire)?;
     report.check(
         "capture on RA's link: tunnel upstream only, replies bypass RA",
         up > 0 && down == 0 && replies == 0,
@@ -208,34 +152,7 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
         }
         return Ok(report);
     };
-    let field = |d: &Daemon, k: &str| -> u64 {
-        log_field(&d.log(), "peer totals", k)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(u64::MAX)
-    };
-    let (ra_tx, ra_rx) = (field(&dra, "tx_packets"), field(&dra, "rx_packets"));
-    let (rb_tx, rb_rx) = (field(&drb, "tx_packets"), field(&drb, "rx_packets"));
-    report.check(
-        "the relays carried upstream packets only",
-        ra_tx > 0 && ra_rx == 0 && rb_rx == ra_tx && rb_tx == 0 && up == ra_tx,
-        format!(
-            "RA sent {ra_tx} (captured {up}), received {ra_rx}; RB received {rb_rx}, sent {rb_tx}"
-        ),
-    );
-    let after_rb = (
-        sysctl(&rb, "net.ipv4.ip_forward"),
-        sysctl(&rb, "net.ipv4.conf.all.rp_filter"),
-    );
-    report.check(
-        "clean stop restores the relays' settings",
-        clean && after_rb == before_rb && sysctl(&ra, "net.ipv4.ip_forward") == "0",
-        format!(
-            "RB ip_forward/rp_filter back to {}/{}; RA ip_forward {}",
-            after_rb.0,
-            after_rb.1,
-            sysctl(&ra, "net.ipv4.ip_forward")
-        ),
-    );
+    relays_check(&mut report, (&ra, &rb), (&dra, &drb), up, clean, &before_rb);
     let contents = format!(
         "configs, logs, ra.pcap{} and host-ra/, host-rb/ (the relays' inner and outer taps)",
         if taps.is_some() {
@@ -246,4 +163,146 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
     );
     report.finish_work(&work, keep_work, &contents);
     Ok(report)
+}
+/// The relays carried upstream packets only (their counters agree with the capture), and a
+/// clean stop gave both their settings back.
+fn relays_check(
+    report: &mut Report,
+    (ra, rb): (&Netns, &Netns),
+    (dra, drb): (&Daemon, &Daemon),
+    up: u64,
+    clean: bool,
+    before_rb: &(String, String),
+) {
+    let field = |d: &Daemon, k: &str| -> u64 {
+        log_field(&d.log(), "peer totals", k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    let (ra_tx, ra_rx) = (field(dra, "tx_packets"), field(dra, "rx_packets"));
+    let (rb_tx, rb_rx) = (field(drb, "tx_packets"), field(drb, "rx_packets"));
+    report.check(
+        "the relays carried upstream packets only",
+        ra_tx > 0 && ra_rx == 0 && rb_rx == ra_tx && rb_tx == 0 && up == ra_tx,
+        format!(
+            "RA sent {ra_tx} (captured {up}), received {ra_rx}; RB received {rb_rx}, sent {rb_tx}"
+        ),
+    );
+    let after_rb = (
+        sysctl(rb, "net.ipv4.ip_forward"),
+        sysctl(rb, "net.ipv4.conf.all.rp_filter"),
+    );
+    report.check(
+        "clean stop restores the relays' settings",
+        clean && after_rb == *before_rb && sysctl(ra, "net.ipv4.ip_forward") == "0",
+        format!(
+            "RB ip_forward/rp_filter back to {}/{}; RA ip_forward {}",
+            after_rb.0,
+            after_rb.1,
+            sysctl(ra, "net.ipv4.ip_forward")
+        ),
+    );
+}
+
+/// The upstream lab's hosts: firewall F routing between two switches, client C and relay RA
+/// on the inner one, relay RB and server S on the outer one.
+struct UpHosts {
+    f: Netns,
+    c: Netns,
+    ra: Netns,
+    rb: Netns,
+    s: Netns,
+    sw_in: Netns,
+    sw_out: Netns,
+}
+
+impl UpHosts {
+    fn new() -> io::Result<UpHosts> {
+        let f = Netns::new("up", "f")?;
+        let c = Netns::new("up", "c")?;
+        let ra = Netns::new("up", "ra")?;
+        let rb = Netns::new("up", "rb")?;
+        let s = Netns::new("up", "s")?;
+        // Two switches (bridges in namespaces of their own) and F routing between them.
+        let sw_in = Netns::new("up", "swin")?;
+        let sw_out = Netns::new("up", "swout")?;
+        netns::bridge(&sw_in, "br0")?;
+        netns::bridge(&sw_out, "br0")?;
+        f.sysctl("net.ipv4.ip_forward", "1")?;
+        netns::plug(&f, "in0", "10.0.2.1/24", &sw_in, "br0", "p-f")?;
+        netns::plug(&f, "out0", "10.0.3.1/24", &sw_out, "br0", "p-f")?;
+        netns::plug(&c, "eth0", "10.0.2.244/24", &sw_in, "br0", "p-c")?;
+        netns::plug(&ra, "eth0", "10.0.2.201/24", &sw_in, "br0", "p-ra")?;
+        netns::plug(&rb, "eth0", "10.0.3.29/24", &sw_out, "br0", "p-rb")?;
+        netns::plug(&s, "eth0", "10.0.3.26/24", &sw_out, "br0", "p-s")?;
+        for (ns, gw) in [
+            (&c, "10.0.2.1"),
+            (&ra, "10.0.2.1"),
+            (&rb, "10.0.3.1"),
+            (&s, "10.0.3.1"),
+        ] {
+            ns.ip(&["route", "add", "default", "via", gw])?;
+        }
+        netns::run_ok(f.command("iptables").args([
+            "-A", "FORWARD", "-p", "tcp", "--dport", "80", "-m", "string", "--algo", "bm",
+            "--string", "GET ", "-j", "DROP",
+        ]))?;
+        Ok(UpHosts {
+            f,
+            c,
+            ra,
+            rb,
+            s,
+            sw_in,
+            sw_out,
+        })
+    }
+}
+
+/// Without the tunnel, F's "GET " rule drops C's request.
+fn firewall_check(report: &mut Report, f: &Netns, c: &Netns) {
+    let (ok, body) = curl(c, "http://10.0.3.26/");
+    let dropped: u64 = netns::run(
+        f.command("iptables")
+            .args(["-L", "FORWARD", "-v", "-n", "-x"]),
+    )
+    .ok()
+    .and_then(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find(|l| l.contains("STRING match"))
+            .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
+    })
+    .unwrap_or(0);
+    report.check(
+        "without the tunnel the firewall blocks C's GET",
+        !ok && dropped > 0,
+        format!(
+            "curl via F: {}; F's \"GET \" rule dropped {dropped} packets",
+            if ok {
+                body
+            } else {
+                body.lines().next().unwrap_or("").to_string()
+            }
+        ),
+    );
+}
+
+/// In the capture on RA's link: IP-in-IP RA -> RB (up), anything from RB (down), and S's
+/// replies to C (which must bypass RA).
+fn ra_link_counts(wire: &Path) -> io::Result<(u64, u64, u64)> {
+    let (mut up, mut down, mut replies) = (0, 0, 0);
+    for fr in super::pcap::read(wire)? {
+        match fr.ipv4() {
+            Some((s_, d, 4)) if s_.octets() == [10, 0, 2, 201] && d.octets() == [10, 0, 3, 29] => {
+                up += 1
+            }
+            Some((s_, _, 4)) if s_.octets() == [10, 0, 3, 29] => down += 1,
+            Some((s_, d, _)) if s_.octets() == [10, 0, 3, 26] && d.octets() == [10, 0, 2, 244] => {
+                replies += 1
+            }
+            _ => {}
+        }
+    }
+    Ok((up, down, replies))
 }
