@@ -84,25 +84,7 @@ pub fn run(opts: &HubOptions) -> io::Result<Report> {
     )?;
     let taps = opts.run.pcap_dir.as_deref();
 
-    let sw = Netns::new("hub", "sw")?;
-    netns::bridge(&sw, "br0")?;
-    let h = Netns::new("hub", "h")?;
-    let i = Netns::new("hub", "inet")?;
-    netns::plug(&h, "eth0", "172.16.0.1/24", &sw, "br0", "p-h")?;
-    netns::veth(&h, "198.51.100.1/24", &i, "198.51.100.2/24", "wan0")?;
-    let clients: Vec<Netns> = (1..=CLIENTS)
-        .map(|n| Netns::new("hub", &format!("c{n}")))
-        .collect::<Result<_, _>>()?;
-    for (k, c) in clients.iter().enumerate() {
-        netns::plug(
-            c,
-            "eth0",
-            &format!("172.16.0.{}/24", 11 + k),
-            &sw,
-            "br0",
-            &format!("p-c{}", k + 1),
-        )?;
-    }
+    let (sw, h, i, clients) = hosts()?;
     let keys: Vec<LabKeys> = (0..CLIENTS)
         .map(|_| LabKeys::generate(opts.cipher))
         .collect::<Result<_, _>>()?;
@@ -111,18 +93,11 @@ pub fn run(opts: &HubOptions) -> io::Result<Report> {
     for (k, c) in client_cfgs.iter_mut().enumerate() {
         c.push_str(&super::capture_lines(taps, &format!("c{}", k + 1)));
     }
-    let mut links = Vec::new();
-    if taps.is_some() {
-        links.push(super::start_capture(&h, "eth0", &work.join("h.pcap"))?);
-        links.push(super::start_capture(&h, "wan0", &work.join("wan.pcap"))?);
-        for (k, c) in clients.iter().enumerate() {
-            links.push(super::start_capture(
-                c,
-                "eth0",
-                &work.join(format!("c{}.pcap", k + 1)),
-            )?);
-        }
-    }
+    let links = if taps.is_some() {
+        capture_links(&h, &clients, &work)?
+    } else {
+        Vec::new()
+    };
     write_private(&work.join("h.toml"), &hub_cfg)?;
     let mut dh = Daemon::start(&h, &opts.run.exe, &work.join("h.toml"), &work.join("h.log"))?;
     let mut dcs = Vec::new();
@@ -148,57 +123,9 @@ pub fn run(opts: &HubOptions) -> io::Result<Report> {
         ),
     );
 
-    let forwarded_before = nstat(&h, "IpForwDatagrams");
-    let mut all = true;
-    let mut lines = Vec::new();
-    for (a, from) in clients.iter().enumerate() {
-        for b in 0..CLIENTS as usize {
-            if a != b {
-                let (ok, _) = ping(from, &format!("192.168.0.{}", 11 + b));
-                all &= ok;
-                lines.push(format!(
-                    "c{}->c{} {}",
-                    a + 1,
-                    b + 1,
-                    if ok { "ok" } else { "FAIL" }
-                ));
-            }
-        }
-    }
-    report.check(
-        "every pair of clients pings through the hub",
-        all,
-        lines.join(", "),
-    );
-    let forwarded = nstat(&h, "IpForwDatagrams") - forwarded_before;
-    report.check(
-        "the hub relayed inside the daemon, not through its kernel",
-        forwarded == 0,
-        format!("H's kernel forwarded {forwarded} datagrams during the pings"),
-    );
+    pairs_check(&mut report, &h, &clients);
 
-    let mut server = i
-        .command(&opts.run.exe)
-        .args([
-            "lab-tool",
-            "http-serve",
-            "--listen",
-            "198.51.100.2:80",
-            "--name",
-            "I",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, body) = curl(&clients[0], "http://198.51.100.2/");
-    report.check(
-        "c1 fetches a page from the internet host, which sees H's address",
-        ok && body.contains("you are 198.51.100.1"),
-        body,
-    );
-    let _ = server.kill();
-    let _ = server.wait();
+    internet_check(&mut report, &opts.run.exe, &i, &clients[0])?;
 
     // A client that goes away does not disturb the others.
     if let Some(mut d) = dcs[1].take() {
@@ -263,4 +190,108 @@ pub fn run(opts: &HubOptions) -> io::Result<Report> {
         "configs, logs, h.pcap (hub link), wan.pcap, c1-c3.pcap (client links), host-*/ (the daemons' inner and outer taps), esp_sa (see docs/captures.md)",
     );
     Ok(report)
+}
+/// The hub lab's hosts: a switch, hub H on it with a WAN link to the internet host I, and
+/// the clients on the switch.
+fn hosts() -> io::Result<(Netns, Netns, Netns, Vec<Netns>)> {
+    let sw = Netns::new("hub", "sw")?;
+    netns::bridge(&sw, "br0")?;
+    let h = Netns::new("hub", "h")?;
+    let i = Netns::new("hub", "inet")?;
+    netns::plug(&h, "eth0", "172.16.0.1/24", &sw, "br0", "p-h")?;
+    netns::veth(&h, "198.51.100.1/24", &i, "198.51.100.2/24", "wan0")?;
+    let clients: Vec<Netns> = (1..=CLIENTS)
+        .map(|n| Netns::new("hub", &format!("c{n}")))
+        .collect::<Result<_, _>>()?;
+    for (k, c) in clients.iter().enumerate() {
+        netns::plug(
+            c,
+            "eth0",
+            &format!("172.16.0.{}/24", 11 + k),
+            &sw,
+            "br0",
+            &format!("p-c{}", k + 1),
+        )?;
+    }
+    Ok((sw, h, i, clients))
+}
+
+/// Captures of the hub's two links and each client's link.
+fn capture_links(
+    h: &Netns,
+    clients: &[Netns],
+    work: &Path,
+) -> io::Result<Vec<std::process::Child>> {
+    let mut links = Vec::new();
+    links.push(super::start_capture(h, "eth0", &work.join("h.pcap"))?);
+    links.push(super::start_capture(h, "wan0", &work.join("wan.pcap"))?);
+    for (k, c) in clients.iter().enumerate() {
+        links.push(super::start_capture(
+            c,
+            "eth0",
+            &work.join(format!("c{}.pcap", k + 1)),
+        )?);
+    }
+    Ok(links)
+}
+
+/// Every pair of clients pings through the hub, which relays inside the daemon (its kernel
+/// forwards nothing).
+fn pairs_check(report: &mut Report, h: &Netns, clients: &[Netns]) {
+    let forwarded_before = nstat(h, "IpForwDatagrams");
+    let mut all = true;
+    let mut lines = Vec::new();
+    for (a, from) in clients.iter().enumerate() {
+        for b in 0..CLIENTS as usize {
+            if a != b {
+                let (ok, _) = ping(from, &format!("192.168.0.{}", 11 + b));
+                all &= ok;
+                lines.push(format!(
+                    "c{}->c{} {}",
+                    a + 1,
+                    b + 1,
+                    if ok { "ok" } else { "FAIL" }
+                ));
+            }
+        }
+    }
+    report.check(
+        "every pair of clients pings through the hub",
+        all,
+        lines.join(", "),
+    );
+    let forwarded = nstat(h, "IpForwDatagrams") - forwarded_before;
+    report.check(
+        "the hub relayed inside the daemon, not through its kernel",
+        forwarded == 0,
+        format!("H's kernel forwarded {forwarded} datagrams during the pings"),
+    );
+}
+
+/// A client fetches a page from the internet host, which sees the hub's address (the hub
+/// masquerades its clients).
+fn internet_check(report: &mut Report, exe: &Path, i: &Netns, c1: &Netns) -> io::Result<()> {
+    let mut server = i
+        .command(exe)
+        .args([
+            "lab-tool",
+            "http-serve",
+            "--listen",
+            "198.51.100.2:80",
+            "--name",
+            "I",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, body) = curl(c1, "http://198.51.100.2/");
+    report.check(
+        "c1 fetches a page from the internet host, which sees H's address",
+        ok && body.contains("you are 198.51.100.1"),
+        body,
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    Ok(())
 }
