@@ -113,59 +113,14 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
             &work.join("esp_sa"),
         )?;
     }
-    let (ra, rb) = (rules_of(&a), rules_of(&b));
-    report.check(
-        "daemons up, rules installed",
-        ra.contains("-A ESPIP-espip0 -d 10.0.0.160/32 -j DNAT --to-destination 10.0.1.160")
-            && rb.contains("-A ESPIP-espip0 -d 10.0.0.161/32 -j DNAT --to-destination 10.0.1.161")
-            && ra.contains("--clamp-mss-to-pmtu"),
-        format!(
-            "A: {} espip rule lines, B: {}; alias route: {}",
-            ra.lines().filter(|l| l.contains("ESPIP")).count(),
-            rb.lines().filter(|l| l.contains("ESPIP")).count(),
-            String::from_utf8_lossy(&a.ip(&["route", "show", "10.0.1.0/24"])?.stdout).trim()
-        ),
-    );
+    rules_check(&mut report, &a, &b)?;
 
     let (ok, d) = ping(&a, B);
     report.check(format!("ping A -> B {B}"), ok, d);
     let (ok, d) = ping(&b, A);
     report.check(format!("ping B -> A {A}"), ok, d);
 
-    let servers: Vec<_> = [(&a, A, "A"), (&b, B, "B")]
-        .into_iter()
-        .map(|(ns, addr, name)| {
-            ns.command(&opts.run.exe)
-                .args([
-                    "lab-tool",
-                    "http-serve",
-                    "--listen",
-                    &format!("{addr}:80"),
-                    "--name",
-                    name,
-                ])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-        })
-        .collect::<Result<_, _>>()?;
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, body) = curl(&a, &format!("http://{B}/"));
-    report.check(
-        format!("HTTP A -> http://{B}/"),
-        ok && body.contains("host B"),
-        body,
-    );
-    let (ok, body) = curl(&b, &format!("http://{A}/"));
-    report.check(
-        format!("HTTP B -> http://{A}/"),
-        ok && body.contains("host A"),
-        body,
-    );
-    for mut s in servers {
-        let _ = s.kill();
-        let _ = s.wait();
-    }
+    http_both_ways(&mut report, &opts.run.exe, (&a, &b))?;
 
     let bytes = opts.megabytes * 1_000_000;
     super::transfer_check(
@@ -186,7 +141,80 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
     }
 
     let clean = da.stop()? & db.stop()?;
-    let left: Vec<String> = [(&a, "A"), (&b, "B")]
+    stop_check(&mut report, clean, &a, &b);
+    report.note_totals(&[("A", &da), ("B", &db)]);
+    let contents = format!(
+        "configs, logs and lan.pcap (the LAN){}",
+        if taps.is_some() {
+            ", host-a/ and host-b/ (each daemon's inner and outer taps), esp_sa (see docs/captures.md)"
+        } else {
+            ""
+        }
+    );
+    report.finish_work(&work, keep_work, &contents);
+    Ok(report)
+}
+/// HTTP servers on A and B, each fetched by the other through the DNAT to the alias prefix.
+fn http_both_ways(report: &mut Report, exe: &Path, (a, b): (&Netns, &Netns)) -> io::Result<()> {
+    let servers: Vec<_> = [(a, A, "A"), (b, B, "B")]
+        .into_iter()
+        .map(|(ns, addr, name)| {
+            ns.command(exe)
+                .args([
+                    "lab-tool",
+                    "http-serve",
+                    "--listen",
+                    &format!("{addr}:80"),
+                    "--name",
+                    name,
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+        })
+        .collect::<Result<_, _>>()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, body) = curl(a, &format!("http://{B}/"));
+    report.check(
+        format!("HTTP A -> http://{B}/"),
+        ok && body.contains("host B"),
+        body,
+    );
+    let (ok, body) = curl(b, &format!("http://{A}/"));
+    report.check(
+        format!("HTTP B -> http://{A}/"),
+        ok && body.contains("host A"),
+        body,
+    );
+    for mut s in servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    Ok(())
+}
+
+/// The daemons installed their rules: the DNAT of each peer into the alias prefix and the
+/// MSS clamp.
+fn rules_check(report: &mut Report, a: &Netns, b: &Netns) -> io::Result<()> {
+    let (ra, rb) = (rules_of(a), rules_of(b));
+    report.check(
+        "daemons up, rules installed",
+        ra.contains("-A ESPIP-espip0 -d 10.0.0.160/32 -j DNAT --to-destination 10.0.1.160")
+            && rb.contains("-A ESPIP-espip0 -d 10.0.0.161/32 -j DNAT --to-destination 10.0.1.161")
+            && ra.contains("--clamp-mss-to-pmtu"),
+        format!(
+            "A: {} espip rule lines, B: {}; alias route: {}",
+            ra.lines().filter(|l| l.contains("ESPIP")).count(),
+            rb.lines().filter(|l| l.contains("ESPIP")).count(),
+            String::from_utf8_lossy(&a.ip(&["route", "show", "10.0.1.0/24"])?.stdout).trim()
+        ),
+    );
+    Ok(())
+}
+
+/// After the stop: no espip rule, device or alias route left on either host.
+fn stop_check(report: &mut Report, clean: bool, a: &Netns, b: &Netns) {
+    let left: Vec<String> = [(a, "A"), (b, "B")]
         .iter()
         .flat_map(|(ns, h)| {
             let mut l = Vec::new();
@@ -213,17 +241,6 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
             format!("left behind: {}", left.join(", "))
         },
     );
-    report.note_totals(&[("A", &da), ("B", &db)]);
-    let contents = format!(
-        "configs, logs and lan.pcap (the LAN){}",
-        if taps.is_some() {
-            ", host-a/ and host-b/ (each daemon's inner and outer taps), esp_sa (see docs/captures.md)"
-        } else {
-            ""
-        }
-    );
-    report.finish_work(&work, keep_work, &contents);
-    Ok(report)
 }
 
 /// The LAN capture must show no TCP, UDP or ICMP between A and B: only ESP (and ARP).
