@@ -12,8 +12,7 @@ use super::same_lan::curl;
 use super::{pcap, Report};
 use espip_core::sa::Cipher;
 use std::io;
-use std::process::Stdio;
-use std::time::Duration;
+use std::path::Path;
 
 /// Options of `espip lab gateway`.
 #[derive(Debug, Clone)]
@@ -170,38 +169,7 @@ pub fn run(opts: &GatewayOptions) -> io::Result<Report> {
     };
     report.check("U pings V 192.168.50.11 through the tunnel", ok, d);
 
-    let mut server = v
-        .command(&opts.run.exe)
-        .args([
-            "lab-tool",
-            "http-serve",
-            "--listen",
-            "192.168.50.11:80",
-            "--name",
-            "V",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, body) = curl(&u, "http://192.168.50.11/");
-    let _ = server.kill();
-    let served = server.wait_with_output()?;
-    let log = String::from_utf8_lossy(&served.stdout).to_string();
-    report.check(
-        "U fetches http://192.168.50.11/ from V",
-        ok && body.contains("host V"),
-        if ok {
-            body.clone()
-        } else {
-            format!("{body}; {}", diagnose(&u, &s, &v))
-        },
-    );
-    report.check(
-        "V sees U's tunnel address as the source",
-        log.contains("10.4.2.99 \"GET / HTTP"),
-        format!("V's access log: {}", log.trim()),
-    );
+    http_check(&mut report, &opts.run.exe, (&u, &s, &v))?;
 
     super::stop_capture(tcpdump);
     if let Some(c) = inside {
@@ -247,4 +215,32 @@ pub fn run(opts: &GatewayOptions) -> io::Result<Report> {
         "configs, logs, outside.pcap (U-server), inside.pcap (server-V), host-u/ and host-server/ (the daemons' inner and outer taps), esp_sa (see docs/captures.md)",
     );
     Ok(report)
+}
+/// U fetches a page from V through the tunnel, and V sees U's tunnel address (no NAT on the
+/// way); a failure comes with the diagnosis of where the packets stopped.
+fn http_check(
+    report: &mut Report,
+    exe: &Path,
+    (u, s, v): (&Netns, &Netns, &Netns),
+) -> io::Result<()> {
+    let mut server = super::http_server(v, exe, "192.168.50.11:80", "V")?;
+    let (ok, body) = curl(u, "http://192.168.50.11/");
+    let _ = server.kill();
+    let served = server.wait_with_output()?;
+    let log = String::from_utf8_lossy(&served.stdout).to_string();
+    report.check(
+        "U fetches http://192.168.50.11/ from V",
+        ok && body.contains("host V"),
+        if ok {
+            body.clone()
+        } else {
+            format!("{body}; {}", diagnose(u, s, v))
+        },
+    );
+    report.check(
+        "V sees U's tunnel address as the source",
+        log.contains("10.4.2.99 \"GET / HTTP"),
+        format!("V's access log: {}", log.trim()),
+    );
+    Ok(())
 }

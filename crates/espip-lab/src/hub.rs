@@ -12,8 +12,6 @@ use super::Report;
 use espip_core::sa::Cipher;
 use std::io;
 use std::path::Path;
-use std::process::Stdio;
-use std::time::Duration;
 
 /// Options of `espip lab hub`.
 #[derive(Debug, Clone)]
@@ -271,20 +269,7 @@ fn pairs_check(report: &mut Report, h: &Netns, clients: &[Netns]) {
 /// A client fetches a page from the internet host, which sees the hub's address (the hub
 /// masquerades its clients).
 fn internet_check(report: &mut Report, exe: &Path, i: &Netns, c1: &Netns) -> io::Result<()> {
-    let mut server = i
-        .command(exe)
-        .args([
-            "lab-tool",
-            "http-serve",
-            "--listen",
-            "198.51.100.2:80",
-            "--name",
-            "I",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(300));
+    let mut server = super::http_server(i, exe, "198.51.100.2:80", "I")?;
     let (ok, body) = curl(c1, "http://198.51.100.2/");
     report.check(
         "c1 fetches a page from the internet host, which sees H's address",

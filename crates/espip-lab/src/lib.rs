@@ -35,6 +35,24 @@ fn have(program: &str) -> bool {
 
 /// Make sure the lab's programs are installed: install the missing Debian packages with apt-get
 /// when running as root and `install` is true, otherwise fail naming them.
+/// `espip lab-tool http-serve` in `ns` on `listen` answering as host `name`, given 300 ms to
+/// listen; killing it and reading its stdout gives its access log.
+pub fn http_server(
+    ns: &netns::Netns,
+    exe: &Path,
+    listen: &str,
+    name: &str,
+) -> io::Result<std::process::Child> {
+    let child = ns
+        .command(exe)
+        .args(["lab-tool", "http-serve", "--listen", listen, "--name", name])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    Ok(child)
+}
+
 /// What every `espip lab` scenario takes besides its own options.
 #[derive(Debug, Clone)]
 pub struct LabRun {

@@ -10,8 +10,6 @@ use super::{pcap, transfer, Report};
 use espip_core::sa::Cipher;
 use std::io;
 use std::path::Path;
-use std::process::Stdio;
-use std::time::Duration;
 
 /// Host A's LAN address.
 pub const A: &str = "10.0.0.161";
@@ -156,24 +154,10 @@ pub fn run(opts: &SameLanOptions) -> io::Result<Report> {
 }
 /// HTTP servers on A and B, each fetched by the other through the DNAT to the alias prefix.
 fn http_both_ways(report: &mut Report, exe: &Path, (a, b): (&Netns, &Netns)) -> io::Result<()> {
-    let servers: Vec<_> = [(a, A, "A"), (b, B, "B")]
-        .into_iter()
-        .map(|(ns, addr, name)| {
-            ns.command(exe)
-                .args([
-                    "lab-tool",
-                    "http-serve",
-                    "--listen",
-                    &format!("{addr}:80"),
-                    "--name",
-                    name,
-                ])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-        })
-        .collect::<Result<_, _>>()?;
-    std::thread::sleep(Duration::from_millis(300));
+    let servers = [
+        super::http_server(a, exe, &format!("{A}:80"), "A")?,
+        super::http_server(b, exe, &format!("{B}:80"), "B")?,
+    ];
     let (ok, body) = curl(a, &format!("http://{B}/"));
     report.check(
         format!("HTTP A -> http://{B}/"),

@@ -11,8 +11,6 @@ use super::same_lan::curl;
 use super::Report;
 use std::io;
 use std::path::Path;
-use std::process::Stdio;
-use std::time::Duration;
 
 /// Options of `espip lab upstream`.
 #[derive(Debug, Clone)]
@@ -61,20 +59,7 @@ pub fn run(opts: &UpstreamOptions) -> io::Result<Report> {
         sw_in,
         sw_out,
     } = UpHosts::new()?;
-    let mut server = s
-        .command(&opts.run.exe)
-        .args([
-            "lab-tool",
-            "http-serve",
-            "--listen",
-            "10.0.3.26:80",
-            "--name",
-            "S",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(300));
+    let mut server = super::http_server(&s, &opts.run.exe, "10.0.3.26:80", "S")?;
 
     firewall_check(&mut report, &f, &c);
 
