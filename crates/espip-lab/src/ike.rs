@@ -10,7 +10,7 @@ use super::netns::{self, Daemon, Netns};
 use super::p2p::{log_field, ping, write_private, A_INNER, A_OUTER, B_INNER, B_OUTER};
 use super::{pcap, LabRun, Report};
 use espip_api::status::Status;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -889,25 +889,7 @@ fn simultaneous_rekeys(
     let (sent, got) = ping_result(pinger);
     // Both sides settle on the same single CHILD_SA: espip's inbound SPI is strongSwan's
     // outbound one and the other way round, and nothing else is installed on either side.
-    let pair = || -> Option<((String, String), (String, String))> {
-        let st = status(ctl)?;
-        let k = st.ike.first()?;
-        let mut ours = k
-            .sas
-            .iter()
-            .filter(|x| x.kind == "child" && x.state != "deleting" && x.state != "rekeyed");
-        let one = ours.next()?;
-        if ours.next().is_some() || one.state != "installed" {
-            return None;
-        }
-        let (i, o) = one.spis.split_once(' ')?;
-        let ours = (
-            i.trim_end_matches("_i").to_string(),
-            o.trim_end_matches("_o").to_string(),
-        );
-        let theirs = strongswan_child(&sw.swanctl(&["--list-sas"]).ok()?)?;
-        Some((ours, theirs))
-    };
+    let pair = || single_child_pair(ctl, sw);
     let agree = || pair().is_some_and(|(o, t)| o.0 == t.1 && o.1 == t.0);
     let settled = wait_for(agree, Duration::from_secs(10));
     let detail_pair = pair().map_or("no single CHILD_SA on one side".into(), |(o, t)| {
@@ -929,63 +911,13 @@ fn simultaneous_rekeys(
         "{got} of {sent} pings answered; one CHILD_SA on both sides: {detail_pair}; {ROUNDS} rounds (CHILD_SA and IKE SA in turn), rekeys asked of espip {espip_ok}, of strongSwan {sw_ok} (swanctl --rekey fails when espip's request already put the SA into rekeying); collisions: espip kept strongSwan's SA {peers_kept} times and its own {own_kept} times, charon logged its own kept {sw_won} times and espip's {sw_lost} times; a CHILD_SA past its hard lifetime: {expired}"
     );
     if !ok {
-        // A failure under load is rare and the work directory goes with the lab: the SA
-        // events of this check from espip's log go into the report, to diagnose it from CI.
-        let log = da.log();
-        let events: Vec<&str> = log
-            .get(log_from..)
-            .unwrap_or("")
-            .lines()
-            .filter(|l| l.contains("CHILD_SA") || l.contains("IKE"))
-            .collect();
-        // What espip refused or dropped meanwhile (a DELETE that never took effect shows
-        // up here: invalid_message_id, unknown_ike_spi, unexpected_message...).
-        let after_f = failures().unwrap_or_default();
-        let grew: Vec<String> = after_f
-            .iter()
-            .filter_map(|(r, n)| {
-                let d = n.saturating_sub(*failures_before.get(r).unwrap_or(&0));
-                (d > 0).then(|| format!("{r} {d}"))
-            })
-            .collect();
-        detail.push_str(&format!(
-            "\n    espip's IKE failures and dropped messages during the check: {}",
-            if grew.is_empty() {
-                "none".to_string()
-            } else {
-                grew.join(", ")
-            }
+        let failures_after = failures().unwrap_or_default();
+        detail.push_str(&collision_diagnosis(
+            (da, sw),
+            (log_from, sw_log_from),
+            &failures_before,
+            &failures_after,
         ));
-        detail.push_str("\n    espip's SA events during the check:");
-        for l in &events[events.len().saturating_sub(60)..] {
-            detail.push_str("\n      ");
-            detail.push_str(l);
-        }
-        // And strongSwan's side of the same minutes: what it sent, received, installed and
-        // deleted, and how it resolved collisions.
-        let c = sw.log();
-        let theirs: Vec<&str> = c
-            .get(sw_log_from..)
-            .unwrap_or("")
-            .lines()
-            .filter(|l| {
-                [
-                    "CHILD_SA",
-                    "collision",
-                    "rekey",
-                    "DELETE",
-                    "sending packet",
-                    "received packet",
-                ]
-                .iter()
-                .any(|k| l.contains(k))
-            })
-            .collect();
-        detail.push_str("\n    charon's events during the check:");
-        for l in &theirs[theirs.len().saturating_sub(150)..] {
-            detail.push_str("\n      ");
-            detail.push_str(l);
-        }
     }
     report.check(
         "rekeys started by both sides at the same moment: none lost, both sides keep the same SA",
@@ -993,6 +925,96 @@ fn simultaneous_rekeys(
         detail,
     );
     Ok(())
+}
+/// The single installed CHILD_SA on both sides, as (espip's inbound, outbound SPI) and
+/// (strongSwan's inbound, outbound SPI); `None` unless each side has exactly one.
+fn single_child_pair(ctl: &Path, sw: &Charon) -> Option<((String, String), (String, String))> {
+    let st = status(ctl)?;
+    let k = st.ike.first()?;
+    let mut ours = k
+        .sas
+        .iter()
+        .filter(|x| x.kind == "child" && x.state != "deleting" && x.state != "rekeyed");
+    let one = ours.next()?;
+    if ours.next().is_some() || one.state != "installed" {
+        return None;
+    }
+    let (i, o) = one.spis.split_once(' ')?;
+    let ours = (
+        i.trim_end_matches("_i").to_string(),
+        o.trim_end_matches("_o").to_string(),
+    );
+    let theirs = strongswan_child(&sw.swanctl(&["--list-sas"]).ok()?)?;
+    Some((ours, theirs))
+}
+
+/// Why a simultaneous-rekey check failed, for the report (a failure under load is rare and
+/// the work directory goes with the lab): espip's IKE failures that grew during the check,
+/// and both sides' SA events since the check began.
+fn collision_diagnosis(
+    (da, sw): (&Daemon, &Charon),
+    (log_from, sw_log_from): (usize, usize),
+    failures_before: &BTreeMap<String, u64>,
+    failures_after: &BTreeMap<String, u64>,
+) -> String {
+    let mut detail = String::new();
+    // A failure under load is rare and the work directory goes with the lab: the SA
+    // events of this check from espip's log go into the report, to diagnose it from CI.
+    let log = da.log();
+    let events: Vec<&str> = log
+        .get(log_from..)
+        .unwrap_or("")
+        .lines()
+        .filter(|l| l.contains("CHILD_SA") || l.contains("IKE"))
+        .collect();
+    // What espip refused or dropped meanwhile (a DELETE that never took effect shows
+    // up here: invalid_message_id, unknown_ike_spi, unexpected_message...).
+    let grew: Vec<String> = failures_after
+        .iter()
+        .filter_map(|(r, n)| {
+            let d = n.saturating_sub(*failures_before.get(r).unwrap_or(&0));
+            (d > 0).then(|| format!("{r} {d}"))
+        })
+        .collect();
+    detail.push_str(&format!(
+        "\n    espip's IKE failures and dropped messages during the check: {}",
+        if grew.is_empty() {
+            "none".to_string()
+        } else {
+            grew.join(", ")
+        }
+    ));
+    detail.push_str("\n    espip's SA events during the check:");
+    for l in &events[events.len().saturating_sub(60)..] {
+        detail.push_str("\n      ");
+        detail.push_str(l);
+    }
+    // And strongSwan's side of the same minutes: what it sent, received, installed and
+    // deleted, and how it resolved collisions.
+    let c = sw.log();
+    let theirs: Vec<&str> = c
+        .get(sw_log_from..)
+        .unwrap_or("")
+        .lines()
+        .filter(|l| {
+            [
+                "CHILD_SA",
+                "collision",
+                "rekey",
+                "DELETE",
+                "sending packet",
+                "received packet",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        })
+        .collect();
+    detail.push_str("\n    charon's events during the check:");
+    for l in &theirs[theirs.len().saturating_sub(150)..] {
+        detail.push_str("\n      ");
+        detail.push_str(l);
+    }
+    detail
 }
 
 /// Every key charon logged (`ike = 4`, `chd = 4`): SK_ei/SK_er of each IKE SA and the ESP
