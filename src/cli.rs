@@ -162,109 +162,17 @@ pub enum LabCmd {
     /// Two espip daemons keyed by IKEv2 (A initiator, B responder), rekeying their CHILD_SA
     /// every few seconds while transfers and 50 pings a second run; tshark decrypts IKE and
     /// ESP of the capture with the exported keys.
-    Ike {
-        #[command(flatten)]
-        common: LabArgs,
-        /// esp-udp or esp (protocol 50).
-        #[arg(long, value_enum, default_value = "esp-udp")]
-        mode: ModeArg,
-        /// IKE proposal (strongSwan notation).
-        #[arg(long, default_value = "aes128gcm16-prfsha256-x25519")]
-        ike: String,
-        /// ESP proposal (strongSwan notation: without `esn`, no ESN).
-        #[arg(long, default_value = "aes128gcm16-esn")]
-        esp: String,
-        /// CHILD_SA rekey interval, seconds.
-        #[arg(long, default_value_t = 5)]
-        rekey: u64,
-        /// Seconds of transfers and pings.
-        #[arg(long, default_value_t = 60)]
-        seconds: u64,
-        /// Seconds of the IKE_SA_INIT flood at the responder (0: none).
-        #[arg(long, default_value_t = 10)]
-        flood: u64,
-    },
+    Ike(IkeArgs),
     /// espip against strongSwan's charon (kernel-libipsec, userspace ESP in UDP) keyed by
     /// IKEv2 with a pre-shared key: pings, transfers, rekeys by both sides under load, dead
     /// peer detection, DELETE on stop, a wrong key; tshark decrypts the capture.
-    Strongswan {
-        #[command(flatten)]
-        common: LabArgs,
-        /// Which side initiates.
-        #[arg(long, value_enum, default_value = "espip")]
-        initiator: InitiatorArg,
-        /// IKE proposal (strongSwan notation).
-        #[arg(long, default_value = "aes128gcm16-prfsha256-x25519")]
-        ike: String,
-        /// ESP proposal (strongSwan notation).
-        #[arg(long, default_value = "aes128gcm16")]
-        esp: String,
-        /// Size of each TCP transfer in MB.
-        #[arg(long, default_value_t = 20)]
-        megabytes: u64,
-        /// Skip the dead peer detection check (kills charon; about 20 s).
-        #[arg(long)]
-        no_dpd: bool,
-    },
+    Strongswan(StrongswanArgs),
     /// Scenario 1: two hosts, one tunnel (A 192.0.2.1 / 10.4.2.99, B 192.0.2.2 / 10.4.2.5).
-    P2p {
-        #[command(flatten)]
-        common: LabArgs,
-        /// esp (IP protocol 50), esp-udp (ESP in UDP port 4500, RFC 3948) or ipip.
-        #[arg(long, value_enum, default_value = "esp")]
-        mode: ModeArg,
-        /// ESP cipher.
-        #[arg(long, default_value = "aes-128-gcm")]
-        cipher: String,
-        /// Use 64-bit extended sequence numbers.
-        #[arg(long)]
-        esn: bool,
-        /// The underlay: ipv4 (192.0.2.1 - .2) or ipv6 (2001:db8:2::1 - ::2; ESP as next
-        /// header 50, ESP in UDP/IPv6, IPv4 in IPv6).
-        #[arg(long, value_enum, default_value = "ipv4")]
-        outer: OuterArg,
-        /// Size of the TCP transfer in MB.
-        #[arg(long, default_value_t = 50)]
-        megabytes: u64,
-    },
+    P2p(P2pArgs),
     /// Seed 000's goal: one TCP stream over two links at once (link 1 IPv4, link 2 IPv6-only,
     /// each through a middle namespace that delays, drops and rate-limits): aggregate
     /// throughput, a link cut mid-transfer, redundant under loss.
-    Multipath {
-        #[command(flatten)]
-        common: LabArgs,
-        /// esp-udp (ESP in UDP, RFC 3948), esp (IP protocol 50) or ipip (no probes).
-        #[arg(long, value_enum, default_value = "esp-udp")]
-        mode: ModeArg,
-        /// ESP cipher.
-        #[arg(long, default_value = "aes-128-gcm")]
-        cipher: String,
-        /// Link 1 (IPv4) as RATE_MBIT/RTT_MS[/LOSS_PERCENT].
-        #[arg(long, default_value = "100/10")]
-        link1: String,
-        /// Link 2 (IPv6 only) as RATE_MBIT/RTT_MS[/LOSS_PERCENT].
-        #[arg(long, default_value = "100/40")]
-        link2: String,
-        /// spread, earliest, failover or redundant (the aggregate and cut phases).
-        #[arg(long, default_value = "spread")]
-        scheduler: String,
-        /// Seconds worth of the links' sum in the aggregate transfer.
-        #[arg(long, default_value_t = 8)]
-        seconds: u64,
-        /// Random loss on each link in the redundant phase, percent (0 skips it).
-        #[arg(long, default_value_t = 5.0)]
-        redundant_loss: f64,
-        /// Also measure kernel MPTCP (mptcpize run iperf3, two subflows) against espip with
-        /// iperf3 on the same links (installs mptcpd and iperf3).
-        #[arg(long)]
-        compare_mptcp: bool,
-        /// TCP congestion control of the iperf3 comparison (iperf3 -C): cubic or bbr.
-        #[arg(long)]
-        congestion: Option<String>,
-        /// spread with the links' rates as static weights only (adapt = false).
-        #[arg(long)]
-        static_weights: bool,
-    },
+    Multipath(MultipathArgs),
     /// Scenario 2: the SEED VPN lab (U 192.168.56.9, server 192.168.56.10 / 192.168.50.1,
     /// V 192.168.50.11); U reaches V through the server.
     Gateway {
@@ -397,4 +305,112 @@ pub fn parse_spi(s: &str) -> Result<u32, String> {
         None => s.parse(),
     };
     r.map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// The options of `espip lab ike`.
+#[derive(clap::Args)]
+pub struct IkeArgs {
+    #[command(flatten)]
+    pub common: LabArgs,
+    /// esp-udp or esp (protocol 50).
+    #[arg(long, value_enum, default_value = "esp-udp")]
+    pub mode: ModeArg,
+    /// IKE proposal (strongSwan notation).
+    #[arg(long, default_value = "aes128gcm16-prfsha256-x25519")]
+    pub ike: String,
+    /// ESP proposal (strongSwan notation: without `esn`, no ESN).
+    #[arg(long, default_value = "aes128gcm16-esn")]
+    pub esp: String,
+    /// CHILD_SA rekey interval, seconds.
+    #[arg(long, default_value_t = 5)]
+    pub rekey: u64,
+    /// Seconds of transfers and pings.
+    #[arg(long, default_value_t = 60)]
+    pub seconds: u64,
+    /// Seconds of the IKE_SA_INIT flood at the responder (0: none).
+    #[arg(long, default_value_t = 10)]
+    pub flood: u64,
+}
+
+/// The options of `espip lab multipath`.
+#[derive(clap::Args)]
+pub struct MultipathArgs {
+    #[command(flatten)]
+    pub common: LabArgs,
+    /// esp-udp (ESP in UDP, RFC 3948), esp (IP protocol 50) or ipip (no probes).
+    #[arg(long, value_enum, default_value = "esp-udp")]
+    pub mode: ModeArg,
+    /// ESP cipher.
+    #[arg(long, default_value = "aes-128-gcm")]
+    pub cipher: String,
+    /// Link 1 (IPv4) as RATE_MBIT/RTT_MS[/LOSS_PERCENT].
+    #[arg(long, default_value = "100/10")]
+    pub link1: String,
+    /// Link 2 (IPv6 only) as RATE_MBIT/RTT_MS[/LOSS_PERCENT].
+    #[arg(long, default_value = "100/40")]
+    pub link2: String,
+    /// spread, earliest, failover or redundant (the aggregate and cut phases).
+    #[arg(long, default_value = "spread")]
+    pub scheduler: String,
+    /// Seconds worth of the links' sum in the aggregate transfer.
+    #[arg(long, default_value_t = 8)]
+    pub seconds: u64,
+    /// Random loss on each link in the redundant phase, percent (0 skips it).
+    #[arg(long, default_value_t = 5.0)]
+    pub redundant_loss: f64,
+    /// Also measure kernel MPTCP (mptcpize run iperf3, two subflows) against espip with
+    /// iperf3 on the same links (installs mptcpd and iperf3).
+    #[arg(long)]
+    pub compare_mptcp: bool,
+    /// TCP congestion control of the iperf3 comparison (iperf3 -C): cubic or bbr.
+    #[arg(long)]
+    pub congestion: Option<String>,
+    /// spread with the links' rates as static weights only (adapt = false).
+    #[arg(long)]
+    pub static_weights: bool,
+}
+
+/// The options of `espip lab p2p`.
+#[derive(clap::Args)]
+pub struct P2pArgs {
+    #[command(flatten)]
+    pub common: LabArgs,
+    /// esp (IP protocol 50), esp-udp (ESP in UDP port 4500, RFC 3948) or ipip.
+    #[arg(long, value_enum, default_value = "esp")]
+    pub mode: ModeArg,
+    /// ESP cipher.
+    #[arg(long, default_value = "aes-128-gcm")]
+    pub cipher: String,
+    /// Use 64-bit extended sequence numbers.
+    #[arg(long)]
+    pub esn: bool,
+    /// The underlay: ipv4 (192.0.2.1 - .2) or ipv6 (2001:db8:2::1 - ::2; ESP as next
+    /// header 50, ESP in UDP/IPv6, IPv4 in IPv6).
+    #[arg(long, value_enum, default_value = "ipv4")]
+    pub outer: OuterArg,
+    /// Size of the TCP transfer in MB.
+    #[arg(long, default_value_t = 50)]
+    pub megabytes: u64,
+}
+
+/// The options of `espip lab strongswan`.
+#[derive(clap::Args)]
+pub struct StrongswanArgs {
+    #[command(flatten)]
+    pub common: LabArgs,
+    /// Which side initiates.
+    #[arg(long, value_enum, default_value = "espip")]
+    pub initiator: InitiatorArg,
+    /// IKE proposal (strongSwan notation).
+    #[arg(long, default_value = "aes128gcm16-prfsha256-x25519")]
+    pub ike: String,
+    /// ESP proposal (strongSwan notation).
+    #[arg(long, default_value = "aes128gcm16")]
+    pub esp: String,
+    /// Size of each TCP transfer in MB.
+    #[arg(long, default_value_t = 20)]
+    pub megabytes: u64,
+    /// Skip the dead peer detection check (kills charon; about 20 s).
+    #[arg(long)]
+    pub no_dpd: bool,
 }

@@ -563,136 +563,12 @@ fn lab(scenario: LabCmd) -> Result<()> {
             }
             println!("stopped and deleted: {}", gone.join(" "));
         }
-        LabCmd::Multipath {
-            common,
-            mode,
-            cipher,
-            link1,
-            link2,
-            scheduler,
-            seconds,
-            redundant_loss,
-            compare_mptcp,
-            congestion,
-            static_weights,
-        } => {
-            if let Some(cc) = &congestion {
-                if !["cubic", "bbr", "reno"].contains(&cc.as_str()) {
-                    bail!("--congestion {cc:?}: expected cubic, bbr or reno");
-                }
-            }
-            let mode = match mode {
-                ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
-                ModeArg::EspUdp => LabMode::EspUdp(cipher_arg(&cipher)?),
-                ModeArg::Ipip => LabMode::IpIp,
-            };
-            let scheduler =
-                espip::multipath::Scheduler::from_name(&scheduler).with_context(|| {
-                    format!("--scheduler {scheduler:?}: expected spread, earliest, failover or redundant")
-                })?;
-            if !(0.0..=50.0).contains(&redundant_loss) {
-                bail!("--redundant-loss must be 0..50 percent");
-            }
-            if !(1..=600).contains(&seconds) {
-                bail!("--seconds must be 1..600");
-            }
-            let opts = espip_lab::multipath::MultipathOptions {
-                mode,
-                links: [
-                    link1
-                        .parse::<espip_lab::multipath::LinkSpec>()
-                        .map_err(|e| anyhow::anyhow!("--link1 {e}"))?,
-                    link2
-                        .parse::<espip_lab::multipath::LinkSpec>()
-                        .map_err(|e| anyhow::anyhow!("--link2 {e}"))?,
-                ],
-                scheduler,
-                seconds,
-                redundant_loss,
-                compare_mptcp,
-                congestion,
-                adapt: !static_weights,
-                run: common.run()?,
-            };
-            finish(espip_lab::multipath::run(&opts)?);
+        LabCmd::Multipath(args) => finish(espip_lab::multipath::run(&multipath_options(args)?)?),
+        LabCmd::Ike(args) => finish(espip_lab::ike::run_ike(&ike_options(args)?)?),
+        LabCmd::Strongswan(args) => {
+            finish(espip_lab::ike::run_strongswan(&strongswan_options(args)?)?)
         }
-        LabCmd::Ike {
-            common,
-            mode,
-            ike,
-            esp,
-            rekey,
-            seconds,
-            flood,
-        } => {
-            check_proposals(&ike, &esp)?;
-            if flood > 600 {
-                bail!("--flood must be 0..600 s");
-            }
-            if !(3..=600).contains(&rekey) || !(5..=3600).contains(&seconds) {
-                bail!("--rekey must be 3..600 s and --seconds 5..3600");
-            }
-            let opts = espip_lab::ike::IkeLabOptions {
-                mode: match mode {
-                    ModeArg::Esp => "esp".into(),
-                    ModeArg::EspUdp => "esp-udp".into(),
-                    ModeArg::Ipip => bail!("--mode ipip: IKEv2 keys ESP; use esp-udp or esp"),
-                },
-                ike,
-                esp,
-                rekey,
-                seconds,
-                flood,
-                run: common.run()?,
-            };
-            finish(espip_lab::ike::run_ike(&opts)?);
-        }
-        LabCmd::Strongswan {
-            common,
-            initiator,
-            ike,
-            esp,
-            megabytes,
-            no_dpd,
-        } => {
-            check_proposals(&ike, &esp)?;
-            let opts = espip_lab::ike::StrongswanOptions {
-                espip_initiates: matches!(initiator, InitiatorArg::Espip),
-                ike,
-                esp,
-                megabytes,
-                dpd: !no_dpd,
-                run: common.run()?,
-            };
-            finish(espip_lab::ike::run_strongswan(&opts)?);
-        }
-        LabCmd::P2p {
-            common,
-            mode,
-            cipher,
-            esn,
-            megabytes,
-            outer,
-        } => {
-            let mode = match mode {
-                ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
-                ModeArg::EspUdp => LabMode::EspUdp(cipher_arg(&cipher)?),
-                ModeArg::Ipip => {
-                    if esn {
-                        bail!("--esn applies to --mode esp only");
-                    }
-                    LabMode::IpIp
-                }
-            };
-            let opts = P2pOptions {
-                mode,
-                megabytes: megabytes_arg(megabytes)?,
-                esn,
-                outer_v6: outer == OuterArg::Ipv6,
-                run: common.run()?,
-            };
-            finish(espip_lab::p2p::run(&opts)?);
-        }
+        LabCmd::P2p(args) => finish(espip_lab::p2p::run(&p2p_options(args)?)?),
         LabCmd::Gateway {
             common,
             cipher,
@@ -750,6 +626,143 @@ fn lab(scenario: LabCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The options of `espip lab multipath`, checked.
+fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::MultipathOptions> {
+    let MultipathArgs {
+        common,
+        mode,
+        cipher,
+        link1,
+        link2,
+        scheduler,
+        seconds,
+        redundant_loss,
+        compare_mptcp,
+        congestion,
+        static_weights,
+    } = args;
+    if let Some(cc) = &congestion {
+        if !["cubic", "bbr", "reno"].contains(&cc.as_str()) {
+            bail!("--congestion {cc:?}: expected cubic, bbr or reno");
+        }
+    }
+    let mode = match mode {
+        ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
+        ModeArg::EspUdp => LabMode::EspUdp(cipher_arg(&cipher)?),
+        ModeArg::Ipip => LabMode::IpIp,
+    };
+    let scheduler = espip::multipath::Scheduler::from_name(&scheduler).with_context(|| {
+        format!("--scheduler {scheduler:?}: expected spread, earliest, failover or redundant")
+    })?;
+    if !(0.0..=50.0).contains(&redundant_loss) {
+        bail!("--redundant-loss must be 0..50 percent");
+    }
+    if !(1..=600).contains(&seconds) {
+        bail!("--seconds must be 1..600");
+    }
+    Ok(espip_lab::multipath::MultipathOptions {
+        mode,
+        links: [
+            link1
+                .parse::<espip_lab::multipath::LinkSpec>()
+                .map_err(|e| anyhow::anyhow!("--link1 {e}"))?,
+            link2
+                .parse::<espip_lab::multipath::LinkSpec>()
+                .map_err(|e| anyhow::anyhow!("--link2 {e}"))?,
+        ],
+        scheduler,
+        seconds,
+        redundant_loss,
+        compare_mptcp,
+        congestion,
+        adapt: !static_weights,
+        run: common.run()?,
+    })
+}
+
+/// The options of `espip lab ike`, checked.
+fn ike_options(args: IkeArgs) -> Result<espip_lab::ike::IkeLabOptions> {
+    let IkeArgs {
+        common,
+        mode,
+        ike,
+        esp,
+        rekey,
+        seconds,
+        flood,
+    } = args;
+    check_proposals(&ike, &esp)?;
+    if flood > 600 {
+        bail!("--flood must be 0..600 s");
+    }
+    if !(3..=600).contains(&rekey) || !(5..=3600).contains(&seconds) {
+        bail!("--rekey must be 3..600 s and --seconds 5..3600");
+    }
+    Ok(espip_lab::ike::IkeLabOptions {
+        mode: match mode {
+            ModeArg::Esp => "esp".into(),
+            ModeArg::EspUdp => "esp-udp".into(),
+            ModeArg::Ipip => bail!("--mode ipip: IKEv2 keys ESP; use esp-udp or esp"),
+        },
+        ike,
+        esp,
+        rekey,
+        seconds,
+        flood,
+        run: common.run()?,
+    })
+}
+
+/// The options of `espip lab strongswan`, checked.
+fn strongswan_options(args: StrongswanArgs) -> Result<espip_lab::ike::StrongswanOptions> {
+    let StrongswanArgs {
+        common,
+        initiator,
+        ike,
+        esp,
+        megabytes,
+        no_dpd,
+    } = args;
+    check_proposals(&ike, &esp)?;
+    Ok(espip_lab::ike::StrongswanOptions {
+        espip_initiates: matches!(initiator, InitiatorArg::Espip),
+        ike,
+        esp,
+        megabytes,
+        dpd: !no_dpd,
+        run: common.run()?,
+    })
+}
+
+/// The options of `espip lab p2p`, checked.
+fn p2p_options(args: P2pArgs) -> Result<P2pOptions> {
+    let P2pArgs {
+        common,
+        mode,
+        cipher,
+        esn,
+        megabytes,
+        outer,
+    } = args;
+    let mode = match mode {
+        ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
+        ModeArg::EspUdp => LabMode::EspUdp(cipher_arg(&cipher)?),
+        ModeArg::Ipip => {
+            if esn {
+                bail!("--esn applies to --mode esp only");
+            }
+            LabMode::IpIp
+        }
+    };
+    Ok(P2pOptions {
+        mode,
+        megabytes: megabytes_arg(megabytes)?,
+        esn,
+        outer_v6: outer == OuterArg::Ipv6,
+        run: common.run()?,
+    })
 }
 
 /// `espip lab-tool TOOL`: the helpers the labs run inside their namespaces.
