@@ -142,6 +142,53 @@ pub(super) fn ike_peer(
     k: &dyn Fn(&str) -> String,
     warnings: &mut Vec<String>,
 ) -> Result<IkePeer, ConfigError> {
+    refuse_for_ikev2(p, mode, multipath, k)?;
+    let role = match p.role.as_deref() {
+        Some("initiator") => Role::Initiator,
+        Some("responder") => Role::Responder,
+        other => {
+            return Err(invalid(
+                k("role"),
+                other.map_or("(missing)".to_string(), |r| format!("{r:?}")),
+                "\"initiator\" on one side and \"responder\" on the other (the initiator connects at start and after a failure; the responder waits)",
+            ))
+        }
+    };
+    let psk = read_psk(p, base, keys, k, warnings)?;
+    let (local_id, remote_id) = identities(p, endpoint, interface, k)?;
+    let (ike_proposals, esp_proposals) = proposals(p, k)?;
+    let Lifetimes {
+        ike_lifetime,
+        child_lifetime,
+        rekey_margin,
+        rekey_jitter,
+        dpd_interval,
+    } = lifetimes(p, k)?;
+    let local_ts = local_ts(p, interface, k)?;
+    Ok(IkePeer {
+        peer: p.name.clone(),
+        role,
+        psk,
+        local_id,
+        remote_id,
+        ike_proposals,
+        esp_proposals,
+        ike_lifetime,
+        child_lifetime,
+        rekey_margin,
+        rekey_jitter,
+        dpd_interval,
+        local_ts,
+    })
+}
+/// What `keying = "ikev2"` refuses: ipip, several paths, and every static-key field (IKEv2
+/// negotiates them).
+fn refuse_for_ikev2(
+    p: &RawPeer,
+    mode: Mode,
+    multipath: bool,
+    k: &dyn Fn(&str) -> String,
+) -> Result<(), ConfigError> {
     if mode == Mode::IpIp {
         return Err(invalid(
             k("mode"),
@@ -175,17 +222,17 @@ pub(super) fn ike_peer(
             ));
         }
     }
-    let role = match p.role.as_deref() {
-        Some("initiator") => Role::Initiator,
-        Some("responder") => Role::Responder,
-        other => {
-            return Err(invalid(
-                k("role"),
-                other.map_or("(missing)".to_string(), |r| format!("{r:?}")),
-                "\"initiator\" on one side and \"responder\" on the other (the initiator connects at start and after a failure; the responder waits)",
-            ))
-        }
-    };
+    Ok(())
+}
+
+/// The pre-shared key from `psk_file` (text, or 0x and hex); a short one is warned about.
+fn read_psk(
+    p: &RawPeer,
+    base: &Path,
+    keys: &super::KeyFiles,
+    k: &dyn Fn(&str) -> String,
+    warnings: &mut Vec<String>,
+) -> Result<Zeroizing<Vec<u8>>, ConfigError> {
     let psk_path = p.psk_file.clone().ok_or_else(|| {
         invalid(
             k("psk_file"),
@@ -233,6 +280,17 @@ pub(super) fn ike_peer(
             psk.len()
         ));
     }
+    Ok(psk)
+}
+
+/// This side's identity (`local_id`, else `interface.local`) and the peer's (`remote_id`, else
+/// its endpoint address).
+fn identities(
+    p: &RawPeer,
+    endpoint: IpAddr,
+    interface: &super::Interface,
+    k: &dyn Fn(&str) -> String,
+) -> Result<(String, String), ConfigError> {
     let local_id = match (&p.local_id, interface.local) {
         (Some(s), _) => s.trim().to_string(),
         (None, Some(l)) => l.to_string(),
@@ -257,6 +315,15 @@ pub(super) fn ike_peer(
             ));
         }
     }
+    Ok((local_id, remote_id))
+}
+
+/// `ike_proposals` and `esp_proposals` (lists of strongSwan-notation strings, or
+/// comma-separated), each at least one.
+fn proposals(
+    p: &RawPeer,
+    k: &dyn Fn(&str) -> String,
+) -> Result<(Vec<IkeProposal>, Vec<EspProposal>), ConfigError> {
     let list = |field: &str, v: &Option<Vec<String>>, default: &str| -> Vec<String> {
         let _ = field;
         match v {
@@ -288,6 +355,21 @@ pub(super) fn ike_peer(
             "at least one proposal, e.g. [\"aes128gcm16-prfsha256-x25519\"] / [\"aes128gcm16\"]",
         ));
     }
+    Ok((ike_proposals, esp_proposals))
+}
+
+/// A peer's lifetimes and timers, seconds.
+struct Lifetimes {
+    ike_lifetime: u64,
+    child_lifetime: u64,
+    rekey_margin: u64,
+    rekey_jitter: u64,
+    dpd_interval: u64,
+}
+
+/// `ike_lifetime`, `child_lifetime`, `rekey_margin`, `rekey_jitter` and `dpd_interval`, with
+/// their defaults; the margin and jitter stay below the shorter lifetime.
+fn lifetimes(p: &RawPeer, k: &dyn Fn(&str) -> String) -> Result<Lifetimes, ConfigError> {
     let secs = |field: &str, v: Option<i64>, default: u64, min: u64| -> Result<u64, ConfigError> {
         match v {
             None => Ok(default),
@@ -319,6 +401,21 @@ pub(super) fn ike_peer(
         ));
     }
     let dpd_interval = secs("dpd_interval", p.dpd_interval, DEFAULT_DPD, 0)?;
+    Ok(Lifetimes {
+        ike_lifetime,
+        child_lifetime,
+        rekey_margin,
+        rekey_jitter,
+        dpd_interval,
+    })
+}
+
+/// `local_ts`, by default the interface's addresses as host prefixes.
+fn local_ts(
+    p: &RawPeer,
+    interface: &super::Interface,
+    k: &dyn Fn(&str) -> String,
+) -> Result<Vec<Prefix>, ConfigError> {
     let local_ts = match &p.local_ts {
         Some(v) => {
             let mut out = Vec::new();
@@ -343,21 +440,7 @@ pub(super) fn ike_peer(
             "the inner prefixes of this side (the traffic selector the peer routes to us); by default the interface addresses, and the interface has none",
         ));
     }
-    Ok(IkePeer {
-        peer: p.name.clone(),
-        role,
-        psk,
-        local_id,
-        remote_id,
-        ike_proposals,
-        esp_proposals,
-        ike_lifetime,
-        child_lifetime,
-        rekey_margin,
-        rekey_jitter,
-        dpd_interval,
-        local_ts,
-    })
+    Ok(local_ts)
 }
 
 #[cfg(test)]
