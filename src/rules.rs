@@ -87,93 +87,15 @@ fn sections(cfg: &Config) -> Vec<(&'static str, Vec<IptCmd>)> {
     if !cfg.nat.maps.is_empty() {
         let mut dnat = vec![cmd(false, &["-t", "nat", "-N", &nat])];
         // The tunnel's own packets to a peer's real address must not be moved into the alias.
-        let mut protos: Vec<Vec<String>> = Vec::new();
-        for p in &cfg.peers {
-            match p.encap {
-                EncapSpec::Esp {
-                    udp_port: Some(port),
-                    ..
-                }
-                | EncapSpec::EspPending {
-                    udp_port: Some(port),
-                    ..
-                } => protos.push(vec![
-                    "-p".into(),
-                    "udp".into(),
-                    "--dport".into(),
-                    port.to_string(),
-                ]),
-                EncapSpec::Esp { .. } | EncapSpec::EspPending { .. } => {
-                    protos.push(vec!["-p".into(), "esp".into()])
-                }
-                EncapSpec::IpIp => {
-                    protos.push(vec!["-p".into(), "4".into()]);
-                    protos.push(vec!["-p".into(), "41".into()]);
-                }
-            }
-        }
-        protos.sort();
-        protos.dedup();
+        let protos = tunnel_protocols(cfg);
         for m in &protos {
             let mut args = vec!["-t", "nat", "-A", &nat];
             args.extend(m.iter().map(String::as_str));
             args.extend(["-j", "RETURN"]);
             dnat.push(cmd(false, &args));
         }
-        for p in &cfg.peers {
-            for a in &p.allowed_ips {
-                let inside = cfg
-                    .nat
-                    .maps
-                    .iter()
-                    .any(|m| m.real.contains(a.addr()) && a.len() >= m.real.len());
-                let (true, Some(IpAddr::V4(alias))) = (inside, cfg.nat_table().to_alias(a.addr()))
-                else {
-                    continue;
-                };
-                let dst = a.to_string();
-                if a.len() == 32 {
-                    dnat.push(cmd(
-                        false,
-                        &[
-                            "-t",
-                            "nat",
-                            "-A",
-                            &nat,
-                            "-d",
-                            &dst,
-                            "-j",
-                            "DNAT",
-                            "--to-destination",
-                            &alias.to_string(),
-                        ],
-                    ));
-                } else {
-                    let to = format!("{alias}/{}", a.len());
-                    dnat.push(cmd(
-                        false,
-                        &[
-                            "-t", "nat", "-A", &nat, "-d", &dst, "-j", "NETMAP", "--to", &to,
-                        ],
-                    ));
-                }
-            }
-        }
-        dnat.push(cmd(
-            false,
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "OUTPUT",
-                "-m",
-                "comment",
-                "--comment",
-                &tag,
-                "-j",
-                &nat,
-            ],
-        ));
+        dnat.extend(alias_maps(cfg, &nat));
+        dnat.push(jump("nat", "OUTPUT", &tag, &nat));
         out.push((
             "Locally generated packets to a peer's real address are moved into its alias\n#    (DNAT), which is routed to the TUN; the tunnel's own packets are left alone.",
             dnat,
@@ -202,21 +124,7 @@ fn sections(cfg: &Config) -> Vec<(&'static str, Vec<IptCmd>)> {
                         "--clamp-mss-to-pmtu",
                     ],
                 ),
-                cmd(
-                    false,
-                    &[
-                        "-t",
-                        "mangle",
-                        "-A",
-                        "POSTROUTING",
-                        "-m",
-                        "comment",
-                        "--comment",
-                        &tag,
-                        "-j",
-                        &mss,
-                    ],
-                ),
+                jump("mangle", "POSTROUTING", &tag, &mss),
             ],
         ));
     }
@@ -240,27 +148,111 @@ fn sections(cfg: &Config) -> Vec<(&'static str, Vec<IptCmd>)> {
                 ],
             ));
         }
-        m.push(cmd(
-            false,
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "POSTROUTING",
-                "-m",
-                "comment",
-                "--comment",
-                &tag,
-                "-j",
-                &post,
-            ],
-        ));
+        m.push(jump("nat", "POSTROUTING", &tag, &post));
         out.push((
             "Tunnel clients leaving through another interface take this host's address\n#    (MASQUERADE), so the hosts they reach can answer.",
             m,
         ));
     }
     out
+}
+/// The jump from a built-in chain (`hook` of `table`) to espip's `chain`, tagged with the
+/// interface's comment so removal finds it.
+fn jump(table: &str, hook: &str, tag: &str, chain: &str) -> IptCmd {
+    cmd(
+        false,
+        &[
+            "-t",
+            table,
+            "-A",
+            hook,
+            "-m",
+            "comment",
+            "--comment",
+            tag,
+            "-j",
+            chain,
+        ],
+    )
+}
+
+/// The tunnel's own packets, as iptables matches (ESP, ESP in UDP to a port, IP-in-IP): they go
+/// to a peer's real address and must not be moved into the alias.
+fn tunnel_protocols(cfg: &Config) -> Vec<Vec<String>> {
+    let mut protos: Vec<Vec<String>> = Vec::new();
+    for p in &cfg.peers {
+        match p.encap {
+            EncapSpec::Esp {
+                udp_port: Some(port),
+                ..
+            }
+            | EncapSpec::EspPending {
+                udp_port: Some(port),
+                ..
+            } => protos.push(vec![
+                "-p".into(),
+                "udp".into(),
+                "--dport".into(),
+                port.to_string(),
+            ]),
+            EncapSpec::Esp { .. } | EncapSpec::EspPending { .. } => {
+                protos.push(vec!["-p".into(), "esp".into()])
+            }
+            EncapSpec::IpIp => {
+                protos.push(vec!["-p".into(), "4".into()]);
+                protos.push(vec!["-p".into(), "41".into()]);
+            }
+        }
+    }
+    protos.sort();
+    protos.dedup();
+    protos
+}
+
+/// The DNAT (a host) or NETMAP (a prefix) of each peer's allowed prefix on the LAN into its
+/// alias.
+fn alias_maps(cfg: &Config, nat: &str) -> Vec<IptCmd> {
+    let mut dnat = Vec::new();
+    for p in &cfg.peers {
+        for a in &p.allowed_ips {
+            let inside = cfg
+                .nat
+                .maps
+                .iter()
+                .any(|m| m.real.contains(a.addr()) && a.len() >= m.real.len());
+            let (true, Some(IpAddr::V4(alias))) = (inside, cfg.nat_table().to_alias(a.addr()))
+            else {
+                continue;
+            };
+            let dst = a.to_string();
+            if a.len() == 32 {
+                dnat.push(cmd(
+                    false,
+                    &[
+                        "-t",
+                        "nat",
+                        "-A",
+                        nat,
+                        "-d",
+                        &dst,
+                        "-j",
+                        "DNAT",
+                        "--to-destination",
+                        &alias.to_string(),
+                    ],
+                ));
+            } else {
+                let to = format!("{alias}/{}", a.len());
+                dnat.push(cmd(
+                    false,
+                    &[
+                        "-t", "nat", "-A", nat, "-d", &dst, "-j", "NETMAP", "--to", &to,
+                    ],
+                ));
+            }
+        }
+    }
+    dnat
 }
 
 /// Commands that install the rules of `cfg` (after removing stale ones). Empty when the
