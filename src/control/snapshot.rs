@@ -8,6 +8,7 @@ use crate::datapath::{DropReason, EncapSpec, Stats};
 use crate::status::{CaptureStatus, InterfaceStatus, PeerStatus, SaExport, SaIn, SaOut, Status};
 use crate::sys::capture::CaptureStats;
 use crate::telemetry::EdgeStats;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -42,6 +43,84 @@ pub struct Live {
         Vec<crate::status::IkePeerStatus>,
         Vec<zeroize::Zeroizing<String>>,
     )>,
+}
+
+/// A peer's mode and its static SAs (none for ipip and for IKEv2 peers, whose SAs the IKE
+/// status shows): the outbound one with its next sequence number and reservation.
+fn sa_pair(
+    encap: &EncapSpec,
+    s: &crate::datapath::PeerStats,
+    out_seq: Option<(u64, Option<u64>)>,
+) -> (&'static str, Option<SaOut>, Option<SaIn>) {
+    match encap {
+        EncapSpec::IpIp => ("ipip", None, None),
+        EncapSpec::EspPending { udp_port, .. } => (
+            if udp_port.is_some() { "esp-udp" } else { "esp" },
+            None,
+            None,
+        ),
+        EncapSpec::Esp {
+            cipher,
+            spi_out,
+            spi_in,
+            replay_window,
+            esn,
+            udp_port,
+            ..
+        } => {
+            let (next, limit) = out_seq.unwrap_or((0, None));
+            (
+                if udp_port.is_some() { "esp-udp" } else { "esp" },
+                Some(SaOut {
+                    spi: *spi_out,
+                    cipher: cipher.name().into(),
+                    esn: *esn,
+                    next_seq: next,
+                    reserved_to: limit,
+                }),
+                Some(SaIn {
+                    spi: *spi_in,
+                    cipher: cipher.name().into(),
+                    esn: *esn,
+                    highest_seq: s.replay_top.load(Relaxed),
+                    replay_window: *replay_window,
+                }),
+            )
+        }
+    }
+}
+
+/// The edges' error counters by name.
+fn edge_errors(e: &EdgeStats) -> BTreeMap<String, u64> {
+    [
+        ("tun_read", &e.tun_read_errors),
+        ("tun_write", &e.tun_write_errors),
+        ("send", &e.send_errors),
+        ("bad_outer", &e.bad_outer),
+        ("offload", &e.offload_errors),
+        ("ike_foreign", &e.ike_foreign),
+        ("ike_queue_full", &e.ike_queue_full),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.load(Relaxed)))
+    .collect()
+}
+
+/// The offloads used, by name: packets (or sends) each carried.
+fn offload_counts(e: &EdgeStats) -> BTreeMap<String, u64> {
+    [
+        ("tso_in", &e.tso_packets),
+        ("uso_in", &e.uso_packets),
+        ("gro_out", &e.gro_packets),
+        ("udp_gso_out", &e.udp_gso_sends),
+        ("af_packet_out", &e.af_packet_sends),
+        ("udp_gro_in", &e.udp_gro_receives),
+        ("ipip_gro_in", &e.ipip_gro_receives),
+        ("xdp_in", &e.xdp_receives),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.load(Relaxed)))
+    .collect()
 }
 
 fn unix(t: SystemTime) -> f64 {
@@ -83,86 +162,12 @@ impl Live {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let s = out.peer_stats(i);
-                let (mode, sa_out, sa_in) = match &p.encap {
-                    EncapSpec::IpIp => ("ipip", None, None),
-                    EncapSpec::EspPending { udp_port, .. } => (
-                        if udp_port.is_some() { "esp-udp" } else { "esp" },
-                        None,
-                        None,
-                    ),
-                    EncapSpec::Esp {
-                        cipher,
-                        spi_out,
-                        spi_in,
-                        replay_window,
-                        esn,
-                        udp_port,
-                        ..
-                    } => {
-                        let (next, limit) =
-                            out_state.get(i).copied().flatten().unwrap_or((0, None));
-                        (
-                            if udp_port.is_some() { "esp-udp" } else { "esp" },
-                            Some(SaOut {
-                                spi: *spi_out,
-                                cipher: cipher.name().into(),
-                                esn: *esn,
-                                next_seq: next,
-                                reserved_to: limit,
-                            }),
-                            Some(SaIn {
-                                spi: *spi_in,
-                                cipher: cipher.name().into(),
-                                esn: *esn,
-                                highest_seq: s.replay_top.load(Relaxed),
-                                replay_window: *replay_window,
-                            }),
-                        )
-                    }
-                };
-                // A learned endpoint: its address (and port) from the peer's last
-                // authenticated packet.
-                let learned = s.learned.get();
-                let address = p.endpoint.or(learned.map(|a| a.ip()));
-                PeerStatus {
-                    name: p.name.clone(),
-                    endpoint: match (address, &p.encap) {
-                        (None, _) => "(none yet)".into(),
-                        (
-                            Some(ip),
-                            EncapSpec::Esp {
-                                udp_port: Some(port),
-                                ..
-                            }
-                            | EncapSpec::EspPending {
-                                udp_port: Some(port),
-                                ..
-                            },
-                        ) => {
-                            // The port the peer's last authenticated datagram came from wins.
-                            let seen = s.udp_port_seen.load(Relaxed) as u16;
-                            let port = if seen != 0 { seen } else { *port };
-                            std::net::SocketAddr::new(ip, port).to_string()
-                        }
-                        (Some(ip), _) => ip.to_string(),
-                    },
-                    endpoint_learned: p.endpoint.is_none(),
-                    endpoint_changed_unix: learned
-                        .and_then(|_| self.wall(s.learned.changed_at.load(Relaxed))),
-                    endpoint_moves: s.learned.moves.load(Relaxed),
-                    mode: mode.into(),
-                    allowed_ips: p.allowed_ips.iter().map(|a| a.to_string()).collect(),
-                    sa_out,
-                    sa_in,
-                    tx_packets: s.tx_packets.load(Relaxed),
-                    tx_bytes: s.tx_bytes.load(Relaxed),
-                    rx_packets: s.rx_packets.load(Relaxed),
-                    rx_bytes: s.rx_bytes.load(Relaxed),
-                    last_tx_unix: self.wall(s.last_tx.load(Relaxed)),
-                    last_rx_unix: self.wall(s.last_rx.load(Relaxed)),
-                    multipath: out.multipath(i).map(|m| path_status(m)),
-                }
+                self.peer_status(
+                    p,
+                    out.peer_stats(i),
+                    out_state.get(i).copied().flatten(),
+                    out.multipath(i).map(Arc::as_ref),
+                )
             })
             .collect();
         let drops = DropReason::ALL
@@ -170,18 +175,7 @@ impl Live {
             .map(|r| (r.name().to_string(), self.stats.drops(*r)))
             .collect();
         let e = &self.edge;
-        let errors = [
-            ("tun_read", &e.tun_read_errors),
-            ("tun_write", &e.tun_write_errors),
-            ("send", &e.send_errors),
-            ("bad_outer", &e.bad_outer),
-            ("offload", &e.offload_errors),
-            ("ike_foreign", &e.ike_foreign),
-            ("ike_queue_full", &e.ike_queue_full),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.load(Relaxed)))
-        .collect();
+        let errors = edge_errors(e);
         let i = &g.cfg.interface;
         Status {
             interface: InterfaceStatus {
@@ -198,31 +192,8 @@ impl Live {
             drops,
             errors,
             relayed: self.stats.relayed.load(Relaxed),
-            offload: [
-                ("tso_in", &e.tso_packets),
-                ("uso_in", &e.uso_packets),
-                ("gro_out", &e.gro_packets),
-                ("udp_gso_out", &e.udp_gso_sends),
-                ("af_packet_out", &e.af_packet_sends),
-                ("udp_gro_in", &e.udp_gro_receives),
-                ("ipip_gro_in", &e.ipip_gro_receives),
-                ("xdp_in", &e.xdp_receives),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.load(Relaxed)))
-            .collect(),
-            kernel_drops: {
-                let k = crate::sys::kstats::read(&i.name, &self.socket_inodes).unwrap_or_default();
-                [
-                    ("tun_tx_queue", k.tun_tx_queue),
-                    ("tun_rx", k.tun_rx),
-                    ("socket_rcvbuf", k.socket_rcvbuf),
-                    ("xdp_socket", e.xdp_dropped.load(Relaxed)),
-                ]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect()
-            },
+            offload: offload_counts(e),
+            kernel_drops: self.kernel_drops(&i.name),
             capture: self.capture.as_ref().map(|(c, files)| CaptureStatus {
                 files: files.iter().map(|f| f.display().to_string()).collect(),
                 written: c.written.load(Relaxed),
@@ -233,6 +204,73 @@ impl Live {
             ike: self.ike.lock().map(|g| g.0.clone()).unwrap_or_default(),
             netns: None,
         }
+    }
+
+    /// One peer's status: its SAs, its endpoint (configured or learned), counters, paths.
+    fn peer_status(
+        &self,
+        p: &crate::datapath::PeerSpec,
+        s: &crate::datapath::PeerStats,
+        out_seq: Option<(u64, Option<u64>)>,
+        multipath: Option<&crate::multipath::Multipath>,
+    ) -> PeerStatus {
+        let (mode, sa_out, sa_in) = sa_pair(&p.encap, s, out_seq);
+        // A learned endpoint: its address (and port) from the peer's last
+        // authenticated packet.
+        let learned = s.learned.get();
+        let address = p.endpoint.or(learned.map(|a| a.ip()));
+        PeerStatus {
+            name: p.name.clone(),
+            endpoint: match (address, &p.encap) {
+                (None, _) => "(none yet)".into(),
+                (
+                    Some(ip),
+                    EncapSpec::Esp {
+                        udp_port: Some(port),
+                        ..
+                    }
+                    | EncapSpec::EspPending {
+                        udp_port: Some(port),
+                        ..
+                    },
+                ) => {
+                    // The port the peer's last authenticated datagram came from wins.
+                    let seen = s.udp_port_seen.load(Relaxed) as u16;
+                    let port = if seen != 0 { seen } else { *port };
+                    std::net::SocketAddr::new(ip, port).to_string()
+                }
+                (Some(ip), _) => ip.to_string(),
+            },
+            endpoint_learned: p.endpoint.is_none(),
+            endpoint_changed_unix: learned
+                .and_then(|_| self.wall(s.learned.changed_at.load(Relaxed))),
+            endpoint_moves: s.learned.moves.load(Relaxed),
+            mode: mode.into(),
+            allowed_ips: p.allowed_ips.iter().map(|a| a.to_string()).collect(),
+            sa_out,
+            sa_in,
+            tx_packets: s.tx_packets.load(Relaxed),
+            tx_bytes: s.tx_bytes.load(Relaxed),
+            rx_packets: s.rx_packets.load(Relaxed),
+            rx_bytes: s.rx_bytes.load(Relaxed),
+            last_tx_unix: self.wall(s.last_tx.load(Relaxed)),
+            last_rx_unix: self.wall(s.last_rx.load(Relaxed)),
+            multipath: multipath.map(path_status),
+        }
+    }
+
+    /// The kernel's drops on our devices and sockets, and AF_XDP's.
+    fn kernel_drops(&self, ifname: &str) -> BTreeMap<String, u64> {
+        let k = crate::sys::kstats::read(ifname, &self.socket_inodes).unwrap_or_default();
+        [
+            ("tun_tx_queue", k.tun_tx_queue),
+            ("tun_rx", k.tun_rx),
+            ("socket_rcvbuf", k.socket_rcvbuf),
+            ("xdp_socket", self.edge.xdp_dropped.load(Relaxed)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
     }
 
     /// Every ESP SA, with its Wireshark `esp_sa` line (which holds the key) if `keys`.
