@@ -52,62 +52,97 @@ pub(super) fn paths(
     }
     let mut paths: Vec<PathSpec> = Vec::new();
     for (i, raw) in p.path.iter().enumerate() {
-        let key = |field: &str| k(&format!("path[{}].{field}", i + 1));
-        let name = raw.name.clone().unwrap_or_else(|| format!("path{}", i + 1));
-        if name.is_empty() || name.len() > 32 || !name.chars().all(|c| c.is_ascii_graphic()) {
-            return Err(invalid(
-                key("name"),
-                format!("{name:?}"),
-                "a short name of printable ASCII characters without spaces (it appears in logs and metrics)",
-            ));
-        }
-        if paths.iter().any(|q| q.name == name) {
-            return Err(invalid(
-                key("name"),
-                format!("{name:?}"),
-                "a name no other path of this peer has",
-            ));
-        }
-        if raw.local.is_some() {
-            return Err(invalid(
-                key("local"),
-                "(set)",
-                "nothing: a path is sent from the source address the kernel's routing picks for its endpoint (give each path an endpoint reached over its own link, or a source-specific route); a per-path local address is not supported yet",
-            ));
-        }
-        let (ep, port) = endpoint(&raw.endpoint, mode, &key("endpoint"))?;
-        let port = match mode {
-            Mode::EspUdp => port.unwrap_or(crate::wire::ip::IPSEC_NAT_T_PORT),
-            _ => 0,
-        };
-        if let Some(q) = paths.iter().find(|q| q.endpoint == ep && q.port == port) {
-            return Err(invalid(
-                key("endpoint"),
-                format!("{:?}", raw.endpoint),
-                format!(
-                    "an endpoint other than path {:?}'s: two paths to one destination take one route",
-                    q.name
-                ),
-            ));
-        }
-        let weight = match raw.weight {
-            None => 1,
-            Some(w) if (1..=1000).contains(&w) => w as u32,
-            Some(w) => {
-                return Err(invalid(
-                    key("weight"),
-                    w,
-                    "a number from 1 to 1000: the path's starting share before its capacity is measured",
-                ))
-            }
-        };
-        paths.push(PathSpec {
-            name,
-            endpoint: ep,
-            port,
-            weight,
-        });
+        let spec = path(raw, i, &paths, mode, k)?;
+        paths.push(spec);
     }
+    let spec = multipath_spec(p, k)?;
+    let scheduler = spec.scheduler;
+    let name = &p.name;
+    if mode == Mode::IpIp && scheduler != Scheduler::Spread {
+        // (`earliest` needs measured paths: without probes it stays on the static weights.)
+        warnings.push(format!(
+            "peer {name:?}: ipip has no SA to authenticate probes, so its paths are never found down; scheduler {:?} works as configured order only",
+            scheduler.name()
+        ));
+    }
+    if paths.len() == 1 {
+        warnings.push(format!(
+            "peer {name:?} has one [[peer.path]]: it is probed, but there is nothing to spread or fail over to"
+        ));
+    }
+    if u64::from(spec.probe_interval_ms) * u64::from(spec.dead_after) > 5000 {
+        warnings.push(format!(
+            "peer {name:?}: a path is found down only after {} ms (probe_interval_ms x dead_after)",
+            u64::from(spec.probe_interval_ms) * u64::from(spec.dead_after)
+        ));
+    }
+    Ok(PeerPaths { spec, paths })
+}
+/// The `i`th `[[peer.path]]`, checked against the paths before it.
+fn path(
+    raw: &super::raw::RawPath,
+    i: usize,
+    paths: &[PathSpec],
+    mode: Mode,
+    k: &dyn Fn(&str) -> String,
+) -> Result<PathSpec, ConfigError> {
+    let key = |field: &str| k(&format!("path[{}].{field}", i + 1));
+    let name = raw.name.clone().unwrap_or_else(|| format!("path{}", i + 1));
+    if name.is_empty() || name.len() > 32 || !name.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(invalid(
+            key("name"),
+            format!("{name:?}"),
+            "a short name of printable ASCII characters without spaces (it appears in logs and metrics)",
+        ));
+    }
+    if paths.iter().any(|q| q.name == name) {
+        return Err(invalid(
+            key("name"),
+            format!("{name:?}"),
+            "a name no other path of this peer has",
+        ));
+    }
+    if raw.local.is_some() {
+        return Err(invalid(
+            key("local"),
+            "(set)",
+            "nothing: a path is sent from the source address the kernel's routing picks for its endpoint (give each path an endpoint reached over its own link, or a source-specific route); a per-path local address is not supported yet",
+        ));
+    }
+    let (ep, port) = endpoint(&raw.endpoint, mode, &key("endpoint"))?;
+    let port = match mode {
+        Mode::EspUdp => port.unwrap_or(crate::wire::ip::IPSEC_NAT_T_PORT),
+        _ => 0,
+    };
+    if let Some(q) = paths.iter().find(|q| q.endpoint == ep && q.port == port) {
+        return Err(invalid(
+            key("endpoint"),
+            format!("{:?}", raw.endpoint),
+            format!(
+                "an endpoint other than path {:?}'s: two paths to one destination take one route",
+                q.name
+            ),
+        ));
+    }
+    let weight = match raw.weight {
+        None => 1,
+        Some(w) if (1..=1000).contains(&w) => w as u32,
+        Some(w) => return Err(invalid(
+            key("weight"),
+            w,
+            "a number from 1 to 1000: the path's starting share before its capacity is measured",
+        )),
+    };
+    Ok(PathSpec {
+        name,
+        endpoint: ep,
+        port,
+        weight,
+    })
+}
+
+/// The peer's scheduler, probe and reorder settings, with their defaults.
+fn multipath_spec(p: &RawPeer, k: &dyn Fn(&str) -> String) -> Result<MultipathSpec, ConfigError> {
     let d = MultipathSpec::default();
     let scheduler = match &p.scheduler {
         None => d.scheduler,
@@ -168,26 +203,7 @@ pub(super) fn paths(
         )?,
         adapt: p.adapt.unwrap_or(true),
     };
-    let name = &p.name;
-    if mode == Mode::IpIp && scheduler != Scheduler::Spread {
-        // (`earliest` needs measured paths: without probes it stays on the static weights.)
-        warnings.push(format!(
-            "peer {name:?}: ipip has no SA to authenticate probes, so its paths are never found down; scheduler {:?} works as configured order only",
-            scheduler.name()
-        ));
-    }
-    if paths.len() == 1 {
-        warnings.push(format!(
-            "peer {name:?} has one [[peer.path]]: it is probed, but there is nothing to spread or fail over to"
-        ));
-    }
-    if u64::from(spec.probe_interval_ms) * u64::from(spec.dead_after) > 5000 {
-        warnings.push(format!(
-            "peer {name:?}: a path is found down only after {} ms (probe_interval_ms x dead_after)",
-            u64::from(spec.probe_interval_ms) * u64::from(spec.dead_after)
-        ));
-    }
-    Ok(PeerPaths { spec, paths })
+    Ok(spec)
 }
 
 #[cfg(test)]
