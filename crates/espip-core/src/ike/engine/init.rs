@@ -373,19 +373,7 @@ impl Engine {
         out: &mut Vec<Out>,
     ) {
         // A retransmitted IKE_SA_INIT: the same answer.
-        if let Some(s) = self
-            .others
-            .iter()
-            .find(|s| s.spi_i == h.spi_i && !s.initiator && s.state() == State::Authenticating)
-        {
-            if s.init_req == raw {
-                self.stats.resent_responses += 1;
-                out.push(Out::Send {
-                    to: from,
-                    natt,
-                    msg: s.init_resp.clone(),
-                });
-            }
+        if self.resend_init_response(h, raw, from, natt, out) {
             return;
         }
         let chain = match msg::parse_chain(raw, msg::HDR_LEN, h.next) {
@@ -396,20 +384,7 @@ impl Engine {
             }
         };
         let p = &chain.payloads;
-        let plain_error = |t: u16, data: Vec<u8>| {
-            msg::encode_plain(
-                Header {
-                    spi_i: h.spi_i,
-                    spi_r: 0,
-                    next: 0,
-                    exchange: exchange::IKE_SA_INIT,
-                    flags: flags::RESPONSE,
-                    msg_id: 0,
-                    length: 0,
-                },
-                &[Payload::notify(t, data)],
-            )
-        };
+        let plain_error = |t: u16, data: Vec<u8>| init_error(h.spi_i, t, data);
         let offered = take!(p, Payload::Sa(v) => v.clone()).unwrap_or_default();
         let (Some((g, ke)), Some(ni)) = (
             take!(p, Payload::Ke { group, data } => (*group, data.clone())),
@@ -423,60 +398,8 @@ impl Engine {
             });
             return;
         };
-        // Under half-open load, a cookie before any state or Diffie-Hellman (section 2.6):
-        // only a sender that receives at its address can come back with it.
-        // Requests with an invalid key share count as half-open SAs: a flood of them gets
-        // cookies too, instead of a key generation each.
-        self.invalid_inits
-            .retain(|t| now.saturating_sub(*t) < HALF_OPEN_MS * MS);
-        let half_open = self
-            .others
-            .iter()
-            .filter(|s| s.state() == State::Authenticating)
-            .count()
-            + self.invalid_inits.len();
-        if half_open >= COOKIE_THRESHOLD {
-            let given = match p.first() {
-                Some(Payload::Notify { kind, data, .. }) if *kind == notify::COOKIE => Some(data),
-                _ => None,
-            };
-            if !given.is_some_and(|g| self.cookie_valid(now, g, &ni, from.ip(), h.spi_i)) {
-                let want = self.cookie(rng, now, &ni, from.ip(), h.spi_i);
-                self.stats.fail(Failure::CookieRequired);
-                out.push(Out::Send {
-                    to: from,
-                    natt,
-                    msg: plain_error(notify::COOKIE, want),
-                });
-                return;
-            }
-        }
-        // Room for one more half-open SA, or no answer at all (before any key generation):
-        // the oldest may go only once it had time for its IKE_AUTH.
-        let evict = {
-            let mut half: Vec<(usize, u64)> = self
-                .others
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.state() == State::Authenticating)
-                .map(|(i, s)| (i, s.created))
-                .collect();
-            if half.len() < MAX_HALF_OPEN {
-                None
-            } else {
-                half.sort_by_key(|(_, c)| *c);
-                match half.first() {
-                    Some(&(i, created))
-                        if now.saturating_sub(created) >= HALF_OPEN_KEEP_MS * MS =>
-                    {
-                        Some(i)
-                    }
-                    _ => {
-                        self.stats.fail(Failure::HalfOpenFull);
-                        return;
-                    }
-                }
-            }
+        let Some(evict) = self.admit_init(h, p, &ni, (from, natt), now, rng, out) else {
+            return;
         };
         let Some(choice) = proposal::choose_ike(&offered, &self.cfg.ike) else {
             self.fail(
@@ -531,42 +454,7 @@ impl Engine {
         };
         let spi_r = rand_u64(rng);
         let nr = rand_bytes(rng, 32);
-        let port = if natt {
-            self.cfg.natt_port
-        } else {
-            self.cfg.local_port
-        };
-        let me = SocketAddr::new(self.cfg.local, port);
-        let src_hash = if self.cfg.force_encap {
-            rand_bytes(rng, 20)
-        } else {
-            crypto::nat_hash(h.spi_i, spi_r, me)
-        };
-        let payloads = vec![
-            Payload::Sa(vec![choice.to_wire(Vec::new())]),
-            Payload::Ke {
-                group: choice.group.id(),
-                data: kr,
-            },
-            Payload::Nonce(nr.clone()),
-            Payload::notify(notify::NAT_DETECTION_SOURCE_IP, src_hash),
-            Payload::notify(
-                notify::NAT_DETECTION_DESTINATION_IP,
-                crypto::nat_hash(h.spi_i, spi_r, from),
-            ),
-        ];
-        let resp = msg::encode_plain(
-            Header {
-                spi_i: h.spi_i,
-                spi_r,
-                next: 0,
-                exchange: exchange::IKE_SA_INIT,
-                flags: flags::RESPONSE,
-                msg_id: 0,
-                length: 0,
-            },
-            &payloads,
-        );
+        let resp = self.init_response_msg(h, &choice, (spi_r, kr, &nr), (from, natt), rng);
         let seed = crypto::skeyseed(choice.prf, &shared, &ni, &nr, None);
         self.stats.ike_keys_made += 1;
         let keys = crypto::ike_keys(choice.prf, choice.cipher, &seed, &ni, &nr, h.spi_i, spi_r);
@@ -607,4 +495,169 @@ impl Engine {
             msg: resp,
         });
     }
+
+    /// A retransmitted IKE_SA_INIT (the same bytes from a half-open SA's initiator) gets the
+    /// same answer; true if `raw` belongs to a half-open SA (answered or not).
+    fn resend_init_response(
+        &mut self,
+        h: &Header,
+        raw: &[u8],
+        from: SocketAddr,
+        natt: bool,
+        out: &mut Vec<Out>,
+    ) -> bool {
+        if let Some(s) = self
+            .others
+            .iter()
+            .find(|s| s.spi_i == h.spi_i && !s.initiator && s.state() == State::Authenticating)
+        {
+            if s.init_req == raw {
+                self.stats.resent_responses += 1;
+                out.push(Out::Send {
+                    to: from,
+                    natt,
+                    msg: s.init_resp.clone(),
+                });
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Whether a new IKE_SA_INIT may cost a key generation: under half-open load only with a
+    /// valid cookie (else one is sent), and only with room for one more half-open SA.
+    /// `Some(evict)`: admitted, evicting that old half-open SA first; `None`: refused.
+    #[allow(clippy::too_many_arguments)]
+    fn admit_init(
+        &mut self,
+        h: &Header,
+        p: &[Payload],
+        ni: &[u8],
+        (from, natt): (SocketAddr, bool),
+        now: u64,
+        rng: &dyn SecureRandom,
+        out: &mut Vec<Out>,
+    ) -> Option<Option<usize>> {
+        // Under half-open load, a cookie before any state or Diffie-Hellman (section 2.6):
+        // only a sender that receives at its address can come back with it.
+        // Requests with an invalid key share count as half-open SAs: a flood of them gets
+        // cookies too, instead of a key generation each.
+        self.invalid_inits
+            .retain(|t| now.saturating_sub(*t) < HALF_OPEN_MS * MS);
+        let half_open = self
+            .others
+            .iter()
+            .filter(|s| s.state() == State::Authenticating)
+            .count()
+            + self.invalid_inits.len();
+        if half_open >= COOKIE_THRESHOLD {
+            let given = match p.first() {
+                Some(Payload::Notify { kind, data, .. }) if *kind == notify::COOKIE => Some(data),
+                _ => None,
+            };
+            if !given.is_some_and(|g| self.cookie_valid(now, g, ni, from.ip(), h.spi_i)) {
+                let want = self.cookie(rng, now, ni, from.ip(), h.spi_i);
+                self.stats.fail(Failure::CookieRequired);
+                out.push(Out::Send {
+                    to: from,
+                    natt,
+                    msg: init_error(h.spi_i, notify::COOKIE, want),
+                });
+                return None;
+            }
+        }
+        // Room for one more half-open SA, or no answer at all (before any key generation):
+        // the oldest may go only once it had time for its IKE_AUTH.
+        let evict = {
+            let mut half: Vec<(usize, u64)> = self
+                .others
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.state() == State::Authenticating)
+                .map(|(i, s)| (i, s.created))
+                .collect();
+            if half.len() < MAX_HALF_OPEN {
+                None
+            } else {
+                half.sort_by_key(|(_, c)| *c);
+                match half.first() {
+                    Some(&(i, created))
+                        if now.saturating_sub(created) >= HALF_OPEN_KEEP_MS * MS =>
+                    {
+                        Some(i)
+                    }
+                    _ => {
+                        self.stats.fail(Failure::HalfOpenFull);
+                        return None;
+                    }
+                }
+            }
+        };
+        Some(evict)
+    }
+
+    /// Our IKE_SA_INIT response: the chosen proposal, our key share and nonce, and the NAT
+    /// detection hashes (the source one random with `force_encap`, to make the peer
+    /// encapsulate).
+    fn init_response_msg(
+        &self,
+        h: &Header,
+        choice: &IkeChoice,
+        (spi_r, kr, nr): (u64, Vec<u8>, &[u8]),
+        (from, natt): (SocketAddr, bool),
+        rng: &dyn SecureRandom,
+    ) -> Vec<u8> {
+        let port = if natt {
+            self.cfg.natt_port
+        } else {
+            self.cfg.local_port
+        };
+        let me = SocketAddr::new(self.cfg.local, port);
+        let src_hash = if self.cfg.force_encap {
+            rand_bytes(rng, 20)
+        } else {
+            crypto::nat_hash(h.spi_i, spi_r, me)
+        };
+        let payloads = vec![
+            Payload::Sa(vec![choice.to_wire(Vec::new())]),
+            Payload::Ke {
+                group: choice.group.id(),
+                data: kr,
+            },
+            Payload::Nonce(nr.to_vec()),
+            Payload::notify(notify::NAT_DETECTION_SOURCE_IP, src_hash),
+            Payload::notify(
+                notify::NAT_DETECTION_DESTINATION_IP,
+                crypto::nat_hash(h.spi_i, spi_r, from),
+            ),
+        ];
+        msg::encode_plain(
+            Header {
+                spi_i: h.spi_i,
+                spi_r,
+                next: 0,
+                exchange: exchange::IKE_SA_INIT,
+                flags: flags::RESPONSE,
+                msg_id: 0,
+                length: 0,
+            },
+            &payloads,
+        )
+    }
+}
+
+/// An IKE_SA_INIT response carrying only the notify `t` (an error, or a COOKIE to echo).
+fn init_error(spi_i: u64, t: u16, data: Vec<u8>) -> Vec<u8> {
+    msg::encode_plain(
+        Header {
+            spi_i,
+            spi_r: 0,
+            next: 0,
+            exchange: exchange::IKE_SA_INIT,
+            flags: flags::RESPONSE,
+            msg_id: 0,
+            length: 0,
+        },
+        &[Payload::notify(t, data)],
+    )
 }
