@@ -175,70 +175,11 @@ impl Engine {
             return;
         };
         if let Some((_, cookie)) = find_notify(p, notify::COOKIE) {
-            // The same request again with the cookie as its first payload (section 2.6);
-            // a second cookie for a request that carried one is a failure.
-            let mut payloads = msg::parse_chain(&s.init_req, msg::HDR_LEN, s.init_req[16])
-                .map(|c| c.payloads)
-                .unwrap_or_default();
-            let had = matches!(payloads.first(), Some(Payload::Notify { kind, .. }) if *kind == notify::COOKIE);
-            if had || cookie.is_empty() || cookie.len() > 64 {
-                self.fail(
-                    out,
-                    Failure::Notify(notify::COOKIE),
-                    format!("peer {} keeps asking for a cookie", self.cfg.name),
-                );
-                self.retry_at = Some(now + RETRY_MS * MS);
-                return;
-            }
-            payloads.insert(0, Payload::notify(notify::COOKIE, cookie.to_vec()));
-            let hdr = msg::parse_header(&s.init_req).expect("our own message");
-            let m = msg::encode_plain(hdr, &payloads);
-            s.init_req = m.clone();
-            s.flight = Some(InFlight {
-                id: 0,
-                msg: m.clone(),
-                tries: 0,
-                next_at: now + self.cfg.retransmit_ms * MS,
-                req: Req::Init { share, ni },
-            });
-            out.push(Out::Send {
-                to: s.peer,
-                natt: s.natt,
-                msg: m,
-            });
-            self.ike = Some(s);
+            let cookie = cookie.to_vec();
+            self.resend_with_cookie(s, &cookie, (share, ni), now, out);
             return;
         }
-        if let Some((_, data)) = find_notify(p, notify::INVALID_KE_PAYLOAD) {
-            let g = data
-                .get(..2)
-                .and_then(|d| Group::from_id(u16::from_be_bytes([d[0], d[1]])));
-            let ok = g.filter(|g| self.cfg.ike.iter().any(|x| x.groups.contains(g)));
-            self.fail(
-                out,
-                Failure::Notify(notify::INVALID_KE_PAYLOAD),
-                format!(
-                    "peer {} wants group {:?}; retrying with it",
-                    self.cfg.name, g
-                ),
-            );
-            if let Some(g) = ok {
-                if self.group_hint != Some(g) {
-                    self.group_hint = Some(g);
-                    self.initiate(now, rng, out);
-                    return;
-                }
-            }
-            self.retry_at = Some(now + RETRY_MS * MS);
-            return;
-        }
-        if let Some(e) = error_notify(p) {
-            self.fail(
-                out,
-                Failure::Notify(e),
-                format!("peer {} refused IKE_SA_INIT", self.cfg.name),
-            );
-            self.retry_at = Some(now + RETRY_MS * MS);
+        if self.init_refused(p, now, rng, out) {
             return;
         }
         let sa = take!(p, Payload::Sa(v) => v.clone()).unwrap_or_default();
@@ -302,6 +243,104 @@ impl Engine {
             keys,
             stage: Stage::Authenticating,
         };
+        if !self.detect_nat(&mut s, p, now, out) {
+            return;
+        }
+        self.send_auth_request(s, now, rng, out);
+    }
+
+    /// The responder asked for a cookie: the same IKE_SA_INIT again with the cookie as its
+    /// first payload (section 2.6); a second cookie for a request that carried one is a
+    /// failure.
+    fn resend_with_cookie(
+        &mut self,
+        mut s: IkeSa,
+        cookie: &[u8],
+        (share, ni): (KeyShare, Vec<u8>),
+        now: u64,
+        out: &mut Vec<Out>,
+    ) {
+        let mut payloads = msg::parse_chain(&s.init_req, msg::HDR_LEN, s.init_req[16])
+            .map(|c| c.payloads)
+            .unwrap_or_default();
+        let had = matches!(payloads.first(), Some(Payload::Notify { kind, .. }) if *kind == notify::COOKIE);
+        if had || cookie.is_empty() || cookie.len() > 64 {
+            self.fail(
+                out,
+                Failure::Notify(notify::COOKIE),
+                format!("peer {} keeps asking for a cookie", self.cfg.name),
+            );
+            self.retry_at = Some(now + RETRY_MS * MS);
+            return;
+        }
+        payloads.insert(0, Payload::notify(notify::COOKIE, cookie.to_vec()));
+        let hdr = msg::parse_header(&s.init_req).expect("our own message");
+        let m = msg::encode_plain(hdr, &payloads);
+        s.init_req = m.clone();
+        s.flight = Some(InFlight {
+            id: 0,
+            msg: m.clone(),
+            tries: 0,
+            next_at: now + self.cfg.retransmit_ms * MS,
+            req: Req::Init { share, ni },
+        });
+        out.push(Out::Send {
+            to: s.peer,
+            natt: s.natt,
+            msg: m,
+        });
+        self.ike = Some(s);
+    }
+
+    /// The responder refused IKE_SA_INIT: with INVALID_KE_PAYLOAD naming a group we have, we
+    /// start again with it (once); any other error notify waits for the retry. True if `p`
+    /// was a refusal.
+    fn init_refused(
+        &mut self,
+        p: &[Payload],
+        now: u64,
+        rng: &dyn SecureRandom,
+        out: &mut Vec<Out>,
+    ) -> bool {
+        if let Some((_, data)) = find_notify(p, notify::INVALID_KE_PAYLOAD) {
+            let g = data
+                .get(..2)
+                .and_then(|d| Group::from_id(u16::from_be_bytes([d[0], d[1]])));
+            let ok = g.filter(|g| self.cfg.ike.iter().any(|x| x.groups.contains(g)));
+            self.fail(
+                out,
+                Failure::Notify(notify::INVALID_KE_PAYLOAD),
+                format!(
+                    "peer {} wants group {:?}; retrying with it",
+                    self.cfg.name, g
+                ),
+            );
+            if let Some(g) = ok {
+                if self.group_hint != Some(g) {
+                    self.group_hint = Some(g);
+                    self.initiate(now, rng, out);
+                    return true;
+                }
+            }
+            self.retry_at = Some(now + RETRY_MS * MS);
+            return true;
+        }
+        if let Some(e) = error_notify(p) {
+            self.fail(
+                out,
+                Failure::Notify(e),
+                format!("peer {} refused IKE_SA_INIT", self.cfg.name),
+            );
+            self.retry_at = Some(now + RETRY_MS * MS);
+            return true;
+        }
+        false
+    }
+
+    /// NAT detection (RFC 7296 section 2.23) from the responder's hashes: behind a NAT, the SA
+    /// moves to port 4500 (false, and a failure, for ESP as protocol 50, which cannot cross
+    /// one).
+    fn detect_nat(&mut self, s: &mut IkeSa, p: &[Payload], now: u64, out: &mut Vec<Out>) -> bool {
         // NAT detection: the responder saw our packet from an address other than ours, or
         // the responder is not where we sent it (or forces encapsulation).
         let me = SocketAddr::new(self.cfg.local, self.cfg.local_port);
@@ -322,13 +361,24 @@ impl Engine {
                 ),
             );
             self.retry_at = Some(now + 6 * RETRY_MS * MS);
-            return;
+            return false;
         }
         if nat_here || nat_there || self.cfg.force_encap {
             s.natt = true;
             s.peer = SocketAddr::new(s.peer.ip(), self.cfg.remote_natt_port);
         }
-        // IKE_AUTH.
+        true
+    }
+
+    /// IKE_SA_INIT is done: our IKE_AUTH request (identities, AUTH, the CHILD_SA's proposal
+    /// and traffic selectors), in flight until answered.
+    fn send_auth_request(
+        &mut self,
+        mut s: IkeSa,
+        now: u64,
+        rng: &dyn SecureRandom,
+        out: &mut Vec<Out>,
+    ) {
         let new_in = rand_spi(rng);
         let idi = Payload::IdI(self.cfg.local_id.clone());
         let auth = self.auth_payloads(&s, idi.clone(), &s.init_req, &s.nr);
