@@ -83,67 +83,9 @@ impl Engine {
             Payload::Notify { kind, spi, .. } if *kind == notify::REKEY_SA => Some(spi.clone()),
             _ => None,
         });
-        let old_idx = match &rekey_spi {
-            None => {
-                if self.has_active_child() {
-                    self.stats.fail(Failure::Notify(notify::NO_ADDITIONAL_SAS));
-                    return (vec![Payload::notify(35, Vec::new())], After::Keep);
-                }
-                None
-            }
-            Some(spi) => {
-                let old_out = <[u8; 4]>::try_from(&spi[..]).ok().map(u32::from_be_bytes);
-                // The CHILD_SA we send on, even if a CHILD_SA the peer made replaced it and
-                // waits for the peer to confirm (DELETE the old one): a peer that asks to rekey
-                // the old one again never got our answer (strongSwan drops an answer whose
-                // message ID equals that of a request it is processing, and may restart the
-                // exchange on a new IKE SA), so the waiting one is abandoned below.
-                let Some(idx) = self.children.iter().position(|c| {
-                    Some(c.keys.spi_out) == old_out && c.until.is_none() && (!c.replaced || c.out)
-                }) else {
-                    if self
-                        .children
-                        .iter()
-                        .any(|c| Some(c.keys.spi_out) == old_out)
-                    {
-                        // Section 2.25: one we are closing (replaced by our own rekey,
-                        // or deleted): the peer may try again.
-                        self.stats.fail(Failure::RekeyCollision);
-                        return (
-                            vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
-                            After::Keep,
-                        );
-                    }
-                    self.fail(
-                        out,
-                        Failure::Notify(notify::CHILD_SA_NOT_FOUND),
-                        format!("rekey of SPI {old_out:08x?} by {}", self.cfg.name),
-                    );
-                    return (
-                        vec![Payload::Notify {
-                            protocol: proto::ESP,
-                            spi: spi.clone(),
-                            kind: notify::CHILD_SA_NOT_FOUND,
-                            data: Vec::new(),
-                        }],
-                        After::Keep,
-                    );
-                };
-                if self.children[idx].replaced {
-                    for c in &mut self.children {
-                        if c.pending_since.take().is_some() {
-                            c.awaits_delete_of = None;
-                            c.replaced = true;
-                            c.until = Some(now + GRACE_MS * MS);
-                            out.push(Out::Event(Event::ChildDown {
-                                spi_in: c.keys.spi_in,
-                                why: "abandoned: the peer rekeys the SA it replaced again",
-                            }));
-                        }
-                    }
-                }
-                Some(idx)
-            }
+        let old_idx = match self.child_to_rekey(rekey_spi.as_deref(), now, out) {
+            Ok(i) => i,
+            Err(refusal) => return (refusal, After::Keep),
         };
         let old_in = old_idx.map(|i| self.children[i].keys.spi_in);
         let again = old_idx.is_some_and(|i| self.children[i].replaced);
@@ -187,30 +129,9 @@ impl Engine {
             Ok(c) => c,
             Err(n) => return (vec![Payload::notify(n, Vec::new())], After::Keep),
         };
-        let mut resp_ke = None;
-        let shared = match (choice.group, ke) {
-            (Some(g), Some((_, data))) => {
-                let Some(share) = KeyShare::new(g, rng) else {
-                    return (
-                        vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())],
-                        After::Keep,
-                    );
-                };
-                resp_ke = Some(Payload::Ke {
-                    group: g.id(),
-                    data: share.public.clone(),
-                });
-                match share.agree(&data) {
-                    Ok(x) => Some(x),
-                    Err(_) => {
-                        return (
-                            vec![Payload::notify(notify::INVALID_SYNTAX, Vec::new())],
-                            After::Keep,
-                        )
-                    }
-                }
-            }
-            _ => None,
+        let (resp_ke, shared) = match respond_ke(choice.group, ke, rng) {
+            Ok(x) => x,
+            Err(refusal) => return (vec![refusal], After::Keep),
         };
         let spi_in = rand_spi(rng);
         let (i2r, r2i) = crypto::child_keys(
@@ -252,6 +173,72 @@ impl Engine {
         resp.push(Payload::TsI(tsi));
         resp.push(Payload::TsR(tsr));
         (resp, After::Keep)
+    }
+
+    /// The CHILD_SA a CREATE_CHILD_SA request rekeys (by the SPI of its REKEY_SA notify), or
+    /// `None` for a new one when this peer has none active; `Err`: the answer refusing it.
+    fn child_to_rekey(
+        &mut self,
+        rekey_spi: Option<&[u8]>,
+        now: u64,
+        out: &mut Vec<Out>,
+    ) -> Result<Option<usize>, Vec<Payload>> {
+        match rekey_spi {
+            None => {
+                if self.has_active_child() {
+                    self.stats.fail(Failure::Notify(notify::NO_ADDITIONAL_SAS));
+                    return Err(vec![Payload::notify(35, Vec::new())]);
+                }
+                Ok(None)
+            }
+            Some(spi) => {
+                let old_out = <[u8; 4]>::try_from(spi).ok().map(u32::from_be_bytes);
+                // The CHILD_SA we send on, even if a CHILD_SA the peer made replaced it and
+                // waits for the peer to confirm (DELETE the old one): a peer that asks to rekey
+                // the old one again never got our answer (strongSwan drops an answer whose
+                // message ID equals that of a request it is processing, and may restart the
+                // exchange on a new IKE SA), so the waiting one is abandoned below.
+                let Some(idx) = self.children.iter().position(|c| {
+                    Some(c.keys.spi_out) == old_out && c.until.is_none() && (!c.replaced || c.out)
+                }) else {
+                    if self
+                        .children
+                        .iter()
+                        .any(|c| Some(c.keys.spi_out) == old_out)
+                    {
+                        // Section 2.25: one we are closing (replaced by our own rekey,
+                        // or deleted): the peer may try again.
+                        self.stats.fail(Failure::RekeyCollision);
+                        return Err(vec![Payload::notify(notify::TEMPORARY_FAILURE, Vec::new())]);
+                    }
+                    self.fail(
+                        out,
+                        Failure::Notify(notify::CHILD_SA_NOT_FOUND),
+                        format!("rekey of SPI {old_out:08x?} by {}", self.cfg.name),
+                    );
+                    return Err(vec![Payload::Notify {
+                        protocol: proto::ESP,
+                        spi: spi.to_vec(),
+                        kind: notify::CHILD_SA_NOT_FOUND,
+                        data: Vec::new(),
+                    }]);
+                };
+                if self.children[idx].replaced {
+                    for c in &mut self.children {
+                        if c.pending_since.take().is_some() {
+                            c.awaits_delete_of = None;
+                            c.replaced = true;
+                            c.until = Some(now + GRACE_MS * MS);
+                            out.push(Out::Event(Event::ChildDown {
+                                spi_in: c.keys.spi_in,
+                                why: "abandoned: the peer rekeys the SA it replaced again",
+                            }));
+                        }
+                    }
+                }
+                Ok(Some(idx))
+            }
+        }
     }
 
     /// A CREATE_CHILD_SA request that rekeys the IKE SA (RFC 7296 section 1.3.2): the new
@@ -852,4 +839,37 @@ impl Engine {
         self.delete_ike_on(s, now, out);
         After::Replaced(Box::new(new))
     }
+}
+
+/// Our KE payload and the shared secret of a CREATE_CHILD_SA with PFS (both `None` without).
+type Pfs = (Option<Payload>, Option<zeroize::Zeroizing<Vec<u8>>>);
+
+/// Our side of a CREATE_CHILD_SA's Diffie-Hellman (PFS) when the chosen proposal has a group
+/// and the request a key share: our KE payload and the shared secret; `Err`: the notify that
+/// refuses it.
+fn respond_ke(
+    group: Option<Group>,
+    ke: Option<(u16, Vec<u8>)>,
+    rng: &dyn SecureRandom,
+) -> Result<Pfs, Payload> {
+    let mut resp_ke = None;
+    let shared = match (group, ke) {
+        (Some(g), Some((_, data))) => {
+            let Some(share) = KeyShare::new(g, rng) else {
+                return Err(Payload::notify(notify::TEMPORARY_FAILURE, Vec::new()));
+            };
+            resp_ke = Some(Payload::Ke {
+                group: g.id(),
+                data: share.public.clone(),
+            });
+            match share.agree(&data) {
+                Ok(x) => Some(x),
+                Err(_) => {
+                    return Err(Payload::notify(notify::INVALID_SYNTAX, Vec::new()));
+                }
+            }
+        }
+        _ => None,
+    };
+    Ok((resp_ke, shared))
 }
