@@ -724,6 +724,136 @@ fn sa_ids(encap: &EncapSpec) -> Option<(SaId, SaId)> {
     }
 }
 
+/// What a peer's encapsulation gives its two halves: ports, SAs, lifetime and keying.
+struct EncapParts {
+    port: u16,
+    udp: bool,
+    sa_out: Option<(SaId, Arc<OutboundSa>)>,
+    used: Arc<SharedUsed>,
+    sa_in: Option<(SaId, InboundSa)>,
+    older: Vec<(SaId, InboundSa)>,
+    lifetime: Lifetime,
+    keyless: bool,
+    negotiated: bool,
+}
+
+/// The maps an `Inbound` finds peers by, filled peer by peer with the duplicates refused.
+#[derive(Default)]
+struct Lookups {
+    by_spi: HashMap<u32, usize>,
+    by_endpoint: HashMap<IpAddr, usize>,
+}
+
+impl Lookups {
+    /// Inbound SPI `spi` belongs to peer `i`.
+    fn spi(&mut self, spi: u32, i: usize, peers: &[PeerSpec]) -> Result<(), BuildError> {
+        match self.by_spi.insert(spi, i) {
+            Some(j) => Err(BuildError::DuplicateSpi {
+                spi,
+                first: peers[j].name.clone(),
+                second: peers[i].name.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// IP-in-IP from `endpoint` belongs to peer `i` (its own paths may share one).
+    fn endpoint(
+        &mut self,
+        endpoint: IpAddr,
+        i: usize,
+        peers: &[PeerSpec],
+    ) -> Result<(), BuildError> {
+        match self.by_endpoint.insert(endpoint, i) {
+            Some(j) if j != i => Err(BuildError::DuplicateIpIpEndpoint {
+                endpoint,
+                first: peers[j].name.clone(),
+                second: peers[i].name.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Peer `i`'s SAs and keying by its encapsulation; `kept`: its outbound SA of the previous
+/// generation when the same one continues.
+fn encap_parts(
+    peers: &[PeerSpec],
+    i: usize,
+    kept: Option<(SaId, Arc<OutboundSa>, Arc<SharedUsed>)>,
+    lookups: &mut Lookups,
+) -> Result<EncapParts, BuildError> {
+    let p = &peers[i];
+    let keyless = |port: Option<u16>, keyless: bool| EncapParts {
+        port: port.unwrap_or(0),
+        udp: port.is_some(),
+        sa_out: None,
+        used: Arc::default(),
+        sa_in: None,
+        older: Vec::new(),
+        lifetime: Lifetime::default(),
+        keyless,
+        negotiated: keyless,
+    };
+    match &p.encap {
+        EncapSpec::IpIp => {
+            for e in p.endpoints() {
+                lookups.endpoint(e, i, peers)?;
+            }
+            Ok(keyless(None, false))
+        }
+        EncapSpec::EspPending { udp_port, .. } => Ok(keyless(*udp_port, true)),
+        EncapSpec::Esp {
+            spi_out,
+            key_out,
+            spi_in,
+            key_in,
+            replay_window,
+            esn,
+            lifetime,
+            udp_port,
+            ..
+        } => {
+            lookups.spi(*spi_in, i, peers)?;
+            let (out_id, in_id) = sa_ids(&p.encap).expect("ESP has SA ids");
+            let negotiated = p.negotiated.is_some();
+            let (sa_out, used) = match kept {
+                Some((id, sa, used)) => (Some((id, sa)), used),
+                None => {
+                    let sa = Arc::new(OutboundSa::new(*spi_out, key_out, *esn));
+                    if negotiated {
+                        // A key IKEv2 made for this process only: nothing to reserve.
+                        sa.set_limit(u64::MAX);
+                    }
+                    (Some((out_id, sa)), Arc::default())
+                }
+            };
+            let mut older = Vec::new();
+            for (spi, key, esn) in p.negotiated.iter().flatten() {
+                lookups.spi(*spi, i, peers)?;
+                let id = SaId {
+                    cipher: key.cipher(),
+                    spi: *spi,
+                    key: key.fingerprint(),
+                    esn: *esn,
+                };
+                older.push((id, InboundSa::new(*spi, key, *esn, *replay_window)));
+            }
+            Ok(EncapParts {
+                port: udp_port.unwrap_or(0),
+                udp: udp_port.is_some(),
+                sa_out,
+                used,
+                sa_in: Some((in_id, InboundSa::new(*spi_in, key_in, *esn, *replay_window))),
+                older,
+                lifetime: *lifetime,
+                keyless: false,
+                negotiated,
+            })
+        }
+    }
+}
+
 fn build_with(
     peers: &[PeerSpec],
     tunnel: TunnelSpec,
@@ -732,8 +862,7 @@ fn build_with(
     prev: Option<&Outbound>,
 ) -> Result<(Outbound, Inbound), BuildError> {
     let mut routes = PrefixTable::new();
-    let mut by_spi = HashMap::new();
-    let mut by_endpoint = HashMap::new();
+    let mut lookups = Lookups::default();
     let mut out = Vec::new();
     let mut inp = Vec::new();
     for (i, p) in peers.iter().enumerate() {
@@ -769,139 +898,29 @@ fn build_with(
             Some(q) => Arc::new(PeerStats::continued_from(&q.stats)),
             None => Arc::new(PeerStats::default()),
         };
-        match &p.encap {
-            EncapSpec::IpIp => {
-                for e in p.endpoints() {
-                    match by_endpoint.insert(e, i) {
-                        Some(j) if j != i => {
-                            return Err(BuildError::DuplicateIpIpEndpoint {
-                                endpoint: e,
-                                first: peers[j].name.clone(),
-                                second: p.name.clone(),
-                            })
-                        }
-                        _ => {}
-                    }
-                }
-                out.push(OutPeer {
-                    name: p.name.clone(),
-                    endpoint: p.endpoint,
-                    port: 0,
-                    sa: None,
-                    lifetime: Lifetime::default(),
-                    used: Arc::default(),
-                    stats: peer_stats.clone(),
-                    mp: mp.clone(),
-                    keyless: false,
-                    negotiated: false,
-                });
-                inp.push(InPeer {
-                    endpoint: p.endpoint,
-                    udp: false,
-                    sa: None,
-                    older: Vec::new(),
-                    lifetime: Lifetime::default(),
-                    used: Used::default(),
-                    stats: peer_stats,
-                    mp: mp.map(InPaths::new),
-                });
-            }
-            EncapSpec::EspPending { udp_port, .. } => {
-                out.push(OutPeer {
-                    name: p.name.clone(),
-                    endpoint: p.endpoint,
-                    port: udp_port.unwrap_or(0),
-                    sa: None,
-                    lifetime: Lifetime::default(),
-                    used: Arc::default(),
-                    stats: peer_stats.clone(),
-                    mp: mp.clone(),
-                    keyless: true,
-                    negotiated: true,
-                });
-                inp.push(InPeer {
-                    endpoint: p.endpoint,
-                    udp: udp_port.is_some(),
-                    sa: None,
-                    older: Vec::new(),
-                    lifetime: Lifetime::default(),
-                    used: Used::default(),
-                    stats: peer_stats,
-                    mp: mp.map(InPaths::new),
-                });
-            }
-            EncapSpec::Esp {
-                spi_out,
-                key_out,
-                spi_in,
-                key_in,
-                replay_window,
-                esn,
-                lifetime,
-                udp_port,
-                ..
-            } => {
-                if let Some(j) = by_spi.insert(*spi_in, i) {
-                    return Err(BuildError::DuplicateSpi {
-                        spi: *spi_in,
-                        first: peers[j].name.clone(),
-                        second: p.name.clone(),
-                    });
-                }
-                let (out_id, in_id) = ids.expect("ESP has SA ids");
-                let negotiated = p.negotiated.is_some();
-                let (sa, used) = match kept {
-                    Some((id, sa, used)) => (Some((id, sa)), used),
-                    None => {
-                        let sa = Arc::new(OutboundSa::new(*spi_out, key_out, *esn));
-                        if negotiated {
-                            // A key IKEv2 made for this process only: nothing to reserve.
-                            sa.set_limit(u64::MAX);
-                        }
-                        (Some((out_id, sa)), Arc::default())
-                    }
-                };
-                let mut older = Vec::new();
-                for (spi, key, esn) in p.negotiated.iter().flatten() {
-                    if let Some(j) = by_spi.insert(*spi, i) {
-                        return Err(BuildError::DuplicateSpi {
-                            spi: *spi,
-                            first: peers[j].name.clone(),
-                            second: p.name.clone(),
-                        });
-                    }
-                    let id = SaId {
-                        cipher: key.cipher(),
-                        spi: *spi,
-                        key: key.fingerprint(),
-                        esn: *esn,
-                    };
-                    older.push((id, InboundSa::new(*spi, key, *esn, *replay_window)));
-                }
-                out.push(OutPeer {
-                    name: p.name.clone(),
-                    endpoint: p.endpoint,
-                    port: udp_port.unwrap_or(0),
-                    sa,
-                    lifetime: *lifetime,
-                    used,
-                    stats: peer_stats.clone(),
-                    mp: mp.clone(),
-                    keyless: false,
-                    negotiated,
-                });
-                inp.push(InPeer {
-                    endpoint: p.endpoint,
-                    udp: udp_port.is_some(),
-                    older,
-                    sa: Some((in_id, InboundSa::new(*spi_in, key_in, *esn, *replay_window))),
-                    lifetime: *lifetime,
-                    used: Used::default(),
-                    stats: peer_stats,
-                    mp: mp.map(InPaths::new),
-                });
-            }
-        }
+        let parts = encap_parts(peers, i, kept, &mut lookups)?;
+        out.push(OutPeer {
+            name: p.name.clone(),
+            endpoint: p.endpoint,
+            port: parts.port,
+            sa: parts.sa_out,
+            lifetime: parts.lifetime,
+            used: parts.used,
+            stats: peer_stats.clone(),
+            mp: mp.clone(),
+            keyless: parts.keyless,
+            negotiated: parts.negotiated,
+        });
+        inp.push(InPeer {
+            endpoint: p.endpoint,
+            udp: parts.udp,
+            sa: parts.sa_in,
+            older: parts.older,
+            lifetime: parts.lifetime,
+            used: Used::default(),
+            stats: peer_stats,
+            mp: mp.map(InPaths::new),
+        });
     }
     let outbound = Outbound {
         nat: nat.clone(),
@@ -914,8 +933,8 @@ fn build_with(
         nat,
         relay: tunnel.relay,
         allowed: routes,
-        by_spi,
-        by_endpoint,
+        by_spi: lookups.by_spi,
+        by_endpoint: lookups.by_endpoint,
         peers: inp,
         stats,
     };
