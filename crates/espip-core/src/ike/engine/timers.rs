@@ -180,18 +180,11 @@ impl Engine {
         // the peer deletes its new one (strongSwan may never have made it, when it dropped our
         // answer), and a request started on it would hang there, unanswered, until that IKE
         // SA is forgotten: a CHILD_SA rekey stuck like that lets the CHILD_SA die of old age.
-        if let Some(c) = &self.ike_collision {
-            let ours_in_flight = self.others.iter().any(|o| {
-                (o.spi_i, o.spi_r) == c.old
-                    && matches!(
-                        o.flight.as_ref().map(|f| &f.req),
-                        Some(Req::RekeyIke { .. })
-                    )
-            });
-            if ours_in_flight && (s.spi_i, s.spi_r) == c.theirs {
-                return;
-            }
+        let current = (s.spi_i, s.spi_r);
+        if self.waits_for_ike_collision(current) {
+            return;
         }
+        let s = self.ike.as_mut().expect("checked");
         let task = s.queue.remove(0);
         let (payloads, exch, req) = match task {
             Task::Dpd => (Vec::new(), exchange::INFORMATIONAL, Req::Dpd),
@@ -207,22 +200,7 @@ impl Engine {
                 if self.has_active_child() {
                     return self.next_task(now, rng, out);
                 }
-                let new_in = rand_spi(rng);
-                let ni = rand_bytes(rng, 32);
-                let pfs = self.cfg.esp.iter().find_map(|p| p.groups.first().copied());
-                let share = pfs.and_then(|g| KeyShare::new(g, rng));
-                let mut p = vec![
-                    Payload::Sa(self.esp_offer(new_in, share.is_some())),
-                    Payload::Nonce(ni.clone()),
-                ];
-                if let Some(sh) = &share {
-                    p.push(Payload::Ke {
-                        group: sh.group().id(),
-                        data: sh.public.clone(),
-                    });
-                }
-                p.push(Payload::TsI(self.cfg.local_ts.clone()));
-                p.push(Payload::TsR(self.cfg.remote_ts.clone()));
+                let (p, new_in, ni, share) = self.child_request(None, rng);
                 (
                     p,
                     exchange::CREATE_CHILD_SA,
@@ -230,35 +208,14 @@ impl Engine {
                 )
             }
             Task::RekeyChild(old_in) => {
-                let Some(old) = self
+                if !self
                     .children
                     .iter()
-                    .find(|c| c.keys.spi_in == old_in && !c.replaced && c.until.is_none())
-                else {
+                    .any(|c| c.keys.spi_in == old_in && !c.replaced && c.until.is_none())
+                {
                     return self.next_task(now, rng, out);
-                };
-                let new_in = rand_spi(rng);
-                let ni = rand_bytes(rng, 32);
-                let pfs = self.cfg.esp.iter().find_map(|p| p.groups.first().copied());
-                let share = pfs.and_then(|g| KeyShare::new(g, rng));
-                let mut p = vec![
-                    Payload::Notify {
-                        protocol: proto::ESP,
-                        spi: old.keys.spi_in.to_be_bytes().to_vec(),
-                        kind: notify::REKEY_SA,
-                        data: Vec::new(),
-                    },
-                    Payload::Sa(self.esp_offer(new_in, share.is_some())),
-                    Payload::Nonce(ni.clone()),
-                ];
-                if let Some(sh) = &share {
-                    p.push(Payload::Ke {
-                        group: sh.group().id(),
-                        data: sh.public.clone(),
-                    });
                 }
-                p.push(Payload::TsI(self.cfg.local_ts.clone()));
-                p.push(Payload::TsR(self.cfg.remote_ts.clone()));
+                let (p, new_in, ni, share) = self.child_request(Some(old_in), rng);
                 (
                     p,
                     exchange::CREATE_CHILD_SA,
@@ -271,36 +228,11 @@ impl Engine {
                 )
             }
             Task::RekeyIke => {
-                let spi = rand_u64(rng);
-                let ni = rand_bytes(rng, 32);
                 let choice = s.choice().expect("established");
-                let Some(share) = KeyShare::new(choice.group, rng) else {
+                let Some((p, req)) = self.rekey_ike_request(&choice, rng) else {
                     return;
                 };
-                let offer: Vec<Proposal> = self
-                    .cfg
-                    .ike
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| {
-                        // The group of the key share first.
-                        let mut p = p.clone();
-                        p.groups.sort_by_key(|g| *g != choice.group);
-                        p.to_wire(i as u8 + 1, spi.to_be_bytes().to_vec())
-                    })
-                    .collect();
-                (
-                    vec![
-                        Payload::Sa(offer),
-                        Payload::Nonce(ni.clone()),
-                        Payload::Ke {
-                            group: share.group().id(),
-                            data: share.public.clone(),
-                        },
-                    ],
-                    exchange::CREATE_CHILD_SA,
-                    Req::RekeyIke { spi, ni, share },
-                )
+                (p, exchange::CREATE_CHILD_SA, req)
             }
         };
         let s = self.ike.as_mut().expect("checked");
@@ -321,6 +253,94 @@ impl Engine {
             natt: s.natt,
             msg: m,
         });
+    }
+
+    /// Both sides rekey the IKE SA and our answer made the peer's new one (`current`) current:
+    /// until the answer to our own request says which stays, nothing starts on it. If ours
+    /// stays, the peer deletes its new one (strongSwan may never have made it, when it dropped
+    /// our answer), and a request started on it would hang there, unanswered, until that IKE
+    /// SA is forgotten: a CHILD_SA rekey stuck like that lets the CHILD_SA die of old age.
+    fn waits_for_ike_collision(&self, current: (u64, u64)) -> bool {
+        if let Some(c) = &self.ike_collision {
+            let ours_in_flight = self.others.iter().any(|o| {
+                (o.spi_i, o.spi_r) == c.old
+                    && matches!(
+                        o.flight.as_ref().map(|f| &f.req),
+                        Some(Req::RekeyIke { .. })
+                    )
+            });
+            return ours_in_flight && current == c.theirs;
+        }
+        false
+    }
+
+    /// A CREATE_CHILD_SA request for a new CHILD_SA, or the rekey of the one with inbound SPI
+    /// `rekey` (REKEY_SA first): its payloads, our new inbound SPI, nonce and key share (with
+    /// PFS when our ESP proposal has a group).
+    fn child_request(
+        &self,
+        rekey: Option<u32>,
+        rng: &dyn SecureRandom,
+    ) -> (Vec<Payload>, u32, Vec<u8>, Option<KeyShare>) {
+        let new_in = rand_spi(rng);
+        let ni = rand_bytes(rng, 32);
+        let pfs = self.cfg.esp.iter().find_map(|p| p.groups.first().copied());
+        let share = pfs.and_then(|g| KeyShare::new(g, rng));
+        let mut p = Vec::new();
+        if let Some(old_in) = rekey {
+            p.push(Payload::Notify {
+                protocol: proto::ESP,
+                spi: old_in.to_be_bytes().to_vec(),
+                kind: notify::REKEY_SA,
+                data: Vec::new(),
+            });
+        }
+        p.push(Payload::Sa(self.esp_offer(new_in, share.is_some())));
+        p.push(Payload::Nonce(ni.clone()));
+        if let Some(sh) = &share {
+            p.push(Payload::Ke {
+                group: sh.group().id(),
+                data: sh.public.clone(),
+            });
+        }
+        p.push(Payload::TsI(self.cfg.local_ts.clone()));
+        p.push(Payload::TsR(self.cfg.remote_ts.clone()));
+        (p, new_in, ni, share)
+    }
+
+    /// A CREATE_CHILD_SA request rekeying the IKE SA: our proposals with the current group
+    /// first, a nonce and a key share of that group.
+    fn rekey_ike_request(
+        &self,
+        choice: &IkeChoice,
+        rng: &dyn SecureRandom,
+    ) -> Option<(Vec<Payload>, Req)> {
+        let spi = rand_u64(rng);
+        let ni = rand_bytes(rng, 32);
+        let share = KeyShare::new(choice.group, rng)?;
+        let offer: Vec<Proposal> = self
+            .cfg
+            .ike
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                // The group of the key share first.
+                let mut p = p.clone();
+                p.groups.sort_by_key(|g| *g != choice.group);
+                p.to_wire(i as u8 + 1, spi.to_be_bytes().to_vec())
+            })
+            .collect();
+        Some((
+            vec![
+                Payload::Sa(offer),
+                Payload::Nonce(ni.clone()),
+                Payload::Ke {
+                    group: share.group().id(),
+                    data: share.public.clone(),
+                },
+            ],
+            Req::RekeyIke { spi, ni, share },
+        ))
     }
 
     /// Remove the IKE SA and its children; an initiator tries again later.
