@@ -8,7 +8,41 @@ impl Engine {
     pub fn tick(&mut self, now: u64, rng: &dyn SecureRandom) -> Vec<Out> {
         let mut out = Vec::new();
         self.unconfirmed_survivors(now, &mut out);
-        // Child SAs: grace ends, pending switches time out, hard lifetimes.
+        self.tick_children(now, &mut out);
+        self.tick_others(now, &mut out);
+        // Reconnect.
+        if self.ike.is_none() && !self.closing {
+            if let Some(t) = self.retry_at {
+                if now >= t {
+                    self.retry_at = None;
+                    self.initiate(now, rng, &mut out);
+                }
+            }
+            return out;
+        }
+        // Retransmit or give up.
+        let Some(dead) = self.retransmit(now, &mut out) else {
+            return out;
+        };
+        if dead {
+            let detail = format!(
+                "no answer from {} after {} retransmissions",
+                self.cfg.remote.ip(),
+                self.cfg.retransmit_tries
+            );
+            self.teardown(now, &mut out, Failure::PeerDead, detail);
+            return out;
+        }
+        if !self.schedule(now) {
+            return out;
+        }
+        self.next_task(now, rng, &mut out);
+        out
+    }
+
+    /// CHILD_SAs: grace periods end, pending switches time out, hard lifetimes expire (the
+    /// peer is told with a DELETE).
+    fn tick_children(&mut self, now: u64, out: &mut Vec<Out>) {
         let before = self.children.len();
         let mut changed = false;
         self.children.retain(|c| c.until.map_or(true, |u| now < u));
@@ -45,7 +79,11 @@ impl Engine {
         if changed {
             out.push(Out::Changed);
         }
-        // Half-open and replaced IKE SAs.
+    }
+
+    /// Half-open and replaced IKE SAs: forgotten when their time is up, their requests
+    /// (a DELETE of a replaced one) retransmitted.
+    fn tick_others(&mut self, now: u64, out: &mut Vec<Out>) {
         let cfg_tries = self.cfg.retransmit_tries;
         self.others.retain(|s| {
             let half_open_expired = s.state() == State::Authenticating
@@ -69,49 +107,36 @@ impl Engine {
                 }
             }
         }
-        // Reconnect.
-        if self.ike.is_none() && !self.closing {
-            if let Some(t) = self.retry_at {
-                if now >= t {
-                    self.retry_at = None;
-                    self.initiate(now, rng, &mut out);
+    }
+
+    /// Retransmit the IKE SA's request in flight when due: `Some(true)` when it ran out of
+    /// tries (the peer is dead), `None` without an IKE SA.
+    fn retransmit(&mut self, now: u64, out: &mut Vec<Out>) -> Option<bool> {
+        let s = self.ike.as_mut()?;
+        Some(match s.flight.as_mut() {
+            Some(f) if now >= f.next_at => {
+                if f.tries >= self.cfg.retransmit_tries {
+                    true
+                } else {
+                    f.tries += 1;
+                    f.next_at = now + self.cfg.retransmit_ms * MS * (1 << f.tries.min(10));
+                    self.stats.retransmits += 1;
+                    out.push(Out::Send {
+                        to: s.peer,
+                        natt: s.natt,
+                        msg: f.msg.clone(),
+                    });
+                    false
                 }
             }
-            return out;
-        }
-        // Retransmit or give up.
-        let dead = {
-            let Some(s) = self.ike.as_mut() else {
-                return out;
-            };
-            match s.flight.as_mut() {
-                Some(f) if now >= f.next_at => {
-                    if f.tries >= self.cfg.retransmit_tries {
-                        true
-                    } else {
-                        f.tries += 1;
-                        f.next_at = now + self.cfg.retransmit_ms * MS * (1 << f.tries.min(10));
-                        self.stats.retransmits += 1;
-                        out.push(Out::Send {
-                            to: s.peer,
-                            natt: s.natt,
-                            msg: f.msg.clone(),
-                        });
-                        false
-                    }
-                }
-                _ => false,
-            }
-        };
-        if dead {
-            let detail = format!(
-                "no answer from {} after {} retransmissions",
-                self.cfg.remote.ip(),
-                self.cfg.retransmit_tries
-            );
-            self.teardown(now, &mut out, Failure::PeerDead, detail);
-            return out;
-        }
+            _ => false,
+        })
+    }
+
+    /// Queue what is due on the established IKE SA: its rekey, CHILD_SA rekeys (again, when a
+    /// request was lost with an IKE SA), a new CHILD_SA when the IKE SA outlived its last one,
+    /// dead peer detection. False if the IKE SA is not established.
+    fn schedule(&mut self, now: u64) -> bool {
         // CHILD_SAs due for a rekey that no queue or flight holds: a rekey whose request was
         // lost with an IKE SA (replaced, deleted) is asked for again, not forgotten.
         let due: Vec<u32> = self
@@ -123,7 +148,7 @@ impl Engine {
             .collect();
         let s = self.ike.as_mut().expect("checked");
         if s.state() != State::Established {
-            return out;
+            return false;
         }
         // Schedule work.
         if self.cfg.ike_rekey_ms > 0 && now >= s.rekey_at && !s.queue.contains(&Task::RekeyIke) {
@@ -155,8 +180,7 @@ impl Engine {
         {
             s.queue.push(Task::Dpd);
         }
-        self.next_task(now, rng, &mut out);
-        out
+        true
     }
 
     /// Start the next queued request, if none is in flight.
