@@ -263,6 +263,30 @@ fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Resu
         return Ok(());
     }
     // IKEv2 peers: the IKE SAs' keys for Wireshark's ikev2_decryption_table.
+    let ike_lines = ike_key_lines(target)?;
+    for n in &notes {
+        println!("{n}");
+    }
+    if lines.is_empty() {
+        if write.is_some() {
+            eprintln!("nothing written: no SA has a cipher Wireshark can decrypt (see above)");
+        }
+        return Ok(());
+    }
+    print_wireshark(&lines, &ike_lines);
+    if let Some(path) = write {
+        write_key_lines(path, &lines, "SA(s)")?;
+        if !ike_lines.is_empty() {
+            let ike_path = path.with_file_name("ikev2_decryption_table");
+            write_key_lines(&ike_path, &ike_lines, "IKE SA(s)")?;
+        }
+    }
+    Ok(())
+}
+
+/// The IKE SAs' keys of every daemon's IKEv2 peers, as Wireshark ikev2_decryption_table
+/// lines; a line espip would not write is refused.
+fn ike_key_lines(target: &Target) -> Result<Vec<zeroize::Zeroizing<String>>> {
     let mut ike_lines = Vec::new();
     for (sock, _) in target.sockets()? {
         let Ok(raw) = espip::control::request(&sock, "ike-keys") else {
@@ -280,20 +304,16 @@ fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Resu
             ike_lines.push(l);
         }
     }
-    for n in &notes {
-        println!("{n}");
-    }
-    if lines.is_empty() {
-        if write.is_some() {
-            eprintln!("nothing written: no SA has a cipher Wireshark can decrypt (see above)");
-        }
-        return Ok(());
-    }
+    Ok(ike_lines)
+}
+
+/// The esp_sa lines, the ikev2_decryption_table lines and a tshark command using both.
+fn print_wireshark(lines: &[zeroize::Zeroizing<String>], ike_lines: &[zeroize::Zeroizing<String>]) {
     println!("# Wireshark esp_sa (Preferences > Protocols > ESP > ESP SAs, or ~/.config/wireshark/esp_sa):");
-    for l in &lines {
+    for l in lines {
         println!("{}", l.as_str());
     }
-    let opts: Vec<String> = lines
+    let mut opts: Vec<String> = lines
         .iter()
         .map(|l| {
             format!(
@@ -302,10 +322,9 @@ fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Resu
             )
         })
         .collect();
-    let mut opts = opts;
     if !ike_lines.is_empty() {
         println!("# Wireshark ikev2_decryption_table (Preferences > Protocols > ISAKMP > IKEv2 Decryption Table):");
-        for l in &ike_lines {
+        for l in ike_lines {
             println!("{}", l.as_str());
             opts.push(format!(
                 "-o {}",
@@ -318,35 +337,26 @@ fn sa(target: &Target, wireshark: bool, write: Option<&std::path::Path>) -> Resu
         "tshark -o esp.enable_encryption_decode:TRUE -o esp.enable_authentication_check:TRUE {} -r FILE",
         opts.join(" ")
     );
-    if let Some(path) = write {
-        let mut text = zeroize::Zeroizing::new(String::new());
-        for l in &lines {
-            text.push_str(l);
-            text.push('\n');
-        }
-        let mode = espip::sys::safefs::write_private(path, text.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!(
-            "wrote {} SA(s) to {} (mode {mode:04o})",
-            lines.len(),
-            path.display()
-        );
-        if !ike_lines.is_empty() {
-            let ike_path = path.with_file_name("ikev2_decryption_table");
-            let mut text = zeroize::Zeroizing::new(String::new());
-            for l in &ike_lines {
-                text.push_str(l);
-                text.push('\n');
-            }
-            let mode = espip::sys::safefs::write_private(&ike_path, text.as_bytes())
-                .with_context(|| format!("writing {}", ike_path.display()))?;
-            eprintln!(
-                "wrote {} IKE SA(s) to {} (mode {mode:04o})",
-                ike_lines.len(),
-                ike_path.display()
-            );
-        }
+}
+
+/// Write key lines (one per line) to `path`, mode 0600, without following a link there.
+fn write_key_lines(
+    path: &std::path::Path,
+    lines: &[zeroize::Zeroizing<String>],
+    what: &str,
+) -> Result<()> {
+    let mut text = zeroize::Zeroizing::new(String::new());
+    for l in lines {
+        text.push_str(l);
+        text.push('\n');
     }
+    let mode = espip::sys::safefs::write_private(path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "wrote {} {what} to {} (mode {mode:04o})",
+        lines.len(),
+        path.display()
+    );
     Ok(())
 }
 
