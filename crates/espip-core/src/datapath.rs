@@ -1340,78 +1340,10 @@ impl Inbound {
             }
         }
         let (idx, next_header, seq, path) = match protocol {
-            PROTO_ESP | PROTO_UDP => {
-                let Some(spi) = buf.as_slice().get(..4) else {
-                    return Verdict::Drop(DropReason::Malformed);
-                };
-                let spi = u32::from_be_bytes(spi.try_into().expect("4 bytes"));
-                let Some(&idx) = self.by_spi.get(&spi) else {
-                    return Verdict::Drop(DropReason::UnknownSpi);
-                };
-                let peer = &mut self.peers[idx];
-                let path = match &peer.mp {
-                    Some(mp) => mp.shared.path_from(outer_src),
-                    // A peer whose address is learned may send from anywhere: the ICV and the
-                    // replay window decide, and only then does its address move (below).
-                    None => peer.endpoint.map_or(true, |e| e == outer_src).then_some(0),
-                };
-                if path.is_none() || peer.udp != (protocol == PROTO_UDP) {
-                    return Verdict::Drop(DropReason::WrongSource);
-                }
-                let sa = match peer.sa.as_mut() {
-                    Some((_, sa)) if sa.spi() == spi => sa,
-                    _ => match peer.older.iter_mut().find(|(id, _)| id.spi == spi) {
-                        Some((_, sa)) => sa,
-                        None => return Verdict::Drop(DropReason::UnknownSpi),
-                    },
-                };
-                // Checked before decryption against what was used so far (the inner length is
-                // known only after it); counted with the inner length once it verified.
-                if !peer.lifetime.allows(&peer.used, 0, now) {
-                    return Verdict::Drop(DropReason::LifetimeExpired);
-                }
-                match sa.decapsulate(buf) {
-                    Ok(o) => {
-                        if protocol == PROTO_UDP && src_port != 0 {
-                            // Authenticated and new (replay checked): the peer's current port
-                            // (on this path).
-                            let seen = match (&peer.mp, path) {
-                                (Some(mp), Some(i)) => &mp.shared.stats[i].udp_port_seen,
-                                _ => &peer.stats.udp_port_seen,
-                            };
-                            if seen.load(Relaxed) != u32::from(src_port) {
-                                seen.store(u32::from(src_port), Relaxed);
-                            }
-                        }
-                        if peer.endpoint.is_none() && peer.mp.is_none() {
-                            // Authenticated and not a replay: the peer is here now.
-                            peer.stats
-                                .learned
-                                .learn(SocketAddr::new(outer_src, src_port), now);
-                        }
-                        peer.used.packets += 1;
-                        peer.used.bytes += buf.len() as u64;
-                        peer.stats.replay_top.store(sa.replay().top(), Relaxed);
-                        (idx, o.next_header, o.seq, path)
-                    }
-                    Err(EspError::Malformed) => return Verdict::Drop(DropReason::Malformed),
-                    // A `redundant` multipath peer's copies have the same sequence number;
-                    // any other peer's repeated number is a replay.
-                    Err(EspError::Replay(crate::replay::ReplayError::Duplicate))
-                        if peer.mp.as_ref().is_some_and(|m| {
-                            m.shared.spec.scheduler == crate::multipath::Scheduler::Redundant
-                        }) =>
-                    {
-                        return Verdict::Drop(DropReason::Duplicate)
-                    }
-                    Err(EspError::Replay(_)) => return Verdict::Drop(DropReason::Replay),
-                    Err(EspError::BadIcv) => return Verdict::Drop(DropReason::BadIcv),
-                    Err(EspError::BadPadding) => return Verdict::Drop(DropReason::BadPadding),
-                    Err(EspError::SeqExhausted | EspError::SeqUnreserved) => {
-                        return Verdict::Drop(DropReason::Malformed)
-                    }
-                }
-            }
+            PROTO_ESP | PROTO_UDP => match self.open_esp(buf, outer_src, protocol, src_port, now) {
+                Ok(x) => x,
+                Err(r) => return Verdict::Drop(r),
+            },
             PROTO_IPIP | PROTO_IPV6 => {
                 let Some(&idx) = self.by_endpoint.get(&outer_src) else {
                     return Verdict::Drop(DropReason::UnknownPeer);
@@ -1432,8 +1364,104 @@ impl Inbound {
             outer_src,
         };
         let v = self.deliver(buf, &arrival, next_header, now);
-        // A multipath peer's sequence numbers go through the reorder stage: what is for this
-        // host may wait for a gap ahead of it; anything else only takes its place in the order.
+        self.reorder(buf, (idx, seq, path), v, now)
+    }
+
+    /// Step 1 of an ESP packet (RFC 4303 section 3.4): its SA by SPI, the source check, the
+    /// lifetime, then ICV and replay window; on success the peer's port and (for a learned
+    /// endpoint) address follow the packet. The peer's index, the next header, the sequence
+    /// number and the path it came on.
+    #[inline]
+    fn open_esp(
+        &mut self,
+        buf: &mut PacketBuf,
+        outer_src: IpAddr,
+        protocol: u8,
+        src_port: u16,
+        now: u64,
+    ) -> Result<(usize, u8, u64, Option<usize>), DropReason> {
+        let Some(spi) = buf.as_slice().get(..4) else {
+            return Err(DropReason::Malformed);
+        };
+        let spi = u32::from_be_bytes(spi.try_into().expect("4 bytes"));
+        let Some(&idx) = self.by_spi.get(&spi) else {
+            return Err(DropReason::UnknownSpi);
+        };
+        let peer = &mut self.peers[idx];
+        let path = match &peer.mp {
+            Some(mp) => mp.shared.path_from(outer_src),
+            // A peer whose address is learned may send from anywhere: the ICV and the
+            // replay window decide, and only then does its address move (below).
+            None => peer.endpoint.map_or(true, |e| e == outer_src).then_some(0),
+        };
+        if path.is_none() || peer.udp != (protocol == PROTO_UDP) {
+            return Err(DropReason::WrongSource);
+        }
+        let sa = match peer.sa.as_mut() {
+            Some((_, sa)) if sa.spi() == spi => sa,
+            _ => match peer.older.iter_mut().find(|(id, _)| id.spi == spi) {
+                Some((_, sa)) => sa,
+                None => return Err(DropReason::UnknownSpi),
+            },
+        };
+        // Checked before decryption against what was used so far (the inner length is
+        // known only after it); counted with the inner length once it verified.
+        if !peer.lifetime.allows(&peer.used, 0, now) {
+            return Err(DropReason::LifetimeExpired);
+        }
+        match sa.decapsulate(buf) {
+            Ok(o) => {
+                if protocol == PROTO_UDP && src_port != 0 {
+                    // Authenticated and new (replay checked): the peer's current port
+                    // (on this path).
+                    let seen = match (&peer.mp, path) {
+                        (Some(mp), Some(i)) => &mp.shared.stats[i].udp_port_seen,
+                        _ => &peer.stats.udp_port_seen,
+                    };
+                    if seen.load(Relaxed) != u32::from(src_port) {
+                        seen.store(u32::from(src_port), Relaxed);
+                    }
+                }
+                if peer.endpoint.is_none() && peer.mp.is_none() {
+                    // Authenticated and not a replay: the peer is here now.
+                    peer.stats
+                        .learned
+                        .learn(SocketAddr::new(outer_src, src_port), now);
+                }
+                peer.used.packets += 1;
+                peer.used.bytes += buf.len() as u64;
+                peer.stats.replay_top.store(sa.replay().top(), Relaxed);
+                Ok((idx, o.next_header, o.seq, path))
+            }
+            Err(EspError::Malformed) => Err(DropReason::Malformed),
+            // A `redundant` multipath peer's copies have the same sequence number;
+            // any other peer's repeated number is a replay.
+            Err(EspError::Replay(crate::replay::ReplayError::Duplicate))
+                if peer.mp.as_ref().is_some_and(|m| {
+                    m.shared.spec.scheduler == crate::multipath::Scheduler::Redundant
+                }) =>
+            {
+                Err(DropReason::Duplicate)
+            }
+            Err(EspError::Replay(_)) => Err(DropReason::Replay),
+            Err(EspError::BadIcv) => Err(DropReason::BadIcv),
+            Err(EspError::BadPadding) => Err(DropReason::BadPadding),
+            Err(EspError::SeqExhausted | EspError::SeqUnreserved) => Err(DropReason::Malformed),
+        }
+    }
+
+    /// A multipath peer's sequence numbers go through the reorder stage: what is for this
+    /// host (`v` is `ToTun`) may wait for a gap ahead of it; anything else only takes its
+    /// place in the order. Other peers' verdicts pass unchanged.
+    #[inline]
+    fn reorder(
+        &mut self,
+        buf: &PacketBuf,
+        arrival: (usize, u64, Option<usize>),
+        v: Verdict,
+        now: u64,
+    ) -> Verdict {
+        let (idx, seq, path) = arrival;
         let InPeer { mp, .. } = &mut self.peers[idx];
         match (mp, v) {
             (
