@@ -451,40 +451,9 @@ impl Engine {
         let Some(evict) = self.admit_init(h, p, &ni, (from, natt), now, rng, out) else {
             return;
         };
-        let Some(choice) = proposal::choose_ike(&offered, &self.cfg.ike) else {
-            self.fail(
-                out,
-                Failure::Notify(notify::NO_PROPOSAL_CHOSEN),
-                format!(
-                    "peer {} offered no IKE proposal we accept (ours: {})",
-                    self.cfg.name,
-                    self.cfg
-                        .ike
-                        .iter()
-                        .map(IkeProposal::name)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            );
-            out.push(Out::Send {
-                to: from,
-                natt,
-                msg: plain_error(notify::NO_PROPOSAL_CHOSEN, Vec::new()),
-            });
+        let Some(choice) = self.choose_for_init(h, &offered, g, (from, natt), out) else {
             return;
         };
-        if g != choice.group.id() {
-            self.stats.fail(Failure::Notify(notify::INVALID_KE_PAYLOAD));
-            out.push(Out::Send {
-                to: from,
-                natt,
-                msg: plain_error(
-                    notify::INVALID_KE_PAYLOAD,
-                    choice.group.id().to_be_bytes().to_vec(),
-                ),
-            });
-            return;
-        }
         // The key share is checked before any work of ours (a few microseconds, against a
         // key generation's hundreds): not a point of the group, no answer, and it counts
         // towards the cookie threshold.
@@ -544,6 +513,55 @@ impl Engine {
             natt,
             msg: resp,
         });
+    }
+
+    /// The IKE proposal we accept of those `offered`, with the initiator's key share in its
+    /// group `g`; else the refusal (NO_PROPOSAL_CHOSEN, or INVALID_KE_PAYLOAD naming our
+    /// group) is sent and `None` returned.
+    fn choose_for_init(
+        &mut self,
+        h: &Header,
+        offered: &[Proposal],
+        g: u16,
+        (from, natt): (SocketAddr, bool),
+        out: &mut Vec<Out>,
+    ) -> Option<IkeChoice> {
+        let Some(choice) = proposal::choose_ike(offered, &self.cfg.ike) else {
+            self.fail(
+                out,
+                Failure::Notify(notify::NO_PROPOSAL_CHOSEN),
+                format!(
+                    "peer {} offered no IKE proposal we accept (ours: {})",
+                    self.cfg.name,
+                    self.cfg
+                        .ike
+                        .iter()
+                        .map(IkeProposal::name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            out.push(Out::Send {
+                to: from,
+                natt,
+                msg: init_error(h.spi_i, notify::NO_PROPOSAL_CHOSEN, Vec::new()),
+            });
+            return None;
+        };
+        if g != choice.group.id() {
+            self.stats.fail(Failure::Notify(notify::INVALID_KE_PAYLOAD));
+            out.push(Out::Send {
+                to: from,
+                natt,
+                msg: init_error(
+                    h.spi_i,
+                    notify::INVALID_KE_PAYLOAD,
+                    choice.group.id().to_be_bytes().to_vec(),
+                ),
+            });
+            return None;
+        }
+        Some(choice)
     }
 
     /// A retransmitted IKE_SA_INIT (the same bytes from a half-open SA's initiator) gets the

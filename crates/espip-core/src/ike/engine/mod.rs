@@ -1094,16 +1094,8 @@ impl Engine {
                 self.stats.fail(Failure::UnexpectedResponse);
                 return After::Keep;
             }
-            let p = match msg::open_sk(raw, sk, s.peer_key()) {
-                Ok(p) => p,
-                Err(MsgError::BadIcv) => {
-                    self.stats.fail(Failure::BadIcv);
-                    return After::Keep;
-                }
-                Err(_) => {
-                    self.stats.fail(Failure::Malformed);
-                    return After::Keep;
-                }
+            let Some(p) = self.open_sk(raw, sk, s) else {
+                return After::Keep;
             };
             s.last_heard = now;
             if natt {
@@ -1118,16 +1110,8 @@ impl Engine {
             self.stats.fail(Failure::InvalidMessageId);
             return After::Keep;
         }
-        let p = match msg::open_sk(raw, sk, s.peer_key()) {
-            Ok(p) => p,
-            Err(MsgError::BadIcv) => {
-                self.stats.fail(Failure::BadIcv);
-                return After::Keep;
-            }
-            Err(_) => {
-                self.stats.fail(Failure::Malformed);
-                return After::Keep;
-            }
+        let Some(p) = self.open_sk(raw, sk, s) else {
+            return After::Keep;
         };
         if retransmit {
             if let Some((id, m)) = &s.cached {
@@ -1146,12 +1130,52 @@ impl Engine {
         s.peer = from;
         s.natt = natt;
         s.peer_next = s.peer_next.wrapping_add(1);
-        let (payloads, after) = match h.exchange {
+        let (payloads, after) = self.answer_request(s, h.exchange, &p, now, rng, out);
+        let h2 = s.header(h.exchange, h.msg_id, true);
+        let m = s.seal(h2, &payloads);
+        s.cached = Some((h.msg_id, m.clone()));
+        self.stats.responses += 1;
+        out.push(Out::Send {
+            to: s.peer,
+            natt: s.natt,
+            msg: m,
+        });
+        after
+    }
+
+    /// The SK payload of a message on `s` opened with the peer's keys; a failure (ICV or
+    /// format) is counted and `None` returned.
+    fn open_sk(&mut self, raw: &[u8], sk: (usize, u8, usize), s: &IkeSa) -> Option<Vec<Payload>> {
+        match msg::open_sk(raw, sk, s.peer_key()) {
+            Ok(p) => Some(p),
+            Err(MsgError::BadIcv) => {
+                self.stats.fail(Failure::BadIcv);
+                None
+            }
+            Err(_) => {
+                self.stats.fail(Failure::Malformed);
+                None
+            }
+        }
+    }
+
+    /// The answer to a new request of exchange type `kind` on `s` (by exchange and the SA's state), and
+    /// what becomes of the SA after it is sent.
+    fn answer_request(
+        &mut self,
+        s: &mut IkeSa,
+        kind: u8,
+        p: &[Payload],
+        now: u64,
+        rng: &dyn SecureRandom,
+        out: &mut Vec<Out>,
+    ) -> (Vec<Payload>, After) {
+        match kind {
             exchange::IKE_AUTH if !s.initiator && s.state() == State::Authenticating => {
-                self.respond_auth(s, &p, now, rng, out)
+                self.respond_auth(s, p, now, rng, out)
             }
             exchange::CREATE_CHILD_SA if s.state() == State::Established => {
-                self.respond_create(s, &p, now, rng, out)
+                self.respond_create(s, p, now, rng, out)
             }
             // Sent before the peer learnt that this IKE SA was rekeyed (the requests crossed):
             // its CHILD_SAs live on the new one now. Section 2.25: the peer tries again (on
@@ -1164,7 +1188,7 @@ impl Engine {
                 )
             }
             exchange::INFORMATIONAL if s.state() != State::InitSent => {
-                self.respond_info(s, &p, now, out)
+                self.respond_info(s, p, now, out)
             }
             _ => {
                 self.stats.fail(Failure::UnexpectedMessage);
@@ -1173,17 +1197,7 @@ impl Engine {
                     After::Keep,
                 )
             }
-        };
-        let h2 = s.header(h.exchange, h.msg_id, true);
-        let m = s.seal(h2, &payloads);
-        s.cached = Some((h.msg_id, m.clone()));
-        self.stats.responses += 1;
-        out.push(Out::Send {
-            to: s.peer,
-            natt: s.natt,
-            msg: m,
-        });
-        after
+        }
     }
 
     fn on_response(
