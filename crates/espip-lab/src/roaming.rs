@@ -9,7 +9,9 @@ use super::p2p::{
     config_text, topology, write_private, LabKeys, LabMode, A_INNER, A_OUTER, B_INNER,
 };
 use super::Report;
+use espip_core::sa::Cipher;
 use std::io;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Options of `espip lab roaming`.
@@ -70,28 +72,7 @@ pub fn run(opts: &RoamingOptions) -> io::Result<Report> {
     let (LabMode::Esp(c) | LabMode::EspUdp(c)) = opts.mode else {
         unreachable!("checked above")
     };
-    let keys = LabKeys::generate(c)?;
-    let taps = opts.run.pcap_dir.as_deref();
-    for (me_a, host) in [(true, "a"), (false, "b")] {
-        // The client's source follows its address (no `local`); the server names no address
-        // of the client (no `endpoint`).
-        let drop = if me_a { "local =" } else { "endpoint =" };
-        let text: String = config_text(
-            opts.mode,
-            me_a,
-            Some(&keys),
-            false,
-            &work.join(format!("state-{host}")),
-        )
-        .lines()
-        .filter(|l| !l.starts_with(drop))
-        .map(|l| format!("{l}\n"))
-        .collect();
-        write_private(
-            &work.join(format!("{host}.toml")),
-            &(text + &super::capture_lines(taps, host)),
-        )?;
-    }
+    write_configs(opts, c, &work)?;
     // A link slow enough that the transfer outlasts the moves.
     for ns in [&a, &b] {
         netns::run_ok(ns.command("tc").args([
@@ -129,9 +110,67 @@ pub fn run(opts: &RoamingOptions) -> io::Result<Report> {
     );
 
     let bytes = opts.megabytes * 1_000_000;
-    let exe = opts.run.exe.clone();
+    let result = moves_during_transfer(&mut report, &opts.run.exe, (&a, &b), &b_ctl, bytes)?;
+    report.check(
+        format!(
+            "TCP transfer of {} MB A -> B across both moves",
+            opts.megabytes
+        ),
+        result.ok(bytes),
+        format!(
+            "sent {:?}, received {:?} ({:.1} Mbit/s incl. setup)",
+            result.sent.as_ref().map(|d| d.bytes),
+            result.got.as_ref().map(|d| d.bytes),
+            result.mbit_s()
+        ),
+    );
+    if opts.run.keep {
+        report.keep_running(vec![a, b], &work, (da, db));
+        return Ok(report);
+    }
+    report.clean_stop(&mut [(&a, &mut da), (&b, &mut db)])?;
+    report.note_totals(&[("A", &da), ("B", &db)]);
+    report.finish_work(&work, keep_work, "configs and logs");
+    Ok(report)
+}
+
+/// The configurations: the client's source follows its address (no `local`); the server
+/// names no address of the client (no `endpoint`).
+fn write_configs(opts: &RoamingOptions, c: Cipher, work: &Path) -> io::Result<()> {
+    let keys = LabKeys::generate(c)?;
+    let taps = opts.run.pcap_dir.as_deref();
+    for (me_a, host) in [(true, "a"), (false, "b")] {
+        let drop = if me_a { "local =" } else { "endpoint =" };
+        let text: String = config_text(
+            opts.mode,
+            me_a,
+            Some(&keys),
+            false,
+            &work.join(format!("state-{host}")),
+        )
+        .lines()
+        .filter(|l| !l.starts_with(drop))
+        .map(|l| format!("{l}\n"))
+        .collect();
+        write_private(
+            &work.join(format!("{host}.toml")),
+            &(text + &super::capture_lines(taps, host)),
+        )?;
+    }
+    Ok(())
+}
+
+/// A's address changes twice (`MOVES`) while a transfer of `bytes` runs: each move is a check
+/// (B follows, and how long the first ping took to be answered); the transfer's result.
+fn moves_during_transfer(
+    report: &mut Report,
+    exe: &Path,
+    (a, b): (&Netns, &Netns),
+    b_ctl: &Path,
+    bytes: u64,
+) -> io::Result<super::TransferResult> {
     let moved = std::thread::scope(|s| -> io::Result<_> {
-        let t = s.spawn(|| super::transfer(&exe, (&a, &b), B_INNER, bytes));
+        let t = s.spawn(|| super::transfer(exe, (a, b), B_INNER, bytes));
         let mut moved = Vec::new();
         let mut from = A_OUTER;
         for to in MOVES {
@@ -139,8 +178,8 @@ pub fn run(opts: &RoamingOptions) -> io::Result<Report> {
             let running = !t.is_finished();
             a.ip(&["addr", "del", &format!("{from}/24"), "dev", "veth0"])?;
             a.ip(&["addr", "add", &format!("{to}/24"), "dev", "veth0"])?;
-            let took = outage(&a, B_INNER, Duration::from_secs(10));
-            moved.push((to, running, took, learned(&b_ctl)));
+            let took = outage(a, B_INNER, Duration::from_secs(10));
+            moved.push((to, running, took, learned(b_ctl)));
             from = to;
         }
         let result = t
@@ -160,26 +199,5 @@ pub fn run(opts: &RoamingOptions) -> io::Result<Report> {
             ),
         );
     }
-    report.check(
-        format!(
-            "TCP transfer of {} MB A -> B across both moves",
-            opts.megabytes
-        ),
-        result.ok(bytes),
-        format!(
-            "sent {:?}, received {:?} ({:.1} Mbit/s incl. setup)",
-            result.sent.as_ref().map(|d| d.bytes),
-            result.got.as_ref().map(|d| d.bytes),
-            result.mbit_s()
-        ),
-    );
-    if opts.run.keep {
-        report.keep_running(vec![a, b], &work, (da, db));
-        return Ok(report);
-    }
-    let clean = da.stop()? & db.stop()?;
-    report.check("clean stop", clean, "both daemons exited 0");
-    report.note_totals(&[("A", &da), ("B", &db)]);
-    report.finish_work(&work, keep_work, "configs and logs");
-    Ok(report)
+    Ok(result)
 }
