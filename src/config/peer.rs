@@ -5,8 +5,10 @@ use super::mode::{endpoint, Mode};
 use super::raw::{RawPeer, SpiValue};
 use super::{invalid, ConfigError, DEFAULT_REPLAY_WINDOW, MAX_REPLAY_WINDOW};
 use crate::datapath::{EncapSpec, Lifetime, PeerSpec};
+use crate::multipath::PeerPaths;
 use crate::prefix::Prefix;
 use crate::sa::{Cipher, KeyMaterial};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 /// Validate one `[[peer]]`; `base` resolves key file paths; things allowed but probably not
@@ -24,51 +26,9 @@ pub(super) fn peer(
         return Err(invalid("peer.name", "\"\"", "a non-empty name"));
     }
     let mode = Mode::parse(k("mode"), &p.mode)?;
-    let (endpoint, port, multipath) = match (&p.endpoint, p.path.is_empty()) {
-        (Some(raw), true) => {
-            super::paths::refuse_path_settings(&p, &k)?;
-            let (e, port) = endpoint(raw, mode, &k("endpoint"))?;
-            (Some(e), port, None)
-        }
-        (None, false) => {
-            let pp = super::paths::paths(&p, mode, &k, warnings)?;
-            let first = &pp.paths[0];
-            let port = (first.port != 0).then_some(first.port);
-            (Some(first.endpoint), port, Some(pp))
-        }
-        (Some(_), false) => {
-            return Err(invalid(
-                k("endpoint"),
-                "(set, and [[peer.path]] too)",
-                "either one endpoint or several [[peer.path]] tables, each with its own endpoint",
-            ))
-        }
-        // No endpoint: the peer's address is learned from its first authenticated packet.
-        (None, true) => {
-            super::paths::refuse_path_settings(&p, &k)?;
-            if mode == Mode::IpIp {
-                return Err(invalid(
-                    k("endpoint"),
-                    "(missing)",
-                    "the peer's outer address: mode = \"ipip\" tells peers apart by their outer address alone, so an ipip peer cannot be learned (an ESP peer without endpoint can)",
-                ));
-            }
-            (None, None, None)
-        }
-    };
+    let (endpoint, port, multipath) = outer_endpoints(&p, mode, &k, warnings)?;
     let multi = multipath.as_ref().is_some_and(|m| m.paths.len() > 1);
-    let mut allowed_ips = Vec::new();
-    for a in &p.allowed_ips {
-        let prefix: Prefix = a.parse().map_err(|e: crate::prefix::BadPrefix| {
-            invalid(k("allowed_ips"), format!("{a:?}"), e.to_string())
-        })?;
-        allowed_ips.push(prefix);
-    }
-    if allowed_ips.is_empty() {
-        warnings.push(format!(
-            "peer {name:?} has no allowed_ips: nothing will be routed to it or accepted from it"
-        ));
-    }
+    let allowed_ips = allowed_ips(&p, &k, warnings)?;
     let route = p.route.unwrap_or(true);
     let mut ike = None;
     let ikev2 = super::ike::keying(&p, &k)?;
@@ -134,6 +94,73 @@ pub(super) fn peer(
         },
         ike,
     ))
+}
+
+/// A peer's outer address, UDP port and paths.
+type Outer = (Option<IpAddr>, Option<u16>, Option<PeerPaths>);
+
+/// The peer's outer address and UDP port (the first path's, for several paths), and its
+/// paths; no address: learned from its first authenticated packet (not for ipip).
+fn outer_endpoints(
+    p: &RawPeer,
+    mode: Mode,
+    k: &dyn Fn(&str) -> String,
+    warnings: &mut Vec<String>,
+) -> Result<Outer, ConfigError> {
+    Ok(match (&p.endpoint, p.path.is_empty()) {
+        (Some(raw), true) => {
+            super::paths::refuse_path_settings(p, k)?;
+            let (e, port) = endpoint(raw, mode, &k("endpoint"))?;
+            (Some(e), port, None)
+        }
+        (None, false) => {
+            let pp = super::paths::paths(p, mode, k, warnings)?;
+            let first = &pp.paths[0];
+            let port = (first.port != 0).then_some(first.port);
+            (Some(first.endpoint), port, Some(pp))
+        }
+        (Some(_), false) => {
+            return Err(invalid(
+                k("endpoint"),
+                "(set, and [[peer.path]] too)",
+                "either one endpoint or several [[peer.path]] tables, each with its own endpoint",
+            ))
+        }
+        // No endpoint: the peer's address is learned from its first authenticated packet.
+        (None, true) => {
+            super::paths::refuse_path_settings(p, k)?;
+            if mode == Mode::IpIp {
+                return Err(invalid(
+                    k("endpoint"),
+                    "(missing)",
+                    "the peer's outer address: mode = \"ipip\" tells peers apart by their outer address alone, so an ipip peer cannot be learned (an ESP peer without endpoint can)",
+                ));
+            }
+            (None, None, None)
+        }
+    })
+}
+
+/// `allowed_ips` as prefixes (none is allowed, with a warning).
+fn allowed_ips(
+    p: &RawPeer,
+    k: &dyn Fn(&str) -> String,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Prefix>, ConfigError> {
+    let mut allowed_ips = Vec::new();
+    for a in &p.allowed_ips {
+        let prefix: Prefix = a.parse().map_err(|e: crate::prefix::BadPrefix| {
+            invalid(k("allowed_ips"), format!("{a:?}"), e.to_string())
+        })?;
+        allowed_ips.push(prefix);
+    }
+    if allowed_ips.is_empty() {
+        warnings.push(format!(
+            "peer {:?} has no allowed_ips: nothing will be routed to it or accepted from it",
+            p.name
+        ));
+    }
+    Ok(allowed_ips)
 }
 
 /// An ipip peer has no SA: any SA key is a mistake, named.
