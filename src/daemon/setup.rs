@@ -124,31 +124,10 @@ impl Resources {
         let packet = open_packet_sockets(cfg, rt);
         // Before the privilege drop: loading and attaching XDP needs CAP_BPF and CAP_NET_ADMIN.
         let xdp = open_xdp(cfg, rt);
-        let hops = Arc::new(arc_swap::ArcSwap::from_pointee(if packet.is_empty() {
-            NextHops::default()
-        } else {
-            rt.block_on(crate::sys::netlink::next_hops(
-                &raw_endpoints(cfg),
-                cfg.interface.local,
-            ))
-            .unwrap_or_default()
-        }));
-        // A tunnel without IPv6 gets none on its TUN: no link-local address, so no router
-        // solicitations for the data path to count as `no_route` before any traffic.
-        let routes = cfg.routes();
-        if !cfg.interface.addresses.iter().any(|a| a.addr.is_ipv6())
-            && !routes.iter().any(|p| p.addr().is_ipv6())
-        {
-            if let Err(e) = crate::sys::sysctl::disable_ipv6_on(tun.name()) {
-                tracing::debug!("IPv6 left on {}: {e}", tun.name());
-            }
-        }
-        let added = rt.block_on(crate::sys::netlink::configure(
-            tun.name(),
-            mtu,
-            &cfg.interface.addresses,
-            &cfg.routes(),
-        ))?;
+        let hops = Arc::new(arc_swap::ArcSwap::from_pointee(initial_hops(
+            cfg, rt, &packet,
+        )));
+        let added = configure_tun(cfg, rt, tun, mtu)?;
         let sysctls = kernel_settings(cfg, &state, tun)?;
         let tunnel = TunnelSpec {
             relay: cfg.interface.forward,
@@ -225,6 +204,44 @@ impl Resources {
             .filter_map(crate::sys::kstats::inode)
             .chain(self.udp.iter().filter_map(crate::sys::kstats::inode))
             .collect()
+    }
+}
+
+/// The TUN's addresses, MTU and routes (no IPv6 on it at all when the tunnel carries none:
+/// no link-local address, so no router solicitations for the data path to count as
+/// `no_route` before any traffic); the routes added.
+fn configure_tun(
+    cfg: &Config,
+    rt: &tokio::runtime::Runtime,
+    tun: &Tun,
+    mtu: u16,
+) -> Result<Vec<crate::prefix::Prefix>, DaemonError> {
+    let routes = cfg.routes();
+    if !cfg.interface.addresses.iter().any(|a| a.addr.is_ipv6())
+        && !routes.iter().any(|p| p.addr().is_ipv6())
+    {
+        if let Err(e) = crate::sys::sysctl::disable_ipv6_on(tun.name()) {
+            tracing::debug!("IPv6 left on {}: {e}", tun.name());
+        }
+    }
+    Ok(rt.block_on(crate::sys::netlink::configure(
+        tun.name(),
+        mtu,
+        &cfg.interface.addresses,
+        &cfg.routes(),
+    ))?)
+}
+
+/// The next hops of the raw endpoints for the AF_PACKET fast path (none without its sockets).
+fn initial_hops(cfg: &Config, rt: &tokio::runtime::Runtime, packet: &[PacketSocket]) -> NextHops {
+    if packet.is_empty() {
+        NextHops::default()
+    } else {
+        rt.block_on(crate::sys::netlink::next_hops(
+            &raw_endpoints(cfg),
+            cfg.interface.local,
+        ))
+        .unwrap_or_default()
     }
 }
 
