@@ -53,6 +53,91 @@ const MAX_CLIENTS: usize = 16;
 /// ENOBUFS, ENOMEM): the pending connection stays queued, so retrying at once would spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Why the daemon refused a control request (a reload, a rekey, or the caller itself): what
+/// the client prints after "the daemon refused:".
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The caller is not root.
+    #[error("uid {uid} may not make request {request:?}: espip answers root only (run espip show/sa as root)")]
+    NotRoot {
+        /// The caller's uid.
+        uid: u32,
+        /// What it asked (escaped).
+        request: String,
+    },
+    /// A request line this daemon does not know.
+    #[error("expected {0}")]
+    BadRequest(&'static str),
+    /// This daemon runs without the serving loop that takes the request (reload or rekey).
+    #[error("this daemon does not take {0}")]
+    NotTaken(&'static str),
+    /// The serving loop is gone.
+    #[error("the daemon is stopping")]
+    Stopping,
+    /// The serving loop did not answer in time.
+    #[error("no answer within {0} s; see the daemon's log")]
+    Timeout(u64),
+    /// The reload document is not one `espip reload` writes.
+    #[error("a reload document espip did not write: {0}")]
+    Document(String),
+    /// The configuration of the reload is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The reload changes what only a restart can (`what`: the section or keys).
+    #[error("{0} changed: a reload changes peers only; restart espip to apply it")]
+    NeedsRestart(String),
+    /// A peer needs a socket the daemon did not open at start.
+    #[error("peer {peer:?} uses mode {mode} over {family}, which no peer used at start: restart espip to open it")]
+    NewTransport {
+        /// The peer.
+        peer: String,
+        /// Its mode and the socket it needs.
+        mode: &'static str,
+        /// IPv4 or IPv6.
+        family: &'static str,
+    },
+    /// IKEv2 needs UDP port 500, opened at start only.
+    #[error("a peer now uses keying = \"ikev2\", which needs UDP port 500 opened at start: restart espip")]
+    IkeNotStarted,
+    /// The derived tunnel MTU would change.
+    #[error("the tunnel MTU would change from {from} to {to} (the path MTU to a new endpoint is smaller): restart espip, or set interface.mtu")]
+    MtuChange {
+        /// Today's MTU.
+        from: u16,
+        /// The new configuration's.
+        to: u16,
+    },
+    /// The MTU of the new configuration could not be found.
+    #[error("the new configuration's tunnel MTU: {0}")]
+    Mtu(String),
+    /// The data path refused the peers (duplicate prefixes, SPIs, endpoints).
+    #[error(transparent)]
+    Build(#[from] crate::datapath::BuildError),
+    /// Two outbound SAs under one key would reuse nonces.
+    #[error(
+        "two outbound SAs would use key {0}: they would reuse nonces; give each SA its own key"
+    )]
+    SharedKey(String),
+    /// A new SA's sequence numbers could not be reserved.
+    #[error("{0}")]
+    Reservation(#[from] crate::sys::seqstore::SeqError),
+    /// The same, with the state directory out of reach of a daemon that dropped root.
+    #[error("{0} (a daemon that dropped its privileges cannot open root's state directory: use `espip reload`, which opens it as root)")]
+    StateOutOfReach(crate::sys::seqstore::SeqError),
+    /// A refused reload: nothing of it applied.
+    #[error("{0} (the running configuration is unchanged)")]
+    Unchanged(Box<Refused>),
+    /// `espip rekey` named no IKEv2 peer.
+    #[error("no IKEv2 peer{}", .0.as_ref().map(|p| format!(" named {p:?}")).unwrap_or_default())]
+    NoIkePeer(Option<String>),
+    /// No peer uses IKEv2.
+    #[error("no peer uses keying = \"ikev2\": static SAs are never rekeyed")]
+    StaticOnly,
+    /// Every peer asked to rekey refused (each "peer: why").
+    #[error("{}", .0.join("; "))]
+    RekeyRefused(Vec<String>),
+}
+
 /// The bound control socket; the file is removed on drop.
 pub struct ControlSocket {
     listener: Option<UnixListener>,
@@ -138,7 +223,7 @@ pub struct ReloadRequest {
     /// file).
     pub key_files: Vec<(String, std::fs::File)>,
     /// The answer: a summary of what changed, or why nothing did.
-    pub reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    pub reply: tokio::sync::oneshot::Sender<Result<String, Refused>>,
 }
 
 /// `espip rekey`: rekey the CHILD_SAs (or the IKE SA) of IKEv2 peers now, for the serving
@@ -149,5 +234,5 @@ pub struct RekeyRequest {
     /// The IKE SA instead of the CHILD_SAs.
     pub ike: bool,
     /// What was started, or why nothing was.
-    pub reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    pub reply: tokio::sync::oneshot::Sender<Result<String, Refused>>,
 }

@@ -54,14 +54,14 @@ where
 
 /// Whether a caller with these credentials may make `request`: root only, for every request
 /// (keys and status alike; docs/security.md).
-pub fn authorized(uid: u32, request: &str) -> Result<(), String> {
+pub fn authorized(uid: u32, request: &str) -> Result<(), Refused> {
     if uid == 0 {
         Ok(())
     } else {
-        Err(format!(
-            "uid {uid} may not make request {:?}: espip answers root only (run espip show/sa as root)",
-            request.escape_debug().to_string()
-        ))
+        Err(Refused::NotRoot {
+            uid,
+            request: request.escape_debug().to_string(),
+        })
     }
 }
 
@@ -99,7 +99,7 @@ pub async fn serve_control(listener: UnixListener, live: Arc<Live>) {
                 Err(why) => {
                     debug!(uid, "control request refused");
                     zeroize::Zeroizing::new(
-                        serde_json::to_vec(&serde_json::json!({ "error": why }))
+                        serde_json::to_vec(&serde_json::json!({ "error": why.to_string() }))
                             .unwrap_or_default(),
                     )
                 }

@@ -344,7 +344,7 @@ impl Live {
         let result = self.reload_inner(doc, fds).await;
         let v = match result {
             Ok(summary) => serde_json::json!({ "reloaded": summary }),
-            Err(e) => serde_json::json!({ "error": e }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
         };
         zeroize::Zeroizing::new(serde_json::to_vec(&v).unwrap_or_default())
     }
@@ -353,27 +353,29 @@ impl Live {
     pub(super) async fn rekey(&self, request: &str) -> zeroize::Zeroizing<Vec<u8>> {
         let result = async {
             let Some(tx) = &self.rekey else {
-                return Err("this daemon does not take rekey requests".to_string());
+                return Err(Refused::NotTaken("rekey requests"));
             };
             let mut words = request.split_whitespace().skip(1);
             let ike = match words.next() {
                 Some("ike") => true,
                 Some("child") => false,
-                _ => return Err("expected \"rekey child [PEER]\" or \"rekey ike [PEER]\"".into()),
+                _ => {
+                    return Err(Refused::BadRequest(
+                        "\"rekey child [PEER]\" or \"rekey ike [PEER]\"",
+                    ))
+                }
             };
             let peer = words.next().map(str::to_string);
             let (reply, answer) = tokio::sync::oneshot::channel();
             tx.send(RekeyRequest { peer, ike, reply })
                 .await
-                .map_err(|_| "the daemon is stopping".to_string())?;
-            answer
-                .await
-                .map_err(|_| "the daemon is stopping".to_string())?
+                .map_err(|_| Refused::Stopping)?;
+            answer.await.map_err(|_| Refused::Stopping)?
         }
         .await;
         let v = match result {
             Ok(s) => serde_json::json!({ "rekey": s }),
-            Err(e) => serde_json::json!({ "error": e }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
         };
         zeroize::Zeroizing::new(serde_json::to_vec(&v).unwrap_or_default())
     }
@@ -382,22 +384,21 @@ impl Live {
         &self,
         doc: &[u8],
         fds: Vec<std::os::fd::OwnedFd>,
-    ) -> Result<String, String> {
+    ) -> Result<String, Refused> {
         let Some(tx) = &self.reload else {
-            return Err("this daemon does not take reloads".into());
+            return Err(Refused::NotTaken("reloads"));
         };
-        let d: ReloadDocument = serde_json::from_slice(doc)
-            .map_err(|e| format!("a reload document espip did not write: {e}"))?;
+        let d: ReloadDocument =
+            serde_json::from_slice(doc).map_err(|e| Refused::Document(e.to_string()))?;
         if d.keys.len() != fds.len() {
-            return Err(format!(
-                "the reload names {} key state files but passed {} descriptors",
+            return Err(Refused::Document(format!(
+                "it names {} key state files but passed {} descriptors",
                 d.keys.len(),
                 fds.len()
-            ));
+            )));
         }
         let files = d.files.into_iter().collect();
-        let cfg = Config::parse_with(&d.config, &d.base, &KeyFiles::given(files))
-            .map_err(|e| e.to_string())?;
+        let cfg = Config::parse_with(&d.config, &d.base, &KeyFiles::given(files))?;
         let key_files = d
             .keys
             .into_iter()
@@ -411,14 +412,11 @@ impl Live {
             reply,
         })
         .await
-        .map_err(|_| "the daemon is stopping".to_string())?;
+        .map_err(|_| Refused::Stopping)?;
         match tokio::time::timeout(RELOAD_TIMEOUT, answer).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err("the daemon is stopping".into()),
-            Err(_) => Err(format!(
-                "no answer within {} s; see the daemon's log",
-                RELOAD_TIMEOUT.as_secs()
-            )),
+            Ok(Err(_)) => Err(Refused::Stopping),
+            Err(_) => Err(Refused::Timeout(RELOAD_TIMEOUT.as_secs())),
         }
     }
 

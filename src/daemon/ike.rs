@@ -8,6 +8,7 @@
 
 use super::reload::Reloader;
 use crate::config::{Config, IkePeer, IkeRole};
+use crate::control::Refused;
 use crate::datapath::{EncapSpec, Lifetime, PeerSpec};
 use crate::ike::engine::{ChildKeys, Engine, Event, IkeConfig, Out, Role, SaStatus};
 use crate::ike::msg::Id;
@@ -385,16 +386,13 @@ impl IkeDriver {
         peer: Option<&str>,
         ike: bool,
         reloader: &mut Reloader<'_>,
-    ) -> Result<String, String> {
+    ) -> Result<String, Refused> {
         let now = self.now();
         let chosen: Vec<usize> = (0..self.peers.len())
             .filter(|&i| peer.map_or(true, |p| self.peers[i].name == p))
             .collect();
         if chosen.is_empty() {
-            return Err(match peer {
-                Some(p) => format!("no IKEv2 peer named {p:?}"),
-                None => "no IKEv2 peer".into(),
-            });
+            return Err(Refused::NoIkePeer(peer.map(str::to_string)));
         }
         let mut started = Vec::new();
         let mut refused = Vec::new();
@@ -409,7 +407,7 @@ impl IkeDriver {
         }
         let what = if ike { "IKE SA" } else { "CHILD_SA" };
         match (started.is_empty(), refused.is_empty()) {
-            (true, _) => Err(refused.join("; ")),
+            (true, _) => Err(Refused::RekeyRefused(refused)),
             (false, true) => Ok(format!("{what} rekey requested for {}", started.join(", "))),
             (false, false) => Ok(format!(
                 "{what} rekey requested for {}; not for {}",

@@ -26,6 +26,7 @@
 use super::seq::reserve_new;
 use crate::config::Config;
 use crate::control::Live;
+use crate::control::Refused;
 use crate::datapath::{self, EncapSpec, TunnelSpec};
 use crate::prefix::Prefix;
 use crate::sys::seqstore::SeqStore;
@@ -57,7 +58,7 @@ impl Reloader<'_> {
         &mut self,
         cfg: Config,
         key_files: Vec<(String, File)>,
-    ) -> Result<String, String> {
+    ) -> Result<String, Refused> {
         let old = self.live.current.load_full();
         self.compatible(&old.cfg, &cfg)?;
         let tunnel = TunnelSpec {
@@ -65,8 +66,7 @@ impl Reloader<'_> {
             mtu: self.live.mtu,
         };
         let (outbound, inbound) =
-            datapath::rebuild(&cfg.peers, tunnel, cfg.nat_table(), &old.outbound)
-                .map_err(|e| e.to_string())?;
+            datapath::rebuild(&cfg.peers, tunnel, cfg.nat_table(), &old.outbound)?;
         // Sequence numbers of new SAs are durable before anything can send with them.
         let reserved = reserve_new(&outbound, &old.outbound, self.store, key_files);
         let in_use: HashSet<String> = (0..outbound.peer_count())
@@ -136,15 +136,14 @@ impl Reloader<'_> {
     /// which every other SA continues. Nothing but SAs changes, so no route moves and no
     /// reservation is written (negotiated keys have none). Synchronous: the caller sends the
     /// IKE message that lets the peer use a new SA only after this returned.
-    pub(super) fn publish_keys(&mut self, cfg: Config) -> Result<(), String> {
+    pub(super) fn publish_keys(&mut self, cfg: Config) -> Result<(), Refused> {
         let old = self.live.current.load_full();
         let tunnel = TunnelSpec {
             relay: cfg.interface.forward,
             mtu: self.live.mtu,
         };
         let (outbound, inbound) =
-            datapath::rebuild(&cfg.peers, tunnel, cfg.nat_table(), &old.outbound)
-                .map_err(|e| e.to_string())?;
+            datapath::rebuild(&cfg.peers, tunnel, cfg.nat_table(), &old.outbound)?;
         reserve_new(&outbound, &old.outbound, self.store, Vec::new())?;
         let next = Generation {
             sent_from: old.sent_from.clone(),
@@ -159,13 +158,9 @@ impl Reloader<'_> {
     }
 
     /// Refuse what only a restart can change.
-    fn compatible(&self, old: &Config, new: &Config) -> Result<(), String> {
+    fn compatible(&self, old: &Config, new: &Config) -> Result<(), Refused> {
         // (The caller adds that the running configuration is unchanged.)
-        let restart = |what: &str| {
-            Err(format!(
-                "{what} changed: a reload changes peers only; restart espip to apply it"
-            ))
-        };
+        let restart = |what: &str| Err(Refused::NeedsRestart(what.to_string()));
         if old.interface != new.interface {
             let keys = old.interface.changed_keys(&new.interface);
             return restart(&format!(
@@ -198,21 +193,21 @@ impl Reloader<'_> {
             };
             for v6 in new.peer_families(p) {
                 if !self.transports.contains(&(v6, protocol)) {
-                    return Err(format!(
-                        "peer {:?} uses mode {what} over {}, which no peer used at start: restart espip to open it",
-                        p.name,
-                        if v6 { "IPv6" } else { "IPv4" }
-                    ));
+                    return Err(Refused::NewTransport {
+                        peer: p.name.clone(),
+                        mode: what,
+                        family: if v6 { "IPv6" } else { "IPv4" },
+                    });
                 }
             }
         }
         if new.interface.mtu.is_none() {
-            let mtu = super::setup::tunnel_mtu(new).map_err(|e| e.to_string())?;
+            let mtu = super::setup::tunnel_mtu(new).map_err(|e| Refused::Mtu(e.to_string()))?;
             if mtu != self.live.mtu {
-                return Err(format!(
-                    "the tunnel MTU would change from {} to {mtu} (the path MTU to a new endpoint is smaller): restart espip, or set interface.mtu",
-                    self.live.mtu
-                ));
+                return Err(Refused::MtuChange {
+                    from: self.live.mtu,
+                    to: mtu,
+                });
             }
         }
         Ok(())

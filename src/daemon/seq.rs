@@ -5,6 +5,7 @@
 //! disk stalls for longer than half a block lasts, the SA drops (`seq_unreserved`) rather
 //! than risk a repeat.
 
+use crate::control::Refused;
 use crate::datapath::Outbound;
 use crate::sys::seqstore::{SeqError, SeqStore, RESERVE};
 use crate::telemetry::RateLimit;
@@ -64,7 +65,7 @@ pub(super) fn reserve_new(
     prev: &Outbound,
     store: &mut SeqStore,
     mut key_files: Vec<(String, std::fs::File)>,
-) -> Result<(), String> {
+) -> Result<(), Refused> {
     let mut seen = std::collections::HashSet::new();
     for idx in 0..next.peer_count() {
         let Some((spi, fp, _, _)) = next.sa_reservation(idx) else {
@@ -72,9 +73,7 @@ pub(super) fn reserve_new(
         };
         let fp = fp.to_string();
         if !seen.insert(fp.clone()) {
-            return Err(format!(
-                "two outbound SAs would use key {fp}: they would reuse nonces; give each SA its own key"
-            ));
+            return Err(Refused::SharedKey(fp));
         }
         if next.sa_continues(idx, prev) {
             continue;
@@ -83,13 +82,11 @@ pub(super) fn reserve_new(
             Some(r)
         } else if let Some(i) = key_files.iter().position(|(f, _)| *f == fp) {
             let (_, file) = key_files.swap_remove(i);
-            store.adopt(&fp, file).map_err(|e| e.to_string())?
+            store.adopt(&fp, file)?
         } else {
-            store.load(spi, &fp).map_err(|e| {
-                format!("{e} (a daemon that dropped its privileges cannot open root's state directory: use `espip reload`, which opens it as root)")
-            })?
+            store.load(spi, &fp).map_err(Refused::StateOutOfReach)?
         };
-        reserve_from(next, idx, &fp, saved, store).map_err(|e| e.to_string())?;
+        reserve_from(next, idx, &fp, saved, store)?;
     }
     Ok(())
 }

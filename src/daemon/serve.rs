@@ -8,7 +8,7 @@ use super::reload::Reloader;
 use super::seq::{extend_reservations, RESERVATION_TICK};
 use super::workers::Ended;
 use crate::config::Config;
-use crate::control::{Live, ReloadRequest};
+use crate::control::{Live, Refused, ReloadRequest};
 use crate::datapath::{EncapSpec, Stats};
 use crate::telemetry::{EdgeStats, Generation, RateLimit};
 use std::collections::HashMap;
@@ -133,14 +133,14 @@ pub(super) fn serve(
                         .await
                         .map_err(|e| {
                             warn!("reload refused, the running configuration is unchanged: {e}");
-                            format!("{e} (the running configuration is unchanged)")
+                            Refused::Unchanged(Box::new(e))
                         });
                     let _ = r.reply.send(result);
                 }
                 Some(r) = rekey.recv() => {
                     let result = match ike.as_mut() {
                         Some(d) => d.rekey(r.peer.as_deref(), r.ike, &mut reloader).await,
-                        None => Err("no peer uses keying = \"ikev2\": static SAs are never rekeyed".into()),
+                        None => Err(Refused::StaticOnly),
                     };
                     let _ = r.reply.send(result);
                 }
@@ -170,12 +170,10 @@ async fn reload_with_ike(
     ike: Option<&mut IkeDriver>,
     mut cfg: Config,
     key_files: Vec<(String, std::fs::File)>,
-) -> Result<String, String> {
+) -> Result<String, Refused> {
     let Some(d) = ike else {
         if !cfg.ike.is_empty() {
-            return Err(
-                "a peer now uses keying = \"ikev2\", which needs UDP port 500 opened at start: restart espip".into(),
-            );
+            return Err(Refused::IkeNotStarted);
         }
         return reloader.apply(cfg, key_files).await;
     };
