@@ -299,12 +299,31 @@ pub enum ToolCmd {
     },
 }
 
-pub fn parse_spi(s: &str) -> Result<u32, String> {
+/// An SPI on the command line that is not a 32-bit number (decimal, or hex after `0x`).
+#[derive(Debug)]
+pub struct BadSpi {
+    text: String,
+    why: std::num::ParseIntError,
+}
+
+impl std::fmt::Display for BadSpi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.text, self.why)
+    }
+}
+
+impl std::error::Error for BadSpi {}
+
+/// An SPI: decimal, or hex after `0x`.
+pub fn parse_spi(s: &str) -> Result<u32, BadSpi> {
     let r = match s.strip_prefix("0x") {
         Some(h) => u32::from_str_radix(h, 16),
         None => s.parse(),
     };
-    r.map_err(|e| format!("{s:?}: {e}"))
+    r.map_err(|why| BadSpi {
+        text: s.to_string(),
+        why,
+    })
 }
 
 /// The options of `espip lab ike`.

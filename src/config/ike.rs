@@ -338,11 +338,15 @@ fn proposals(
     };
     let mut ike_proposals = Vec::new();
     for s in list("ike_proposals", &p.ike_proposals, DEFAULT_IKE_PROPOSAL) {
-        ike_proposals.push(IkeProposal::parse(&s).map_err(|e| invalid(k("ike_proposals"), &s, e))?);
+        ike_proposals.push(
+            IkeProposal::parse(&s).map_err(|e| invalid(k("ike_proposals"), &s, e.to_string()))?,
+        );
     }
     let mut esp_proposals = Vec::new();
     for s in list("esp_proposals", &p.esp_proposals, DEFAULT_ESP_PROPOSAL) {
-        esp_proposals.push(EspProposal::parse(&s).map_err(|e| invalid(k("esp_proposals"), &s, e))?);
+        esp_proposals.push(
+            EspProposal::parse(&s).map_err(|e| invalid(k("esp_proposals"), &s, e.to_string()))?,
+        );
     }
     if ike_proposals.is_empty() || esp_proposals.is_empty() {
         return Err(invalid(

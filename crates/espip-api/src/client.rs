@@ -10,37 +10,64 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Why a control socket is not trusted (see [`trusted_socket`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Untrusted {
+    /// It cannot be examined (missing, or its directory is).
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// Something other than a socket.
+    #[error("not a socket")]
+    NotASocket,
+    /// A socket of another user.
+    #[error("the socket belongs to uid {0}")]
+    Owner(u32),
+    /// In a directory another user owns.
+    #[error("its directory {} belongs to uid {uid}, who could have replaced it", .dir.display())]
+    DirectoryOwner {
+        /// The directory.
+        dir: PathBuf,
+        /// Its owner.
+        uid: u32,
+    },
+    /// In a directory others may write.
+    #[error("its directory {} is writable by others (mode {mode:04o})", .dir.display())]
+    DirectoryWritable {
+        /// The directory.
+        dir: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
 /// Whether `path` (not followed) is a socket of root's (or of this user's) in a directory
 /// only root (or this user) can write.
-fn trusted_socket(path: &Path) -> Result<(), String> {
+fn trusted_socket(path: &Path) -> Result<(), Untrusted> {
     let me = nix::unistd::geteuid().as_raw();
-    let m = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    let m = std::fs::symlink_metadata(path)?;
     if !m.file_type().is_socket() {
-        return Err("not a socket".into());
+        return Err(Untrusted::NotASocket);
     }
     if m.uid() != 0 && m.uid() != me {
-        return Err(format!("the socket belongs to uid {}", m.uid()));
+        return Err(Untrusted::Owner(m.uid()));
     }
     let dir = path.parent().unwrap_or(Path::new("."));
     let d = std::fs::metadata(if dir.as_os_str().is_empty() {
         Path::new(".")
     } else {
         dir
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     if d.uid() != 0 && d.uid() != me {
-        return Err(format!(
-            "its directory {} belongs to uid {}, who could have replaced it",
-            dir.display(),
-            d.uid()
-        ));
+        return Err(Untrusted::DirectoryOwner {
+            dir: dir.to_path_buf(),
+            uid: d.uid(),
+        });
     }
     if d.mode() & 0o022 != 0 {
-        return Err(format!(
-            "its directory {} is writable by others (mode {:04o})",
-            dir.display(),
-            d.mode() & 0o7777
-        ));
+        return Err(Untrusted::DirectoryWritable {
+            dir: dir.to_path_buf(),
+            mode: d.mode() & 0o7777,
+        });
     }
     Ok(())
 }
@@ -78,10 +105,10 @@ fn exchange(
         if std::fs::symlink_metadata(path).is_err() {
             return Err(ControlError::NotRunning(
                 path.to_path_buf(),
-                io::Error::new(io::ErrorKind::NotFound, why),
+                io::Error::new(io::ErrorKind::NotFound, why.to_string()),
             ));
         }
-        return Err(untrusted(why));
+        return Err(untrusted(why.to_string()));
     }
     let mut s =
         UnixStream::connect(path).map_err(|e| ControlError::NotRunning(path.to_path_buf(), e))?;

@@ -157,9 +157,9 @@ pub fn start_capture(
 #[derive(Debug, Clone)]
 pub struct TransferResult {
     /// Digest printed by the source.
-    pub sent: Result<transfer::Digest, String>,
+    pub sent: Result<transfer::Digest, transfer::NotADigest>,
     /// Digest printed by the sink.
-    pub got: Result<transfer::Digest, String>,
+    pub got: Result<transfer::Digest, transfer::NotADigest>,
     /// From the sink's start to the source's end.
     pub elapsed: std::time::Duration,
 }
@@ -226,7 +226,8 @@ pub fn transfer_on(
     let parse = |o: &std::process::Output| {
         text(&o.stdout)
             .parse::<transfer::Digest>()
-            .map_err(|_| format!("{} {}", text(&o.stdout), text(&o.stderr)))
+            // What the tool printed instead, its errors included.
+            .map_err(|_| transfer::NotADigest(format!("{} {}", text(&o.stdout), text(&o.stderr))))
     };
     Ok(TransferResult {
         sent: parse(&src_out),

@@ -46,30 +46,67 @@ pub struct LinkSpec {
     pub loss_percent: f64,
 }
 
+/// Why a link given as `RATE/RTT[/LOSS]` was refused (`spec`: what was given).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LinkSpecError {
+    /// Not two or three fields.
+    #[error("{0:?}: expected RATE_MBIT/RTT_MS[/LOSS_PERCENT], e.g. 100/10 or 25/40/1")]
+    Format(String),
+    /// A field that is not a number.
+    #[error("{spec:?}: {what} {value:?} is not a number")]
+    NotANumber {
+        /// The link as given.
+        spec: String,
+        /// rate, RTT or loss.
+        what: &'static str,
+        /// The field.
+        value: String,
+    },
+    /// A field out of its range.
+    #[error("{spec:?}: {what} must be 0..{max}")]
+    OutOfRange {
+        /// The link as given.
+        spec: String,
+        /// rate, RTT or loss.
+        what: &'static str,
+        /// Its largest value.
+        max: f64,
+    },
+    /// A rate below 1 Mbit/s.
+    #[error("{0:?}: the rate must be at least 1 Mbit/s")]
+    RateTooLow(String),
+}
+
 impl std::str::FromStr for LinkSpec {
-    type Err = String;
+    type Err = LinkSpecError;
 
     /// `RATE/RTT[/LOSS]`: `100/10` (100 Mbit/s, 10 ms), `25/40/1` (and 1 % loss).
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, LinkSpecError> {
         let parts: Vec<&str> = s.split('/').collect();
-        let num = |i: usize, what: &str, max: f64| -> Result<f64, String> {
+        let num = |i: usize, what: &'static str, max: f64| -> Result<f64, LinkSpecError> {
             let v: f64 = parts[i]
                 .trim()
                 .parse()
-                .map_err(|_| format!("{s:?}: {what} {:?} is not a number", parts[i]))?;
+                .map_err(|_| LinkSpecError::NotANumber {
+                    spec: s.into(),
+                    what,
+                    value: parts[i].into(),
+                })?;
             if !(0.0..=max).contains(&v) {
-                return Err(format!("{s:?}: {what} must be 0..{max}"));
+                return Err(LinkSpecError::OutOfRange {
+                    spec: s.into(),
+                    what,
+                    max,
+                });
             }
             Ok(v)
         };
         if !(2..=3).contains(&parts.len()) {
-            return Err(format!(
-                "{s:?}: expected RATE_MBIT/RTT_MS[/LOSS_PERCENT], e.g. 100/10 or 25/40/1"
-            ));
+            return Err(LinkSpecError::Format(s.into()));
         }
         let mbit = num(0, "rate", 10_000.0)?;
         if mbit < 1.0 {
-            return Err(format!("{s:?}: the rate must be at least 1 Mbit/s"));
+            return Err(LinkSpecError::RateTooLow(s.into()));
         }
         Ok(LinkSpec {
             mbit,

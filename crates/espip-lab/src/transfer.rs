@@ -26,9 +26,15 @@ impl std::fmt::Display for Digest {
     }
 }
 
+/// A line that is not a transfer digest (`bytes=N sha256=HEX`): what the tool printed
+/// instead, or why it printed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a transfer digest: {0:?}")]
+pub struct NotADigest(pub String);
+
 impl std::str::FromStr for Digest {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = NotADigest;
+    fn from_str(s: &str) -> Result<Self, NotADigest> {
         let mut bytes = None;
         let mut sha = None;
         for part in s.split_whitespace() {
@@ -40,7 +46,7 @@ impl std::str::FromStr for Digest {
         }
         match (bytes, sha) {
             (Some(bytes), Some(sha256)) => Ok(Digest { bytes, sha256 }),
-            _ => Err(format!("not a transfer digest: {s:?}")),
+            _ => Err(NotADigest(s.to_string())),
         }
     }
 }

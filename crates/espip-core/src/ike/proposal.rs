@@ -115,18 +115,64 @@ pub struct IkeProposal {
     pub groups: Vec<Group>,
 }
 
+/// Why a proposal string (strongSwan's notation) was refused; `kind` is "IKE" or "ESP".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposalError {
+    /// Two ciphers in one proposal.
+    #[error("{kind} proposal {text:?} names two ciphers; list a second proposal instead")]
+    TwoCiphers {
+        /// IKE or ESP.
+        kind: &'static str,
+        /// The proposal.
+        text: String,
+    },
+    /// Two PRFs in one IKE proposal.
+    #[error("IKE proposal {0:?} names two PRFs")]
+    TwoPrfs(String),
+    /// A token espip does not know.
+    #[error("{kind} proposal {text:?}: unknown or unsupported algorithm {token:?} (espip has {supported})")]
+    Unknown {
+        /// IKE or ESP.
+        kind: &'static str,
+        /// The proposal.
+        text: String,
+        /// The token.
+        token: String,
+        /// What espip supports.
+        supported: &'static str,
+    },
+    /// No cipher.
+    #[error("{kind} proposal {text:?} has no cipher (one of aes128gcm16, aes256gcm16, chacha20poly1305)")]
+    NoCipher {
+        /// IKE or ESP.
+        kind: &'static str,
+        /// The proposal.
+        text: String,
+    },
+    /// No PRF in an IKE proposal.
+    #[error("IKE proposal {0:?} has no PRF (prfsha256, prfsha384 or prfsha512; an AEAD needs an explicit PRF)")]
+    NoPrf(String),
+    /// No Diffie-Hellman group in an IKE proposal.
+    #[error("IKE proposal {0:?} has no Diffie-Hellman group (x25519, ecp256 or ecp384)")]
+    NoGroup(String),
+}
+
+/// What an ESP proposal may name.
+const ESP_SUPPORTED: &str = "ciphers aes128gcm16, aes256gcm16, chacha20poly1305; PFS groups x25519, ecp256, ecp384; esn, noesn";
+
 impl IkeProposal {
     /// Parse `aes128gcm16-prfsha256-x25519[-ecp256...]`.
-    pub fn parse(s: &str) -> Result<IkeProposal, String> {
+    pub fn parse(s: &str) -> Result<IkeProposal, ProposalError> {
         let mut cipher = None;
         let mut prf = None;
         let mut groups = Vec::new();
         for tok in s.trim().split('-') {
             if let Some(c) = cipher_token(tok) {
                 if cipher.replace(c).is_some() {
-                    return Err(format!(
-                        "IKE proposal {s:?} names two ciphers; list a second proposal instead"
-                    ));
+                    return Err(ProposalError::TwoCiphers {
+                        kind: "IKE",
+                        text: s.into(),
+                    });
                 }
             } else if let Some(p) = match tok {
                 "prfsha256" => Some(Prf::HmacSha256),
@@ -135,22 +181,26 @@ impl IkeProposal {
                 _ => None,
             } {
                 if prf.replace(p).is_some() {
-                    return Err(format!("IKE proposal {s:?} names two PRFs"));
+                    return Err(ProposalError::TwoPrfs(s.into()));
                 }
             } else if let Some(g) = group_token(tok) {
                 groups.push(g);
             } else {
-                return Err(format!(
-                    "IKE proposal {s:?}: unknown or unsupported algorithm {tok:?} (espip has {SUPPORTED})"
-                ));
+                return Err(ProposalError::Unknown {
+                    kind: "IKE",
+                    text: s.into(),
+                    token: tok.into(),
+                    supported: SUPPORTED,
+                });
             }
         }
-        let cipher = cipher.ok_or_else(|| format!("IKE proposal {s:?} has no cipher (one of aes128gcm16, aes256gcm16, chacha20poly1305)"))?;
-        let prf = prf.ok_or_else(|| format!("IKE proposal {s:?} has no PRF (prfsha256, prfsha384 or prfsha512; an AEAD needs an explicit PRF)"))?;
+        let cipher = cipher.ok_or_else(|| ProposalError::NoCipher {
+            kind: "IKE",
+            text: s.into(),
+        })?;
+        let prf = prf.ok_or_else(|| ProposalError::NoPrf(s.into()))?;
         if groups.is_empty() {
-            return Err(format!(
-                "IKE proposal {s:?} has no Diffie-Hellman group (x25519, ecp256 or ecp384)"
-            ));
+            return Err(ProposalError::NoGroup(s.into()));
         }
         Ok(IkeProposal {
             cipher,
@@ -208,14 +258,17 @@ impl EspProposal {
     /// Parse `aes128gcm16[-x25519][-esn][-noesn]` as strongSwan does: without an ESN token
     /// the proposal means no ESN (`noesn`); `esn-noesn` offers and accepts both, ESN
     /// preferred.
-    pub fn parse(s: &str) -> Result<EspProposal, String> {
+    pub fn parse(s: &str) -> Result<EspProposal, ProposalError> {
         let mut cipher = None;
         let mut groups = Vec::new();
         let mut esn = Vec::new();
         for tok in s.trim().split('-') {
             if let Some(c) = cipher_token(tok) {
                 if cipher.replace(c).is_some() {
-                    return Err(format!("ESP proposal {s:?} names two ciphers"));
+                    return Err(ProposalError::TwoCiphers {
+                        kind: "ESP",
+                        text: s.into(),
+                    });
                 }
             } else if let Some(g) = group_token(tok) {
                 groups.push(g);
@@ -224,12 +277,18 @@ impl EspProposal {
             } else if tok == "noesn" {
                 esn.push(false);
             } else {
-                return Err(format!(
-                    "ESP proposal {s:?}: unknown or unsupported algorithm {tok:?} (espip has ciphers aes128gcm16, aes256gcm16, chacha20poly1305; PFS groups x25519, ecp256, ecp384; esn, noesn)"
-                ));
+                return Err(ProposalError::Unknown {
+                    kind: "ESP",
+                    text: s.into(),
+                    token: tok.into(),
+                    supported: ESP_SUPPORTED,
+                });
             }
         }
-        let cipher = cipher.ok_or_else(|| format!("ESP proposal {s:?} has no cipher (one of aes128gcm16, aes256gcm16, chacha20poly1305)"))?;
+        let cipher = cipher.ok_or_else(|| ProposalError::NoCipher {
+            kind: "ESP",
+            text: s.into(),
+        })?;
         if esn.is_empty() {
             esn = vec![false];
         }
@@ -505,9 +564,11 @@ mod tests {
         }
         assert!(IkeProposal::parse("aes128-sha256-modp2048")
             .unwrap_err()
+            .to_string()
             .contains("\"aes128\""));
         assert!(IkeProposal::parse("aes128gcm16-x25519")
             .unwrap_err()
+            .to_string()
             .contains("no PRF"));
         // strongSwan's reading: no ESN keyword is no ESN (issue 28 item 15).
         assert_eq!(EspProposal::parse("aes128gcm16").unwrap().esn, [false]);
