@@ -1,0 +1,357 @@
+//! The outbound half (RFC 4303 section 3.3): an inner packet from the TUN to its peer, wrapped, with
+//! the wire it travels on.
+
+use super::*;
+
+impl Outbound {
+    /// Process one inner packet read from the TUN. On `Send` the buffer holds the ESP packet
+    /// (or the unchanged inner packet for IP-in-IP); on `ToTun` an ICMP error for the sender.
+    pub fn process(&self, buf: &mut PacketBuf, now: u64) -> Verdict {
+        let v = self.process_inner(buf, now);
+        if let Verdict::Drop(r) = v {
+            self.stats.count_drop(r);
+        }
+        v
+    }
+
+    fn process_inner(&self, buf: &mut PacketBuf, now: u64) -> Verdict {
+        let Ok(inner) = InnerPacket::parse(buf.as_slice()) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        buf.truncate(inner.total_len);
+        // The policy sees the real destination; a local DNAT may have moved it into an alias.
+        let dst = self.nat.to_real(inner.dst).unwrap_or(inner.dst);
+        let Some(&idx) = self.routes.lookup(dst) else {
+            return Verdict::Drop(DropReason::NoRoute);
+        };
+        if buf.len() > usize::from(self.tunnel.mtu) {
+            // Quote the packet as the local stack sent it, so its conntrack recognises it.
+            return self.too_big(buf, &inner);
+        }
+        if self.nat.egress(buf.as_mut_slice()).is_err() {
+            return Verdict::Drop(DropReason::Malformed);
+        }
+        let len = buf.len() as u64;
+        let peer = &self.peers[idx];
+        if peer.keyless {
+            return Verdict::Drop(DropReason::NoSa);
+        }
+        let s = &*peer.stats;
+        // A peer whose address is learned: nothing to send to until it has sent (the port,
+        // for ESP in UDP, is `udp_port_seen`, set by the same packet).
+        let Some(endpoint) = peer.endpoint.or_else(|| s.learned.get().map(|a| a.ip())) else {
+            return Verdict::Drop(DropReason::NoEndpoint);
+        };
+        let wire = match &peer.sa {
+            Some((_, sa)) => {
+                if !peer.lifetime.take(&peer.used, len, now) {
+                    return Verdict::Drop(DropReason::LifetimeExpired);
+                }
+                let nh = if inner.is_ipv4() {
+                    NEXT_HEADER_IPV4
+                } else {
+                    NEXT_HEADER_IPV6
+                };
+                match sa.encapsulate(buf, nh) {
+                    Ok(_) if peer.mp.is_some() => {
+                        return self.schedule(idx, len, !inner.is_ipv4(), now)
+                    }
+                    Ok(_) if peer.port != 0 => {
+                        // The port the peer's last authenticated datagram came from wins.
+                        let port = match s.udp_port_seen.load(Relaxed) {
+                            0 => peer.port,
+                            seen => seen as u16,
+                        };
+                        Wire::EspInUdp {
+                            dst: SocketAddr::new(endpoint, port),
+                        }
+                    }
+                    Ok(_) => Wire::Esp { dst: endpoint },
+                    Err(EspError::SeqExhausted) => return Verdict::Drop(DropReason::SeqExhausted),
+                    Err(EspError::SeqUnreserved) => {
+                        return Verdict::Drop(DropReason::SeqUnreserved)
+                    }
+                    Err(_) => return Verdict::Drop(DropReason::Malformed),
+                }
+            }
+            None if peer.mp.is_some() => return self.schedule(idx, len, !inner.is_ipv4(), now),
+            None => Wire::IpIp {
+                dst: endpoint,
+                inner_v6: !inner.is_ipv4(),
+            },
+        };
+        s.tx_packets.fetch_add(1, Relaxed);
+        s.tx_bytes.fetch_add(len, Relaxed);
+        s.last_tx.store(now, Relaxed);
+        Verdict::Send(wire)
+    }
+
+    /// The verdict for a multipath peer's packet (already wrapped): the path(s) the schedule
+    /// picks, with their counters.
+    fn schedule(&self, idx: usize, len: u64, inner_v6: bool, now: u64) -> Verdict {
+        let peer = &self.peers[idx];
+        let mp = peer.mp.as_ref().expect("a multipath peer");
+        let s = &*peer.stats;
+        s.tx_packets.fetch_add(1, Relaxed);
+        s.tx_bytes.fetch_add(len, Relaxed);
+        s.last_tx.store(now, Relaxed);
+        let count = |i: usize| {
+            let p = &mp.stats[i];
+            p.tx_packets.fetch_add(1, Relaxed);
+            p.tx_bytes.fetch_add(len, Relaxed);
+        };
+        match mp.pick_at(now, len as usize) {
+            Pick::One(i) => {
+                count(i);
+                Verdict::Send(self.path_wire(idx, i, inner_v6))
+            }
+            Pick::Every(mask) => {
+                for i in (0..mp.paths.len()).filter(|i| mask & (1 << i) != 0) {
+                    count(i);
+                }
+                if mask.count_ones() == 1 {
+                    Verdict::Send(self.path_wire(idx, mask.trailing_zeros() as usize, inner_v6))
+                } else {
+                    Verdict::SendEvery {
+                        peer: idx as u16,
+                        mask,
+                        inner_v6,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Count `n` outer packets to `dst` that the kernel refused to send against the multipath
+    /// path with that endpoint, if there is one (a path's endpoint is its own: paths of a peer
+    /// have distinct destinations).
+    pub fn count_refused(&self, dst: IpAddr, n: u64) {
+        let path = self
+            .peers
+            .iter()
+            .filter_map(|p| p.mp.as_ref())
+            .find_map(|mp| {
+                mp.paths
+                    .iter()
+                    .position(|x| x.endpoint == dst)
+                    .map(|i| &mp.stats[i])
+            });
+        if let Some(p) = path {
+            p.send_refused.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// How a packet for path `path` of multipath peer `peer` travels (ESP in UDP: to the port
+    /// the path's last authenticated datagram came from, else the configured one).
+    pub fn path_wire(&self, peer: usize, path: usize, inner_v6: bool) -> Wire {
+        let p = &self.peers[peer];
+        let (endpoint, port, seen) = match &p.mp {
+            Some(mp) => {
+                let x = &mp.paths[path];
+                (
+                    x.endpoint,
+                    x.port,
+                    mp.stats[path].udp_port_seen.load(Relaxed),
+                )
+            }
+            None => (
+                p.endpoint
+                    .or_else(|| p.stats.learned.get().map(|a| a.ip()))
+                    .unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                p.port,
+                p.stats.udp_port_seen.load(Relaxed),
+            ),
+        };
+        match (&p.sa, port) {
+            (None, _) => Wire::IpIp {
+                dst: endpoint,
+                inner_v6,
+            },
+            (Some(_), 0) => Wire::Esp { dst: endpoint },
+            (Some(_), port) => Wire::EspInUdp {
+                dst: SocketAddr::new(endpoint, if seen == 0 { port } else { seen as u16 }),
+            },
+        }
+    }
+
+    /// The multipath control tick at `now` (every probe interval; `started`: when the data
+    /// path started; a peer's tick does nothing until its probe interval is over): liveness and schedules of every multipath peer, and the probes to send
+    /// (ESP dummy packets, authenticated by the peer's SA). Returns the state changes as
+    /// (peer, path, state) and the probes, wrapped, with their wires.
+    #[allow(clippy::type_complexity)]
+    pub fn tick(
+        &self,
+        now: u64,
+    ) -> (
+        Vec<(usize, usize, crate::multipath::PathState)>,
+        Vec<(PacketBuf, Wire)>,
+    ) {
+        let mut events = Vec::new();
+        let mut out = Vec::new();
+        for (idx, peer) in self.peers.iter().enumerate() {
+            let (Some(mp), Some((_, sa))) = (&peer.mp, &peer.sa) else {
+                // IP-in-IP has no SA to authenticate probes: its paths stay as configured.
+                continue;
+            };
+            let (ev, mut probes) = mp.tick(now);
+            events.extend(ev.into_iter().map(|e| (idx, e.path, e.state)));
+            // The probe of a live path goes last and lists the others' sequence numbers, so
+            // the peer does not wait for those that a dead path loses.
+            let carrier = probes
+                .iter()
+                .position(|(i, _)| mp.stats[*i].state() == crate::multipath::PathState::Up);
+            if let Some(c) = carrier {
+                let last = probes.len() - 1;
+                probes.swap(c, last);
+            }
+            let mut seqs = Vec::new();
+            let count = probes.len();
+            for (k, (path, mut probe)) in probes.into_iter().enumerate() {
+                if carrier.is_some() && k == count - 1 {
+                    for (slot, s) in probe.skip.iter_mut().zip(&seqs) {
+                        *slot = *s;
+                    }
+                    probe.skipped = seqs.len().min(crate::multipath::MAX_PATHS) as u8;
+                }
+                if !peer.lifetime.take(&peer.used, probe.len() as u64, now) {
+                    break;
+                }
+                let mut buf = PacketBuf::new(Probe::LEN + 8 * crate::multipath::MAX_PATHS);
+                buf.reset();
+                probe.emit(&mut buf.read_area()[..probe.len()]);
+                buf.set_len(probe.len());
+                if let Ok(seq) = sa.encapsulate(&mut buf, NEXT_HEADER_DUMMY) {
+                    seqs.push(seq);
+                    out.push((buf, self.path_wire(idx, path, false)));
+                }
+            }
+        }
+        (events, out)
+    }
+
+    /// Wrap the echo payload in `buf` (left there by [`Inbound::process`] with
+    /// [`Verdict::Echo`]) for `peer` and say where it goes: back to where the probe came from.
+    pub fn echo(&self, peer: usize, buf: &mut PacketBuf, to: SocketAddr, now: u64) -> Verdict {
+        let Some(p) = self.peers.get(peer) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let Some((_, sa)) = &p.sa else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        if !p.lifetime.take(&p.used, buf.len() as u64, now) {
+            return Verdict::Drop(DropReason::LifetimeExpired);
+        }
+        match sa.encapsulate(buf, NEXT_HEADER_DUMMY) {
+            Ok(_) if p.port != 0 => Verdict::Send(Wire::EspInUdp { dst: to }),
+            Ok(_) => Verdict::Send(Wire::Esp { dst: to.ip() }),
+            Err(EspError::SeqExhausted) => Verdict::Drop(DropReason::SeqExhausted),
+            Err(EspError::SeqUnreserved) => Verdict::Drop(DropReason::SeqUnreserved),
+            Err(_) => Verdict::Drop(DropReason::Malformed),
+        }
+    }
+
+    /// Multipath peer `idx`'s shared path state (`None`: a single-path peer).
+    pub fn multipath(&self, idx: usize) -> Option<&Arc<Multipath>> {
+        self.peers.get(idx)?.mp.as_ref()
+    }
+
+    fn too_big(&self, buf: &mut PacketBuf, inner: &InnerPacket) -> Verdict {
+        let mtu = self.tunnel.mtu;
+        let made = match inner.src {
+            IpAddr::V4(_) if !inner.dont_fragment => {
+                // The sender allowed fragmentation; the inner packet is larger than the tunnel
+                // MTU only when the TUN MTU was raised by hand. Refuse rather than fragment.
+                Err(icmp::NoIcmp::Forbidden)
+            }
+            // The source is the packet's own destination, as if the tunnel's far end were the
+            // router that could not forward it. The TUN's own address would be a local source
+            // arriving from outside, which Linux discards as a martian (so a local sender
+            // would never learn the path MTU); the destination is routed through the TUN, so
+            // the reverse-path filter accepts it.
+            IpAddr::V4(_) => match inner.dst {
+                IpAddr::V4(d) => icmp::frag_needed_v4(buf, d, mtu),
+                IpAddr::V6(_) => Err(icmp::NoIcmp::Malformed),
+            },
+            IpAddr::V6(_) => match inner.dst {
+                IpAddr::V6(d) => icmp::packet_too_big_v6(buf, d, u32::from(mtu)),
+                IpAddr::V4(_) => Err(icmp::NoIcmp::Malformed),
+            },
+        };
+        match made {
+            Ok(()) => {
+                // The packet is dropped all the same: count it here, since `ToTun` is not
+                // counted by `process`.
+                self.stats.count_drop(DropReason::TooBig);
+                Verdict::ToTun
+            }
+            Err(_) => Verdict::Drop(DropReason::TooBig),
+        }
+    }
+
+    /// The outbound SA state of each peer: (SPI, next sequence number), `None` for IP-in-IP.
+    pub fn sa_state(&self) -> Vec<Option<(u32, u64)>> {
+        self.peers
+            .iter()
+            .map(|p| p.sa.as_ref().map(|(_, s)| (s.spi(), s.next_seq())))
+            .collect()
+    }
+
+    /// Peer `idx`'s outbound SA, static or negotiated: (next sequence number, the
+    /// reservation's limit for a static SA; `None` for a negotiated one, whose fresh keys
+    /// need none).
+    pub fn sa_sequence(&self, idx: usize) -> Option<(u64, Option<u64>)> {
+        let p = self.peers.get(idx)?;
+        let (_, sa) = p.sa.as_ref()?;
+        Some((sa.next_seq(), (!p.negotiated).then(|| sa.limit())))
+    }
+
+    /// Peer `idx`'s outbound SA: (SPI, key fingerprint, next sequence number, limit).
+    pub fn sa_reservation(&self, idx: usize) -> Option<(u32, &str, u64, u64)> {
+        let p = self.peers.get(idx)?;
+        if p.negotiated {
+            return None;
+        }
+        let (_, sa) = p.sa.as_ref()?;
+        Some((sa.spi(), sa.key_fingerprint(), sa.next_seq(), sa.limit()))
+    }
+
+    /// Whether peer `idx`'s outbound SA is the very SA of `prev` (continued by a reload,
+    /// its sequence numbers already reserved) rather than a new one.
+    pub fn sa_continues(&self, idx: usize, prev: &Outbound) -> bool {
+        let Some((_, sa)) = self.peers.get(idx).and_then(|p| p.sa.as_ref()) else {
+            return false;
+        };
+        prev.peers
+            .iter()
+            .any(|q| q.sa.as_ref().is_some_and(|(_, o)| Arc::ptr_eq(o, sa)))
+    }
+
+    /// Peer `idx`'s counters (peers are indexed as given to [`build`] or [`rebuild`]).
+    pub fn peer_stats(&self, idx: usize) -> &PeerStats {
+        &self.peers[idx].stats
+    }
+
+    /// The counters of the whole data path.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Number of peers.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Allow peer `idx`'s outbound SA to send up to sequence number `limit`.
+    pub fn set_limit(&self, idx: usize, limit: u64) {
+        if let Some((_, sa)) = self.peers.get(idx).and_then(|p| p.sa.as_ref()) {
+            sa.set_limit(limit);
+        }
+    }
+
+    /// Continue peer `idx`'s outbound SA from sequence number `seq` (tests, restarts).
+    pub fn set_next_seq(&self, idx: usize, seq: u64) {
+        if let Some((_, sa)) = self.peers.get(idx).and_then(|p| p.sa.as_ref()) {
+            sa.set_next_seq(seq);
+        }
+    }
+}
