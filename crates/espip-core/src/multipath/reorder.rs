@@ -1,0 +1,247 @@
+//! The reorder stage: a multipath peer's packets, which arrive out of order across paths, held
+//! until the gap before them fills or the hold expires.
+
+use super::*;
+
+/// One packet waiting in the reorder stage (`None`: a sequence number that carried nothing to
+/// deliver, a probe for example, kept so the gap it would leave is not waited for).
+#[derive(Debug)]
+struct Held {
+    data: Option<Vec<u8>>,
+    deadline: u64,
+}
+
+/// Counters of a reorder stage.
+#[derive(Debug, Default)]
+pub struct ReorderStats {
+    /// Packets that waited for a gap ahead of them.
+    pub held: AtomicU64,
+    /// Gaps given up on (the hold time passed, or the stage was full): packets lost on a path.
+    pub gaps_skipped: AtomicU64,
+    /// Packets that arrived after their gap was given up on (delivered at once).
+    pub late: AtomicU64,
+    /// Packets delivered out of order because the stage was full.
+    pub overflow: AtomicU64,
+}
+
+/// The receiver's reorder stage of one peer, keyed by the ESP sequence number: a packet that
+/// arrives in order is delivered at once; one ahead of a gap waits until the gap fills or its
+/// hold time passes; one behind (its gap already given up) is delivered at once. Memory is
+/// bounded by packets and bytes; buffers are recycled.
+#[derive(Debug)]
+pub struct Reorder {
+    /// The next sequence number to deliver (0: nothing seen yet).
+    next: u64,
+    held: BTreeMap<u64, Held>,
+    bytes: usize,
+    max_packets: usize,
+    max_bytes: usize,
+    free: Vec<Vec<u8>>,
+    /// Per path: the highest sequence number received and when. Each path delivers in order
+    /// (a link is a FIFO), so a gap below what every recently active path has delivered is a
+    /// loss, not a packet still on its way: it is not waited for.
+    tops: [(u64, u64); MAX_PATHS],
+    /// How long a path counts as active after its last packet.
+    active_ns: u64,
+    /// The paths that may carry packets (bit i: path i; not found down by our own probes).
+    live: u32,
+}
+
+/// What the reorder stage does with a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Deliver it now.
+    Now,
+    /// Copied into the stage; [`Reorder::release`] delivers it.
+    Held,
+}
+
+impl Reorder {
+    /// A stage holding at most `max_packets` packets and `max_bytes` bytes.
+    pub fn new(max_packets: usize, max_bytes: usize) -> Reorder {
+        Reorder {
+            next: 0,
+            held: BTreeMap::new(),
+            bytes: 0,
+            max_packets: max_packets.max(1),
+            max_bytes,
+            free: Vec::new(),
+            tops: [(0, 0); MAX_PATHS],
+            active_ns: 0,
+            live: 0,
+        }
+    }
+
+    /// Which paths may carry packets (bit i: path i): a live path that has delivered nothing
+    /// yet holds every gap open; a path not live holds none.
+    pub fn set_live(&mut self, mask: u32) {
+        self.live = mask;
+    }
+
+    /// A packet with sequence number `seq` arrived on `path` at `now`; a path that delivered
+    /// nothing for `active_ns` no longer holds gaps open.
+    pub fn note(&mut self, path: usize, seq: u64, now: u64, active_ns: u64) {
+        if let Some(t) = self.tops.get_mut(path) {
+            if seq > t.0 {
+                *t = (seq, now);
+            } else {
+                t.1 = now;
+            }
+        }
+        self.active_ns = active_ns;
+    }
+
+    /// The lowest of the live paths' highest sequence numbers: everything below it that has
+    /// not arrived was lost. A live path that has delivered nothing yet makes it 0 (its first
+    /// packets may be on their way); one idle for longer than the active time does not count.
+    fn floor(&self, now: u64) -> u64 {
+        self.tops
+            .iter()
+            .enumerate()
+            .filter(|(i, (s, at))| {
+                self.live & (1 << i) != 0 && (*s == 0 || now.saturating_sub(*at) <= self.active_ns)
+            })
+            .map(|(_, (s, _))| *s)
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Packets held now.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Bytes held now.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The earliest time a held packet must be released (`None`: nothing held).
+    pub fn deadline(&self) -> Option<u64> {
+        self.held.values().map(|h| h.deadline).min()
+    }
+
+    /// Whether [`Reorder::release`] has something to deliver at `now`.
+    pub fn ready(&self, now: u64) -> bool {
+        self.held.first_key_value().is_some_and(|(s, h)| {
+            *s == self.next || h.deadline <= now || self.floor(now) > self.next
+        })
+    }
+
+    /// The peer says `seq` went on a path that may be down (a probe of another path): if it
+    /// has not arrived, do not wait for it.
+    pub fn forget(&mut self, seq: u64) {
+        if self.next == 0 || seq < self.next {
+            return;
+        }
+        if seq == self.next {
+            self.next += 1;
+            return;
+        }
+        self.held.entry(seq).or_insert(Held {
+            data: None,
+            deadline: 0,
+        });
+    }
+
+    /// A packet with sequence number `seq` (authenticated, not a duplicate) and `data` to
+    /// deliver (`None`: nothing to deliver, only its place in the order) arrived at `now`; it
+    /// may wait until `now + hold`.
+    pub fn offer(
+        &mut self,
+        seq: u64,
+        data: Option<&[u8]>,
+        now: u64,
+        hold: u64,
+        stats: &ReorderStats,
+    ) -> Order {
+        if self.next == 0 {
+            self.next = seq;
+        }
+        if seq == self.next {
+            self.next += 1;
+            return Order::Now;
+        }
+        if seq < self.next {
+            if data.is_some() {
+                stats.late.fetch_add(1, Relaxed);
+            }
+            return Order::Now;
+        }
+        let len = data.map_or(0, <[u8]>::len);
+        if self.held.len() >= self.max_packets || self.bytes + len > self.max_bytes {
+            // Full: deliver this one out of order rather than lose it or grow; the held ones
+            // keep their deadlines.
+            stats.overflow.fetch_add(1, Relaxed);
+            return Order::Now;
+        }
+        let data = data.map(|d| {
+            let mut v = self.free.pop().unwrap_or_default();
+            v.clear();
+            v.extend_from_slice(d);
+            v
+        });
+        self.bytes += len;
+        if data.is_some() {
+            stats.held.fetch_add(1, Relaxed);
+        }
+        self.held.insert(
+            seq,
+            Held {
+                data,
+                deadline: now.saturating_add(hold),
+            },
+        );
+        Order::Held
+    }
+
+    /// Deliver, in order, up to `limit` held packets whose turn has come at `now`: the run
+    /// that continues the order, and past a gap whose oldest waiting packet's hold time
+    /// passed. `deliver` gets each packet's bytes. Returns how many were delivered.
+    pub fn release(
+        &mut self,
+        now: u64,
+        stats: &ReorderStats,
+        limit: usize,
+        mut deliver: impl FnMut(&[u8]),
+    ) -> usize {
+        let mut n = 0;
+        let floor = self.floor(now);
+        while let Some(mut e) = self.held.first_entry() {
+            if n == limit {
+                break;
+            }
+            let seq = *e.key();
+            if seq != self.next {
+                // Every active path has delivered past the gap: it is lost.
+                if floor > self.next {
+                    stats.gaps_skipped.fetch_add(1, Relaxed);
+                    self.next = floor.min(seq);
+                    continue;
+                }
+                if e.get().deadline > now {
+                    break;
+                }
+                stats.gaps_skipped.fetch_add(1, Relaxed);
+            }
+            let h = e.get_mut();
+            let data = h.data.take();
+            e.remove();
+            self.next = seq + 1;
+            if let Some(d) = data {
+                self.bytes -= d.len();
+                deliver(&d);
+                n += 1;
+                if self.free.len() < 256 {
+                    self.free.push(d);
+                }
+            }
+        }
+        n
+    }
+}
