@@ -97,6 +97,25 @@ struct ProgLoad {
     prog_name: [u8; 16],
 }
 
+/// `bpf(cmd, attr)`: the one place espip calls `bpf(2)` (socket filters here, AF_XDP's map,
+/// program and link in `xsk`). `attr` is the command's prefix of `union bpf_attr`, its size
+/// passed; every pointer in it must point at memory alive for the call.
+pub(crate) fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
+    // SAFETY: `attr` is a live `union bpf_attr` prefix of the given size, and (the caller's
+    // contract) every pointer in it points at memory alive for the call.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
+/// The descriptor a successful `bpf(2)` returned, owned.
+pub(crate) fn owned(fd: i64) -> OwnedFd {
+    // SAFETY: a new descriptor that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd as std::os::fd::RawFd) }
+}
+
 /// Load a program of `prog_type` named `name` (at most 15 bytes); when the kernel refuses it,
 /// again with the verifier's log, whose last lines the error then carries.
 pub(super) fn load(prog_type: u32, name: &str, insns: &[Insn]) -> io::Result<OwnedFd> {
@@ -112,23 +131,8 @@ pub(super) fn load(prog_type: u32, name: &str, insns: &[Insn]) -> io::Result<Own
         prog_name,
         ..Default::default()
     };
-    let call = |attr: &mut ProgLoad| {
-        // SAFETY: bpf(BPF_PROG_LOAD) reads `attr` (its size given) and the instruction array,
-        // license and log buffer it points at, all alive for the call.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_LOAD,
-                attr as *mut ProgLoad,
-                std::mem::size_of::<ProgLoad>(),
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new descriptor that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-    };
+    // The instruction array, license and log buffer `attr` points at live through the call.
+    let call = |attr: &mut ProgLoad| bpf(BPF_PROG_LOAD, attr).map(owned);
     call(&mut attr).map_err(|e| {
         let mut log = vec![0u8; 16 * 1024];
         attr.log_level = 1;

@@ -23,9 +23,10 @@
 //! ICV or IP-in-IP's inner checksum check cover the rest).
 
 use super::bpf::{insn, Insn};
+use crate::bpf::{bpf, owned};
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
@@ -97,21 +98,6 @@ pub enum XdpError {
 
 fn sys(what: &'static str) -> impl FnOnce(io::Error) -> XdpError {
     move |e| XdpError::Sys(what, e)
-}
-
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
-    // SAFETY: `attr` is a live `union bpf_attr` prefix of the given size, and every pointer in
-    // it points at memory alive for the call.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(r)
-}
-
-fn owned(fd: i64) -> OwnedFd {
-    // SAFETY: a new descriptor that nothing else owns.
-    unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
 }
 
 #[repr(C)]
