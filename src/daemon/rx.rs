@@ -16,12 +16,12 @@ use crate::datapath::{Inbound, Verdict};
 use crate::gso::GsoError;
 use crate::sys::capture::{Recorder, Tap};
 use crate::sys::grorx::{GroSocket, LocalCheck, Merged};
-use crate::sys::raw::{strip_ipv4_header, RawSocket};
+use crate::sys::raw::{strip_ipv4, strip_ipv6, Outer, RawSocket};
 use crate::sys::tun::Tun;
 use crate::sys::udp::UdpEncapSocket;
 use crate::sys::xsk::{XdpRx, Xsk};
 use crate::telemetry::{EdgeStats, Generation, RateLimit};
-use crate::wire::ip::{checksum, PROTO_UDP};
+use crate::wire::ip::PROTO_UDP;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -231,10 +231,11 @@ fn drain_xsk(k: &mut Xsk, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recorder, 
             rec.record(Tap::Outer, buf.as_slice());
             let p = buf.as_slice();
             *o = match p.first().map(|v| v >> 4) {
-                Some(4) if p.len() >= 20 && checksum(&p[..20]) == 0 => strip_ipv4_header(buf),
-                Some(6) => strip_ipv6_header(buf).map(|(_, o)| o),
+                Some(4) => strip_ipv4(buf, true),
+                Some(6) => strip_ipv6(buf),
                 _ => None,
-            };
+            }
+            .map(|h| (h.src, h.protocol));
             if o.is_none() {
                 rx.e.edge.bad_outer.fetch_add(1, Relaxed);
             }
@@ -270,7 +271,7 @@ fn drain_raw(s: &RawSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recorder
                 })
             } else {
                 rec.record(Tap::Outer, buf.as_slice());
-                strip_ipv4_header(buf)
+                strip_ipv4(buf, false).map(|h| (h.src, h.protocol))
             };
             if o.is_none() {
                 rx.e.edge.bad_outer.fetch_add(1, Relaxed);
@@ -312,15 +313,16 @@ fn drain_merged(g: &GroSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recor
         };
         rec.record(Tap::Outer, pkt.as_slice());
         let outer = if g.is_v6() {
-            strip_ipv6_header(pkt)
+            strip_ipv6(pkt)
         } else {
-            let dst = pkt
-                .as_slice()
-                .get(16..20)
-                .map(|d| IpAddr::V4(Ipv4Addr::new(d[0], d[1], d[2], d[3])));
-            dst.zip(strip_ipv4_header(pkt))
+            strip_ipv4(pkt, false)
         };
-        let Some((dst, (src, proto))) = outer else {
+        let Some(Outer {
+            src,
+            dst,
+            protocol: proto,
+        }) = outer
+        else {
             edge.bad_outer.fetch_add(1, Relaxed);
             continue;
         };
@@ -386,28 +388,6 @@ fn flush_pieces(
     for (chunk, o) in segs.chunks_mut(BATCH).zip(origin.chunks(BATCH)) {
         rx.batch(chunk, o, &[], rec, now);
     }
-}
-
-/// Validate and remove the outer IPv6 header of a merged IP-in-IP packet (no extension
-/// headers: the kernel's filter matched the next header); the outer destination, source and
-/// next header.
-fn strip_ipv6_header(buf: &mut PacketBuf) -> Option<(IpAddr, (IpAddr, u8))> {
-    let b = buf.as_slice();
-    if b.len() < 40 || b[0] >> 4 != 6 {
-        return None;
-    }
-    let payload = usize::from(u16::from_be_bytes([b[4], b[5]]));
-    let addr = |at: usize| {
-        let a: [u8; 16] = b[at..at + 16].try_into().ok()?;
-        Some(IpAddr::from(a))
-    };
-    let (src, dst, next) = (addr(8)?, addr(24)?, b[6]);
-    if 40 + payload > b.len() {
-        return None;
-    }
-    buf.truncate(40 + payload);
-    buf.pull_front(40)?;
-    Some((dst, (src, next)))
 }
 
 /// An IPv4-mapped IPv6 address as the IPv4 address it is.

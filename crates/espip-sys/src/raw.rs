@@ -2,13 +2,16 @@
 //! IPv6, with batched `recvmmsg` / `sendmmsg`.
 //!
 //! The kernel builds the outer header on send (no `IP_HDRINCL`). Received over IPv4, a
-//! datagram starts with the outer IPv4 header, which [`strip_ipv4_header`] validates and
+//! datagram starts with the outer IPv4 header, which [`strip_ipv4`] validates and
 //! removes; over IPv6 the kernel hands over only what follows the IPv6 header, and the source
 //! comes from the message's address. This kernel has no ESP/IPIP modules, so raw sockets see
 //! every such packet; on a kernel that has them, both would receive a copy.
 
 use super::mmsg::{empty_slot, read_sockaddr, write_sockaddr, SockAddrSlot};
 use espip_core::buf::PacketBuf;
+use espip_core::wire::ip::checksum;
+use espip_core::wire::ipv4::Ipv4Packet;
+use espip_core::wire::ipv6::{Ipv6Packet, HEADER_LEN as IPV6_HEADER_LEN};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::mem::MaybeUninit;
@@ -72,7 +75,7 @@ impl RawSocket {
 
     /// Receive up to `bufs.len()` datagrams in one `recvmmsg` call. Each buffer is reset and
     /// filled from its headroom; returns how many were filled (`WouldBlock` if none). Over
-    /// IPv4 a buffer holds the whole packet (see [`strip_ipv4_header`]) and `from` is left
+    /// IPv4 a buffer holds the whole packet (see [`strip_ipv4`]) and `from` is left
     /// alone; over IPv6 it holds what follows the IPv6 header and `from[i]` is the sender.
     pub fn recv_batch(
         &self,
@@ -214,21 +217,59 @@ fn force_buffer(sock: &Socket, opt: libc::c_int) {
     let _ = set_int(sock, libc::SOL_SOCKET, opt, SOCKET_BUFFER as libc::c_int);
 }
 
-/// Validate and remove the outer IPv4 header of a datagram from a raw socket; returns the outer
-/// source and protocol. `None` for anything that is not a sane IPv4 header.
-pub fn strip_ipv4_header(buf: &mut PacketBuf) -> Option<(IpAddr, u8)> {
-    let b = buf.as_slice();
-    if b.len() < 20 || b[0] >> 4 != 4 {
+/// An outer IP header as read by [`strip_ipv4`] or [`strip_ipv6`]: its addresses and protocol
+/// (next header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outer {
+    /// The outer source: the peer (or path) it came from.
+    pub src: IpAddr,
+    /// The outer destination: one of this host's addresses.
+    pub dst: IpAddr,
+    /// IP protocol (IPv4) or next header (IPv6).
+    pub protocol: u8,
+}
+
+/// Validate (with the core's [`Ipv4Packet`] view) and remove the outer IPv4 header of a
+/// datagram from a raw socket or a merged IP-in-IP packet; `verify`: its header checksum too
+/// (what the kernel did not check). `None` for anything that is not a sane IPv4 header.
+pub fn strip_ipv4(buf: &mut PacketBuf, verify: bool) -> Option<Outer> {
+    let (header_len, total, outer) = {
+        let p = Ipv4Packet::new_checked(buf.as_slice()).ok()?;
+        if verify && checksum(p.header()) != 0 {
+            return None;
+        }
+        let outer = Outer {
+            src: IpAddr::V4(p.src()),
+            dst: IpAddr::V4(p.dst()),
+            protocol: p.protocol(),
+        };
+        (p.header_len(), p.total_len(), outer)
+    };
+    if total < header_len || total > buf.len() {
         return None;
     }
-    let ihl = usize::from(b[0] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([b[2], b[3]]));
-    if ihl < 20 || total < ihl || total > b.len() {
-        return None;
-    }
-    let src = Ipv4Addr::new(b[12], b[13], b[14], b[15]);
-    let proto = b[9];
     buf.truncate(total);
-    buf.pull_front(ihl)?;
-    Some((IpAddr::V4(src), proto))
+    buf.pull_front(header_len)?;
+    Some(outer)
+}
+
+/// Validate (with the core's [`Ipv6Packet`] view) and remove the outer IPv6 header of a
+/// merged IP-in-IP packet (no extension headers: the kernel's filter matched the next
+/// header).
+pub fn strip_ipv6(buf: &mut PacketBuf) -> Option<Outer> {
+    let (payload, outer) = {
+        let p = Ipv6Packet::new_checked(buf.as_slice()).ok()?;
+        let outer = Outer {
+            src: IpAddr::V6(p.src()),
+            dst: IpAddr::V6(p.dst()),
+            protocol: p.next_header(),
+        };
+        (p.payload_len(), outer)
+    };
+    if IPV6_HEADER_LEN + payload > buf.len() {
+        return None;
+    }
+    buf.truncate(IPV6_HEADER_LEN + payload);
+    buf.pull_front(IPV6_HEADER_LEN)?;
+    Some(outer)
 }
