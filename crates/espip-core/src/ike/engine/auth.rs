@@ -279,19 +279,7 @@ impl Engine {
                 format!("peer {} refused the CHILD_SA", self.cfg.name),
             );
             // No traffic without a child: close and try again later.
-            let h = s.header(exchange::INFORMATIONAL, s.next_id, false);
-            let m = s.seal(
-                h,
-                &[Payload::Delete {
-                    protocol: proto::IKE,
-                    spis: Vec::new(),
-                }],
-            );
-            out.push(Out::Send {
-                to: s.peer,
-                natt: s.natt,
-                msg: m,
-            });
+            out.push(s.delete_request());
             self.retry_at = Some(now + RETRY_MS * MS);
             return After::Drop;
         }

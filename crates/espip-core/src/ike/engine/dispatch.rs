@@ -353,19 +353,7 @@ impl Engine {
         self.closing = true;
         if let Some(mut s) = self.ike.take() {
             if s.state() == State::Established {
-                let h = s.header(exchange::INFORMATIONAL, s.next_id, false);
-                let m = s.seal(
-                    h,
-                    &[Payload::Delete {
-                        protocol: proto::IKE,
-                        spis: Vec::new(),
-                    }],
-                );
-                out.push(Out::Send {
-                    to: s.peer,
-                    natt: s.natt,
-                    msg: m,
-                });
+                out.push(s.delete_request());
                 out.push(Out::Event(Event::IkeDown {
                     why: "closed: DELETE sent".into(),
                 }));

@@ -80,17 +80,7 @@ impl Engine {
         };
         let spi_i = rand_u64(rng);
         let ni = rand_bytes(rng, 32);
-        let offer: Vec<Proposal> = self
-            .cfg
-            .ike
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let mut p = p.clone();
-                p.groups.sort_by_key(|g| *g != group);
-                p.to_wire(i as u8 + 1, Vec::new())
-            })
-            .collect();
+        let offer = self.ike_offer(group, Vec::new());
         let me = SocketAddr::new(self.cfg.local, self.cfg.local_port);
         let src_hash = if self.cfg.force_encap {
             rand_bytes(rng, 20)

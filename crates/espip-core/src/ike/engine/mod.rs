@@ -445,6 +445,23 @@ impl IkeSa {
         }
     }
 
+    /// An INFORMATIONAL request deleting this IKE SA, sent once (the SA goes with it).
+    fn delete_request(&mut self) -> Out {
+        let h = self.header(exchange::INFORMATIONAL, self.next_id, false);
+        let msg = self.seal(
+            h,
+            &[Payload::Delete {
+                protocol: proto::IKE,
+                spis: Vec::new(),
+            }],
+        );
+        Out::Send {
+            to: self.peer,
+            natt: self.natt,
+            msg,
+        }
+    }
+
     fn seal(&mut self, h: Header, payloads: &[Payload]) -> Vec<u8> {
         self.iv += 1;
         msg::encode_sk(h, payloads, self.my_key(), self.iv)
@@ -735,6 +752,21 @@ fn cookie_mac(secret: &[u8; 32], ni: &[u8], ip: IpAddr, spi_i: u64) -> Vec<u8> {
 }
 
 impl Engine {
+    /// Our IKE proposals for an IKE_SA_INIT (`spi` empty) or an IKE SA rekey (`spi`: the new
+    /// SPI), numbered in order, each with the key share's `group` first.
+    fn ike_offer(&self, group: Group, spi: Vec<u8>) -> Vec<Proposal> {
+        self.cfg
+            .ike
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut p = p.clone();
+                p.groups.sort_by_key(|g| *g != group);
+                p.to_wire(i as u8 + 1, spi.clone())
+            })
+            .collect()
+    }
+
     /// Never without an outbound SA while an installed one waits: when the SA we sent on is
     /// gone (deleted by the peer, e.g. the loser of a rekey collision it resolved by nonces,
     /// or past its hard lifetime) and a CHILD_SA the peer made waits for its switch, switch

@@ -342,18 +342,7 @@ impl Engine {
         let spi = rand_u64(rng);
         let ni = rand_bytes(rng, 32);
         let share = KeyShare::new(choice.group, rng)?;
-        let offer: Vec<Proposal> = self
-            .cfg
-            .ike
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                // The group of the key share first.
-                let mut p = p.clone();
-                p.groups.sort_by_key(|g| *g != choice.group);
-                p.to_wire(i as u8 + 1, spi.to_be_bytes().to_vec())
-            })
-            .collect();
+        let offer = self.ike_offer(choice.group, spi.to_be_bytes().to_vec());
         Some((
             vec![
                 Payload::Sa(offer),
