@@ -149,14 +149,9 @@ pub fn run(opts: &HubOptions) -> io::Result<Report> {
         super::stop_capture(l);
     }
     if opts.run.keep {
-        report.kept(
-            &clients.iter().chain([&h, &i, &sw]).collect::<Vec<_>>(),
-            Some(&work),
-        );
-        std::mem::forget(dh);
-        std::mem::forget(dcs);
-        std::mem::forget(clients);
-        std::mem::forget((sw, h, i));
+        let mut namespaces = clients;
+        namespaces.extend([h, i, sw]);
+        report.keep_running(namespaces, &work, (dh, dcs));
         return Ok(report);
     }
     let mut clean = dh.stop()?;
@@ -189,6 +184,7 @@ pub fn run(opts: &HubOptions) -> io::Result<Report> {
     );
     Ok(report)
 }
+
 /// The hub lab's hosts: a switch, hub H on it with a WAN link to the internet host I, and
 /// the clients on the switch.
 fn hosts() -> io::Result<(Netns, Netns, Netns, Vec<Netns>)> {

@@ -170,9 +170,6 @@ pub async fn next_hops(
     local: Option<IpAddr>,
 ) -> Result<crate::packet::NextHops, NetlinkError> {
     use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType};
-    use rtnetlink::packet_route::neighbour::{
-        NeighbourAddress, NeighbourAttribute, NeighbourState,
-    };
     use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteType};
     let (handle, task) = connect()?;
     let mut hops = Vec::new();
@@ -239,38 +236,9 @@ pub async fn next_hops(
             neighbours = Some(all);
         }
         let via = gateway.unwrap_or(dst);
-        let mac = neighbours.as_ref().and_then(|all| {
-            all.iter().find_map(|n| {
-                let usable = matches!(
-                    n.header.state,
-                    NeighbourState::Reachable
-                        | NeighbourState::Delay
-                        | NeighbourState::Probe
-                        | NeighbourState::Permanent
-                        | NeighbourState::Noarp
-                );
-                if n.header.ifindex != oif || !usable {
-                    return None;
-                }
-                let mut addr = None;
-                let mut lladdr = None;
-                for a in &n.attributes {
-                    match a {
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => {
-                            addr = Some(IpAddr::V4(*v))
-                        }
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => {
-                            addr = Some(IpAddr::V6(*v))
-                        }
-                        NeighbourAttribute::LinkLayerAddress(m) if m.len() == 6 => {
-                            lladdr = Some([m[0], m[1], m[2], m[3], m[4], m[5]])
-                        }
-                        _ => {}
-                    }
-                }
-                (addr == Some(via)).then_some(lladdr).flatten()
-            })
-        });
+        let mac = neighbours
+            .as_ref()
+            .and_then(|all| neighbour_mac(all, oif, via));
         let Some(dst_mac) = mac else {
             continue;
         };
@@ -285,6 +253,48 @@ pub async fn next_hops(
     }
     task.abort();
     Ok(crate::packet::NextHops(hops))
+}
+
+/// The link-layer address of `via` on interface `oif` in the neighbour table, if its entry is
+/// usable (reachable, being confirmed, permanent or without ARP).
+fn neighbour_mac(
+    all: &[rtnetlink::packet_route::neighbour::NeighbourMessage],
+    oif: u32,
+    via: IpAddr,
+) -> Option<[u8; 6]> {
+    use rtnetlink::packet_route::neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourState,
+    };
+    all.iter().find_map(|n| {
+        let usable = matches!(
+            n.header.state,
+            NeighbourState::Reachable
+                | NeighbourState::Delay
+                | NeighbourState::Probe
+                | NeighbourState::Permanent
+                | NeighbourState::Noarp
+        );
+        if n.header.ifindex != oif || !usable {
+            return None;
+        }
+        let mut addr = None;
+        let mut lladdr = None;
+        for a in &n.attributes {
+            match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => {
+                    addr = Some(IpAddr::V4(*v))
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => {
+                    addr = Some(IpAddr::V6(*v))
+                }
+                NeighbourAttribute::LinkLayerAddress(m) if m.len() == 6 => {
+                    lladdr = Some([m[0], m[1], m[2], m[3], m[4], m[5]])
+                }
+                _ => {}
+            }
+        }
+        (addr == Some(via)).then_some(lladdr).flatten()
+    })
 }
 
 /// The interface the kernel routes `dst` over (from `local` when given), if any.

@@ -535,17 +535,7 @@ pub fn run_ike(opts: &IkeLabOptions) -> io::Result<Report> {
             if clean_b { "0" } else { "non-zero" }
         ),
     );
-    let frames = pcap::read(&wire)?;
-    let spis = esp_spis(&frames);
-    report.check(
-        "the capture shows the SPIs changing",
-        spis.len() as u64 >= 2 * want,
-        format!(
-            "{} distinct ESP SPIs in {} frames",
-            spis.len(),
-            frames.len()
-        ),
-    );
+    spis_check(&mut report, &wire, want)?;
     let esn = [&sa, &sb].iter().any(|s| {
         s.as_ref().is_some_and(|s| {
             s.ike
@@ -706,6 +696,22 @@ fn ike_flood_check(
             if ok { "ok" } else { "FAILED" },
             rss_before,
             rss_after
+        ),
+    );
+    Ok(())
+}
+
+/// The capture shows the SPIs changing: at least two per rekey expected.
+fn spis_check(report: &mut Report, wire: &Path, want: u64) -> io::Result<()> {
+    let frames = pcap::read(wire)?;
+    let spis = esp_spis(&frames);
+    report.check(
+        "the capture shows the SPIs changing",
+        spis.len() as u64 >= 2 * want,
+        format!(
+            "{} distinct ESP SPIs in {} frames",
+            spis.len(),
+            frames.len()
         ),
     );
     Ok(())
