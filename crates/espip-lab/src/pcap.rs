@@ -1,6 +1,8 @@
 //! A reader for classic pcap files (what `tcpdump -w` writes), enough to check what crossed a
 //! link: per-frame IPv4 source, destination, protocol, and a search for plaintext.
 
+use espip_core::wire::ipv4::Ipv4Packet;
+use espip_core::wire::ipv6::{Ipv6Packet, HEADER_LEN as IPV6_HEADER_LEN};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
@@ -20,49 +22,52 @@ pub struct Frame {
 }
 
 impl Frame {
+    /// The IPv4 packet of an IPv4 frame, through the core's view.
+    fn v4(&self) -> Option<Ipv4Packet<&[u8]>> {
+        (self.ethertype == 0x0800)
+            .then(|| Ipv4Packet::new_checked(&self.payload[..]).ok())
+            .flatten()
+    }
+
+    /// The IPv6 packet of an IPv6 frame, through the core's view.
+    fn v6(&self) -> Option<Ipv6Packet<&[u8]>> {
+        (self.ethertype == 0x86dd)
+            .then(|| Ipv6Packet::new_checked(&self.payload[..]).ok())
+            .flatten()
+    }
+
     /// (source, destination, protocol) of an IPv4 frame.
     pub fn ipv4(&self) -> Option<(Ipv4Addr, Ipv4Addr, u8)> {
-        let p = &self.payload;
-        if self.ethertype != 0x0800 || p.len() < 20 || p[0] >> 4 != 4 {
-            return None;
-        }
-        Some((
-            Ipv4Addr::new(p[12], p[13], p[14], p[15]),
-            Ipv4Addr::new(p[16], p[17], p[18], p[19]),
-            p[9],
-        ))
+        let p = self.v4()?;
+        Some((p.src(), p.dst(), p.protocol()))
     }
 
     /// (source, destination, next header) of an IPv6 frame.
     pub fn ipv6(&self) -> Option<(Ipv6Addr, Ipv6Addr, u8)> {
-        let p = &self.payload;
-        if self.ethertype != 0x86dd || p.len() < 40 || p[0] >> 4 != 6 {
-            return None;
-        }
-        let addr = |r: std::ops::Range<usize>| {
-            let b: [u8; 16] = p[r].try_into().expect("16 bytes");
-            Ipv6Addr::from(b)
-        };
-        Some((addr(8..24), addr(24..40), p[6]))
+        let p = self.v6()?;
+        Some((p.src(), p.dst(), p.next_header()))
     }
 
     /// (source, destination, protocol, header length, total length) of an IPv4 or IPv6 frame
     /// (IPv6 without extension headers).
     pub fn ip(&self) -> Option<(IpAddr, IpAddr, u8, usize, usize)> {
-        let p = &self.payload;
-        if let Some((s, d, proto)) = self.ipv4() {
-            let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
+        if let Some(p) = self.v4() {
             return Some((
-                s.into(),
-                d.into(),
-                proto,
-                usize::from(p[0] & 0x0f) * 4,
-                total,
+                p.src().into(),
+                p.dst().into(),
+                p.protocol(),
+                p.header_len(),
+                p.total_len(),
             ));
         }
-        let (s, d, nh) = self.ipv6()?;
-        let total = 40 + usize::from(u16::from_be_bytes([p[4], p[5]]));
-        Some((s.into(), d.into(), nh, 40, total))
+        let p = self.v6()?;
+        Some((
+            p.src().into(),
+            p.dst().into(),
+            p.next_header(),
+            IPV6_HEADER_LEN,
+            IPV6_HEADER_LEN + p.payload_len(),
+        ))
     }
 }
 
