@@ -387,6 +387,19 @@ pub struct MultipathArgs {
     /// spread with the links' rates as static weights only (adapt = false).
     #[arg(long)]
     pub static_weights: bool,
+    /// pair: two links between A and B, each with its own addresses; uplinks: A with two
+    /// uplinks and two default routes (uplink 2 behind a NAT) to one address of B (esp-udp).
+    #[arg(long, value_enum, default_value = "pair")]
+    pub topology: TopologyArg,
+}
+
+/// `--topology` of `espip lab multipath`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum TopologyArg {
+    /// Two links between A and B, each with its own addresses (link 2 IPv6 only).
+    Pair,
+    /// A with two uplinks (two default routes, uplink 2 behind a NAT), B with one address.
+    Uplinks,
 }
 
 /// The options of `espip lab p2p`.

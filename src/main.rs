@@ -652,7 +652,20 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         compare_mptcp,
         congestion,
         static_weights,
+        topology,
     } = args;
+    let topology = match topology {
+        TopologyArg::Pair => espip_lab::multipath::Topology::Pair,
+        TopologyArg::Uplinks => espip_lab::multipath::Topology::Uplinks,
+    };
+    if topology == espip_lab::multipath::Topology::Uplinks {
+        if !matches!(mode, ModeArg::EspUdp) {
+            bail!("--topology uplinks needs --mode esp-udp: uplink 2 is behind a NAT, which passes UDP");
+        }
+        if compare_mptcp {
+            bail!("--compare-mptcp runs on --topology pair only (MPTCP's subflows need the pair's addresses)");
+        }
+    }
     if let Some(cc) = &congestion {
         if !["cubic", "bbr", "reno"].contains(&cc.as_str()) {
             bail!("--congestion {cc:?}: expected cubic, bbr or reno");
@@ -673,6 +686,7 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         bail!("--seconds must be 1..600");
     }
     Ok(espip_lab::multipath::MultipathOptions {
+        topology,
         mode,
         links: [
             link1

@@ -410,7 +410,8 @@ fn a_hub_relays_between_peers_only_when_forwarding() {
         assert_eq!(
             v,
             Verdict::Send(Wire::Esp {
-                dst: "172.16.0.12".parse().unwrap()
+                dst: "172.16.0.12".parse().unwrap(),
+                via: espip::datapath::Via::ROUTED,
             })
         );
         assert_eq!(stats.relayed.load(std::sync::atomic::Ordering::Relaxed), 1);
@@ -495,7 +496,8 @@ fn esp_in_udp_round_trip_keepalive_and_non_esp_marker() {
         assert_eq!(
             v,
             Verdict::Send(Wire::EspInUdp {
-                dst: std::net::SocketAddr::new(B.parse().unwrap(), 4600)
+                dst: std::net::SocketAddr::new(B.parse().unwrap(), 4600),
+                via: espip::datapath::Via::ROUTED,
             })
         );
         // The UDP payload is the ESP packet itself: SPI first (never 0), then sequence 1.
@@ -591,7 +593,7 @@ fn esp_in_udp_follows_the_peer_port_of_authenticated_datagrams_only() {
     let to_b = ipv4([10, 4, 2, 99], [10, 4, 2, 5], 100, true);
     let from_b = |port| std::net::SocketAddr::new(B.parse().unwrap(), port);
     let port_of = |v: Verdict| match v {
-        Verdict::Send(Wire::EspInUdp { dst }) => dst.port(),
+        Verdict::Send(Wire::EspInUdp { dst, .. }) => dst.port(),
         v => panic!("{v:?}"),
     };
     assert_eq!(
@@ -801,8 +803,8 @@ fn a_learned_endpoint_follows_authenticated_packets_only() {
         let to_a = ipv4([10, 4, 2, 5], [10, 4, 2, 99], 100, true);
         let to_b = ipv4([10, 4, 2, 99], [10, 4, 2, 5], 100, true);
         let dst_of = |v: Verdict| match v {
-            Verdict::Send(Wire::EspInUdp { dst }) => dst,
-            Verdict::Send(Wire::Esp { dst }) => std::net::SocketAddr::new(dst, 0),
+            Verdict::Send(Wire::EspInUdp { dst, .. }) => dst,
+            Verdict::Send(Wire::Esp { dst, .. }) => std::net::SocketAddr::new(dst, 0),
             v => panic!("{v:?}"),
         };
         assert_eq!(

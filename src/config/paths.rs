@@ -5,6 +5,7 @@ use super::mode::{endpoint, Mode};
 use super::raw::RawPeer;
 use super::{invalid, ConfigError};
 use crate::multipath::{MultipathSpec, PathSpec, PeerPaths, Scheduler, MAX_PATHS};
+use std::net::IpAddr;
 
 /// Replay window of a peer with several paths unless configured: packets of one SA arrive
 /// out of order by up to the paths' delay difference times the rate (100 ms at 1 Gbit/s of
@@ -102,27 +103,49 @@ fn path(
             "a name no other path of this peer has",
         ));
     }
-    if raw.local.is_some() {
-        return Err(invalid(
-            key("local"),
-            "(set)",
-            "nothing: a path is sent from the source address the kernel's routing picks for its endpoint (give each path an endpoint reached over its own link, or a source-specific route); a per-path local address is not supported yet",
-        ));
-    }
     let (ep, port) = endpoint(&raw.endpoint, mode, &key("endpoint"))?;
     let port = match mode {
         Mode::EspUdp => port.unwrap_or(crate::wire::ip::IPSEC_NAT_T_PORT),
         _ => 0,
     };
+    let local = path_local(raw.local.as_deref(), ep, &key("local"))?;
+    let device = match raw.device.as_deref() {
+        None => None,
+        Some(d) if valid_device_name(d) => Some(d.to_string()),
+        Some(d) => {
+            return Err(invalid(
+                key("device"),
+                format!("{d:?}"),
+                "an interface name as `ip link` lists it (1 to 15 characters, no '/', ':' or spaces), e.g. \"eth1\" or \"wwan0\"",
+            ))
+        }
+    };
+    let bound = local.is_some() || device.is_some();
     if let Some(q) = paths.iter().find(|q| q.endpoint == ep && q.port == port) {
-        return Err(invalid(
-            key("endpoint"),
-            format!("{:?}", raw.endpoint),
+        let q_bound = q.local.is_some() || q.device.is_some();
+        let fix = if !bound || !q_bound {
             format!(
-                "an endpoint other than path {:?}'s: two paths to one destination take one route",
+                "an endpoint other than path {:?}'s, or give both paths their own `local` (source address) or `device` (uplink): two routed paths to one destination take one route",
                 q.name
-            ),
-        ));
+            )
+        } else if q.local == local && q.device == device {
+            format!(
+                "a `local` or `device` other than path {:?}'s: the two would be one path",
+                q.name
+            )
+        } else if mode != Mode::EspUdp && (local.is_none() || q.local.is_none() || local == q.local)
+        {
+            format!(
+                "its own `local` address next to path {:?}'s: over raw {} sockets the receiver tells paths to one address apart by the address a packet arrives at (or use mode = \"esp-udp\", which also sees the interface)",
+                q.name,
+                mode.name()
+            )
+        } else {
+            String::new()
+        };
+        if !fix.is_empty() {
+            return Err(invalid(key("endpoint"), format!("{:?}", raw.endpoint), fix));
+        }
     }
     let weight = match raw.weight {
         None => 1,
@@ -138,7 +161,56 @@ fn path(
         endpoint: ep,
         port,
         weight,
+        local,
+        device,
+        // Resolved by the daemon on the host it runs on.
+        ifindex: 0,
     })
+}
+
+/// A path's `local`: a unicast address of the endpoint's family (whether this host has it is
+/// checked when the daemon starts).
+fn path_local(
+    raw: Option<&str>,
+    endpoint: IpAddr,
+    key: &str,
+) -> Result<Option<IpAddr>, ConfigError> {
+    let Some(l) = raw else { return Ok(None) };
+    let ip = l.trim().parse::<IpAddr>().map_err(|_| {
+        invalid(
+            key,
+            format!("{l:?}"),
+            "the IP address of this host the path's packets leave from, e.g. \"192.168.8.100\" (the address of the uplink it uses)",
+        )
+    })?;
+    if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+        return Err(invalid(
+            key,
+            ip,
+            "a unicast address of one of this host's uplinks",
+        ));
+    }
+    if ip.is_ipv6() != endpoint.is_ipv6() {
+        return Err(invalid(
+            key,
+            ip,
+            format!(
+                "an address of the endpoint's family ({endpoint} is IPv{})",
+                if endpoint.is_ipv6() { 6 } else { 4 }
+            ),
+        ));
+    }
+    Ok(Some(ip))
+}
+
+/// Whether `d` is a name Linux accepts for an interface (`dev_valid_name`).
+pub(crate) fn valid_device_name(d: &str) -> bool {
+    !d.is_empty()
+        && d.len() < 16
+        && d != "."
+        && d != ".."
+        && d.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
 }
 
 /// The peer's scheduler, probe and reorder settings, with their defaults.
@@ -293,6 +365,35 @@ endpoint = "[2001:db8:12::2]:4501"
         );
     }
 
+    /// Issue 29: two uplinks to one server address, told apart by source address or by
+    /// interface.
+    #[test]
+    fn two_paths_to_one_address_by_two_uplinks_parse() {
+        let paths = r#"
+[[peer.path]]
+name = "dsl"
+endpoint = "203.0.113.1"
+local = "192.168.1.20"
+[[peer.path]]
+name = "lte"
+endpoint = "203.0.113.1"
+device = "wwan0"
+"#;
+        let c = Config::parse(&text("", paths), Path::new(".")).unwrap();
+        let m = c.peers[0].multipath.as_ref().expect("multipath");
+        assert_eq!(m.paths[0].local, Some("192.168.1.20".parse().unwrap()));
+        assert_eq!(m.paths[0].device, None);
+        assert_eq!(m.paths[1].device.as_deref(), Some("wwan0"));
+        assert_eq!(m.paths[0].endpoint, m.paths[1].endpoint);
+        // Over raw ESP the receiver needs an address to tell them apart.
+        let raw = text("", paths).replace("mode = \"esp-udp\"", "mode = \"esp\"");
+        assert!(
+            err(&raw).contains("its own `local` address"),
+            "{}",
+            err(&raw)
+        );
+    }
+
     #[test]
     fn mistakes_are_named_with_the_fix() {
         for (extra, paths, want) in [
@@ -303,8 +404,12 @@ endpoint = "[2001:db8:12::2]:4501"
             ("probe_interval_ms = 1", TWO, "probe_interval_ms"),
             ("reorder_ms = 5000", TWO, "reorder_ms"),
             ("", "[[peer.path]]\nname = \"a\"\nendpoint = \"192.0.2.2\"\n[[peer.path]]\nname = \"a\"\nendpoint = \"192.0.2.3\"\n", "a name no other path of this peer has"),
-            ("", "[[peer.path]]\nendpoint = \"192.0.2.2\"\n[[peer.path]]\nendpoint = \"192.0.2.2\"\n", "two paths to one destination"),
-            ("", "[[peer.path]]\nendpoint = \"192.0.2.2\"\nlocal = \"192.0.2.1\"\n", "per-path local address is not supported yet"),
+            ("", "[[peer.path]]\nendpoint = \"192.0.2.2\"\n[[peer.path]]\nendpoint = \"192.0.2.2\"\n", "two routed paths to one destination"),
+            ("", "[[peer.path]]\nendpoint = \"192.0.2.2\"\nlocal = \"2001:db8::1\"\n", "an address of the endpoint's family"),
+            ("", "[[peer.path]]\nendpoint = \"192.0.2.2\"\nlocal = \"uplink\"\n", "the IP address of this host"),
+            ("", "[[peer.path]]\nendpoint = \"192.0.2.2\"\ndevice = \"eth/1\"\n", "an interface name"),
+            ("", "[[peer.path]]\nendpoint = \"192.0.2.2\"\nlocal = \"192.0.2.1\"\n[[peer.path]]\nendpoint = \"192.0.2.2\"\n", "give both paths their own `local`"),
+            ("", "[[peer.path]]\nendpoint = \"192.0.2.2\"\ndevice = \"eth1\"\n[[peer.path]]\nendpoint = \"192.0.2.2\"\ndevice = \"eth1\"\n", "the two would be one path"),
             ("", "[[peer.path]]\nendpoint = \"192.0.2.2\"\nweight = 0\n", "a number from 1 to 1000"),
             ("", "[[peer.path]]\nendpoint = \"10.4.9.2\"\n", "do not contain a peer endpoint"),
         ] {

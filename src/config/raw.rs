@@ -132,4 +132,5 @@ pub(super) struct RawPath {
     pub(super) endpoint: String,
     pub(super) weight: Option<i64>,
     pub(super) local: Option<String>,
+    pub(super) device: Option<String>,
 }

@@ -83,6 +83,9 @@ pub enum Refused {
     /// The configuration of the reload is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// A path's `local` of the reload is not an address of this host.
+    #[error(transparent)]
+    PathLocal(#[from] crate::daemon::uplinks::LocalNotHere),
     /// The reload changes what only a restart can (`what`: the section or keys).
     #[error("{0} changed: a reload changes peers only; restart espip to apply it")]
     NeedsRestart(String),

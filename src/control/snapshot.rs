@@ -472,6 +472,8 @@ fn path_status(m: &crate::multipath::Multipath) -> crate::status::MultipathStatu
                     } else {
                         std::net::SocketAddr::new(p.endpoint, port).to_string()
                     },
+                    local: p.local.map(|l| l.to_string()),
+                    device: p.device.clone(),
                     state: s.state().name().into(),
                     // A down path has no current RTT (its last one would mislead).
                     rtt_ms: if s.state().name() == "down" {

@@ -83,6 +83,9 @@ pub enum DaemonError {
     /// `interface.local` is not an address of this host.
     #[error("{}", crate::sys::not_local_message(*.0))]
     NotLocal(IpAddr),
+    /// A path's `local` is not an address of this host.
+    #[error(transparent)]
+    PathLocal(#[from] super::uplinks::LocalNotHere),
     /// A data-path thread ended while the daemon ran.
     #[error("data-path thread {0} stopped: {1}; the daemon stopped cleanly (nothing left behind); please report this with the log")]
     Worker(&'static str, String),

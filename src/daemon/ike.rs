@@ -484,7 +484,7 @@ impl IkeDriver {
             let mut m = Vec::with_capacity(msg.len() + 4);
             m.extend_from_slice(&[0, 0, 0, 0]);
             m.extend_from_slice(msg);
-            let sent = u.send_datagrams(&[(&m, to)], |_, _, _| {});
+            let sent = u.send_datagrams(&[(&m, to, crate::datapath::Via::ROUTED)], |_, _, _, _| {});
             if sent.datagrams == 1 {
                 Ok(())
             } else {

@@ -33,6 +33,7 @@ mod seq;
 mod serve;
 mod setup;
 mod tx;
+pub mod uplinks;
 mod workers;
 
 use crate::config::Config;
@@ -69,8 +70,11 @@ pub(super) fn raise_fd_limit() {
 
 /// Run the daemon in the foreground until SIGINT or SIGTERM (or until a data-path thread
 /// ends, which is an error). `path`: where `cfg` came from, re-read on SIGHUP.
-pub fn run(cfg: Config, path: Option<&std::path::Path>) -> Result<(), DaemonError> {
+pub fn run(mut cfg: Config, path: Option<&std::path::Path>) -> Result<(), DaemonError> {
     for w in &cfg.warnings {
+        warn!("{w}");
+    }
+    for w in uplinks::resolve(&mut cfg)? {
         warn!("{w}");
     }
     if let Some(l) = cfg.interface.local {

@@ -56,9 +56,12 @@ impl Reloader<'_> {
     /// Returns a one-line summary; on error nothing changed.
     pub(super) async fn apply(
         &mut self,
-        cfg: Config,
+        mut cfg: Config,
         key_files: Vec<(String, File)>,
     ) -> Result<String, Refused> {
+        for w in super::uplinks::resolve(&mut cfg)? {
+            tracing::warn!("{w}");
+        }
         let old = self.live.current.load_full();
         self.compatible(&old.cfg, &cfg)?;
         let tunnel = TunnelSpec {

@@ -12,7 +12,7 @@
 use super::edges::{debug_panic_requested, wait, Edges, BATCH, XSK_SLOTS};
 use super::send::{relay_batch, send_verdicts};
 use crate::buf::{PacketBuf, MAX_PACKET};
-use crate::datapath::{Inbound, Verdict};
+use crate::datapath::{Inbound, Landing, Verdict};
 use crate::gso::GsoError;
 use crate::sys::capture::{Recorder, Tap};
 use crate::sys::grorx::{GroSocket, LocalCheck, Merged};
@@ -57,6 +57,8 @@ struct RxBufs {
     origin: [Origin; BATCH],
     /// The sender of each packet from an IPv6 raw socket (from the message's address).
     from: [Option<IpAddr>; BATCH],
+    /// Where each packet landed (destination, interface), as far as known.
+    landing: [Landing; BATCH],
     /// The UDP source port of each packet of a batch from the ESP-in-UDP socket.
     ports: [u16; BATCH],
     /// Messages of one `recvmmsg` on the UDP socket (each may be a GRO train).
@@ -76,6 +78,7 @@ impl RxBufs {
             bufs: (0..BATCH).map(|_| PacketBuf::new(MAX_PACKET)).collect(),
             origin: [None; BATCH],
             from: [None; BATCH],
+            landing: [Landing::UNKNOWN; BATCH],
             ports: [0; BATCH],
             wire: if udp {
                 (0..UDP_MSGS).map(|_| PacketBuf::new(MAX_PACKET)).collect()
@@ -83,6 +86,7 @@ impl RxBufs {
                 Vec::new()
             },
             meta: [crate::sys::udp::Received {
+                landing: Landing::UNKNOWN,
                 from: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
                 segment: 0,
                 truncated: false,
@@ -227,7 +231,8 @@ fn drain_xsk(k: &mut Xsk, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recorder, 
             break;
         }
         rec.begin_batch();
-        for (buf, o) in b.bufs[..n].iter_mut().zip(b.origin.iter_mut()) {
+        let pkts = b.bufs[..n].iter_mut().zip(b.origin.iter_mut());
+        for ((buf, o), at) in pkts.zip(b.landing.iter_mut()) {
             rec.record(Tap::Outer, buf.as_slice());
             let p = buf.as_slice();
             *o = match p.first().map(|v| v >> 4) {
@@ -235,13 +240,26 @@ fn drain_xsk(k: &mut Xsk, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recorder, 
                 Some(6) => strip_ipv6(buf),
                 _ => None,
             }
-            .map(|h| (h.src, h.protocol));
+            .map(|h| {
+                *at = Landing {
+                    dst: Some(h.dst),
+                    ifindex: 0,
+                };
+                (h.src, h.protocol)
+            });
             if o.is_none() {
                 rx.e.edge.bad_outer.fetch_add(1, Relaxed);
             }
         }
         rx.e.edge.xdp_receives.fetch_add(n as u64, Relaxed);
-        rx.batch(&mut b.bufs[..n], &b.origin[..n], &[], rec, now);
+        rx.batch(
+            &mut b.bufs[..n],
+            &b.origin[..n],
+            &[],
+            &b.landing[..n],
+            rec,
+            now,
+        );
         rec.flush();
         if n < BATCH {
             break;
@@ -252,7 +270,7 @@ fn drain_xsk(k: &mut Xsk, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recorder, 
 /// Receive from a raw socket until it is empty, a batch at a time.
 fn drain_raw(s: &RawSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recorder, now: u64) {
     loop {
-        let n = match s.recv_batch(&mut b.bufs, &mut b.from) {
+        let n = match s.recv_batch(&mut b.bufs, &mut b.from, &mut b.landing) {
             Ok(n) => n,
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
             Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
@@ -262,22 +280,37 @@ fn drain_raw(s: &RawSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Recorder
             }
         };
         rec.begin_batch();
-        for ((buf, o), from) in b.bufs[..n].iter_mut().zip(b.origin.iter_mut()).zip(&b.from) {
+        let pkts = b.bufs[..n].iter_mut().zip(b.origin.iter_mut());
+        for ((buf, o), (from, at)) in pkts.zip(b.from.iter().zip(b.landing.iter_mut())) {
             *o = if s.is_v6() {
                 // The kernel removed the IPv6 header; the tap shows it rebuilt.
                 from.map(|src| {
-                    rec.record_outer(src, rx.gen.source_for(&src), s.protocol(), buf.as_slice());
+                    let dst = at.dst.unwrap_or_else(|| rx.gen.source_for(&src));
+                    rec.record_outer(src, dst, s.protocol(), buf.as_slice());
                     (src, s.protocol())
                 })
             } else {
                 rec.record(Tap::Outer, buf.as_slice());
-                strip_ipv4(buf, false).map(|h| (h.src, h.protocol))
+                strip_ipv4(buf, false).map(|h| {
+                    *at = Landing {
+                        dst: Some(h.dst),
+                        ifindex: 0,
+                    };
+                    (h.src, h.protocol)
+                })
             };
             if o.is_none() {
                 rx.e.edge.bad_outer.fetch_add(1, Relaxed);
             }
         }
-        rx.batch(&mut b.bufs[..n], &b.origin[..n], &[], rec, now);
+        rx.batch(
+            &mut b.bufs[..n],
+            &b.origin[..n],
+            &[],
+            &b.landing[..n],
+            rec,
+            now,
+        );
         rec.flush();
         if n < b.bufs.len() {
             break;
@@ -386,7 +419,7 @@ fn flush_pieces(
     now: u64,
 ) {
     for (chunk, o) in segs.chunks_mut(BATCH).zip(origin.chunks(BATCH)) {
-        rx.batch(chunk, o, &[], rec, now);
+        rx.batch(chunk, o, &[], &[], rec, now);
     }
 }
 
@@ -422,7 +455,11 @@ fn drain_udp(u: &UdpEncapSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Rec
             if r.segment < w.len() {
                 e.edge.udp_gro_receives.fetch_add(1, Relaxed);
             }
-            let here = SocketAddr::new(rx.gen.source_for(&r.from.ip()), u.port());
+            let here_ip = r
+                .landing
+                .dst
+                .unwrap_or_else(|| rx.gen.source_for(&r.from.ip()));
+            let here = SocketAddr::new(here_ip, u.port());
             // A coalesced train: each datagram becomes its own packet for the core (an empty
             // datagram too: the core counts it malformed).
             let whole = w.as_slice();
@@ -447,15 +484,18 @@ fn drain_udp(u: &UdpEncapSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Rec
                 buf.set_len(d.len());
                 b.origin[n] = Some((r.from.ip(), PROTO_UDP));
                 b.ports[n] = r.from.port();
+                b.landing[n] = r.landing;
                 n += 1;
                 if n == BATCH {
-                    rx.batch(&mut b.bufs[..n], &b.origin[..n], &b.ports[..n], rec, now);
+                    let (o, p, l) = (&b.origin[..n], &b.ports[..n], &b.landing[..n]);
+                    rx.batch(&mut b.bufs[..n], o, p, l, rec, now);
                     n = 0;
                 }
             }
         }
         if n > 0 {
-            rx.batch(&mut b.bufs[..n], &b.origin[..n], &b.ports[..n], rec, now);
+            let (o, p, l) = (&b.origin[..n], &b.ports[..n], &b.landing[..n]);
+            rx.batch(&mut b.bufs[..n], o, p, l, rec, now);
         }
         rec.flush();
         if m < b.wire.len() {
@@ -573,12 +613,14 @@ pub(super) struct RxState<'a, 'e> {
 impl RxState<'_, '_> {
     /// Run a batch of received packets (outer headers removed) through the core and deliver
     /// them: to the TUN (coalesced where possible) or, on a hub, on to another peer. `ports`:
-    /// the UDP source ports of a batch from the ESP-in-UDP socket (empty for raw sockets).
+    /// the UDP source ports of a batch from the ESP-in-UDP socket (empty for raw sockets);
+    /// `landing`: where each packet landed (empty: not known).
     fn batch(
         &mut self,
         bufs: &mut [PacketBuf],
         origin: &[Origin],
         ports: &[u16],
+        landing: &[Landing],
         rec: &mut Recorder,
         now: u64,
     ) {
@@ -592,9 +634,12 @@ impl RxState<'_, '_> {
             let Some((src, proto)) = *o else {
                 continue;
             };
+            let at = landing.get(i).copied().unwrap_or(Landing::UNKNOWN);
             let v = match ports.get(i) {
-                Some(&port) => self.inb.process_udp(b, SocketAddr::new(src, port), now),
-                None => self.inb.process(b, src, proto, now),
+                Some(&port) => self
+                    .inb
+                    .process_udp_at(b, SocketAddr::new(src, port), at, now),
+                None => self.inb.process_at(b, src, proto, at, now),
             };
             match v {
                 Verdict::ToTun => {
@@ -608,9 +653,9 @@ impl RxState<'_, '_> {
                     relay[i] = true;
                     any_relay = true;
                 }
-                Verdict::Echo { peer, to } => {
+                Verdict::Echo { peer, to, via } => {
                     // A multipath probe: the echo goes back at once, on the path it came by.
-                    let v = self.gen.outbound.echo(usize::from(peer), b, to, now);
+                    let v = self.gen.outbound.echo(usize::from(peer), b, to, via, now);
                     if matches!(v, Verdict::Send(_)) {
                         send_verdicts(std::slice::from_ref(&*b), &[Some(v)], e, &self.gen, rec);
                     }

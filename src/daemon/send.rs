@@ -2,7 +2,7 @@
 
 use super::edges::{Edges, BATCH, TX_BUFS};
 use crate::buf::PacketBuf;
-use crate::datapath::{Verdict, Wire};
+use crate::datapath::{Verdict, Via, Wire};
 use crate::sys::capture::{Recorder, Tap};
 use crate::telemetry::Generation;
 use std::io;
@@ -69,17 +69,18 @@ pub(super) fn send_verdicts(
     if rec.wants(Tap::Outer) {
         for (b, w) in wires() {
             let dst = w.dst_ip();
+            let src = |d: &IpAddr| w.via().src.unwrap_or_else(|| g.source_for(d));
             match w {
-                Wire::EspInUdp { dst } => {
+                Wire::EspInUdp { dst, .. } => {
                     let port = e
                         .udp
                         .iter()
                         .find(|u| u.is_v6() == dst.is_ipv6())
                         .map_or(0, |u| u.port());
-                    let from = SocketAddr::new(g.source_for(&dst.ip()), port);
+                    let from = SocketAddr::new(src(&dst.ip()), port);
                     rec.record_udp(from, dst, b.as_slice());
                 }
-                w => rec.record_outer(g.source_for(&dst), dst, w.protocol(), b.as_slice()),
+                w => rec.record_outer(src(&dst), dst, w.protocol(), b.as_slice()),
             }
         }
     }
@@ -93,7 +94,7 @@ pub(super) fn send_verdicts(
         let pending = || {
             wires().filter_map(move |(b, w)| {
                 let dst = w.dst_ip();
-                (w.protocol() == proto && dst.is_ipv6() == v6).then(|| (b.as_slice(), dst))
+                (w.protocol() == proto && dst.is_ipv6() == v6).then(|| (b.as_slice(), dst, w.via()))
             })
         };
         let want = pending().count();
@@ -103,11 +104,15 @@ pub(super) fn send_verdicts(
         let mut fast_sent = 0;
         if !e.packet.is_empty() && !hops.0.is_empty() {
             for p in e.packet {
-                let mine = pending().filter_map(|(pkt, dst)| {
-                    hops.get(dst)
-                        .filter(|h| p.takes(h, pkt.len()))
-                        .map(|h| (h, proto, pkt))
-                });
+                // (A path with its own source or interface leaves by the raw socket: the next
+                // hops are resolved per destination, not per way out.)
+                let mine = pending()
+                    .filter(|p| p.2.is_routed())
+                    .filter_map(|(pkt, dst, _)| {
+                        hops.get(dst)
+                            .filter(|h| p.takes(h, pkt.len()))
+                            .map(|h| (h, proto, pkt))
+                    });
                 let n = mine.clone().count();
                 if n == 0 {
                     continue;
@@ -116,33 +121,36 @@ pub(super) fn send_verdicts(
                 count_sent(e, n, p.send_batch(mine), &mut last_err);
             }
         }
-        let fast = |pkt: &[u8], dst| {
-            hops.get(dst)
-                .is_some_and(|h| e.packet.iter().any(|p| p.takes(h, pkt.len())))
+        let fast = |pkt: &[u8], dst, via: Via| {
+            via.is_routed()
+                && hops
+                    .get(dst)
+                    .is_some_and(|h| e.packet.iter().any(|p| p.takes(h, pkt.len())))
         };
         s.send_batch(
-            pending().filter(|&(pkt, dst)| !fast(pkt, dst)),
-            |dst, err| {
-                refused(e, g, dst, 1);
+            pending().filter(|&(pkt, dst, via)| !fast(pkt, dst, via)),
+            |dst, via, err| {
+                refused(e, g, dst, via, 1);
                 last_err = Some(io::Error::new(err.kind(), format!("to {dst}: {err}")));
             },
         );
         e.edge.af_packet_sends.fetch_add(fast_sent as u64, Relaxed);
     }
     for u in e.udp {
-        let mut items = [(&[][..], SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)); TX_BUFS];
+        let none = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0);
+        let mut items = [(&[][..], none, Via::ROUTED); TX_BUFS];
         let mut want = 0;
-        let mut flush = |items: &[(&[u8], SocketAddr)]| {
-            let sent = u.send_datagrams(items, |dst, n, err| {
-                refused(e, g, dst.ip(), n as u64);
+        let mut flush = |items: &[(&[u8], SocketAddr, Via)]| {
+            let sent = u.send_datagrams(items, |dst, via, n, err| {
+                refused(e, g, dst.ip(), via, n as u64);
                 last_err = Some(io::Error::new(err.kind(), format!("to {dst}: {err}")));
             });
             e.edge.udp_gso_sends.fetch_add(sent.trains as u64, Relaxed);
         };
         for (b, w) in wires() {
-            if let Wire::EspInUdp { dst } = w {
+            if let Wire::EspInUdp { dst, via } = w {
                 if dst.is_ipv6() == u.is_v6() {
-                    items[want] = (b.as_slice(), dst);
+                    items[want] = (b.as_slice(), dst, via);
                     want += 1;
                     // Copies to several paths can outnumber the batch.
                     if want == items.len() {
@@ -175,9 +183,9 @@ fn count_sent(e: &Edges, want: usize, result: io::Result<usize>, last_err: &mut 
     }
 }
 
-/// Count `n` packets to `dst` the kernel refused: in the edge's total and, for a multipath
-/// peer, against the path with that endpoint.
-fn refused(e: &Edges, g: &Generation, dst: IpAddr, n: u64) {
+/// Count `n` packets to `dst` (by `via`) the kernel refused: in the edge's total and, for a
+/// multipath peer, against the path with that endpoint and way out.
+fn refused(e: &Edges, g: &Generation, dst: IpAddr, via: Via, n: u64) {
     e.edge.send_errors.fetch_add(n, Relaxed);
-    g.outbound.count_refused(dst, n);
+    g.outbound.count_refused(dst, via, n);
 }

@@ -58,12 +58,7 @@ fn spec(
             paths: eps
                 .iter()
                 .enumerate()
-                .map(|(i, e)| PathSpec {
-                    name: format!("l{}", i + 1),
-                    endpoint: IpAddr::from(*e),
-                    port,
-                    weight: 1,
-                })
+                .map(|(i, e)| PathSpec::routed(&format!("l{}", i + 1), IpAddr::from(*e), port))
                 .collect(),
         }),
         negotiated: None,
@@ -232,7 +227,7 @@ fn probe_round(p: &mut Pair, now: u64, lose_path2: bool) -> usize {
             continue;
         }
         let v = receive(&mut p.in_b, &mut b, w, from_a(w.dst_ip()), now + MS);
-        let Verdict::Echo { peer, to } = v else {
+        let Verdict::Echo { peer, to, via } = v else {
             panic!("probe: {v:?}");
         };
         assert_eq!(
@@ -240,7 +235,7 @@ fn probe_round(p: &mut Pair, now: u64, lose_path2: bool) -> usize {
             from_a(w.dst_ip()),
             "the echo goes back where it came from"
         );
-        let Verdict::Send(back) = p.out_b.echo(usize::from(peer), &mut b, to, now + MS) else {
+        let Verdict::Send(back) = p.out_b.echo(usize::from(peer), &mut b, to, via, now + MS) else {
             panic!("echo not sent");
         };
         // The echo arrives at A from B's address on that link.
@@ -306,7 +301,7 @@ fn a_forged_or_replayed_probe_changes_no_path_state() {
     );
     // The real one is answered.
     let v = receive(&mut p.in_b, &mut probe, w, from_a(w.dst_ip()), MS);
-    let Verdict::Echo { peer, to } = v else {
+    let Verdict::Echo { peer, to, via } = v else {
         panic!("{v:?}")
     };
     // Replayed: refused by the replay window, no second echo.
@@ -316,7 +311,7 @@ fn a_forged_or_replayed_probe_changes_no_path_state() {
         Verdict::Drop(DropReason::Duplicate | DropReason::Replay)
     ));
     // The echo, forged and replayed, at A.
-    let Verdict::Send(back) = p.out_b.echo(usize::from(peer), &mut probe, to, MS) else {
+    let Verdict::Send(back) = p.out_b.echo(usize::from(peer), &mut probe, to, via, MS) else {
         panic!()
     };
     let echo = probe.as_slice().to_vec();

@@ -159,3 +159,21 @@ pub fn path_mtu(dst: std::net::IpAddr, local: Option<std::net::IpAddr>) -> std::
     }
     Ok(mtu as u32)
 }
+
+/// The index of the interface named `name` (`None`: no such interface in this namespace).
+pub fn interface_index(name: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(name).ok().filter(|&i| i != 0)
+}
+
+/// The name of the interface that holds address `ip` (`None`: no interface does).
+pub fn interface_holding(ip: std::net::IpAddr) -> Option<String> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        let a = ifa.address?;
+        let held: std::net::IpAddr = match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+            (Some(v4), _) => v4.ip().into(),
+            (_, Some(v6)) => v6.ip().into(),
+            _ => return None,
+        };
+        (held == ip).then_some(ifa.interface_name)
+    })
+}

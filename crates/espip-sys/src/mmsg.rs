@@ -111,3 +111,104 @@ pub(super) fn read_sockaddr(slot: &SockAddrSlot) -> Option<std::net::SocketAddr>
         _ => None,
     }
 }
+
+/// Control data of one message, aligned for `cmsghdr`: room for a `UDP_SEGMENT` or `UDP_GRO`
+/// message next to an IPv6 packet-info message.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+pub(super) struct Cmsg(pub(super) [u8; CMSG_ROOM]);
+
+/// Bytes of [`Cmsg`].
+pub(super) const CMSG_ROOM: usize = 96;
+
+impl Cmsg {
+    /// An empty one.
+    pub(super) const EMPTY: Cmsg = Cmsg([0; CMSG_ROOM]);
+
+    /// Append a control message (`level`, `ty`, `data`) at `*used` and advance it; false (and
+    /// nothing written) when it does not fit.
+    pub(super) fn push(&mut self, used: &mut usize, level: i32, ty: i32, data: &[u8]) -> bool {
+        // CMSG_ALIGN, CMSG_LEN and CMSG_SPACE of Linux, without the unsafe libc calls.
+        let align = |n: usize| n.next_multiple_of(std::mem::size_of::<usize>());
+        let head = align(std::mem::size_of::<libc::cmsghdr>());
+        let len = head + data.len();
+        let space = head + align(data.len());
+        let Some(room) = self.0.get_mut(*used..*used + space) else {
+            return false;
+        };
+        // (cmsghdr: cmsg_len as size_t, then level and type as int; CMSG_LEN(0) is its size.)
+        room[..std::mem::size_of::<usize>()].copy_from_slice(&len.to_ne_bytes());
+        room[head - 8..head - 4].copy_from_slice(&level.to_ne_bytes());
+        room[head - 4..head].copy_from_slice(&ty.to_ne_bytes());
+        room[head..head + data.len()].copy_from_slice(data);
+        room[head + data.len()..].fill(0);
+        *used += space;
+        true
+    }
+
+    /// Append the packet-info message that sends a datagram from `via`'s source address and
+    /// out of its interface (`IP_PKTINFO`: `ipi_spec_dst`, `ipi_ifindex`; `IPV6_PKTINFO`:
+    /// `ipi6_addr`, `ipi6_ifindex`). Nothing for a routed `via`.
+    pub(super) fn push_via(&mut self, used: &mut usize, via: espip_core::datapath::Via, v6: bool) {
+        if via.is_routed() {
+            return;
+        }
+        let ifindex = via.ifindex;
+        if v6 {
+            let src = match via.src {
+                Some(std::net::IpAddr::V6(a)) => a.octets(),
+                _ => [0; 16],
+            };
+            let mut d = [0u8; 20];
+            d[..16].copy_from_slice(&src);
+            d[16..].copy_from_slice(&ifindex.to_ne_bytes());
+            self.push(used, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, &d);
+        } else {
+            let src = match via.src {
+                Some(std::net::IpAddr::V4(a)) => a.octets(),
+                _ => [0; 4],
+            };
+            // in_pktinfo: ipi_ifindex (int), ipi_spec_dst, ipi_addr (ignored on send).
+            let mut d = [0u8; 12];
+            d[..4].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+            d[4..8].copy_from_slice(&src);
+            self.push(used, libc::IPPROTO_IP, libc::IP_PKTINFO, &d);
+        }
+    }
+}
+
+/// Where a received message landed, from its packet-info control message (`IP_PKTINFO` or
+/// `IPV6_PKTINFO`, asked for with [`ask_landing`]): its destination address and interface.
+pub(super) fn landing(h: &libc::msghdr) -> espip_core::datapath::Landing {
+    let mut at = espip_core::datapath::Landing::UNKNOWN;
+    // SAFETY: the kernel filled msg_control up to msg_controllen; CMSG_FIRSTHDR/NXTHDR stay
+    // inside it, and the data of each message read here is at least as long as read.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            let (level, ty) = ((*c).cmsg_level, (*c).cmsg_type);
+            if level == libc::IPPROTO_IP && ty == libc::IP_PKTINFO {
+                let p = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>());
+                at.ifindex = p.ipi_ifindex as u32;
+                at.dst = Some(std::net::Ipv4Addr::from(u32::from_be(p.ipi_addr.s_addr)).into());
+            } else if level == libc::IPPROTO_IPV6 && ty == libc::IPV6_PKTINFO {
+                let p = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in6_pktinfo>());
+                at.ifindex = p.ipi6_ifindex;
+                at.dst = Some(std::net::Ipv6Addr::from(p.ipi6_addr.s6_addr).into());
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    at
+}
+
+/// Ask the kernel to tell each received message's destination and interface (see
+/// [`landing`]); best effort (without it, paths sharing a peer address are told apart less
+/// well).
+pub(super) fn ask_landing(sock: &socket2::Socket, v6: bool) {
+    let _ = if v6 {
+        super::set_int(sock, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)
+    } else {
+        super::set_int(sock, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)
+    };
+}

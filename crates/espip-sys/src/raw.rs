@@ -7,8 +7,9 @@
 //! comes from the message's address. This kernel has no ESP/IPIP modules, so raw sockets see
 //! every such packet; on a kernel that has them, both would receive a copy.
 
-use super::mmsg::{empty_slot, read_sockaddr, write_sockaddr, SockAddrSlot};
+use super::mmsg::{empty_slot, read_sockaddr, write_sockaddr, Cmsg, SockAddrSlot, CMSG_ROOM};
 use espip_core::buf::PacketBuf;
+use espip_core::datapath::{Landing, Via};
 use espip_core::wire::ip::checksum;
 use espip_core::wire::ipv4::Ipv4Packet;
 use espip_core::wire::ipv6::{Ipv6Packet, HEADER_LEN as IPV6_HEADER_LEN};
@@ -47,6 +48,11 @@ impl RawSocket {
         // as the sender) instead of being refused: a lowered path MTU costs fragmentation,
         // not a black hole.
         super::fragment_rather_than_refuse(&sock, v6);
+        if v6 {
+            // The header is not handed over: where each packet landed comes as a control
+            // message (which path of a peer sharing its address it came by).
+            super::mmsg::ask_landing(&sock, v6);
+        }
         if let Some(l) = local {
             sock.bind(&SocketAddr::new(l, 0).into())?;
         }
@@ -76,33 +82,42 @@ impl RawSocket {
     /// Receive up to `bufs.len()` datagrams in one `recvmmsg` call. Each buffer is reset and
     /// filled from its headroom; returns how many were filled (`WouldBlock` if none). Over
     /// IPv4 a buffer holds the whole packet (see [`strip_ipv4`]) and `from` is left
-    /// alone; over IPv6 it holds what follows the IPv6 header and `from[i]` is the sender.
+    /// alone; over IPv6 it holds what follows the IPv6 header, `from[i]` is the sender and
+    /// `landing[i]` its destination and interface (from `IPV6_PKTINFO`; over IPv4 the header
+    /// tells the destination).
     pub fn recv_batch(
         &self,
         bufs: &mut [PacketBuf],
         from: &mut [Option<IpAddr>],
+        landing: &mut [Landing],
     ) -> io::Result<usize> {
         const MAX: usize = 64;
         let mut iovs: [MaybeUninit<libc::iovec>; MAX] = [const { MaybeUninit::uninit() }; MAX];
         // SAFETY: mmsghdr is plain old data; zero is a valid value for every field.
         let mut hdrs: [libc::mmsghdr; MAX] = unsafe { std::mem::zeroed() };
         let mut names = [empty_slot(); MAX];
+        let mut ctrl = [Cmsg::EMPTY; MAX];
         let n = super::mmsg::point_at_read_areas(bufs, &mut iovs, &mut hdrs);
         if self.v6 {
-            for (h, name) in hdrs[..n].iter_mut().zip(names.iter_mut()) {
+            for ((h, name), c) in hdrs[..n].iter_mut().zip(names.iter_mut()).zip(&mut ctrl) {
                 h.msg_hdr.msg_name = (name as *mut SockAddrSlot).cast();
                 h.msg_hdr.msg_namelen = std::mem::size_of::<SockAddrSlot>() as u32;
+                h.msg_hdr.msg_control = c.0.as_mut_ptr().cast();
+                h.msg_hdr.msg_controllen = CMSG_ROOM as _;
             }
         }
         // SAFETY: hdrs[..n] point at n initialised iovecs, each covering a live, exclusively
-        // borrowed buffer area, and (IPv6) at name slots of the length given; the kernel writes
-        // at most those lengths.
+        // borrowed buffer area, and (IPv6) at name slots and control buffers of the lengths
+        // given; the kernel writes at most those lengths.
         let got = unsafe { super::mmsg::recvmmsg(self.sock.as_raw_fd(), &mut hdrs[..n])? };
         for i in 0..got {
             bufs[i].set_len(hdrs[i].msg_len as usize);
             if self.v6 {
                 if let Some(f) = from.get_mut(i) {
                     *f = read_sockaddr(&names[i]).map(|a| a.ip());
+                }
+                if let Some(l) = landing.get_mut(i) {
+                    *l = super::mmsg::landing(&hdrs[i].msg_hdr);
                 }
             }
         }
@@ -116,14 +131,15 @@ impl RawSocket {
     /// rest of the call's packets are refused with it. Returns how many the kernel took.
     pub fn send_batch<'a>(
         &self,
-        pkts: impl IntoIterator<Item = (&'a [u8], IpAddr)>,
-        mut refused: impl FnMut(IpAddr, &io::Error),
+        pkts: impl IntoIterator<Item = (&'a [u8], IpAddr, Via)>,
+        mut refused: impl FnMut(IpAddr, Via, &io::Error),
     ) -> usize {
         const MAX: usize = 64;
         let mut pkts = pkts.into_iter().peekable();
         let mut sent = 0;
         while pkts.peek().is_some() {
-            let mut chunk: [(&[u8], IpAddr); MAX] = [(&[], IpAddr::V4(Ipv4Addr::UNSPECIFIED)); MAX];
+            let mut chunk: [(&[u8], IpAddr, Via); MAX] =
+                [(&[], IpAddr::V4(Ipv4Addr::UNSPECIFIED), Via::ROUTED); MAX];
             let mut len = 0;
             for p in pkts.by_ref().take(MAX) {
                 chunk[len] = p;
@@ -134,7 +150,8 @@ impl RawSocket {
             let mut addrs = [empty_slot(); MAX];
             // SAFETY: mmsghdr is plain old data; zero is valid.
             let mut hdrs: [libc::mmsghdr; MAX] = unsafe { std::mem::zeroed() };
-            for (i, (pkt, dst)) in chunk.iter().enumerate() {
+            let mut ctrl = [super::mmsg::Cmsg::EMPTY; MAX];
+            for (i, (pkt, dst, via)) in chunk.iter().enumerate() {
                 iovs[i].write(libc::iovec {
                     iov_base: pkt.as_ptr() as *mut libc::c_void,
                     iov_len: pkt.len(),
@@ -144,13 +161,20 @@ impl RawSocket {
                 hdrs[i].msg_hdr.msg_iovlen = 1;
                 hdrs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut SockAddrSlot).cast();
                 hdrs[i].msg_hdr.msg_namelen = namelen;
+                let mut used = 0;
+                ctrl[i].push_via(&mut used, *via, self.v6);
+                if used > 0 {
+                    hdrs[i].msg_hdr.msg_control = ctrl[i].0.as_mut_ptr().cast();
+                    hdrs[i].msg_hdr.msg_controllen = used as _;
+                }
             }
             // A short count means the kernel stopped at packet `at` (sendmmsg drops its
             // error); the next call from there returns that error, for that packet alone.
             let mut at = 0;
             while at < len {
                 // SAFETY: hdrs[at..len] point at initialised iovecs over live packet slices
-                // (only read by the kernel) and at initialised socket addresses.
+                // (only read by the kernel), at initialised socket addresses and control
+                // messages.
                 let rc = unsafe {
                     libc::sendmmsg(
                         self.sock.as_raw_fd(),
@@ -174,8 +198,8 @@ impl RawSocket {
                     Some(libc::EAGAIN | libc::ENOBUFS) | None
                 );
                 let end = if socket_full { len } else { at + 1 };
-                for (_, dst) in &chunk[at..end] {
-                    refused(*dst, &err);
+                for (_, dst, via) in &chunk[at..end] {
+                    refused(*dst, *via, &err);
                 }
                 at = end;
             }

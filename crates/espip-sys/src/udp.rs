@@ -11,8 +11,9 @@
 //! Raw protocol-50 sockets have no equivalent: each ESP packet there is its own trip through
 //! the stack, which is what limits [`crate::raw`] at high rates.
 
-use super::mmsg::{empty_slot, read_sockaddr, write_sockaddr, SockAddrSlot};
+use super::mmsg::{empty_slot, read_sockaddr, write_sockaddr, Cmsg, SockAddrSlot, CMSG_ROOM};
 use espip_core::buf::PacketBuf;
+use espip_core::datapath::{Landing, Via};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::mem::MaybeUninit;
@@ -48,10 +49,10 @@ pub struct Run {
 }
 
 /// Group datagrams `(length, destination)` into runs the kernel's UDP GSO accepts: one
-/// destination, every datagram `segment` bytes except a shorter last one, at most
-/// [`MAX_SEGMENTS`] datagrams and [`MAX_GSO_BYTES`] bytes. Returns the number of runs written
-/// into `runs` (which must be as long as `items`).
-pub fn plan_runs(items: &[(usize, SocketAddr)], runs: &mut [Run]) -> usize {
+/// destination (and way out), every datagram `segment` bytes except a shorter last one, at
+/// most [`MAX_SEGMENTS`] datagrams and [`MAX_GSO_BYTES`] bytes. Returns the number of runs
+/// written into `runs` (which must be as long as `items`).
+pub fn plan_runs<D: PartialEq + Copy>(items: &[(usize, D)], runs: &mut [Run]) -> usize {
     let mut n = 0;
     let mut i = 0;
     while i < items.len() {
@@ -97,6 +98,8 @@ pub struct Sent {
 pub struct Received {
     /// The sender.
     pub from: SocketAddr,
+    /// Where it landed (destination address and interface).
+    pub landing: Landing,
     /// The size of each datagram the kernel coalesced into this message (the last may be
     /// shorter); the whole length when it is one datagram.
     pub segment: usize,
@@ -137,6 +140,9 @@ impl UdpEncapSocket {
         super::fragment_rather_than_refuse(&sock, v6);
         // Receive trains of datagrams as one buffer; a kernel without it delivers them singly.
         let _ = set_int(&sock, libc::SOL_UDP, libc::UDP_GRO, 1);
+        // Each datagram's destination and interface: which of a multipath peer's paths that
+        // share its address it came by.
+        super::mmsg::ask_landing(&sock, v6);
         // Probe segmentation offload with a socket-wide setting of 0 (off): the option exists
         // exactly when per-message segment sizes are understood.
         let gso = set_int(&sock, libc::SOL_UDP, libc::UDP_SEGMENT, 0).is_ok();
@@ -178,7 +184,7 @@ impl UdpEncapSocket {
         let mut names = [empty_slot(); MAX_MSGS];
         // SAFETY: mmsghdr is plain old data; zero is valid.
         let mut hdrs: [libc::mmsghdr; MAX_MSGS] = unsafe { std::mem::zeroed() };
-        let mut ctrl = [CmsgBuf([0; CMSG_BUF]); MAX_MSGS];
+        let mut ctrl = [Cmsg::EMPTY; MAX_MSGS];
         let m = meta.len().min(MAX_MSGS);
         let n = super::mmsg::point_at_read_areas(bufs, &mut iovs[..m], &mut hdrs);
         for i in 0..n {
@@ -186,7 +192,7 @@ impl UdpEncapSocket {
             h.msg_name = (&mut names[i] as *mut SockAddrSlot).cast();
             h.msg_namelen = std::mem::size_of::<SockAddrSlot>() as u32;
             h.msg_control = ctrl[i].0.as_mut_ptr().cast();
-            h.msg_controllen = CMSG_BUF as _;
+            h.msg_controllen = CMSG_ROOM as _;
         }
         // SAFETY: hdrs[..n] point at initialised iovecs over live, exclusively borrowed buffer
         // areas, at socket address slots and at control buffers of the lengths given.
@@ -204,6 +210,7 @@ impl UdpEncapSocket {
                 .unwrap_or_else(|| SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
             meta[i] = Received {
                 from,
+                landing: super::mmsg::landing(h),
                 segment: gro_segment(h).filter(|&s| s > 0).unwrap_or(len),
                 truncated,
             };
@@ -216,13 +223,17 @@ impl UdpEncapSocket {
     /// At most [`MAX_DATAGRAMS`] per call.
     pub fn send_datagrams(
         &self,
-        items: &[(&[u8], SocketAddr)],
-        mut refused: impl FnMut(SocketAddr, usize, &io::Error),
+        items: &[(&[u8], SocketAddr, Via)],
+        mut refused: impl FnMut(SocketAddr, Via, usize, &io::Error),
     ) -> Sent {
         let items = &items[..items.len().min(MAX_DATAGRAMS)];
-        let mut shape = [(0usize, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)); MAX_DATAGRAMS];
-        for (s, (p, d)) in shape.iter_mut().zip(items) {
-            *s = (p.len(), *d);
+        let none = (
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
+            Via::ROUTED,
+        );
+        let mut shape = [(0usize, none); MAX_DATAGRAMS];
+        for (s, (p, d, via)) in shape.iter_mut().zip(items) {
+            *s = (p.len(), (*d, *via));
         }
         let mut runs = [Run::default(); MAX_DATAGRAMS];
         let nruns = if self.gso {
@@ -255,6 +266,7 @@ impl UdpEncapSocket {
                     let r = runs[k];
                     refused(
                         items[r.start].1,
+                        items[r.start].2,
                         r.count,
                         &io::Error::from(io::ErrorKind::WouldBlock),
                     );
@@ -282,7 +294,7 @@ impl UdpEncapSocket {
                     };
                     sent += took;
                     if took < r.count {
-                        refused(items[r.start].1, r.count - took, &err);
+                        refused(items[r.start].1, items[r.start].2, r.count - took, &err);
                         last_err = Some(err);
                     }
                     k += 1;
@@ -297,16 +309,16 @@ impl UdpEncapSocket {
     }
 
     /// One `sendmmsg` of `runs` (at most [`MAX_MSGS`]); returns how many messages went.
-    fn send_runs(&self, items: &[(&[u8], SocketAddr)], runs: &[Run]) -> io::Result<usize> {
+    fn send_runs(&self, items: &[(&[u8], SocketAddr, Via)], runs: &[Run]) -> io::Result<usize> {
         let mut iovs: [MaybeUninit<libc::iovec>; MAX_DATAGRAMS] =
             [const { MaybeUninit::uninit() }; MAX_DATAGRAMS];
         let mut names = [empty_slot(); MAX_MSGS];
         // SAFETY: mmsghdr is plain old data; zero is valid.
         let mut hdrs: [libc::mmsghdr; MAX_MSGS] = unsafe { std::mem::zeroed() };
-        let mut ctrl = [CmsgBuf([0; CMSG_BUF]); MAX_MSGS];
+        let mut ctrl = [Cmsg::EMPTY; MAX_MSGS];
         let mut iov_at = 0;
         for (m, r) in runs.iter().enumerate() {
-            for (slot, (p, _)) in iovs[iov_at..]
+            for (slot, (p, _, _)) in iovs[iov_at..]
                 .iter_mut()
                 .zip(&items[r.start..r.start + r.count])
             {
@@ -321,18 +333,15 @@ impl UdpEncapSocket {
             h.msg_iovlen = r.count as _;
             h.msg_name = (&mut names[m] as *mut SockAddrSlot).cast();
             h.msg_namelen = namelen;
+            let mut used = 0;
             if r.count > 1 {
-                // SAFETY: the control buffer is CMSG_BUF bytes, 8-aligned, enough for one
-                // cmsghdr with a u16 (CMSG_SPACE(2) = 24 on 64-bit Linux).
-                unsafe {
-                    h.msg_control = ctrl[m].0.as_mut_ptr().cast();
-                    h.msg_controllen = libc::CMSG_SPACE(2) as _;
-                    let c = libc::CMSG_FIRSTHDR(h);
-                    (*c).cmsg_level = libc::SOL_UDP;
-                    (*c).cmsg_type = libc::UDP_SEGMENT;
-                    (*c).cmsg_len = libc::CMSG_LEN(2) as _;
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), r.segment as u16);
-                }
+                let seg = (r.segment as u16).to_ne_bytes();
+                ctrl[m].push(&mut used, libc::SOL_UDP, libc::UDP_SEGMENT, &seg);
+            }
+            ctrl[m].push_via(&mut used, items[r.start].2, self.v6);
+            if used > 0 {
+                h.msg_control = ctrl[m].0.as_mut_ptr().cast();
+                h.msg_controllen = used as _;
             }
             iov_at += r.count;
         }
@@ -352,12 +361,6 @@ impl UdpEncapSocket {
         Ok(rc as usize)
     }
 }
-
-/// Control buffer of one message, aligned for `cmsghdr`.
-#[derive(Clone, Copy)]
-#[repr(C, align(8))]
-struct CmsgBuf([u8; CMSG_BUF]);
-const CMSG_BUF: usize = 32;
 
 /// The `UDP_GRO` segment size in a received message's control data.
 fn gro_segment(h: &libc::msghdr) -> Option<usize> {
@@ -433,5 +436,74 @@ mod tests {
         let items = vec![(1436, to(4500)); 46];
         assert_eq!(plan(&items), vec![(0, 45, 1436), (45, 1, 1436)]);
         assert_eq!(plan(&[]), vec![]);
+    }
+
+    #[test]
+    fn another_way_out_starts_a_new_run() {
+        let via = Via {
+            src: Some(Ipv4Addr::new(192, 0, 2, 9).into()),
+            ifindex: 3,
+        };
+        let items = [
+            (100, (to(4500), Via::ROUTED)),
+            (100, (to(4500), via)),
+            (100, (to(4500), via)),
+        ];
+        let mut runs = vec![Run::default(); items.len()];
+        let n = plan_runs(&items, &mut runs);
+        let got: Vec<_> = runs[..n].iter().map(|r| (r.start, r.count)).collect();
+        assert_eq!(got, vec![(0, 1), (1, 2)]);
+    }
+
+    /// A datagram sent with a `Via` leaves from its source address (127.0.0.2 instead of the
+    /// routed 127.0.0.1) and out of its interface; the receiver learns where it landed.
+    #[test]
+    fn a_via_sets_the_source_and_the_receiver_sees_the_landing() {
+        let lo = Ipv4Addr::LOCALHOST;
+        let rx = UdpEncapSocket::open(false, Some(lo.into()), 0).unwrap();
+        let port = rx.sock.local_addr().unwrap().as_socket().unwrap().port();
+        let tx = UdpEncapSocket::open(false, None, 0).unwrap();
+        let dst = SocketAddr::new(lo.into(), port);
+        let via = Via {
+            src: Some(Ipv4Addr::new(127, 0, 0, 2).into()),
+            ifindex: 1,
+        };
+        let pkts = [b"ab".as_slice(), b"cd".as_slice(), b"ef".as_slice()];
+        let items: Vec<_> = pkts.iter().map(|p| (*p, dst, via)).collect();
+        let sent = tx.send_datagrams(&items, |d, _, _, e| panic!("{d}: {e}"));
+        assert_eq!(sent.datagrams, 3);
+        let sent = tx.send_datagrams(&[(b"gh", dst, Via::ROUTED)], |d, _, _, e| {
+            panic!("{d}: {e}")
+        });
+        assert_eq!(sent.datagrams, 1);
+        let mut bufs: Vec<PacketBuf> = (0..8)
+            .map(|_| PacketBuf::new(espip_core::buf::MAX_PACKET))
+            .collect();
+        let blank = Received {
+            from: dst,
+            landing: Landing::UNKNOWN,
+            segment: 0,
+            truncated: false,
+        };
+        let mut meta = [blank; 8];
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            if let Ok(n) = rx.recv_batch(&mut bufs, &mut meta) {
+                for m in &meta[..n] {
+                    got.push((m.from.ip(), m.landing));
+                }
+            }
+            if got.len() >= 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let landed = Landing {
+            dst: Some(lo.into()),
+            ifindex: 1,
+        };
+        // The three equal datagrams may arrive as one GRO train.
+        assert_eq!(got.first(), Some(&(IpAddr::from([127, 0, 0, 2]), landed)));
+        assert_eq!(got.last(), Some(&(IpAddr::from([127, 0, 0, 1]), landed)));
     }
 }

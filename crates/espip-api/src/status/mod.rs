@@ -184,6 +184,13 @@ pub struct PathStatus {
     pub name: String,
     /// Outer destination (with the UDP port for ESP in UDP).
     pub endpoint: String,
+    /// The path's own source address (`local`; `None`: the routed source).
+    #[serde(default)]
+    pub local: Option<String>,
+    /// The interface the path leaves by (`device`, or the one holding `local`; `None`:
+    /// routing decides).
+    #[serde(default)]
+    pub device: Option<String>,
     /// `up`, `quiet` (late, not scheduled, not down yet), `down` or `unknown` (no echo yet).
     pub state: String,
     /// Smoothed probe RTT, milliseconds (`None`: none measured).
@@ -533,9 +540,15 @@ fn peer_text(p: &PeerStatus, now_unix: f64, s: &mut String) {
             let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} ms"));
             let _ = writeln!(
                 s,
-                "  path {}: {}  {}  rtt {} (min {})  share {:.0}%  probes {}/{}  quiet {}x  sent {} ({} packets)  received {} ({} packets)",
+                "  path {}: {}{}  {}  rtt {} (min {})  share {:.0}%  probes {}/{}  quiet {}x  sent {} ({} packets)  received {} ({} packets)",
                 x.name,
                 x.endpoint,
+                match (&x.local, &x.device) {
+                    (None, None) => String::new(),
+                    (Some(l), Some(d)) => format!(" from {l} via {d}"),
+                    (Some(l), None) => format!(" from {l}"),
+                    (None, Some(d)) => format!(" via {d}"),
+                },
                 x.state,
                 ms(x.rtt_ms),
                 ms(x.min_rtt_ms),
@@ -675,6 +688,8 @@ mod tests {
             paths: vec![PathStatus {
                 name: "dsl".into(),
                 endpoint: "192.0.2.2".into(),
+                local: None,
+                device: None,
                 state: "up".into(),
                 rtt_ms: Some(10.5),
                 min_rtt_ms: Some(10.0),

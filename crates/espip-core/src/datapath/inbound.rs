@@ -15,7 +15,20 @@ impl Inbound {
         protocol: u8,
         now: u64,
     ) -> Verdict {
-        let v = self.process_inner(buf, outer_src, protocol, 0, now);
+        self.process_at(buf, outer_src, protocol, Landing::UNKNOWN, now)
+    }
+
+    /// [`Inbound::process`], knowing where the packet landed (which of a multipath peer's
+    /// paths that share its address it came by).
+    pub fn process_at(
+        &mut self,
+        buf: &mut PacketBuf,
+        outer_src: IpAddr,
+        protocol: u8,
+        landing: Landing,
+        now: u64,
+    ) -> Verdict {
+        let v = self.process_inner(buf, outer_src, protocol, 0, landing, now);
         if let Verdict::Drop(r) = v {
             self.stats.count_drop(r);
         }
@@ -25,7 +38,18 @@ impl Inbound {
     /// Process the payload of one UDP datagram from `from` (ESP in UDP, RFC 3948). Once it
     /// authenticates, its source port becomes the one the peer's packets go to.
     pub fn process_udp(&mut self, buf: &mut PacketBuf, from: SocketAddr, now: u64) -> Verdict {
-        let v = self.process_inner(buf, from.ip(), PROTO_UDP, from.port(), now);
+        self.process_udp_at(buf, from, Landing::UNKNOWN, now)
+    }
+
+    /// [`Inbound::process_udp`], knowing where the datagram landed.
+    pub fn process_udp_at(
+        &mut self,
+        buf: &mut PacketBuf,
+        from: SocketAddr,
+        landing: Landing,
+        now: u64,
+    ) -> Verdict {
+        let v = self.process_inner(buf, from.ip(), PROTO_UDP, from.port(), landing, now);
         if let Verdict::Drop(r) = v {
             self.stats.count_drop(r);
         }
@@ -38,6 +62,7 @@ impl Inbound {
         outer_src: IpAddr,
         protocol: u8,
         src_port: u16,
+        landing: Landing,
         now: u64,
     ) -> Verdict {
         if protocol == PROTO_UDP {
@@ -49,10 +74,12 @@ impl Inbound {
             }
         }
         let (idx, next_header, seq, path) = match protocol {
-            PROTO_ESP | PROTO_UDP => match self.open_esp(buf, outer_src, protocol, src_port, now) {
-                Ok(x) => x,
-                Err(r) => return Verdict::Drop(r),
-            },
+            PROTO_ESP | PROTO_UDP => {
+                match self.open_esp(buf, outer_src, protocol, src_port, landing, now) {
+                    Ok(x) => x,
+                    Err(r) => return Verdict::Drop(r),
+                }
+            }
             PROTO_IPIP | PROTO_IPV6 => {
                 let Some(&idx) = self.by_endpoint.get(&outer_src) else {
                     return Verdict::Drop(DropReason::UnknownPeer);
@@ -60,7 +87,7 @@ impl Inbound {
                 let path = self.peers[idx]
                     .mp
                     .as_ref()
-                    .and_then(|m| m.shared.path_from(outer_src));
+                    .and_then(|m| m.shared.path_from(outer_src, landing));
                 (idx, protocol, 0, path)
             }
             _ => return Verdict::Drop(DropReason::Malformed),
@@ -87,6 +114,7 @@ impl Inbound {
         outer_src: IpAddr,
         protocol: u8,
         src_port: u16,
+        landing: Landing,
         now: u64,
     ) -> Result<(usize, u8, u64, Option<usize>), DropReason> {
         let Some(spi) = buf.as_slice().get(..4) else {
@@ -98,7 +126,7 @@ impl Inbound {
         };
         let peer = &mut self.peers[idx];
         let path = match &peer.mp {
-            Some(mp) => mp.shared.path_from(outer_src),
+            Some(mp) => mp.shared.path_from(outer_src, landing),
             // A peer whose address is learned may send from anywhere: the ICV and the
             // replay window decide, and only then does its address move (below).
             None => peer.endpoint.map_or(true, |e| e == outer_src).then_some(0),
@@ -283,6 +311,7 @@ impl Inbound {
                 Verdict::Echo {
                     peer: a.idx as u16,
                     to: SocketAddr::new(a.outer_src, a.src_port),
+                    via: a.path.map_or(Via::ROUTED, |i| shared.paths[i].via()),
                 }
             }
         }

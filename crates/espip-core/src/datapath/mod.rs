@@ -482,6 +482,8 @@ pub enum Verdict {
         peer: u16,
         /// Where the probe came from (UDP port 0 for protocol 50).
         to: SocketAddr,
+        /// The source and interface of the path it came by (the echo leaves the same way).
+        via: Via,
     },
     /// The packet waits in the peer's reorder stage; [`Inbound::release`] delivers it.
     Held,
@@ -489,6 +491,49 @@ pub enum Verdict {
     Consumed,
     /// Drop; already counted.
     Drop(DropReason),
+}
+
+/// Which source address and interface an outer packet leaves by: a multipath path's `local`
+/// and `device` (so two paths to one peer address leave by two uplinks, without policy
+/// routing); [`Via::ROUTED`]: the kernel's routing decides, as for every single-path peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Via {
+    /// Source address (`IP_PKTINFO`'s `ipi_spec_dst`, `IPV6_PKTINFO`'s `ipi6_addr`).
+    pub src: Option<IpAddr>,
+    /// Outgoing interface index (0: any).
+    pub ifindex: u32,
+}
+
+impl Via {
+    /// Routing alone decides.
+    pub const ROUTED: Via = Via {
+        src: None,
+        ifindex: 0,
+    };
+
+    /// Whether routing alone decides.
+    pub fn is_routed(self) -> bool {
+        self == Via::ROUTED
+    }
+}
+
+/// Where an outer packet arrived, as far as the edge knows: its destination address (one of
+/// this host's) and the interface it came in on (0: not known). Tells apart the paths of a
+/// multipath peer that share the peer's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Landing {
+    /// The outer destination address.
+    pub dst: Option<IpAddr>,
+    /// The interface index it arrived on (0: not known).
+    pub ifindex: u32,
+}
+
+impl Landing {
+    /// Nothing known.
+    pub const UNKNOWN: Landing = Landing {
+        dst: None,
+        ifindex: 0,
+    };
 }
 
 /// How and where an outer packet goes: what each transport needs, and nothing it does not
@@ -499,11 +544,15 @@ pub enum Wire {
     Esp {
         /// Outer destination.
         dst: IpAddr,
+        /// Source and interface ([`Via::ROUTED`] unless a path sets them).
+        via: Via,
     },
     /// The buffer is the payload of a UDP datagram to `dst` (ESP in UDP, RFC 3948).
     EspInUdp {
         /// Outer destination address and UDP port.
         dst: SocketAddr,
+        /// Source and interface.
+        via: Via,
     },
     /// The buffer is the inner packet itself, for IP protocol 4 (IPv4 inside, RFC 2003) or 41
     /// (IPv6 inside, RFC 4213) to `dst`.
@@ -512,6 +561,8 @@ pub enum Wire {
         dst: IpAddr,
         /// The inner packet is IPv6 (protocol 41), else IPv4 (protocol 4).
         inner_v6: bool,
+        /// Source and interface.
+        via: Via,
     },
 }
 
@@ -531,8 +582,15 @@ impl Wire {
     /// The outer destination address.
     pub fn dst_ip(self) -> IpAddr {
         match self {
-            Wire::Esp { dst } | Wire::IpIp { dst, .. } => dst,
-            Wire::EspInUdp { dst } => dst.ip(),
+            Wire::Esp { dst, .. } | Wire::IpIp { dst, .. } => dst,
+            Wire::EspInUdp { dst, .. } => dst.ip(),
+        }
+    }
+
+    /// The source and interface it leaves by.
+    pub fn via(self) -> Via {
+        match self {
+            Wire::Esp { via, .. } | Wire::IpIp { via, .. } | Wire::EspInUdp { via, .. } => via,
         }
     }
 }

@@ -64,9 +64,13 @@ impl Outbound {
                         };
                         Wire::EspInUdp {
                             dst: SocketAddr::new(endpoint, port),
+                            via: Via::ROUTED,
                         }
                     }
-                    Ok(_) => Wire::Esp { dst: endpoint },
+                    Ok(_) => Wire::Esp {
+                        dst: endpoint,
+                        via: Via::ROUTED,
+                    },
                     Err(EspError::SeqExhausted) => return Verdict::Drop(DropReason::SeqExhausted),
                     Err(EspError::SeqUnreserved) => {
                         return Verdict::Drop(DropReason::SeqUnreserved)
@@ -78,6 +82,7 @@ impl Outbound {
             None => Wire::IpIp {
                 dst: endpoint,
                 inner_v6: !inner.is_ipv4(),
+                via: Via::ROUTED,
             },
         };
         s.tx_packets.fetch_add(1, Relaxed);
@@ -122,10 +127,9 @@ impl Outbound {
         }
     }
 
-    /// Count `n` outer packets to `dst` that the kernel refused to send against the multipath
-    /// path with that endpoint, if there is one (a path's endpoint is its own: paths of a peer
-    /// have distinct destinations).
-    pub fn count_refused(&self, dst: IpAddr, n: u64) {
+    /// Count `n` outer packets to `dst` (sent by `via`) that the kernel refused to send
+    /// against the multipath path with that endpoint and way out, if there is one.
+    pub fn count_refused(&self, dst: IpAddr, via: Via, n: u64) {
         let path = self
             .peers
             .iter()
@@ -133,7 +137,7 @@ impl Outbound {
             .find_map(|mp| {
                 mp.paths
                     .iter()
-                    .position(|x| x.endpoint == dst)
+                    .position(|x| x.endpoint == dst && x.via() == via)
                     .map(|i| &mp.stats[i])
             });
         if let Some(p) = path {
@@ -145,13 +149,14 @@ impl Outbound {
     /// the path's last authenticated datagram came from, else the configured one).
     pub fn path_wire(&self, peer: usize, path: usize, inner_v6: bool) -> Wire {
         let p = &self.peers[peer];
-        let (endpoint, port, seen) = match &p.mp {
+        let (endpoint, port, seen, via) = match &p.mp {
             Some(mp) => {
                 let x = &mp.paths[path];
                 (
                     x.endpoint,
                     x.port,
                     mp.stats[path].udp_port_seen.load(Relaxed),
+                    x.via(),
                 )
             }
             None => (
@@ -160,16 +165,19 @@ impl Outbound {
                     .unwrap_or(IpAddr::from([0, 0, 0, 0])),
                 p.port,
                 p.stats.udp_port_seen.load(Relaxed),
+                Via::ROUTED,
             ),
         };
         match (&p.sa, port) {
             (None, _) => Wire::IpIp {
                 dst: endpoint,
                 inner_v6,
+                via,
             },
-            (Some(_), 0) => Wire::Esp { dst: endpoint },
+            (Some(_), 0) => Wire::Esp { dst: endpoint, via },
             (Some(_), port) => Wire::EspInUdp {
                 dst: SocketAddr::new(endpoint, if seen == 0 { port } else { seen as u16 }),
+                via,
             },
         }
     }
@@ -230,8 +238,16 @@ impl Outbound {
     }
 
     /// Wrap the echo payload in `buf` (left there by [`Inbound::process`] with
-    /// [`Verdict::Echo`]) for `peer` and say where it goes: back to where the probe came from.
-    pub fn echo(&self, peer: usize, buf: &mut PacketBuf, to: SocketAddr, now: u64) -> Verdict {
+    /// [`Verdict::Echo`]) for `peer` and say where it goes: back to where the probe came from
+    /// (`to`), the way the probe's path leaves (`via`).
+    pub fn echo(
+        &self,
+        peer: usize,
+        buf: &mut PacketBuf,
+        to: SocketAddr,
+        via: Via,
+        now: u64,
+    ) -> Verdict {
         let Some(p) = self.peers.get(peer) else {
             return Verdict::Drop(DropReason::Malformed);
         };
@@ -242,8 +258,8 @@ impl Outbound {
             return Verdict::Drop(DropReason::LifetimeExpired);
         }
         match sa.encapsulate(buf, NEXT_HEADER_DUMMY) {
-            Ok(_) if p.port != 0 => Verdict::Send(Wire::EspInUdp { dst: to }),
-            Ok(_) => Verdict::Send(Wire::Esp { dst: to.ip() }),
+            Ok(_) if p.port != 0 => Verdict::Send(Wire::EspInUdp { dst: to, via }),
+            Ok(_) => Verdict::Send(Wire::Esp { dst: to.ip(), via }),
             Err(EspError::SeqExhausted) => Verdict::Drop(DropReason::SeqExhausted),
             Err(EspError::SeqUnreserved) => Verdict::Drop(DropReason::SeqUnreserved),
             Err(_) => Verdict::Drop(DropReason::Malformed),

@@ -87,6 +87,51 @@ pub struct PathSpec {
     pub port: u16,
     /// Static weight: the starting share of `spread` before anything is measured.
     pub weight: u32,
+    /// Source address of the path's packets (`local`; `None`: the routed source).
+    pub local: Option<IpAddr>,
+    /// Interface the path's packets leave by (`device`, or the interface holding `local`),
+    /// for status.
+    pub device: Option<String>,
+    /// That interface's index, resolved by the daemon (0: routing decides).
+    pub ifindex: u32,
+}
+
+impl PathSpec {
+    /// A path to `endpoint` (and UDP `port`), routed, with weight 1.
+    pub fn routed(name: &str, endpoint: IpAddr, port: u16) -> PathSpec {
+        PathSpec {
+            name: name.to_string(),
+            endpoint,
+            port,
+            weight: 1,
+            local: None,
+            device: None,
+            ifindex: 0,
+        }
+    }
+
+    /// How its packets leave.
+    pub fn via(&self) -> crate::datapath::Via {
+        crate::datapath::Via {
+            src: self.local,
+            ifindex: self.ifindex,
+        }
+    }
+
+    /// Whether it names its own source or interface.
+    pub fn bound(&self) -> bool {
+        self.local.is_some() || self.ifindex != 0
+    }
+
+    /// Whether a packet from `src` that landed at `at` may have come by this path.
+    fn fits(&self, src: IpAddr, at: crate::datapath::Landing) -> bool {
+        self.endpoint == src
+            && self
+                .local
+                .zip(at.dst)
+                .map_or(true, |(mine, dst)| mine == dst)
+            && (self.ifindex == 0 || at.ifindex == 0 || self.ifindex == at.ifindex)
+    }
 }
 
 /// A multipath peer's settings.
@@ -494,9 +539,19 @@ impl Multipath {
         self.pick()
     }
 
-    /// The index of the path whose endpoint is `src` (the first, if several share it).
-    pub fn path_from(&self, src: IpAddr) -> Option<usize> {
-        self.paths.iter().position(|p| p.endpoint == src)
+    /// The index of the path a packet from `src` that landed at `at` came by: a path that
+    /// names its source or interface and matches them first (several paths may share the
+    /// peer's address and differ in those only), else the first path from `src`.
+    pub fn path_from(&self, src: IpAddr, at: crate::datapath::Landing) -> Option<usize> {
+        self.paths
+            .iter()
+            .position(|p| p.bound() && p.fits(src, at))
+            .or_else(|| {
+                self.paths
+                    .iter()
+                    .position(|p| !p.bound() && p.fits(src, at))
+            })
+            .or_else(|| self.paths.iter().position(|p| p.endpoint == src))
     }
 
     fn refs(&self) -> Vec<&PathStats> {
@@ -762,12 +817,7 @@ mod tests {
 
     fn paths(n: usize) -> Vec<PathSpec> {
         (0..n)
-            .map(|i| PathSpec {
-                name: format!("l{i}"),
-                endpoint: IpAddr::from([10, i as u8, 0, 2]),
-                port: 0,
-                weight: 1,
-            })
+            .map(|i| PathSpec::routed(&format!("l{i}"), IpAddr::from([10, i as u8, 0, 2]), 0))
             .collect()
     }
 

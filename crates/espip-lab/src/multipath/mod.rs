@@ -17,6 +17,8 @@
 //! back); `redundant` under random loss on both links (TCP's retransmissions counted); a
 //! capture of each link shows only the tunnel and no plaintext; nothing left behind.
 
+mod uplinks;
+
 use super::netns::{self, Daemon, Netns};
 use super::p2p::{write_private, LabKeys};
 use super::{pcap, transfer, Report};
@@ -120,9 +122,24 @@ impl std::str::FromStr for LinkSpec {
     }
 }
 
+/// Which hosts the two links join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Topology {
+    /// Each link joins A and B directly, with addresses of its own (link 2 IPv6 only); each
+    /// side names the other's two addresses.
+    #[default]
+    Pair,
+    /// Seed 000's real setting: A has two uplinks and two default routes (metrics 100 and
+    /// 200, as DHCP leaves them), uplink 2 behind a NAT; B has one address, reached over
+    /// both. A's paths name their uplink (`local`, `device`), not a route.
+    Uplinks,
+}
+
 /// Options of `espip lab multipath`.
 #[derive(Debug, Clone)]
 pub struct MultipathOptions {
+    /// The hosts' links.
+    pub topology: Topology,
     /// ESP in UDP (default), ESP or IP-in-IP.
     pub mode: super::p2p::LabMode,
     /// The two links.
@@ -151,6 +168,8 @@ struct Lab {
     a: Netns,
     b: Netns,
     m: [Netns; 2],
+    /// The NAT in front of A's uplink 2 ([`Topology::Uplinks`]).
+    nat: Option<Netns>,
     relays: [Option<Child>; 2],
     work: PathBuf,
     /// The lab is kept running after this process ends (`--keep`): its relays must outlive it.
@@ -204,32 +223,51 @@ impl Drop for Lab {
     }
 }
 
-/// Build the four namespaces and both links (relays not started).
-fn topology(links: &[LinkSpec; 2], work: &Path, keep: bool) -> io::Result<Lab> {
+/// A relayed link: `host_a`'s `dev_a` and `host_b`'s `dev_b` joined through `mid` (relay not
+/// started), limited to `spec`'s rate in each direction.
+fn relayed_link(
+    (host_a, dev_a): (&Netns, &str),
+    (host_b, dev_b): (&Netns, &str),
+    mid: &Netns,
+    spec: &LinkSpec,
+) -> io::Result<()> {
+    for (host, dev, side) in [(host_a, dev_a, "mid-a"), (host_b, dev_b, "mid-b")] {
+        netns::veth_pair(host, dev, mid, side)?;
+        // The middle only relays: no address, no IPv6 of its own, no forwarding.
+        mid.sysctl(&format!("net.ipv6.conf.{side}.disable_ipv6"), "1")?;
+        mid.ip(&["link", "set", "dev", side, "up"])?;
+        // A frame's due time is its arrival plus the delay; tbf then paces what the relay
+        // writes (bursts of 10 ms at the rate, at least 16 KB).
+        let burst = ((spec.mbit * 1e6 / 8.0 * 0.01) as u64).max(16_384);
+        mid.command("tc")
+            .args(["qdisc", "add", "dev", side, "root", "tbf", "rate"])
+            .arg(format!("{}mbit", spec.mbit))
+            .arg("burst")
+            .arg(burst.to_string())
+            .args(["latency", "50ms"])
+            .status()?;
+        // UDP GSO trains must be cut into frames before the relay sees them.
+        host.ip(&["link", "set", dev, "gso_max_segs", "1"])?;
+    }
+    mid.sysctl("net.ipv4.ip_forward", "0")
+}
+
+/// Build the namespaces and both links of `topology` (relays not started).
+fn topology(
+    topology: Topology,
+    links: &[LinkSpec; 2],
+    work: &Path,
+    keep: bool,
+) -> io::Result<Lab> {
+    if topology == Topology::Uplinks {
+        return uplinks::build(links, work, keep);
+    }
     let a = Netns::new("lab", "a")?;
     let b = Netns::new("lab", "b")?;
     let m = [Netns::new("lab", "m1")?, Netns::new("lab", "m2")?];
     for (i, mid) in m.iter().enumerate() {
         let dev = format!("l{}", i + 1);
-        for (host, side) in [(&a, "mid-a"), (&b, "mid-b")] {
-            netns::veth_pair(host, &dev, mid, side)?;
-            // The middle only relays: no address, no IPv6 of its own, no forwarding.
-            mid.sysctl(&format!("net.ipv6.conf.{side}.disable_ipv6"), "1")?;
-            mid.ip(&["link", "set", "dev", side, "up"])?;
-            // A frame's due time is its arrival plus the delay; tbf then paces what the relay
-            // writes (bursts of 10 ms at the rate, at least 16 KB).
-            let burst = ((links[i].mbit * 1e6 / 8.0 * 0.01) as u64).max(16_384);
-            mid.command("tc")
-                .args(["qdisc", "add", "dev", side, "root", "tbf", "rate"])
-                .arg(format!("{}mbit", links[i].mbit))
-                .arg("burst")
-                .arg(burst.to_string())
-                .args(["latency", "50ms"])
-                .status()?;
-            // UDP GSO trains must be cut into frames before the relay sees them.
-            host.ip(&["link", "set", &dev, "gso_max_segs", "1"])?;
-        }
-        mid.sysctl("net.ipv4.ip_forward", "0")?;
+        relayed_link((&a, &dev), (&b, &dev), mid, &links[i])?;
     }
     for (host, k) in [(&a, 0), (&b, 1)] {
         host.sysctl("net.ipv6.conf.l1.disable_ipv6", "1")?;
@@ -252,6 +290,7 @@ fn topology(links: &[LinkSpec; 2], work: &Path, keep: bool) -> io::Result<Lab> {
         a,
         b,
         m,
+        nat: None,
         relays: [None, None],
         work: work.to_path_buf(),
         keep,
@@ -301,6 +340,10 @@ fn config_text(
             ));
         }
         _ => s.push_str("mode = \"ipip\"\n"),
+    }
+    if opts.topology == Topology::Uplinks {
+        s.push_str(&uplinks::path_lines(me_a, &opts.links));
+        return s;
     }
     for (name, addrs, spec) in [
         ("link1", LINK1, &opts.links[0]),
@@ -379,25 +422,33 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
     let (mut report, work, keep_work) = opts.run.begin(
         "multipath",
         format!(
-            "espip lab multipath ({}, {}; link 1 IPv4 {} Mbit/s RTT {} ms, link 2 IPv6 {} Mbit/s RTT {} ms)",
+            "espip lab multipath ({}, {}; {} {} Mbit/s RTT {} ms, {} {} Mbit/s RTT {} ms)",
             match opts.mode {
                 LabMode::Esp(c) => format!("esp {}", c.name()),
                 LabMode::EspUdp(c) => format!("esp-udp {}", c.name()),
                 LabMode::IpIp => "ipip".into(),
             },
             opts.scheduler.name(),
+            match opts.topology {
+                Topology::Pair => "link 1 IPv4",
+                Topology::Uplinks => "uplink 1",
+            },
             l1.mbit,
             l1.rtt_ms,
+            match opts.topology {
+                Topology::Pair => "link 2 IPv6",
+                Topology::Uplinks => "uplink 2 behind a NAT",
+            },
             l2.mbit,
             l2.rtt_ms
         ),
-        if opts.compare_mptcp {
-            &[("tc", "iproute2"), ("iperf3", "iperf3"), ("mptcpize", "mptcpd")]
-        } else {
-            &[("tc", "iproute2")]
+        match (opts.compare_mptcp, opts.topology) {
+            (true, _) => &[("tc", "iproute2"), ("iperf3", "iperf3"), ("mptcpize", "mptcpd")],
+            (false, Topology::Uplinks) => &[("tc", "iproute2"), ("iptables", "iptables")],
+            (false, Topology::Pair) => &[("tc", "iproute2")],
         },
     )?;
-    let mut lab = topology(&opts.links, &work, opts.run.keep)?;
+    let mut lab = topology(opts.topology, &opts.links, &work, opts.run.keep)?;
     for (i, spec) in opts.links.iter().enumerate() {
         lab.relay(&opts.run.exe, i, spec, spec.loss_percent)?;
     }
@@ -439,19 +490,28 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
     report.check(format!("ping A -> B {B_INNER}"), ok, detail);
 
     stream_check(&mut report, &lab, opts, &work, best_alone, (&ctl_a, &ctl_b))?;
+    if opts.topology == Topology::Uplinks {
+        uplinks::uplinks_check(&mut report, &ctl_a, &ctl_b);
+    }
 
     if opts.compare_mptcp {
         mptcp_compare(&mut report, &lab, opts)?;
     }
     if probing {
-        cut_check(&mut report, &lab, opts, &ctl_a, &ctl_b)?;
+        cut_check(&mut report, &lab, opts, &ctl_a, 0)?;
+        if opts.topology == Topology::Uplinks {
+            // Either uplink may go: the LTE stick as much as the DSL line.
+            cut_check(&mut report, &lab, opts, &ctl_a, 1)?;
+        }
     }
     if probing && opts.redundant_loss > 0.0 {
         redundant_check(&mut report, &mut lab, opts, &cfg_a, &cfg_b, &cfg)?;
     }
 
     if opts.run.keep {
-        report.kept(&[&lab.a, &lab.b, &lab.m[0], &lab.m[1]], Some(&work));
+        let mut kept = vec![&lab.a, &lab.b, &lab.m[0], &lab.m[1]];
+        kept.extend(lab.nat.as_ref());
+        report.kept(&kept, Some(&work));
         std::mem::forget((da, db, lab));
         return Ok(report);
     }
@@ -473,7 +533,11 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
 /// worth of each link's rate; noted, and the best returned.
 fn alone_rates(report: &mut Report, lab: &Lab, opts: &MultipathOptions) -> io::Result<f64> {
     let [l1, l2] = opts.links;
-    let alone: Vec<f64> = [(LINK1[1], &l1), (LINK2[1], &l2)]
+    let targets = match opts.topology {
+        Topology::Pair => [LINK1[1], LINK2[1]],
+        Topology::Uplinks => uplinks::alone_targets(),
+    };
+    let alone: Vec<f64> = [(targets[0], &l1), (targets[1], &l2)]
         .iter()
         .map(|(addr, spec)| {
             let bytes = (spec.mbit * 1e6 / 8.0 * 4.0) as u64;
@@ -688,14 +752,15 @@ fn mptcp_compare(report: &mut Report, lab: &Lab, opts: &MultipathOptions) -> io:
     Ok(())
 }
 
-/// Link 1 cut in the middle of a transfer and restored: the transfer completes with an equal
-/// hash, the longest stall of B's received bytes is measured, path 1 is found down and back.
+/// Link `link` (0 or 1) cut in the middle of a transfer and restored: the transfer completes
+/// with an equal hash, the longest stall of B's received bytes is measured, the path is found
+/// down and back.
 fn cut_check(
     report: &mut Report,
     lab: &Lab,
     opts: &MultipathOptions,
     ctl_a: &Path,
-    ctl_b: &Path,
+    link: usize,
 ) -> io::Result<()> {
     let sum = opts.links[0].mbit + opts.links[1].mbit;
     let bytes = (sum * 1e6 / 8.0 * 8.0) as u64;
@@ -719,8 +784,7 @@ fn cut_check(
         })
         .unwrap_or(0)
     };
-    let _ = ctl_b;
-    let cut = lab.cut_file(0);
+    let cut = lab.cut_file(link);
     let (result, samples, cut_at) = std::thread::scope(|s| {
         let t =
             s.spawn(|| super::transfer_on(&opts.run.exe, (&lab.a, &lab.b), B_INNER, 5002, bytes));
@@ -752,24 +816,25 @@ fn cut_check(
         stall = stall.max(*t - last_change);
     }
     let down = path_states(ctl_a)
-        .first()
+        .get(link)
         .is_some_and(|(_, s, _)| s == "down");
     report.check(
-        "link 1 cut 3 s into a transfer",
+        format!("link {} cut 3 s into a transfer", link + 1),
         result.ok(bytes) && down && cut_at != Duration::MAX,
         format!(
-            "{} MB at {:.1} Mbit/s, sha256 {}; longest stall after the cut {} ms; path link1 {}",
+            "{} MB at {:.1} Mbit/s, sha256 {}; longest stall after the cut {} ms; path link{} {}",
             bytes / 1_000_000,
             result.mbit_s(),
             if result.ok(bytes) { "equal" } else { "DIFFERS" },
             stall.as_millis(),
+            link + 1,
             if down { "down" } else { "NOT found down" }
         ),
     );
     let _ = std::fs::remove_file(&cut);
-    let back = wait_paths(ctl_a, "up", Some(0), Duration::from_secs(5));
+    let back = wait_paths(ctl_a, "up", Some(link), Duration::from_secs(5));
     report.check(
-        "link 1 restored: the path comes back",
+        format!("link {} restored: the path comes back", link + 1),
         back.is_some(),
         back.map_or("not up 5 s after the link came back".into(), |d| {
             format!("up {} ms after the link came back", d.as_millis())
