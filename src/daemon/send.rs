@@ -104,15 +104,14 @@ pub(super) fn send_verdicts(
         let mut fast_sent = 0;
         if !e.packet.is_empty() && !hops.0.is_empty() {
             for p in e.packet {
-                // (A path with its own source or interface leaves by the raw socket: the next
-                // hops are resolved per destination, not per way out.)
-                let mine = pending()
-                    .filter(|p| p.2.is_routed())
-                    .filter_map(|(pkt, dst, _)| {
-                        hops.get(dst)
-                            .filter(|h| p.takes(h, pkt.len()))
-                            .map(|h| (h, proto, pkt))
-                    });
+                // (A packet whose source or interface differs from the routed next hop's
+                // leaves by the raw socket: the next hops are resolved per destination, not
+                // per way out.)
+                let mine = pending().filter_map(|(pkt, dst, via)| {
+                    hops.get(dst)
+                        .filter(|h| leaves_as(via, h) && p.takes(h, pkt.len()))
+                        .map(|h| (h, proto, pkt))
+                });
                 let n = mine.clone().count();
                 if n == 0 {
                     continue;
@@ -122,10 +121,9 @@ pub(super) fn send_verdicts(
             }
         }
         let fast = |pkt: &[u8], dst, via: Via| {
-            via.is_routed()
-                && hops
-                    .get(dst)
-                    .is_some_and(|h| e.packet.iter().any(|p| p.takes(h, pkt.len())))
+            hops.get(dst).is_some_and(|h| {
+                leaves_as(via, h) && e.packet.iter().any(|p| p.takes(h, pkt.len()))
+            })
         };
         s.send_batch(
             pending().filter(|&(pkt, dst, via)| !fast(pkt, dst, via)),
@@ -188,4 +186,10 @@ fn count_sent(e: &Edges, want: usize, result: io::Result<usize>, last_err: &mut 
 fn refused(e: &Edges, g: &Generation, dst: IpAddr, via: Via, n: u64) {
     e.edge.send_errors.fetch_add(n, Relaxed);
     g.outbound.count_refused(dst, via, n);
+}
+
+/// Whether a packet sent by `via` leaves as the routed next hop `h` would send it (same
+/// source, same interface), so the AF_PACKET fast path may frame it.
+fn leaves_as(via: Via, h: &espip_sys::packet::NextHop) -> bool {
+    via.src.map_or(true, |s| s == h.src) && (via.ifindex == 0 || via.ifindex == h.ifindex)
 }

@@ -159,6 +159,19 @@ impl Inbound {
                         seen.store(u32::from(src_port), Relaxed);
                     }
                 }
+                // Authenticated: answer from where the peer reached us.
+                if let Some(at) = landing.reply_source() {
+                    let cell = match (&peer.mp, path) {
+                        (Some(mp), Some(i)) if !mp.shared.paths[i].bound() => {
+                            Some(&mp.shared.stats[i].reply_from)
+                        }
+                        (None, _) => Some(&peer.stats.reply_from),
+                        _ => None,
+                    };
+                    if let Some(c) = cell {
+                        c.learn(SocketAddr::new(at, 0), now);
+                    }
+                }
                 if peer.endpoint.is_none() && peer.mp.is_none() {
                     // Authenticated and not a replay: the peer is here now.
                     peer.stats
@@ -311,7 +324,7 @@ impl Inbound {
                 Verdict::Echo {
                     peer: a.idx as u16,
                     to: SocketAddr::new(a.outer_src, a.src_port),
-                    via: a.path.map_or(Via::ROUTED, |i| shared.paths[i].via()),
+                    via: a.path.map_or(Via::ROUTED, |i| shared.path_via(i)),
                 }
             }
         }

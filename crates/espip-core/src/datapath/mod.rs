@@ -172,9 +172,21 @@ pub struct PeerStats {
     /// A peer without a configured endpoint: the address (and UDP port) its last
     /// authenticated packet came from, which the outbound half sends to.
     pub learned: crate::endpoint::EndpointCell,
+    /// ESP: the address of ours the peer's last authenticated packet was sent to, which our
+    /// packets to it leave from (port 0; see `PathStats::reply_from`). Empty: the routed
+    /// source.
+    pub reply_from: crate::endpoint::EndpointCell,
 }
 
 impl PeerStats {
+    /// How packets to the peer leave: from the address it last reached us at, if known.
+    pub fn reply_via(&self) -> Via {
+        Via {
+            src: self.reply_from.get().map(|a| a.ip()),
+            ifindex: 0,
+        }
+    }
+
     /// Fresh counters for a peer whose SA pair or endpoint changed at a reload: the traffic
     /// totals continue, what belonged to the old SAs (replay top, NAT-mapped port) starts over.
     fn continued_from(old: &PeerStats) -> PeerStats {
@@ -190,6 +202,7 @@ impl PeerStats {
             new.store(old.load(Relaxed), Relaxed);
         }
         s.learned.copy_from(&old.learned);
+        s.reply_from.copy_from(&old.reply_from);
         s
     }
 }
@@ -534,6 +547,17 @@ impl Landing {
         dst: None,
         ifindex: 0,
     };
+
+    /// The address to answer from: the destination, when it is one a packet can leave from
+    /// without naming an interface (unicast, not IPv6 link-local).
+    pub fn reply_source(&self) -> Option<IpAddr> {
+        self.dst.filter(|a| match a {
+            IpAddr::V4(a) => !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
+            IpAddr::V6(a) => {
+                !(a.is_unspecified() || a.is_multicast() || (a.segments()[0] & 0xffc0) == 0xfe80)
+            }
+        })
+    }
 }
 
 /// How and where an outer packet goes: what each transport needs, and nothing it does not

@@ -64,12 +64,12 @@ impl Outbound {
                         };
                         Wire::EspInUdp {
                             dst: SocketAddr::new(endpoint, port),
-                            via: Via::ROUTED,
+                            via: s.reply_via(),
                         }
                     }
                     Ok(_) => Wire::Esp {
                         dst: endpoint,
-                        via: Via::ROUTED,
+                        via: s.reply_via(),
                     },
                     Err(EspError::SeqExhausted) => return Verdict::Drop(DropReason::SeqExhausted),
                     Err(EspError::SeqUnreserved) => {
@@ -135,9 +135,8 @@ impl Outbound {
             .iter()
             .filter_map(|p| p.mp.as_ref())
             .find_map(|mp| {
-                mp.paths
-                    .iter()
-                    .position(|x| x.endpoint == dst && x.via() == via)
+                (0..mp.paths.len())
+                    .find(|&i| mp.paths[i].endpoint == dst && mp.path_via(i) == via)
                     .map(|i| &mp.stats[i])
             });
         if let Some(p) = path {
@@ -156,7 +155,7 @@ impl Outbound {
                     x.endpoint,
                     x.port,
                     mp.stats[path].udp_port_seen.load(Relaxed),
-                    x.via(),
+                    mp.path_via(path),
                 )
             }
             None => (
@@ -165,7 +164,7 @@ impl Outbound {
                     .unwrap_or(IpAddr::from([0, 0, 0, 0])),
                 p.port,
                 p.stats.udp_port_seen.load(Relaxed),
-                Via::ROUTED,
+                p.stats.reply_via(),
             ),
         };
         match (&p.sa, port) {

@@ -118,6 +118,18 @@ impl PathSpec {
         }
     }
 
+    /// How its packets leave, with `reply_from` (see [`PathStats::reply_from`]) standing in
+    /// for a source that the path does not name.
+    pub fn via_with(&self, reply_from: &crate::endpoint::EndpointCell) -> crate::datapath::Via {
+        if self.bound() {
+            return self.via();
+        }
+        crate::datapath::Via {
+            src: reply_from.get().map(|a| a.ip()),
+            ifindex: 0,
+        }
+    }
+
     /// Whether it names its own source or interface.
     pub fn bound(&self) -> bool {
         self.local.is_some() || self.ifindex != 0
@@ -275,6 +287,11 @@ pub struct PathStats {
     pub capacity: AtomicU64,
     /// ESP in UDP: the source port of the last authenticated datagram from the path's endpoint.
     pub udp_port_seen: AtomicU32,
+    /// A path without `local` or `device`: the address of ours its last authenticated packet
+    /// was sent to, which its packets leave from (port 0), so that a peer which reaches one
+    /// of several addresses of this host hears the answer from that address (WireGuard's
+    /// sticky source). Empty: the routed source.
+    pub reply_from: crate::endpoint::EndpointCell,
     /// The newest echo's (probe send time, bytes we had sent on the path when we sent the
     /// probe, bytes the peer had received on it when it answered). The path is first in, first
     /// out, so everything sent before the probe arrived before the echo unless it was lost:
@@ -552,6 +569,12 @@ impl Multipath {
                     .position(|p| !p.bound() && p.fits(src, at))
             })
             .or_else(|| self.paths.iter().position(|p| p.endpoint == src))
+    }
+
+    /// How path `i`'s packets leave (its own source or interface, or the address the peer
+    /// last reached us at).
+    pub fn path_via(&self, i: usize) -> crate::datapath::Via {
+        self.paths[i].via_with(&self.stats[i].reply_from)
     }
 
     fn refs(&self) -> Vec<&PathStats> {

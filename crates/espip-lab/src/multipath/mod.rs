@@ -253,12 +253,7 @@ fn relayed_link(
 }
 
 /// Build the namespaces and both links of `topology` (relays not started).
-fn topology(
-    topology: Topology,
-    links: &[LinkSpec; 2],
-    work: &Path,
-    keep: bool,
-) -> io::Result<Lab> {
+fn topology(topology: Topology, links: &[LinkSpec; 2], work: &Path, keep: bool) -> io::Result<Lab> {
     if topology == Topology::Uplinks {
         return uplinks::build(links, work, keep);
     }
@@ -443,7 +438,11 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
             l2.rtt_ms
         ),
         match (opts.compare_mptcp, opts.topology) {
-            (true, _) => &[("tc", "iproute2"), ("iperf3", "iperf3"), ("mptcpize", "mptcpd")],
+            (true, _) => &[
+                ("tc", "iproute2"),
+                ("iperf3", "iperf3"),
+                ("mptcpize", "mptcpd"),
+            ],
             (false, Topology::Uplinks) => &[("tc", "iproute2"), ("iptables", "iptables")],
             (false, Topology::Pair) => &[("tc", "iproute2")],
         },

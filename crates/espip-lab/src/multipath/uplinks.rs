@@ -48,10 +48,22 @@ pub(super) fn build(links: &[LinkSpec; 2], work: &Path, keep: bool) -> io::Resul
     for dev in ["l1", "l2"] {
         a.ip(&["link", "set", dev, "up"])?;
     }
-    a.ip(&["route", "add", "default", "via", LINK1[1], "dev", "l1", "metric", "100"])?;
-    a.ip(&["route", "add", "default", "via", NAT_LAN, "dev", "l2", "metric", "200"])?;
+    a.ip(&[
+        "route", "add", "default", "via", LINK1[1], "dev", "l1", "metric", "100",
+    ])?;
+    a.ip(&[
+        "route", "add", "default", "via", NAT_LAN, "dev", "l2", "metric", "200",
+    ])?;
     // Only to measure uplink 2 alone: B's link-2 address over uplink 2.
-    a.ip(&["route", "add", &format!("{}/32", LINK2[1]), "via", NAT_LAN, "dev", "l2"])?;
+    a.ip(&[
+        "route",
+        "add",
+        &format!("{}/32", LINK2[1]),
+        "via",
+        NAT_LAN,
+        "dev",
+        "l2",
+    ])?;
     // The NAT: forwards and masquerades what leaves by its outer side.
     nat.ip(&["addr", "add", &format!("{NAT_LAN}/24"), "dev", "lan"])?;
     nat.ip(&["addr", "add", &format!("{}/24", LINK2[0]), "dev", "wan"])?;
@@ -162,7 +174,14 @@ pub(super) fn uplinks_check(report: &mut crate::Report, ctl_a: &Path, ctl_b: &Pa
         "B hears path 2 from the NAT's address",
         natted,
         b.iter()
-            .map(|p| format!("{} {} received {:.1} MB", p.name, p.endpoint, p.rx_bytes as f64 / 1e6))
+            .map(|p| {
+                format!(
+                    "{} {} received {:.1} MB",
+                    p.name,
+                    p.endpoint,
+                    p.rx_bytes as f64 / 1e6
+                )
+            })
             .collect::<Vec<_>>()
             .join("; "),
     );
