@@ -287,6 +287,66 @@ fn an_unknown_user_is_refused_before_anything_is_set_up() {
     assert!(!a.has_link("espip0"), "nothing set up");
 }
 
+/// Per-path `local` and `device` (issue 29), checked on the host the daemon starts on: a
+/// `local` this host does not have is refused before anything is set up, naming the path and
+/// the fix; a `device` that does not exist (an LTE stick not plugged in) is a warning, the
+/// daemon runs and shows the path down with its resolved interfaces.
+#[test]
+fn a_path_local_not_on_this_host_is_refused_and_a_missing_device_is_a_warning() {
+    let Some(_g) = serial() else { return };
+    let (a, _b) = p2p::topology("pathloc").unwrap();
+    let dir = std::env::temp_dir().join(format!("espip-test-pathloc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
+    let base = p2p::config_text(
+        LabMode::EspUdp(Cipher::Aes128Gcm),
+        true,
+        Some(&keys),
+        false,
+        &dir.join("state"),
+    )
+    .replace(&format!("endpoint = \"{}\"\n", p2p::B_OUTER), "")
+    .replace(&format!("local = \"{}\"\n", p2p::A_OUTER), "");
+    let with_paths = |second: &str| {
+        format!(
+            "{base}\n[[peer.path]]\nname = \"dsl\"\nendpoint = \"{b}:4500\"\nlocal = \"{a_out}\"\n\n[[peer.path]]\nname = \"lte\"\nendpoint = \"{b}:4500\"\n{second}\n",
+            b = p2p::B_OUTER,
+            a_out = p2p::A_OUTER,
+        )
+    };
+    let cfg = dir.join("a.toml");
+    std::fs::write(&cfg, with_paths("local = \"192.0.2.77\"")).unwrap();
+    let err = Daemon::start(&a, &exe(), &cfg, &dir.join("a.log"))
+        .err()
+        .expect("must not start");
+    let log = std::fs::read_to_string(dir.join("a.log")).unwrap_or_default();
+    assert!(
+        log.contains("path \"lte\": local 192.0.2.77 is not an address of this host")
+            && log.contains("leave local out"),
+        "{err}: {log}"
+    );
+    assert!(!a.has_link("espip0"), "nothing set up");
+
+    std::fs::write(&cfg, with_paths("device = \"wwan9\"")).unwrap();
+    let d = Daemon::start(&a, &exe(), &cfg, &dir.join("a2.log")).expect("starts");
+    let st = status_at(&dir.join("state").join("control.sock"));
+    let paths = st.peers[0].multipath.as_ref().unwrap().paths.clone();
+    drop(d);
+    let log = std::fs::read_to_string(dir.join("a2.log")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        log.contains("path \"lte\": device \"wwan9\" does not exist (yet)"),
+        "{log}"
+    );
+    assert_eq!(paths[0].local.as_deref(), Some(p2p::A_OUTER));
+    assert_eq!(
+        paths[0].device.as_deref(),
+        Some("veth0"),
+        "found from local"
+    );
+    assert_eq!(paths[1].device.as_deref(), Some("wwan9"));
+}
+
 #[test]
 fn a_full_capture_disk_drops_capture_records_not_packets() {
     let Some(_g) = serial() else { return };

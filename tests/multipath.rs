@@ -101,3 +101,39 @@ fn earliest_over_unequal_links_with_esp_protocol_50() {
         ],
     );
 }
+
+/// Two uplinks to one server address (issue 29): A has two default routes (metrics 100 and
+/// 200) and uplink 2 behind a NAT; path 1 names its source address, path 2 its interface, so
+/// each leaves by its own uplink with no policy routing. The server answers each path from the
+/// address it was reached at; a cut of either uplink keeps the stream.
+#[test]
+fn two_uplinks_with_two_default_routes_and_a_nat_reach_one_server_address() {
+    let Some(_g) = serial() else { return };
+    let t = lab_scenario(&[
+        "multipath",
+        "--topology",
+        "uplinks",
+        "--link1",
+        "40/10",
+        "--link2",
+        "20/40",
+        "--seconds",
+        "4",
+        "--redundant-loss",
+        "0",
+    ]);
+    has_all(
+        &t,
+        &[
+            "[PASS] both paths up",
+            "[PASS] one TCP stream over both links",
+            "[PASS] both uplinks carry the stream, each by its own interface",
+            "[PASS] B hears path 2 from the NAT's address",
+            "[PASS] link 1 cut 3 s into a transfer",
+            "[PASS] link 2 cut 3 s into a transfer",
+            "[PASS] link 2 restored: the path comes back",
+            "[PASS] clean stop",
+            " 0 failed",
+        ],
+    );
+}

@@ -91,6 +91,49 @@ impl EndpointCell {
     }
 }
 
+/// The address of ours a peer (or path) last reached us at, which our packets to it leave
+/// from (WireGuard's sticky source). Written by the RX thread after a packet authenticated;
+/// forgotten by any thread when the kernel refuses to send from it (the address left this
+/// host: this host roamed), so the next packets leave from the routed source until a packet
+/// lands on an address again.
+#[derive(Debug, Default)]
+pub struct ReplySource {
+    cell: EndpointCell,
+    stale: std::sync::atomic::AtomicBool,
+}
+
+impl ReplySource {
+    /// The source to send from (`None`: the routed one).
+    pub fn get(&self) -> Option<IpAddr> {
+        if self.stale.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.cell.get().map(|a| a.ip())
+    }
+
+    /// An authenticated packet landed on `at` at `now` (only the RX thread calls this).
+    pub fn learn(&self, at: IpAddr, now: u64) {
+        self.cell.learn(SocketAddr::new(at, 0), now);
+        if self.stale.load(Ordering::Relaxed) {
+            self.stale.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// The kernel refused to send from `src`: if that is this source, stop using it.
+    pub fn refused(&self, src: IpAddr) {
+        if self.cell.get().map(|a| a.ip()) == Some(src) {
+            self.stale.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Take over what `old` learned (a reload that keeps the peer or path).
+    pub fn copy_from(&self, old: &ReplySource) {
+        self.cell.copy_from(&old.cell);
+        self.stale
+            .store(old.stale.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
 /// The unspecified address of `ip`'s family.
 pub fn unspecified_like(ip: IpAddr) -> IpAddr {
     match ip {
@@ -104,6 +147,25 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
+
+    #[test]
+    fn a_reply_source_refused_by_the_kernel_is_forgotten_until_a_packet_lands_again() {
+        let r = ReplySource::default();
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        assert_eq!(r.get(), None);
+        r.learn(a, 1);
+        assert_eq!(r.get(), Some(a));
+        r.refused(b);
+        assert_eq!(
+            r.get(),
+            Some(a),
+            "another source's refusal is not this one's"
+        );
+        r.refused(a);
+        assert_eq!(r.get(), None, "the routed source after a refusal");
+        r.learn(b, 2);
+        assert_eq!(r.get(), Some(b));
+    }
 
     #[test]
     fn learns_moves_and_counts() {

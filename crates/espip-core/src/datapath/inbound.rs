@@ -169,7 +169,7 @@ impl Inbound {
                         _ => None,
                     };
                     if let Some(c) = cell {
-                        c.learn(SocketAddr::new(at, 0), now);
+                        c.learn(at, now);
                     }
                 }
                 if peer.endpoint.is_none() && peer.mp.is_none() {

@@ -175,14 +175,14 @@ pub struct PeerStats {
     /// ESP: the address of ours the peer's last authenticated packet was sent to, which our
     /// packets to it leave from (port 0; see `PathStats::reply_from`). Empty: the routed
     /// source.
-    pub reply_from: crate::endpoint::EndpointCell,
+    pub reply_from: crate::endpoint::ReplySource,
 }
 
 impl PeerStats {
     /// How packets to the peer leave: from the address it last reached us at, if known.
     pub fn reply_via(&self) -> Via {
         Via {
-            src: self.reply_from.get().map(|a| a.ip()),
+            src: self.reply_from.get(),
             ifindex: 0,
         }
     }

@@ -142,6 +142,18 @@ impl Outbound {
         if let Some(p) = path {
             p.send_refused.fetch_add(n, Relaxed);
         }
+        if let Some(src) = via.src {
+            // A source this host no longer has (it roamed): answer from the routed one
+            // until a packet lands on an address of ours again.
+            for p in &self.peers {
+                p.stats.reply_from.refused(src);
+                if let Some(mp) = &p.mp {
+                    for s in &mp.stats {
+                        s.reply_from.refused(src);
+                    }
+                }
+            }
+        }
     }
 
     /// How a packet for path `path` of multipath peer `peer` travels (ESP in UDP: to the port

@@ -120,12 +120,12 @@ impl PathSpec {
 
     /// How its packets leave, with `reply_from` (see [`PathStats::reply_from`]) standing in
     /// for a source that the path does not name.
-    pub fn via_with(&self, reply_from: &crate::endpoint::EndpointCell) -> crate::datapath::Via {
+    pub fn via_with(&self, reply_from: &crate::endpoint::ReplySource) -> crate::datapath::Via {
         if self.bound() {
             return self.via();
         }
         crate::datapath::Via {
-            src: reply_from.get().map(|a| a.ip()),
+            src: reply_from.get(),
             ifindex: 0,
         }
     }
@@ -291,7 +291,7 @@ pub struct PathStats {
     /// was sent to, which its packets leave from (port 0), so that a peer which reaches one
     /// of several addresses of this host hears the answer from that address (WireGuard's
     /// sticky source). Empty: the routed source.
-    pub reply_from: crate::endpoint::EndpointCell,
+    pub reply_from: crate::endpoint::ReplySource,
     /// The newest echo's (probe send time, bytes we had sent on the path when we sent the
     /// probe, bytes the peer had received on it when it answered). The path is first in, first
     /// out, so everything sent before the probe arrived before the echo unless it was lost:

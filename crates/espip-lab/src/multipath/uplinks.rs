@@ -152,8 +152,8 @@ pub(super) fn uplinks_check(report: &mut crate::Report, ctl_a: &Path, ctl_b: &Pa
             format!(
                 "{} from {} via {} sent {:.1} MB ({:.0}%)",
                 p.name,
-                p.local.as_deref().unwrap_or("(routed)"),
-                p.device.as_deref().unwrap_or("(routed)"),
+                p.local.as_deref().unwrap_or("its address"),
+                p.device.as_deref().unwrap_or("the routed interface"),
                 p.tx_bytes as f64 / 1e6,
                 p.tx_bytes as f64 * 100.0 / total.max(1) as f64
             )
