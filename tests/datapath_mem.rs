@@ -856,3 +856,119 @@ fn a_learned_endpoint_follows_authenticated_packets_only() {
         assert_eq!(learned.moves.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 }
+
+/// A peer with `max_paths = 2` and no address configured (issue 29): each new (address,
+/// port) whose packet authenticates becomes one of its paths; a forged or replayed packet
+/// from a new address takes no path; a third address while both paths are live is dropped
+/// as `path_limit`, and the paths stay where they were.
+#[test]
+fn learned_paths_are_taken_by_authenticated_packets_only() {
+    let c = Cipher::Aes128Gcm;
+    let (ab, ba) = (key(c, 0x11), key(c, 0x22));
+    let spec =
+        |endpoint: Option<&str>, out: &KeyMaterial, inn: &KeyMaterial, so, si, mp| PeerSpec {
+            name: "peer".into(),
+            endpoint: endpoint.map(|e| e.parse().unwrap()),
+            allowed_ips: vec![if mp { "10.4.2.5/32" } else { "10.4.2.99/32" }
+                .parse()
+                .unwrap()],
+            encap: EncapSpec::Esp {
+                cipher: c,
+                spi_out: so,
+                key_out: out.clone(),
+                spi_in: si,
+                key_in: inn.clone(),
+                replay_window: 64,
+                esn: false,
+                lifetime: Lifetime::default(),
+                udp_port: Some(4500),
+            },
+            route: true,
+            multipath: mp.then(|| espip::multipath::PeerPaths {
+                spec: Default::default(),
+                paths: (0..2).map(espip::multipath::PathSpec::learned).collect(),
+            }),
+            negotiated: None,
+        };
+    let t = TunnelSpec {
+        relay: false,
+        mtu: 1400,
+    };
+    let (a_out, mut a_in, a_stats) = datapath::build(
+        &[spec(None, &ab, &ba, 0x1001, 0x1002, true)],
+        t,
+        Default::default(),
+    )
+    .unwrap();
+    let (b_out, _, _) = datapath::build(
+        &[spec(Some(A), &ba, &ab, 0x1002, 0x1001, false)],
+        t,
+        Default::default(),
+    )
+    .unwrap();
+    let to_a = ipv4([10, 4, 2, 5], [10, 4, 2, 99], 100, true);
+    let to_b = ipv4([10, 4, 2, 99], [10, 4, 2, 5], 100, true);
+    assert_eq!(
+        a_out.process(&mut PacketBuf::from_slice(&to_b), 0),
+        Verdict::Drop(DropReason::NoEndpoint)
+    );
+    let sealed = || {
+        let mut w = PacketBuf::from_slice(&to_a);
+        b_out.process(&mut w, 0);
+        w.as_slice().to_vec()
+    };
+    let mut arrive = |wire: &[u8], from: &str, now: u64| {
+        let mut r = PacketBuf::from_slice(wire);
+        a_in.process_udp(&mut r, from.parse().unwrap(), now)
+    };
+    let mp = a_out.multipath(0).unwrap();
+    let path = |i: usize| mp.endpoint_of(i).map(|(ip, port)| format!("{ip}:{port}"));
+    let first = sealed();
+    assert_eq!(arrive(&first, "198.51.100.7:31000", 7), Verdict::ToTun);
+    assert_eq!(path(0).as_deref(), Some("198.51.100.7:31000"));
+    match a_out.process(&mut PacketBuf::from_slice(&to_b), 8) {
+        Verdict::Send(Wire::EspInUdp { dst, .. }) => {
+            assert_eq!(dst.to_string(), "198.51.100.7:31000")
+        }
+        v => panic!("{v:?}"),
+    }
+    // Forged and replayed from a new address: no path.
+    let mut forged = sealed();
+    let n = forged.len();
+    forged[n - 1] ^= 1;
+    assert_eq!(
+        arrive(&forged, "203.0.113.9:666", 9),
+        Verdict::Drop(DropReason::BadIcv)
+    );
+    assert_eq!(
+        arrive(&first, "203.0.113.9:777", 9),
+        Verdict::Drop(DropReason::Replay)
+    );
+    assert_eq!(path(1), None);
+    // Genuine from the LTE NAT: path 2 (held by the reorder stage for the forged packet's
+    // sequence number, which never came).
+    assert!(matches!(
+        arrive(&sealed(), "203.0.113.9:1024", 10),
+        Verdict::ToTun | Verdict::Held
+    ));
+    assert_eq!(path(1).as_deref(), Some("203.0.113.9:1024"));
+    // Both heard just now: a third address is one too many.
+    assert_eq!(
+        arrive(&sealed(), "192.0.2.50:4500", 11),
+        Verdict::Drop(DropReason::PathLimit)
+    );
+    assert_eq!(a_stats.drops(DropReason::PathLimit), 1);
+    assert_eq!(path(0).as_deref(), Some("198.51.100.7:31000"));
+    assert_eq!(path(1).as_deref(), Some("203.0.113.9:1024"));
+    // Each path's packets still land on it.
+    assert!(matches!(
+        arrive(&sealed(), "198.51.100.7:31000", 12),
+        Verdict::ToTun | Verdict::Held
+    ));
+    assert_eq!(
+        mp.stats[0]
+            .rx_packets
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+}

@@ -128,7 +128,7 @@ fn two_uplinks_with_two_default_routes_and_a_nat_reach_one_server_address() {
             "[PASS] both paths up",
             "[PASS] one TCP stream over both links",
             "[PASS] both uplinks carry the stream, each by its own interface",
-            "[PASS] B hears path 2 from the NAT's address",
+            "[PASS] B learned both paths, path 2 from the NAT's address",
             "[PASS] link 1 cut 3 s into a transfer",
             "[PASS] link 2 cut 3 s into a transfer",
             "[PASS] link 2 restored: the path comes back",

@@ -18,7 +18,7 @@ fi
 # Debian packages: program -> package.
 need=()
 need_sw=()
-for pair in ip:iproute2 ping:iputils-ping tcpdump:tcpdump tshark:tshark sysctl:procps iptables:iptables curl:curl; do
+for pair in ip:iproute2 ping:iputils-ping tcpdump:tcpdump tshark:tshark sysctl:procps iptables:iptables conntrack:conntrack curl:curl; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 /usr/bin/python3 -c 'import scapy.layers.ipsec' >/dev/null 2>&1 || need+=(python3-scapy)

@@ -502,7 +502,8 @@ impl Config {
     /// peer whose endpoint is learned, `interface.local`'s (IPv4 when it is not set).
     pub fn peer_families(&self, p: &PeerSpec) -> Vec<bool> {
         match p.endpoint {
-            None if p.multipath.is_none() => {
+            // (Learned paths too: a peer's paths are learned in one family.)
+            None => {
                 vec![self.interface.local.is_some_and(|l| l.is_ipv6())]
             }
             _ => p.endpoints().iter().map(|e| e.is_ipv6()).collect(),

@@ -37,6 +37,67 @@ pub(super) fn refuse_path_settings(
     Ok(())
 }
 
+/// `max_paths` of a peer without `endpoint`: its learned paths and settings when it is more
+/// than 1 (`None`: a single learned endpoint).
+pub(super) fn learned_paths(
+    p: &RawPeer,
+    mode: Mode,
+    k: &dyn Fn(&str) -> String,
+) -> Result<Option<PeerPaths>, ConfigError> {
+    let n = match p.max_paths {
+        None | Some(1) => {
+            if p.path_idle.is_some() {
+                return Err(invalid(
+                    k("path_idle"),
+                    "(set)",
+                    "nothing without max_paths = 2 or more: it says when a learned path is forgotten",
+                ));
+            }
+            return Ok(None);
+        }
+        Some(n) if (2..=MAX_PATHS as i64).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(invalid(
+                k("max_paths"),
+                n,
+                format!("a number from 1 to {MAX_PATHS}: how many (address, port)s of the peer are paths at once"),
+            ))
+        }
+    };
+    if mode == Mode::IpIp {
+        return Err(invalid(
+            k("max_paths"),
+            n,
+            "1 (or mode = \"esp\" / \"esp-udp\"): paths are learned from authenticated packets, and ipip has none",
+        ));
+    }
+    Ok(Some(PeerPaths {
+        spec: multipath_spec(p, k)?,
+        paths: (0..n).map(PathSpec::learned).collect(),
+    }))
+}
+
+/// `max_paths` and `path_idle` on a peer with an `endpoint` or `[[peer.path]]` tables:
+/// named, since they would do nothing.
+pub(super) fn refuse_learned_settings(
+    p: &RawPeer,
+    k: &dyn Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    for (field, set) in [
+        ("max_paths", p.max_paths.is_some()),
+        ("path_idle", p.path_idle.is_some()),
+    ] {
+        if set {
+            return Err(invalid(
+                k(field),
+                "(set)",
+                "nothing for a peer whose endpoint or paths are configured: leave out endpoint and [[peer.path]] to learn the peer's paths from its packets",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The paths and settings of a peer with `[[peer.path]]` tables.
 pub(super) fn paths(
     p: &RawPeer,
@@ -165,6 +226,7 @@ fn path(
         device,
         // Resolved by the daemon on the host it runs on.
         ifindex: 0,
+        learned: false,
     })
 }
 
@@ -274,6 +336,14 @@ fn multipath_spec(p: &RawPeer, k: &dyn Fn(&str) -> String) -> Result<MultipathSp
             "bytes held at most,",
         )?,
         adapt: p.adapt.unwrap_or(true),
+        path_idle_s: num(
+            "path_idle",
+            p.path_idle,
+            1,
+            86_400,
+            d.path_idle_s,
+            "seconds a learned path may be silent before it is forgotten,",
+        )?,
     };
     Ok(spec)
 }
@@ -321,6 +391,64 @@ endpoint = "[2001:db8:12::2]:4501"
 
     fn err(t: &str) -> String {
         Config::parse(t, Path::new(".")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn max_paths_learns_the_paths_of_a_peer_without_endpoint() {
+        let c = Config::parse(
+            &text(
+                "max_paths = 2\npath_idle = 30\nscheduler = \"earliest\"",
+                "",
+            ),
+            Path::new("."),
+        )
+        .unwrap();
+        let p = &c.peers[0];
+        assert_eq!(p.endpoint, None);
+        assert!(p.endpoints().is_empty());
+        let m = p.multipath.as_ref().expect("learned paths");
+        assert_eq!(m.paths.len(), 2);
+        assert!(m.paths.iter().all(|x| x.learned));
+        assert_eq!(m.paths[1].name, "path2");
+        assert_eq!(m.spec.path_idle_s, 30);
+        assert_eq!(m.spec.scheduler, crate::multipath::Scheduler::Earliest);
+        match &p.encap {
+            EncapSpec::Esp {
+                replay_window,
+                udp_port,
+                ..
+            } => {
+                assert_eq!(*replay_window, super::MULTIPATH_REPLAY_WINDOW);
+                assert_eq!(*udp_port, Some(4500));
+            }
+            _ => panic!(),
+        }
+        // max_paths = 1 is a single learned endpoint.
+        let c = Config::parse(&text("max_paths = 1", ""), Path::new(".")).unwrap();
+        assert!(c.peers[0].multipath.is_none());
+    }
+
+    #[test]
+    fn max_paths_and_path_idle_are_refused_where_they_would_do_nothing() {
+        let e = err(&text("max_paths = 2", TWO));
+        assert!(
+            e.contains("max_paths") && e.contains("leave out endpoint and [[peer.path]]"),
+            "{e}"
+        );
+        let e = err(&text("max_paths = 2\nendpoint = \"192.0.2.2\"", ""));
+        assert!(e.contains("max_paths") && e.contains("configured"), "{e}");
+        let e = err(&text("path_idle = 30", ""));
+        assert!(
+            e.contains("path_idle") && e.contains("max_paths = 2 or more"),
+            "{e}"
+        );
+        let e = err(&text("max_paths = 9", ""));
+        assert!(e.contains("max_paths") && e.contains("from 1 to 8"), "{e}");
+        let e = err(&text("max_paths = 2\npath_idle = 0", ""));
+        assert!(
+            e.contains("path_idle") && e.contains("from 1 to 86400"),
+            "{e}"
+        );
     }
 
     #[test]

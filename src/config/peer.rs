@@ -110,10 +110,12 @@ fn outer_endpoints(
     Ok(match (&p.endpoint, p.path.is_empty()) {
         (Some(raw), true) => {
             super::paths::refuse_path_settings(p, k)?;
+            super::paths::refuse_learned_settings(p, k)?;
             let (e, port) = endpoint(raw, mode, &k("endpoint"))?;
             (Some(e), port, None)
         }
         (None, false) => {
+            super::paths::refuse_learned_settings(p, k)?;
             let pp = super::paths::paths(p, mode, k, warnings)?;
             let first = &pp.paths[0];
             let port = (first.port != 0).then_some(first.port);
@@ -128,6 +130,10 @@ fn outer_endpoints(
         }
         // No endpoint: the peer's address is learned from its first authenticated packet.
         (None, true) => {
+            if let Some(pp) = super::paths::learned_paths(p, mode, k)? {
+                let port = (mode == Mode::EspUdp).then_some(crate::wire::ip::IPSEC_NAT_T_PORT);
+                return Ok((None, port, Some(pp)));
+            }
             super::paths::refuse_path_settings(p, k)?;
             if mode == Mode::IpIp {
                 return Err(invalid(

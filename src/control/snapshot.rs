@@ -219,9 +219,14 @@ impl Live {
         // authenticated packet.
         let learned = s.learned.get();
         let address = p.endpoint.or(learned.map(|a| a.ip()));
+        let per_path = multipath.is_some_and(|m| m.learns());
         PeerStatus {
             name: p.name.clone(),
             endpoint: match (address, &p.encap) {
+                (None, _) if per_path => format!(
+                    "learned per path (max_paths {})",
+                    multipath.map_or(0, |m| m.paths.len())
+                ),
                 (None, _) => "(none yet)".into(),
                 (
                     Some(ip),
@@ -241,7 +246,7 @@ impl Live {
                 }
                 (Some(ip), _) => ip.to_string(),
             },
-            endpoint_learned: p.endpoint.is_none(),
+            endpoint_learned: p.endpoint.is_none() && !per_path,
             endpoint_changed_unix: learned
                 .and_then(|_| self.wall(s.learned.changed_at.load(Relaxed))),
             endpoint_moves: s.learned.moves.load(Relaxed),
@@ -255,7 +260,7 @@ impl Live {
             rx_bytes: s.rx_bytes.load(Relaxed),
             last_tx_unix: self.wall(s.last_tx.load(Relaxed)),
             last_rx_unix: self.wall(s.last_rx.load(Relaxed)),
-            multipath: multipath.map(path_status),
+            multipath: multipath.map(|m| path_status(m, &|ns| self.wall(ns))),
         }
     }
 
@@ -280,9 +285,18 @@ impl Live {
         // A peer without a configured endpoint: the address learned from its packets (none
         // yet: no lines), with the source the kernel picks towards it.
         let learned = |i: usize| g.outbound.peer_stats(i).learned.get().map(|a| a.ip());
+        let learned_paths = |i: usize| -> Vec<std::net::IpAddr> {
+            g.outbound.multipath(i).map_or(Vec::new(), |m| {
+                (0..m.paths.len())
+                    .filter(|&j| m.paths[j].learned)
+                    .filter_map(|j| m.endpoint_of(j).map(|e| e.0))
+                    .collect()
+            })
+        };
         for (p, endpoint) in g.cfg.peers.iter().enumerate().flat_map(|(i, p)| {
             let eps = match p.endpoint {
                 None if p.multipath.is_none() => learned(i).into_iter().collect(),
+                None => learned_paths(i),
                 _ => p.endpoints(),
             };
             eps.into_iter().map(move |e| (p, e))
@@ -451,7 +465,10 @@ impl Live {
 }
 
 /// A multipath peer's paths as `espip show` reports them.
-fn path_status(m: &crate::multipath::Multipath) -> crate::status::MultipathStatus {
+fn path_status(
+    m: &crate::multipath::Multipath,
+    wall: &dyn Fn(u64) -> Option<f64>,
+) -> crate::status::MultipathStatus {
     use crate::multipath::SLOTS;
     let ms = |ns: u64| (ns > 0).then(|| ns as f64 / 1e6);
     crate::status::MultipathStatus {
@@ -460,18 +477,26 @@ fn path_status(m: &crate::multipath::Multipath) -> crate::status::MultipathStatu
             .paths
             .iter()
             .zip(&m.stats)
-            .map(|(p, s)| {
-                let port = match s.udp_port_seen.load(Relaxed) {
-                    0 => p.port,
-                    seen => seen as u16,
-                };
+            .enumerate()
+            .map(|(i, (p, s))| {
+                let endpoint = m.endpoint_of(i).map(|(ip, port)| {
+                    let port = match (p.learned, s.udp_port_seen.load(Relaxed)) {
+                        (false, seen) if seen != 0 => seen as u16,
+                        _ => port,
+                    };
+                    if port == 0 {
+                        ip.to_string()
+                    } else {
+                        std::net::SocketAddr::new(ip, port).to_string()
+                    }
+                });
                 crate::status::PathStatus {
                     name: p.name.clone(),
-                    endpoint: if port == 0 {
-                        p.endpoint.to_string()
-                    } else {
-                        std::net::SocketAddr::new(p.endpoint, port).to_string()
-                    },
+                    endpoint: endpoint.unwrap_or_else(|| "(none learned yet)".into()),
+                    learned_unix: p
+                        .learned
+                        .then(|| wall(s.learned.changed_at.load(Relaxed)))
+                        .flatten(),
                     local: p.local.map(|l| l.to_string()),
                     device: p.device.clone(),
                     state: s.state().name().into(),

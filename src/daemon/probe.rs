@@ -39,14 +39,23 @@ pub(super) fn probe_loop(e: &Edges, rec: &mut Recorder, clock: Instant) {
             let (Some(p), Some(m)) = (g.cfg.peers.get(peer), g.outbound.multipath(peer)) else {
                 continue;
             };
+            let endpoint = m
+                .endpoint_of(path)
+                .map_or("(none)".into(), |e| e.0.to_string());
+            let forgotten = m.forgotten(path, now);
             let path = &m.paths[path];
             match state {
+                PathState::Down if forgotten => info!(
+                    peer = %p.name, path = %path.name, endpoint = %endpoint,
+                    "learned path forgotten: silent for {} s (path_idle); its slot takes the next new address",
+                    m.spec.path_idle_s
+                ),
                 PathState::Down => warn!(
-                    peer = %p.name, path = %path.name, endpoint = %path.endpoint,
+                    peer = %p.name, path = %path.name, endpoint = %endpoint,
                     "path down: no echo for {} ms; its traffic moves to the other paths",
                     u64::from(m.spec.probe_interval_ms) * u64::from(m.spec.dead_after)
                 ),
-                _ => info!(peer = %p.name, path = %path.name, endpoint = %path.endpoint, "path up"),
+                _ => info!(peer = %p.name, path = %path.name, endpoint = %endpoint, "path up"),
             }
         }
         if probes.is_empty() {

@@ -659,7 +659,7 @@ pub fn tunnel_mtu(cfg: &Config) -> Result<u16, DaemonError> {
     }
     let mut mtu = u16::MAX;
     for p in &cfg.peers {
-        if p.endpoint.is_none() && p.multipath.is_none() {
+        if p.endpoint.is_none() {
             // A learned endpoint has no route to ask yet: assume an Ethernet path (1500), as
             // WireGuard's default MTU does; `interface.mtu` says otherwise.
             let v6 = cfg.peer_families(p).contains(&true);

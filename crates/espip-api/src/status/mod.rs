@@ -191,6 +191,10 @@ pub struct PathStatus {
     /// routing decides).
     #[serde(default)]
     pub device: Option<String>,
+    /// A path learned from the peer's packets (`max_paths`): when it was learned or last
+    /// moved (Unix seconds; `None`: a configured path, or none learned yet).
+    #[serde(default)]
+    pub learned_unix: Option<f64>,
     /// `up`, `quiet` (late, not scheduled, not down yet), `down` or `unknown` (no echo yet).
     pub state: String,
     /// Smoothed probe RTT, milliseconds (`None`: none measured).
@@ -548,7 +552,9 @@ fn peer_text(p: &PeerStatus, now_unix: f64, s: &mut String) {
                     (Some(l), Some(d)) => format!(" from {l} via {d}"),
                     (Some(l), None) => format!(" from {l}"),
                     (None, Some(d)) => format!(" via {d}"),
-                },
+                }
+                    + &x.learned_unix
+                        .map_or(String::new(), |t| format!(" (learned {})", ago(now_unix, Some(t)))),
                 x.state,
                 ms(x.rtt_ms),
                 ms(x.min_rtt_ms),
@@ -690,6 +696,7 @@ mod tests {
                 endpoint: "192.0.2.2".into(),
                 local: None,
                 device: None,
+                learned_unix: None,
                 state: "up".into(),
                 rtt_ms: Some(10.5),
                 min_rtt_ms: Some(10.0),

@@ -87,7 +87,7 @@ impl Inbound {
                 let path = self.peers[idx]
                     .mp
                     .as_ref()
-                    .and_then(|m| m.shared.path_from(outer_src, landing));
+                    .and_then(|m| m.shared.path_from(outer_src, 0, landing));
                 (idx, protocol, 0, path)
             }
             _ => return Verdict::Drop(DropReason::Malformed),
@@ -125,13 +125,16 @@ impl Inbound {
             return Err(DropReason::UnknownSpi);
         };
         let peer = &mut self.peers[idx];
-        let path = match &peer.mp {
-            Some(mp) => mp.shared.path_from(outer_src, landing),
+        let port = if protocol == PROTO_UDP { src_port } else { 0 };
+        let mut path = match &peer.mp {
+            Some(mp) => mp.shared.path_from(outer_src, port, landing),
             // A peer whose address is learned may send from anywhere: the ICV and the
             // replay window decide, and only then does its address move (below).
             None => peer.endpoint.map_or(true, |e| e == outer_src).then_some(0),
         };
-        if path.is_none() || peer.udp != (protocol == PROTO_UDP) {
+        // Learned paths: a new (address, port) may become one once the packet authenticates.
+        let adopting = path.is_none() && peer.mp.as_ref().is_some_and(|m| m.shared.learns());
+        if (path.is_none() && !adopting) || peer.udp != (protocol == PROTO_UDP) {
             return Err(DropReason::WrongSource);
         }
         let sa = match peer.sa.as_mut() {
@@ -148,6 +151,15 @@ impl Inbound {
         }
         match sa.decapsulate(buf) {
             Ok(o) => {
+                if adopting {
+                    // Authenticated and not a replay: a new path of the peer's (or one a
+                    // NAT rebound), if there is room.
+                    let mp = peer.mp.as_ref().expect("adopting: a multipath peer");
+                    path = mp.shared.adopt(SocketAddr::new(outer_src, port), now);
+                    if path.is_none() {
+                        return Err(DropReason::PathLimit);
+                    }
+                }
                 if protocol == PROTO_UDP && src_port != 0 {
                     // Authenticated and new (replay checked): the peer's current port
                     // (on this path).

@@ -89,11 +89,14 @@ pub enum DropReason {
     /// For a peer without a configured `endpoint` that has not yet sent an authenticated
     /// packet: its address is not known.
     NoEndpoint,
+    /// An authenticated packet from a new (address, port) of a peer whose `max_paths` paths
+    /// are all live: it would be one path too many.
+    PathLimit,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::NoRoute,
         DropReason::TooBig,
         DropReason::Malformed,
@@ -114,6 +117,7 @@ impl DropReason {
         DropReason::Duplicate,
         DropReason::NoSa,
         DropReason::NoEndpoint,
+        DropReason::PathLimit,
     ];
 
     /// The counter name (snake case, stable: used in logs, `show` and metrics).
@@ -139,6 +143,7 @@ impl DropReason {
             DropReason::Duplicate => "duplicate",
             DropReason::NoSa => "no_sa",
             DropReason::NoEndpoint => "no_endpoint",
+            DropReason::PathLimit => "path_limit",
         }
     }
 
@@ -378,7 +383,13 @@ impl PeerSpec {
     /// Every outer address of the peer: its paths' endpoints, or its one endpoint.
     pub fn endpoints(&self) -> Vec<IpAddr> {
         match &self.multipath {
-            Some(pp) => pp.paths.iter().map(|p| p.endpoint).collect(),
+            // (Learned paths have none to name.)
+            Some(pp) => pp
+                .paths
+                .iter()
+                .filter(|p| !p.learned)
+                .map(|p| p.endpoint)
+                .collect(),
             None => self.endpoint.into_iter().collect(),
         }
     }

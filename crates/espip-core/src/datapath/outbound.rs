@@ -39,7 +39,10 @@ impl Outbound {
         let s = &*peer.stats;
         // A peer whose address is learned: nothing to send to until it has sent (the port,
         // for ESP in UDP, is `udp_port_seen`, set by the same packet).
-        let Some(endpoint) = peer.endpoint.or_else(|| s.learned.get().map(|a| a.ip())) else {
+        // (A multipath peer's paths know their own.)
+        let endpoint = peer.endpoint.or_else(|| s.learned.get().map(|a| a.ip()));
+        let Some(endpoint) = endpoint.or(peer.mp.as_ref().map(|_| IpAddr::from([0, 0, 0, 0])))
+        else {
             return Verdict::Drop(DropReason::NoEndpoint);
         };
         let wire = match &peer.sa {
@@ -97,6 +100,20 @@ impl Outbound {
         let peer = &self.peers[idx];
         let mp = peer.mp.as_ref().expect("a multipath peer");
         let s = &*peer.stats;
+        let pick = match mp.pick_at(now, len as usize) {
+            // Learned paths: only those someone is behind.
+            Pick::One(i) if mp.learns() && mp.endpoint_of(i).is_none() => None,
+            Pick::Every(mask) if mp.learns() => {
+                let known = (0..mp.paths.len())
+                    .filter(|&i| mp.endpoint_of(i).is_some())
+                    .fold(0u32, |m, i| m | 1 << i);
+                Some(Pick::Every(mask & known)).filter(|p| *p != Pick::Every(0))
+            }
+            p => Some(p),
+        };
+        let Some(pick) = pick else {
+            return Verdict::Drop(DropReason::NoEndpoint);
+        };
         s.tx_packets.fetch_add(1, Relaxed);
         s.tx_bytes.fetch_add(len, Relaxed);
         s.last_tx.store(now, Relaxed);
@@ -105,7 +122,7 @@ impl Outbound {
             p.tx_packets.fetch_add(1, Relaxed);
             p.tx_bytes.fetch_add(len, Relaxed);
         };
-        match mp.pick_at(now, len as usize) {
+        match pick {
             Pick::One(i) => {
                 count(i);
                 Verdict::Send(self.path_wire(idx, i, inner_v6))
@@ -136,7 +153,9 @@ impl Outbound {
             .filter_map(|p| p.mp.as_ref())
             .find_map(|mp| {
                 (0..mp.paths.len())
-                    .find(|&i| mp.paths[i].endpoint == dst && mp.path_via(i) == via)
+                    .find(|&i| {
+                        mp.endpoint_of(i).is_some_and(|e| e.0 == dst) && mp.path_via(i) == via
+                    })
                     .map(|i| &mp.stats[i])
             });
         if let Some(p) = path {
@@ -162,13 +181,15 @@ impl Outbound {
         let p = &self.peers[peer];
         let (endpoint, port, seen, via) = match &p.mp {
             Some(mp) => {
-                let x = &mp.paths[path];
-                (
-                    x.endpoint,
-                    x.port,
-                    mp.stats[path].udp_port_seen.load(Relaxed),
-                    mp.path_via(path),
-                )
+                // (A learned path not learned yet: the caller never picks it.)
+                let (endpoint, port) = mp
+                    .endpoint_of(path)
+                    .unwrap_or((IpAddr::from([0, 0, 0, 0]), 0));
+                let seen = match mp.paths[path].learned {
+                    true => 0,
+                    false => mp.stats[path].udp_port_seen.load(Relaxed),
+                };
+                (endpoint, port, seen, mp.path_via(path))
             }
             None => (
                 p.endpoint

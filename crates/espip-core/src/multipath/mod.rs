@@ -24,6 +24,7 @@
 //! control side rebuilds them at each probe tick from the paths' state.
 
 mod controller;
+mod learned;
 mod probe;
 mod reorder;
 
@@ -32,7 +33,7 @@ pub use controller::Controller;
 pub use probe::{Probe, ProbeKind};
 pub use reorder::{Order, Reorder, ReorderStats};
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Mutex;
 
@@ -94,6 +95,10 @@ pub struct PathSpec {
     pub device: Option<String>,
     /// That interface's index, resolved by the daemon (0: routing decides).
     pub ifindex: u32,
+    /// A path of a peer with `max_paths`: its endpoint is not configured but learned (the
+    /// (address, port) of an authenticated packet no other path has; [`PathStats::learned`]),
+    /// and `endpoint` is only a placeholder (the unspecified IPv4 address).
+    pub learned: bool,
 }
 
 impl PathSpec {
@@ -107,6 +112,15 @@ impl PathSpec {
             local: None,
             device: None,
             ifindex: 0,
+            learned: false,
+        }
+    }
+
+    /// Path slot `i` of a peer with `max_paths`: named `path{i+1}`, its endpoint learned.
+    pub fn learned(i: usize) -> PathSpec {
+        PathSpec {
+            learned: true,
+            ..PathSpec::routed(&format!("path{}", i + 1), IpAddr::from([0, 0, 0, 0]), 0)
         }
     }
 
@@ -137,7 +151,8 @@ impl PathSpec {
 
     /// Whether a packet from `src` that landed at `at` may have come by this path.
     fn fits(&self, src: IpAddr, at: crate::datapath::Landing) -> bool {
-        self.endpoint == src
+        !self.learned
+            && self.endpoint == src
             && self
                 .local
                 .zip(at.dst)
@@ -165,6 +180,9 @@ pub struct MultipathSpec {
     pub reorder_bytes: u32,
     /// `spread` follows each path's measured delivery; false: the static weights only.
     pub adapt: bool,
+    /// A learned path (see [`PathSpec::learned`]) silent this many seconds is forgotten: its
+    /// slot takes the next new (address, port).
+    pub path_idle_s: u32,
 }
 
 impl Default for MultipathSpec {
@@ -177,6 +195,7 @@ impl Default for MultipathSpec {
             reorder_packets: 4096,
             reorder_bytes: 8 << 20,
             adapt: true,
+            path_idle_s: 60,
         }
     }
 }
@@ -287,6 +306,9 @@ pub struct PathStats {
     pub capacity: AtomicU64,
     /// ESP in UDP: the source port of the last authenticated datagram from the path's endpoint.
     pub udp_port_seen: AtomicU32,
+    /// A learned path: the (address, port) it was learned from (port 0 for protocol 50),
+    /// written only by the RX thread ([`Multipath::adopt`]); `changed_at` is when.
+    pub learned: crate::endpoint::EndpointCell,
     /// A path without `local` or `device`: the address of ours its last authenticated packet
     /// was sent to, which its packets leave from (port 0), so that a peer which reaches one
     /// of several addresses of this host hears the answer from that address (WireGuard's
@@ -383,6 +405,8 @@ pub struct Multipath {
     probe_id: AtomicU64,
     /// The first tick's time (0: none yet): detection counts from there until a first echo.
     started: AtomicU64,
+    /// The paths are learned ([`PathSpec::learned`]).
+    learns: bool,
     /// When the next tick is due.
     due: AtomicU64,
     control: Mutex<Controller>,
@@ -506,6 +530,7 @@ impl Multipath {
                 .unwrap_or_default()
             })
             .collect();
+        let learns = paths.iter().any(|p| p.learned);
         let m = Multipath {
             spec,
             paths,
@@ -515,11 +540,18 @@ impl Multipath {
             next: AtomicU64::new(0),
             probe_id: AtomicU64::new(0),
             started: AtomicU64::new(0),
+            learns,
             due: AtomicU64::new(0),
             control: Mutex::new(Controller::default()),
             arrival: Mutex::default(),
             reorder: ReorderStats::default(),
         };
+        // A learned path nobody is behind yet is down (not scheduled) from the start.
+        for (p, s) in m.paths.iter().zip(&m.stats) {
+            if p.learned && s.learned.get().is_none() {
+                s.set_state(PathState::Down);
+            }
+        }
         m.publish();
         m
     }
@@ -559,7 +591,12 @@ impl Multipath {
     /// The index of the path a packet from `src` that landed at `at` came by: a path that
     /// names its source or interface and matches them first (several paths may share the
     /// peer's address and differ in those only), else the first path from `src`.
-    pub fn path_from(&self, src: IpAddr, at: crate::datapath::Landing) -> Option<usize> {
+    /// A learned path matches the packet's address and UDP `port` (0 for protocol 50) exactly.
+    pub fn path_from(&self, src: IpAddr, port: u16, at: crate::datapath::Landing) -> Option<usize> {
+        if self.learns {
+            let from = SocketAddr::new(src, port);
+            return (0..self.paths.len()).find(|&i| self.stats[i].learned.get() == Some(from));
+        }
         self.paths
             .iter()
             .position(|p| p.bound() && p.fits(src, at))
@@ -601,7 +638,10 @@ impl Multipath {
         // that a path which comes back is used at once.
         .unwrap_or_else(|| {
             let mut s = vec![0; refs.len()];
-            s[0] = SLOTS as u32;
+            let first = (0..refs.len())
+                .find(|&i| self.endpoint_of(i).is_some())
+                .unwrap_or(0);
+            s[first] = SLOTS as u32;
             s
         });
         let table = layout(&shares);
@@ -620,14 +660,11 @@ impl Multipath {
                 mask |= 1 << i;
             }
         }
-        self.mask.store(
-            if mask == 0 {
-                (1 << refs.len()) - 1
-            } else {
-                mask
-            },
-            Relaxed,
-        );
+        let known = (0..refs.len())
+            .filter(|&i| self.endpoint_of(i).is_some())
+            .fold(0u32, |m, i| m | 1 << i);
+        self.mask
+            .store(if mask == 0 { known } else { mask }, Relaxed);
         for (p, s) in refs.iter().zip(&shares) {
             p.share.store(*s, Relaxed);
         }
@@ -664,9 +701,24 @@ impl Multipath {
         let mut events = Vec::new();
         for (i, p) in self.stats.iter().enumerate() {
             let last = p.last_echo.load(Relaxed);
-            // Before the first echo, the detection time counts from the start.
-            let heard = if last == 0 { started } else { last };
+            // Before the first echo, the detection time counts from the start (for a learned
+            // path, from when it was learned).
+            let heard = if last == 0 { started } else { last }.max(self.learned_at(i));
             let alive = now.saturating_sub(heard) <= dead + interval / 2;
+            if self.forgotten(i, now) {
+                // Nobody behind it: not probed, not scheduled; the log hears of it once,
+                // when a path that was there is forgotten.
+                if p.state() != PathState::Down {
+                    if p.learned.get().is_some() {
+                        events.push(PathEvent {
+                            path: i,
+                            state: PathState::Down,
+                        });
+                    }
+                    p.set_state(PathState::Down);
+                }
+                continue;
+            }
             let next = match (p.state(), alive, last) {
                 // Quiet stays quiet until an echo (`quieten` decides, below).
                 (PathState::Quiet, true, _) => PathState::Quiet,
@@ -708,6 +760,7 @@ impl Multipath {
             .stats
             .iter()
             .enumerate()
+            .filter(|&(i, _)| !self.forgotten(i, now))
             .map(|(i, p)| {
                 p.probes_sent.fetch_add(1, Relaxed);
                 (

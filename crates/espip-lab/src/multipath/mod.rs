@@ -491,6 +491,9 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
     stream_check(&mut report, &lab, opts, &work, best_alone, (&ctl_a, &ctl_b))?;
     if opts.topology == Topology::Uplinks {
         uplinks::uplinks_check(&mut report, &ctl_a, &ctl_b);
+        if probing {
+            uplinks::rebinding_check(&mut report, &lab, &ctl_b)?;
+        }
     }
 
     if opts.compare_mptcp {

@@ -120,13 +120,9 @@ pub(super) fn path_lines(me_a: bool, links: &[LinkSpec; 2]) -> String {
             weight(1)
         )
     } else {
-        format!(
-            "\n# A as this side sees it: uplink 1's address, and the NAT's for uplink 2.\n[[peer.path]]\nname = \"link1\"\nendpoint = \"{}:4500\"\nweight = {}\n\n[[peer.path]]\nname = \"link2\"\nendpoint = \"{}:4500\"\nweight = {}\n",
-            LINK1[0],
-            weight(0),
-            LINK2[0],
-            weight(1)
-        )
+        // No address of A: its two paths are learned from its packets.
+        "\n# A's paths, learned from its authenticated packets: no address of A here.\nmax_paths = 2\n"
+            .to_string()
     }
 }
 
@@ -167,12 +163,13 @@ pub(super) fn uplinks_check(report: &mut crate::Report, ctl_a: &Path, ctl_b: &Pa
         ways.join("; "),
     );
     let b = paths(ctl_b);
-    let natted = b
-        .iter()
-        .any(|p| p.name == "link2" && p.endpoint.starts_with(LINK2[0]) && p.rx_bytes > 0);
+    let heard = |from: &str| {
+        b.iter()
+            .any(|p| p.endpoint.starts_with(&format!("{from}:")) && p.rx_bytes > 0)
+    };
     report.check(
-        "B hears path 2 from the NAT's address",
-        natted,
+        "B learned both paths, path 2 from the NAT's address (max_paths = 2, no address of A in its configuration)",
+        b.len() == 2 && heard(LINK1[0]) && heard(LINK2[0]),
         b.iter()
             .map(|p| {
                 format!(
@@ -185,4 +182,96 @@ pub(super) fn uplinks_check(report: &mut crate::Report, ctl_a: &Path, ctl_b: &Pa
             .collect::<Vec<_>>()
             .join("; "),
     );
+}
+
+/// The NAT in front of uplink 2 rebinds: its UDP mappings are flushed and new ones take ports
+/// 20000-20099, so A's path 2 reaches B from a new port. B's path for it follows (once the old
+/// binding has been silent two probe intervals) and its other path stays where it was; pings
+/// across the rebinding show what it cost.
+pub(super) fn rebinding_check(
+    report: &mut crate::Report,
+    lab: &Lab,
+    ctl_b: &Path,
+) -> io::Result<()> {
+    let name = "the NAT rebinds uplink 2 to a new port: B's path 2 follows, path 1 stays";
+    let Some(nat) = lab.nat.as_ref() else {
+        return Ok(());
+    };
+    let rule = crate::netns::run(nat.command("iptables").args([
+        "-t",
+        "nat",
+        "-R",
+        "POSTROUTING",
+        "1",
+        "-o",
+        "wan",
+        "-p",
+        "udp",
+        "-j",
+        "MASQUERADE",
+        "--to-ports",
+        "20000-20099",
+    ]))?;
+    if !rule.status.success() {
+        report.check(
+            name,
+            false,
+            format!("iptables: {}", String::from_utf8_lossy(&rule.stderr).trim()),
+        );
+        return Ok(());
+    }
+    match crate::netns::run(nat.command("conntrack").args(["-D", "-p", "udp"])) {
+        Ok(_) => {}
+        Err(e) => {
+            report.check(
+                name,
+                false,
+                format!("conntrack (Debian package conntrack) is needed to flush the NAT's mappings: {e}"),
+            );
+            return Ok(());
+        }
+    }
+    let started = std::time::Instant::now();
+    let ping = crate::netns::run(lab.a.command("ping").args([
+        "-c",
+        "40",
+        "-i",
+        "0.05",
+        "-W",
+        "1",
+        super::B_INNER,
+    ]))?;
+    let text = String::from_utf8_lossy(&ping.stdout);
+    let summary = text
+        .lines()
+        .find(|l| l.contains("packet loss"))
+        .unwrap_or("no ping summary")
+        .to_string();
+    let paths = super::status(ctl_b)
+        .and_then(|s| s.peers.into_iter().next()?.multipath)
+        .map(|m| m.paths)
+        .unwrap_or_default();
+    let port_of = |from: &str| {
+        paths
+            .iter()
+            .find_map(|p| p.endpoint.strip_prefix(&format!("{from}:")))
+            .and_then(|p| p.parse::<u16>().ok())
+    };
+    let moved = port_of(LINK2[0]).is_some_and(|p| (20000..20100).contains(&p));
+    let stayed = port_of(LINK1[0]) == Some(4500);
+    let up = paths.iter().all(|p| p.state == "up");
+    report.check(
+        name,
+        moved && stayed && up && ping.status.success(),
+        format!(
+            "B's paths after {:.1} s: {}; pings across it: {summary}",
+            started.elapsed().as_secs_f64(),
+            paths
+                .iter()
+                .map(|p| format!("{} {} {}", p.name, p.endpoint, p.state))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    Ok(())
 }
