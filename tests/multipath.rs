@@ -129,6 +129,7 @@ fn two_uplinks_with_two_default_routes_and_a_nat_reach_one_server_address() {
             "[PASS] one TCP stream over both links",
             "[PASS] both uplinks carry the stream, each by its own interface",
             "[PASS] B learned both paths, path 2 from the NAT's address",
+            "[PASS] the NAT rebinds uplink 2 to a new port: B's path 2 follows, path 1 stays",
             "[PASS] link 1 cut 3 s into a transfer",
             "[PASS] link 2 cut 3 s into a transfer",
             "[PASS] link 2 restored: the path comes back",
