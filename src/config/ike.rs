@@ -134,7 +134,7 @@ pub(super) fn keying(p: &RawPeer, k: &dyn Fn(&str) -> String) -> Result<bool, Co
 pub(super) fn ike_peer(
     p: &RawPeer,
     mode: Mode,
-    endpoint: IpAddr,
+    endpoint: Option<IpAddr>,
     multipath: bool,
     base: &Path,
     keys: &super::KeyFiles,
@@ -154,8 +154,15 @@ pub(super) fn ike_peer(
             ))
         }
     };
-    let psk = read_psk(p, base, keys, k, warnings)?;
+    if role == Role::Initiator && endpoint.is_none() {
+        return Err(invalid(
+            k("endpoint"),
+            "(missing)",
+            "the responder's outer address: an initiator connects to it. Only role = \"responder\" may leave endpoint out (it finds its peer by remote_id)",
+        ));
+    }
     let (local_id, remote_id) = identities(p, endpoint, interface, k)?;
+    let psk = read_psk(p, base, keys, k, warnings)?;
     let (ike_proposals, esp_proposals) = proposals(p, k)?;
     let Lifetimes {
         ike_lifetime,
@@ -181,6 +188,48 @@ pub(super) fn ike_peer(
         local_ts,
     })
 }
+/// The responders without endpoint share one lobby ([`crate::ike::engine::HalfOpen`]): the
+/// initiator's identity picks the peer, so each needs its own `remote_id`, and IKE_SA_INIT is
+/// answered before the peer is known, so they need the same `ike_proposals`.
+pub(super) fn check_responders_without_endpoint(
+    peers: &[crate::datapath::PeerSpec],
+    ike: &[IkePeer],
+) -> Result<(), ConfigError> {
+    let roaming: Vec<&IkePeer> = ike
+        .iter()
+        .filter(|s| {
+            peers
+                .iter()
+                .any(|p| p.name == s.peer && p.endpoint.is_none())
+        })
+        .collect();
+    for (i, s) in roaming.iter().enumerate() {
+        let Some(first) = roaming.first() else { break };
+        if let Some(o) = roaming[..i].iter().find(|o| o.remote_id == s.remote_id) {
+            return Err(invalid(
+                format!("peer {:?}.remote_id", s.peer),
+                format!("{:?}", s.remote_id),
+                format!(
+                    "an identity of its own: peer {:?}, also a responder without endpoint, has it, and the initiator's identity is how espip tells them apart",
+                    o.peer
+                ),
+            ));
+        }
+        if s.ike_proposals != first.ike_proposals {
+            return Err(invalid(
+                format!("peer {:?}.ike_proposals", s.peer),
+                s.ike_proposals.iter().map(IkeProposal::name).collect::<Vec<_>>().join(", "),
+                format!(
+                    "the same list as peer {:?} ({}): responders without endpoint answer IKE_SA_INIT before the initiator names its identity, so they share their IKE proposals",
+                    first.peer,
+                    first.ike_proposals.iter().map(IkeProposal::name).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// What `keying = "ikev2"` refuses: ipip, several paths, and every static-key field (IKEv2
 /// negotiates them).
 fn refuse_for_ikev2(
@@ -287,7 +336,7 @@ fn read_psk(
 /// its endpoint address).
 fn identities(
     p: &RawPeer,
-    endpoint: IpAddr,
+    endpoint: Option<IpAddr>,
     interface: &super::Interface,
     k: &dyn Fn(&str) -> String,
 ) -> Result<(String, String), ConfigError> {
@@ -302,10 +351,17 @@ fn identities(
             ))
         }
     };
-    let remote_id = p
-        .remote_id
-        .as_ref()
-        .map_or_else(|| endpoint.to_string(), |s| s.trim().to_string());
+    let remote_id = match (&p.remote_id, endpoint) {
+        (Some(s), _) => s.trim().to_string(),
+        (None, Some(e)) => e.to_string(),
+        (None, None) => {
+            return Err(invalid(
+                k("remote_id"),
+                "(missing)",
+                "the identity the peer proves (strongSwan local.id on its side, e.g. \"laptop.example\"): a responder without endpoint finds its peer by it",
+            ))
+        }
+    };
     for (f, v) in [("local_id", &local_id), ("remote_id", &remote_id)] {
         if v.is_empty() || v.len() > 255 || v.chars().any(|c| c.is_control()) {
             return Err(invalid(
@@ -574,5 +630,43 @@ remote_id = "b.lab"
         // No local identity: nothing to default to without interface.local.
         let e = parse(&ike("").replace("local = \"192.0.2.1\"\n", ""), psk).unwrap_err();
         assert!(e.contains("local_id") && e.contains("remote_id"), "{e}");
+    }
+
+    /// Responders without endpoint: found by `remote_id`, so each has its own; they answer
+    /// IKE_SA_INIT together, so they share `ike_proposals`; an initiator needs an endpoint.
+    #[test]
+    fn responders_without_endpoint_need_own_identities_and_shared_proposals() {
+        let psk = "a-long-enough-pre-shared-key";
+        let responder = |name: &str, id: &str, inner: &str, extra: &str| {
+            format!("\n[[peer]]\nname = \"{name}\"\nallowed_ips = [\"{inner}/32\"]\nmode = \"esp-udp\"\nkeying = \"ikev2\"\nrole = \"responder\"\npsk_file = \"psk\"\nremote_id = \"{id}\"\n{extra}\n")
+        };
+        let head = ike("").split("[[peer]]").next().unwrap().to_string();
+        let two = |a: &str, b: &str| {
+            head.clone()
+                + &responder("alice", "alice.lab", "10.4.2.5", a)
+                + &responder("bob", "bob.lab", "10.4.2.6", b)
+        };
+        let c = parse(&two("", ""), psk).unwrap();
+        assert!(c.peers.iter().all(|p| p.endpoint.is_none()));
+        assert!(c.is_ike_endpoint("198.51.100.7".parse().unwrap()));
+        let e = parse(&two("", "").replace("bob.lab", "alice.lab"), psk).unwrap_err();
+        assert!(
+            e.contains("remote_id") && e.contains("an identity of its own"),
+            "{e}"
+        );
+        let e = parse(
+            &two("", "ike_proposals = [\"aes256gcm16-prfsha384-ecp384\"]"),
+            psk,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("ike_proposals") && e.contains("the same list as peer"),
+            "{e}"
+        );
+        let e = parse(&ike("").replace("endpoint = \"192.0.2.2\"\n", ""), psk).unwrap_err();
+        assert!(
+            e.contains("Only role = \"responder\" may leave endpoint out"),
+            "{e}"
+        );
     }
 }

@@ -468,6 +468,7 @@ impl Config {
             ike,
         };
         cfg.check_routes()?;
+        ike::check_responders_without_endpoint(&cfg.peers, &cfg.ike)?;
         let mut cfg = cfg;
         cfg.warn_reordering();
         Ok(cfg)
@@ -510,13 +511,13 @@ impl Config {
         }
     }
 
-    /// Whether `ip` is the endpoint of a peer keyed by IKEv2 (IKE from any other address is
-    /// not for us).
+    /// Whether IKE from `ip` may be for us: it is the endpoint of a peer keyed by IKEv2, or
+    /// some IKEv2 responder has no endpoint (it finds its peer by identity, from anywhere).
     pub fn is_ike_endpoint(&self, ip: std::net::IpAddr) -> bool {
         self.ike.iter().any(|s| {
             self.peers
                 .iter()
-                .any(|p| p.name == s.peer && p.endpoint == Some(ip))
+                .any(|p| p.name == s.peer && p.endpoint.map_or(true, |e| e == ip))
         })
     }
 
@@ -834,8 +835,16 @@ mode = "ipip"
         let e = err(ipip);
         assert!(e.contains("endpoint") && e.contains("ipip"), "{e}");
         let ike = "[interface]\nname = \"espip0\"\nlocal = \"192.0.2.1\"\n[[peer]]\nname = \"b\"\nallowed_ips = [\"10.4.2.5/32\"]\nmode = \"esp\"\nkeying = \"ikev2\"\npsk_file = \"x.psk\"\n";
-        let e = err(ike);
-        assert!(e.contains("endpoint") && e.contains("ikev2"), "{e}");
+        let e = err(&format!("{ike}role = \"initiator\"\n"));
+        assert!(
+            e.contains("endpoint") && e.contains("Only role = \"responder\""),
+            "{e}"
+        );
+        let e = err(&format!("{ike}role = \"responder\"\n"));
+        assert!(
+            e.contains("remote_id") && e.contains("finds its peer by it"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -34,13 +34,6 @@ pub(super) fn peer(
     let ikev2 = super::ike::keying(&p, &k)?;
     let encap = match mode {
         _ if ikev2 => {
-            let Some(endpoint) = endpoint else {
-                return Err(invalid(
-                    k("endpoint"),
-                    "(missing)",
-                    "the peer's outer address: keying = \"ikev2\" needs it (a responder that finds its peer by identity is not built yet); static keys can learn it",
-                ));
-            };
             ike = Some(super::ike::ike_peer(
                 &p,
                 mode,

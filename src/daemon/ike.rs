@@ -18,7 +18,7 @@ use ring::rand::SystemRandom;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How soon a waiting status refresh is made.
 pub(super) const IKE_TICK: std::time::Duration = std::time::Duration::from_millis(50);
@@ -47,6 +47,9 @@ struct Peer {
 /// The IKE sockets and engines.
 pub(super) struct IkeDriver {
     peers: Vec<Peer>,
+    /// With responders without endpoint: the engine that answers IKE_SA_INIT from addresses
+    /// no peer has and hands each IKE SA to the peer its IKE_AUTH names.
+    lobby: Option<Engine>,
     sockets: Vec<tokio::net::UdpSocket>,
     udp: Arc<Vec<UdpEncapSocket>>,
     rng: SystemRandom,
@@ -159,7 +162,7 @@ fn engine_config(cfg: &Config, s: &IkePeer, p: &PeerSpec, local: IpAddr) -> IkeC
         retransmit_tries: RETRANSMIT_TRIES,
         local_ts: s.local_ts.iter().map(ts::from_prefix).collect(),
         remote_ts: p.allowed_ips.iter().map(ts::from_prefix).collect(),
-        // The configuration refuses an ikev2 peer without endpoint.
+        // A responder without endpoint: unspecified, it takes IKE SAs from the lobby.
         remote: SocketAddr::new(
             p.endpoint.unwrap_or(IpAddr::from([0, 0, 0, 0])),
             crate::wire::ip::IKE_PORT,
@@ -169,8 +172,39 @@ fn engine_config(cfg: &Config, s: &IkePeer, p: &PeerSpec, local: IpAddr) -> IkeC
         natt_port: cfg.interface.listen_port,
         remote_natt_port: udp_port.unwrap_or(crate::wire::ip::IPSEC_NAT_T_PORT),
         force_encap: udp_port.is_some(),
+        lobby: None,
     }
 }
+
+/// The lobby for the responders among `peers` that have no endpoint (`None`: there are
+/// none). It keeps `old` when it would be the same (its half-open SAs and cookie secret
+/// survive a reload).
+fn lobby_for(peers: &[Peer], old: Option<Engine>) -> Option<Engine> {
+    let roaming: Vec<&Peer> = peers.iter().filter(|p| p.engine.roams()).collect();
+    let first = roaming.first()?;
+    let ids: Vec<Id> = roaming
+        .iter()
+        .map(|p| p.engine.config().remote_id.clone())
+        .collect();
+    let mut cfg = first.engine.config().clone();
+    cfg.name = LOBBY.to_string();
+    cfg.lobby = Some(ids);
+    // It makes no CHILD_SA and no peer's key is its.
+    cfg.psk = zeroize::Zeroizing::new(Vec::new());
+    match old {
+        Some(o)
+            if o.config().lobby == cfg.lobby
+                && o.config().ike == cfg.ike
+                && o.config().local == cfg.local =>
+        {
+            Some(o)
+        }
+        _ => Some(Engine::new(cfg)),
+    }
+}
+
+/// The lobby's name in logs and `espip show`.
+const LOBBY: &str = "(responders without endpoint)";
 
 impl IkeDriver {
     /// The engines of `cfg`'s ikev2 peers on `sockets` (bound to port 500 by the setup);
@@ -192,6 +226,7 @@ impl IkeDriver {
         }
         let mut d = IkeDriver {
             peers: Vec::new(),
+            lobby: None,
             sockets: tokio_sockets,
             udp,
             rng: SystemRandom::new(),
@@ -273,6 +308,7 @@ impl IkeDriver {
                 PlanEntry::New(p) => Some(*p),
             })
             .collect();
+        self.lobby = lobby_for(&self.peers, self.lobby.take());
     }
 
     fn now(&self) -> u64 {
@@ -312,15 +348,84 @@ impl IkeDriver {
     ) {
         let from = SocketAddr::new(canonical(from.ip()), from.port());
         let now = self.now();
-        let Some(i) = self
+        match self.engine_for(msg, from) {
+            Some(i) => {
+                let outs = self.peers[i].engine.handle(msg, from, natt, now, &self.rng);
+                self.perform(i, outs, reloader).await;
+            }
+            None => {
+                let Some(lobby) = self.lobby.as_mut() else {
+                    return;
+                };
+                let outs = lobby.handle(msg, from, natt, now, &self.rng);
+                self.perform_lobby(outs, Some((msg, from, natt)), reloader)
+                    .await;
+            }
+        }
+    }
+
+    /// The engine a message is for: the peer at its source address, else a peer without
+    /// endpoint that holds its IKE SA (by SPIs). `None`: the lobby's, if there is one.
+    fn engine_for(&self, msg: &[u8], from: SocketAddr) -> Option<usize> {
+        if let Some(i) = self
             .peers
             .iter()
             .position(|p| p.engine.config().remote.ip() == from.ip())
-        else {
-            return;
-        };
-        let outs = self.peers[i].engine.handle(msg, from, natt, now, &self.rng);
-        self.perform(i, outs, reloader).await;
+        {
+            return Some(i);
+        }
+        let h = crate::ike::msg::parse_header(msg).ok()?;
+        if h.spi_r == 0 {
+            return None;
+        }
+        self.peers
+            .iter()
+            .position(|p| p.engine.roams() && p.engine.owns(h.spi_i, h.spi_r))
+    }
+
+    /// The lobby's outputs: its answers sent, its failures logged, and an IKE SA whose
+    /// IKE_AUTH named a peer handed to that peer's engine with the message (`msg`).
+    async fn perform_lobby(
+        &mut self,
+        outs: Vec<Out>,
+        msg: Option<(&[u8], SocketAddr, bool)>,
+        reloader: &mut Reloader<'_>,
+    ) {
+        for o in outs {
+            match o {
+                Out::Send { to, natt, msg } => self.send(to, natt, &msg).await,
+                Out::Handoff { id, spis } => {
+                    let (Some((raw, from, natt)), Some(half)) =
+                        (msg, self.lobby.as_mut().and_then(|l| l.hand_over(spis)))
+                    else {
+                        continue;
+                    };
+                    let Some(i) = self
+                        .peers
+                        .iter()
+                        .position(|p| p.engine.roams() && p.engine.config().remote_id == id)
+                    else {
+                        continue;
+                    };
+                    debug!(peer = self.peers[i].name, %from, id = id.display(), "IKE: an initiator without configured address names this peer");
+                    let now = self.now();
+                    self.peers[i].engine.adopt(half);
+                    let outs = self.peers[i].engine.handle(raw, from, natt, now, &self.rng);
+                    Box::pin(self.perform(i, outs, reloader)).await;
+                }
+                Out::Event(Event::Failed { reason, detail }) => {
+                    let reason = reason.name();
+                    if let Some(n) = self.failure_log.note(LOBBY, &reason, Instant::now()) {
+                        warn!(
+                            peer = LOBBY,
+                            reason, "IKE: {detail} ({n} more since the last such line)"
+                        );
+                    }
+                }
+                Out::Changed | Out::Event(_) => {}
+            }
+        }
+        self.status_dirty = true;
     }
 
     /// When [`IkeDriver::tick`] is next due: the earliest of the engines' `poll_timeout`s,
@@ -334,8 +439,8 @@ impl IkeDriver {
         } else {
             TICK_MAX
         };
-        for p in &self.peers {
-            if let Some(t) = p.engine.poll_timeout() {
+        for e in self.peers.iter().map(|p| &p.engine).chain(&self.lobby) {
+            if let Some(t) = e.poll_timeout() {
                 wait = wait.min(std::time::Duration::from_nanos(t.saturating_sub(now)));
             }
         }
@@ -373,6 +478,10 @@ impl IkeDriver {
             }
             let outs = self.peers[i].engine.tick(now, &self.rng);
             self.perform(i, outs, reloader).await;
+        }
+        if let Some(l) = self.lobby.as_mut() {
+            let outs = l.tick(now, &self.rng);
+            self.perform_lobby(outs, None, reloader).await;
         }
         if self.status_dirty {
             self.refresh(reloader);
@@ -456,6 +565,8 @@ impl IkeDriver {
                     }
                 }
                 Out::Event(e) => log_event(&name, &e),
+                // Only a lobby hands over (see `perform_lobby`).
+                Out::Handoff { .. } => {}
             }
         }
         self.status_dirty = true;
@@ -525,6 +636,23 @@ impl IkeDriver {
         cfg.peers = self.keyed(&old.cfg.peers);
         if let Err(e) = reloader.publish_keys(cfg) {
             warn!("installing IKEv2 SAs: {e}");
+        }
+        // A peer without endpoint is where its IKE_AUTH came from (until its ESP says
+        // otherwise): the data path can send to it before its first ESP packet.
+        let g = reloader.live.current.load_full();
+        let now = self.now();
+        for p in self.peers.iter().filter(|p| p.engine.roams()) {
+            let (Some(at), Some(idx)) = (
+                p.engine.peer_addr(),
+                g.cfg.peers.iter().position(|q| q.name == p.name),
+            ) else {
+                continue;
+            };
+            let port = if p.engine.natt() { at.port() } else { 0 };
+            g.outbound
+                .peer_stats(idx)
+                .learned
+                .learn(SocketAddr::new(at.ip(), port), now);
         }
     }
 

@@ -445,7 +445,7 @@ fn open_ike_sockets(cfg: &Config) -> Result<Vec<std::net::UdpSocket>, DaemonErro
         let used = cfg.ike.iter().any(|s| {
             cfg.peers
                 .iter()
-                .any(|p| p.name == s.peer && p.endpoint.is_some_and(|e| e.is_ipv6() == v6))
+                .any(|p| p.name == s.peer && cfg.peer_families(p).contains(&v6))
         });
         if !used {
             continue;

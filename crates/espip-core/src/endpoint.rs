@@ -1,7 +1,9 @@
 //! A peer's learned outer address: written by the inbound half when an authenticated packet
-//! comes from a new address (roaming, as WireGuard does), read by the outbound half for every
-//! packet it sends. One writer (the RX thread), any number of readers, no lock: a sequence
-//! lock over four words, so a reader never sees half of an IPv6 address.
+//! comes from a new address (roaming, as WireGuard does), and by the IKE edge when an IKE_AUTH
+//! authenticated a peer without endpoint; read by the outbound half for every packet it
+//! sends. Readers take no lock: a sequence lock over four words, so a reader never sees half
+//! of an IPv6 address; a writer takes the odd version with a compare-and-swap (writes are
+//! rare: a move).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
@@ -54,8 +56,7 @@ impl EndpointCell {
     }
 
     /// Record that an authenticated packet came from `from` at `now` (port 0 for protocol
-    /// 50). Returns true when that moved the endpoint (or learned the first one). Only one
-    /// thread may call this (the inbound half's owner).
+    /// 50). Returns true when that moved the endpoint (or learned the first one).
     pub fn learn(&self, from: SocketAddr, now: u64) -> bool {
         let before = self.get();
         if before == Some(from) {
@@ -66,8 +67,19 @@ impl EndpointCell {
             IpAddr::V6(a) => (a, 0),
         };
         let bits = u128::from(ip6);
-        let v = self.version.load(Ordering::Relaxed);
-        self.version.store(v + 1, Ordering::Relaxed);
+        // Take the write side: an even version made odd.
+        let v = loop {
+            let v = self.version.load(Ordering::Relaxed);
+            if v % 2 == 0
+                && self
+                    .version
+                    .compare_exchange_weak(v, v + 1, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                break v;
+            }
+            std::hint::spin_loop();
+        };
         fence(Ordering::Release);
         self.hi.store((bits >> 64) as u64, Ordering::Relaxed);
         self.lo.store(bits as u64, Ordering::Relaxed);

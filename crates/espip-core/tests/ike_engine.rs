@@ -53,6 +53,7 @@ fn cfg(role: Role, me: &str, peer: &str, ike: &str, esp: &str) -> IkeConfig {
         natt_port: 4500,
         remote_natt_port: 4500,
         force_encap: true,
+        lobby: None,
     }
 }
 
@@ -218,6 +219,7 @@ impl Pair {
                     self.events.push((side, e));
                     self.times.push(self.now / MS);
                 }
+                Out::Handoff { .. } => panic!("{side}, no lobby, handed an IKE SA over"),
             }
         }
     }
@@ -244,6 +246,7 @@ impl Pair {
                                 Out::Send { msg, .. } => describe(msg),
                                 Out::Changed => "Changed".into(),
                                 Out::Event(e) => format!("{e:?}"),
+                                Out::Handoff { .. } => "Handoff".into(),
                             })
                             .collect::<Vec<_>>()
                     ));
@@ -1410,5 +1413,117 @@ fn an_initiator_refusing_the_responders_identity_takes_the_responder_down_too() 
             "{side}: {}",
             p.timeline(0)
         );
+    }
+}
+
+/// The messages among `outs` (without the non-ESP marker), with the NAT-T flag; the
+/// handoffs beside them.
+type Handoffs = Vec<(Id, (u64, u64))>;
+
+fn sent(outs: Vec<Out>) -> (Vec<(bool, Vec<u8>)>, Handoffs) {
+    let (mut msgs, mut handoffs) = (Vec::new(), Vec::new());
+    for o in outs {
+        match o {
+            Out::Send { natt, msg, .. } => {
+                let m = if natt && msg.starts_with(&[0, 0, 0, 0]) {
+                    msg[4..].to_vec()
+                } else {
+                    msg
+                };
+                msgs.push((natt, m));
+            }
+            Out::Handoff { id, spis } => handoffs.push((id, spis)),
+            _ => {}
+        }
+    }
+    (msgs, handoffs)
+}
+
+/// A responder without endpoint: the lobby answers IKE_SA_INIT from an address no peer
+/// names, hands the IKE SA at IKE_AUTH to the engine whose `remote_id` the initiator names,
+/// and that engine authenticates it with its own key; an identity none of them has is
+/// refused by the lobby itself (AUTHENTICATION_FAILED), handed to no one.
+#[test]
+fn a_lobby_hands_each_ike_sa_to_the_peer_its_initiator_names() {
+    let rng = SystemRandom::new();
+    let ike = "aes128gcm16-prfsha256-x25519";
+    let esp = "aes128gcm16-esn";
+    let from = |natt: bool| SocketAddr::new(A.parse().unwrap(), if natt { 4500 } else { 500 });
+    let responder = |remote_id: &str| {
+        let mut c = cfg(Role::Responder, B, A, ike, esp);
+        c.remote = SocketAddr::new("0.0.0.0".parse().unwrap(), 500);
+        c.remote_id = Id::from_config(remote_id);
+        c
+    };
+    let mut lobby_cfg = responder("a.lab");
+    lobby_cfg.lobby = Some(vec![Id::from_config("c.lab"), Id::from_config("a.lab")]);
+    lobby_cfg.psk = Zeroizing::new(Vec::new());
+
+    for (claims, wanted) in [("a.lab", true), ("x.lab", false)] {
+        let mut a_cfg = cfg(Role::Initiator, A, B, ike, esp);
+        a_cfg.local_id = Id::from_config(claims);
+        let mut a = Engine::new(a_cfg);
+        let mut lobby = Engine::new(lobby_cfg.clone());
+        let mut c = Engine::new(responder("c.lab"));
+        let mut b = Engine::new(responder("a.lab"));
+        assert!(b.roams() && !a.roams());
+        let (init, _) = sent(a.tick(0, &rng));
+        let (natt, m) = &init[0];
+        let (resp, _) = sent(lobby.handle(m, from(*natt), *natt, MS, &rng));
+        let (natt, m) = &resp[0];
+        let (auth, _) = sent(a.handle(
+            m,
+            SocketAddr::new(B.parse().unwrap(), 500),
+            *natt,
+            2 * MS,
+            &rng,
+        ));
+        let (natt, auth) = auth[0].clone();
+        let (answer, handoffs) = sent(lobby.handle(&auth, from(natt), natt, 3 * MS, &rng));
+        if !wanted {
+            assert!(handoffs.is_empty(), "an unknown identity was handed over");
+            assert_eq!(answer.len(), 1, "the lobby answers an unknown identity");
+            assert!(
+                failure_count(&lobby.stats().failures, "AUTHENTICATION_FAILED").unwrap_or(0) >= 1
+            );
+            let (natt, m) = &answer[0];
+            let _ = a.handle(
+                m,
+                SocketAddr::new(B.parse().unwrap(), 4500),
+                *natt,
+                4 * MS,
+                &rng,
+            );
+            assert!(
+                a.sas().out.is_none(),
+                "the initiator got a CHILD_SA from the lobby"
+            );
+            continue;
+        }
+        assert!(
+            answer.is_empty(),
+            "the lobby answered an IKE_AUTH it hands over"
+        );
+        let (id, spis) = handoffs.into_iter().next().expect("a handoff");
+        assert_eq!(id, Id::from_config("a.lab"));
+        let half = lobby.hand_over(spis).expect("the half-open SA");
+        assert!(lobby.hand_over(spis).is_none(), "handed over twice");
+        b.adopt(half);
+        let (answer, _) = sent(b.handle(&auth, from(natt), natt, 4 * MS, &rng));
+        let (natt, m) = &answer[0];
+        let _ = a.handle(
+            m,
+            SocketAddr::new(B.parse().unwrap(), 4500),
+            *natt,
+            5 * MS,
+            &rng,
+        );
+        let (sa, sb) = (a.sas(), b.sas());
+        let (ao, bo) = (sa.out.expect("a's CHILD_SA"), sb.out.expect("b's CHILD_SA"));
+        assert_eq!(ao.spi_out, sb.ins[0].spi_in);
+        assert_eq!(bo.spi_out, sa.ins[0].spi_in);
+        assert_eq!(b.peer_addr(), Some(from(true)));
+        assert!(c.sas().out.is_none() && c.peer_addr().is_none());
+        let _ = c.tick(5 * MS, &rng);
     }
 }

@@ -803,6 +803,7 @@ pub fn ike_flood(to: std::net::SocketAddr, seconds: u64, opts: &FloodOptions) ->
         natt_port: 4500,
         remote_natt_port: 4500,
         force_encap: true,
+        lobby: None,
     };
     let end = Instant::now() + Duration::from_secs(seconds);
     let mut n = 0u64;

@@ -529,13 +529,20 @@ impl<'o> SwLab<'o> {
         } else {
             "responder"
         };
-        write_private(
-            &cfg_a,
-            &(interface(true, &work.join("state-a"))
-                + &espip_peer(
-                    "esp-udp", true, role, &opts.ike, &opts.esp, 9, 8, 2, "b.lab",
-                )),
-        )?;
+        // espip as the responder names no address of strongSwan (as a road-warrior server
+        // does, strongSwan's `remote_addrs = %any`): it finds the peer by its identity.
+        let peer = espip_peer(
+            "esp-udp", true, role, &opts.ike, &opts.esp, 9, 8, 2, "b.lab",
+        );
+        let peer: String = if opts.espip_initiates {
+            peer
+        } else {
+            peer.lines()
+                .filter(|l| !l.starts_with("endpoint ="))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        };
+        write_private(&cfg_a, &(interface(true, &work.join("state-a")) + &peer))?;
         write_private(&work.join("psk"), &format!("{PSK}\n"))?;
         let wire = work.join("wire.pcap");
         let tcpdump = crate::start_capture(&a, "veth0", &wire)?;

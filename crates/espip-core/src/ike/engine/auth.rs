@@ -40,6 +40,13 @@ impl Engine {
             take!(p, Payload::IdR(i) => i.clone())
         }
         .ok_or(AuthError::NoIdentity)?;
+        // A lobby authenticates no one: an identity none of its peers has ends here.
+        if let Some(ids) = &self.cfg.lobby {
+            return Err(AuthError::WrongIdentity {
+                got: id.display(),
+                want: ids.iter().map(Id::display).collect::<Vec<_>>().join(" or "),
+            });
+        }
         if id != self.cfg.remote_id {
             return Err(AuthError::WrongIdentity {
                 got: id.display(),

@@ -53,7 +53,7 @@ impl Engine {
                 return out;
             }
         };
-        if from.ip() != self.cfg.remote.ip() {
+        if !self.roams() && from.ip() != self.cfg.remote.ip() {
             self.stats.fail(Failure::WrongSource);
             return out;
         }
@@ -125,6 +125,16 @@ impl Engine {
                 s.rekey_at = now;
                 self.others.push(s);
                 self.ike = Some(*new);
+            }
+            After::Handoff(id) => {
+                out.push(Out::Handoff {
+                    id,
+                    spis: (s.spi_i, s.spi_r),
+                });
+                match slot {
+                    Slot::Current => self.ike = Some(s),
+                    Slot::Other(_) => self.others.push(s),
+                }
             }
             After::Drop => {
                 self.orphaned(&s, now);
@@ -241,6 +251,9 @@ impl Engine {
                 }
             }
             return After::Keep;
+        }
+        if let Some(id) = self.handoff(s, h, &p) {
+            return After::Handoff(id);
         }
         s.last_heard = now;
         s.peer = from;

@@ -110,6 +110,11 @@ pub struct IkeConfig {
     /// ESP in UDP: float to the NAT-T port and encapsulate even without a NAT (as
     /// strongSwan's `encap = yes`).
     pub force_encap: bool,
+    /// A lobby (`Some`, with `remote` unspecified): it answers IKE_SA_INIT from any address
+    /// on behalf of the responders without endpoint, whose `remote_id`s these are,
+    /// authenticates no one itself, and hands each IKE SA over ([`Out::Handoff`]) when its
+    /// IKE_AUTH names one of them.
+    pub lobby: Option<Vec<Id>>,
 }
 
 /// An ESP SA pair's keys as the data path needs them.
@@ -152,6 +157,15 @@ pub enum Out {
     Changed,
     /// Something to log once.
     Event(Event),
+    /// A lobby's half-open IKE SA (these SPIs) reached IKE_AUTH naming this identity: take it
+    /// with [`Engine::hand_over`], give it to that peer's engine with [`Engine::adopt`] and
+    /// hand that engine the same message.
+    Handoff {
+        /// The initiator's identity (IDi).
+        id: Id,
+        /// (SPIi, SPIr).
+        spis: (u64, u64),
+    },
 }
 
 /// Things worth a log line.
@@ -618,6 +632,8 @@ pub use failure::{count as failure_count, Failure};
 mod create;
 mod info;
 mod init;
+mod lobby;
+pub use lobby::HalfOpen;
 mod timers;
 
 fn ts_string(a: &[Ts], b: &[Ts]) -> String {
@@ -918,4 +934,6 @@ enum After {
     Replaced(Box<IkeSa>),
     /// It is gone (deleted by the peer, or failed authentication).
     Drop,
+    /// A lobby's: its IKE_AUTH names this peer ([`Out::Handoff`]).
+    Handoff(Id),
 }
