@@ -80,6 +80,12 @@ if [ "$FUZZ_SECONDS" -gt 0 ]; then
       echo "fuzz target $t found a crash: see $scratch/$t.log and tests/fuzz/artifacts/$t/" >&2
       exit 1
     fi
+    # A target that did not build (or stopped early) never prints libFuzzer's final line.
+    if ! grep -qE '^Done [0-9]+ runs' "$scratch/$t.log"; then
+      echo "fuzz target $t did not run to its end (a build error?): see $scratch/$t.log" >&2
+      tail -20 "$scratch/$t.log" >&2
+      exit 1
+    fi
   done
   rm -rf "$scratch"
 fi

@@ -68,12 +68,7 @@ pub fn peers(esn: bool) -> Vec<PeerSpec> {
                 paths: [UDP_PEER, UDP_PEER_PATH2]
                     .iter()
                     .enumerate()
-                    .map(|(i, a)| PathSpec {
-                        name: format!("p{i}"),
-                        endpoint: a.parse().unwrap(),
-                        port: 4500,
-                        weight: 1,
-                    })
+                    .map(|(i, a)| PathSpec::routed(&format!("p{i}"), a.parse().unwrap(), 4500))
                     .collect(),
             }),
             negotiated: None,

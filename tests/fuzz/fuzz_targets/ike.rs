@@ -38,6 +38,7 @@ fn cfg(role: Role, me: &str, peer: &str) -> IkeConfig {
         natt_port: 4500,
         remote_natt_port: 4500,
         force_encap: true,
+        lobby: None,
     }
 }
 
@@ -83,6 +84,18 @@ fuzz_target!(|data: &[u8]| {
     let _ = fresh.handle(data, from, false, 0, &rng);
     let _ = fresh.handle(data, SocketAddr::new(A.parse().unwrap(), 4500), true, 0, &rng);
     let _ = fresh.tick(1_000_000_000, &rng);
+    // A lobby (responders without endpoint): the same bytes from an address no peer names.
+    let mut lobby_cfg = cfg(Role::Responder, B, "0.0.0.0");
+    lobby_cfg.lobby = Some(vec![Id::from_config("a.lab")]);
+    let mut lobby = Engine::new(lobby_cfg);
+    let stranger = SocketAddr::new("198.51.100.9".parse().unwrap(), 4500);
+    for natt in [false, true] {
+        for o in lobby.handle(data, stranger, natt, 0, &rng) {
+            if let Out::Handoff { spis, .. } = o {
+                let _ = lobby.hand_over(spis);
+            }
+        }
+    }
     if data.len() < 4 {
         return;
     }

@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
                     "plaintext differs from the TUN packet"
                 );
             }
-            Verdict::Send(Wire::EspInUdp { dst }) => {
+            Verdict::Send(Wire::EspInUdp { dst, .. }) => {
                 // ESP in UDP: the UDP peer's own SA, to its port, on one of its two paths.
                 assert_eq!(dst.port(), 4500);
                 assert!(
