@@ -276,3 +276,89 @@ fn a_responder_without_endpoints_finds_each_initiator_by_its_identity() {
         "the server did not log mallory's failed IKE_AUTH:\n{log}"
     );
 }
+
+/// An IKEv2 pair whose initiator moves (issue 29's roaming with IKEv2, without MOBIKE): B, a
+/// responder without endpoint, follows A's IKE SA by its SPIs and A's ESP by the data path's
+/// endpoint learning; the IKE SA and CHILD_SA stay the same across both moves.
+#[test]
+fn an_ikev2_initiator_that_moves_keeps_its_sas_with_a_responder_without_endpoint() {
+    use espip_lab::ike::{pair_config, LAB_PSK};
+    use espip_lab::p2p::{A_INNER, A_OUTER, B_INNER};
+    let Some(_g) = serial() else { return };
+    if !privileged() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let tag = "ikeroam";
+    let dir = std::env::temp_dir().join(format!("espip-test-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = p2p::topology(tag).unwrap();
+    let mut lab = Lab {
+        ns: vec![("a".into(), a), ("b".into(), b)],
+        daemons: Vec::new(),
+        dir: dir.clone(),
+    };
+    write_private(&dir.join("psk"), &format!("{LAB_PSK}\n"));
+    // B is started first; A's source follows its address (no `local`), B names no address
+    // of A.
+    for (me_a, host, drop) in [(false, "b", "endpoint ="), (true, "a", "local =")] {
+        let text: String = pair_config(me_a, &dir.join(format!("state-{host}")), 3)
+            .lines()
+            .filter(|l| !l.starts_with(drop))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        lab.start(host, &text);
+    }
+    let up = wait(Duration::from_secs(15), || {
+        !established(&lab.ctl("a")).is_empty() && !established(&lab.ctl("b")).is_empty()
+    });
+    assert!(up, "no IKE SA within 15 s:\n{}", lab.logs());
+    assert!(pings(lab.ns("b"), A_INNER), "{}", lab.logs());
+    let sa = established(&lab.ctl("b"));
+    let mut from = A_OUTER.to_string();
+    for to in ["192.0.2.11", "192.0.2.12"] {
+        let a = lab.ns("a");
+        a.ip(&["addr", "del", &format!("{from}/24"), "dev", "veth0"])
+            .unwrap();
+        a.ip(&["addr", "add", &format!("{to}/24"), "dev", "veth0"])
+            .unwrap();
+        let start = Instant::now();
+        let answered = wait(Duration::from_secs(10), || {
+            a.command("ping")
+                .args(["-c", "1", "-W", "0.05", B_INNER])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        assert!(
+            answered,
+            "no answer 10 s after A moved to {to}:\n{}",
+            lab.logs()
+        );
+        eprintln!(
+            "{tag}: after the move to {to}, the first ping answered in {:?}",
+            start.elapsed()
+        );
+        assert!(
+            pings(lab.ns("b"), A_INNER),
+            "B cannot reach A at {to}:\n{}",
+            lab.logs()
+        );
+        from = to.to_string();
+    }
+    // Past a dead peer detection interval (3 s) on both sides: still the same IKE SA, now
+    // heard from A's new address.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        established(&lab.ctl("b")),
+        sa,
+        "B's IKE SA changed:\n{}",
+        lab.logs()
+    );
+    assert!(pings(lab.ns("a"), B_INNER), "{}", lab.logs());
+    let st = status_at(&lab.ctl("b"));
+    assert!(
+        st.peers[0].endpoint.starts_with("192.0.2.12"),
+        "B's endpoint for A: {:?}",
+        st.peers[0].endpoint
+    );
+}
