@@ -129,6 +129,12 @@ pub enum OuterArg {
     Ipv6,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyingArg {
+    Static,
+    Ikev2,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum ModeArg {
     Esp,
@@ -215,6 +221,10 @@ pub enum LabCmd {
         /// Size of the TCP transfer in MB.
         #[arg(long, default_value_t = 25)]
         megabytes: u64,
+        /// static keys, or an IKEv2 pair (A initiates; B is a responder without endpoint that
+        /// finds A by its identity; ESP in UDP).
+        #[arg(long, value_enum, default_value = "static")]
+        keying: KeyingArg,
     },
     /// Scenario 3: an encrypted pair on one LAN with the NAT helpers (A 10.0.0.161, B 10.0.0.160,
     /// alias 10.0.1.0/24).

@@ -596,7 +596,13 @@ fn lab(scenario: LabCmd) -> Result<()> {
             mode,
             cipher,
             megabytes,
+            keying,
         } => {
+            if keying == cli::KeyingArg::Ikev2 && !matches!(mode, ModeArg::EspUdp) {
+                anyhow::bail!(
+                    "lab roaming: --keying ikev2 runs over --mode esp-udp (its IKEv2 pair is the strongSwan-style NAT-T one); leave --mode out"
+                );
+            }
             let mode = match mode {
                 ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
                 ModeArg::EspUdp => LabMode::EspUdp(cipher_arg(&cipher)?),
@@ -607,6 +613,7 @@ fn lab(scenario: LabCmd) -> Result<()> {
             let opts = espip_lab::roaming::RoamingOptions {
                 mode,
                 megabytes,
+                ikev2: keying == cli::KeyingArg::Ikev2,
                 run: common.run()?,
             };
             finish(espip_lab::roaming::run(&opts)?);

@@ -249,3 +249,22 @@ fn the_roaming_lab_keeps_a_transfer_across_two_moves() {
         assert!(t.contains(c), "missing {c:?} in:\n{t}");
     }
 }
+
+/// `espip lab roaming --keying ikev2`: the same with an IKEv2 pair, the server a responder
+/// without endpoint: it knows the client's address from its IKE_AUTH, follows both moves, and
+/// keeps the same IKE SA.
+#[test]
+fn the_roaming_lab_with_ikev2_keeps_the_ike_sa_across_two_moves() {
+    let Some(_g) = serial() else { return };
+    let t = lab_scenario(&["roaming", "--keying", "ikev2", "--megabytes", "20"]);
+    for c in [
+        "[PASS] B learns A's address from A's IKE_AUTH and reaches A first",
+        "[PASS] A moves to 192.0.2.11 during the transfer: B follows",
+        "[PASS] A moves to 192.0.2.12 during the transfer: B follows",
+        "[PASS] the IKE SA survives both moves",
+        "[PASS] TCP transfer of 20 MB A -> B across both moves",
+        " 0 failed",
+    ] {
+        assert!(t.contains(c), "missing {c:?} in:\n{t}");
+    }
+}

@@ -21,6 +21,9 @@ pub struct RoamingOptions {
     pub mode: LabMode,
     /// Size of the TCP transfer in MB (10^6 bytes).
     pub megabytes: u64,
+    /// An IKEv2 pair instead of static keys (ESP in UDP; `mode`'s cipher is not used: the
+    /// pair's proposals are AES-128-GCM).
+    pub ikev2: bool,
     /// What every lab takes: --keep, --pcap, installing, the binary.
     pub run: super::LabRun,
 }
@@ -52,6 +55,22 @@ fn learned(b_ctl: &std::path::Path) -> (String, u64) {
     }
 }
 
+/// B's established IKE SAs (SPIs), from its status.
+fn ike_sas(b_ctl: &Path) -> Vec<String> {
+    espip_api::client::request(b_ctl, "status")
+        .ok()
+        .and_then(|r| serde_json::from_slice::<espip_api::status::Status>(&r).ok())
+        .map(|s| {
+            s.ike
+                .iter()
+                .flat_map(|p| p.sas.iter())
+                .filter(|sa| sa.kind == "ike" && sa.state == "established")
+                .map(|sa| sa.spis.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Run the roaming lab.
 pub fn run(opts: &RoamingOptions) -> io::Result<Report> {
     let mode_name = match opts.mode {
@@ -65,7 +84,15 @@ pub fn run(opts: &RoamingOptions) -> io::Result<Report> {
     };
     let (mut report, work, keep_work) = opts.run.begin(
         "roaming",
-        format!("espip lab roaming ({mode_name}; server without endpoint, client moves twice)"),
+        format!(
+            "espip lab roaming ({}; server without endpoint, client moves twice)",
+            if opts.ikev2 {
+                "esp-udp, IKEv2: the server is a responder that finds the client by its identity"
+                    .to_string()
+            } else {
+                mode_name
+            }
+        ),
         &[("tc", "iproute2")],
     )?;
     let (a, b) = topology("roam")?;
@@ -84,33 +111,46 @@ pub fn run(opts: &RoamingOptions) -> io::Result<Report> {
     let mut da = Daemon::start(&a, &opts.run.exe, &work.join("a.toml"), &work.join("a.log"))?;
     let b_ctl = work.join("state-b/control.sock");
 
-    let before = netns::run(
-        b.command("ping")
-            .args(["-c", "2", "-i", "0.2", "-W", "1", A_INNER]),
-    )?;
-    let (ep, _) = learned(&b_ctl);
-    report.check(
-        "B has nowhere to send before A speaks",
-        !before.status.success() && ep == "(none yet)",
-        format!(
-            "ping B -> A: {}; B's endpoint for A: {ep}",
-            if before.status.success() {
-                "answered"
-            } else {
-                "no answer (no_endpoint)"
-            }
-        ),
-    );
-    let first = outage(&a, B_INNER, Duration::from_secs(5));
-    let (ep, _) = learned(&b_ctl);
-    report.check(
-        "A's first packet teaches B its address",
-        first.is_some() && ep.split(':').next() == Some(A_OUTER),
-        format!("ping A -> B answered; B's endpoint for A: {ep}"),
-    );
+    if opts.ikev2 {
+        // B learns A's address from A's IKE_AUTH, before any ESP.
+        let start = Instant::now();
+        let mut ep = learned(&b_ctl).0;
+        while !ep.starts_with(A_OUTER) && start.elapsed() < Duration::from_secs(15) {
+            std::thread::sleep(Duration::from_millis(50));
+            ep = learned(&b_ctl).0;
+        }
+        let back = netns::run(
+            b.command("ping")
+                .args(["-c", "2", "-i", "0.2", "-W", "1", A_INNER]),
+        )?;
+        report.check(
+            "B learns A's address from A's IKE_AUTH and reaches A first",
+            ep.starts_with(A_OUTER) && back.status.success(),
+            format!(
+                "B's endpoint for A {:.1} s after start: {ep}; ping B -> A: {}",
+                start.elapsed().as_secs_f64(),
+                if back.status.success() {
+                    "answered"
+                } else {
+                    "no answer"
+                }
+            ),
+        );
+    } else {
+        before_a_speaks(&mut report, (&a, &b), &b_ctl)?;
+    }
 
     let bytes = opts.megabytes * 1_000_000;
+    let sas_before = ike_sas(&b_ctl);
     let result = moves_during_transfer(&mut report, &opts.run.exe, (&a, &b), &b_ctl, bytes)?;
+    if opts.ikev2 {
+        let after = ike_sas(&b_ctl);
+        report.check(
+            "the IKE SA survives both moves (no new IKE_SA_INIT)",
+            !after.is_empty() && after == sas_before,
+            format!("B's IKE SA before: {sas_before:?}; after: {after:?}"),
+        );
+    }
     report.check(
         format!(
             "TCP transfer of {} MB A -> B across both moves",
@@ -134,6 +174,35 @@ pub fn run(opts: &RoamingOptions) -> io::Result<Report> {
     Ok(report)
 }
 
+/// Static keys: B has nowhere to send until A's first packet, which teaches B its address.
+fn before_a_speaks(report: &mut Report, (a, b): (&Netns, &Netns), b_ctl: &Path) -> io::Result<()> {
+    let before = netns::run(
+        b.command("ping")
+            .args(["-c", "2", "-i", "0.2", "-W", "1", A_INNER]),
+    )?;
+    let (ep, _) = learned(b_ctl);
+    report.check(
+        "B has nowhere to send before A speaks",
+        !before.status.success() && ep == "(none yet)",
+        format!(
+            "ping B -> A: {}; B's endpoint for A: {ep}",
+            if before.status.success() {
+                "answered"
+            } else {
+                "no answer (no_endpoint)"
+            }
+        ),
+    );
+    let first = outage(a, B_INNER, Duration::from_secs(5));
+    let (ep, _) = learned(b_ctl);
+    report.check(
+        "A's first packet teaches B its address",
+        first.is_some() && ep.split(':').next() == Some(A_OUTER),
+        format!("ping A -> B answered; B's endpoint for A: {ep}"),
+    );
+    Ok(())
+}
+
 /// The configurations: the client's source follows its address (no `local`); the server
 /// names no address of the client (no `endpoint`).
 fn write_configs(opts: &RoamingOptions, c: Cipher, work: &Path) -> io::Result<()> {
@@ -141,21 +210,24 @@ fn write_configs(opts: &RoamingOptions, c: Cipher, work: &Path) -> io::Result<()
     let taps = opts.run.pcap_dir.as_deref();
     for (me_a, host) in [(true, "a"), (false, "b")] {
         let drop = if me_a { "local =" } else { "endpoint =" };
-        let text: String = config_text(
-            opts.mode,
-            me_a,
-            Some(&keys),
-            false,
-            &work.join(format!("state-{host}")),
-        )
-        .lines()
-        .filter(|l| !l.starts_with(drop))
-        .map(|l| format!("{l}\n"))
-        .collect();
+        let state = work.join(format!("state-{host}"));
+        let text = if opts.ikev2 {
+            crate::ike::pair_config(me_a, &state, 3)
+        } else {
+            config_text(opts.mode, me_a, Some(&keys), false, &state)
+        };
+        let text: String = text
+            .lines()
+            .filter(|l| !l.starts_with(drop))
+            .map(|l| format!("{l}\n"))
+            .collect();
         write_private(
             &work.join(format!("{host}.toml")),
             &(text + &super::capture_lines(taps, host)),
         )?;
+    }
+    if opts.ikev2 {
+        write_private(&work.join("psk"), &format!("{}\n", crate::ike::LAB_PSK))?;
     }
     Ok(())
 }
