@@ -270,6 +270,23 @@ fn a_responder_without_endpoints_finds_each_initiator_by_its_identity() {
         "alice lost the tunnel to mallory's attempt:\n{}",
         lab.logs()
     );
+    // The lobby answered every IKE_SA_INIT (alice, bob, mallory's tries) and shows it.
+    let st = status_at(&lab.ctl("server"));
+    let lobby = st
+        .ike
+        .iter()
+        .find(|p| p.peer == "(responders without endpoint)")
+        .expect("the lobby in espip show");
+    assert!(lobby.responses >= 3, "{lobby:?}");
+    assert!(lobby.remote_id.contains("alice.lab") && lobby.remote_id.contains("bob.lab"));
+    let alice = st.ike.iter().find(|p| p.peer == "alice").unwrap();
+    assert!(
+        alice
+            .failures
+            .iter()
+            .any(|(f, n)| f == "AUTHENTICATION_FAILED" && *n >= 1),
+        "mallory's failure is alice's: {alice:?}"
+    );
     let log = std::fs::read_to_string(dir.join("server.log")).unwrap();
     assert!(
         log.contains("authentication_failed") || log.contains("AUTHENTICATION_FAILED"),

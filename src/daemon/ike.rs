@@ -659,41 +659,35 @@ impl IkeDriver {
     /// Status lines of every peer's SAs.
     pub(super) fn status(&self) -> Vec<crate::status::IkePeerStatus> {
         let now = self.now();
-        self.peers
+        let role = |r: IkeRole| match r {
+            IkeRole::Initiator => "initiator",
+            IkeRole::Responder => "responder",
+        };
+        let mut v: Vec<_> = self
+            .peers
             .iter()
             .map(|p| {
-                let st = p.engine.stats();
-                crate::status::IkePeerStatus {
-                    peer: p.name.clone(),
-                    role: match p.spec.role {
-                        IkeRole::Initiator => "initiator".into(),
-                        IkeRole::Responder => "responder".into(),
-                    },
-                    local_id: p.spec.local_id.clone(),
-                    remote_id: p.spec.remote_id.clone(),
-                    sas: p
-                        .engine
-                        .status(now)
-                        .into_iter()
-                        .map(|s: SaStatus| crate::status::IkeSaStatus {
-                            kind: s.kind.into(),
-                            spis: s.spis,
-                            state: s.state.into(),
-                            proposal: s.proposal,
-                            age_s: s.age_ms as f64 / 1000.0,
-                            rekey_in_s: s.rekey_in_ms.map(|m| m as f64 / 1000.0),
-                        })
-                        .collect(),
-                    established: st.established,
-                    child_rekeys: st.child_rekeys,
-                    ike_rekeys: st.ike_rekeys,
-                    requests: st.requests,
-                    retransmits: st.retransmits,
-                    responses: st.responses,
-                    failures: st.failures.iter().map(|(f, n)| (f.name(), *n)).collect(),
-                }
+                engine_status(
+                    (&p.name, role(p.spec.role)),
+                    (p.spec.local_id.clone(), p.spec.remote_id.clone()),
+                    &p.engine,
+                    now,
+                )
             })
-            .collect()
+            .collect();
+        // The lobby's counters (IKE_SA_INITs from unknown addresses, cookies, identities no
+        // peer has) are shown as a peer of their own.
+        if let Some(l) = &self.lobby {
+            let ids = l.config().lobby.as_deref().unwrap_or_default();
+            let ids = ids.iter().map(Id::display).collect::<Vec<_>>().join(", ");
+            v.push(engine_status(
+                (LOBBY, "responder"),
+                (l.config().local_id.display(), ids),
+                l,
+                now,
+            ));
+        }
+        v
     }
 
     /// Wireshark's `ikev2_decryption_table` lines of the current IKE SAs.
@@ -775,6 +769,41 @@ fn keyed_with<'a>(engines: impl Iterator<Item = &'a Peer>, peers: &[PeerSpec]) -
             q
         })
         .collect()
+}
+
+/// One engine's status: its SAs and counters.
+fn engine_status(
+    (peer, role): (&str, &str),
+    (local_id, remote_id): (String, String),
+    engine: &Engine,
+    now: u64,
+) -> crate::status::IkePeerStatus {
+    let st = engine.stats();
+    crate::status::IkePeerStatus {
+        peer: peer.to_string(),
+        role: role.to_string(),
+        local_id,
+        remote_id,
+        sas: engine
+            .status(now)
+            .into_iter()
+            .map(|s: SaStatus| crate::status::IkeSaStatus {
+                kind: s.kind.into(),
+                spis: s.spis,
+                state: s.state.into(),
+                proposal: s.proposal,
+                age_s: s.age_ms as f64 / 1000.0,
+                rekey_in_s: s.rekey_in_ms.map(|m| m as f64 / 1000.0),
+            })
+            .collect(),
+        established: st.established,
+        child_rekeys: st.child_rekeys,
+        ike_rekeys: st.ike_rekeys,
+        requests: st.requests,
+        retransmits: st.retransmits,
+        responses: st.responses,
+        failures: st.failures.iter().map(|(f, n)| (f.name(), *n)).collect(),
+    }
 }
 
 /// An IPv4-mapped IPv6 source as the IPv4 address it is.
