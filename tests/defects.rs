@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use espip_lab::ike::{pair_config, LAB_PSK};
 use espip_lab::p2p::{A_INNER, B_INNER, B_OUTER};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Two espip daemons keyed by IKEv2 (A initiates, B responds) in the p2p lab's namespaces.
 struct IkePair {
@@ -66,17 +66,6 @@ impl IkePair {
     }
 }
 
-fn wait(timeout: Duration, what: impl Fn() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if what() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    what()
-}
-
 /// IKE SAs in state established, as `espip show` reports them (0 without an answer).
 fn established(ctl: &Path) -> usize {
     ike_sas(ctl)
@@ -87,19 +76,9 @@ fn established(ctl: &Path) -> usize {
 
 /// (kind SPIs, state) of every IKE SA and CHILD_SA the daemon at `ctl` shows.
 fn ike_sas(ctl: &Path) -> Vec<(String, String)> {
-    let out = Command::new(exe())
-        .args(["show", "--json", "--socket"])
-        .arg(ctl)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        return Vec::new();
-    }
-    let s: espip::status::Status = serde_json::from_slice(&out.stdout).unwrap();
-    s.ike
-        .iter()
-        .flat_map(|p| p.sas.iter())
-        .map(|sa| (format!("{} {}", sa.kind, sa.spis), sa.state.clone()))
+    common::ike_sas(ctl)
+        .into_iter()
+        .map(|(_, sa, state)| (sa, state))
         .collect()
 }
 

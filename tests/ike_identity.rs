@@ -120,37 +120,13 @@ fn client_config(c: &Client, dir: &Path) -> String {
         + &ike_peer("server", Some(SERVER_OUTER), SERVER_INNER, "initiator", c)
 }
 
-/// (peer, IKE SA SPIs) of every established IKE SA the daemon at `ctl` shows.
+/// (peer, "ike SPIs") of every established IKE SA the daemon at `ctl` shows.
 fn established(ctl: &Path) -> Vec<(String, String)> {
-    let out = Command::new(exe())
-        .args(["show", "--json", "--socket"])
-        .arg(ctl)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        return Vec::new();
-    }
-    let s: espip::status::Status = serde_json::from_slice(&out.stdout).unwrap();
-    s.ike
-        .iter()
-        .flat_map(|p| {
-            p.sas
-                .iter()
-                .filter(|sa| sa.kind == "ike" && sa.state == "established")
-                .map(|sa| (p.peer.clone(), sa.spis.clone()))
-        })
+    ike_sas(ctl)
+        .into_iter()
+        .filter(|(_, sa, state)| sa.starts_with("ike ") && state == "established")
+        .map(|(peer, sa, _)| (peer, sa))
         .collect()
-}
-
-fn wait(timeout: Duration, what: impl Fn() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if what() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    what()
 }
 
 fn pings(ns: &Netns, to: &str) -> bool {

@@ -236,3 +236,43 @@ pub fn write_private(path: &Path, text: &str) {
         .unwrap();
     std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
 }
+
+/// Poll `what` every 100 ms until it holds or `timeout` passed; whether it held.
+pub fn wait(timeout: std::time::Duration, what: impl Fn() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if what() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    what()
+}
+
+/// One IKE or CHILD SA as `espip show --json` reports it: (peer, "kind SPIs", state).
+pub type IkeSaRow = (String, String, String);
+
+/// Every IKE SA and CHILD_SA of the daemon at control socket `ctl` (none without an answer).
+pub fn ike_sas(ctl: &Path) -> Vec<IkeSaRow> {
+    let out = Command::new(exe())
+        .args(["show", "--json", "--socket"])
+        .arg(ctl)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Vec::new();
+    }
+    let s: espip::status::Status = serde_json::from_slice(&out.stdout).unwrap();
+    s.ike
+        .iter()
+        .flat_map(|p| {
+            p.sas.iter().map(|sa| {
+                (
+                    p.peer.clone(),
+                    format!("{} {}", sa.kind, sa.spis),
+                    sa.state.clone(),
+                )
+            })
+        })
+        .collect()
+}
