@@ -59,6 +59,8 @@ pub struct IkePeer {
     pub dpd_interval: u64,
     /// Our side's traffic selectors (default: the interface addresses as hosts).
     pub local_ts: Vec<Prefix>,
+    /// Offer and accept MOBIKE (RFC 4555; strongSwan's `mobike`, default yes).
+    pub mobike: bool,
 }
 
 impl std::fmt::Debug for IkePeer {
@@ -88,6 +90,7 @@ impl PartialEq for IkePeer {
             && self.rekey_jitter == o.rekey_jitter
             && self.dpd_interval == o.dpd_interval
             && self.local_ts == o.local_ts
+            && self.mobike == o.mobike
     }
 }
 
@@ -108,6 +111,7 @@ pub(super) fn keying(p: &RawPeer, k: &dyn Fn(&str) -> String) -> Result<bool, Co
                 ("rekey_jitter", p.rekey_jitter.is_some()),
                 ("dpd_interval", p.dpd_interval.is_some()),
                 ("local_ts", p.local_ts.is_some()),
+                ("mobike", p.mobike.is_some()),
             ] {
                 if set {
                     return Err(invalid(
@@ -186,6 +190,7 @@ pub(super) fn ike_peer(
         rekey_jitter,
         dpd_interval,
         local_ts,
+        mobike: p.mobike.unwrap_or(true),
     })
 }
 /// The responders without endpoint share one lobby ([`crate::ike::engine::HalfOpen`]): the
@@ -630,6 +635,28 @@ remote_id = "b.lab"
         // No local identity: nothing to default to without interface.local.
         let e = parse(&ike("").replace("local = \"192.0.2.1\"\n", ""), psk).unwrap_err();
         assert!(e.contains("local_id") && e.contains("remote_id"), "{e}");
+    }
+
+    /// `mobike` (default yes, as strongSwan's): a MOBIKE responder takes IKE from any
+    /// address (its initiator may announce a new one); without it, or as the initiator, only
+    /// from the endpoint.
+    #[test]
+    fn mobike_defaults_on_and_opens_the_ike_filter_only_for_responders() {
+        let psk = "a-long-enough-pre-shared-key";
+        let stranger = "198.51.100.7".parse().unwrap();
+        let responder = |t: String| t.replace("role = \"initiator\"", "role = \"responder\"");
+        // `ike()` is an initiator: its responder's address is fixed.
+        let c = parse(&ike(""), psk).unwrap();
+        assert!(c.ike[0].mobike);
+        assert!(!c.is_ike_endpoint(stranger));
+        let c = parse(&responder(ike("")), psk).unwrap();
+        assert!(c.is_ike_endpoint(stranger));
+        let c = parse(&responder(ike("mobike = false\n")), psk).unwrap();
+        assert!(!c.ike[0].mobike);
+        assert!(!c.is_ike_endpoint(stranger));
+        assert!(c.is_ike_endpoint("192.0.2.2".parse().unwrap()));
+        let e = parse(&ike("mobike = \"yes\"\n"), psk).unwrap_err();
+        assert!(e.contains("mobike"), "{e}");
     }
 
     /// Responders without endpoint: found by `remote_id`, so each has its own; they answer

@@ -512,12 +512,16 @@ impl Config {
     }
 
     /// Whether IKE from `ip` may be for us: it is the endpoint of a peer keyed by IKEv2, or
-    /// some IKEv2 responder has no endpoint (it finds its peer by identity, from anywhere).
+    /// some IKEv2 responder has no endpoint (it finds its peer by identity, from anywhere) or
+    /// takes MOBIKE (its initiator may announce any new address). The engines still check
+    /// each message's SPIs and ICV.
     pub fn is_ike_endpoint(&self, ip: std::net::IpAddr) -> bool {
         self.ike.iter().any(|s| {
-            self.peers
-                .iter()
-                .any(|p| p.name == s.peer && p.endpoint.map_or(true, |e| e == ip))
+            self.peers.iter().any(|p| {
+                p.name == s.peer
+                    && (p.endpoint.map_or(true, |e| e == ip)
+                        || (s.mobike && s.role == ike::Role::Responder))
+            })
         })
     }
 

@@ -127,6 +127,7 @@ pub(super) struct RawPeer {
     pub(super) rekey_jitter: Option<i64>,
     pub(super) dpd_interval: Option<i64>,
     pub(super) local_ts: Option<Vec<String>>,
+    pub(super) mobike: Option<bool>,
 }
 
 #[derive(Deserialize)]

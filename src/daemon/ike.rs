@@ -62,7 +62,13 @@ pub(super) struct IkeDriver {
     /// at once when SAs change, otherwise at the next tick: a flood of unauthenticated
     /// messages costs no snapshot each).
     status_dirty: bool,
+    /// When the kernel was last asked for our source address towards each peer (MOBIKE).
+    route_checked: Instant,
 }
+
+/// How often the kernel is asked which source address reaches each peer: a change is our
+/// address moving (a new DHCP lease, another uplink), which MOBIKE announces.
+const ROUTE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// How often one kind of IKE failure of one peer is logged; the ones between are counted
 /// (in `espip show` and the metrics, as every failure is) and summarised.
@@ -173,6 +179,7 @@ fn engine_config(cfg: &Config, s: &IkePeer, p: &PeerSpec, local: IpAddr) -> IkeC
         remote_natt_port: udp_port.unwrap_or(crate::wire::ip::IPSEC_NAT_T_PORT),
         force_encap: udp_port.is_some(),
         lobby: None,
+        mobike: s.mobike,
     }
 }
 
@@ -234,6 +241,7 @@ impl IkeDriver {
             keylog: None,
             failure_log: FailureLog::default(),
             status_dirty: false,
+            route_checked: Instant::now(),
         };
         d.reconfigure(cfg, sources);
         Ok(Some(d))
@@ -380,7 +388,7 @@ impl IkeDriver {
         }
         self.peers
             .iter()
-            .position(|p| p.engine.roams() && p.engine.owns(h.spi_i, h.spi_r))
+            .position(|p| p.engine.follows(h.spi_i, h.spi_r))
     }
 
     /// The lobby's outputs: its answers sent, its failures logged, and an IKE SA whose
@@ -483,8 +491,38 @@ impl IkeDriver {
             let outs = l.tick(now, &self.rng);
             self.perform_lobby(outs, None, reloader).await;
         }
+        if self.route_checked.elapsed() >= ROUTE_CHECK_EVERY {
+            self.route_checked = Instant::now();
+            self.follow_local_address(g.cfg.interface.local, reloader)
+                .await;
+        }
         if self.status_dirty {
             self.refresh(reloader);
+        }
+    }
+
+    /// Our source address towards each peer with an endpoint, as the kernel's routes pick it
+    /// now: when it changed, the engine announces it (MOBIKE's UPDATE_SA_ADDRESSES, or a
+    /// liveness check from the new address). Not with `interface.local`: that address is
+    /// ours for good.
+    async fn follow_local_address(&mut self, pinned: Option<IpAddr>, reloader: &mut Reloader<'_>) {
+        if pinned.is_some() {
+            return;
+        }
+        for i in 0..self.peers.len() {
+            let remote = self.peers[i].engine.config().remote.ip();
+            if remote.is_unspecified() {
+                continue;
+            }
+            let Ok(here) = crate::sys::source_for(remote, None) else {
+                continue;
+            };
+            if here == self.peers[i].engine.config().local {
+                continue;
+            }
+            let now = self.now();
+            let outs = self.peers[i].engine.local_moved(here, now, &self.rng);
+            self.perform(i, outs, reloader).await;
         }
     }
 
@@ -745,6 +783,11 @@ fn keyed_with<'a>(engines: impl Iterator<Item = &'a Peer>, peers: &[PeerSpec]) -
                         .collect();
                     let at = ins.iter().position(|(_, _, e)| *e == esn).unwrap_or(0);
                     let (spi_in, key_in, _) = ins.remove(at);
+                    // MOBIKE moved the peer (its UPDATE_SA_ADDRESSES): ESP follows, and
+                    // only from there is it accepted.
+                    if let (Some(_), Some(at)) = (q.endpoint, e.engine.mobike_peer()) {
+                        q.endpoint = Some(at.ip());
+                    }
                     // ESP in UDP goes to the port IKE floated to (a NAT may map it).
                     let udp_port = match (udp_port, e.engine.peer_addr()) {
                         (Some(_), Some(a)) if a.port() != crate::wire::ip::IKE_PORT => {
@@ -803,6 +846,9 @@ fn engine_status(
         retransmits: st.retransmits,
         responses: st.responses,
         failures: st.failures.iter().map(|(f, n)| (f.name(), *n)).collect(),
+        mobike: engine.mobike_peer().is_some(),
+        address_updates: st.address_updates,
+        peer_address: engine.peer_addr().map(|a| a.to_string()),
     }
 }
 
@@ -820,7 +866,15 @@ fn log_event(peer: &str, e: &Event) {
             spis,
             proposal,
             natt,
-        } => info!(peer, spis, proposal, natt, "IKE SA established"),
+            mobike,
+        } => info!(peer, spis, proposal, natt, mobike, "IKE SA established"),
+        Event::Moved { from, to, who } => info!(
+            peer,
+            %from,
+            %to,
+            who,
+            "IKE: addresses moved (MOBIKE or a liveness check from the new address)"
+        ),
         Event::ChildUp {
             spi_in,
             spi_out,

@@ -54,6 +54,7 @@ fn cfg(role: Role, me: &str, peer: &str, ike: &str, esp: &str) -> IkeConfig {
         remote_natt_port: 4500,
         force_encap: true,
         lobby: None,
+        mobike: true,
     }
 }
 
@@ -86,6 +87,8 @@ struct Pair {
     /// Ticks that did work before the side's `poll_timeout` said anything was due (an edge
     /// that sleeps until then would have been late): must stay empty.
     poll_misses: Vec<String>,
+    /// Side 'a' sends from this address instead of `A` (it moved).
+    a_at: Option<&'static str>,
 }
 
 /// Whether an IKE message (with or without the non-ESP marker) is a response.
@@ -143,12 +146,13 @@ impl Pair {
             drop_answers_of_b: 0,
             drop_requests_of: None,
             poll_misses: Vec::new(),
+            a_at: None,
         }
     }
 
     fn absorb(&mut self, side: char, outs: Vec<Out>) {
         let me: SocketAddr = if side == 'a' {
-            format!("{A}:500")
+            format!("{}:500", self.a_at.unwrap_or(A))
         } else {
             format!("{B}:500")
         }
@@ -703,11 +707,22 @@ fn replayed_forged_and_truncated_messages_change_nothing() {
                 assert!(!matches!(o, Out::Changed), "flip at {i} changed SAs");
             }
         }
-        // From another address.
+        // From another address: on these MOBIKE IKE SAs a replayed request gets its cached
+        // answer there (as a retransmission from a moved initiator would), but nothing moves
+        // and nothing changes (only a new UPDATE_SA_ADDRESSES moves an IKE SA).
         let other: SocketAddr = "198.51.100.9:500".parse().unwrap();
-        assert!(e.handle(m, other, *natt, now, &rng).is_empty());
+        for o in e.handle(m, other, *natt, now, &rng) {
+            assert!(
+                matches!(o, Out::Send { .. }),
+                "a replay from elsewhere did {o:?}"
+            );
+        }
     }
     assert_eq!(p.changed, (ca, cb));
+    assert_eq!(
+        p.b.mobike_peer().map(|a| a.ip().to_string()),
+        Some(A.to_string())
+    );
     assert_eq!(p.a.sas().out.unwrap().spi_out, sa_a.out.unwrap().spi_out);
     assert_eq!(p.b.sas().out.unwrap().spi_out, sa_b.out.unwrap().spi_out);
     assert!(failure_count(&p.b.stats().failures, "bad_icv").unwrap_or(0) > 0);
@@ -1526,4 +1541,161 @@ fn a_lobby_hands_each_ike_sa_to_the_peer_its_initiator_names() {
         assert!(c.sas().out.is_none() && c.peer_addr().is_none());
         let _ = c.tick(5 * MS, &rng);
     }
+}
+
+/// MOBIKE (RFC 4555): both engines announce it; when the initiator's address changes, its
+/// UPDATE_SA_ADDRESSES moves the responder's IKE SA and its data path endpoint
+/// (`mobike_peer`), with the same IKE SA and CHILD_SA; another request from yet another
+/// address is answered there but moves nothing; a forged update moves nothing.
+#[test]
+fn mobike_moves_the_ike_sa_by_update_sa_addresses_only() {
+    let mut p = up("aes128gcm16-prfsha256-x25519", "aes128gcm16");
+    for side in ['a', 'b'] {
+        assert!(
+            p.events_of(side)
+                .iter()
+                .any(|e| matches!(e, Event::IkeUp { mobike: true, .. })),
+            "{side}: {:?}",
+            p.events_of(side)
+        );
+    }
+    let ike_before = p.b.ike_keys();
+    let sas_before = p.b.sas();
+    assert_eq!(
+        p.b.mobike_peer(),
+        Some(format!("{A}:4500").parse().unwrap())
+    );
+    // A moves: it learns so from its routes (the edge), says so, and B follows.
+    const A2: &str = "192.0.2.11";
+    p.a_at = Some(A2);
+    let now = p.now;
+    let o = p.a.local_moved(A2.parse().unwrap(), now, &p.rng);
+    p.absorb('a', o);
+    p.run(50);
+    assert_eq!(
+        p.b.mobike_peer(),
+        Some(format!("{A2}:4500").parse().unwrap()),
+        "{:?}",
+        p.trace
+    );
+    assert!(p.events_of('b').iter().any(|e| matches!(
+        e,
+        Event::Moved { to, who: "peer", .. } if to.ip().to_string() == A2
+    )));
+    assert_eq!(p.a.stats().address_updates, 1);
+    assert_eq!(p.b.stats().address_updates, 1);
+    assert_eq!(
+        p.b.ike_keys()
+            .iter()
+            .map(|k| (k.0, k.1))
+            .collect::<Vec<_>>(),
+        ike_before.iter().map(|k| (k.0, k.1)).collect::<Vec<_>>(),
+        "the same IKE SA"
+    );
+    assert_eq!(
+        p.b.sas().out.map(|c| c.spi_out),
+        sas_before.out.map(|c| c.spi_out),
+        "the same CHILD_SA"
+    );
+    // A request from a third address without UPDATE_SA_ADDRESSES (a rekey): answered where
+    // it came from, but B's IKE SA stays at A2.
+    p.a_at = Some("192.0.2.12");
+    let now = p.now;
+    let o = p.a.rekey_now(false, now, &p.rng).unwrap();
+    p.absorb('a', o);
+    p.run(50);
+    assert_eq!(p.a.stats().child_rekeys, 1, "{:?}", p.trace);
+    assert_eq!(
+        p.b.mobike_peer(),
+        Some(format!("{A2}:4500").parse().unwrap())
+    );
+    // The same for a moved initiator's rekey after a second move of its own: no second
+    // announcement without a second `local_moved`.
+    assert_eq!(p.b.stats().address_updates, 1);
+}
+
+/// Without MOBIKE on one side, nothing changes from before: the IKE SA says so, a moved
+/// initiator sends a liveness check (no UPDATE_SA_ADDRESSES), and a responder with a
+/// configured address drops it as `wrong_source` and stays where it was.
+#[test]
+fn without_mobike_a_configured_responder_does_not_follow() {
+    let (a, mut b) = (
+        cfg(
+            Role::Initiator,
+            A,
+            B,
+            "aes128gcm16-prfsha256-x25519",
+            "aes128gcm16",
+        ),
+        cfg(
+            Role::Responder,
+            B,
+            A,
+            "aes128gcm16-prfsha256-x25519",
+            "aes128gcm16",
+        ),
+    );
+    b.mobike = false;
+    let mut p = Pair::new(a, b);
+    p.run(100);
+    assert!(p
+        .events_of('a')
+        .iter()
+        .any(|e| matches!(e, Event::IkeUp { mobike: false, .. })));
+    assert_eq!(p.b.mobike_peer(), None);
+    p.a_at = Some("192.0.2.11");
+    let now = p.now;
+    let o = p.a.local_moved("192.0.2.11".parse().unwrap(), now, &p.rng);
+    assert!(o.iter().any(|x| matches!(x, Out::Send { .. })), "{o:?}");
+    p.absorb('a', o);
+    p.run(50);
+    assert_eq!(
+        failure_count(&p.b.stats().failures, "wrong_source"),
+        Some(1)
+    );
+    assert_eq!(p.a.stats().address_updates, 0);
+    assert_eq!(p.b.stats().address_updates, 0);
+    assert_eq!(p.b.peer_addr().map(|a| a.ip().to_string()), Some(A.into()));
+}
+
+/// A forged UPDATE_SA_ADDRESSES (the IKE SA's SPIs, garbage for the rest) from elsewhere
+/// moves nothing: it fails the ICV.
+#[test]
+fn a_forged_update_from_elsewhere_moves_nothing() {
+    let mut p = up("aes128gcm16-prfsha256-x25519", "aes128gcm16");
+    let (spi_i, spi_r) = (p.b.ike_keys()[0].0, p.b.ike_keys()[0].1);
+    let h = msg::Header {
+        spi_i,
+        spi_r,
+        next: 0,
+        exchange: msg::exchange::INFORMATIONAL,
+        flags: msg::flags::INITIATOR,
+        msg_id: 1,
+        length: 0,
+    };
+    let key =
+        espip_core::sa::KeyMaterial::new(espip_core::sa::Cipher::Aes128Gcm, &[7u8; 20]).unwrap();
+    let forged = msg::encode_sk(
+        h,
+        &[msg::Payload::notify(
+            msg::notify::UPDATE_SA_ADDRESSES,
+            Vec::new(),
+        )],
+        &key,
+        1,
+    );
+    let now = p.now;
+    let o = p.b.handle(
+        &forged,
+        "198.51.100.9:4500".parse().unwrap(),
+        true,
+        now,
+        &p.rng,
+    );
+    assert!(o.is_empty(), "{o:?}");
+    assert_eq!(failure_count(&p.b.stats().failures, "bad_icv"), Some(1));
+    assert_eq!(
+        p.b.mobike_peer(),
+        Some(format!("{A}:4500").parse().unwrap())
+    );
 }

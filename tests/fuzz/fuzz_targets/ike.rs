@@ -39,6 +39,7 @@ fn cfg(role: Role, me: &str, peer: &str) -> IkeConfig {
         remote_natt_port: 4500,
         force_encap: true,
         lobby: None,
+        mobike: false,
     }
 }
 

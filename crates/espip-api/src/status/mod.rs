@@ -77,6 +77,15 @@ pub struct IkePeerStatus {
     /// Failures and dropped messages by reason (RFC notify names, or `bad_icv`,
     /// `invalid_message_id`, `unknown_ike_spi`, `peer_dead`, ...).
     pub failures: BTreeMap<String, u64>,
+    /// The current IKE SA negotiated MOBIKE (RFC 4555).
+    #[serde(default)]
+    pub mobike: bool,
+    /// MOBIKE address updates (UPDATE_SA_ADDRESSES answered, or sent and answered).
+    #[serde(default)]
+    pub address_updates: u64,
+    /// Where the current IKE SA reaches the peer (address:port).
+    #[serde(default)]
+    pub peer_address: Option<String>,
 }
 
 /// One IKE SA or CHILD_SA.
@@ -452,6 +461,15 @@ impl Status {
                 k.retransmits,
                 k.responses
             );
+            if k.mobike || k.address_updates > 0 || k.peer_address.is_some() {
+                let _ = writeln!(
+                    s,
+                    "  peer at {}  mobike {}  address updates {}",
+                    k.peer_address.as_deref().unwrap_or("-"),
+                    if k.mobike { "yes" } else { "no" },
+                    k.address_updates
+                );
+            }
             for sa in &k.sas {
                 let _ = writeln!(
                     s,
@@ -670,6 +688,9 @@ mod tests {
                 failures: [("AUTHENTICATION_FAILED".to_string(), 2)]
                     .into_iter()
                     .collect(),
+                mobike: true,
+                address_updates: 1,
+                peer_address: Some("192.0.2.2:4500".into()),
             }],
         }
     }
@@ -774,6 +795,10 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("failures: AUTHENTICATION_FAILED 2"), "{t}");
+        assert!(
+            t.contains("peer at 192.0.2.2:4500  mobike yes  address updates 1"),
+            "{t}"
+        );
         let p = s.to_prometheus();
         assert!(p.contains("espip_ike_sas{interface=\"espip0\",peer=\"sw\",kind=\"child\",state=\"installed\"} 1.0\n"), "{p}");
         assert!(p.contains("espip_ike_exchanges_total{interface=\"espip0\",peer=\"sw\",event=\"child_rekey\"} 4.0\n"), "{p}");

@@ -110,6 +110,13 @@ pub mod notify {
     pub const REKEY_SA: u16 = 16393;
     /// Status: no TFC padding.
     pub const ESP_TFC_PADDING_NOT_SUPPORTED: u16 = 16394;
+    /// Status: the sender supports MOBIKE (RFC 4555 section 3.1).
+    pub const MOBIKE_SUPPORTED: u16 = 16396;
+    /// Status: the sender has no other addresses (RFC 4555 section 3.6).
+    pub const NO_ADDITIONAL_ADDRESSES: u16 = 16399;
+    /// Status: move the IKE SA and its CHILD_SAs to this message's addresses (RFC 4555
+    /// section 3.5).
+    pub const UPDATE_SA_ADDRESSES: u16 = 16400;
 
     /// The RFC name of a notify type, for logs.
     pub fn name(t: u16) -> String {

@@ -804,6 +804,7 @@ pub fn ike_flood(to: std::net::SocketAddr, seconds: u64, opts: &FloodOptions) ->
         remote_natt_port: 4500,
         force_encap: true,
         lobby: None,
+        mobike: false,
     };
     let end = Instant::now() + Duration::from_secs(seconds);
     let mut n = 0u64;

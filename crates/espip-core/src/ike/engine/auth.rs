@@ -122,6 +122,7 @@ impl Engine {
             spis: s.spis(),
             proposal: s.choice().map(|c| c.name()).unwrap_or_default(),
             natt: s.natt,
+            mobike: s.mobike,
         }));
     }
 
@@ -155,6 +156,10 @@ impl Engine {
         // so espip gives up the IKE SA: the error is logged, the initiator retries later.
         let child = self.child_for(&offered, None, &tsi, &tsr, out);
         s.peer_next = s.peer_next.max(2);
+        s.mobike = self.cfg.mobike && find_notify(p, notify::MOBIKE_SUPPORTED).is_some();
+        if s.mobike {
+            resp.push(Payload::notify(notify::MOBIKE_SUPPORTED, Vec::new()));
+        }
         self.established(s, now, rng, out);
         // The peer started over: whatever SAs we had with it go.
         self.children.clear();
@@ -278,6 +283,7 @@ impl Engine {
             self.retry_at = Some(now + RETRY_MS * MS);
             return After::Drop;
         }
+        s.mobike = self.cfg.mobike && find_notify(p, notify::MOBIKE_SUPPORTED).is_some();
         self.established(s, now, rng, out);
         if let Some(e) = error_notify(p) {
             self.fail(

@@ -385,6 +385,7 @@ impl Engine {
             iv: 0,
             peer: old.peer,
             natt: old.natt,
+            mobike: old.mobike,
             created: now,
             rekey_at: if self.cfg.ike_rekey_ms > 0 {
                 now + self.cfg.ike_rekey_ms * MS - jitter(rng, self.cfg.jitter_ms)

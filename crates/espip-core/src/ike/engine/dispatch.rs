@@ -53,7 +53,7 @@ impl Engine {
                 return out;
             }
         };
-        if !self.roams() && from.ip() != self.cfg.remote.ip() {
+        if !self.roams() && from.ip() != self.cfg.remote.ip() && !self.mobike_sa(h.spi_i, h.spi_r) {
             self.stats.fail(Failure::WrongSource);
             return out;
         }
@@ -256,17 +256,19 @@ impl Engine {
             return After::Handoff(id);
         }
         s.last_heard = now;
-        s.peer = from;
-        s.natt = natt;
+        let natd = self.follow_request(s, &p, (from, natt), rng, out);
         s.peer_next = s.peer_next.wrapping_add(1);
-        let (payloads, after) = self.answer_request(s, h.exchange, &p, now, rng, out);
+        let (mut payloads, after) = self.answer_request(s, h.exchange, &p, now, rng, out);
+        payloads.extend(natd);
         let h2 = s.header(h.exchange, h.msg_id, true);
         let m = s.seal(h2, &payloads);
         s.cached = Some((h.msg_id, m.clone()));
         self.stats.responses += 1;
+        // Answered where the request came from (RFC 7296 section 2.11), even on a MOBIKE IKE
+        // SA that it did not move.
         out.push(Out::Send {
-            to: s.peer,
-            natt: s.natt,
+            to: from,
+            natt,
             msg: m,
         });
         after
@@ -356,6 +358,7 @@ impl Engine {
             }
             Req::DeleteIke => After::Drop,
             Req::Dpd => After::Keep,
+            Req::UpdateAddresses => self.on_update_response(),
         }
     }
 

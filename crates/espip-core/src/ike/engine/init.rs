@@ -132,6 +132,7 @@ impl Engine {
             iv: 0,
             peer: self.cfg.remote,
             natt: false,
+            mobike: false,
             created: now,
             rekey_at: u64::MAX,
             last_heard: now,
@@ -382,6 +383,10 @@ impl Engine {
             Payload::TsR(self.cfg.remote_ts.clone()),
             Payload::notify(notify::ESP_TFC_PADDING_NOT_SUPPORTED, Vec::new()),
         ];
+        let mut payloads = payloads;
+        if self.cfg.mobike {
+            payloads.push(Payload::notify(notify::MOBIKE_SUPPORTED, Vec::new()));
+        }
         let h = s.header(exchange::IKE_AUTH, 1, false);
         s.next_id = 2;
         let m = s.seal(h, &payloads);
@@ -492,6 +497,7 @@ impl Engine {
             iv: 0,
             peer: from,
             natt,
+            mobike: false,
             created: now,
             rekey_at: u64::MAX,
             last_heard: now,

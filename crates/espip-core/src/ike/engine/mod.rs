@@ -115,6 +115,10 @@ pub struct IkeConfig {
     /// authenticates no one itself, and hands each IKE SA over ([`Out::Handoff`]) when its
     /// IKE_AUTH names one of them.
     pub lobby: Option<Vec<Id>>,
+    /// Offer and accept MOBIKE (RFC 4555): an IKE SA on which both sides announced it moves
+    /// only by UPDATE_SA_ADDRESSES, which its initiator sends when [`Engine::local_moved`]
+    /// says its address changed.
+    pub mobike: bool,
 }
 
 /// An ESP SA pair's keys as the data path needs them.
@@ -179,6 +183,18 @@ pub enum Event {
         proposal: String,
         /// Whether a NAT was seen (or encapsulation forced) and IKE moved to NAT-T.
         natt: bool,
+        /// Both sides support MOBIKE (RFC 4555).
+        mobike: bool,
+    },
+    /// The peer's address for this IKE SA and its CHILD_SAs changed (MOBIKE's
+    /// UPDATE_SA_ADDRESSES from the peer), or ours did and the peer took the update.
+    Moved {
+        /// The peer's address before.
+        from: SocketAddr,
+        /// The peer's address now.
+        to: SocketAddr,
+        /// Whose address changed: "peer" or "local".
+        who: &'static str,
     },
     /// A CHILD_SA is up (new or rekeyed).
     ChildUp {
@@ -246,6 +262,8 @@ pub struct IkeStats {
     /// IKE SA keys derived (any IKE SA, half-open and failed ones too): when this moves, the
     /// edge has new keys to export for Wireshark.
     pub ike_keys_made: u64,
+    /// MOBIKE address updates: UPDATE_SA_ADDRESSES we answered, or sent and had answered.
+    pub address_updates: u64,
 }
 
 impl IkeStats {
@@ -303,6 +321,8 @@ enum Req {
     DeleteChild(u32),
     DeleteIke,
     Dpd,
+    /// UPDATE_SA_ADDRESSES (MOBIKE) from our new address.
+    UpdateAddresses,
 }
 
 struct InFlight {
@@ -366,6 +386,8 @@ struct IkeSa {
     iv: u64,
     peer: SocketAddr,
     natt: bool,
+    /// Both sides announced MOBIKE in IKE_AUTH (RFC 4555 section 3.1).
+    mobike: bool,
     created: u64,
     rekey_at: u64,
     last_heard: u64,
@@ -381,6 +403,9 @@ enum Task {
     RekeyIke,
     DeleteChild(u32),
     Dpd,
+    /// Our address changed: UPDATE_SA_ADDRESSES (MOBIKE), else a liveness check from the new
+    /// address (a peer that follows requests learns it at once).
+    UpdateAddresses,
 }
 
 impl IkeSa {
@@ -634,6 +659,7 @@ mod info;
 mod init;
 mod lobby;
 pub use lobby::HalfOpen;
+mod mobike;
 mod timers;
 
 fn ts_string(a: &[Ts], b: &[Ts]) -> String {

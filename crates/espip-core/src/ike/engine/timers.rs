@@ -212,6 +212,10 @@ impl Engine {
         let task = s.queue.remove(0);
         let (payloads, exch, req) = match task {
             Task::Dpd => (Vec::new(), exchange::INFORMATIONAL, Req::Dpd),
+            Task::UpdateAddresses => {
+                let (p, req) = Engine::update_request(&self.cfg, s, rng);
+                (p, exchange::INFORMATIONAL, req)
+            }
             Task::DeleteChild(spi_in) => (
                 vec![Payload::Delete {
                     protocol: proto::ESP,
