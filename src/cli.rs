@@ -225,6 +225,11 @@ pub enum LabCmd {
         /// finds A by its identity; ESP in UDP).
         #[arg(long, value_enum, default_value = "static")]
         keying: KeyingArg,
+        /// With --keying ikev2: strongSwan's charon plays the client that moves (espip the
+        /// server, which names the client's first address) or the server (espip the client);
+        /// MOBIKE (RFC 4555) moves the SAs.
+        #[arg(long, value_enum)]
+        strongswan: Option<SwSideArg>,
     },
     /// Scenario 3: an encrypted pair on one LAN with the NAT helpers (A 10.0.0.161, B 10.0.0.160,
     /// alias 10.0.1.0/24).
@@ -455,4 +460,13 @@ pub struct StrongswanArgs {
     /// Skip the dead peer detection check (kills charon; about 20 s).
     #[arg(long)]
     pub no_dpd: bool,
+}
+
+/// `espip lab roaming --strongswan`: the side strongSwan plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SwSideArg {
+    /// strongSwan is the client whose address changes.
+    Client,
+    /// strongSwan is the server.
+    Server,
 }

@@ -597,7 +597,13 @@ fn lab(scenario: LabCmd) -> Result<()> {
             cipher,
             megabytes,
             keying,
+            strongswan,
         } => {
+            if strongswan.is_some() && keying != cli::KeyingArg::Ikev2 {
+                anyhow::bail!(
+                    "lab roaming: --strongswan runs an IKEv2 pair with MOBIKE; add --keying ikev2"
+                );
+            }
             if keying == cli::KeyingArg::Ikev2 && !matches!(mode, ModeArg::EspUdp) {
                 anyhow::bail!(
                     "lab roaming: --keying ikev2 runs over --mode esp-udp (its IKEv2 pair is the strongSwan-style NAT-T one); leave --mode out"
@@ -614,6 +620,10 @@ fn lab(scenario: LabCmd) -> Result<()> {
                 mode,
                 megabytes,
                 ikev2: keying == cli::KeyingArg::Ikev2,
+                strongswan: strongswan.map(|s| match s {
+                    cli::SwSideArg::Client => espip_lab::ike::SwSide::Client,
+                    cli::SwSideArg::Server => espip_lab::ike::SwSide::Server,
+                }),
                 run: common.run()?,
             };
             finish(espip_lab::roaming::run(&opts)?);

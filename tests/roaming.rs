@@ -268,3 +268,51 @@ fn the_roaming_lab_with_ikev2_keeps_the_ike_sa_across_two_moves() {
         assert!(t.contains(c), "missing {c:?} in:\n{t}");
     }
 }
+
+const WITH_MOBIKE: &[&str] = &[
+    "[PASS] the IKE SA is up with MOBIKE on both sides, and the tunnel carries pings",
+    "[PASS] A moves to 192.0.2.11 during the transfer: B follows",
+    "[PASS] A moves to 192.0.2.12 during the transfer: B follows",
+    "[PASS] the same IKE SA on both sides across both moves, moved by UPDATE_SA_ADDRESSES",
+    "[PASS] TCP transfer of 15 MB A -> B across both moves",
+    " 0 failed",
+];
+
+/// MOBIKE with strongSwan's charon as the client that moves (issue 29): espip, the server,
+/// names the client's first address; charon's UPDATE_SA_ADDRESSES (with COOKIE2) moves
+/// espip's IKE SA and data path endpoint, the same IKE SA on both sides throughout.
+#[test]
+fn mobike_with_strongswan_as_the_client_that_moves() {
+    let Some(_g) = serial() else { return };
+    let t = lab_scenario(&[
+        "roaming",
+        "--keying",
+        "ikev2",
+        "--strongswan",
+        "client",
+        "--megabytes",
+        "15",
+    ]);
+    for c in WITH_MOBIKE {
+        assert!(t.contains(c), "missing {c:?} in:\n{t}");
+    }
+}
+
+/// MOBIKE with espip as the client that moves and charon as the server: espip sees its
+/// source address change in the kernel's routes and announces it.
+#[test]
+fn mobike_with_espip_as_the_client_that_moves_to_strongswan() {
+    let Some(_g) = serial() else { return };
+    let t = lab_scenario(&[
+        "roaming",
+        "--keying",
+        "ikev2",
+        "--strongswan",
+        "server",
+        "--megabytes",
+        "15",
+    ]);
+    for c in WITH_MOBIKE {
+        assert!(t.contains(c), "missing {c:?} in:\n{t}");
+    }
+}

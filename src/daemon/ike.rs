@@ -64,6 +64,8 @@ pub(super) struct IkeDriver {
     status_dirty: bool,
     /// When the kernel was last asked for our source address towards each peer (MOBIKE).
     route_checked: Instant,
+    /// `interface.local` is set: our address never moves, no need to ask.
+    pinned: bool,
 }
 
 /// How often the kernel is asked which source address reaches each peer: a change is our
@@ -242,6 +244,7 @@ impl IkeDriver {
             failure_log: FailureLog::default(),
             status_dirty: false,
             route_checked: Instant::now(),
+            pinned: cfg.interface.local.is_some(),
         };
         d.reconfigure(cfg, sources);
         Ok(Some(d))
@@ -452,6 +455,10 @@ impl IkeDriver {
                 wait = wait.min(std::time::Duration::from_nanos(t.saturating_sub(now)));
             }
         }
+        // Our source address is asked for at its own pace (MOBIKE).
+        if !self.pinned && self.peers.iter().any(|p| !p.engine.roams()) {
+            wait = wait.min(ROUTE_CHECK_EVERY.saturating_sub(self.route_checked.elapsed()));
+        }
         tokio::time::Instant::now() + wait.max(TICK_MIN)
     }
 
@@ -493,8 +500,8 @@ impl IkeDriver {
         }
         if self.route_checked.elapsed() >= ROUTE_CHECK_EVERY {
             self.route_checked = Instant::now();
-            self.follow_local_address(g.cfg.interface.local, reloader)
-                .await;
+            self.pinned = g.cfg.interface.local.is_some();
+            self.follow_local_address(reloader).await;
         }
         if self.status_dirty {
             self.refresh(reloader);
@@ -505,8 +512,8 @@ impl IkeDriver {
     /// now: when it changed, the engine announces it (MOBIKE's UPDATE_SA_ADDRESSES, or a
     /// liveness check from the new address). Not with `interface.local`: that address is
     /// ours for good.
-    async fn follow_local_address(&mut self, pinned: Option<IpAddr>, reloader: &mut Reloader<'_>) {
-        if pinned.is_some() {
+    async fn follow_local_address(&mut self, reloader: &mut Reloader<'_>) {
+        if self.pinned {
             return;
         }
         for i in 0..self.peers.len() {

@@ -24,15 +24,18 @@ pub struct RoamingOptions {
     /// An IKEv2 pair instead of static keys (ESP in UDP; `mode`'s cipher is not used: the
     /// pair's proposals are AES-128-GCM).
     pub ikev2: bool,
+    /// With `ikev2`: strongSwan's charon plays this side, with MOBIKE (see
+    /// [`crate::ike::run_roaming_strongswan`]).
+    pub strongswan: Option<crate::ike::SwSide>,
     /// What every lab takes: --keep, --pcap, installing, the binary.
     pub run: super::LabRun,
 }
 
 /// The addresses A moves through (its first one is the p2p lab's).
-const MOVES: [&str; 2] = ["192.0.2.11", "192.0.2.12"];
+pub(crate) const MOVES: [&str; 2] = ["192.0.2.11", "192.0.2.12"];
 
 /// How long after `start` a ping (one every 20 ms) from `ns` to `to` is answered.
-fn outage(ns: &Netns, to: &str, limit: Duration) -> Option<Duration> {
+pub(crate) fn outage(ns: &Netns, to: &str, limit: Duration) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < limit {
         let o = netns::run(ns.command("ping").args(["-c", "1", "-W", "0.02", to])).ok()?;
@@ -73,6 +76,9 @@ fn ike_sas(b_ctl: &Path) -> Vec<String> {
 
 /// Run the roaming lab.
 pub fn run(opts: &RoamingOptions) -> io::Result<Report> {
+    if let (true, Some(side)) = (opts.ikev2, opts.strongswan) {
+        return crate::ike::run_roaming_strongswan(opts, side);
+    }
     let mode_name = match opts.mode {
         LabMode::Esp(c) => format!("esp {}", c.name()),
         LabMode::EspUdp(c) => format!("esp-udp {}", c.name()),
@@ -142,7 +148,11 @@ pub fn run(opts: &RoamingOptions) -> io::Result<Report> {
 
     let bytes = opts.megabytes * 1_000_000;
     let sas_before = ike_sas(&b_ctl);
-    let result = moves_during_transfer(&mut report, &opts.run.exe, (&a, &b), &b_ctl, bytes)?;
+    let view = || {
+        let (ep, moves) = learned(&b_ctl);
+        (ep, Some(moves))
+    };
+    let result = moves_during_transfer(&mut report, &opts.run.exe, (&a, &b), &view, bytes)?;
     if opts.ikev2 {
         let after = ike_sas(&b_ctl);
         report.check(
@@ -234,11 +244,13 @@ fn write_configs(opts: &RoamingOptions, c: Cipher, work: &Path) -> io::Result<()
 
 /// A's address changes twice (`MOVES`) while a transfer of `bytes` runs: each move is a check
 /// (B follows, and how long the first ping took to be answered); the transfer's result.
-fn moves_during_transfer(
+/// `view`: where B sends to A now ("address" or "address:port"), and how many times B's
+/// endpoint for A moved if B counts that (espip's learned endpoint does).
+pub(crate) fn moves_during_transfer(
     report: &mut Report,
     exe: &Path,
     (a, b): (&Netns, &Netns),
-    b_ctl: &Path,
+    view: &dyn Fn() -> (String, Option<u64>),
     bytes: u64,
 ) -> io::Result<super::TransferResult> {
     let moved = std::thread::scope(|s| -> io::Result<_> {
@@ -251,7 +263,14 @@ fn moves_during_transfer(
             a.ip(&["addr", "del", &format!("{from}/24"), "dev", "veth0"])?;
             a.ip(&["addr", "add", &format!("{to}/24"), "dev", "veth0"])?;
             let took = outage(a, B_INNER, Duration::from_secs(10));
-            moved.push((to, running, took, learned(b_ctl)));
+            // (B may answer a ping before its view shows the move: give it a second.)
+            let mut seen = view();
+            let t0 = Instant::now();
+            while seen.0.split(':').next() != Some(to) && t0.elapsed() < Duration::from_secs(1) {
+                std::thread::sleep(Duration::from_millis(50));
+                seen = view();
+            }
+            moved.push((to, running, took, seen));
             from = to;
         }
         let result = t
@@ -263,11 +282,14 @@ fn moves_during_transfer(
     for (i, (to, running, took, (ep, moves))) in moved.iter().enumerate() {
         report.check(
             format!("A moves to {to} during the transfer: B follows"),
-            *running && took.is_some() && ep.split(':').next() == Some(*to) && *moves == i as u64 + 1,
+            *running
+                && took.is_some()
+                && ep.split(':').next() == Some(*to)
+                && moves.map_or(true, |m| m == i as u64 + 1),
             format!(
-                "transfer running: {running}; first ping answered {} after the move; B's endpoint for A: {ep} ({moves} move{})",
+                "transfer running: {running}; first ping answered {} after the move; B's endpoint for A: {ep}{}",
                 took.map_or("never (10 s)".into(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3)),
-                if *moves == 1 { "" } else { "s" }
+                moves.map_or(String::new(), |m| format!(" ({m} move{})", if m == 1 { "" } else { "s" }))
             ),
         );
     }

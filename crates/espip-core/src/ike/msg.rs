@@ -117,6 +117,9 @@ pub mod notify {
     /// Status: move the IKE SA and its CHILD_SAs to this message's addresses (RFC 4555
     /// section 3.5).
     pub const UPDATE_SA_ADDRESSES: u16 = 16400;
+    /// Status: a value the responder copies into its answer (RFC 4555 section 3.5, return
+    /// routability).
+    pub const COOKIE2: u16 = 16401;
 
     /// The RFC name of a notify type, for logs.
     pub fn name(t: u16) -> String {

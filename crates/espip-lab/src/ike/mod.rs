@@ -6,12 +6,14 @@
 //! it comes up (`interface.save_keys`), so that tshark can decrypt IKE and ESP of the whole
 //! capture afterwards; a check counts the ESP packets whose ICV tshark verified.
 
+mod mobike;
 mod strongswan;
 
 use super::netns::{self, Daemon, Netns};
 use super::p2p::{log_field, ping, write_private, A_INNER, A_OUTER, B_INNER, B_OUTER};
 use super::{pcap, LabRun, Report};
 use espip_api::status::Status;
+pub use mobike::{run_roaming_strongswan, SwSide};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};

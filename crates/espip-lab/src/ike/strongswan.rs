@@ -5,7 +5,7 @@
 use super::*;
 
 /// A charon in its namespace with a private /run, stopped when dropped.
-struct Charon {
+pub(super) struct Charon {
     child: Option<Child>,
     vici: PathBuf,
     conf: PathBuf,
@@ -15,7 +15,7 @@ struct Charon {
 }
 
 impl Charon {
-    fn start(ns: &Netns, dir: &Path) -> io::Result<Charon> {
+    pub(super) fn start(ns: &Netns, dir: &Path) -> io::Result<Charon> {
         let rt = dir.join("rt");
         std::fs::create_dir_all(&rt)?;
         let vici = rt.join("charon.vici");
@@ -69,14 +69,14 @@ impl Charon {
         c
     }
 
-    fn swanctl(&self, args: &[&str]) -> io::Result<String> {
+    pub(super) fn swanctl(&self, args: &[&str]) -> io::Result<String> {
         let out = self.swanctl_command(args).output()?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr))
     }
 
     /// What this charon logged (not an earlier one's lines).
-    fn log(&self) -> String {
+    pub(super) fn log(&self) -> String {
         let all = std::fs::read(&self.log).unwrap_or_default();
         let from = usize::try_from(self.log_from).unwrap_or(0).min(all.len());
         String::from_utf8_lossy(&all[from..]).into_owned()
@@ -435,14 +435,20 @@ fn swanctl_rekey(sw: &Charon, args: &[&str; 3]) -> io::Result<String> {
 
 /// strongSwan's configuration for host B: charon with kernel-libipsec (userspace ESP in UDP
 /// through a TUN), the key log at level 4, and one connection `lab` / child `lab`.
-fn strongswan_files(dir: &Path, ike: &str, esp: &str, psk: &str) -> io::Result<()> {
+/// charon's `strongswan.conf` in `dir`: the plugins the lab needs (kernel-libipsec for ESP,
+/// kernel-netlink for routes and address events), its vici socket and its log in `dir`.
+pub(super) fn charon_conf(dir: &Path) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let conf = format!(
         "charon {{\n  load_modular = no\n  load = random nonce openssl gcm aes sha1 sha2 hmac kdf curve25519 chapoly pem pkcs1 pkcs8 x509 pubkey kernel-libipsec kernel-netlink socket-default vici\n  port = 500\n  port_nat_t = 4500\n  install_routes = yes\n  retransmit_tries = 3\n  plugins {{\n    vici {{\n      socket = unix://{}\n    }}\n    kernel-libipsec {{\n      allow_peer_ts = no\n    }}\n  }}\n  filelog {{\n    main {{\n      path = {}\n      time_format = %H:%M:%S\n      append = yes\n      flush_line = yes\n      default = 1\n      ike = 4\n      chd = 4\n      cfg = 1\n      knl = 1\n    }}\n  }}\n}}\nswanctl {{\n  load = pem pkcs1 x509 pubkey random nonce sha1 sha2 aes hmac\n}}\n",
         dir.join("rt/charon.vici").display(),
         dir.join("charon.log").display()
     );
-    std::fs::write(dir.join("strongswan.conf"), conf)?;
+    std::fs::write(dir.join("strongswan.conf"), conf)
+}
+
+fn strongswan_files(dir: &Path, ike: &str, esp: &str, psk: &str) -> io::Result<()> {
+    charon_conf(dir)?;
     let swanctl = format!(
         "connections {{\n  lab {{\n    version = 2\n    local_addrs = {B_OUTER}\n    remote_addrs = {A_OUTER}\n    proposals = {ike}\n    encap = yes\n    mobike = no\n    dpd_delay = 0\n    rekey_time = 0\n    local {{\n      auth = psk\n      id = b.lab\n    }}\n    remote {{\n      auth = psk\n      id = a.lab\n    }}\n    children {{\n      lab {{\n        local_ts = {B_INNER}/32\n        remote_ts = {A_INNER}/32\n        esp_proposals = {esp}\n        rekey_time = 0\n        start_action = none\n      }}\n    }}\n  }}\n}}\nsecrets {{\n  ike-lab {{\n    id-a = a.lab\n    id-b = b.lab\n    secret = \"{psk}\"\n  }}\n}}\n"
     );

@@ -260,6 +260,11 @@ impl Engine {
         s.peer_next = s.peer_next.wrapping_add(1);
         let (mut payloads, after) = self.answer_request(s, h.exchange, &p, now, rng, out);
         payloads.extend(natd);
+        // RFC 4555 section 3.5: the answer carries the request's COOKIE2 back (any request:
+        // strongSwan puts one in its path checks too).
+        if let Some((_, c)) = find_notify(&p, notify::COOKIE2) {
+            payloads.push(Payload::notify(notify::COOKIE2, c.to_vec()));
+        }
         let h2 = s.header(h.exchange, h.msg_id, true);
         let m = s.seal(h2, &payloads);
         s.cached = Some((h.msg_id, m.clone()));
