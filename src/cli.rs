@@ -406,6 +406,10 @@ pub struct MultipathArgs {
     /// uplinks and two default routes (uplink 2 behind a NAT) to one address of B (esp-udp).
     #[arg(long, value_enum, default_value = "pair")]
     pub topology: TopologyArg,
+    /// static keys, or IKEv2 (A initiates over its first path; CHILD_SAs rekeyed every few
+    /// seconds all through the lab, with a check that the rekeys lose nothing; esp-udp).
+    #[arg(long, value_enum, default_value = "static")]
+    pub keying: KeyingArg,
 }
 
 /// `--topology` of `espip lab multipath`.

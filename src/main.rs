@@ -670,7 +670,12 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         congestion,
         static_weights,
         topology,
+        keying,
     } = args;
+    let ikev2 = keying == cli::KeyingArg::Ikev2;
+    if ikev2 && !matches!(mode, ModeArg::EspUdp) {
+        bail!("--keying ikev2 runs over --mode esp-udp (IKE's NAT-T port and ESP in UDP); leave --mode out");
+    }
     let topology = match topology {
         TopologyArg::Pair => espip_lab::multipath::Topology::Pair,
         TopologyArg::Uplinks => espip_lab::multipath::Topology::Uplinks,
@@ -719,6 +724,7 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         compare_mptcp,
         congestion,
         adapt: !static_weights,
+        ikev2,
         run: common.run()?,
     })
 }

@@ -132,21 +132,21 @@ pub(super) fn keying(p: &RawPeer, k: &dyn Fn(&str) -> String) -> Result<bool, Co
     }
 }
 
-/// The IKEv2 settings of an ikev2 peer. `mode`, `multipath` and the static SA keys were read
-/// by the caller; static keys and multipath are refused here.
+/// The IKEv2 settings of an ikev2 peer. `mode`, the paths and the static SA keys were read
+/// by the caller; static keys are refused here. A multipath peer runs IKE over its first
+/// path's endpoint; its CHILD_SA pair carries every path.
 #[allow(clippy::too_many_arguments)] // the peer's parsed parts and the parser's context
 pub(super) fn ike_peer(
     p: &RawPeer,
     mode: Mode,
     endpoint: Option<IpAddr>,
-    multipath: bool,
     base: &Path,
     keys: &super::KeyFiles,
     interface: &super::Interface,
     k: &dyn Fn(&str) -> String,
     warnings: &mut Vec<String>,
 ) -> Result<IkePeer, ConfigError> {
-    refuse_for_ikev2(p, mode, multipath, k)?;
+    refuse_for_ikev2(p, mode, k)?;
     let role = match p.role.as_deref() {
         Some("initiator") => Role::Initiator,
         Some("responder") => Role::Responder,
@@ -235,12 +235,11 @@ pub(super) fn check_responders_without_endpoint(
     Ok(())
 }
 
-/// What `keying = "ikev2"` refuses: ipip, several paths, and every static-key field (IKEv2
-/// negotiates them).
+/// What `keying = "ikev2"` refuses: ipip, and every static-key field (IKEv2 negotiates
+/// them).
 fn refuse_for_ikev2(
     p: &RawPeer,
     mode: Mode,
-    multipath: bool,
     k: &dyn Fn(&str) -> String,
 ) -> Result<(), ConfigError> {
     if mode == Mode::IpIp {
@@ -248,13 +247,6 @@ fn refuse_for_ikev2(
             k("mode"),
             "\"ipip\"",
             "\"esp-udp\" (what strongSwan and NAT traversal use) or \"esp\" with keying = \"ikev2\": IKEv2 keys ESP",
-        ));
-    }
-    if multipath {
-        return Err(invalid(
-            k("path"),
-            "(several paths)",
-            "one endpoint: keying = \"ikev2\" does not support [[peer.path]] yet (its reorder stage keys on one SA's sequence numbers)",
         ));
     }
     for (field, set) in [

@@ -519,7 +519,8 @@ impl Config {
         self.ike.iter().any(|s| {
             self.peers.iter().any(|p| {
                 p.name == s.peer
-                    && (p.endpoint.map_or(true, |e| e == ip)
+                    && (p.endpoint.is_none()
+                        || p.endpoints().contains(&ip)
                         || (s.mobike && s.role == ike::Role::Responder))
             })
         })

@@ -35,17 +35,10 @@ pub(super) fn peer(
     let encap = match mode {
         _ if ikev2 => {
             ike = Some(super::ike::ike_peer(
-                &p,
-                mode,
-                endpoint,
-                multipath.is_some(),
-                base,
-                keys,
-                interface,
-                &k,
-                warnings,
+                &p, mode, endpoint, base, keys, interface, &k, warnings,
             )?);
             let replay_window = match p.replay_window {
+                None if multi => super::paths::MULTIPATH_REPLAY_WINDOW,
                 None => DEFAULT_REPLAY_WINDOW,
                 Some(w) if (1..=i64::from(MAX_REPLAY_WINDOW)).contains(&w) => w as u32,
                 Some(w) => {
@@ -75,6 +68,13 @@ pub(super) fn peer(
             esp(p, base, keys, udp_port, multi, &k, warnings)?
         }
     };
+    if multipath.is_some() && ike.as_ref().is_some_and(|i| !i.mobike) {
+        return Err(invalid(
+            k("mobike"),
+            "false",
+            "true (the default) on a peer with several paths: its IKE SA moves to a path that is up when the one it runs on is cut, and only MOBIKE lets the peer accept it from there",
+        ));
+    }
     Ok((
         PeerSpec {
             name,

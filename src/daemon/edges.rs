@@ -44,7 +44,9 @@ pub(super) fn wait(fds: &mut [PollFd], timeout: PollTimeout, what: &str) -> bool
 pub(super) const XSK_SLOTS: usize = 2 * crate::sys::xsk::MAX_QUEUES as usize;
 
 /// A datagram for IKE that came on the ESP-in-UDP port (marker removed).
-pub(crate) type NattDatagram = (Vec<u8>, SocketAddr);
+/// An IKE message from the NAT-T port: the message, its source, and the local address it
+/// landed on (if known).
+pub(crate) type NattDatagram = (Vec<u8>, SocketAddr, Option<std::net::IpAddr>);
 
 /// A debug-build hook for the supervision test: `ESPIP_DEBUG_PANIC=tx` (or `rx`) makes that
 /// thread panic at its first packet. Compiled out of release builds.

@@ -42,6 +42,9 @@ struct Peer {
     rx_seen: u64,
     /// The engine's `ike_keys_made` when the control side last got its keys.
     keys_seen: u64,
+    /// Where the peer's last IKE message landed here: a responder answers, and asks, from
+    /// there (RFC 7296 section 2.11; a server may have several addresses).
+    here: Option<IpAddr>,
 }
 
 /// The IKE sockets and engines.
@@ -142,7 +145,7 @@ enum PlanEntry {
 }
 
 /// What [`IkeDriver::recv`] returns.
-pub(super) type Received = (Vec<u8>, SocketAddr);
+pub(super) type Received = (Vec<u8>, SocketAddr, Option<IpAddr>);
 
 fn engine_config(cfg: &Config, s: &IkePeer, p: &PeerSpec, local: IpAddr) -> IkeConfig {
     let udp_port = match p.encap {
@@ -291,6 +294,7 @@ impl IkeDriver {
                     engine: Engine::new(ec),
                     rx_seen: 0,
                     keys_seen: 0,
+                    here: None,
                 }))),
             }
         }
@@ -342,9 +346,11 @@ impl IkeDriver {
             };
             let Ok(s) = ready else { continue };
             let mut buf = vec![0u8; crate::ike::msg::MAX_MSG + 1];
-            if let Ok((n, from)) = s.try_recv_from(&mut buf) {
+            if let Ok((n, from, here)) = s.try_io(tokio::io::Interest::READABLE, || {
+                crate::sys::ikesock::recv_landing(s, &mut buf)
+            }) {
                 buf.truncate(n);
-                return (buf, from);
+                return (buf, from, here);
             }
         }
     }
@@ -353,14 +359,18 @@ impl IkeDriver {
     pub(super) async fn handle(
         &mut self,
         msg: &[u8],
-        from: SocketAddr,
+        (from, here): (SocketAddr, Option<IpAddr>),
         natt: bool,
         reloader: &mut Reloader<'_>,
     ) {
         let from = SocketAddr::new(canonical(from.ip()), from.port());
+        let here = here.map(canonical);
         let now = self.now();
         match self.engine_for(msg, from) {
             Some(i) => {
+                if here.is_some() {
+                    self.peers[i].here = here;
+                }
                 let outs = self.peers[i].engine.handle(msg, from, natt, now, &self.rng);
                 self.perform(i, outs, reloader).await;
             }
@@ -369,7 +379,7 @@ impl IkeDriver {
                     return;
                 };
                 let outs = lobby.handle(msg, from, natt, now, &self.rng);
-                self.perform_lobby(outs, Some((msg, from, natt)), reloader)
+                self.perform_lobby(outs, Some((msg, from, natt)), here, reloader)
                     .await;
             }
         }
@@ -400,11 +410,16 @@ impl IkeDriver {
         &mut self,
         outs: Vec<Out>,
         msg: Option<(&[u8], SocketAddr, bool)>,
+        here: Option<IpAddr>,
         reloader: &mut Reloader<'_>,
     ) {
+        let via = crate::datapath::Via {
+            src: here,
+            ifindex: 0,
+        };
         for o in outs {
             match o {
-                Out::Send { to, natt, msg } => self.send(to, natt, &msg).await,
+                Out::Send { to, natt, msg } => self.send(to, natt, via, &msg).await,
                 Out::Handoff { id, spis } => {
                     let (Some((raw, from, natt)), Some(half)) =
                         (msg, self.lobby.as_mut().and_then(|l| l.hand_over(spis)))
@@ -420,6 +435,7 @@ impl IkeDriver {
                     };
                     debug!(peer = self.peers[i].name, %from, id = id.display(), "IKE: an initiator without configured address names this peer");
                     let now = self.now();
+                    self.peers[i].here = here;
                     self.peers[i].engine.adopt(half);
                     let outs = self.peers[i].engine.handle(raw, from, natt, now, &self.rng);
                     Box::pin(self.perform(i, outs, reloader)).await;
@@ -496,7 +512,7 @@ impl IkeDriver {
         }
         if let Some(l) = self.lobby.as_mut() {
             let outs = l.tick(now, &self.rng);
-            self.perform_lobby(outs, None, reloader).await;
+            self.perform_lobby(outs, None, None, reloader).await;
         }
         if self.route_checked.elapsed() >= ROUTE_CHECK_EVERY {
             self.route_checked = Instant::now();
@@ -588,7 +604,15 @@ impl IkeDriver {
         self.peers[i].keys_seen = keys_made;
         for o in outs {
             match o {
-                Out::Send { to, natt, msg } => self.send(to, natt, &msg).await,
+                Out::Send { to, natt, msg } => {
+                    let (to, mut via) = self.route(&name, to, natt, reloader);
+                    // A responder sends from where the peer reaches it; an initiator from its
+                    // routed source (which MOBIKE follows).
+                    if via.is_routed() && self.peers[i].spec.role == IkeRole::Responder {
+                        via.src = self.peers[i].here.filter(|h| h.is_ipv6() == to.is_ipv6());
+                    }
+                    self.send(to, natt, via, &msg).await
+                }
                 Out::Changed => {
                     now = true;
                     self.publish(reloader)
@@ -630,7 +654,31 @@ impl IkeDriver {
         }
     }
 
-    async fn send(&self, to: SocketAddr, natt: bool, msg: &[u8]) {
+    /// Where and how an IKE message of peer `name` to `to` goes: a multipath peer's IKE
+    /// (on the NAT-T port) takes a path that is not down ([`crate::multipath::Multipath::ike_route`]),
+    /// so a cut of the path IKE started on does not take the IKE SA down with it.
+    fn route(
+        &self,
+        name: &str,
+        to: SocketAddr,
+        natt: bool,
+        reloader: &Reloader<'_>,
+    ) -> (SocketAddr, crate::datapath::Via) {
+        let routed = (to, crate::datapath::Via::ROUTED);
+        if !natt {
+            return routed;
+        }
+        let g = reloader.live.current.load_full();
+        g.cfg
+            .peers
+            .iter()
+            .position(|p| p.name == name)
+            .and_then(|i| g.outbound.multipath(i))
+            .and_then(|m| m.ike_route(to))
+            .unwrap_or(routed)
+    }
+
+    async fn send(&self, to: SocketAddr, natt: bool, via: crate::datapath::Via, msg: &[u8]) {
         let result = if natt {
             let Some(u) = self.udp.iter().find(|u| u.is_v6() == to.is_ipv6()) else {
                 warn!(%to, "IKE wants the NAT-T port but espip has no ESP-in-UDP socket for that address family");
@@ -640,7 +688,7 @@ impl IkeDriver {
             let mut m = Vec::with_capacity(msg.len() + 4);
             m.extend_from_slice(&[0, 0, 0, 0]);
             m.extend_from_slice(msg);
-            let sent = u.send_datagrams(&[(&m, to, crate::datapath::Via::ROUTED)], |_, _, _, _| {});
+            let sent = u.send_datagrams(&[(&m, to, via)], |_, _, _, _| {});
             if sent.datagrams == 1 {
                 Ok(())
             } else {
@@ -654,7 +702,21 @@ impl IkeDriver {
                 .iter()
                 .find(|s| s.local_addr().is_ok_and(|a| a.is_ipv6() == to.is_ipv6()))
             {
-                Some(s) => s.send_to(msg, to).await.map(|_| ()),
+                Some(s) => {
+                    let src = via.src.filter(|a| a.is_ipv6() == to.is_ipv6());
+                    loop {
+                        match s.try_io(tokio::io::Interest::WRITABLE, || {
+                            crate::sys::ikesock::send_from(s, msg, to, src)
+                        }) {
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                if let Err(e) = s.writable().await {
+                                    break Err(e);
+                                }
+                            }
+                            r => break r.map(|_| ()),
+                        }
+                    }
+                }
                 None => Err(std::io::Error::other(
                     "no IKE socket for that address family",
                 )),
@@ -792,7 +854,10 @@ fn keyed_with<'a>(engines: impl Iterator<Item = &'a Peer>, peers: &[PeerSpec]) -
                     let (spi_in, key_in, _) = ins.remove(at);
                     // MOBIKE moved the peer (its UPDATE_SA_ADDRESSES): ESP follows, and
                     // only from there is it accepted.
-                    if let (Some(_), Some(at)) = (q.endpoint, e.engine.mobike_peer()) {
+                    // (A multipath peer's paths have their own addresses.)
+                    if let (Some(_), None, Some(at)) =
+                        (q.endpoint, &q.multipath, e.engine.mobike_peer())
+                    {
                         q.endpoint = Some(at.ip());
                     }
                     // ESP in UDP goes to the port IKE floated to (a NAT may map it).

@@ -473,7 +473,7 @@ fn drain_udp(u: &UdpEncapSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Rec
                 if let (Some(tx), [0, 0, 0, 0, msg @ ..]) = (e.natt, d) {
                     if !rx.gen.cfg.is_ike_endpoint(canonical_ip(r.from.ip())) {
                         e.edge.ike_foreign.fetch_add(1, Relaxed);
-                    } else if tx.try_send((msg.to_vec(), r.from)).is_err() {
+                    } else if tx.try_send((msg.to_vec(), r.from, r.landing.dst)).is_err() {
                         e.edge.ike_queue_full.fetch_add(1, Relaxed);
                     }
                     continue;

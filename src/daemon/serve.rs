@@ -97,24 +97,24 @@ pub(super) fn serve(
                 _ = int.recv() => break Stop::Signal("SIGINT"),
                 Some(e) = ended.recv() => break Stop::Worker(e),
                 _ = hup.recv() => reload_from_file(&mut reloader, ike.as_mut(), path).await,
-                (msg, from) = async {
+                (msg, from, here) = async {
                     match &ike {
                         Some(d) => d.recv().await,
                         None => std::future::pending().await,
                     }
                 } => {
                     if let Some(d) = ike.as_mut() {
-                        d.handle(&msg, from, false, &mut reloader).await;
+                        d.handle(&msg, (from, here), false, &mut reloader).await;
                     }
                 }
-                Some((msg, from)) = async {
+                Some((msg, from, here)) = async {
                     match natt.as_mut() {
                         Some(r) => r.recv().await,
                         None => std::future::pending().await,
                     }
                 } => {
                     if let Some(d) = ike.as_mut() {
-                        d.handle(&msg, from, true, &mut reloader).await;
+                        d.handle(&msg, (from, here), true, &mut reloader).await;
                     }
                 }
                 // The engines' next timer (their poll_timeout), not a fixed interval.

@@ -471,6 +471,8 @@ fn open_ike_sockets(cfg: &Config) -> Result<Vec<std::net::UdpSocket>, DaemonErro
         }
         s.bind(&std::net::SocketAddr::new(addr, crate::wire::ip::IKE_PORT).into())
             .map_err(|e| DaemonError::IkeSocket(addr, e))?;
+        // A responder answers from where it was reached.
+        crate::sys::ikesock::ask_landing(&s, v6).map_err(|e| DaemonError::IkeSocket(addr, e))?;
         v.push(s.into());
     }
     Ok(v)

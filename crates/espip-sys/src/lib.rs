@@ -10,6 +10,7 @@ pub mod capture;
 pub mod fdpass;
 pub mod grorx;
 pub mod hooks;
+pub mod ikesock;
 pub mod iptables;
 pub mod kstats;
 pub mod link;

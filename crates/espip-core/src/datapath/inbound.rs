@@ -73,7 +73,7 @@ impl Inbound {
                 _ => {}
             }
         }
-        let (idx, next_header, seq, path) = match protocol {
+        let (idx, next_header, seq, path, sa) = match protocol {
             PROTO_ESP | PROTO_UDP => {
                 match self.open_esp(buf, outer_src, protocol, src_port, landing, now) {
                     Ok(x) => x,
@@ -88,19 +88,20 @@ impl Inbound {
                     .mp
                     .as_ref()
                     .and_then(|m| m.shared.path_from(outer_src, 0, landing));
-                (idx, protocol, 0, path)
+                (idx, protocol, 0, path, (0, true))
             }
             _ => return Verdict::Drop(DropReason::Malformed),
         };
         let arrival = Arrival {
             idx,
             seq,
+            sa,
             path,
             src_port,
             outer_src,
         };
         let v = self.deliver(buf, &arrival, next_header, now);
-        self.reorder(buf, (idx, seq, path), v, now)
+        self.reorder(buf, &arrival, v, now)
     }
 
     /// Step 1 of an ESP packet (RFC 4303 section 3.4): its SA by SPI, the source check, the
@@ -116,7 +117,7 @@ impl Inbound {
         src_port: u16,
         landing: Landing,
         now: u64,
-    ) -> Result<(usize, u8, u64, Option<usize>), DropReason> {
+    ) -> Result<(usize, u8, u64, Option<usize>, (u32, bool)), DropReason> {
         let Some(spi) = buf.as_slice().get(..4) else {
             return Err(DropReason::Malformed);
         };
@@ -137,10 +138,12 @@ impl Inbound {
         if (path.is_none() && !adopting) || peer.udp != (protocol == PROTO_UDP) {
             return Err(DropReason::WrongSource);
         }
-        let sa = match peer.sa.as_mut() {
-            Some((_, sa)) if sa.spi() == spi => sa,
+        // (`newest`: the SA the peer's newest keys belong to; the reorder stage needs to
+        // know, see `Reorder::key`.)
+        let (sa, newest) = match peer.sa.as_mut() {
+            Some((_, sa)) if sa.spi() == spi => (sa, true),
             _ => match peer.older.iter_mut().find(|(id, _)| id.spi == spi) {
-                Some((_, sa)) => sa,
+                Some((_, sa)) => (sa, false),
                 None => return Err(DropReason::UnknownSpi),
             },
         };
@@ -193,7 +196,7 @@ impl Inbound {
                 peer.used.packets += 1;
                 peer.used.bytes += buf.len() as u64;
                 peer.stats.replay_top.store(sa.replay().top(), Relaxed);
-                Ok((idx, o.next_header, o.seq, path))
+                Ok((idx, o.next_header, o.seq, path, (spi, newest)))
             }
             Err(EspError::Malformed) => Err(DropReason::Malformed),
             // A `redundant` multipath peer's copies have the same sequence number;
@@ -216,14 +219,8 @@ impl Inbound {
     /// host (`v` is `ToTun`) may wait for a gap ahead of it; anything else only takes its
     /// place in the order. Other peers' verdicts pass unchanged.
     #[inline]
-    fn reorder(
-        &mut self,
-        buf: &PacketBuf,
-        arrival: (usize, u64, Option<usize>),
-        v: Verdict,
-        now: u64,
-    ) -> Verdict {
-        let (idx, seq, path) = arrival;
+    fn reorder(&mut self, buf: &PacketBuf, arrival: &Arrival, v: Verdict, now: u64) -> Verdict {
+        let (idx, seq, path) = (arrival.idx, arrival.seq, arrival.path);
         let InPeer { mp, .. } = &mut self.peers[idx];
         match (mp, v) {
             (
@@ -234,6 +231,7 @@ impl Inbound {
                 v,
             ) if seq != 0 => {
                 let hold = shared.hold_ns();
+                let seq = r.key(arrival.sa.0, arrival.sa.1, seq);
                 r.set_live(shared.live_mask());
                 if let Some(p) = path {
                     r.note(p, seq, now, 2 * hold);
@@ -320,7 +318,8 @@ impl Inbound {
                 if let Some(r) = reorder {
                     for s in probe.skipped() {
                         if *s < a.seq && a.seq - *s <= crate::multipath::MAX_PATHS as u64 * 4 {
-                            r.forget(*s);
+                            let k = r.key(a.sa.0, a.sa.1, *s);
+                            r.forget(k);
                         }
                     }
                 }
@@ -383,6 +382,29 @@ impl Inbound {
     /// the window to replays nor forgets what was received. Called by the thread that owns
     /// both, between two batches; `old` is left with fresh state and is dropped after.
     pub fn adopt(&mut self, old: &mut Inbound) {
+        // A multipath peer's reorder stage continues (what it holds, the SAs it orders): an
+        // IKEv2 rekey publishes a new generation, and the packets waiting for a gap must not
+        // go with the old one.
+        for peer in &mut self.peers {
+            let Some(InPaths {
+                reorder: Some(r),
+                shared,
+            }) = &mut peer.mp
+            else {
+                continue;
+            };
+            let prev = old.peers.iter_mut().find_map(|q| match &mut q.mp {
+                Some(InPaths {
+                    reorder: Some(o), ..
+                }) if Arc::ptr_eq(&q.stats, &peer.stats) => Some(o),
+                _ => None,
+            });
+            if let Some(o) = prev {
+                std::mem::swap(r, o);
+                let s = shared.spec;
+                r.resize(s.reorder_packets as usize, s.reorder_bytes as usize);
+            }
+        }
         for peer in &mut self.peers {
             let mut took_used = false;
             for (primary, (id, sa)) in peer

@@ -695,6 +695,8 @@ struct Arrival {
     idx: usize,
     /// Its ESP sequence number (0: IP-in-IP).
     seq: u64,
+    /// Its SA's SPI, and whether that SA holds the peer's newest keys (IP-in-IP: 0, true).
+    sa: (u32, bool),
     /// The peer's path it came by, if known.
     path: Option<usize>,
     /// UDP source port (0: not UDP).

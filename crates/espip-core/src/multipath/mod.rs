@@ -608,6 +608,33 @@ impl Multipath {
             .or_else(|| self.paths.iter().position(|p| p.endpoint == src))
     }
 
+    /// Where an IKE message (on the NAT-T port) for this peer goes, so that IKE lives as long
+    /// as any path does: to `to` by a path to that address that is not down, else to the
+    /// first path not down (its address, learned or configured, and its UDP port, else
+    /// `to`'s), each with the way that path's packets leave. `None`: every path is down, or
+    /// none has an address yet (send to `to`, routed).
+    pub fn ike_route(&self, to: SocketAddr) -> Option<(SocketAddr, crate::datapath::Via)> {
+        let addr = |i: usize| -> Option<SocketAddr> {
+            let p = &self.paths[i];
+            if p.learned {
+                return self.stats[i].learned.get();
+            }
+            let port = if p.port != 0 { p.port } else { to.port() };
+            Some(SocketAddr::new(p.endpoint, port))
+        };
+        let live = |i: &usize| self.stats[*i].state().usable();
+        let mine = (0..self.paths.len())
+            .filter(live)
+            .find(|&i| addr(i).is_some_and(|a| a.ip() == to.ip()));
+        if let Some(i) = mine {
+            return Some((to, self.path_via(i)));
+        }
+        let i = (0..self.paths.len())
+            .filter(live)
+            .find(|&i| addr(i).is_some())?;
+        Some((addr(i)?, self.path_via(i)))
+    }
+
     /// How path `i`'s packets leave (its own source or interface, or the address the peer
     /// last reached us at).
     pub fn path_via(&self, i: usize) -> crate::datapath::Via {
@@ -1301,6 +1328,51 @@ mod tests {
         assert!(r.is_empty());
         assert_eq!(r.bytes(), 0);
         assert_eq!(s.gaps_skipped.load(Relaxed), 0);
+    }
+
+    /// An IKEv2 rekey in the middle of a multipath stream: the old SA's last packets are
+    /// still on the slow path when the new SA's first ones (numbered from 1 again) arrive on
+    /// the fast one. Every packet comes out, in the order it was sent, none counted lost.
+    #[test]
+    fn a_rekey_moves_the_order_to_the_new_sa_without_loss_or_reordering() {
+        let s = ReorderStats::default();
+        let mut r = Reorder::new(100, 1 << 20);
+        r.set_live(0b11);
+        let mut out = Vec::new();
+        // (spi, the peer's newest SA when it arrives, seq, path, payload)
+        let mut arrive = |r: &mut Reorder, spi, newest, seq: u64, path, id: u8, now: u64| {
+            let k = r.key(spi, newest, seq);
+            r.note(path, k, now, 1_000 * MS);
+            if r.offer(k, Some(&[id]), now, 1_000 * MS, &s) == Order::Now {
+                out.push(id);
+            }
+            r.release(now, &s, usize::MAX, |d| out.push(d[0]));
+        };
+        // The sender: old SA 0x100 numbers 1-10, then the new SA 0x200 numbers 1-6, odd
+        // numbers on path 0 (fast), even on path 1 (slow).
+        let mut now = 0;
+        for seq in (1..=9).step_by(2) {
+            now += MS;
+            arrive(&mut r, 0x100, true, seq, 0, seq as u8, now);
+        }
+        for seq in (1..=5).step_by(2) {
+            now += MS;
+            // Installed as the primary inbound SA before the peer used it.
+            arrive(&mut r, 0x200, true, seq, 0, 100 + seq as u8, now);
+        }
+        for seq in (2..=10).step_by(2) {
+            now += MS;
+            arrive(&mut r, 0x100, false, seq, 1, seq as u8, now);
+        }
+        for seq in (2..=6).step_by(2) {
+            now += MS;
+            arrive(&mut r, 0x200, true, seq, 1, 100 + seq as u8, now);
+        }
+        let want: Vec<u8> = (1..=10).chain(101..=106).collect();
+        assert_eq!(out, want);
+        assert!(r.is_empty());
+        assert_eq!(s.gaps_skipped.load(Relaxed), 0);
+        assert_eq!(s.late.load(Relaxed), 0);
     }
 
     #[test]

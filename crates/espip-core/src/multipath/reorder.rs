@@ -45,7 +45,19 @@ pub struct Reorder {
     active_ns: u64,
     /// The paths that may carry packets (bit i: path i; not found down by our own probes).
     live: u32,
+    /// The ESP SAs whose packets the stage has ordered, each with its epoch: an IKEv2 rekey
+    /// starts a new SA whose sequence numbers start again at 1, and every packet of it comes
+    /// after every packet of the SA before it. The stage orders by [`Reorder::key`].
+    sas: Vec<(u32, u64)>,
 }
+
+/// Bits of a reorder key that hold the ESP sequence number (the rest: the SA's epoch). 2^48
+/// packets is nine years at a million packets a second: no SA lives that long.
+const SEQ_BITS: u32 = 48;
+/// The first SA's epoch (room below for older SAs first seen after newer ones).
+const EPOCH0: u64 = 1 << 14;
+/// SAs remembered: a rekey keeps at most three or so accepted at once.
+const MAX_SAS: usize = 8;
 
 /// What the reorder stage does with a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +81,46 @@ impl Reorder {
             tops: [(0, 0); MAX_PATHS],
             active_ns: 0,
             live: 0,
+            sas: Vec::new(),
         }
+    }
+
+    /// New limits (a reload), keeping what is held.
+    pub fn resize(&mut self, max_packets: usize, max_bytes: usize) {
+        self.max_packets = max_packets.max(1);
+        self.max_bytes = max_bytes;
+    }
+
+    /// The order of sequence number `seq` of the SA `spi` among everything this stage
+    /// orders: its SA's epoch, then the number. An SA seen for the first time is newer than
+    /// every SA seen so far when it is the one the peer's newest keys belong to (`newest`: a
+    /// rekey's new SA), else older than all of them (a stage that starts while an old SA still
+    /// delivers). So after a rekey the new SA's packets wait, like any packet behind a gap,
+    /// until every path has delivered past the old SA's last ones (paths are FIFOs) or their
+    /// hold time passes: the switch costs no reordering and loses nothing.
+    pub fn key(&mut self, spi: u32, newest: bool, seq: u64) -> u64 {
+        let epoch = match self.sas.iter().find(|(s, _)| *s == spi) {
+            Some((_, e)) => *e,
+            None => {
+                let e = if newest {
+                    self.sas.iter().map(|x| x.1).max().map_or(EPOCH0, |m| m + 1)
+                } else {
+                    self.sas
+                        .iter()
+                        .map(|x| x.1)
+                        .min()
+                        .map_or(EPOCH0, |m| m.saturating_sub(1).max(1))
+                };
+                if self.sas.len() == MAX_SAS {
+                    if let Some(i) = (0..self.sas.len()).min_by_key(|&i| self.sas[i].1) {
+                        self.sas.remove(i);
+                    }
+                }
+                self.sas.push((spi, e));
+                e
+            }
+        };
+        (epoch << SEQ_BITS) | (seq & ((1 << SEQ_BITS) - 1))
     }
 
     /// Which paths may carry packets (bit i: path i): a live path that has delivered nothing
@@ -218,16 +269,21 @@ impl Reorder {
             }
             let seq = *e.key();
             if seq != self.next {
-                // Every active path has delivered past the gap: it is lost.
+                // Every active path has delivered past the gap: it is lost (or it is the
+                // step from one SA's numbers to the next one's, which is no loss).
                 if floor > self.next {
-                    stats.gaps_skipped.fetch_add(1, Relaxed);
+                    if seq >> SEQ_BITS == self.next >> SEQ_BITS {
+                        stats.gaps_skipped.fetch_add(1, Relaxed);
+                    }
                     self.next = floor.min(seq);
                     continue;
                 }
                 if e.get().deadline > now {
                     break;
                 }
-                stats.gaps_skipped.fetch_add(1, Relaxed);
+                if seq >> SEQ_BITS == self.next >> SEQ_BITS {
+                    stats.gaps_skipped.fetch_add(1, Relaxed);
+                }
             }
             let h = e.get_mut();
             let data = h.data.take();

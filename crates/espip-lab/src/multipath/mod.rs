@@ -17,6 +17,7 @@
 //! back); `redundant` under random loss on both links (TCP's retransmissions counted); a
 //! capture of each link shows only the tunnel and no plaintext; nothing left behind.
 
+mod ikev2;
 mod uplinks;
 
 use super::netns::{self, Daemon, Netns};
@@ -159,6 +160,9 @@ pub struct MultipathOptions {
     pub congestion: Option<String>,
     /// `spread` adapts to measured delivery (false: the links' rates as static weights).
     pub adapt: bool,
+    /// The peers keyed by IKEv2 (A initiates) instead of static keys, with CHILD_SAs rekeyed
+    /// every few seconds all through the lab ([`ikev2::REKEY_LINES`]).
+    pub ikev2: bool,
     /// What every lab takes.
     pub run: super::LabRun,
 }
@@ -320,6 +324,7 @@ fn config_text(
         opts.adapt
     );
     match (opts.mode, keys) {
+        (LabMode::EspUdp(_), None) if opts.ikev2 => s.push_str(&ikev2::peer_lines(me_a)),
         (LabMode::Esp(c) | LabMode::EspUdp(c), Some(keys)) => {
             let (spi_out, spi_in, key_out, key_in) = if me_a {
                 (0x1001u32, 0x1002u32, &keys.a_to_b, &keys.b_to_a)
@@ -423,7 +428,11 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
                 LabMode::EspUdp(c) => format!("esp-udp {}", c.name()),
                 LabMode::IpIp => "ipip".into(),
             },
-            opts.scheduler.name(),
+            if opts.ikev2 {
+                format!("{}, IKEv2", opts.scheduler.name())
+            } else {
+                opts.scheduler.name().to_string()
+            },
             match opts.topology {
                 Topology::Pair => "link 1 IPv4",
                 Topology::Uplinks => "uplink 1",
@@ -452,6 +461,10 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
         lab.relay(&opts.run.exe, i, spec, spec.loss_percent)?;
     }
     let keys = match opts.mode {
+        _ if opts.ikev2 => {
+            write_private(&work.join("psk"), &format!("{}\n", crate::ike::LAB_PSK))?;
+            None
+        }
         LabMode::Esp(c) | LabMode::EspUdp(c) => Some(LabKeys::generate(c)?),
         LabMode::IpIp => None,
     };
@@ -482,6 +495,9 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
         super::export_esp_sa(&ctl_a, &work.join("esp_sa"))?;
     }
     let probing = !matches!(opts.mode, LabMode::IpIp);
+    if opts.ikev2 {
+        ikev2::up_check(&mut report, &ctl_a);
+    }
     if probing {
         paths_up_check(&mut report, &ctl_a);
     }
@@ -496,6 +512,9 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
         }
     }
 
+    if opts.ikev2 {
+        ikev2::rekeys_check(&mut report, &lab.a, (&ctl_a, &ctl_b))?;
+    }
     if opts.compare_mptcp {
         mptcp_compare(&mut report, &lab, opts)?;
     }
