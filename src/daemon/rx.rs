@@ -164,12 +164,7 @@ pub(super) fn rx_loop(
         if panic_hook {
             panic!("ESPIP_DEBUG_PANIC=rx (the supervision test's hook)");
         }
-        // A reload: the new inbound half takes over the continuing SAs' replay windows
-        // before it sees a packet; the generation (relay, tap sources) is refreshed.
-        if let Some(mut next) = e.handoff.take() {
-            next.adopt(rx.inb);
-            *rx.inb = next;
-        }
+        rx.follow_handoff();
         rx.gen = e.current.load_full();
         let mut ready = [false; POLL_SLOTS];
         for (r, f) in ready.iter_mut().zip(&fds[1..]) {
@@ -611,6 +606,18 @@ pub(super) struct RxState<'a, 'e> {
 }
 
 impl RxState<'_, '_> {
+    /// A reload or an IKEv2 rekey: the new inbound half takes over the continuing SAs' replay
+    /// windows (and the reorder stages) before it sees a packet; the generation (relay, tap
+    /// sources) is refreshed. Checked before every batch: under sustained load the sockets
+    /// never run dry, and an SA the peer already uses must not wait for a quiet moment.
+    fn follow_handoff(&mut self) {
+        if let Some(mut next) = self.e.handoff.take() {
+            next.adopt(self.inb);
+            *self.inb = next;
+            self.gen = self.e.current.load_full();
+        }
+    }
+
     /// Run a batch of received packets (outer headers removed) through the core and deliver
     /// them: to the TUN (coalesced where possible) or, on a hub, on to another peer. `ports`:
     /// the UDP source ports of a batch from the ESP-in-UDP socket (empty for raw sockets);
@@ -624,6 +631,7 @@ impl RxState<'_, '_> {
         rec: &mut Recorder,
         now: u64,
     ) {
+        self.follow_handoff();
         let e = self.e;
         let mut relay = [false; BATCH];
         let mut any_relay = false;

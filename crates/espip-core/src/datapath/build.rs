@@ -219,6 +219,7 @@ pub(super) fn build_with(
             negotiated: parts.negotiated,
         });
         inp.push(InPeer {
+            name: p.name.clone(),
             endpoint: p.endpoint,
             udp: parts.udp,
             sa: parts.sa_in,

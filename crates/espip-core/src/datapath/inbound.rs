@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// An authenticated ESP packet: the peer's index, the next header, the sequence number, the
+/// path it came by, and its SA (SPI, and whether that SA holds the peer's newest keys).
+type Opened = (usize, u8, u64, Option<usize>, (u32, bool));
+
 impl Inbound {
     /// Process one packet from a raw socket (`buf` holds what follows the outer IP header;
     /// `outer_src` and `protocol` come from that header) or one datagram from the ESP-in-UDP
@@ -117,7 +121,7 @@ impl Inbound {
         src_port: u16,
         landing: Landing,
         now: u64,
-    ) -> Result<(usize, u8, u64, Option<usize>, (u32, bool)), DropReason> {
+    ) -> Result<Opened, DropReason> {
         let Some(spi) = buf.as_slice().get(..4) else {
             return Err(DropReason::Malformed);
         };
@@ -396,7 +400,7 @@ impl Inbound {
             let prev = old.peers.iter_mut().find_map(|q| match &mut q.mp {
                 Some(InPaths {
                     reorder: Some(o), ..
-                }) if Arc::ptr_eq(&q.stats, &peer.stats) => Some(o),
+                }) if q.name == peer.name => Some(o),
                 _ => None,
             });
             if let Some(o) = prev {

@@ -676,6 +676,8 @@ pub struct Outbound {
 }
 
 struct InPeer {
+    /// The peer's name (a reload's new generation finds its predecessor by it).
+    name: String,
     /// `None`: any source, learned once a packet authenticates.
     endpoint: Option<IpAddr>,
     /// The peer's ESP arrives in UDP (RFC 3948), not as protocol 50.

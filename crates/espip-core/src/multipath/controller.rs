@@ -29,7 +29,7 @@ pub(super) struct Sample {
 ///
 /// Shares follow the estimates; every live path keeps at least one slot in 64 so that it stays
 /// measured.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Controller {
     samples: Vec<Sample>,
     window_start: u64,

@@ -427,7 +427,7 @@ pub struct Multipath {
 /// order (little for the receiver to reorder, nothing that looks like loss to TCP), and one
 /// TCP stream never gets less than its best path alone would carry, which a fixed share of
 /// a slow, long path cannot promise.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Arrival {
     /// Bytes the model holds for each path at `at`.
     backlog: Vec<f64>,
@@ -546,6 +546,9 @@ impl Multipath {
             arrival: Mutex::default(),
             reorder: ReorderStats::default(),
         };
+        if let Some(prev) = prev {
+            m.continue_from(prev);
+        }
         // A learned path nobody is behind yet is down (not scheduled) from the start.
         for (p, s) in m.paths.iter().zip(&m.stats) {
             if p.learned && s.learned.get().is_none() {
@@ -554,6 +557,48 @@ impl Multipath {
         }
         m.publish();
         m
+    }
+
+    /// A new generation of the same paths (an IKEv2 rekey, a reload that changed something
+    /// else) goes on where `prev` was: the estimates, the schedule's position, the probe
+    /// numbers and the counters. Paths that changed start over.
+    fn continue_from(&self, prev: &Multipath) {
+        let same = self.paths.len() == prev.paths.len()
+            && self
+                .paths
+                .iter()
+                .zip(&prev.paths)
+                .all(|(a, b)| a.name == b.name && a.endpoint == b.endpoint);
+        for (mine, theirs) in [
+            (&self.reorder.held, &prev.reorder.held),
+            (&self.reorder.gaps_skipped, &prev.reorder.gaps_skipped),
+            (&self.reorder.late, &prev.reorder.late),
+            (&self.reorder.overflow, &prev.reorder.overflow),
+        ] {
+            mine.store(theirs.load(Relaxed), Relaxed);
+        }
+        if !same {
+            return;
+        }
+        let control = prev
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        *self.control.lock().unwrap_or_else(|p| p.into_inner()) = control;
+        *self.arrival.lock().unwrap_or_else(|p| p.into_inner()) = prev
+            .arrival
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (mine, theirs) in [
+            (&self.next, &prev.next),
+            (&self.probe_id, &prev.probe_id),
+            (&self.started, &prev.started),
+            (&self.due, &prev.due),
+        ] {
+            mine.store(theirs.load(Relaxed), Relaxed);
+        }
     }
 
     /// The path(s) for the next packet.
