@@ -316,3 +316,154 @@ fn mobike_with_espip_as_the_client_that_moves_to_strongswan() {
         assert!(t.contains(c), "missing {c:?} in:\n{t}");
     }
 }
+
+/// `max_paths` in namespaces (issue 29): A has three paths to B's one address, each from its
+/// own address (`local`); B (no address of A configured, `max_paths = 2`, `path_idle = 2`)
+/// learns two of them and drops the third's packets as `path_limit`. When one learned
+/// address goes away, the third takes its slot once it has been silent (two probe
+/// intervals); when another goes away with no newcomer, its slot is forgotten after
+/// `path_idle` seconds, and the remaining path carries the tunnel throughout.
+#[test]
+fn max_paths_limit_takeover_and_expiry_of_learned_paths() {
+    let Some(_g) = serial() else { return };
+    const ADDRS: [&str; 3] = ["192.0.2.21", "192.0.2.22", "192.0.2.23"];
+    let (a, b) = p2p::topology("mpl").unwrap();
+    let dir = std::env::temp_dir().join(format!("espip-test-mpl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for ip in ADDRS {
+        a.ip(&["addr", "add", &format!("{ip}/24"), "dev", "veth0"])
+            .unwrap();
+    }
+    let keys = LabKeys::generate(Cipher::Aes128Gcm).unwrap();
+    let mut daemons = Vec::new();
+    for me_a in [false, true] {
+        let host = if me_a { "a" } else { "b" };
+        let text = p2p::config_text(
+            LabMode::EspUdp(Cipher::Aes128Gcm),
+            me_a,
+            Some(&keys),
+            false,
+            &dir.join(format!("state-{host}")),
+        );
+        let mut text: String = text
+            .lines()
+            .filter(|l| !l.starts_with("endpoint =") && !l.starts_with("local ="))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        if me_a {
+            for (i, ip) in ADDRS.iter().enumerate() {
+                text.push_str(&format!(
+                    "\n[[peer.path]]\nname = \"p{}\"\nendpoint = \"{B_OUTER}:4500\"\nlocal = \"{ip}\"\n",
+                    i + 1
+                ));
+            }
+        } else {
+            // (Inserted among the peer's keys: the config ends with the peer table.)
+            text.push_str("max_paths = 2\npath_idle = 2\n");
+        }
+        let cfg = dir.join(format!("{host}.toml"));
+        write_private(&cfg, &text);
+        let ns = if me_a { &a } else { &b };
+        daemons.push(Daemon::start(ns, &exe(), &cfg, &dir.join(format!("{host}.log"))).unwrap());
+    }
+    let ctl_b = dir.join("state-b/control.sock");
+    let learned = || -> Vec<Option<String>> {
+        status_at(&ctl_b).peers[0]
+            .multipath
+            .as_ref()
+            .map(|m| {
+                m.paths
+                    .iter()
+                    .map(|p| (!p.endpoint.starts_with('(')).then(|| host(&p.endpoint).to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let path_limit = || {
+        status_at(&ctl_b)
+            .drops
+            .get("path_limit")
+            .copied()
+            .unwrap_or(0)
+    };
+    let logs = || {
+        ["a", "b"]
+            .iter()
+            .map(|h| std::fs::read_to_string(dir.join(format!("{h}.log"))).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    // B learns two of A's three addresses; the third is refused, counted.
+    assert!(
+        wait(Duration::from_secs(10), || learned()
+            .iter()
+            .flatten()
+            .count()
+            == 2
+            && path_limit() > 0),
+        "learned {:?}, path_limit {}\n{}",
+        learned(),
+        path_limit(),
+        logs()
+    );
+    assert_eq!(pings(&a, B_INNER, 3), 3);
+    let first = learned();
+    let third = ADDRS
+        .iter()
+        .find(|ip| !first.iter().flatten().any(|l| l == *ip))
+        .unwrap()
+        .to_string();
+    // One learned address goes: the third takes its slot once it has been silent.
+    let gone = first[0].clone().unwrap();
+    a.ip(&["addr", "del", &format!("{gone}/24"), "dev", "veth0"])
+        .unwrap();
+    assert!(
+        wait(Duration::from_secs(5), || learned()
+            .iter()
+            .flatten()
+            .any(|l| *l == third)),
+        "after {gone} went: {:?}\n{}",
+        learned(),
+        logs()
+    );
+    assert!(!learned().iter().flatten().any(|l| *l == gone));
+    // Another goes, with no newcomer: it is found down within a few probe intervals, and
+    // its slot is forgotten after path_idle (2 s), logged once.
+    let now = learned();
+    let second_gone = now.iter().flatten().find(|l| **l != third).unwrap().clone();
+    a.ip(&["addr", "del", &format!("{second_gone}/24"), "dev", "veth0"])
+        .unwrap();
+    let t0 = Instant::now();
+    let b_log = || std::fs::read_to_string(dir.join("b.log")).unwrap_or_default();
+    let forgot = |l: &str| {
+        l.contains("learned path forgotten") && l.contains(&format!("endpoint={second_gone}"))
+    };
+    assert!(
+        wait(Duration::from_secs(6), || b_log().lines().any(forgot)),
+        "{second_gone} not forgotten: {:?}\n{}",
+        learned(),
+        logs()
+    );
+    let forgotten_after = t0.elapsed();
+    assert!(
+        forgotten_after >= Duration::from_millis(1800),
+        "forgotten after {forgotten_after:?}: before path_idle"
+    );
+    let st = status_at(&ctl_b);
+    let paths = &st.peers[0].multipath.as_ref().unwrap().paths;
+    let states: Vec<(String, String)> = paths
+        .iter()
+        .map(|p| (host(&p.endpoint).to_string(), p.state.clone()))
+        .collect();
+    assert!(
+        states.contains(&(second_gone.clone(), "forgotten".into()))
+            && states.contains(&(third.clone(), "up".into())),
+        "{states:?}"
+    );
+    // The remaining path carries the tunnel.
+    assert_eq!(pings(&a, B_INNER, 3), 3, "{}", logs());
+    for d in &mut daemons {
+        let _ = d.stop();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -499,7 +499,11 @@ fn path_status(
                         .flatten(),
                     local: p.local.map(|l| l.to_string()),
                     device: p.device.clone(),
-                    state: s.state().name().into(),
+                    state: if p.learned && s.forgotten.load(Relaxed) {
+                        "forgotten".into()
+                    } else {
+                        s.state().name().into()
+                    },
                     // A down path has no current RTT (its last one would mislead).
                     rtt_ms: if s.state().name() == "down" {
                         None

@@ -204,7 +204,8 @@ pub struct PathStatus {
     /// moved (Unix seconds; `None`: a configured path, or none learned yet).
     #[serde(default)]
     pub learned_unix: Option<f64>,
-    /// `up`, `quiet` (late, not scheduled, not down yet), `down` or `unknown` (no echo yet).
+    /// `up`, `quiet` (late, not scheduled, not down yet), `down`, `unknown` (no echo yet) or,
+    /// for a learned path, `forgotten` (silent for `path_idle`: its slot is free).
     pub state: String,
     /// Smoothed probe RTT, milliseconds (`None`: none measured).
     pub rtt_ms: Option<f64>,

@@ -309,6 +309,9 @@ pub struct PathStats {
     /// A learned path: the (address, port) it was learned from (port 0 for protocol 50),
     /// written only by the RX thread ([`Multipath::adopt`]); `changed_at` is when.
     pub learned: crate::endpoint::EndpointCell,
+    /// A learned path forgotten after `path_idle_s` (its slot free; logged once, shown in
+    /// status as `forgotten`).
+    pub forgotten: std::sync::atomic::AtomicBool,
     /// A path without `local` or `device`: the address of ours its last authenticated packet
     /// was sent to, which its packets leave from (port 0), so that a peer which reaches one
     /// of several addresses of this host hears the answer from that address (WireGuard's
@@ -779,18 +782,18 @@ impl Multipath {
             let alive = now.saturating_sub(heard) <= dead + interval / 2;
             if self.forgotten(i, now) {
                 // Nobody behind it: not probed, not scheduled; the log hears of it once,
-                // when a path that was there is forgotten.
-                if p.state() != PathState::Down {
-                    if p.learned.get().is_some() {
-                        events.push(PathEvent {
-                            path: i,
-                            state: PathState::Down,
-                        });
-                    }
-                    p.set_state(PathState::Down);
+                // when a path that was there is forgotten (found down before or not).
+                let was = p.forgotten.swap(true, Relaxed);
+                if !was && p.learned.get().is_some() {
+                    events.push(PathEvent {
+                        path: i,
+                        state: PathState::Down,
+                    });
                 }
+                p.set_state(PathState::Down);
                 continue;
             }
+            p.forgotten.store(false, Relaxed);
             let next = match (p.state(), alive, last) {
                 // Quiet stays quiet until an echo (`quieten` decides, below).
                 (PathState::Quiet, true, _) => PathState::Quiet,
