@@ -383,6 +383,10 @@ pub struct MultipathArgs {
     /// Link 2 (IPv6 only) as RATE_MBIT/RTT_MS[/LOSS_PERCENT].
     #[arg(long, default_value = "100/40")]
     pub link2: String,
+    /// Two to four links instead of --link1/--link2 (--topology pair), each
+    /// RATE_MBIT/RTT_MS[/LOSS_PERCENT][/ipv6], comma-separated: "60/10,30/100/ipv6,15/40".
+    #[arg(long, conflicts_with_all = ["link1", "link2"])]
+    pub links: Option<String>,
     /// spread, earliest, failover or redundant (the aggregate and cut phases).
     #[arg(long, default_value = "spread")]
     pub scheduler: String,

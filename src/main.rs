@@ -663,6 +663,7 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         cipher,
         link1,
         link2,
+        links,
         scheduler,
         seconds,
         redundant_loss,
@@ -679,6 +680,28 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
     let topology = match topology {
         TopologyArg::Pair => espip_lab::multipath::Topology::Pair,
         TopologyArg::Uplinks => espip_lab::multipath::Topology::Uplinks,
+    };
+    let links = match links {
+        Some(l) => {
+            if topology == espip_lab::multipath::Topology::Uplinks {
+                bail!("--links is for --topology pair; the uplinks topology takes --link1 and --link2");
+            }
+            espip_lab::multipath::parse_links(&l).map_err(|e| anyhow::anyhow!("--links {e}"))?
+        }
+        None => {
+            let l1 = link1
+                .parse::<espip_lab::multipath::LinkSpec>()
+                .map_err(|e| anyhow::anyhow!("--link1 {e}"))?;
+            let mut l2 = link2
+                .parse::<espip_lab::multipath::LinkSpec>()
+                .map_err(|e| anyhow::anyhow!("--link2 {e}"))?;
+            // The pair's link 2 is the IPv6 one (the uplinks are IPv4, behind a NAT).
+            l2.ipv6 = topology == espip_lab::multipath::Topology::Pair;
+            if l1.ipv6 && topology == espip_lab::multipath::Topology::Pair {
+                bail!("--link1 is IPv4 (link 2 is the IPv6 one); use --links to choose each link's family");
+            }
+            vec![l1, l2]
+        }
     };
     if topology == espip_lab::multipath::Topology::Uplinks {
         if !matches!(mode, ModeArg::EspUdp) {
@@ -710,14 +733,7 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
     Ok(espip_lab::multipath::MultipathOptions {
         topology,
         mode,
-        links: [
-            link1
-                .parse::<espip_lab::multipath::LinkSpec>()
-                .map_err(|e| anyhow::anyhow!("--link1 {e}"))?,
-            link2
-                .parse::<espip_lab::multipath::LinkSpec>()
-                .map_err(|e| anyhow::anyhow!("--link2 {e}"))?,
-        ],
+        links,
         scheduler,
         seconds,
         redundant_loss,

@@ -11,6 +11,10 @@ pub const WARN_INTERVAL: Duration = Duration::from_secs(60);
 /// Errors at the kernel edges, counted (never logged per packet).
 #[derive(Debug, Default)]
 pub struct EdgeStats {
+    /// The IKE SAs (SPIi, SPIr) whose messages may come from any address (MOBIKE: their
+    /// initiator may announce a new one): the RX thread lets their IKE on the NAT-T port
+    /// through from any source, and only theirs. Kept by the IKE edge.
+    pub ike_movable: arc_swap::ArcSwap<Vec<(u64, u64)>>,
     /// Failed TUN reads.
     pub tun_read_errors: AtomicU64,
     /// Failed TUN writes.

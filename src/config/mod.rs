@@ -511,18 +511,15 @@ impl Config {
         }
     }
 
-    /// Whether IKE from `ip` may be for us: it is the endpoint of a peer keyed by IKEv2, or
-    /// some IKEv2 responder has no endpoint (it finds its peer by identity, from anywhere) or
-    /// takes MOBIKE (its initiator may announce any new address). The engines still check
-    /// each message's SPIs and ICV.
+    /// Whether IKE from `ip` may be for us: it is an endpoint of a peer keyed by IKEv2 (any
+    /// of its paths'), or some IKEv2 responder has no endpoint (it finds its peer by
+    /// identity, from anywhere). (An established MOBIKE IKE SA's messages pass from any
+    /// address by their SPIs: `EdgeStats::ike_movable`.)
     pub fn is_ike_endpoint(&self, ip: std::net::IpAddr) -> bool {
         self.ike.iter().any(|s| {
-            self.peers.iter().any(|p| {
-                p.name == s.peer
-                    && (p.endpoint.is_none()
-                        || p.endpoints().contains(&ip)
-                        || (s.mobike && s.role == ike::Role::Responder))
-            })
+            self.peers
+                .iter()
+                .any(|p| p.name == s.peer && (p.endpoint.is_none() || p.endpoints().contains(&ip)))
         })
     }
 

@@ -648,6 +648,15 @@ impl IkeDriver {
     /// ones).
     pub(super) fn refresh(&mut self, reloader: &Reloader<'_>) {
         self.status_dirty = false;
+        let mut movable: Vec<(u64, u64)> = self
+            .peers
+            .iter()
+            .flat_map(|p| p.engine.mobike_spis())
+            .collect();
+        movable.sort_unstable();
+        if **reloader.live.edge.ike_movable.load() != movable {
+            reloader.live.edge.ike_movable.store(Arc::new(movable));
+        }
         reloader.live.set_ike(self.status(), self.wireshark_ike());
         if let Some(k) = self.keylog.as_mut() {
             k.record(reloader.live);

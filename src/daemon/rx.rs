@@ -466,7 +466,7 @@ fn drain_udp(u: &UdpEncapSocket, b: &mut RxBufs, rx: &mut RxState, rec: &mut Rec
                 // the queue, so strangers cannot fill it; a full queue drops it: IKE
                 // retransmits); otherwise the core counts it as `non_esp`.
                 if let (Some(tx), [0, 0, 0, 0, msg @ ..]) = (e.natt, d) {
-                    if !rx.gen.cfg.is_ike_endpoint(canonical_ip(r.from.ip())) {
+                    if !rx.gen.cfg.is_ike_endpoint(canonical_ip(r.from.ip())) && !movable(e, msg) {
                         e.edge.ike_foreign.fetch_add(1, Relaxed);
                     } else if tx.try_send((msg.to_vec(), r.from, r.landing.dst)).is_err() {
                         e.edge.ike_queue_full.fetch_add(1, Relaxed);
@@ -721,4 +721,17 @@ impl RxState<'_, '_> {
             }
         }
     }
+}
+
+/// Whether an IKE message names (by its SPIs) an IKE SA that may move (MOBIKE), so its
+/// source need not be a peer's endpoint.
+fn movable(e: &Edges, msg: &[u8]) -> bool {
+    let (Some(i), Some(r)) = (msg.get(..8), msg.get(8..16)) else {
+        return false;
+    };
+    let spis = (
+        u64::from_be_bytes(i.try_into().expect("8 bytes")),
+        u64::from_be_bytes(r.try_into().expect("8 bytes")),
+    );
+    spis.1 != 0 && e.edge.ike_movable.load().contains(&spis)
 }

@@ -18,7 +18,10 @@
 //! capture of each link shows only the tunnel and no plaintext; nothing left behind.
 
 mod ikev2;
+mod links;
 mod uplinks;
+
+pub use links::{parse_links, LinkSpec, LinkSpecError, LINK1, LINK2, MAX_LINKS};
 
 use super::netns::{self, Daemon, Netns};
 use super::p2p::{write_private, LabKeys};
@@ -33,96 +36,6 @@ use std::time::{Duration, Instant};
 pub const A_INNER: &str = "10.4.9.1";
 /// B's tunnel address.
 pub const B_INNER: &str = "10.4.9.2";
-/// Link 1 (IPv4): A's and B's addresses.
-pub const LINK1: [&str; 2] = ["10.1.0.1", "10.1.0.2"];
-/// Link 2 (IPv6 only): A's and B's addresses.
-pub const LINK2: [&str; 2] = ["2001:db8:12::1", "2001:db8:12::2"];
-
-/// One emulated link.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LinkSpec {
-    /// Rate each way, Mbit/s.
-    pub mbit: f64,
-    /// Round-trip time added, ms (half each way).
-    pub rtt_ms: f64,
-    /// Random loss each way, percent.
-    pub loss_percent: f64,
-}
-
-/// Why a link given as `RATE/RTT[/LOSS]` was refused (`spec`: what was given).
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum LinkSpecError {
-    /// Not two or three fields.
-    #[error("{0:?}: expected RATE_MBIT/RTT_MS[/LOSS_PERCENT], e.g. 100/10 or 25/40/1")]
-    Format(String),
-    /// A field that is not a number.
-    #[error("{spec:?}: {what} {value:?} is not a number")]
-    NotANumber {
-        /// The link as given.
-        spec: String,
-        /// rate, RTT or loss.
-        what: &'static str,
-        /// The field.
-        value: String,
-    },
-    /// A field out of its range.
-    #[error("{spec:?}: {what} must be 0..{max}")]
-    OutOfRange {
-        /// The link as given.
-        spec: String,
-        /// rate, RTT or loss.
-        what: &'static str,
-        /// Its largest value.
-        max: f64,
-    },
-    /// A rate below 1 Mbit/s.
-    #[error("{0:?}: the rate must be at least 1 Mbit/s")]
-    RateTooLow(String),
-}
-
-impl std::str::FromStr for LinkSpec {
-    type Err = LinkSpecError;
-
-    /// `RATE/RTT[/LOSS]`: `100/10` (100 Mbit/s, 10 ms), `25/40/1` (and 1 % loss).
-    fn from_str(s: &str) -> Result<Self, LinkSpecError> {
-        let parts: Vec<&str> = s.split('/').collect();
-        let num = |i: usize, what: &'static str, max: f64| -> Result<f64, LinkSpecError> {
-            let v: f64 = parts[i]
-                .trim()
-                .parse()
-                .map_err(|_| LinkSpecError::NotANumber {
-                    spec: s.into(),
-                    what,
-                    value: parts[i].into(),
-                })?;
-            if !(0.0..=max).contains(&v) {
-                return Err(LinkSpecError::OutOfRange {
-                    spec: s.into(),
-                    what,
-                    max,
-                });
-            }
-            Ok(v)
-        };
-        if !(2..=3).contains(&parts.len()) {
-            return Err(LinkSpecError::Format(s.into()));
-        }
-        let mbit = num(0, "rate", 10_000.0)?;
-        if mbit < 1.0 {
-            return Err(LinkSpecError::RateTooLow(s.into()));
-        }
-        Ok(LinkSpec {
-            mbit,
-            rtt_ms: num(1, "RTT", 2000.0)?,
-            loss_percent: if parts.len() == 3 {
-                num(2, "loss", 50.0)?
-            } else {
-                0.0
-            },
-        })
-    }
-}
-
 /// Which hosts the two links join.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Topology {
@@ -143,8 +56,8 @@ pub struct MultipathOptions {
     pub topology: Topology,
     /// ESP in UDP (default), ESP or IP-in-IP.
     pub mode: super::p2p::LabMode,
-    /// The two links.
-    pub links: [LinkSpec; 2],
+    /// The links (2 to [`MAX_LINKS`]; the uplinks topology has 2).
+    pub links: Vec<LinkSpec>,
     /// Scheduler of the first phases (aggregate, cut).
     pub scheduler: espip_core::multipath::Scheduler,
     /// Seconds of the aggregate transfer (its size follows the links' sum).
@@ -171,10 +84,10 @@ pub struct MultipathOptions {
 struct Lab {
     a: Netns,
     b: Netns,
-    m: [Netns; 2],
+    m: Vec<Netns>,
     /// The NAT in front of A's uplink 2 ([`Topology::Uplinks`]).
     nat: Option<Netns>,
-    relays: [Option<Child>; 2],
+    relays: Vec<Option<Child>>,
     work: PathBuf,
     /// The lab is kept running after this process ends (`--keep`): its relays must outlive it.
     keep: bool,
@@ -227,75 +140,6 @@ impl Drop for Lab {
     }
 }
 
-/// A relayed link: `host_a`'s `dev_a` and `host_b`'s `dev_b` joined through `mid` (relay not
-/// started), limited to `spec`'s rate in each direction.
-fn relayed_link(
-    (host_a, dev_a): (&Netns, &str),
-    (host_b, dev_b): (&Netns, &str),
-    mid: &Netns,
-    spec: &LinkSpec,
-) -> io::Result<()> {
-    for (host, dev, side) in [(host_a, dev_a, "mid-a"), (host_b, dev_b, "mid-b")] {
-        netns::veth_pair(host, dev, mid, side)?;
-        // The middle only relays: no address, no IPv6 of its own, no forwarding.
-        mid.sysctl(&format!("net.ipv6.conf.{side}.disable_ipv6"), "1")?;
-        mid.ip(&["link", "set", "dev", side, "up"])?;
-        // A frame's due time is its arrival plus the delay; tbf then paces what the relay
-        // writes (bursts of 10 ms at the rate, at least 16 KB).
-        let burst = ((spec.mbit * 1e6 / 8.0 * 0.01) as u64).max(16_384);
-        mid.command("tc")
-            .args(["qdisc", "add", "dev", side, "root", "tbf", "rate"])
-            .arg(format!("{}mbit", spec.mbit))
-            .arg("burst")
-            .arg(burst.to_string())
-            .args(["latency", "50ms"])
-            .status()?;
-        // UDP GSO trains must be cut into frames before the relay sees them.
-        host.ip(&["link", "set", dev, "gso_max_segs", "1"])?;
-    }
-    mid.sysctl("net.ipv4.ip_forward", "0")
-}
-
-/// Build the namespaces and both links of `topology` (relays not started).
-fn topology(topology: Topology, links: &[LinkSpec; 2], work: &Path, keep: bool) -> io::Result<Lab> {
-    if topology == Topology::Uplinks {
-        return uplinks::build(links, work, keep);
-    }
-    let a = Netns::new("lab", "a")?;
-    let b = Netns::new("lab", "b")?;
-    let m = [Netns::new("lab", "m1")?, Netns::new("lab", "m2")?];
-    for (i, mid) in m.iter().enumerate() {
-        let dev = format!("l{}", i + 1);
-        relayed_link((&a, &dev), (&b, &dev), mid, &links[i])?;
-    }
-    for (host, k) in [(&a, 0), (&b, 1)] {
-        host.sysctl("net.ipv6.conf.l1.disable_ipv6", "1")?;
-        host.ip(&["addr", "add", &format!("{}/24", LINK1[k]), "dev", "l1"])?;
-        host.sysctl("net.ipv6.conf.l2.disable_ipv6", "0")?;
-        host.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/64", LINK2[k]),
-            "dev",
-            "l2",
-            "nodad",
-        ])?;
-        for dev in ["l1", "l2"] {
-            host.ip(&["link", "set", dev, "up"])?;
-        }
-    }
-    Ok(Lab {
-        a,
-        b,
-        m,
-        nat: None,
-        relays: [None, None],
-        work: work.to_path_buf(),
-        keep,
-    })
-}
-
 /// One host's configuration.
 fn config_text(
     opts: &MultipathOptions,
@@ -345,13 +189,11 @@ fn config_text(
         s.push_str(&uplinks::path_lines(me_a, &opts.links));
         return s;
     }
-    for (name, addrs, spec) in [
-        ("link1", LINK1, &opts.links[0]),
-        ("link2", LINK2, &opts.links[1]),
-    ] {
+    for (i, spec) in opts.links.iter().enumerate() {
         s.push_str(&format!(
-            "\n[[peer.path]]\nname = \"{name}\"\nendpoint = \"{}\"\nweight = {}\n",
-            ep(addrs[k]),
+            "\n[[peer.path]]\nname = \"link{}\"\nendpoint = \"{}\"\nweight = {}\n",
+            i + 1,
+            ep(&links::addr(i, spec.ipv6, k)),
             spec.mbit.round().max(1.0) as u32
         ));
     }
@@ -415,14 +257,37 @@ fn tcp_counters(ns: &Netns) -> Option<(u64, u64)> {
     Some((get("OutSegs")?, get("RetransSegs")?))
 }
 
+/// The links as the title names them: "link 1 IPv4 100 Mbit/s RTT 10 ms, ...".
+fn links_title(opts: &MultipathOptions) -> String {
+    opts.links
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let what = match (opts.topology, i) {
+                (Topology::Uplinks, 0) => "uplink 1".to_string(),
+                (Topology::Uplinks, _) => "uplink 2 behind a NAT".to_string(),
+                (Topology::Pair, _) => {
+                    format!("link {} IPv{}", i + 1, if l.ipv6 { 6 } else { 4 })
+                }
+            };
+            let loss = if l.loss_percent > 0.0 {
+                format!(" loss {}%", l.loss_percent)
+            } else {
+                String::new()
+            };
+            format!("{what} {} Mbit/s RTT {} ms{loss}", l.mbit, l.rtt_ms)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Run the multipath lab.
 pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
     use super::p2p::LabMode;
-    let [l1, l2] = opts.links;
     let (mut report, work, keep_work) = opts.run.begin(
         "multipath",
         format!(
-            "espip lab multipath ({}, {}; {} {} Mbit/s RTT {} ms, {} {} Mbit/s RTT {} ms)",
+            "espip lab multipath ({}, {}; {})",
             match opts.mode {
                 LabMode::Esp(c) => format!("esp {}", c.name()),
                 LabMode::EspUdp(c) => format!("esp-udp {}", c.name()),
@@ -433,18 +298,7 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
             } else {
                 opts.scheduler.name().to_string()
             },
-            match opts.topology {
-                Topology::Pair => "link 1 IPv4",
-                Topology::Uplinks => "uplink 1",
-            },
-            l1.mbit,
-            l1.rtt_ms,
-            match opts.topology {
-                Topology::Pair => "link 2 IPv6",
-                Topology::Uplinks => "uplink 2 behind a NAT",
-            },
-            l2.mbit,
-            l2.rtt_ms
+            links_title(opts)
         ),
         match (opts.compare_mptcp, opts.topology) {
             (true, _) => &[
@@ -456,7 +310,7 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
             (false, Topology::Pair) => &[("tc", "iproute2")],
         },
     )?;
-    let mut lab = topology(opts.topology, &opts.links, &work, opts.run.keep)?;
+    let mut lab = links::topology(opts.topology, &opts.links, &work, opts.run.keep)?;
     for (i, spec) in opts.links.iter().enumerate() {
         lab.relay(&opts.run.exe, i, spec, spec.loss_percent)?;
     }
@@ -530,7 +384,8 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
     }
 
     if opts.run.keep {
-        let mut kept = vec![&lab.a, &lab.b, &lab.m[0], &lab.m[1]];
+        let mut kept = vec![&lab.a, &lab.b];
+        kept.extend(lab.m.iter());
         kept.extend(lab.nat.as_ref());
         report.kept(&kept, Some(&work));
         std::mem::forget((da, db, lab));
@@ -538,7 +393,7 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
     }
     report.clean_stop(&mut [(&lab.a, &mut da), (&lab.b, &mut db)])?;
     let contents = format!(
-        "configs, logs, wire-l1.pcap / wire-l2.pcap (A's side of each link){}",
+        "configs, logs, wire-l1.pcap, wire-l2.pcap, ... (A's side of each link){}",
         if work.join("esp_sa").exists() {
             " and esp_sa (tshark decrypts both captures with it)"
         } else {
@@ -553,13 +408,18 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
 /// The best single link alone: plain TCP between the hosts' link addresses, no tunnel, 4 s
 /// worth of each link's rate; noted, and the best returned.
 fn alone_rates(report: &mut Report, lab: &Lab, opts: &MultipathOptions) -> io::Result<f64> {
-    let [l1, l2] = opts.links;
-    let targets = match opts.topology {
-        Topology::Pair => [LINK1[1], LINK2[1]],
-        Topology::Uplinks => uplinks::alone_targets(),
+    let targets: Vec<String> = match opts.topology {
+        Topology::Pair => opts
+            .links
+            .iter()
+            .enumerate()
+            .map(|(i, l)| links::addr(i, l.ipv6, 1))
+            .collect(),
+        Topology::Uplinks => uplinks::alone_targets().map(str::to_string).to_vec(),
     };
-    let alone: Vec<f64> = [(targets[0], &l1), (targets[1], &l2)]
+    let alone: Vec<f64> = targets
         .iter()
+        .zip(&opts.links)
         .map(|(addr, spec)| {
             let bytes = (spec.mbit * 1e6 / 8.0 * 4.0) as u64;
             let target = if addr.contains(':') {
@@ -573,12 +433,22 @@ fn alone_rates(report: &mut Report, lab: &Lab, opts: &MultipathOptions) -> io::R
         })
         .collect();
     report.notes.push(format!(
-        "plain TCP over each link alone (no tunnel, 4 s worth): link 1 {:.1} Mbit/s, link 2 {:.1} Mbit/s",
-        alone[0], alone[1]
+        "plain TCP over each link alone (no tunnel, 4 s worth): {}",
+        alone
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!("link {} {r:.1} Mbit/s", i + 1))
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     let best_alone = alone.iter().copied().fold(0.0, f64::max);
 
     Ok(best_alone)
+}
+
+/// The links' nominal rates added, Mbit/s.
+fn nominal_sum(opts: &MultipathOptions) -> f64 {
+    opts.links.iter().map(|l| l.mbit).sum()
 }
 
 /// Both paths come up: their probes are answered within 5 s.
@@ -610,24 +480,23 @@ fn stream_check(
     best_alone: f64,
     (ctl_a, ctl_b): (&Path, &Path),
 ) -> io::Result<()> {
-    let [l1, l2] = opts.links;
     let secs = opts.seconds.max(2);
-    // Capture both links (on A's side) during the aggregate transfer.
-    let caps: Vec<(PathBuf, Child)> = ["l1", "l2"]
-        .iter()
+    // Capture every link (on A's side) during the aggregate transfer.
+    let caps: Vec<(PathBuf, Child)> = (0..opts.links.len())
+        .map(links::dev)
         .map(|dev| {
             let f = work.join(format!("wire-{dev}.pcap"));
-            super::start_capture(&lab.a, dev, &f).map(|c| (f, c))
+            super::start_capture(&lab.a, &dev, &f).map(|c| (f, c))
         })
         .collect::<io::Result<_>>()?;
-    let sum = l1.mbit + l2.mbit;
+    let sum = nominal_sum(opts);
     let bytes = (sum * 1e6 / 8.0 * secs as f64) as u64;
     let r = super::transfer(&opts.run.exe, (&lab.a, &lab.b), B_INNER, bytes)?;
     let rate = r.mbit_s();
     // Correctness is the check; the rate is a measurement (reported, compared in
     // docs/multipath.md), not something a timed run on a shared machine can assert.
     report.check(
-        format!("one TCP stream over both links ({} MB)", bytes / 1_000_000),
+        format!("one TCP stream over all links ({} MB)", bytes / 1_000_000),
         r.ok(bytes),
         format!(
             "sha256 {}; {rate:.1} Mbit/s",
@@ -740,31 +609,46 @@ fn iperf3(
 /// iperf3 on the same links in the same run. Link 2 gets IPv4 addresses for MPTCP's second
 /// subflow.
 fn mptcp_compare(report: &mut Report, lab: &Lab, opts: &MultipathOptions) -> io::Result<()> {
-    for (ns, addr) in [(&lab.a, "10.2.0.1/24"), (&lab.b, "10.2.0.2/24")] {
-        ns.ip(&["addr", "add", addr, "dev", "l2"])?;
+    let n = opts.links.len();
+    for (k, ns) in [&lab.a, &lab.b].into_iter().enumerate() {
+        for (i, l) in opts.links.iter().enumerate() {
+            if l.ipv6 {
+                let a = format!("{}/24", links::addr4(i, k));
+                ns.ip(&["addr", "add", &a, "dev", &links::dev(i)])?;
+            }
+        }
+        let more = (n - 1).to_string();
         ns.ip(&[
             "mptcp",
             "limits",
             "set",
             "subflow",
-            "2",
+            &more,
             "add_addr_accepted",
-            "2",
+            &more,
         ])?;
     }
-    lab.a.ip(&[
-        "mptcp", "endpoint", "add", "10.2.0.1", "dev", "l2", "subflow",
-    ])?;
+    for i in 1..n {
+        lab.a.ip(&[
+            "mptcp",
+            "endpoint",
+            "add",
+            &links::addr4(i, 0),
+            "dev",
+            &links::dev(i),
+            "subflow",
+        ])?;
+    }
     let secs = opts.seconds.max(5);
-    let sum = opts.links[0].mbit + opts.links[1].mbit;
+    let sum = nominal_sum(opts);
     // espip first: run right after MPTCP had saturated both links, espip's first seconds were
     // measured far slower (11.7 instead of 161 Mbit/s; not yet explained).
     let cc = opts.congestion.as_deref();
     let espip = iperf3(lab, B_INNER, 5302, secs, false, cc)?;
-    let mptcp = iperf3(lab, LINK1[1], 5301, secs, true, cc)?;
+    let mptcp = iperf3(lab, &links::addr4(0, 1), 5301, secs, true, cc)?;
     let cc = opts.congestion.as_deref().unwrap_or("default");
     report.notes.push(format!(
-        "iperf3 {secs} s, congestion control {}: espip one TCP stream {espip:.1} Mbit/s ({:.2} of the nominal sum); kernel MPTCP two subflows {mptcp:.1} Mbit/s ({:.2}); espip {} MPTCP",
+        "iperf3 {secs} s, congestion control {}: espip one TCP stream {espip:.1} Mbit/s ({:.2} of the nominal sum); kernel MPTCP {n} subflows {mptcp:.1} Mbit/s ({:.2}); espip {} MPTCP",
         cc,
         espip / sum,
         mptcp / sum,
@@ -783,7 +667,7 @@ fn cut_check(
     ctl_a: &Path,
     link: usize,
 ) -> io::Result<()> {
-    let sum = opts.links[0].mbit + opts.links[1].mbit;
+    let sum = nominal_sum(opts);
     let bytes = (sum * 1e6 / 8.0 * 8.0) as u64;
     // What the receiving application's socket has taken in order (`ss`: bytes_received), so
     // a hole TCP waits for counts as a stall even while later packets arrive.
@@ -893,15 +777,14 @@ fn redundant_check(
             return Ok(());
         }
     }
-    let slow = opts.links[0].mbit.min(opts.links[1].mbit);
+    let slow = opts.links.iter().map(|l| l.mbit).fold(f64::MAX, f64::min);
     let bytes = (slow * 1e6 / 8.0 * 5.0) as u64;
     // The same transfer without random loss first: TCP retransmits what its own probing for
     // bandwidth overflows (the links' queues); only the difference is the random loss TCP saw.
     let mut runs = Vec::new();
     for (port, l) in [(5003u16, 0.0), (5004, loss)] {
-        for i in 0..2 {
-            let spec = opts.links[i];
-            lab.relay(&opts.run.exe, i, &spec, l)?;
+        for (i, spec) in opts.links.iter().enumerate() {
+            lab.relay(&opts.run.exe, i, spec, l)?;
         }
         let before = tcp_counters(&lab.a);
         let r = super::transfer_on(&opts.run.exe, (&lab.a, &lab.b), B_INNER, port, bytes)?;

@@ -14,7 +14,8 @@
 //! the NAT namespace, so B sees the NAT's address on path 2. B names both of A's outer
 //! addresses as it sees them (the NAT's for path 2).
 
-use super::{relayed_link, Lab, LinkSpec, LINK1};
+use super::links::{relayed_link, LINK1};
+use super::{Lab, LinkSpec};
 use crate::netns::Netns;
 use std::io;
 use std::path::Path;
@@ -29,11 +30,11 @@ const NAT_LAN: &str = "192.168.8.1";
 const LINK2: [&str; 2] = ["10.2.0.2", "10.2.0.1"];
 
 /// Build A, B, the NAT and the two middles (relays not started).
-pub(super) fn build(links: &[LinkSpec; 2], work: &Path, keep: bool) -> io::Result<Lab> {
+pub(super) fn build(links: &[LinkSpec], work: &Path, keep: bool) -> io::Result<Lab> {
     let a = Netns::new("lab", "a")?;
     let b = Netns::new("lab", "b")?;
     let nat = Netns::new("lab", "nat")?;
-    let m = [Netns::new("lab", "m1")?, Netns::new("lab", "m2")?];
+    let m = vec![Netns::new("lab", "m1")?, Netns::new("lab", "m2")?];
     relayed_link((&a, "l1"), (&b, "l1"), &m[0], &links[0])?;
     relayed_link((&nat, "wan"), (&b, "l2"), &m[1], &links[1])?;
     crate::netns::veth_pair(&a, "l2", &nat, "lan")?;
@@ -103,14 +104,14 @@ pub(super) fn build(links: &[LinkSpec; 2], work: &Path, keep: bool) -> io::Resul
         b,
         m,
         nat: Some(nat),
-        relays: [None, None],
+        relays: vec![None, None],
         work: work.to_path_buf(),
         keep,
     })
 }
 
 /// The `[[peer.path]]` tables of one host (ESP in UDP: the NAT forbids anything else).
-pub(super) fn path_lines(me_a: bool, links: &[LinkSpec; 2]) -> String {
+pub(super) fn path_lines(me_a: bool, links: &[LinkSpec]) -> String {
     let weight = |i: usize| links[i].mbit.round().max(1.0) as u32;
     if me_a {
         format!(

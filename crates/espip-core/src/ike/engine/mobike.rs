@@ -52,6 +52,17 @@ impl Engine {
             .map(|s| s.peer)
     }
 
+    /// The SPIs of the IKE SAs that negotiated MOBIKE: their messages may come from any
+    /// address (the edge lets them through its source filter).
+    pub fn mobike_spis(&self) -> Vec<(u64, u64)> {
+        self.ike
+            .iter()
+            .chain(&self.others)
+            .filter(|s| s.mobike)
+            .map(|s| (s.spi_i, s.spi_r))
+            .collect()
+    }
+
     /// An IKE SA with these SPIs negotiated MOBIKE: its messages may come from any address.
     pub(super) fn mobike_sa(&self, spi_i: u64, spi_r: u64) -> bool {
         self.ike
