@@ -28,7 +28,7 @@ fn spread_cut_and_redundant_over_esp_in_udp() {
     has_all(
         &t,
         &[
-            "[PASS] both paths up",
+            "[PASS] all paths up",
             "[PASS] one TCP stream over both links",
             "x the best single link alone",
             "[PASS] wire-l1.pcap: only the tunnel, no plaintext",
@@ -60,7 +60,7 @@ fn failover_over_esp_protocol_50() {
     has_all(
         &t,
         &[
-            "[PASS] both paths up",
+            "[PASS] all paths up",
             "[PASS] link 1 cut 3 s into a transfer",
             "[PASS] link 1 restored: the path comes back",
             "[PASS] clean stop",
@@ -92,7 +92,7 @@ fn earliest_over_unequal_links_with_esp_protocol_50() {
     has_all(
         &t,
         &[
-            "[PASS] both paths up",
+            "[PASS] all paths up",
             "[PASS] one TCP stream over both links",
             "[PASS] link 1 cut 3 s into a transfer",
             "[PASS] link 1 restored: the path comes back",
@@ -125,7 +125,7 @@ fn two_uplinks_with_two_default_routes_and_a_nat_reach_one_server_address() {
     has_all(
         &t,
         &[
-            "[PASS] both paths up",
+            "[PASS] all paths up",
             "[PASS] one TCP stream over both links",
             "[PASS] both uplinks carry the stream, each by its own interface",
             "[PASS] B learned both paths, path 2 from the NAT's address",
@@ -158,7 +158,7 @@ fn ikev2_keys_both_paths_and_its_rekeys_lose_nothing() {
         &t,
         &[
             "[PASS] IKEv2: the IKE SA and the CHILD_SA pair that serves both paths are up",
-            "[PASS] both paths up",
+            "[PASS] all paths up",
             "[PASS] one TCP stream over both links",
             "[PASS] IKEv2 multipath: CHILD_SA rekeys during 50 pings a second lose nothing on any path",
             "[PASS] link 1 cut 3 s into a transfer",
@@ -199,6 +199,36 @@ fn ikev2_over_two_uplinks_to_a_responder_without_endpoint() {
             "[PASS] IKEv2 multipath: CHILD_SA rekeys during 50 pings a second lose nothing on any path",
             "[PASS] link 1 cut 3 s into a transfer",
             "[PASS] link 2 cut 3 s into a transfer",
+            " 0 failed",
+        ],
+    );
+}
+
+/// Three links of unequal rate and delay, one IPv6 only (`--links`, issue 30): every path
+/// found up, one TCP stream intact over all of them, each link's capture holds only the
+/// tunnel, and the report says when each path's capacity estimate was found.
+#[test]
+fn three_unequal_links_with_links() {
+    let Some(_g) = serial() else { return };
+    let t = lab_scenario(&[
+        "multipath",
+        "--links",
+        "40/10,20/60/ipv6,10/30",
+        "--seconds",
+        "3",
+        "--redundant-loss",
+        "0",
+    ]);
+    has_all(
+        &t,
+        &[
+            "[PASS] all paths up",
+            "link3 up",
+            "[PASS] one TCP stream over all links",
+            "[PASS] wire-l3.pcap: only the tunnel, no plaintext",
+            "capacity estimates reached 80% of the link's rate after: link 1 ",
+            "link 3 ",
+            "[PASS] link 1 cut 3 s into a transfer",
             " 0 failed",
         ],
     );

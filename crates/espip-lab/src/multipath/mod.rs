@@ -1,4 +1,4 @@
-//! `espip lab multipath` (seed 000's goal): hosts A and B joined by two links through middle
+//! `espip lab multipath` (seed 000's goal): hosts A and B joined by two to four links through middle
 //! namespaces, one TCP connection carried over both at once.
 //!
 //! ```text
@@ -11,7 +11,7 @@
 //!
 //! A middle namespace copies frames between its two interfaces with `espip lab-tool relay`
 //! (this kernel has no netem: the relay holds each frame for half the RTT and drops a share at
-//! random) and limits each direction with `tbf`. Checks: both paths up; one plain TCP stream
+//! random) and limits each direction with `tbf`. Checks: all paths up; one plain TCP stream
 //! through the tunnel against the best single link measured alone in the same run; link 1 cut
 //! in the middle of a transfer (hash equal, the stall measured) and restored (the path comes
 //! back); `redundant` under random loss on both links (TCP's retransmissions counted); a
@@ -503,7 +503,7 @@ fn paths_up_check(report: &mut Report, ctl_a: &Path) {
     let up = wait_paths(ctl_a, "up", None, Duration::from_secs(5));
     let paths = path_states(ctl_a);
     report.check(
-        "both paths up (probes answered)",
+        "all paths up (probes answered)",
         up.is_some(),
         format!(
             "after {}: {}",
