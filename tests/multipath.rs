@@ -29,7 +29,7 @@ fn spread_cut_and_redundant_over_esp_in_udp() {
         &t,
         &[
             "[PASS] all paths up",
-            "[PASS] one TCP stream over both links",
+            "[PASS] one TCP stream over all links",
             "x the best single link alone",
             "[PASS] wire-l1.pcap: only the tunnel, no plaintext",
             "[PASS] wire-l2.pcap: only the tunnel, no plaintext",
@@ -93,7 +93,7 @@ fn earliest_over_unequal_links_with_esp_protocol_50() {
         &t,
         &[
             "[PASS] all paths up",
-            "[PASS] one TCP stream over both links",
+            "[PASS] one TCP stream over all links",
             "[PASS] link 1 cut 3 s into a transfer",
             "[PASS] link 1 restored: the path comes back",
             "[PASS] clean stop",
@@ -126,7 +126,7 @@ fn two_uplinks_with_two_default_routes_and_a_nat_reach_one_server_address() {
         &t,
         &[
             "[PASS] all paths up",
-            "[PASS] one TCP stream over both links",
+            "[PASS] one TCP stream over all links",
             "[PASS] both uplinks carry the stream, each by its own interface",
             "[PASS] B learned both paths, path 2 from the NAT's address",
             "[PASS] the NAT rebinds uplink 2 to a new port: B's path 2 follows, path 1 stays",
@@ -159,7 +159,7 @@ fn ikev2_keys_both_paths_and_its_rekeys_lose_nothing() {
         &[
             "[PASS] IKEv2: the IKE SA and the CHILD_SA pair that serves both paths are up",
             "[PASS] all paths up",
-            "[PASS] one TCP stream over both links",
+            "[PASS] one TCP stream over all links",
             "[PASS] IKEv2 multipath: CHILD_SA rekeys during 50 pings a second lose nothing on any path",
             "[PASS] link 1 cut 3 s into a transfer",
             "[PASS] link 1 restored",

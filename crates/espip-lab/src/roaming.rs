@@ -161,19 +161,7 @@ pub fn run(opts: &RoamingOptions) -> io::Result<Report> {
             format!("B's IKE SA before: {sas_before:?}; after: {after:?}"),
         );
     }
-    report.check(
-        format!(
-            "TCP transfer of {} MB A -> B across both moves",
-            opts.megabytes
-        ),
-        result.ok(bytes),
-        format!(
-            "sent {:?}, received {:?} ({:.1} Mbit/s incl. setup)",
-            result.sent.as_ref().map(|d| d.bytes),
-            result.got.as_ref().map(|d| d.bytes),
-            result.mbit_s()
-        ),
-    );
+    transfer_check(&mut report, opts.megabytes, &result);
     if opts.run.keep {
         report.keep_running(vec![a, b], &work, (da, db));
         return Ok(report);
@@ -182,6 +170,20 @@ pub fn run(opts: &RoamingOptions) -> io::Result<Report> {
     report.note_totals(&[("A", &da), ("B", &db)]);
     report.finish_work(&work, keep_work, "configs and logs");
     Ok(report)
+}
+
+/// The transfer's check: its hash on both ends and its rate.
+pub(crate) fn transfer_check(report: &mut Report, megabytes: u64, result: &super::TransferResult) {
+    report.check(
+        format!("TCP transfer of {megabytes} MB A -> B across both moves"),
+        result.ok(megabytes * 1_000_000),
+        format!(
+            "sent {:?}, received {:?} ({:.1} Mbit/s incl. setup)",
+            result.sent.as_ref().map(|d| d.bytes),
+            result.got.as_ref().map(|d| d.bytes),
+            result.mbit_s()
+        ),
+    );
 }
 
 /// Static keys: B has nowhere to send until A's first packet, which teaches B its address.

@@ -219,19 +219,7 @@ pub fn run_roaming_strongswan(opts: &RoamingOptions, side: SwSide) -> io::Result
             "espip's IKE SA before {espip_before:?}, after {espip_after:?}; strongSwan's before {sw_before:?}, after {sw_after:?}; espip counted {updates} address updates; charon logged {sw_updates} INFORMATIONAL messages with N(UPD_SA_ADDR)"
         ),
     );
-    report.check(
-        format!(
-            "TCP transfer of {} MB A -> B across both moves",
-            opts.megabytes
-        ),
-        result.ok(bytes),
-        format!(
-            "sent {:?}, received {:?} ({:.1} Mbit/s incl. setup)",
-            result.sent.as_ref().map(|d| d.bytes),
-            result.got.as_ref().map(|d| d.bytes),
-            result.mbit_s()
-        ),
-    );
+    crate::roaming::transfer_check(&mut report, opts.megabytes, &result);
     if opts.run.keep {
         report.keep_running(vec![a, b], &work, (d, sw));
         return Ok(report);

@@ -402,7 +402,12 @@ fn aes(esp: &str) -> bool {
 }
 
 /// Pings from `ns` to `to` at 50 per second for `seconds`: (sent, received).
-fn ping_train(ns: &Netns, to: &str, src: Option<&str>, seconds: u64) -> io::Result<Child> {
+pub(crate) fn ping_train(
+    ns: &Netns,
+    to: &str,
+    src: Option<&str>,
+    seconds: u64,
+) -> io::Result<Child> {
     let mut c = ns.command("ping");
     c.args([
         "-q",
@@ -422,7 +427,7 @@ fn ping_train(ns: &Netns, to: &str, src: Option<&str>, seconds: u64) -> io::Resu
         .spawn()
 }
 
-fn ping_result(c: Child) -> (u64, u64) {
+pub(crate) fn ping_result(c: Child) -> (u64, u64) {
     let out = c.wait_with_output().map(|o| o.stdout).unwrap_or_default();
     let text = String::from_utf8_lossy(&out);
     // "400 packets transmitted, 400 received, 0% packet loss, time 7980ms"

@@ -85,24 +85,7 @@ pub(super) fn rekeys_check(
     };
     let (rb0, _, _) = counters(ctl_b);
     let (before_a, before_b) = (status(ctl_a), status(ctl_b));
-    let out = netns::run(
-        a.command("ping")
-            .args(["-q", "-i", "0.02", "-W", "1", "-c", "600", B_INNER]),
-    )?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.contains("transmitted"))
-        .unwrap_or("")
-        .to_string();
-    let num = |word: &str| -> u64 {
-        line.split(',')
-            .find(|p| p.contains(word))
-            .and_then(|p| p.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
-    let (sent, got) = (num("transmitted"), num("received"));
+    let (sent, got) = crate::ike::ping_result(crate::ike::ping_train(a, B_INNER, None, 12)?);
     // Every drop counter that moved meanwhile, both sides (a lost ping shows where).
     let moved = |before: &Option<espip_api::status::Status>, ctl: &Path| -> String {
         let now = status(ctl);
