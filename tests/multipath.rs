@@ -140,7 +140,7 @@ fn two_uplinks_with_two_default_routes_and_a_nat_reach_one_server_address() {
 }
 
 /// Multipath keyed by IKEv2 (issue 29): one CHILD_SA pair serves both paths, probes
-/// included; CHILD_SAs rekey every 4-5 s through the whole run, and 50 pings a second across
+/// included; CHILD_SAs rekey every 4-6 s through the whole run, and 50 pings a second across
 /// several rekeys lose nothing; a cut of the path IKE started on keeps the IKE SA (IKE moves
 /// to the live path).
 #[test]

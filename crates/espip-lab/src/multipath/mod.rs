@@ -355,6 +355,7 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
     if probing {
         paths_up_check(&mut report, &ctl_a);
     }
+    let since = ikev2::baseline(&ctl_a, &ctl_b);
     let (ok, detail) = super::p2p::ping(&lab.a, B_INNER);
     report.check(format!("ping A -> B {B_INNER}"), ok, detail);
 
@@ -367,7 +368,7 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
     }
 
     if opts.ikev2 {
-        ikev2::rekeys_check(&mut report, &lab.a, (&ctl_a, &ctl_b))?;
+        ikev2::rekeys_check(&mut report, &lab.a, (&ctl_a, &ctl_b), &since, &work)?;
     }
     if opts.compare_mptcp {
         mptcp_compare(&mut report, &lab, opts)?;
