@@ -1699,3 +1699,34 @@ fn a_forged_update_from_elsewhere_moves_nothing() {
         Some(format!("{A}:4500").parse().unwrap())
     );
 }
+
+/// strongSwan sends a request it had queued on the new IKE SA of our rekey before its answer
+/// to the rekey (seen in the lab: the request was dropped as for an unknown IKE SA, strongSwan
+/// refused our CHILD_SA rekeys with TEMPORARY_FAILURE until it retransmitted 4 s later, and the
+/// CHILD_SA reached its hard lifetime). The request is held until the answer makes the SA.
+#[test]
+fn a_request_on_our_new_ike_sa_before_the_rekey_answer_is_held_not_dropped() {
+    let (a, b) = default_cfgs();
+    let mut p = Pair::new(a, b);
+    p.run(100);
+    assert!(p.rekey('a', true));
+    let (to, from, natt, m) = p.wire.remove(0);
+    assert_eq!(to, 'b');
+    let o = p.b.handle(&m, from, natt, p.now, &p.rng);
+    p.absorb('b', o);
+    // B answered and uses the new IKE SA at once: a CHILD_SA rekey on it.
+    assert!(p.rekey('b', false));
+    assert_eq!(p.wire.len(), 2, "{}", p.timeline(0));
+    p.wire.reverse();
+    p.run(50);
+    assert_eq!(
+        failure_count(&p.a.stats().failures, "unknown_ike_spi"),
+        None,
+        "{}",
+        p.timeline(0)
+    );
+    assert_eq!(p.a.stats().ike_rekeys, 1);
+    assert_eq!(p.b.stats().child_rekeys, 1, "{}", p.timeline(0));
+    assert_keys_match(&p.a.sas(), &p.b.sas());
+    assert_eq!(p.a.ike_keys().len(), 1, "the old IKE SA was deleted");
+}

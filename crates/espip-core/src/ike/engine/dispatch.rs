@@ -62,7 +62,11 @@ impl Engine {
             return out;
         }
         let Some(slot) = self.slot_of(&h) else {
-            self.stats.fail(Failure::UnknownIkeSpi);
+            if self.early_for_our_rekey(&h) && self.early.len() < EARLY_MAX {
+                self.early.push((raw.to_vec(), from, natt));
+            } else {
+                self.stats.fail(Failure::UnknownIkeSpi);
+            }
             return out;
         };
         // The answer to our IKE_SA_INIT: init_response takes the current SA and puts it (or a
@@ -155,7 +159,39 @@ impl Engine {
             }
         }
         self.settle(now, rng, &mut out);
+        self.release_early(now, rng, &mut out);
         out
+    }
+
+    /// A request from the peer on the IKE SA that our rekey in flight is making (its SPIi is
+    /// ours, the peer's SPIr comes with the answer): RFC 7296 section 2.8 lets the peer use
+    /// the new IKE SA as soon as it answered, and the answer may come after.
+    pub(super) fn early_for_our_rekey(&self, h: &Header) -> bool {
+        let ours = |s: &IkeSa| {
+            matches!(s.flight.as_ref().map(|f| &f.req),
+                Some(Req::RekeyIke { spi, .. }) if *spi == h.spi_i)
+        };
+        !h.is_response()
+            && !h.from_initiator()
+            && h.spi_r != 0
+            && (h.exchange == exchange::CREATE_CHILD_SA || h.exchange == exchange::INFORMATIONAL)
+            && (self.ike.as_ref().is_some_and(ours) || self.others.iter().any(ours))
+    }
+
+    /// Held requests whose rekey is no longer in flight: handled now (on the new IKE SA if the
+    /// rekey made it, else counted as for an unknown IKE SA).
+    fn release_early(&mut self, now: u64, rng: &dyn SecureRandom, out: &mut Vec<Out>) {
+        if self.early.is_empty() {
+            return;
+        }
+        let held = std::mem::take(&mut self.early);
+        let (wait, due): (Vec<_>, Vec<_>) = held.into_iter().partition(|(raw, ..)| {
+            msg::parse_header(raw).is_ok_and(|h| self.early_for_our_rekey(&h))
+        });
+        self.early = wait;
+        for (raw, from, natt) in due {
+            out.extend(self.handle(&raw, from, natt, now, rng));
+        }
     }
 
     /// The current IKE SA is gone: its CHILD_SAs go with it, and an initiator connects again

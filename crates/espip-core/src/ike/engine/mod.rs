@@ -29,6 +29,8 @@ use std::net::{IpAddr, SocketAddr};
 use zeroize::Zeroizing;
 
 const MS: u64 = 1_000_000;
+/// Requests held for an IKE SA our rekey is making (see `Engine::early`).
+const EARLY_MAX: usize = 2;
 /// How long an inbound SA stays after it was deleted or replaced (packets in flight).
 pub const GRACE_MS: u64 = 2_000;
 /// How long the responder of a CHILD_SA rekey waits for the delete of the old SA before it
@@ -536,6 +538,10 @@ pub struct Engine {
     /// The peer said it holds none of our CHILD_SAs: make a new one even as the IKE SA's
     /// responder.
     remake_child: bool,
+    /// Requests on the IKE SA our rekey is making, come before the rekey's answer (strongSwan
+    /// sends a queued request on the new IKE SA first): held, at most [`EARLY_MAX`], until the
+    /// answer makes the SA, then handled (authenticated only then); dropped if it fails.
+    early: Vec<(Vec<u8>, SocketAddr, bool)>,
 }
 
 /// The responder's cookie secrets (RFC 7296 section 2.6): the current one with its version
@@ -687,6 +693,7 @@ impl Engine {
             ike_collision: None,
             cookie_secrets: CookieSecrets::default(),
             invalid_inits: Vec::new(),
+            early: Vec::new(),
         }
     }
 
