@@ -301,6 +301,9 @@ pub enum ToolCmd {
         /// Share of frames dropped at random, in percent.
         #[arg(long, default_value_t = 0.0)]
         loss_percent: f64,
+        /// Extra one-way delay per frame, uniform in 0..this many ms; frames keep their order.
+        #[arg(long, default_value_t = 0.0)]
+        jitter_ms: f64,
         /// While this file exists, the link is cut.
         #[arg(long)]
         cut: Option<std::path::PathBuf>,
@@ -384,7 +387,8 @@ pub struct MultipathArgs {
     #[arg(long, default_value = "100/40")]
     pub link2: String,
     /// Two to four links instead of --link1/--link2 (--topology pair), each
-    /// RATE_MBIT/RTT_MS[/LOSS_PERCENT][/ipv6], comma-separated: "60/10,30/100/ipv6,15/40".
+    /// RATE_MBIT/RTT_MS[/LOSS%][/JITTERms][/ipv6], comma-separated:
+    /// "60/10,30/100/ipv6,15/40" or "50/20,20/60/2%/15ms".
     #[arg(long, conflicts_with_all = ["link1", "link2"])]
     pub links: Option<String>,
     /// spread, earliest, failover or redundant (the aggregate and cut phases).
@@ -396,10 +400,23 @@ pub struct MultipathArgs {
     /// Random loss on each link in the redundant phase, percent (0 skips it).
     #[arg(long, default_value_t = 5.0)]
     pub redundant_loss: f64,
-    /// Also measure kernel MPTCP (mptcpize run iperf3, two subflows) against espip with
-    /// iperf3 on the same links (installs mptcpd and iperf3).
+    /// Also measure kernel MPTCP (mptcpize run iperf3, one subflow per link) against espip
+    /// with iperf3 on the same links (installs mptcpd and iperf3).
     #[arg(long)]
     pub compare_mptcp: bool,
+    /// Comparison runs (implies --compare-mptcp): each restarts both daemons (fresh paths),
+    /// then measures espip, kernel MPTCP and (with --glorytun) glorytun one after the other;
+    /// the report prints every run and the medians and ranges.
+    #[arg(long)]
+    pub runs: Option<usize>,
+    /// glorytun's binary (the multipath tunnel of OpenMPTCPRouter), measured in each
+    /// comparison run on the same links with each path's rate fixed to its link's.
+    #[arg(long)]
+    pub glorytun: Option<std::path::PathBuf>,
+    /// Draw the transfer with the cut of link 1 into this SVG file: the stream and each path
+    /// per half second, the cut marked.
+    #[arg(long)]
+    pub plot: Option<std::path::PathBuf>,
     /// TCP congestion control of the iperf3 comparison (iperf3 -C): cubic or bbr.
     #[arg(long)]
     pub congestion: Option<String>,

@@ -668,11 +668,27 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         seconds,
         redundant_loss,
         compare_mptcp,
+        runs,
+        glorytun,
+        plot,
         congestion,
         static_weights,
         topology,
         keying,
     } = args;
+    let compare_mptcp = compare_mptcp || runs.is_some() || glorytun.is_some();
+    let runs = runs.unwrap_or(1);
+    if !(1..=20).contains(&runs) {
+        bail!("--runs must be 1..20");
+    }
+    if let Some(g) = &glorytun {
+        if !g.is_file() {
+            bail!(
+                "--glorytun {}: no such file (give the path of glorytun's binary, e.g. ../shared/anchors/glorytun-0.3.4-32267e8)",
+                g.display()
+            );
+        }
+    }
     let ikev2 = keying == cli::KeyingArg::Ikev2;
     if ikev2 && !matches!(mode, ModeArg::EspUdp) {
         bail!("--keying ikev2 runs over --mode esp-udp (IKE's NAT-T port and ESP in UDP); leave --mode out");
@@ -708,7 +724,7 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
             bail!("--topology uplinks needs --mode esp-udp: uplink 2 is behind a NAT, which passes UDP");
         }
         if compare_mptcp {
-            bail!("--compare-mptcp runs on --topology pair only (MPTCP's subflows need the pair's addresses)");
+            bail!("--compare-mptcp, --runs and --glorytun run on --topology pair only (MPTCP's subflows need the pair's addresses)");
         }
     }
     if let Some(cc) = &congestion {
@@ -738,6 +754,9 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         seconds,
         redundant_loss,
         compare_mptcp,
+        runs,
+        glorytun: glorytun.map(|g| std::path::absolute(&g)).transpose()?,
+        plot: plot.map(|p| std::path::absolute(&p)).transpose()?,
         congestion,
         adapt: !static_weights,
         ikev2,
@@ -866,14 +885,19 @@ fn lab_tool(tool: ToolCmd) -> Result<()> {
             ifaces,
             delay_ms,
             loss_percent,
+            jitter_ms,
             cut,
         } => {
-            if !(0.0..=100.0).contains(&loss_percent) || !(0.0..=10_000.0).contains(&delay_ms) {
-                bail!("--loss-percent must be 0..100 and --delay-ms 0..10000");
+            if !(0.0..=100.0).contains(&loss_percent)
+                || !(0.0..=10_000.0).contains(&delay_ms)
+                || !(0.0..=10_000.0).contains(&jitter_ms)
+            {
+                bail!("--loss-percent must be 0..100, --delay-ms and --jitter-ms 0..10000");
             }
             let opts = espip_lab::relay::RelayOptions {
                 ifaces: [ifaces[0].clone(), ifaces[1].clone()],
                 delay: std::time::Duration::from_secs_f64(delay_ms / 1e3),
+                jitter: std::time::Duration::from_secs_f64(jitter_ms / 1e3),
                 loss: loss_percent / 100.0,
                 cut,
             };

@@ -28,6 +28,9 @@ pub struct RelayOptions {
     pub ifaces: [String; 2],
     /// One-way delay added to every frame.
     pub delay: Duration,
+    /// Extra delay of each frame, uniform in zero to this; a frame never leaves before the one
+    /// ahead of it (a link's queue varies, its order does not).
+    pub jitter: Duration,
     /// Share of frames dropped at random, 0..1.
     pub loss: f64,
     /// While this file exists, the link is cut.
@@ -102,7 +105,14 @@ fn direction(
             let mut v = spare.pop().unwrap_or_default();
             v.clear();
             v.extend_from_slice(&buf[..n]);
-            held.push_back((Instant::now() + opts.delay, v));
+            let mut due = Instant::now() + opts.delay;
+            if !opts.jitter.is_zero() {
+                due += opts.jitter.mul_f64(rng.next_f64());
+                if let Some((last, _)) = held.back() {
+                    due = due.max(*last);
+                }
+            }
+            held.push_back((due, v));
         }
         // Sub-millisecond remainders: wait them out rather than send early.
         if let Some((due, _)) = held.front() {

@@ -22,22 +22,26 @@ pub struct LinkSpec {
     pub rtt_ms: f64,
     /// Random loss each way, percent.
     pub loss_percent: f64,
+    /// Extra one-way delay of each frame, uniform in 0..this many ms, order kept (a radio
+    /// link's varying queue; the relay never reorders a link).
+    pub jitter_ms: f64,
     /// IPv6 only (else IPv4 only).
     pub ipv6: bool,
 }
 
-/// Why a link given as `RATE/RTT[/LOSS][/ipv6]` was refused (`spec`: what was given).
+/// Why a link given as `RATE/RTT[/LOSS%][/JITTERms][/ipv6]` was refused (`spec`: what was
+/// given).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LinkSpecError {
-    /// Not two to four fields.
-    #[error("{0:?}: expected RATE_MBIT/RTT_MS[/LOSS_PERCENT][/ipv6], e.g. 100/10, 25/40/1 or 15/100/ipv6")]
+    /// Not RATE/RTT followed by at most one loss, one jitter and one family field.
+    #[error("{0:?}: expected RATE_MBIT/RTT_MS[/LOSS%][/JITTERms][/ipv6], e.g. 100/10, 25/40/1%, 20/60/2%/15ms or 15/100/ipv6")]
     Format(String),
     /// A field that is not a number.
     #[error("{spec:?}: {what} {value:?} is not a number")]
     NotANumber {
         /// The link as given.
         spec: String,
-        /// rate, RTT or loss.
+        /// rate, RTT, loss or jitter.
         what: &'static str,
         /// The field.
         value: String,
@@ -47,7 +51,7 @@ pub enum LinkSpecError {
     OutOfRange {
         /// The link as given.
         spec: String,
-        /// rate, RTT or loss.
+        /// rate, RTT, loss or jitter.
         what: &'static str,
         /// Its largest value.
         max: f64,
@@ -63,46 +67,62 @@ pub enum LinkSpecError {
 impl std::str::FromStr for LinkSpec {
     type Err = LinkSpecError;
 
-    /// `RATE/RTT[/LOSS][/ipv6]`: `100/10` (100 Mbit/s, 10 ms), `25/40/1` (and 1 % loss),
-    /// `15/100/ipv6` (IPv6 only).
+    /// `RATE/RTT[/LOSS%][/JITTERms][/ipv6]`: `100/10` (100 Mbit/s, 10 ms), `25/40/1%` (and
+    /// 1 % loss; a bare third number is the loss too), `20/60/2%/15ms` (and up to 15 ms of
+    /// jitter each way), `15/100/ipv6` (IPv6 only).
     fn from_str(s: &str) -> Result<Self, LinkSpecError> {
-        let mut parts: Vec<&str> = s.split('/').map(str::trim).collect();
-        let ipv6 = parts.last().is_some_and(|p| p.eq_ignore_ascii_case("ipv6"));
-        if ipv6 {
-            parts.pop();
-        }
-        let num = |i: usize, what: &'static str, max: f64| -> Result<f64, LinkSpecError> {
-            let v: f64 = parts[i].parse().map_err(|_| LinkSpecError::NotANumber {
+        let parts: Vec<&str> = s.split('/').map(str::trim).collect();
+        let num = |v: &str, what: &'static str, max: f64| -> Result<f64, LinkSpecError> {
+            let x: f64 = v.parse().map_err(|_| LinkSpecError::NotANumber {
                 spec: s.into(),
                 what,
-                value: parts[i].into(),
+                value: v.into(),
             })?;
-            if !(0.0..=max).contains(&v) {
+            if !(0.0..=max).contains(&x) {
                 return Err(LinkSpecError::OutOfRange {
                     spec: s.into(),
                     what,
                     max,
                 });
             }
-            Ok(v)
+            Ok(x)
         };
-        if !(2..=3).contains(&parts.len()) {
+        if parts.len() < 2 {
             return Err(LinkSpecError::Format(s.into()));
         }
-        let mbit = num(0, "rate", 10_000.0)?;
+        let mbit = num(parts[0], "rate", 10_000.0)?;
         if mbit < 1.0 {
             return Err(LinkSpecError::RateTooLow(s.into()));
         }
-        Ok(LinkSpec {
+        let mut link = LinkSpec {
             mbit,
-            rtt_ms: num(1, "RTT", 2000.0)?,
-            loss_percent: if parts.len() == 3 {
-                num(2, "loss", 50.0)?
+            rtt_ms: num(parts[1], "RTT", 2000.0)?,
+            loss_percent: 0.0,
+            jitter_ms: 0.0,
+            ipv6: false,
+        };
+        let (mut loss, mut jitter) = (false, false);
+        for (k, f) in parts[2..].iter().enumerate() {
+            let lower = f.to_ascii_lowercase();
+            if lower == "ipv6" && !link.ipv6 {
+                link.ipv6 = true;
+            } else if let (Some(v), false) = (lower.strip_suffix('%'), loss) {
+                link.loss_percent = num(v, "loss", 50.0)?;
+                loss = true;
+            } else if let (Some(v), false) = (lower.strip_suffix("ms"), jitter) {
+                link.jitter_ms = num(v, "jitter", 1000.0)?;
+                jitter = true;
+            } else if k == 0
+                && !lower.is_empty()
+                && lower.chars().all(|c| c.is_ascii_digit() || c == '.')
+            {
+                link.loss_percent = num(f, "loss", 50.0)?;
+                loss = true;
             } else {
-                0.0
-            },
-            ipv6,
-        })
+                return Err(LinkSpecError::Format(s.into()));
+            }
+        }
+        Ok(link)
     }
 }
 
@@ -234,6 +254,20 @@ mod tests {
         assert!(!l.ipv6 && l.loss_percent == 1.0);
         let l: LinkSpec = "25/40/2/IPv6".parse().unwrap();
         assert!(l.ipv6 && l.loss_percent == 2.0);
+        let l: LinkSpec = "20/60/2%/15ms/ipv6".parse().unwrap();
+        assert!(l.ipv6 && l.loss_percent == 2.0 && l.jitter_ms == 15.0);
+        let l: LinkSpec = "20/60/15ms".parse().unwrap();
+        assert!(!l.ipv6 && l.loss_percent == 0.0 && l.jitter_ms == 15.0);
+        for bad in ["20/60/2%/3%", "20/60/ipv6/ipv6", "20/60/x", "20/60/15ms/2"] {
+            assert!(
+                matches!(bad.parse::<LinkSpec>(), Err(LinkSpecError::Format(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            "20/60/2000ms".parse::<LinkSpec>(),
+            Err(LinkSpecError::OutOfRange { what: "jitter", .. })
+        ));
         assert!(matches!(
             "25".parse::<LinkSpec>(),
             Err(LinkSpecError::Format(_))

@@ -17,8 +17,10 @@
 //! back); `redundant` under random loss on both links (TCP's retransmissions counted); a
 //! capture of each link shows only the tunnel and no plaintext; nothing left behind.
 
+mod compare;
 mod ikev2;
 mod links;
+mod plot;
 mod uplinks;
 
 pub use links::{parse_links, LinkSpec, LinkSpecError, LINK1, LINK2, MAX_LINKS};
@@ -64,9 +66,15 @@ pub struct MultipathOptions {
     pub seconds: u64,
     /// Random loss on both links for the redundant phase, percent (0: skip the phase).
     pub redundant_loss: f64,
-    /// Also measure kernel MPTCP (`mptcpize run iperf3`, two subflows) and espip with iperf3
-    /// on the same links, side by side.
+    /// Also measure kernel MPTCP (`mptcpize run iperf3`, one subflow per link) and espip with
+    /// iperf3 on the same links, side by side.
     pub compare_mptcp: bool,
+    /// Comparison runs (with `compare_mptcp`), each over fresh paths (both daemons restarted).
+    pub runs: usize,
+    /// glorytun's binary: measured in each comparison run too.
+    pub glorytun: Option<PathBuf>,
+    /// Draw the cut transfer (the stream and each path over time, the cut marked) here (SVG).
+    pub plot: Option<PathBuf>,
     /// TCP congestion control of the iperf3 comparison (`iperf3 -C`: `cubic`, `bbr`; `None`:
     /// the kernel's default). A namespace may not change its default to an algorithm the host
     /// has not allowed, so it is set per socket.
@@ -120,6 +128,8 @@ impl Lab {
             .arg(format!("{}", spec.rtt_ms / 2.0))
             .arg("--loss-percent")
             .arg(format!("{loss}"))
+            .arg("--jitter-ms")
+            .arg(format!("{}", spec.jitter_ms))
             .arg("--cut")
             .arg(self.cut_file(link))
             .stdout(log.try_clone()?)
@@ -270,11 +280,14 @@ fn links_title(opts: &MultipathOptions) -> String {
                     format!("link {} IPv{}", i + 1, if l.ipv6 { 6 } else { 4 })
                 }
             };
-            let loss = if l.loss_percent > 0.0 {
+            let mut loss = if l.loss_percent > 0.0 {
                 format!(" loss {}%", l.loss_percent)
             } else {
                 String::new()
             };
+            if l.jitter_ms > 0.0 {
+                loss += &format!(" jitter {} ms", l.jitter_ms);
+            }
             format!("{what} {} Mbit/s RTT {} ms{loss}", l.mbit, l.rtt_ms)
         })
         .collect::<Vec<_>>()
@@ -311,6 +324,14 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
         },
     )?;
     let mut lab = links::topology(opts.topology, &opts.links, &work, opts.run.keep)?;
+    // Every connection starts as the first one to its host: Linux caches the slow-start
+    // threshold of a closed connection per destination, and a transfer that ended in a cut
+    // left the next one to B's tunnel address starting in congestion avoidance at a few
+    // Mbit/s (found with --plot: 2-6 Mbit/s for seconds, while MPTCP, on another address,
+    // did not meet it).
+    for ns in [&lab.a, &lab.b] {
+        ns.sysctl("net.ipv4.tcp_no_metrics_save", "1")?;
+    }
     for (i, spec) in opts.links.iter().enumerate() {
         lab.relay(&opts.run.exe, i, spec, spec.loss_percent)?;
     }
@@ -371,7 +392,13 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
         ikev2::rekeys_check(&mut report, &lab.a, (&ctl_a, &ctl_b), &since, &work)?;
     }
     if opts.compare_mptcp {
-        mptcp_compare(&mut report, &lab, opts)?;
+        let d = compare::Daemons {
+            a: &mut da,
+            b: &mut db,
+            cfg: (&cfg_a, &cfg_b),
+            ctl_a: &ctl_a,
+        };
+        compare::compare(&mut report, &lab, opts, d, best_alone)?;
     }
     if probing {
         cut_check(&mut report, &lab, opts, &ctl_a, 0)?;
@@ -616,105 +643,6 @@ fn stream_check(
     Ok(())
 }
 
-/// `iperf3 -J` between `client` and `server` (`mptcp`: both under `mptcpize run`) for
-/// `seconds`: the receiver's rate in Mbit/s.
-fn iperf3(
-    lab: &Lab,
-    to: &str,
-    port: u16,
-    seconds: u64,
-    mptcp: bool,
-    cc: Option<&str>,
-) -> io::Result<f64> {
-    let cmd = |ns: &Netns| {
-        let mut c = ns.command(if mptcp { "mptcpize" } else { "iperf3" });
-        if mptcp {
-            c.args(["run", "iperf3"]);
-        }
-        c
-    };
-    let mut server = cmd(&lab.b)
-        .args(["-s", "-1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(300));
-    let mut client = cmd(&lab.a);
-    client.args([
-        "-c",
-        to,
-        "-p",
-        &port.to_string(),
-        "-t",
-        &seconds.to_string(),
-        "-J",
-    ]);
-    if let Some(cc) = cc {
-        client.args(["-C", cc]);
-    }
-    let out = netns::run(&mut client)?;
-    let _ = server.kill();
-    let _ = server.wait();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| io::Error::other(format!("iperf3 output: {e}")))?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e6)
-        .ok_or_else(|| io::Error::other(format!("iperf3: {}", v["error"])))
-}
-
-/// Kernel MPTCP (two subflows, one per link) against one plain TCP stream through espip, with
-/// iperf3 on the same links in the same run. Link 2 gets IPv4 addresses for MPTCP's second
-/// subflow.
-fn mptcp_compare(report: &mut Report, lab: &Lab, opts: &MultipathOptions) -> io::Result<()> {
-    let n = opts.links.len();
-    for (k, ns) in [&lab.a, &lab.b].into_iter().enumerate() {
-        for (i, l) in opts.links.iter().enumerate() {
-            if l.ipv6 {
-                let a = format!("{}/24", links::addr4(i, k));
-                ns.ip(&["addr", "add", &a, "dev", &links::dev(i)])?;
-            }
-        }
-        let more = (n - 1).to_string();
-        ns.ip(&[
-            "mptcp",
-            "limits",
-            "set",
-            "subflow",
-            &more,
-            "add_addr_accepted",
-            &more,
-        ])?;
-    }
-    for i in 1..n {
-        lab.a.ip(&[
-            "mptcp",
-            "endpoint",
-            "add",
-            &links::addr4(i, 0),
-            "dev",
-            &links::dev(i),
-            "subflow",
-        ])?;
-    }
-    let secs = opts.seconds.max(5);
-    let sum = nominal_sum(opts);
-    // espip first: run right after MPTCP had saturated both links, espip's first seconds were
-    // measured far slower (11.7 instead of 161 Mbit/s; not yet explained).
-    let cc = opts.congestion.as_deref();
-    let espip = iperf3(lab, B_INNER, 5302, secs, false, cc)?;
-    let mptcp = iperf3(lab, &links::addr4(0, 1), 5301, secs, true, cc)?;
-    let cc = opts.congestion.as_deref().unwrap_or("default");
-    report.notes.push(format!(
-        "iperf3 {secs} s, congestion control {}: espip one TCP stream {espip:.1} Mbit/s ({:.2} of the nominal sum); kernel MPTCP {n} subflows {mptcp:.1} Mbit/s ({:.2}); espip {} MPTCP",
-        cc,
-        espip / sum,
-        mptcp / sum,
-        if espip > mptcp { "above" } else { "below" }
-    ));
-    Ok(())
-}
-
 /// Link `link` (0 or 1) cut in the middle of a transfer and restored: the transfer completes
 /// with an equal hash, the longest stall of B's received bytes is measured, the path is found
 /// down and back.
@@ -748,11 +676,13 @@ fn cut_check(
         .unwrap_or(0)
     };
     let cut = lab.cut_file(link);
-    let (result, samples, cut_at) = std::thread::scope(|s| {
+    let (result, samples, per_path, cut_at) = std::thread::scope(|s| {
         let t =
             s.spawn(|| super::transfer_on(&opts.run.exe, (&lab.a, &lab.b), B_INNER, 5002, bytes));
         let start = Instant::now();
         let mut samples = Vec::new();
+        // What A sent on each path, every 100 ms (for --plot).
+        let mut per_path: Vec<(Duration, Vec<u64>)> = Vec::new();
         let mut cut_at = None;
         while !t.is_finished() {
             let now = start.elapsed();
@@ -761,10 +691,20 @@ fn cut_check(
                 cut_at = Some(now);
             }
             samples.push((now, rx()));
+            if opts.plot.is_some()
+                && per_path
+                    .last()
+                    .map_or(true, |(t, _)| now - *t >= Duration::from_millis(100))
+            {
+                per_path.push((now, compare::path_tx(ctl_a)));
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
-        (t.join(), samples, cut_at)
+        (t.join(), samples, per_path, cut_at)
     });
+    if let (Some(file), 0) = (&opts.plot, link) {
+        plot_cut(report, opts, file, &samples, &per_path, cut_at)?;
+    }
     let result = result.map_err(|_| io::Error::other("transfer thread panicked"))??;
     let cut_at = cut_at.unwrap_or(Duration::MAX);
     // The longest time B's received bytes did not grow, from the cut to the end.
@@ -803,6 +743,42 @@ fn cut_check(
             format!("up {} ms after the link came back", d.as_millis())
         }),
     );
+    Ok(())
+}
+
+/// Draw the cut transfer into `file` and say so in the report.
+fn plot_cut(
+    report: &mut Report,
+    opts: &MultipathOptions,
+    file: &Path,
+    stream: &[(Duration, u64)],
+    per_path: &[(Duration, Vec<u64>)],
+    cut_at: Option<Duration>,
+) -> io::Result<()> {
+    let paths: Vec<(String, Vec<(f64, f64)>)> = (0..opts.links.len())
+        .map(|i| {
+            let s: Vec<(Duration, u64)> = per_path
+                .iter()
+                .filter_map(|(t, v)| v.get(i).map(|b| (*t, *b)))
+                .collect();
+            (format!("link {}", i + 1), plot::rates(&s))
+        })
+        .collect();
+    let title = format!(
+        "espip {}, link 1 cut 3 s in: {}",
+        opts.scheduler.name(),
+        links_title(opts)
+    );
+    plot::draw(
+        file,
+        &title,
+        &plot::rates(stream),
+        &paths,
+        cut_at.map(|c| c.as_secs_f64()),
+    )?;
+    report
+        .notes
+        .push(format!("plot of the cut transfer: {}", file.display()));
     Ok(())
 }
 
