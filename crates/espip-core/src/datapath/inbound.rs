@@ -241,7 +241,11 @@ impl Inbound {
                     r.note(p, seq, now, 2 * hold);
                 }
                 let data = (v == Verdict::ToTun).then(|| buf.as_slice());
-                match (r.offer(seq, data, now, hold, &shared.reorder), v) {
+                let wait = path.map_or(0, |p| shared.skew_ns(p));
+                match (
+                    r.offer_after(seq, data, now, hold, wait, &shared.reorder),
+                    v,
+                ) {
                     (crate::multipath::Order::Held, Verdict::ToTun) => Verdict::Held,
                     (_, v) => v,
                 }

@@ -930,6 +930,32 @@ impl Multipath {
             .fold(0, |m, (i, _)| m | 1 << i)
     }
 
+    /// How much later than it came a packet from `path` is delivered (`spread` only): half
+    /// the difference between the largest and this path's minimum RTT among the live paths,
+    /// so that every packet reaches the connection inside as late as the slowest path's, and
+    /// TCP sees one delay (see [`Reorder::offer_after`]). Minimum RTTs: the paths' own
+    /// delays, not their queues (queues differ from packet to packet; the reorder stage
+    /// orders those). At most `reorder_ms`.
+    pub fn skew_ns(&self, path: usize) -> u64 {
+        if self.spec.scheduler != Scheduler::Spread {
+            return 0;
+        }
+        let Some(mine) = self.stats.get(path).map(|p| p.min_rtt_ns.load(Relaxed)) else {
+            return 0;
+        };
+        if mine == 0 {
+            return 0;
+        }
+        let slowest = self
+            .stats
+            .iter()
+            .filter(|p| p.state().usable())
+            .map(|p| p.min_rtt_ns.load(Relaxed))
+            .max()
+            .unwrap_or(0);
+        (slowest.saturating_sub(mine) / 2).min(u64::from(self.spec.reorder_ms) * 1_000_000)
+    }
+
     /// How long the reorder stage holds a packet at most now: from the shortest delay a
     /// packet can have (the least minimum RTT of the live paths) to the longest one can
     /// have (the largest smoothed RTT plus four deviations, as RFC 6298 bounds a timeout),
@@ -1469,6 +1495,65 @@ mod tests {
             assert!(r.bytes() <= 3000, "{} bytes", r.bytes());
             let _ = collect(&mut r, 0, &s);
         }
+    }
+
+    #[test]
+    fn a_fast_paths_packets_wait_for_the_slowest_paths_delay_and_keep_their_order() {
+        let s = ReorderStats::default();
+        let mut r = Reorder::new(100, 1 << 20);
+        r.set_live(0b11);
+        // 1 and 2 on the fast path (45 ms of skew to wait), 3 on the slow one (none).
+        assert_eq!(
+            r.offer_after(1, Some(&[1]), 0, 100 * MS, 45 * MS, &s),
+            Order::Held
+        );
+        assert_eq!(
+            r.offer_after(2, Some(&[2]), MS, 100 * MS, 45 * MS, &s),
+            Order::Held
+        );
+        assert!(!r.ready(44 * MS) && collect(&mut r, 44 * MS, &s).is_empty());
+        assert_eq!(r.deadline(), Some(45 * MS));
+        assert_eq!(
+            r.offer_after(3, Some(&[3]), 44 * MS, 100 * MS, 0, &s),
+            Order::Held
+        );
+        assert_eq!(collect(&mut r, 45 * MS, &s), vec![1]);
+        assert_eq!(collect(&mut r, 46 * MS, &s), vec![2, 3]);
+        // An in-order packet without wait goes at once; a probe's place never waits.
+        assert_eq!(
+            r.offer_after(4, Some(&[4]), 50 * MS, 100 * MS, 0, &s),
+            Order::Now
+        );
+        assert_eq!(
+            r.offer_after(5, None, 50 * MS, 100 * MS, 45 * MS, &s),
+            Order::Now
+        );
+        assert_eq!(
+            s.held.load(Relaxed),
+            2,
+            "2 and 3 came behind 1, not yet delivered"
+        );
+        assert_eq!(s.gaps_skipped.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn the_skew_is_half_the_minimum_rtt_difference_for_spread_only() {
+        let m = mp(Scheduler::Spread, 3);
+        for (i, ms) in [10u64, 100, 40].iter().enumerate() {
+            m.stats[i].min_rtt_ns.store(ms * MS, Relaxed);
+            m.stats[i].srtt_ns.store(ms * MS, Relaxed);
+            m.stats[i].set_state(PathState::Up);
+        }
+        assert_eq!(m.skew_ns(0), 45 * MS);
+        assert_eq!(m.skew_ns(1), 0);
+        assert_eq!(m.skew_ns(2), 30 * MS);
+        // A path down does not count as the slowest.
+        m.stats[1].set_state(PathState::Down);
+        assert_eq!(m.skew_ns(0), 15 * MS);
+        let e = mp(Scheduler::Earliest, 2);
+        e.stats[0].min_rtt_ns.store(10 * MS, Relaxed);
+        e.stats[1].min_rtt_ns.store(100 * MS, Relaxed);
+        assert_eq!(e.skew_ns(0), 0);
     }
 
     #[test]

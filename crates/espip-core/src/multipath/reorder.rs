@@ -9,6 +9,9 @@ use super::*;
 struct Held {
     data: Option<Vec<u8>>,
     deadline: u64,
+    /// Not delivered before this, even in order (the delay of its path made equal to the
+    /// slowest live path's: see [`Reorder::offer_after`]).
+    not_before: u64,
 }
 
 /// Counters of a reorder stage.
@@ -174,13 +177,20 @@ impl Reorder {
 
     /// The earliest time a held packet must be released (`None`: nothing held).
     pub fn deadline(&self) -> Option<u64> {
-        self.held.values().map(|h| h.deadline).min()
+        let gaps = self.held.values().map(|h| h.deadline).min()?;
+        let (seq, first) = self.held.first_key_value()?;
+        Some(if *seq == self.next {
+            first.not_before
+        } else {
+            gaps.max(first.not_before)
+        })
     }
 
     /// Whether [`Reorder::release`] has something to deliver at `now`.
     pub fn ready(&self, now: u64) -> bool {
         self.held.first_key_value().is_some_and(|(s, h)| {
-            *s == self.next || h.deadline <= now || self.floor(now) > self.next
+            h.not_before <= now
+                && (*s == self.next || h.deadline <= now || self.floor(now) > self.next)
         })
     }
 
@@ -197,6 +207,7 @@ impl Reorder {
         self.held.entry(seq).or_insert(Held {
             data: None,
             deadline: 0,
+            not_before: 0,
         });
     }
 
@@ -211,10 +222,28 @@ impl Reorder {
         hold: u64,
         stats: &ReorderStats,
     ) -> Order {
+        self.offer_after(seq, data, now, hold, 0, stats)
+    }
+
+    /// [`Reorder::offer`] of a packet that is not delivered before `now + wait` even in order:
+    /// its path is faster than the slowest live one by `wait`. With every packet as late as
+    /// the slowest path's, the connection inside sees one delay whichever path a packet took:
+    /// TCP's slow start took the step from the fast path's delay (its first packets) to the
+    /// slowest one's (once packets spread) for a queue and ended at a few dozen segments
+    /// (cubic's HyStart), which cost seconds of ramp on links of 10 and 100 ms.
+    pub fn offer_after(
+        &mut self,
+        seq: u64,
+        data: Option<&[u8]>,
+        now: u64,
+        hold: u64,
+        wait: u64,
+        stats: &ReorderStats,
+    ) -> Order {
         if self.next == 0 {
             self.next = seq;
         }
-        if seq == self.next {
+        if seq == self.next && (wait == 0 || data.is_none()) {
             self.next += 1;
             return Order::Now;
         }
@@ -238,14 +267,15 @@ impl Reorder {
             v
         });
         self.bytes += len;
-        if data.is_some() {
+        if data.is_some() && seq != self.next {
             stats.held.fetch_add(1, Relaxed);
         }
         self.held.insert(
             seq,
             Held {
                 data,
-                deadline: now.saturating_add(hold),
+                deadline: now.saturating_add(hold.max(wait)),
+                not_before: now.saturating_add(wait),
             },
         );
         Order::Held
@@ -268,6 +298,9 @@ impl Reorder {
                 break;
             }
             let seq = *e.key();
+            if e.get().not_before > now {
+                break;
+            }
             if seq != self.next {
                 // Every active path has delivered past the gap: it is lost (or it is the
                 // step from one SA's numbers to the next one's, which is no loss).
