@@ -413,6 +413,14 @@ pub struct MultipathArgs {
     /// comparison run on the same links with each path's rate fixed to its link's.
     #[arg(long)]
     pub glorytun: Option<std::path::PathBuf>,
+    /// Both peers with equal_delay = false (spread delivers each packet as soon as it is in
+    /// order, not as late as the slowest path's).
+    #[arg(long)]
+    pub no_equal_delay: bool,
+    /// Comparison runs alternate equal_delay on and off (an A/B in one lab; implies
+    /// --compare-mptcp).
+    #[arg(long, conflicts_with = "no_equal_delay")]
+    pub ab_equal_delay: bool,
     /// Draw the transfer with the cut of link 1 into this SVG file: the stream and each path
     /// per half second, the cut marked.
     #[arg(long)]

@@ -670,13 +670,15 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         compare_mptcp,
         runs,
         glorytun,
+        no_equal_delay,
+        ab_equal_delay,
         plot,
         congestion,
         static_weights,
         topology,
         keying,
     } = args;
-    let compare_mptcp = compare_mptcp || runs.is_some() || glorytun.is_some();
+    let compare_mptcp = compare_mptcp || runs.is_some() || glorytun.is_some() || ab_equal_delay;
     let runs = runs.unwrap_or(1);
     if !(1..=20).contains(&runs) {
         bail!("--runs must be 1..20");
@@ -757,6 +759,8 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         runs,
         glorytun: glorytun.map(|g| std::path::absolute(&g)).transpose()?,
         plot: plot.map(|p| std::path::absolute(&p)).transpose()?,
+        equal_delay: !no_equal_delay,
+        ab_equal_delay,
         congestion,
         adapt: !static_weights,
         ikev2,

@@ -204,32 +204,53 @@ fn ikev2_over_two_uplinks_to_a_responder_without_endpoint() {
     );
 }
 
-/// Three links of unequal rate and delay, one IPv6 only (`--links`, issue 30): every path
-/// found up, one TCP stream intact over all of them, each link's capture holds only the
-/// tunnel, and the report says when each path's capacity estimate was found.
+/// Three links of unequal rate and delay, one IPv6 only and one with jitter (`--links`,
+/// issue 30): every path found up, one TCP stream intact over all of them, each link's
+/// capture holds only the tunnel, the report says when each path's capacity estimate was
+/// found; one comparison run (fresh daemons, espip and kernel MPTCP with iperf3, each against
+/// its ceiling) and the plot of the cut transfer.
 #[test]
 fn three_unequal_links_with_links() {
     let Some(_g) = serial() else { return };
+    let plot = std::env::temp_dir().join(format!("espip-test-plot-{}.svg", std::process::id()));
     let t = lab_scenario(&[
         "multipath",
         "--links",
-        "40/10,20/60/ipv6,10/30",
+        "40/10,20/60/5ms/ipv6,10/30",
         "--seconds",
         "3",
         "--redundant-loss",
         "0",
+        "--runs",
+        "1",
+        "--plot",
+        plot.to_str().unwrap(),
     ]);
     has_all(
         &t,
         &[
+            "jitter 5 ms",
             "[PASS] all paths up",
             "link3 up",
             "[PASS] one TCP stream over all links",
             "[PASS] wire-l3.pcap: only the tunnel, no plaintext",
             "capacity estimates reached 80% of the link's rate after: link 1 ",
             "link 3 ",
+            "run 1: espip ",
+            " of its ceiling ",
+            "kernel MPTCP ",
+            "1 runs, iperf3 5 s",
             "[PASS] link 1 cut 3 s into a transfer",
+            "plot of the cut transfer",
             " 0 failed",
         ],
+    );
+    assert!(!t.contains("kernel MPTCP failed"), "{t}");
+    let svg = std::fs::read_to_string(&plot).unwrap_or_default();
+    let _ = std::fs::remove_file(&plot);
+    assert!(
+        svg.starts_with("<svg") && svg.contains("link 1 cut") && svg.contains("link 3"),
+        "the plot: {}",
+        &svg[..svg.len().min(300)]
     );
 }

@@ -25,6 +25,7 @@ pub(super) fn refuse_path_settings(
         ("reorder_packets", p.reorder_packets.is_some()),
         ("reorder_bytes", p.reorder_bytes.is_some()),
         ("adapt", p.adapt.is_some()),
+        ("equal_delay", p.equal_delay.is_some()),
     ] {
         if set {
             return Err(invalid(
@@ -336,6 +337,7 @@ fn multipath_spec(p: &RawPeer, k: &dyn Fn(&str) -> String) -> Result<MultipathSp
             "bytes held at most,",
         )?,
         adapt: p.adapt.unwrap_or(true),
+        equal_delay: p.equal_delay.unwrap_or(true),
         path_idle_s: num(
             "path_idle",
             p.path_idle,

@@ -180,6 +180,9 @@ pub struct MultipathSpec {
     pub reorder_bytes: u32,
     /// `spread` follows each path's measured delivery; false: the static weights only.
     pub adapt: bool,
+    /// `spread`: a faster path's packets are delivered as late as the slowest live path's
+    /// (see [`Multipath::skew_ns`]); false: each as soon as it is in order.
+    pub equal_delay: bool,
     /// A learned path (see [`PathSpec::learned`]) silent this many seconds is forgotten: its
     /// slot takes the next new (address, port).
     pub path_idle_s: u32,
@@ -195,6 +198,7 @@ impl Default for MultipathSpec {
             reorder_packets: 4096,
             reorder_bytes: 8 << 20,
             adapt: true,
+            equal_delay: true,
             path_idle_s: 60,
         }
     }
@@ -937,7 +941,7 @@ impl Multipath {
     /// delays, not their queues (queues differ from packet to packet; the reorder stage
     /// orders those). At most `reorder_ms`.
     pub fn skew_ns(&self, path: usize) -> u64 {
-        if self.spec.scheduler != Scheduler::Spread {
+        if self.spec.scheduler != Scheduler::Spread || !self.spec.equal_delay {
             return 0;
         }
         let Some(mine) = self.stats.get(path).map(|p| p.min_rtt_ns.load(Relaxed)) else {

@@ -73,6 +73,12 @@ pub struct MultipathOptions {
     pub runs: usize,
     /// glorytun's binary: measured in each comparison run too.
     pub glorytun: Option<PathBuf>,
+    /// `equal_delay` of both peers (`spread`: deliver every packet as late as the slowest
+    /// path's).
+    pub equal_delay: bool,
+    /// Comparison runs alternate `equal_delay` on (odd runs) and off (even runs): an A/B in
+    /// one lab.
+    pub ab_equal_delay: bool,
     /// Draw the cut transfer (the stream and each path over time, the cut marked) here (SVG).
     pub plot: Option<PathBuf>,
     /// TCP congestion control of the iperf3 comparison (`iperf3 -C`: `cubic`, `bbr`; `None`:
@@ -171,11 +177,12 @@ fn config_text(
         _ => a.to_string(),
     };
     let mut s = format!(
-        "# espip lab multipath, host {}\n[interface]\nname = \"espip0\"\naddress = [\"{addr}/24\"]\n{}\n[[peer]]\nname = \"{peer}\"\nallowed_ips = [\"{allowed}/32\"]\nscheduler = \"{}\"\nadapt = {}\n",
+        "# espip lab multipath, host {}\n[interface]\nname = \"espip0\"\naddress = [\"{addr}/24\"]\n{}\n[[peer]]\nname = \"{peer}\"\nallowed_ips = [\"{allowed}/32\"]\nscheduler = \"{}\"\nadapt = {}\nequal_delay = {}\n",
         if me_a { "A" } else { "B" },
         super::state_lines(state_dir),
         scheduler.name(),
-        opts.adapt
+        opts.adapt,
+        opts.equal_delay
     );
     match (opts.mode, keys) {
         (LabMode::EspUdp(_), None) if opts.ikev2 => s.push_str(&ikev2::peer_lines(me_a)),
