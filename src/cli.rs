@@ -268,6 +268,9 @@ pub enum ToolCmd {
         spi: u32,
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+        /// At most this many packets a second in all (0: as fast as one core sends).
+        #[arg(long, default_value_t = 0)]
+        pps: u64,
     },
     /// Send IKE_SA_INIT requests (each a fresh SPI, nonce and key share) at an IKE port
     /// for the flood tests; prints how many.

@@ -856,8 +856,13 @@ fn lab_tool(tool: ToolCmd) -> Result<()> {
     match tool {
         ToolCmd::Sink { listen } => println!("{}", espip_lab::transfer::sink(listen)?),
         ToolCmd::HttpServe { listen, name } => espip_lab::transfer::http_serve(listen, &name)?,
-        ToolCmd::Flood { dst, spi, seconds } => {
-            let [a, b, c, d] = espip_lab::flood::flood(dst, spi, seconds)?;
+        ToolCmd::Flood {
+            dst,
+            spi,
+            seconds,
+            pps,
+        } => {
+            let [a, b, c, d] = espip_lab::flood::flood(dst, spi, seconds, pps)?;
             println!(
                 "{{\"esp_known_spi\": {a}, \"esp_unknown_spi\": {b}, \"ipip\": {c}, \"short\": {d}}}"
             );

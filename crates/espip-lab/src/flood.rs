@@ -30,8 +30,9 @@ impl Noise {
     }
 }
 
-/// Send garbage to `dst` for `seconds`; returns the packets sent of each kind.
-pub fn flood(dst: Ipv4Addr, spi: u32, seconds: u64) -> io::Result<[u64; 4]> {
+/// Send garbage to `dst` for `seconds`, at most `pps` packets a second in all (0: as fast as
+/// one core sends); returns the packets sent of each kind.
+pub fn flood(dst: Ipv4Addr, spi: u32, seconds: u64, pps: u64) -> io::Result<[u64; 4]> {
     let open = |p: i32| Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(p)));
     let esp = open(50)?;
     let ipip = open(4)?;
@@ -39,9 +40,17 @@ pub fn flood(dst: Ipv4Addr, spi: u32, seconds: u64) -> io::Result<[u64; 4]> {
     let mut noise = Noise(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
     let mut buf = [0u8; 1024];
     let mut sent = [0u64; 4];
-    let end = Instant::now() + Duration::from_secs(seconds);
+    let start = Instant::now();
+    let end = start + Duration::from_secs(seconds);
     let mut i: u64 = 0;
     while i % 256 != 0 || Instant::now() < end {
+        if pps > 0 && i % 256 == 0 {
+            // Paced in batches of 256: never ahead of i packets at `pps`.
+            let due = start + Duration::from_secs_f64(i as f64 / pps as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
         let kind = (i % 4) as usize;
         i += 1;
         let (sock, len) = match kind {
