@@ -181,17 +181,19 @@ impl Engine {
     /// Held requests whose rekey is no longer in flight: handled now (on the new IKE SA if the
     /// rekey made it, else counted as for an unknown IKE SA).
     fn release_early(&mut self, now: u64, rng: &dyn SecureRandom, out: &mut Vec<Out>) {
-        if self.early.is_empty() {
-            return;
+        for (raw, from, natt) in self.early_due() {
+            out.extend(self.handle(&raw, from, natt, now, rng));
         }
+    }
+
+    /// The held requests whose rekey is no longer in flight, taken out; the others stay.
+    pub(super) fn early_due(&mut self) -> Vec<(Vec<u8>, SocketAddr, bool)> {
         let held = std::mem::take(&mut self.early);
-        let (wait, due): (Vec<_>, Vec<_>) = held.into_iter().partition(|(raw, ..)| {
+        let (wait, due) = held.into_iter().partition(|(raw, ..)| {
             msg::parse_header(raw).is_ok_and(|h| self.early_for_our_rekey(&h))
         });
         self.early = wait;
-        for (raw, from, natt) in due {
-            out.extend(self.handle(&raw, from, natt, now, rng));
-        }
+        due
     }
 
     /// The current IKE SA is gone: its CHILD_SAs go with it, and an initiator connects again

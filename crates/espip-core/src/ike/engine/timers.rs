@@ -8,13 +8,8 @@ impl Engine {
     pub fn tick(&mut self, now: u64, rng: &dyn SecureRandom) -> Vec<Out> {
         let mut out = Vec::new();
         // Held requests whose rekey was given up: for an IKE SA that never came.
-        let held = std::mem::take(&mut self.early);
-        for e in held {
-            if msg::parse_header(&e.0).is_ok_and(|h| self.early_for_our_rekey(&h)) {
-                self.early.push(e);
-            } else {
-                self.stats.fail(Failure::UnknownIkeSpi);
-            }
+        for _ in self.early_due() {
+            self.stats.fail(Failure::UnknownIkeSpi);
         }
         self.unconfirmed_survivors(now, &mut out);
         self.tick_children(now, &mut out);
