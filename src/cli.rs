@@ -431,6 +431,11 @@ pub struct MultipathArgs {
     /// TCP congestion control of the iperf3 comparison (iperf3 -C): cubic or bbr.
     #[arg(long)]
     pub congestion: Option<String>,
+    /// Also halve link 1's rate 3 s into a transfer and restore it 3 s later, and check that
+    /// its capacity estimate follows each change within 2 s (--topology pair; not with ipip,
+    /// which has no probes).
+    #[arg(long)]
+    pub rate_change: bool,
     /// spread with the links' rates as static weights only (adapt = false).
     #[arg(long)]
     pub static_weights: bool,

@@ -674,6 +674,7 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         ab_equal_delay,
         plot,
         congestion,
+        rate_change,
         static_weights,
         topology,
         keying,
@@ -725,6 +726,9 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         if !matches!(mode, ModeArg::EspUdp) {
             bail!("--topology uplinks needs --mode esp-udp: uplink 2 is behind a NAT, which passes UDP");
         }
+        if rate_change {
+            bail!("--rate-change runs on --topology pair only (it changes the pair's link 1)");
+        }
         if compare_mptcp {
             bail!("--compare-mptcp, --runs and --glorytun run on --topology pair only (MPTCP's subflows need the pair's addresses)");
         }
@@ -733,6 +737,9 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         if !["cubic", "bbr", "reno"].contains(&cc.as_str()) {
             bail!("--congestion {cc:?}: expected cubic, bbr or reno");
         }
+    }
+    if rate_change && matches!(mode, ModeArg::Ipip) {
+        bail!("--rate-change reads the paths' capacity estimates, which need probes: use --mode esp-udp or esp");
     }
     let mode = match mode {
         ModeArg::Esp => LabMode::Esp(cipher_arg(&cipher)?),
@@ -762,6 +769,7 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         equal_delay: !no_equal_delay,
         ab_equal_delay,
         congestion,
+        rate_change,
         adapt: !static_weights,
         ikev2,
         run: common.run()?,

@@ -19,12 +19,13 @@ fn has_all(text: &str, checks: &[&str]) {
 
 /// ESP in UDP, spread: both paths found up by probes; one TCP stream faster than the best
 /// single link alone; each link's capture shows only the tunnel, no plaintext; link 1 cut
-/// mid-transfer (equal hash, path found down) and restored (path back up); redundant under
+/// mid-transfer (equal hash, path found down) and restored (path back up); link 1's rate
+/// halved and restored (its estimate follows within 2 s each time); redundant under
 /// 5 % random loss per link (TCP sees less than half of it); clean stop.
 #[test]
 fn spread_cut_and_redundant_over_esp_in_udp() {
     let Some(_g) = serial() else { return };
-    let t = multipath(&["--seconds", "6", "--redundant-loss", "5"]);
+    let t = multipath(&["--seconds", "6", "--redundant-loss", "5", "--rate-change"]);
     has_all(
         &t,
         &[
@@ -35,6 +36,7 @@ fn spread_cut_and_redundant_over_esp_in_udp() {
             "[PASS] wire-l2.pcap: only the tunnel, no plaintext",
             "[PASS] link 1 cut 3 s into a transfer",
             "[PASS] link 1 restored: the path comes back",
+            "[PASS] link 1's rate halved 3 s into a transfer and restored at 6 s",
             "[PASS] redundant with 5% random loss on each link",
             "[PASS] clean stop",
             " 0 failed",

@@ -173,19 +173,35 @@ pub(super) fn relayed_link(
         mid.sysctl(&format!("net.ipv6.conf.{side}.disable_ipv6"), "1")?;
         mid.ip(&["link", "set", "dev", side, "up"])?;
         // A frame's due time is its arrival plus the delay; tbf then paces what the relay
-        // writes (bursts of 10 ms at the rate, at least 16 KB).
-        let burst = ((spec.mbit * 1e6 / 8.0 * 0.01) as u64).max(16_384);
-        mid.command("tc")
-            .args(["qdisc", "add", "dev", side, "root", "tbf", "rate"])
-            .arg(format!("{}mbit", spec.mbit))
-            .arg("burst")
-            .arg(burst.to_string())
-            .args(["latency", "50ms"])
-            .status()?;
+        // writes.
+        tbf(mid, side, "add", spec.mbit)?;
         // UDP GSO trains must be cut into frames before the relay sees them.
         host.ip(&["link", "set", dev, "gso_max_segs", "1"])?;
     }
     mid.sysctl("net.ipv4.ip_forward", "0")
+}
+
+/// `tc qdisc ACTION dev SIDE root tbf` at `mbit`: bursts of 10 ms at the rate (at least 16 KB),
+/// a queue of 50 ms.
+fn tbf(mid: &Netns, side: &str, action: &str, mbit: f64) -> io::Result<()> {
+    let burst = ((mbit * 1e6 / 8.0 * 0.01) as u64).max(16_384);
+    netns::run_ok(
+        mid.command("tc")
+            .args(["qdisc", action, "dev", side, "root", "tbf", "rate"])
+            .arg(format!("{mbit}mbit"))
+            .arg("burst")
+            .arg(burst.to_string())
+            .args(["latency", "50ms"]),
+    )
+    .map(drop)
+}
+
+/// Change the rate of a relayed link (both directions), as a line whose rate moves does.
+pub(super) fn set_rate(mid: &Netns, mbit: f64) -> io::Result<()> {
+    for side in ["mid-a", "mid-b"] {
+        tbf(mid, side, "change", mbit)?;
+    }
+    Ok(())
 }
 
 /// Build the namespaces and the links of `topology` (relays not started).

@@ -14,13 +14,15 @@
 //! random) and limits each direction with `tbf`. Checks: all paths up; one plain TCP stream
 //! through the tunnel against the best single link measured alone in the same run; link 1 cut
 //! in the middle of a transfer (hash equal, the stall measured) and restored (the path comes
-//! back); `redundant` under random loss on both links (TCP's retransmissions counted); a
+//! back); link 1's rate halved and restored during a transfer (its estimate follows);
+//! `redundant` under random loss on both links (TCP's retransmissions counted); a
 //! capture of each link shows only the tunnel and no plaintext; nothing left behind.
 
 mod compare;
 mod ikev2;
 mod links;
 mod plot;
+mod rate;
 mod uplinks;
 
 pub use links::{parse_links, LinkSpec, LinkSpecError, LINK1, LINK2, MAX_LINKS};
@@ -85,6 +87,8 @@ pub struct MultipathOptions {
     /// the kernel's default). A namespace may not change its default to an algorithm the host
     /// has not allowed, so it is set per socket.
     pub congestion: Option<String>,
+    /// Halve link 1's rate during a transfer and restore it ([`rate::rate_change_check`]).
+    pub rate_change: bool,
     /// `spread` adapts to measured delivery (false: the links' rates as static weights).
     pub adapt: bool,
     /// The peers keyed by IKEv2 (A initiates) instead of static keys, with CHILD_SAs rekeyed
@@ -413,6 +417,9 @@ pub fn run(opts: &MultipathOptions) -> io::Result<Report> {
             // Either uplink may go: the LTE stick as much as the DSL line.
             cut_check(&mut report, &lab, opts, &ctl_a, 1)?;
         }
+    }
+    if probing && opts.rate_change && opts.topology == Topology::Pair {
+        rate::rate_change_check(&mut report, &lab, opts, &ctl_a)?;
     }
     if probing && opts.redundant_loss > 0.0 {
         redundant_check(&mut report, &mut lab, opts, &cfg_a, &cfg_b, &cfg)?;
