@@ -18,6 +18,8 @@ pub(super) struct Iperf {
     pub mbit: f64,
     /// Mbit/s received in each second (the receiver's intervals).
     pub intervals: Vec<f64>,
+    /// Segments the sender retransmitted (0 where iperf3 does not say).
+    pub retransmits: u64,
 }
 
 /// `iperf3 -J --get-server-output` from A to `to` (`mptcp`: both ends under `mptcpize run`)
@@ -74,7 +76,12 @@ pub(super) fn iperf3(
                 .collect()
         })
         .unwrap_or_default();
-    Ok(Iperf { mbit, intervals })
+    let retransmits = v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+    Ok(Iperf {
+        mbit,
+        intervals,
+        retransmits,
+    })
 }
 
 /// The most one TCP stream (timestamps on, IPv4 inside) can get through espip's tunnel of
@@ -432,10 +439,13 @@ fn run_line(k: usize, r: &Run, ceiling: f64, mptcp_ceiling: f64, best_alone: f64
     } else {
         "no per-second intervals".into()
     };
+    let seconds: Vec<String> = e.intervals.iter().map(|m| format!("{m:.0}")).collect();
     format!(
-        "run {k}: espip {:.1} Mbit/s = {:.3} of its ceiling {ceiling:.1}, {floor}, per-path share {}; kernel MPTCP {}; glorytun {}",
+        "run {k}: espip {:.1} Mbit/s = {:.3} of its ceiling {ceiling:.1}, {floor} (each second: {}; {} retransmitted segments), per-path share {}; kernel MPTCP {}; glorytun {}",
         e.mbit,
         e.mbit / ceiling,
+        seconds.join(" "),
+        e.retransmits,
         r.shares
             .iter()
             .map(|s| format!("{:.2}", s))
