@@ -71,6 +71,9 @@ pub(super) fn iperf3(
         .as_array()
         .map(|a| {
             a.iter()
+                // The server's last interval is what came in after the client's last full
+                // second (often a few milliseconds): its rate is noise, not a second.
+                .filter(|i| i["sum"]["seconds"].as_f64().unwrap_or(1.0) >= 0.5)
                 .filter_map(|i| i["sum"]["bits_per_second"].as_f64())
                 .map(|b| b / 1e6)
                 .collect()
