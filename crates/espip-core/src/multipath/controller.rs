@@ -73,7 +73,8 @@ impl Controller {
     /// Mbit/s of 105 after); 0.25 in 1.0-2.2 s at 0.68-0.89 (simulation 2.8 s, 91.7 Mbit/s:
     /// the raised path takes a queue, the others' estimates fall, shares swing); a gain
     /// doubling from 0.05 to 0.5 per window in 1.0-1.8 s at 0.56-0.91 (simulation 3.0 s,
-    /// 96.5). A gain doubling to 1 overshot for seconds.
+    /// 96.5). A gain doubling to 1 overshot for seconds. Kept: 0.1, growing after two windows
+    /// in a row ([`Controller::gain`]; simulation 2.5 s, 100.3 Mbit/s).
     pub const GAIN: f64 = 0.1;
     /// Largest gain of a path unsaturated next to a saturated one for windows in a row.
     pub const GAIN_MAX: f64 = 0.4;
@@ -106,8 +107,8 @@ impl Controller {
         }
         // A path that went down forgets what it was measured at: its last windows measured the
         // cut (it delivered nothing), not its rate, and what comes back may be another line.
-        // Back up, it is unmeasured, and the schedule follows the static weights until its
-        // first window measures it, as over fresh paths (keeping the cut's near-zero estimate
+        // Back up, it is unmeasured and taken at the measured paths' mean until its first
+        // window measures it ([`Controller::shares`]; keeping the cut's near-zero estimate
         // left it a 64th that grew a tenth per window: 17 s to 60 Mbit/s in the lab).
         for (s, p) in self.samples.iter_mut().zip(paths) {
             if p.state() == PathState::Down {
@@ -142,8 +143,9 @@ impl Controller {
         }
     }
 
-    /// What the window that ends now showed of path `p` (`None`: nothing learnt, no newer echo
-    /// or nothing sent), moving `s`'s mark to the newest echo.
+    /// What the window that ends now showed of path `p` (`None`: nothing learnt: no newer echo,
+    /// the path down, or under [`Controller::MIN_WINDOW_BYTES`] sent), moving `s`'s mark to
+    /// the newest echo.
     fn window(s: &mut Sample, p: &PathStats) -> Option<Window> {
         let win_rtt = p.take_window_rtt();
         let m = p.mark();
