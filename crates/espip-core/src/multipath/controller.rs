@@ -39,7 +39,7 @@ struct Window {
 ///   **saturated**: what it delivered is its capacity, exactly;
 /// - while another path is saturated, an unsaturated path carried less than it can: its
 ///   estimate becomes what it delivered times 1 + [`Controller::GAIN`] (more after two
-///   windows in a row: [`Controller::gain`]): its share grows
+///   windows in a row: `Controller::gain`): its share grows
 ///   against the saturated path's until it saturates too, within a few windows even when the
 ///   starting shares are 4:1 off; an estimate too high falls in the same step;
 /// - while no path is saturated (the sender sends less than the paths carry), nothing is
@@ -74,7 +74,7 @@ impl Controller {
     /// the raised path takes a queue, the others' estimates fall, shares swing); a gain
     /// doubling from 0.05 to 0.5 per window in 1.0-1.8 s at 0.56-0.91 (simulation 3.0 s,
     /// 96.5). A gain doubling to 1 overshot for seconds. Kept: 0.1, growing after two windows
-    /// in a row ([`Controller::gain`]; simulation 2.5 s, 100.3 Mbit/s).
+    /// in a row (`Controller::gain`; simulation 2.5 s, 100.3 Mbit/s).
     pub const GAIN: f64 = 0.1;
     /// Largest gain of a path unsaturated next to a saturated one for windows in a row.
     pub const GAIN_MAX: f64 = 0.4;
