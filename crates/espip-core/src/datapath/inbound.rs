@@ -236,7 +236,7 @@ impl Inbound {
             ) if seq != 0 => {
                 let hold = shared.hold_ns();
                 let seq = r.key(arrival.sa.0, arrival.sa.1, seq);
-                r.set_live(shared.live_mask());
+                r.set_live(shared.order_mask());
                 if let Some(p) = path {
                     r.note(p, seq, now, 2 * hold);
                 }
@@ -360,7 +360,7 @@ impl Inbound {
                 reorder: Some(r),
             }) = &mut p.mp
             {
-                r.set_live(shared.live_mask());
+                r.set_live(shared.order_mask());
                 if n < limit && r.ready(now) {
                     n += r.release(now, &shared.reorder, limit - n, &mut deliver);
                 }
