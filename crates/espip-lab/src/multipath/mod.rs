@@ -658,8 +658,8 @@ fn stream_check(
 }
 
 /// Link `link` (0 or 1) cut in the middle of a transfer and restored: the transfer completes
-/// with an equal hash, the longest stall of B's received bytes is measured, the path is found
-/// down and back.
+/// with an equal hash, the longest stall of B's received bytes that began within a second of
+/// the cut is measured (and the longest later one shown), the path is found down and back.
 fn cut_check(
     report: &mut Report,
     lab: &Lab,
@@ -721,8 +721,10 @@ fn cut_check(
     }
     let result = result.map_err(|_| io::Error::other("transfer thread panicked"))??;
     let cut_at = cut_at.unwrap_or(Duration::MAX);
-    // The longest time B's received bytes did not grow, from the cut to the end.
-    let mut stall = Duration::ZERO;
+    // The longest time B's received bytes did not grow that began within a second of the
+    // cut (the cut's stall), and the longest one after (the links left: on a lossy link, a
+    // lost retransmission waits for TCP's timeout, cut or not).
+    let (mut stall, mut later) = (Duration::ZERO, Duration::ZERO);
     let mut last_change = cut_at;
     let mut last = None;
     for (t, b) in samples.iter().filter(|(t, _)| *t >= cut_at) {
@@ -730,7 +732,11 @@ fn cut_check(
             last = Some(*b);
             last_change = *t;
         }
-        stall = stall.max(*t - last_change);
+        if last_change < cut_at.saturating_add(Duration::from_secs(1)) {
+            stall = stall.max(*t - last_change);
+        } else {
+            later = later.max(*t - last_change);
+        }
     }
     let down = path_states(ctl_a)
         .get(link)
@@ -739,11 +745,13 @@ fn cut_check(
         format!("link {} cut 3 s into a transfer", link + 1),
         result.ok(bytes) && down && cut_at != Duration::MAX,
         format!(
-            "{} MB at {:.1} Mbit/s, sha256 {}; longest stall after the cut {} ms; path link{} {}",
+            "{} MB at {:.1} Mbit/s, sha256 {}; longest stall after the cut {} ms (later: {} \
+             ms); path link{} {}",
             bytes / 1_000_000,
             result.mbit_s(),
             if result.ok(bytes) { "equal" } else { "DIFFERS" },
             stall.as_millis(),
+            later.as_millis(),
             link + 1,
             if down { "down" } else { "NOT found down" }
         ),
