@@ -424,6 +424,10 @@ pub struct MultipathArgs {
     /// --compare-mptcp).
     #[arg(long, conflicts_with = "no_equal_delay")]
     pub ab_equal_delay: bool,
+    /// Comparison runs alternate repair on and off (lost packets asked for again and sent
+    /// again; an A/B in one lab; implies --compare-mptcp).
+    #[arg(long, conflicts_with = "ab_equal_delay")]
+    pub ab_repair: bool,
     /// Draw the transfer with the cut of link 1 into this SVG file: the stream and each path
     /// per half second, the cut marked.
     #[arg(long)]

@@ -672,6 +672,7 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         glorytun,
         no_equal_delay,
         ab_equal_delay,
+        ab_repair,
         plot,
         congestion,
         rate_change,
@@ -679,7 +680,8 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         topology,
         keying,
     } = args;
-    let compare_mptcp = compare_mptcp || runs.is_some() || glorytun.is_some() || ab_equal_delay;
+    let compare_mptcp =
+        compare_mptcp || runs.is_some() || glorytun.is_some() || ab_equal_delay || ab_repair;
     let runs = runs.unwrap_or(1);
     if !(1..=20).contains(&runs) {
         bail!("--runs must be 1..20");
@@ -768,6 +770,7 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         plot: plot.map(|p| std::path::absolute(&p)).transpose()?,
         equal_delay: !no_equal_delay,
         ab_equal_delay,
+        ab_repair,
         congestion,
         rate_change,
         adapt: !static_weights,

@@ -26,6 +26,7 @@ pub(super) fn refuse_path_settings(
         ("reorder_bytes", p.reorder_bytes.is_some()),
         ("adapt", p.adapt.is_some()),
         ("equal_delay", p.equal_delay.is_some()),
+        ("repair", p.repair.is_some()),
     ] {
         if set {
             return Err(invalid(
@@ -338,6 +339,7 @@ fn multipath_spec(p: &RawPeer, k: &dyn Fn(&str) -> String) -> Result<MultipathSp
         )?,
         adapt: p.adapt.unwrap_or(true),
         equal_delay: p.equal_delay.unwrap_or(true),
+        repair: p.repair.unwrap_or(true),
         path_idle_s: num(
             "path_idle",
             p.path_idle,

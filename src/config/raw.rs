@@ -95,6 +95,7 @@ pub(super) struct RawPeer {
     pub(super) reorder_bytes: Option<i64>,
     pub(super) adapt: Option<bool>,
     pub(super) equal_delay: Option<bool>,
+    pub(super) repair: Option<bool>,
     /// A peer without endpoint: how many (address, port)s it may be reached by at once.
     pub(super) max_paths: Option<i64>,
     /// Seconds after which a silent learned path is forgotten.

@@ -514,6 +514,7 @@ fn path_status(
                     probes_sent: s.probes_sent.load(Relaxed),
                     echoes: s.echoes.load(Relaxed),
                     quiet_count: s.quiet_count.load(Relaxed),
+                    repaired: s.repaired.load(Relaxed),
                     share: f64::from(s.share.load(Relaxed)) / SLOTS as f64,
                     capacity_bps: s.capacity.load(Relaxed) as f64 * 8.0,
                     tx_packets: s.tx_packets.load(Relaxed),
@@ -528,6 +529,8 @@ fn path_status(
         reorder_held: m.reorder.held.load(Relaxed),
         reorder_gaps_skipped: m.reorder.gaps_skipped.load(Relaxed),
         reorder_late: m.reorder.late.load(Relaxed),
+        reorder_asked: m.reorder.asked.load(Relaxed),
+        reorder_repaired: m.reorder.repaired.load(Relaxed),
         reorder_hold_ms: m.hold_ns() as f64 / 1e6,
     }
 }

@@ -668,6 +668,11 @@ impl RxState<'_, '_> {
                         send_verdicts(std::slice::from_ref(&*b), &[Some(v)], e, &self.gen, rec);
                     }
                 }
+                Verdict::Repair { peer } => {
+                    // The peer asks for lost packets: the kept copies go at once.
+                    let out = self.gen.outbound.repair(usize::from(peer), b.as_slice());
+                    self.send_control(out, rec);
+                }
                 _ => {}
             }
         }
@@ -682,9 +687,27 @@ impl RxState<'_, '_> {
         self.release(bufs, rec, now);
     }
 
+    /// Send control packets the core made (requests for lost packets, their repairs).
+    fn send_control(&self, out: Vec<(PacketBuf, crate::datapath::Wire)>, rec: &mut Recorder) {
+        for (b, w) in out {
+            let v = [Some(Verdict::Send(w))];
+            send_verdicts(std::slice::from_ref(&b), &v, self.e, &self.gen, rec);
+        }
+    }
+
+    /// [`RxState::release_held`], then ask the peers for the packets the reorder stages found
+    /// lost.
+    fn release(&mut self, bufs: &mut [PacketBuf], rec: &mut Recorder, now: u64) {
+        self.release_held(bufs, rec, now);
+        for (peer, spi, seqs) in self.inb.take_asks() {
+            let out = self.gen.outbound.nack(peer, spi, &seqs, now);
+            self.send_control(out, rec);
+        }
+    }
+
     /// Write the packets of the reorder stages whose turn has come to the TUN, in order,
     /// `bufs.len()` at a time (coalesced like any batch).
-    fn release(&mut self, bufs: &mut [PacketBuf], rec: &mut Recorder, now: u64) {
+    fn release_held(&mut self, bufs: &mut [PacketBuf], rec: &mut Recorder, now: u64) {
         const ALL: [usize; BATCH] = {
             let mut a = [0; BATCH];
             let mut i = 0;

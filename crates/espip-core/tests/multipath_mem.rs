@@ -433,3 +433,108 @@ fn probes_lost_on_a_dead_path_are_not_waited_for() {
         }
     }
 }
+
+/// One probe round of B's: each of its probes answered by A, the echo back at B, so that B
+/// knows its paths' RTTs.
+fn b_probe_round(p: &mut Pair, now: u64) {
+    let (_, probes) = p.out_b.tick(now);
+    for (mut b, w) in probes {
+        let src = if w.dst_ip() == IpAddr::from(A1) {
+            IpAddr::from(B1)
+        } else {
+            IpAddr::from(B2)
+        };
+        let Verdict::Echo { peer, to, via } = receive(&mut p.in_a, &mut b, w, src, now + MS) else {
+            panic!("probe not answered");
+        };
+        let Verdict::Send(back) = p.out_a.echo(usize::from(peer), &mut b, to, via, now + MS) else {
+            panic!("echo not sent");
+        };
+        assert_eq!(
+            receive(
+                &mut p.in_b,
+                &mut b,
+                back,
+                from_a(back.dst_ip()),
+                now + 20 * MS
+            ),
+            Verdict::Consumed
+        );
+    }
+}
+
+/// A packet lost on a path is asked for by B (a request in an ESP dummy packet), sent again
+/// by A from its copy on the fastest path, and takes its place in the order: the first time
+/// late (B does not wait before the peer has ever repaired), after that in order.
+#[test]
+fn a_lost_packet_is_asked_for_and_sent_again() {
+    for udp in [false, true] {
+        let mut p = pair(Scheduler::Spread, udp);
+        let mut now = MS;
+        for _ in 0..3 {
+            probe_round(&mut p, now, false);
+            b_probe_round(&mut p, now);
+            now += 100 * MS;
+        }
+        let mut got = Vec::new();
+        for round in 0..2u8 {
+            // Four packets alternate over the links; the second (on link 2) is lost.
+            let mut sent: Vec<(PacketBuf, Wire)> = (0..4u8)
+                .map(|n| {
+                    let mut b = inner(4 * round + n);
+                    let Verdict::Send(w) = p.out_a.process(&mut b, now) else {
+                        panic!("not sent");
+                    };
+                    (b, w)
+                })
+                .collect();
+            for (i, (b, w)) in sent.iter_mut().enumerate() {
+                if i == 1 {
+                    continue;
+                }
+                if receive(&mut p.in_b, b, *w, from_a(w.dst_ip()), now) == Verdict::ToTun {
+                    got.push(b.as_slice()[28]);
+                }
+            }
+            p.in_b.release(now, 64, |d| got.push(d[28]));
+            let asks = p.in_b.take_asks();
+            assert_eq!(asks.len(), 1, "udp {udp} round {round}: {asks:?}");
+            let (peer, spi, seqs) = &asks[0];
+            assert_eq!(seqs.len(), 1);
+            let requests = p.out_b.nack(*peer, *spi, seqs, now);
+            assert_eq!(requests.len(), 1);
+            let mut repairs = Vec::new();
+            for (mut b, w) in requests {
+                // The request goes on B's fastest path (both are equal: the first).
+                assert_eq!(w.dst_ip(), IpAddr::from(A1));
+                let v = receive(&mut p.in_a, &mut b, w, IpAddr::from(B1), now + MS);
+                let Verdict::Repair { peer } = v else {
+                    panic!("request: {v:?}");
+                };
+                repairs.extend(p.out_a.repair(usize::from(peer), b.as_slice()));
+            }
+            assert_eq!(repairs.len(), 1);
+            let (mut b, w) = repairs.pop().unwrap();
+            assert_eq!(w.dst_ip(), IpAddr::from(B1), "on the fastest path");
+            let v = receive(&mut p.in_b, &mut b, w, IpAddr::from(A1), now + 2 * MS);
+            if v == Verdict::ToTun {
+                got.push(b.as_slice()[28]);
+            }
+            p.in_b.release(now + 2 * MS, 64, |d| got.push(d[28]));
+            if round == 0 {
+                // Not waited for: 2 and 3 went first, 1 came late.
+                assert_eq!(got, vec![0, 2, 3, 1], "udp {udp}");
+            } else {
+                // Waited for: in order.
+                assert_eq!(got[4..], [4, 5, 6, 7], "udp {udp}");
+            }
+            now += 10 * MS;
+        }
+        let m = p.out_b.multipath(0).unwrap();
+        assert_eq!(m.reorder.asked.load(Relaxed), 2);
+        assert_eq!(m.reorder.repaired.load(Relaxed), 2);
+        assert_eq!(m.reorder.gaps_skipped.load(Relaxed), 1);
+        let a = p.out_a.multipath(0).unwrap();
+        assert_eq!(a.stats[0].repaired.load(Relaxed), 2);
+    }
+}

@@ -329,7 +329,7 @@ impl Status {
     /// The per-path families of multipath peers.
     fn path_metrics(&self, m: &mut Metrics) {
         type Field = fn(&PathStatus) -> Option<f64>;
-        let families: [(&str, &str, &str, Field); 10] = [
+        let families: [(&str, &str, &str, Field); 11] = [
             (
                 "espip_path_up",
                 "gauge",
@@ -371,6 +371,12 @@ impl Status {
                 "counter",
                 "Times the path went quiet: late by a probe interval and a half while another path answered, so left out of the schedule before it is found down.",
                 |x| Some(x.quiet_count as f64),
+            ),
+            (
+                "espip_path_repaired_total",
+                "counter",
+                "Packets sent again on the path because the peer asked for them (multipath repair).",
+                |x| Some(x.repaired as f64),
             ),
             (
                 "espip_path_send_refused_total",

@@ -182,6 +182,12 @@ pub struct MultipathStatus {
     pub reorder_gaps_skipped: u64,
     /// Packets that arrived after their gap was given up on.
     pub reorder_late: u64,
+    /// Lost packets asked for again (`repair`).
+    #[serde(default)]
+    pub reorder_asked: u64,
+    /// Packets asked for again that came.
+    #[serde(default)]
+    pub reorder_repaired: u64,
     /// How long the reorder stage holds a packet at most now, milliseconds.
     pub reorder_hold_ms: f64,
 }
@@ -219,6 +225,9 @@ pub struct PathStatus {
     /// answered).
     #[serde(default)]
     pub quiet_count: u64,
+    /// Packets sent again on the path because the peer asked for them (`repair`).
+    #[serde(default)]
+    pub repaired: u64,
     /// Share of the schedule, 0..1 (redundant: 1 for every live path).
     pub share: f64,
     /// What the path is estimated to deliver, bits per second (`spread`; 0: not yet known).
@@ -556,14 +565,20 @@ fn peer_text(p: &PeerStatus, now_unix: f64, s: &mut String) {
     if let Some(m) = &p.multipath {
         let _ = writeln!(
             s,
-            "  scheduler: {}  reorder: held {}, gaps skipped {}, late {}, hold {:.1} ms",
-            m.scheduler, m.reorder_held, m.reorder_gaps_skipped, m.reorder_late, m.reorder_hold_ms
+            "  scheduler: {}  reorder: held {}, gaps skipped {}, late {}, hold {:.1} ms, asked again {}, repaired {}",
+            m.scheduler,
+            m.reorder_held,
+            m.reorder_gaps_skipped,
+            m.reorder_late,
+            m.reorder_hold_ms,
+            m.reorder_asked,
+            m.reorder_repaired
         );
         for x in &m.paths {
             let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} ms"));
             let _ = writeln!(
                 s,
-                "  path {}: {}{}  {}  rtt {} (min {})  share {:.0}%  probes {}/{}  quiet {}x  sent {} ({} packets)  received {} ({} packets)",
+                "  path {}: {}{}  {}  rtt {} (min {})  share {:.0}%  probes {}/{}  quiet {}x  sent {} ({} packets, {} repairs)  received {} ({} packets)",
                 x.name,
                 x.endpoint,
                 match (&x.local, &x.device) {
@@ -583,6 +598,7 @@ fn peer_text(p: &PeerStatus, now_unix: f64, s: &mut String) {
                 x.quiet_count,
                 bytes(x.tx_bytes),
                 x.tx_packets,
+                x.repaired,
                 bytes(x.rx_bytes),
                 x.rx_packets
             );
@@ -725,6 +741,7 @@ mod tests {
                 probes_sent: 10,
                 echoes: 9,
                 quiet_count: 0,
+                repaired: 0,
                 share: 0.5,
                 capacity_bps: 1e6,
                 tx_packets: 4,
@@ -737,6 +754,8 @@ mod tests {
             reorder_held: 0,
             reorder_gaps_skipped: 0,
             reorder_late: 0,
+            reorder_asked: 0,
+            reorder_repaired: 0,
             reorder_hold_ms: 5.0,
         });
         s

@@ -237,6 +237,7 @@ impl Inbound {
                 let hold = shared.hold_ns();
                 let seq = r.key(arrival.sa.0, arrival.sa.1, seq);
                 r.set_live(shared.order_mask());
+                r.set_repair(shared.repair_ns());
                 if let Some(p) = path {
                     r.note(p, seq, now, 2 * hold);
                 }
@@ -310,6 +311,13 @@ impl Inbound {
         let Some(InPaths { shared, reorder }) = &mut peer.mp else {
             return Verdict::Drop(DropReason::Dummy);
         };
+        if crate::multipath::Nack::is_nack(buf.as_slice()) {
+            peer.stats.last_rx.store(now, Relaxed);
+            return match crate::multipath::Nack::parse(buf.as_slice()) {
+                Some(_) => Verdict::Repair { peer: a.idx as u16 },
+                None => Verdict::Drop(DropReason::Dummy),
+            };
+        }
         let Some(probe) = Probe::parse(buf.as_slice()) else {
             return Verdict::Drop(DropReason::Dummy);
         };
@@ -349,6 +357,27 @@ impl Inbound {
         }
     }
 
+    /// The lost packets the reorder stages ask for again since the last call: per peer, the
+    /// SA's SPI and the sequence numbers (low 48 bits), for [`Outbound::nack`].
+    pub fn take_asks(&mut self) -> Vec<(usize, u32, Vec<u64>)> {
+        let mut out: Vec<(usize, u32, Vec<u64>)> = Vec::new();
+        for (idx, p) in self.peers.iter_mut().enumerate() {
+            let Some(InPaths {
+                reorder: Some(r), ..
+            }) = &mut p.mp
+            else {
+                continue;
+            };
+            for (spi, seq) in r.take_asks() {
+                match out.last_mut() {
+                    Some((i, s, seqs)) if *i == idx && *s == spi => seqs.push(seq),
+                    _ => out.push((idx, spi, vec![seq])),
+                }
+            }
+        }
+        out
+    }
+
     /// Deliver, in order, up to `limit` packets of the reorder stages whose turn has come at
     /// `now` (the gap ahead of them filled, or their hold time passed); `deliver` gets each
     /// one. Returns how many; call again while it returns `limit`.
@@ -361,6 +390,7 @@ impl Inbound {
             }) = &mut p.mp
             {
                 r.set_live(shared.order_mask());
+                r.set_repair(shared.repair_ns());
                 if n < limit && r.ready(now) {
                     n += r.release(now, &shared.reorder, limit - n, &mut deliver);
                 }

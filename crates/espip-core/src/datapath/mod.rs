@@ -509,6 +509,12 @@ pub enum Verdict {
         /// The source and interface of the path it came by (the echo leaves the same way).
         via: Via,
     },
+    /// A multipath peer asks for lost packets again: the buffer holds its request
+    /// ([`crate::multipath::Nack`]); [`Outbound::repair`] gives the packets to send.
+    Repair {
+        /// The peer.
+        peer: u16,
+    },
     /// The packet waits in the peer's reorder stage; [`Inbound::release`] delivers it.
     Held,
     /// A control packet the core used (a multipath echo); nothing to do.

@@ -56,8 +56,11 @@ impl Outbound {
                     NEXT_HEADER_IPV6
                 };
                 match sa.encapsulate(buf, nh) {
-                    Ok(_) if peer.mp.is_some() => {
-                        return self.schedule(idx, len, !inner.is_ipv4(), now)
+                    Ok(seq) if peer.mp.is_some() => {
+                        if let Some(mp) = &peer.mp {
+                            mp.keep(seq, len as usize, buf.as_slice());
+                        }
+                        return self.schedule(idx, len, !inner.is_ipv4(), now);
                     }
                     Ok(_) if peer.port != 0 => {
                         // The port the peer's last authenticated datagram came from wins.
@@ -296,6 +299,70 @@ impl Outbound {
             Err(EspError::SeqUnreserved) => Verdict::Drop(DropReason::SeqUnreserved),
             Err(_) => Verdict::Drop(DropReason::Malformed),
         }
+    }
+
+    /// The requests of `peer` (a multipath ESP peer) for the sequence numbers `seqs`
+    /// (ascending) of SA `spi`, wrapped, on its fastest path.
+    pub fn nack(&self, peer: usize, spi: u32, seqs: &[u64], now: u64) -> Vec<(PacketBuf, Wire)> {
+        let Some(p) = self.peers.get(peer) else {
+            return Vec::new();
+        };
+        let (Some(mp), Some((_, sa))) = (&p.mp, &p.sa) else {
+            return Vec::new();
+        };
+        let Some(path) = mp.repair_path() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for n in crate::multipath::Nack::for_seqs(spi, seqs) {
+            if !p.lifetime.take(&p.used, n.len() as u64, now) {
+                break;
+            }
+            let mut buf = PacketBuf::new(n.len());
+            buf.reset();
+            n.emit(&mut buf.read_area()[..n.len()]);
+            buf.set_len(n.len());
+            if sa.encapsulate(&mut buf, NEXT_HEADER_DUMMY).is_ok() {
+                out.push((buf, self.path_wire(peer, path, false)));
+            }
+        }
+        out
+    }
+
+    /// The packets `peer` asks for again in `request` (left in the buffer by
+    /// [`Inbound::process`] with [`Verdict::Repair`]): each one still kept, as it was sent,
+    /// on the fastest path. Counted as sent on that path and as `repaired` by the peer's
+    /// counters.
+    pub fn repair(&self, peer: usize, request: &[u8]) -> Vec<(PacketBuf, Wire)> {
+        let Some(p) = self.peers.get(peer) else {
+            return Vec::new();
+        };
+        let (Some(mp), Some(n)) = (&p.mp, crate::multipath::Nack::parse(request)) else {
+            return Vec::new();
+        };
+        let Some(path) = mp.repair_path() else {
+            return Vec::new();
+        };
+        let wire = self.path_wire(peer, path, false);
+        let mut out = Vec::new();
+        for seq in n.seqs() {
+            let copy = mp.kept(n.spi, seq, |packet, inner_len| {
+                let mut buf = PacketBuf::new(packet.len());
+                buf.reset();
+                buf.read_area()[..packet.len()].copy_from_slice(packet);
+                buf.set_len(packet.len());
+                (buf, inner_len)
+            });
+            let Some((buf, inner_len)) = copy else {
+                continue;
+            };
+            let st = &mp.stats[path];
+            st.tx_packets.fetch_add(1, Relaxed);
+            st.tx_bytes.fetch_add(inner_len as u64, Relaxed);
+            st.repaired.fetch_add(1, Relaxed);
+            out.push((buf, wire));
+        }
+        out
     }
 
     /// Multipath peer `idx`'s shared path state (`None`: a single-path peer).

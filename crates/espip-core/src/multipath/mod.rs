@@ -27,11 +27,13 @@ mod controller;
 mod learned;
 mod probe;
 mod reorder;
+mod repair;
 
 use controller::layout;
 pub use controller::Controller;
 pub use probe::{Probe, ProbeKind};
 pub use reorder::{Order, Reorder, ReorderStats};
+pub use repair::{Nack, Sent, KEPT};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
@@ -186,6 +188,9 @@ pub struct MultipathSpec {
     /// A learned path (see [`PathSpec::learned`]) silent this many seconds is forgotten: its
     /// slot takes the next new (address, port).
     pub path_idle_s: u32,
+    /// Lost packets are asked for again and sent again on the fastest path (ESP peers with
+    /// a reorder stage; see [`Nack`]).
+    pub repair: bool,
 }
 
 impl Default for MultipathSpec {
@@ -200,6 +205,7 @@ impl Default for MultipathSpec {
             adapt: true,
             equal_delay: true,
             path_idle_s: 60,
+            repair: true,
         }
     }
 }
@@ -298,6 +304,8 @@ pub struct PathStats {
     pub echoes: AtomicU64,
     /// Times the path went quiet (see [`PathState::Quiet`]).
     pub quiet_count: AtomicU64,
+    /// Packets sent again on the path because the peer asked for them ([`Nack`]).
+    pub repaired: AtomicU64,
     /// Packets sent on the path (copies of `redundant` included; probes not).
     pub tx_packets: AtomicU64,
     /// Inner bytes sent on the path.
@@ -439,6 +447,8 @@ pub struct Multipath {
     control: Mutex<Controller>,
     /// `earliest`'s arrival model.
     arrival: Mutex<Arrival>,
+    /// The sender's last ESP packets, for repair.
+    sent: Mutex<Sent>,
     /// The receiver's reorder stage counters.
     pub reorder: ReorderStats,
 }
@@ -571,6 +581,7 @@ impl Multipath {
             due: AtomicU64::new(0),
             control: Mutex::new(Controller::default()),
             arrival: Mutex::default(),
+            sent: Mutex::default(),
             reorder: ReorderStats::default(),
         };
         if let Some(prev) = prev {
@@ -945,6 +956,47 @@ impl Multipath {
                 p.echo(probe.sent, now, probe.tx_bytes, probe.rx_bytes);
             }
         }
+    }
+
+    /// Keep the ESP packet `packet` sent with sequence number `seq` (of `inner_len` inner
+    /// bytes) for repair, when repair is on.
+    pub fn keep(&self, seq: u64, inner_len: usize, packet: &[u8]) {
+        if self.spec.repair {
+            let mut s = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+            s.keep(seq, inner_len, packet);
+        }
+    }
+
+    /// Call `f` with the kept packet of SA `spi` numbered `seq` (low 48 bits) and its inner
+    /// length, if it is still kept and was not sent again before.
+    pub fn kept<T>(&self, spi: u32, seq: u64, f: impl FnOnce(&[u8], usize) -> T) -> Option<T> {
+        let mut s = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        s.take(spi, seq).map(|(p, n)| f(p, n))
+    }
+
+    /// The path a request or a repair goes on: the scheduled path with the least smoothed
+    /// RTT (`None`: none is scheduled and measured).
+    pub fn repair_path(&self) -> Option<usize> {
+        (0..self.stats.len())
+            .filter(|&i| {
+                self.stats[i].state().scheduled() && self.stats[i].srtt_ns.load(Relaxed) > 0
+            })
+            .filter(|&i| !self.learns || self.endpoint_of(i).is_some())
+            .min_by_key(|&i| self.stats[i].srtt_ns.load(Relaxed))
+    }
+
+    /// How long the reorder stage waits for a packet it asked again for (0: it asks for
+    /// none): the request and the repair each cross the fastest path, so its smoothed RTT plus
+    /// four deviations and 5 ms, within `reorder_ms`.
+    pub fn repair_ns(&self) -> u64 {
+        if !self.spec.repair {
+            return 0;
+        }
+        let bound = u64::from(self.spec.reorder_ms) * 1_000_000;
+        self.repair_path().map_or(0, |i| {
+            let p = &self.stats[i];
+            (p.srtt_ns.load(Relaxed) + 4 * p.rttvar_ns.load(Relaxed) + 5_000_000).min(bound)
+        })
     }
 
     /// The paths whose packets the reorder stage waits for (bit i: path i): neither down nor
@@ -1632,6 +1684,67 @@ mod tests {
         r.note(0, 4, 100 * MS, active);
         r.offer(4, Some(&[4]), 100 * MS, 300 * MS, &s);
         assert_eq!(collect(&mut r, 100 * MS, &s), vec![4]);
+    }
+
+    #[test]
+    fn a_lost_packet_is_asked_for_and_waited_for_once_the_peer_repairs() {
+        let s = ReorderStats::default();
+        let mut r = Reorder::new(100, 1 << 20);
+        let active = 50 * MS;
+        let spi = 0x0102_0304;
+        let k = |r: &mut Reorder, seq: u64| r.key(spi, true, seq);
+        r.set_live(0b11);
+        r.set_repair(20 * MS);
+        // Path 1 carries the odd numbers, path 0 the even ones; 3 is lost on path 1.
+        let arrive = |r: &mut Reorder, seq: u64, at: u64| {
+            let key = k(r, seq);
+            r.note((seq % 2) as usize, key, at, active);
+            r.offer(key, Some(&[seq as u8]), at, 30 * MS, &s)
+        };
+        for seq in [1, 2, 4, 5] {
+            arrive(&mut r, seq, MS);
+        }
+        // Every path has passed 3: asked for; the peer never repaired before, so 3 is not
+        // waited for.
+        assert_eq!(collect(&mut r, MS, &s), vec![4, 5]);
+        assert_eq!(r.take_asks(), vec![(spi, 3)]);
+        assert_eq!(
+            (s.asked.load(Relaxed), s.gaps_skipped.load(Relaxed)),
+            (1, 1)
+        );
+        // Its repair comes late (delivered at once): the peer repairs.
+        assert_eq!(arrive(&mut r, 3, 5 * MS), Order::Now);
+        assert_eq!(s.repaired.load(Relaxed), 1);
+        // Now 7 is lost: asked for and waited for, 20 ms.
+        for seq in [6, 8, 9] {
+            arrive(&mut r, seq, 10 * MS);
+        }
+        assert!(collect(&mut r, 10 * MS, &s).is_empty());
+        assert_eq!(r.take_asks(), vec![(spi, 7)]);
+        assert!(!r.ready(15 * MS), "waits for the repair");
+        assert_eq!(r.deadline(), Some(30 * MS));
+        // The repair comes (on the fast path, lower than its top): all in order.
+        let key = k(&mut r, 7);
+        r.note(0, key, 20 * MS, active);
+        assert_eq!(r.offer(key, Some(&[7]), 20 * MS, 30 * MS, &s), Order::Now);
+        assert_eq!(collect(&mut r, 20 * MS, &s), vec![8, 9]);
+        assert_eq!(s.gaps_skipped.load(Relaxed), 1);
+        // 11 is lost and its repair never comes: skipped when the wait is over.
+        for seq in [10, 12, 13] {
+            arrive(&mut r, seq, 40 * MS);
+        }
+        assert!(collect(&mut r, 40 * MS, &s).is_empty());
+        assert!(collect(&mut r, 59 * MS, &s).is_empty());
+        assert_eq!(collect(&mut r, 60 * MS, &s), vec![12, 13]);
+        assert_eq!(s.gaps_skipped.load(Relaxed), 2);
+        assert!(r.take_asks() == vec![(spi, 11)] && r.take_asks().is_empty());
+        // No repair configured (0): nothing asked, skipped at once as before.
+        r.set_repair(0);
+        for seq in [14, 16, 17] {
+            arrive(&mut r, seq, 70 * MS);
+        }
+        assert_eq!(collect(&mut r, 70 * MS, &s), vec![16, 17]);
+        assert!(r.take_asks().is_empty());
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub struct ReorderStats {
     pub late: AtomicU64,
     /// Packets delivered out of order because the stage was full.
     pub overflow: AtomicU64,
+    /// Lost packets asked for again ([`Nack`]).
+    pub asked: AtomicU64,
+    /// Packets asked for that came (repaired, or late on their own path).
+    pub repaired: AtomicU64,
 }
 
 /// The receiver's reorder stage of one peer, keyed by the ESP sequence number: a packet that
@@ -52,7 +56,18 @@ pub struct Reorder {
     /// starts a new SA whose sequence numbers start again at 1, and every packet of it comes
     /// after every packet of the SA before it. The stage orders by [`Reorder::key`].
     sas: Vec<(u32, u64)>,
+    /// Keys asked for again, ascending, each with how long it is waited for.
+    asked: BTreeMap<u64, u64>,
+    /// Keys to ask for (taken by [`Reorder::take_asks`]).
+    to_ask: Vec<u64>,
+    /// How long an asked packet is waited for (0: none is asked for).
+    repair_ns: u64,
+    /// An asked packet has come: the peer repairs (before, requests go out but no gap waits).
+    repairs_come: bool,
 }
+
+/// Most packets asked for at once (a cut's loss, beyond it, is left to TCP).
+const MAX_ASK: u64 = 1024;
 
 /// Bits of a reorder key that hold the ESP sequence number (the rest: the SA's epoch). 2^48
 /// packets is nine years at a million packets a second: no SA lives that long.
@@ -85,6 +100,10 @@ impl Reorder {
             active_ns: 0,
             live: 0,
             sas: Vec::new(),
+            asked: BTreeMap::new(),
+            to_ask: Vec::new(),
+            repair_ns: 0,
+            repairs_come: false,
         }
     }
 
@@ -124,6 +143,53 @@ impl Reorder {
             }
         };
         (epoch << SEQ_BITS) | (seq & ((1 << SEQ_BITS) - 1))
+    }
+
+    /// How long a lost packet asked for again is waited for (0: ask for none).
+    pub fn set_repair(&mut self, ns: u64) {
+        self.repair_ns = ns;
+    }
+
+    /// The keys to ask for since the last call, ascending, as (SPI, sequence number) pairs.
+    pub fn take_asks(&mut self) -> Vec<(u32, u64)> {
+        let keys = std::mem::take(&mut self.to_ask);
+        keys.into_iter()
+            .filter_map(|k| {
+                let epoch = k >> SEQ_BITS;
+                let spi = self.sas.iter().find(|(_, e)| *e == epoch)?.0;
+                Some((spi, k & ((1 << SEQ_BITS) - 1)))
+            })
+            .collect()
+    }
+
+    /// Until when the packet of `key` is waited for, if it was asked for.
+    fn asked_until(&self, key: u64) -> Option<u64> {
+        self.asked.get(&key).copied()
+    }
+
+    /// Ask for the keys from `self.next` below `floor` (the gap every path has passed) that
+    /// are not held, in `next`'s SA, at most [`MAX_ASK`]; they are waited for until
+    /// `now + repair_ns` once the peer has repaired before, else not at all.
+    fn ask(&mut self, floor: u64, now: u64, stats: &ReorderStats) {
+        // What was asked for a second ago is forgotten (a repair later than that does not
+        // say whether the peer repairs now).
+        let next = self.next;
+        self.asked
+            .retain(|k, until| *k >= next || until.saturating_add(1_000_000_000) > now);
+        let epoch_end = ((self.next >> SEQ_BITS) + 1) << SEQ_BITS;
+        let to = floor.min(epoch_end).min(self.next + MAX_ASK);
+        let until = if self.repairs_come {
+            now + self.repair_ns
+        } else {
+            now
+        };
+        for k in self.next..to {
+            if !self.held.contains_key(&k) && !self.asked.contains_key(&k) {
+                self.asked.insert(k, until);
+                self.to_ask.push(k);
+                stats.asked.fetch_add(1, Relaxed);
+            }
+        }
     }
 
     /// Which paths may carry packets (bit i: path i): a live path that has delivered nothing
@@ -181,6 +247,8 @@ impl Reorder {
         let (seq, first) = self.held.first_key_value()?;
         Some(if *seq == self.next {
             first.not_before
+        } else if let Some(asked) = self.asked_until(self.next) {
+            asked.max(first.not_before)
         } else {
             gaps.max(first.not_before)
         })
@@ -189,8 +257,14 @@ impl Reorder {
     /// Whether [`Reorder::release`] has something to deliver at `now`.
     pub fn ready(&self, now: u64) -> bool {
         self.held.first_key_value().is_some_and(|(s, h)| {
+            // A gap asked for waits until its repair is due; one every path has passed and
+            // not asked for is ready (to be asked for, or skipped).
             h.not_before <= now
-                && (*s == self.next || h.deadline <= now || self.floor(now) > self.next)
+                && (*s == self.next
+                    || match self.asked_until(self.next) {
+                        Some(asked) => asked <= now,
+                        None => h.deadline <= now || self.floor(now) > self.next,
+                    })
         })
     }
 
@@ -243,6 +317,14 @@ impl Reorder {
         if self.next == 0 {
             self.next = seq;
         }
+        let mut wait = wait;
+        if self.asked.remove(&seq).is_some() {
+            // Asked for (repaired, or late on its path): the peer answers requests, and the
+            // packet's delay is already long enough.
+            self.repairs_come = true;
+            stats.repaired.fetch_add(1, Relaxed);
+            wait = 0;
+        }
         if seq == self.next && (wait == 0 || data.is_none()) {
             self.next += 1;
             return Order::Now;
@@ -293,17 +375,42 @@ impl Reorder {
     ) -> usize {
         let mut n = 0;
         let floor = self.floor(now);
-        while let Some(mut e) = self.held.first_entry() {
+        loop {
             if n == limit {
                 break;
             }
-            let seq = *e.key();
-            if e.get().not_before > now {
+            let Some((&seq, first)) = self.held.first_key_value() else {
+                break;
+            };
+            let (not_before, deadline) = (first.not_before, first.deadline);
+            if not_before > now {
                 break;
             }
             if seq != self.next {
                 // Every active path has delivered past the gap: it is lost (or it is the
-                // step from one SA's numbers to the next one's, which is no loss).
+                // step from one SA's numbers to the next one's, which is no loss). Asked for
+                // again first, and waited for while the repair may come.
+                let mut asked = self.asked_until(self.next);
+                if floor > self.next && asked.is_none() && self.repair_ns > 0 {
+                    self.ask(floor, now, stats);
+                    asked = self.asked_until(self.next);
+                }
+                match asked {
+                    Some(d) if d > now => break,
+                    // Asked for and not repaired in time: lost.
+                    Some(_) => {
+                        if seq >> SEQ_BITS == self.next >> SEQ_BITS {
+                            stats.gaps_skipped.fetch_add(1, Relaxed);
+                        }
+                        self.next = if floor > self.next {
+                            floor.min(seq)
+                        } else {
+                            seq
+                        };
+                        continue;
+                    }
+                    None => {}
+                }
                 if floor > self.next {
                     if seq >> SEQ_BITS == self.next >> SEQ_BITS {
                         stats.gaps_skipped.fetch_add(1, Relaxed);
@@ -311,13 +418,16 @@ impl Reorder {
                     self.next = floor.min(seq);
                     continue;
                 }
-                if e.get().deadline > now {
+                if deadline > now {
                     break;
                 }
                 if seq >> SEQ_BITS == self.next >> SEQ_BITS {
                     stats.gaps_skipped.fetch_add(1, Relaxed);
                 }
             }
+            let Some(mut e) = self.held.first_entry() else {
+                break;
+            };
             let h = e.get_mut();
             let data = h.data.take();
             e.remove();

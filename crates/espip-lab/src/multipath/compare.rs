@@ -256,8 +256,8 @@ fn glorytun_up(
 
 /// What one comparison run measured.
 struct Run {
-    /// `equal_delay` of this run's daemons.
-    equal_delay: bool,
+    /// The A/B setting of this run's daemons (`--ab-equal-delay`, `--ab-repair`): on or off.
+    ab: bool,
     espip: Iperf,
     /// Share of A's bytes sent on each path during espip's run.
     shares: Vec<f64>,
@@ -328,21 +328,22 @@ pub(super) fn compare(
     let mut runs = Vec::new();
     for k in 1..=opts.runs.max(1) {
         // Fresh paths: nothing learnt from the run before.
-        let equal_delay = if opts.ab_equal_delay {
-            k % 2 == 1
-        } else {
-            opts.equal_delay
+        // The A/B setting, on in odd runs, off in even ones.
+        let ab = match (opts.ab_equal_delay, opts.ab_repair) {
+            (true, _) => Some("equal_delay"),
+            (_, true) => Some("repair"),
+            _ => None,
         };
-        for cfg in [d.cfg.0, d.cfg.1] {
-            let text = std::fs::read_to_string(cfg)?;
-            let text = text
-                .replace("equal_delay = true\n", "")
-                .replace("equal_delay = false\n", "")
-                .replace(
-                    "\nadapt = ",
-                    &format!("\nequal_delay = {equal_delay}\nadapt = "),
-                );
-            crate::p2p::write_private(cfg, &text)?;
+        let on = ab.map_or(true, |_| k % 2 == 1);
+        if let Some(key) = ab {
+            for cfg in [d.cfg.0, d.cfg.1] {
+                let text = std::fs::read_to_string(cfg)?;
+                let text = text
+                    .replace(&format!("{key} = true\n"), "")
+                    .replace(&format!("{key} = false\n"), "")
+                    .replace("\nadapt = ", &format!("\n{key} = {on}\nadapt = "));
+                crate::p2p::write_private(cfg, &text)?;
+            }
         }
         for (d, ns, cfg, host) in [
             (&mut *d.a, &lab.a, d.cfg.0, "a"),
@@ -376,29 +377,30 @@ pub(super) fn compare(
             None => None,
         };
         let run = Run {
-            equal_delay,
+            ab: on,
             espip,
             shares: sent.iter().map(|s| s / total).collect(),
             mptcp: mptcp.map(|r| r.mbit),
             glorytun,
         };
         let mut line = run_line(k, &run, ceiling, mptcp_ceiling, best_alone);
-        if opts.ab_equal_delay {
-            line = line.replacen(
-                ": espip",
-                &format!(": espip (equal_delay {equal_delay})"),
-                1,
-            );
+        if let Some(key) = ab {
+            line = line.replacen(": espip", &format!(": espip ({key} {on})"), 1);
         }
         report.notes.push(line);
         runs.push(run);
     }
     let col = |f: &dyn Fn(&Run) -> Option<f64>| -> Vec<f64> { runs.iter().filter_map(f).collect() };
-    if opts.ab_equal_delay {
-        let on = col(&|r| r.equal_delay.then_some(r.espip.mbit));
-        let off = col(&|r| (!r.equal_delay).then_some(r.espip.mbit));
+    if opts.ab_equal_delay || opts.ab_repair {
+        let key = if opts.ab_equal_delay {
+            "equal_delay"
+        } else {
+            "repair"
+        };
+        let on = col(&|r| r.ab.then_some(r.espip.mbit));
+        let off = col(&|r| (!r.ab).then_some(r.espip.mbit));
         report.notes.push(format!(
-            "A/B, alternating runs: espip with equal_delay {} Mbit/s, without {} Mbit/s",
+            "A/B, alternating runs: espip with {key} {} Mbit/s, without {} Mbit/s",
             median_range(&on),
             median_range(&off)
         ));

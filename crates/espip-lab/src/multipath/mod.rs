@@ -81,6 +81,8 @@ pub struct MultipathOptions {
     /// Comparison runs alternate `equal_delay` on (odd runs) and off (even runs): an A/B in
     /// one lab.
     pub ab_equal_delay: bool,
+    /// Comparison runs alternate `repair` on (odd runs) and off (even runs).
+    pub ab_repair: bool,
     /// Draw the cut transfer (the stream and each path over time, the cut marked) here (SVG).
     pub plot: Option<PathBuf>,
     /// TCP congestion control of the iperf3 comparison (`iperf3 -C`: `cubic`, `bbr`; `None`:
@@ -645,8 +647,13 @@ fn stream_check(
     }
     if let Some(m) = status(ctl_b).and_then(|s| s.peers.into_iter().next()?.multipath) {
         report.notes.push(format!(
-            "B's reorder stage: held {}, gaps skipped {}, late {}, hold {:.1} ms",
-            m.reorder_held, m.reorder_gaps_skipped, m.reorder_late, m.reorder_hold_ms
+            "B's reorder stage: held {}, gaps skipped {}, late {}, hold {:.1} ms, asked again {}, repaired {}",
+            m.reorder_held,
+            m.reorder_gaps_skipped,
+            m.reorder_late,
+            m.reorder_hold_ms,
+            m.reorder_asked,
+            m.reorder_repaired
         ));
     }
     for (f, c) in caps {
