@@ -57,10 +57,12 @@ impl Outbound {
                 };
                 match sa.encapsulate(buf, nh) {
                     Ok(seq) if peer.mp.is_some() => {
+                        let (v, path) = self.schedule_on(idx, len, !inner.is_ipv4(), now);
                         if let Some(mp) = &peer.mp {
-                            mp.keep(seq, len as usize, buf.as_slice());
+                            // Kept for repair, with the path it took.
+                            mp.keep(seq, len as usize, buf.as_slice(), path);
                         }
-                        return self.schedule(idx, len, !inner.is_ipv4(), now);
+                        return v;
                     }
                     Ok(_) if peer.port != 0 => {
                         // The port the peer's last authenticated datagram came from wins.
@@ -100,6 +102,17 @@ impl Outbound {
     /// The verdict for a multipath peer's packet (already wrapped): the path(s) the schedule
     /// picks, with their counters.
     fn schedule(&self, idx: usize, len: u64, inner_v6: bool, now: u64) -> Verdict {
+        self.schedule_on(idx, len, inner_v6, now).0
+    }
+
+    /// [`Outbound::schedule`], and the one path it picked (`None`: none, or several).
+    fn schedule_on(
+        &self,
+        idx: usize,
+        len: u64,
+        inner_v6: bool,
+        now: u64,
+    ) -> (Verdict, Option<usize>) {
         let peer = &self.peers[idx];
         let mp = peer.mp.as_ref().expect("a multipath peer");
         let s = &*peer.stats;
@@ -115,7 +128,7 @@ impl Outbound {
             p => Some(p),
         };
         let Some(pick) = pick else {
-            return Verdict::Drop(DropReason::NoEndpoint);
+            return (Verdict::Drop(DropReason::NoEndpoint), None);
         };
         s.tx_packets.fetch_add(1, Relaxed);
         s.tx_bytes.fetch_add(len, Relaxed);
@@ -128,20 +141,22 @@ impl Outbound {
         match pick {
             Pick::One(i) => {
                 count(i);
-                Verdict::Send(self.path_wire(idx, i, inner_v6))
+                (Verdict::Send(self.path_wire(idx, i, inner_v6)), Some(i))
             }
             Pick::Every(mask) => {
                 for i in (0..mp.paths.len()).filter(|i| mask & (1 << i) != 0) {
                     count(i);
                 }
                 if mask.count_ones() == 1 {
-                    Verdict::Send(self.path_wire(idx, mask.trailing_zeros() as usize, inner_v6))
+                    let i = mask.trailing_zeros() as usize;
+                    (Verdict::Send(self.path_wire(idx, i, inner_v6)), Some(i))
                 } else {
-                    Verdict::SendEvery {
+                    let v = Verdict::SendEvery {
                         peer: idx as u16,
                         mask,
                         inner_v6,
-                    }
+                    };
+                    (v, None)
                 }
             }
         }
@@ -310,7 +325,7 @@ impl Outbound {
         let (Some(mp), Some((_, sa))) = (&p.mp, &p.sa) else {
             return Vec::new();
         };
-        let Some(path) = mp.repair_path() else {
+        let Some(path) = mp.repair_path(None) else {
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -331,7 +346,7 @@ impl Outbound {
 
     /// The packets `peer` asks for again in `request` (left in the buffer by
     /// [`Inbound::process`] with [`Verdict::Repair`]): each one still kept, as it was sent,
-    /// on the fastest path. Counted as sent on that path and as `repaired` by the peer's
+    /// on the fastest path other than the one that lost it. Counted as sent on that path and as `repaired` by the peer's
     /// counters.
     pub fn repair(&self, peer: usize, request: &[u8]) -> Vec<(PacketBuf, Wire)> {
         let Some(p) = self.peers.get(peer) else {
@@ -340,27 +355,26 @@ impl Outbound {
         let (Some(mp), Some(n)) = (&p.mp, crate::multipath::Nack::parse(request)) else {
             return Vec::new();
         };
-        let Some(path) = mp.repair_path() else {
-            return Vec::new();
-        };
-        let wire = self.path_wire(peer, path, false);
         let mut out = Vec::new();
         for seq in n.seqs() {
-            let copy = mp.kept(n.spi, seq, |packet, inner_len| {
+            let copy = mp.kept(n.spi, seq, |packet, inner_len, lost_on| {
                 let mut buf = PacketBuf::new(packet.len());
                 buf.reset();
                 buf.read_area()[..packet.len()].copy_from_slice(packet);
                 buf.set_len(packet.len());
-                (buf, inner_len)
+                (buf, inner_len, lost_on)
             });
-            let Some((buf, inner_len)) = copy else {
+            let Some((buf, inner_len, lost_on)) = copy else {
+                continue;
+            };
+            let Some(path) = mp.repair_path(lost_on) else {
                 continue;
             };
             let st = &mp.stats[path];
             st.tx_packets.fetch_add(1, Relaxed);
             st.tx_bytes.fetch_add(inner_len as u64, Relaxed);
             st.repaired.fetch_add(1, Relaxed);
-            out.push((buf, wire));
+            out.push((buf, self.path_wire(peer, path, false)));
         }
         out
     }

@@ -959,30 +959,43 @@ impl Multipath {
     }
 
     /// Keep the ESP packet `packet` sent with sequence number `seq` (of `inner_len` inner
-    /// bytes) for repair, when repair is on.
-    pub fn keep(&self, seq: u64, inner_len: usize, packet: &[u8]) {
+    /// bytes) on path `path` (`None`: several) for repair, when repair is on.
+    pub fn keep(&self, seq: u64, inner_len: usize, packet: &[u8], path: Option<usize>) {
         if self.spec.repair {
             let mut s = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-            s.keep(seq, inner_len, packet);
+            s.keep(seq, inner_len, packet, path);
         }
     }
 
-    /// Call `f` with the kept packet of SA `spi` numbered `seq` (low 48 bits) and its inner
-    /// length, if it is still kept and was not sent again before.
-    pub fn kept<T>(&self, spi: u32, seq: u64, f: impl FnOnce(&[u8], usize) -> T) -> Option<T> {
+    /// Call `f` with the kept packet of SA `spi` numbered `seq` (low 48 bits), its inner
+    /// length and the path it was sent on, if it is still kept and was not sent again
+    /// before.
+    pub fn kept<T>(
+        &self,
+        spi: u32,
+        seq: u64,
+        f: impl FnOnce(&[u8], usize, Option<usize>) -> T,
+    ) -> Option<T> {
         let mut s = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-        s.take(spi, seq).map(|(p, n)| f(p, n))
+        s.take(spi, seq).map(|(p, n, path)| f(p, n, path))
     }
 
     /// The path a request or a repair goes on: the scheduled path with the least smoothed
-    /// RTT (`None`: none is scheduled and measured).
-    pub fn repair_path(&self) -> Option<usize> {
-        (0..self.stats.len())
-            .filter(|&i| {
-                self.stats[i].state().scheduled() && self.stats[i].srtt_ns.load(Relaxed) > 0
-            })
-            .filter(|&i| !self.learns || self.endpoint_of(i).is_some())
-            .min_by_key(|&i| self.stats[i].srtt_ns.load(Relaxed))
+    /// RTT other than `not` (the one that lost the packet: after a cut it may not be found
+    /// quiet yet) if there is one (`None`: no path is scheduled and measured).
+    pub fn repair_path(&self, not: Option<usize>) -> Option<usize> {
+        let ok = |i: &usize| {
+            self.stats[*i].state().scheduled()
+                && self.stats[*i].srtt_ns.load(Relaxed) > 0
+                && (!self.learns || self.endpoint_of(*i).is_some())
+        };
+        let fastest = |skip: Option<usize>| {
+            (0..self.stats.len())
+                .filter(ok)
+                .filter(|i| Some(*i) != skip)
+                .min_by_key(|&i| self.stats[i].srtt_ns.load(Relaxed))
+        };
+        fastest(not).or_else(|| fastest(None))
     }
 
     /// How long the reorder stage waits for a packet it asked again for (0: it asks for
@@ -993,7 +1006,7 @@ impl Multipath {
             return 0;
         }
         let bound = u64::from(self.spec.reorder_ms) * 1_000_000;
-        self.repair_path().map_or(0, |i| {
+        self.repair_path(None).map_or(0, |i| {
             let p = &self.stats[i];
             (p.srtt_ns.load(Relaxed) + 4 * p.rttvar_ns.load(Relaxed) + 5_000_000).min(bound)
         })
@@ -1684,6 +1697,20 @@ mod tests {
         r.note(0, 4, 100 * MS, active);
         r.offer(4, Some(&[4]), 100 * MS, 300 * MS, &s);
         assert_eq!(collect(&mut r, 100 * MS, &s), vec![4]);
+    }
+
+    #[test]
+    fn a_repair_avoids_the_path_that_lost_the_packet() {
+        let m = mp(Scheduler::Spread, 2);
+        assert_eq!(m.repair_path(None), None, "nothing measured");
+        warm_up(&m, 100 * MS);
+        assert_eq!(m.repair_path(None), Some(0));
+        assert_eq!(m.repair_path(Some(0)), Some(1));
+        assert_eq!(m.repair_path(Some(1)), Some(0));
+        // The only scheduled path is taken even if it lost the packet.
+        m.stats[1].set_state(PathState::Quiet);
+        assert_eq!(m.repair_path(Some(0)), Some(0));
+        assert!(m.repair_ns() > 0);
     }
 
     #[test]

@@ -29,6 +29,8 @@ struct Kept {
     /// Sent again already: a packet is repaired once (a peer asking again and again gets
     /// no more than it was sent).
     repaired: bool,
+    /// The path it was sent on (`None`: several, `redundant`).
+    path: Option<u8>,
     data: Vec<u8>,
 }
 
@@ -45,8 +47,8 @@ pub const SEQ_MASK: u64 = (1 << 48) - 1;
 
 impl Sent {
     /// Keep the ESP packet `packet` (from its SPI on), sent with sequence number `seq`, of
-    /// `inner_len` inner bytes.
-    pub fn keep(&mut self, seq: u64, inner_len: usize, packet: &[u8]) {
+    /// `inner_len` inner bytes, on `path`.
+    pub fn keep(&mut self, seq: u64, inner_len: usize, packet: &[u8], path: Option<usize>) {
         if self.slots.is_empty() {
             self.slots.resize_with(KEPT, Kept::default);
         }
@@ -54,14 +56,15 @@ impl Sent {
         k.seq = seq;
         k.inner_len = inner_len as u32;
         k.repaired = false;
+        k.path = path.map(|p| p as u8);
         k.data.clear();
         k.data.extend_from_slice(packet);
     }
 
     /// The kept packet of SA `spi` whose sequence number's low 48 bits are `seq`, with its
-    /// inner length, once: `None` when it is no longer (or never was) kept, or was taken
-    /// before.
-    pub fn take(&mut self, spi: u32, seq: u64) -> Option<(&[u8], usize)> {
+    /// inner length and path, once: `None` when it is no longer (or never was) kept, or was
+    /// taken before.
+    pub fn take(&mut self, spi: u32, seq: u64) -> Option<(&[u8], usize, Option<usize>)> {
         // KEPT divides 2^48: the low 48 bits give the same slot as the whole number.
         let k = self.slots.get_mut((seq % KEPT as u64) as usize)?;
         let ours = k.seq & SEQ_MASK == seq & SEQ_MASK
@@ -71,7 +74,7 @@ impl Sent {
             return None;
         }
         k.repaired = true;
-        Some((&k.data[..], k.inner_len as usize))
+        Some((&k.data[..], k.inner_len as usize, k.path.map(usize::from)))
     }
 }
 
@@ -253,15 +256,18 @@ mod tests {
             p
         };
         for seq in 1..=KEPT as u64 + 10 {
-            s.keep(seq, 100, &packet(seq));
+            s.keep(seq, 100, &packet(seq), Some(1));
         }
         assert!(s.take(spi, 5).is_none(), "overwritten by KEPT + 5");
         assert_eq!(
             s.take(spi, KEPT as u64 + 5),
-            Some((&packet(KEPT as u64 + 5)[..], 100))
+            Some((&packet(KEPT as u64 + 5)[..], 100, Some(1)))
         );
         assert!(s.take(spi + 1, 20).is_none(), "another SA's number");
-        assert_eq!(s.take(spi, 20).map(|(p, _)| p.to_vec()), Some(packet(20)));
+        assert_eq!(
+            s.take(spi, 20).map(|(p, _, _)| p.to_vec()),
+            Some(packet(20))
+        );
         assert!(s.take(spi, 20).is_none(), "sent again once only");
         assert!(Sent::default().take(spi, 1).is_none());
     }
