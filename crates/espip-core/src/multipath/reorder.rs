@@ -64,7 +64,20 @@ pub struct Reorder {
     repair_ns: u64,
     /// An asked packet has come: the peer repairs (before, requests go out but no gap waits).
     repairs_come: bool,
+    /// Packets offered and packets found lost, this [`LOSS_PERIOD`] (from its start) and the
+    /// one before: (start, offered, lost, offered before, lost before).
+    loss: (u64, u64, u64, u64, u64),
 }
+
+/// The period over which the loss rate that decides between a path's random loss (repaired)
+/// and a queue's drops (left to the connection inside) is counted.
+const LOSS_PERIOD: u64 = 100_000_000;
+
+/// Above this share of lost packets (and more than two lost) in the last one or two loss
+/// periods, a loss is a queue's drop: a connection inside must see it to slow down, so it is
+/// not asked for again (repaired, the congestion signal was lost: one TCP stream's slow start
+/// over two clean links overshot and stayed over them, 168.6 against 176.0 Mbit/s).
+const RANDOM_LOSS: f64 = 0.03;
 
 /// Most packets asked for at once (a cut's loss, beyond it, is left to TCP).
 const MAX_ASK: u64 = 1024;
@@ -104,6 +117,7 @@ impl Reorder {
             to_ask: Vec::new(),
             repair_ns: 0,
             repairs_come: false,
+            loss: (0, 0, 0, 0, 0),
         }
     }
 
@@ -183,12 +197,34 @@ impl Reorder {
         } else {
             now
         };
-        for k in self.next..to {
-            if !self.held.contains_key(&k) && !self.asked.contains_key(&k) {
-                self.asked.insert(k, until);
-                self.to_ask.push(k);
-                stats.asked.fetch_add(1, Relaxed);
-            }
+        let lost: Vec<u64> = (self.next..to)
+            .filter(|k| !self.held.contains_key(k) && !self.asked.contains_key(k))
+            .collect();
+        self.roll_loss(now);
+        let (_, offered, before, offered_before, lost_before) = self.loss;
+        let all = before + lost_before + lost.len() as u64;
+        self.loss.2 += lost.len() as u64;
+        if all > 2 && all as f64 > RANDOM_LOSS * (offered + offered_before + all) as f64 {
+            // A queue's drops (or a cut): left to the connection inside.
+            return;
+        }
+        for k in lost {
+            self.asked.insert(k, until);
+            self.to_ask.push(k);
+            stats.asked.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Start a new loss period at `now` if the current one is over.
+    fn roll_loss(&mut self, now: u64) {
+        let (start, offered, lost, ..) = self.loss;
+        if now.saturating_sub(start) >= LOSS_PERIOD {
+            let fresh = now.saturating_sub(start) >= 2 * LOSS_PERIOD;
+            self.loss = if fresh {
+                (now, 0, 0, 0, 0)
+            } else {
+                (now, 0, 0, offered, lost)
+            };
         }
     }
 
@@ -317,6 +353,8 @@ impl Reorder {
         if self.next == 0 {
             self.next = seq;
         }
+        self.roll_loss(now);
+        self.loss.1 += 1;
         let mut wait = wait;
         if self.asked.remove(&seq).is_some() {
             // Asked for (repaired, or late on its path): the peer answers requests, and the
