@@ -237,7 +237,7 @@ impl Inbound {
                 let hold = shared.hold_ns();
                 let seq = r.key(arrival.sa.0, arrival.sa.1, seq);
                 r.set_live(shared.order_mask());
-                r.set_repair(shared.repair_ns());
+                r.set_repair(shared.spec.repair);
                 if let Some(p) = path {
                     r.note(p, seq, now, 2 * hold);
                 }
@@ -390,7 +390,7 @@ impl Inbound {
             }) = &mut p.mp
             {
                 r.set_live(shared.order_mask());
-                r.set_repair(shared.repair_ns());
+                r.set_repair(shared.spec.repair);
                 if n < limit && r.ready(now) {
                     n += r.release(now, &shared.reorder, limit - n, &mut deliver);
                 }

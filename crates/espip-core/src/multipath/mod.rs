@@ -998,23 +998,6 @@ impl Multipath {
         fastest(not).or_else(|| fastest(None))
     }
 
-    /// How long the reorder stage waits for a packet it asked again for (0: it asks for
-    /// none): the request and the repair each cross the fastest path, so its smoothed RTT
-    /// and 5 ms, within `reorder_ms`. Every packet behind the gap waits as long (measured:
-    /// with the RTT plus four deviations, one bbr stream over a lossy and a clean link lost
-    /// an eighth of its rate to the waits); a repair later than that is delivered at once,
-    /// and TCP's own reordering window (RACK) still takes it in place of a retransmission.
-    pub fn repair_ns(&self) -> u64 {
-        if !self.spec.repair {
-            return 0;
-        }
-        let bound = u64::from(self.spec.reorder_ms) * 1_000_000;
-        self.repair_path(None).map_or(0, |i| {
-            let p = &self.stats[i];
-            (p.srtt_ns.load(Relaxed) + 5_000_000).min(bound)
-        })
-    }
-
     /// The paths whose packets the reorder stage waits for (bit i: path i): neither down nor
     /// quiet. A quiet path has sent nothing this way for a probe interval and a half (the
     /// quiet rule's second witness is every authenticated packet from it), so a gap it would
@@ -1713,18 +1696,17 @@ mod tests {
         // The only scheduled path is taken even if it lost the packet.
         m.stats[1].set_state(PathState::Quiet);
         assert_eq!(m.repair_path(Some(0)), Some(0));
-        assert!(m.repair_ns() > 0);
     }
 
     #[test]
-    fn a_lost_packet_is_asked_for_and_waited_for_once_the_peer_repairs() {
+    fn a_lost_packet_is_asked_for_and_its_repair_delivered_when_it_comes() {
         let s = ReorderStats::default();
         let mut r = Reorder::new(100, 1 << 20);
         let active = 50 * MS;
         let spi = 0x0102_0304;
         let k = |r: &mut Reorder, seq: u64| r.key(spi, true, seq);
         r.set_live(0b11);
-        r.set_repair(20 * MS);
+        r.set_repair(true);
         // Path 1 carries the odd numbers, path 0 the even ones; 3 is lost on path 1.
         let arrive = |r: &mut Reorder, seq: u64, at: u64| {
             let key = k(r, seq);
@@ -1734,58 +1716,42 @@ mod tests {
         for seq in [1, 2, 4, 5] {
             arrive(&mut r, seq, MS);
         }
-        // Every path has passed 3: asked for; the peer never repaired before, so 3 is not
-        // waited for.
+        // Every path has passed 3: asked for, and not waited for.
         assert_eq!(collect(&mut r, MS, &s), vec![4, 5]);
         assert_eq!(r.take_asks(), vec![(spi, 3)]);
+        assert!(r.take_asks().is_empty(), "asked once");
         assert_eq!(
             (s.asked.load(Relaxed), s.gaps_skipped.load(Relaxed)),
             (1, 1)
         );
-        // Its repair comes late (delivered at once): the peer repairs.
-        assert_eq!(arrive(&mut r, 3, 5 * MS), Order::Now);
-        assert_eq!(s.repaired.load(Relaxed), 1);
-        // Now 7 is lost: asked for and waited for, 20 ms.
-        for seq in [6, 8, 9] {
-            arrive(&mut r, seq, 10 * MS);
-        }
-        assert!(collect(&mut r, 10 * MS, &s).is_empty());
-        assert_eq!(r.take_asks(), vec![(spi, 7)]);
-        assert!(!r.ready(15 * MS), "waits for the repair");
-        assert_eq!(r.deadline(), Some(30 * MS));
-        // The repair comes (on the fast path, lower than its top): all in order.
-        let key = k(&mut r, 7);
+        // Its repair comes (on the fast path, lower than its top): delivered at once.
+        let key = k(&mut r, 3);
         r.note(0, key, 20 * MS, active);
-        assert_eq!(r.offer(key, Some(&[7]), 20 * MS, 30 * MS, &s), Order::Now);
-        assert_eq!(collect(&mut r, 20 * MS, &s), vec![8, 9]);
-        assert_eq!(s.gaps_skipped.load(Relaxed), 1);
-        // 11 is lost (later: the loss periods so far are over) and its repair never comes:
-        // skipped when the wait is over.
-        for seq in [10, 12, 13] {
-            arrive(&mut r, seq, 500 * MS);
-        }
-        assert!(collect(&mut r, 500 * MS, &s).is_empty());
-        assert!(collect(&mut r, 519 * MS, &s).is_empty());
-        assert_eq!(collect(&mut r, 520 * MS, &s), vec![12, 13]);
-        assert_eq!(s.gaps_skipped.load(Relaxed), 2);
-        assert!(r.take_asks() == vec![(spi, 11)] && r.take_asks().is_empty());
-        // Five of 43 lost at once: a queue's drops, not asked for, not waited for.
-        let lost = [19, 21, 23, 25, 27];
+        assert_eq!(r.offer(key, Some(&[3]), 20 * MS, 30 * MS, &s), Order::Now);
+        assert_eq!(s.repaired.load(Relaxed), 1);
+        // Five of 43 lost at once: a queue's drops, not asked for.
+        let lost = [7, 9, 11, 13, 15];
         let mut expect = Vec::new();
-        for seq in (14..=56).filter(|s| !lost.contains(s)) {
-            if arrive(&mut r, seq, 1000 * MS) == Order::Held {
+        for seq in (6..=48).filter(|s| !lost.contains(s)) {
+            if arrive(&mut r, seq, 500 * MS) == Order::Held {
                 expect.push(seq as u8);
             }
         }
-        assert_eq!(collect(&mut r, 1000 * MS, &s), expect);
+        assert_eq!(collect(&mut r, 500 * MS, &s), expect);
         assert!(r.take_asks().is_empty());
-        assert_eq!(s.asked.load(Relaxed), 3);
-        // No repair configured (0): nothing asked, skipped at once as before.
-        r.set_repair(0);
-        for seq in [57, 59, 60] {
+        assert_eq!(s.asked.load(Relaxed), 1);
+        // One lost later (the loss periods over): asked for again.
+        for seq in [49, 50, 52, 53] {
+            arrive(&mut r, seq, 1000 * MS);
+        }
+        assert_eq!(collect(&mut r, 1000 * MS, &s), vec![52, 53]);
+        assert_eq!(r.take_asks(), vec![(spi, 51)]);
+        // Repair off: nothing asked.
+        r.set_repair(false);
+        for seq in [54, 56, 57] {
             arrive(&mut r, seq, 2000 * MS);
         }
-        assert_eq!(collect(&mut r, 2000 * MS, &s), vec![59, 60]);
+        assert_eq!(collect(&mut r, 2000 * MS, &s), vec![56, 57]);
         assert!(r.take_asks().is_empty());
     }
 

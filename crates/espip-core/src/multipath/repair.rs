@@ -7,15 +7,18 @@
 //! 1% loss on a 20 Mbit/s link next to a clean 50 Mbit/s one held one cubic stream to 4.9
 //! Mbit/s, under the clean link alone. So the receiver sends a [`Nack`] naming the missing
 //! sequence numbers, and the sender, which keeps its last [`KEPT`] ESP packets ([`Sent`]),
-//! sends each again, unchanged, on its fastest live path. The copy is the same ESP packet:
-//! the same ICV, the same sequence number, which the receiver's replay window has not seen
-//! (the original was lost), so it is accepted once and takes the original's place in the
-//! order; a copy that comes after the original did is a duplicate to the replay window. A
-//! copy later than the replay window's left edge is refused as too old.
+//! sends each again, unchanged, once, on its fastest live path other than the one that lost
+//! it. The copy is the same ESP packet: the same ICV, the same sequence number, which the
+//! receiver's replay window has not seen (the original was lost), so it is accepted once; a
+//! copy that comes after the original did is a duplicate to the replay window, and one later
+//! than the window's left edge is refused as too old. Measured (50/20 + 20/60 ms links, the
+//! second with 1% loss, 4 runs alternating): one cubic stream 46.5 Mbit/s with repair, 8.2
+//! without.
 //!
-//! The reorder stage waits for a repair only once one has come from the peer (an older peer
-//! answers no request), and at most the fastest path's round trip (see
-//! [`Multipath::repair_ns`](super::Multipath::repair_ns)).
+//! Only a path's random loss is asked for: more lost at once is a queue's drops (or a cut),
+//! which the connection inside must see to slow down. The gap is not waited for (the
+//! repair is delivered when it comes, out of order; TCP's reordering window takes it): see
+//! [`Reorder`](super::Reorder).
 
 /// Sent ESP packets a multipath peer keeps for repair: at 200 Mbit/s of full-sized packets,
 /// the last 240 ms.
