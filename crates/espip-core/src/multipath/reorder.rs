@@ -173,22 +173,35 @@ impl Reorder {
             .collect()
     }
 
-    /// Ask for the keys from `self.next` below `floor` (the gap every path has passed) that
-    /// are not held, in `next`'s SA, at most [`MAX_ASK`], unless they are a queue's drops
+    /// Ask for the keys of the gap at `self.next` (every path has passed it: below `floor`),
+    /// in `next`'s SA, at most [`MAX_ASK`], unless they are a queue's drops
     /// (see [`RANDOM_LOSS`]). The gap is not waited for: a repair comes a round trip of the
     /// fastest path later and is delivered at once, out of order, which TCP's reordering
     /// window (RACK) takes in place of a retransmission (measured, waiting the fastest
     /// path's RTT for each repair instead held every packet behind the gap as long: one bbr
     /// stream over a lossy and a clean link lost 6% of its rate, cubic gained nothing).
     fn ask(&mut self, floor: u64, now: u64, stats: &ReorderStats) {
-        // What was asked for a second ago is forgotten.
-        self.asked
-            .retain(|_, at| at.saturating_add(1_000_000_000) > now);
+        // What was asked for a second ago is forgotten (the oldest first: asked in order).
+        while self
+            .asked
+            .first_key_value()
+            .is_some_and(|(_, at)| at.saturating_add(1_000_000_000) <= now)
+        {
+            self.asked.pop_first();
+        }
+        // The gap ahead (the next ones are asked for when their turn comes): nothing in it is
+        // held, so no lookup per number (scanning to the floor cost the RX thread a lookup for
+        // every held packet at every gap).
         let epoch_end = ((self.next >> SEQ_BITS) + 1) << SEQ_BITS;
-        let to = floor.min(epoch_end).min(self.next + MAX_ASK);
-        let lost: Vec<u64> = (self.next..to)
-            .filter(|k| !self.held.contains_key(k) && !self.asked.contains_key(k))
-            .collect();
+        let first_held = self.held.keys().next().copied().unwrap_or(u64::MAX);
+        let to = floor
+            .min(epoch_end)
+            .min(first_held)
+            .min(self.next + MAX_ASK);
+        if self.asked.contains_key(&self.next) {
+            return;
+        }
+        let lost: Vec<u64> = (self.next..to).collect();
         self.roll_loss(now);
         let (_, offered, before, offered_before, lost_before) = self.loss;
         let all = before + lost_before + lost.len() as u64;
