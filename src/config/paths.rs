@@ -339,7 +339,7 @@ fn multipath_spec(p: &RawPeer, k: &dyn Fn(&str) -> String) -> Result<MultipathSp
         )?,
         adapt: p.adapt.unwrap_or(true),
         equal_delay: p.equal_delay.unwrap_or(true),
-        repair: p.repair.unwrap_or(true),
+        repair: p.repair.unwrap_or(false),
         path_idle_s: num(
             "path_idle",
             p.path_idle,

@@ -53,6 +53,7 @@ fn spec(
         multipath: Some(PeerPaths {
             spec: MultipathSpec {
                 scheduler: s,
+                repair: true,
                 ..MultipathSpec::default()
             },
             paths: eps

@@ -189,7 +189,8 @@ pub struct MultipathSpec {
     /// slot takes the next new (address, port).
     pub path_idle_s: u32,
     /// Lost packets are asked for again and sent again on the fastest path (ESP peers with
-    /// a reorder stage; see [`Nack`]).
+    /// a reorder stage; see [`Nack`]). Off by default: see docs/multipath.md for what it
+    /// gains (a cubic stream over a lossy link) and what it costs.
     pub repair: bool,
 }
 
@@ -205,7 +206,7 @@ impl Default for MultipathSpec {
             adapt: true,
             equal_delay: true,
             path_idle_s: 60,
-            repair: true,
+            repair: false,
         }
     }
 }
