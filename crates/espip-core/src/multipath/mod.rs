@@ -1005,19 +1005,20 @@ impl Multipath {
     /// fill is lost: waiting out the hold for it added up to 100 ms to a cut's stall on a
     /// jittery path next to it.
     pub fn order_mask(&self) -> u32 {
-        self.stats
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.state().scheduled())
-            .fold(0, |m, (i, _)| m | 1 << i)
+        self.mask_where(PathState::scheduled)
     }
 
     /// The paths not found down (bit i: path i).
     pub fn live_mask(&self) -> u32 {
+        self.mask_where(PathState::usable)
+    }
+
+    /// The paths whose state passes `keep` (bit i: path i).
+    fn mask_where(&self, keep: fn(PathState) -> bool) -> u32 {
         self.stats
             .iter()
             .enumerate()
-            .filter(|(_, p)| p.state().usable())
+            .filter(|(_, p)| keep(p.state()))
             .fold(0, |m, (i, _)| m | 1 << i)
     }
 
