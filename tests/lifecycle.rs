@@ -1,4 +1,4 @@
-//! Namespace tests: Start, stop and restart: SIGKILL leaves nothing, a second daemon is refused, a dead data-path thread stops the daemon, per-namespace control sockets, sequence numbers across restarts, an unknown user, a full capture disk.
+//! Namespace tests: Start, stop and restart: SIGKILL leaves nothing, a killed lab takes its daemons, a second daemon is refused, a dead data-path thread stops the daemon, per-namespace control sockets, sequence numbers across restarts, an unknown user, a full capture disk.
 //! Shared harness in `common/`; see its documentation for the rules (root, namespace
 //! names, cleanup).
 
@@ -29,6 +29,78 @@ fn sigkill_leaves_nothing_and_restart_works() {
         Daemon::start(&h.a, &exe(), &h.dir.join("a.toml"), &h.dir.join("a2.log")).unwrap();
     assert!(h.a.has_link("espip0"));
     assert!(again.stop().unwrap());
+}
+
+/// A lab killed while it runs (SIGTERM or SIGKILL: neither reaches its teardown) takes its
+/// daemons with it, also after they dropped to their user (the kernel clears the parent-death
+/// signal on that change; espip sets it again), and the next lab removes its namespaces.
+#[test]
+fn a_killed_lab_takes_its_daemons_and_the_next_lab_its_namespaces() {
+    use std::time::{Duration, Instant};
+    let Some(_g) = serial() else { return };
+    let mut lab = Command::new(exe())
+        .args(["lab", "p2p"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let work = format!("espip-lab-p2p-{}", lab.id());
+    let daemons = || -> Vec<u32> {
+        let out = Command::new("pgrep")
+            .args(["-f", &format!(" run --config .*{work}/")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while daemons().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the p2p lab started no two daemons in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Past their setup: dropped to their user.
+    std::thread::sleep(Duration::from_secs(1));
+    for pid in daemons() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
+        assert!(
+            !uid.contains("\t0\t"),
+            "the daemon {pid} dropped root: {uid}"
+        );
+    }
+    let pid = lab.id();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    lab.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !daemons().is_empty() {
+        let left = daemons();
+        if Instant::now() > deadline {
+            for p in &left {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*p as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            netns::remove_stale();
+            panic!("daemons {left:?} outlived their lab by 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let removed = netns::remove_stale();
+    assert!(
+        removed.iter().any(|n| n.contains(&format!("-{pid}-"))),
+        "the lab's namespaces are removed by the next start: {removed:?}"
+    );
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&work));
 }
 
 /// Issue 12: a data-path thread that dies (here: a debug-build hook makes it panic at its

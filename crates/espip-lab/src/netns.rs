@@ -232,8 +232,11 @@ impl Daemon {
         env: &[(&str, &str)],
     ) -> io::Result<Daemon> {
         let file = std::fs::File::create(log)?;
-        let child = ns
-            .command(exe)
+        let mut cmd = ns.command(exe);
+        // A lab killed (SIGTERM, SIGKILL) takes its daemons with it; they undo their setup and
+        // the next lab removes the namespaces (`remove_stale`).
+        espip_sys::proc::die_with_parent(&mut cmd);
+        let child = cmd
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")

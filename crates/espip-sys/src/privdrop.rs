@@ -189,6 +189,24 @@ fn check(rc: libc::c_int, what: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Set the parent-death signal `sig` again (0: none was asked for); if the parent `was` died
+/// while it was cleared, deliver it now.
+fn keep_parent_death_signal(sig: libc::c_int, was: nix::unistd::Pid) -> io::Result<()> {
+    if sig == 0 {
+        return Ok(());
+    }
+    check(
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) },
+        "PR_SET_PDEATHSIG",
+    )?;
+    if nix::unistd::getppid() != was {
+        // SAFETY: raise with a signal number the kernel accepted above.
+        check(unsafe { libc::raise(sig) }, "raise")?;
+    }
+    Ok(())
+}
+
 /// Become `t`, keeping `CAP_NET_ADMIN` and `CAP_NET_RAW` (permitted, effective, inheritable,
 /// ambient) and nothing else. Call from the only thread of the process.
 pub fn drop_to(t: &Target) -> io::Result<()> {
@@ -213,11 +231,21 @@ pub fn drop_to(t: &Target) -> io::Result<()> {
             check(rc, "PR_CAPBSET_DROP")?;
         }
     }
+    // The kernel clears the parent-death signal when the credentials change; whoever started
+    // us (a lab, a supervisor) asked for it, so it is read here and set again after setuid.
+    let mut death: libc::c_int = 0;
+    check(
+        // SAFETY: PR_GET_PDEATHSIG writes one int to the pointer given.
+        unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut death as *mut libc::c_int) },
+        "PR_GET_PDEATHSIG",
+    )?;
+    let parent = nix::unistd::getppid();
     nix::unistd::setgroups(&[]).map_err(|e| io::Error::other(format!("setgroups: {e}")))?;
     nix::unistd::setgid(nix::unistd::Gid::from_raw(t.gid))
         .map_err(|e| io::Error::other(format!("setgid: {e}")))?;
     nix::unistd::setuid(nix::unistd::Uid::from_raw(t.uid))
         .map_err(|e| io::Error::other(format!("setuid: {e}")))?;
+    keep_parent_death_signal(death, parent)?;
     let keep = (1u32 << CAP_NET_ADMIN) | (1u32 << CAP_NET_RAW);
     let mut hdr = CapHeader {
         version: CAP_VERSION_3,
