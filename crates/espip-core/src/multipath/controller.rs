@@ -12,6 +12,8 @@ pub(super) struct Sample {
     capacity: f64,
     /// Windows in a row this path was unsaturated next to a saturated one.
     under: u32,
+    /// What the last window sent on it, bytes per second (0: that window measured nothing).
+    sent: f64,
 }
 
 /// What one window showed of one path.
@@ -58,8 +60,6 @@ struct Window {
 pub struct Controller {
     samples: Vec<Sample>,
     window_start: u64,
-    /// What the last window sent over every path, bytes per second.
-    last_sent: f64,
 }
 
 impl Controller {
@@ -106,8 +106,7 @@ impl Controller {
                 .iter()
                 .map(|p| Sample {
                     mark: p.mark(),
-                    capacity: 0.0,
-                    under: 0,
+                    ..Sample::default()
                 })
                 .collect();
             self.window_start = now;
@@ -143,17 +142,38 @@ impl Controller {
         // at their mean) only when its path lost; no estimate falls but by loss (measured: a path back from a cut was estimated at
         // what the slow-starting sender gave it and took 1.0 to over 3 s to reach 80% of its
         // rate).
-        let sent: f64 = seen.iter().flatten().map(|w| w.sent).sum();
-        let ramp = sent > Controller::RAMP * self.last_sent;
-        self.last_sent = sent;
+        let ramp = Controller::ramp(&self.samples, &seen);
         let known = self.samples.iter().any(|s| s.capacity > 0.0);
         for (s, w) in self.samples.iter_mut().zip(&seen) {
-            let Some(w) = w else { continue };
             let before = s.capacity;
+            s.sent = w.map_or(0.0, |w| w.sent);
+            let Some(w) = w else { continue };
             Controller::learn(s, w, any_saturated);
             if ramp && !w.lossy && (before > s.capacity || (before == 0.0 && known)) {
                 s.capacity = before;
             }
+        }
+    }
+
+    /// Whether the window `seen` (against the last one, in `samples`) is a sender's ramp: the
+    /// traffic over the paths measured in both windows grew by [`Controller::RAMP`] or more,
+    /// or, where no path was measured in the last window (a transfer starting), any path
+    /// carried a window's worth. Comparing the same paths keeps a path measured one window and
+    /// not the next (no newer echo, too little sent) from looking like a ramp.
+    fn ramp(samples: &[Sample], seen: &[Option<Window>]) -> bool {
+        let (mut before, mut now, mut any) = (0.0, 0.0, false);
+        for (s, w) in samples.iter().zip(seen) {
+            let Some(w) = w else { continue };
+            any = true;
+            if s.sent > 0.0 {
+                before += s.sent;
+                now += w.sent;
+            }
+        }
+        if before > 0.0 {
+            now > Controller::RAMP * before
+        } else {
+            any
         }
     }
 
@@ -499,6 +519,32 @@ mod tests {
         }
         let t = sim.run_until_found("the path back from a cut", 3000);
         eprintln!("back from a cut: found {} ms into the transfer", t + 800);
+    }
+
+    /// A ramp compares the same paths: one measured this window and not the last (no newer
+    /// echo, too little sent) is no ramp, a transfer starting is, and so is the traffic over
+    /// the paths measured in both windows growing by half.
+    #[test]
+    fn a_ramp_compares_the_paths_measured_in_both_windows() {
+        let w = |sent: f64| {
+            Some(Window {
+                delivered: sent,
+                sent,
+                saturated: false,
+                lossy: false,
+            })
+        };
+        let s = |sent: f64| Sample {
+            sent,
+            ..Sample::default()
+        };
+        let steady = [s(40.0), s(20.0), s(0.0)];
+        assert!(!Controller::ramp(&steady, &[w(40.0), w(20.0), w(10.0)]));
+        assert!(!Controller::ramp(&steady, &[w(40.0), None, w(10.0)]));
+        assert!(Controller::ramp(&steady, &[w(70.0), w(30.0), w(10.0)]));
+        let idle = [s(0.0), s(0.0), s(0.0)];
+        assert!(Controller::ramp(&idle, &[w(5.0), None, None]));
+        assert!(!Controller::ramp(&idle, &[None, None, None]));
     }
 
     /// A path whose rate changes (halved, then back) is found again.
