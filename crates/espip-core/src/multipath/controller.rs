@@ -14,6 +14,9 @@ pub(super) struct Sample {
     under: u32,
     /// What the last window sent on it, bytes per second (0: that window measured nothing).
     sent: f64,
+    /// When the path was last seen down (0: never): a window measures it only between the
+    /// echoes of probes sent after that.
+    down_at: u64,
 }
 
 /// What one window showed of one path.
@@ -119,9 +122,16 @@ impl Controller {
         // Back up, it is unmeasured and taken at the measured paths' mean until its first
         // window measures it ([`Controller::shares`]; keeping the cut's near-zero estimate
         // left it a 64th that grew a tenth per window: 17 s to 60 Mbit/s in the lab).
+        // Echoes of probes sent before it came back (a link that held its packets through the
+        // cut delivers them late) span the cut: the bytes sent into it looked lost, and the
+        // path was measured at a few hundred kbit/s with nothing sent since (lab, three links:
+        // link 1 back from a cut at 0.15 Mbit/s, 2 s and more to its rate).
         for (s, p) in self.samples.iter_mut().zip(paths) {
             if p.state() == PathState::Down {
-                *s = Sample::default();
+                *s = Sample {
+                    down_at: now,
+                    ..Sample::default()
+                };
             }
         }
         if now.saturating_sub(self.window_start) < window_ns {
@@ -207,8 +217,9 @@ impl Controller {
             return None;
         }
         let prev = std::mem::replace(&mut s.mark, m);
-        if prev.echoed == 0 {
-            // The window started before any echo: no rate to compare with yet.
+        if prev.echoed == 0 || prev.sent <= s.down_at {
+            // The window started before any echo (no rate to compare with yet), or at a
+            // probe sent before the path came back (see [`Controller::update`]).
             return None;
         }
         let dt = m.echoed.saturating_sub(prev.echoed).max(1) as f64 / 1e9;
@@ -545,6 +556,36 @@ mod tests {
         let idle = [s(0.0), s(0.0), s(0.0)];
         assert!(Controller::ramp(&idle, &[w(5.0), None, None]));
         assert!(!Controller::ramp(&idle, &[None, None, None]));
+    }
+
+    /// A path back from a cut is measured only between echoes of probes sent after it came
+    /// back: the late echo of a probe sent into the cut (a link that held its packets) spans
+    /// the bytes sent into the cut, which look lost. Found in the lab (three links): link 1
+    /// back from its cut was measured at 0.15 Mbit/s with nothing sent since it came back.
+    #[test]
+    fn a_path_back_from_a_cut_is_not_measured_across_the_cut() {
+        let p = PathStats::default();
+        p.set_state(PathState::Up);
+        // Down until 1 s; the last echo before the cut was of a probe sent at 0.4 s.
+        let mut s = Sample {
+            down_at: 1000 * MS,
+            ..Sample::default()
+        };
+        p.echo(400 * MS, 410 * MS, 1_000_000, 1_000_000);
+        s.mark = p.mark();
+        // A probe sent at 0.5 s, into the cut, after 2 MB more were sent; echoed late, when
+        // the peer had received 10 kB of them.
+        p.echo(500 * MS, 1100 * MS, 3_000_000, 1_010_000);
+        assert!(Controller::window(&mut s, &p).is_none(), "across the cut");
+        // The first probe sent after the path came back starts the first window.
+        p.echo(1200 * MS, 1210 * MS, 3_000_000, 1_010_000);
+        assert!(
+            Controller::window(&mut s, &p).is_none(),
+            "from a probe sent into the cut"
+        );
+        p.echo(1400 * MS, 1410 * MS, 4_000_000, 2_010_000);
+        let w = Controller::window(&mut s, &p).expect("a window after the cut");
+        assert!(!w.lossy && (w.delivered - 5e6).abs() < 1.0, "{w:?}");
     }
 
     /// A path whose rate changes (halved, then back) is found again.
