@@ -680,8 +680,10 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         topology,
         keying,
     } = args;
-    let compare_mptcp =
-        compare_mptcp || runs.is_some() || glorytun.is_some() || ab_equal_delay || ab_repair;
+    let ab = [(ab_equal_delay, "equal_delay"), (ab_repair, "repair")]
+        .into_iter()
+        .find_map(|(on, key)| on.then_some(key));
+    let compare_mptcp = compare_mptcp || runs.is_some() || glorytun.is_some() || ab.is_some();
     let runs = runs.unwrap_or(1);
     if !(1..=20).contains(&runs) {
         bail!("--runs must be 1..20");
@@ -769,8 +771,7 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         glorytun: glorytun.map(|g| std::path::absolute(&g)).transpose()?,
         plot: plot.map(|p| std::path::absolute(&p)).transpose()?,
         equal_delay: !no_equal_delay,
-        ab_equal_delay,
-        ab_repair,
+        ab,
         congestion,
         rate_change,
         adapt: !static_weights,

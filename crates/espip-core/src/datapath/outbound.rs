@@ -254,10 +254,18 @@ impl Outbound {
             let (ev, mut probes) = mp.tick(now);
             events.extend(ev.into_iter().map(|e| (idx, e.path, e.state)));
             // The probe of a live path goes last and lists the others' sequence numbers, so
-            // the peer does not wait for those that a dead path loses.
+            // the peer does not wait for those that a dead path loses: the live path of least
+            // delay, whose probe arrives first (the peer's light side, on that path alone,
+            // waits for no probe of a slower path).
             let carrier = probes
                 .iter()
-                .position(|(i, _)| mp.stats[*i].state() == crate::multipath::PathState::Up);
+                .enumerate()
+                .filter(|(_, (i, _))| mp.stats[*i].state() == crate::multipath::PathState::Up)
+                .min_by_key(|(_, (i, _))| match mp.stats[*i].min_rtt_ns.load(Relaxed) {
+                    0 => u64::MAX,
+                    r => r,
+                })
+                .map(|(k, _)| k);
             if let Some(c) = carrier {
                 let last = probes.len() - 1;
                 probes.swap(c, last);

@@ -329,11 +329,7 @@ pub(super) fn compare(
     for k in 1..=opts.runs.max(1) {
         // Fresh paths: nothing learnt from the run before.
         // The A/B setting, on in odd runs, off in even ones.
-        let ab = match (opts.ab_equal_delay, opts.ab_repair) {
-            (true, _) => Some("equal_delay"),
-            (_, true) => Some("repair"),
-            _ => None,
-        };
+        let ab = opts.ab;
         let on = ab.map_or(true, |_| k % 2 == 1);
         if let Some(key) = ab {
             for cfg in [d.cfg.0, d.cfg.1] {
@@ -391,12 +387,7 @@ pub(super) fn compare(
         runs.push(run);
     }
     let col = |f: &dyn Fn(&Run) -> Option<f64>| -> Vec<f64> { runs.iter().filter_map(f).collect() };
-    if opts.ab_equal_delay || opts.ab_repair {
-        let key = if opts.ab_equal_delay {
-            "equal_delay"
-        } else {
-            "repair"
-        };
+    if let Some(key) = opts.ab {
         let on = col(&|r| r.ab.then_some(r.espip.mbit));
         let off = col(&|r| (!r.ab).then_some(r.espip.mbit));
         report.notes.push(format!(

@@ -78,11 +78,9 @@ pub struct MultipathOptions {
     /// `equal_delay` of both peers (`spread`: deliver every packet as late as the slowest
     /// path's).
     pub equal_delay: bool,
-    /// Comparison runs alternate `equal_delay` on (odd runs) and off (even runs): an A/B in
-    /// one lab.
-    pub ab_equal_delay: bool,
-    /// Comparison runs alternate `repair` on (odd runs) and off (even runs).
-    pub ab_repair: bool,
+    /// Comparison runs alternate this boolean setting of both peers (`equal_delay`,
+    /// `repair`) on (odd runs) and off (even runs): an A/B in one lab.
+    pub ab: Option<&'static str>,
     /// Draw the cut transfer (the stream and each path over time, the cut marked) here (SVG).
     pub plot: Option<PathBuf>,
     /// TCP congestion control of the iperf3 comparison (`iperf3 -C`: `cubic`, `bbr`; `None`:
