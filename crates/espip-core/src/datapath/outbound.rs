@@ -255,8 +255,8 @@ impl Outbound {
             events.extend(ev.into_iter().map(|e| (idx, e.path, e.state)));
             // The probe of a live path goes last and lists the others' sequence numbers, so
             // the peer does not wait for those that a dead path loses: the live path of least
-            // delay, whose probe arrives first (the peer's light side, on that path alone,
-            // waits for no probe of a slower path).
+            // delay, whose probe arrives first, so the peer forgets the others' numbers before
+            // its reorder stage waits for them behind a slower path.
             let carrier = probes
                 .iter()
                 .enumerate()
