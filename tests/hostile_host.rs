@@ -768,6 +768,20 @@ fn keep_tear_down_lifetime_warnings_and_plain_logs() {
         pids(&format!("{name}-a")) > 0,
         "daemons were left running: {text}"
     );
+    // And they stay: a kept lab's daemons do not get the parent-death signal a lab's daemons
+    // otherwise have (they did, and died with the lab a moment after it printed this).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let a_toml = work
+        .as_ref()
+        .map(|w| w.join("a.toml").display().to_string());
+    let alive = Command::new("pgrep")
+        .args(["-f", a_toml.as_deref().unwrap_or("a.toml")])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&alive.stdout).trim().is_empty(),
+        "the kept lab's daemon A exited after the lab did: {text}"
+    );
     let down = Command::new(exe())
         .args(["lab", "down", &name])
         .output()

@@ -91,6 +91,7 @@ impl LabRun {
                 .push(format!("removed stale namespaces: {}", stale.join(" ")));
         }
         let (work, keep) = work_dir(lab, self.pcap_dir.as_deref(), self.keep)?;
+        netns::daemons_outlive_lab(self.keep);
         Ok((report, work, keep))
     }
 }

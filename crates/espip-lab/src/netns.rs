@@ -12,6 +12,15 @@ use std::time::{Duration, Instant};
 /// Prefix of every namespace espip creates.
 pub const PREFIX: &str = "espip-";
 
+/// Whether the daemons this process starts outlive it (a lab run with `--keep`).
+static DAEMONS_OUTLIVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Let the daemons started from now on outlive this process (`--keep`: `espip lab down` stops
+/// them), or not (the default: a lab killed by SIGTERM or SIGKILL takes its daemons with it).
+pub fn daemons_outlive_lab(on: bool) {
+    DAEMONS_OUTLIVE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Run a command, returning its output; an error names the command.
 pub fn run(cmd: &mut Command) -> io::Result<Output> {
     let out = cmd
@@ -234,8 +243,11 @@ impl Daemon {
         let file = std::fs::File::create(log)?;
         let mut cmd = ns.command(exe);
         // A lab killed (SIGTERM, SIGKILL) takes its daemons with it; they undo their setup and
-        // the next lab removes the namespaces (`remove_stale`).
-        espip_sys::proc::die_with_parent(&mut cmd);
+        // the next lab removes the namespaces (`remove_stale`). A kept lab leaves them to
+        // `espip lab down`.
+        if !DAEMONS_OUTLIVE.load(std::sync::atomic::Ordering::Relaxed) {
+            espip_sys::proc::die_with_parent(&mut cmd);
+        }
         let child = cmd
             .args(["run", "--config"])
             .arg(config)
