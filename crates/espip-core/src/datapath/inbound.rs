@@ -318,6 +318,16 @@ impl Inbound {
                 None => Verdict::Drop(DropReason::Dummy),
             };
         }
+        if Probe::is_fill(buf.as_slice()) {
+            // A capacity train's filler: counted as received on its path (the echoes of the
+            // train's probes report it), then discarded.
+            if let Some(i) = a.path {
+                let p = &shared.stats[i];
+                p.rx_packets.fetch_add(1, Relaxed);
+                p.rx_bytes.fetch_add(buf.len() as u64, Relaxed);
+            }
+            return Verdict::Consumed;
+        }
         let Some(probe) = Probe::parse(buf.as_slice()) else {
             return Verdict::Drop(DropReason::Dummy);
         };

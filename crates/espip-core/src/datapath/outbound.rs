@@ -279,6 +279,11 @@ impl Outbound {
                     }
                     probe.skipped = seqs.len().min(crate::multipath::MAX_PATHS) as u8;
                 }
+                if let Some((bytes, ids)) = mp.train_plan(path, probe.id, now) {
+                    out.extend(self.train(idx, path, bytes, ids, now));
+                    // P2 counts what the train added.
+                    probe.tx_bytes = mp.stats[path].tx_bytes.load(Relaxed);
+                }
                 if !peer.lifetime.take(&peer.used, probe.len() as u64, now) {
                     break;
                 }
@@ -293,6 +298,59 @@ impl Outbound {
             }
         }
         (events, out)
+    }
+
+    /// A capacity train on `path` of `peer` (see `multipath::train`): probe `ids[0]`, half
+    /// of `bytes` in fillers, probe `ids[1]`, the other half (the round's own probe, `ids[2]`,
+    /// follows), wrapped, back to back. The fillers count as inner bytes sent on the path, as
+    /// the peer counts them received.
+    fn train(
+        &self,
+        peer: usize,
+        path: usize,
+        bytes: usize,
+        ids: [u64; 3],
+        now: u64,
+    ) -> Vec<(PacketBuf, Wire)> {
+        use crate::multipath::{ProbeKind, FILL_LEN};
+        let p = &self.peers[peer];
+        let (Some(mp), Some((_, sa))) = (&p.mp, &p.sa) else {
+            return Vec::new();
+        };
+        let stats = &mp.stats[path];
+        let half = bytes.div_ceil(2 * FILL_LEN);
+        let mut out = Vec::with_capacity(2 * half + 2);
+        for id in &ids[..2] {
+            let probe = Probe {
+                tx_bytes: stats.tx_bytes.load(Relaxed),
+                ..Probe::new(ProbeKind::Probe, path as u8, *id, now, 0)
+            };
+            let mut buf = PacketBuf::new(FILL_LEN.max(Probe::LEN));
+            buf.reset();
+            probe.emit(&mut buf.read_area()[..probe.len()]);
+            buf.set_len(probe.len());
+            if !p.lifetime.take(&p.used, probe.len() as u64, now)
+                || sa.encapsulate(&mut buf, NEXT_HEADER_DUMMY).is_err()
+            {
+                return out;
+            }
+            stats.probes_sent.fetch_add(1, Relaxed);
+            out.push((buf, self.path_wire(peer, path, false)));
+            for _ in 0..half {
+                let mut buf = PacketBuf::new(FILL_LEN);
+                buf.reset();
+                Probe::emit_fill(path as u8, &mut buf.read_area()[..FILL_LEN]);
+                buf.set_len(FILL_LEN);
+                if !p.lifetime.take(&p.used, FILL_LEN as u64, now)
+                    || sa.encapsulate(&mut buf, NEXT_HEADER_DUMMY).is_err()
+                {
+                    return out;
+                }
+                stats.tx_bytes.fetch_add(FILL_LEN as u64, Relaxed);
+                out.push((buf, self.path_wire(peer, path, false)));
+            }
+        }
+        out
     }
 
     /// Wrap the echo payload in `buf` (left there by [`Inbound::process`] with

@@ -134,6 +134,15 @@ impl Controller {
                 };
             }
         }
+        // A capacity train measured a path that had no estimate: that is its estimate, and
+        // the windows that span the train (its fillers sent at once) measure nothing.
+        for (s, p) in self.samples.iter_mut().zip(paths) {
+            let seed = p.seed.swap(0, Relaxed);
+            if seed > 0 && s.capacity == 0.0 && p.state() != PathState::Down {
+                s.capacity = seed as f64;
+                s.down_at = now;
+            }
+        }
         if now.saturating_sub(self.window_start) < window_ns {
             return;
         }

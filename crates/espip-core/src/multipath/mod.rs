@@ -28,6 +28,7 @@ mod learned;
 mod probe;
 mod reorder;
 mod repair;
+mod train;
 
 use controller::layout;
 pub use controller::Controller;
@@ -38,6 +39,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Mutex;
+pub use train::FILL_LEN;
 
 /// How a multipath peer's packets are spread over its live paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -342,6 +344,10 @@ pub struct PathStats {
     /// out, so everything sent before the probe arrived before the echo unless it was lost:
     /// two marks give the loss between them exactly.
     mark: Mutex<EchoMark>,
+    /// The capacity train of a path that came up unmeasured ([`train`]).
+    train: Mutex<train::Train>,
+    /// A train's measurement, bytes per second, for the controller to take (0: none).
+    pub(crate) seed: AtomicU64,
 }
 
 /// See [`PathStats`]'s `mark`.
@@ -840,6 +846,9 @@ impl Multipath {
             if next != p.state() {
                 let was_quiet = p.state() == PathState::Quiet;
                 p.set_state(next);
+                if next == PathState::Down {
+                    p.train.lock().unwrap_or_else(|e| e.into_inner()).reset();
+                }
                 // Quiet is not news for the log; down after quiet is.
                 if next != PathState::Unknown && !(was_quiet && next == PathState::Up) {
                     events.push(PathEvent {
@@ -955,8 +964,39 @@ impl Multipath {
             // A timestamp from the future is no echo of ours.
             if probe.sent <= now {
                 p.echo(probe.sent, now, probe.tx_bytes, probe.rx_bytes);
+                let mut t = p.train.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(train::Verdict::Rate(r)) = t.echo(probe.id, now, probe.rx_bytes) {
+                    p.seed.store(r.max(1.0) as u64, Relaxed);
+                }
             }
         }
+    }
+
+    /// Whether path `i` gets a capacity train before this round's probe `end` (sent at
+    /// `now`): `spread` or `earliest` adapting, the path up and not measured, no train done or
+    /// in flight ([`train`]). Returns the filler bytes (both halves together) and the
+    /// identifiers of the train's probes P0, P1 (new) and P2 (`end`).
+    pub fn train_plan(&self, i: usize, end: u64, now: u64) -> Option<(usize, [u64; 3])> {
+        let adapts = matches!(self.spec.scheduler, Scheduler::Spread | Scheduler::Earliest)
+            && self.spec.adapt;
+        let p = self.stats.get(i)?;
+        if !adapts || p.state() != PathState::Up || p.capacity.load(Relaxed) != 0 {
+            return None;
+        }
+        let interval = u64::from(self.spec.probe_interval_ms) * 1_000_000;
+        // The echoes come a round trip and the train's queue later.
+        let late = 3 * interval + 2 * p.srtt_ns.load(Relaxed);
+        let mut t = p.train.lock().unwrap_or_else(|e| e.into_inner());
+        if !t.wanted(now, late) {
+            return None;
+        }
+        let ids = [
+            self.probe_id.fetch_add(1, Relaxed),
+            self.probe_id.fetch_add(1, Relaxed),
+            end,
+        ];
+        t.sent(ids, now);
+        Some((t.bytes(), ids))
     }
 
     /// Keep the ESP packet `packet` sent with sequence number `seq` (of `inner_len` inner

@@ -99,6 +99,22 @@ impl Probe {
         &self.skip[..usize::from(self.skipped).min(MAX_PATHS)]
     }
     const MAGIC: [u8; 4] = *b"eMP1";
+    /// The kind byte of a capacity train's filler ([`train`](super::train)): the magic, this
+    /// kind, the prober's path, then zeros to [`FILL_LEN`](super::train::FILL_LEN) bytes.
+    pub const FILL_KIND: u8 = 4;
+
+    /// Write a filler of a train on path `path` into `out` (all of it).
+    pub fn emit_fill(path: u8, out: &mut [u8]) {
+        out.fill(0);
+        out[0..4].copy_from_slice(&Probe::MAGIC);
+        out[4] = Probe::FILL_KIND;
+        out[5] = path;
+    }
+
+    /// Whether `b` is a train's filler.
+    pub fn is_fill(b: &[u8]) -> bool {
+        b.len() >= 8 && b[0..4] == Probe::MAGIC && b[4] == Probe::FILL_KIND
+    }
 
     /// Write the payload into `out` (at least [`Probe::len`] bytes).
     pub fn emit(&self, out: &mut [u8]) {

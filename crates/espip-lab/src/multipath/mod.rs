@@ -207,18 +207,30 @@ fn config_text(
         _ => s.push_str("mode = \"ipip\"\n"),
     }
     if opts.topology == Topology::Uplinks {
-        s.push_str(&uplinks::path_lines(me_a, &opts.links));
+        s.push_str(&uplinks::path_lines(me_a, &opts.links, !opts.adapt));
         return s;
     }
     for (i, spec) in opts.links.iter().enumerate() {
         s.push_str(&format!(
-            "\n[[peer.path]]\nname = \"link{}\"\nendpoint = \"{}\"\nweight = {}\n",
+            "\n[[peer.path]]\nname = \"link{}\"\nendpoint = \"{}\"\n{}",
             i + 1,
             ep(&links::addr(i, spec.ipv6, k)),
-            spec.mbit.round().max(1.0) as u32
+            weight_line(!opts.adapt, spec)
         ));
     }
     s
+}
+
+/// A path's `weight` line: the link's rate with `--static-weights` (`adapt = false`: the
+/// weights are the schedule), none otherwise. The default settings are what is measured: a
+/// user does not know the rates of the links (and the starting shares they give are what
+/// a fresh path's first flow runs on until the paths are measured).
+fn weight_line(weights: bool, spec: &LinkSpec) -> String {
+    if weights {
+        format!("weight = {}\n", spec.mbit.round().max(1.0) as u32)
+    } else {
+        String::new()
+    }
 }
 
 /// The daemon's status (JSON over the control socket).

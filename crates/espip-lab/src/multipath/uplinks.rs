@@ -111,11 +111,11 @@ pub(super) fn build(links: &[LinkSpec], work: &Path, keep: bool) -> io::Result<L
 }
 
 /// The `[[peer.path]]` tables of one host (ESP in UDP: the NAT forbids anything else).
-pub(super) fn path_lines(me_a: bool, links: &[LinkSpec]) -> String {
-    let weight = |i: usize| links[i].mbit.round().max(1.0) as u32;
+pub(super) fn path_lines(me_a: bool, links: &[LinkSpec], weights: bool) -> String {
+    let weight = |i: usize| super::weight_line(weights, &links[i]);
     if me_a {
         format!(
-            "\n# Uplink 1 by its source address, uplink 2 by its interface: each path leaves by its\n# own uplink although routing sends everything out of uplink 1.\n[[peer.path]]\nname = \"link1\"\nendpoint = \"{SERVER}:4500\"\nlocal = \"{}\"\nweight = {}\n\n[[peer.path]]\nname = \"link2\"\nendpoint = \"{SERVER}:4500\"\ndevice = \"l2\"\nweight = {}\n",
+            "\n# Uplink 1 by its source address, uplink 2 by its interface: each path leaves by its\n# own uplink although routing sends everything out of uplink 1.\n[[peer.path]]\nname = \"link1\"\nendpoint = \"{SERVER}:4500\"\nlocal = \"{}\"\n{}\n[[peer.path]]\nname = \"link2\"\nendpoint = \"{SERVER}:4500\"\ndevice = \"l2\"\n{}",
             LINK1[0],
             weight(0),
             weight(1)
