@@ -248,6 +248,21 @@ fn three_unequal_links_with_links() {
         ],
     );
     assert!(!t.contains("kernel MPTCP failed"), "{t}");
+    // Issue 30: every path's capacity found within 2 s of its first use, with the default
+    // settings (no weights: each path starts at an equal share). The capacity trains measure
+    // them as they come up; without the trains the 10 Mbit/s path took longer.
+    let found = t
+        .lines()
+        .find_map(|l| l.split("reached 80% of the link's rate after: ").nth(1))
+        .unwrap_or_else(|| panic!("{t}"));
+    for part in found.split(';').next().unwrap_or("").split(", ") {
+        let secs: f64 = part
+            .strip_suffix(" s")
+            .and_then(|p| p.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("link {part:?} not found in time:\n{t}"));
+        assert!(secs <= 2.0, "{part}: over 2 s\n{t}");
+    }
     let svg = std::fs::read_to_string(&plot).unwrap_or_default();
     let _ = std::fs::remove_file(&plot);
     assert!(
