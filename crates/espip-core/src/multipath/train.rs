@@ -22,7 +22,7 @@
 
 /// The first train's filler bytes (both halves).
 pub const FIRST_BYTES: usize = 128 * 1024;
-/// The shortest and the longest train.
+/// The shortest train (halved after lost echoes no further).
 pub const MIN_BYTES: usize = 32 * 1024;
 /// The longest train (a 100 Mbit/s link whose shaper lets 125 KB through at once needs 512 KB).
 pub const MAX_BYTES: usize = 1024 * 1024;
