@@ -428,6 +428,14 @@ pub struct MultipathArgs {
     /// again; an A/B in one lab; implies --compare-mptcp).
     #[arg(long, conflicts_with = "ab_equal_delay")]
     pub ab_repair: bool,
+    /// Comparison runs alternate capacity_trains on and off (a fresh path measured by a train
+    /// of fillers, or by its first transfer; an A/B in one lab; implies --compare-mptcp).
+    #[arg(long, conflicts_with_all = ["ab_equal_delay", "ab_repair"])]
+    pub ab_trains: bool,
+    /// Comparison runs alternate fast_acks on and off (pure TCP acknowledgments on the
+    /// fastest path, delivered at once; an A/B in one lab; implies --compare-mptcp).
+    #[arg(long, conflicts_with_all = ["ab_equal_delay", "ab_repair", "ab_trains"])]
+    pub ab_fast_acks: bool,
     /// Draw the transfer with the cut of link 1 into this SVG file: the stream and each path
     /// per half second, the cut marked.
     #[arg(long)]

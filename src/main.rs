@@ -673,6 +673,8 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         no_equal_delay,
         ab_equal_delay,
         ab_repair,
+        ab_trains,
+        ab_fast_acks,
         plot,
         congestion,
         rate_change,
@@ -680,9 +682,14 @@ fn multipath_options(args: MultipathArgs) -> Result<espip_lab::multipath::Multip
         topology,
         keying,
     } = args;
-    let ab = [(ab_equal_delay, "equal_delay"), (ab_repair, "repair")]
-        .into_iter()
-        .find_map(|(on, key)| on.then_some(key));
+    let ab = [
+        (ab_equal_delay, "equal_delay"),
+        (ab_repair, "repair"),
+        (ab_trains, "capacity_trains"),
+        (ab_fast_acks, "fast_acks"),
+    ]
+    .into_iter()
+    .find_map(|(on, key)| on.then_some(key));
     let compare_mptcp = compare_mptcp || runs.is_some() || glorytun.is_some() || ab.is_some();
     let runs = runs.unwrap_or(1);
     if !(1..=20).contains(&runs) {

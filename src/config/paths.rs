@@ -27,6 +27,8 @@ pub(super) fn refuse_path_settings(
         ("adapt", p.adapt.is_some()),
         ("equal_delay", p.equal_delay.is_some()),
         ("repair", p.repair.is_some()),
+        ("capacity_trains", p.capacity_trains.is_some()),
+        ("fast_acks", p.fast_acks.is_some()),
     ] {
         if set {
             return Err(invalid(
@@ -340,6 +342,8 @@ fn multipath_spec(p: &RawPeer, k: &dyn Fn(&str) -> String) -> Result<MultipathSp
         adapt: p.adapt.unwrap_or(true),
         equal_delay: p.equal_delay.unwrap_or(true),
         repair: p.repair.unwrap_or(false),
+        capacity_trains: p.capacity_trains.unwrap_or(true),
+        fast_acks: p.fast_acks.unwrap_or(true),
         path_idle_s: num(
             "path_idle",
             p.path_idle,

@@ -96,6 +96,8 @@ pub(super) struct RawPeer {
     pub(super) adapt: Option<bool>,
     pub(super) equal_delay: Option<bool>,
     pub(super) repair: Option<bool>,
+    pub(super) capacity_trains: Option<bool>,
+    pub(super) fast_acks: Option<bool>,
     /// A peer without endpoint: how many (address, port)s it may be reached by at once.
     pub(super) max_paths: Option<i64>,
     /// Seconds after which a silent learned path is forgotten.

@@ -241,8 +241,18 @@ impl Inbound {
                 if let Some(p) = path {
                     r.note(p, seq, now, 2 * hold);
                 }
-                let data = (v == Verdict::ToTun).then(|| buf.as_slice());
+                // A pure acknowledgment came by the fastest path, ahead of its order
+                // (`fast_acks`): delivered now, its number only takes its place in the order.
+                let bare = v == Verdict::ToTun
+                    && shared.fast_acks()
+                    && InnerPacket::parse(buf.as_slice())
+                        .is_ok_and(|i| i.is_pure_ack(buf.as_slice()));
+                let data = (v == Verdict::ToTun && !bare).then(|| buf.as_slice());
                 let wait = path.map_or(0, |p| shared.skew_ns(p));
+                if bare {
+                    r.offer_after(seq, None, now, hold, 0, &shared.reorder);
+                    return v;
+                }
                 match (
                     r.offer_after(seq, data, now, hold, wait, &shared.reorder),
                     v,

@@ -55,9 +55,10 @@ impl Outbound {
                 } else {
                     NEXT_HEADER_IPV6
                 };
+                let bare = peer.mp.is_some() && inner.is_pure_ack(buf.as_slice());
                 match sa.encapsulate(buf, nh) {
                     Ok(seq) if peer.mp.is_some() => {
-                        let (v, path) = self.schedule_on(idx, len, !inner.is_ipv4(), now);
+                        let (v, path) = self.schedule_on(idx, len, !inner.is_ipv4(), now, bare);
                         if let Some(mp) = &peer.mp {
                             // Kept for repair, with the path it took.
                             mp.keep(seq, len as usize, buf.as_slice(), path);
@@ -86,7 +87,10 @@ impl Outbound {
                     Err(_) => return Verdict::Drop(DropReason::Malformed),
                 }
             }
-            None if peer.mp.is_some() => return self.schedule(idx, len, !inner.is_ipv4(), now),
+            None if peer.mp.is_some() => {
+                let bare = inner.is_pure_ack(buf.as_slice());
+                return self.schedule_on(idx, len, !inner.is_ipv4(), now, bare).0;
+            }
             None => Wire::IpIp {
                 dst: endpoint,
                 inner_v6: !inner.is_ipv4(),
@@ -99,24 +103,21 @@ impl Outbound {
         Verdict::Send(wire)
     }
 
-    /// The verdict for a multipath peer's packet (already wrapped): the path(s) the schedule
-    /// picks, with their counters.
-    fn schedule(&self, idx: usize, len: u64, inner_v6: bool, now: u64) -> Verdict {
-        self.schedule_on(idx, len, inner_v6, now).0
-    }
-
-    /// [`Outbound::schedule`], and the one path it picked (`None`: none, or several).
+    /// The verdict for a multipath peer's packet (already wrapped; `bare`: a pure TCP
+    /// acknowledgment, see [`Multipath::pick_packet`]): the path(s) the schedule picks, with
+    /// their counters, and the one path it picked (`None`: none, or several).
     fn schedule_on(
         &self,
         idx: usize,
         len: u64,
         inner_v6: bool,
         now: u64,
+        bare: bool,
     ) -> (Verdict, Option<usize>) {
         let peer = &self.peers[idx];
         let mp = peer.mp.as_ref().expect("a multipath peer");
         let s = &*peer.stats;
-        let pick = match mp.pick_at(now, len as usize) {
+        let pick = match mp.pick_packet(now, len as usize, bare) {
             // Learned paths: only those someone is behind.
             Pick::One(i) if mp.learns() && mp.endpoint_of(i).is_none() => None,
             Pick::Every(mask) if mp.learns() => {

@@ -194,6 +194,19 @@ pub struct MultipathSpec {
     /// a reorder stage; see [`Nack`]). Off by default: see docs/multipath.md for what it
     /// gains (a cubic stream over a lossy link) and what it costs.
     pub repair: bool,
+    /// A path that comes up unmeasured gets a capacity train ([`train`]: 128 KB to 1 MB of
+    /// filler dummies, at most five per path-up) so that its first transfer starts from its
+    /// rate; false: none (a metered link's bytes are saved, and the first transfer's windows
+    /// measure it).
+    pub capacity_trains: bool,
+    /// `spread`, `earliest`: a pure TCP acknowledgment (no payload; not a SYN, FIN or RST)
+    /// goes on the path of the shortest delay, outside the schedule, and the receiver delivers
+    /// it at once, not held to the slowest path's delay: the connection's round trip is the
+    /// slowest path one way and the fastest the other, not the slowest both ways. A handshake
+    /// keeps the data's delay (a SYN over the fastest path gave cubic a minimum RTT its data
+    /// never had, and its slow start ended at a few dozen segments). Both peers should agree
+    /// (the receiver's setting decides the hold).
+    pub fast_acks: bool,
 }
 
 impl Default for MultipathSpec {
@@ -209,6 +222,8 @@ impl Default for MultipathSpec {
             equal_delay: true,
             path_idle_s: 60,
             repair: false,
+            capacity_trains: true,
+            fast_acks: true,
         }
     }
 }
@@ -678,6 +693,56 @@ impl Multipath {
         self.pick()
     }
 
+    /// The path(s) for the next packet, of `len` inner bytes, at `now`, `bare` when it is a
+    /// pure TCP acknowledgment ([`MultipathSpec::fast_acks`]): such a segment goes on the path
+    /// of the shortest delay now ([`Multipath::fastest`]), anything else by [`Multipath::pick_at`].
+    pub fn pick_packet(&self, now: u64, len: usize, bare: bool) -> Pick {
+        if bare && self.fast_acks() {
+            if let Some(i) = self.fastest(now) {
+                return Pick::One(i);
+            }
+        }
+        self.pick_at(now, len)
+    }
+
+    /// Whether pure acknowledgments skip the schedule and the hold (`fast_acks` of a
+    /// `spread` or `earliest` peer).
+    pub fn fast_acks(&self) -> bool {
+        self.spec.fast_acks
+            && matches!(self.spec.scheduler, Scheduler::Spread | Scheduler::Earliest)
+    }
+
+    /// The scheduled path whose smoothed RTT plus its silence is the shortest at `now`;
+    /// `None` while no scheduled path has a measured RTT. Silence: the time beyond half a
+    /// probe interval since anything came from the path, or beyond a probe interval and a
+    /// half since its last echo, whichever is longer. A peer sending data keeps every path
+    /// heard all the time, so a cut moves the acknowledgments off it within tens of
+    /// milliseconds, long before it is found quiet (measured: with the echoes alone, the
+    /// connection whose acknowledgments took the cut path stalled 0.4 s).
+    pub fn fastest(&self, now: u64) -> Option<usize> {
+        let interval = u64::from(self.spec.probe_interval_ms) * 1_000_000;
+        self.stats
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| {
+                p.state().scheduled()
+                    && p.srtt_ns.load(Relaxed) > 0
+                    && (!self.learns || p.learned.get().is_some())
+            })
+            .min_by_key(|(_, p)| {
+                let unanswered = now
+                    .saturating_sub(p.last_echo.load(Relaxed))
+                    .saturating_sub(interval + interval / 2);
+                let unheard = now
+                    .saturating_sub(p.heard.load(Relaxed))
+                    .saturating_sub(interval / 2);
+                p.srtt_ns
+                    .load(Relaxed)
+                    .saturating_add(unanswered.max(unheard))
+            })
+            .map(|(i, _)| i)
+    }
+
     /// The index of the path a packet from `src` that landed at `at` came by: a path that
     /// names its source or interface and matches them first (several paths may share the
     /// peer's address and differ in those only), else the first path from `src`.
@@ -978,7 +1043,8 @@ impl Multipath {
     /// identifiers of the train's probes P0, P1 (new) and P2 (`end`).
     pub fn train_plan(&self, i: usize, end: u64, now: u64) -> Option<(usize, [u64; 3])> {
         let adapts = matches!(self.spec.scheduler, Scheduler::Spread | Scheduler::Earliest)
-            && self.spec.adapt;
+            && self.spec.adapt
+            && self.spec.capacity_trains;
         let p = self.stats.get(i)?;
         if !adapts || p.state() != PathState::Up || p.capacity.load(Relaxed) != 0 {
             return None;
@@ -1690,6 +1756,64 @@ mod tests {
         e.stats[0].min_rtt_ns.store(10 * MS, Relaxed);
         e.stats[1].min_rtt_ns.store(100 * MS, Relaxed);
         assert_eq!(e.skew_ns(0), 0);
+    }
+
+    #[test]
+    fn a_pure_ack_takes_the_fastest_path_until_it_falls_silent() {
+        let m = mp(Scheduler::Spread, 3);
+        let now = 1_000 * MS;
+        for (i, ms) in [40u64, 10, 100].iter().enumerate() {
+            m.stats[i].srtt_ns.store(ms * MS, Relaxed);
+            m.stats[i].last_echo.store(now, Relaxed);
+            m.stats[i].heard.store(now, Relaxed);
+            m.stats[i].set_state(PathState::Up);
+        }
+        m.publish();
+        assert_eq!(m.pick_packet(now, 60, true), Pick::One(1));
+        // Nothing from path 1 for 50 ms plus more than its 30 ms lead (the others heard): a
+        // cut, found before any probe is late.
+        for i in [0, 2] {
+            m.stats[i].heard.store(now + 81 * MS, Relaxed);
+        }
+        assert_eq!(m.pick_packet(now + 79 * MS, 60, true), Pick::One(1));
+        assert_eq!(m.pick_packet(now + 81 * MS, 60, true), Pick::One(0));
+        m.stats[1].heard.store(now + 81 * MS, Relaxed);
+        // Data follows the schedule (all three paths), never this rule.
+        let data: Vec<Pick> = (0..30).map(|_| m.pick_packet(now, 1400, false)).collect();
+        assert!((0..3).all(|i| data.contains(&Pick::One(i))), "{data:?}");
+        // Path 1 silent for 150 ms plus more than its 30 ms lead while the others answer:
+        // path 0 is faster now.
+        for i in [0, 2] {
+            m.stats[i].last_echo.store(now + 181 * MS, Relaxed);
+            m.stats[i].heard.store(now + 181 * MS, Relaxed);
+        }
+        assert_eq!(m.pick_packet(now + 181 * MS, 60, true), Pick::One(0));
+        // Not scheduled (quiet, down): never picked.
+        m.stats[0].set_state(PathState::Quiet);
+        m.stats[1].set_state(PathState::Down);
+        assert_eq!(m.pick_packet(now + 181 * MS, 60, true), Pick::One(2));
+        // Off, or `redundant` (every packet on every path): the schedule decides.
+        let mut spec = MultipathSpec {
+            fast_acks: false,
+            ..MultipathSpec::default()
+        };
+        let off = Multipath::new(spec.clone(), paths(2), None);
+        spec.scheduler = Scheduler::Redundant;
+        spec.fast_acks = true;
+        let red = Multipath::new(spec, paths(2), None);
+        for x in [&off, &red] {
+            for (i, ms) in [40u64, 10].iter().enumerate() {
+                x.stats[i].srtt_ns.store(ms * MS, Relaxed);
+                x.stats[i].last_echo.store(now, Relaxed);
+                x.stats[i].heard.store(now, Relaxed);
+                x.stats[i].set_state(PathState::Up);
+            }
+            x.publish();
+        }
+        assert!(!off.fast_acks() && !red.fast_acks());
+        let picks: Vec<Pick> = (0..4).map(|_| off.pick_packet(now, 60, true)).collect();
+        assert!(picks.contains(&Pick::One(0)), "{picks:?}");
+        assert_eq!(red.pick_packet(now, 60, true), Pick::Every(0b11));
     }
 
     #[test]

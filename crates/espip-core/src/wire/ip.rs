@@ -88,6 +88,29 @@ impl InnerPacket {
     pub fn is_ipv4(&self) -> bool {
         self.src.is_ipv4()
     }
+
+    /// Whether `bytes` (the packet this view was parsed from) is a pure TCP acknowledgment
+    /// (RFC 9293 section 3.1): ACK set, SYN, FIN and RST clear, and the header (its data
+    /// offset) fills the packet: no payload. An IPv6 packet with extension headers, a later
+    /// IPv4 fragment or a truncated TCP header is not one.
+    pub fn is_pure_ack(&self, bytes: &[u8]) -> bool {
+        const ACK: u8 = 0x10;
+        const SYN_FIN_RST: u8 = 0x07;
+        if self.protocol != 6 || self.later_fragment {
+            return false;
+        }
+        let (Some(&offset), Some(&flags)) = (
+            bytes.get(self.l4_offset + 12),
+            bytes.get(self.l4_offset + 13),
+        ) else {
+            return false;
+        };
+        let header = usize::from(offset >> 4) * 4;
+        flags & ACK != 0
+            && flags & SYN_FIN_RST == 0
+            && header >= 20
+            && self.l4_offset + header == self.total_len
+    }
 }
 
 pub use super::checksum::{checksum, fold, sum_words};
@@ -161,6 +184,60 @@ mod tests {
         assert_eq!(flow_hash_symmetric(&a), flow_hash_symmetric(&back));
         assert_ne!(flow_hash_symmetric(&a), flow_hash_symmetric(&other));
         assert_eq!(flow_hash_symmetric(&[0x45, 0]), 0);
+    }
+
+    #[test]
+    fn a_pure_ack_is_one_and_anything_else_is_not() {
+        // IPv4, TCP header of 32 bytes (timestamps), payload `extra` bytes.
+        let v4 = |protocol: u8, extra: usize| {
+            let len = 20 + 32 + extra;
+            let mut v = vec![0u8; len];
+            emit_ipv4_header(
+                &mut v,
+                [10, 0, 0, 1].into(),
+                [10, 0, 0, 2].into(),
+                protocol,
+                len as u16,
+            );
+            v[20 + 12] = 8 << 4;
+            v[20 + 13] = 0x10;
+            v
+        };
+        let bare = |v: &[u8]| InnerPacket::parse(v).unwrap().is_pure_ack(v);
+        assert!(bare(&v4(6, 0)), "a pure acknowledgment");
+        // A SYN-ACK, FIN-ACK, RST-ACK, and a segment without ACK: not pure acknowledgments
+        // (a handshake over the fastest path would give TCP a round trip its data never has).
+        for flags in [0x12, 0x11, 0x14, 0x00] {
+            let mut v = v4(6, 0);
+            v[33] = flags;
+            assert!(!bare(&v), "flags {flags:#x}");
+        }
+        assert!(!bare(&v4(6, 1)), "one byte of data");
+        assert!(!bare(&v4(17, 0)), "UDP");
+        // A data offset below 5 words is no TCP header; one beyond the packet neither.
+        let mut short = v4(6, 0);
+        short[32] = 4 << 4;
+        assert!(!bare(&short));
+        short[32] = 15 << 4;
+        assert!(!bare(&short));
+        // A later fragment of a TCP segment.
+        let mut frag = v4(6, 0);
+        frag[6] = 0;
+        frag[7] = 8;
+        assert!(!bare(&frag));
+        // IPv6: TCP directly after the fixed header; with an extension header, not classified.
+        let v6 = |next: u8| {
+            let mut v = vec![0u8; 40 + 20];
+            v[0] = 0x60;
+            v[4..6].copy_from_slice(&20u16.to_be_bytes());
+            v[6] = next;
+            v[7] = 64;
+            v[40 + 12] = 5 << 4;
+            v[40 + 13] = 0x10;
+            v
+        };
+        assert!(bare(&v6(6)));
+        assert!(!bare(&v6(0)), "hop-by-hop options first");
     }
 
     /// RFC 1071 section 3 example: the sum of 00 01 f2 03 f4 f5 f6 f7 is ddf2 (checksum 220d).
