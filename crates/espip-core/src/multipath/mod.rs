@@ -1797,7 +1797,7 @@ mod tests {
             fast_acks: false,
             ..MultipathSpec::default()
         };
-        let off = Multipath::new(spec.clone(), paths(2), None);
+        let off = Multipath::new(spec, paths(2), None);
         spec.scheduler = Scheduler::Redundant;
         spec.fast_acks = true;
         let red = Multipath::new(spec, paths(2), None);
