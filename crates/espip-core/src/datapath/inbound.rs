@@ -361,6 +361,7 @@ impl Inbound {
                 }
                 let echo = Probe {
                     tx_bytes: probe.tx_bytes,
+                    arrived: now.max(1),
                     ..Probe::new(ProbeKind::Echo, probe.path, probe.id, probe.sent, rx_bytes)
                 };
                 buf.truncate(0);

@@ -1030,7 +1030,9 @@ impl Multipath {
             if probe.sent <= now {
                 p.echo(probe.sent, now, probe.tx_bytes, probe.rx_bytes);
                 let mut t = p.train.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(train::Verdict::Rate(r)) = t.echo(probe.id, now, probe.rx_bytes) {
+                if let Some(train::Verdict::Rate(r)) =
+                    t.echo(probe.id, now, probe.rx_bytes, probe.arrived)
+                {
                     p.seed.store(r.max(1.0) as u64, Relaxed);
                 }
             }
@@ -1252,6 +1254,18 @@ mod tests {
         q.emit(&mut long);
         assert_eq!(Probe::parse(&long), Some(q));
         assert_eq!(Probe::parse(&long[..Probe::LEN + 12]), None);
+        // An echo with the arrival time; an echo of an older peer (none), and one with a
+        // field more (ignored).
+        let e = Probe {
+            arrived: 77,
+            ..Probe::new(ProbeKind::Echo, 1, 8, 5, 9)
+        };
+        let mut eb = [0u8; Probe::LEN + 16];
+        e.emit(&mut eb);
+        assert_eq!(e.len(), Probe::LEN + 8);
+        assert_eq!(Probe::parse(&eb[..Probe::LEN + 8]), Some(e));
+        assert_eq!(Probe::parse(&eb), Some(e));
+        assert_eq!(Probe::parse(&eb[..Probe::LEN]).map(|p| p.arrived), Some(0));
         assert_eq!(Probe::parse(&[&long[..], &[0u8; 8 * 8]].concat()), None);
         assert_eq!(Probe::parse(&b[..31]), None);
         let mut bad = b;

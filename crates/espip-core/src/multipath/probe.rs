@@ -39,11 +39,17 @@ pub enum ProbeKind {
 /// |                                                               |
 /// +---------------------------------------------------------------+
 /// |  probe: the sequence numbers of this round's probes on the    |
-/// +  other paths, 64 bits each, at most 8 (the skip list)         +
+/// +  other paths, 64 bits each, at most 8 (the skip list);        +
+/// |  echo: the answering side's arrival time of the probe,        |
+/// +  nanoseconds on its own clock (64 bits; absent from espip     +
+/// |  before 2026-12-06, which answers with no field here)         |
+/// +---------------------------------------------------------------+
 /// ```
 ///
 /// The prober's clock never leaves its own host in any other sense: the echo returns the
-/// timestamp unchanged, so no clock synchronisation is assumed.
+/// timestamp unchanged, so no clock synchronisation is assumed. The answering side's arrival
+/// time is read only as differences between its own echoes (a capacity train's spacing at the
+/// far end, [`train`](super::train)), never against the prober's clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Probe {
     /// Probe or echo.
@@ -64,6 +70,8 @@ pub struct Probe {
     pub skip: [u64; MAX_PATHS],
     /// Entries of `skip` in use.
     pub skipped: u8,
+    /// Echo: when the probe arrived at the answering side, on its clock (0: not given).
+    pub arrived: u64,
 }
 
 impl Probe {
@@ -81,12 +89,17 @@ impl Probe {
             rx_bytes,
             skip: [0; MAX_PATHS],
             skipped: 0,
+            arrived: 0,
         }
     }
 
     /// Its length on the wire.
     pub fn len(&self) -> usize {
-        Probe::LEN + 8 * usize::from(self.skipped)
+        match self.kind {
+            ProbeKind::Probe => Probe::LEN + 8 * usize::from(self.skipped),
+            ProbeKind::Echo if self.arrived != 0 => Probe::LEN + 8,
+            ProbeKind::Echo => Probe::LEN,
+        }
     }
 
     /// Never: a probe has at least its fixed fields.
@@ -126,8 +139,16 @@ impl Probe {
         out[16..24].copy_from_slice(&self.sent.to_be_bytes());
         out[24..32].copy_from_slice(&self.tx_bytes.to_be_bytes());
         out[32..40].copy_from_slice(&self.rx_bytes.to_be_bytes());
-        for (i, s) in self.skipped().iter().enumerate() {
-            out[40 + 8 * i..48 + 8 * i].copy_from_slice(&s.to_be_bytes());
+        match self.kind {
+            ProbeKind::Probe => {
+                for (i, s) in self.skipped().iter().enumerate() {
+                    out[40 + 8 * i..48 + 8 * i].copy_from_slice(&s.to_be_bytes());
+                }
+            }
+            ProbeKind::Echo if self.arrived != 0 => {
+                out[40..48].copy_from_slice(&self.arrived.to_be_bytes())
+            }
+            ProbeKind::Echo => {}
         }
     }
 
@@ -146,10 +167,18 @@ impl Probe {
         let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         let mut p = Probe::new(kind, b[5], u64_at(8), u64_at(16), u64_at(32));
         p.tx_bytes = u64_at(24);
-        for i in 0..extra / 8 {
-            p.skip[i] = u64_at(40 + 8 * i);
+        match kind {
+            ProbeKind::Probe => {
+                for i in 0..extra / 8 {
+                    p.skip[i] = u64_at(40 + 8 * i);
+                }
+                p.skipped = (extra / 8) as u8;
+            }
+            // An echo's first field after the fixed ones is the arrival time; more are
+            // ignored (room for later fields).
+            ProbeKind::Echo if extra >= 8 => p.arrived = u64_at(40),
+            ProbeKind::Echo => {}
         }
-        p.skipped = (extra / 8) as u8;
         Some(p)
     }
 }

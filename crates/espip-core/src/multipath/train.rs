@@ -10,8 +10,8 @@
 //! So when a path comes up with no estimate, the prober sends on it, back to back: a probe
 //! (P0), half a train of fillers (ESP dummy packets the peer counts as received on the path
 //! and discards), a probe (P1), the other half, and the round's own probe (P2). The peer
-//! answers each probe with the bytes it had received on the path, and the echoes come back
-//! as far apart as the probes arrived (the way back carries no queue). The train queues at
+//! answers each probe with the bytes it had received on the path and when the probe arrived
+//! (on its clock; the spacing is all that is read). The train queues at
 //! the path's bottleneck, so between P1 and P2 the peer took in the second half at the
 //! bottleneck's rate: that is the estimate. A token-bucket shaper lets its burst through at
 //! line rate first; P0 to P1 shows whether the burst was over by P1 (the first half then took
@@ -19,6 +19,12 @@
 //! second took under a millisecond), the next round sends a train twice as long; if an echo
 //! does not come (the train overflowed the bottleneck's queue and the probe behind it was
 //! dropped), half as long. A path gets at most [`MAX_TRIES`] trains per time it comes up.
+//!
+//! Why the peer's arrival times: both peers send their trains when the paths come up, so an
+//! echo going back waits behind the peer's own train on the same link. Read from the echoes'
+//! arrivals here, the second half seemed to take the reverse train's time too: the lab's
+//! 15 Mbit/s link was measured at 4.1-6.0 Mbit/s in 10 of 16 daemon starts. A peer that does
+//! not send arrival times (espip before 2026-12-06) is measured by the echoes' arrivals.
 
 /// The first train's filler bytes (both halves).
 pub const FIRST_BYTES: usize = 128 * 1024;
@@ -42,8 +48,9 @@ pub struct Train {
     /// The train in flight: when it was sent, and the identifiers of P0, P1 and P2.
     sent_at: u64,
     ids: [u64; 3],
-    /// The echoes of P0, P1, P2: (arrival, bytes the peer had received on the path).
-    echoes: [Option<(u64, u64)>; 3],
+    /// The echoes of P0, P1, P2: (arrival here, bytes the peer had received on the path,
+    /// the probe's arrival at the peer on its clock or 0).
+    echoes: [Option<(u64, u64, u64)>; 3],
     /// Measured (or given up): no more trains until the path goes down.
     done: bool,
 }
@@ -101,21 +108,25 @@ impl Train {
         self.tries += 1;
     }
 
-    /// The echo of probe `id` came at `now`, the peer having received `rx` bytes on the path:
-    /// the verdict once all three are in.
-    pub fn echo(&mut self, id: u64, now: u64, rx: u64) -> Option<Verdict> {
+    /// The echo of probe `id` came at `now`, the peer having received `rx` bytes on the path
+    /// and the probe at `arrived` on its clock (0: not given): the verdict once all three are
+    /// in.
+    pub fn echo(&mut self, id: u64, now: u64, rx: u64, arrived: u64) -> Option<Verdict> {
         if self.sent_at == 0 || self.done {
             return None;
         }
         let k = self.ids.iter().position(|&i| i == id)?;
-        self.echoes[k] = Some((now, rx));
+        self.echoes[k] = Some((now, rx, arrived));
         let [Some(e0), Some(e1), Some(e2)] = self.echoes else {
             return None;
         };
         self.sent_at = 0;
-        let span = |a: (u64, u64), b: (u64, u64)| {
+        // The peer's arrival times when it gave all three (in order), else the echoes'.
+        let theirs = e0.2 != 0 && e0.2 <= e1.2 && e1.2 <= e2.2;
+        let at = |e: (u64, u64, u64)| if theirs { e.2 } else { e.0 };
+        let span = |a: (u64, u64, u64), b: (u64, u64, u64)| {
             (
-                b.0.saturating_sub(a.0) as f64 / 1e9,
+                at(b).saturating_sub(at(a)) as f64 / 1e9,
                 b.1.saturating_sub(a.1) as f64,
             )
         };
@@ -152,7 +163,7 @@ mod tests {
         t.sent([1, 2, 3], 1);
         let mut v = None;
         for (id, at) in [(1, 0.0), (2, half), (3, 2.0 * half)] {
-            v = t.echo(id, 10 * MS + arrival(at, rate, burst), 1000 + at as u64);
+            v = t.echo(id, 10 * MS + arrival(at, rate, burst), 1000 + at as u64, 0);
         }
         v
     }
@@ -167,6 +178,35 @@ mod tests {
             v => panic!("{v:?}"),
         }
         assert!(!t.wanted(1000 * MS, 300 * MS), "measured: no more trains");
+    }
+
+    #[test]
+    fn the_peers_arrival_times_measure_past_a_queue_on_the_way_back() {
+        // 15 Mbit/s; the peer's own train (35 KB at 15 Mbit/s) delays P1's echo and more
+        // P2's on the way back, as both daemons send theirs when the paths come up.
+        let (rate, burst) = (15e6 / 8.0, 18_750.0);
+        let half = FIRST_BYTES as f64 / 2.0;
+        let back = |k: u64| k * 19 * MS;
+        let measure = |given: bool| {
+            let mut t = Train::default();
+            t.sent([1, 2, 3], 1);
+            let mut v = None;
+            for (k, at) in [(0u64, 0.0), (1, half), (2, 2.0 * half)] {
+                let there = 5 * MS + arrival(at, rate, burst);
+                let theirs = if given { 1_000 * MS + there } else { 0 };
+                v = t.echo(k + 1, there + 5 * MS + back(k), 1000 + at as u64, theirs);
+            }
+            match v {
+                Some(Verdict::Rate(r)) => r * 8.0 / 1e6,
+                v => panic!("{v:?}"),
+            }
+        };
+        let (given, not) = (measure(true), measure(false));
+        assert!((given / 15.0 - 1.0).abs() < 0.01, "{given}");
+        assert!(
+            not < 10.0,
+            "the echoes' spacing includes the way back: {not}"
+        );
     }
 
     #[test]
@@ -189,8 +229,8 @@ mod tests {
         let mut t = Train::default();
         assert!(t.wanted(0, 300 * MS));
         t.sent([1, 2, 3], 1);
-        assert_eq!(t.echo(1, 10 * MS, 0), None);
-        assert_eq!(t.echo(3, 20 * MS, 0), None, "P1's echo is missing");
+        assert_eq!(t.echo(1, 10 * MS, 0, 0), None);
+        assert_eq!(t.echo(3, 20 * MS, 0, 0), None, "P1's echo is missing");
         assert!(!t.wanted(100 * MS, 300 * MS), "still in flight");
         assert!(t.wanted(400 * MS, 300 * MS), "late: another, shorter");
         assert_eq!(t.bytes(), FIRST_BYTES / 2);
@@ -207,8 +247,8 @@ mod tests {
     #[test]
     fn a_stranger_echo_or_a_done_train_says_nothing() {
         let mut t = Train::default();
-        assert_eq!(t.echo(1, 1, 1), None, "none sent");
+        assert_eq!(t.echo(1, 1, 1, 0), None, "none sent");
         t.sent([1, 2, 3], 1);
-        assert_eq!(t.echo(9, 1, 1), None);
+        assert_eq!(t.echo(9, 1, 1, 0), None);
     }
 }
