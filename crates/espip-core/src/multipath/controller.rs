@@ -17,10 +17,6 @@ pub(super) struct Sample {
     /// When the path was last seen down (0: never): a window measures it only between the
     /// echoes of probes sent after that.
     down_at: u64,
-    /// What the path was last shown to carry, bytes per second (0: nothing yet): its
-    /// capacity train, a window in which it lost, or a queue at a higher rate. A queue
-    /// without loss is its saturation only at [`Controller::QUEUE_LOAD`] of this or more.
-    proven: f64,
 }
 
 /// What one window showed of one path.
@@ -91,12 +87,6 @@ impl Controller {
     pub const GAIN: f64 = 0.1;
     /// Largest gain of a path unsaturated next to a saturated one for windows in a row.
     pub const GAIN_MAX: f64 = 0.4;
-    /// Share of what a path was shown to carry (its train, a lossy window, a queue at a higher
-    /// rate) that it must deliver in a window for a queue without loss to count as its
-    /// saturation. Below 0.75: a train measured a 60 Mbit/s link at 76 once (its shaper's
-    /// burst), and its queue at 57 must still correct that; a gain's overshoot (at most
-    /// 1 + [`Controller::GAIN_MAX`]) does not raise what was shown.
-    pub const QUEUE_LOAD: f64 = 0.7;
     /// Growth of the traffic sent over every path from one window to the next above which
     /// the window is a sender's ramp (slow start: doubling each round trip), whose bursts
     /// queue on every path for a moment: such a window lowers no estimate but by loss.
@@ -150,7 +140,6 @@ impl Controller {
             let seed = p.seed.swap(0, Relaxed);
             if seed > 0 && s.capacity == 0.0 && p.state() != PathState::Down {
                 s.capacity = seed as f64;
-                s.proven = seed as f64;
                 s.down_at = now;
             }
         }
@@ -255,22 +244,10 @@ impl Controller {
         let min = p.min_rtt_ns.load(Relaxed);
         let queued = min > 0 && win_rtt > min + (min / 16).max(2_000_000);
         let lossy = delivered < sent * (1.0 - Controller::LOSS);
-        let delivered = delivered.min(sent) / dt;
-        // A queue is the path's limit only when the path carried near what it was shown to
-        // carry. A link that delays each packet at random but in order holds every probe up
-        // under any load: taken for a queue, its jitter made the path "saturated" at whatever
-        // a sender-limited stream gave it, while the other path grew by the gain each window,
-        // and its estimate sank with its share (lab, 50/20 + 20/60 ms with 15 ms jitter:
-        // 18.5 to 0.6 Mbit/s in 6 s, the stream at 0.65 of its ceiling). Loss counts at any
-        // rate, and a queue on a path not shown anything yet.
-        let loaded = s.proven == 0.0 || delivered >= Controller::QUEUE_LOAD * s.proven;
-        if lossy || (queued && delivered > s.proven) {
-            s.proven = delivered;
-        }
         Some(Window {
-            delivered,
+            delivered: delivered.min(sent) / dt,
             sent: sent / dt,
-            saturated: (queued && loaded) || lossy,
+            saturated: queued || lossy,
             lossy,
         })
     }
@@ -393,10 +370,6 @@ mod tests {
         bursts: bool,
         now: u64,
         last_cut: u64,
-        /// Per path: a delay every probe takes at any load (a link's in-order jitter).
-        jitter: Vec<u64>,
-        /// The sender's largest rate, bytes per second (a window-limited stream).
-        max_rate: f64,
     }
 
     impl Sim {
@@ -418,8 +391,6 @@ mod tests {
                 bursts: false,
                 now: MS,
                 last_cut: 0,
-                jitter: vec![0; n],
-                max_rate: f64::INFINITY,
             }
         }
 
@@ -455,7 +426,6 @@ mod tests {
                 } else {
                     self.rate += 0.4e6 / 8.0;
                 }
-                self.rate = self.rate.min(self.max_rate);
                 // Probes reach the peer behind the queue at their sending; echoes come back
                 // after the rest of the path's RTT.
                 for f in self.flight.iter_mut() {
@@ -476,7 +446,7 @@ mod tests {
                 }
                 let (_, probes) = self.m.tick(self.now);
                 for (i, p) in probes {
-                    let mut wait = (self.queue[i] / self.cap[i] * 1e9) as u64 + self.jitter[i];
+                    let mut wait = (self.queue[i] / self.cap[i] * 1e9) as u64;
                     if self.slow_start && self.bursts {
                         // A slow-starting sender's bursts: a short queue on every path.
                         wait += self.rtt[i] / 8 + 3 * MS;
@@ -625,31 +595,6 @@ mod tests {
         p.echo(1400 * MS, 1410 * MS, 4_000_000, 2_010_000);
         let w = Controller::window(&mut s, &p).expect("a window after the cut");
         assert!(!w.lossy && (w.delivered - 5e6).abs() < 1.0, "{w:?}");
-    }
-
-    /// Two paths measured by their trains; the slower one's probes are late by its jitter at
-    /// any load (in-order jitter, 8 ms), and the sender fills neither path: the jitter is no
-    /// queue, and the path keeps its estimate and its share. Without
-    /// [`Controller::QUEUE_LOAD`]'s rule the jittery path was "saturated" at what it carried
-    /// while the other grew by the gain, window after window: its estimate fell to 0.03 of its
-    /// rate in 5 s (the other's rose to 1.10).
-    #[test]
-    fn a_jittery_path_under_a_limited_sender_keeps_its_estimate() {
-        let mut sim = Sim::new(&[50.0, 20.0], &[20, 60]);
-        for i in 0..2 {
-            sim.m.stats[i].seed.store(sim.cap[i] as u64, Relaxed);
-        }
-        sim.max_rate = 40e6 / 8.0;
-        // The jitter shows only under load: the quiet probes set the minimum RTT first.
-        sim.run(1000);
-        sim.jitter[1] = 8 * MS;
-        sim.run(5000);
-        let f = sim.found();
-        eprintln!("estimates / rates {f:?}");
-        assert!(f[1] >= 0.8, "estimates / rates {f:?}");
-        // Filled (no limit), the two are still found, the jittery one by its queue at its rate.
-        sim.max_rate = f64::INFINITY;
-        sim.run_until_found("filled", 3000);
     }
 
     /// A path whose rate changes (halved, then back) is found again.
