@@ -341,7 +341,7 @@ fn multipath_spec(p: &RawPeer, k: &dyn Fn(&str) -> String) -> Result<MultipathSp
         )?,
         adapt: p.adapt.unwrap_or(true),
         equal_delay: p.equal_delay.unwrap_or(true),
-        repair: p.repair.unwrap_or(true),
+        repair: p.repair.unwrap_or(false),
         capacity_trains: p.capacity_trains.unwrap_or(true),
         fast_acks: p.fast_acks.unwrap_or(true),
         path_idle_s: num(

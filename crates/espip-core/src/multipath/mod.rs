@@ -191,9 +191,8 @@ pub struct MultipathSpec {
     /// slot takes the next new (address, port).
     pub path_idle_s: u32,
     /// Lost packets are asked for again and sent again on the fastest path (ESP peers with
-    /// a reorder stage; see [`Nack`]). On by default since 2026-12-06 (docs/multipath.md:
-    /// what it gains on a lossy link, what it cost before and costs now); false for peers
-    /// that must not keep copies of their packets.
+    /// a reorder stage; see [`Nack`]). Off by default: on, the IKEv2 multipath labs saw
+    /// repaired packets' originals arrive after all (replay drops); see docs/multipath.md.
     pub repair: bool,
     /// A path that comes up unmeasured gets a capacity train ([`train`]: 128 KB to 1 MB of
     /// filler dummies, at most five per path-up) so that its first transfer starts from its
@@ -222,7 +221,7 @@ impl Default for MultipathSpec {
             adapt: true,
             equal_delay: true,
             path_idle_s: 60,
-            repair: true,
+            repair: false,
             capacity_trains: true,
             fast_acks: true,
         }
